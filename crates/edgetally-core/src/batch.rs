@@ -1,0 +1,194 @@
+//! The content of a batch, independent of its encoding (which lives in `edgetally-proto`).
+
+use crate::code::RejectCode;
+use crate::record::{bucket_start, validate_bucket_ms, validate_category, validate_entity};
+use crate::summary::Summary;
+use core::fmt;
+use serde::{Deserialize, Serialize};
+
+/// A producer's ed25519 public key, 32 bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ProducerKey(pub [u8; 32]);
+
+impl fmt::Debug for ProducerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ProducerKey({})", self.to_hex())
+    }
+}
+
+impl ProducerKey {
+    /// Lower-case hex.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Identifies a batch: a merger applies each at most once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BatchId {
+    /// The producer's key.
+    pub producer: ProducerKey,
+    /// Fresh for each producer instance without durable state.
+    pub epoch: u64,
+    /// +1 per batch within an epoch, from 0.
+    pub seq: u64,
+}
+
+/// Entity reference inside a batch: 0 is "no entity", `i + 1` is string `i`.
+pub const NO_ENTITY: u32 = 0;
+
+/// One summary of a batch, with its key as indices into the batch's string table.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BatchSummary {
+    /// Index of the category in the string table.
+    pub category: u32,
+    /// [`NO_ENTITY`] or index + 1 of the entity in the string table.
+    pub entity: u32,
+    /// Bucket index: the bucket starts at `bucket × bucket_ms`.
+    pub bucket: i64,
+    /// The aggregate.
+    pub summary: Summary,
+}
+
+/// A decoded, verified batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// Who sent it and where it stands in their sequence.
+    pub id: BatchId,
+    /// When the producer sealed it (ms since the epoch, producer's clock).
+    pub created_ms: i64,
+    /// The bucket width of every summary in it.
+    pub bucket_ms: u32,
+    /// Interned categories and entities.
+    pub strings: Vec<String>,
+    /// The summaries.
+    pub summaries: Vec<BatchSummary>,
+}
+
+/// Limits a batch must respect (SPEC §3). The time-based ones need the receiver's clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Encoded batch size, bytes.
+    pub max_payload_bytes: usize,
+    /// Summaries per batch.
+    pub max_summaries: usize,
+    /// Distinct categories per batch.
+    pub max_categories: usize,
+    /// Distinct entities per batch.
+    pub max_entities: usize,
+    /// How far behind `now` a bucket may end.
+    pub max_lateness_ms: i64,
+    /// How far ahead of `now` a bucket may start.
+    pub max_future_skew_ms: i64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_payload_bytes: 1 << 20,
+            max_summaries: 10_000,
+            max_categories: 1_000,
+            max_entities: 10_000,
+            max_lateness_ms: 7 * 24 * 3_600_000,
+            max_future_skew_ms: 5 * 60_000,
+        }
+    }
+}
+
+impl Batch {
+    /// The start (ms) of a summary's bucket.
+    pub fn bucket_start_ms(&self, s: &BatchSummary) -> i64 {
+        s.bucket.saturating_mul(self.bucket_ms as i64)
+    }
+
+    /// The category string of a summary (which [`Batch::check`] has bounds-checked).
+    pub fn category(&self, s: &BatchSummary) -> &str {
+        self.strings.get(s.category as usize).map_or("", String::as_str)
+    }
+
+    /// The entity string of a summary, if any.
+    pub fn entity(&self, s: &BatchSummary) -> Option<&str> {
+        match s.entity {
+            NO_ENTITY => None,
+            e => self.strings.get(e as usize - 1).map(String::as_str),
+        }
+    }
+
+    /// Checks everything that does not depend on the clock: bucket width, string table, every
+    /// summary's key and consistency, duplicate keys, and the count limits.
+    /// Normalises `-0.0` in min/max.
+    pub fn check(&mut self, limits: &Limits) -> Result<(), RejectCode> {
+        validate_bucket_ms(self.bucket_ms)?;
+        if self.summaries.len() > limits.max_summaries {
+            return Err(RejectCode::TooManySummaries);
+        }
+        // Each string must be used, as a category, an entity or both; none twice.
+        let mut role = vec![0u8; self.strings.len()];
+        let n = self.strings.len() as u32;
+        let mut keys = Vec::with_capacity(self.summaries.len());
+        for s in &mut self.summaries {
+            if s.category >= n || s.entity > n {
+                return Err(RejectCode::BadStringIndex);
+            }
+            role[s.category as usize] |= 1;
+            if s.entity != NO_ENTITY {
+                role[s.entity as usize - 1] |= 2;
+            }
+            bucket_start(s.bucket, self.bucket_ms)?;
+            s.summary.validate()?;
+            keys.push((s.category, s.entity, s.bucket));
+        }
+        let mut categories = 0;
+        let mut entities = 0;
+        for (i, r) in role.iter().enumerate() {
+            if *r == 0 {
+                return Err(RejectCode::InvalidStringTable);
+            }
+            if r & 1 != 0 {
+                validate_category(&self.strings[i])?;
+                categories += 1;
+            }
+            if r & 2 != 0 {
+                validate_entity(&self.strings[i])?;
+                entities += 1;
+            }
+        }
+        if categories > limits.max_categories {
+            return Err(RejectCode::TooManyCategories);
+        }
+        if entities > limits.max_entities {
+            return Err(RejectCode::TooManyEntities);
+        }
+        let mut sorted: Vec<&String> = self.strings.iter().collect();
+        sorted.sort_unstable();
+        if sorted.windows(2).any(|w| w[0] == w[1]) {
+            return Err(RejectCode::InvalidStringTable);
+        }
+        keys.sort_unstable();
+        if keys.windows(2).any(|w| w[0] == w[1]) {
+            return Err(RejectCode::DuplicateKey);
+        }
+        Ok(())
+    }
+
+    /// Checks the clock-dependent limits against the receiver's `now_ms`: no bucket may end
+    /// before `now - max_lateness` nor start after `now + max_future_skew`; nor may the batch
+    /// claim to be created in the future.
+    pub fn check_time(&self, now_ms: i64, limits: &Limits) -> Result<(), RejectCode> {
+        let horizon = now_ms.saturating_add(limits.max_future_skew_ms);
+        if self.created_ms > horizon {
+            return Err(RejectCode::FutureTimestamp);
+        }
+        let oldest_end = now_ms.saturating_sub(limits.max_lateness_ms);
+        for s in &self.summaries {
+            let start = self.bucket_start_ms(s);
+            if start > horizon {
+                return Err(RejectCode::FutureTimestamp);
+            }
+            if start.saturating_add(self.bucket_ms as i64) <= oldest_end {
+                return Err(RejectCode::BucketTooOld);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,25 @@
+//! # edgetally-core
+//!
+//! Records, buckets, exact summaries, the CRDT replica state and its merge, and query
+//! evaluation. Pure: no I/O, no clock, no RNG, no async — time and inputs are arguments,
+//! so the same calls give the same state everywhere (and the crate builds for wasm32).
+
+#![forbid(unsafe_code)]
+
+pub mod batch;
+pub mod code;
+pub mod query;
+pub mod record;
+pub mod replica;
+pub mod seen;
+pub mod summary;
+pub mod value;
+
+pub use batch::{Batch, BatchId, BatchSummary, Limits, ProducerKey, NO_ENTITY};
+pub use code::RejectCode;
+pub use query::{Aggregate, GroupBy, Plan, Rows, TopBy};
+pub use record::Record;
+pub use replica::{Applied, Digest, LogEntry, Replica, Retention, Snapshot};
+pub use seen::SeenSet;
+pub use summary::{Summary, Total};
+pub use value::Sum192;

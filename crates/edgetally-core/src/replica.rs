@@ -1,0 +1,481 @@
+//! The replica state: totals built from applied batches, the seen-sets that make apply
+//! idempotent, and the retained log that replication serves from.
+//!
+//! Convergence argument, in short: a replica's totals are a pure function of the *set* of
+//! batches it has applied (each batch is applied at most once, and every field of a total
+//! merges with an associative, commutative operation). Replicas exchange digests (their
+//! seen-sets) and send each other the batches the other lacks, so after an exchange in both
+//! directions they hold the same set, hence bit-identical totals.
+
+use crate::batch::{Batch, BatchId, ProducerKey, NO_ENTITY};
+use crate::code::RejectCode;
+use crate::seen::SeenSet;
+use crate::summary::Total;
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Resolutions of the stored tiers: 1 s, 1 min, 1 h.
+pub const TIER_MS: [i64; 3] = [1_000, 60_000, 3_600_000];
+
+/// How long each tier keeps its entries, measured back from the `now` given to
+/// [`Replica::prune_tiers`]. `None` keeps entries forever.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// Per tier, in ms.
+    pub tiers: [Option<i64>; 3],
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            tiers: [Some(2 * 86_400_000), Some(90 * 86_400_000), None],
+        }
+    }
+}
+
+/// One retained batch: its decoded form (to apply) and its original signed bytes (to forward,
+/// so peers verify the producer's own signature). The core never interprets `raw`.
+#[derive(Clone, Debug)]
+pub struct LogEntry {
+    /// The decoded batch.
+    pub batch: Arc<Batch>,
+    /// The bytes exactly as the producer signed and sent them.
+    pub raw: Arc<[u8]>,
+}
+
+/// What applying a batch did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The batch was new and is now counted.
+    New,
+    /// The batch id was already applied; nothing changed.
+    Duplicate,
+}
+
+/// What a replica holds, by batch id: exchanged between peers so each can send the other
+/// what it lacks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Digest {
+    /// Seen-set per (producer, epoch).
+    pub epochs: BTreeMap<(ProducerKey, u64), SeenSet>,
+}
+
+impl Digest {
+    /// Whether the digest covers batch `id`.
+    pub fn contains(&self, id: &BatchId) -> bool {
+        self.epochs
+            .get(&(id.producer, id.epoch))
+            .is_some_and(|s| s.contains(id.seq))
+    }
+
+    /// Total number of batch ids covered.
+    pub fn batches(&self) -> u64 {
+        self.epochs.values().map(SeenSet::len).sum()
+    }
+}
+
+/// The stored series of one key: a map from tier bucket start (ms) to totals, per tier.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Series {
+    pub(crate) tiers: [BTreeMap<i64, Total>; 3],
+}
+
+impl Series {
+    #[inline]
+    fn add(&mut self, start_ms: i64, first_tier: usize, s: &crate::summary::Summary) {
+        for t in first_tier..3 {
+            let b = start_ms.div_euclid(TIER_MS[t]) * TIER_MS[t];
+            self.tiers[t].entry(b).or_insert(Total::EMPTY).add(s);
+        }
+    }
+}
+
+/// Which dimension a series is kept for, within one category.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Dim {
+    /// Every record of the category.
+    All,
+    /// Records of the category without an entity.
+    NoEntity,
+    /// Records of the category with this entity (string id).
+    Entity(u32),
+    /// Records of the category from this producer (producer id); minute and hour tiers only.
+    Producer(u32),
+}
+
+impl Dim {
+    /// The finest tier kept for this dimension.
+    pub(crate) fn first_tier(self) -> usize {
+        match self {
+            Dim::Producer(_) => 1,
+            _ => 0,
+        }
+    }
+}
+
+/// A snapshot of a replica's totals and seen-sets, in canonical form (strings and producers
+/// sorted), so two replicas holding the same batches have equal snapshots, byte for byte
+/// once serialised. An empty replica bootstraps from one with [`Replica::restore`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Snapshot format version.
+    pub format: u32,
+    /// All category and entity strings, sorted.
+    pub strings: Vec<String>,
+    /// All producers, sorted.
+    pub producers: Vec<ProducerKey>,
+    /// Series sorted by (category string, dimension).
+    pub series: Vec<SeriesSnapshot>,
+    /// Seen-set per (producer, epoch).
+    pub seen: Vec<(ProducerKey, u64, SeenSet)>,
+    /// Per tier, the time before which entries were pruned (`i64::MIN`: never).
+    pub horizons: [i64; 3],
+}
+
+/// One series in a [`Snapshot`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SeriesSnapshot {
+    /// Category string index.
+    pub category: u32,
+    /// Dimension, with ids into the snapshot's tables.
+    pub dim: Dim,
+    /// Per tier: (bucket start ms, totals), ascending.
+    pub tiers: [Vec<(i64, Total)>; 3],
+}
+
+/// Why a snapshot could not be restored.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RestoreError {
+    /// The snapshot format is not one this build reads.
+    #[error("unsupported snapshot format {0}")]
+    Format(u32),
+    /// An index points outside its table, or a table is not sorted and unique.
+    #[error("snapshot is inconsistent: {0}")]
+    Inconsistent(&'static str),
+}
+
+const SNAPSHOT_FORMAT: u32 = 1;
+
+/// A merger's state.
+#[derive(Debug, Default)]
+pub struct Replica {
+    pub(crate) strings: Vec<Box<str>>,
+    string_ids: BTreeMap<Box<str>, u32>,
+    pub(crate) producers: Vec<ProducerKey>,
+    producer_ids: BTreeMap<ProducerKey, u32>,
+    pub(crate) series: Vec<Series>,
+    pub(crate) series_ids: FxHashMap<(u32, Dim), u32>,
+    /// Per category, the series of each dimension other than `All`, for top-k and grouping.
+    pub(crate) by_category: FxHashMap<u32, Vec<(Dim, u32)>>,
+    seen: BTreeMap<(ProducerKey, u64), SeenSet>,
+    log: BTreeMap<BatchId, LogEntry>,
+    peers: BTreeMap<String, Digest>,
+    pub(crate) horizons: [i64; 3],
+    applied: u64,
+}
+
+impl Replica {
+    /// An empty replica.
+    pub fn new() -> Replica {
+        Replica {
+            horizons: [i64::MIN; 3],
+            ..Default::default()
+        }
+    }
+
+    fn intern(&mut self, s: &str) -> u32 {
+        if let Some(&id) = self.string_ids.get(s) {
+            return id;
+        }
+        let id = self.strings.len() as u32;
+        self.strings.push(s.into());
+        self.string_ids.insert(s.into(), id);
+        id
+    }
+
+    pub(crate) fn string_id(&self, s: &str) -> Option<u32> {
+        self.string_ids.get(s).copied()
+    }
+
+    fn producer_id(&mut self, p: ProducerKey) -> u32 {
+        if let Some(&id) = self.producer_ids.get(&p) {
+            return id;
+        }
+        let id = self.producers.len() as u32;
+        self.producers.push(p);
+        self.producer_ids.insert(p, id);
+        id
+    }
+
+    fn series_mut(&mut self, cat: u32, dim: Dim) -> &mut Series {
+        let next = self.series.len() as u32;
+        let idx = *self.series_ids.entry((cat, dim)).or_insert(next);
+        if idx == next {
+            self.series.push(Series::default());
+            if dim != Dim::All {
+                self.by_category.entry(cat).or_default().push((dim, idx));
+            }
+        }
+        &mut self.series[idx as usize]
+    }
+
+    /// Whether batch `id` has been applied.
+    pub fn has_applied(&self, id: &BatchId) -> bool {
+        self.seen
+            .get(&(id.producer, id.epoch))
+            .is_some_and(|s| s.contains(id.seq))
+    }
+
+    /// Number of distinct batches applied since this replica was created or restored.
+    pub fn applied_count(&self) -> u64 {
+        self.applied
+    }
+
+    /// Applies a batch that passed [`Batch::check`]: all of its summaries or, on error, none;
+    /// at most once per [`BatchId`]. The entry is kept in the replication log.
+    pub fn apply(&mut self, entry: LogEntry) -> Result<Applied, RejectCode> {
+        let batch = &entry.batch;
+        let id = batch.id;
+        if self.has_applied(&id) {
+            return Ok(Applied::Duplicate);
+        }
+        if id.seq == u64::MAX {
+            return Err(RejectCode::Malformed);
+        }
+        // Bounds are checked up front so that nothing is half-applied.
+        let n = batch.strings.len() as u32;
+        if batch
+            .summaries
+            .iter()
+            .any(|s| s.category >= n || s.entity > n)
+        {
+            return Err(RejectCode::BadStringIndex);
+        }
+        let ids: Vec<u32> = batch.strings.iter().map(|s| self.intern(s)).collect();
+        let pid = self.producer_id(id.producer);
+        let bucket_ms = batch.bucket_ms as i64;
+        for s in &batch.summaries {
+            let cat = ids[s.category as usize];
+            let dim = match s.entity {
+                NO_ENTITY => Dim::NoEntity,
+                e => Dim::Entity(ids[e as usize - 1]),
+            };
+            let start = s.bucket.saturating_mul(bucket_ms);
+            self.series_mut(cat, dim).add(start, 0, &s.summary);
+            self.series_mut(cat, Dim::All).add(start, 0, &s.summary);
+            self.series_mut(cat, Dim::Producer(pid))
+                .add(start, 1, &s.summary);
+        }
+        self.seen
+            .entry((id.producer, id.epoch))
+            .or_default()
+            .insert(id.seq);
+        self.applied += 1;
+        self.log.insert(id, entry);
+        Ok(Applied::New)
+    }
+
+    /// The digest of everything applied.
+    pub fn digest(&self) -> Digest {
+        Digest {
+            epochs: self.seen.clone(),
+        }
+    }
+
+    /// The retained batches that a replica with `digest` lacks, in id order.
+    pub fn missing_for(&self, digest: &Digest) -> Vec<LogEntry> {
+        self.log
+            .iter()
+            .filter(|(id, _)| !digest.contains(id))
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
+    /// Merges another replica's retained batches into this one (state-based merge).
+    pub fn merge_from(&mut self, other: &Replica) -> Result<u64, RejectCode> {
+        let mut n = 0;
+        for e in other.missing_for(&self.digest()) {
+            if self.apply(e)? == Applied::New {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Number of batches retained for replication.
+    pub fn log_len(&self) -> usize {
+        self.log.len()
+    }
+
+    /// The retained log, in id order.
+    pub fn log(&self) -> impl Iterator<Item = &LogEntry> {
+        self.log.values()
+    }
+
+    /// Declares the set of peers whose digests gate log pruning. Peers no longer listed are
+    /// forgotten; new ones start with an empty digest (so they hold back pruning until heard).
+    pub fn set_peers<I: IntoIterator<Item = String>>(&mut self, peers: I) {
+        let mut next = BTreeMap::new();
+        for p in peers {
+            let d = self.peers.remove(&p).unwrap_or_default();
+            next.insert(p, d);
+        }
+        self.peers = next;
+    }
+
+    /// Records the latest digest heard from `peer` (ignored if the peer is not declared).
+    pub fn observe_peer(&mut self, peer: &str, digest: Digest) {
+        if let Some(d) = self.peers.get_mut(peer) {
+            *d = digest;
+        }
+    }
+
+    /// The digest last heard from each declared peer.
+    pub fn peer_digests(&self) -> &BTreeMap<String, Digest> {
+        &self.peers
+    }
+
+    /// How many retained batches `peer` still lacks, by its last digest.
+    pub fn lag_of(&self, peer: &str) -> Option<usize> {
+        let d = self.peers.get(peer)?;
+        Some(self.log.keys().filter(|id| !d.contains(id)).count())
+    }
+
+    /// Drops every retained batch that all declared peers hold; returns how many.
+    /// With no peers declared, nothing needs retaining and everything is dropped.
+    pub fn prune_log(&mut self) -> usize {
+        let before = self.log.len();
+        let peers = &self.peers;
+        self.log
+            .retain(|id, _| !peers.values().all(|d| d.contains(id)));
+        before - self.log.len()
+    }
+
+    /// Removes tier entries older than the retention allows at `now_ms`; returns how many.
+    /// Horizons are aligned to the next coarser tier, so a query can always switch tiers at
+    /// a horizon.
+    pub fn prune_tiers(&mut self, now_ms: i64, retention: &Retention) -> usize {
+        let mut removed = 0;
+        for t in 0..3 {
+            let Some(keep) = retention.tiers[t] else { continue };
+            let align = TIER_MS[(t + 1).min(2)] * if t == 2 { 24 } else { 1 };
+            let cutoff = now_ms.saturating_sub(keep).div_euclid(align) * align;
+            if cutoff <= self.horizons[t] {
+                continue;
+            }
+            self.horizons[t] = cutoff;
+            for s in &mut self.series {
+                let kept = s.tiers[t].split_off(&cutoff);
+                removed += s.tiers[t].len();
+                s.tiers[t] = kept;
+            }
+        }
+        removed
+    }
+
+    /// A canonical snapshot of totals and seen-sets (not the log).
+    pub fn snapshot(&self) -> Snapshot {
+        let mut order: Vec<u32> = (0..self.strings.len() as u32).collect();
+        order.sort_by(|&a, &b| self.strings[a as usize].cmp(&self.strings[b as usize]));
+        let mut remap = vec![0u32; order.len()];
+        for (new, &old) in order.iter().enumerate() {
+            remap[old as usize] = new as u32;
+        }
+        let mut porder: Vec<u32> = (0..self.producers.len() as u32).collect();
+        porder.sort_by_key(|&p| self.producers[p as usize]);
+        let mut premap = vec![0u32; porder.len()];
+        for (new, &old) in porder.iter().enumerate() {
+            premap[old as usize] = new as u32;
+        }
+        let mut series: Vec<SeriesSnapshot> = self
+            .series_ids
+            .iter()
+            .map(|(&(cat, dim), &idx)| {
+                let dim = match dim {
+                    Dim::Entity(e) => Dim::Entity(remap[e as usize]),
+                    Dim::Producer(p) => Dim::Producer(premap[p as usize]),
+                    d => d,
+                };
+                let s = &self.series[idx as usize];
+                SeriesSnapshot {
+                    category: remap[cat as usize],
+                    dim,
+                    tiers: [0, 1, 2].map(|t| s.tiers[t].iter().map(|(&k, &v)| (k, v)).collect()),
+                }
+            })
+            .collect();
+        series.sort_by_key(|s| (s.category, s.dim));
+        Snapshot {
+            format: SNAPSHOT_FORMAT,
+            strings: order.iter().map(|&i| self.strings[i as usize].to_string()).collect(),
+            producers: porder.iter().map(|&i| self.producers[i as usize]).collect(),
+            series,
+            seen: self.seen.iter().map(|(&(p, e), s)| (p, e, s.clone())).collect(),
+            horizons: self.horizons,
+        }
+    }
+
+    /// Rebuilds a replica from a snapshot (its log starts empty).
+    pub fn restore(snap: Snapshot) -> Result<Replica, RestoreError> {
+        if snap.format != SNAPSHOT_FORMAT {
+            return Err(RestoreError::Format(snap.format));
+        }
+        if snap.strings.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(RestoreError::Inconsistent("strings not sorted and unique"));
+        }
+        if snap.producers.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(RestoreError::Inconsistent("producers not sorted and unique"));
+        }
+        let mut r = Replica::new();
+        r.horizons = snap.horizons;
+        for s in &snap.strings {
+            r.intern(s);
+        }
+        for &p in &snap.producers {
+            r.producer_id(p);
+        }
+        let ns = snap.strings.len() as u32;
+        let np = snap.producers.len() as u32;
+        for s in snap.series {
+            let ok = s.category < ns
+                && match s.dim {
+                    Dim::Entity(e) => e < ns,
+                    Dim::Producer(p) => p < np,
+                    _ => true,
+                };
+            if !ok {
+                return Err(RestoreError::Inconsistent("series index out of range"));
+            }
+            if r.series_ids.contains_key(&(s.category, s.dim)) {
+                return Err(RestoreError::Inconsistent("series listed twice"));
+            }
+            let series = r.series_mut(s.category, s.dim);
+            for (t, entries) in s.tiers.into_iter().enumerate() {
+                series.tiers[t] = entries.into_iter().collect();
+            }
+        }
+        for (p, e, set) in snap.seen {
+            if !set.is_well_formed() {
+                return Err(RestoreError::Inconsistent("seen-set malformed"));
+            }
+            r.seen.insert((p, e), set);
+        }
+        Ok(r)
+    }
+
+    /// Number of stored tier entries (a measure of memory).
+    pub fn entry_count(&self) -> usize {
+        self.series
+            .iter()
+            .map(|s| s.tiers.iter().map(BTreeMap::len).sum::<usize>())
+            .sum()
+    }
+
+    /// Number of (producer, epoch) seen-sets.
+    pub fn epoch_count(&self) -> usize {
+        self.seen.len()
+    }
+}
