@@ -1,1 +1,23 @@
+//! # edgetally-proto
+//!
+//! The wire: batch format v1 (a versioned envelope around a postcard payload, signed with
+//! ed25519 over a domain-separation prefix), the Ack / Nack / Retry replies, and the frame
+//! codec for streams. Decoders take untrusted bytes and never panic. No I/O, no clock: the
+//! receiver's time is an argument. Builds for wasm32.
 
+#![cfg_attr(not(feature = "wasm-abi-check"), forbid(unsafe_code))]
+
+mod builder;
+mod envelope;
+mod frame;
+mod reader;
+
+#[cfg(all(target_arch = "wasm32", feature = "wasm-abi-check"))]
+mod abi_check;
+
+pub use builder::BatchBuilder;
+pub use envelope::{
+    decode, decode_payload, encode_payload, open, verify_many, DecodeError, SealError, Signer,
+    Unverified, DOMAIN, SIGNATURE_LEN, VERSION,
+};
+pub use frame::{encode_frame, FrameDecoder, Reply};

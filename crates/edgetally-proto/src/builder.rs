@@ -1,0 +1,93 @@
+//! Aggregating records into a batch: the producer-side fold that turns events into one
+//! summary per (category, entity, bucket).
+
+use edgetally_core::record::{bucket_index, validate_bucket_ms, validate_category, validate_entity};
+use edgetally_core::{Batch, BatchId, BatchSummary, RejectCode, Summary, NO_ENTITY};
+use std::collections::BTreeMap;
+
+/// Folds records into summaries and interns their strings.
+#[derive(Clone, Debug)]
+pub struct BatchBuilder {
+    bucket_ms: u32,
+    strings: Vec<String>,
+    string_ids: BTreeMap<String, u32>,
+    summaries: BTreeMap<(u32, u32, i64), Summary>,
+}
+
+impl BatchBuilder {
+    /// A builder for buckets of `bucket_ms`.
+    pub fn new(bucket_ms: u32) -> Result<BatchBuilder, RejectCode> {
+        validate_bucket_ms(bucket_ms)?;
+        Ok(BatchBuilder {
+            bucket_ms,
+            strings: Vec::new(),
+            string_ids: BTreeMap::new(),
+            summaries: BTreeMap::new(),
+        })
+    }
+
+    fn intern(&mut self, s: &str) -> u32 {
+        if let Some(&i) = self.string_ids.get(s) {
+            return i;
+        }
+        let i = self.strings.len() as u32;
+        self.strings.push(s.to_owned());
+        self.string_ids.insert(s.to_owned(), i);
+        i
+    }
+
+    /// Adds one record; an invalid one changes nothing and returns its reason.
+    pub fn record(
+        &mut self,
+        category: &str,
+        entity: Option<&str>,
+        ts_ms: i64,
+        value: f64,
+    ) -> Result<(), RejectCode> {
+        validate_category(category)?;
+        if let Some(e) = entity {
+            validate_entity(e)?;
+        }
+        let bucket = bucket_index(ts_ms, self.bucket_ms)?;
+        let s = Summary::of(value)?;
+        let cat = self.intern(category);
+        let ent = entity.map_or(NO_ENTITY, |e| self.intern(e) + 1);
+        match self.summaries.entry((cat, ent, bucket)) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(s);
+                Ok(())
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) => o.get_mut().merge(&s),
+        }
+    }
+
+    /// Number of distinct keys so far.
+    pub fn len(&self) -> usize {
+        self.summaries.len()
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.summaries.is_empty()
+    }
+
+    /// Ends the batch under `id`.
+    pub fn finish(self, id: BatchId, created_ms: i64) -> Batch {
+        Batch {
+            id,
+            created_ms,
+            bucket_ms: self.bucket_ms,
+            strings: self.strings,
+            summaries: self
+                .summaries
+                .into_iter()
+                .map(|((category, entity, bucket), summary)| BatchSummary {
+                    category,
+                    entity,
+                    bucket,
+                    summary,
+                })
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! Batch format v1: the signed envelope and its postcard payload (see `docs/PROTOCOL.md`).
+//!
+//! ```text
+//! envelope  = version:u8 (=1) | payload_len:varint | payload | signature:[u8; 64]
+//! signature = ed25519(producer key, "edgetally/batch/v1\0" ‖ payload)
+//! payload   = postcard(PayloadV1)
+//! ```
+
+use crate::reader::Reader;
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+use edgetally_core::{Batch, BatchId, BatchSummary, Limits, ProducerKey, RejectCode, Summary};
+use serde::Serialize;
+
+/// The only batch format version this build writes and reads.
+pub const VERSION: u8 = 1;
+/// Prepended to the payload before signing, so a batch signature can never be mistaken for a
+/// signature over anything else.
+pub const DOMAIN: &[u8] = b"edgetally/batch/v1\0";
+/// Signature length.
+pub const SIGNATURE_LEN: usize = 64;
+
+/// Why a batch was refused, with a stable reason code and a human detail.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {detail}")]
+pub struct DecodeError {
+    /// The stable reason code.
+    pub code: RejectCode,
+    /// What exactly was wrong.
+    pub detail: &'static str,
+}
+
+impl DecodeError {
+    fn new(code: RejectCode, detail: &'static str) -> Self {
+        DecodeError { code, detail }
+    }
+}
+
+impl From<RejectCode> for DecodeError {
+    fn from(code: RejectCode) -> Self {
+        DecodeError { code, detail: "" }
+    }
+}
+
+#[derive(Serialize)]
+struct PayloadV1<'a> {
+    producer: [u8; 32],
+    epoch: u64,
+    seq: u64,
+    created_ms: i64,
+    bucket_ms: u32,
+    strings: &'a [String],
+    summaries: &'a [BatchSummary],
+}
+
+/// A producer's signing identity.
+#[derive(Clone, Debug)]
+pub struct Signer {
+    key: SigningKey,
+}
+
+impl Signer {
+    /// From a 32-byte secret seed (the caller supplies the randomness).
+    pub fn from_seed(seed: [u8; 32]) -> Signer {
+        Signer {
+            key: SigningKey::from_bytes(&seed),
+        }
+    }
+
+    /// The public key.
+    pub fn producer(&self) -> ProducerKey {
+        ProducerKey(self.key.verifying_key().to_bytes())
+    }
+
+    /// The secret seed (for persisting the identity).
+    pub fn seed(&self) -> [u8; 32] {
+        self.key.to_bytes()
+    }
+
+    /// Encodes and signs a batch. The batch's producer must be this signer's key.
+    pub fn seal(&self, batch: &Batch) -> Result<Vec<u8>, SealError> {
+        if batch.id.producer != self.producer() {
+            return Err(SealError::WrongProducer);
+        }
+        let payload = encode_payload(batch)?;
+        let sig = self.key.sign(&signed_message(&payload));
+        let mut out = Vec::with_capacity(payload.len() + 6 + SIGNATURE_LEN);
+        out.push(VERSION);
+        push_varint(&mut out, payload.len() as u64);
+        out.extend_from_slice(&payload);
+        out.extend_from_slice(&sig.to_bytes());
+        Ok(out)
+    }
+}
+
+/// Why a batch could not be sealed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SealError {
+    /// The batch names another producer.
+    #[error("batch producer is not the signer's key")]
+    WrongProducer,
+    /// Serialisation failed (it cannot for well-formed batches).
+    #[error("encoding failed")]
+    Encode,
+}
+
+fn push_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// The postcard payload of a batch (what is signed, after [`DOMAIN`]).
+pub fn encode_payload(batch: &Batch) -> Result<Vec<u8>, SealError> {
+    postcard::to_allocvec(&PayloadV1 {
+        producer: batch.id.producer.0,
+        epoch: batch.id.epoch,
+        seq: batch.id.seq,
+        created_ms: batch.created_ms,
+        bucket_ms: batch.bucket_ms,
+        strings: &batch.strings,
+        summaries: &batch.summaries,
+    })
+    .map_err(|_| SealError::Encode)
+}
+
+fn signed_message(payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(DOMAIN.len() + payload.len());
+    m.extend_from_slice(DOMAIN);
+    m.extend_from_slice(payload);
+    m
+}
+
+/// A batch that decoded and passed every clock-free check, but whose signature is not yet
+/// verified. Verification is separate so a receiver can verify many at once.
+#[derive(Clone, Debug)]
+pub struct Unverified {
+    /// The decoded batch.
+    pub batch: Batch,
+    /// `DOMAIN ‖ payload`, the signed message.
+    message: Vec<u8>,
+    signature: [u8; 64],
+}
+
+/// Decodes an envelope and checks every limit and clock-free rule while decoding; counts are
+/// checked before the items they announce are read, so oversized inputs are refused early.
+pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Unverified, DecodeError> {
+    let mut r = Reader::new(bytes);
+    let version = r.u8().map_err(|c| DecodeError::new(c, "empty input"))?;
+    if version != VERSION {
+        return Err(DecodeError::new(RejectCode::UnsupportedVersion, "unknown batch version"));
+    }
+    let len = r.u32().map_err(|c| DecodeError::new(c, "bad payload length"))? as usize;
+    if len > limits.max_payload_bytes {
+        return Err(DecodeError::new(RejectCode::PayloadTooLarge, "payload exceeds the limit"));
+    }
+    let payload = r.bytes(len).map_err(|c| DecodeError::new(c, "truncated payload"))?;
+    let signature = r
+        .array::<SIGNATURE_LEN>()
+        .map_err(|c| DecodeError::new(c, "truncated signature"))?;
+    if r.remaining() != 0 {
+        return Err(DecodeError::new(RejectCode::TrailingBytes, "bytes after the signature"));
+    }
+    let batch = decode_payload(payload, limits)?;
+    let mut message = Vec::with_capacity(DOMAIN.len() + payload.len());
+    message.extend_from_slice(DOMAIN);
+    message.extend_from_slice(payload);
+    Ok(Unverified {
+        batch,
+        message,
+        signature,
+    })
+}
+
+/// Decodes a v1 payload (without the envelope).
+pub fn decode_payload(payload: &[u8], limits: &Limits) -> Result<Batch, DecodeError> {
+    let m = |c| DecodeError::new(c, "malformed payload");
+    let mut r = Reader::new(payload);
+    let producer = ProducerKey(r.array::<32>().map_err(m)?);
+    let epoch = r.u64().map_err(m)?;
+    let seq = r.u64().map_err(m)?;
+    let created_ms = r.i64().map_err(m)?;
+    let bucket_ms = r.u32().map_err(m)?;
+    let n_strings = r.u32().map_err(m)? as usize;
+    if n_strings > limits.max_categories + limits.max_entities {
+        return Err(DecodeError::new(RejectCode::TooManyEntities, "string table exceeds the category and entity limits"));
+    }
+    // Each string takes at least one byte, so the remaining length bounds the allocation.
+    let mut strings = Vec::with_capacity(n_strings.min(r.remaining()));
+    for _ in 0..n_strings {
+        strings.push(r.str().map_err(|c| DecodeError::new(c, "bad string"))?.to_owned());
+    }
+    let n = r.u32().map_err(m)? as usize;
+    if n > limits.max_summaries {
+        return Err(DecodeError::new(RejectCode::TooManySummaries, "more summaries than the limit"));
+    }
+    // A summary is at least 21 bytes (five 1-byte varints and two f64).
+    let mut summaries = Vec::with_capacity(n.min(r.remaining() / 21));
+    for _ in 0..n {
+        let category = r.u32().map_err(m)?;
+        let entity = r.u32().map_err(m)?;
+        let bucket = r.i64().map_err(m)?;
+        let count = r.u64().map_err(m)?;
+        let sum = r.i128().map_err(m)?;
+        let min = r.f64().map_err(m)?;
+        let max = r.f64().map_err(m)?;
+        summaries.push(BatchSummary {
+            category,
+            entity,
+            bucket,
+            summary: Summary { count, sum, min, max },
+        });
+    }
+    if r.remaining() != 0 {
+        return Err(DecodeError::new(RejectCode::TrailingBytes, "bytes after the last summary"));
+    }
+    let mut batch = Batch {
+        id: BatchId { producer, epoch, seq },
+        created_ms,
+        bucket_ms,
+        strings,
+        summaries,
+    };
+    batch.check(limits).map_err(|c| DecodeError::new(c, detail_of(c)))?;
+    Ok(batch)
+}
+
+fn detail_of(c: RejectCode) -> &'static str {
+    match c {
+        RejectCode::InvalidBucketWidth => "bucket width must be whole seconds dividing a day",
+        RejectCode::TooManySummaries => "more summaries than the limit",
+        RejectCode::TooManyCategories => "more distinct categories than the limit",
+        RejectCode::TooManyEntities => "more distinct entities than the limit",
+        RejectCode::BadStringIndex => "summary refers outside the string table",
+        RejectCode::InvalidStringTable => "string table has a duplicate or unused string",
+        RejectCode::InvalidCategory => "category must be 1-200 bytes",
+        RejectCode::InvalidEntity => "entity must be 1-200 bytes",
+        RejectCode::InvalidValue => "min/max must be finite with |v| <= 1e15",
+        RejectCode::InvalidSummary => "summary count, sum, min and max are inconsistent",
+        RejectCode::InvalidTimestamp => "bucket outside the representable time range",
+        RejectCode::DuplicateKey => "the same key appears twice",
+        _ => "rejected",
+    }
+}
+
+fn verifying_key(p: &ProducerKey) -> Result<VerifyingKey, DecodeError> {
+    let vk = VerifyingKey::from_bytes(&p.0)
+        .map_err(|_| DecodeError::new(RejectCode::BadSignature, "producer key is not a curve point"))?;
+    if vk.is_weak() {
+        return Err(DecodeError::new(RejectCode::BadSignature, "producer key has small order"));
+    }
+    Ok(vk)
+}
+
+impl Unverified {
+    /// Verifies the signature. Acceptance is defined by ed25519-dalek's batch equation (the
+    /// cofactored check) for every path, single or batched, so that whether a batch is valid
+    /// never depends on which other batches it was verified with.
+    pub fn verify(self) -> Result<Batch, DecodeError> {
+        let vk = verifying_key(&self.batch.id.producer)?;
+        let sig = Signature::from_bytes(&self.signature);
+        ed25519_dalek::verify_batch(&[&self.message], &[sig], &[vk])
+            .map_err(|_| DecodeError::new(RejectCode::BadSignature, "signature does not verify"))?;
+        Ok(self.batch)
+    }
+
+    /// The signed message length (for accounting).
+    pub fn message_len(&self) -> usize {
+        self.message.len()
+    }
+}
+
+/// Verifies many batches together (faster per batch than one by one); a failing group is
+/// split in halves until the bad ones are found. Results are in input order.
+pub fn verify_many(items: Vec<Unverified>) -> Vec<Result<Batch, DecodeError>> {
+    let mut out: Vec<Option<Result<Batch, DecodeError>>> = (0..items.len()).map(|_| None).collect();
+    let mut keyed = Vec::with_capacity(items.len());
+    for (i, u) in items.into_iter().enumerate() {
+        match verifying_key(&u.batch.id.producer) {
+            Ok(vk) => keyed.push((i, vk, u)),
+            Err(e) => out[i] = Some(Err(e)),
+        }
+    }
+    verify_group(&keyed, &mut out);
+    for (i, _, u) in keyed {
+        if out[i].is_none() {
+            out[i] = Some(Ok(u.batch));
+        }
+    }
+    out.into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(DecodeError::new(RejectCode::BadSignature, "unverified"))))
+        .collect()
+}
+
+fn verify_group(
+    group: &[(usize, VerifyingKey, Unverified)],
+    out: &mut [Option<Result<Batch, DecodeError>>],
+) {
+    if group.is_empty() {
+        return;
+    }
+    let msgs: Vec<&[u8]> = group.iter().map(|(_, _, u)| u.message.as_slice()).collect();
+    let sigs: Vec<Signature> = group.iter().map(|(_, _, u)| Signature::from_bytes(&u.signature)).collect();
+    let keys: Vec<VerifyingKey> = group.iter().map(|(_, k, _)| *k).collect();
+    if ed25519_dalek::verify_batch(&msgs, &sigs, &keys).is_ok() {
+        return;
+    }
+    if group.len() == 1 {
+        out[group[0].0] = Some(Err(DecodeError::new(RejectCode::BadSignature, "signature does not verify")));
+        return;
+    }
+    let (a, b) = group.split_at(group.len() / 2);
+    verify_group(a, out);
+    verify_group(b, out);
+}
+
+/// Decodes, checks the clock-dependent limits against `now_ms`, and verifies: the whole
+/// acceptance path for one batch.
+pub fn open(bytes: &[u8], limits: &Limits, now_ms: i64) -> Result<Batch, DecodeError> {
+    let u = decode(bytes, limits)?;
+    u.batch
+        .check_time(now_ms, limits)
+        .map_err(|c| DecodeError::new(c, "bucket outside the accepted time window"))?;
+    u.verify()
+}
