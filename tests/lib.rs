@@ -1,1 +1,163 @@
+//! Shared helpers for the integration tests: a seeded RNG, an independent ground-truth model,
+//! and workload generators.
 
+use edgetally_core::{Batch, BatchId, LogEntry, ProducerKey};
+use edgetally_proto::{BatchBuilder, Signer};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// A fixed time near which all generated events fall.
+pub const NOW: i64 = 1_700_000_000_000;
+
+/// SplitMix64: small, seeded, reproducible.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
+    }
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+}
+
+/// One generated event. `eighths` is the value × 8, so every value is an exact binary
+/// fraction and its nano-unit equivalent is `eighths × 125_000_000` — computed here without
+/// the library's conversion.
+#[derive(Clone, Debug)]
+pub struct Event {
+    /// Category name.
+    pub category: String,
+    /// Entity, if any.
+    pub entity: Option<String>,
+    /// Event time.
+    pub ts_ms: i64,
+    /// Value × 8.
+    pub eighths: i64,
+}
+
+impl Event {
+    /// The value as the SDK records it.
+    pub fn value(&self) -> f64 {
+        self.eighths as f64 / 8.0
+    }
+}
+
+/// The naive model's totals for one key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Truth {
+    /// Records.
+    pub count: u64,
+    /// Sum in nano-units.
+    pub sum_nanos: i128,
+    /// Min value × 8.
+    pub min8: i64,
+    /// Max value × 8.
+    pub max8: i64,
+}
+
+/// Ground truth: totals per (category, entity, second), computed by plain iteration.
+#[derive(Clone, Debug, Default)]
+pub struct Model {
+    /// (category, entity, bucket start ms) → totals.
+    pub keys: BTreeMap<(String, Option<String>, i64), Truth>,
+}
+
+impl Model {
+    /// Adds one event.
+    pub fn add(&mut self, e: &Event) {
+        let b = e.ts_ms.div_euclid(1000) * 1000;
+        let t = self
+            .keys
+            .entry((e.category.clone(), e.entity.clone(), b))
+            .or_insert(Truth { count: 0, sum_nanos: 0, min8: i64::MAX, max8: i64::MIN });
+        t.count += 1;
+        t.sum_nanos += e.eighths as i128 * 125_000_000;
+        t.min8 = t.min8.min(e.eighths);
+        t.max8 = t.max8.max(e.eighths);
+    }
+
+    /// Totals of the events matching `f`.
+    pub fn total(&self, f: impl Fn(&str, Option<&str>, i64) -> bool) -> Option<Truth> {
+        let mut acc: Option<Truth> = None;
+        for ((c, e, b), t) in &self.keys {
+            if f(c, e.as_deref(), *b) {
+                let a = acc.get_or_insert(Truth { count: 0, sum_nanos: 0, min8: i64::MAX, max8: i64::MIN });
+                a.count += t.count;
+                a.sum_nanos += t.sum_nanos;
+                a.min8 = a.min8.min(t.min8);
+                a.max8 = a.max8.max(t.max8);
+            }
+        }
+        acc
+    }
+}
+
+/// Checks a library total against the model's.
+pub fn same(total: &edgetally_core::Total, truth: Option<Truth>) -> bool {
+    match truth {
+        None => total.count == 0,
+        Some(t) => {
+            total.count == t.count
+                && total.sum.to_i128() == Some(t.sum_nanos)
+                && total.min == t.min8 as f64 / 8.0
+                && total.max == t.max8 as f64 / 8.0
+        }
+    }
+}
+
+/// Random events near [`NOW`] from small category/entity vocabularies.
+pub fn events(rng: &mut Rng, n: usize, span_ms: i64) -> Vec<Event> {
+    const CATS: [&str; 4] = ["cpu", "page_view", "temp", "purchase"];
+    const ENTS: [&str; 6] = ["dev-1", "dev-2", "user-7", "user-8", "ü-9", "x"];
+    (0..n)
+        .map(|_| Event {
+            category: CATS[rng.below(CATS.len() as u64) as usize].to_string(),
+            entity: if rng.chance(0.7) { Some(ENTS[rng.below(ENTS.len() as u64) as usize].to_string()) } else { None },
+            ts_ms: NOW - rng.below(span_ms as u64) as i64,
+            eighths: rng.below(20_001) as i64 - 10_000,
+        })
+        .collect()
+}
+
+/// Folds events into one batch.
+pub fn build(id: BatchId, events: &[Event]) -> Batch {
+    let mut b = BatchBuilder::new(1000).expect("valid width");
+    for e in events {
+        b.record(&e.category, e.entity.as_deref(), e.ts_ms, e.value()).expect("valid event");
+    }
+    b.finish(id, NOW)
+}
+
+/// A log entry for a batch that is never sent over a wire (raw bytes empty).
+pub fn entry(batch: Batch) -> LogEntry {
+    LogEntry { batch: Arc::new(batch), raw: Arc::from(Vec::new()) }
+}
+
+/// A signer from a small number.
+pub fn signer(n: u64) -> Signer {
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&n.to_le_bytes());
+    seed[8] = 0xed;
+    Signer::from_seed(seed)
+}
+
+/// A producer key from a small number, for tests that do not sign.
+pub fn key(n: u64) -> ProducerKey {
+    signer(n).producer()
+}

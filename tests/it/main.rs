@@ -1,1 +1,8 @@
+//! The one integration-test binary: a module per concern.
 
+mod convergence;
+mod crashers;
+mod crdt_laws;
+mod fixtures;
+mod protocol_doc;
+mod queries;

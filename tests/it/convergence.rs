@@ -1,0 +1,411 @@
+//! A deterministic, seeded simulation of a merger cluster under faults.
+//!
+//! Replicas (3–5, sometimes a sixth bootstrapped mid-run from a snapshot), many producers
+//! (some restarting into fresh epochs), a network that drops, duplicates, delays and reorders
+//! every kind of message, partitions that cut replicas off from their peers, and crashes that
+//! lose every received-but-not-yet-durable batch. Batches travel as real signed bytes and are
+//! decoded and verified on every hop. After healing, every replica must be bit-identical, equal
+//! to a ground truth computed by a naive model from the generated events, and its replication
+//! log must be pruned to nothing. A failing run prints its seed; rerun one with
+//! `EDGETALLY_SIM_SEED=<seed> cargo test -p edgetally-tests --test it convergence`.
+
+use edgetally_core::query::{GroupBy, TopBy};
+use edgetally_core::{Applied, BatchId, Digest, Limits, LogEntry, Replica};
+use edgetally_proto::{decode, open, Signer};
+use edgetally_tests::{build, events, same, signer, Model, Rng, NOW};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+#[derive(Clone, Debug)]
+enum Msg {
+    Batch { node: usize, raw: Arc<[u8]> },
+    Ack { producer: usize, id: BatchId },
+    DigestReq { from: usize, to: usize, digest: Digest },
+    Entries { from: usize, to: usize, raws: Vec<Arc<[u8]>>, digest: Digest },
+}
+
+struct Producer {
+    signer: Signer,
+    epoch: u64,
+    next_seq: u64,
+    to_make: usize,
+    /// Unacked batches: raw bytes, attempts, next tick to try.
+    outbox: BTreeMap<BatchId, (Arc<[u8]>, u32, u64)>,
+    /// Replica preference: rendezvous order of this producer's key.
+    order: Vec<usize>,
+}
+
+struct Node {
+    replica: Replica,
+    /// Received, verified, not yet durable: lost on a crash.
+    pending: Vec<(usize, LogEntry)>,
+    down_until: u64,
+}
+
+struct Sim {
+    rng: Rng,
+    tick: u64,
+    nodes: Vec<Node>,
+    producers: Vec<Producer>,
+    queue: Vec<(u64, u64, Msg)>,
+    msg_seq: u64,
+    isolated: BTreeSet<usize>,
+    isolated_until: u64,
+    faults: bool,
+    model: Model,
+    limits: Limits,
+}
+
+fn rendezvous(key: &[u8; 32], n: usize) -> Vec<usize> {
+    let mut v: Vec<(u64, usize)> = (0..n)
+        .map(|i| {
+            let mut h = Rng::new(u64::from_le_bytes(key[..8].try_into().unwrap_or([0; 8])) ^ (i as u64) << 40);
+            (h.next_u64(), i)
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, i)| i).collect()
+}
+
+impl Sim {
+    fn send(&mut self, msg: Msg) {
+        let (drop_p, dup_p) = if self.faults { (0.15, 0.1) } else { (0.0, 0.0) };
+        if self.rng.chance(drop_p) {
+            return;
+        }
+        let copies = if self.rng.chance(dup_p) { 2 } else { 1 };
+        for _ in 0..copies {
+            let delay = if self.faults { self.rng.below(6) } else { 0 };
+            self.msg_seq += 1;
+            self.queue.push((self.tick + delay, self.rng.next_u64(), msg.clone()));
+        }
+    }
+
+    fn node_up(&self, i: usize) -> bool {
+        self.nodes[i].down_until <= self.tick
+    }
+
+    fn cut(&self, a: usize, b: usize) -> bool {
+        self.isolated.contains(&a) != self.isolated.contains(&b)
+    }
+
+    fn peer_names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("n{i}")).collect()
+    }
+
+    fn set_peers(&mut self) {
+        let n = self.nodes.len();
+        for i in 0..n {
+            let peers = Self::peer_names(n).into_iter().filter(|p| *p != format!("n{i}"));
+            self.nodes[i].replica.set_peers(peers);
+        }
+    }
+
+    fn produce(&mut self) {
+        for p in 0..self.producers.len() {
+            if self.producers[p].to_make > 0 && self.rng.chance(0.3) {
+                let n = 1 + self.rng.below(20) as usize;
+                let ev = events(&mut self.rng, n, 2 * 3_600_000);
+                ev.iter().for_each(|e| self.model.add(e));
+                let pr = &mut self.producers[p];
+                let id = BatchId { producer: pr.signer.producer(), epoch: pr.epoch, seq: pr.next_seq };
+                pr.next_seq += 1;
+                pr.to_make -= 1;
+                let raw: Arc<[u8]> = pr.signer.seal(&build(id, &ev)).expect("seal").into();
+                pr.outbox.insert(id, (raw, 0, self.tick));
+            }
+            if self.faults && self.rng.chance(0.02) {
+                // A new instance of the producer: fresh epoch, but its durable outbox survives.
+                let e = self.rng.next_u64();
+                let pr = &mut self.producers[p];
+                pr.epoch = e;
+                pr.next_seq = 0;
+            }
+        }
+        let mut sends = Vec::new();
+        let n = self.nodes.len();
+        for pr in &mut self.producers {
+            for (raw, attempts, next) in pr.outbox.values_mut() {
+                if *next <= self.tick {
+                    let live: Vec<usize> = pr.order.iter().copied().filter(|&i| i < n).collect();
+                    let node = live[*attempts as usize % live.len()];
+                    *attempts += 1;
+                    let cap = 1u64 << (*attempts).min(4);
+                    *next = self.tick + 1 + self.rng.below(cap);
+                    sends.push(Msg::Batch { node, raw: raw.clone() });
+                }
+            }
+        }
+        for m in sends {
+            self.send(m);
+        }
+    }
+
+    fn deliver(&mut self) -> Result<(), String> {
+        let tick = self.tick;
+        let mut due: Vec<(u64, u64, Msg)> = Vec::new();
+        let mut later = Vec::new();
+        for m in self.queue.drain(..) {
+            if m.0 <= tick { due.push(m) } else { later.push(m) }
+        }
+        self.queue = later;
+        due.sort_by_key(|m| (m.0, m.1)); // random order among the due
+        for (_, _, msg) in due {
+            match msg {
+                Msg::Batch { node, raw } => {
+                    if !self.node_up(node) {
+                        continue;
+                    }
+                    let batch = open(&raw, &self.limits, NOW).map_err(|e| format!("valid batch refused: {e}"))?;
+                    let producer = self.producers.iter().position(|p| p.signer.producer() == batch.id.producer).ok_or("unknown producer")?;
+                    if self.nodes[node].replica.has_applied(&batch.id) {
+                        self.send(Msg::Ack { producer, id: batch.id });
+                    } else {
+                        self.nodes[node].pending.push((producer, LogEntry { batch: Arc::new(batch), raw }));
+                    }
+                }
+                Msg::Ack { producer, id } => {
+                    self.producers[producer].outbox.remove(&id);
+                }
+                Msg::DigestReq { from, to, digest } => {
+                    if !self.node_up(to) || self.cut(from, to) {
+                        continue;
+                    }
+                    let r = &mut self.nodes[to].replica;
+                    r.observe_peer(&format!("n{from}"), digest.clone());
+                    r.prune_log();
+                    let raws = r.missing_for(&digest).into_iter().map(|e| e.raw).collect();
+                    let d = r.digest();
+                    self.send(Msg::Entries { from: to, to: from, raws, digest: d });
+                }
+                Msg::Entries { from, to, raws, digest } => {
+                    if !self.node_up(to) || self.cut(from, to) {
+                        continue;
+                    }
+                    for raw in raws {
+                        // Forwarded bytes are the producer's own: verified again, no clock check.
+                        let batch = decode(&raw, &self.limits).and_then(|u| u.verify()).map_err(|e| format!("forwarded batch refused: {e}"))?;
+                        self.nodes[to].replica.apply(LogEntry { batch: Arc::new(batch), raw }).map_err(|e| e.to_string())?;
+                    }
+                    let r = &mut self.nodes[to].replica;
+                    r.observe_peer(&format!("n{from}"), digest);
+                    r.prune_log();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, p: f64) -> Result<(), String> {
+        for i in 0..self.nodes.len() {
+            if !self.node_up(i) || !self.rng.chance(p) {
+                continue;
+            }
+            let pending = std::mem::take(&mut self.nodes[i].pending);
+            for (producer, e) in pending {
+                let id = e.batch.id;
+                match self.nodes[i].replica.apply(e).map_err(|e| e.to_string())? {
+                    Applied::New | Applied::Duplicate => self.send(Msg::Ack { producer, id }),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn anti_entropy(&mut self) {
+        let n = self.nodes.len();
+        for from in 0..n {
+            for to in 0..n {
+                if from != to && self.node_up(from) && !self.cut(from, to) {
+                    let digest = self.nodes[from].replica.digest();
+                    self.send(Msg::DigestReq { from, to, digest });
+                }
+            }
+        }
+    }
+
+    fn chaos(&mut self) {
+        let n = self.nodes.len();
+        if self.rng.chance(0.02) {
+            let i = self.rng.below(n as u64) as usize;
+            self.nodes[i].pending.clear(); // un-persisted work is lost
+            self.nodes[i].down_until = self.tick + 3 + self.rng.below(15);
+        }
+        if self.isolated.is_empty() && self.rng.chance(0.02) {
+            self.isolated.insert(self.rng.below(n as u64) as usize);
+            self.isolated_until = self.tick + 5 + self.rng.below(30);
+        } else if self.tick >= self.isolated_until {
+            self.isolated.clear();
+        }
+    }
+}
+
+fn scenario(seed: u64) -> Result<(), String> {
+    let mut rng = Rng::new(seed);
+    let n_nodes = 3 + rng.below(3) as usize;
+    let n_prod = 3 + rng.below(6) as usize;
+    let producers = (0..n_prod)
+        .map(|i| {
+            let s = signer(seed.wrapping_mul(31).wrapping_add(i as u64));
+            let order = rendezvous(&s.producer().0, n_nodes + 1);
+            Producer { signer: s, epoch: rng.next_u64(), next_seq: 0, to_make: 2 + rng.below(9) as usize, outbox: BTreeMap::new(), order }
+        })
+        .collect();
+    let nodes = (0..n_nodes).map(|_| Node { replica: Replica::new(), pending: Vec::new(), down_until: 0 }).collect();
+    let mut sim = Sim {
+        rng,
+        tick: 0,
+        nodes,
+        producers,
+        queue: Vec::new(),
+        msg_seq: 0,
+        isolated: BTreeSet::new(),
+        isolated_until: 0,
+        faults: true,
+        model: Model::default(),
+        limits: Limits::default(),
+    };
+    sim.set_peers();
+    let bootstrap_at = if sim.rng.chance(0.4) { Some(20 + sim.rng.below(40)) } else { None };
+    for _ in 0..120 {
+        sim.tick += 1;
+        sim.produce();
+        sim.deliver()?;
+        sim.flush(0.5)?;
+        if sim.tick % 5 == 0 {
+            sim.anti_entropy();
+        }
+        sim.chaos();
+        if Some(sim.tick) == bootstrap_at {
+            let src = (0..sim.nodes.len()).find(|&i| sim.node_up(i)).unwrap_or(0);
+            let snap = sim.nodes[src].replica.snapshot();
+            let wire = postcard::to_allocvec(&snap).map_err(|e| e.to_string())?;
+            let snap = postcard::from_bytes(&wire).map_err(|e| e.to_string())?;
+            let replica = Replica::restore(snap).map_err(|e| e.to_string())?;
+            sim.nodes.push(Node { replica, pending: Vec::new(), down_until: 0 });
+            sim.set_peers();
+        }
+    }
+    // Heal: no more faults; producers finish; everyone exchanges until nothing changes.
+    sim.faults = false;
+    sim.isolated.clear();
+    for node in &mut sim.nodes {
+        node.down_until = 0;
+    }
+    for p in &mut sim.producers {
+        p.to_make = 0;
+        for v in p.outbox.values_mut() {
+            v.2 = 0;
+        }
+    }
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        sim.tick += 1;
+        sim.produce();
+        for _ in 0..3 {
+            sim.deliver()?;
+            sim.flush(1.0)?;
+        }
+        sim.anti_entropy();
+        for _ in 0..3 {
+            sim.deliver()?;
+        }
+        let quiet = sim.producers.iter().all(|p| p.outbox.is_empty())
+            && sim.nodes.iter().all(|n| n.replica.log_len() == 0 && n.pending.is_empty());
+        if quiet {
+            break;
+        }
+        if rounds > 60 {
+            return Err("did not converge within 60 rounds after healing".into());
+        }
+    }
+    // Bit-identical replicas.
+    let snaps: Vec<Vec<u8>> = sim.nodes.iter().map(|n| postcard::to_allocvec(&n.replica.snapshot()).unwrap_or_default()).collect();
+    if snaps.iter().any(|s| *s != snaps[0]) {
+        return Err("replicas differ after convergence".into());
+    }
+    check_against_model(&sim.nodes[0].replica, &sim.model)
+}
+
+/// Every key, every category over the whole range (read through the tiers), top-k and totals.
+pub(crate) fn check_against_model(r: &Replica, m: &Model) -> Result<(), String> {
+    for (c, e, b) in m.keys.keys() {
+        let got = r.aggregate(c, e.as_deref(), *b, b + 1000);
+        let want = m.total(|c2, e2, b2| c2 == c && b2 == *b && (e.is_none() || e2 == e.as_deref()));
+        if !same(&got.total, want) {
+            return Err(format!("key ({c}, {e:?}, {b}): got {:?}, want {want:?}", got.total));
+        }
+    }
+    let (start, end) = (NOW - 10 * 86_400_000 + 777, NOW + 3_600_000);
+    let cats: BTreeSet<&String> = m.keys.keys().map(|k| &k.0).collect();
+    for c in &cats {
+        let got = r.aggregate(c, None, start, end);
+        if (got.start, got.end) != (NOW - 10 * 86_400_000 + 1000, NOW + 3_600_000) {
+            return Err(format!("window {:?}", (got.start, got.end)));
+        }
+        if !same(&got.total, m.total(|c2, _, _| c2 == c.as_str())) {
+            return Err(format!("category {c} over the range"));
+        }
+        let top = r.topk(c, start, end, 3, TopBy::Entity);
+        let mut want: Vec<(u64, String)> = BTreeSet::from_iter(m.keys.keys().filter(|k| k.0 == **c).filter_map(|k| k.1.clone()))
+            .into_iter()
+            .map(|e| (m.total(|c2, e2, _| c2 == c.as_str() && e2 == Some(e.as_str())).map_or(0, |t| t.count), e))
+            .collect();
+        want.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        want.truncate(3);
+        let got: Vec<(u64, String)> = top.rows.iter().map(|(n, t)| (t.count, n.clone().unwrap_or_default())).collect();
+        if got != want {
+            return Err(format!("topk {c}: {got:?} vs {want:?}"));
+        }
+    }
+    let all = r.totals(start, end, GroupBy::None);
+    if !same(&all.rows[0].1, m.total(|_, _, _| true)) {
+        return Err("totals none".into());
+    }
+    for (name, t) in r.totals(start, end, GroupBy::Entity).rows {
+        if !same(&t, m.total(|_, e, _| e == name.as_deref())) {
+            return Err(format!("totals entity {name:?}"));
+        }
+    }
+    Ok(())
+}
+
+fn run_seeds(range: std::ops::Range<u64>) {
+    if let Ok(s) = std::env::var("EDGETALLY_SIM_SEED") {
+        let seed: u64 = s.parse().expect("EDGETALLY_SIM_SEED must be a number");
+        if range.contains(&seed) || range.start == 0 {
+            if let Err(e) = scenario(seed) {
+                panic!("simulation seed {seed} failed: {e}");
+            }
+        }
+        return;
+    }
+    let scale: u64 = std::env::var("EDGETALLY_SIM_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let range = range.start * scale..range.end * scale;
+    for seed in range {
+        match std::panic::catch_unwind(|| scenario(seed)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("simulation seed {seed} failed: {e} (rerun: EDGETALLY_SIM_SEED={seed})"),
+            Err(_) => panic!("simulation seed {seed} panicked (rerun: EDGETALLY_SIM_SEED={seed})"),
+        }
+    }
+}
+
+// 1,000 seeded scenarios per run, split so the test harness spreads them over the cores.
+#[test]
+fn simulated_cluster_converges_seeds_0_250() {
+    run_seeds(0..250);
+}
+#[test]
+fn simulated_cluster_converges_seeds_250_500() {
+    run_seeds(250..500);
+}
+#[test]
+fn simulated_cluster_converges_seeds_500_750() {
+    run_seeds(500..750);
+}
+#[test]
+fn simulated_cluster_converges_seeds_750_1000() {
+    run_seeds(750..1000);
+}

@@ -1,0 +1,22 @@
+//! Every input in `tests/crashers/` once crashed a decoder, or was written to probe one; each
+//! must now decode to an error, never a panic and never a batch.
+
+use edgetally_core::Limits;
+use edgetally_proto::{open, FrameDecoder, Reply};
+
+#[test]
+fn every_crasher_is_an_error() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crashers");
+    let mut n = 0;
+    for f in std::fs::read_dir(&dir).expect("crashers dir") {
+        let path = f.expect("entry").path();
+        let bytes = std::fs::read(&path).expect("read");
+        assert!(open(&bytes, &Limits::default(), 1_700_000_000_000).is_err(), "{path:?} decoded");
+        let _ = Reply::decode(&bytes);
+        let mut d = FrameDecoder::new(1 << 20);
+        d.push(&bytes);
+        while let Ok(Some(_)) = d.next_frame() {}
+        n += 1;
+    }
+    assert!(n >= 8, "only {n} crashers");
+}

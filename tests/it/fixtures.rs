@@ -1,0 +1,79 @@
+//! Frozen v1 wire fixtures: files written once by this build's encoder and committed. They must
+//! keep decoding to the batches spelled out here, and re-encoding must reproduce them byte for
+//! byte. To write them anew (only when adding a fixture): `EDGETALLY_BLESS=1 cargo test fixtures`.
+
+use edgetally_core::{Batch, BatchId, BatchSummary, Limits, Summary, NO_ENTITY};
+use edgetally_proto::{decode, Signer};
+
+pub(crate) fn fixtures() -> Vec<(&'static str, Signer, Batch)> {
+    let s1 = Signer::from_seed([1; 32]);
+    let s2 = Signer::from_seed([2; 32]);
+    let minimal = Batch {
+        id: BatchId { producer: s1.producer(), epoch: 1, seq: 0 },
+        created_ms: 1_700_000_000_000,
+        bucket_ms: 1000,
+        strings: vec!["cpu".into()],
+        summaries: vec![BatchSummary {
+            category: 0,
+            entity: NO_ENTITY,
+            bucket: 1_700_000_000,
+            summary: Summary { count: 1, sum: 1_500_000_000, min: 1.5, max: 1.5 },
+        }],
+    };
+    let entities = Batch {
+        id: BatchId { producer: s2.producer(), epoch: 0x0123_4567_89ab_cdef, seq: 300 },
+        created_ms: 1_700_000_005_123,
+        bucket_ms: 1000,
+        strings: vec!["page_view".into(), "user-7".into(), "ü-8".into()],
+        summaries: vec![
+            BatchSummary {
+                category: 0,
+                entity: 2,
+                bucket: 1_700_000_004,
+                summary: Summary { count: 3, sum: 3_000_000_000, min: 1.0, max: 1.0 },
+            },
+            BatchSummary {
+                category: 0,
+                entity: 3,
+                bucket: 1_700_000_005,
+                summary: Summary { count: 2, sum: -250_000_000, min: -0.5, max: 0.25 },
+            },
+            BatchSummary {
+                category: 0,
+                entity: NO_ENTITY,
+                bucket: 1_699_999_990,
+                summary: Summary { count: 1, sum: 0, min: 0.0, max: 0.0 },
+            },
+        ],
+    };
+    let wide = Batch {
+        id: BatchId { producer: s1.producer(), epoch: u64::MAX - 1, seq: 1 << 40 },
+        created_ms: -5,
+        bucket_ms: 60_000,
+        strings: vec!["temp".into(), "dev/1".into()],
+        summaries: vec![BatchSummary {
+            category: 0,
+            entity: 2,
+            bucket: -1,
+            summary: Summary { count: 1_000_000, sum: 21_337_000_000_000_000, min: -40.0, max: 1e6 },
+        }],
+    };
+    vec![("minimal", s1.clone(), minimal), ("entities", s2, entities), ("wide", s1, wide)]
+}
+
+#[test]
+fn v1_fixtures_still_decode_and_reencode() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/v1");
+    let bless = std::env::var("EDGETALLY_BLESS").is_ok();
+    for (name, signer, batch) in fixtures() {
+        let path = dir.join(format!("{name}.bin"));
+        let sealed = signer.seal(&batch).expect("seal");
+        if bless {
+            std::fs::write(&path, &sealed).expect("write fixture");
+        }
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+        let got = decode(&bytes, &Limits::default()).and_then(|u| u.verify()).expect(name);
+        assert_eq!(got, batch, "{name}");
+        assert_eq!(sealed, bytes, "{name}: encoder output changed");
+    }
+}

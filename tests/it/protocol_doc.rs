@@ -1,0 +1,76 @@
+//! The hex test vectors in `docs/PROTOCOL.md` are checked here, so the document cannot drift
+//! from the code. Each vector is a fenced `hex` block preceded by `<!-- vector: NAME -->`.
+
+use edgetally_core::RejectCode;
+use edgetally_proto::{encode_frame, encode_payload, Reply};
+use std::collections::BTreeMap;
+
+fn vectors() -> BTreeMap<String, Vec<u8>> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/PROTOCOL.md");
+    let doc = std::fs::read_to_string(path).expect("PROTOCOL.md");
+    let mut out = BTreeMap::new();
+    let mut lines = doc.lines();
+    while let Some(line) = lines.next() {
+        let Some(name) = line.trim().strip_prefix("<!-- vector: ").and_then(|s| s.strip_suffix(" -->")) else {
+            continue;
+        };
+        assert_eq!(lines.next().map(str::trim), Some("```hex"), "vector {name}");
+        let mut hex = String::new();
+        for l in lines.by_ref() {
+            if l.trim() == "```" {
+                break;
+            }
+            hex.extend(l.split('#').next().unwrap_or("").chars().filter(|c| c.is_ascii_hexdigit()));
+        }
+        let bytes = (0..hex.len() / 2).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex")).collect();
+        out.insert(name.to_string(), bytes);
+    }
+    out
+}
+
+#[test]
+fn protocol_vectors_match_the_code() {
+    let v = vectors();
+    let mut checked = 0;
+    for (name, signer, batch) in super::fixtures::fixtures() {
+        if let Some(bytes) = v.get(&format!("batch-{name}")) {
+            assert_eq!(*bytes, signer.seal(&batch).expect("seal"), "batch-{name}");
+            checked += 1;
+        }
+        if let Some(bytes) = v.get(&format!("payload-{name}")) {
+            assert_eq!(*bytes, encode_payload(&batch).expect("encode"), "payload-{name}");
+            checked += 1;
+        }
+        if let Some(bytes) = v.get(&format!("seed-{name}")) {
+            assert_eq!(*bytes, signer.seed().to_vec(), "seed-{name}");
+            checked += 1;
+        }
+    }
+    let replies = [
+        ("reply-ack", Reply::Ack),
+        ("reply-nack-bad-signature", Reply::nack(RejectCode::BadSignature)),
+        ("reply-retry-250", Reply::Retry { after_ms: 250 }),
+    ];
+    for (name, r) in replies {
+        assert_eq!(v.get(name), Some(&r.encode()), "{name}");
+        checked += 1;
+    }
+    assert_eq!(v.get("frame-ack"), Some(&encode_frame(&Reply::Ack.encode())));
+    checked += 1;
+    assert_eq!(checked, v.len(), "every vector in the document is checked");
+    assert!(checked >= 7);
+}
+
+/// Prints the vectors (for writing the document): `cargo test -p edgetally-tests print_vectors -- --nocapture`.
+#[test]
+fn print_vectors() {
+    if std::env::var("EDGETALLY_PRINT_VECTORS").is_err() {
+        return;
+    }
+    for (name, signer, batch) in super::fixtures::fixtures() {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ");
+        println!("seed-{name}: {}", hex(&signer.seed()));
+        println!("payload-{name}: {}", hex(&encode_payload(&batch).expect("encode")));
+        println!("batch-{name}: {}", hex(&signer.seal(&batch).expect("seal")));
+    }
+}
