@@ -1,0 +1,93 @@
+//! Figures criterion does not give: memory per live key and per producer seen-set (counted by a
+//! global allocator), and the latency distribution (p50/p99) of a 30-day range query.
+//! Run: `cargo xtask bench figures`.
+
+mod common;
+
+use common::{iot_batch, T0};
+use edgetally_core::{Replica, Retention};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+struct Counting;
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size(), Ordering::Relaxed);
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        LIVE.fetch_add(n, Ordering::Relaxed);
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static A: Counting = Counting;
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // cargo test/bench discovery
+    }
+    // Memory per live key: 1,000 devices × 600 seconds = 600,000 (category, entity, second) keys.
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut r = Replica::new();
+    for s in 0..600u64 {
+        r.apply(iot_batch(0, s, 1000, s as i64)).expect("apply");
+    }
+    r.set_peers(Vec::<String>::new());
+    r.prune_log(); // count the state, not the replication backlog
+    let bytes = LIVE.load(Ordering::Relaxed) - before;
+    let keys = 1000 * 600;
+    println!("memory: {keys} live keys (1 s buckets, 1,000 entities, 1 category): {bytes} bytes, {:.1} bytes/key (all tiers and rollups included; {} tier entries)", bytes as f64 / keys as f64, r.entry_count());
+    drop(r);
+
+    // Memory per producer seen-set: 100,000 producers with one epoch each, in-order seqs.
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut r = Replica::new();
+    for p in 0..100_000u32 {
+        let mut e = iot_batch(0, 3, 1, 0);
+        let b = std::sync::Arc::make_mut(&mut e.batch);
+        b.id.producer.0[..4].copy_from_slice(&p.to_le_bytes());
+        r.apply(e).expect("apply");
+    }
+    r.prune_log();
+    let with_state = LIVE.load(Ordering::Relaxed) - before;
+    let before = LIVE.load(Ordering::Relaxed);
+    let digest = r.digest();
+    let seen_only = LIVE.load(Ordering::Relaxed) - before;
+    println!("memory: seen-sets alone (the digest of 100,000 (producer, epoch) pairs): {:.1} bytes/producer", seen_only as f64 / digest.epochs.len() as f64);
+    drop(digest);
+    println!("memory: 100,000 producers, one epoch each: {with_state} bytes in all, {:.1} bytes/producer (seen-set, producer index, per-producer minute/hour series of one key)", with_state as f64 / 100_000.0);
+    drop(r);
+
+    // p50/p99 of a 30-day aggregate over realistic data.
+    let mut r = Replica::new();
+    let mut seq = 0;
+    for minute in 0..30 * 24 * 60i64 {
+        r.apply(iot_batch(9, seq, 20, -minute * 60)).expect("apply");
+        seq += 1;
+    }
+    r.prune_tiers(T0, &Retention::default());
+    r.prune_log();
+    let mut lat = Vec::with_capacity(20_000);
+    let mut x = 0u64;
+    for i in 0..20_000i64 {
+        let start = T0 - 30 * 86_400_000 + (i * 7919) % 3_600_000;
+        let t = Instant::now();
+        let a = r.aggregate("temperature", if i % 2 == 0 { None } else { Some("device-00003") }, start, T0 + 1000);
+        lat.push(t.elapsed().as_nanos() as u64);
+        x = x.wrapping_add(a.total.count);
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1000.0;
+    println!("query: 30-day aggregate over 864,000 summaries (20 entities, 1-min data): p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs (checksum {x})", pct(0.5), pct(0.99), pct(1.0));
+}

@@ -1,0 +1,37 @@
+//! A minimal C ABI, compiled only for wasm32 with the `wasm-abi-check` feature. `cargo xtask`
+//! builds it as a cdylib so that the decode → verify → apply path is linked into a real wasm
+//! module, then fails if that module imports anything from "env" (which would mean some
+//! dependency reaches for a platform the browser does not have).
+
+#![allow(unsafe_code)]
+
+use edgetally_core::{Limits, LogEntry, Replica};
+use std::sync::Arc;
+
+/// Allocates `len` bytes for the host to write an input into.
+#[no_mangle]
+pub extern "C" fn et_alloc(len: usize) -> *mut u8 {
+    let mut v = Vec::<u8>::with_capacity(len);
+    let p = v.as_mut_ptr();
+    core::mem::forget(v);
+    p
+}
+
+/// Decodes, verifies and applies one batch to a fresh replica; returns the reason code on
+/// rejection, or 1000 + the number of records counted for "cpu" on success.
+///
+/// # Safety
+/// `ptr..ptr+len` must be memory returned by [`et_alloc`] and initialised by the host.
+#[no_mangle]
+pub unsafe extern "C" fn et_apply(ptr: *const u8, len: usize, now_ms: i64) -> u32 {
+    let bytes = unsafe { core::slice::from_raw_parts(ptr, len) };
+    let batch = match crate::open(bytes, &Limits::default(), now_ms) {
+        Ok(b) => b,
+        Err(e) => return e.code.as_u16() as u32,
+    };
+    let mut r = Replica::new();
+    match r.apply(LogEntry { batch: Arc::new(batch), raw: Arc::from(bytes) }) {
+        Ok(_) => 1000 + r.aggregate("cpu", None, 0, now_ms).total.count.min(1 << 20) as u32,
+        Err(c) => c.as_u16() as u32,
+    }
+}
