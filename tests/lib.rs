@@ -85,7 +85,12 @@ impl Model {
         let t = self
             .keys
             .entry((e.category.clone(), e.entity.clone(), b))
-            .or_insert(Truth { count: 0, sum_nanos: 0, min8: i64::MAX, max8: i64::MIN });
+            .or_insert(Truth {
+                count: 0,
+                sum_nanos: 0,
+                min8: i64::MAX,
+                max8: i64::MIN,
+            });
         t.count += 1;
         t.sum_nanos += e.eighths as i128 * 125_000_000;
         t.min8 = t.min8.min(e.eighths);
@@ -97,7 +102,12 @@ impl Model {
         let mut acc: Option<Truth> = None;
         for ((c, e, b), t) in &self.keys {
             if f(c, e.as_deref(), *b) {
-                let a = acc.get_or_insert(Truth { count: 0, sum_nanos: 0, min8: i64::MAX, max8: i64::MIN });
+                let a = acc.get_or_insert(Truth {
+                    count: 0,
+                    sum_nanos: 0,
+                    min8: i64::MAX,
+                    max8: i64::MIN,
+                });
                 a.count += t.count;
                 a.sum_nanos += t.sum_nanos;
                 a.min8 = a.min8.min(t.min8);
@@ -128,7 +138,11 @@ pub fn events(rng: &mut Rng, n: usize, span_ms: i64) -> Vec<Event> {
     (0..n)
         .map(|_| Event {
             category: CATS[rng.below(CATS.len() as u64) as usize].to_string(),
-            entity: if rng.chance(0.7) { Some(ENTS[rng.below(ENTS.len() as u64) as usize].to_string()) } else { None },
+            entity: if rng.chance(0.7) {
+                Some(ENTS[rng.below(ENTS.len() as u64) as usize].to_string())
+            } else {
+                None
+            },
             ts_ms: NOW - rng.below(span_ms as u64) as i64,
             eighths: rng.below(20_001) as i64 - 10_000,
         })
@@ -139,14 +153,18 @@ pub fn events(rng: &mut Rng, n: usize, span_ms: i64) -> Vec<Event> {
 pub fn build(id: BatchId, events: &[Event]) -> Batch {
     let mut b = BatchBuilder::new(1000).expect("valid width");
     for e in events {
-        b.record(&e.category, e.entity.as_deref(), e.ts_ms, e.value()).expect("valid event");
+        b.record(&e.category, e.entity.as_deref(), e.ts_ms, e.value())
+            .expect("valid event");
     }
     b.finish(id, NOW)
 }
 
 /// A log entry for a batch that is never sent over a wire (raw bytes empty).
 pub fn entry(batch: Batch) -> LogEntry {
-    LogEntry { batch: Arc::new(batch), raw: Arc::from(Vec::new()) }
+    LogEntry {
+        batch: Arc::new(batch),
+        raw: Arc::from(Vec::new()),
+    }
 }
 
 /// A signer from a small number.

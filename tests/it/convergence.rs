@@ -18,10 +18,25 @@ use std::sync::Arc;
 
 #[derive(Clone, Debug)]
 enum Msg {
-    Batch { node: usize, raw: Arc<[u8]> },
-    Ack { producer: usize, id: BatchId },
-    DigestReq { from: usize, to: usize, digest: Digest },
-    Entries { from: usize, to: usize, raws: Vec<Arc<[u8]>>, digest: Digest },
+    Batch {
+        node: usize,
+        raw: Arc<[u8]>,
+    },
+    Ack {
+        producer: usize,
+        id: BatchId,
+    },
+    DigestReq {
+        from: usize,
+        to: usize,
+        digest: Digest,
+    },
+    Entries {
+        from: usize,
+        to: usize,
+        raws: Vec<Arc<[u8]>>,
+        digest: Digest,
+    },
 }
 
 struct Producer {
@@ -59,7 +74,9 @@ struct Sim {
 fn rendezvous(key: &[u8; 32], n: usize) -> Vec<usize> {
     let mut v: Vec<(u64, usize)> = (0..n)
         .map(|i| {
-            let mut h = Rng::new(u64::from_le_bytes(key[..8].try_into().unwrap_or([0; 8])) ^ (i as u64) << 40);
+            let mut h = Rng::new(
+                u64::from_le_bytes(key[..8].try_into().unwrap_or([0; 8])) ^ (i as u64) << 40,
+            );
             (h.next_u64(), i)
         })
         .collect();
@@ -77,7 +94,8 @@ impl Sim {
         for _ in 0..copies {
             let delay = if self.faults { self.rng.below(6) } else { 0 };
             self.msg_seq += 1;
-            self.queue.push((self.tick + delay, self.rng.next_u64(), msg.clone()));
+            self.queue
+                .push((self.tick + delay, self.rng.next_u64(), msg.clone()));
         }
     }
 
@@ -96,7 +114,9 @@ impl Sim {
     fn set_peers(&mut self) {
         let n = self.nodes.len();
         for i in 0..n {
-            let peers = Self::peer_names(n).into_iter().filter(|p| *p != format!("n{i}"));
+            let peers = Self::peer_names(n)
+                .into_iter()
+                .filter(|p| *p != format!("n{i}"));
             self.nodes[i].replica.set_peers(peers);
         }
     }
@@ -108,7 +128,11 @@ impl Sim {
                 let ev = events(&mut self.rng, n, 2 * 3_600_000);
                 ev.iter().for_each(|e| self.model.add(e));
                 let pr = &mut self.producers[p];
-                let id = BatchId { producer: pr.signer.producer(), epoch: pr.epoch, seq: pr.next_seq };
+                let id = BatchId {
+                    producer: pr.signer.producer(),
+                    epoch: pr.epoch,
+                    seq: pr.next_seq,
+                };
                 pr.next_seq += 1;
                 pr.to_make -= 1;
                 let raw: Arc<[u8]> = pr.signer.seal(&build(id, &ev)).expect("seal").into();
@@ -132,7 +156,10 @@ impl Sim {
                     *attempts += 1;
                     let cap = 1u64 << (*attempts).min(4);
                     *next = self.tick + 1 + self.rng.below(cap);
-                    sends.push(Msg::Batch { node, raw: raw.clone() });
+                    sends.push(Msg::Batch {
+                        node,
+                        raw: raw.clone(),
+                    });
                 }
             }
         }
@@ -146,7 +173,11 @@ impl Sim {
         let mut due: Vec<(u64, u64, Msg)> = Vec::new();
         let mut later = Vec::new();
         for m in self.queue.drain(..) {
-            if m.0 <= tick { due.push(m) } else { later.push(m) }
+            if m.0 <= tick {
+                due.push(m)
+            } else {
+                later.push(m)
+            }
         }
         self.queue = later;
         due.sort_by_key(|m| (m.0, m.1)); // random order among the due
@@ -156,12 +187,26 @@ impl Sim {
                     if !self.node_up(node) {
                         continue;
                     }
-                    let batch = open(&raw, &self.limits, NOW).map_err(|e| format!("valid batch refused: {e}"))?;
-                    let producer = self.producers.iter().position(|p| p.signer.producer() == batch.id.producer).ok_or("unknown producer")?;
+                    let batch = open(&raw, &self.limits, NOW)
+                        .map_err(|e| format!("valid batch refused: {e}"))?;
+                    let producer = self
+                        .producers
+                        .iter()
+                        .position(|p| p.signer.producer() == batch.id.producer)
+                        .ok_or("unknown producer")?;
                     if self.nodes[node].replica.has_applied(&batch.id) {
-                        self.send(Msg::Ack { producer, id: batch.id });
+                        self.send(Msg::Ack {
+                            producer,
+                            id: batch.id,
+                        });
                     } else {
-                        self.nodes[node].pending.push((producer, LogEntry { batch: Arc::new(batch), raw }));
+                        self.nodes[node].pending.push((
+                            producer,
+                            LogEntry {
+                                batch: Arc::new(batch),
+                                raw,
+                            },
+                        ));
                     }
                 }
                 Msg::Ack { producer, id } => {
@@ -176,16 +221,34 @@ impl Sim {
                     r.prune_log();
                     let raws = r.missing_for(&digest).into_iter().map(|e| e.raw).collect();
                     let d = r.digest();
-                    self.send(Msg::Entries { from: to, to: from, raws, digest: d });
+                    self.send(Msg::Entries {
+                        from: to,
+                        to: from,
+                        raws,
+                        digest: d,
+                    });
                 }
-                Msg::Entries { from, to, raws, digest } => {
+                Msg::Entries {
+                    from,
+                    to,
+                    raws,
+                    digest,
+                } => {
                     if !self.node_up(to) || self.cut(from, to) {
                         continue;
                     }
                     for raw in raws {
                         // Forwarded bytes are the producer's own: verified again, no clock check.
-                        let batch = decode(&raw, &self.limits).and_then(|u| u.verify()).map_err(|e| format!("forwarded batch refused: {e}"))?;
-                        self.nodes[to].replica.apply(LogEntry { batch: Arc::new(batch), raw }).map_err(|e| e.to_string())?;
+                        let batch = decode(&raw, &self.limits)
+                            .and_then(|u| u.verify())
+                            .map_err(|e| format!("forwarded batch refused: {e}"))?;
+                        self.nodes[to]
+                            .replica
+                            .apply(LogEntry {
+                                batch: Arc::new(batch),
+                                raw,
+                            })
+                            .map_err(|e| e.to_string())?;
                     }
                     let r = &mut self.nodes[to].replica;
                     r.observe_peer(&format!("n{from}"), digest);
@@ -248,10 +311,23 @@ fn scenario(seed: u64) -> Result<(), String> {
         .map(|i| {
             let s = signer(seed.wrapping_mul(31).wrapping_add(i as u64));
             let order = rendezvous(&s.producer().0, n_nodes + 1);
-            Producer { signer: s, epoch: rng.next_u64(), next_seq: 0, to_make: 2 + rng.below(9) as usize, outbox: BTreeMap::new(), order }
+            Producer {
+                signer: s,
+                epoch: rng.next_u64(),
+                next_seq: 0,
+                to_make: 2 + rng.below(9) as usize,
+                outbox: BTreeMap::new(),
+                order,
+            }
         })
         .collect();
-    let nodes = (0..n_nodes).map(|_| Node { replica: Replica::new(), pending: Vec::new(), down_until: 0 }).collect();
+    let nodes = (0..n_nodes)
+        .map(|_| Node {
+            replica: Replica::new(),
+            pending: Vec::new(),
+            down_until: 0,
+        })
+        .collect();
     let mut sim = Sim {
         rng,
         tick: 0,
@@ -266,13 +342,17 @@ fn scenario(seed: u64) -> Result<(), String> {
         limits: Limits::default(),
     };
     sim.set_peers();
-    let bootstrap_at = if sim.rng.chance(0.4) { Some(20 + sim.rng.below(40)) } else { None };
+    let bootstrap_at = if sim.rng.chance(0.4) {
+        Some(20 + sim.rng.below(40))
+    } else {
+        None
+    };
     for _ in 0..120 {
         sim.tick += 1;
         sim.produce();
         sim.deliver()?;
         sim.flush(0.5)?;
-        if sim.tick % 5 == 0 {
+        if sim.tick.is_multiple_of(5) {
             sim.anti_entropy();
         }
         sim.chaos();
@@ -282,7 +362,11 @@ fn scenario(seed: u64) -> Result<(), String> {
             let wire = postcard::to_allocvec(&snap).map_err(|e| e.to_string())?;
             let snap = postcard::from_bytes(&wire).map_err(|e| e.to_string())?;
             let replica = Replica::restore(snap).map_err(|e| e.to_string())?;
-            sim.nodes.push(Node { replica, pending: Vec::new(), down_until: 0 });
+            sim.nodes.push(Node {
+                replica,
+                pending: Vec::new(),
+                down_until: 0,
+            });
             sim.set_peers();
         }
     }
@@ -312,7 +396,10 @@ fn scenario(seed: u64) -> Result<(), String> {
             sim.deliver()?;
         }
         let quiet = sim.producers.iter().all(|p| p.outbox.is_empty())
-            && sim.nodes.iter().all(|n| n.replica.log_len() == 0 && n.pending.is_empty());
+            && sim
+                .nodes
+                .iter()
+                .all(|n| n.replica.log_len() == 0 && n.pending.is_empty());
         if quiet {
             break;
         }
@@ -321,7 +408,11 @@ fn scenario(seed: u64) -> Result<(), String> {
         }
     }
     // Bit-identical replicas.
-    let snaps: Vec<Vec<u8>> = sim.nodes.iter().map(|n| postcard::to_allocvec(&n.replica.snapshot()).unwrap_or_default()).collect();
+    let snaps: Vec<Vec<u8>> = sim
+        .nodes
+        .iter()
+        .map(|n| postcard::to_allocvec(&n.replica.snapshot()).unwrap_or_default())
+        .collect();
     if snaps.iter().any(|s| *s != snaps[0]) {
         return Err("replicas differ after convergence".into());
     }
@@ -334,7 +425,10 @@ pub(crate) fn check_against_model(r: &Replica, m: &Model) -> Result<(), String> 
         let got = r.aggregate(c, e.as_deref(), *b, b + 1000);
         let want = m.total(|c2, e2, b2| c2 == c && b2 == *b && (e.is_none() || e2 == e.as_deref()));
         if !same(&got.total, want) {
-            return Err(format!("key ({c}, {e:?}, {b}): got {:?}, want {want:?}", got.total));
+            return Err(format!(
+                "key ({c}, {e:?}, {b}): got {:?}, want {want:?}",
+                got.total
+            ));
         }
     }
     let (start, end) = (NOW - 10 * 86_400_000 + 777, NOW + 3_600_000);
@@ -348,13 +442,28 @@ pub(crate) fn check_against_model(r: &Replica, m: &Model) -> Result<(), String> 
             return Err(format!("category {c} over the range"));
         }
         let top = r.topk(c, start, end, 3, TopBy::Entity);
-        let mut want: Vec<(u64, String)> = BTreeSet::from_iter(m.keys.keys().filter(|k| k.0 == **c).filter_map(|k| k.1.clone()))
-            .into_iter()
-            .map(|e| (m.total(|c2, e2, _| c2 == c.as_str() && e2 == Some(e.as_str())).map_or(0, |t| t.count), e))
-            .collect();
+        let mut want: Vec<(u64, String)> = BTreeSet::from_iter(
+            m.keys
+                .keys()
+                .filter(|k| k.0 == **c)
+                .filter_map(|k| k.1.clone()),
+        )
+        .into_iter()
+        .map(|e| {
+            (
+                m.total(|c2, e2, _| c2 == c.as_str() && e2 == Some(e.as_str()))
+                    .map_or(0, |t| t.count),
+                e,
+            )
+        })
+        .collect();
         want.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
         want.truncate(3);
-        let got: Vec<(u64, String)> = top.rows.iter().map(|(n, t)| (t.count, n.clone().unwrap_or_default())).collect();
+        let got: Vec<(u64, String)> = top
+            .rows
+            .iter()
+            .map(|(n, t)| (t.count, n.clone().unwrap_or_default()))
+            .collect();
         if got != want {
             return Err(format!("topk {c}: {got:?} vs {want:?}"));
         }
@@ -381,12 +490,17 @@ fn run_seeds(range: std::ops::Range<u64>) {
         }
         return;
     }
-    let scale: u64 = std::env::var("EDGETALLY_SIM_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let scale: u64 = std::env::var("EDGETALLY_SIM_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
     let range = range.start * scale..range.end * scale;
     for seed in range {
         match std::panic::catch_unwind(|| scenario(seed)) {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => panic!("simulation seed {seed} failed: {e} (rerun: EDGETALLY_SIM_SEED={seed})"),
+            Ok(Err(e)) => {
+                panic!("simulation seed {seed} failed: {e} (rerun: EDGETALLY_SIM_SEED={seed})")
+            }
             Err(_) => panic!("simulation seed {seed} panicked (rerun: EDGETALLY_SIM_SEED={seed})"),
         }
     }

@@ -11,7 +11,10 @@ fn every_crasher_is_an_error() {
     for f in std::fs::read_dir(&dir).expect("crashers dir") {
         let path = f.expect("entry").path();
         let bytes = std::fs::read(&path).expect("read");
-        assert!(open(&bytes, &Limits::default(), 1_700_000_000_000).is_err(), "{path:?} decoded");
+        assert!(
+            open(&bytes, &Limits::default(), 1_700_000_000_000).is_err(),
+            "{path:?} decoded"
+        );
         let _ = Reply::decode(&bytes);
         let mut d = FrameDecoder::new(1 << 20);
         d.push(&bytes);

@@ -59,7 +59,15 @@ fn snapshot_restore_round_trips() {
     let mut r = Replica::new();
     for i in 0..20 {
         let ev = events(&mut rng, 10, 3_600_000);
-        r.apply(entry(build(BatchId { producer: key(i % 4), epoch: 0, seq: i / 4 }, &ev))).expect("apply");
+        r.apply(entry(build(
+            BatchId {
+                producer: key(i % 4),
+                epoch: 0,
+                seq: i / 4,
+            },
+            &ev,
+        )))
+        .expect("apply");
     }
     let snap = r.snapshot();
     let wire = postcard::to_allocvec(&snap).expect("encode");

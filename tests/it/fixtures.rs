@@ -9,56 +9,97 @@ pub(crate) fn fixtures() -> Vec<(&'static str, Signer, Batch)> {
     let s1 = Signer::from_seed([1; 32]);
     let s2 = Signer::from_seed([2; 32]);
     let minimal = Batch {
-        id: BatchId { producer: s1.producer(), epoch: 1, seq: 0 },
+        id: BatchId {
+            producer: s1.producer(),
+            epoch: 1,
+            seq: 0,
+        },
         created_ms: 1_700_000_000_000,
         bucket_ms: 1000,
-        strings: vec!["cpu".into()],
+        strings: ["cpu"].into_iter().collect(),
         summaries: vec![BatchSummary {
             category: 0,
             entity: NO_ENTITY,
             bucket: 1_700_000_000,
-            summary: Summary { count: 1, sum: 1_500_000_000, min: 1.5, max: 1.5 },
+            summary: Summary {
+                count: 1,
+                sum: 1_500_000_000,
+                min: 1.5,
+                max: 1.5,
+            },
         }],
     };
     let entities = Batch {
-        id: BatchId { producer: s2.producer(), epoch: 0x0123_4567_89ab_cdef, seq: 300 },
+        id: BatchId {
+            producer: s2.producer(),
+            epoch: 0x0123_4567_89ab_cdef,
+            seq: 300,
+        },
         created_ms: 1_700_000_005_123,
         bucket_ms: 1000,
-        strings: vec!["page_view".into(), "user-7".into(), "ü-8".into()],
+        strings: ["page_view", "user-7", "ü-8"].into_iter().collect(),
         summaries: vec![
             BatchSummary {
                 category: 0,
                 entity: 2,
                 bucket: 1_700_000_004,
-                summary: Summary { count: 3, sum: 3_000_000_000, min: 1.0, max: 1.0 },
+                summary: Summary {
+                    count: 3,
+                    sum: 3_000_000_000,
+                    min: 1.0,
+                    max: 1.0,
+                },
             },
             BatchSummary {
                 category: 0,
                 entity: 3,
                 bucket: 1_700_000_005,
-                summary: Summary { count: 2, sum: -250_000_000, min: -0.5, max: 0.25 },
+                summary: Summary {
+                    count: 2,
+                    sum: -250_000_000,
+                    min: -0.5,
+                    max: 0.25,
+                },
             },
             BatchSummary {
                 category: 0,
                 entity: NO_ENTITY,
                 bucket: 1_699_999_990,
-                summary: Summary { count: 1, sum: 0, min: 0.0, max: 0.0 },
+                summary: Summary {
+                    count: 1,
+                    sum: 0,
+                    min: 0.0,
+                    max: 0.0,
+                },
             },
         ],
     };
     let wide = Batch {
-        id: BatchId { producer: s1.producer(), epoch: u64::MAX - 1, seq: 1 << 40 },
+        id: BatchId {
+            producer: s1.producer(),
+            epoch: u64::MAX - 1,
+            seq: 1 << 40,
+        },
         created_ms: -5,
         bucket_ms: 60_000,
-        strings: vec!["temp".into(), "dev/1".into()],
+        strings: ["temp", "dev/1"].into_iter().collect(),
         summaries: vec![BatchSummary {
             category: 0,
             entity: 2,
             bucket: -1,
-            summary: Summary { count: 1_000_000, sum: 21_337_000_000_000_000, min: -40.0, max: 1e6 },
+            summary: Summary {
+                count: 1_000_000,
+                sum: 21_337_000_000_000_000,
+                min: -40.0,
+                max: 1e6,
+            },
         }],
     };
-    vec![("minimal", s1.clone(), minimal), ("entities", s2, entities), ("wide", s1, wide)]
+    vec![
+        ("minimal", s1.clone(), minimal),
+        ("entities", s2, entities),
+        ("wide", s1, wide),
+    ]
 }
 
 #[test]
@@ -72,7 +113,9 @@ fn v1_fixtures_still_decode_and_reencode() {
             std::fs::write(&path, &sealed).expect("write fixture");
         }
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
-        let got = decode(&bytes, &Limits::default()).and_then(|u| u.verify()).expect(name);
+        let got = decode(&bytes, &Limits::default())
+            .and_then(|u| u.verify())
+            .expect(name);
         assert_eq!(got, batch, "{name}");
         assert_eq!(sealed, bytes, "{name}: encoder output changed");
     }

@@ -11,7 +11,11 @@ fn vectors() -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
     let mut lines = doc.lines();
     while let Some(line) = lines.next() {
-        let Some(name) = line.trim().strip_prefix("<!-- vector: ").and_then(|s| s.strip_suffix(" -->")) else {
+        let Some(name) = line
+            .trim()
+            .strip_prefix("<!-- vector: ")
+            .and_then(|s| s.strip_suffix(" -->"))
+        else {
             continue;
         };
         assert_eq!(lines.next().map(str::trim), Some("```hex"), "vector {name}");
@@ -20,9 +24,17 @@ fn vectors() -> BTreeMap<String, Vec<u8>> {
             if l.trim() == "```" {
                 break;
             }
-            hex.extend(l.split('#').next().unwrap_or("").chars().filter(|c| c.is_ascii_hexdigit()));
+            hex.extend(
+                l.split('#')
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .filter(|c| c.is_ascii_hexdigit()),
+            );
         }
-        let bytes = (0..hex.len() / 2).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex")).collect();
+        let bytes = (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex"))
+            .collect();
         out.insert(name.to_string(), bytes);
     }
     out
@@ -38,7 +50,11 @@ fn protocol_vectors_match_the_code() {
             checked += 1;
         }
         if let Some(bytes) = v.get(&format!("payload-{name}")) {
-            assert_eq!(*bytes, encode_payload(&batch).expect("encode"), "payload-{name}");
+            assert_eq!(
+                *bytes,
+                encode_payload(&batch).expect("encode"),
+                "payload-{name}"
+            );
             checked += 1;
         }
         if let Some(bytes) = v.get(&format!("seed-{name}")) {
@@ -48,14 +64,20 @@ fn protocol_vectors_match_the_code() {
     }
     let replies = [
         ("reply-ack", Reply::Ack),
-        ("reply-nack-bad-signature", Reply::nack(RejectCode::BadSignature)),
+        (
+            "reply-nack-bad-signature",
+            Reply::nack(RejectCode::BadSignature),
+        ),
         ("reply-retry-250", Reply::Retry { after_ms: 250 }),
     ];
     for (name, r) in replies {
         assert_eq!(v.get(name), Some(&r.encode()), "{name}");
         checked += 1;
     }
-    assert_eq!(v.get("frame-ack"), Some(&encode_frame(&Reply::Ack.encode())));
+    assert_eq!(
+        v.get("frame-ack"),
+        Some(&encode_frame(&Reply::Ack.encode()))
+    );
     checked += 1;
     assert_eq!(checked, v.len(), "every vector in the document is checked");
     assert!(checked >= 7);
@@ -68,9 +90,17 @@ fn print_vectors() {
         return;
     }
     for (name, signer, batch) in super::fixtures::fixtures() {
-        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ");
+        let hex = |b: &[u8]| {
+            b.iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         println!("seed-{name}: {}", hex(&signer.seed()));
-        println!("payload-{name}: {}", hex(&encode_payload(&batch).expect("encode")));
+        println!(
+            "payload-{name}: {}",
+            hex(&encode_payload(&batch).expect("encode"))
+        );
         println!("batch-{name}: {}", hex(&signer.seal(&batch).expect("seal")));
     }
 }

@@ -53,10 +53,15 @@ fn ensure_prerequisites() -> Result<()> {
         .args(["target", "list", "--installed"])
         .output()
         .context("rustup is required")?;
-    if !String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.trim() == spec.target) {
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == spec.target)
+    {
         run(Command::new("rustup").args(["target", "add", &spec.target]))?;
     }
-    let comps = Command::new("rustup").args(["component", "list", "--installed"]).output()?;
+    let comps = Command::new("rustup")
+        .args(["component", "list", "--installed"])
+        .output()?;
     let comps = String::from_utf8_lossy(&comps.stdout);
     for c in ["clippy", "rustfmt"] {
         if !comps.lines().any(|l| l.starts_with(c)) {
@@ -70,11 +75,61 @@ fn test() -> Result<()> {
     let root = root()?;
     ensure_prerequisites()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     wasm_check(&root)?;
-    run(cargo().args(["test", "--workspace", "--locked"]))?;
+    let (passed, failed) = run_tests(cargo().args(["test", "--workspace", "--locked"]))?;
     eprintln!("xtask: all checks passed");
+    // One closing line for the whole run (cargo prints one per test binary, the last of which
+    // is often a doc-test binary with nothing in it).
+    println!("tests: {passed} passed, {failed} failed");
     Ok(())
+}
+
+/// Runs a `cargo test` command, echoing its output and adding up its `test result:` lines.
+fn run_tests(cmd: &mut Command) -> Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("xtask: {cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let out = child.stdout.take().context("piped stdout")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(out).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(label), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let n: u64 = n
+                    .trim_start_matches(|c: char| !c.is_ascii_digit())
+                    .parse()
+                    .unwrap_or(0);
+                match label {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        println!("tests: {passed} passed, {failed} failed");
+        bail!("cargo test failed with {status}");
+    }
+    Ok((passed, failed))
 }
 
 fn bench(which: &str) -> Result<()> {
@@ -106,9 +161,14 @@ struct WasmSpec {
 
 impl WasmSpec {
     fn load() -> Result<WasmSpec> {
-        let text = std::fs::read_to_string(root()?.join("wasm-pack.toml")).context("reading wasm-pack.toml")?;
+        let text = std::fs::read_to_string(root()?.join("wasm-pack.toml"))
+            .context("reading wasm-pack.toml")?;
         let t = parse_simple_toml(&text)?;
-        let get = |k: &str| t.get(&format!("abi-check.{k}")).cloned().with_context(|| format!("wasm-pack.toml lacks abi-check.{k}"));
+        let get = |k: &str| {
+            t.get(&format!("abi-check.{k}"))
+                .cloned()
+                .with_context(|| format!("wasm-pack.toml lacks abi-check.{k}"))
+        };
         Ok(WasmSpec {
             target: get("target")?.into_iter().next().context("target")?,
             crates: get("crates")?,
@@ -132,10 +192,16 @@ fn parse_simple_toml(text: &str) -> Result<BTreeMap<String, Vec<String>>> {
             section = s.trim().to_string();
             continue;
         }
-        let (k, v) = line.split_once('=').with_context(|| format!("wasm-pack.toml:{}: expected key = value", n + 1))?;
+        let (k, v) = line
+            .split_once('=')
+            .with_context(|| format!("wasm-pack.toml:{}: expected key = value", n + 1))?;
         let v = v.trim();
         let items: Vec<String> = match v.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
-            Some(list) => list.split(',').map(|s| s.trim().trim_matches('"').to_string()).filter(|s| !s.is_empty()).collect(),
+            Some(list) => list
+                .split(',')
+                .map(|s| s.trim().trim_matches('"').to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
             None => vec![v.trim_matches('"').to_string()],
         };
         out.insert(format!("{section}.{}", k.trim()), items);
@@ -147,21 +213,43 @@ fn wasm_check(root: &Path) -> Result<()> {
     let spec = WasmSpec::load()?;
     for krate in &spec.crates {
         run(cargo().args([
-            "rustc", "-p", krate, "--release", "--locked", "--target", &spec.target,
-            "--features", &spec.features.join(","), "--crate-type", "cdylib",
+            "rustc",
+            "-p",
+            krate,
+            "--release",
+            "--locked",
+            "--target",
+            &spec.target,
+            "--features",
+            &spec.features.join(","),
+            "--crate-type",
+            "cdylib",
         ]))?;
-        let file = root.join("target").join(&spec.target).join("release").join(format!("{}.wasm", krate.replace('-', "_")));
+        let file = root
+            .join("target")
+            .join(&spec.target)
+            .join("release")
+            .join(format!("{}.wasm", krate.replace('-', "_")));
         let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-        let imports = wasm_imports(&bytes).with_context(|| format!("parsing {}", file.display()))?;
+        let imports =
+            wasm_imports(&bytes).with_context(|| format!("parsing {}", file.display()))?;
         let exports_ok = bytes.windows(b"et_apply".len()).any(|w| w == b"et_apply");
         if !exports_ok {
             bail!("{krate}: the wasm module does not export et_apply; the check would be vacuous");
         }
-        let bad: Vec<_> = imports.iter().filter(|(m, _)| spec.forbidden.contains(m)).collect();
+        let bad: Vec<_> = imports
+            .iter()
+            .filter(|(m, _)| spec.forbidden.contains(m))
+            .collect();
         if !bad.is_empty() {
             bail!("{krate}: wasm32 module imports from forbidden modules: {bad:?}");
         }
-        eprintln!("xtask: {krate} for {}: {} bytes, imports {:?} — ok", spec.target, bytes.len(), imports);
+        eprintln!(
+            "xtask: {krate} for {}: {} bytes, imports {:?} — ok",
+            spec.target,
+            bytes.len(),
+            imports
+        );
     }
     Ok(())
 }

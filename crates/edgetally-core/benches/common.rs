@@ -8,22 +8,37 @@ pub const T0: i64 = 1_700_000_000_000;
 
 /// An IoT-shaped batch: one category, `n` devices, one summary each, in one second.
 pub fn iot_batch(producer: u8, seq: u64, n: u32, second: i64) -> LogEntry {
-    let mut strings = vec!["temperature".to_string()];
-    strings.extend((0..n).map(|i| format!("device-{i:05}")));
+    let mut strings = edgetally_core::StringTable::new();
+    strings.push("temperature");
+    (0..n).for_each(|i| {
+        strings.push(&format!("device-{i:05}"));
+    });
     let summaries = (0..n)
         .map(|i| BatchSummary {
             category: 0,
             entity: i + 2,
             bucket: T0 / 1000 + second,
-            summary: Summary { count: 4, sum: 4 * 21_500_000_000, min: 20.0, max: 23.0 },
+            summary: Summary {
+                count: 4,
+                sum: 4 * 21_500_000_000,
+                min: 20.0,
+                max: 23.0,
+            },
         })
         .collect();
     let batch = Batch {
-        id: BatchId { producer: ProducerKey([producer; 32]), epoch: 1, seq },
+        id: BatchId {
+            producer: ProducerKey([producer; 32]),
+            epoch: 1,
+            seq,
+        },
         created_ms: T0,
         bucket_ms: 1000,
         strings,
         summaries,
     };
-    LogEntry { batch: Arc::new(batch), raw: Arc::from(Vec::new()) }
+    LogEntry {
+        batch: Arc::new(batch),
+        raw: Arc::from(Vec::new()),
+    }
 }

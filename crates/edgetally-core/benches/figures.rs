@@ -71,10 +71,9 @@ fn main() {
 
     // p50/p99 of a 30-day aggregate over realistic data.
     let mut r = Replica::new();
-    let mut seq = 0;
-    for minute in 0..30 * 24 * 60i64 {
-        r.apply(iot_batch(9, seq, 20, -minute * 60)).expect("apply");
-        seq += 1;
+    for (seq, minute) in (0..30 * 24 * 60i64).enumerate() {
+        r.apply(iot_batch(9, seq as u64, 20, -minute * 60))
+            .expect("apply");
     }
     r.prune_tiers(T0, &Retention::default());
     r.prune_log();
@@ -83,7 +82,16 @@ fn main() {
     for i in 0..20_000i64 {
         let start = T0 - 30 * 86_400_000 + (i * 7919) % 3_600_000;
         let t = Instant::now();
-        let a = r.aggregate("temperature", if i % 2 == 0 { None } else { Some("device-00003") }, start, T0 + 1000);
+        let a = r.aggregate(
+            "temperature",
+            if i % 2 == 0 {
+                None
+            } else {
+                Some("device-00003")
+            },
+            start,
+            T0 + 1000,
+        );
         lat.push(t.elapsed().as_nanos() as u64);
         x = x.wrapping_add(a.total.count);
     }

@@ -2,6 +2,7 @@
 
 use crate::code::RejectCode;
 use crate::record::{bucket_start, validate_bucket_ms, validate_category, validate_entity};
+use crate::strings::StringTable;
 use crate::summary::Summary;
 use core::fmt;
 use serde::{Deserialize, Serialize};
@@ -60,7 +61,7 @@ pub struct Batch {
     /// The bucket width of every summary in it.
     pub bucket_ms: u32,
     /// Interned categories and entities.
-    pub strings: Vec<String>,
+    pub strings: StringTable,
     /// The summaries.
     pub summaries: Vec<BatchSummary>,
 }
@@ -103,14 +104,14 @@ impl Batch {
 
     /// The category string of a summary (which [`Batch::check`] has bounds-checked).
     pub fn category(&self, s: &BatchSummary) -> &str {
-        self.strings.get(s.category as usize).map_or("", String::as_str)
+        self.strings.get(s.category as usize).unwrap_or("")
     }
 
     /// The entity string of a summary, if any.
     pub fn entity(&self, s: &BatchSummary) -> Option<&str> {
         match s.entity {
             NO_ENTITY => None,
-            e => self.strings.get(e as usize - 1).map(String::as_str),
+            e => self.strings.get(e as usize - 1),
         }
     }
 
@@ -125,7 +126,10 @@ impl Batch {
         // Each string must be used, as a category, an entity or both; none twice.
         let mut role = vec![0u8; self.strings.len()];
         let n = self.strings.len() as u32;
-        let mut keys = Vec::with_capacity(self.summaries.len());
+        // Canonical batches list summaries in strictly increasing key order, which proves the
+        // keys distinct in one pass; other orders fall back to sorting.
+        let mut in_order = true;
+        let mut prev: Option<(u32, u32, i64)> = None;
         for s in &mut self.summaries {
             if s.category >= n || s.entity > n {
                 return Err(RejectCode::BadStringIndex);
@@ -136,22 +140,28 @@ impl Batch {
             }
             bucket_start(s.bucket, self.bucket_ms)?;
             s.summary.validate()?;
-            keys.push((s.category, s.entity, s.bucket));
+            let key = (s.category, s.entity, s.bucket);
+            in_order &= prev.is_none_or(|p| p < key);
+            prev = Some(key);
         }
         let mut categories = 0;
         let mut entities = 0;
-        for (i, r) in role.iter().enumerate() {
+        let mut strings_in_order = true;
+        let mut prev_str: Option<&str> = None;
+        for (s, r) in self.strings.iter().zip(&role) {
             if *r == 0 {
                 return Err(RejectCode::InvalidStringTable);
             }
             if r & 1 != 0 {
-                validate_category(&self.strings[i])?;
+                validate_category(s)?;
                 categories += 1;
             }
             if r & 2 != 0 {
-                validate_entity(&self.strings[i])?;
+                validate_entity(s)?;
                 entities += 1;
             }
+            strings_in_order &= prev_str.is_none_or(|p| p < s);
+            prev_str = Some(s);
         }
         if categories > limits.max_categories {
             return Err(RejectCode::TooManyCategories);
@@ -159,14 +169,23 @@ impl Batch {
         if entities > limits.max_entities {
             return Err(RejectCode::TooManyEntities);
         }
-        let mut sorted: Vec<&String> = self.strings.iter().collect();
-        sorted.sort_unstable();
-        if sorted.windows(2).any(|w| w[0] == w[1]) {
-            return Err(RejectCode::InvalidStringTable);
+        if !strings_in_order {
+            let mut sorted: Vec<&str> = self.strings.iter().collect();
+            sorted.sort_unstable();
+            if sorted.windows(2).any(|w| w[0] == w[1]) {
+                return Err(RejectCode::InvalidStringTable);
+            }
         }
-        keys.sort_unstable();
-        if keys.windows(2).any(|w| w[0] == w[1]) {
-            return Err(RejectCode::DuplicateKey);
+        if !in_order {
+            let mut keys: Vec<_> = self
+                .summaries
+                .iter()
+                .map(|s| (s.category, s.entity, s.bucket))
+                .collect();
+            keys.sort_unstable();
+            if keys.windows(2).any(|w| w[0] == w[1]) {
+                return Err(RejectCode::DuplicateKey);
+            }
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ pub mod query;
 pub mod record;
 pub mod replica;
 pub mod seen;
+pub mod strings;
 pub mod summary;
 pub mod value;
 
@@ -21,5 +22,6 @@ pub use query::{Aggregate, GroupBy, Plan, Rows, TopBy};
 pub use record::Record;
 pub use replica::{Applied, Digest, LogEntry, Replica, Retention, Snapshot};
 pub use seen::SeenSet;
+pub use strings::StringTable;
 pub use summary::{Summary, Total};
 pub use value::Sum192;

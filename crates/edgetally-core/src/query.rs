@@ -142,7 +142,13 @@ impl Replica {
     }
 
     /// Count, sum, min and max of `category` (and `entity`, if given) over `[start, end)`.
-    pub fn aggregate(&self, category: &str, entity: Option<&str>, start: i64, end: i64) -> Aggregate {
+    pub fn aggregate(
+        &self,
+        category: &str,
+        entity: Option<&str>,
+        start: i64,
+        end: i64,
+    ) -> Aggregate {
         let dim_probe = Dim::All;
         let plan = self.plan_for(start, end, dim_probe);
         let series = self.string_id(category).and_then(|cat| {
@@ -195,7 +201,10 @@ impl Replica {
         };
         let plan = self.plan_for(start, end, probe);
         let mut rows = Vec::new();
-        if let Some(list) = self.string_id(category).and_then(|c| self.by_category.get(&c)) {
+        if let Some(list) = self
+            .string_id(category)
+            .and_then(|c| self.by_category.get(&c))
+        {
             for &(dim, idx) in list {
                 let name = match (dim, by) {
                     (Dim::Entity(e), TopBy::Entity) => self.strings[e as usize].to_string(),
@@ -280,7 +289,13 @@ mod tests {
 
     #[test]
     fn plans_tile_the_window_exactly() {
-        let cases = [(0, 1), (1, 1000), (500, 7_300_000), (-5_000, 3_600_000 * 30 + 17), (59_000, 61_000)];
+        let cases = [
+            (0, 1),
+            (1, 1000),
+            (500, 7_300_000),
+            (-5_000, 3_600_000 * 30 + 17),
+            (59_000, 61_000),
+        ];
         for (s, e) in cases {
             let p = plan(s, e, NONE, 0);
             assert_eq!(p.start, ceil_to(s, 1000));
@@ -294,7 +309,11 @@ mod tests {
     #[test]
     fn thirty_days_reads_few_entries() {
         let p = plan(1_000_000_123, 1_000_000_123 + 30 * 86_400_000, NONE, 0);
-        let entries: i64 = p.pieces.iter().map(|&(t, f, to)| (to - f) / TIER_MS[t]).sum();
+        let entries: i64 = p
+            .pieces
+            .iter()
+            .map(|&(t, f, to)| (to - f) / TIER_MS[t])
+            .sum();
         assert!(entries < 60 + 60 + 60 + 60 + 721, "{entries}");
     }
 

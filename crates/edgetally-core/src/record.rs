@@ -97,8 +97,14 @@ mod tests {
         assert_eq!(bucket_index(1000, 1000), Ok(1));
         assert_eq!(bucket_index(-1, 1000), Ok(-1));
         assert_eq!(bucket_index(59_999, 60_000), Ok(0));
-        assert_eq!(bucket_index(MAX_TS_MS + 1, 1000), Err(RejectCode::InvalidTimestamp));
-        assert_eq!(bucket_start(i64::MAX, 1000), Err(RejectCode::InvalidTimestamp));
+        assert_eq!(
+            bucket_index(MAX_TS_MS + 1, 1000),
+            Err(RejectCode::InvalidTimestamp)
+        );
+        assert_eq!(
+            bucket_start(i64::MAX, 1000),
+            Err(RejectCode::InvalidTimestamp)
+        );
     }
 
     #[test]
@@ -107,27 +113,77 @@ mod tests {
             assert_eq!(validate_bucket_ms(ok), Ok(()));
         }
         for bad in [0, 1, 999, 1_500, 7_000, 2 * DAY_MS] {
-            assert_eq!(validate_bucket_ms(bad), Err(RejectCode::InvalidBucketWidth), "{bad}");
+            assert_eq!(
+                validate_bucket_ms(bad),
+                Err(RejectCode::InvalidBucketWidth),
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn record_validation_names_each_reason() {
-        let ok = Record { ts_ms: 1, category: "c", entity: Some("e"), value: -0.0 };
+        let ok = Record {
+            ts_ms: 1,
+            category: "c",
+            entity: Some("e"),
+            value: -0.0,
+        };
         assert_eq!(ok.validate().map(f64::to_bits), Ok(0.0f64.to_bits()));
         let long = "x".repeat(201);
         let cases = [
-            (Record { category: "", ..ok.clone() }, RejectCode::InvalidCategory),
-            (Record { category: &long, ..ok.clone() }, RejectCode::InvalidCategory),
-            (Record { entity: Some(""), ..ok.clone() }, RejectCode::InvalidEntity),
-            (Record { value: f64::NAN, ..ok.clone() }, RejectCode::InvalidValue),
-            (Record { value: 2e15, ..ok.clone() }, RejectCode::InvalidValue),
-            (Record { ts_ms: i64::MIN, ..ok.clone() }, RejectCode::InvalidTimestamp),
+            (
+                Record {
+                    category: "",
+                    ..ok.clone()
+                },
+                RejectCode::InvalidCategory,
+            ),
+            (
+                Record {
+                    category: &long,
+                    ..ok.clone()
+                },
+                RejectCode::InvalidCategory,
+            ),
+            (
+                Record {
+                    entity: Some(""),
+                    ..ok.clone()
+                },
+                RejectCode::InvalidEntity,
+            ),
+            (
+                Record {
+                    value: f64::NAN,
+                    ..ok.clone()
+                },
+                RejectCode::InvalidValue,
+            ),
+            (
+                Record {
+                    value: 2e15,
+                    ..ok.clone()
+                },
+                RejectCode::InvalidValue,
+            ),
+            (
+                Record {
+                    ts_ms: i64::MIN,
+                    ..ok.clone()
+                },
+                RejectCode::InvalidTimestamp,
+            ),
         ];
         for (r, code) in cases {
             assert_eq!(r.validate(), Err(code), "{r:?}");
         }
         let exactly = "é".repeat(100); // 200 bytes
-        assert_eq!(Record { category: &exactly, ..ok }.validate().is_ok(), true);
+        assert!(Record {
+            category: &exactly,
+            ..ok
+        }
+        .validate()
+        .is_ok());
     }
 }

@@ -85,9 +85,9 @@ pub(crate) struct Series {
 impl Series {
     #[inline]
     fn add(&mut self, start_ms: i64, first_tier: usize, s: &crate::summary::Summary) {
-        for t in first_tier..3 {
-            let b = start_ms.div_euclid(TIER_MS[t]) * TIER_MS[t];
-            self.tiers[t].entry(b).or_insert(Total::EMPTY).add(s);
+        for (tier, res) in self.tiers.iter_mut().zip(TIER_MS).skip(first_tier) {
+            let b = start_ms.div_euclid(res) * res;
+            tier.entry(b).or_insert(Total::EMPTY).add(s);
         }
     }
 }
@@ -360,7 +360,9 @@ impl Replica {
     pub fn prune_tiers(&mut self, now_ms: i64, retention: &Retention) -> usize {
         let mut removed = 0;
         for t in 0..3 {
-            let Some(keep) = retention.tiers[t] else { continue };
+            let Some(keep) = retention.tiers[t] else {
+                continue;
+            };
             let align = TIER_MS[(t + 1).min(2)] * if t == 2 { 24 } else { 1 };
             let cutoff = now_ms.saturating_sub(keep).div_euclid(align) * align;
             if cutoff <= self.horizons[t] {
@@ -410,10 +412,17 @@ impl Replica {
         series.sort_by_key(|s| (s.category, s.dim));
         Snapshot {
             format: SNAPSHOT_FORMAT,
-            strings: order.iter().map(|&i| self.strings[i as usize].to_string()).collect(),
+            strings: order
+                .iter()
+                .map(|&i| self.strings[i as usize].to_string())
+                .collect(),
             producers: porder.iter().map(|&i| self.producers[i as usize]).collect(),
             series,
-            seen: self.seen.iter().map(|(&(p, e), s)| (p, e, s.clone())).collect(),
+            seen: self
+                .seen
+                .iter()
+                .map(|(&(p, e), s)| (p, e, s.clone()))
+                .collect(),
             horizons: self.horizons,
         }
     }
@@ -427,7 +436,9 @@ impl Replica {
             return Err(RestoreError::Inconsistent("strings not sorted and unique"));
         }
         if snap.producers.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(RestoreError::Inconsistent("producers not sorted and unique"));
+            return Err(RestoreError::Inconsistent(
+                "producers not sorted and unique",
+            ));
         }
         let mut r = Replica::new();
         r.horizons = snap.horizons;

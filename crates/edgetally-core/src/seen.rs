@@ -95,7 +95,9 @@ impl SeenSet {
         }
         let s = s.max(self.next);
         let i = self.ranges.partition_point(|&(_, end)| end <= s);
-        self.ranges.get(i).is_some_and(|&(rs, re)| rs <= s && e <= re)
+        self.ranges
+            .get(i)
+            .is_some_and(|&(rs, re)| rs <= s && e <= re)
     }
 
     /// The number of elements.

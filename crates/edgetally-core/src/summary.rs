@@ -37,8 +37,14 @@ impl Summary {
 
     /// Folds in another summary of the same key. On error (overflow) it is unchanged.
     pub fn merge(&mut self, o: &Summary) -> Result<(), RejectCode> {
-        let count = self.count.checked_add(o.count).ok_or(RejectCode::InvalidSummary)?;
-        let sum = self.sum.checked_add(o.sum).ok_or(RejectCode::InvalidSummary)?;
+        let count = self
+            .count
+            .checked_add(o.count)
+            .ok_or(RejectCode::InvalidSummary)?;
+        let sum = self
+            .sum
+            .checked_add(o.sum)
+            .ok_or(RejectCode::InvalidSummary)?;
         self.count = count;
         self.sum = sum;
         self.min = self.min.min(o.min);
@@ -54,6 +60,21 @@ impl Summary {
         self.max = validate_value(self.max)?;
         if self.count == 0 || self.min > self.max || (self.count == 1 && self.min != self.max) {
             return Err(RejectCode::InvalidSummary);
+        }
+        if self.count == 1 {
+            return if self.sum == quantize(self.min)? {
+                Ok(())
+            } else {
+                Err(RejectCode::InvalidSummary)
+            };
+        }
+        // Fast path: when the sum lies well inside count·[min, max] in float arithmetic (with a
+        // margin far above its rounding error), the exact bounds cannot exclude it.
+        let (n, s) = (self.count as f64, self.sum as f64);
+        let (lo, hi) = (n * self.min * 1e9, n * self.max * 1e9);
+        let margin = |x: f64| x.abs() * 1e-9 + 4.0;
+        if s - lo > margin(lo) && hi - s > margin(hi) {
+            return Ok(());
         }
         let n = self.count as i128;
         let lo = n.checked_mul(quantize(self.min)?);
@@ -133,27 +154,66 @@ mod tests {
         let cases = [
             Summary { count: 0, ..ok },
             Summary { min: 3.0, ..ok },
-            Summary { count: 2, min: 3.0, max: 1.0, ..ok },
-            Summary { sum: ok.sum + 1, ..ok },
-            Summary { count: 2, sum: 5_000_000_000, max: 2.4, ..ok },
-            Summary { max: f64::NAN, ..ok },
+            Summary {
+                count: 2,
+                min: 3.0,
+                max: 1.0,
+                ..ok
+            },
+            Summary {
+                sum: ok.sum + 1,
+                ..ok
+            },
+            Summary {
+                count: 2,
+                sum: 5_000_000_000,
+                max: 2.4,
+                ..ok
+            },
+            Summary {
+                max: f64::NAN,
+                ..ok
+            },
         ];
         for mut s in cases {
             let before = s;
             assert!(s.validate().is_err(), "{before:?}");
         }
-        let mut two = Summary { count: 2, sum: 3_000_000_000, min: 1.0, max: 2.0 };
+        let mut two = Summary {
+            count: 2,
+            sum: 3_000_000_000,
+            min: 1.0,
+            max: 2.0,
+        };
         assert_eq!(two.validate(), Ok(()));
-        let mut neg_zero = Summary { count: 1, sum: 0, min: -0.0, max: -0.0 };
+        let mut neg_zero = Summary {
+            count: 1,
+            sum: 0,
+            min: -0.0,
+            max: -0.0,
+        };
         assert_eq!(neg_zero.validate(), Ok(()));
         assert_eq!(neg_zero.min.to_bits(), 0.0f64.to_bits());
     }
 
     #[test]
     fn merge_overflow_leaves_summary_unchanged() {
-        let mut a = Summary { count: u64::MAX, sum: 0, min: 0.0, max: 0.0 };
+        let mut a = Summary {
+            count: u64::MAX,
+            sum: 0,
+            min: 0.0,
+            max: 0.0,
+        };
         let before = a;
-        assert_eq!(a.merge(&Summary { count: 1, sum: 0, min: 0.0, max: 0.0 }), Err(RejectCode::InvalidSummary));
+        assert_eq!(
+            a.merge(&Summary {
+                count: 1,
+                sum: 0,
+                min: 0.0,
+                max: 0.0
+            }),
+            Err(RejectCode::InvalidSummary)
+        );
         assert_eq!(a, before);
     }
 }

@@ -30,7 +30,10 @@ pub unsafe extern "C" fn et_apply(ptr: *const u8, len: usize, now_ms: i64) -> u3
         Err(e) => return e.code.as_u16() as u32,
     };
     let mut r = Replica::new();
-    match r.apply(LogEntry { batch: Arc::new(batch), raw: Arc::from(bytes) }) {
+    match r.apply(LogEntry {
+        batch: Arc::new(batch),
+        raw: Arc::from(bytes),
+    }) {
         Ok(_) => 1000 + r.aggregate("cpu", None, 0, now_ms).total.count.min(1 << 20) as u32,
         Err(c) => c.as_u16() as u32,
     }

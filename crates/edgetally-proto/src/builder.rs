@@ -1,8 +1,10 @@
 //! Aggregating records into a batch: the producer-side fold that turns events into one
 //! summary per (category, entity, bucket).
 
-use edgetally_core::record::{bucket_index, validate_bucket_ms, validate_category, validate_entity};
-use edgetally_core::{Batch, BatchId, BatchSummary, RejectCode, Summary, NO_ENTITY};
+use edgetally_core::record::{
+    bucket_index, validate_bucket_ms, validate_category, validate_entity,
+};
+use edgetally_core::{Batch, BatchId, BatchSummary, RejectCode, StringTable, Summary, NO_ENTITY};
 use std::collections::BTreeMap;
 
 /// Folds records into summaries and interns their strings.
@@ -71,23 +73,42 @@ impl BatchBuilder {
         self.summaries.is_empty()
     }
 
-    /// Ends the batch under `id`.
+    /// Ends the batch under `id`, in canonical form: strings sorted, summaries in key order
+    /// (which lets receivers check uniqueness in one pass).
     pub fn finish(self, id: BatchId, created_ms: i64) -> Batch {
+        // string_ids iterates in sorted order: the new index of each old one.
+        let mut remap = vec![0u32; self.strings.len()];
+        let mut strings = StringTable::with_capacity(
+            self.strings.len(),
+            self.strings.iter().map(String::len).sum(),
+        );
+        for (new, (_, &old)) in self.string_ids.iter().enumerate() {
+            remap[old as usize] = new as u32;
+        }
+        for s in self.string_ids.keys() {
+            strings.push(s);
+        }
+        let mut summaries: Vec<BatchSummary> = self
+            .summaries
+            .into_iter()
+            .map(|((category, entity, bucket), summary)| BatchSummary {
+                category: remap[category as usize],
+                entity: if entity == NO_ENTITY {
+                    NO_ENTITY
+                } else {
+                    remap[entity as usize - 1] + 1
+                },
+                bucket,
+                summary,
+            })
+            .collect();
+        summaries.sort_unstable_by_key(|s| (s.category, s.entity, s.bucket));
         Batch {
             id,
             created_ms,
             bucket_ms: self.bucket_ms,
-            strings: self.strings,
-            summaries: self
-                .summaries
-                .into_iter()
-                .map(|((category, entity, bucket), summary)| BatchSummary {
-                    category,
-                    entity,
-                    bucket,
-                    summary,
-                })
-                .collect(),
+            strings,
+            summaries,
         }
     }
 }

@@ -8,7 +8,9 @@
 
 use crate::reader::Reader;
 use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
-use edgetally_core::{Batch, BatchId, BatchSummary, Limits, ProducerKey, RejectCode, Summary};
+use edgetally_core::{
+    Batch, BatchId, BatchSummary, Limits, ProducerKey, RejectCode, StringTable, Summary,
+};
 use serde::Serialize;
 
 /// The only batch format version this build writes and reads.
@@ -48,7 +50,7 @@ struct PayloadV1<'a> {
     seq: u64,
     created_ms: i64,
     bucket_ms: u32,
-    strings: &'a [String],
+    strings: &'a StringTable,
     summaries: &'a [BatchSummary],
 }
 
@@ -150,18 +152,31 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Unverified, DecodeError> 
     let mut r = Reader::new(bytes);
     let version = r.u8().map_err(|c| DecodeError::new(c, "empty input"))?;
     if version != VERSION {
-        return Err(DecodeError::new(RejectCode::UnsupportedVersion, "unknown batch version"));
+        return Err(DecodeError::new(
+            RejectCode::UnsupportedVersion,
+            "unknown batch version",
+        ));
     }
-    let len = r.u32().map_err(|c| DecodeError::new(c, "bad payload length"))? as usize;
+    let len = r
+        .u32()
+        .map_err(|c| DecodeError::new(c, "bad payload length"))? as usize;
     if len > limits.max_payload_bytes {
-        return Err(DecodeError::new(RejectCode::PayloadTooLarge, "payload exceeds the limit"));
+        return Err(DecodeError::new(
+            RejectCode::PayloadTooLarge,
+            "payload exceeds the limit",
+        ));
     }
-    let payload = r.bytes(len).map_err(|c| DecodeError::new(c, "truncated payload"))?;
+    let payload = r
+        .bytes(len)
+        .map_err(|c| DecodeError::new(c, "truncated payload"))?;
     let signature = r
         .array::<SIGNATURE_LEN>()
         .map_err(|c| DecodeError::new(c, "truncated signature"))?;
     if r.remaining() != 0 {
-        return Err(DecodeError::new(RejectCode::TrailingBytes, "bytes after the signature"));
+        return Err(DecodeError::new(
+            RejectCode::TrailingBytes,
+            "bytes after the signature",
+        ));
     }
     let batch = decode_payload(payload, limits)?;
     let mut message = Vec::with_capacity(DOMAIN.len() + payload.len());
@@ -185,16 +200,23 @@ pub fn decode_payload(payload: &[u8], limits: &Limits) -> Result<Batch, DecodeEr
     let bucket_ms = r.u32().map_err(m)?;
     let n_strings = r.u32().map_err(m)? as usize;
     if n_strings > limits.max_categories + limits.max_entities {
-        return Err(DecodeError::new(RejectCode::TooManyEntities, "string table exceeds the category and entity limits"));
+        return Err(DecodeError::new(
+            RejectCode::TooManyEntities,
+            "string table exceeds the category and entity limits",
+        ));
     }
     // Each string takes at least one byte, so the remaining length bounds the allocation.
-    let mut strings = Vec::with_capacity(n_strings.min(r.remaining()));
+    let mut strings =
+        StringTable::with_capacity(n_strings.min(r.remaining()), r.remaining().min(1 << 16));
     for _ in 0..n_strings {
-        strings.push(r.str().map_err(|c| DecodeError::new(c, "bad string"))?.to_owned());
+        strings.push(r.str().map_err(|c| DecodeError::new(c, "bad string"))?);
     }
     let n = r.u32().map_err(m)? as usize;
     if n > limits.max_summaries {
-        return Err(DecodeError::new(RejectCode::TooManySummaries, "more summaries than the limit"));
+        return Err(DecodeError::new(
+            RejectCode::TooManySummaries,
+            "more summaries than the limit",
+        ));
     }
     // A summary is at least 21 bytes (five 1-byte varints and two f64).
     let mut summaries = Vec::with_capacity(n.min(r.remaining() / 21));
@@ -210,20 +232,34 @@ pub fn decode_payload(payload: &[u8], limits: &Limits) -> Result<Batch, DecodeEr
             category,
             entity,
             bucket,
-            summary: Summary { count, sum, min, max },
+            summary: Summary {
+                count,
+                sum,
+                min,
+                max,
+            },
         });
     }
     if r.remaining() != 0 {
-        return Err(DecodeError::new(RejectCode::TrailingBytes, "bytes after the last summary"));
+        return Err(DecodeError::new(
+            RejectCode::TrailingBytes,
+            "bytes after the last summary",
+        ));
     }
     let mut batch = Batch {
-        id: BatchId { producer, epoch, seq },
+        id: BatchId {
+            producer,
+            epoch,
+            seq,
+        },
         created_ms,
         bucket_ms,
         strings,
         summaries,
     };
-    batch.check(limits).map_err(|c| DecodeError::new(c, detail_of(c)))?;
+    batch
+        .check(limits)
+        .map_err(|c| DecodeError::new(c, detail_of(c)))?;
     Ok(batch)
 }
 
@@ -246,10 +282,17 @@ fn detail_of(c: RejectCode) -> &'static str {
 }
 
 fn verifying_key(p: &ProducerKey) -> Result<VerifyingKey, DecodeError> {
-    let vk = VerifyingKey::from_bytes(&p.0)
-        .map_err(|_| DecodeError::new(RejectCode::BadSignature, "producer key is not a curve point"))?;
+    let vk = VerifyingKey::from_bytes(&p.0).map_err(|_| {
+        DecodeError::new(
+            RejectCode::BadSignature,
+            "producer key is not a curve point",
+        )
+    })?;
     if vk.is_weak() {
-        return Err(DecodeError::new(RejectCode::BadSignature, "producer key has small order"));
+        return Err(DecodeError::new(
+            RejectCode::BadSignature,
+            "producer key has small order",
+        ));
     }
     Ok(vk)
 }
@@ -302,13 +345,19 @@ fn verify_group(
         return;
     }
     let msgs: Vec<&[u8]> = group.iter().map(|(_, _, u)| u.message.as_slice()).collect();
-    let sigs: Vec<Signature> = group.iter().map(|(_, _, u)| Signature::from_bytes(&u.signature)).collect();
+    let sigs: Vec<Signature> = group
+        .iter()
+        .map(|(_, _, u)| Signature::from_bytes(&u.signature))
+        .collect();
     let keys: Vec<VerifyingKey> = group.iter().map(|(_, k, _)| *k).collect();
     if ed25519_dalek::verify_batch(&msgs, &sigs, &keys).is_ok() {
         return;
     }
     if group.len() == 1 {
-        out[group[0].0] = Some(Err(DecodeError::new(RejectCode::BadSignature, "signature does not verify")));
+        out[group[0].0] = Some(Err(DecodeError::new(
+            RejectCode::BadSignature,
+            "signature does not verify",
+        )));
         return;
     }
     let (a, b) = group.split_at(group.len() / 2);

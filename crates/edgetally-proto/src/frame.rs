@@ -159,12 +159,20 @@ mod tests {
         assert_eq!(Reply::Ack.encode(), [0x00]);
         assert_eq!(Reply::nack(RejectCode::BadSignature).encode(), [0x01, 0x07]);
         assert_eq!(Reply::Retry { after_ms: 300 }.encode(), [0x02, 0xac, 0x02]);
-        for r in [Reply::Ack, Reply::Nack(7), Reply::Nack(65535), Reply::Retry { after_ms: u32::MAX }] {
+        for r in [
+            Reply::Ack,
+            Reply::Nack(7),
+            Reply::Nack(65535),
+            Reply::Retry { after_ms: u32::MAX },
+        ] {
             assert_eq!(Reply::decode(&r.encode()), Ok(r));
         }
         assert_eq!(Reply::decode(&[3]), Err(RejectCode::Malformed));
         assert_eq!(Reply::decode(&[0, 0]), Err(RejectCode::TrailingBytes));
-        assert_eq!(Reply::decode(&[1, 0x80, 0x80, 0x04]), Err(RejectCode::Malformed));
+        assert_eq!(
+            Reply::decode(&[1, 0x80, 0x80, 0x04]),
+            Err(RejectCode::Malformed)
+        );
     }
 
     proptest! {

@@ -60,32 +60,69 @@ impl<'a> Reader<'a> {
         Err(RejectCode::Malformed)
     }
 
+    /// The next byte if it is a complete one-byte varint (the common case on the wire).
+    #[inline]
+    fn small(&mut self) -> Option<u8> {
+        match self.buf.get(self.pos) {
+            Some(&b) if b < 0x80 => {
+                self.pos += 1;
+                Some(b)
+            }
+            _ => None,
+        }
+    }
+
+    /// A varint of at most 64 bits, accumulated in a u64 (the hot path for buckets and counts).
+    #[inline]
+    fn varint64(&mut self, bits: u32) -> R<u64> {
+        let max_bytes = bits.div_ceil(7);
+        let mut v: u64 = 0;
+        for i in 0..max_bytes {
+            let b = *self.buf.get(self.pos).ok_or(RejectCode::Malformed)?;
+            self.pos += 1;
+            let part = (b & 0x7f) as u64;
+            if i == 9 && part > 1 {
+                return Err(RejectCode::Malformed);
+            }
+            v |= part << (7 * i);
+            if b & 0x80 == 0 {
+                if bits < 64 && v >> bits != 0 {
+                    return Err(RejectCode::Malformed);
+                }
+                return Ok(v);
+            }
+        }
+        Err(RejectCode::Malformed)
+    }
+
     #[inline]
     pub(crate) fn u32(&mut self) -> R<u32> {
-        Ok(self.varint(32)? as u32)
+        if let Some(b) = self.small() {
+            return Ok(b as u32);
+        }
+        Ok(self.varint64(32)? as u32)
     }
 
     #[inline]
     pub(crate) fn u64(&mut self) -> R<u64> {
-        // Fast path for the common one-byte case.
-        if let Some(&b) = self.buf.get(self.pos) {
-            if b < 0x80 {
-                self.pos += 1;
-                return Ok(b as u64);
-            }
+        if let Some(b) = self.small() {
+            return Ok(b as u64);
         }
-        Ok(self.varint(64)? as u64)
+        self.varint64(64)
     }
 
     #[inline]
     pub(crate) fn i64(&mut self) -> R<i64> {
-        let z = self.varint(64)? as u64;
+        let z = self.varint64(64)?;
         Ok((z >> 1) as i64 ^ -((z & 1) as i64))
     }
 
     #[inline]
     pub(crate) fn i128(&mut self) -> R<i128> {
-        let z = self.varint(128)?;
+        let z = match self.small() {
+            Some(b) => b as u128,
+            None => self.varint(128)?,
+        };
         Ok((z >> 1) as i128 ^ -((z & 1) as i128))
     }
 
@@ -128,8 +165,14 @@ mod tests {
 
     #[test]
     fn rejects_overlong_and_overflowing_varints() {
-        assert_eq!(Reader::new(&[0xff, 0xff, 0xff, 0xff, 0x10]).u32(), Err(RejectCode::Malformed));
-        assert_eq!(Reader::new(&[0xff, 0xff, 0xff, 0xff, 0x0f]).u32(), Ok(u32::MAX));
+        assert_eq!(
+            Reader::new(&[0xff, 0xff, 0xff, 0xff, 0x10]).u32(),
+            Err(RejectCode::Malformed)
+        );
+        assert_eq!(
+            Reader::new(&[0xff, 0xff, 0xff, 0xff, 0x0f]).u32(),
+            Ok(u32::MAX)
+        );
         assert_eq!(Reader::new(&[0x80; 11]).u64(), Err(RejectCode::Malformed));
         assert_eq!(Reader::new(&[0x80]).u64(), Err(RejectCode::Malformed));
     }

@@ -10,12 +10,23 @@ fn signer(n: u8) -> Signer {
     Signer::from_seed([n; 32])
 }
 
-fn sample(s: &Signer, seq: u64, records: &[(&str, Option<&str>, i64, f64)]) -> edgetally_core::Batch {
+fn sample(
+    s: &Signer,
+    seq: u64,
+    records: &[(&str, Option<&str>, i64, f64)],
+) -> edgetally_core::Batch {
     let mut b = BatchBuilder::new(1000).expect("width");
     for &(c, e, t, v) in records {
         b.record(c, e, t, v).expect("valid record");
     }
-    b.finish(BatchId { producer: s.producer(), epoch: 7, seq }, NOW)
+    b.finish(
+        BatchId {
+            producer: s.producer(),
+            epoch: 7,
+            seq,
+        },
+        NOW,
+    )
 }
 
 fn reason(bytes: &[u8]) -> RejectCode {
@@ -28,7 +39,15 @@ fn reason(bytes: &[u8]) -> RejectCode {
 #[test]
 fn round_trip() {
     let s = signer(1);
-    let batch = sample(&s, 3, &[("cpu", Some("dev-1"), NOW - 10, 0.5), ("cpu", None, NOW, 2.0), ("cpu", Some("dev-1"), NOW - 10, 1.5)]);
+    let batch = sample(
+        &s,
+        3,
+        &[
+            ("cpu", Some("dev-1"), NOW - 10, 0.5),
+            ("cpu", None, NOW, 2.0),
+            ("cpu", Some("dev-1"), NOW - 10, 1.5),
+        ],
+    );
     let bytes = s.seal(&batch).expect("seal");
     let got = open(&bytes, &Limits::default(), NOW).expect("open");
     assert_eq!(got, batch);
@@ -53,9 +72,18 @@ fn each_rejection_has_its_reason() {
     let mut long = bytes.clone();
     long.push(0);
     assert_eq!(reason(&long), RejectCode::TrailingBytes);
-    assert_eq!(reason(&tamper(&bytes, bytes.len() - 1)), RejectCode::BadSignature);
-    let small = Limits { max_payload_bytes: 10, ..Limits::default() };
-    assert_eq!(open(&bytes, &small, NOW).map_err(|e| e.code), Err(RejectCode::PayloadTooLarge));
+    assert_eq!(
+        reason(&tamper(&bytes, bytes.len() - 1)),
+        RejectCode::BadSignature
+    );
+    let small = Limits {
+        max_payload_bytes: 10,
+        ..Limits::default()
+    };
+    assert_eq!(
+        open(&bytes, &small, NOW).map_err(|e| e.code),
+        Err(RejectCode::PayloadTooLarge)
+    );
 
     // Content-level faults, each sealed with a valid signature.
     let seal_with = |f: &dyn Fn(&mut edgetally_core::Batch)| {
@@ -63,32 +91,102 @@ fn each_rejection_has_its_reason() {
         f(&mut b);
         s.seal(&b).expect("seal")
     };
-    let cases: Vec<(Box<dyn Fn(&mut edgetally_core::Batch)>, RejectCode)> = vec![
-        (Box::new(|b| b.bucket_ms = 1500), RejectCode::InvalidBucketWidth),
-        (Box::new(|b| b.summaries[0].summary.count = 0), RejectCode::InvalidSummary),
-        (Box::new(|b| b.summaries[0].summary.max = f64::INFINITY), RejectCode::InvalidValue),
-        (Box::new(|b| b.summaries[0].category = 9), RejectCode::BadStringIndex),
-        (Box::new(|b| b.strings.push("unused".into())), RejectCode::InvalidStringTable),
-        (Box::new(|b| b.strings[0] = String::new()), RejectCode::InvalidCategory),
-        (Box::new(|b| { let d = b.summaries[0]; b.summaries.push(d); }), RejectCode::DuplicateKey),
-        (Box::new(|b| b.summaries[0].bucket = (NOW - 8 * 86_400_000) / 1000), RejectCode::BucketTooOld),
-        (Box::new(|b| b.summaries[0].bucket = (NOW + 600_000) / 1000), RejectCode::FutureTimestamp),
-        (Box::new(|b| b.created_ms = NOW + 600_000), RejectCode::FutureTimestamp),
-        (Box::new(|b| b.summaries[0].bucket = i64::MAX / 2), RejectCode::InvalidTimestamp),
+    type Mutation = Box<dyn Fn(&mut edgetally_core::Batch)>;
+    let cases: Vec<(Mutation, RejectCode)> = vec![
+        (
+            Box::new(|b| b.bucket_ms = 1500),
+            RejectCode::InvalidBucketWidth,
+        ),
+        (
+            Box::new(|b| b.summaries[0].summary.count = 0),
+            RejectCode::InvalidSummary,
+        ),
+        (
+            Box::new(|b| b.summaries[0].summary.max = f64::INFINITY),
+            RejectCode::InvalidValue,
+        ),
+        (
+            Box::new(|b| b.summaries[0].category = 9),
+            RejectCode::BadStringIndex,
+        ),
+        (
+            Box::new(|b| {
+                b.strings.push("unused");
+            }),
+            RejectCode::InvalidStringTable,
+        ),
+        (
+            Box::new(|b| b.strings = [""].into_iter().collect()),
+            RejectCode::InvalidCategory,
+        ),
+        (
+            Box::new(|b| b.strings = ["a", "a"].into_iter().collect()),
+            RejectCode::InvalidStringTable,
+        ),
+        (
+            Box::new(|b| {
+                let d = b.summaries[0];
+                b.summaries.push(d);
+            }),
+            RejectCode::DuplicateKey,
+        ),
+        (
+            Box::new(|b| b.summaries[0].bucket = (NOW - 8 * 86_400_000) / 1000),
+            RejectCode::BucketTooOld,
+        ),
+        (
+            Box::new(|b| b.summaries[0].bucket = (NOW + 600_000) / 1000),
+            RejectCode::FutureTimestamp,
+        ),
+        (
+            Box::new(|b| b.created_ms = NOW + 600_000),
+            RejectCode::FutureTimestamp,
+        ),
+        (
+            Box::new(|b| b.summaries[0].bucket = i64::MAX / 2),
+            RejectCode::InvalidTimestamp,
+        ),
     ];
     for (f, code) in cases {
         assert_eq!(reason(&seal_with(&*f)), code);
     }
     let many = seal_with(&|b| {
         let d = b.summaries[0];
-        b.summaries = (0..10_001).map(|i| edgetally_core::BatchSummary { bucket: d.bucket - i, ..d }).collect();
+        b.summaries = (0..10_001)
+            .map(|i| edgetally_core::BatchSummary {
+                bucket: d.bucket - i,
+                ..d
+            })
+            .collect();
     });
     assert_eq!(reason(&many), RejectCode::TooManySummaries);
-    let lim = Limits { max_categories: 1, max_entities: 1, ..Limits::default() };
-    let two_cats = s.seal(&sample(&s, 0, &[("a", None, NOW, 1.0), ("b", None, NOW, 1.0)])).expect("seal");
-    assert_eq!(open(&two_cats, &lim, NOW).map_err(|e| e.code), Err(RejectCode::TooManyCategories));
-    let two_ents = s.seal(&sample(&s, 0, &[("a", Some("x"), NOW, 1.0), ("a", Some("y"), NOW, 1.0)])).expect("seal");
-    assert_eq!(open(&two_ents, &lim, NOW).map_err(|e| e.code), Err(RejectCode::TooManyEntities));
+    let lim = Limits {
+        max_categories: 1,
+        max_entities: 1,
+        ..Limits::default()
+    };
+    let two_cats = s
+        .seal(&sample(
+            &s,
+            0,
+            &[("a", None, NOW, 1.0), ("b", None, NOW, 1.0)],
+        ))
+        .expect("seal");
+    assert_eq!(
+        open(&two_cats, &lim, NOW).map_err(|e| e.code),
+        Err(RejectCode::TooManyCategories)
+    );
+    let two_ents = s
+        .seal(&sample(
+            &s,
+            0,
+            &[("a", Some("x"), NOW, 1.0), ("a", Some("y"), NOW, 1.0)],
+        ))
+        .expect("seal");
+    assert_eq!(
+        open(&two_ents, &lim, NOW).map_err(|e| e.code),
+        Err(RejectCode::TooManyEntities)
+    );
 }
 
 #[test]
@@ -115,9 +213,15 @@ fn verify_many_finds_the_bad_ones() {
     let mut items = Vec::new();
     let mut expect = Vec::new();
     for seq in 0..37u64 {
-        let bytes = s.seal(&sample(&s, seq, &[("c", None, NOW, seq as f64)])).expect("seal");
+        let bytes = s
+            .seal(&sample(&s, seq, &[("c", None, NOW, seq as f64)]))
+            .expect("seal");
         let bad = seq % 7 == 3;
-        let bytes = if bad { tamper(&bytes, bytes.len() - 5) } else { bytes };
+        let bytes = if bad {
+            tamper(&bytes, bytes.len() - 5)
+        } else {
+            bytes
+        };
         items.push(decode(&bytes, &Limits::default()).expect("decode"));
         expect.push(!bad);
     }
@@ -166,6 +270,11 @@ proptest! {
 #[test]
 fn producer_key_in_payload_is_the_signer() {
     let s = signer(8);
-    let bytes = s.seal(&sample(&s, 0, &[("a", None, NOW, 1.0)])).expect("seal");
-    assert_eq!(ProducerKey(bytes[2..34].try_into().expect("32")), s.producer());
+    let bytes = s
+        .seal(&sample(&s, 0, &[("a", None, NOW, 1.0)]))
+        .expect("seal");
+    assert_eq!(
+        ProducerKey(bytes[2..34].try_into().expect("32")),
+        s.producer()
+    );
 }
