@@ -225,8 +225,9 @@ fn wasm_check(root: &Path) -> Result<()> {
             "--crate-type",
             "cdylib",
         ]))?;
-        let file = root
-            .join("target")
+        let target_dir =
+            std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+        let file = target_dir
             .join(&spec.target)
             .join("release")
             .join(format!("{}.wasm", krate.replace('-', "_")));
