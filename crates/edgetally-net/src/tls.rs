@@ -1,0 +1,196 @@
+//! Certificates and TLS configuration for QUIC.
+//!
+//! Mergers run with a self-signed ECDSA P-256 certificate valid for less than 14 days, the only
+//! kind browsers accept through WebTransport's `serverCertificateHashes`; peers and native
+//! producers pin it by the SHA-256 of its DER encoding.
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The ALPN of edgetally's batch protocol.
+pub const ALPN_BATCHES: &[u8] = b"edgetally/1";
+/// Total validity of generated certificates (browsers refuse more than 14 days).
+pub const CERT_VALIDITY: Duration = Duration::from_secs(13 * 86_400);
+
+/// A certificate chain and its private key.
+#[derive(Debug)]
+pub struct Identity {
+    /// End-entity first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The private key (PKCS#8).
+    pub key: PrivateKeyDer<'static>,
+    /// Expiry, seconds since the Unix epoch (`i64::MAX` when unknown, e.g. user-supplied).
+    pub not_after_unix: i64,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Identity {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            not_after_unix: self.not_after_unix,
+        }
+    }
+}
+
+/// Why a certificate could not be made or loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// Certificate generation failed.
+    #[error("generating the certificate: {0}")]
+    Generate(String),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+impl Identity {
+    /// A fresh self-signed ECDSA P-256 certificate for loopback names, valid from one hour
+    /// before `now_unix` for [`CERT_VALIDITY`] in all.
+    pub fn self_signed(now_unix: i64, extra_names: &[String]) -> Result<Identity, TlsError> {
+        let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+        names.extend(extra_names.iter().cloned());
+        let mut params = rcgen::CertificateParams::new(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+        let start = now_unix - 3600;
+        let end = start + CERT_VALIDITY.as_secs() as i64;
+        params.not_before = time::OffsetDateTime::from_unix_timestamp(start).map_err(|e| TlsError::Generate(e.to_string()))?;
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(end).map_err(|e| TlsError::Generate(e.to_string()))?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "edgetally merger");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| TlsError::Generate(e.to_string()))?;
+        let cert = params.self_signed(&key).map_err(|e| TlsError::Generate(e.to_string()))?;
+        Ok(Identity {
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            not_after_unix: end,
+        })
+    }
+
+    /// SHA-256 of the end-entity certificate's DER: what browsers pass as
+    /// `serverCertificateHashes` and what native clients pin.
+    pub fn cert_hash(&self) -> [u8; 32] {
+        cert_hash(self.chain.first().map_or(&[][..], |c| c.as_ref()))
+    }
+}
+
+/// SHA-256 of a DER certificate.
+pub fn cert_hash(der: &[u8]) -> [u8; 32] {
+    Sha256::digest(der).into()
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses 64 hex digits (colons allowed, as some tools print them).
+pub fn parse_hash(s: &str) -> Option<[u8; 32]> {
+    let digits: Vec<u8> = s.bytes().filter(|b| *b != b':').collect();
+    if digits.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in digits.chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A QUIC server configuration offering `alpns`.
+pub fn server_config(id: &Identity, alpns: &[&[u8]]) -> Result<quinn::ServerConfig, TlsError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(id.chain.clone(), id.key.clone_key())
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(1024u32.into());
+    transport.max_concurrent_uni_streams(16u32.into());
+    transport.max_idle_timeout(Some(Duration::from_secs(30).try_into().map_err(|_| TlsError::Config("idle timeout".into()))?));
+    transport.keep_alive_interval(Some(Duration::from_secs(10)));
+    transport.stream_receive_window((8u32 << 20).into());
+    transport.receive_window((64u32 << 20).into());
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
+
+/// Verifies a server by the SHA-256 of its end-entity certificate (no CA, no names: the hash
+/// is the identity), and checks the handshake signatures with ring.
+#[derive(Debug)]
+pub struct PinnedCert {
+    pins: Vec<[u8; 32]>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if self.pins.contains(&cert_hash(end_entity)) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A QUIC client configuration that accepts only servers whose certificate hash is pinned.
+pub fn client_config(pins: Vec<[u8; 32]>, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedCert { pins, provider: provider.clone() });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(Duration::from_secs(30).try_into().map_err(|_| TlsError::Config("idle timeout".into()))?));
+    transport.keep_alive_interval(Some(Duration::from_secs(10)));
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
