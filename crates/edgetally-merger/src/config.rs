@@ -1,0 +1,181 @@
+//! Node configuration: embedded defaults, overridden by a TOML file, then `EDGETALLY_*`
+//! environment variables, then command-line flags (the binary applies those last).
+
+use edgetally_core::{Limits, Retention};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Everything a merger needs to run. `Config::default()` is a working loopback node.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Where the store, node key and certificate live.
+    pub data_dir: PathBuf,
+    /// The HTTP API's address.
+    pub http_addr: SocketAddr,
+    /// The QUIC (batches; later WebTransport) address.
+    pub quic_addr: SocketAddr,
+    /// A user-supplied certificate chain (PEM); with `tls_key`, replaces the generated one.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Batch limits.
+    pub limits: Limits,
+    /// Tier retention.
+    pub retention: Retention,
+    /// Jobs waiting for the pipeline before new ones get `Retry`.
+    pub queue_depth: usize,
+    /// Most batches per group commit.
+    pub max_group: usize,
+    /// How often the state is snapshotted and the batch log compacted, seconds.
+    pub snapshot_interval_secs: u64,
+    /// Peers' QUIC addresses (replication arrives with clustering).
+    pub peers: Vec<SocketAddr>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./edgetally-data"),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            quic_addr: SocketAddr::from(([127, 0, 0, 1], 7071)),
+            tls_cert: None,
+            tls_key: None,
+            limits: Limits::default(),
+            retention: Retention::default(),
+            queue_depth: 8192,
+            max_group: 1024,
+            snapshot_interval_secs: 30,
+            peers: Vec::new(),
+        }
+    }
+}
+
+/// The TOML file's shape. Every key is optional; durations are in the unit their name says.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// See [`Config::data_dir`].
+    pub data_dir: Option<PathBuf>,
+    /// See [`Config::http_addr`].
+    pub http_addr: Option<SocketAddr>,
+    /// See [`Config::quic_addr`].
+    pub quic_addr: Option<SocketAddr>,
+    /// See [`Config::tls_cert`].
+    pub tls_cert: Option<PathBuf>,
+    /// See [`Config::tls_key`].
+    pub tls_key: Option<PathBuf>,
+    /// Bytes.
+    pub max_payload_bytes: Option<usize>,
+    /// Per batch.
+    pub max_summaries: Option<usize>,
+    /// Per batch.
+    pub max_categories: Option<usize>,
+    /// Per batch.
+    pub max_entities: Option<usize>,
+    /// Milliseconds.
+    pub max_lateness_ms: Option<i64>,
+    /// Milliseconds.
+    pub max_future_skew_ms: Option<i64>,
+    /// Milliseconds; 0 keeps forever.
+    pub retention_seconds_tier_ms: Option<i64>,
+    /// Milliseconds; 0 keeps forever.
+    pub retention_minutes_tier_ms: Option<i64>,
+    /// Milliseconds; 0 keeps forever.
+    pub retention_hours_tier_ms: Option<i64>,
+    /// See [`Config::queue_depth`].
+    pub queue_depth: Option<usize>,
+    /// See [`Config::max_group`].
+    pub max_group: Option<usize>,
+    /// See [`Config::snapshot_interval_secs`].
+    pub snapshot_interval_secs: Option<u64>,
+    /// See [`Config::peers`].
+    pub peers: Option<Vec<SocketAddr>>,
+}
+
+/// A configuration error, naming the source and key.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Applies a TOML document.
+    pub fn apply_toml(&mut self, text: &str) -> Result<(), ConfigError> {
+        let f: FileConfig = toml::from_str(text).map_err(|e| ConfigError(format!("config file: {e}")))?;
+        self.apply(f);
+        Ok(())
+    }
+
+    /// Applies `EDGETALLY_<KEY>` variables (upper-case TOML keys; `EDGETALLY_PEERS` is a
+    /// comma-separated list).
+    pub fn apply_env(&mut self, vars: impl Iterator<Item = (String, String)>) -> Result<(), ConfigError> {
+        let mut doc = String::new();
+        for (k, v) in vars {
+            let Some(key) = k.strip_prefix("EDGETALLY_") else { continue };
+            let key = key.to_ascii_lowercase();
+            if matches!(key.as_str(), "log" | "sim_seed" | "sim_scale" | "bless" | "print_vectors" | "config") {
+                continue;
+            }
+            let value = match key.as_str() {
+                "data_dir" | "http_addr" | "quic_addr" | "tls_cert" | "tls_key" => format!("{v:?}"),
+                "peers" => format!("[{}]", v.split(',').filter(|s| !s.trim().is_empty()).map(|s| format!("{:?}", s.trim())).collect::<Vec<_>>().join(",")),
+                _ => v.clone(),
+            };
+            doc.push_str(&format!("{key} = {value}\n"));
+        }
+        let f: FileConfig = toml::from_str(&doc).map_err(|e| ConfigError(format!("environment: {e}")))?;
+        self.apply(f);
+        Ok(())
+    }
+
+    fn apply(&mut self, f: FileConfig) {
+        let keep = |v: i64| if v == 0 { None } else { Some(v) };
+        macro_rules! set {
+            ($($src:ident => $dst:expr),* $(,)?) => { $( if let Some(v) = f.$src { $dst = v; } )* };
+        }
+        set! {
+            data_dir => self.data_dir,
+            http_addr => self.http_addr,
+            quic_addr => self.quic_addr,
+            max_payload_bytes => self.limits.max_payload_bytes,
+            max_summaries => self.limits.max_summaries,
+            max_categories => self.limits.max_categories,
+            max_entities => self.limits.max_entities,
+            max_lateness_ms => self.limits.max_lateness_ms,
+            max_future_skew_ms => self.limits.max_future_skew_ms,
+            queue_depth => self.queue_depth,
+            max_group => self.max_group,
+            snapshot_interval_secs => self.snapshot_interval_secs,
+            peers => self.peers,
+        }
+        if let Some(v) = f.tls_cert {
+            self.tls_cert = Some(v);
+        }
+        if let Some(v) = f.tls_key {
+            self.tls_key = Some(v);
+        }
+        for (i, v) in [f.retention_seconds_tier_ms, f.retention_minutes_tier_ms, f.retention_hours_tier_ms].into_iter().enumerate() {
+            if let Some(v) = v {
+                self.retention.tiers[i] = keep(v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_env_override_defaults() {
+        let mut c = Config::default();
+        c.apply_toml("http_addr = \"127.0.0.1:9000\"\nmax_summaries = 5\nretention_hours_tier_ms = 1000\n").expect("toml");
+        c.apply_env([("EDGETALLY_HTTP_ADDR".to_string(), "127.0.0.1:9001".to_string()), ("EDGETALLY_PEERS".into(), "127.0.0.1:1, 127.0.0.1:2".into()), ("OTHER".into(), "x".into())].into_iter()).expect("env");
+        assert_eq!(c.http_addr, "127.0.0.1:9001".parse().expect("addr"));
+        assert_eq!(c.limits.max_summaries, 5);
+        assert_eq!(c.retention.tiers[2], Some(1000));
+        assert_eq!(c.peers.len(), 2);
+        assert!(c.apply_toml("nonsense = 1").is_err());
+        assert!(c.apply_env([("EDGETALLY_QUEUE_DEPTH".to_string(), "many".to_string())].into_iter()).is_err());
+    }
+}

@@ -1,0 +1,476 @@
+//! The HTTP API (SPEC §6): queries, event and batch ingestion, status, health and metrics.
+//! Every bad request gets HTTP 400 with `{"error": code, "message": text}`.
+
+use crate::ingest::now_ms;
+use crate::node::Node;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, RawQuery, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use edgetally_core::record::{MAX_TS_MS, MIN_TS_MS};
+use edgetally_core::{BatchId, GroupBy, RejectCode, TopBy, Total};
+use edgetally_proto::{BatchBuilder, Reply};
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+type Node_ = Arc<Node>;
+
+/// An error answer: status, stable code, human message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError { status: StatusCode::BAD_REQUEST, code, message: message.into() }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({"error": self.code, "message": self.message}))).into_response()
+    }
+}
+
+/// The router over a node.
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/v1/aggregate", get(aggregate))
+        .route("/v1/topk", get(topk))
+        .route("/v1/window", get(window))
+        .route("/v1/totals", get(totals))
+        .route("/v1/series", get(series))
+        .route("/v1/events", post(events))
+        .route("/v1/batches", post(batches))
+        .route("/v1/status", get(status))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError { status: StatusCode::NOT_FOUND, code: "not_found", message: "no such endpoint".into() } })
+        .layer(DefaultBodyLimit::max(32 << 20))
+        .layer(tower_http::cors::CorsLayer::permissive())
+        .layer(axum::middleware::from_fn_with_state(node.clone(), count_requests))
+        .with_state(node)
+}
+
+async fn count_requests(State(node): State<Node_>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let res = next.run(req).await;
+    node.metrics.http_requests.fetch_add(1, Relaxed);
+    if res.status().is_client_error() {
+        node.metrics.http_client_errors.fetch_add(1, Relaxed);
+    }
+    res
+}
+
+/// Query parameters, checked against the endpoint's list: unknown or repeated ones are errors.
+struct Params(BTreeMap<String, String>);
+
+impl Params {
+    fn parse(raw: Option<String>, allowed: &[&str]) -> Result<Params, ApiError> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or("")).map_err(|e| bad("bad_query", e.to_string()))?;
+        let mut map = BTreeMap::new();
+        for (k, v) in pairs {
+            if !allowed.contains(&k.as_str()) {
+                return Err(bad("unknown_parameter", format!("unknown parameter {k:?}; allowed: {}", allowed.join(", "))));
+            }
+            if map.insert(k.clone(), v).is_some() {
+                return Err(bad("duplicate_parameter", format!("parameter {k:?} given twice")));
+            }
+        }
+        Ok(Params(map))
+    }
+
+    fn opt_str(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str)
+    }
+
+    fn name(&self, k: &str, required: bool) -> Result<Option<String>, ApiError> {
+        match self.opt_str(k) {
+            None if required => Err(bad("missing_parameter", format!("{k} is required"))),
+            None => Ok(None),
+            Some(s) if s.is_empty() || s.len() > 200 => Err(bad("bad_parameter", format!("{k} must be 1-200 bytes"))),
+            Some(s) => Ok(Some(s.to_string())),
+        }
+    }
+
+    fn int(&self, k: &str, lo: i64, hi: i64, default: Option<i64>) -> Result<i64, ApiError> {
+        match self.opt_str(k) {
+            None => default.ok_or_else(|| bad("missing_parameter", format!("{k} is required"))),
+            Some(s) => match s.parse::<i64>() {
+                Ok(v) if (lo..=hi).contains(&v) => Ok(v),
+                Ok(_) => Err(bad("bad_parameter", format!("{k} must be in [{lo}, {hi}]"))),
+                Err(_) => Err(bad("bad_parameter", format!("{k} must be an integer"))),
+            },
+        }
+    }
+
+    fn window(&self) -> Result<(i64, i64), ApiError> {
+        let start = self.int("start", MIN_TS_MS, MAX_TS_MS, None)?;
+        let end = self.int("end", MIN_TS_MS, MAX_TS_MS, None)?;
+        if end <= start {
+            return Err(bad("bad_window", "end must be greater than start"));
+        }
+        Ok((start, end))
+    }
+}
+
+fn num(x: f64) -> Value {
+    serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+}
+
+/// count, sum, sum_exact, avg, min, max of a total (null where count is 0).
+fn stats(t: &Total, obj: &mut Map<String, Value>) {
+    let empty = t.count == 0;
+    let sum = t.sum.to_f64();
+    obj.insert("count".into(), json!(t.count));
+    obj.insert("sum".into(), num(sum));
+    obj.insert("sum_exact".into(), json!(t.sum.to_decimal()));
+    obj.insert("avg".into(), if empty { Value::Null } else { num(sum / t.count as f64) });
+    obj.insert("min".into(), if empty { Value::Null } else { num(t.min) });
+    obj.insert("max".into(), if empty { Value::Null } else { num(t.max) });
+}
+
+fn freshness(obj: &mut Map<String, Value>) {
+    obj.insert("as_of_ms".into(), json!(now_ms()));
+    // A single node sees every peer it has; clustering reports reachability here.
+    obj.insert("complete".into(), json!(true));
+}
+
+fn aggregate_json(node: &Node, category: &str, entity: Option<&str>, start: i64, end: i64) -> Map<String, Value> {
+    let a = node.replica.read().unwrap_or_else(|e| e.into_inner()).aggregate(category, entity, start, end);
+    let mut o = Map::new();
+    o.insert("category".into(), json!(category));
+    o.insert("entity".into(), json!(entity));
+    o.insert("time_window_start".into(), json!(a.start));
+    o.insert("time_window_end".into(), json!(a.end));
+    stats(&a.total, &mut o);
+    o
+}
+
+async fn aggregate(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json<Value>, ApiError> {
+    let p = Params::parse(q, &["category", "start", "end", "entity"])?;
+    let category = p.name("category", true)?.unwrap_or_default();
+    let entity = p.name("entity", false)?;
+    let (start, end) = p.window()?;
+    let mut o = aggregate_json(&node, &category, entity.as_deref(), start, end);
+    freshness(&mut o);
+    Ok(Json(Value::Object(o)))
+}
+
+async fn window(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json<Value>, ApiError> {
+    let p = Params::parse(q, &["category", "width_ms", "entity"])?;
+    let category = p.name("category", true)?.unwrap_or_default();
+    let entity = p.name("entity", false)?;
+    let width = p.int("width_ms", 1, 400 * 86_400_000, None)?;
+    let now = now_ms();
+    let mut o = aggregate_json(&node, &category, entity.as_deref(), now - width, now);
+    o.insert("width_ms".into(), json!(width));
+    freshness(&mut o);
+    Ok(Json(Value::Object(o)))
+}
+
+async fn topk(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json<Value>, ApiError> {
+    let p = Params::parse(q, &["category", "start", "end", "k", "by"])?;
+    let category = p.name("category", true)?.unwrap_or_default();
+    let (start, end) = p.window()?;
+    let k = p.int("k", 1, 1000, Some(10))? as usize;
+    let by = match p.opt_str("by").unwrap_or("entity") {
+        "entity" => TopBy::Entity,
+        "producer" => TopBy::Producer,
+        other => return Err(bad("bad_parameter", format!("by must be entity or producer, not {other:?}"))),
+    };
+    let rows = node.replica.read().unwrap_or_else(|e| e.into_inner()).topk(&category, start, end, k, by);
+    let items: Vec<Value> = rows
+        .rows
+        .iter()
+        .map(|(name, t)| {
+            let mut o = Map::new();
+            o.insert("key".into(), json!(name));
+            stats(t, &mut o);
+            Value::Object(o)
+        })
+        .collect();
+    let mut o = Map::new();
+    o.insert("category".into(), json!(category));
+    o.insert("by".into(), json!(if by == TopBy::Entity { "entity" } else { "producer" }));
+    o.insert("k".into(), json!(k));
+    o.insert("time_window_start".into(), json!(rows.start));
+    o.insert("time_window_end".into(), json!(rows.end));
+    o.insert("items".into(), Value::Array(items));
+    freshness(&mut o);
+    Ok(Json(Value::Object(o)))
+}
+
+async fn totals(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json<Value>, ApiError> {
+    let p = Params::parse(q, &["start", "end", "group_by"])?;
+    let (start, end) = p.window()?;
+    let (g, label) = match p.opt_str("group_by").unwrap_or("none") {
+        "none" => (GroupBy::None, "none"),
+        "category" => (GroupBy::Category, "category"),
+        "entity" => (GroupBy::Entity, "entity"),
+        other => return Err(bad("bad_parameter", format!("group_by must be none, category or entity, not {other:?}"))),
+    };
+    let rows = node.replica.read().unwrap_or_else(|e| e.into_inner()).totals(start, end, g);
+    let groups: Vec<Value> = rows
+        .rows
+        .iter()
+        .map(|(name, t)| {
+            let mut o = Map::new();
+            o.insert("key".into(), json!(name));
+            stats(t, &mut o);
+            Value::Object(o)
+        })
+        .collect();
+    let mut o = Map::new();
+    o.insert("group_by".into(), json!(label));
+    o.insert("time_window_start".into(), json!(rows.start));
+    o.insert("time_window_end".into(), json!(rows.end));
+    o.insert("groups".into(), Value::Array(groups));
+    freshness(&mut o);
+    Ok(Json(Value::Object(o)))
+}
+
+/// Most points one series answer may hold.
+pub const MAX_SERIES_POINTS: usize = 10_000;
+
+async fn series(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json<Value>, ApiError> {
+    let p = Params::parse(q, &["category", "start", "end", "step_ms", "entity"])?;
+    let category = p.name("category", true)?.unwrap_or_default();
+    let entity = p.name("entity", false)?;
+    let (start, end) = p.window()?;
+    let step = p.int("step_ms", 1000, 400 * 86_400_000, None)?;
+    if (end - start) / step >= MAX_SERIES_POINTS as i64 {
+        return Err(bad("too_many_points", format!("at most {MAX_SERIES_POINTS} steps per request")));
+    }
+    let points = node.replica.read().unwrap_or_else(|e| e.into_inner()).series(&category, entity.as_deref(), start, end, step, MAX_SERIES_POINTS);
+    let pts: Vec<Value> = points
+        .iter()
+        .map(|a| {
+            let mut o = Map::new();
+            o.insert("time_window_start".into(), json!(a.start));
+            o.insert("time_window_end".into(), json!(a.end));
+            stats(&a.total, &mut o);
+            Value::Object(o)
+        })
+        .collect();
+    let mut o = Map::new();
+    o.insert("category".into(), json!(category));
+    o.insert("entity".into(), json!(entity));
+    o.insert("step_ms".into(), json!(step));
+    o.insert("points".into(), Value::Array(pts));
+    freshness(&mut o);
+    Ok(Json(Value::Object(o)))
+}
+
+/// One event of `POST /v1/events`, checked field by field.
+fn parse_event(v: &Value) -> Result<(i64, String, Option<String>, f64), (RejectCode, String)> {
+    let o = v.as_object().ok_or((RejectCode::InvalidEvent, "an event must be a JSON object".to_string()))?;
+    for k in o.keys() {
+        if !matches!(k.as_str(), "ts_ms" | "category" | "entity" | "value") {
+            return Err((RejectCode::InvalidEvent, format!("unknown field {k:?}")));
+        }
+    }
+    let ts = match o.get("ts_ms") {
+        Some(Value::Number(n)) => n.as_i64().ok_or((RejectCode::InvalidTimestamp, "ts_ms must be an integer number of milliseconds".to_string()))?,
+        Some(_) => return Err((RejectCode::InvalidTimestamp, "ts_ms must be a number".into())),
+        None => return Err((RejectCode::InvalidEvent, "ts_ms is required".into())),
+    };
+    let category = match o.get("category") {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err((RejectCode::InvalidCategory, "category must be a string".into())),
+        None => return Err((RejectCode::InvalidEvent, "category is required".into())),
+    };
+    let entity = match o.get("entity") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err((RejectCode::InvalidEntity, "entity must be a string".into())),
+    };
+    let value = match o.get("value") {
+        None => 1.0,
+        Some(Value::Number(n)) => n.as_f64().ok_or((RejectCode::InvalidValue, "value is not a finite number".to_string()))?,
+        Some(_) => return Err((RejectCode::InvalidValue, "value must be a number".into())),
+    };
+    Ok((ts, category, entity, value))
+}
+
+fn event_reason(code: RejectCode) -> &'static str {
+    match code {
+        RejectCode::InvalidCategory => "category must be 1-200 bytes of UTF-8",
+        RejectCode::InvalidEntity => "entity must be 1-200 bytes of UTF-8",
+        RejectCode::InvalidValue => "value must be finite with |value| <= 1e15",
+        RejectCode::InvalidTimestamp => "ts_ms is outside the representable range",
+        RejectCode::BucketTooOld => "ts_ms is older than max_lateness",
+        RejectCode::FutureTimestamp => "ts_ms is further ahead than max_future_skew",
+        _ => "rejected",
+    }
+}
+
+async fn events(State(node): State<Node_>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let text = std::str::from_utf8(&body).map_err(|_| bad("malformed", "body is not UTF-8"))?;
+    let trimmed = text.trim_start();
+    // A JSON array, or NDJSON (one event per non-empty line).
+    let items: Vec<Result<Value, String>> = if trimmed.starts_with('[') {
+        let arr: Vec<Value> = serde_json::from_str(trimmed).map_err(|e| bad("malformed", format!("body is not a JSON array: {e}")))?;
+        arr.into_iter().map(Ok).collect()
+    } else {
+        text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).map_err(|e| e.to_string())).collect()
+    };
+    let limits = node.config.limits;
+    let now = now_ms();
+    let mut rejected = Vec::new();
+    let mut groups: Vec<(BatchBuilder, BTreeSet<String>, BTreeSet<String>, usize)> = Vec::new();
+    let mut accepted = 0u64;
+    let new_group = || (BatchBuilder::new(1000).map_err(|_| bad("internal", "bucket width")), BTreeSet::new(), BTreeSet::new(), 0usize);
+    for (i, item) in items.iter().enumerate() {
+        let parsed = match item {
+            Ok(v) => parse_event(v),
+            Err(e) => Err((RejectCode::Malformed, format!("line is not JSON: {e}"))),
+        };
+        let (ts, cat, ent, value) = match parsed {
+            Ok(x) => x,
+            Err((code, msg)) => {
+                node.metrics.reject_event(code);
+                rejected.push(json!({"index": i, "error": code.as_str(), "message": msg}));
+                continue;
+            }
+        };
+        let time_ok = if ts.saturating_add(1000) <= now - limits.max_lateness_ms {
+            Err(RejectCode::BucketTooOld)
+        } else if ts > now + limits.max_future_skew_ms {
+            Err(RejectCode::FutureTimestamp)
+        } else {
+            Ok(())
+        };
+        let need_new = groups.last().is_none_or(|(b, cats, ents, _)| {
+            b.len() >= limits.max_summaries.min(5000) || (cats.len() >= limits.max_categories && !cats.contains(&cat)) || (ent.as_ref().is_some_and(|e| ents.len() >= limits.max_entities && !ents.contains(e)))
+        });
+        if need_new {
+            let (b, c, e, n) = new_group();
+            groups.push((b?, c, e, n));
+        }
+        let Some((builder, cats, ents, n)) = groups.last_mut() else { continue };
+        match time_ok.and_then(|()| builder.record(&cat, ent.as_deref(), ts, value)) {
+            Ok(()) => {
+                cats.insert(cat);
+                if let Some(e) = ent {
+                    ents.insert(e);
+                }
+                *n += 1;
+                accepted += 1;
+            }
+            Err(code) => {
+                node.metrics.reject_event(code);
+                rejected.push(json!({"index": i, "error": code.as_str(), "message": event_reason(code)}));
+            }
+        }
+    }
+    let mut batches = 0;
+    for (builder, _, _, n) in groups {
+        if builder.is_empty() {
+            continue;
+        }
+        let seq = node.events_seq.fetch_add(1, Relaxed);
+        let id = BatchId { producer: node.signer.producer(), epoch: node.events_epoch, seq };
+        let sealed = node.signer.seal(&builder.finish(id, now)).map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, code: "internal", message: e.to_string() })?;
+        match node.ingest.submit_wait(sealed).await {
+            Reply::Ack => batches += 1,
+            Reply::Nack(code) => {
+                return Err(ApiError {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    code: "internal",
+                    message: format!("the node refused its own batch of {n} events: {}", RejectCode::from_u16(code).map_or("unknown", |c| c.as_str())),
+                })
+            }
+            Reply::Retry { .. } => {
+                return Err(ApiError { status: StatusCode::SERVICE_UNAVAILABLE, code: "unavailable", message: "storage is failing; retry later".into() });
+            }
+        }
+    }
+    node.metrics.events_accepted.fetch_add(accepted, Relaxed);
+    Ok(Json(json!({"accepted": accepted, "rejected": rejected, "batches": batches})))
+}
+
+async fn batches(State(node): State<Node_>, body: Bytes) -> Response {
+    let max = node.config.limits.max_payload_bytes + 16 + edgetally_proto::SIGNATURE_LEN;
+    let reply = if body.len() > max { Reply::nack(RejectCode::PayloadTooLarge) } else { node.ingest.submit(body.to_vec()).await };
+    reply_response(reply)
+}
+
+/// The HTTP form of a reply: 200 Ack, 422 Nack with the reason, 503 Retry with Retry-After.
+/// The body also carries the binary reply frame in hex (`frame`) for SDKs that share code
+/// with the QUIC path.
+pub fn reply_response(reply: Reply) -> Response {
+    let frame: String = reply.encode().iter().map(|b| format!("{b:02x}")).collect();
+    match reply {
+        Reply::Ack => (StatusCode::OK, Json(json!({"result": "ack", "frame": frame}))).into_response(),
+        Reply::Nack(n) => {
+            let code = RejectCode::from_u16(n).map_or("unknown", |c| c.as_str());
+            (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"result": "nack", "error": code, "message": format!("batch rejected: {code}"), "frame": frame}))).into_response()
+        }
+        Reply::Retry { after_ms } => {
+            let mut r = (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"result": "retry", "after_ms": after_ms, "frame": frame}))).into_response();
+            let secs = after_ms.div_ceil(1000).max(1);
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            r
+        }
+    }
+}
+
+async fn status(State(node): State<Node_>) -> Json<Value> {
+    let (entries, epochs, applied_since_start) = {
+        let r = node.replica.read().unwrap_or_else(|e| e.into_inner());
+        (r.entry_count(), r.epoch_count(), r.applied_count())
+    };
+    let l = node.config.limits;
+    let hash: String = node.cert_hash().iter().map(|b| format!("{b:02x}")).collect();
+    Json(json!({
+        "node": node.signer.producer().to_hex(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_ms": node.started.elapsed().as_millis() as u64,
+        "quic_addr": node.quic_addr.to_string(),
+        "http_addr": node.http_addr.read().unwrap_or_else(|e| e.into_inner()).map(|a| a.to_string()),
+        "cert_sha256": hash,
+        "cert_not_after_unix": *node.cert_not_after.read().unwrap_or_else(|e| e.into_inner()),
+        "data_dir": node.config.data_dir.display().to_string(),
+        "batches_applied": node.metrics.applied.load(Relaxed),
+        "batches_duplicate": node.metrics.duplicates.load(Relaxed),
+        "batches_recovered": node.recovered,
+        "batches_in_replica": applied_since_start,
+        "stored_batches": node.store.batch_count().ok(),
+        "producer_epochs": epochs,
+        "tier_entries": entries,
+        "queue_depth": node.metrics.queue_depth.load(Relaxed),
+        "limits": {
+            "max_payload_bytes": l.max_payload_bytes,
+            "max_summaries": l.max_summaries,
+            "max_categories": l.max_categories,
+            "max_entities": l.max_entities,
+            "max_lateness_ms": l.max_lateness_ms,
+            "max_future_skew_ms": l.max_future_skew_ms,
+        },
+        "peers": [],
+        "complete": true,
+        "as_of_ms": now_ms(),
+    }))
+}
+
+async fn metrics(State(node): State<Node_>) -> Response {
+    let (entries, epochs) = {
+        let r = node.replica.read().unwrap_or_else(|e| e.into_inner());
+        (r.entry_count(), r.epoch_count())
+    };
+    let stored = node.store.batch_count().unwrap_or(0);
+    let text = node.metrics.render(&[
+        ("edgetally_tier_entries", "Stored tier entries (a measure of state size).", entries as f64),
+        ("edgetally_producer_epochs", "Distinct (producer, epoch) seen-sets.", epochs as f64),
+        ("edgetally_stored_batches", "Batches in the store not yet covered by a snapshot.", stored as f64),
+        ("edgetally_uptime_seconds", "Seconds since start.", node.started.elapsed().as_secs_f64()),
+    ]);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}

@@ -1,0 +1,243 @@
+//! The ingest pipeline: decode → verify (many at once, on both cores) → dedupe by BatchId →
+//! durable group commit → apply → reply. Bounded queues: when full, new batches get `Retry`
+//! instead of growing memory.
+
+use crate::metrics::Metrics;
+use crate::store::Store;
+use edgetally_core::{Applied, Batch, BatchId, Limits, LogEntry, RejectCode, Replica};
+use edgetally_proto::{decode, verify_many, DecodeError, Reply, Unverified};
+use std::collections::HashSet;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, warn};
+
+/// Suggested delay in `Retry` replies.
+pub const RETRY_AFTER_MS: u32 = 100;
+
+struct Job {
+    raw: Vec<u8>,
+    reply: oneshot::Sender<Reply>,
+    received: Instant,
+}
+
+/// The front door of the pipeline; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Ingest {
+    tx: mpsc::Sender<Job>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Job({} bytes)", self.raw.len())
+    }
+}
+
+/// Shared state the pipeline works on.
+#[derive(Clone, Debug)]
+pub struct Pipeline {
+    /// The replica state.
+    pub replica: Arc<RwLock<Replica>>,
+    /// The store.
+    pub store: Arc<Store>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Batch limits.
+    pub limits: Limits,
+    /// Most batches per group.
+    pub max_group: usize,
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Ingest {
+    /// Starts the pipeline's two stages; they end when every `Ingest` clone is dropped.
+    pub fn start(p: Pipeline, queue_depth: usize) -> (Ingest, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(queue_depth.max(1));
+        let (tx_b, rx_b) = mpsc::channel(4);
+        let metrics = p.metrics.clone();
+        tokio::spawn(verify_stage(rx, tx_b, p.clone()));
+        let done = tokio::spawn(commit_stage(rx_b, p));
+        (Ingest { tx, metrics }, done)
+    }
+
+    fn job(&self, raw: Vec<u8>) -> (Job, oneshot::Receiver<Reply>) {
+        self.metrics.bytes_received.fetch_add(raw.len() as u64, Relaxed);
+        let (reply, rx) = oneshot::channel();
+        (Job { raw, reply, received: Instant::now() }, rx)
+    }
+
+    /// Submits a batch; answers `Retry` at once if the queue is full.
+    pub async fn submit(&self, raw: Vec<u8>) -> Reply {
+        let (job, rx) = self.job(raw);
+        match self.tx.try_send(job) {
+            Ok(()) => {
+                self.metrics.queue_depth.fetch_add(1, Relaxed);
+                rx.await.unwrap_or(Reply::Retry { after_ms: RETRY_AFTER_MS })
+            }
+            Err(_) => {
+                self.metrics.retried.fetch_add(1, Relaxed);
+                Reply::Retry { after_ms: RETRY_AFTER_MS }
+            }
+        }
+    }
+
+    /// Submits a batch, waiting for room in the queue (for the node's own batches).
+    pub async fn submit_wait(&self, raw: Vec<u8>) -> Reply {
+        let (job, rx) = self.job(raw);
+        if self.tx.send(job).await.is_err() {
+            return Reply::Retry { after_ms: RETRY_AFTER_MS };
+        }
+        self.metrics.queue_depth.fetch_add(1, Relaxed);
+        rx.await.unwrap_or(Reply::Retry { after_ms: RETRY_AFTER_MS })
+    }
+}
+
+type Checked = Vec<(Job, Result<Batch, DecodeError>)>;
+
+async fn verify_stage(mut rx: mpsc::Receiver<Job>, tx: mpsc::Sender<Checked>, p: Pipeline) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < p.max_group {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        p.metrics.queue_depth.fetch_sub(jobs.len() as u64, Relaxed);
+        let limits = p.limits;
+        let checked = match tokio::task::spawn_blocking(move || check_jobs(jobs, &limits, now_ms())).await {
+            Ok(c) => c,
+            Err(e) => {
+                error!("verification task failed: {e}");
+                continue;
+            }
+        };
+        if tx.send(checked).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Decodes and time-checks every job, then verifies the signatures of those that passed, in
+/// two halves on two threads when there are enough of them.
+fn check_jobs(jobs: Vec<Job>, limits: &Limits, now: i64) -> Checked {
+    let mut results: Vec<Option<Result<Batch, DecodeError>>> = Vec::with_capacity(jobs.len());
+    let mut pending: Vec<(usize, Unverified)> = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        match decode(&job.raw, limits) {
+            Ok(u) => match u.batch.check_time(now, limits) {
+                Ok(()) => {
+                    results.push(None);
+                    pending.push((i, u));
+                }
+                Err(code) => results.push(Some(Err(DecodeError { code, detail: "bucket outside the accepted time window" }))),
+            },
+            Err(e) => results.push(Some(Err(e))),
+        }
+    }
+    let (idx, items): (Vec<usize>, Vec<Unverified>) = pending.into_iter().unzip();
+    let verified = if items.len() >= 16 {
+        let mut items = items;
+        let second = items.split_off(items.len() / 2);
+        std::thread::scope(|s| {
+            let h = s.spawn(|| verify_many(second));
+            let mut a = verify_many(items);
+            match h.join() {
+                Ok(b) => a.extend(b),
+                Err(_) => a.extend(std::iter::repeat_with(|| Err(DecodeError { code: RejectCode::BadSignature, detail: "verifier failed" })).take(idx.len() - a.len())),
+            }
+            a
+        })
+    } else {
+        verify_many(items)
+    };
+    for (i, r) in idx.into_iter().zip(verified) {
+        results[i] = Some(r);
+    }
+    jobs.into_iter()
+        .zip(results)
+        .map(|(j, r)| (j, r.unwrap_or(Err(DecodeError { code: RejectCode::Malformed, detail: "unchecked" }))))
+        .collect()
+}
+
+async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
+    while let Some(group) = rx.recv().await {
+        let mut done: Vec<(Job, Reply)> = Vec::with_capacity(group.len());
+        let mut fresh: Vec<(Job, Batch)> = Vec::new();
+        {
+            let r = p.replica.read().unwrap_or_else(|e| e.into_inner());
+            let mut in_group: HashSet<BatchId> = HashSet::new();
+            for (job, res) in group {
+                match res {
+                    Err(e) => {
+                        p.metrics.reject(e.code);
+                        done.push((job, Reply::nack(e.code)));
+                    }
+                    Ok(b) if r.has_applied(&b.id) || !in_group.insert(b.id) => {
+                        p.metrics.duplicates.fetch_add(1, Relaxed);
+                        done.push((job, Reply::Ack));
+                    }
+                    Ok(b) => fresh.push((job, b)),
+                }
+            }
+        }
+        if !fresh.is_empty() {
+            let store = p.store.clone();
+            let started = Instant::now();
+            let stored = tokio::task::spawn_blocking(move || {
+                let items: Vec<(BatchId, &[u8])> = fresh.iter().map(|(j, b)| (b.id, j.raw.as_slice())).collect();
+                let r = store.append(&items);
+                (fresh, r)
+            })
+            .await;
+            match stored {
+                Ok((fresh, Ok(()))) => {
+                    p.metrics.group_commits.fetch_add(1, Relaxed);
+                    p.metrics.commit_micros.fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+                    let mut r = p.replica.write().unwrap_or_else(|e| e.into_inner());
+                    for (job, batch) in fresh {
+                        let n = batch.summaries.len() as u64;
+                        let raw: Arc<[u8]> = Arc::from(job.raw.as_slice());
+                        let reply = match r.apply(LogEntry { batch: Arc::new(batch), raw }) {
+                            Ok(Applied::New) => {
+                                p.metrics.applied.fetch_add(1, Relaxed);
+                                p.metrics.summaries.fetch_add(n, Relaxed);
+                                Reply::Ack
+                            }
+                            Ok(Applied::Duplicate) => {
+                                p.metrics.duplicates.fetch_add(1, Relaxed);
+                                Reply::Ack
+                            }
+                            Err(code) => {
+                                p.metrics.reject(code);
+                                Reply::nack(code)
+                            }
+                        };
+                        done.push((job, reply));
+                    }
+                    r.prune_log();
+                }
+                Ok((fresh, Err(e))) => {
+                    warn!("group commit failed, asking producers to retry: {e}");
+                    for (job, _) in fresh {
+                        p.metrics.retried.fetch_add(1, Relaxed);
+                        done.push((job, Reply::Retry { after_ms: RETRY_AFTER_MS }));
+                    }
+                }
+                Err(e) => error!("commit task failed: {e}"),
+            }
+        }
+        for (job, reply) in done {
+            p.metrics.observe_latency(job.received.elapsed().as_secs_f64());
+            let _ = job.reply.send(reply);
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! # edgetally-merger
+//!
+//! The merger node: crash-safe storage ([`store`]), the ingest pipeline ([`ingest`]), the
+//! HTTP API ([`http`]), metrics ([`metrics`]), configuration ([`config`]) and the running node
+//! that ties them together ([`node`]).
+
+pub mod config;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod node;
+pub mod store;
+
+pub use config::Config;
+pub use node::{Node, Running};

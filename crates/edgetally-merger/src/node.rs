@@ -1,0 +1,362 @@
+//! A running merger: start-up (key, certificate, store recovery), the QUIC and HTTP
+//! listeners, background upkeep (snapshots, retention, certificate rotation), and graceful
+//! shutdown.
+
+use crate::config::Config;
+use crate::ingest::{now_ms, Ingest, Pipeline};
+use crate::metrics::Metrics;
+use crate::store::Store;
+use edgetally_core::{Digest, Limits, LogEntry, Replica};
+use edgetally_net::tls::{hex, server_config, Identity, ALPN_BATCHES};
+use edgetally_proto::{decode, Reply, Signer};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// A start-up failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Reading or writing the data directory failed.
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// TLS set-up failed.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// Binding a listener failed.
+    #[error("bind {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    /// The stored state could not be restored.
+    #[error("restore: {0}")]
+    Restore(String),
+}
+
+/// The shared state of a node, used by the HTTP handlers and the pipeline.
+#[derive(Debug)]
+pub struct Node {
+    /// Configuration in force.
+    pub config: Config,
+    /// The replica state.
+    pub replica: Arc<RwLock<Replica>>,
+    /// Storage.
+    pub store: Arc<Store>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// The pipeline's front door.
+    pub ingest: Ingest,
+    /// The node's own signing key (for batches made from `POST /v1/events`).
+    pub signer: Signer,
+    /// Epoch for the node's own batches: fresh per process, since their seq is not persisted.
+    pub events_epoch: u64,
+    /// Next seq for the node's own batches.
+    pub events_seq: std::sync::atomic::AtomicU64,
+    /// SHA-256 of the current certificate's DER.
+    pub cert_hash: RwLock<[u8; 32]>,
+    /// When the current certificate expires (Unix seconds).
+    pub cert_not_after: RwLock<i64>,
+    /// The bound QUIC address.
+    pub quic_addr: SocketAddr,
+    /// The bound HTTP address.
+    pub http_addr: RwLock<Option<SocketAddr>>,
+    /// Start time.
+    pub started: Instant,
+    /// Batches replayed from the store at start-up.
+    pub recovered: u64,
+}
+
+/// A started node; `shutdown()` stops it.
+#[derive(Debug)]
+pub struct Running {
+    /// The node.
+    pub node: Arc<Node>,
+    /// The bound HTTP address.
+    pub http_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    endpoint: quinn::Endpoint,
+}
+
+fn random_seed() -> [u8; 32] {
+    let mut s = [0u8; 32];
+    // The OS random source is the only acceptable one for keys; failing it is fatal.
+    getrandom::fill(&mut s).unwrap_or_else(|e| panic!("no OS randomness: {e}"));
+    s
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StartError + '_ {
+    move |e| StartError::Io(path.to_path_buf(), e)
+}
+
+/// Reads a 32-byte key stored as 64 hex digits, creating it if absent.
+pub fn load_or_create_key(path: &Path) -> Result<[u8; 32], StartError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => edgetally_net::tls::parse_hash(s.trim()).ok_or_else(|| StartError::Io(path.to_path_buf(), std::io::Error::other("not 64 hex digits"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let seed = random_seed();
+            write_private(path, format!("{}\n", hex(&seed)).as_bytes())?;
+            Ok(seed)
+        }
+        Err(e) => Err(StartError::Io(path.to_path_buf(), e)),
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StartError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(io(&tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Renew generated certificates this long before they expire.
+const RENEW_BEFORE_SECS: i64 = 2 * 86_400;
+
+fn identity(config: &Config) -> Result<(Identity, bool), StartError> {
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| StartError::Tls(format!("{}: {e}", cert.display())))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StartError::Tls(format!("{}: {e}", cert.display())))?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| StartError::Tls(format!("{}: {e}", key.display())))?;
+        return Ok((Identity { chain, key, not_after_unix: i64::MAX }, false));
+    }
+    let dir = &config.data_dir;
+    let (cert_path, key_path, meta_path) = (dir.join("cert.der"), dir.join("cert.key.der"), dir.join("cert.not_after"));
+    let now = now_ms() / 1000;
+    if let (Ok(c), Ok(k), Ok(m)) = (std::fs::read(&cert_path), std::fs::read(&key_path), std::fs::read_to_string(&meta_path)) {
+        if let Ok(not_after) = m.trim().parse::<i64>() {
+            if not_after - now > RENEW_BEFORE_SECS {
+                let key = rustls::pki_types::PrivateKeyDer::Pkcs8(k.into());
+                return Ok((Identity { chain: vec![c.into()], key, not_after_unix: not_after }, true));
+            }
+        }
+    }
+    let id = fresh_identity(config)?;
+    Ok((id, true))
+}
+
+fn fresh_identity(config: &Config) -> Result<Identity, StartError> {
+    let dir = &config.data_dir;
+    let id = Identity::self_signed(now_ms() / 1000, &[]).map_err(|e| StartError::Tls(e.to_string()))?;
+    let key = match &id.key {
+        rustls::pki_types::PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
+        _ => return Err(StartError::Tls("unexpected key type".into())),
+    };
+    write_private(&dir.join("cert.key.der"), &key)?;
+    std::fs::write(dir.join("cert.der"), id.chain[0].as_ref()).map_err(io(dir))?;
+    std::fs::write(dir.join("cert.not_after"), format!("{}\n", id.not_after_unix)).map_err(io(dir))?;
+    Ok(id)
+}
+
+/// Rebuilds the replica from the snapshot and the stored batches.
+fn recover(store: &Store, limits: &Limits) -> Result<(Replica, u64), StartError> {
+    let loaded = store.load()?;
+    let mut replica = match loaded.snapshot {
+        Some(s) => Replica::restore(s).map_err(|e| StartError::Restore(e.to_string()))?,
+        None => Replica::new(),
+    };
+    replica.set_peers(Vec::<String>::new());
+    // Stored batches were verified before they were acked; decoding re-checks their shape.
+    // Limits may have been lowered since: replay with generous ones so nothing acked is lost.
+    let replay_limits = Limits { max_payload_bytes: usize::MAX, max_summaries: usize::MAX, max_categories: usize::MAX, max_entities: usize::MAX, ..*limits };
+    let mut n = 0;
+    for raw in loaded.batches {
+        match decode(&raw, &replay_limits) {
+            Ok(u) => {
+                replica.apply(LogEntry { batch: Arc::new(u.batch), raw: raw.into() }).map_err(|e| StartError::Restore(e.to_string()))?;
+                n += 1;
+            }
+            Err(e) => warn!("stored batch unreadable, skipped: {e}"),
+        }
+    }
+    replica.prune_log();
+    Ok((replica, n))
+}
+
+impl Node {
+    /// Starts a node: recovers state, binds both listeners, spawns upkeep. Prints the
+    /// certificate hash and addresses to stdout (one `key: value` per line).
+    pub async fn start(config: Config) -> Result<Running, StartError> {
+        let dir = config.data_dir.clone();
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let seed = load_or_create_key(&dir.join("node.key"))?;
+        let signer = Signer::from_seed(seed);
+        let (id, generated) = identity(&config)?;
+        let store = Arc::new(Store::open(&dir.join("edgetally.redb"))?);
+        let (replica, recovered) = recover(&store, &config.limits)?;
+        let replica = Arc::new(RwLock::new(replica));
+        let metrics = Arc::new(Metrics::default());
+        let pipeline = Pipeline { replica: replica.clone(), store: store.clone(), metrics: metrics.clone(), limits: config.limits, max_group: config.max_group };
+        let (ingest, commit_task) = Ingest::start(pipeline, config.queue_depth);
+
+        let sc = server_config(&id, &[ALPN_BATCHES]).map_err(|e| StartError::Tls(e.to_string()))?;
+        let endpoint = quinn::Endpoint::server(sc, config.quic_addr).map_err(|e| StartError::Bind(config.quic_addr, e))?;
+        let quic_addr = endpoint.local_addr().map_err(|e| StartError::Bind(config.quic_addr, e))?;
+        let listener = tokio::net::TcpListener::bind(config.http_addr).await.map_err(|e| StartError::Bind(config.http_addr, e))?;
+        let http_addr = listener.local_addr().map_err(|e| StartError::Bind(config.http_addr, e))?;
+
+        let node = Arc::new(Node {
+            signer,
+            events_epoch: u64::from_le_bytes(random_seed()[..8].try_into().unwrap_or([0; 8])),
+            events_seq: 0.into(),
+            cert_hash: RwLock::new(id.cert_hash()),
+            cert_not_after: RwLock::new(id.not_after_unix),
+            quic_addr,
+            http_addr: RwLock::new(Some(http_addr)),
+            started: Instant::now(),
+            recovered,
+            config,
+            replica,
+            store,
+            metrics,
+            ingest,
+        });
+        let (shutdown, rx) = watch::channel(false);
+        let mut tasks = vec![commit_task];
+        tasks.push(tokio::spawn(edgetally_net::serve(endpoint.clone(), node.clone(), rx.clone())));
+        let app = crate::http::router(node.clone());
+        let mut http_rx = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let stop = async move {
+                while http_rx.changed().await.is_ok() {
+                    if *http_rx.borrow() {
+                        break;
+                    }
+                }
+            };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+                warn!("http server: {e}");
+            }
+        }));
+        tasks.push(tokio::spawn(upkeep(node.clone(), endpoint.clone(), id, generated, rx)));
+        println!("node: {}", node.signer.producer().to_hex());
+        println!("quic: {quic_addr}");
+        println!("http: http://{http_addr}");
+        println!("cert-sha256: {}", hex(&node.cert_hash()));
+        println!("recovered-batches: {recovered}");
+        info!(%quic_addr, %http_addr, recovered, "merger started");
+        Ok(Running { node, http_addr, shutdown, tasks, endpoint })
+    }
+
+    /// SHA-256 of the current certificate.
+    pub fn cert_hash(&self) -> [u8; 32] {
+        *self.cert_hash.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Snapshots the state and drops the stored batches the snapshot covers.
+    pub fn compact(&self) -> Result<usize, crate::store::StoreError> {
+        let (snap, retained) = {
+            let r = self.replica.read().unwrap_or_else(|e| e.into_inner());
+            let retained: HashSet<_> = r.log().map(|e| e.batch.id).collect();
+            (r.snapshot(), retained)
+        };
+        let covered = Digest { epochs: snap.seen.iter().map(|(p, e, s)| ((*p, *e), s.clone())).collect() };
+        let n = self.store.compact(&snap, |id| covered.contains(id) && !retained.contains(id))?;
+        self.metrics.snapshots.fetch_add(1, Relaxed);
+        Ok(n)
+    }
+}
+
+impl edgetally_net::BatchSink for Node {
+    async fn submit(&self, raw: Vec<u8>) -> Reply {
+        self.ingest.submit(raw).await
+    }
+
+    fn max_batch_bytes(&self) -> usize {
+        self.config.limits.max_payload_bytes + 16 + edgetally_proto::SIGNATURE_LEN
+    }
+}
+
+async fn upkeep(node: Arc<Node>, endpoint: quinn::Endpoint, mut id: Identity, generated: bool, mut stop: watch::Receiver<bool>) {
+    let every = Duration::from_secs(node.config.snapshot_interval_secs.max(1));
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => { if *stop.borrow() { break; } else { continue; } }
+        }
+        let n = node.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            {
+                let mut r = n.replica.write().unwrap_or_else(|e| e.into_inner());
+                r.prune_tiers(now_ms(), &n.config.retention);
+            }
+            if let Err(e) = n.compact() {
+                warn!("compaction failed: {e}");
+            }
+        })
+        .await;
+        if generated && id.not_after_unix - now_ms() / 1000 <= RENEW_BEFORE_SECS {
+            match fresh_identity(&node.config).and_then(|new| server_config(&new, &[ALPN_BATCHES]).map(|sc| (new, sc)).map_err(|e| StartError::Tls(e.to_string()))) {
+                Ok((new, sc)) => {
+                    endpoint.set_server_config(Some(sc));
+                    *node.cert_hash.write().unwrap_or_else(|e| e.into_inner()) = new.cert_hash();
+                    *node.cert_not_after.write().unwrap_or_else(|e| e.into_inner()) = new.not_after_unix;
+                    info!(cert_sha256 = %hex(&new.cert_hash()), "certificate rotated");
+                    id = new;
+                }
+                Err(e) => warn!("certificate rotation failed: {e}"),
+            }
+        }
+    }
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight batches finish, writes a final snapshot.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        self.endpoint.close(0u32.into(), b"shutting down");
+        let Running { node, tasks, .. } = self;
+        let mut tasks = tasks.into_iter();
+        let commit = tasks.next();
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        // The pipeline ends when its last sender is dropped; the node holds one, so bound the
+        // wait: everything already accepted has been answered by now or is about to be.
+        drop(commit);
+        let n = node.clone();
+        let _ = tokio::task::spawn_blocking(move || n.compact()).await;
+        info!("merger stopped");
+    }
+
+    /// Waits for SIGINT or SIGTERM, then shuts down.
+    pub async fn run_until_signal(self) {
+        wait_for_signal().await;
+        info!("signal received, shutting down");
+        self.shutdown().await;
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+            (Ok(mut a), Ok(mut b)) => {
+                tokio::select! { _ = a.recv() => {}, _ = b.recv() => {} }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
