@@ -1,0 +1,120 @@
+//! `edgetally`: serve, query, keygen.
+
+mod query;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use edgetally_merger::Config;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "edgetally", version, about = "Edge aggregation: merger nodes and tools")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a merger node. With no options it runs on embedded defaults: ./edgetally-data,
+    /// HTTP on 127.0.0.1:7070, QUIC on 127.0.0.1:7071, a generated key and certificate.
+    Serve(ServeArgs),
+    /// Ask a node a question (a table by default, --json for scripts).
+    Query(query::QueryArgs),
+    /// Generate an ed25519 key: writes the secret seed (hex) to --out and prints the public key.
+    Keygen {
+        /// Where to write the secret seed (refuses to overwrite).
+        #[arg(long, default_value = "edgetally.key")]
+        out: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// TOML configuration file (overridden by EDGETALLY_* variables, then by flags).
+    #[arg(long, env = "EDGETALLY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// HTTP API address.
+    #[arg(long)]
+    http_addr: Option<SocketAddr>,
+    /// QUIC address (batches).
+    #[arg(long)]
+    quic_addr: Option<SocketAddr>,
+    /// Certificate chain (PEM) replacing the generated one; needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A peer merger's QUIC address (repeatable).
+    #[arg(long = "peer")]
+    peers: Vec<SocketAddr>,
+}
+
+fn init_logging() {
+    let filter: tracing_subscriber::filter::Targets = std::env::var("EDGETALLY_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    tracing_subscriber::registry().with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).with(filter).init();
+}
+
+fn config(args: &ServeArgs) -> Result<Config> {
+    let mut c = Config::default();
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        c.apply_toml(&text)?;
+    }
+    c.apply_env(std::env::vars())?;
+    if let Some(v) = &args.data_dir {
+        c.data_dir = v.clone();
+    }
+    if let Some(v) = args.http_addr {
+        c.http_addr = v;
+    }
+    if let Some(v) = args.quic_addr {
+        c.quic_addr = v;
+    }
+    if args.tls_cert.is_some() {
+        c.tls_cert = args.tls_cert.clone();
+        c.tls_key = args.tls_key.clone();
+    }
+    if !args.peers.is_empty() {
+        c.peers = args.peers.clone();
+    }
+    Ok(c)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve(args) => {
+            init_logging();
+            let cfg = config(&args)?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let running = edgetally_merger::Node::start(cfg).await?;
+                running.run_until_signal().await;
+                anyhow::Ok(())
+            })
+        }
+        Cmd::Query(q) => query::run(q),
+        Cmd::Keygen { out } => {
+            if out.exists() {
+                anyhow::bail!("{} exists; not overwriting a key", out.display());
+            }
+            let seed = edgetally_merger::node::load_or_create_key(&out)?;
+            let signer = edgetally_proto::Signer::from_seed(seed);
+            println!("public key: {}", signer.producer().to_hex());
+            println!("secret seed written to {}", out.display());
+            Ok(())
+        }
+    }
+}
