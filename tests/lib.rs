@@ -118,6 +118,32 @@ impl Model {
     }
 }
 
+/// Exact decimal of nano-units, written independently of the library's formatter.
+pub fn decimal(nanos: i128) -> String {
+    let sign = if nanos < 0 { "-" } else { "" };
+    let a = nanos.unsigned_abs();
+    let frac = format!("{:09}", a % 1_000_000_000);
+    let frac = frac.trim_end_matches('0');
+    if frac.is_empty() {
+        format!("{sign}{}", a / 1_000_000_000)
+    } else {
+        format!("{sign}{}.{frac}", a / 1_000_000_000)
+    }
+}
+
+/// Checks a JSON answer's statistics against the model's.
+pub fn same_json(v: &serde_json::Value, truth: Option<Truth>) -> bool {
+    match truth {
+        None => v["count"] == 0 && v["avg"].is_null() && v["min"].is_null() && v["max"].is_null(),
+        Some(t) => {
+            v["count"].as_u64() == Some(t.count)
+                && v["sum_exact"].as_str() == Some(decimal(t.sum_nanos).as_str())
+                && v["min"].as_f64() == Some(t.min8 as f64 / 8.0)
+                && v["max"].as_f64() == Some(t.max8 as f64 / 8.0)
+        }
+    }
+}
+
 /// Checks a library total against the model's.
 pub fn same(total: &edgetally_core::Total, truth: Option<Truth>) -> bool {
     match truth {
@@ -133,6 +159,11 @@ pub fn same(total: &edgetally_core::Total, truth: Option<Truth>) -> bool {
 
 /// Random events near [`NOW`] from small category/entity vocabularies.
 pub fn events(rng: &mut Rng, n: usize, span_ms: i64) -> Vec<Event> {
+    events_at(rng, n, span_ms, NOW)
+}
+
+/// Random events in `(base - span_ms, base]`.
+pub fn events_at(rng: &mut Rng, n: usize, span_ms: i64, base: i64) -> Vec<Event> {
     const CATS: [&str; 4] = ["cpu", "page_view", "temp", "purchase"];
     const ENTS: [&str; 6] = ["dev-1", "dev-2", "user-7", "user-8", "ü-9", "x"];
     (0..n)
@@ -143,7 +174,7 @@ pub fn events(rng: &mut Rng, n: usize, span_ms: i64) -> Vec<Event> {
             } else {
                 None
             },
-            ts_ms: NOW - rng.below(span_ms as u64) as i64,
+            ts_ms: base - rng.below(span_ms as u64) as i64,
             eighths: rng.below(20_001) as i64 - 10_000,
         })
         .collect()
@@ -151,12 +182,17 @@ pub fn events(rng: &mut Rng, n: usize, span_ms: i64) -> Vec<Event> {
 
 /// Folds events into one batch.
 pub fn build(id: BatchId, events: &[Event]) -> Batch {
+    build_at(id, events, NOW)
+}
+
+/// Folds events into one batch created at `created_ms`.
+pub fn build_at(id: BatchId, events: &[Event], created_ms: i64) -> Batch {
     let mut b = BatchBuilder::new(1000).expect("valid width");
     for e in events {
         b.record(&e.category, e.entity.as_deref(), e.ts_ms, e.value())
             .expect("valid event");
     }
-    b.finish(id, NOW)
+    b.finish(id, created_ms)
 }
 
 /// A log entry for a batch that is never sent over a wire (raw bytes empty).

@@ -4,5 +4,7 @@ mod convergence;
 mod crashers;
 mod crdt_laws;
 mod fixtures;
+mod harness;
+mod merger;
 mod protocol_doc;
 mod queries;

@@ -101,29 +101,46 @@ pub struct ConfigError(pub String);
 impl Config {
     /// Applies a TOML document.
     pub fn apply_toml(&mut self, text: &str) -> Result<(), ConfigError> {
-        let f: FileConfig = toml::from_str(text).map_err(|e| ConfigError(format!("config file: {e}")))?;
+        let f: FileConfig =
+            toml::from_str(text).map_err(|e| ConfigError(format!("config file: {e}")))?;
         self.apply(f);
         Ok(())
     }
 
     /// Applies `EDGETALLY_<KEY>` variables (upper-case TOML keys; `EDGETALLY_PEERS` is a
     /// comma-separated list).
-    pub fn apply_env(&mut self, vars: impl Iterator<Item = (String, String)>) -> Result<(), ConfigError> {
+    pub fn apply_env(
+        &mut self,
+        vars: impl Iterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
         let mut doc = String::new();
         for (k, v) in vars {
-            let Some(key) = k.strip_prefix("EDGETALLY_") else { continue };
+            let Some(key) = k.strip_prefix("EDGETALLY_") else {
+                continue;
+            };
             let key = key.to_ascii_lowercase();
-            if matches!(key.as_str(), "log" | "sim_seed" | "sim_scale" | "bless" | "print_vectors" | "config") {
+            if matches!(
+                key.as_str(),
+                "log" | "sim_seed" | "sim_scale" | "bless" | "print_vectors" | "config"
+            ) {
                 continue;
             }
             let value = match key.as_str() {
                 "data_dir" | "http_addr" | "quic_addr" | "tls_cert" | "tls_key" => format!("{v:?}"),
-                "peers" => format!("[{}]", v.split(',').filter(|s| !s.trim().is_empty()).map(|s| format!("{:?}", s.trim())).collect::<Vec<_>>().join(",")),
+                "peers" => format!(
+                    "[{}]",
+                    v.split(',')
+                        .filter(|s| !s.trim().is_empty())
+                        .map(|s| format!("{:?}", s.trim()))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
                 _ => v.clone(),
             };
             doc.push_str(&format!("{key} = {value}\n"));
         }
-        let f: FileConfig = toml::from_str(&doc).map_err(|e| ConfigError(format!("environment: {e}")))?;
+        let f: FileConfig =
+            toml::from_str(&doc).map_err(|e| ConfigError(format!("environment: {e}")))?;
         self.apply(f);
         Ok(())
     }
@@ -154,7 +171,14 @@ impl Config {
         if let Some(v) = f.tls_key {
             self.tls_key = Some(v);
         }
-        for (i, v) in [f.retention_seconds_tier_ms, f.retention_minutes_tier_ms, f.retention_hours_tier_ms].into_iter().enumerate() {
+        for (i, v) in [
+            f.retention_seconds_tier_ms,
+            f.retention_minutes_tier_ms,
+            f.retention_hours_tier_ms,
+        ]
+        .into_iter()
+        .enumerate()
+        {
             if let Some(v) = v {
                 self.retention.tiers[i] = keep(v);
             }
@@ -169,13 +193,29 @@ mod tests {
     #[test]
     fn file_then_env_override_defaults() {
         let mut c = Config::default();
-        c.apply_toml("http_addr = \"127.0.0.1:9000\"\nmax_summaries = 5\nretention_hours_tier_ms = 1000\n").expect("toml");
-        c.apply_env([("EDGETALLY_HTTP_ADDR".to_string(), "127.0.0.1:9001".to_string()), ("EDGETALLY_PEERS".into(), "127.0.0.1:1, 127.0.0.1:2".into()), ("OTHER".into(), "x".into())].into_iter()).expect("env");
+        c.apply_toml(
+            "http_addr = \"127.0.0.1:9000\"\nmax_summaries = 5\nretention_hours_tier_ms = 1000\n",
+        )
+        .expect("toml");
+        c.apply_env(
+            [
+                (
+                    "EDGETALLY_HTTP_ADDR".to_string(),
+                    "127.0.0.1:9001".to_string(),
+                ),
+                ("EDGETALLY_PEERS".into(), "127.0.0.1:1, 127.0.0.1:2".into()),
+                ("OTHER".into(), "x".into()),
+            ]
+            .into_iter(),
+        )
+        .expect("env");
         assert_eq!(c.http_addr, "127.0.0.1:9001".parse().expect("addr"));
         assert_eq!(c.limits.max_summaries, 5);
         assert_eq!(c.retention.tiers[2], Some(1000));
         assert_eq!(c.peers.len(), 2);
         assert!(c.apply_toml("nonsense = 1").is_err());
-        assert!(c.apply_env([("EDGETALLY_QUEUE_DEPTH".to_string(), "many".to_string())].into_iter()).is_err());
+        assert!(c
+            .apply_env([("EDGETALLY_QUEUE_DEPTH".to_string(), "many".to_string())].into_iter())
+            .is_err());
     }
 }

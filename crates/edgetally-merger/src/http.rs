@@ -28,12 +28,20 @@ pub struct ApiError {
 }
 
 fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError { status: StatusCode::BAD_REQUEST, code, message: message.into() }
+    ApiError {
+        status: StatusCode::BAD_REQUEST,
+        code,
+        message: message.into(),
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({"error": self.code, "message": self.message}))).into_response()
+        (
+            self.status,
+            Json(json!({"error": self.code, "message": self.message})),
+        )
+            .into_response()
     }
 }
 
@@ -50,14 +58,27 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/status", get(status))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError { status: StatusCode::NOT_FOUND, code: "not_found", message: "no such endpoint".into() } })
+        .fallback(|| async {
+            ApiError {
+                status: StatusCode::NOT_FOUND,
+                code: "not_found",
+                message: "no such endpoint".into(),
+            }
+        })
         .layer(DefaultBodyLimit::max(32 << 20))
         .layer(tower_http::cors::CorsLayer::permissive())
-        .layer(axum::middleware::from_fn_with_state(node.clone(), count_requests))
+        .layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            count_requests,
+        ))
         .with_state(node)
 }
 
-async fn count_requests(State(node): State<Node_>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+async fn count_requests(
+    State(node): State<Node_>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let res = next.run(req).await;
     node.metrics.http_requests.fetch_add(1, Relaxed);
     if res.status().is_client_error() {
@@ -71,14 +92,21 @@ struct Params(BTreeMap<String, String>);
 
 impl Params {
     fn parse(raw: Option<String>, allowed: &[&str]) -> Result<Params, ApiError> {
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or("")).map_err(|e| bad("bad_query", e.to_string()))?;
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
+            .map_err(|e| bad("bad_query", e.to_string()))?;
         let mut map = BTreeMap::new();
         for (k, v) in pairs {
             if !allowed.contains(&k.as_str()) {
-                return Err(bad("unknown_parameter", format!("unknown parameter {k:?}; allowed: {}", allowed.join(", "))));
+                return Err(bad(
+                    "unknown_parameter",
+                    format!("unknown parameter {k:?}; allowed: {}", allowed.join(", ")),
+                ));
             }
             if map.insert(k.clone(), v).is_some() {
-                return Err(bad("duplicate_parameter", format!("parameter {k:?} given twice")));
+                return Err(bad(
+                    "duplicate_parameter",
+                    format!("parameter {k:?} given twice"),
+                ));
             }
         }
         Ok(Params(map))
@@ -92,7 +120,9 @@ impl Params {
         match self.opt_str(k) {
             None if required => Err(bad("missing_parameter", format!("{k} is required"))),
             None => Ok(None),
-            Some(s) if s.is_empty() || s.len() > 200 => Err(bad("bad_parameter", format!("{k} must be 1-200 bytes"))),
+            Some(s) if s.is_empty() || s.len() > 200 => {
+                Err(bad("bad_parameter", format!("{k} must be 1-200 bytes")))
+            }
             Some(s) => Ok(Some(s.to_string())),
         }
     }
@@ -129,7 +159,14 @@ fn stats(t: &Total, obj: &mut Map<String, Value>) {
     obj.insert("count".into(), json!(t.count));
     obj.insert("sum".into(), num(sum));
     obj.insert("sum_exact".into(), json!(t.sum.to_decimal()));
-    obj.insert("avg".into(), if empty { Value::Null } else { num(sum / t.count as f64) });
+    obj.insert(
+        "avg".into(),
+        if empty {
+            Value::Null
+        } else {
+            num(sum / t.count as f64)
+        },
+    );
     obj.insert("min".into(), if empty { Value::Null } else { num(t.min) });
     obj.insert("max".into(), if empty { Value::Null } else { num(t.max) });
 }
@@ -140,8 +177,18 @@ fn freshness(obj: &mut Map<String, Value>) {
     obj.insert("complete".into(), json!(true));
 }
 
-fn aggregate_json(node: &Node, category: &str, entity: Option<&str>, start: i64, end: i64) -> Map<String, Value> {
-    let a = node.replica.read().unwrap_or_else(|e| e.into_inner()).aggregate(category, entity, start, end);
+fn aggregate_json(
+    node: &Node,
+    category: &str,
+    entity: Option<&str>,
+    start: i64,
+    end: i64,
+) -> Map<String, Value> {
+    let a = node
+        .replica
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .aggregate(category, entity, start, end);
     let mut o = Map::new();
     o.insert("category".into(), json!(category));
     o.insert("entity".into(), json!(entity));
@@ -151,7 +198,10 @@ fn aggregate_json(node: &Node, category: &str, entity: Option<&str>, start: i64,
     o
 }
 
-async fn aggregate(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json<Value>, ApiError> {
+async fn aggregate(
+    State(node): State<Node_>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
     let p = Params::parse(q, &["category", "start", "end", "entity"])?;
     let category = p.name("category", true)?.unwrap_or_default();
     let entity = p.name("entity", false)?;
@@ -181,9 +231,18 @@ async fn topk(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json<V
     let by = match p.opt_str("by").unwrap_or("entity") {
         "entity" => TopBy::Entity,
         "producer" => TopBy::Producer,
-        other => return Err(bad("bad_parameter", format!("by must be entity or producer, not {other:?}"))),
+        other => {
+            return Err(bad(
+                "bad_parameter",
+                format!("by must be entity or producer, not {other:?}"),
+            ))
+        }
     };
-    let rows = node.replica.read().unwrap_or_else(|e| e.into_inner()).topk(&category, start, end, k, by);
+    let rows = node
+        .replica
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .topk(&category, start, end, k, by);
     let items: Vec<Value> = rows
         .rows
         .iter()
@@ -196,7 +255,14 @@ async fn topk(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json<V
         .collect();
     let mut o = Map::new();
     o.insert("category".into(), json!(category));
-    o.insert("by".into(), json!(if by == TopBy::Entity { "entity" } else { "producer" }));
+    o.insert(
+        "by".into(),
+        json!(if by == TopBy::Entity {
+            "entity"
+        } else {
+            "producer"
+        }),
+    );
     o.insert("k".into(), json!(k));
     o.insert("time_window_start".into(), json!(rows.start));
     o.insert("time_window_end".into(), json!(rows.end));
@@ -212,9 +278,18 @@ async fn totals(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json
         "none" => (GroupBy::None, "none"),
         "category" => (GroupBy::Category, "category"),
         "entity" => (GroupBy::Entity, "entity"),
-        other => return Err(bad("bad_parameter", format!("group_by must be none, category or entity, not {other:?}"))),
+        other => {
+            return Err(bad(
+                "bad_parameter",
+                format!("group_by must be none, category or entity, not {other:?}"),
+            ))
+        }
     };
-    let rows = node.replica.read().unwrap_or_else(|e| e.into_inner()).totals(start, end, g);
+    let rows = node
+        .replica
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .totals(start, end, g);
     let groups: Vec<Value> = rows
         .rows
         .iter()
@@ -244,9 +319,23 @@ async fn series(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json
     let (start, end) = p.window()?;
     let step = p.int("step_ms", 1000, 400 * 86_400_000, None)?;
     if (end - start) / step >= MAX_SERIES_POINTS as i64 {
-        return Err(bad("too_many_points", format!("at most {MAX_SERIES_POINTS} steps per request")));
+        return Err(bad(
+            "too_many_points",
+            format!("at most {MAX_SERIES_POINTS} steps per request"),
+        ));
     }
-    let points = node.replica.read().unwrap_or_else(|e| e.into_inner()).series(&category, entity.as_deref(), start, end, step, MAX_SERIES_POINTS);
+    let points = node
+        .replica
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .series(
+            &category,
+            entity.as_deref(),
+            start,
+            end,
+            step,
+            MAX_SERIES_POINTS,
+        );
     let pts: Vec<Value> = points
         .iter()
         .map(|a| {
@@ -266,22 +355,41 @@ async fn series(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json
     Ok(Json(Value::Object(o)))
 }
 
+/// An event's fields: ts_ms, category, entity, value.
+type EventFields = (i64, String, Option<String>, f64);
+
 /// One event of `POST /v1/events`, checked field by field.
-fn parse_event(v: &Value) -> Result<(i64, String, Option<String>, f64), (RejectCode, String)> {
-    let o = v.as_object().ok_or((RejectCode::InvalidEvent, "an event must be a JSON object".to_string()))?;
+fn parse_event(v: &Value) -> Result<EventFields, (RejectCode, String)> {
+    let o = v.as_object().ok_or((
+        RejectCode::InvalidEvent,
+        "an event must be a JSON object".to_string(),
+    ))?;
     for k in o.keys() {
         if !matches!(k.as_str(), "ts_ms" | "category" | "entity" | "value") {
             return Err((RejectCode::InvalidEvent, format!("unknown field {k:?}")));
         }
     }
     let ts = match o.get("ts_ms") {
-        Some(Value::Number(n)) => n.as_i64().ok_or((RejectCode::InvalidTimestamp, "ts_ms must be an integer number of milliseconds".to_string()))?,
-        Some(_) => return Err((RejectCode::InvalidTimestamp, "ts_ms must be a number".into())),
+        Some(Value::Number(n)) => n.as_i64().ok_or((
+            RejectCode::InvalidTimestamp,
+            "ts_ms must be an integer number of milliseconds".to_string(),
+        ))?,
+        Some(_) => {
+            return Err((
+                RejectCode::InvalidTimestamp,
+                "ts_ms must be a number".into(),
+            ))
+        }
         None => return Err((RejectCode::InvalidEvent, "ts_ms is required".into())),
     };
     let category = match o.get("category") {
         Some(Value::String(s)) => s.clone(),
-        Some(_) => return Err((RejectCode::InvalidCategory, "category must be a string".into())),
+        Some(_) => {
+            return Err((
+                RejectCode::InvalidCategory,
+                "category must be a string".into(),
+            ))
+        }
         None => return Err((RejectCode::InvalidEvent, "category is required".into())),
     };
     let entity = match o.get("entity") {
@@ -291,7 +399,10 @@ fn parse_event(v: &Value) -> Result<(i64, String, Option<String>, f64), (RejectC
     };
     let value = match o.get("value") {
         None => 1.0,
-        Some(Value::Number(n)) => n.as_f64().ok_or((RejectCode::InvalidValue, "value is not a finite number".to_string()))?,
+        Some(Value::Number(n)) => n.as_f64().ok_or((
+            RejectCode::InvalidValue,
+            "value is not a finite number".to_string(),
+        ))?,
         Some(_) => return Err((RejectCode::InvalidValue, "value must be a number".into())),
     };
     Ok((ts, category, entity, value))
@@ -314,17 +425,28 @@ async fn events(State(node): State<Node_>, body: Bytes) -> Result<Json<Value>, A
     let trimmed = text.trim_start();
     // A JSON array, or NDJSON (one event per non-empty line).
     let items: Vec<Result<Value, String>> = if trimmed.starts_with('[') {
-        let arr: Vec<Value> = serde_json::from_str(trimmed).map_err(|e| bad("malformed", format!("body is not a JSON array: {e}")))?;
+        let arr: Vec<Value> = serde_json::from_str(trimmed)
+            .map_err(|e| bad("malformed", format!("body is not a JSON array: {e}")))?;
         arr.into_iter().map(Ok).collect()
     } else {
-        text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).map_err(|e| e.to_string())).collect()
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).map_err(|e| e.to_string()))
+            .collect()
     };
     let limits = node.config.limits;
     let now = now_ms();
     let mut rejected = Vec::new();
     let mut groups: Vec<(BatchBuilder, BTreeSet<String>, BTreeSet<String>, usize)> = Vec::new();
     let mut accepted = 0u64;
-    let new_group = || (BatchBuilder::new(1000).map_err(|_| bad("internal", "bucket width")), BTreeSet::new(), BTreeSet::new(), 0usize);
+    let new_group = || {
+        (
+            BatchBuilder::new(1000).map_err(|_| bad("internal", "bucket width")),
+            BTreeSet::new(),
+            BTreeSet::new(),
+            0usize,
+        )
+    };
     for (i, item) in items.iter().enumerate() {
         let parsed = match item {
             Ok(v) => parse_event(v),
@@ -346,13 +468,19 @@ async fn events(State(node): State<Node_>, body: Bytes) -> Result<Json<Value>, A
             Ok(())
         };
         let need_new = groups.last().is_none_or(|(b, cats, ents, _)| {
-            b.len() >= limits.max_summaries.min(5000) || (cats.len() >= limits.max_categories && !cats.contains(&cat)) || (ent.as_ref().is_some_and(|e| ents.len() >= limits.max_entities && !ents.contains(e)))
+            b.len() >= limits.max_summaries.min(5000)
+                || (cats.len() >= limits.max_categories && !cats.contains(&cat))
+                || (ent
+                    .as_ref()
+                    .is_some_and(|e| ents.len() >= limits.max_entities && !ents.contains(e)))
         });
         if need_new {
             let (b, c, e, n) = new_group();
             groups.push((b?, c, e, n));
         }
-        let Some((builder, cats, ents, n)) = groups.last_mut() else { continue };
+        let Some((builder, cats, ents, n)) = groups.last_mut() else {
+            continue;
+        };
         match time_ok.and_then(|()| builder.record(&cat, ent.as_deref(), ts, value)) {
             Ok(()) => {
                 cats.insert(cat);
@@ -364,7 +492,9 @@ async fn events(State(node): State<Node_>, body: Bytes) -> Result<Json<Value>, A
             }
             Err(code) => {
                 node.metrics.reject_event(code);
-                rejected.push(json!({"index": i, "error": code.as_str(), "message": event_reason(code)}));
+                rejected.push(
+                    json!({"index": i, "error": code.as_str(), "message": event_reason(code)}),
+                );
             }
         }
     }
@@ -374,29 +504,53 @@ async fn events(State(node): State<Node_>, body: Bytes) -> Result<Json<Value>, A
             continue;
         }
         let seq = node.events_seq.fetch_add(1, Relaxed);
-        let id = BatchId { producer: node.signer.producer(), epoch: node.events_epoch, seq };
-        let sealed = node.signer.seal(&builder.finish(id, now)).map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, code: "internal", message: e.to_string() })?;
+        let id = BatchId {
+            producer: node.signer.producer(),
+            epoch: node.events_epoch,
+            seq,
+        };
+        let sealed = node
+            .signer
+            .seal(&builder.finish(id, now))
+            .map_err(|e| ApiError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                code: "internal",
+                message: e.to_string(),
+            })?;
         match node.ingest.submit_wait(sealed).await {
             Reply::Ack => batches += 1,
             Reply::Nack(code) => {
                 return Err(ApiError {
                     status: StatusCode::INTERNAL_SERVER_ERROR,
                     code: "internal",
-                    message: format!("the node refused its own batch of {n} events: {}", RejectCode::from_u16(code).map_or("unknown", |c| c.as_str())),
+                    message: format!(
+                        "the node refused its own batch of {n} events: {}",
+                        RejectCode::from_u16(code).map_or("unknown", |c| c.as_str())
+                    ),
                 })
             }
             Reply::Retry { .. } => {
-                return Err(ApiError { status: StatusCode::SERVICE_UNAVAILABLE, code: "unavailable", message: "storage is failing; retry later".into() });
+                return Err(ApiError {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    code: "unavailable",
+                    message: "storage is failing; retry later".into(),
+                });
             }
         }
     }
     node.metrics.events_accepted.fetch_add(accepted, Relaxed);
-    Ok(Json(json!({"accepted": accepted, "rejected": rejected, "batches": batches})))
+    Ok(Json(
+        json!({"accepted": accepted, "rejected": rejected, "batches": batches}),
+    ))
 }
 
 async fn batches(State(node): State<Node_>, body: Bytes) -> Response {
     let max = node.config.limits.max_payload_bytes + 16 + edgetally_proto::SIGNATURE_LEN;
-    let reply = if body.len() > max { Reply::nack(RejectCode::PayloadTooLarge) } else { node.ingest.submit(body.to_vec()).await };
+    let reply = if body.len() > max {
+        Reply::nack(RejectCode::PayloadTooLarge)
+    } else {
+        node.ingest.submit(body.to_vec()).await
+    };
     reply_response(reply)
 }
 
@@ -406,13 +560,21 @@ async fn batches(State(node): State<Node_>, body: Bytes) -> Response {
 pub fn reply_response(reply: Reply) -> Response {
     let frame: String = reply.encode().iter().map(|b| format!("{b:02x}")).collect();
     match reply {
-        Reply::Ack => (StatusCode::OK, Json(json!({"result": "ack", "frame": frame}))).into_response(),
+        Reply::Ack => (
+            StatusCode::OK,
+            Json(json!({"result": "ack", "frame": frame})),
+        )
+            .into_response(),
         Reply::Nack(n) => {
             let code = RejectCode::from_u16(n).map_or("unknown", |c| c.as_str());
             (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"result": "nack", "error": code, "message": format!("batch rejected: {code}"), "frame": frame}))).into_response()
         }
         Reply::Retry { after_ms } => {
-            let mut r = (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"result": "retry", "after_ms": after_ms, "frame": frame}))).into_response();
+            let mut r = (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"result": "retry", "after_ms": after_ms, "frame": frame})),
+            )
+                .into_response();
             let secs = after_ms.div_ceil(1000).max(1);
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 r.headers_mut().insert(header::RETRY_AFTER, v);
@@ -428,7 +590,11 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
         (r.entry_count(), r.epoch_count(), r.applied_count())
     };
     let l = node.config.limits;
-    let hash: String = node.cert_hash().iter().map(|b| format!("{b:02x}")).collect();
+    let hash: String = node
+        .cert_hash()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     Json(json!({
         "node": node.signer.producer().to_hex(),
         "version": env!("CARGO_PKG_VERSION"),
@@ -467,10 +633,26 @@ async fn metrics(State(node): State<Node_>) -> Response {
     };
     let stored = node.store.batch_count().unwrap_or(0);
     let text = node.metrics.render(&[
-        ("edgetally_tier_entries", "Stored tier entries (a measure of state size).", entries as f64),
-        ("edgetally_producer_epochs", "Distinct (producer, epoch) seen-sets.", epochs as f64),
-        ("edgetally_stored_batches", "Batches in the store not yet covered by a snapshot.", stored as f64),
-        ("edgetally_uptime_seconds", "Seconds since start.", node.started.elapsed().as_secs_f64()),
+        (
+            "edgetally_tier_entries",
+            "Stored tier entries (a measure of state size).",
+            entries as f64,
+        ),
+        (
+            "edgetally_producer_epochs",
+            "Distinct (producer, epoch) seen-sets.",
+            epochs as f64,
+        ),
+        (
+            "edgetally_stored_batches",
+            "Batches in the store not yet covered by a snapshot.",
+            stored as f64,
+        ),
+        (
+            "edgetally_uptime_seconds",
+            "Seconds since start.",
+            node.started.elapsed().as_secs_f64(),
+        ),
     ]);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

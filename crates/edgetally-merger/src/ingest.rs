@@ -69,9 +69,18 @@ impl Ingest {
     }
 
     fn job(&self, raw: Vec<u8>) -> (Job, oneshot::Receiver<Reply>) {
-        self.metrics.bytes_received.fetch_add(raw.len() as u64, Relaxed);
+        self.metrics
+            .bytes_received
+            .fetch_add(raw.len() as u64, Relaxed);
         let (reply, rx) = oneshot::channel();
-        (Job { raw, reply, received: Instant::now() }, rx)
+        (
+            Job {
+                raw,
+                reply,
+                received: Instant::now(),
+            },
+            rx,
+        )
     }
 
     /// Submits a batch; answers `Retry` at once if the queue is full.
@@ -80,11 +89,15 @@ impl Ingest {
         match self.tx.try_send(job) {
             Ok(()) => {
                 self.metrics.queue_depth.fetch_add(1, Relaxed);
-                rx.await.unwrap_or(Reply::Retry { after_ms: RETRY_AFTER_MS })
+                rx.await.unwrap_or(Reply::Retry {
+                    after_ms: RETRY_AFTER_MS,
+                })
             }
             Err(_) => {
                 self.metrics.retried.fetch_add(1, Relaxed);
-                Reply::Retry { after_ms: RETRY_AFTER_MS }
+                Reply::Retry {
+                    after_ms: RETRY_AFTER_MS,
+                }
             }
         }
     }
@@ -93,10 +106,14 @@ impl Ingest {
     pub async fn submit_wait(&self, raw: Vec<u8>) -> Reply {
         let (job, rx) = self.job(raw);
         if self.tx.send(job).await.is_err() {
-            return Reply::Retry { after_ms: RETRY_AFTER_MS };
+            return Reply::Retry {
+                after_ms: RETRY_AFTER_MS,
+            };
         }
         self.metrics.queue_depth.fetch_add(1, Relaxed);
-        rx.await.unwrap_or(Reply::Retry { after_ms: RETRY_AFTER_MS })
+        rx.await.unwrap_or(Reply::Retry {
+            after_ms: RETRY_AFTER_MS,
+        })
     }
 }
 
@@ -113,13 +130,14 @@ async fn verify_stage(mut rx: mpsc::Receiver<Job>, tx: mpsc::Sender<Checked>, p:
         }
         p.metrics.queue_depth.fetch_sub(jobs.len() as u64, Relaxed);
         let limits = p.limits;
-        let checked = match tokio::task::spawn_blocking(move || check_jobs(jobs, &limits, now_ms())).await {
-            Ok(c) => c,
-            Err(e) => {
-                error!("verification task failed: {e}");
-                continue;
-            }
-        };
+        let checked =
+            match tokio::task::spawn_blocking(move || check_jobs(jobs, &limits, now_ms())).await {
+                Ok(c) => c,
+                Err(e) => {
+                    error!("verification task failed: {e}");
+                    continue;
+                }
+            };
         if tx.send(checked).await.is_err() {
             break;
         }
@@ -138,7 +156,10 @@ fn check_jobs(jobs: Vec<Job>, limits: &Limits, now: i64) -> Checked {
                     results.push(None);
                     pending.push((i, u));
                 }
-                Err(code) => results.push(Some(Err(DecodeError { code, detail: "bucket outside the accepted time window" }))),
+                Err(code) => results.push(Some(Err(DecodeError {
+                    code,
+                    detail: "bucket outside the accepted time window",
+                }))),
             },
             Err(e) => results.push(Some(Err(e))),
         }
@@ -152,7 +173,15 @@ fn check_jobs(jobs: Vec<Job>, limits: &Limits, now: i64) -> Checked {
             let mut a = verify_many(items);
             match h.join() {
                 Ok(b) => a.extend(b),
-                Err(_) => a.extend(std::iter::repeat_with(|| Err(DecodeError { code: RejectCode::BadSignature, detail: "verifier failed" })).take(idx.len() - a.len())),
+                Err(_) => a.extend(
+                    std::iter::repeat_with(|| {
+                        Err(DecodeError {
+                            code: RejectCode::BadSignature,
+                            detail: "verifier failed",
+                        })
+                    })
+                    .take(idx.len() - a.len()),
+                ),
             }
             a
         })
@@ -164,7 +193,15 @@ fn check_jobs(jobs: Vec<Job>, limits: &Limits, now: i64) -> Checked {
     }
     jobs.into_iter()
         .zip(results)
-        .map(|(j, r)| (j, r.unwrap_or(Err(DecodeError { code: RejectCode::Malformed, detail: "unchecked" }))))
+        .map(|(j, r)| {
+            (
+                j,
+                r.unwrap_or(Err(DecodeError {
+                    code: RejectCode::Malformed,
+                    detail: "unchecked",
+                })),
+            )
+        })
         .collect()
 }
 
@@ -193,7 +230,10 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
             let store = p.store.clone();
             let started = Instant::now();
             let stored = tokio::task::spawn_blocking(move || {
-                let items: Vec<(BatchId, &[u8])> = fresh.iter().map(|(j, b)| (b.id, j.raw.as_slice())).collect();
+                let items: Vec<(BatchId, &[u8])> = fresh
+                    .iter()
+                    .map(|(j, b)| (b.id, j.raw.as_slice()))
+                    .collect();
                 let r = store.append(&items);
                 (fresh, r)
             })
@@ -201,12 +241,17 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
             match stored {
                 Ok((fresh, Ok(()))) => {
                     p.metrics.group_commits.fetch_add(1, Relaxed);
-                    p.metrics.commit_micros.fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+                    p.metrics
+                        .commit_micros
+                        .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
                     let mut r = p.replica.write().unwrap_or_else(|e| e.into_inner());
                     for (job, batch) in fresh {
                         let n = batch.summaries.len() as u64;
                         let raw: Arc<[u8]> = Arc::from(job.raw.as_slice());
-                        let reply = match r.apply(LogEntry { batch: Arc::new(batch), raw }) {
+                        let reply = match r.apply(LogEntry {
+                            batch: Arc::new(batch),
+                            raw,
+                        }) {
                             Ok(Applied::New) => {
                                 p.metrics.applied.fetch_add(1, Relaxed);
                                 p.metrics.summaries.fetch_add(n, Relaxed);
@@ -229,14 +274,20 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
                     warn!("group commit failed, asking producers to retry: {e}");
                     for (job, _) in fresh {
                         p.metrics.retried.fetch_add(1, Relaxed);
-                        done.push((job, Reply::Retry { after_ms: RETRY_AFTER_MS }));
+                        done.push((
+                            job,
+                            Reply::Retry {
+                                after_ms: RETRY_AFTER_MS,
+                            },
+                        ));
                     }
                 }
                 Err(e) => error!("commit task failed: {e}"),
             }
         }
         for (job, reply) in done {
-            p.metrics.observe_latency(job.received.elapsed().as_secs_f64());
+            p.metrics
+                .observe_latency(job.received.elapsed().as_secs_f64());
             let _ = job.reply.send(reply);
         }
     }

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 const CODES: usize = 32;
 /// Upper bounds (seconds) of the ack-latency histogram buckets.
-const LATENCY_BUCKETS: [f64; 12] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0];
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
+];
 
 /// All of the node's counters and gauges.
 #[derive(Debug, Default)]
@@ -59,7 +61,9 @@ impl Metrics {
 
     /// Batches rejected for `code` so far.
     pub fn rejected(&self, code: RejectCode) -> u64 {
-        self.rejected.get(code.as_u16() as usize).map_or(0, |c| c.load(Relaxed))
+        self.rejected
+            .get(code.as_u16() as usize)
+            .map_or(0, |c| c.load(Relaxed))
     }
 
     /// Records the time from receiving a batch to answering it.
@@ -79,30 +83,94 @@ impl Metrics {
         let counter = |s: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         };
-        counter(&mut s, "edgetally_batches_applied_total", "Batches applied (first delivery).", self.applied.load(Relaxed));
-        counter(&mut s, "edgetally_summaries_applied_total", "Summaries in applied batches.", self.summaries.load(Relaxed));
-        counter(&mut s, "edgetally_batches_duplicate_total", "Batches received again after being applied (acked, not re-applied).", self.duplicates.load(Relaxed));
-        counter(&mut s, "edgetally_batches_retried_total", "Batches answered with Retry (overload or transient fault).", self.retried.load(Relaxed));
-        counter(&mut s, "edgetally_batch_bytes_received_total", "Bytes of batches received.", self.bytes_received.load(Relaxed));
-        counter(&mut s, "edgetally_group_commits_total", "Durable group commits.", self.group_commits.load(Relaxed));
-        counter(&mut s, "edgetally_events_accepted_total", "Events accepted by POST /v1/events.", self.events_accepted.load(Relaxed));
-        counter(&mut s, "edgetally_snapshots_total", "State snapshots written.", self.snapshots.load(Relaxed));
-        counter(&mut s, "edgetally_http_requests_total", "HTTP requests served.", self.http_requests.load(Relaxed));
-        counter(&mut s, "edgetally_http_client_errors_total", "HTTP requests answered with a 4xx status.", self.http_client_errors.load(Relaxed));
+        counter(
+            &mut s,
+            "edgetally_batches_applied_total",
+            "Batches applied (first delivery).",
+            self.applied.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edgetally_summaries_applied_total",
+            "Summaries in applied batches.",
+            self.summaries.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edgetally_batches_duplicate_total",
+            "Batches received again after being applied (acked, not re-applied).",
+            self.duplicates.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edgetally_batches_retried_total",
+            "Batches answered with Retry (overload or transient fault).",
+            self.retried.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edgetally_batch_bytes_received_total",
+            "Bytes of batches received.",
+            self.bytes_received.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edgetally_group_commits_total",
+            "Durable group commits.",
+            self.group_commits.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edgetally_events_accepted_total",
+            "Events accepted by POST /v1/events.",
+            self.events_accepted.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edgetally_snapshots_total",
+            "State snapshots written.",
+            self.snapshots.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edgetally_http_requests_total",
+            "HTTP requests served.",
+            self.http_requests.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edgetally_http_client_errors_total",
+            "HTTP requests answered with a 4xx status.",
+            self.http_client_errors.load(Relaxed),
+        );
         let _ = writeln!(s, "# HELP edgetally_commit_seconds_total Time spent in durable group commits.\n# TYPE edgetally_commit_seconds_total counter\nedgetally_commit_seconds_total {}", self.commit_micros.load(Relaxed) as f64 / 1e6);
         for (name, help, arr) in [
-            ("edgetally_batches_rejected_total", "Batches rejected, by reason.", &self.rejected),
-            ("edgetally_events_rejected_total", "Events rejected by POST /v1/events, by reason.", &self.events_rejected),
+            (
+                "edgetally_batches_rejected_total",
+                "Batches rejected, by reason.",
+                &self.rejected,
+            ),
+            (
+                "edgetally_events_rejected_total",
+                "Events rejected by POST /v1/events, by reason.",
+                &self.events_rejected,
+            ),
         ] {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
             for code in RejectCode::ALL {
-                let v = arr.get(code.as_u16() as usize).map_or(0, |c| c.load(Relaxed));
+                let v = arr
+                    .get(code.as_u16() as usize)
+                    .map_or(0, |c| c.load(Relaxed));
                 let _ = writeln!(s, "{name}{{reason=\"{code}\"}} {v}");
             }
         }
         let _ = writeln!(s, "# HELP edgetally_ack_latency_seconds Time from receiving a batch to its reply.\n# TYPE edgetally_ack_latency_seconds histogram");
         for (b, c) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
-            let _ = writeln!(s, "edgetally_ack_latency_seconds_bucket{{le=\"{b}\"}} {}", c.load(Relaxed));
+            let _ = writeln!(
+                s,
+                "edgetally_ack_latency_seconds_bucket{{le=\"{b}\"}} {}",
+                c.load(Relaxed)
+            );
         }
         let n = self.latency_count.load(Relaxed);
         let _ = writeln!(s, "edgetally_ack_latency_seconds_bucket{{le=\"+Inf\"}} {n}\nedgetally_ack_latency_seconds_sum {}\nedgetally_ack_latency_seconds_count {n}", self.latency_micros.load(Relaxed) as f64 / 1e6);

@@ -98,7 +98,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StartError + '_ {
 /// Reads a 32-byte key stored as 64 hex digits, creating it if absent.
 pub fn load_or_create_key(path: &Path) -> Result<[u8; 32], StartError> {
     match std::fs::read_to_string(path) {
-        Ok(s) => edgetally_net::tls::parse_hash(s.trim()).ok_or_else(|| StartError::Io(path.to_path_buf(), std::io::Error::other("not 64 hex digits"))),
+        Ok(s) => edgetally_net::tls::parse_hash(s.trim()).ok_or_else(|| {
+            StartError::Io(
+                path.to_path_buf(),
+                std::io::Error::other("not 64 hex digits"),
+            )
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let seed = random_seed();
             write_private(path, format!("{}\n", hex(&seed)).as_bytes())?;
@@ -130,17 +135,40 @@ fn identity(config: &Config) -> Result<(Identity, bool), StartError> {
             .map_err(|e| StartError::Tls(format!("{}: {e}", cert.display())))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| StartError::Tls(format!("{}: {e}", cert.display())))?;
-        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| StartError::Tls(format!("{}: {e}", key.display())))?;
-        return Ok((Identity { chain, key, not_after_unix: i64::MAX }, false));
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| StartError::Tls(format!("{}: {e}", key.display())))?;
+        return Ok((
+            Identity {
+                chain,
+                key,
+                not_after_unix: i64::MAX,
+            },
+            false,
+        ));
     }
     let dir = &config.data_dir;
-    let (cert_path, key_path, meta_path) = (dir.join("cert.der"), dir.join("cert.key.der"), dir.join("cert.not_after"));
+    let (cert_path, key_path, meta_path) = (
+        dir.join("cert.der"),
+        dir.join("cert.key.der"),
+        dir.join("cert.not_after"),
+    );
     let now = now_ms() / 1000;
-    if let (Ok(c), Ok(k), Ok(m)) = (std::fs::read(&cert_path), std::fs::read(&key_path), std::fs::read_to_string(&meta_path)) {
+    if let (Ok(c), Ok(k), Ok(m)) = (
+        std::fs::read(&cert_path),
+        std::fs::read(&key_path),
+        std::fs::read_to_string(&meta_path),
+    ) {
         if let Ok(not_after) = m.trim().parse::<i64>() {
             if not_after - now > RENEW_BEFORE_SECS {
                 let key = rustls::pki_types::PrivateKeyDer::Pkcs8(k.into());
-                return Ok((Identity { chain: vec![c.into()], key, not_after_unix: not_after }, true));
+                return Ok((
+                    Identity {
+                        chain: vec![c.into()],
+                        key,
+                        not_after_unix: not_after,
+                    },
+                    true,
+                ));
             }
         }
     }
@@ -150,14 +178,19 @@ fn identity(config: &Config) -> Result<(Identity, bool), StartError> {
 
 fn fresh_identity(config: &Config) -> Result<Identity, StartError> {
     let dir = &config.data_dir;
-    let id = Identity::self_signed(now_ms() / 1000, &[]).map_err(|e| StartError::Tls(e.to_string()))?;
+    let id =
+        Identity::self_signed(now_ms() / 1000, &[]).map_err(|e| StartError::Tls(e.to_string()))?;
     let key = match &id.key {
         rustls::pki_types::PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
         _ => return Err(StartError::Tls("unexpected key type".into())),
     };
     write_private(&dir.join("cert.key.der"), &key)?;
     std::fs::write(dir.join("cert.der"), id.chain[0].as_ref()).map_err(io(dir))?;
-    std::fs::write(dir.join("cert.not_after"), format!("{}\n", id.not_after_unix)).map_err(io(dir))?;
+    std::fs::write(
+        dir.join("cert.not_after"),
+        format!("{}\n", id.not_after_unix),
+    )
+    .map_err(io(dir))?;
     Ok(id)
 }
 
@@ -171,12 +204,23 @@ fn recover(store: &Store, limits: &Limits) -> Result<(Replica, u64), StartError>
     replica.set_peers(Vec::<String>::new());
     // Stored batches were verified before they were acked; decoding re-checks their shape.
     // Limits may have been lowered since: replay with generous ones so nothing acked is lost.
-    let replay_limits = Limits { max_payload_bytes: usize::MAX, max_summaries: usize::MAX, max_categories: usize::MAX, max_entities: usize::MAX, ..*limits };
+    let replay_limits = Limits {
+        max_payload_bytes: usize::MAX,
+        max_summaries: usize::MAX,
+        max_categories: usize::MAX,
+        max_entities: usize::MAX,
+        ..*limits
+    };
     let mut n = 0;
     for raw in loaded.batches {
         match decode(&raw, &replay_limits) {
             Ok(u) => {
-                replica.apply(LogEntry { batch: Arc::new(u.batch), raw: raw.into() }).map_err(|e| StartError::Restore(e.to_string()))?;
+                replica
+                    .apply(LogEntry {
+                        batch: Arc::new(u.batch),
+                        raw: raw.into(),
+                    })
+                    .map_err(|e| StartError::Restore(e.to_string()))?;
                 n += 1;
             }
             Err(e) => warn!("stored batch unreadable, skipped: {e}"),
@@ -199,14 +243,27 @@ impl Node {
         let (replica, recovered) = recover(&store, &config.limits)?;
         let replica = Arc::new(RwLock::new(replica));
         let metrics = Arc::new(Metrics::default());
-        let pipeline = Pipeline { replica: replica.clone(), store: store.clone(), metrics: metrics.clone(), limits: config.limits, max_group: config.max_group };
+        let pipeline = Pipeline {
+            replica: replica.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            limits: config.limits,
+            max_group: config.max_group,
+        };
         let (ingest, commit_task) = Ingest::start(pipeline, config.queue_depth);
 
         let sc = server_config(&id, &[ALPN_BATCHES]).map_err(|e| StartError::Tls(e.to_string()))?;
-        let endpoint = quinn::Endpoint::server(sc, config.quic_addr).map_err(|e| StartError::Bind(config.quic_addr, e))?;
-        let quic_addr = endpoint.local_addr().map_err(|e| StartError::Bind(config.quic_addr, e))?;
-        let listener = tokio::net::TcpListener::bind(config.http_addr).await.map_err(|e| StartError::Bind(config.http_addr, e))?;
-        let http_addr = listener.local_addr().map_err(|e| StartError::Bind(config.http_addr, e))?;
+        let endpoint = quinn::Endpoint::server(sc, config.quic_addr)
+            .map_err(|e| StartError::Bind(config.quic_addr, e))?;
+        let quic_addr = endpoint
+            .local_addr()
+            .map_err(|e| StartError::Bind(config.quic_addr, e))?;
+        let listener = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|e| StartError::Bind(config.http_addr, e))?;
+        let http_addr = listener
+            .local_addr()
+            .map_err(|e| StartError::Bind(config.http_addr, e))?;
 
         let node = Arc::new(Node {
             signer,
@@ -226,7 +283,11 @@ impl Node {
         });
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = vec![commit_task];
-        tasks.push(tokio::spawn(edgetally_net::serve(endpoint.clone(), node.clone(), rx.clone())));
+        tasks.push(tokio::spawn(edgetally_net::serve(
+            endpoint.clone(),
+            node.clone(),
+            rx.clone(),
+        )));
         let app = crate::http::router(node.clone());
         let mut http_rx = rx.clone();
         tasks.push(tokio::spawn(async move {
@@ -237,18 +298,33 @@ impl Node {
                     }
                 }
             };
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
                 warn!("http server: {e}");
             }
         }));
-        tasks.push(tokio::spawn(upkeep(node.clone(), endpoint.clone(), id, generated, rx)));
+        tasks.push(tokio::spawn(upkeep(
+            node.clone(),
+            endpoint.clone(),
+            id,
+            generated,
+            rx,
+        )));
         println!("node: {}", node.signer.producer().to_hex());
         println!("quic: {quic_addr}");
         println!("http: http://{http_addr}");
         println!("cert-sha256: {}", hex(&node.cert_hash()));
         println!("recovered-batches: {recovered}");
         info!(%quic_addr, %http_addr, recovered, "merger started");
-        Ok(Running { node, http_addr, shutdown, tasks, endpoint })
+        Ok(Running {
+            node,
+            http_addr,
+            shutdown,
+            tasks,
+            endpoint,
+        })
     }
 
     /// SHA-256 of the current certificate.
@@ -263,8 +339,16 @@ impl Node {
             let retained: HashSet<_> = r.log().map(|e| e.batch.id).collect();
             (r.snapshot(), retained)
         };
-        let covered = Digest { epochs: snap.seen.iter().map(|(p, e, s)| ((*p, *e), s.clone())).collect() };
-        let n = self.store.compact(&snap, |id| covered.contains(id) && !retained.contains(id))?;
+        let covered = Digest {
+            epochs: snap
+                .seen
+                .iter()
+                .map(|(p, e, s)| ((*p, *e), s.clone()))
+                .collect(),
+        };
+        let n = self
+            .store
+            .compact(&snap, |id| covered.contains(id) && !retained.contains(id))?;
         self.metrics.snapshots.fetch_add(1, Relaxed);
         Ok(n)
     }
@@ -280,7 +364,13 @@ impl edgetally_net::BatchSink for Node {
     }
 }
 
-async fn upkeep(node: Arc<Node>, endpoint: quinn::Endpoint, mut id: Identity, generated: bool, mut stop: watch::Receiver<bool>) {
+async fn upkeep(
+    node: Arc<Node>,
+    endpoint: quinn::Endpoint,
+    mut id: Identity,
+    generated: bool,
+    mut stop: watch::Receiver<bool>,
+) {
     let every = Duration::from_secs(node.config.snapshot_interval_secs.max(1));
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
@@ -301,11 +391,18 @@ async fn upkeep(node: Arc<Node>, endpoint: quinn::Endpoint, mut id: Identity, ge
         })
         .await;
         if generated && id.not_after_unix - now_ms() / 1000 <= RENEW_BEFORE_SECS {
-            match fresh_identity(&node.config).and_then(|new| server_config(&new, &[ALPN_BATCHES]).map(|sc| (new, sc)).map_err(|e| StartError::Tls(e.to_string()))) {
+            match fresh_identity(&node.config).and_then(|new| {
+                server_config(&new, &[ALPN_BATCHES])
+                    .map(|sc| (new, sc))
+                    .map_err(|e| StartError::Tls(e.to_string()))
+            }) {
                 Ok((new, sc)) => {
                     endpoint.set_server_config(Some(sc));
                     *node.cert_hash.write().unwrap_or_else(|e| e.into_inner()) = new.cert_hash();
-                    *node.cert_not_after.write().unwrap_or_else(|e| e.into_inner()) = new.not_after_unix;
+                    *node
+                        .cert_not_after
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner()) = new.not_after_unix;
                     info!(cert_sha256 = %hex(&new.cert_hash()), "certificate rotated");
                     id = new;
                 }
@@ -346,7 +443,10 @@ async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
             (Ok(mut a), Ok(mut b)) => {
                 tokio::select! { _ = a.recv() => {}, _ = b.recv() => {} }
             }

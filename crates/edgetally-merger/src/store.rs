@@ -77,7 +77,10 @@ impl Store {
         let txn = self.db.begin_read().map_err(err)?;
         let meta = txn.open_table(META).map_err(err)?;
         let snapshot = match meta.get(SNAPSHOT_KEY).map_err(err)? {
-            Some(v) => Some(postcard::from_bytes(v.value()).map_err(|e| StoreError(format!("snapshot unreadable: {e}")))?),
+            Some(v) => Some(
+                postcard::from_bytes(v.value())
+                    .map_err(|e| StoreError(format!("snapshot unreadable: {e}")))?,
+            ),
             None => None,
         };
         let table = txn.open_table(BATCHES).map_err(err)?;
@@ -103,7 +106,11 @@ impl Store {
 
     /// Writes `snapshot` and deletes, in the same transaction, the stored batches for which
     /// `drop` is true (those the snapshot covers and replication no longer needs).
-    pub fn compact(&self, snapshot: &Snapshot, drop: impl Fn(&BatchId) -> bool) -> Result<usize, StoreError> {
+    pub fn compact(
+        &self,
+        snapshot: &Snapshot,
+        drop: impl Fn(&BatchId) -> bool,
+    ) -> Result<usize, StoreError> {
         let bytes = postcard::to_allocvec(snapshot).map_err(err)?;
         let txn = self.db.begin_write().map_err(err)?;
         let mut removed = 0;

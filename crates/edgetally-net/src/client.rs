@@ -29,9 +29,18 @@ pub struct Client {
 impl Client {
     /// Connects to `addr`, accepting only a server certificate whose SHA-256 is in `pins`.
     pub async fn connect(addr: SocketAddr, pins: Vec<[u8; 32]>) -> Result<Client, SendError> {
-        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().map_err(|_| SendError::Connect("bind".into()))?;
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| SendError::Connect(e.to_string()))?;
-        endpoint.set_default_client_config(client_config(pins, ALPN_BATCHES).map_err(|e| SendError::Connect(e.to_string()))?);
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .map_err(|_| SendError::Connect("bind".into()))?;
+        let mut endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| SendError::Connect(e.to_string()))?;
+        endpoint.set_default_client_config(
+            client_config(pins, ALPN_BATCHES).map_err(|e| SendError::Connect(e.to_string()))?,
+        );
         let conn = endpoint
             .connect(addr, "localhost")
             .map_err(|e| SendError::Connect(e.to_string()))?
@@ -43,10 +52,20 @@ impl Client {
     /// Sends one sealed batch on its own stream and waits for the merger's reply. Many calls
     /// may run concurrently on one client (they are pipelined on separate streams).
     pub async fn send(&self, sealed: &[u8]) -> Result<Reply, SendError> {
-        let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| SendError::Stream(e.to_string()))?;
-        send.write_all(sealed).await.map_err(|e| SendError::Stream(e.to_string()))?;
-        send.finish().map_err(|e| SendError::Stream(e.to_string()))?;
-        let reply = recv.read_to_end(16).await.map_err(|e| SendError::Stream(e.to_string()))?;
+        let (mut send, mut recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| SendError::Stream(e.to_string()))?;
+        send.write_all(sealed)
+            .await
+            .map_err(|e| SendError::Stream(e.to_string()))?;
+        send.finish()
+            .map_err(|e| SendError::Stream(e.to_string()))?;
+        let reply = recv
+            .read_to_end(16)
+            .await
+            .map_err(|e| SendError::Stream(e.to_string()))?;
         Reply::decode(&reply).map_err(|_| SendError::BadReply)
     }
 

@@ -18,7 +18,11 @@ pub trait BatchSink: Send + Sync + 'static {
 }
 
 /// Accepts connections until `shutdown` turns true, then closes the endpoint gracefully.
-pub async fn serve<S: BatchSink>(endpoint: quinn::Endpoint, sink: Arc<S>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve<S: BatchSink>(
+    endpoint: quinn::Endpoint,
+    sink: Arc<S>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -41,7 +45,10 @@ pub async fn serve<S: BatchSink>(endpoint: quinn::Endpoint, sink: Arc<S>, mut sh
 }
 
 async fn connection<S: BatchSink>(conn: quinn::Connection, sink: Arc<S>) {
-    let alpn = conn.handshake_data().and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok()).and_then(|h| h.protocol);
+    let alpn = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol);
     if alpn.as_deref() != Some(ALPN_BATCHES) {
         conn.close(1u32.into(), b"unsupported alpn");
         return;
@@ -53,7 +60,8 @@ async fn connection<S: BatchSink>(conn: quinn::Connection, sink: Arc<S>) {
                 let sink = sink.clone();
                 tokio::spawn(stream(send, recv, sink));
             }
-            Err(quinn::ConnectionError::ApplicationClosed(_)) | Err(quinn::ConnectionError::LocallyClosed) => break,
+            Err(quinn::ConnectionError::ApplicationClosed(_))
+            | Err(quinn::ConnectionError::LocallyClosed) => break,
             Err(e) => {
                 debug!("connection ended: {e}");
                 break;
@@ -62,7 +70,11 @@ async fn connection<S: BatchSink>(conn: quinn::Connection, sink: Arc<S>) {
     }
 }
 
-async fn stream<S: BatchSink>(mut send: quinn::SendStream, mut recv: quinn::RecvStream, sink: Arc<S>) {
+async fn stream<S: BatchSink>(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    sink: Arc<S>,
+) {
     // A batch is one stream: the client writes its bytes and finishes; we reply and finish.
     let reply = match recv.read_to_end(sink.max_batch_bytes() + 16).await {
         Ok(raw) => sink.submit(raw).await,

@@ -53,17 +53,29 @@ impl Identity {
     /// A fresh self-signed ECDSA P-256 certificate for loopback names, valid from one hour
     /// before `now_unix` for [`CERT_VALIDITY`] in all.
     pub fn self_signed(now_unix: i64, extra_names: &[String]) -> Result<Identity, TlsError> {
-        let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+        let mut names = vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ];
         names.extend(extra_names.iter().cloned());
-        let mut params = rcgen::CertificateParams::new(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+        let mut params =
+            rcgen::CertificateParams::new(names).map_err(|e| TlsError::Generate(e.to_string()))?;
         let start = now_unix - 3600;
         let end = start + CERT_VALIDITY.as_secs() as i64;
-        params.not_before = time::OffsetDateTime::from_unix_timestamp(start).map_err(|e| TlsError::Generate(e.to_string()))?;
-        params.not_after = time::OffsetDateTime::from_unix_timestamp(end).map_err(|e| TlsError::Generate(e.to_string()))?;
+        params.not_before = time::OffsetDateTime::from_unix_timestamp(start)
+            .map_err(|e| TlsError::Generate(e.to_string()))?;
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(end)
+            .map_err(|e| TlsError::Generate(e.to_string()))?;
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(rcgen::DnType::CommonName, "edgetally merger");
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| TlsError::Generate(e.to_string()))?;
-        let cert = params.self_signed(&key).map_err(|e| TlsError::Generate(e.to_string()))?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "edgetally merger");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| TlsError::Generate(e.to_string()))?;
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| TlsError::Generate(e.to_string()))?;
         Ok(Identity {
             chain: vec![cert.der().clone()],
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
@@ -115,12 +127,17 @@ pub fn server_config(id: &Identity, alpns: &[&[u8]]) -> Result<quinn::ServerConf
         .map_err(|e| TlsError::Config(e.to_string()))?;
     tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
     tls.max_early_data_size = 0;
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.max_concurrent_bidi_streams(1024u32.into());
     transport.max_concurrent_uni_streams(16u32.into());
-    transport.max_idle_timeout(Some(Duration::from_secs(30).try_into().map_err(|_| TlsError::Config("idle timeout".into()))?));
+    transport.max_idle_timeout(Some(
+        Duration::from_secs(30)
+            .try_into()
+            .map_err(|_| TlsError::Config("idle timeout".into()))?,
+    ));
     transport.keep_alive_interval(Some(Duration::from_secs(10)));
     transport.stream_receive_window((8u32 << 20).into());
     transport.receive_window((64u32 << 20).into());
@@ -148,7 +165,9 @@ impl ServerCertVerifier for PinnedCert {
         if self.pins.contains(&cert_hash(end_entity)) {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ))
         }
     }
 
@@ -158,7 +177,12 @@ impl ServerCertVerifier for PinnedCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -167,18 +191,28 @@ impl ServerCertVerifier for PinnedCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
 /// A QUIC client configuration that accepts only servers whose certificate hash is pinned.
 pub fn client_config(pins: Vec<[u8; 32]>, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
     let provider = provider();
-    let verifier = Arc::new(PinnedCert { pins, provider: provider.clone() });
+    let verifier = Arc::new(PinnedCert {
+        pins,
+        provider: provider.clone(),
+    });
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -186,10 +220,15 @@ pub fn client_config(pins: Vec<[u8; 32]>, alpn: &[u8]) -> Result<quinn::ClientCo
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     tls.alpn_protocols = vec![alpn.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    transport.max_idle_timeout(Some(Duration::from_secs(30).try_into().map_err(|_| TlsError::Config("idle timeout".into()))?));
+    transport.max_idle_timeout(Some(
+        Duration::from_secs(30)
+            .try_into()
+            .map_err(|_| TlsError::Config("idle timeout".into()))?,
+    ));
     transport.keep_alive_interval(Some(Duration::from_secs(10)));
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)

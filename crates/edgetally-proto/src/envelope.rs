@@ -199,7 +199,7 @@ pub fn decode_payload(payload: &[u8], limits: &Limits) -> Result<Batch, DecodeEr
     let created_ms = r.i64().map_err(m)?;
     let bucket_ms = r.u32().map_err(m)?;
     let n_strings = r.u32().map_err(m)? as usize;
-    if n_strings > limits.max_categories + limits.max_entities {
+    if n_strings > limits.max_categories.saturating_add(limits.max_entities) {
         return Err(DecodeError::new(
             RejectCode::TooManyEntities,
             "string table exceeds the category and entity limits",

@@ -9,7 +9,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "edgetally", version, about = "Edge aggregation: merger nodes and tools")]
+#[command(
+    name = "edgetally",
+    version,
+    about = "Edge aggregation: merger nodes and tools"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -60,16 +64,22 @@ fn init_logging() {
         .or_else(|_| std::env::var("RUST_LOG"))
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO));
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        });
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    tracing_subscriber::registry().with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).with(filter).init();
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .init();
 }
 
 fn config(args: &ServeArgs) -> Result<Config> {
     let mut c = Config::default();
     if let Some(path) = &args.config {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         c.apply_toml(&text)?;
     }
     c.apply_env(std::env::vars())?;
@@ -98,7 +108,9 @@ fn main() -> Result<()> {
         Cmd::Serve(args) => {
             init_logging();
             let cfg = config(&args)?;
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async move {
                 let running = edgetally_merger::Node::start(cfg).await?;
                 running.run_until_signal().await;
