@@ -3,6 +3,7 @@
 mod convergence;
 mod crashers;
 mod crdt_laws;
+mod demo;
 mod fixtures;
 mod harness;
 mod merger;

@@ -21,6 +21,7 @@ fn main() -> Result<()> {
             wasm_check(&root)
         }
         Some("bench") => bench(args.get(1).map(String::as_str).unwrap_or("all")),
+        Some("demo") => demo(&root, &args[1..]),
         _ => {
             eprintln!("usage: cargo xtask <test|wasm-check|bench [core|wire|figures]>");
             std::process::exit(2)
@@ -130,6 +131,16 @@ fn run_tests(cmd: &mut Command) -> Result<(u64, u64)> {
         bail!("cargo test failed with {status}");
     }
     Ok((passed, failed))
+}
+
+/// Builds the binary and runs `edgetally demo` (which starts and stops its own merger).
+fn demo(root: &Path, rest: &[String]) -> Result<()> {
+    run(cargo().args(["build", "-p", "edgetally", "--bin", "edgetally"]))?;
+    let target_dir =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    run(Command::new(target_dir.join("debug").join("edgetally"))
+        .arg("demo")
+        .args(rest))
 }
 
 fn bench(which: &str) -> Result<()> {

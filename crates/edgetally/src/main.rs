@@ -1,5 +1,6 @@
 //! `edgetally`: serve, query, keygen.
 
+mod demo;
 mod query;
 
 use anyhow::{Context, Result};
@@ -26,6 +27,13 @@ enum Cmd {
     Serve(ServeArgs),
     /// Ask a node a question (a table by default, --json for scripts).
     Query(query::QueryArgs),
+    /// Start a merger, feed it IoT and user-activity events (late, out of order and a few
+    /// invalid ones), and print every query kind's answer beside an independent expectation.
+    Demo {
+        /// Start a three-node cluster instead (arrives with clustering).
+        #[arg(long)]
+        cluster: bool,
+    },
     /// Generate an ed25519 key: writes the secret seed (hex) to --out and prints the public key.
     Keygen {
         /// Where to write the secret seed (refuses to overwrite).
@@ -118,6 +126,7 @@ fn main() -> Result<()> {
             })
         }
         Cmd::Query(q) => query::run(q),
+        Cmd::Demo { cluster } => demo::run(cluster),
         Cmd::Keygen { out } => {
             if out.exists() {
                 anyhow::bail!("{} exists; not overwriting a key", out.display());

@@ -1,0 +1,409 @@
+//! `edgetally demo`: starts a merger on the embedded default addresses (with a fresh data
+//! directory, so the expectations below are exact), feeds it a few thousand events of two
+//! shapes — an IoT metric stream over QUIC as signed batches, user activity over
+//! `POST /v1/events` — including late, out-of-order and invalid ones, then prints each query
+//! kind's answer next to an expectation computed here independently, and stops the merger.
+
+use anyhow::{bail, Context, Result};
+use edgetally_core::BatchId;
+use edgetally_proto::{BatchBuilder, Reply, Signer};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One event; values are whole hundredths (`cents`), so expected sums are exact integers.
+struct Ev {
+    ts: i64,
+    category: &'static str,
+    entity: String,
+    cents: i64,
+}
+
+/// Deterministic generator (SplitMix64) so every run feeds the same shapes.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[derive(Default, Clone, Copy)]
+struct Exp {
+    count: u64,
+    cents: i128,
+    min: i64,
+    max: i64,
+}
+
+impl Exp {
+    fn add(&mut self, c: i64) {
+        if self.count == 0 {
+            self.min = c;
+            self.max = c;
+        }
+        self.count += 1;
+        self.cents += c as i128;
+        self.min = self.min.min(c);
+        self.max = self.max.max(c);
+    }
+    fn sum_text(&self) -> String {
+        let neg = self.cents < 0;
+        let a = self.cents.unsigned_abs();
+        let frac = format!("{:02}", a % 100);
+        let frac = frac.trim_end_matches('0');
+        format!(
+            "{}{}{}{}",
+            if neg { "-" } else { "" },
+            a / 100,
+            if frac.is_empty() { "" } else { "." },
+            frac
+        )
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+pub fn run(cluster: bool) -> Result<()> {
+    if cluster {
+        bail!("the cluster demo arrives with clustering; run `edgetally demo` for a single node");
+    }
+    let dir = std::env::temp_dir().join(format!("edgetally-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let exe = std::env::current_exe()?;
+    println!(
+        "starting `edgetally serve` on the default addresses (data in {})",
+        dir.display()
+    );
+    let mut child = Command::new(&exe)
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&dir)
+        .env("EDGETALLY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the merger")?;
+    let result = (|| -> Result<bool> {
+        let out = child.stdout.take().context("stdout")?;
+        let mut lines = BufReader::new(out).lines();
+        let (mut http, mut quic, mut cert) = (None, None, None);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cert.is_none() || http.is_none() || quic.is_none() {
+            if Instant::now() > deadline {
+                bail!("the merger did not start (is port 7070 or 7071 taken?)");
+            }
+            let Some(line) = lines.next() else {
+                bail!("the merger exited at start-up (is port 7070 or 7071 taken?)")
+            };
+            let line = line?;
+            println!("  merger> {line}");
+            if let Some(v) = line.strip_prefix("http: ") {
+                http = Some(v.to_string());
+            } else if let Some(v) = line.strip_prefix("quic: ") {
+                quic = Some(v.parse::<std::net::SocketAddr>()?);
+            } else if let Some(v) = line.strip_prefix("cert-sha256: ") {
+                cert = edgetally_net::tls::parse_hash(v);
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        let (http, quic, cert) = (
+            http.unwrap_or_default(),
+            quic.context("quic")?,
+            cert.context("cert")?,
+        );
+        feed_and_check(&http, quic, cert)
+    })();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    match result {
+        Ok(true) => {
+            println!("\nall answers match; merger stopped");
+            Ok(())
+        }
+        Ok(false) => bail!("some answers differ from the expectation"),
+        Err(e) => Err(e),
+    }
+}
+
+fn feed_and_check(http: &str, quic: std::net::SocketAddr, cert: [u8; 32]) -> Result<bool> {
+    let now = now_ms();
+    let mut rng = Rng(2024);
+    // IoT: 20 devices, temperature and humidity, one reading every ~5 s over the last 30 min,
+    // some of them delivered late (up to 20 min behind) and shuffled.
+    let mut iot: Vec<Ev> = Vec::new();
+    for d in 0..20 {
+        for i in 0..180 {
+            let ts = now - 1_800_000 + i * 10_000 + rng.below(5000) as i64;
+            iot.push(Ev {
+                ts,
+                category: "temperature",
+                entity: format!("device-{d:02}"),
+                cents: 1800 + rng.below(900) as i64,
+            });
+            iot.push(Ev {
+                ts,
+                category: "humidity",
+                entity: format!("device-{d:02}"),
+                cents: 3000 + rng.below(4000) as i64,
+            });
+        }
+    }
+    for i in (0..iot.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        iot.swap(i, j);
+    }
+    // User activity: page views, clicks (value 1) and purchases (amounts), over the last hour.
+    let mut users: Vec<Ev> = Vec::new();
+    for _ in 0..1500 {
+        let u = format!("user-{}", rng.below(50));
+        let ts = now - rng.below(3_600_000) as i64;
+        let (category, cents) = match rng.below(10) {
+            0 => ("purchase", 100 + rng.below(20000) as i64),
+            1..=3 => ("click", 100),
+            _ => ("page_view", 100),
+        };
+        users.push(Ev {
+            ts,
+            category,
+            entity: u,
+            cents,
+        });
+    }
+
+    // IoT over QUIC: signed batches of 400 readings from three gateway producers.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut sealed = Vec::new();
+    for (n, chunk) in iot.chunks(400).enumerate() {
+        let mut seed = [0u8; 32];
+        seed[0] = (n % 3) as u8 + 1;
+        let signer = Signer::from_seed(seed);
+        let mut b = BatchBuilder::new(1000)?;
+        for e in chunk {
+            b.record(e.category, Some(&e.entity), e.ts, e.cents as f64 / 100.0)?;
+        }
+        sealed.push(signer.seal(&b.finish(
+            BatchId {
+                producer: signer.producer(),
+                epoch: 1,
+                seq: (n / 3) as u64,
+            },
+            now,
+        ))?);
+    }
+    let replies = rt.block_on(async {
+        let c = edgetally_net::Client::connect(quic, vec![cert]).await?;
+        let mut out = Vec::new();
+        for b in &sealed {
+            out.push(c.send(b).await?);
+        }
+        // Redelivery of a batch (as after a lost Ack) changes nothing.
+        out.push(c.send(&sealed[0]).await?);
+        c.close().await;
+        anyhow::Ok(out)
+    })?;
+    if replies.iter().any(|r| *r != Reply::Ack) {
+        bail!("unexpected replies: {replies:?}");
+    }
+    println!(
+        "sent {} IoT readings as {} signed batches over QUIC (one redelivered): all acked",
+        iot.len(),
+        sealed.len()
+    );
+
+    // User activity over HTTP as NDJSON, with a few invalid events mixed in.
+    let mut body = String::new();
+    for e in &users {
+        body.push_str(&format!(
+            "{{\"ts_ms\":{},\"category\":\"{}\",\"entity\":\"{}\",\"value\":{}}}\n",
+            e.ts,
+            e.category,
+            e.entity,
+            e.cents as f64 / 100.0
+        ));
+    }
+    body.push_str(&format!("{{\"ts_ms\":{now},\"category\":\"\"}}\n"));
+    body.push_str(&format!(
+        "{{\"ts_ms\":{now},\"category\":\"click\",\"value\":\"abc\"}}\n"
+    ));
+    body.push_str(&format!(
+        "{{\"ts_ms\":{},\"category\":\"click\"}}\n",
+        now + 3_600_000
+    ));
+    body.push_str("{not json}\n");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let text = agent
+        .post(&format!("{http}/v1/events"))
+        .header("content-type", "application/x-ndjson")
+        .send(body.as_bytes())?
+        .body_mut()
+        .read_to_string()?;
+    let v: Value = serde_json::from_str(&text)?;
+    println!(
+        "posted {} user events + 4 invalid ones: accepted {}, rejected {}:",
+        users.len(),
+        v["accepted"],
+        v["rejected"].as_array().map_or(0, Vec::len)
+    );
+    for r in v["rejected"].as_array().into_iter().flatten() {
+        println!(
+            "    event #{}: {} ({})",
+            r["index"],
+            r["error"].as_str().unwrap_or(""),
+            r["message"].as_str().unwrap_or("")
+        );
+    }
+    let mut ok = v["accepted"].as_u64() == Some(users.len() as u64)
+        && v["rejected"].as_array().map_or(0, Vec::len) == 4;
+
+    let get = |path: String| -> Result<Value> {
+        let text = agent
+            .get(&format!("{http}{path}"))
+            .call()?
+            .body_mut()
+            .read_to_string()?;
+        Ok(serde_json::from_str(&text)?)
+    };
+    let all: Vec<&Ev> = iot.iter().chain(&users).collect();
+    let exp = |f: &dyn Fn(&Ev) -> bool| {
+        let mut x = Exp::default();
+        all.iter().filter(|e| f(e)).for_each(|e| x.add(e.cents));
+        x
+    };
+    let mut check = |label: String, got: &Value, want: Exp| {
+        let g = (
+            got["count"].as_u64().unwrap_or(0),
+            got["sum_exact"].as_str().unwrap_or("").to_string(),
+        );
+        let w = (want.count, want.sum_text());
+        let minmax_ok = want.count == 0
+            || (got["min"].as_f64() == Some(want.min as f64 / 100.0)
+                && got["max"].as_f64() == Some(want.max as f64 / 100.0));
+        let good = g == w && minmax_ok;
+        ok &= good;
+        println!(
+            "  {:<46} count {:>6} sum {:>12}   expected count {:>6} sum {:>12}   {}",
+            label,
+            g.0,
+            g.1,
+            w.0,
+            w.1,
+            if good { "ok" } else { "MISMATCH" }
+        );
+    };
+    let (start, end) = (now - 2 * 3_600_000, now + 1000);
+    let (s_al, e_al) = (
+        (start + 999).div_euclid(1000) * 1000,
+        (end + 999).div_euclid(1000) * 1000,
+    );
+    let in_w = |e: &Ev| e.ts >= s_al && e.ts < e_al;
+    println!("\nqueries (window [{start}, {end}) ms):");
+    for c in ["temperature", "humidity", "page_view", "click", "purchase"] {
+        let v = get(format!(
+            "/v1/aggregate?category={c}&start={start}&end={end}"
+        ))?;
+        check(
+            format!("aggregate {c}"),
+            &v,
+            exp(&|e| e.category == c && in_w(e)),
+        );
+    }
+    let v = get(format!(
+        "/v1/aggregate?category=temperature&entity=device-07&start={start}&end={end}"
+    ))?;
+    check(
+        "aggregate temperature, entity device-07".into(),
+        &v,
+        exp(&|e| e.category == "temperature" && e.entity == "device-07" && in_w(e)),
+    );
+    let v = get("/v1/window?category=temperature&width_ms=600000".to_string())?;
+    let (ws, we) = (
+        v["time_window_start"].as_i64().unwrap_or(0),
+        v["time_window_end"].as_i64().unwrap_or(0),
+    );
+    check(
+        "window temperature, last 10 minutes".into(),
+        &v,
+        exp(&|e| e.category == "temperature" && e.ts >= ws && e.ts < we),
+    );
+    let v = get(format!(
+        "/v1/topk?category=purchase&start={start}&end={end}&k=3"
+    ))?;
+    let mut per_user: BTreeMap<&str, u64> = BTreeMap::new();
+    users
+        .iter()
+        .filter(|e| e.category == "purchase")
+        .for_each(|e| *per_user.entry(&e.entity).or_default() += 1);
+    let mut want: Vec<(u64, &str)> = per_user.iter().map(|(u, n)| (*n, *u)).collect();
+    want.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+    for (i, item) in v["items"].as_array().into_iter().flatten().enumerate() {
+        let key = item["key"].as_str().unwrap_or("");
+        let rank_ok = want.get(i).map(|w| w.1) == Some(key);
+        let mut expected = exp(&|e| e.category == "purchase" && e.entity == key);
+        if !rank_ok {
+            expected.count = u64::MAX; // forces a mismatch line for a wrong ranking
+        }
+        check(
+            format!(
+                "topk purchase #{} ({key}; expected {})",
+                i + 1,
+                want.get(i).map_or("-", |w| w.1)
+            ),
+            item,
+            expected,
+        );
+    }
+    let v = get(format!(
+        "/v1/totals?start={start}&end={end}&group_by=category"
+    ))?;
+    for g in v["groups"].as_array().into_iter().flatten() {
+        let c = g["key"].as_str().unwrap_or("").to_string();
+        check(
+            format!("totals group {c}"),
+            g,
+            exp(&|e| e.category == c && in_w(e)),
+        );
+    }
+    let h = 600_000;
+    let (s0, s1) = (
+        (now - 3_600_000).div_euclid(h) * h,
+        (now + h).div_euclid(h) * h,
+    );
+    let v = get(format!(
+        "/v1/series?category=click&start={s0}&end={s1}&step_ms={h}"
+    ))?;
+    for p in v["points"].as_array().into_iter().flatten() {
+        let (a, b) = (
+            p["time_window_start"].as_i64().unwrap_or(0),
+            p["time_window_end"].as_i64().unwrap_or(0),
+        );
+        check(
+            format!("series click [{a}, +10 min)"),
+            p,
+            exp(&|e| e.category == "click" && e.ts >= a && e.ts < b),
+        );
+    }
+    drop(check);
+    Ok(ok)
+}
