@@ -143,7 +143,33 @@ fn demo(root: &Path, rest: &[String]) -> Result<()> {
         .args(rest))
 }
 
+/// The merger benchmark needs redis-server (Debian's package) and a release build.
+fn bench_merger(root: &Path) -> Result<()> {
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        run(Command::new("apt-get").arg("update"))?;
+        run(Command::new("apt-get").args(["install", "-y", "redis-server"]))?;
+    }
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "edgetally",
+        "--bin",
+        "edgetally",
+    ]))?;
+    let target_dir =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    run(Command::new(target_dir.join("release").join("edgetally")).arg("loadgen"))
+}
+
 fn bench(which: &str) -> Result<()> {
+    if which == "merger" {
+        return bench_merger(&root()?);
+    }
     let benches: &[(&str, &str)] = &[
         ("core", "edgetally-core"),
         ("figures", "edgetally-core"),

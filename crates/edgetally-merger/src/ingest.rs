@@ -118,6 +118,8 @@ impl Ingest {
 }
 
 type Checked = Vec<(Job, Result<Batch, DecodeError>)>;
+/// Batches written to disk and awaiting apply, and replies already decided.
+type Written = (Vec<(Job, Batch)>, Vec<(Job, Reply)>);
 
 async fn verify_stage(mut rx: mpsc::Receiver<Job>, tx: mpsc::Sender<Checked>, p: Pipeline) {
     while let Some(first) = rx.recv().await {
@@ -206,11 +208,26 @@ fn check_jobs(jobs: Vec<Job>, limits: &Limits, now: i64) -> Checked {
 }
 
 async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
-    while let Some(group) = rx.recv().await {
+    // Appends (fsync) of one group overlap the apply of the previous one; `pending` holds the
+    // ids written but not yet applied, so a duplicate arriving in between is not written twice
+    // (and were it written, apply's seen-set would still count it once).
+    let pending: Arc<std::sync::Mutex<HashSet<BatchId>>> = Arc::default();
+    let (tx_apply, rx_apply) = mpsc::channel::<Written>(2);
+    let applier = tokio::spawn(apply_stage(rx_apply, p.clone(), pending.clone()));
+    while let Some(mut group) = rx.recv().await {
+        // Everything verified meanwhile joins this commit: the slower the disk, the larger
+        // the group, so one fsync covers more batches.
+        while group.len() < p.max_group {
+            match rx.try_recv() {
+                Ok(more) => group.extend(more),
+                Err(_) => break,
+            }
+        }
         let mut done: Vec<(Job, Reply)> = Vec::with_capacity(group.len());
         let mut fresh: Vec<(Job, Batch)> = Vec::new();
         {
             let r = p.replica.read().unwrap_or_else(|e| e.into_inner());
+            let pend = pending.lock().unwrap_or_else(|e| e.into_inner());
             let mut in_group: HashSet<BatchId> = HashSet::new();
             for (job, res) in group {
                 match res {
@@ -218,7 +235,11 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
                         p.metrics.reject(e.code);
                         done.push((job, Reply::nack(e.code)));
                     }
-                    Ok(b) if r.has_applied(&b.id) || !in_group.insert(b.id) => {
+                    Ok(b)
+                        if r.has_applied(&b.id)
+                            || pend.contains(&b.id)
+                            || !in_group.insert(b.id) =>
+                    {
                         p.metrics.duplicates.fetch_add(1, Relaxed);
                         done.push((job, Reply::Ack));
                     }
@@ -226,6 +247,7 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
                 }
             }
         }
+        let mut to_apply = Vec::new();
         if !fresh.is_empty() {
             let store = p.store.clone();
             let started = Instant::now();
@@ -244,31 +266,11 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
                     p.metrics
                         .commit_micros
                         .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
-                    let mut r = p.replica.write().unwrap_or_else(|e| e.into_inner());
-                    for (job, batch) in fresh {
-                        let n = batch.summaries.len() as u64;
-                        let raw: Arc<[u8]> = Arc::from(job.raw.as_slice());
-                        let reply = match r.apply(LogEntry {
-                            batch: Arc::new(batch),
-                            raw,
-                        }) {
-                            Ok(Applied::New) => {
-                                p.metrics.applied.fetch_add(1, Relaxed);
-                                p.metrics.summaries.fetch_add(n, Relaxed);
-                                Reply::Ack
-                            }
-                            Ok(Applied::Duplicate) => {
-                                p.metrics.duplicates.fetch_add(1, Relaxed);
-                                Reply::Ack
-                            }
-                            Err(code) => {
-                                p.metrics.reject(code);
-                                Reply::nack(code)
-                            }
-                        };
-                        done.push((job, reply));
-                    }
-                    r.prune_log();
+                    pending
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend(fresh.iter().map(|(_, b)| b.id));
+                    to_apply = fresh;
                 }
                 Ok((fresh, Err(e))) => {
                     warn!("group commit failed, asking producers to retry: {e}");
@@ -283,6 +285,54 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
                     }
                 }
                 Err(e) => error!("commit task failed: {e}"),
+            }
+        }
+        if tx_apply.send((to_apply, done)).await.is_err() {
+            break;
+        }
+    }
+    drop(tx_apply);
+    let _ = applier.await;
+}
+
+async fn apply_stage(
+    mut rx: mpsc::Receiver<(Vec<(Job, Batch)>, Vec<(Job, Reply)>)>,
+    p: Pipeline,
+    pending: Arc<std::sync::Mutex<HashSet<BatchId>>>,
+) {
+    while let Some((fresh, mut done)) = rx.recv().await {
+        if !fresh.is_empty() {
+            let mut r = p.replica.write().unwrap_or_else(|e| e.into_inner());
+            let mut ids = Vec::with_capacity(fresh.len());
+            for (job, batch) in fresh {
+                let n = batch.summaries.len() as u64;
+                ids.push(batch.id);
+                let raw: Arc<[u8]> = Arc::from(job.raw.as_slice());
+                let reply = match r.apply(LogEntry {
+                    batch: Arc::new(batch),
+                    raw,
+                }) {
+                    Ok(Applied::New) => {
+                        p.metrics.applied.fetch_add(1, Relaxed);
+                        p.metrics.summaries.fetch_add(n, Relaxed);
+                        Reply::Ack
+                    }
+                    Ok(Applied::Duplicate) => {
+                        p.metrics.duplicates.fetch_add(1, Relaxed);
+                        Reply::Ack
+                    }
+                    Err(code) => {
+                        p.metrics.reject(code);
+                        Reply::nack(code)
+                    }
+                };
+                done.push((job, reply));
+            }
+            r.prune_log();
+            drop(r);
+            let mut pend = pending.lock().unwrap_or_else(|e| e.into_inner());
+            for id in ids {
+                pend.remove(&id);
             }
         }
         for (job, reply) in done {

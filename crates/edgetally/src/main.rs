@@ -1,6 +1,7 @@
 //! `edgetally`: serve, query, keygen.
 
 mod demo;
+mod loadgen;
 mod query;
 
 use anyhow::{Context, Result};
@@ -34,6 +35,9 @@ enum Cmd {
         #[arg(long)]
         cluster: bool,
     },
+    /// The merger benchmark: push pre-signed batches over QUIC to a merger it starts, then the
+    /// same summaries to a redis-server it starts; print throughput, latency, RSS and ratios.
+    Loadgen(loadgen::LoadgenArgs),
     /// Generate an ed25519 key: writes the secret seed (hex) to --out and prints the public key.
     Keygen {
         /// Where to write the secret seed (refuses to overwrite).
@@ -127,6 +131,7 @@ fn main() -> Result<()> {
         }
         Cmd::Query(q) => query::run(q),
         Cmd::Demo { cluster } => demo::run(cluster),
+        Cmd::Loadgen(a) => loadgen::run(a),
         Cmd::Keygen { out } => {
             if out.exists() {
                 anyhow::bail!("{} exists; not overwriting a key", out.display());
