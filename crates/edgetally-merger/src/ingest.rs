@@ -296,7 +296,7 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
 }
 
 async fn apply_stage(
-    mut rx: mpsc::Receiver<(Vec<(Job, Batch)>, Vec<(Job, Reply)>)>,
+    mut rx: mpsc::Receiver<Written>,
     p: Pipeline,
     pending: Arc<std::sync::Mutex<HashSet<BatchId>>>,
 ) {
