@@ -404,6 +404,5 @@ fn feed_and_check(http: &str, quic: std::net::SocketAddr, cert: [u8; 32]) -> Res
             exp(&|e| e.category == "click" && e.ts >= a && e.ts < b),
         );
     }
-    drop(check);
     Ok(ok)
 }
