@@ -7,5 +7,6 @@ mod demo;
 mod fixtures;
 mod harness;
 mod merger;
+mod openapi;
 mod protocol_doc;
 mod queries;
