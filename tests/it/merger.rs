@@ -267,6 +267,10 @@ fn every_bad_input_gets_its_reason_and_valid_neighbours_are_kept() {
         (good.clone(), Reply::Ack),
         (good.clone(), Reply::Ack), // replay: acked, counted once
         (good2, Reply::Ack),
+        (
+            vec![1u8; (1 << 20) + 500],
+            Reply::nack(RejectCode::PayloadTooLarge),
+        ), // refused unread
     ];
     let rt = rt();
     let got = rt.block_on(async {
@@ -299,7 +303,7 @@ fn every_bad_input_gets_its_reason_and_valid_neighbours_are_kept() {
         ("invalid_value", 1.0),
         ("malformed", 2.0),
         ("unsupported_version", 2.0),
-        ("payload_too_large", 1.0),
+        ("payload_too_large", 2.0),
     ] {
         assert_eq!(
             m.metric(&format!(

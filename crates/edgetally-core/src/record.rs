@@ -30,7 +30,7 @@ pub fn validate_entity(s: &str) -> Result<(), RejectCode> {
 
 /// A bucket width: a whole number of seconds that divides one day.
 pub fn validate_bucket_ms(bucket_ms: u32) -> Result<(), RejectCode> {
-    if bucket_ms == 0 || bucket_ms % 1_000 != 0 || DAY_MS % bucket_ms != 0 {
+    if bucket_ms == 0 || !bucket_ms.is_multiple_of(1_000) || !DAY_MS.is_multiple_of(bucket_ms) {
         Err(RejectCode::InvalidBucketWidth)
     } else {
         Ok(())

@@ -547,6 +547,7 @@ async fn events(State(node): State<Node_>, body: Bytes) -> Result<Json<Value>, A
 async fn batches(State(node): State<Node_>, body: Bytes) -> Response {
     let max = node.config.limits.max_payload_bytes + 16 + edgetally_proto::SIGNATURE_LEN;
     let reply = if body.len() > max {
+        node.metrics.reject(RejectCode::PayloadTooLarge);
         Reply::nack(RejectCode::PayloadTooLarge)
     } else {
         node.ingest.submit(body.to_vec()).await

@@ -362,6 +362,10 @@ impl edgetally_net::BatchSink for Node {
     fn max_batch_bytes(&self) -> usize {
         self.config.limits.max_payload_bytes + 16 + edgetally_proto::SIGNATURE_LEN
     }
+
+    fn refused(&self, code: edgetally_core::RejectCode) {
+        self.metrics.reject(code);
+    }
 }
 
 async fn upkeep(

@@ -57,16 +57,16 @@ impl Client {
             .open_bi()
             .await
             .map_err(|e| SendError::Stream(e.to_string()))?;
-        send.write_all(sealed)
-            .await
-            .map_err(|e| SendError::Stream(e.to_string()))?;
-        send.finish()
-            .map_err(|e| SendError::Stream(e.to_string()))?;
-        let reply = recv
-            .read_to_end(16)
-            .await
-            .map_err(|e| SendError::Stream(e.to_string()))?;
-        Reply::decode(&reply).map_err(|_| SendError::BadReply)
+        // A merger that refuses a batch unread (too large) stops our send side but still
+        // replies with its reason: read the reply whatever became of the write.
+        let wrote = match send.write_all(sealed).await {
+            Ok(()) => send.finish().map_err(|e| SendError::Stream(e.to_string())),
+            Err(e) => Err(SendError::Stream(e.to_string())),
+        };
+        match recv.read_to_end(16).await {
+            Ok(reply) => Reply::decode(&reply).map_err(|_| SendError::BadReply),
+            Err(e) => Err(wrote.err().unwrap_or(SendError::Stream(e.to_string()))),
+        }
     }
 
     /// Closes the connection and waits for the endpoint to finish.

@@ -15,6 +15,8 @@ pub trait BatchSink: Send + Sync + 'static {
     fn submit(&self, raw: Vec<u8>) -> impl Future<Output = Reply> + Send;
     /// The largest batch accepted, bytes (longer streams are refused unread).
     fn max_batch_bytes(&self) -> usize;
+    /// Told of a batch the listener refused itself (a stream longer than the limit).
+    fn refused(&self, code: RejectCode);
 }
 
 /// Accepts connections until `shutdown` turns true, then closes the endpoint gracefully.
@@ -80,6 +82,7 @@ async fn stream<S: BatchSink>(
         Ok(raw) => sink.submit(raw).await,
         Err(quinn::ReadToEndError::TooLong) => {
             let _ = recv.stop(0u32.into());
+            sink.refused(RejectCode::PayloadTooLarge);
             Reply::nack(RejectCode::PayloadTooLarge)
         }
         Err(e) => {
