@@ -31,6 +31,8 @@ pub struct Config {
     pub snapshot_interval_secs: u64,
     /// Peers' QUIC addresses (replication arrives with clustering).
     pub peers: Vec<SocketAddr>,
+    /// The store's page cache, MiB.
+    pub store_cache_mb: usize,
 }
 
 impl Default for Config {
@@ -47,6 +49,7 @@ impl Default for Config {
             max_group: 1024,
             snapshot_interval_secs: 30,
             peers: Vec::new(),
+            store_cache_mb: 64,
         }
     }
 }
@@ -91,6 +94,8 @@ pub struct FileConfig {
     pub snapshot_interval_secs: Option<u64>,
     /// See [`Config::peers`].
     pub peers: Option<Vec<SocketAddr>>,
+    /// See [`Config::store_cache_mb`].
+    pub store_cache_mb: Option<usize>,
 }
 
 /// A configuration error, naming the source and key.
@@ -164,6 +169,7 @@ impl Config {
             max_group => self.max_group,
             snapshot_interval_secs => self.snapshot_interval_secs,
             peers => self.peers,
+            store_cache_mb => self.store_cache_mb,
         }
         if let Some(v) = f.tls_cert {
             self.tls_cert = Some(v);

@@ -239,7 +239,10 @@ impl Node {
         let seed = load_or_create_key(&dir.join("node.key"))?;
         let signer = Signer::from_seed(seed);
         let (id, generated) = identity(&config)?;
-        let store = Arc::new(Store::open(&dir.join("edgetally.redb"))?);
+        let store = Arc::new(Store::open(
+            &dir.join("edgetally.redb"),
+            config.store_cache_mb << 20,
+        )?);
         let (replica, recovered) = recover(&store, &config.limits)?;
         let replica = Arc::new(RwLock::new(replica));
         let metrics = Arc::new(Metrics::default());

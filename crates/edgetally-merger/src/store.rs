@@ -62,9 +62,13 @@ pub struct Loaded {
 }
 
 impl Store {
-    /// Opens (or creates) the database file.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(path).map_err(err)?;
+    /// Opens (or creates) the database file with a page cache of `cache_bytes` (redb's own
+    /// default is 1 GiB, which would dominate a merger's memory).
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)
+            .map_err(err)?;
         let txn = db.begin_write().map_err(err)?;
         txn.open_table(BATCHES).map_err(err)?;
         txn.open_table(META).map_err(err)?;
