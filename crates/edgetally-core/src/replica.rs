@@ -83,6 +83,13 @@ pub(crate) struct Series {
 }
 
 impl Series {
+    fn add_total(&mut self, start_ms: i64, first_tier: usize, t: &Total) {
+        for (tier, res) in self.tiers.iter_mut().zip(TIER_MS).skip(first_tier) {
+            let b = start_ms.div_euclid(res) * res;
+            tier.entry(b).or_insert(Total::EMPTY).merge(t);
+        }
+    }
+
     #[inline]
     fn add(&mut self, start_ms: i64, first_tier: usize, s: &crate::summary::Summary) {
         for (tier, res) in self.tiers.iter_mut().zip(TIER_MS).skip(first_tier) {
@@ -257,6 +264,11 @@ impl Replica {
         let ids: Vec<u32> = batch.strings.iter().map(|s| self.intern(s)).collect();
         let pid = self.producer_id(id.producer);
         let bucket_ms = batch.bucket_ms as i64;
+        // The per-category and per-producer rollups of a batch are folded first: a batch's
+        // summaries share few (category, bucket) pairs, so this turns most rollup updates
+        // into one. Folding is exact (every field merges associatively), so the state is the
+        // same bit for bit.
+        let mut rollup: FxHashMap<(u32, i64), Total> = FxHashMap::default();
         for s in &batch.summaries {
             let cat = ids[s.category as usize];
             let dim = match s.entity {
@@ -265,9 +277,11 @@ impl Replica {
             };
             let start = s.bucket.saturating_mul(bucket_ms);
             self.series_mut(cat, dim).add(start, 0, &s.summary);
-            self.series_mut(cat, Dim::All).add(start, 0, &s.summary);
-            self.series_mut(cat, Dim::Producer(pid))
-                .add(start, 1, &s.summary);
+            rollup.entry((cat, start)).or_insert(Total::EMPTY).add(&s.summary);
+        }
+        for ((cat, start), total) in rollup {
+            self.series_mut(cat, Dim::All).add_total(start, 0, &total);
+            self.series_mut(cat, Dim::Producer(pid)).add_total(start, 1, &total);
         }
         self.seen
             .entry((id.producer, id.epoch))
