@@ -277,11 +277,15 @@ impl Replica {
             };
             let start = s.bucket.saturating_mul(bucket_ms);
             self.series_mut(cat, dim).add(start, 0, &s.summary);
-            rollup.entry((cat, start)).or_insert(Total::EMPTY).add(&s.summary);
+            rollup
+                .entry((cat, start))
+                .or_insert(Total::EMPTY)
+                .add(&s.summary);
         }
         for ((cat, start), total) in rollup {
             self.series_mut(cat, Dim::All).add_total(start, 0, &total);
-            self.series_mut(cat, Dim::Producer(pid)).add_total(start, 1, &total);
+            self.series_mut(cat, Dim::Producer(pid))
+                .add_total(start, 1, &total);
         }
         self.seen
             .entry((id.producer, id.epoch))

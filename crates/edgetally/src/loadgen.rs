@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 #[derive(clap::Args, Debug)]
 pub struct LoadgenArgs {
     /// Batches to push (each holds --summaries summaries).
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 40_000)]
     batches: usize,
     /// Summaries per batch.
     #[arg(long, default_value_t = 200)]
