@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use edgetally_core::record::{MAX_TS_MS, MIN_TS_MS};
-use edgetally_core::{BatchId, GroupBy, RejectCode, TopBy, Total};
+use edgetally_core::{BatchId, GroupBy, RejectCode, Rows, TopBy, Total};
 use edgetally_proto::{BatchBuilder, Reply};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -171,6 +171,21 @@ fn stats(t: &Total, obj: &mut Map<String, Value>) {
     obj.insert("max".into(), if empty { Value::Null } else { num(t.max) });
 }
 
+/// `{"key", count, sum, …}` for each (group name, totals) row.
+fn rows_json(rows: &Rows) -> Value {
+    Value::Array(
+        rows.rows
+            .iter()
+            .map(|(name, t)| {
+                let mut o = Map::new();
+                o.insert("key".into(), json!(name));
+                stats(t, &mut o);
+                Value::Object(o)
+            })
+            .collect(),
+    )
+}
+
 fn freshness(obj: &mut Map<String, Value>) {
     obj.insert("as_of_ms".into(), json!(now_ms()));
     // A single node sees every peer it has; clustering reports reachability here.
@@ -184,11 +199,7 @@ fn aggregate_json(
     start: i64,
     end: i64,
 ) -> Map<String, Value> {
-    let a = node
-        .replica
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .aggregate(category, entity, start, end);
+    let a = node.state().aggregate(category, entity, start, end);
     let mut o = Map::new();
     o.insert("category".into(), json!(category));
     o.insert("entity".into(), json!(entity));
@@ -238,21 +249,7 @@ async fn topk(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json<V
             ))
         }
     };
-    let rows = node
-        .replica
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .topk(&category, start, end, k, by);
-    let items: Vec<Value> = rows
-        .rows
-        .iter()
-        .map(|(name, t)| {
-            let mut o = Map::new();
-            o.insert("key".into(), json!(name));
-            stats(t, &mut o);
-            Value::Object(o)
-        })
-        .collect();
+    let rows = node.state().topk(&category, start, end, k, by);
     let mut o = Map::new();
     o.insert("category".into(), json!(category));
     o.insert(
@@ -266,7 +263,7 @@ async fn topk(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json<V
     o.insert("k".into(), json!(k));
     o.insert("time_window_start".into(), json!(rows.start));
     o.insert("time_window_end".into(), json!(rows.end));
-    o.insert("items".into(), Value::Array(items));
+    o.insert("items".into(), rows_json(&rows));
     freshness(&mut o);
     Ok(Json(Value::Object(o)))
 }
@@ -285,26 +282,12 @@ async fn totals(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json
             ))
         }
     };
-    let rows = node
-        .replica
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .totals(start, end, g);
-    let groups: Vec<Value> = rows
-        .rows
-        .iter()
-        .map(|(name, t)| {
-            let mut o = Map::new();
-            o.insert("key".into(), json!(name));
-            stats(t, &mut o);
-            Value::Object(o)
-        })
-        .collect();
+    let rows = node.state().totals(start, end, g);
     let mut o = Map::new();
     o.insert("group_by".into(), json!(label));
     o.insert("time_window_start".into(), json!(rows.start));
     o.insert("time_window_end".into(), json!(rows.end));
-    o.insert("groups".into(), Value::Array(groups));
+    o.insert("groups".into(), rows_json(&rows));
     freshness(&mut o);
     Ok(Json(Value::Object(o)))
 }
@@ -324,18 +307,14 @@ async fn series(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json
             format!("at most {MAX_SERIES_POINTS} steps per request"),
         ));
     }
-    let points = node
-        .replica
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .series(
-            &category,
-            entity.as_deref(),
-            start,
-            end,
-            step,
-            MAX_SERIES_POINTS,
-        );
+    let points = node.state().series(
+        &category,
+        entity.as_deref(),
+        start,
+        end,
+        step,
+        MAX_SERIES_POINTS,
+    );
     let pts: Vec<Value> = points
         .iter()
         .map(|a| {
@@ -587,7 +566,7 @@ pub fn reply_response(reply: Reply) -> Response {
 
 async fn status(State(node): State<Node_>) -> Json<Value> {
     let (entries, epochs, applied_since_start) = {
-        let r = node.replica.read().unwrap_or_else(|e| e.into_inner());
+        let r = node.state();
         (r.entry_count(), r.epoch_count(), r.applied_count())
     };
     let l = node.config.limits;
@@ -629,7 +608,7 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
 
 async fn metrics(State(node): State<Node_>) -> Response {
     let (entries, epochs) = {
-        let r = node.replica.read().unwrap_or_else(|e| e.into_inner());
+        let r = node.state();
         (r.entry_count(), r.epoch_count())
     };
     let stored = node.store.batch_count().unwrap_or(0);

@@ -330,6 +330,12 @@ impl Node {
         })
     }
 
+    /// A read view of the replica (queries hold it for microseconds; a panic elsewhere while
+    /// writing cannot leave it half-applied, since apply checks before it writes).
+    pub fn state(&self) -> std::sync::RwLockReadGuard<'_, Replica> {
+        self.replica.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// SHA-256 of the current certificate.
     pub fn cert_hash(&self) -> [u8; 32] {
         *self.cert_hash.read().unwrap_or_else(|e| e.into_inner())
@@ -338,7 +344,7 @@ impl Node {
     /// Snapshots the state and drops the stored batches the snapshot covers.
     pub fn compact(&self) -> Result<usize, crate::store::StoreError> {
         let (snap, retained) = {
-            let r = self.replica.read().unwrap_or_else(|e| e.into_inner());
+            let r = self.state();
             let retained: HashSet<_> = r.log().map(|e| e.batch.id).collect();
             (r.snapshot(), retained)
         };

@@ -4,14 +4,12 @@
 //! `POST /v1/events` — including late, out-of-order and invalid ones, then prints each query
 //! kind's answer next to an expectation computed here independently, and stops the merger.
 
-use anyhow::{bail, Context, Result};
+use crate::child;
+use anyhow::{bail, Result};
 use edgetally_core::BatchId;
 use edgetally_proto::{BatchBuilder, Reply, Signer};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// One event; values are whole hundredths (`cents`), so expected sums are exact integers.
 struct Ev {
@@ -82,54 +80,16 @@ pub fn run(cluster: bool) -> Result<()> {
     }
     let dir = std::env::temp_dir().join(format!("edgetally-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let exe = std::env::current_exe()?;
     println!(
         "starting `edgetally serve` on the default addresses (data in {})",
         dir.display()
     );
-    let mut child = Command::new(&exe)
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(&dir)
-        .env("EDGETALLY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the merger")?;
-    let result = (|| -> Result<bool> {
-        let out = child.stdout.take().context("stdout")?;
-        let mut lines = BufReader::new(out).lines();
-        let (mut http, mut quic, mut cert) = (None, None, None);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while cert.is_none() || http.is_none() || quic.is_none() {
-            if Instant::now() > deadline {
-                bail!("the merger did not start (is port 7070 or 7071 taken?)");
-            }
-            let Some(line) = lines.next() else {
-                bail!("the merger exited at start-up (is port 7070 or 7071 taken?)")
-            };
-            let line = line?;
-            println!("  merger> {line}");
-            if let Some(v) = line.strip_prefix("http: ") {
-                http = Some(v.to_string());
-            } else if let Some(v) = line.strip_prefix("quic: ") {
-                quic = Some(v.parse::<std::net::SocketAddr>()?);
-            } else if let Some(v) = line.strip_prefix("cert-sha256: ") {
-                cert = edgetally_net::tls::parse_hash(v);
-            }
-        }
-        std::thread::spawn(move || for _ in lines {});
-        let (http, quic, cert) = (
-            http.unwrap_or_default(),
-            quic.context("quic")?,
-            cert.context("cert")?,
-        );
-        feed_and_check(&http, quic, cert)
-    })();
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let _ = child.wait();
+    let merger = child::Merger::start(
+        &["--data-dir".into(), dir.clone().into_os_string()],
+        Some("  merger> "),
+    )?;
+    let result = feed_and_check(&merger.http, merger.quic, merger.cert);
+    merger.stop();
     let _ = std::fs::remove_dir_all(&dir);
     match result {
         Ok(true) => {

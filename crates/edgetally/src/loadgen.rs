@@ -139,35 +139,20 @@ pub fn run(a: LoadgenArgs) -> Result<()> {
 
     let dir = std::env::temp_dir().join(format!("edgetally-loadgen-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut child = Command::new(std::env::current_exe()?)
-        .args([
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--quic-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(&dir)
-        .env("EDGETALLY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let pid = child.id();
+    let merger = crate::child::Merger::start(
+        &[
+            "--http-addr".into(),
+            "127.0.0.1:0".into(),
+            "--quic-addr".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            dir.clone().into_os_string(),
+        ],
+        None,
+    )?;
+    let pid = merger.pid();
     let result = (|| -> Result<(f64, u64)> {
-        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-        let (mut quic, mut cert, mut http) = (None, None, None);
-        while cert.is_none() {
-            let line = lines.next().context("merger exited")??;
-            if let Some(v) = line.strip_prefix("http: ") {
-                http = Some(v.to_string());
-            } else if let Some(v) = line.strip_prefix("quic: ") {
-                quic = Some(v.parse::<std::net::SocketAddr>()?);
-            } else if let Some(v) = line.strip_prefix("cert-sha256: ") {
-                cert = edgetally_net::tls::parse_hash(v);
-            }
-        }
-        std::thread::spawn(move || for _ in lines {});
-        let (quic, cert) = (quic.context("quic")?, cert.context("cert")?);
+        let (quic, cert, http) = (merger.quic, merger.cert, Some(merger.http.clone()));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -286,11 +271,7 @@ pub fn run(a: LoadgenArgs) -> Result<()> {
         }
         Ok((n / elapsed, (summaries / elapsed) as u64))
     })();
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status();
-    let _ = child.wait();
+    merger.stop();
     let _ = std::fs::remove_dir_all(&dir);
     let (batches_per_s, ours) = result?;
     let verify_bound = single_core_verify_bound()?;

@@ -1,5 +1,6 @@
 //! `edgetally`: serve, query, keygen.
 
+mod child;
 mod demo;
 mod loadgen;
 mod query;

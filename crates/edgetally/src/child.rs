@@ -1,0 +1,75 @@
+//! Running `edgetally serve` as a child process (for `demo` and `loadgen`) and reading the
+//! addresses and certificate hash it prints at start-up.
+
+use anyhow::{bail, Context, Result};
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A merger started by this process; stopped (SIGTERM, then waited for) by [`Merger::stop`].
+pub struct Merger {
+    child: Child,
+    pub http: String,
+    pub quic: SocketAddr,
+    pub cert: [u8; 32],
+}
+
+impl Merger {
+    /// Starts `edgetally serve ARGS…` (this same binary) and waits for its start-up lines,
+    /// echoing them prefixed with `echo_prefix` if given.
+    pub fn start(args: &[OsString], echo_prefix: Option<&str>) -> Result<Merger> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .args(args)
+            .env("EDGETALLY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the merger")?;
+        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let (mut http, mut quic, mut cert) = (None, None, None);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http.is_none() || quic.is_none() || cert.is_none() {
+            let line = match lines.next() {
+                Some(l) if Instant::now() < deadline => l?,
+                _ => {
+                    let _ = child.kill();
+                    bail!("the merger did not start (are its ports taken?)");
+                }
+            };
+            if let Some(p) = echo_prefix {
+                println!("{p}{line}");
+            }
+            if let Some(v) = line.strip_prefix("http: ") {
+                http = Some(v.to_string());
+            } else if let Some(v) = line.strip_prefix("quic: ") {
+                quic = v.parse().ok();
+            } else if let Some(v) = line.strip_prefix("cert-sha256: ") {
+                cert = edgetally_net::tls::parse_hash(v);
+            }
+        }
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Merger {
+            child,
+            http: http.unwrap_or_default(),
+            quic: quic.context("quic address")?,
+            cert: cert.context("certificate hash")?,
+        })
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM (graceful shutdown), then wait.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
