@@ -166,11 +166,31 @@ pub enum RestoreError {
 
 const SNAPSHOT_FORMAT: u32 = 1;
 
+/// SipHash-2-4 with keys chosen by the caller: category and entity strings come from the
+/// network, so the map that interns them must not be floodable by crafted collisions. The
+/// core draws no randomness; a merger passes random keys through
+/// [`Replica::set_string_hash_keys`] (tests and wasm builds may keep the fixed default).
+#[derive(Clone, Copy, Debug, Default)]
+struct KeyedSip {
+    k0: u64,
+    k1: u64,
+}
+
+impl std::hash::BuildHasher for KeyedSip {
+    #[allow(deprecated)] // SipHasher is std's only keyed hasher; its algorithm is what we want.
+    type Hasher = std::hash::SipHasher;
+
+    #[allow(deprecated)]
+    fn build_hasher(&self) -> Self::Hasher {
+        std::hash::SipHasher::new_with_keys(self.k0, self.k1)
+    }
+}
+
 /// A merger's state.
 #[derive(Debug, Default)]
 pub struct Replica {
     pub(crate) strings: Vec<Box<str>>,
-    string_ids: BTreeMap<Box<str>, u32>,
+    string_ids: std::collections::HashMap<Box<str>, u32, KeyedSip>,
     pub(crate) producers: Vec<ProducerKey>,
     producer_ids: BTreeMap<ProducerKey, u32>,
     pub(crate) series: Vec<Series>,
@@ -201,6 +221,16 @@ impl Replica {
         self.strings.push(s.into());
         self.string_ids.insert(s.into(), id);
         id
+    }
+
+    /// Re-keys the hash of the string interner (pass random keys; see `KeyedSip`).
+    pub fn set_string_hash_keys(&mut self, k0: u64, k1: u64) {
+        let keys = KeyedSip { k0, k1 };
+        let mut map = std::collections::HashMap::with_capacity_and_hasher(self.strings.len(), keys);
+        for (i, s) in self.strings.iter().enumerate() {
+            map.insert(s.clone(), i as u32);
+        }
+        self.string_ids = map;
     }
 
     pub(crate) fn string_id(&self, s: &str) -> Option<u32> {

@@ -202,6 +202,11 @@ fn recover(store: &Store, limits: &Limits) -> Result<(Replica, u64), StartError>
         None => Replica::new(),
     };
     replica.set_peers(Vec::<String>::new());
+    let k = random_seed();
+    replica.set_string_hash_keys(
+        u64::from_le_bytes(k[..8].try_into().unwrap_or_default()),
+        u64::from_le_bytes(k[8..16].try_into().unwrap_or_default()),
+    );
     // Stored batches were verified before they were acked; decoding re-checks their shape.
     // Limits may have been lowered since: replay with generous ones so nothing acked is lost.
     let replay_limits = Limits {
