@@ -9,10 +9,14 @@
 //! also do; we need neither its write amplification trade-offs nor its background threads.
 
 use edgetally_core::{BatchId, ProducerKey, Snapshot};
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-const BATCHES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("batches");
+/// Group commits: key = commit number, value = the group's records, each
+/// `batch id (48 bytes) | varint length | the batch's signed bytes`. One value per group keeps
+/// a commit to one B-tree insert however many batches it holds.
+const GROUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("groups");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const SNAPSHOT_KEY: &str = "snapshot";
 
@@ -29,6 +33,55 @@ fn err(e: impl std::fmt::Display) -> StoreError {
 #[derive(Debug)]
 pub struct Store {
     db: Database,
+    next_group: AtomicU64,
+    stored: AtomicU64,
+}
+
+fn push_record(out: &mut Vec<u8>, id: &BatchId, raw: &[u8]) {
+    out.extend_from_slice(&batch_key(id));
+    let mut n = raw.len() as u64;
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+    out.extend_from_slice(raw);
+}
+
+/// The records of a group value; a damaged tail ends the iteration (and is reported).
+fn records(mut v: &[u8]) -> impl Iterator<Item = Result<(BatchId, &[u8]), StoreError>> {
+    std::iter::from_fn(move || {
+        if v.is_empty() {
+            return None;
+        }
+        let bad = || Some(Err(StoreError("damaged group record".into())));
+        let id = match v.get(..48).and_then(batch_id) {
+            Some(id) => id,
+            None => {
+                v = &[];
+                return bad();
+            }
+        };
+        let (mut len, mut shift, mut i) = (0usize, 0u32, 48usize);
+        loop {
+            let Some(&b) = v.get(i) else {
+                v = &[];
+                return bad();
+            };
+            len |= ((b & 0x7f) as usize) << shift;
+            i += 1;
+            shift += 7;
+            if b & 0x80 == 0 || shift > 35 {
+                break;
+            }
+        }
+        let Some(raw) = v.get(i..i + len) else {
+            v = &[];
+            return bad();
+        };
+        v = &v[i + len..];
+        Some(Ok((id, raw)))
+    })
 }
 
 /// The 48-byte key of a batch: producer, epoch (big-endian), seq (big-endian).
@@ -70,10 +123,18 @@ impl Store {
             .create(path)
             .map_err(err)?;
         let txn = db.begin_write().map_err(err)?;
-        txn.open_table(BATCHES).map_err(err)?;
-        txn.open_table(META).map_err(err)?;
+        let next = {
+            let t = txn.open_table(GROUPS).map_err(err)?;
+            txn.open_table(META).map_err(err)?;
+            let last = t.last().map_err(err)?.map(|(k, _)| k.value());
+            last.map_or(0, |k| k + 1)
+        };
         txn.commit().map_err(err)?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            next_group: AtomicU64::new(next),
+            stored: AtomicU64::new(0),
+        })
     }
 
     /// Reads the snapshot and the batches.
@@ -87,29 +148,42 @@ impl Store {
             ),
             None => None,
         };
-        let table = txn.open_table(BATCHES).map_err(err)?;
+        let table = txn.open_table(GROUPS).map_err(err)?;
         let mut batches = Vec::new();
         for row in table.iter().map_err(err)? {
             let (_, v) = row.map_err(err)?;
-            batches.push(v.value().to_vec());
+            for rec in records(v.value()) {
+                match rec {
+                    Ok((_, raw)) => batches.push(raw.to_vec()),
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
         }
+        self.stored.store(batches.len() as u64, Relaxed);
         Ok(Loaded { snapshot, batches })
     }
 
-    /// Appends batches in one transaction and returns once it is on disk (fsync).
+    /// Appends batches as one group record in one transaction, and returns once it is on
+    /// disk (fsync).
     pub fn append(&self, items: &[(BatchId, &[u8])]) -> Result<(), StoreError> {
+        let mut value = Vec::with_capacity(items.iter().map(|(_, r)| r.len() + 52).sum());
+        for (id, raw) in items {
+            push_record(&mut value, id, raw);
+        }
+        let key = self.next_group.fetch_add(1, Relaxed);
         let txn = self.db.begin_write().map_err(err)?;
         {
-            let mut t = txn.open_table(BATCHES).map_err(err)?;
-            for (id, raw) in items {
-                t.insert(&batch_key(id)[..], *raw).map_err(err)?;
-            }
+            let mut t = txn.open_table(GROUPS).map_err(err)?;
+            t.insert(key, &value[..]).map_err(err)?;
         }
-        txn.commit().map_err(err)
+        txn.commit().map_err(err)?;
+        self.stored.fetch_add(items.len() as u64, Relaxed);
+        Ok(())
     }
 
     /// Writes `snapshot` and deletes, in the same transaction, the stored batches for which
-    /// `drop` is true (those the snapshot covers and replication no longer needs).
+    /// `drop` is true (those the snapshot covers and replication no longer needs): a group
+    /// whose records all go is deleted, one that keeps some is rewritten with those.
     pub fn compact(
         &self,
         snapshot: &Snapshot,
@@ -121,27 +195,84 @@ impl Store {
         {
             let mut meta = txn.open_table(META).map_err(err)?;
             meta.insert(SNAPSHOT_KEY, &bytes[..]).map_err(err)?;
-            let mut t = txn.open_table(BATCHES).map_err(err)?;
-            let mut doomed = Vec::new();
+            let mut t = txn.open_table(GROUPS).map_err(err)?;
+            let mut rewrites: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
             for row in t.iter().map_err(err)? {
-                let (k, _) = row.map_err(err)?;
-                if batch_id(k.value()).is_some_and(|id| drop(&id)) {
-                    doomed.push(k.value().to_vec());
+                let (k, v) = row.map_err(err)?;
+                let mut kept = Vec::new();
+                let mut dropped = 0;
+                for rec in records(v.value()) {
+                    let (id, raw) = rec?;
+                    if drop(&id) {
+                        dropped += 1;
+                    } else {
+                        push_record(&mut kept, &id, raw);
+                    }
+                }
+                if dropped > 0 {
+                    removed += dropped;
+                    rewrites.push((k.value(), (!kept.is_empty()).then_some(kept)));
                 }
             }
-            for k in doomed {
-                t.remove(&k[..]).map_err(err)?;
-                removed += 1;
+            for (k, v) in rewrites {
+                match v {
+                    Some(v) => {
+                        t.insert(k, &v[..]).map_err(err)?;
+                    }
+                    None => {
+                        t.remove(k).map_err(err)?;
+                    }
+                }
             }
         }
         txn.commit().map_err(err)?;
+        self.stored.fetch_sub(removed as u64, Relaxed);
         Ok(removed)
     }
 
-    /// Number of stored batches.
+    /// Number of stored batches (kept as a counter: reading it costs nothing).
     pub fn batch_count(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
-        let t = txn.open_table(BATCHES).map_err(err)?;
-        t.len().map_err(err)
+        Ok(self.stored.load(Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgetally_core::ProducerKey;
+
+    fn id(n: u8) -> BatchId {
+        BatchId {
+            producer: ProducerKey([n; 32]),
+            epoch: n as u64,
+            seq: 1000 + n as u64,
+        }
+    }
+
+    #[test]
+    fn groups_round_trip_and_compact_partially() {
+        let dir = std::env::temp_dir().join(format!("edgetally-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("s.redb");
+        let big = vec![7u8; 300];
+        {
+            let s = Store::open(&path, 1 << 20).expect("open");
+            s.append(&[(id(1), b"one"), (id(2), &big)]).expect("append");
+            s.append(&[(id(3), b"three")]).expect("append");
+            let snap = edgetally_core::Replica::new().snapshot();
+            assert_eq!(
+                s.compact(&snap, |i| i.seq == 1001 || i.seq == 1003)
+                    .expect("compact"),
+                2
+            );
+            assert_eq!(s.batch_count().expect("count"), 1);
+        }
+        let s = Store::open(&path, 1 << 20).expect("reopen");
+        let l = s.load().expect("load");
+        assert_eq!(l.batches, vec![big.clone()]);
+        s.append(&[(id(4), b"four")]).expect("append after reopen");
+        assert_eq!(s.load().expect("load").batches, vec![big, b"four".to_vec()]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
