@@ -35,6 +35,9 @@ pub struct Store {
     db: Database,
     next_group: AtomicU64,
     stored: AtomicU64,
+    /// The group value being built, kept between commits: a fresh ~1 MB buffer per commit
+    /// would be mapped and page-faulted anew each time.
+    scratch: std::sync::Mutex<Vec<u8>>,
 }
 
 fn push_record(out: &mut Vec<u8>, id: &BatchId, raw: &[u8]) {
@@ -134,6 +137,7 @@ impl Store {
             db,
             next_group: AtomicU64::new(next),
             stored: AtomicU64::new(0),
+            scratch: Default::default(),
         })
     }
 
@@ -166,7 +170,8 @@ impl Store {
     /// Appends batches as one group record in one transaction, and returns once it is on
     /// disk (fsync).
     pub fn append(&self, items: &[(BatchId, &[u8])]) -> Result<(), StoreError> {
-        let mut value = Vec::with_capacity(items.iter().map(|(_, r)| r.len() + 52).sum());
+        let mut value = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        value.clear();
         for (id, raw) in items {
             push_record(&mut value, id, raw);
         }

@@ -24,7 +24,7 @@ pub struct LoadgenArgs {
     #[arg(long, default_value_t = 200)]
     summaries: u32,
     /// Streams in flight at once.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 256)]
     in_flight: usize,
     /// QUIC connections to spread them over.
     #[arg(long, default_value_t = 4)]
