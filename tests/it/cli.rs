@@ -1,0 +1,140 @@
+//! The CLI as a user runs it: `keygen` and `query` (table and `--json`) against a real node.
+
+use crate::harness::{binary, now_ms, Merger, TempDir};
+use std::process::Command;
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(binary())
+        .args(args)
+        .output()
+        .expect("run edgetally");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn keygen_writes_a_key_once_and_prints_its_public_half() {
+    let dir = TempDir::new("keygen");
+    let path = dir.0.join("p.key");
+    let p = path.to_str().expect("utf8");
+    let (ok, out, err) = run(&["keygen", "--out", p]);
+    assert!(ok, "{err}");
+    let seed = std::fs::read_to_string(&path).expect("key file");
+    let seed = edgetally_net::tls::parse_hash(seed.trim()).expect("64 hex digits");
+    let public = edgetally_proto::Signer::from_seed(seed).producer().to_hex();
+    assert_eq!(
+        out.lines().next(),
+        Some(format!("public key: {public}").as_str())
+    );
+    // Never overwrites a key.
+    let (ok, _, err) = run(&["keygen", "--out", p]);
+    assert!(!ok && err.contains("exists"), "{err}");
+}
+
+#[test]
+fn query_prints_the_nodes_answers() {
+    let dir = TempDir::new("cli");
+    let m = Merger::start(&dir.0, &[]);
+    let t = now_ms() - 5000;
+    let body = format!("{{\"ts_ms\":{t},\"category\":\"cpu\",\"entity\":\"d1\",\"value\":2.5}}\n{{\"ts_ms\":{t},\"category\":\"cpu\",\"entity\":\"d2\",\"value\":0.5}}\n{{\"ts_ms\":{t},\"category\":\"cpu\",\"entity\":\"d2\",\"value\":1}}\n");
+    let (st, v, _) = m.post("/v1/events", "application/x-ndjson", body.as_bytes());
+    assert_eq!((st, v["accepted"].as_u64()), (200, Some(3)));
+    let (start, end) = ((t - 60_000).to_string(), (t + 10_000).to_string());
+    let node = m.http.as_str();
+    let (ok, out, err) = run(&[
+        "query",
+        "--node",
+        node,
+        "--json",
+        "aggregate",
+        "--category",
+        "cpu",
+        "--start",
+        &start,
+        "--end",
+        &end,
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        (
+            v["count"].as_u64(),
+            v["sum_exact"].as_str(),
+            v["max"].as_f64()
+        ),
+        (Some(3), Some("4"), Some(2.5))
+    );
+    let (ok, out, err) = run(&[
+        "query",
+        "--node",
+        node,
+        "topk",
+        "--category",
+        "cpu",
+        "--start",
+        &start,
+        "--end",
+        &end,
+        "--k",
+        "2",
+    ]);
+    assert!(ok, "{err}");
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .skip(2)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            vec!["d2", "2", "1.5", "0.75", "0.5", "1.0"],
+            vec!["d1", "1", "2.5", "2.5", "2.5", "2.5"]
+        ],
+        "{out}"
+    );
+    for kind in [
+        vec!["window", "--category", "cpu", "--width-ms", "60000"],
+        vec![
+            "totals",
+            "--start",
+            &start,
+            "--end",
+            &end,
+            "--group-by",
+            "entity",
+        ],
+        vec![
+            "series",
+            "--category",
+            "cpu",
+            "--start",
+            &start,
+            "--end",
+            &end,
+            "--step-ms",
+            "60000",
+        ],
+    ] {
+        let mut args = vec!["query", "--node", node];
+        args.extend(kind.iter().copied());
+        let (ok, out, err) = run(&args);
+        assert!(ok && out.starts_with("window ["), "{args:?}: {out} {err}");
+    }
+    // A bad request surfaces the node's error code, with a failing exit status.
+    let (ok, _, err) = run(&[
+        "query",
+        "--node",
+        node,
+        "aggregate",
+        "--category",
+        "cpu",
+        "--start",
+        "5",
+        "--end",
+        "1",
+    ]);
+    assert!(!ok && err.contains("bad_window"), "{err}");
+}
