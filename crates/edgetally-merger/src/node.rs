@@ -431,7 +431,9 @@ async fn upkeep(
 }
 
 impl Running {
-    /// Stops accepting, lets in-flight batches finish, writes a final snapshot.
+    /// Stops both listeners (in-flight HTTP requests finish; QUIC connections close, so a
+    /// batch not yet acknowledged is resent by its producer and deduplicated), then writes a
+    /// final snapshot.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         self.endpoint.close(0u32.into(), b"shutting down");
