@@ -271,9 +271,11 @@ fn wasm_check(root: &Path) -> Result<()> {
         let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
         let imports =
             wasm_imports(&bytes).with_context(|| format!("parsing {}", file.display()))?;
-        let exports_ok = bytes.windows(b"et_apply".len()).any(|w| w == b"et_apply");
+        let exports_ok = [&b"et_apply"[..], b"et_producer"]
+            .iter()
+            .all(|name| bytes.windows(name.len()).any(|w| w == *name));
         if !exports_ok {
-            bail!("{krate}: the wasm module does not export et_apply; the check would be vacuous");
+            bail!("{krate}: the wasm module lacks the et_apply/et_producer exports; the check would be vacuous");
         }
         let bad: Vec<_> = imports
             .iter()

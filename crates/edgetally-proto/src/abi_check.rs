@@ -38,3 +38,28 @@ pub unsafe extern "C" fn et_apply(ptr: *const u8, len: usize, now_ms: i64) -> u3
         Err(c) => c.as_u16() as u32,
     }
 }
+
+/// Runs the sans-IO producer once (record, seal, transmit, ack) so it is linked into the
+/// module too; returns the size of the batch it produced.
+#[no_mangle]
+pub extern "C" fn et_producer(now_ms: i64, value: f64) -> u32 {
+    let cfg = crate::ProducerConfig::default();
+    let Ok(mut p) = crate::Producer::new(cfg, [7; 32], 1, &["m".into()], 3) else {
+        return 0;
+    };
+    if p.record(now_ms, "cpu", Some("d1"), value, None).is_err() {
+        return 0;
+    }
+    let h = p.handle("cpu", None);
+    if let Ok(h) = h {
+        p.record_many(now_ms, h, &[value, value], None);
+    }
+    p.flush(now_ms);
+    match p.poll_transmit(now_ms) {
+        Some(t) => {
+            p.handle_reply(now_ms, t.seq, crate::Reply::Ack);
+            t.bytes.len() as u32
+        }
+        None => 0,
+    }
+}

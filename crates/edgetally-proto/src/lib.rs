@@ -10,6 +10,7 @@
 mod builder;
 mod envelope;
 mod frame;
+pub mod producer;
 mod reader;
 
 #[cfg(all(target_arch = "wasm32", feature = "wasm-abi-check"))]
@@ -21,3 +22,4 @@ pub use envelope::{
     Unverified, DOMAIN, SIGNATURE_LEN, VERSION,
 };
 pub use frame::{encode_frame, FrameDecoder, Reply};
+pub use producer::{Handle, PersistOp, Producer, ProducerConfig, Stats, Transmit};

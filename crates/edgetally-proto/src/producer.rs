@@ -1,0 +1,741 @@
+//! The sans-IO producer: aggregation → sealing → a bounded outbox → transmit schedule with
+//! retries, backoff and failover. It does no I/O and reads no clock: callers pass `now_ms` to
+//! every call, feed it replies and transport errors (`handle_*`), and pull what to send, what
+//! to persist and when to wake up (`poll_*`). The same state machine drives the native QUIC
+//! client and the wasm SDK.
+
+use crate::frame::Reply;
+use crate::Signer;
+use edgetally_core::record::{
+    bucket_index, validate_bucket_ms, validate_category, validate_entity,
+};
+use edgetally_core::{
+    Batch, BatchId, BatchSummary, Limits, RejectCode, StringTable, Summary, NO_ENTITY,
+};
+use rustc_hash::FxHashMap;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+/// How a producer batches and retries. Defaults suit a browser or an edge worker.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProducerConfig {
+    /// Bucket width (whole seconds dividing a day).
+    pub bucket_ms: u32,
+    /// Seal what is pending this long after its first record.
+    pub flush_interval_ms: i64,
+    /// Seal when this many keys are pending (≤ the merger's summary limit).
+    pub max_batch_summaries: usize,
+    /// Seal when the pending batch would encode to about this many bytes.
+    pub max_batch_bytes: usize,
+    /// Sealed, unacknowledged batches may hold at most this many bytes; the oldest waiting
+    /// ones are dropped (and counted) to make room.
+    pub max_outbox_bytes: usize,
+    /// Batches sent and not yet answered, at most.
+    pub max_in_flight: usize,
+    /// First retry delay bound; doubles per attempt (full jitter).
+    pub backoff_base_ms: i64,
+    /// Largest retry delay bound.
+    pub backoff_max_ms: i64,
+    /// After failing over, try the preferred endpoint again after this long.
+    pub failback_ms: i64,
+    /// Limits the merger enforces, so batches are sealed within them.
+    pub limits: Limits,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            bucket_ms: 1000,
+            flush_interval_ms: 1000,
+            max_batch_summaries: 2000,
+            max_batch_bytes: 256 << 10,
+            max_outbox_bytes: 8 << 20,
+            max_in_flight: 64,
+            backoff_base_ms: 100,
+            backoff_max_ms: 30_000,
+            failback_ms: 30_000,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// An interned (category, entity) for hot loops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Handle(pub u32);
+
+/// Counters, all since creation (or resume).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Records accepted by `record*`.
+    pub recorded: u64,
+    /// Records refused by `record*` (invalid), by reason.
+    pub invalid: BTreeMap<RejectCode, u64>,
+    /// Keys aggregated but not yet sealed.
+    pub pending: u64,
+    /// Sealed batches waiting to be sent or resent.
+    pub queued: u64,
+    /// Batches sent and not yet answered.
+    pub in_flight: u64,
+    /// Batches acknowledged.
+    pub acked: u64,
+    /// Records in acknowledged batches.
+    pub acked_records: u64,
+    /// Retries scheduled (Retry replies and transport errors).
+    pub retried: u64,
+    /// Batches permanently rejected (Nack), by reason.
+    pub rejected: BTreeMap<RejectCode, u64>,
+    /// Records in rejected batches.
+    pub rejected_records: u64,
+    /// Batches dropped because the outbox was full.
+    pub dropped: u64,
+    /// Records in dropped batches.
+    pub dropped_records: u64,
+    /// Bytes handed to the transport (including resends).
+    pub bytes_sent: u64,
+    /// Bytes in the outbox now.
+    pub outbox_bytes: u64,
+}
+
+/// A batch to send now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// The batch's seq: pass it back with the reply or error.
+    pub seq: u64,
+    /// Index into the endpoint list.
+    pub endpoint: usize,
+    /// The sealed batch.
+    pub bytes: Arc<[u8]>,
+}
+
+/// What the caller should persist so a restarted producer resumes (key, epoch, seq, outbox).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PersistOp {
+    /// The identity and the next seq.
+    Identity {
+        /// Secret seed.
+        seed: [u8; 32],
+        /// Epoch.
+        epoch: u64,
+        /// Next seq to use.
+        next_seq: u64,
+    },
+    /// A sealed batch entered the outbox.
+    Put {
+        /// Its seq.
+        seq: u64,
+        /// Its bytes.
+        bytes: Arc<[u8]>,
+    },
+    /// A batch left the outbox (acked, rejected or dropped).
+    Remove {
+        /// Its seq.
+        seq: u64,
+    },
+}
+
+struct Outgoing {
+    bytes: Arc<[u8]>,
+    records: u64,
+    attempts: u32,
+    next_try_ms: i64,
+    in_flight: bool,
+}
+
+struct HandleState {
+    category: Box<str>,
+    entity: Option<Box<str>>,
+    /// The bucket being filled, and its summary.
+    current: Option<(i64, Summary)>,
+}
+
+/// SplitMix64, for backoff jitter; seeded by the caller.
+#[derive(Clone, Debug)]
+struct Jitter(u64);
+
+impl Jitter {
+    fn below(&mut self, n: i64) -> i64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (z % n.max(1) as u64) as i64
+    }
+}
+
+/// Rendezvous (highest-random-weight) order of `endpoints` for `key`: every producer prefers
+/// a different endpoint, and when one fails its producers spread over the others.
+pub fn rendezvous_order(key: &[u8; 32], endpoints: &[String]) -> Vec<usize> {
+    let mut scored: Vec<([u8; 32], usize)> = endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let mut h = Sha256::new();
+            h.update(key);
+            h.update(e.as_bytes());
+            (h.finalize().into(), i)
+        })
+        .collect();
+    scored.sort_by_key(|s| std::cmp::Reverse(s.0));
+    scored.into_iter().map(|(_, i)| i).collect()
+}
+
+/// A category's handles: the one without entity, and one per entity.
+type CategoryHandles = (Option<u32>, FxHashMap<Box<str>, u32>);
+
+/// The producer state machine.
+pub struct Producer {
+    config: ProducerConfig,
+    signer: Signer,
+    epoch: u64,
+    next_seq: u64,
+    handles: Vec<HandleState>,
+    by_name: FxHashMap<Box<str>, CategoryHandles>,
+    /// Filled buckets not yet sealed: (handle, bucket, summary); may repeat a key.
+    closed: Vec<(u32, i64, Summary)>,
+    /// Handles with a current bucket.
+    active: Vec<u32>,
+    pending_bytes: usize,
+    first_pending_ms: Option<i64>,
+    outbox: BTreeMap<u64, Outgoing>,
+    order: Vec<usize>,
+    preferred: usize,
+    failed_over_at: Option<i64>,
+    jitter: Jitter,
+    persist: VecDeque<PersistOp>,
+    stats: Stats,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("producer", &self.signer.producer())
+            .field("epoch", &self.epoch)
+            .field("next_seq", &self.next_seq)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Producer {
+    /// A producer with identity `seed`, a fresh `epoch` (random, from the caller), sending to
+    /// `endpoints` (names used for the rendezvous order), with `jitter_seed` for backoff.
+    pub fn new(
+        config: ProducerConfig,
+        seed: [u8; 32],
+        epoch: u64,
+        endpoints: &[String],
+        jitter_seed: u64,
+    ) -> Result<Producer, RejectCode> {
+        Self::resume(config, seed, epoch, 0, Vec::new(), endpoints, jitter_seed)
+    }
+
+    /// A producer resuming persisted state: same epoch, the next seq, and the outbox.
+    pub fn resume(
+        config: ProducerConfig,
+        seed: [u8; 32],
+        epoch: u64,
+        next_seq: u64,
+        outbox: Vec<(u64, Vec<u8>)>,
+        endpoints: &[String],
+        jitter_seed: u64,
+    ) -> Result<Producer, RejectCode> {
+        validate_bucket_ms(config.bucket_ms)?;
+        let signer = Signer::from_seed(seed);
+        let order = if endpoints.is_empty() {
+            vec![0]
+        } else {
+            rendezvous_order(&signer.producer().0, endpoints)
+        };
+        let mut p = Producer {
+            config,
+            signer,
+            epoch,
+            next_seq,
+            handles: Vec::new(),
+            by_name: FxHashMap::default(),
+            closed: Vec::new(),
+            active: Vec::new(),
+            pending_bytes: 0,
+            first_pending_ms: None,
+            outbox: BTreeMap::new(),
+            order,
+            preferred: 0,
+            failed_over_at: None,
+            jitter: Jitter(jitter_seed),
+            persist: VecDeque::new(),
+            stats: Stats::default(),
+        };
+        for (seq, bytes) in outbox {
+            // The record count is only for stats; an unreadable stored batch still gets sent
+            // (and the merger's Nack will say why).
+            let records = crate::decode(&bytes, &p.config.limits).map_or(0, |u| {
+                u.batch.summaries.iter().map(|s| s.summary.count).sum()
+            });
+            p.stats.outbox_bytes += bytes.len() as u64;
+            p.outbox.insert(
+                seq,
+                Outgoing {
+                    bytes: bytes.into(),
+                    records,
+                    attempts: 0,
+                    next_try_ms: i64::MIN,
+                    in_flight: false,
+                },
+            );
+        }
+        p.persist.push_back(PersistOp::Identity {
+            seed,
+            epoch,
+            next_seq,
+        });
+        Ok(p)
+    }
+
+    /// The producer's public key.
+    pub fn producer_key(&self) -> edgetally_core::ProducerKey {
+        self.signer.producer()
+    }
+
+    /// The epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The handle of (category, entity), interning it on first use.
+    pub fn handle(&mut self, category: &str, entity: Option<&str>) -> Result<Handle, RejectCode> {
+        let entry = self.by_name.get(category);
+        let found = match (entry, entity) {
+            (Some((none, _)), None) => *none,
+            (Some((_, ents)), Some(e)) => ents.get(e).copied(),
+            (None, _) => None,
+        };
+        if let Some(h) = found {
+            return Ok(Handle(h));
+        }
+        validate_category(category)?;
+        if let Some(e) = entity {
+            validate_entity(e)?;
+        }
+        let id = self.handles.len() as u32;
+        self.handles.push(HandleState {
+            category: category.into(),
+            entity: entity.map(Into::into),
+            current: None,
+        });
+        let slot = self
+            .by_name
+            .entry(category.into())
+            .or_insert_with(|| (None, FxHashMap::default()));
+        match entity {
+            None => slot.0 = Some(id),
+            Some(e) => {
+                slot.1.insert(e.into(), id);
+            }
+        }
+        Ok(Handle(id))
+    }
+
+    fn refuse(&mut self, code: RejectCode) -> Result<(), RejectCode> {
+        *self.stats.invalid.entry(code).or_default() += 1;
+        Err(code)
+    }
+
+    /// Records one event. An invalid one changes nothing but the `invalid` counter.
+    pub fn record(
+        &mut self,
+        now_ms: i64,
+        category: &str,
+        entity: Option<&str>,
+        value: f64,
+        ts_ms: Option<i64>,
+    ) -> Result<(), RejectCode> {
+        match self.handle(category, entity) {
+            Ok(h) => self.record_handle(now_ms, h, value, ts_ms),
+            Err(code) => self.refuse(code),
+        }
+    }
+
+    /// Records one event through a handle (the hot path).
+    pub fn record_handle(
+        &mut self,
+        now_ms: i64,
+        h: Handle,
+        value: f64,
+        ts_ms: Option<i64>,
+    ) -> Result<(), RejectCode> {
+        let ts = ts_ms.unwrap_or(now_ms);
+        let bucket = match bucket_index(ts, self.config.bucket_ms) {
+            Ok(b) => b,
+            Err(code) => return self.refuse(code),
+        };
+        let Some(state) = self.handles.get_mut(h.0 as usize) else {
+            return self.refuse(RejectCode::InvalidEvent);
+        };
+        let folded = match &mut state.current {
+            Some((b, s)) if *b == bucket => s.add_value(value).map(|()| false),
+            _ => Summary::of(value).map(|s| {
+                let prev = state.current.replace((bucket, s));
+                if let Some((b, s)) = prev {
+                    self.closed.push((h.0, b, s));
+                } else {
+                    self.active.push(h.0);
+                }
+                true
+            }),
+        };
+        match folded {
+            Ok(new_key) => {
+                self.stats.recorded += 1;
+                if new_key {
+                    self.stats.pending += 1;
+                    let st = &self.handles[h.0 as usize];
+                    self.pending_bytes +=
+                        45 + st.category.len() + st.entity.as_ref().map_or(0, |e| e.len());
+                }
+                self.first_pending_ms.get_or_insert(now_ms);
+                if self.stats.pending as usize >= self.config.max_batch_summaries
+                    || self.pending_bytes >= self.config.max_batch_bytes
+                {
+                    self.seal(now_ms);
+                }
+                Ok(())
+            }
+            Err(code) => self.refuse(code),
+        }
+    }
+
+    /// Records many events of one handle at once (typed arrays in JavaScript). Returns how
+    /// many were accepted; invalid ones are counted and skipped.
+    pub fn record_many(
+        &mut self,
+        now_ms: i64,
+        h: Handle,
+        values: &[f64],
+        ts_ms: Option<&[i64]>,
+    ) -> usize {
+        let mut ok = 0;
+        for (i, v) in values.iter().enumerate() {
+            let ts = ts_ms.and_then(|t| t.get(i).copied());
+            if self.record_handle(now_ms, h, *v, ts).is_ok() {
+                ok += 1;
+            }
+        }
+        ok
+    }
+
+    /// Seals everything pending into batches (canonical, within the limits) and queues them.
+    pub fn seal(&mut self, now_ms: i64) {
+        for h in std::mem::take(&mut self.active) {
+            if let Some((b, s)) = self.handles[h as usize].current.take() {
+                self.closed.push((h, b, s));
+            }
+        }
+        if self.closed.is_empty() {
+            return;
+        }
+        let mut entries = std::mem::take(&mut self.closed);
+        entries.sort_by_key(|e| (e.0, e.1));
+        // Merge repeats of a key (a handle that went back to an earlier bucket).
+        let mut merged: Vec<(u32, i64, Summary)> = Vec::with_capacity(entries.len());
+        for (h, b, s) in entries {
+            if let Some((h2, b2, s2)) = merged.last_mut() {
+                // A key's summaries cannot overflow in practice (2^64 records); if they did,
+                // the second part would be refused as a duplicate key rather than wrapped.
+                if *h2 == h && *b2 == b && s2.merge(&s).is_ok() {
+                    continue;
+                }
+            }
+            merged.push((h, b, s));
+        }
+        let max = self
+            .config
+            .max_batch_summaries
+            .min(self.config.limits.max_summaries)
+            .max(1);
+        let chunks: Vec<Vec<(u32, i64, Summary)>> = merged.chunks(max).map(<[_]>::to_vec).collect();
+        for chunk in chunks {
+            for part in self.split_by_names(chunk) {
+                self.seal_one(now_ms, part);
+            }
+        }
+        self.stats.pending = 0;
+        self.pending_bytes = 0;
+        self.first_pending_ms = None;
+    }
+
+    /// Splits a chunk so no batch exceeds the distinct category or entity limits.
+    fn split_by_names(&self, chunk: Vec<(u32, i64, Summary)>) -> Vec<Vec<(u32, i64, Summary)>> {
+        let (mc, me) = (
+            self.config.limits.max_categories.max(1),
+            self.config.limits.max_entities.max(1),
+        );
+        let mut parts = Vec::new();
+        let mut cur = Vec::new();
+        let mut cats: rustc_hash::FxHashSet<&str> = Default::default();
+        let mut ents: rustc_hash::FxHashSet<&str> = Default::default();
+        for e in chunk {
+            let st = &self.handles[e.0 as usize];
+            let new_cat = !cats.contains(&*st.category);
+            let new_ent = st.entity.as_deref().is_some_and(|x| !ents.contains(x));
+            if (new_cat && cats.len() >= mc) || (new_ent && ents.len() >= me) {
+                parts.push(std::mem::take(&mut cur));
+                cats.clear();
+                ents.clear();
+            }
+            cats.insert(&st.category);
+            if let Some(x) = st.entity.as_deref() {
+                ents.insert(x);
+            }
+            cur.push(e);
+        }
+        if !cur.is_empty() {
+            parts.push(cur);
+        }
+        parts
+    }
+
+    fn seal_one(&mut self, now_ms: i64, entries: Vec<(u32, i64, Summary)>) {
+        // Every record counted in exactly one summary: the batch holds this many.
+        let records: u64 = entries.iter().map(|e| e.2.count).sum();
+        // Canonical form: strings sorted, summaries in key order.
+        let mut names: Vec<&str> = Vec::new();
+        for (h, _, _) in &entries {
+            let st = &self.handles[*h as usize];
+            names.push(&st.category);
+            if let Some(e) = &st.entity {
+                names.push(e);
+            }
+        }
+        names.sort_unstable();
+        names.dedup();
+        let index = |s: &str| names.binary_search(&s).map_or(0, |i| i as u32);
+        let mut summaries: Vec<BatchSummary> = entries
+            .iter()
+            .map(|(h, b, s)| {
+                let st = &self.handles[*h as usize];
+                BatchSummary {
+                    category: index(&st.category),
+                    entity: st.entity.as_deref().map_or(NO_ENTITY, |e| index(e) + 1),
+                    bucket: *b,
+                    summary: *s,
+                }
+            })
+            .collect();
+        summaries.sort_unstable_by_key(|s| (s.category, s.entity, s.bucket));
+        let strings: StringTable = names.iter().collect();
+        let seq = self.next_seq;
+        let batch = Batch {
+            id: BatchId {
+                producer: self.signer.producer(),
+                epoch: self.epoch,
+                seq,
+            },
+            created_ms: now_ms,
+            bucket_ms: self.config.bucket_ms,
+            strings,
+            summaries,
+        };
+        let Ok(bytes) = self.signer.seal(&batch) else {
+            return;
+        };
+        self.next_seq += 1;
+        self.persist.push_back(PersistOp::Identity {
+            seed: self.signer.seed(),
+            epoch: self.epoch,
+            next_seq: self.next_seq,
+        });
+        let bytes: Arc<[u8]> = bytes.into();
+        self.make_room(bytes.len());
+        if self.stats.outbox_bytes as usize + bytes.len() > self.config.max_outbox_bytes {
+            // Everything left is in flight: the new batch is the one that cannot fit.
+            self.stats.dropped += 1;
+            self.stats.dropped_records += records;
+            return;
+        }
+        self.stats.outbox_bytes += bytes.len() as u64;
+        self.persist.push_back(PersistOp::Put {
+            seq,
+            bytes: bytes.clone(),
+        });
+        self.outbox.insert(
+            seq,
+            Outgoing {
+                bytes,
+                records,
+                attempts: 0,
+                next_try_ms: i64::MIN,
+                in_flight: false,
+            },
+        );
+    }
+
+    /// Drops the oldest batches not in flight until `incoming` more bytes fit.
+    fn make_room(&mut self, incoming: usize) {
+        while self.stats.outbox_bytes as usize + incoming > self.config.max_outbox_bytes {
+            let Some(seq) = self
+                .outbox
+                .iter()
+                .find(|(_, o)| !o.in_flight)
+                .map(|(s, _)| *s)
+            else {
+                return;
+            };
+            if let Some(o) = self.outbox.remove(&seq) {
+                self.stats.outbox_bytes -= o.bytes.len() as u64;
+                self.stats.dropped += 1;
+                self.stats.dropped_records += o.records;
+                self.persist.push_back(PersistOp::Remove { seq });
+            }
+        }
+    }
+
+    /// Seals pending data and returns a token: `flushed(token)` turns true once every batch
+    /// holding data recorded before this call has been answered (acked, rejected or dropped).
+    pub fn flush(&mut self, now_ms: i64) -> u64 {
+        self.seal(now_ms);
+        self.next_seq
+    }
+
+    /// See [`Producer::flush`].
+    pub fn flushed(&self, token: u64) -> bool {
+        self.outbox.range(..token).next().is_none()
+    }
+
+    fn endpoint(&mut self, now_ms: i64) -> usize {
+        if let Some(t) = self.failed_over_at {
+            if now_ms - t >= self.config.failback_ms {
+                self.preferred = 0;
+                self.failed_over_at = None;
+            }
+        }
+        self.order[self.preferred % self.order.len()]
+    }
+
+    /// The next batch to send now, if any (respecting `max_in_flight` and backoff).
+    pub fn poll_transmit(&mut self, now_ms: i64) -> Option<Transmit> {
+        if let Some(t) = self.first_pending_ms {
+            if now_ms - t >= self.config.flush_interval_ms {
+                self.seal(now_ms);
+            }
+        }
+        let in_flight = self.outbox.values().filter(|o| o.in_flight).count();
+        if in_flight >= self.config.max_in_flight {
+            return None;
+        }
+        let seq = self
+            .outbox
+            .iter()
+            .find(|(_, o)| !o.in_flight && o.next_try_ms <= now_ms)
+            .map(|(s, _)| *s)?;
+        let endpoint = self.endpoint(now_ms);
+        let o = self.outbox.get_mut(&seq)?;
+        o.in_flight = true;
+        self.stats.bytes_sent += o.bytes.len() as u64;
+        Some(Transmit {
+            seq,
+            endpoint,
+            bytes: o.bytes.clone(),
+        })
+    }
+
+    /// When the caller should call in again at the latest (a flush deadline or a retry).
+    pub fn poll_timeout(&self) -> Option<i64> {
+        let flush = self
+            .first_pending_ms
+            .map(|t| t + self.config.flush_interval_ms);
+        let retry = self
+            .outbox
+            .values()
+            .filter(|o| !o.in_flight)
+            .map(|o| o.next_try_ms)
+            .min();
+        match (flush, retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The next thing to persist, if any.
+    pub fn poll_persist(&mut self) -> Option<PersistOp> {
+        self.persist.pop_front()
+    }
+
+    fn backoff(&mut self, attempts: u32) -> i64 {
+        let cap = self
+            .config
+            .backoff_base_ms
+            .saturating_mul(1i64 << attempts.min(30))
+            .min(self.config.backoff_max_ms);
+        1 + self.jitter.below(cap)
+    }
+
+    /// The merger's reply to batch `seq`.
+    pub fn handle_reply(&mut self, now_ms: i64, seq: u64, reply: Reply) {
+        match reply {
+            Reply::Ack => {
+                if let Some(o) = self.remove(seq) {
+                    self.stats.acked += 1;
+                    self.stats.acked_records += o.records;
+                }
+            }
+            Reply::Nack(code) => {
+                if let Some(o) = self.remove(seq) {
+                    *self
+                        .stats
+                        .rejected
+                        .entry(RejectCode::from_u16(code).unwrap_or(RejectCode::Malformed))
+                        .or_default() += 1;
+                    self.stats.rejected_records += o.records;
+                }
+            }
+            Reply::Retry { after_ms } => self.retry_later(now_ms, seq, after_ms as i64, false),
+        }
+    }
+
+    /// Sending batch `seq` failed in transport (connection refused, reset, timed out): retry
+    /// it after a backoff on the next endpoint in rendezvous order.
+    pub fn handle_transport_error(&mut self, now_ms: i64, seq: u64, endpoint: usize) {
+        if self.order.get(self.preferred % self.order.len()) == Some(&endpoint)
+            && self.order.len() > 1
+        {
+            self.preferred = (self.preferred + 1) % self.order.len();
+            self.failed_over_at = Some(now_ms);
+        }
+        self.retry_later(now_ms, seq, 0, true);
+    }
+
+    fn retry_later(&mut self, now_ms: i64, seq: u64, at_least_ms: i64, _transport: bool) {
+        let Some(attempts) = self
+            .outbox
+            .get(&seq)
+            .filter(|o| o.in_flight)
+            .map(|o| o.attempts)
+        else {
+            return;
+        };
+        let delay = self.backoff(attempts).max(at_least_ms);
+        if let Some(o) = self.outbox.get_mut(&seq) {
+            o.in_flight = false;
+            o.attempts += 1;
+            o.next_try_ms = now_ms.saturating_add(delay);
+            self.stats.retried += 1;
+        }
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<Outgoing> {
+        let o = self.outbox.remove(&seq)?;
+        self.stats.outbox_bytes -= o.bytes.len() as u64;
+        self.persist.push_back(PersistOp::Remove { seq });
+        Some(o)
+    }
+
+    /// The counters, with the live gauges filled in.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.in_flight = self.outbox.values().filter(|o| o.in_flight).count() as u64;
+        s.queued = self.outbox.len() as u64 - s.in_flight;
+        s
+    }
+}

@@ -1,0 +1,285 @@
+//! The sans-IO producer against a simulated merger and network: every record ends up counted
+//! exactly once (acked) or accounted for (rejected or dropped), batches are always valid, and
+//! the merger's totals equal a naive model of what was recorded.
+
+use edgetally_core::{BatchId, Limits, LogEntry, RejectCode, Replica};
+use edgetally_proto::producer::rendezvous_order;
+use edgetally_proto::{open, PersistOp, Producer, ProducerConfig, Reply};
+use proptest::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+const T0: i64 = 1_700_000_000_000;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Record {
+        cat: u8,
+        ent: Option<u8>,
+        eighths: i16,
+        back_ms: u16,
+    },
+    Tick(u16),
+    Send {
+        outcome: u8,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0u8..3, proptest::option::of(0u8..4), any::<i16>(), 0u16..5000).prop_map(|(cat, ent, eighths, back_ms)| Op::Record { cat, ent, eighths, back_ms }),
+        2 => (0u16..3000).prop_map(Op::Tick),
+        3 => (0u8..10).prop_map(|outcome| Op::Send { outcome }),
+    ]
+}
+
+const CATS: [&str; 3] = ["cpu", "page_view", "temp"];
+const ENTS: [&str; 4] = ["d1", "d2", "u7", "ü"];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_record_is_counted_once_or_accounted_for(
+        ops in proptest::collection::vec(op(), 1..300),
+        max_batch in 1usize..12,
+        max_in_flight in 1usize..6,
+        small_outbox: bool,
+        allow_nack: bool,
+        seed: u64,
+    ) {
+        let endpoints: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let config = ProducerConfig {
+            max_batch_summaries: max_batch,
+            max_in_flight,
+            max_outbox_bytes: if small_outbox { 600 } else { 1 << 20 },
+            flush_interval_ms: 1000,
+            ..ProducerConfig::default()
+        };
+        let mut p = Producer::new(config.clone(), [9; 32], 77, &endpoints, seed).expect("producer");
+        let mut now = T0;
+        let mut merger = Replica::new();
+        let mut model: BTreeMap<(String, Option<String>, i64), (u64, i128)> = BTreeMap::new();
+        let mut in_flight: Vec<edgetally_proto::Transmit> = Vec::new();
+        let mut seqs_seen = BTreeSet::new();
+        let mut r = seed;
+        let mut next = move || { r = r.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (r >> 33) as u8 };
+        let deliver = |t: &edgetally_proto::Transmit, merger: &mut Replica, now: i64| -> Result<(), TestCaseError> {
+            let b = open(&t.bytes, &Limits::default(), now).map_err(|e| TestCaseError::fail(format!("invalid batch: {e}")))?;
+            prop_assert_eq!(b.id.epoch, 77);
+            merger.apply(LogEntry { batch: Arc::new(b), raw: t.bytes.clone() }).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            Ok(())
+        };
+        for op in ops {
+            match op {
+                Op::Record { cat, ent, eighths, back_ms } => {
+                    let ts = now - back_ms as i64;
+                    let (c, e) = (CATS[cat as usize], ent.map(|e| ENTS[e as usize]));
+                    p.record(now, c, e, eighths as f64 / 8.0, Some(ts)).expect("valid record");
+                    let k = model.entry((c.to_string(), e.map(str::to_string), ts.div_euclid(1000) * 1000)).or_default();
+                    k.0 += 1;
+                    k.1 += eighths as i128 * 125_000_000;
+                }
+                Op::Tick(ms) => now += ms as i64,
+                Op::Send { outcome } => {
+                    while let Some(t) = p.poll_transmit(now) {
+                        prop_assert!(in_flight.len() < max_in_flight);
+                        prop_assert!(endpoints.len() > t.endpoint);
+                        seqs_seen.insert(t.seq);
+                        in_flight.push(t);
+                    }
+                    if in_flight.is_empty() { continue; }
+                    let i = next() as usize % in_flight.len();
+                    let t = in_flight.swap_remove(i);
+                    match outcome {
+                        0..=4 => { deliver(&t, &mut merger, now)?; p.handle_reply(now, t.seq, Reply::Ack); }
+                        5 => { deliver(&t, &mut merger, now)?; p.handle_transport_error(now, t.seq, t.endpoint); } // applied, Ack lost
+                        6 => p.handle_reply(now, t.seq, Reply::Retry { after_ms: 50 }),
+                        7 if allow_nack => {
+                            let id = open(&t.bytes, &Limits::default(), now).map(|b| b.id).ok();
+                            if id.is_some_and(|id| merger.has_applied(&id)) {
+                                p.handle_reply(now, t.seq, Reply::Ack);
+                            } else {
+                                p.handle_reply(now, t.seq, Reply::nack(RejectCode::BucketTooOld));
+                            }
+                        }
+                        _ => p.handle_transport_error(now, t.seq, t.endpoint),
+                    }
+                }
+            }
+            let s = p.stats();
+            prop_assert!(s.outbox_bytes as usize <= config.max_outbox_bytes);
+        }
+        // Heal: answer everything with Ack until the flush completes.
+        let token = p.flush(now);
+        for _ in 0..10_000 {
+            if p.flushed(token) && in_flight.is_empty() { break; }
+            for t in in_flight.drain(..) {
+                deliver(&t, &mut merger, now)?;
+                p.handle_reply(now, t.seq, Reply::Ack);
+            }
+            while let Some(t) = p.poll_transmit(now) { in_flight.push(t); }
+            now = p.poll_timeout().map_or(now + 1, |t| t.max(now + 1));
+        }
+        prop_assert!(p.flushed(token));
+        let s = p.stats();
+        let rejected: u64 = s.rejected.values().sum();
+        prop_assert_eq!(s.recorded, s.acked_records + s.rejected_records + s.dropped_records, "{:?}", s);
+        prop_assert_eq!((s.in_flight, s.queued, s.pending), (0, 0, 0));
+        if !small_outbox && (!allow_nack || rejected == 0) {
+            // Nothing lost: the merger holds exactly the model.
+            for ((c, e, b), (n, sum)) in &model {
+                let got = merger.aggregate(c, e.as_deref(), *b, b + 1000);
+                let want_count: u64 = if e.is_some() { *n } else {
+                    model.iter().filter(|((c2, _, b2), _)| c2 == c && b2 == b).map(|(_, v)| v.0).sum()
+                };
+                let want_sum: i128 = if e.is_some() { *sum } else {
+                    model.iter().filter(|((c2, _, b2), _)| c2 == c && b2 == b).map(|(_, v)| v.1).sum()
+                };
+                prop_assert_eq!((got.total.count, got.total.sum.to_i128()), (want_count, Some(want_sum)));
+            }
+            prop_assert_eq!(s.dropped, 0);
+        }
+        // Seqs are consecutive from 0 for this epoch.
+        let max = seqs_seen.iter().next_back().copied().unwrap_or(0);
+        prop_assert!(seqs_seen.len() as u64 <= max + 1);
+    }
+}
+
+#[test]
+fn rendezvous_spreads_producers_and_is_stable() {
+    let endpoints: Vec<String> = (0..4)
+        .map(|i| format!("https://m{i}.example:7071"))
+        .collect();
+    let mut first = [0usize; 4];
+    for k in 0..400u16 {
+        let mut key = [0u8; 32];
+        key[..2].copy_from_slice(&k.to_le_bytes());
+        let order = rendezvous_order(&key, &endpoints);
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, vec![0, 1, 2, 3]);
+        assert_eq!(order, rendezvous_order(&key, &endpoints));
+        first[order[0]] += 1;
+        // Removing an endpoint only moves the producers that preferred it.
+        let fewer: Vec<String> = endpoints[..3].to_vec();
+        let o2 = rendezvous_order(&key, &fewer);
+        if order[0] != 3 {
+            assert_eq!(o2[0], order[0]);
+        }
+    }
+    assert!(first.iter().all(|&n| n > 60), "{first:?}");
+}
+
+#[test]
+fn outbox_overflow_drops_the_oldest_and_counts_it() {
+    let cfg = ProducerConfig {
+        max_batch_summaries: 1,
+        max_outbox_bytes: 400,
+        ..ProducerConfig::default()
+    };
+    let mut p = Producer::new(cfg, [3; 32], 1, &["x".to_string()], 1).expect("producer");
+    for i in 0..10 {
+        p.record(T0, "c", Some(&format!("e{i}")), 1.0, None)
+            .expect("record");
+    }
+    let s = p.stats();
+    assert!(s.dropped > 0, "{s:?}");
+    assert!(s.outbox_bytes <= 400);
+    assert_eq!(s.recorded, 10);
+    assert_eq!(s.dropped_records + s.queued, 10); // one record per batch here
+                                                  // The survivors are the newest.
+    let t = p.poll_transmit(T0).expect("something to send");
+    assert!(t.seq >= s.dropped);
+}
+
+#[test]
+fn retry_backs_off_with_full_jitter_and_fails_over() {
+    let cfg = ProducerConfig {
+        backoff_base_ms: 100,
+        backoff_max_ms: 1000,
+        ..ProducerConfig::default()
+    };
+    let endpoints: Vec<String> = vec!["a".into(), "b".into()];
+    let mut p = Producer::new(cfg, [4; 32], 1, &endpoints, 42).expect("producer");
+    p.record(T0, "c", None, 1.0, None).expect("record");
+    p.flush(T0);
+    let t = p.poll_transmit(T0).expect("transmit");
+    let first = t.endpoint;
+    let mut now = T0;
+    p.handle_transport_error(now, t.seq, t.endpoint);
+    let mut seen_other = false;
+    for attempt in 1..8 {
+        let wake = p.poll_timeout().expect("a retry is scheduled");
+        let cap = (100i64 << attempt).min(1000);
+        assert!(
+            wake > now && wake <= now + cap,
+            "attempt {attempt}: {} not in (0, {cap}]",
+            wake - now
+        );
+        assert!(p.poll_transmit(wake - 1).is_none(), "not before its time");
+        now = wake;
+        let t = p.poll_transmit(now).expect("resend");
+        seen_other |= t.endpoint != first;
+        p.handle_reply(now, t.seq, Reply::Retry { after_ms: 10 });
+    }
+    assert!(seen_other, "failed over after a transport error");
+    let t = p
+        .poll_transmit(p.poll_timeout().expect("scheduled"))
+        .expect("resend");
+    p.handle_reply(now, t.seq, Reply::Ack);
+    assert_eq!(p.stats().acked_records, 1);
+    assert!(p.stats().retried >= 8);
+}
+
+#[test]
+fn persisted_state_resumes_the_epoch_and_resends_the_outbox() {
+    let cfg = ProducerConfig::default();
+    let mut p = Producer::new(cfg.clone(), [5; 32], 9, &["m".to_string()], 1).expect("producer");
+    p.record(T0, "c", Some("e"), 2.0, None).expect("record");
+    p.flush(T0);
+    let mut ident = None;
+    let mut stored = BTreeMap::new();
+    while let Some(op) = p.poll_persist() {
+        match op {
+            PersistOp::Identity {
+                seed,
+                epoch,
+                next_seq,
+            } => ident = Some((seed, epoch, next_seq)),
+            PersistOp::Put { seq, bytes } => {
+                stored.insert(seq, bytes.to_vec());
+            }
+            PersistOp::Remove { seq } => {
+                stored.remove(&seq);
+            }
+        }
+    }
+    let (seed, epoch, next_seq) = ident.expect("identity persisted");
+    assert_eq!((epoch, next_seq, stored.len()), (9, 1, 1));
+    // "Restart": the new instance resends the stored batch under the same id.
+    let mut q = Producer::resume(
+        cfg,
+        seed,
+        epoch,
+        next_seq,
+        stored.into_iter().collect(),
+        &["m".to_string()],
+        2,
+    )
+    .expect("resume");
+    let t = q.poll_transmit(T0 + 10).expect("resend");
+    let b = open(&t.bytes, &Limits::default(), T0).expect("valid");
+    assert_eq!(
+        b.id,
+        BatchId {
+            producer: q.producer_key(),
+            epoch: 9,
+            seq: 0
+        }
+    );
+    q.record(T0, "c", None, 1.0, None).expect("record");
+    q.flush(T0);
+    let t2 = q.poll_transmit(T0 + 10).expect("new batch");
+    assert_eq!(t2.seq, 1);
+}
