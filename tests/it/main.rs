@@ -11,3 +11,4 @@ mod merger;
 mod openapi;
 mod protocol_doc;
 mod queries;
+mod send;

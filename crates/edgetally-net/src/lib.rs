@@ -6,9 +6,11 @@
 //! them.
 
 pub mod client;
+pub mod producer;
 pub mod server;
 pub mod tls;
 
 pub use client::{Client, SendError};
+pub use producer::{Endpoint, NativeProducer};
 pub use server::{serve, BatchSink};
 pub use tls::{Identity, ALPN_BATCHES};

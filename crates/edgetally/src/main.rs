@@ -4,6 +4,7 @@ mod child;
 mod demo;
 mod loadgen;
 mod query;
+mod send;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -27,6 +28,8 @@ enum Cmd {
     /// Run a merger node. With no options it runs on embedded defaults: ./edgetally-data,
     /// HTTP on 127.0.0.1:7070, QUIC on 127.0.0.1:7071, a generated key and certificate.
     Serve(ServeArgs),
+    /// Feed JSON/NDJSON events through the native SDK to mergers over QUIC.
+    Send(send::SendArgs),
     /// Ask a node a question (a table by default, --json for scripts).
     Query(query::QueryArgs),
     /// Start a merger, feed it IoT and user-activity events (late, out of order and a few
@@ -135,6 +138,10 @@ fn main() -> Result<()> {
             })
         }
         Cmd::Query(q) => query::run(q),
+        Cmd::Send(a) => {
+            init_logging();
+            send::run(a)
+        }
         Cmd::Demo { cluster } => demo::run(cluster),
         Cmd::Loadgen(a) => loadgen::run(a),
         Cmd::Keygen { out } => {

@@ -1,0 +1,348 @@
+//! The native producer: the sans-IO [`edgetally_proto::Producer`] driven over QUIC, with
+//! many batches in flight, reconnects, and optional file-backed state (key, epoch/seq and
+//! outbox) so a restarted producer resumes its epoch and resends what was never acked.
+
+use crate::client::Client;
+use edgetally_core::RejectCode;
+use edgetally_proto::{PersistOp, Producer, ProducerConfig, Reply, Stats};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// A merger to send to: its QUIC address and the SHA-256 of its certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// QUIC address.
+    pub addr: SocketAddr,
+    /// Pinned certificate hash.
+    pub cert: [u8; 32],
+}
+
+/// Why the native producer could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProducerError {
+    /// Reading or writing the state directory failed.
+    #[error("state {0}: {1}")]
+    State(PathBuf, std::io::Error),
+    /// The configuration was refused.
+    #[error("config: {0}")]
+    Config(RejectCode),
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).unwrap_or_else(|e| panic!("no OS randomness: {e}"));
+    u64::from_le_bytes(b)
+}
+
+fn random_seed() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).unwrap_or_else(|e| panic!("no OS randomness: {e}"));
+    b
+}
+
+/// What a state directory holds: seed, epoch, next seq, and the outbox (seq, bytes).
+type Saved = ([u8; 32], u64, u64, Vec<(u64, Vec<u8>)>);
+
+/// File-backed state: `key` (seed, hex), `state` ("epoch next_seq"), `outbox/<seq>`.
+struct FileState {
+    dir: PathBuf,
+}
+
+impl FileState {
+    fn io<T>(&self, r: std::io::Result<T>) -> Result<T, ProducerError> {
+        r.map_err(|e| ProducerError::State(self.dir.clone(), e))
+    }
+
+    fn write_atomic(&self, name: &Path, bytes: &[u8]) -> Result<(), ProducerError> {
+        let tmp = name.with_extension("tmp");
+        self.io(std::fs::write(&tmp, bytes))?;
+        self.io(std::fs::File::open(&tmp).and_then(|f| f.sync_all()))?;
+        self.io(std::fs::rename(&tmp, name))
+    }
+
+    /// (seed, epoch, next_seq, outbox) — a fresh identity and epoch if there is no state.
+    fn load(&self) -> Result<Saved, ProducerError> {
+        self.io(std::fs::create_dir_all(self.dir.join("outbox")))?;
+        let key_path = self.dir.join("key");
+        let seed = match std::fs::read_to_string(&key_path) {
+            Ok(s) => crate::tls::parse_hash(s.trim()).ok_or_else(|| {
+                ProducerError::State(key_path.clone(), std::io::Error::other("not 64 hex digits"))
+            })?,
+            Err(_) => {
+                let seed = random_seed();
+                self.write_atomic(&key_path, crate::tls::hex(&seed).as_bytes())?;
+                seed
+            }
+        };
+        let (epoch, next_seq) = match std::fs::read_to_string(self.dir.join("state")) {
+            Ok(s) => {
+                let mut it = s.split_whitespace().map(str::parse::<u64>);
+                match (it.next(), it.next()) {
+                    (Some(Ok(e)), Some(Ok(n))) => (e, n),
+                    _ => (random_u64(), 0),
+                }
+            }
+            Err(_) => (random_u64(), 0),
+        };
+        let mut outbox = Vec::new();
+        for entry in self.io(std::fs::read_dir(self.dir.join("outbox")))? {
+            let path = self.io(entry)?.path();
+            if let Some(seq) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                outbox.push((seq, self.io(std::fs::read(&path))?));
+            }
+        }
+        outbox.sort_by_key(|(s, _)| *s);
+        Ok((seed, epoch, next_seq, outbox))
+    }
+
+    fn apply(&self, op: PersistOp) -> Result<(), ProducerError> {
+        match op {
+            PersistOp::Identity {
+                epoch, next_seq, ..
+            } => self.write_atomic(
+                &self.dir.join("state"),
+                format!("{epoch} {next_seq}\n").as_bytes(),
+            ),
+            PersistOp::Put { seq, bytes } => {
+                self.write_atomic(&self.dir.join("outbox").join(seq.to_string()), &bytes)
+            }
+            PersistOp::Remove { seq } => {
+                let _ = std::fs::remove_file(self.dir.join("outbox").join(seq.to_string()));
+                Ok(())
+            }
+        }
+    }
+}
+
+struct Shared {
+    producer: Mutex<Producer>,
+    wake: Notify,
+    state: Option<FileState>,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Producer> {
+        self.producer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn persist(&self) {
+        let Some(state) = &self.state else {
+            while self.lock().poll_persist().is_some() {}
+            return;
+        };
+        loop {
+            let op = self.lock().poll_persist();
+            let Some(op) = op else { break };
+            if let Err(e) = state.apply(op) {
+                tracing::warn!("producer state not saved: {e}");
+            }
+        }
+    }
+}
+
+/// A running native producer. Cheap to clone.
+#[derive(Clone)]
+pub struct NativeProducer {
+    shared: Arc<Shared>,
+    driver: Arc<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for NativeProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NativeProducer").finish_non_exhaustive()
+    }
+}
+
+impl NativeProducer {
+    /// Starts a producer sending to `endpoints` (failover in rendezvous order). With
+    /// `state_dir`, the key, epoch/seq and outbox live there and survive restarts; without,
+    /// the identity is fresh and the outbox is memory only. Must run inside a tokio runtime.
+    pub fn start(
+        config: ProducerConfig,
+        endpoints: Vec<Endpoint>,
+        state_dir: Option<&Path>,
+    ) -> Result<NativeProducer, ProducerError> {
+        let state = state_dir.map(|d| FileState {
+            dir: d.to_path_buf(),
+        });
+        let (seed, epoch, next_seq, outbox) = match &state {
+            Some(s) => s.load()?,
+            None => (random_seed(), random_u64(), 0, Vec::new()),
+        };
+        let names: Vec<String> = endpoints.iter().map(|e| e.addr.to_string()).collect();
+        let producer =
+            Producer::resume(config, seed, epoch, next_seq, outbox, &names, random_u64())
+                .map_err(ProducerError::Config)?;
+        let shared = Arc::new(Shared {
+            producer: Mutex::new(producer),
+            wake: Notify::new(),
+            state,
+            closed: false.into(),
+        });
+        shared.persist();
+        let driver = tokio::spawn(drive(shared.clone(), endpoints));
+        Ok(NativeProducer {
+            shared,
+            driver: Arc::new(driver),
+        })
+    }
+
+    /// Records one event (`ts_ms` defaults to now).
+    pub fn record(
+        &self,
+        category: &str,
+        entity: Option<&str>,
+        value: f64,
+        ts_ms: Option<i64>,
+    ) -> Result<(), RejectCode> {
+        let r = self
+            .shared
+            .lock()
+            .record(now_ms(), category, entity, value, ts_ms);
+        self.shared.wake.notify_one();
+        r
+    }
+
+    /// The handle of (category, entity) for hot loops.
+    pub fn handle(
+        &self,
+        category: &str,
+        entity: Option<&str>,
+    ) -> Result<edgetally_proto::Handle, RejectCode> {
+        self.shared.lock().handle(category, entity)
+    }
+
+    /// Records through a handle.
+    pub fn record_handle(
+        &self,
+        h: edgetally_proto::Handle,
+        value: f64,
+        ts_ms: Option<i64>,
+    ) -> Result<(), RejectCode> {
+        let r = self.shared.lock().record_handle(now_ms(), h, value, ts_ms);
+        self.shared.wake.notify_one();
+        r
+    }
+
+    /// Resolves once everything recorded before the call has been answered (acked, rejected
+    /// or dropped), or after `timeout` (returning false).
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let token = self.shared.lock().flush(now_ms());
+        self.shared.wake.notify_one();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.shared.lock().flushed(token) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Stats {
+        self.shared.lock().stats()
+    }
+
+    /// Stops the driver (what is unacked stays in the state directory, if any).
+    pub fn close(&self) {
+        self.shared
+            .closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared.wake.notify_one();
+        self.driver.abort();
+        self.shared.persist();
+    }
+}
+
+async fn drive(shared: Arc<Shared>, endpoints: Vec<Endpoint>) {
+    let clients: Arc<tokio::sync::Mutex<Vec<Option<Client>>>> =
+        Arc::new(tokio::sync::Mutex::new(vec![None; endpoints.len()]));
+    let endpoints = Arc::new(endpoints);
+    while !shared.closed.load(std::sync::atomic::Ordering::Relaxed) {
+        let now = now_ms();
+        let mut sent = false;
+        loop {
+            let t = shared.lock().poll_transmit(now);
+            let Some(t) = t else { break };
+            sent = true;
+            let (shared, clients, endpoints) = (shared.clone(), clients.clone(), endpoints.clone());
+            tokio::spawn(async move {
+                let result = send(&clients, &endpoints, t.endpoint, &t.bytes).await;
+                let now = now_ms();
+                match result {
+                    Some(reply) => shared.lock().handle_reply(now, t.seq, reply),
+                    None => shared.lock().handle_transport_error(now, t.seq, t.endpoint),
+                }
+                shared.persist();
+                shared.wake.notify_one();
+            });
+        }
+        shared.persist();
+        if sent {
+            continue;
+        }
+        let wait = shared
+            .lock()
+            .poll_timeout()
+            .map_or(1000, |t| (t - now).clamp(1, 1000));
+        let _ =
+            tokio::time::timeout(Duration::from_millis(wait as u64), shared.wake.notified()).await;
+    }
+}
+
+/// Sends on the endpoint's connection, (re)connecting as needed; `None` on transport failure.
+async fn send(
+    clients: &tokio::sync::Mutex<Vec<Option<Client>>>,
+    endpoints: &[Endpoint],
+    i: usize,
+    bytes: &[u8],
+) -> Option<Reply> {
+    let ep = endpoints.get(i)?;
+    let client = {
+        let mut cs = clients.lock().await;
+        match cs.get(i).cloned().flatten() {
+            Some(c) => c,
+            None => {
+                let c = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    Client::connect(ep.addr, vec![ep.cert]),
+                )
+                .await
+                .ok()?
+                .ok()?;
+                if let Some(slot) = cs.get_mut(i) {
+                    *slot = Some(c.clone());
+                }
+                c
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), client.send(bytes)).await {
+        Ok(Ok(reply)) => Some(reply),
+        _ => {
+            // Forget the connection; the next attempt reconnects.
+            if let Some(slot) = clients.lock().await.get_mut(i) {
+                *slot = None;
+            }
+            None
+        }
+    }
+}
