@@ -1,15 +1,14 @@
 //! `edgetally demo`: starts a merger on the embedded default addresses (with a fresh data
 //! directory, so the expectations below are exact), feeds it a few thousand events of two
-//! shapes — an IoT metric stream over QUIC as signed batches, user activity over
+//! shapes — an IoT metric stream through the native SDK over QUIC, user activity over
 //! `POST /v1/events` — including late, out-of-order and invalid ones, then prints each query
 //! kind's answer next to an expectation computed here independently, and stops the merger.
 
 use crate::child;
 use anyhow::{bail, Result};
-use edgetally_core::BatchId;
-use edgetally_proto::{BatchBuilder, Reply, Signer};
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 /// One event; values are whole hundredths (`cents`), so expected sums are exact integers.
 struct Ev {
@@ -146,48 +145,50 @@ fn feed_and_check(http: &str, quic: std::net::SocketAddr, cert: [u8; 32]) -> Res
         });
     }
 
-    // IoT over QUIC: signed batches of 400 readings from three gateway producers.
+    // IoT over QUIC through the native SDK: three gateway producers, each recording its share
+    // of the readings (aggregated per device and second, sealed, signed, sent, acked).
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let mut sealed = Vec::new();
-    for (n, chunk) in iot.chunks(400).enumerate() {
-        let mut seed = [0u8; 32];
-        seed[0] = (n % 3) as u8 + 1;
-        let signer = Signer::from_seed(seed);
-        let mut b = BatchBuilder::new(1000)?;
-        for e in chunk {
-            b.record(e.category, Some(&e.entity), e.ts, e.cents as f64 / 100.0)?;
+    let (batches, acked) = rt.block_on(async {
+        let endpoint = edgetally_net::Endpoint { addr: quic, cert };
+        let gateways: Vec<_> = (0..3)
+            .map(|_| {
+                edgetally_net::NativeProducer::start(
+                    edgetally_proto::ProducerConfig::default(),
+                    vec![endpoint.clone()],
+                    None,
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        for (i, e) in iot.iter().enumerate() {
+            gateways[i % 3].record(
+                e.category,
+                Some(&e.entity),
+                e.cents as f64 / 100.0,
+                Some(e.ts),
+            )?;
         }
-        sealed.push(signer.seal(&b.finish(
-            BatchId {
-                producer: signer.producer(),
-                epoch: 1,
-                seq: (n / 3) as u64,
-            },
-            now,
-        ))?);
-    }
-    let replies = rt.block_on(async {
-        let c = edgetally_net::Client::connect(quic, vec![cert]).await?;
-        let mut out = Vec::new();
-        for b in &sealed {
-            out.push(c.send(b).await?);
+        let (mut batches, mut acked) = (0, 0);
+        for g in &gateways {
+            if !g.flush(Duration::from_secs(30)).await {
+                bail!("a gateway's batches were not acknowledged in 30 s");
+            }
+            let s = g.stats();
+            if !s.rejected.is_empty() || s.dropped > 0 {
+                bail!("unexpected producer stats: {s:?}");
+            }
+            batches += s.acked;
+            acked += s.acked_records;
+            g.close();
         }
-        // Redelivery of a batch (as after a lost Ack) changes nothing.
-        out.push(c.send(&sealed[0]).await?);
-        c.close().await;
-        anyhow::Ok(out)
+        anyhow::Ok((batches, acked))
     })?;
-    if replies.iter().any(|r| *r != Reply::Ack) {
-        bail!("unexpected replies: {replies:?}");
+    println!("sent {} IoT readings through the native SDK from 3 producers: {batches} signed batches over QUIC, {acked} readings acknowledged", iot.len());
+    if acked != iot.len() as u64 {
+        bail!("only {acked} of {} readings were acknowledged", iot.len());
     }
-    println!(
-        "sent {} IoT readings as {} signed batches over QUIC (one redelivered): all acked",
-        iot.len(),
-        sealed.len()
-    );
 
     // User activity over HTTP as NDJSON, with a few invalid events mixed in.
     let mut body = String::new();
