@@ -1,5 +1,6 @@
 //! The one integration-test binary: a module per concern.
 
+mod certs;
 mod cli;
 mod convergence;
 mod crashers;
