@@ -48,6 +48,8 @@ pub struct Pipeline {
     pub limits: Limits,
     /// Most batches per group.
     pub max_group: usize,
+    /// One past the last group commit whose batches are all applied (0: none yet).
+    pub applied_group: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Wall-clock milliseconds since the Unix epoch.
@@ -119,7 +121,7 @@ impl Ingest {
 
 type Checked = Vec<(Job, Result<Batch, DecodeError>)>;
 /// Batches written to disk and awaiting apply, and replies already decided.
-type Written = (Vec<(Job, Batch)>, Vec<(Job, Reply)>);
+type Written = (Option<u64>, Vec<(Job, Batch)>, Vec<(Job, Reply)>);
 
 async fn verify_stage(mut rx: mpsc::Receiver<Job>, tx: mpsc::Sender<Checked>, p: Pipeline) {
     while let Some(first) = rx.recv().await {
@@ -248,6 +250,7 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
             }
         }
         let mut to_apply = Vec::new();
+        let mut written_group = None;
         if !fresh.is_empty() {
             let store = p.store.clone();
             let started = Instant::now();
@@ -261,7 +264,8 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
             })
             .await;
             match stored {
-                Ok((fresh, Ok(()))) => {
+                Ok((fresh, Ok(group))) => {
+                    written_group = Some(group);
                     p.metrics.group_commits.fetch_add(1, Relaxed);
                     p.metrics
                         .commit_micros
@@ -287,7 +291,11 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
                 Err(e) => error!("commit task failed: {e}"),
             }
         }
-        if tx_apply.send((to_apply, done)).await.is_err() {
+        if tx_apply
+            .send((written_group, to_apply, done))
+            .await
+            .is_err()
+        {
             break;
         }
     }
@@ -300,7 +308,7 @@ async fn apply_stage(
     p: Pipeline,
     pending: Arc<std::sync::Mutex<HashSet<BatchId>>>,
 ) {
-    while let Some((fresh, mut done)) = rx.recv().await {
+    while let Some((group, fresh, mut done)) = rx.recv().await {
         if !fresh.is_empty() {
             let mut r = p.replica.write().unwrap_or_else(|e| e.into_inner());
             let mut ids = Vec::with_capacity(fresh.len());
@@ -329,6 +337,11 @@ async fn apply_stage(
                 done.push((job, reply));
             }
             r.prune_log();
+            if let Some(g) = group {
+                // Under the write lock: a snapshot taken under the read lock sees every group
+                // up to this one applied, and none after it.
+                p.applied_group.store(g + 1, Relaxed);
+            }
             drop(r);
             let mut pend = pending.lock().unwrap_or_else(|e| e.into_inner());
             for id in ids {

@@ -70,6 +70,8 @@ pub struct Node {
     pub started: Instant,
     /// Batches replayed from the store at start-up.
     pub recovered: u64,
+    /// One past the last group commit fully applied (groups before it are in the replica).
+    pub applied_group: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A started node; `shutdown()` stops it.
@@ -251,12 +253,15 @@ impl Node {
         let (replica, recovered) = recover(&store, &config.limits)?;
         let replica = Arc::new(RwLock::new(replica));
         let metrics = Arc::new(Metrics::default());
+        // Every stored group was replayed by `recover`, so the watermark starts past them.
+        let applied_group = Arc::new(std::sync::atomic::AtomicU64::new(store.next_group()));
         let pipeline = Pipeline {
             replica: replica.clone(),
             store: store.clone(),
             metrics: metrics.clone(),
             limits: config.limits,
             max_group: config.max_group,
+            applied_group: applied_group.clone(),
         };
         let (ingest, commit_task) = Ingest::start(pipeline, config.queue_depth);
 
@@ -283,6 +288,7 @@ impl Node {
             http_addr: RwLock::new(Some(http_addr)),
             started: Instant::now(),
             recovered,
+            applied_group,
             config,
             replica,
             store,
@@ -348,21 +354,30 @@ impl Node {
 
     /// Snapshots the state and drops the stored batches the snapshot covers.
     pub fn compact(&self) -> Result<usize, crate::store::StoreError> {
-        let (snap, retained) = {
+        let (snap, retained, applied_through) = {
             let r = self.state();
             let retained: HashSet<_> = r.log().map(|e| e.batch.id).collect();
-            (r.snapshot(), retained)
+            (r.snapshot(), retained, self.applied_group.load(Relaxed))
         };
-        let covered = Digest {
-            epochs: snap
-                .seen
-                .iter()
-                .map(|(p, e, s)| ((*p, *e), s.clone()))
-                .collect(),
+        let n = if retained.is_empty() {
+            // Every group before `applied_through` is in the snapshot and no peer needs its
+            // batches: drop the key range without decoding them. (Groups recovered at start-up count as
+            // applied: the watermark starts past them.)
+            match applied_through.checked_sub(1) {
+                Some(last) => self.store.compact_through(&snap, last)?,
+                None => self.store.compact(&snap, |_| false)?,
+            }
+        } else {
+            let covered = Digest {
+                epochs: snap
+                    .seen
+                    .iter()
+                    .map(|(p, e, s)| ((*p, *e), s.clone()))
+                    .collect(),
+            };
+            self.store
+                .compact(&snap, |id| covered.contains(id) && !retained.contains(id))?
         };
-        let n = self
-            .store
-            .compact(&snap, |id| covered.contains(id) && !retained.contains(id))?;
         self.metrics.snapshots.fetch_add(1, Relaxed);
         Ok(n)
     }

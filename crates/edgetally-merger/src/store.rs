@@ -169,7 +169,8 @@ impl Store {
 
     /// Appends batches as one group record in one transaction, and returns once it is on
     /// disk (fsync).
-    pub fn append(&self, items: &[(BatchId, &[u8])]) -> Result<(), StoreError> {
+    /// Returns the group's key (commit numbers increase).
+    pub fn append(&self, items: &[(BatchId, &[u8])]) -> Result<u64, StoreError> {
         let mut value = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         value.clear();
         for (id, raw) in items {
@@ -183,7 +184,7 @@ impl Store {
         }
         txn.commit().map_err(err)?;
         self.stored.fetch_add(items.len() as u64, Relaxed);
-        Ok(())
+        Ok(key)
     }
 
     /// Writes `snapshot` and deletes, in the same transaction, the stored batches for which
@@ -235,6 +236,33 @@ impl Store {
         Ok(removed)
     }
 
+    /// Writes `snapshot` and deletes, in the same transaction, every group up to and
+    /// including `through` — for when the snapshot covers all of them and replication needs
+    /// none: a key-range delete that decodes no batch (it only counts the records it drops).
+    pub fn compact_through(&self, snapshot: &Snapshot, through: u64) -> Result<usize, StoreError> {
+        let bytes = postcard::to_allocvec(snapshot).map_err(err)?;
+        let txn = self.db.begin_write().map_err(err)?;
+        let mut removed = 0usize;
+        {
+            let mut meta = txn.open_table(META).map_err(err)?;
+            meta.insert(SNAPSHOT_KEY, &bytes[..]).map_err(err)?;
+            let mut t = txn.open_table(GROUPS).map_err(err)?;
+            let mut drained = t.extract_from_if(..=through, |_, _| true).map_err(err)?;
+            for row in drained.by_ref() {
+                let (_, v) = row.map_err(err)?;
+                removed += records(v.value()).count();
+            }
+        }
+        txn.commit().map_err(err)?;
+        self.stored.fetch_sub(removed as u64, Relaxed);
+        Ok(removed)
+    }
+
+    /// The key the next group commit will get.
+    pub fn next_group(&self) -> u64 {
+        self.next_group.load(Relaxed)
+    }
+
     /// Number of stored batches (kept as a counter: reading it costs nothing).
     pub fn batch_count(&self) -> Result<u64, StoreError> {
         Ok(self.stored.load(Relaxed))
@@ -276,8 +304,18 @@ mod tests {
         let s = Store::open(&path, 1 << 20).expect("reopen");
         let l = s.load().expect("load");
         assert_eq!(l.batches, vec![big.clone()]);
-        s.append(&[(id(4), b"four")]).expect("append after reopen");
-        assert_eq!(s.load().expect("load").batches, vec![big, b"four".to_vec()]);
+        let g = s.append(&[(id(4), b"four")]).expect("append after reopen");
+        assert_eq!(
+            s.load().expect("load").batches,
+            vec![big.clone(), b"four".to_vec()]
+        );
+        let g2 = s.append(&[(id(5), b"five")]).expect("append");
+        assert_eq!(g2, g + 1);
+        // A key-range compaction through `g` drops every group up to it, unread.
+        let snap = edgetally_core::Replica::new().snapshot();
+        assert_eq!(s.compact_through(&snap, g).expect("compact"), 2);
+        assert_eq!(s.load().expect("load").batches, vec![b"five".to_vec()]);
+        assert_eq!(s.batch_count().expect("count"), 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
