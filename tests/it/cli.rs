@@ -1,18 +1,9 @@
 //! The CLI as a user runs it: `keygen` and `query` (table and `--json`) against a real node.
 
-use crate::harness::{binary, now_ms, Merger, TempDir};
-use std::process::Command;
+use crate::harness::{now_ms, run_cli, Merger, TempDir};
 
 fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(binary())
-        .args(args)
-        .output()
-        .expect("run edgetally");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run_cli(args)
 }
 
 #[test]

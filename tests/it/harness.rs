@@ -33,6 +33,20 @@ pub fn binary() -> PathBuf {
     .clone()
 }
 
+/// Runs `edgetally ARGS…` to completion: (success, stdout, stderr).
+pub fn run_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String, String) {
+    let out = Command::new(binary())
+        .args(args)
+        .env("EDGETALLY_LOG", "error")
+        .output()
+        .expect("run edgetally");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A running merger process.
 pub struct Merger {
     pub child: Child,

@@ -1,31 +1,23 @@
 //! `edgetally send`: events of the seeds' shapes through the native SDK to a real merger, and
 //! a producer that outlives a merger outage through its state directory.
 
-use crate::harness::{binary, now_ms, Merger, TempDir};
+use crate::harness::{now_ms, run_cli, Merger, TempDir};
 use edgetally_net::tls::hex;
 use edgetally_tests::{decimal, Rng};
-use std::process::Command;
 
 fn send(m_quic: &str, cert: &[u8; 32], args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(binary())
-        .args([
-            "send",
-            "--endpoint",
-            m_quic,
-            "--cert-sha256",
-            &hex(cert),
-            "--timeout-secs",
-            "20",
-        ])
-        .args(args)
-        .env("EDGETALLY_LOG", "error")
-        .output()
-        .expect("run send");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let hash = hex(cert);
+    let mut all = vec![
+        "send",
+        "--endpoint",
+        m_quic,
+        "--cert-sha256",
+        &hash,
+        "--timeout-secs",
+        "20",
+    ];
+    all.extend_from_slice(args);
+    run_cli(&all)
 }
 
 #[test]
@@ -124,27 +116,21 @@ fn a_producer_outlives_a_merger_outage_through_its_state_dir() {
     let nobody = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     let dead = nobody.local_addr().expect("addr").to_string();
     drop(nobody);
-    let out = Command::new(binary())
-        .args([
-            "send",
-            "--endpoint",
-            &dead,
-            "--cert-sha256",
-            &"00".repeat(32),
-            "--timeout-secs",
-            "2",
-            "--state-dir",
-            &state_s,
-            "--input",
-            input.to_str().expect("utf8"),
-        ])
-        .env("EDGETALLY_LOG", "error")
-        .output()
-        .expect("run send");
-    assert!(
-        !out.status.success(),
-        "nothing can be acked without a merger"
-    );
+    let zeros = "00".repeat(32);
+    let (ok, _, _) = run_cli(&[
+        "send",
+        "--endpoint",
+        &dead,
+        "--cert-sha256",
+        &zeros,
+        "--timeout-secs",
+        "2",
+        "--state-dir",
+        &state_s,
+        "--input",
+        input.to_str().expect("utf8"),
+    ]);
+    assert!(!ok, "nothing can be acked without a merger");
     let queued = std::fs::read_dir(state.join("outbox"))
         .expect("outbox")
         .count();

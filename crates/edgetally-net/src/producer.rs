@@ -302,7 +302,7 @@ async fn drive(shared: Arc<Shared>, endpoints: Vec<Endpoint>) {
         let wait = shared
             .lock()
             .poll_timeout()
-            .map_or(1000, |t| (t - now).clamp(1, 1000));
+            .map_or(1000, |t| t.saturating_sub(now).clamp(1, 1000));
         let _ =
             tokio::time::timeout(Duration::from_millis(wait as u64), shared.wake.notified()).await;
     }

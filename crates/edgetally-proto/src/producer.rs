@@ -640,7 +640,8 @@ impl Producer {
         })
     }
 
-    /// When the caller should call in again at the latest (a flush deadline or a retry).
+    /// When the caller should call in again at the latest (a flush deadline or a retry); a
+    /// time in the past (possibly `i64::MIN`) means "now": compare with saturating arithmetic.
     pub fn poll_timeout(&self) -> Option<i64> {
         let flush = self
             .first_pending_ms
