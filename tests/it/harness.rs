@@ -230,9 +230,4 @@ fn rand_suffix() -> u64 {
         ^ (std::process::id() as u64) << 32
 }
 
-/// Wall-clock ms.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+pub use edgetally_net::now_ms;

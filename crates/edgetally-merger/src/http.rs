@@ -11,6 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use edgetally_core::record::{MAX_TS_MS, MIN_TS_MS};
 use edgetally_core::{BatchId, GroupBy, RejectCode, Rows, TopBy, Total};
+use edgetally_net::tls::hex;
 use edgetally_proto::{BatchBuilder, Reply};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -538,7 +539,7 @@ async fn batches(State(node): State<Node_>, body: Bytes) -> Response {
 /// The body also carries the binary reply frame in hex (`frame`) for SDKs that share code
 /// with the QUIC path.
 pub fn reply_response(reply: Reply) -> Response {
-    let frame: String = reply.encode().iter().map(|b| format!("{b:02x}")).collect();
+    let frame = hex(&reply.encode());
     match reply {
         Reply::Ack => (
             StatusCode::OK,
@@ -570,11 +571,7 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
         (r.entry_count(), r.epoch_count(), r.applied_count())
     };
     let l = node.config.limits;
-    let hash: String = node
-        .cert_hash()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hash = hex(&node.cert_hash());
     Json(json!({
         "node": node.signer.producer().to_hex(),
         "version": env!("CARGO_PKG_VERSION"),

@@ -52,12 +52,7 @@ pub struct Pipeline {
     pub applied_group: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// Wall-clock milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+pub use edgetally_net::now_ms;
 
 impl Ingest {
     /// Starts the pipeline's two stages; they end when every `Ingest` clone is dropped.

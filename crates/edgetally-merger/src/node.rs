@@ -8,6 +8,7 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 use edgetally_core::{Digest, Limits, LogEntry, Replica};
 use edgetally_net::tls::{hex, server_config, Identity, ALPN_BATCHES};
+use edgetally_net::{random_seed, random_u64};
 use edgetally_proto::{decode, Reply, Signer};
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -84,13 +85,6 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     endpoint: quinn::Endpoint,
-}
-
-fn random_seed() -> [u8; 32] {
-    let mut s = [0u8; 32];
-    // The OS random source is the only acceptable one for keys; failing it is fatal.
-    getrandom::fill(&mut s).unwrap_or_else(|e| panic!("no OS randomness: {e}"));
-    s
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StartError + '_ {
@@ -204,11 +198,7 @@ fn recover(store: &Store, limits: &Limits) -> Result<(Replica, u64), StartError>
         None => Replica::new(),
     };
     replica.set_peers(Vec::<String>::new());
-    let k = random_seed();
-    replica.set_string_hash_keys(
-        u64::from_le_bytes(k[..8].try_into().unwrap_or_default()),
-        u64::from_le_bytes(k[8..16].try_into().unwrap_or_default()),
-    );
+    replica.set_string_hash_keys(random_u64(), random_u64());
     // Stored batches were verified before they were acked; decoding re-checks their shape.
     // Limits may have been lowered since: replay with generous ones so nothing acked is lost.
     let replay_limits = Limits {
@@ -280,7 +270,7 @@ impl Node {
 
         let node = Arc::new(Node {
             signer,
-            events_epoch: u64::from_le_bytes(random_seed()[..8].try_into().unwrap_or([0; 8])),
+            events_epoch: random_u64(),
             events_seq: 0.into(),
             cert_hash: RwLock::new(id.cert_hash()),
             cert_not_after: RwLock::new(id.not_after_unix),

@@ -32,23 +32,7 @@ pub enum ProducerError {
     Config(RejectCode),
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b).unwrap_or_else(|e| panic!("no OS randomness: {e}"));
-    u64::from_le_bytes(b)
-}
-
-fn random_seed() -> [u8; 32] {
-    let mut b = [0u8; 32];
-    getrandom::fill(&mut b).unwrap_or_else(|e| panic!("no OS randomness: {e}"));
-    b
-}
+use crate::{now_ms, random_seed, random_u64};
 
 /// What a state directory holds: seed, epoch, next seq, and the outbox (seq, bytes).
 type Saved = ([u8; 32], u64, u64, Vec<(u64, Vec<u8>)>);

@@ -67,11 +67,7 @@ impl Exp {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+use edgetally_net::now_ms;
 
 pub fn run(cluster: bool) -> Result<()> {
     if cluster {

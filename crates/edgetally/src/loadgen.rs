@@ -34,11 +34,7 @@ pub struct LoadgenArgs {
     no_redis: bool,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+use edgetally_net::now_ms;
 
 /// The key space: producer p's batch s covers devices (s·n .. s·n+n) mod 10,000 of one
 /// category, in the current second, so keys repeat across batches as real traffic does.
