@@ -3,12 +3,23 @@
 
 use crate::harness::binary;
 
-#[test]
-fn the_demo_runs_and_every_answer_matches() {
-    let out = std::process::Command::new(binary())
-        .arg("demo")
-        .output()
-        .expect("run demo");
+fn the_demo_runs_and_every_answer_matches_inner() {
+    // `cargo xtask test` builds the npm package first; then the demo also drives the wasm SDK
+    // in Node.js, as `cargo xtask demo` does.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf();
+    let script = root.join("examples/node/ingest.mjs");
+    let built = root.join("web/dist/index.js").exists() && root.join("web/pkg").exists();
+    let mut cmd = std::process::Command::new(binary());
+    cmd.arg("demo");
+    if built {
+        cmd.arg("--node-script").arg(&script);
+    } else {
+        eprintln!("web/ is not built: the demo runs without the wasm SDK (run `cargo xtask web`)");
+    }
+    let out = cmd.output().expect("run demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -16,6 +27,12 @@ fn the_demo_runs_and_every_answer_matches() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("all answers match"), "{stdout}");
+    if built {
+        assert!(
+            stdout.contains("through the wasm SDK in Node.js"),
+            "{stdout}"
+        );
+    }
     assert!(!stdout.contains("MISMATCH"));
     assert!(
         stdout
@@ -23,6 +40,45 @@ fn the_demo_runs_and_every_answer_matches() {
             .filter(|l| l.trim_end().ends_with(" ok"))
             .count()
             >= 15,
+        "{stdout}"
+    );
+}
+
+/// `edgetally demo --cluster` uses the same default ports, so it runs after the single-node
+/// demo in this one test rather than beside it.
+#[test]
+fn the_single_node_and_cluster_demos_run_one_after_the_other() {
+    the_demo_runs_and_every_answer_matches_inner();
+    let out = std::process::Command::new(binary())
+        .args(["demo", "--cluster"])
+        .output()
+        .expect("run demo --cluster");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "cluster demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("converged"), "{stdout}");
+    assert!(
+        stdout.contains("all nodes agree with the expectation"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("MISMATCH"));
+    // Three nodes × two categories, each checked.
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.trim_end().ends_with(" ok"))
+            .count(),
+        6,
+        "{stdout}"
+    );
+    // Producers that preferred the killed node failed over (retried elsewhere).
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("retries") && !l.contains(" 0 retries")),
         "{stdout}"
     );
 }

@@ -63,16 +63,23 @@ impl Merger {
     }
 
     pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Merger {
+        Self::start_at(dir, "127.0.0.1:0", extra, env)
+    }
+
+    /// Starts `edgetally serve` with its QUIC address fixed (peers must know it in advance).
+    pub fn start_at(dir: &Path, quic: &str, extra: &[&str], env: &[(&str, &str)]) -> Merger {
         let mut cmd = Command::new(binary());
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(dir)
-            .args(["--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"])
+            .args(["--http-addr", "127.0.0.1:0", "--quic-addr", quic])
             .args(extra);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.env("EDGETALLY_LOG", "warn")
+        // EDGETALLY_TEST_LOG (say `edgetally_merger=debug`) shows the nodes' logs when debugging.
+        let log = std::env::var("EDGETALLY_TEST_LOG").unwrap_or_else(|_| "warn".into());
+        cmd.env("EDGETALLY_LOG", log)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn edgetally serve");
@@ -101,6 +108,16 @@ impl Merger {
             cert: cert.expect("certificate hash printed"),
             recovered: recovered.unwrap_or(0),
         }
+    }
+
+    /// SIGSTOP (true) or SIGCONT (false): the process stays, frozen — to its peers and
+    /// producers, a node cut off the network.
+    pub fn pause(&self, stop: bool) {
+        let sig = if stop { "-STOP" } else { "-CONT" };
+        let _ = Command::new("kill")
+            .arg(sig)
+            .arg(self.child.id().to_string())
+            .status();
     }
 
     /// `kill -9`.

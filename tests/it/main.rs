@@ -2,6 +2,7 @@
 
 mod certs;
 mod cli;
+mod cluster;
 mod convergence;
 mod crashers;
 mod crdt_laws;

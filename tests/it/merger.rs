@@ -585,6 +585,44 @@ fn acked_batches_survive_kill_9_and_retries_never_double_count() {
     }
 }
 
+/// A merger restarted on the same address after `kill -9` answers packets of its previous
+/// life's connections with a stateless reset (its reset key derives from the node key), so a
+/// producer's old connection fails at once with "reset" and the producer reconnects — instead
+/// of hanging until a send timeout or the 30 s idle timeout.
+#[test]
+fn a_restarted_merger_resets_its_previous_connections() {
+    let dir = TempDir::new("reset");
+    let m = Merger::start(&dir.0, &[]);
+    let (quic, cert) = (m.quic, m.cert);
+    let s = signer(77);
+    let mut rng = Rng::new(77);
+    let base = now_ms();
+    let (first, _) = batch(&s, 1, 0, &mut rng, 5, base);
+    let (second, _) = batch(&s, 1, 1, &mut rng, 5, base);
+    let rt = rt();
+    let old = rt.block_on(async {
+        let c = Client::connect(quic, vec![cert]).await.expect("connect");
+        assert_eq!(c.send(&first).await.expect("send"), Reply::Ack);
+        c
+    });
+    m.kill9();
+    let m = Merger::start_at(&dir.0, &quic.to_string(), &[], &[]);
+    assert_eq!(m.cert, cert, "same identity after the restart");
+    rt.block_on(async {
+        // Bounded far below the idle timeout; without a reset this send would hang.
+        let got = tokio::time::timeout(Duration::from_secs(8), old.send(&second)).await;
+        match got {
+            Ok(Err(e)) => assert!(e.to_string().contains("reset"), "{e}"),
+            other => panic!("the old connection was not reset: {other:?}"),
+        }
+        let fresh = Client::connect(quic, vec![cert]).await.expect("reconnect");
+        assert_eq!(fresh.send(&second).await.expect("send"), Reply::Ack);
+        fresh.close().await;
+    });
+    let v = q(&m, "/v1/totals?start=0&end=9999999999999");
+    assert_eq!(v["groups"][0]["count"], 10, "{v}");
+}
+
 #[test]
 fn graceful_shutdown_keeps_everything_and_config_sources_apply() {
     let dir = TempDir::new("term");

@@ -3,7 +3,10 @@
 //! - `cargo xtask test`  — everything CI checks: toolchain prerequisites, formatting, clippy with
 //!   warnings denied, the wasm32 build of the pure crates with its import check, and all tests.
 //! - `cargo xtask wasm-check` — only the wasm32 build and import check.
-//! - `cargo xtask bench [core|wire|figures]` — the benchmarks (not run by `test`).
+//! - `cargo xtask web` — builds the npm package in `web/` (wasm-pack, wasm-opt, tsc), after
+//!   installing what it needs (wasm-bindgen-cli at the Cargo.lock version, wasm-pack, the npm
+//!   dev dependencies).
+//! - `cargo xtask bench [core|wire|sdk|figures|merger|cluster|web]` — the benchmarks (not run by `test`).
 
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -22,8 +25,14 @@ fn main() -> Result<()> {
         }
         Some("bench") => bench(args.get(1).map(String::as_str).unwrap_or("all")),
         Some("demo") => demo(&root, &args[1..]),
+        Some("web") => {
+            ensure_prerequisites()?;
+            web_build(&root)
+        }
         _ => {
-            eprintln!("usage: cargo xtask <test|wasm-check|bench [core|wire|figures]>");
+            eprintln!(
+                "usage: cargo xtask <test|wasm-check|bench [core|wire|sdk|figures|merger|cluster|web]>"
+            );
             std::process::exit(2)
         }
     }
@@ -32,6 +41,11 @@ fn main() -> Result<()> {
 fn root() -> Result<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     Ok(dir.parent().context("xtask has a parent")?.to_path_buf())
+}
+
+/// Where cargo puts build outputs (`CARGO_TARGET_DIR`, else `target/`).
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -86,7 +100,11 @@ fn test() -> Result<()> {
         "warnings",
     ]))?;
     wasm_check(&root)?;
-    let (passed, failed) = run_tests(cargo().args(["test", "--workspace", "--locked"]))?;
+    web_build(&root)?;
+    let (mut passed, mut failed) = run_tests(cargo().args(["test", "--workspace", "--locked"]))?;
+    let (p, f) = web_tests(&root)?;
+    passed += p;
+    failed += f;
     eprintln!("xtask: all checks passed");
     // One closing line for the whole run (cargo prints one per test binary, the last of which
     // is often a doc-test binary with nothing in it).
@@ -133,14 +151,212 @@ fn run_tests(cmd: &mut Command) -> Result<(u64, u64)> {
     Ok((passed, failed))
 }
 
+/// The version of a crate in Cargo.lock.
+fn locked_version(root: &Path, krate: &str) -> Result<String> {
+    let lock = std::fs::read_to_string(root.join("Cargo.lock"))?;
+    let mut lines = lock.lines();
+    while let Some(l) = lines.next() {
+        if l == format!("name = \"{krate}\"") {
+            if let Some(v) = lines.next().and_then(|v| v.strip_prefix("version = ")) {
+                return Ok(v.trim_matches('"').to_string());
+            }
+        }
+    }
+    bail!("{krate} is not in Cargo.lock")
+}
+
+fn tool_version(tool: &str) -> Option<String> {
+    let out = Command::new(tool).arg("--version").output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Installs the JavaScript-side toolchain a fresh machine lacks: wasm-bindgen-cli at exactly
+/// the Cargo.lock version (wasm-pack cannot download it here), wasm-pack, the npm dev
+/// dependencies (typescript, binaryen's wasm-opt, the runtimes and the browser driver), and
+/// Debian's Chromium for the browser test.
+fn ensure_web_tools(root: &Path) -> Result<()> {
+    let want = locked_version(root, "wasm-bindgen")?;
+    if tool_version("wasm-bindgen").is_none_or(|v| v.split_whitespace().nth(1) != Some(&want)) {
+        let version = format!("={want}");
+        let locked = cargo()
+            .args([
+                "install",
+                "--locked",
+                "wasm-bindgen-cli",
+                "--version",
+                &version,
+            ])
+            .status()?;
+        if !locked.success() {
+            // The local index sometimes lacks a locked dependency; the unlocked build works.
+            run(cargo().args([
+                "install",
+                "--force",
+                "wasm-bindgen-cli",
+                "--version",
+                &version,
+            ]))?;
+        }
+    }
+    if tool_version("wasm-pack").is_none() {
+        run(cargo().args(["install", "--locked", "wasm-pack", "--version", "=0.15.1"]))?;
+    }
+    if tool_version("node").is_none() {
+        bail!("Node.js ≥ 20 and npm are needed for the npm package and its tests (the machine image has them)");
+    }
+    let web = root.join("web");
+    let stamp = web.join("node_modules").join(".package-lock.json");
+    let stale = match (
+        std::fs::metadata(&stamp),
+        std::fs::metadata(web.join("package-lock.json")),
+    ) {
+        (Ok(a), Ok(b)) => a.modified()? < b.modified()?,
+        _ => true,
+    };
+    if stale {
+        // `npm install` from the committed lock rather than `npm ci`: the registry reachable
+        // here lists only the linux builds of deno's and workerd's per-platform optional
+        // packages, so the lock has no entries for the others and `npm ci` refuses it as out
+        // of sync. `npm install` installs exactly what the lock pins and leaves it unchanged.
+        run(Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund"])
+            .current_dir(&web))?;
+    }
+    if !Path::new("/usr/bin/chromium").exists() {
+        let apt = |args: &[&str]| {
+            let mut c = if is_root() {
+                Command::new("apt-get")
+            } else {
+                let mut c = Command::new("sudo");
+                c.arg("apt-get");
+                c
+            };
+            c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+            c
+        };
+        run(&mut apt(&["update", "-q"]))?;
+        run(&mut apt(&["install", "-y", "-q", "chromium"]))?;
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Builds the npm package per `wasm-pack.toml`'s `[package]` section.
+fn web_build(root: &Path) -> Result<()> {
+    ensure_web_tools(root)?;
+    let t = parse_simple_toml(
+        &std::fs::read_to_string(root.join("wasm-pack.toml")).context("reading wasm-pack.toml")?,
+    )?;
+    let get = |k: &str| -> Result<Vec<String>> {
+        t.get(&format!("package.{k}"))
+            .cloned()
+            .with_context(|| format!("wasm-pack.toml lacks package.{k}"))
+    };
+    let one = |k: &str| -> Result<String> { get(k)?.into_iter().next().context("empty value") };
+    let krate = root.join(one("crate")?);
+    let out = root.join(one("out-dir")?);
+    run(Command::new("wasm-pack")
+        .args([
+            "build",
+            "--target",
+            &one("target")?,
+            "--release",
+            "--no-pack",
+            "--out-dir",
+        ])
+        .arg(&out)
+        .arg(&krate))?;
+    // wasm-pack writes a catch-all .gitignore, which would also keep the files out of `npm pack`.
+    let _ = std::fs::remove_file(out.join(".gitignore"));
+    let module = out.join("edgetally_wasm_bg.wasm");
+    let wasm_opt = root.join("web/node_modules/.bin/wasm-opt");
+    run(Command::new(&wasm_opt)
+        .args(get("wasm-opt")?)
+        .arg(&module)
+        .arg("-o")
+        .arg(&module))?;
+    run(Command::new(root.join("web/node_modules/.bin/tsc"))
+        .args(["-p", "."])
+        .current_dir(root.join("web")))?;
+    // The JavaScript examples import "edgetally" as users do; Node finds it here.
+    let link = root.join("examples/node_modules/edgetally");
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::fs::create_dir_all(root.join("examples/node_modules"))?;
+        #[cfg(unix)]
+        std::os::unix::fs::symlink("../../web", &link)?;
+    }
+    let bytes = std::fs::read(&module)?;
+    eprintln!("xtask: web/pkg wasm module: {} bytes", bytes.len());
+    Ok(())
+}
+
+/// Runs the npm package's tests (Node's test runner drives Node, Deno, workerd and Chromium
+/// against real mergers) with the debug binary; returns (passed, failed).
+fn web_tests(root: &Path) -> Result<(u64, u64)> {
+    run(cargo().args([
+        "build",
+        "--locked",
+        "-p",
+        "edgetally",
+        "--bin",
+        "edgetally",
+        "-p",
+        "edgetally-examples",
+        "--bin",
+        "native-producer",
+    ]))?;
+    let cmd = &mut Command::new("node");
+    cmd.args([
+        "--test",
+        "--test-concurrency=1",
+        "--test-reporter=tap",
+        "test/",
+    ])
+    .current_dir(root.join("web"))
+    .env(
+        "EDGETALLY_BIN",
+        target_dir(root).join("debug").join("edgetally"),
+    )
+    .stdout(std::process::Stdio::piped());
+    eprintln!("xtask: {cmd:?}");
+    let output = cmd.spawn()?.wait_with_output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    print!("{text}");
+    let count = |label: &str| {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(label))
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    let (passed, failed) = (count("# pass "), count("# fail "));
+    if !output.status.success() || failed > 0 || passed == 0 {
+        println!("tests: {passed} passed (web), {failed} failed (web)");
+        bail!("web tests failed");
+    }
+    Ok((passed, failed))
+}
+
 /// Builds the binary and runs `edgetally demo` (which starts and stops its own merger).
+/// The user-activity producer in Node.js uses the npm package, so the demo builds it too.
 fn demo(root: &Path, rest: &[String]) -> Result<()> {
+    ensure_prerequisites()?;
+    web_build(root)?;
     run(cargo().args(["build", "-p", "edgetally", "--bin", "edgetally"]))?;
-    let target_dir =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    run(Command::new(target_dir.join("debug").join("edgetally"))
-        .arg("demo")
-        .args(rest))
+    run(
+        Command::new(target_dir(root).join("debug").join("edgetally"))
+            .arg("demo")
+            .arg("--node-script")
+            .arg(root.join("examples/node/ingest.mjs"))
+            .args(rest),
+    )
 }
 
 /// The merger benchmark needs redis-server (Debian's package) and a release build.
@@ -153,34 +369,63 @@ fn bench_merger(root: &Path) -> Result<()> {
         run(Command::new("apt-get").arg("update"))?;
         run(Command::new("apt-get").args(["install", "-y", "redis-server"]))?;
     }
+    release_binary(root, "loadgen")
+}
+
+/// Builds the release binary and runs `edgetally <command>`.
+fn release_binary(root: &Path, command: &str) -> Result<()> {
     run(cargo().args([
         "build",
         "--release",
+        "--locked",
         "-p",
         "edgetally",
         "--bin",
         "edgetally",
     ]))?;
-    let target_dir =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    run(Command::new(target_dir.join("release").join("edgetally")).arg("loadgen"))
+    run(Command::new(target_dir(root).join("release").join("edgetally")).arg(command))
 }
 
 fn bench(which: &str) -> Result<()> {
+    let root = root()?;
     if which == "merger" {
-        return bench_merger(&root()?);
+        return bench_merger(&root);
     }
-    let benches: &[(&str, &str)] = &[
-        ("core", "edgetally-core"),
-        ("figures", "edgetally-core"),
-        ("wire", "edgetally-proto"),
+    if which == "cluster" {
+        return release_binary(&root, "clusterbench");
+    }
+    // (name on the command line, bench target, package)
+    let benches: &[(&str, &str, &str)] = &[
+        ("core", "core", "edgetally-core"),
+        ("figures", "figures", "edgetally-core"),
+        ("wire", "wire", "edgetally-proto"),
+        ("sdk", "sdk", "edgetally-proto"),
+        ("sdk", "bytes", "edgetally-proto"),
     ];
     let mut ran = false;
-    for (name, pkg) in benches {
+    for (name, target, pkg) in benches {
         if which == "all" || which == *name {
-            run(cargo().args(["bench", "-p", pkg, "--bench", name]))?;
+            run(cargo().args(["bench", "-p", pkg, "--bench", target]))?;
             ran = true;
         }
+    }
+    if which == "web" || which == "all" {
+        ensure_prerequisites()?;
+        web_build(&root)?;
+        run(Command::new("node")
+            .arg("bench/otel.mjs")
+            .current_dir(root.join("web")))?;
+        let module = std::fs::read(root.join("web/pkg/edgetally_wasm_bg.wasm"))?;
+        let gz = Command::new("gzip")
+            .arg("-9c")
+            .arg(root.join("web/pkg/edgetally_wasm_bg.wasm"))
+            .output()?;
+        println!(
+            "wasm module: {} bytes, {} bytes gzipped (gzip -9)",
+            module.len(),
+            gz.stdout.len()
+        );
+        ran = true;
     }
     if !ran {
         bail!("unknown benchmark {which}");
@@ -262,9 +507,7 @@ fn wasm_check(root: &Path) -> Result<()> {
             "--crate-type",
             "cdylib",
         ]))?;
-        let target_dir =
-            std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-        let file = target_dir
+        let file = target_dir(root)
             .join(&spec.target)
             .join("release")
             .join(format!("{}.wasm", krate.replace('-', "_")));

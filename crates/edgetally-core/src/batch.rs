@@ -83,6 +83,26 @@ pub struct Limits {
     pub max_future_skew_ms: i64,
 }
 
+impl Limits {
+    /// The clock-dependent rule for one bucket `[start_ms, start_ms + bucket_ms)` at the
+    /// receiver's `now_ms`: it may not start after `now + max_future_skew` nor end before
+    /// `now - max_lateness`. Producers apply it when they record, mergers when they accept.
+    pub fn check_bucket_time(
+        &self,
+        start_ms: i64,
+        bucket_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), RejectCode> {
+        if start_ms > now_ms.saturating_add(self.max_future_skew_ms) {
+            return Err(RejectCode::FutureTimestamp);
+        }
+        if start_ms.saturating_add(bucket_ms) <= now_ms.saturating_sub(self.max_lateness_ms) {
+            return Err(RejectCode::BucketTooOld);
+        }
+        Ok(())
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -194,19 +214,11 @@ impl Batch {
     /// before `now - max_lateness` nor start after `now + max_future_skew`; nor may the batch
     /// claim to be created in the future.
     pub fn check_time(&self, now_ms: i64, limits: &Limits) -> Result<(), RejectCode> {
-        let horizon = now_ms.saturating_add(limits.max_future_skew_ms);
-        if self.created_ms > horizon {
+        if self.created_ms > now_ms.saturating_add(limits.max_future_skew_ms) {
             return Err(RejectCode::FutureTimestamp);
         }
-        let oldest_end = now_ms.saturating_sub(limits.max_lateness_ms);
         for s in &self.summaries {
-            let start = self.bucket_start_ms(s);
-            if start > horizon {
-                return Err(RejectCode::FutureTimestamp);
-            }
-            if start.saturating_add(self.bucket_ms as i64) <= oldest_end {
-                return Err(RejectCode::BucketTooOld);
-            }
+            limits.check_bucket_time(self.bucket_start_ms(s), self.bucket_ms as i64, now_ms)?;
         }
         Ok(())
     }

@@ -70,6 +70,17 @@ impl Digest {
             .is_some_and(|s| s.contains(id.seq))
     }
 
+    /// Whether every batch id `other` covers, this digest covers too.
+    pub fn covers(&self, other: &Digest) -> bool {
+        other.epochs.iter().all(|(k, theirs)| {
+            theirs.is_empty()
+                || self
+                    .epochs
+                    .get(k)
+                    .is_some_and(|mine| theirs.is_subset(mine))
+        })
+    }
+
     /// Total number of batch ids covered.
     pub fn batches(&self) -> u64 {
         self.epochs.values().map(SeenSet::len).sum()
@@ -139,6 +150,19 @@ pub struct Snapshot {
     pub seen: Vec<(ProducerKey, u64, SeenSet)>,
     /// Per tier, the time before which entries were pruned (`i64::MIN`: never).
     pub horizons: [i64; 3],
+}
+
+impl Snapshot {
+    /// The batch ids the snapshot covers.
+    pub fn digest(&self) -> Digest {
+        Digest {
+            epochs: self
+                .seen
+                .iter()
+                .map(|(p, e, s)| ((*p, *e), s.clone()))
+                .collect(),
+        }
+    }
 }
 
 /// One series in a [`Snapshot`].

@@ -30,11 +30,6 @@ impl Summary {
         })
     }
 
-    /// Folds in one more value. On error the summary is unchanged.
-    pub fn add_value(&mut self, value: f64) -> Result<(), RejectCode> {
-        self.merge(&Summary::of(value)?)
-    }
-
     /// Folds in another summary of the same key. On error (overflow) it is unchanged.
     pub fn merge(&mut self, o: &Summary) -> Result<(), RejectCode> {
         let count = self

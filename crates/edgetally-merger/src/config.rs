@@ -29,8 +29,19 @@ pub struct Config {
     pub max_group: usize,
     /// How often the state is snapshotted and the batch log compacted, seconds.
     pub snapshot_interval_secs: u64,
-    /// Peers' QUIC addresses (replication arrives with clustering).
+    /// Peers' QUIC addresses: this node pulls from and pushes to each of them.
     pub peers: Vec<SocketAddr>,
+    /// A secret shared by the cluster: peers prove they know it (HMAC over the TLS session's
+    /// exported keying material). With neither this nor `peer_keys`, only loopback peers.
+    pub cluster_secret: Option<String>,
+    /// Node public keys (hex, as printed at `node:`) allowed to connect as peers; each proves
+    /// its key by signing the TLS session's exported keying material.
+    pub peer_keys: Vec<String>,
+    /// How often each peer is asked for what this node lacks, ms.
+    pub sync_interval_ms: u64,
+    /// A peer unreachable for longer than this (seconds) stops holding back log pruning;
+    /// when it returns it catches up from a snapshot.
+    pub peer_horizon_secs: u64,
     /// The store's page cache, MiB.
     pub store_cache_mb: usize,
 }
@@ -49,6 +60,10 @@ impl Default for Config {
             max_group: 1024,
             snapshot_interval_secs: 30,
             peers: Vec::new(),
+            cluster_secret: None,
+            peer_keys: Vec::new(),
+            sync_interval_ms: 500,
+            peer_horizon_secs: 600,
             store_cache_mb: 64,
         }
     }
@@ -94,6 +109,14 @@ pub struct FileConfig {
     pub snapshot_interval_secs: Option<u64>,
     /// See [`Config::peers`].
     pub peers: Option<Vec<SocketAddr>>,
+    /// See [`Config::cluster_secret`].
+    pub cluster_secret: Option<String>,
+    /// See [`Config::peer_keys`].
+    pub peer_keys: Option<Vec<String>>,
+    /// See [`Config::sync_interval_ms`].
+    pub sync_interval_ms: Option<u64>,
+    /// See [`Config::peer_horizon_secs`].
+    pub peer_horizon_secs: Option<u64>,
     /// See [`Config::store_cache_mb`].
     pub store_cache_mb: Option<usize>,
 }
@@ -102,6 +125,35 @@ pub struct FileConfig {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
+
+impl FileConfig {
+    /// Every key of the file (and, upper-cased after `EDGETALLY_`, of the environment).
+    pub const KEYS: &'static [&'static str] = &[
+        "data_dir",
+        "http_addr",
+        "quic_addr",
+        "tls_cert",
+        "tls_key",
+        "max_payload_bytes",
+        "max_summaries",
+        "max_categories",
+        "max_entities",
+        "max_lateness_ms",
+        "max_future_skew_ms",
+        "retention_seconds_tier_ms",
+        "retention_minutes_tier_ms",
+        "retention_hours_tier_ms",
+        "queue_depth",
+        "max_group",
+        "snapshot_interval_secs",
+        "peers",
+        "cluster_secret",
+        "peer_keys",
+        "sync_interval_ms",
+        "peer_horizon_secs",
+        "store_cache_mb",
+    ];
+}
 
 impl Config {
     /// Applies a TOML document.
@@ -124,15 +176,15 @@ impl Config {
                 continue;
             };
             let key = key.to_ascii_lowercase();
-            if matches!(
-                key.as_str(),
-                "log" | "sim_seed" | "sim_scale" | "bless" | "print_vectors" | "config"
-            ) {
+            // Only settings are read: other EDGETALLY_* variables (the log filter, the config
+            // file's path, tools' and test suites' own knobs) are none of this parser's business.
+            if !FileConfig::KEYS.contains(&key.as_str()) {
                 continue;
             }
             let value = match key.as_str() {
-                "data_dir" | "http_addr" | "quic_addr" | "tls_cert" | "tls_key" => format!("{v:?}"),
-                "peers" => format!(
+                "data_dir" | "http_addr" | "quic_addr" | "tls_cert" | "tls_key"
+                | "cluster_secret" => format!("{v:?}"),
+                "peers" | "peer_keys" => format!(
                     "[{}]",
                     v.split(',')
                         .filter(|s| !s.trim().is_empty())
@@ -169,7 +221,13 @@ impl Config {
             max_group => self.max_group,
             snapshot_interval_secs => self.snapshot_interval_secs,
             peers => self.peers,
+            peer_keys => self.peer_keys,
+            sync_interval_ms => self.sync_interval_ms,
+            peer_horizon_secs => self.peer_horizon_secs,
             store_cache_mb => self.store_cache_mb,
+        }
+        if let Some(v) = f.cluster_secret {
+            self.cluster_secret = Some(v);
         }
         if let Some(v) = f.tls_cert {
             self.tls_cert = Some(v);
@@ -211,6 +269,8 @@ mod tests {
                 ),
                 ("EDGETALLY_PEERS".into(), "127.0.0.1:1, 127.0.0.1:2".into()),
                 ("OTHER".into(), "x".into()),
+                // Not a setting: ignored, whatever its value.
+                ("EDGETALLY_TEST_LOG".into(), "a::b=debug".into()),
             ]
             .into_iter(),
         )
@@ -223,5 +283,15 @@ mod tests {
         assert!(c
             .apply_env([("EDGETALLY_QUEUE_DEPTH".to_string(), "many".to_string())].into_iter())
             .is_err());
+    }
+
+    /// `KEYS` is exactly the set of fields serde accepts (its unknown-field error lists them).
+    #[test]
+    fn keys_are_the_file_fields() {
+        let err = toml::from_str::<FileConfig>("zzz = 1")
+            .expect_err("unknown key")
+            .to_string();
+        let listed: Vec<&str> = err.split('`').skip(3).step_by(2).collect();
+        assert_eq!(listed, FileConfig::KEYS, "{err}");
     }
 }

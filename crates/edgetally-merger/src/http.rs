@@ -187,10 +187,52 @@ fn rows_json(rows: &Rows) -> Value {
     )
 }
 
-fn freshness(obj: &mut Map<String, Value>) {
+/// How fresh and complete an answer is: when it was computed, and whether this node currently
+/// sees all its peers (a single node always does; otherwise batches applied only elsewhere may
+/// be missing from the answer until the links are back).
+fn freshness(node: &Node, obj: &mut Map<String, Value>) {
     obj.insert("as_of_ms".into(), json!(now_ms()));
-    // A single node sees every peer it has; clustering reports reachability here.
-    obj.insert("complete".into(), json!(true));
+    let complete = node.replication.as_ref().is_none_or(|r| r.sees_all_peers());
+    obj.insert("complete".into(), json!(complete));
+}
+
+/// SHA-256 of the postcard encoding of the canonical snapshot, without the tiers' local
+/// retention horizons (each node prunes on its own clock; what replicates is the rest):
+/// bit-identical replicated states, equal hashes.
+fn state_hash(node: &Node) -> Option<String> {
+    use sha2::{Digest as _, Sha256};
+    let mut snap = node.state().snapshot();
+    snap.horizons = [i64::MIN; 3];
+    let bytes = postcard::to_allocvec(&snap).ok()?;
+    Some(hex(&Sha256::digest(&bytes)))
+}
+
+/// Each peer's link, lag and digest, for `/v1/status`.
+fn peers_json(node: &Node) -> Value {
+    let Some(repl) = &node.replication else {
+        return json!([]);
+    };
+    let now = now_ms();
+    let r = node.state();
+    Value::Array(
+        repl.status()
+            .into_iter()
+            .map(|(addr, p)| {
+                json!({
+                    "addr": addr.to_string(),
+                    "node": p.node.map(|k| hex(&k)),
+                    "reachable": p.reachable,
+                    "last_sync_ms": (p.last_sync_ms > 0).then_some(p.last_sync_ms),
+                    "lag_seconds": (p.last_sync_ms > 0).then(|| (now - p.last_sync_ms) as f64 / 1000.0),
+                    "lag_batches": r.lag_of(&addr.to_string()),
+                    "digest_batches": p.digest_batches,
+                    "pulled": p.pulled,
+                    "pushed": p.pushed,
+                    "last_error": p.last_error,
+                })
+            })
+            .collect(),
+    )
 }
 
 fn aggregate_json(
@@ -219,7 +261,7 @@ async fn aggregate(
     let entity = p.name("entity", false)?;
     let (start, end) = p.window()?;
     let mut o = aggregate_json(&node, &category, entity.as_deref(), start, end);
-    freshness(&mut o);
+    freshness(&node, &mut o);
     Ok(Json(Value::Object(o)))
 }
 
@@ -231,7 +273,7 @@ async fn window(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json
     let now = now_ms();
     let mut o = aggregate_json(&node, &category, entity.as_deref(), now - width, now);
     o.insert("width_ms".into(), json!(width));
-    freshness(&mut o);
+    freshness(&node, &mut o);
     Ok(Json(Value::Object(o)))
 }
 
@@ -265,7 +307,7 @@ async fn topk(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json<V
     o.insert("time_window_start".into(), json!(rows.start));
     o.insert("time_window_end".into(), json!(rows.end));
     o.insert("items".into(), rows_json(&rows));
-    freshness(&mut o);
+    freshness(&node, &mut o);
     Ok(Json(Value::Object(o)))
 }
 
@@ -289,7 +331,7 @@ async fn totals(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json
     o.insert("time_window_start".into(), json!(rows.start));
     o.insert("time_window_end".into(), json!(rows.end));
     o.insert("groups".into(), rows_json(&rows));
-    freshness(&mut o);
+    freshness(&node, &mut o);
     Ok(Json(Value::Object(o)))
 }
 
@@ -331,7 +373,7 @@ async fn series(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json
     o.insert("entity".into(), json!(entity));
     o.insert("step_ms".into(), json!(step));
     o.insert("points".into(), Value::Array(pts));
-    freshness(&mut o);
+    freshness(&node, &mut o);
     Ok(Json(Value::Object(o)))
 }
 
@@ -566,9 +608,15 @@ pub fn reply_response(reply: Reply) -> Response {
 }
 
 async fn status(State(node): State<Node_>) -> Json<Value> {
-    let (entries, epochs, applied_since_start) = {
+    let (entries, epochs, applied_since_start, retained, held) = {
         let r = node.state();
-        (r.entry_count(), r.epoch_count(), r.applied_count())
+        (
+            r.entry_count(),
+            r.epoch_count(),
+            r.applied_count(),
+            r.log_len(),
+            r.digest().batches(),
+        )
     };
     let l = node.config.limits;
     let hash = hex(&node.cert_hash());
@@ -583,6 +631,7 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
         "data_dir": node.config.data_dir.display().to_string(),
         "batches_applied": node.metrics.applied.load(Relaxed),
         "batches_duplicate": node.metrics.duplicates.load(Relaxed),
+        "batches_pulled": node.metrics.pulled.load(Relaxed),
         "batches_recovered": node.recovered,
         "batches_in_replica": applied_since_start,
         "stored_batches": node.store.batch_count().ok(),
@@ -597,8 +646,13 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
             "max_lateness_ms": l.max_lateness_ms,
             "max_future_skew_ms": l.max_future_skew_ms,
         },
-        "peers": [],
-        "complete": true,
+        "peers": peers_json(&node),
+        "retained_batches": retained,
+        // SHA-256 of the canonical snapshot (less local retention horizons): equal on two
+        // nodes iff their replicated states are identical.
+        "state_sha256": state_hash(&node),
+        "digest_batches": held,
+        "complete": node.replication.as_ref().is_none_or(|r| r.sees_all_peers()),
         "as_of_ms": now_ms(),
     }))
 }
@@ -631,5 +685,44 @@ async fn metrics(State(node): State<Node_>) -> Response {
             node.started.elapsed().as_secs_f64(),
         ),
     ]);
+    let mut text = text;
+    if let Some(repl) = &node.replication {
+        use std::fmt::Write;
+        let now = now_ms();
+        let status = repl.status();
+        let r = node.state();
+        for (name, help) in [
+            (
+                "edgetally_peer_reachable",
+                "1 if the link to the peer is up and its last pull round succeeded.",
+            ),
+            (
+                "edgetally_peer_lag_batches",
+                "Batches retained here that the peer's last digest lacks.",
+            ),
+            (
+                "edgetally_peer_lag_seconds",
+                "Seconds since the last completed pull round from the peer.",
+            ),
+            (
+                "edgetally_peer_digest_batches",
+                "Batches the peer's last digest covers.",
+            ),
+        ] {
+            let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (addr, p) in &status {
+                let v = match name {
+                    "edgetally_peer_reachable" => f64::from(u8::from(p.reachable)),
+                    "edgetally_peer_lag_batches" => r.lag_of(&addr.to_string()).unwrap_or(0) as f64,
+                    "edgetally_peer_lag_seconds" if p.last_sync_ms > 0 => {
+                        (now - p.last_sync_ms) as f64 / 1000.0
+                    }
+                    "edgetally_peer_lag_seconds" => f64::NAN,
+                    _ => p.digest_batches as f64,
+                };
+                let _ = writeln!(text, "{name}{{peer=\"{addr}\"}} {v}");
+            }
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

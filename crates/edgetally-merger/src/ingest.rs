@@ -20,6 +20,8 @@ struct Job {
     raw: Vec<u8>,
     reply: oneshot::Sender<Reply>,
     received: Instant,
+    /// Pulled or pushed from a peer (then not pushed on).
+    from_peer: bool,
 }
 
 /// The front door of the pipeline; cheap to clone.
@@ -50,6 +52,8 @@ pub struct Pipeline {
     pub max_group: usize,
     /// One past the last group commit whose batches are all applied (0: none yet).
     pub applied_group: Arc<std::sync::atomic::AtomicU64>,
+    /// Where newly applied batches from producers are announced (for pushing to peers).
+    pub applied: Option<tokio::sync::broadcast::Sender<Arc<[u8]>>>,
 }
 
 pub use edgetally_net::now_ms;
@@ -65,7 +69,7 @@ impl Ingest {
         (Ingest { tx, metrics }, done)
     }
 
-    fn job(&self, raw: Vec<u8>) -> (Job, oneshot::Receiver<Reply>) {
+    fn job(&self, raw: Vec<u8>, from_peer: bool) -> (Job, oneshot::Receiver<Reply>) {
         self.metrics
             .bytes_received
             .fetch_add(raw.len() as u64, Relaxed);
@@ -75,6 +79,7 @@ impl Ingest {
                 raw,
                 reply,
                 received: Instant::now(),
+                from_peer,
             },
             rx,
         )
@@ -82,7 +87,21 @@ impl Ingest {
 
     /// Submits a batch; answers `Retry` at once if the queue is full.
     pub async fn submit(&self, raw: Vec<u8>) -> Reply {
-        let (job, rx) = self.job(raw);
+        self.submit_as(raw, false).await
+    }
+
+    /// Submits a batch a peer pushed (it is not pushed on); `Retry` if the queue is full.
+    pub async fn submit_from_peer(&self, raw: Vec<u8>) -> Reply {
+        self.submit_as(raw, true).await
+    }
+
+    /// Submits a batch pulled from a peer, waiting for room in the queue.
+    pub async fn submit_from_peer_wait(&self, raw: Vec<u8>) -> Reply {
+        self.submit_wait_as(raw, true).await
+    }
+
+    async fn submit_as(&self, raw: Vec<u8>, from_peer: bool) -> Reply {
+        let (job, rx) = self.job(raw, from_peer);
         match self.tx.try_send(job) {
             Ok(()) => {
                 self.metrics.queue_depth.fetch_add(1, Relaxed);
@@ -101,7 +120,11 @@ impl Ingest {
 
     /// Submits a batch, waiting for room in the queue (for the node's own batches).
     pub async fn submit_wait(&self, raw: Vec<u8>) -> Reply {
-        let (job, rx) = self.job(raw);
+        self.submit_wait_as(raw, false).await
+    }
+
+    async fn submit_wait_as(&self, raw: Vec<u8>, from_peer: bool) -> Reply {
+        let (job, rx) = self.job(raw, from_peer);
         if self.tx.send(job).await.is_err() {
             return Reply::Retry {
                 after_ms: RETRY_AFTER_MS,
@@ -313,11 +336,17 @@ async fn apply_stage(
                 let raw: Arc<[u8]> = Arc::from(job.raw.as_slice());
                 let reply = match r.apply(LogEntry {
                     batch: Arc::new(batch),
-                    raw,
+                    raw: raw.clone(),
                 }) {
                     Ok(Applied::New) => {
                         p.metrics.applied.fetch_add(1, Relaxed);
                         p.metrics.summaries.fetch_add(n, Relaxed);
+                        if !job.from_peer {
+                            if let Some(tx) = &p.applied {
+                                // No receiver (no peer linked yet) is fine: pulls catch up.
+                                let _ = tx.send(raw);
+                            }
+                        }
                         Reply::Ack
                     }
                     Ok(Applied::Duplicate) => {

@@ -9,6 +9,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod node;
+pub mod replication;
 pub mod store;
 
 pub use config::Config;

@@ -15,6 +15,12 @@ const LATENCY_BUCKETS: [f64; 12] = [
 pub struct Metrics {
     /// Batches applied (new).
     pub applied: AtomicU64,
+    /// Batches pulled from peers and acknowledged here (including ones a push had brought).
+    pub pulled: AtomicU64,
+    /// Peer connections refused at authentication.
+    pub peer_refused: AtomicU64,
+    /// Peer snapshots adopted to catch up (after being away longer than the peers' horizon).
+    pub snapshots_adopted: AtomicU64,
     /// Summaries in applied batches.
     pub summaries: AtomicU64,
     /// Batches received again after being applied.
@@ -88,6 +94,24 @@ impl Metrics {
             "edgetally_batches_applied_total",
             "Batches applied (first delivery).",
             self.applied.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edgetally_batches_pulled_total",
+            "Batches pulled from peers (anti-entropy) and acknowledged here, including ones a push had already brought.",
+            self.pulled.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edgetally_snapshots_adopted_total",
+            "Peer snapshots adopted to catch up on batches the peers no longer retained.",
+            self.snapshots_adopted.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edgetally_peer_refused_total",
+            "Peer connections refused at authentication.",
+            self.peer_refused.load(Relaxed),
         );
         counter(
             &mut s,

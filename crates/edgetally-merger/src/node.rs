@@ -6,8 +6,8 @@ use crate::config::Config;
 use crate::ingest::{now_ms, Ingest, Pipeline};
 use crate::metrics::Metrics;
 use crate::store::Store;
-use edgetally_core::{Digest, Limits, LogEntry, Replica};
-use edgetally_net::tls::{hex, server_config, Identity, ALPN_BATCHES};
+use edgetally_core::{Limits, LogEntry, Replica};
+use edgetally_net::tls::{hex, server_config, Identity, ALPN_BATCHES, ALPN_PEER};
 use edgetally_net::{random_seed, random_u64};
 use edgetally_proto::{decode, Reply, Signer};
 use std::collections::HashSet;
@@ -73,6 +73,8 @@ pub struct Node {
     pub recovered: u64,
     /// One past the last group commit fully applied (groups before it are in the replica).
     pub applied_group: Arc<std::sync::atomic::AtomicU64>,
+    /// Replication, when peers are configured.
+    pub replication: Option<Arc<crate::replication::Replication>>,
 }
 
 /// A started node; `shutdown()` stops it.
@@ -191,13 +193,19 @@ fn fresh_identity(config: &Config) -> Result<Identity, StartError> {
 }
 
 /// Rebuilds the replica from the snapshot and the stored batches.
-fn recover(store: &Store, limits: &Limits) -> Result<(Replica, u64), StartError> {
+fn recover(
+    store: &Store,
+    limits: &Limits,
+    peers: &[SocketAddr],
+    bootstrap: Option<edgetally_core::Snapshot>,
+) -> Result<(Replica, u64), StartError> {
     let loaded = store.load()?;
-    let mut replica = match loaded.snapshot {
+    let mut replica = match loaded.snapshot.or(bootstrap) {
         Some(s) => Replica::restore(s).map_err(|e| StartError::Restore(e.to_string()))?,
         None => Replica::new(),
     };
-    replica.set_peers(Vec::<String>::new());
+    // Batches are retained (in memory and in the store) until every peer's digest covers them.
+    replica.set_peers(peers.iter().map(|p| p.to_string()));
     replica.set_string_hash_keys(random_u64(), random_u64());
     // Stored batches were verified before they were acked; decoding re-checks their shape.
     // Limits may have been lowered since: replay with generous ones so nothing acked is lost.
@@ -240,7 +248,61 @@ impl Node {
             &dir.join("edgetally.redb"),
             config.store_cache_mb << 20,
         )?);
-        let (replica, recovered) = recover(&store, &config.limits)?;
+        // Replication: authentication, and a snapshot from a peer if this node starts empty.
+        let replication = if config.peers.is_empty() {
+            None
+        } else {
+            let auth = crate::replication::Auth::new(
+                config.cluster_secret.as_deref(),
+                &config.peer_keys,
+                seed,
+            )
+            .map_err(StartError::Restore)?;
+            if auth.open_to_loopback_only() {
+                warn!(
+                    "no cluster_secret or peer_keys configured: only loopback peers are accepted"
+                );
+            }
+            let (tx, _) = tokio::sync::broadcast::channel(4096);
+            Some(Arc::new(crate::replication::Replication {
+                auth,
+                interval_ms: config.sync_interval_ms as i64,
+                peers: std::sync::Mutex::new(
+                    config
+                        .peers
+                        .iter()
+                        .map(|p| (*p, Default::default()))
+                        .collect(),
+                ),
+                applied: tx,
+                excluded: Default::default(),
+                horizon_ms: (config.peer_horizon_secs as i64).saturating_mul(1000),
+                started_ms: now_ms(),
+            }))
+        };
+        let peer_endpoint = match &replication {
+            Some(_) => Some(crate::replication::client_endpoint().map_err(StartError::Tls)?),
+            None => None,
+        };
+        let mut bootstrap = None;
+        if let (Some(repl), Some(ep)) = (&replication, &peer_endpoint) {
+            if store.is_empty()? {
+                if let Some((from, snap)) = crate::replication::fetch_snapshot(
+                    ep,
+                    &config.peers,
+                    &repl.auth,
+                    Duration::from_secs(2),
+                )
+                .await
+                {
+                    info!(%from, "bootstrapped from a peer's snapshot");
+                    // Keep it: the store then holds what the replica starts from.
+                    store.compact(&snap, |_| false)?;
+                    bootstrap = Some(snap);
+                }
+            }
+        }
+        let (replica, recovered) = recover(&store, &config.limits, &config.peers, bootstrap)?;
         let replica = Arc::new(RwLock::new(replica));
         let metrics = Arc::new(Metrics::default());
         // Every stored group was replayed by `recover`, so the watermark starts past them.
@@ -252,11 +314,13 @@ impl Node {
             limits: config.limits,
             max_group: config.max_group,
             applied_group: applied_group.clone(),
+            applied: replication.as_ref().map(|r| r.applied.clone()),
         };
         let (ingest, commit_task) = Ingest::start(pipeline, config.queue_depth);
 
-        let sc = server_config(&id, &[ALPN_BATCHES]).map_err(|e| StartError::Tls(e.to_string()))?;
-        let endpoint = quinn::Endpoint::server(sc, config.quic_addr)
+        let sc = server_config(&id, &[ALPN_BATCHES, ALPN_PEER])
+            .map_err(|e| StartError::Tls(e.to_string()))?;
+        let endpoint = edgetally_net::tls::server_endpoint(sc, config.quic_addr, &seed)
             .map_err(|e| StartError::Bind(config.quic_addr, e))?;
         let quic_addr = endpoint
             .local_addr()
@@ -279,6 +343,7 @@ impl Node {
             started: Instant::now(),
             recovered,
             applied_group,
+            replication,
             config,
             replica,
             store,
@@ -309,6 +374,13 @@ impl Node {
                 warn!("http server: {e}");
             }
         }));
+        if let Some(ep) = peer_endpoint {
+            tasks.extend(crate::replication::spawn_links(
+                node.clone(),
+                ep,
+                rx.clone(),
+            ));
+        }
         tasks.push(tokio::spawn(upkeep(
             node.clone(),
             endpoint.clone(),
@@ -342,6 +414,31 @@ impl Node {
         *self.cert_hash.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Replaces this node's state with a peer's snapshot, if the snapshot holds every batch
+    /// this node has applied (so nothing is lost): the catch-up for a node that was away longer
+    /// than its peers' horizon and lacks batches they no longer retain. The snapshot is stored
+    /// first (with the stored batches it covers dropped), then swapped in; batches written but
+    /// not yet applied are not covered, stay stored, and are applied to the new state.
+    pub fn adopt(&self, snap: edgetally_core::Snapshot) -> Result<bool, String> {
+        let covered = snap.digest();
+        let mut r = self.replica.write().unwrap_or_else(|e| e.into_inner());
+        if !covered.covers(&r.digest()) {
+            return Ok(false);
+        }
+        let mut fresh = Replica::restore(snap.clone()).map_err(|e| e.to_string())?;
+        fresh.set_string_hash_keys(random_u64(), random_u64());
+        fresh.set_peers(r.peer_digests().keys().cloned());
+        for (p, d) in r.peer_digests() {
+            fresh.observe_peer(p, d.clone());
+        }
+        self.store
+            .compact(&snap, |id| covered.contains(id))
+            .map_err(|e| e.to_string())?;
+        *r = fresh;
+        self.metrics.snapshots_adopted.fetch_add(1, Relaxed);
+        Ok(true)
+    }
+
     /// Snapshots the state and drops the stored batches the snapshot covers.
     pub fn compact(&self) -> Result<usize, crate::store::StoreError> {
         let (snap, retained, applied_through) = {
@@ -358,13 +455,7 @@ impl Node {
                 None => self.store.compact(&snap, |_| false)?,
             }
         } else {
-            let covered = Digest {
-                epochs: snap
-                    .seen
-                    .iter()
-                    .map(|(p, e, s)| ((*p, *e), s.clone()))
-                    .collect(),
-            };
+            let covered = snap.digest();
             self.store
                 .compact(&snap, |id| covered.contains(id) && !retained.contains(id))?
         };
@@ -384,6 +475,10 @@ impl edgetally_net::BatchSink for Node {
 
     fn refused(&self, code: edgetally_core::RejectCode) {
         self.metrics.reject(code);
+    }
+
+    async fn peer(self: Arc<Self>, conn: quinn::Connection) {
+        crate::replication::serve_peer(self, conn).await
     }
 }
 
@@ -415,7 +510,7 @@ async fn upkeep(
         .await;
         if generated && id.not_after_unix - now_ms() / 1000 <= RENEW_BEFORE_SECS {
             match fresh_identity(&node.config).and_then(|new| {
-                server_config(&new, &[ALPN_BATCHES])
+                server_config(&new, &[ALPN_BATCHES, ALPN_PEER])
                     .map(|sc| (new, sc))
                     .map_err(|e| StartError::Tls(e.to_string()))
             }) {

@@ -258,6 +258,17 @@ impl Store {
         Ok(removed)
     }
 
+    /// Whether the store holds nothing yet: no snapshot and no batch.
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let meta = txn.open_table(META).map_err(err)?;
+        let groups = txn.open_table(GROUPS).map_err(err)?;
+        Ok(
+            meta.get(SNAPSHOT_KEY).map_err(err)?.is_none()
+                && groups.first().map_err(err)?.is_none(),
+        )
+    }
+
     /// The key the next group commit will get.
     pub fn next_group(&self) -> u64 {
         self.next_group.load(Relaxed)

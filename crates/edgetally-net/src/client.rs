@@ -56,16 +56,29 @@ impl Client {
             .conn
             .open_bi()
             .await
-            .map_err(|e| SendError::Stream(e.to_string()))?;
+            .map_err(|e| SendError::Stream(self.why(e.to_string())))?;
         // A merger that refuses a batch unread (too large) stops our send side but still
         // replies with its reason: read the reply whatever became of the write.
         let wrote = match send.write_all(sealed).await {
-            Ok(()) => send.finish().map_err(|e| SendError::Stream(e.to_string())),
-            Err(e) => Err(SendError::Stream(e.to_string())),
+            Ok(()) => send
+                .finish()
+                .map_err(|e| SendError::Stream(self.why(e.to_string()))),
+            Err(e) => Err(SendError::Stream(self.why(e.to_string()))),
         };
         match recv.read_to_end(16).await {
             Ok(reply) => Reply::decode(&reply).map_err(|_| SendError::BadReply),
-            Err(e) => Err(wrote.err().unwrap_or(SendError::Stream(e.to_string()))),
+            Err(e) => Err(wrote
+                .err()
+                .unwrap_or_else(|| SendError::Stream(self.why(e.to_string())))),
+        }
+    }
+
+    /// A stream error, with the connection's own reason when it is gone ("reset by peer" when
+    /// the merger restarted, "timed out" when it vanished).
+    fn why(&self, e: String) -> String {
+        match self.conn.close_reason() {
+            Some(reason) => format!("{e}: {reason}"),
+            None => e,
         }
     }
 

@@ -223,6 +223,19 @@ impl NativeProducer {
         r
     }
 
+    /// Records many values of one handle (at `ts_ms[i]`, or now); returns how many were
+    /// accepted, the others are counted as invalid.
+    pub fn record_many(
+        &self,
+        h: edgetally_proto::Handle,
+        values: &[f64],
+        ts_ms: Option<&[i64]>,
+    ) -> usize {
+        let n = self.shared.lock().record_many(now_ms(), h, values, ts_ms);
+        self.shared.wake.notify_one();
+        n
+    }
+
     /// Resolves once everything recorded before the call has been answered (acked, rejected
     /// or dropped), or after `timeout` (returning false).
     pub async fn flush(&self, timeout: Duration) -> bool {
@@ -238,6 +251,11 @@ impl NativeProducer {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// The producer's public key (which also decides its endpoint order).
+    pub fn producer_key(&self) -> edgetally_core::ProducerKey {
+        self.shared.lock().producer_key()
     }
 
     /// The counters.

@@ -1,7 +1,7 @@
 //! The merger's QUIC listener: one bidirectional stream per batch, many in flight per
 //! connection. The node logic sits behind [`BatchSink`].
 
-use crate::tls::ALPN_BATCHES;
+use crate::tls::{ALPN_BATCHES, ALPN_PEER};
 use edgetally_core::RejectCode;
 use edgetally_proto::Reply;
 use std::future::Future;
@@ -17,6 +17,11 @@ pub trait BatchSink: Send + Sync + 'static {
     fn max_batch_bytes(&self) -> usize;
     /// Told of a batch the listener refused itself (a stream longer than the limit).
     fn refused(&self, code: RejectCode);
+    /// Serves a connection that negotiated the peer ALPN (merger-to-merger replication).
+    /// Without replication, the connection is refused.
+    fn peer(self: Arc<Self>, conn: quinn::Connection) -> impl Future<Output = ()> + Send {
+        async move { conn.close(1u32.into(), b"no replication here") }
+    }
 }
 
 /// Accepts connections until `shutdown` turns true, then closes the endpoint gracefully.
@@ -51,9 +56,13 @@ async fn connection<S: BatchSink>(conn: quinn::Connection, sink: Arc<S>) {
         .handshake_data()
         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|h| h.protocol);
-    if alpn.as_deref() != Some(ALPN_BATCHES) {
-        conn.close(1u32.into(), b"unsupported alpn");
-        return;
+    match alpn.as_deref() {
+        Some(ALPN_BATCHES) => {}
+        Some(ALPN_PEER) => return sink.peer(conn).await,
+        _ => {
+            conn.close(1u32.into(), b"unsupported alpn");
+            return;
+        }
     }
     debug!(remote = %conn.remote_address(), "producer connected");
     loop {

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 /// The ALPN of edgetally's batch protocol.
 pub const ALPN_BATCHES: &[u8] = b"edgetally/1";
+/// The ALPN of the merger-to-merger replication protocol (same port, dispatched on ALPN).
+pub const ALPN_PEER: &[u8] = b"edgetally-peer/1";
 /// Total validity of generated certificates (browsers refuse more than 14 days).
 pub const CERT_VALIDITY: Duration = Duration::from_secs(13 * 86_400);
 
@@ -117,6 +119,35 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A QUIC endpoint serving `config` on `addr`, whose stateless-reset key and connection-ID
+/// key are derived from `secret` (the node's persistent key) instead of drawn at random per
+/// process. A node that crashed and restarted on the same address then recognises the
+/// connection IDs of its previous life's connections and answers their packets with a valid
+/// stateless reset, so producers and peers learn at once that those connections are gone
+/// (RFC 9000 §10.3) and reconnect, instead of waiting for a send timeout or the idle timeout.
+pub fn server_endpoint(
+    config: quinn::ServerConfig,
+    addr: std::net::SocketAddr,
+    secret: &[u8; 32],
+) -> std::io::Result<quinn::Endpoint> {
+    let derived = Sha256::new()
+        .chain_update(b"edgetally/quic-stateless-reset/v1")
+        .chain_update(secret)
+        .finalize();
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derived);
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&derived[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(key));
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime to drive QUIC"))?;
+    quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
+}
+
 /// A QUIC server configuration offering `alpns`.
 pub fn server_config(id: &Identity, alpns: &[&[u8]]) -> Result<quinn::ServerConfig, TlsError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
@@ -147,10 +178,12 @@ pub fn server_config(id: &Identity, alpns: &[&[u8]]) -> Result<quinn::ServerConf
 }
 
 /// Verifies a server by the SHA-256 of its end-entity certificate (no CA, no names: the hash
-/// is the identity), and checks the handshake signatures with ring.
+/// is the identity), and checks the handshake signatures with ring. Without pins (peer links,
+/// which authenticate inside the connection) any certificate is accepted, the handshake
+/// signature made with it still checked.
 #[derive(Debug)]
 pub struct PinnedCert {
-    pins: Vec<[u8; 32]>,
+    pins: Option<Vec<[u8; 32]>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -163,7 +196,11 @@ impl ServerCertVerifier for PinnedCert {
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if self.pins.contains(&cert_hash(end_entity)) {
+        if self
+            .pins
+            .as_ref()
+            .is_none_or(|p| p.contains(&cert_hash(end_entity)))
+        {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(
@@ -211,9 +248,30 @@ impl ServerCertVerifier for PinnedCert {
 pub fn client_config(pins: Vec<[u8; 32]>, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
     let provider = provider();
     let verifier = Arc::new(PinnedCert {
-        pins,
+        pins: Some(pins),
         provider: provider.clone(),
     });
+    client_with(verifier, provider, alpn)
+}
+
+/// The client configuration for links between mergers: any certificate is accepted at the
+/// TLS layer (peers rotate self-signed certificates on their own) and the peers authenticate
+/// each other inside the connection, bound to this TLS session's exported keying material
+/// (see the merger's `replication` module). Handshake signatures are still checked.
+pub fn peer_client_config() -> Result<quinn::ClientConfig, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedCert {
+        pins: None,
+        provider: provider.clone(),
+    });
+    client_with(verifier, provider, ALPN_PEER)
+}
+
+fn client_with(
+    verifier: Arc<dyn ServerCertVerifier>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, TlsError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?

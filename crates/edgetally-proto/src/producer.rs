@@ -41,6 +41,9 @@ pub struct ProducerConfig {
     pub failback_ms: i64,
     /// Limits the merger enforces, so batches are sealed within them.
     pub limits: Limits,
+    /// Queue [`PersistOp`]s for `poll_persist`. Off for callers that keep nothing (they
+    /// would otherwise have to drain the queue to keep it from growing).
+    pub persist: bool,
 }
 
 impl Default for ProducerConfig {
@@ -56,6 +59,7 @@ impl Default for ProducerConfig {
             backoff_max_ms: 30_000,
             failback_ms: 30_000,
             limits: Limits::default(),
+            persist: true,
         }
     }
 }
@@ -146,7 +150,15 @@ struct HandleState {
     category: Box<str>,
     entity: Option<Box<str>>,
     /// The bucket being filled, and its summary.
-    current: Option<(i64, Summary)>,
+    current: Option<Current>,
+}
+
+/// A handle's open bucket: `[start, end)` in ms, so the hot path needs no division.
+struct Current {
+    bucket: i64,
+    start: i64,
+    end: i64,
+    summary: Summary,
 }
 
 /// SplitMix64, for backoff jitter; seeded by the caller.
@@ -285,7 +297,7 @@ impl Producer {
                 },
             );
         }
-        p.persist.push_back(PersistOp::Identity {
+        p.persist_op(PersistOp::Identity {
             seed,
             epoch,
             next_seq,
@@ -337,7 +349,15 @@ impl Producer {
         Ok(Handle(id))
     }
 
-    fn refuse(&mut self, code: RejectCode) -> Result<(), RejectCode> {
+    fn persist_op(&mut self, op: PersistOp) {
+        if self.config.persist {
+            self.persist.push_back(op);
+        }
+    }
+
+    /// Counts an event the caller refused before it reached `record*` (a binding that cannot
+    /// convert an argument, say) under `invalid`, and returns the code as an error.
+    pub fn refuse(&mut self, code: RejectCode) -> Result<(), RejectCode> {
         *self.stats.invalid.entry(code).or_default() += 1;
         Err(code)
     }
@@ -357,7 +377,9 @@ impl Producer {
         }
     }
 
-    /// Records one event through a handle (the hot path).
+    /// Records one event through a handle (the hot path: a value with a fast quantisation
+    /// into the handle's open bucket touches one summary and nothing else).
+    #[inline]
     pub fn record_handle(
         &mut self,
         now_ms: i64,
@@ -366,28 +388,112 @@ impl Producer {
         ts_ms: Option<i64>,
     ) -> Result<(), RejectCode> {
         let ts = ts_ms.unwrap_or(now_ms);
+        if let Some(HandleState {
+            current: Some(cur), ..
+        }) = self.handles.get_mut(h.0 as usize)
+        {
+            if ts >= cur.start && ts < cur.end {
+                if let Some(q) = edgetally_core::value::quantize_fast(value) {
+                    let s = &mut cur.summary;
+                    if let (Some(count), Some(sum)) = (s.count.checked_add(1), s.sum.checked_add(q))
+                    {
+                        // `+ 0.0` turns -0.0 into 0.0, as validation does.
+                        let v = value + 0.0;
+                        s.count = count;
+                        s.sum = sum;
+                        s.min = s.min.min(v);
+                        s.max = s.max.max(v);
+                        self.stats.recorded += 1;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        self.record_slow(now_ms, h, value, ts)
+    }
+
+    fn record_slow(
+        &mut self,
+        now_ms: i64,
+        h: Handle,
+        value: f64,
+        ts: i64,
+    ) -> Result<(), RejectCode> {
+        self.fold(now_ms, h, ts, 1, || Summary::of(value))
+    }
+
+    /// Records a summary of events a caller aggregated itself (the JavaScript SDK's handles
+    /// do, to avoid a call per event) as `summary.count` records in the bucket of `ts_ms`.
+    /// The same as recording the values one by one: summaries merge exactly.
+    pub fn record_summary(
+        &mut self,
+        now_ms: i64,
+        h: Handle,
+        ts_ms: i64,
+        summary: Summary,
+    ) -> Result<(), RejectCode> {
+        self.fold(now_ms, h, ts_ms, summary.count.max(1), || {
+            let mut s = summary;
+            s.validate().map(|()| s)
+        })
+    }
+
+    /// Checks the time, then folds `make()`'s summary into the handle's bucket. A refusal is
+    /// counted once per record it stood for.
+    fn fold(
+        &mut self,
+        now_ms: i64,
+        h: Handle,
+        ts: i64,
+        records: u64,
+        make: impl FnOnce() -> Result<Summary, RejectCode>,
+    ) -> Result<(), RejectCode> {
+        let refuse = |p: &mut Producer, code: RejectCode| {
+            *p.stats.invalid.entry(code).or_default() += records;
+            Err(code)
+        };
         let bucket = match bucket_index(ts, self.config.bucket_ms) {
             Ok(b) => b,
-            Err(code) => return self.refuse(code),
+            Err(code) => return refuse(self, code),
+        };
+        let bucket_ms = i64::from(self.config.bucket_ms);
+        // Refuse here what the merger would refuse, so one stale or future event cannot get a
+        // whole batch of good ones rejected.
+        let start = bucket * bucket_ms;
+        if let Err(code) = self
+            .config
+            .limits
+            .check_bucket_time(start, bucket_ms, now_ms)
+        {
+            return refuse(self, code);
+        }
+        let summary = match make() {
+            Ok(s) => s,
+            Err(code) => return refuse(self, code),
         };
         let Some(state) = self.handles.get_mut(h.0 as usize) else {
-            return self.refuse(RejectCode::InvalidEvent);
+            return refuse(self, RejectCode::InvalidEvent);
         };
         let folded = match &mut state.current {
-            Some((b, s)) if *b == bucket => s.add_value(value).map(|()| false),
-            _ => Summary::of(value).map(|s| {
-                let prev = state.current.replace((bucket, s));
-                if let Some((b, s)) = prev {
-                    self.closed.push((h.0, b, s));
+            Some(cur) if cur.bucket == bucket => cur.summary.merge(&summary).map(|()| false),
+            _ => {
+                let prev = state.current.replace(Current {
+                    bucket,
+                    start,
+                    end: start + bucket_ms,
+                    summary,
+                });
+                if let Some(prev) = prev {
+                    self.closed.push((h.0, prev.bucket, prev.summary));
                 } else {
                     self.active.push(h.0);
                 }
-                true
-            }),
+                Ok(true)
+            }
         };
         match folded {
             Ok(new_key) => {
-                self.stats.recorded += 1;
+                self.stats.recorded += summary.count;
                 if new_key {
                     self.stats.pending += 1;
                     let st = &self.handles[h.0 as usize];
@@ -402,7 +508,7 @@ impl Producer {
                 }
                 Ok(())
             }
-            Err(code) => self.refuse(code),
+            Err(code) => refuse(self, code),
         }
     }
 
@@ -428,8 +534,8 @@ impl Producer {
     /// Seals everything pending into batches (canonical, within the limits) and queues them.
     pub fn seal(&mut self, now_ms: i64) {
         for h in std::mem::take(&mut self.active) {
-            if let Some((b, s)) = self.handles[h as usize].current.take() {
-                self.closed.push((h, b, s));
+            if let Some(cur) = self.handles[h as usize].current.take() {
+                self.closed.push((h, cur.bucket, cur.summary));
             }
         }
         if self.closed.is_empty() {
@@ -541,7 +647,7 @@ impl Producer {
             return;
         };
         self.next_seq += 1;
-        self.persist.push_back(PersistOp::Identity {
+        self.persist_op(PersistOp::Identity {
             seed: self.signer.seed(),
             epoch: self.epoch,
             next_seq: self.next_seq,
@@ -555,7 +661,7 @@ impl Producer {
             return;
         }
         self.stats.outbox_bytes += bytes.len() as u64;
-        self.persist.push_back(PersistOp::Put {
+        self.persist_op(PersistOp::Put {
             seq,
             bytes: bytes.clone(),
         });
@@ -586,7 +692,7 @@ impl Producer {
                 self.stats.outbox_bytes -= o.bytes.len() as u64;
                 self.stats.dropped += 1;
                 self.stats.dropped_records += o.records;
-                self.persist.push_back(PersistOp::Remove { seq });
+                self.persist_op(PersistOp::Remove { seq });
             }
         }
     }
@@ -728,7 +834,7 @@ impl Producer {
     fn remove(&mut self, seq: u64) -> Option<Outgoing> {
         let o = self.outbox.remove(&seq)?;
         self.stats.outbox_bytes -= o.bytes.len() as u64;
-        self.persist.push_back(PersistOp::Remove { seq });
+        self.persist_op(PersistOp::Remove { seq });
         Some(o)
     }
 

@@ -283,3 +283,127 @@ fn persisted_state_resumes_the_epoch_and_resends_the_outbox() {
     let t2 = q.poll_transmit(T0 + 10).expect("new batch");
     assert_eq!(t2.seq, 1);
 }
+
+/// Seals everything and returns the batches' summaries as (category, entity, bucket) → summary.
+fn sealed(p: &mut Producer, now: i64) -> BTreeMap<(String, String, i64), edgetally_core::Summary> {
+    p.flush(now);
+    let mut out = BTreeMap::new();
+    while let Some(t) = p.poll_transmit(now) {
+        let b = open(&t.bytes, &Limits::default(), now).expect("valid batch");
+        for s in &b.summaries {
+            let name = |i: u32| b.strings.get(i as usize).unwrap_or("").to_string();
+            let ent = if s.entity == edgetally_core::NO_ENTITY {
+                String::new()
+            } else {
+                name(s.entity - 1)
+            };
+            let key = (name(s.category), ent, s.bucket);
+            out.entry(key)
+                .and_modify(|e: &mut edgetally_core::Summary| e.merge(&s.summary).expect("merge"))
+                .or_insert(s.summary);
+        }
+        p.handle_reply(now, t.seq, Reply::Ack);
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// The fast path (open bucket, fast quantisation), the slow path and `record_summary` (what
+    /// the JavaScript handles send) all produce the summaries of recording each value alone.
+    #[test]
+    fn fast_slow_and_summary_paths_agree(
+        values in proptest::collection::vec((any::<f64>(), -2.5e6f64..2.5e6, 0u8..4, 0u16..4000), 1..200),
+        split in 1usize..20,
+    ) {
+        let cfg = ProducerConfig { flush_interval_ms: i64::MAX / 4, ..ProducerConfig::default() };
+        let now = T0;
+        let mut one = Producer::new(cfg.clone(), [1; 32], 1, &["m".into()], 1).expect("producer");
+        let mut fast = Producer::new(cfg.clone(), [1; 32], 1, &["m".into()], 1).expect("producer");
+        let mut agg = Producer::new(cfg, [1; 32], 1, &["m".into()], 1).expect("producer");
+        let h1 = fast.handle("x", Some("e")).expect("handle");
+        let h2 = agg.handle("x", Some("e")).expect("handle");
+        let mut pending: Vec<(i64, f64)> = Vec::new();
+        // The model: each accepted value's own summary, merged per bucket.
+        let mut model: BTreeMap<(String, String, i64), edgetally_core::Summary> = BTreeMap::new();
+        for (raw, dec, kind, back) in &values {
+            let v = match kind { 0 => *raw, 1 => *dec, 2 => (dec * 1000.0).round() / 1000.0, _ => -0.0 };
+            let ts = now - i64::from(*back);
+            let r1 = one.record(now, "x", Some("e"), v, Some(ts));
+            let r2 = fast.record_handle(now, h1, v, Some(ts));
+            prop_assert_eq!(r1, r2);
+            prop_assert_eq!(r1.is_ok(), v.is_finite() && v.abs() <= 1e15);
+            if r1.is_ok() {
+                pending.push((ts, v));
+                let s = edgetally_core::Summary::of(v).expect("valid");
+                model
+                    .entry(("x".into(), "e".into(), ts.div_euclid(1000)))
+                    .and_modify(|x| x.merge(&s).expect("merge"))
+                    .or_insert(s);
+            }
+            if pending.len() >= split {
+                // The JavaScript SDK's way: summarise per bucket, hand over summaries.
+                let mut by_bucket: BTreeMap<i64, edgetally_core::Summary> = BTreeMap::new();
+                for (ts, v) in pending.drain(..) {
+                    let s = edgetally_core::Summary::of(v).expect("valid");
+                    by_bucket.entry(ts.div_euclid(1000)).and_modify(|x| x.merge(&s).expect("merge")).or_insert(s);
+                }
+                for (b, s) in by_bucket {
+                    prop_assert_eq!(agg.record_summary(now, h2, b * 1000, s), Ok(()));
+                }
+            }
+        }
+        for (ts, v) in pending.drain(..) {
+            let s = edgetally_core::Summary::of(v).expect("valid");
+            prop_assert_eq!(agg.record_summary(now, h2, ts, s), Ok(()));
+        }
+        let (a, b, c) = (one.stats(), fast.stats(), agg.stats());
+        prop_assert_eq!(a.recorded, b.recorded);
+        prop_assert_eq!(a.recorded, c.recorded);
+        prop_assert_eq!(&a.invalid, &b.invalid);
+        prop_assert_eq!(&model, &sealed(&mut one, now));
+        prop_assert_eq!(&model, &sealed(&mut fast, now));
+        prop_assert_eq!(&model, &sealed(&mut agg, now));
+    }
+}
+
+#[test]
+fn stale_and_future_events_are_refused_before_they_can_spoil_a_batch() {
+    let cfg = ProducerConfig::default();
+    let mut p = Producer::new(cfg.clone(), [2; 32], 1, &["m".into()], 1).expect("producer");
+    let now = T0;
+    let old = now - cfg.limits.max_lateness_ms - 1000;
+    let ahead = now + cfg.limits.max_future_skew_ms + 1000;
+    assert_eq!(
+        p.record(now, "t", None, 1.0, Some(old)),
+        Err(RejectCode::BucketTooOld)
+    );
+    assert_eq!(
+        p.record(now, "t", None, 1.0, Some(ahead)),
+        Err(RejectCode::FutureTimestamp)
+    );
+    let h = p.handle("t", None).expect("handle");
+    let s = edgetally_core::Summary::of(2.0).expect("summary");
+    let three = edgetally_core::Summary {
+        count: 3,
+        sum: 6_000_000_000,
+        min: 2.0,
+        max: 2.0,
+    };
+    assert_eq!(
+        p.record_summary(now, h, old, three),
+        Err(RejectCode::BucketTooOld)
+    );
+    assert_eq!(p.record(now, "t", None, 1.0, Some(now)), Ok(()));
+    assert_eq!(p.record_summary(now, h, now, s), Ok(()));
+    let st = p.stats();
+    assert_eq!(st.recorded, 2);
+    // A refused summary counts every record it stood for.
+    assert_eq!(st.invalid.get(&RejectCode::BucketTooOld), Some(&4));
+    assert_eq!(st.invalid.get(&RejectCode::FutureTimestamp), Some(&1));
+    let batches = sealed(&mut p, now);
+    assert_eq!(batches.len(), 1);
+    let only = batches.values().next().expect("one summary");
+    assert_eq!((only.count, only.sum), (2, 3_000_000_000));
+}

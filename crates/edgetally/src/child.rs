@@ -64,6 +64,12 @@ impl Merger {
         self.child.id()
     }
 
+    /// `kill -9`, then wait.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM (graceful shutdown), then wait.
     pub fn stop(mut self) {
         let _ = Command::new("kill")
@@ -72,4 +78,18 @@ impl Merger {
             .status();
         let _ = self.child.wait();
     }
+}
+
+/// GET `{http}{path}` as JSON (any status: error answers are JSON too).
+pub fn get_json(http: &str, path: &str) -> Result<serde_json::Value> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let text = agent
+        .get(&format!("{http}{path}"))
+        .call()?
+        .body_mut()
+        .read_to_string()?;
+    Ok(serde_json::from_str(&text)?)
 }

@@ -1,7 +1,8 @@
 //! `edgetally demo`: starts a merger on the embedded default addresses (with a fresh data
 //! directory, so the expectations below are exact), feeds it a few thousand events of two
-//! shapes — an IoT metric stream through the native SDK over QUIC, user activity over
-//! `POST /v1/events` — including late, out-of-order and invalid ones, then prints each query
+//! shapes — an IoT metric stream through the native SDK over QUIC, user activity through the
+//! wasm SDK in Node.js (when given its script) and over `POST /v1/events` — including late,
+//! out-of-order and invalid ones, then prints each query
 //! kind's answer next to an expectation computed here independently, and stops the merger.
 
 use crate::child;
@@ -69,9 +70,9 @@ impl Exp {
 
 use edgetally_net::now_ms;
 
-pub fn run(cluster: bool) -> Result<()> {
+pub fn run(cluster: bool, node_script: Option<&std::path::Path>) -> Result<()> {
     if cluster {
-        bail!("the cluster demo arrives with clustering; run `edgetally demo` for a single node");
+        return crate::cluster_demo::run();
     }
     let dir = std::env::temp_dir().join(format!("edgetally-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -83,7 +84,7 @@ pub fn run(cluster: bool) -> Result<()> {
         &["--data-dir".into(), dir.clone().into_os_string()],
         Some("  merger> "),
     )?;
-    let result = feed_and_check(&merger.http, merger.quic, merger.cert);
+    let result = feed_and_check(&merger.http, merger.quic, merger.cert, node_script);
     merger.stop();
     let _ = std::fs::remove_dir_all(&dir);
     match result {
@@ -96,7 +97,58 @@ pub fn run(cluster: bool) -> Result<()> {
     }
 }
 
-fn feed_and_check(http: &str, quic: std::net::SocketAddr, cert: [u8; 32]) -> Result<bool> {
+/// One event as the NDJSON line `POST /v1/events` and examples/node/ingest.mjs read.
+fn ndjson(e: &Ev) -> String {
+    format!(
+        "{{\"ts_ms\":{},\"category\":\"{}\",\"entity\":\"{}\",\"value\":{}}}\n",
+        e.ts,
+        e.category,
+        e.entity,
+        e.cents as f64 / 100.0
+    )
+}
+
+/// Records `events` with the wasm SDK in Node (the script prints its producer's stats).
+fn through_node(script: &std::path::Path, http: &str, events: &[&Ev]) -> Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("node")
+        .arg(script)
+        .arg(http)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("starting node {}: {e}", script.display()))?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("node stdin"))?;
+    let body: String = events.iter().map(|e| ndjson(e)).collect();
+    stdin.write_all(body.as_bytes())?;
+    drop(stdin);
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{} failed: {}", script.display(), out.status);
+    }
+    let stats: Value = serde_json::from_slice(&out.stdout)?;
+    println!(
+        "recorded {} user events through the wasm SDK in Node.js ({}): {} batches over HTTP, {} events acknowledged",
+        events.len(),
+        stats["runtime"].as_str().unwrap_or("node"),
+        stats["acked"],
+        stats["ackedRecords"]
+    );
+    if stats["ackedRecords"].as_u64() != Some(events.len() as u64) {
+        bail!("the Node.js producer did not get every event acknowledged: {stats}");
+    }
+    Ok(())
+}
+
+fn feed_and_check(
+    http: &str,
+    quic: std::net::SocketAddr,
+    cert: [u8; 32],
+    node_script: Option<&std::path::Path>,
+) -> Result<bool> {
     let now = now_ms();
     let mut rng = Rng(2024);
     // IoT: 20 devices, temperature and humidity, one reading every ~5 s over the last 30 min,
@@ -186,17 +238,22 @@ fn feed_and_check(http: &str, quic: std::net::SocketAddr, cert: [u8; 32]) -> Res
         bail!("only {acked} of {} readings were acknowledged", iot.len());
     }
 
-    // User activity over HTTP as NDJSON, with a few invalid events mixed in.
-    let mut body = String::new();
-    for e in &users {
-        body.push_str(&format!(
-            "{{\"ts_ms\":{},\"category\":\"{}\",\"entity\":\"{}\",\"value\":{}}}\n",
-            e.ts,
-            e.category,
-            e.entity,
-            e.cents as f64 / 100.0
-        ));
-    }
+    // User activity: half through the wasm SDK in Node.js (when the demo has its script),
+    // the rest over HTTP as NDJSON with a few invalid events mixed in.
+    let (via_node, via_http): (Vec<&Ev>, Vec<&Ev>) = match node_script {
+        Some(script) => {
+            let (a, b): (Vec<_>, Vec<_>) = users.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+            let a: Vec<&Ev> = a.into_iter().map(|(_, e)| e).collect();
+            through_node(script, http, &a)?;
+            (a, b.into_iter().map(|(_, e)| e).collect())
+        }
+        None => {
+            println!("(no --node-script: all user events go over HTTP; `cargo xtask demo` runs the wasm SDK too)");
+            (Vec::new(), users.iter().collect())
+        }
+    };
+    debug_assert_eq!(via_node.len() + via_http.len(), users.len());
+    let mut body: String = via_http.iter().map(|e| ndjson(e)).collect();
     body.push_str(&format!("{{\"ts_ms\":{now},\"category\":\"\"}}\n"));
     body.push_str(&format!(
         "{{\"ts_ms\":{now},\"category\":\"click\",\"value\":\"abc\"}}\n"
@@ -218,8 +275,8 @@ fn feed_and_check(http: &str, quic: std::net::SocketAddr, cert: [u8; 32]) -> Res
         .read_to_string()?;
     let v: Value = serde_json::from_str(&text)?;
     println!(
-        "posted {} user events + 4 invalid ones: accepted {}, rejected {}:",
-        users.len(),
+        "posted {} user events + 4 invalid ones as NDJSON: accepted {}, rejected {}:",
+        via_http.len(),
         v["accepted"],
         v["rejected"].as_array().map_or(0, Vec::len)
     );
@@ -231,17 +288,10 @@ fn feed_and_check(http: &str, quic: std::net::SocketAddr, cert: [u8; 32]) -> Res
             r["message"].as_str().unwrap_or("")
         );
     }
-    let mut ok = v["accepted"].as_u64() == Some(users.len() as u64)
+    let mut ok = v["accepted"].as_u64() == Some(via_http.len() as u64)
         && v["rejected"].as_array().map_or(0, Vec::len) == 4;
 
-    let get = |path: String| -> Result<Value> {
-        let text = agent
-            .get(&format!("{http}{path}"))
-            .call()?
-            .body_mut()
-            .read_to_string()?;
-        Ok(serde_json::from_str(&text)?)
-    };
+    let get = |path: String| child::get_json(http, &path);
     let all: Vec<&Ev> = iot.iter().chain(&users).collect();
     let exp = |f: &dyn Fn(&Ev) -> bool| {
         let mut x = Exp::default();

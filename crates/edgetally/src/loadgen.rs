@@ -38,7 +38,7 @@ use edgetally_net::now_ms;
 
 /// The key space: producer p's batch s covers devices (s·n .. s·n+n) mod 10,000 of one
 /// category, in the current second, so keys repeat across batches as real traffic does.
-fn make_batch(signer: &Signer, p: usize, seq: u64, n: u32, now: i64) -> Batch {
+pub fn make_batch(signer: &Signer, p: usize, seq: u64, n: u32, now: i64) -> Batch {
     let first = (seq as u32).wrapping_mul(n) % 10_000;
     let mut devices: Vec<u32> = (0..n).map(|i| (first + i) % 10_000).collect();
     devices.sort_unstable();
@@ -158,62 +158,13 @@ pub fn run(a: LoadgenArgs) -> Result<()> {
             cpu_secs(pid).unwrap_or(0.0),
             cpu_secs(std::process::id()).unwrap_or(0.0),
         );
-        let (elapsed, mut lat, retries) = rt.block_on(async {
-            let mut clients = Vec::new();
-            for _ in 0..a.connections.max(1) {
-                clients.push(edgetally_net::Client::connect(quic, vec![cert]).await?);
-            }
-            let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-            let retries = Arc::new(std::sync::atomic::AtomicU64::new(0));
-            let start = Instant::now();
-            let tasks: Vec<_> = (0..a.in_flight)
-                .map(|w| {
-                    let (c, sealed, next, retries) = (
-                        clients[w % clients.len()].clone(),
-                        sealed.clone(),
-                        next.clone(),
-                        retries.clone(),
-                    );
-                    tokio::spawn(async move {
-                        let mut lat = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let Some(b) = sealed.get(i) else { break };
-                            loop {
-                                let t = Instant::now();
-                                match c.send(b).await {
-                                    Ok(Reply::Ack) => {
-                                        lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                                        break;
-                                    }
-                                    Ok(Reply::Retry { after_ms }) => {
-                                        retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                        tokio::time::sleep(Duration::from_millis(after_ms as u64))
-                                            .await;
-                                    }
-                                    Ok(other) => anyhow::bail!("batch {i} refused: {other:?}"),
-                                    Err(e) => anyhow::bail!("send failed: {e}"),
-                                }
-                            }
-                        }
-                        anyhow::Ok(lat)
-                    })
-                })
-                .collect();
-            let mut lat = Vec::new();
-            for t in tasks {
-                lat.extend(t.await??);
-            }
-            let elapsed = start.elapsed().as_secs_f64();
-            for c in clients {
-                c.close().await;
-            }
-            anyhow::Ok((
-                elapsed,
-                lat,
-                retries.load(std::sync::atomic::Ordering::Relaxed),
-            ))
-        })?;
+        let (elapsed, mut lat, retries) = rt.block_on(push_all(
+            quic,
+            cert,
+            sealed.clone(),
+            a.in_flight,
+            a.connections,
+        ))?;
         let server_cores = (cpu_secs(pid).unwrap_or(0.0) - server_cpu0) / elapsed;
         let client_cores = (cpu_secs(std::process::id()).unwrap_or(0.0) - client_cpu0) / elapsed;
         lat.sort_by(f64::total_cmp);
@@ -285,6 +236,70 @@ pub fn run(a: LoadgenArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Pushes every batch over QUIC with `in_flight` streams on `connections` connections,
+/// resending on Retry; returns (seconds, ack latencies in ms, Retry count).
+pub async fn push_all(
+    quic: std::net::SocketAddr,
+    cert: [u8; 32],
+    sealed: Arc<Vec<Vec<u8>>>,
+    in_flight: usize,
+    connections: usize,
+) -> Result<(f64, Vec<f64>, u64)> {
+    let mut clients = Vec::new();
+    for _ in 0..connections.max(1) {
+        clients.push(edgetally_net::Client::connect(quic, vec![cert]).await?);
+    }
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let retries = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..in_flight.max(1))
+        .map(|w| {
+            let (c, sealed, next, retries) = (
+                clients[w % clients.len()].clone(),
+                sealed.clone(),
+                next.clone(),
+                retries.clone(),
+            );
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(b) = sealed.get(i) else { break };
+                    loop {
+                        let t = Instant::now();
+                        match c.send(b).await {
+                            Ok(Reply::Ack) => {
+                                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                                break;
+                            }
+                            Ok(Reply::Retry { after_ms }) => {
+                                retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                tokio::time::sleep(Duration::from_millis(after_ms as u64)).await;
+                            }
+                            Ok(other) => anyhow::bail!("batch {i} refused: {other:?}"),
+                            Err(e) => anyhow::bail!("send failed: {e}"),
+                        }
+                    }
+                }
+                anyhow::Ok(lat)
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await??);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    for c in clients {
+        c.close().await;
+    }
+    Ok((
+        elapsed,
+        lat,
+        retries.load(std::sync::atomic::Ordering::Relaxed),
+    ))
 }
 
 /// Signatures one core verifies per second here (single verification of a 200-summary batch).

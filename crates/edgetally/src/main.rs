@@ -1,6 +1,8 @@
 //! `edgetally`: serve, query, keygen.
 
 mod child;
+mod cluster_demo;
+mod clusterbench;
 mod demo;
 mod loadgen;
 mod query;
@@ -35,13 +37,22 @@ enum Cmd {
     /// Start a merger, feed it IoT and user-activity events (late, out of order and a few
     /// invalid ones), and print every query kind's answer beside an independent expectation.
     Demo {
-        /// Start a three-node cluster instead (arrives with clustering).
+        /// Start a three-node cluster instead: producers fail over when a node is killed, and
+        /// every node's converged totals are printed.
         #[arg(long)]
         cluster: bool,
+        /// A Node.js script that records NDJSON events from stdin with the npm package (the
+        /// wasm SDK) — `cargo xtask demo` passes examples/node/ingest.mjs. Half the user
+        /// activity then goes through it; without it, all of it is posted as JSON.
+        #[arg(long, value_name = "FILE")]
+        node_script: Option<std::path::PathBuf>,
     },
     /// The merger benchmark: push pre-signed batches over QUIC to a merger it starts, then the
     /// same summaries to a redis-server it starts; print throughput, latency, RSS and ratios.
     Loadgen(loadgen::LoadgenArgs),
+    /// The cluster benchmark: replication overhead (a single merger vs a three-node cluster)
+    /// and the time a partitioned node takes to catch up on a backlog.
+    Clusterbench(clusterbench::ClusterBenchArgs),
     /// Generate an ed25519 key: writes the secret seed (hex) to --out and prints the public key.
     Keygen {
         /// Where to write the secret seed (refuses to overwrite).
@@ -142,8 +153,12 @@ fn main() -> Result<()> {
             init_logging();
             send::run(a)
         }
-        Cmd::Demo { cluster } => demo::run(cluster),
+        Cmd::Demo {
+            cluster,
+            node_script,
+        } => demo::run(cluster, node_script.as_deref()),
         Cmd::Loadgen(a) => loadgen::run(a),
+        Cmd::Clusterbench(a) => clusterbench::run(a),
         Cmd::Keygen { out } => {
             if out.exists() {
                 anyhow::bail!("{} exists; not overwriting a key", out.display());

@@ -1,0 +1,357 @@
+//! JavaScript bindings of the sans-IO producer ([`edgetally_proto::producer::Producer`]).
+//!
+//! This is the thin, number-typed layer under the npm package in `web/`: the TypeScript API
+//! there owns the clock, the timers and the transport (`fetch`), and calls in here to record,
+//! seal, pick the next batch to send and take replies. Nothing here throws on the hot paths:
+//! errors come back as reason codes (`RejectCode` numbers, named by [`reason_name`]) and the
+//! TypeScript layer turns them into typed `EdgetallyError`s.
+//!
+//! Times cross the boundary as `f64` milliseconds (JavaScript numbers); a timestamp of `NaN`
+//! means "now". Sequence numbers are `f64` too (exact below 2⁵³, i.e. forever at any rate).
+
+use edgetally_core::RejectCode;
+use edgetally_proto::producer::{Handle, Producer, ProducerConfig, Stats};
+use edgetally_proto::Reply;
+use js_sys::{Object, Reflect};
+use wasm_bindgen::prelude::*;
+
+/// The name of a reason code (`"invalid_value"`, …), or `"unknown"`.
+#[wasm_bindgen(js_name = reasonName)]
+pub fn reason_name(code: u32) -> String {
+    u16::try_from(code)
+        .ok()
+        .and_then(RejectCode::from_u16)
+        .map_or("unknown", RejectCode::as_str)
+        .to_string()
+}
+
+/// The code of a reason name, or 0.
+#[wasm_bindgen(js_name = reasonCode)]
+pub fn reason_code(name: &str) -> u32 {
+    RejectCode::from_name(name).map_or(0, |c| u32::from(c.as_u16()))
+}
+
+fn code(c: RejectCode) -> u32 {
+    u32::from(c.as_u16())
+}
+
+/// A whole-millisecond timestamp, or `None` for NaN ("now"); other non-integers round down.
+fn ts(ts_ms: f64) -> Option<Result<i64, RejectCode>> {
+    if ts_ms.is_nan() {
+        None
+    } else if ts_ms.is_finite() && ts_ms.abs() < 9.0e15 {
+        Some(Ok(ts_ms.floor() as i64))
+    } else {
+        Some(Err(RejectCode::InvalidTimestamp))
+    }
+}
+
+/// A batch to send now.
+#[wasm_bindgen]
+#[derive(Debug)]
+pub struct Transmit {
+    seq: f64,
+    endpoint: u32,
+    bytes: Vec<u8>,
+}
+
+#[wasm_bindgen]
+impl Transmit {
+    /// Pass back to `handleReply` / `transportError`.
+    #[wasm_bindgen(getter)]
+    pub fn seq(&self) -> f64 {
+        self.seq
+    }
+    /// Index into the endpoint list.
+    #[wasm_bindgen(getter)]
+    pub fn endpoint(&self) -> u32 {
+        self.endpoint
+    }
+    /// The signed batch.
+    #[wasm_bindgen(getter)]
+    pub fn bytes(&self) -> Vec<u8> {
+        self.bytes.clone()
+    }
+}
+
+/// The producer state machine, for JavaScript.
+#[wasm_bindgen]
+#[derive(Debug)]
+pub struct Core {
+    p: Producer,
+}
+
+#[wasm_bindgen]
+impl Core {
+    /// `seed`: 48 bytes from the platform's secure random source — the ed25519 secret key
+    /// (32), the epoch (8, little-endian) and the backoff jitter seed (8). Throws the reason
+    /// code (a number) for an unusable configuration.
+    #[wasm_bindgen(constructor)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        seed: &[u8],
+        endpoints: Vec<String>,
+        bucket_ms: u32,
+        flush_interval_ms: f64,
+        max_batch_summaries: u32,
+        max_batch_bytes: u32,
+        max_outbox_bytes: f64,
+        max_in_flight: u32,
+    ) -> Result<Core, JsValue> {
+        let bad = || JsValue::from(code(RejectCode::InvalidEvent));
+        let (key, rest) = seed.split_first_chunk::<32>().ok_or_else(bad)?;
+        let (epoch, rest) = rest.split_first_chunk::<8>().ok_or_else(bad)?;
+        let (jitter, _) = rest.split_first_chunk::<8>().ok_or_else(bad)?;
+        let whole = |x: f64| x.is_finite() && x >= 1.0 && x.fract() == 0.0;
+        if !whole(flush_interval_ms) || !whole(max_outbox_bytes) || max_in_flight == 0 {
+            return Err(bad());
+        }
+        let config = ProducerConfig {
+            bucket_ms,
+            flush_interval_ms: flush_interval_ms as i64,
+            max_batch_summaries: max_batch_summaries.max(1) as usize,
+            max_batch_bytes: max_batch_bytes.max(1) as usize,
+            max_outbox_bytes: max_outbox_bytes as usize,
+            max_in_flight: max_in_flight as usize,
+            persist: false,
+            ..ProducerConfig::default()
+        };
+        Producer::new(
+            config,
+            *key,
+            u64::from_le_bytes(*epoch),
+            &endpoints,
+            u64::from_le_bytes(*jitter),
+        )
+        .map(|p| Core { p })
+        .map_err(|c| JsValue::from(code(c)))
+    }
+
+    /// The producer's public key, hex.
+    #[wasm_bindgen(getter, js_name = producerKey)]
+    pub fn producer_key(&self) -> String {
+        self.p
+            .producer_key()
+            .0
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// The epoch, as a decimal string (it is a u64).
+    #[wasm_bindgen(getter)]
+    pub fn epoch(&self) -> String {
+        self.p.epoch().to_string()
+    }
+
+    /// The handle of (category, entity): ≥ 0, or the negated reason code.
+    pub fn handle(&mut self, category: &str, entity: Option<String>) -> i32 {
+        match self.p.handle(category, entity.as_deref()) {
+            Ok(h) => h.0 as i32,
+            Err(c) => -(code(c) as i32),
+        }
+    }
+
+    /// Records one event by name. Returns its handle (≥ 0, for the caller to cache) or the
+    /// negated reason code; an invalid event is counted under `invalid`.
+    #[wasm_bindgen(js_name = recordNamed)]
+    pub fn record_named(
+        &mut self,
+        now_ms: f64,
+        category: &str,
+        entity: Option<String>,
+        value: f64,
+        ts_ms: f64,
+    ) -> i32 {
+        let h = match self.p.handle(category, entity.as_deref()) {
+            Ok(h) => h,
+            Err(c) => return -(self.refused(c) as i32),
+        };
+        match self.record(now_ms, h.0, value, ts_ms) {
+            0 => h.0 as i32,
+            c => -(c as i32),
+        }
+    }
+
+    /// Records one event through a handle: 0, or the reason code.
+    pub fn record(&mut self, now_ms: f64, handle: u32, value: f64, ts_ms: f64) -> u32 {
+        self.record_at(now_ms as i64, Handle(handle), value, ts_ms)
+            .map_or_else(code, |()| 0)
+    }
+
+    /// Records events the caller aggregated itself: `count` values with exact sum `sum_nanos`
+    /// (an integer below 2⁵³ in magnitude, in nano-units), `min` and `max`, in the bucket of
+    /// `ts_ms`. 0, or the reason code (the `count` records are then counted as invalid).
+    #[wasm_bindgen(js_name = recordSummary)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_summary(
+        &mut self,
+        now_ms: f64,
+        handle: u32,
+        ts_ms: f64,
+        count: f64,
+        sum_nanos: f64,
+        min: f64,
+        max: f64,
+    ) -> u32 {
+        let exact = |x: f64| x.fract() == 0.0 && x.abs() < 9_007_199_254_740_992.0;
+        if !exact(count) || count < 1.0 || !exact(sum_nanos) {
+            return self.refused(RejectCode::InvalidSummary);
+        }
+        let t = match ts(ts_ms) {
+            Some(Ok(t)) => t,
+            _ => return self.refused(RejectCode::InvalidTimestamp),
+        };
+        let summary = edgetally_core::Summary {
+            count: count as u64,
+            sum: sum_nanos as i128,
+            min,
+            max,
+        };
+        match self
+            .p
+            .record_summary(now_ms as i64, Handle(handle), t, summary)
+        {
+            Ok(()) => 0,
+            Err(c) => code(c),
+        }
+    }
+
+    /// Records `values[i]` for handle `handles[i]` (or `handles[0]` for all when it has one
+    /// element) at `ts_ms[i]` (or now when `ts_ms` is empty). Returns how many were accepted;
+    /// the others are counted under `invalid`.
+    #[wasm_bindgen(js_name = recordMany)]
+    pub fn record_many(
+        &mut self,
+        now_ms: f64,
+        handles: &[u32],
+        values: &[f64],
+        ts_ms: &[f64],
+    ) -> u32 {
+        let now = now_ms as i64;
+        let mut ok = 0u32;
+        let times = !ts_ms.is_empty();
+        if (handles.len() != 1 && handles.len() != values.len())
+            || (times && ts_ms.len() != values.len())
+        {
+            for _ in values {
+                let _ = self.p.refuse(RejectCode::InvalidEvent);
+            }
+            return 0;
+        }
+        for (i, v) in values.iter().enumerate() {
+            let h = Handle(if handles.len() == 1 {
+                handles[0]
+            } else {
+                handles[i]
+            });
+            let t = if times { ts_ms[i] } else { f64::NAN };
+            ok += u32::from(self.record_at(now, h, *v, t).is_ok());
+        }
+        ok
+    }
+
+    /// Seals what is pending; returns a token for `flushed`.
+    pub fn flush(&mut self, now_ms: f64) -> f64 {
+        self.p.flush(now_ms as i64) as f64
+    }
+
+    /// Whether every batch sealed before the `flush` that returned `token` was answered.
+    pub fn flushed(&self, token: f64) -> bool {
+        self.p.flushed(token as u64)
+    }
+
+    /// The next batch to send now, if any.
+    #[wasm_bindgen(js_name = pollTransmit)]
+    pub fn poll_transmit(&mut self, now_ms: f64) -> Option<Transmit> {
+        self.p.poll_transmit(now_ms as i64).map(|t| Transmit {
+            seq: t.seq as f64,
+            endpoint: t.endpoint as u32,
+            bytes: t.bytes.to_vec(),
+        })
+    }
+
+    /// When to call `pollTransmit` again at the latest (ms), or NaN when nothing is due.
+    #[wasm_bindgen(js_name = pollTimeout)]
+    pub fn poll_timeout(&self) -> f64 {
+        self.p.poll_timeout().map_or(f64::NAN, |t| t as f64)
+    }
+
+    /// The merger's reply frame for batch `seq` (the `frame` of an HTTP reply, or the bytes
+    /// of a QUIC reply). Returns false when the frame does not decode (the caller then
+    /// reports a transport error).
+    #[wasm_bindgen(js_name = handleReply)]
+    pub fn handle_reply(&mut self, now_ms: f64, seq: f64, frame: &[u8]) -> bool {
+        match Reply::decode(frame) {
+            Ok(r) => {
+                self.p.handle_reply(now_ms as i64, seq as u64, r);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Sending batch `seq` to endpoint `endpoint` failed in transport.
+    #[wasm_bindgen(js_name = transportError)]
+    pub fn transport_error(&mut self, now_ms: f64, seq: f64, endpoint: u32) {
+        self.p
+            .handle_transport_error(now_ms as i64, seq as u64, endpoint as usize);
+    }
+
+    /// The counters (see the TypeScript `Stats` type).
+    pub fn stats(&self) -> Object {
+        stats_object(&self.p.stats())
+    }
+}
+
+impl Core {
+    /// Records at `ts_ms` (NaN: now); a timestamp that is no usable number is counted as
+    /// invalid like any other refusal.
+    fn record_at(&mut self, now: i64, h: Handle, value: f64, ts_ms: f64) -> Result<(), RejectCode> {
+        match ts(ts_ms) {
+            None => self.p.record_handle(now, h, value, None),
+            Some(Ok(t)) => self.p.record_handle(now, h, value, Some(t)),
+            Some(Err(c)) => self.p.refuse(c),
+        }
+    }
+
+    /// Counts a refusal made here (before the producer saw the event); returns its code.
+    fn refused(&mut self, c: RejectCode) -> u32 {
+        let _ = self.p.refuse(c);
+        code(c)
+    }
+}
+
+fn set(o: &Object, k: &str, v: impl Into<JsValue>) {
+    let _ = Reflect::set(o, &JsValue::from_str(k), &v.into());
+}
+
+fn by_reason(m: &std::collections::BTreeMap<RejectCode, u64>) -> Object {
+    let o = Object::new();
+    for (c, n) in m {
+        set(&o, c.as_str(), *n as f64);
+    }
+    o
+}
+
+fn stats_object(s: &Stats) -> Object {
+    let o = Object::new();
+    let n = |x: u64| x as f64;
+    set(&o, "recorded", n(s.recorded));
+    set(&o, "invalid", n(s.invalid.values().sum()));
+    set(&o, "invalidByReason", by_reason(&s.invalid));
+    set(&o, "pending", n(s.pending));
+    set(&o, "queued", n(s.queued));
+    set(&o, "inFlight", n(s.in_flight));
+    set(&o, "acked", n(s.acked));
+    set(&o, "ackedRecords", n(s.acked_records));
+    set(&o, "retried", n(s.retried));
+    set(&o, "rejected", n(s.rejected.values().sum()));
+    set(&o, "rejectedByReason", by_reason(&s.rejected));
+    set(&o, "rejectedRecords", n(s.rejected_records));
+    set(&o, "dropped", n(s.dropped));
+    set(&o, "droppedRecords", n(s.dropped_records));
+    set(&o, "bytesSent", n(s.bytes_sent));
+    set(&o, "outboxBytes", n(s.outbox_bytes));
+    o
+}

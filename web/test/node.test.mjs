@@ -1,0 +1,254 @@
+// The SDK in Node against a real merger: a known workload through all three record paths,
+// then the failure cases (merger down at first, restarted mid-stream, a Nack, outbox overflow).
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { EdgetallyError, Producer } from "edgetally";
+import { compare, freePort, Model, startMerger, tempDir, workload } from "./helpers.mjs";
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+test("a known workload through record, handles and recordMany arrives exactly", async () => {
+  const m = await startMerger();
+  try {
+    const p = await Producer.create({ endpoints: [m.http], flushIntervalMs: 50, maxBatchSummaries: 100 });
+    const now = Date.now();
+    const model = new Model();
+    const events = workload(1, 3000, now);
+    // A third by name, a third by handle, a third in bulk.
+    const third = events.length / 3;
+    for (const e of events.slice(0, third)) {
+      p.record(e.category, e.value, { entity: e.entity, ts_ms: e.ts_ms });
+      model.add(e.category, e.entity, e.value);
+    }
+    for (const e of events.slice(third, 2 * third)) {
+      p.handle(e.category, e.entity).record(e.value, e.ts_ms);
+      model.add(e.category, e.entity, e.value);
+    }
+    const bulk = events.slice(2 * third);
+    const ids = new Uint32Array(bulk.map((e) => p.handle(e.category, e.entity).id));
+    const n = p.recordMany(ids, new Float64Array(bulk.map((e) => e.value)), new Float64Array(bulk.map((e) => e.ts_ms)));
+    assert.equal(n, bulk.length);
+    for (const e of bulk) model.add(e.category, e.entity, e.value);
+    // One handle in bulk, timestamped now.
+    const h = p.handle("requests", "edge-a");
+    assert.equal(p.recordMany(h, [1, 2.5, 3.25]), 3);
+    for (const v of [1, 2.5, 3.25]) model.add("requests", "edge-a", v);
+
+    await p.flush({ timeoutMs: 20_000 });
+    const s = p.stats();
+    assert.equal(s.recorded, events.length + 3);
+    assert.equal(s.ackedRecords, events.length + 3);
+    assert.equal(s.invalid + s.rejected + s.dropped, 0);
+    assert.ok(s.acked >= 2, `several batches (${s.acked})`);
+    assert.match(p.producerKey, /^[0-9a-f]{64}$/);
+    assert.deepEqual(await compare(m.http, model, now - 120_000, now + 60_000), []);
+    await p.close();
+  } finally {
+    await m.cleanup();
+  }
+});
+
+test("invalid events throw typed errors, are counted, and spoil nothing else", async () => {
+  const m = await startMerger();
+  try {
+    const p = await Producer.create({ endpoints: [m.http] });
+    const now = Date.now();
+    const bad = [
+      () => p.record("t", NaN),
+      () => p.record("t", 1e16),
+      () => p.record("", 1),
+      () => p.record("t", 1, { ts_ms: now - 30 * 86_400_000 }),
+      () => p.record("t", 1, { ts_ms: now + 3_600_000 }),
+      () => p.handle("t").record(Infinity),
+    ];
+    const codes = bad.map((f) => {
+      try {
+        f();
+        return "no error";
+      } catch (e) {
+        assert.ok(e instanceof EdgetallyError && e instanceof Error);
+        return e.code;
+      }
+    });
+    assert.deepEqual(codes, [
+      "invalid_value",
+      "invalid_value",
+      "invalid_category",
+      "bucket_too_old",
+      "future_timestamp",
+      "invalid_value",
+    ]);
+    p.record("t", 2, { ts_ms: now });
+    await p.flush({ timeoutMs: 20_000 });
+    const s = p.stats();
+    assert.equal(s.invalid, 6);
+    assert.equal(s.invalidByReason.invalid_value, 3);
+    assert.equal(s.ackedRecords, 1);
+    const model = new Model();
+    model.add("t", undefined, 2);
+    assert.deepEqual(await compare(m.http, model, now - 60_000, now + 60_000), []);
+    await assert.rejects(Producer.create({ endpoints: [] }), (e) => e.code === "invalid_config");
+    await assert.rejects(Producer.create({ endpoints: ["ftp://x"] }), (e) => e.code === "invalid_config");
+    await assert.rejects(Producer.create({ endpoints: [m.http], bucketMs: 7 }), (e) => e.code === "invalid_bucket_width");
+    await assert.rejects(Producer.create({ endpoints: [m.http], transport: "carrier-pigeon" }), (e) => e.code === "unsupported_transport");
+    await p.close();
+    assert.throws(() => p.record("t", 1), (e) => e.code === "closed");
+  } finally {
+    await m.cleanup();
+  }
+});
+
+test("merger down at first: retries deliver once it starts, nothing doubles", async () => {
+  const port = await freePort();
+  const dir = tempDir();
+  const p = await Producer.create({ endpoints: [`http://127.0.0.1:${port}`], flushIntervalMs: 20 });
+  const now = Date.now();
+  const model = new Model();
+  for (const e of workload(2, 500, now)) {
+    p.record(e.category, e.value, { entity: e.entity, ts_ms: e.ts_ms });
+    model.add(e.category, e.entity, e.value);
+  }
+  const flushed = p.flush({ timeoutMs: 60_000 });
+  await sleep(1500);
+  assert.equal(p.stats().acked, 0);
+  assert.ok(p.stats().retried >= 1, "retried while the merger was down");
+  const m = await startMerger({ dir, httpPort: port });
+  try {
+    await flushed;
+    const s = p.stats();
+    assert.equal(s.ackedRecords, 500);
+    assert.deepEqual(await compare(m.http, model, now - 120_000, now + 60_000), []);
+    await p.close();
+  } finally {
+    await m.cleanup();
+  }
+});
+
+test("a merger killed and restarted mid-stream: everything arrives exactly once", async () => {
+  const port = await freePort();
+  const dir = tempDir();
+  let m = await startMerger({ dir, httpPort: port });
+  try {
+    const p = await Producer.create({ endpoints: [m.http], flushIntervalMs: 10, maxBatchSummaries: 20 });
+    const now = Date.now();
+    const model = new Model();
+    const events = workload(3, 2000, now);
+    for (const [i, e] of events.entries()) {
+      p.record(e.category, e.value, { entity: e.entity, ts_ms: e.ts_ms });
+      model.add(e.category, e.entity, e.value);
+      if (i === 700) {
+        await sleep(30);
+        await m.kill9();
+      }
+      if (i === 1400) {
+        await sleep(200);
+        m = await startMerger({ dir, httpPort: port });
+      }
+      if (i % 100 === 0) await sleep(1);
+    }
+    await p.flush({ timeoutMs: 60_000 });
+    assert.equal(p.stats().ackedRecords, events.length);
+    assert.deepEqual(await compare(m.http, model, now - 120_000, now + 60_000), []);
+    await p.close();
+  } finally {
+    await m.cleanup();
+  }
+});
+
+test("a Nack drops the batch and counts it by reason", async () => {
+  // The merger keeps only the last hour; the producer (7 days) accepts an older event.
+  const m = await startMerger({ env: { EDGETALLY_MAX_LATENESS_MS: "3600000" } });
+  try {
+    const p = await Producer.create({ endpoints: [m.http] });
+    const now = Date.now();
+    p.record("old", 1, { ts_ms: now - 2 * 3_600_000 });
+    await p.flush({ timeoutMs: 20_000 });
+    p.record("new", 5, { ts_ms: now });
+    await p.flush({ timeoutMs: 20_000 });
+    const s = p.stats();
+    assert.equal(s.rejected, 1);
+    assert.equal(s.rejectedByReason.bucket_too_old, 1);
+    assert.equal(s.rejectedRecords, 1);
+    assert.equal(s.ackedRecords, 1);
+    const model = new Model();
+    model.add("new", undefined, 5);
+    assert.deepEqual(await compare(m.http, model, now - 60_000, now + 60_000), []);
+    await p.close();
+  } finally {
+    await m.cleanup();
+  }
+});
+
+test("outbox overflow drops the oldest batches and counts them", async () => {
+  const port = await freePort();
+  // Nothing listens: every batch stays in the outbox, which holds about two of them.
+  const p = await Producer.create({ endpoints: [`http://127.0.0.1:${port}`], maxOutboxBytes: 400, maxInFlight: 1 });
+  const now = Date.now();
+  const batches = 6;
+  const flushes = [];
+  for (let b = 0; b < batches; b++) {
+    for (let i = 0; i < 3; i++) p.record(`c${b}`, i, { entity: `e${i}`, ts_ms: now });
+    // Never answered: close() rejects them.
+    flushes.push(p.flush().then(() => "flushed", (e) => e.code));
+  }
+  const s = p.stats();
+  assert.equal(s.recorded, 18);
+  assert.ok(s.dropped >= 1, `dropped ${s.dropped}`);
+  // Every record is in exactly one place: dropped, or still waiting in the outbox.
+  assert.equal(s.droppedRecords % 3, 0);
+  assert.equal(s.dropped * 3, s.droppedRecords);
+  assert.ok(s.outboxBytes <= 400);
+  assert.equal(s.queued + s.inFlight + s.dropped, batches);
+  await assert.rejects(p.close({ timeoutMs: 50 }), (e) => e.code === "timeout");
+  assert.deepEqual(await Promise.all(flushes), Array(batches).fill("closed"));
+});
+
+test("sums are exact on every path: fast JavaScript sums, wasm fallbacks, bucket changes", async () => {
+  const m = await startMerger();
+  try {
+    const p = await Producer.create({ endpoints: [m.http], flushIntervalMs: 30 });
+    const now = Date.now();
+    const model = new Model();
+    let seed = 12345;
+    const rand = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
+    // Decimals of every length, thirds, big values beyond the fast path, -0, values whose
+    // sum crosses the fast path's bound (2e6 → 2e15 nano-units), tiny ones.
+    const gen = () => {
+      const r = rand();
+      if (r < 0.3) return Math.round((rand() - 0.5) * 2e6 * 10 ** 3) / 10 ** 3;
+      if (r < 0.45) return (rand() - 0.5) * 1e4; // full-precision floats
+      if (r < 0.55) return Math.floor(rand() * 1000) / 3;
+      if (r < 0.65) return (rand() - 0.5) * 1e15;
+      if (r < 0.7) return -0;
+      if (r < 0.8) return 2e6;
+      if (r < 0.9) return 1e-9 * Math.floor(rand() * 100);
+      return Math.round(rand() * 1e9) / 1e9;
+    };
+    const h = p.handle("mixed", "h");
+    const vs = new Float64Array(5000);
+    for (let round = 0; round < 4; round++) {
+      for (let i = 0; i < 5000; i++) {
+        const v = gen();
+        const ts = now - 3000 + Math.floor(rand() * 3000); // three buckets, interleaved
+        h.record(v, ts);
+        model.add("mixed", "h", v);
+        const w = gen();
+        p.record("mixed", w, { entity: "named", ts_ms: now });
+        model.add("mixed", "named", w);
+      }
+      for (let i = 0; i < vs.length; i++) vs[i] = gen();
+      assert.equal(p.recordMany(p.handle("mixed", "bulk"), vs), vs.length);
+      for (const v of vs) model.add("mixed", "bulk", v);
+      await sleep(40); // a flush tick in between: handles drain and re-open
+    }
+    await p.flush({ timeoutMs: 20_000 });
+    const s = p.stats();
+    assert.equal(s.recorded, 4 * 15_000);
+    assert.equal(s.ackedRecords, 4 * 15_000);
+    assert.deepEqual(await compare(m.http, model, now - 60_000, now + 60_000), []);
+    await p.close();
+  } finally {
+    await m.cleanup();
+  }
+});

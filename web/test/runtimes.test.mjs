@@ -1,0 +1,177 @@
+// The examples in examples/ run in each real runtime — native Rust over QUIC, Node, Deno,
+// workerd and headless Chromium — against a real merger; the merger's answers must equal the workload's model.
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { createServer } from "node:http";
+import { readFile } from "node:fs/promises";
+import { extname, join, normalize } from "node:path";
+import { chromium } from "playwright-core";
+import { dirname } from "node:path";
+import { BIN as MERGER_BIN, compare, freePort, Model, ROOT, startMerger } from "./helpers.mjs";
+
+const WEB = join(ROOT, "web");
+const BIN = join(WEB, "node_modules", ".bin");
+
+/** What examples/js/workload.mjs records, computed independently. */
+function workloadModel() {
+  const m = new Model();
+  for (let i = 0; i < 1000; i++) m.add("temperature", `sensor-${i % 4}`, 20 + (i % 50) / 10);
+  for (let i = 0; i < 5000; i++) m.add("requests", "edge-1", 1 + (i % 3));
+  for (let i = 0; i < 10_000; i++) m.add("latency_ms", undefined, (i % 200) / 4);
+  return m;
+}
+const TOTAL = 16_000;
+
+/** Runs a command to completion (bounded), returning stdout. */
+function run(cmd, args, { timeoutMs = 60_000, cwd = ROOT } = {}) {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { cwd, stdio: ["ignore", "pipe", "pipe"] });
+    let out = "";
+    let err = "";
+    child.stdout.on("data", (d) => (out += d));
+    child.stderr.on("data", (d) => (err += d));
+    const timer = setTimeout(() => {
+      child.kill("SIGKILL");
+      reject(new Error(`${cmd} timed out: ${err}`));
+    }, timeoutMs);
+    child.once("exit", (code) => {
+      clearTimeout(timer);
+      if (code === 0) resolve(out);
+      else reject(new Error(`${cmd} ${args.join(" ")} exited ${code}: ${err}\n${out}`));
+    });
+  });
+}
+
+/** The example's reply must show everything acked, and the merger must hold exactly the model. */
+async function check(m, result) {
+  assert.equal(result.error, undefined, `${result.error}: ${result.message}`);
+  assert.equal(result.stats.recorded, TOTAL);
+  assert.equal(result.stats.ackedRecords, TOTAL);
+  assert.equal(result.stats.invalid + result.stats.rejected + result.stats.dropped, 0);
+  const mismatches = await compare(m.http, workloadModel(), result.base - 60_000, result.base + 1000);
+  assert.deepEqual(mismatches, []);
+}
+
+async function withMerger(f) {
+  const m = await startMerger();
+  try {
+    await f(m);
+  } finally {
+    await m.cleanup();
+  }
+}
+
+test("native: examples/native/producer.rs over QUIC", () =>
+  withMerger(async (m) => {
+    // Built next to the merger binary by `cargo xtask test`.
+    const out = await run(join(dirname(MERGER_BIN), "native-producer"), [m.quic, m.certHash]);
+    const result = JSON.parse(out);
+    assert.equal(result.runtime, "native");
+    await check(m, result);
+  }));
+
+test("Node: examples/node/record.mjs", () =>
+  withMerger(async (m) => {
+    const out = await run(process.execPath, ["examples/node/record.mjs", m.http]);
+    const result = JSON.parse(out);
+    assert.match(result.runtime, /^node v\d+/);
+    await check(m, result);
+  }));
+
+test("Deno: examples/deno/record.ts", () =>
+  withMerger(async (m) => {
+    const out = await run(join(BIN, "deno"), [
+      "run",
+      "--config",
+      "examples/deno/deno.json",
+      "--allow-net=127.0.0.1",
+      `--allow-read=${WEB}`,
+      "examples/deno/record.ts",
+      m.http,
+    ]);
+    const result = JSON.parse(out);
+    assert.match(result.runtime, /^deno \d+/);
+    await check(m, result);
+  }));
+
+/** Polls until `url` answers (bounded). */
+async function waitForHttp(url, ms = 20_000) {
+  const until = Date.now() + ms;
+  for (;;) {
+    try {
+      await fetch(url, { method: "HEAD" });
+      return;
+    } catch (e) {
+      if (Date.now() > until) throw e;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+}
+
+test("workerd: examples/workerd/worker.mjs", () =>
+  withMerger(async (m) => {
+    const port = await freePort();
+    const child = spawn(
+      join(BIN, "workerd"),
+      ["serve", "examples/workerd/config.capnp", "--socket-addr", `http=127.0.0.1:${port}`],
+      { cwd: ROOT, stdio: ["ignore", "inherit", "inherit"] },
+    );
+    try {
+      await waitForHttp(`http://127.0.0.1:${port}/healthz`);
+      const res = await fetch(`http://127.0.0.1:${port}/?endpoint=${encodeURIComponent(m.http)}`);
+      const result = await res.json();
+      assert.equal(result.runtime, "workerd");
+      await check(m, result);
+    } finally {
+      child.kill("SIGKILL");
+    }
+  }));
+
+const TYPES = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json" };
+
+/** Serves the repository read-only on loopback (the page, the package, the wasm). */
+async function staticServer() {
+  const server = createServer(async (req, res) => {
+    const path = normalize(decodeURIComponent(new URL(req.url, "http://x").pathname));
+    const file = join(ROOT, path);
+    if (!file.startsWith(ROOT) || !(path.startsWith("/examples/") || path.startsWith("/web/"))) {
+      res.writeHead(404).end();
+      return;
+    }
+    try {
+      const body = await readFile(file);
+      res.writeHead(200, { "content-type": TYPES[extname(file)] ?? "application/octet-stream" }).end(body);
+    } catch {
+      res.writeHead(404).end();
+    }
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  return server;
+}
+
+test("Chromium: examples/browser/index.html", () =>
+  withMerger(async (m) => {
+    const server = await staticServer();
+    const browser = await chromium.launch({
+      executablePath: "/usr/bin/chromium",
+      args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+      timeout: 30_000,
+    });
+    try {
+      const page = await browser.newPage();
+      const errors = [];
+      page.on("pageerror", (e) => errors.push(String(e)));
+      const url = `http://127.0.0.1:${server.address().port}/examples/browser/index.html?endpoint=${encodeURIComponent(m.http)}`;
+      await page.goto(url);
+      await page.waitForFunction(() => window.edgetallyResult !== undefined, null, { timeout: 40_000 });
+      const result = await page.evaluate(() => window.edgetallyResult);
+      assert.deepEqual(errors, []);
+      assert.match(result.runtime, /Chrome\//);
+      await check(m, result);
+    } finally {
+      await browser.close();
+      server.close();
+    }
+  }));
