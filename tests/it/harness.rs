@@ -8,11 +8,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The `edgetally` binary of this build, built on first use (so that running only this test
-/// package still tests the current code).
+/// The `edgetally` binary under test: `EDGETALLY_BIN` when set (`cargo xtask test` builds it
+/// before the tests start, so no test waits on a build), else this build's, built on first use
+/// (so that running only this test package still tests the current code).
 pub fn binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("EDGETALLY_BIN") {
+            return PathBuf::from(bin);
+        }
         let exe = std::env::current_exe().expect("test exe");
         let dir = exe
             .parent()

@@ -101,7 +101,14 @@ fn test() -> Result<()> {
     ]))?;
     wasm_check(&root)?;
     web_build(&root)?;
-    let (mut passed, mut failed) = run_tests(cargo().args(["test", "--workspace", "--locked"]))?;
+    // The binaries the tests start, built first: no test then waits on a build (or times out
+    // behind one) and every suite runs the same executable.
+    build_test_binaries()?;
+    let (mut passed, mut failed) =
+        run_tests(cargo().args(["test", "--workspace", "--locked"]).env(
+            "EDGETALLY_BIN",
+            target_dir(&root).join("debug").join("edgetally"),
+        ))?;
     let (p, f) = web_tests(&root)?;
     passed += p;
     failed += f;
@@ -298,9 +305,9 @@ fn web_build(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs the npm package's tests (Node's test runner drives Node, Deno, workerd and Chromium
-/// against real mergers) with the debug binary; returns (passed, failed).
-fn web_tests(root: &Path) -> Result<(u64, u64)> {
+/// Builds (debug) the binaries the test suites start: the merger and the native example
+/// producer.
+fn build_test_binaries() -> Result<()> {
     run(cargo().args([
         "build",
         "--locked",
@@ -312,7 +319,13 @@ fn web_tests(root: &Path) -> Result<(u64, u64)> {
         "edgetally-examples",
         "--bin",
         "native-producer",
-    ]))?;
+    ]))
+}
+
+/// Runs the npm package's tests (Node's test runner drives Node, Deno, workerd and Chromium
+/// against real mergers) with the debug binary; returns (passed, failed).
+fn web_tests(root: &Path) -> Result<(u64, u64)> {
+    build_test_binaries()?;
     let cmd = &mut Command::new("node");
     cmd.args([
         "--test",

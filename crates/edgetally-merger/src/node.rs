@@ -551,32 +551,57 @@ impl Running {
         info!("merger stopped");
     }
 
-    /// Waits for SIGINT or SIGTERM, then shuts down.
-    pub async fn run_until_signal(self) {
-        wait_for_signal().await;
+    /// Waits for SIGINT or SIGTERM (listened for since `signals` was installed), then shuts
+    /// down.
+    pub async fn run_until_signal(self, signals: Signals) {
+        signals.recv().await;
         info!("signal received, shutting down");
         self.shutdown().await;
     }
 }
 
-async fn wait_for_signal() {
+/// SIGINT/SIGTERM listeners. Install them before [`Node::start`]: the node announces itself
+/// on stdout when it is ready, and a supervisor may signal it right after; a signal that
+/// arrived before the listeners existed would kill the process instead of stopping it.
+pub struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) {
-            (Ok(mut a), Ok(mut b)) => {
-                tokio::select! { _ = a.recv() => {}, _ = b.recv() => {} }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    listeners: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl std::fmt::Debug for Signals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Signals")
+    }
+}
+
+impl Signals {
+    /// Starts listening (needs a tokio runtime with I/O enabled).
+    pub fn install() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let listeners = match (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) {
+                (Ok(a), Ok(b)) => Some((a, b)),
+                _ => None,
+            };
+            Signals { listeners }
+        }
+        #[cfg(not(unix))]
+        {
+            Signals {}
         }
     }
-    #[cfg(not(unix))]
-    {
+
+    /// Resolves at the first SIGINT or SIGTERM.
+    pub async fn recv(self) {
+        #[cfg(unix)]
+        if let Some((mut a, mut b)) = self.listeners {
+            tokio::select! { _ = a.recv() => {}, _ = b.recv() => {} }
+            return;
+        }
         let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -143,8 +143,9 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
+                let signals = edgetally_merger::node::Signals::install();
                 let running = edgetally_merger::Node::start(cfg).await?;
-                running.run_until_signal().await;
+                running.run_until_signal(signals).await;
                 anyhow::Ok(())
             })
         }
