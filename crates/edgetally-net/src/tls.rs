@@ -130,13 +130,18 @@ pub fn server_endpoint(
     addr: std::net::SocketAddr,
     secret: &[u8; 32],
 ) -> std::io::Result<quinn::Endpoint> {
-    let derived = Sha256::new()
-        .chain_update(b"edgetally/quic-stateless-reset/v1")
-        .chain_update(secret)
-        .finalize();
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derived);
+    let derive = |label: &[u8]| {
+        Sha256::new()
+            .chain_update(label)
+            .chain_update(secret)
+            .finalize()
+    };
+    let key = ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &derive(b"edgetally/quic-stateless-reset/v1"),
+    );
     let mut cid_key = [0u8; 8];
-    cid_key.copy_from_slice(&derived[..8]);
+    cid_key.copy_from_slice(&derive(b"edgetally/quic-connection-id/v1")[..8]);
     let cid_key = u64::from_le_bytes(cid_key);
     let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(key));
     endpoint_config.cid_generator(move || {
