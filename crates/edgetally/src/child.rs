@@ -80,16 +80,20 @@ impl Merger {
     }
 }
 
-/// GET `{http}{path}` as JSON (any status: error answers are JSON too).
-pub fn get_json(http: &str, path: &str) -> Result<serde_json::Value> {
+/// GET `{http}{path}` as text, whatever the status.
+pub fn get_text(http: &str, path: &str) -> Result<String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
         .into();
-    let text = agent
+    Ok(agent
         .get(&format!("{http}{path}"))
         .call()?
         .body_mut()
-        .read_to_string()?;
-    Ok(serde_json::from_str(&text)?)
+        .read_to_string()?)
+}
+
+/// GET `{http}{path}` as JSON (any status: error answers are JSON too).
+pub fn get_json(http: &str, path: &str) -> Result<serde_json::Value> {
+    Ok(serde_json::from_str(&get_text(http, path)?)?)
 }

@@ -188,15 +188,7 @@ pub fn run(a: LoadgenArgs) -> Result<()> {
             println!("  merger peak RSS {:.1} MiB", k as f64 / 1024.0);
         }
         if let Some(http) = http {
-            let agent: ureq::Agent = ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .build()
-                .into();
-            let text = agent
-                .get(&format!("{http}/metrics"))
-                .call()?
-                .body_mut()
-                .read_to_string()?;
+            let text = crate::child::get_text(&http, "/metrics")?;
             let metric = |name: &str| {
                 text.lines()
                     .find_map(|l| {
