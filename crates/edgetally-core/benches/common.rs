@@ -42,3 +42,45 @@ pub fn iot_batch(producer: u8, seq: u64, n: u32, second: i64) -> LogEntry {
         raw: Arc::from(Vec::new()),
     }
 }
+
+/// A batch shaped like the merger benchmark's (`edgetally loadgen`): 200 of 10,000 devices,
+/// starting at a rotating offset, under one of four metric categories — a key space of
+/// 40,000 series, too large for the CPU caches, as a busy merger's is.
+pub fn wide_batch(producer: u8, seq: u64, n: u32, second: i64) -> LogEntry {
+    let first = (seq as u32).wrapping_mul(n) % 10_000;
+    let mut devices: Vec<u32> = (0..n).map(|i| (first + i) % 10_000).collect();
+    devices.sort_unstable();
+    let mut strings = edgetally_core::StringTable::new();
+    for d in &devices {
+        strings.push(&format!("device-{d:05}"));
+    }
+    strings.push(&format!("metric-{}", producer % 4));
+    let summaries = (0..n)
+        .map(|i| BatchSummary {
+            category: n,
+            entity: i + 1,
+            bucket: T0 / 1000 + second,
+            summary: Summary {
+                count: 5,
+                sum: 5 * 21_000_000_000 + i as i128 * 1000,
+                min: 20.0,
+                max: 22.5,
+            },
+        })
+        .collect();
+    let batch = Batch {
+        id: BatchId {
+            producer: ProducerKey([producer; 32]),
+            epoch: 1,
+            seq,
+        },
+        created_ms: T0,
+        bucket_ms: 1000,
+        strings,
+        summaries,
+    };
+    LogEntry {
+        batch: Arc::new(batch),
+        raw: Arc::from(Vec::new()),
+    }
+}

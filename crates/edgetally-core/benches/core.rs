@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{iot_batch, T0};
+use common::{iot_batch, wide_batch, T0};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use edgetally_core::{Replica, TopBy};
 use std::hint::black_box;
@@ -43,6 +43,30 @@ fn apply(c: &mut Criterion) {
             },
             |mut r| {
                 for e in &warm {
+                    r.apply(e.clone()).expect("apply");
+                }
+                r
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    // A merger's steady state with a key space larger than the caches: 40,000 series
+    // (10,000 devices × 4 metrics) already present, 500 batches of 200 into new seconds.
+    let wide: Vec<_> = (0..500u64)
+        .map(|i| wide_batch((i % 8) as u8, 10_000 + i, 200, 200 + (i / 40) as i64))
+        .collect();
+    g.bench_function("100k_summaries_40k_series", |b| {
+        b.iter_batched(
+            || {
+                let mut r = Replica::new();
+                for i in 0..400u64 {
+                    r.apply(wide_batch((i % 8) as u8, i, 200, (i / 40) as i64))
+                        .expect("apply");
+                }
+                r
+            },
+            |mut r| {
+                for e in &wide {
                     r.apply(e.clone()).expect("apply");
                 }
                 r

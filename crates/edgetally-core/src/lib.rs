@@ -8,6 +8,7 @@
 
 pub mod batch;
 pub mod code;
+mod intern;
 pub mod query;
 pub mod record;
 pub mod replica;

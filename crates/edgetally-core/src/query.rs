@@ -8,7 +8,6 @@
 
 use crate::replica::{Dim, Replica, TIER_MS};
 use crate::summary::Total;
-use std::ops::Bound;
 
 /// The half-open window a query actually covered, and the pieces it read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,7 +129,7 @@ impl Replica {
         let mut t = Total::EMPTY;
         let s = &self.series[series as usize];
         for &(tier, from, to) in &plan.pieces {
-            for (_, v) in s.tiers[tier].range((Bound::Included(from), Bound::Excluded(to))) {
+            for (_, v) in s.tiers[tier].range(from, to) {
                 t.merge(v);
             }
         }
@@ -207,7 +206,7 @@ impl Replica {
         {
             for &(dim, idx) in list {
                 let name = match (dim, by) {
-                    (Dim::Entity(e), TopBy::Entity) => self.strings[e as usize].to_string(),
+                    (Dim::Entity(e), TopBy::Entity) => self.strings.get(e).to_string(),
                     (Dim::Producer(p), TopBy::Producer) => self.producers[p as usize].to_hex(),
                     _ => continue,
                 };
@@ -233,8 +232,8 @@ impl Replica {
         for (&(cat, dim), &idx) in &self.series_ids {
             let key = match (group_by, dim) {
                 (GroupBy::None, Dim::All) => None,
-                (GroupBy::Category, Dim::All) => Some(self.strings[cat as usize].to_string()),
-                (GroupBy::Entity, Dim::Entity(e)) => Some(self.strings[e as usize].to_string()),
+                (GroupBy::Category, Dim::All) => Some(self.strings.get(cat).to_string()),
+                (GroupBy::Entity, Dim::Entity(e)) => Some(self.strings.get(e).to_string()),
                 (GroupBy::Entity, Dim::NoEntity) => None,
                 _ => continue,
             };
@@ -259,7 +258,7 @@ impl Replica {
             .series_ids
             .keys()
             .filter(|(_, d)| *d == Dim::All)
-            .map(|(c, _)| self.strings[*c as usize].to_string())
+            .map(|(c, _)| self.strings.get(*c).to_string())
             .collect();
         v.sort();
         v

@@ -9,11 +9,12 @@
 
 use crate::batch::{Batch, BatchId, ProducerKey, NO_ENTITY};
 use crate::code::RejectCode;
+use crate::intern::Interner;
 use crate::seen::SeenSet;
 use crate::summary::Total;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 /// Resolutions of the stored tiers: 1 s, 1 min, 1 h.
@@ -87,17 +88,80 @@ impl Digest {
     }
 }
 
-/// The stored series of one key: a map from tier bucket start (ms) to totals, per tier.
+/// One tier of a series: (bucket start ms, totals), ascending by start, unique.
+///
+/// A ring buffer rather than a B-tree: buckets arrive mostly in time order, so the common
+/// update is to the newest entry (one memory access, where a B-tree walks a node of its own
+/// per series and tier — the cache misses that bounded apply on a large key space), a late
+/// bucket is a binary search and a short shift, and retention removes from the front.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Tier(VecDeque<(i64, Total)>);
+
+impl Tier {
+    /// The totals of bucket `start`, created empty if absent.
+    #[inline]
+    fn entry(&mut self, start: i64) -> &mut Total {
+        let n = self.0.len();
+        let i = match self.0.back() {
+            Some(&(last, _)) if last == start => n - 1,
+            Some(&(last, _)) if last > start => {
+                let i = self.0.partition_point(|&(k, _)| k < start);
+                if self.0.get(i).map(|e| e.0) != Some(start) {
+                    self.0.insert(i, (start, Total::EMPTY));
+                }
+                i
+            }
+            _ => {
+                self.0.push_back((start, Total::EMPTY));
+                n
+            }
+        };
+        &mut self.0[i].1
+    }
+
+    /// Entries with `from <= start < to`, ascending.
+    pub(crate) fn range(&self, from: i64, to: i64) -> impl Iterator<Item = &(i64, Total)> {
+        let i = self.0.partition_point(|&(k, _)| k < from);
+        let j = self.0.partition_point(|&(k, _)| k < to).max(i);
+        self.0.range(i..j)
+    }
+
+    /// Drops the entries before `cutoff`; returns how many.
+    fn drop_before(&mut self, cutoff: i64) -> usize {
+        let i = self.0.partition_point(|&(k, _)| k < cutoff);
+        self.0.drain(..i);
+        i
+    }
+
+    /// All entries, ascending.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &(i64, Total)> {
+        self.0.iter()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// A tier of `entries`, which must be strictly ascending by start.
+    fn from_sorted(entries: Vec<(i64, Total)>) -> Option<Tier> {
+        entries
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0)
+            .then(|| Tier(entries.into()))
+    }
+}
+
+/// The stored series of one key: per tier, bucket start (ms) → totals.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Series {
-    pub(crate) tiers: [BTreeMap<i64, Total>; 3],
+    pub(crate) tiers: [Tier; 3],
 }
 
 impl Series {
     fn add_total(&mut self, start_ms: i64, first_tier: usize, t: &Total) {
         for (tier, res) in self.tiers.iter_mut().zip(TIER_MS).skip(first_tier) {
             let b = start_ms.div_euclid(res) * res;
-            tier.entry(b).or_insert(Total::EMPTY).merge(t);
+            tier.entry(b).merge(t);
         }
     }
 
@@ -105,7 +169,7 @@ impl Series {
     fn add(&mut self, start_ms: i64, first_tier: usize, s: &crate::summary::Summary) {
         for (tier, res) in self.tiers.iter_mut().zip(TIER_MS).skip(first_tier) {
             let b = start_ms.div_euclid(res) * res;
-            tier.entry(b).or_insert(Total::EMPTY).add(s);
+            tier.entry(b).add(s);
         }
     }
 }
@@ -190,31 +254,10 @@ pub enum RestoreError {
 
 const SNAPSHOT_FORMAT: u32 = 1;
 
-/// SipHash-2-4 with keys chosen by the caller: category and entity strings come from the
-/// network, so the map that interns them must not be floodable by crafted collisions. The
-/// core draws no randomness; a merger passes random keys through
-/// [`Replica::set_string_hash_keys`] (tests and wasm builds may keep the fixed default).
-#[derive(Clone, Copy, Debug, Default)]
-struct KeyedSip {
-    k0: u64,
-    k1: u64,
-}
-
-impl std::hash::BuildHasher for KeyedSip {
-    #[allow(deprecated)] // SipHasher is std's only keyed hasher; its algorithm is what we want.
-    type Hasher = std::hash::SipHasher;
-
-    #[allow(deprecated)]
-    fn build_hasher(&self) -> Self::Hasher {
-        std::hash::SipHasher::new_with_keys(self.k0, self.k1)
-    }
-}
-
 /// A merger's state.
 #[derive(Debug, Default)]
 pub struct Replica {
-    pub(crate) strings: Vec<Box<str>>,
-    string_ids: std::collections::HashMap<Box<str>, u32, KeyedSip>,
+    pub(crate) strings: Interner,
     pub(crate) producers: Vec<ProducerKey>,
     producer_ids: BTreeMap<ProducerKey, u32>,
     pub(crate) series: Vec<Series>,
@@ -237,28 +280,14 @@ impl Replica {
         }
     }
 
-    fn intern(&mut self, s: &str) -> u32 {
-        if let Some(&id) = self.string_ids.get(s) {
-            return id;
-        }
-        let id = self.strings.len() as u32;
-        self.strings.push(s.into());
-        self.string_ids.insert(s.into(), id);
-        id
-    }
-
-    /// Re-keys the hash of the string interner (pass random keys; see `KeyedSip`).
+    /// Re-keys the hash of the string interner (pass random keys: strings come from the
+    /// network, and fixed keys would let crafted collisions flood the table).
     pub fn set_string_hash_keys(&mut self, k0: u64, k1: u64) {
-        let keys = KeyedSip { k0, k1 };
-        let mut map = std::collections::HashMap::with_capacity_and_hasher(self.strings.len(), keys);
-        for (i, s) in self.strings.iter().enumerate() {
-            map.insert(s.clone(), i as u32);
-        }
-        self.string_ids = map;
+        self.strings.set_keys(k0, k1);
     }
 
     pub(crate) fn string_id(&self, s: &str) -> Option<u32> {
-        self.string_ids.get(s).copied()
+        self.strings.id(s)
     }
 
     fn producer_id(&mut self, p: ProducerKey) -> u32 {
@@ -272,6 +301,11 @@ impl Replica {
     }
 
     fn series_mut(&mut self, cat: u32, dim: Dim) -> &mut Series {
+        let idx = self.series_index(cat, dim);
+        &mut self.series[idx as usize]
+    }
+
+    fn series_index(&mut self, cat: u32, dim: Dim) -> u32 {
         let next = self.series.len() as u32;
         let idx = *self.series_ids.entry((cat, dim)).or_insert(next);
         if idx == next {
@@ -280,7 +314,7 @@ impl Replica {
                 self.by_category.entry(cat).or_default().push((dim, idx));
             }
         }
-        &mut self.series[idx as usize]
+        idx
     }
 
     /// Whether batch `id` has been applied.
@@ -315,24 +349,33 @@ impl Replica {
         {
             return Err(RejectCode::BadStringIndex);
         }
-        let ids: Vec<u32> = batch.strings.iter().map(|s| self.intern(s)).collect();
+        let ids: Vec<u32> = batch.strings.iter().map(|s| self.strings.intern(s)).collect();
         let pid = self.producer_id(id.producer);
         let bucket_ms = batch.bucket_ms as i64;
         // The per-category and per-producer rollups of a batch are folded first: a batch's
         // summaries share few (category, bucket) pairs, so this turns most rollup updates
         // into one. Folding is exact (every field merges associatively), so the state is the
         // same bit for bit.
+        // Every series is found first, then updated: lookups that do not wait on each other
+        // overlap their cache misses, which dominate once the key space outgrows the caches.
+        let series: Vec<u32> = batch
+            .summaries
+            .iter()
+            .map(|s| {
+                let cat = ids[s.category as usize];
+                let dim = match s.entity {
+                    NO_ENTITY => Dim::NoEntity,
+                    e => Dim::Entity(ids[e as usize - 1]),
+                };
+                self.series_index(cat, dim)
+            })
+            .collect();
         let mut rollup: FxHashMap<(u32, i64), Total> = FxHashMap::default();
-        for s in &batch.summaries {
-            let cat = ids[s.category as usize];
-            let dim = match s.entity {
-                NO_ENTITY => Dim::NoEntity,
-                e => Dim::Entity(ids[e as usize - 1]),
-            };
+        for (s, &idx) in batch.summaries.iter().zip(&series) {
             let start = s.bucket.saturating_mul(bucket_ms);
-            self.series_mut(cat, dim).add(start, 0, &s.summary);
+            self.series[idx as usize].add(start, 0, &s.summary);
             rollup
-                .entry((cat, start))
+                .entry((ids[s.category as usize], start))
                 .or_insert(Total::EMPTY)
                 .add(&s.summary);
         }
@@ -442,9 +485,7 @@ impl Replica {
             }
             self.horizons[t] = cutoff;
             for s in &mut self.series {
-                let kept = s.tiers[t].split_off(&cutoff);
-                removed += s.tiers[t].len();
-                s.tiers[t] = kept;
+                removed += s.tiers[t].drop_before(cutoff);
             }
         }
         removed
@@ -453,7 +494,7 @@ impl Replica {
     /// A canonical snapshot of totals and seen-sets (not the log).
     pub fn snapshot(&self) -> Snapshot {
         let mut order: Vec<u32> = (0..self.strings.len() as u32).collect();
-        order.sort_by(|&a, &b| self.strings[a as usize].cmp(&self.strings[b as usize]));
+        order.sort_by(|&a, &b| self.strings.get(a).cmp(self.strings.get(b)));
         let mut remap = vec![0u32; order.len()];
         for (new, &old) in order.iter().enumerate() {
             remap[old as usize] = new as u32;
@@ -477,7 +518,7 @@ impl Replica {
                 SeriesSnapshot {
                     category: remap[cat as usize],
                     dim,
-                    tiers: [0, 1, 2].map(|t| s.tiers[t].iter().map(|(&k, &v)| (k, v)).collect()),
+                    tiers: [0, 1, 2].map(|t| s.tiers[t].iter().copied().collect()),
                 }
             })
             .collect();
@@ -486,7 +527,7 @@ impl Replica {
             format: SNAPSHOT_FORMAT,
             strings: order
                 .iter()
-                .map(|&i| self.strings[i as usize].to_string())
+                .map(|&i| self.strings.get(i).to_string())
                 .collect(),
             producers: porder.iter().map(|&i| self.producers[i as usize]).collect(),
             series,
@@ -515,7 +556,7 @@ impl Replica {
         let mut r = Replica::new();
         r.horizons = snap.horizons;
         for s in &snap.strings {
-            r.intern(s);
+            r.strings.intern(s);
         }
         for &p in &snap.producers {
             r.producer_id(p);
@@ -537,7 +578,8 @@ impl Replica {
             }
             let series = r.series_mut(s.category, s.dim);
             for (t, entries) in s.tiers.into_iter().enumerate() {
-                series.tiers[t] = entries.into_iter().collect();
+                series.tiers[t] = Tier::from_sorted(entries)
+                    .ok_or(RestoreError::Inconsistent("tier entries not ascending"))?;
             }
         }
         for (p, e, set) in snap.seen {
@@ -553,7 +595,7 @@ impl Replica {
     pub fn entry_count(&self) -> usize {
         self.series
             .iter()
-            .map(|s| s.tiers.iter().map(BTreeMap::len).sum::<usize>())
+            .map(|s| s.tiers.iter().map(Tier::len).sum::<usize>())
             .sum()
     }
 

@@ -151,23 +151,38 @@ async fn verify_stage(mut rx: mpsc::Receiver<Job>, tx: mpsc::Sender<Checked>, p:
             }
         }
         p.metrics.queue_depth.fetch_sub(jobs.len() as u64, Relaxed);
-        let limits = p.limits;
-        let checked =
-            match tokio::task::spawn_blocking(move || check_jobs(jobs, &limits, now_ms())).await {
-                Ok(c) => c,
-                Err(e) => {
-                    error!("verification task failed: {e}");
-                    continue;
-                }
-            };
+        let (limits, now) = (p.limits, now_ms());
+        // Two halves on two blocking-pool threads (both cores): decoding and verifying.
+        let second = if jobs.len() >= 16 {
+            let rest = jobs.split_off(jobs.len() / 2);
+            Some(tokio::task::spawn_blocking(move || {
+                check_jobs(rest, &limits, now)
+            }))
+        } else {
+            None
+        };
+        let first = tokio::task::spawn_blocking(move || check_jobs(jobs, &limits, now));
+        let mut checked = match first.await {
+            Ok(c) => c,
+            Err(e) => {
+                error!("verification task failed: {e}");
+                continue;
+            }
+        };
+        if let Some(second) = second {
+            match second.await {
+                Ok(c) => checked.extend(c),
+                Err(e) => error!("verification task failed: {e}"),
+            }
+        }
         if tx.send(checked).await.is_err() {
             break;
         }
     }
 }
 
-/// Decodes and time-checks every job, then verifies the signatures of those that passed, in
-/// two halves on two threads when there are enough of them.
+/// Decodes and time-checks every job, then verifies the signatures of those that passed
+/// together.
 fn check_jobs(jobs: Vec<Job>, limits: &Limits, now: i64) -> Checked {
     let mut results: Vec<Option<Result<Batch, DecodeError>>> = Vec::with_capacity(jobs.len());
     let mut pending: Vec<(usize, Unverified)> = Vec::new();
@@ -187,29 +202,7 @@ fn check_jobs(jobs: Vec<Job>, limits: &Limits, now: i64) -> Checked {
         }
     }
     let (idx, items): (Vec<usize>, Vec<Unverified>) = pending.into_iter().unzip();
-    let verified = if items.len() >= 16 {
-        let mut items = items;
-        let second = items.split_off(items.len() / 2);
-        std::thread::scope(|s| {
-            let h = s.spawn(|| verify_many(second));
-            let mut a = verify_many(items);
-            match h.join() {
-                Ok(b) => a.extend(b),
-                Err(_) => a.extend(
-                    std::iter::repeat_with(|| {
-                        Err(DecodeError {
-                            code: RejectCode::BadSignature,
-                            detail: "verifier failed",
-                        })
-                    })
-                    .take(idx.len() - a.len()),
-                ),
-            }
-            a
-        })
-    } else {
-        verify_many(items)
-    };
+    let verified = verify_many(items);
     for (i, r) in idx.into_iter().zip(verified) {
         results[i] = Some(r);
     }
@@ -333,7 +326,13 @@ async fn apply_stage(
             for (job, batch) in fresh {
                 let n = batch.summaries.len() as u64;
                 ids.push(batch.id);
-                let raw: Arc<[u8]> = Arc::from(job.raw.as_slice());
+                // The signed bytes are kept (in the replication log) only for peers: a node
+                // without peers prunes the entry at once, so it skips the copy.
+                let raw: Arc<[u8]> = if p.applied.is_some() {
+                    Arc::from(job.raw.as_slice())
+                } else {
+                    Arc::from(&[][..])
+                };
                 let reply = match r.apply(LogEntry {
                     batch: Arc::new(batch),
                     raw: raw.clone(),

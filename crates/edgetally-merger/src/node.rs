@@ -245,7 +245,7 @@ impl Node {
         let signer = Signer::from_seed(seed);
         let (id, generated) = identity(&config)?;
         let store = Arc::new(Store::open(
-            &dir.join("edgetally.redb"),
+            &dir,
             config.store_cache_mb << 20,
         )?);
         // Replication: authentication, and a snapshot from a peer if this node starts empty.
@@ -297,7 +297,7 @@ impl Node {
                 {
                     info!(%from, "bootstrapped from a peer's snapshot");
                     // Keep it: the store then holds what the replica starts from.
-                    store.compact(&snap, |_| false)?;
+                    store.save_snapshot(&snap)?;
                     bootstrap = Some(snap);
                 }
             }
@@ -452,7 +452,10 @@ impl Node {
             // applied: the watermark starts past them.)
             match applied_through.checked_sub(1) {
                 Some(last) => self.store.compact_through(&snap, last)?,
-                None => self.store.compact(&snap, |_| false)?,
+                None => {
+                    self.store.save_snapshot(&snap)?;
+                    0
+                }
             }
         } else {
             let covered = snap.digest();

@@ -294,23 +294,29 @@ pub async fn push_all(
     ))
 }
 
-/// Signatures one core verifies per second here (single verification of a 200-summary batch).
+/// Batches one core decodes and verifies per second here (single verification of a
+/// 200-summary batch): the median of five 0.4 s rounds, since a VM's speed drifts.
 fn single_core_verify_bound() -> Result<f64> {
     let s = Signer::from_seed([99; 32]);
     let b = s
         .seal(&make_batch(&s, 0, 0, 200, now_ms()))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let limits = edgetally_core::Limits::default();
-    let t = Instant::now();
-    let mut n = 0;
-    while t.elapsed() < Duration::from_secs(2) {
-        edgetally_proto::decode(&b, &limits)
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .verify()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        n += 1;
+    let mut rounds = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let mut n = 0;
+        while t.elapsed() < Duration::from_millis(400) {
+            edgetally_proto::decode(&b, &limits)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .verify()
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            n += 1;
+        }
+        rounds.push(n as f64 / t.elapsed().as_secs_f64());
     }
-    Ok(n as f64 / t.elapsed().as_secs_f64())
+    rounds.sort_by(f64::total_cmp);
+    Ok(rounds[rounds.len() / 2])
 }
 
 /// (key, count, sum, min, max) of the same summaries the merger got.
