@@ -349,7 +349,11 @@ impl Replica {
         {
             return Err(RejectCode::BadStringIndex);
         }
-        let ids: Vec<u32> = batch.strings.iter().map(|s| self.strings.intern(s)).collect();
+        let ids: Vec<u32> = batch
+            .strings
+            .iter()
+            .map(|s| self.strings.intern(s))
+            .collect();
         let pid = self.producer_id(id.producer);
         let bucket_ms = batch.bucket_ms as i64;
         // The per-category and per-producer rollups of a batch are folded first: a batch's

@@ -319,7 +319,38 @@ async fn apply_stage(
     p: Pipeline,
     pending: Arc<std::sync::Mutex<HashSet<BatchId>>>,
 ) {
-    while let Some((group, fresh, mut done)) = rx.recv().await {
+    while let Some((group, fresh, done)) = rx.recv().await {
+        // Applying a group takes a millisecond or more: done off the async workers, which
+        // keep serving connections meanwhile.
+        let p2 = p.clone();
+        let pend2 = pending.clone();
+        let done =
+            match tokio::task::spawn_blocking(move || apply_group(&p2, &pend2, group, fresh, done))
+                .await
+            {
+                Ok(done) => done,
+                Err(e) => {
+                    error!("apply task failed: {e}");
+                    continue;
+                }
+            };
+        for (job, reply) in done {
+            p.metrics
+                .observe_latency(job.received.elapsed().as_secs_f64());
+            let _ = job.reply.send(reply);
+        }
+    }
+}
+
+/// Applies one written group; returns every reply of the group.
+fn apply_group(
+    p: &Pipeline,
+    pending: &std::sync::Mutex<HashSet<BatchId>>,
+    group: Option<u64>,
+    fresh: Vec<(Job, Batch)>,
+    mut done: Vec<(Job, Reply)>,
+) -> Vec<(Job, Reply)> {
+    {
         if !fresh.is_empty() {
             let mut r = p.replica.write().unwrap_or_else(|e| e.into_inner());
             let mut ids = Vec::with_capacity(fresh.len());
@@ -371,10 +402,6 @@ async fn apply_stage(
                 pend.remove(&id);
             }
         }
-        for (job, reply) in done {
-            p.metrics
-                .observe_latency(job.received.elapsed().as_secs_f64());
-            let _ = job.reply.send(reply);
-        }
     }
+    done
 }

@@ -244,10 +244,7 @@ impl Node {
         let seed = load_or_create_key(&dir.join("node.key"))?;
         let signer = Signer::from_seed(seed);
         let (id, generated) = identity(&config)?;
-        let store = Arc::new(Store::open(
-            &dir,
-            config.store_cache_mb << 20,
-        )?);
+        let store = Arc::new(Store::open(&dir, config.store_cache_mb << 20)?);
         // Replication: authentication, and a snapshot from a peer if this node starts empty.
         let replication = if config.peers.is_empty() {
             None

@@ -214,7 +214,10 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>, StoreError> {
     for entry in std::fs::read_dir(dir).map_err(err)? {
         let name = entry.map_err(err)?.file_name();
         let name = name.to_string_lossy();
-        if let Some(n) = name.strip_suffix(".seg").and_then(|s| s.parse::<u64>().ok()) {
+        if let Some(n) = name
+            .strip_suffix(".seg")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             out.push(n);
         }
     }
@@ -431,8 +434,10 @@ impl Store {
         if store.legacy_table_exists()? {
             // Written to the log first, then dropped from redb: a crash in between stores
             // them twice, which replay absorbs (the seen-set counts each batch once).
-            let items: Vec<(BatchId, &[u8])> =
-                legacy.iter().map(|(id, raw)| (*id, raw.as_slice())).collect();
+            let items: Vec<(BatchId, &[u8])> = legacy
+                .iter()
+                .map(|(id, raw)| (*id, raw.as_slice()))
+                .collect();
             if !items.is_empty() {
                 store.append(&items)?;
             }
@@ -467,7 +472,11 @@ impl Store {
                 };
                 let mut batches = Vec::new();
                 scan(&self.dir, &segments, floor, |_, body| {
-                    batches.extend(records(body).filter_map(Result::ok).map(|(_, r)| r.to_vec()))
+                    batches.extend(
+                        records(body)
+                            .filter_map(Result::ok)
+                            .map(|(_, r)| r.to_vec()),
+                    )
                 })?;
                 batches
             }
@@ -671,7 +680,8 @@ mod tests {
     }
 
     fn tmp(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("edgetally-store-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("edgetally-store-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
         dir
@@ -727,7 +737,8 @@ mod tests {
         let seg = {
             let s = Store::open(&dir, 1 << 20).expect("open");
             s.append(&[(id(1), b"one")]).expect("append");
-            s.append(&[(id(2), b"two"), (id(3), b"three")]).expect("append");
+            s.append(&[(id(2), b"two"), (id(3), b"three")])
+                .expect("append");
             let first = lock(&s.log).current;
             segment_path(&dir.join("log"), first)
         };
@@ -810,7 +821,10 @@ mod tests {
             vec![b"one".to_vec(), b"two".to_vec()]
         );
         let txn = s.db.begin_read().expect("read");
-        assert!(txn.open_table(LEGACY_GROUPS).is_err(), "legacy table dropped");
+        assert!(
+            txn.open_table(LEGACY_GROUPS).is_err(),
+            "legacy table dropped"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -320,8 +320,21 @@ impl Unverified {
 pub fn verify_many(items: Vec<Unverified>) -> Vec<Result<Batch, DecodeError>> {
     let mut out: Vec<Option<Result<Batch, DecodeError>>> = (0..items.len()).map(|_| None).collect();
     let mut keyed = Vec::with_capacity(items.len());
+    // A producer usually has several batches in a call: its key is decompressed once.
+    let mut keys: Vec<(ProducerKey, Result<VerifyingKey, DecodeError>)> = Vec::new();
     for (i, u) in items.into_iter().enumerate() {
-        match verifying_key(&u.batch.id.producer) {
+        let p = u.batch.id.producer;
+        let key = match keys.iter().find(|(k, _)| *k == p) {
+            Some((_, v)) => v.clone(),
+            None => {
+                let v = verifying_key(&p);
+                if keys.len() < 64 {
+                    keys.push((p, v.clone()));
+                }
+                v
+            }
+        };
+        match key {
             Ok(vk) => keyed.push((i, vk, u)),
             Err(e) => out[i] = Some(Err(e)),
         }
