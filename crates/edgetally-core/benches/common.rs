@@ -26,21 +26,7 @@ pub fn iot_batch(producer: u8, seq: u64, n: u32, second: i64) -> LogEntry {
             },
         })
         .collect();
-    let batch = Batch {
-        id: BatchId {
-            producer: ProducerKey([producer; 32]),
-            epoch: 1,
-            seq,
-        },
-        created_ms: T0,
-        bucket_ms: 1000,
-        strings,
-        summaries,
-    };
-    LogEntry {
-        batch: Arc::new(batch),
-        raw: Arc::from(Vec::new()),
-    }
+    entry(producer, seq, strings, summaries)
 }
 
 /// A batch shaped like the merger benchmark's (`edgetally loadgen`): 200 of 10,000 devices,
@@ -68,6 +54,16 @@ pub fn wide_batch(producer: u8, seq: u64, n: u32, second: i64) -> LogEntry {
             },
         })
         .collect();
+    entry(producer, seq, strings, summaries)
+}
+
+/// A log entry of producer `producer` (epoch 1), 1-second buckets, created at `T0`.
+fn entry(
+    producer: u8,
+    seq: u64,
+    strings: edgetally_core::StringTable,
+    summaries: Vec<BatchSummary>,
+) -> LogEntry {
     let batch = Batch {
         id: BatchId {
             producer: ProducerKey([producer; 32]),

@@ -47,12 +47,17 @@ pub(crate) struct Interner {
     keys: Keys,
 }
 
+/// String `id` of a buffer and its end offsets (panics on an id not handed out).
+fn span<'a>(bytes: &'a str, ends: &[u32], id: u32) -> &'a str {
+    let i = id as usize;
+    let start = if i == 0 { 0 } else { ends[i - 1] as usize };
+    &bytes[start..ends[i] as usize]
+}
+
 impl Interner {
     /// String `id` (panics on an id this interner did not hand out).
     pub(crate) fn get(&self, id: u32) -> &str {
-        let i = id as usize;
-        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
-        &self.bytes[start..self.ends[i] as usize]
+        span(&self.bytes, &self.ends, id)
     }
 
     /// The id of `s`, if interned.
@@ -70,23 +75,14 @@ impl Interner {
             table,
             keys,
         } = self;
-        let get = |id: u32| {
-            let i = id as usize;
-            let start = if i == 0 { 0 } else { ends[i - 1] as usize };
-            &bytes[start..ends[i] as usize]
-        };
-        if let Some(&id) = table.find(h, |&id| get(id) == s) {
+        if let Some(&id) = table.find(h, |&id| span(bytes, ends, id) == s) {
             return id;
         }
         let id = ends.len() as u32;
         bytes.push_str(s);
         ends.push(bytes.len() as u32);
         let (bytes, ends) = (&*bytes, &*ends);
-        table.insert_unique(h, id, |&id| {
-            let i = id as usize;
-            let start = if i == 0 { 0 } else { ends[i - 1] as usize };
-            keys.hash(&bytes[start..ends[i] as usize])
-        });
+        table.insert_unique(h, id, |&id| keys.hash(span(bytes, ends, id)));
         id
     }
 
