@@ -141,11 +141,14 @@ pub fn run(a: LoadgenArgs) -> Result<()> {
     let (mut speed, mut ratio_bound, mut ratio_redis) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=a.rounds.max(1) {
         println!("\n--- round {round} of {}", a.rounds.max(1));
+        // The bound is measured just before and just after the merger run (a VM's speed
+        // drifts by tens of percent within minutes), and their mean is used.
+        let before = single_core_verify_bound()?;
         let (batches_per_s, ours) = merger_round(&a, &sealed)?;
-        let verify_bound = single_core_verify_bound()?;
+        let after = single_core_verify_bound()?;
+        let verify_bound = (before + after) / 2.0;
         println!(
-            "  single-core verify bound here: {:.0} batches/s -> merger reaches {:.0} % of it",
-            verify_bound,
+            "  single-core verify bound here: {verify_bound:.0} batches/s (before {before:.0}, after {after:.0}) -> merger reaches {:.0} % of it",
             100.0 * batches_per_s / verify_bound
         );
         speed.push(batches_per_s);
