@@ -42,7 +42,7 @@ pub struct Config {
     /// A peer unreachable for longer than this (seconds) stops holding back log pruning;
     /// when it returns it catches up from a snapshot.
     pub peer_horizon_secs: u64,
-    /// The store's page cache, MiB.
+    /// Page cache of the snapshot database (redb), MiB.
     pub store_cache_mb: usize,
 }
 
