@@ -350,57 +350,55 @@ fn apply_group(
     fresh: Vec<(Job, Batch)>,
     mut done: Vec<(Job, Reply)>,
 ) -> Vec<(Job, Reply)> {
-    {
-        if !fresh.is_empty() {
-            let mut r = p.replica.write().unwrap_or_else(|e| e.into_inner());
-            let mut ids = Vec::with_capacity(fresh.len());
-            for (job, batch) in fresh {
-                let n = batch.summaries.len() as u64;
-                ids.push(batch.id);
-                // The signed bytes are kept (in the replication log) only for peers: a node
-                // without peers prunes the entry at once, so it skips the copy.
-                let raw: Arc<[u8]> = if p.applied.is_some() {
-                    Arc::from(job.raw.as_slice())
-                } else {
-                    Arc::from(&[][..])
-                };
-                let reply = match r.apply(LogEntry {
-                    batch: Arc::new(batch),
-                    raw: raw.clone(),
-                }) {
-                    Ok(Applied::New) => {
-                        p.metrics.applied.fetch_add(1, Relaxed);
-                        p.metrics.summaries.fetch_add(n, Relaxed);
-                        if !job.from_peer {
-                            if let Some(tx) = &p.applied {
-                                // No receiver (no peer linked yet) is fine: pulls catch up.
-                                let _ = tx.send(raw);
-                            }
+    if !fresh.is_empty() {
+        let mut r = p.replica.write().unwrap_or_else(|e| e.into_inner());
+        let mut ids = Vec::with_capacity(fresh.len());
+        for (job, batch) in fresh {
+            let n = batch.summaries.len() as u64;
+            ids.push(batch.id);
+            // The signed bytes are kept (in the replication log) only for peers: a node
+            // without peers prunes the entry at once, so it skips the copy.
+            let raw: Arc<[u8]> = if p.applied.is_some() {
+                Arc::from(job.raw.as_slice())
+            } else {
+                Arc::from(&[][..])
+            };
+            let reply = match r.apply(LogEntry {
+                batch: Arc::new(batch),
+                raw: raw.clone(),
+            }) {
+                Ok(Applied::New) => {
+                    p.metrics.applied.fetch_add(1, Relaxed);
+                    p.metrics.summaries.fetch_add(n, Relaxed);
+                    if !job.from_peer {
+                        if let Some(tx) = &p.applied {
+                            // No receiver (no peer linked yet) is fine: pulls catch up.
+                            let _ = tx.send(raw);
                         }
-                        Reply::Ack
                     }
-                    Ok(Applied::Duplicate) => {
-                        p.metrics.duplicates.fetch_add(1, Relaxed);
-                        Reply::Ack
-                    }
-                    Err(code) => {
-                        p.metrics.reject(code);
-                        Reply::nack(code)
-                    }
-                };
-                done.push((job, reply));
-            }
-            r.prune_log();
-            if let Some(g) = group {
-                // Under the write lock: a snapshot taken under the read lock sees every group
-                // up to this one applied, and none after it.
-                p.applied_group.store(g + 1, Relaxed);
-            }
-            drop(r);
-            let mut pend = pending.lock().unwrap_or_else(|e| e.into_inner());
-            for id in ids {
-                pend.remove(&id);
-            }
+                    Reply::Ack
+                }
+                Ok(Applied::Duplicate) => {
+                    p.metrics.duplicates.fetch_add(1, Relaxed);
+                    Reply::Ack
+                }
+                Err(code) => {
+                    p.metrics.reject(code);
+                    Reply::nack(code)
+                }
+            };
+            done.push((job, reply));
+        }
+        r.prune_log();
+        if let Some(g) = group {
+            // Under the write lock: a snapshot taken under the read lock sees every group
+            // up to this one applied, and none after it.
+            p.applied_group.store(g + 1, Relaxed);
+        }
+        drop(r);
+        let mut pend = pending.lock().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            pend.remove(&id);
         }
     }
     done
