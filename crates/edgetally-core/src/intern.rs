@@ -10,7 +10,7 @@
 //! a merger passes random keys to [`Interner::set_keys`]).
 
 use hashbrown::HashTable;
-use std::hash::{BuildHasher, Hasher};
+use std::hash::Hasher;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Keys {
@@ -24,16 +24,6 @@ impl Keys {
         let mut h = std::hash::SipHasher::new_with_keys(self.k0, self.k1);
         h.write(s.as_bytes());
         h.finish()
-    }
-}
-
-impl BuildHasher for Keys {
-    #[allow(deprecated)]
-    type Hasher = std::hash::SipHasher;
-
-    #[allow(deprecated)]
-    fn build_hasher(&self) -> Self::Hasher {
-        std::hash::SipHasher::new_with_keys(self.k0, self.k1)
     }
 }
 

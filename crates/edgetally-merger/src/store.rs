@@ -95,16 +95,6 @@ struct Log {
     scratch: Vec<u8>,
 }
 
-fn varint_len(mut n: usize) -> usize {
-    let mut len = 1;
-    while n >= 0x80 {
-        n >>= 7;
-        len += 1;
-    }
-    len
-}
-
-#[cfg(test)]
 fn push_record(out: &mut Vec<u8>, id: &BatchId, raw: &[u8]) {
     out.extend_from_slice(&batch_key(id));
     let mut n = raw.len() as u64;
@@ -506,38 +496,27 @@ impl Store {
         }
         let group = log.next_group;
         log.next_group += 1;
-        let body_len: usize = items
-            .iter()
-            .map(|(_, raw)| 48 + varint_len(raw.len()) + raw.len())
-            .sum();
+        // The record is built at an ALIGN-aligned offset of the buffer and zero-padded to a
+        // multiple of ALIGN, so it can be written with direct I/O as it stands. Room for all of
+        // it is reserved first (a varint takes at most 10 bytes), so the buffer stays put.
+        let most: usize = items.iter().map(|(_, raw)| 48 + 10 + raw.len()).sum();
+        let buf = &mut log.scratch;
+        buf.clear();
+        buf.reserve(align_up(HEADER + most) + ALIGN);
+        let off = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
+        buf.resize(off + HEADER, 0);
+        for (id, raw) in items {
+            push_record(buf, id, raw);
+        }
+        let body_len = buf.len() - off - HEADER;
         let len = u32::try_from(body_len)
             .map_err(|_| StoreError("group commit larger than 4 GiB".into()))?;
         let padded = align_up(HEADER + body_len);
-        // The record is built at an ALIGN-aligned offset of the buffer, zero-padded to a
-        // multiple of ALIGN, so it can be written with direct I/O as it stands.
-        let buf = &mut log.scratch;
-        buf.clear();
-        buf.resize(padded + ALIGN, 0);
-        let off = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
-        let rec = &mut buf[off..off + padded];
+        buf.resize(off + padded, 0);
+        let rec = &mut buf[off..];
         rec[..4].copy_from_slice(&MAGIC);
         rec[4..8].copy_from_slice(&len.to_le_bytes());
         rec[8..16].copy_from_slice(&group.to_le_bytes());
-        let mut at = HEADER;
-        for (id, raw) in items {
-            rec[at..at + 48].copy_from_slice(&batch_key(id));
-            at += 48;
-            let mut n = raw.len() as u64;
-            while n >= 0x80 {
-                rec[at] = (n as u8) | 0x80;
-                n >>= 7;
-                at += 1;
-            }
-            rec[at] = n as u8;
-            at += 1;
-            rec[at..at + raw.len()].copy_from_slice(raw);
-            at += raw.len();
-        }
         let sum = crc(&rec[4..16], &rec[HEADER..HEADER + body_len]);
         rec[16..20].copy_from_slice(&sum.to_le_bytes());
         if let Err(e) = log.file.write_all(rec).and_then(|()| log.file.sync_data()) {
@@ -660,8 +639,9 @@ impl Store {
         Ok(self.stored.load(Relaxed))
     }
 
-    /// Number of segment files (for tests and status).
-    pub fn segment_count(&self) -> usize {
+    /// Number of segment files.
+    #[cfg(test)]
+    fn segment_count(&self) -> usize {
         lock(&self.log).segments.len()
     }
 }
