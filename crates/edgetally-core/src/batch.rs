@@ -139,6 +139,11 @@ impl Batch {
     /// summary's key and consistency, duplicate keys, and the count limits.
     /// Normalises `-0.0` in min/max.
     pub fn check(&mut self, limits: &Limits) -> Result<(), RejectCode> {
+        // Everything that could make `Replica::apply` refuse a batch is checked here, before
+        // the merger writes it: a stored batch must apply on every replay.
+        if self.id.seq == u64::MAX {
+            return Err(RejectCode::InvalidSeq);
+        }
         validate_bucket_ms(self.bucket_ms)?;
         if self.summaries.len() > limits.max_summaries {
             return Err(RejectCode::TooManySummaries);

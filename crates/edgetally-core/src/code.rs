@@ -20,6 +20,13 @@ macro_rules! reject_codes {
             /// Every code, in numeric order.
             pub const ALL: &'static [RejectCode] = &[$(RejectCode::$variant,)*];
 
+            /// One more than the largest code number: the size of a table indexed by code.
+            pub const TABLE_SIZE: usize = {
+                let mut m = 0u16;
+                $( if $num > m { m = $num; } )*
+                m as usize + 1
+            };
+
             /// The stable snake_case name used in JSON, metrics and logs.
             pub const fn as_str(self) -> &'static str {
                 match self { $(RejectCode::$variant => $text,)* }
@@ -86,6 +93,9 @@ reject_codes! {
     InvalidEvent = 20, "invalid_event";
     /// A frame is larger than the frame limit.
     FrameTooLarge = 21, "frame_too_large";
+    /// The batch's `seq` is 2⁶⁴−1, which is reserved (no producer numbers that far, and the
+    /// seen-set's half-open ranges cannot hold it).
+    InvalidSeq = 22, "invalid_seq";
 }
 
 impl fmt::Display for RejectCode {
@@ -108,6 +118,9 @@ mod tests {
         }
         assert_eq!(RejectCode::from_u16(0), None);
         assert_eq!(RejectCode::from_name("nope"), None);
+        assert!(RejectCode::ALL
+            .iter()
+            .all(|c| (c.as_u16() as usize) < RejectCode::TABLE_SIZE));
     }
 
     #[test]
@@ -119,6 +132,7 @@ mod tests {
             (8, "bucket_too_old"),
             (12, "invalid_value"),
             (21, "frame_too_large"),
+            (22, "invalid_seq"),
         ];
         for (n, s) in frozen {
             assert_eq!(RejectCode::from_u16(n).map(|c| c.as_str()), Some(s));

@@ -338,7 +338,7 @@ impl Replica {
             return Ok(Applied::Duplicate);
         }
         if id.seq == u64::MAX {
-            return Err(RejectCode::Malformed);
+            return Err(RejectCode::InvalidSeq);
         }
         // Bounds are checked up front so that nothing is half-applied.
         let n = batch.strings.len() as u32;

@@ -633,6 +633,10 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
         "batches_duplicate": node.metrics.duplicates.load(Relaxed),
         "batches_pulled": node.metrics.pulled.load(Relaxed),
         "batches_recovered": node.recovered,
+        "batches_quarantined": node.quarantined,
+        "log_torn_tails": node.store.torn_tails().0.iter().map(|d| json!({
+            "file": d.file.display().to_string(), "offset": d.offset, "len": d.len,
+        })).collect::<Vec<_>>(),
         "batches_in_replica": applied_since_start,
         "stored_batches": node.store.batch_count().ok(),
         "producer_epochs": epochs,
@@ -678,6 +682,16 @@ async fn metrics(State(node): State<Node_>) -> Response {
             "edgetally_stored_batches",
             "Batches in the store not yet covered by a snapshot.",
             stored as f64,
+        ),
+        (
+            "edgetally_quarantined_batches",
+            "Stored batches set aside at start-up because they could not be replayed (see the data directory's quarantine/).",
+            node.quarantined as f64,
+        ),
+        (
+            "edgetally_log_torn_bytes",
+            "Bytes of torn log tails found at start-up (commits cut short; kept on disk, never acknowledged).",
+            node.store.torn_tails().1 as f64,
         ),
         (
             "edgetally_uptime_seconds",

@@ -138,8 +138,19 @@ impl Ingest {
 }
 
 type Checked = Vec<(Job, Result<Batch, DecodeError>)>;
-/// Batches written to disk and awaiting apply, and replies already decided.
-type Written = (Option<u64>, Vec<(Job, Batch)>, Vec<(Job, Reply)>);
+/// What the commit stage hands the apply stage for one group.
+struct Written {
+    /// The group's number, if anything was written.
+    group: Option<u64>,
+    /// Batches written to disk, to apply.
+    fresh: Vec<(Job, Batch)>,
+    /// Copies of a batch in `fresh` that arrived in the same group: they get the reply of
+    /// the copy that was written, once it is known (an Ack for a copy is only as good as the
+    /// write of the original).
+    followers: Vec<(Job, BatchId)>,
+    /// Replies already decided.
+    done: Vec<(Job, Reply)>,
+}
 
 async fn verify_stage(mut rx: mpsc::Receiver<Job>, tx: mpsc::Sender<Checked>, p: Pipeline) {
     while let Some(first) = rx.recv().await {
@@ -238,6 +249,7 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
         }
         let mut done: Vec<(Job, Reply)> = Vec::with_capacity(group.len());
         let mut fresh: Vec<(Job, Batch)> = Vec::new();
+        let mut followers: Vec<(Job, BatchId)> = Vec::new();
         {
             let r = p.replica.read().unwrap_or_else(|e| e.into_inner());
             let pend = pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -248,14 +260,14 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
                         p.metrics.reject(e.code);
                         done.push((job, Reply::nack(e.code)));
                     }
-                    Ok(b)
-                        if r.has_applied(&b.id)
-                            || pend.contains(&b.id)
-                            || !in_group.insert(b.id) =>
-                    {
+                    // Applied, or written by an earlier group (whose apply, and so this
+                    // reply, comes before this group's): durable, so acknowledged.
+                    Ok(b) if r.has_applied(&b.id) || pend.contains(&b.id) => {
                         p.metrics.duplicates.fetch_add(1, Relaxed);
                         done.push((job, Reply::Ack));
                     }
+                    // A copy of a batch in this very group: it shares the original's fate.
+                    Ok(b) if !in_group.insert(b.id) => followers.push((job, b.id)),
                     Ok(b) => fresh.push((job, b)),
                 }
             }
@@ -289,7 +301,12 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
                 }
                 Ok((fresh, Err(e))) => {
                     warn!("group commit failed, asking producers to retry: {e}");
-                    for (job, _) in fresh {
+                    let copies = std::mem::take(&mut followers).into_iter();
+                    for job in fresh
+                        .into_iter()
+                        .map(|(j, _)| j)
+                        .chain(copies.map(|(j, _)| j))
+                    {
                         p.metrics.retried.fetch_add(1, Relaxed);
                         done.push((
                             job,
@@ -299,14 +316,28 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
                         ));
                     }
                 }
-                Err(e) => error!("commit task failed: {e}"),
+                Err(e) => {
+                    // The jobs went down with the task: their senders drop, and the waiting
+                    // submitters answer Retry. So do the copies of them.
+                    error!("commit task failed: {e}");
+                    for (job, _) in std::mem::take(&mut followers) {
+                        done.push((
+                            job,
+                            Reply::Retry {
+                                after_ms: RETRY_AFTER_MS,
+                            },
+                        ));
+                    }
+                }
             }
         }
-        if tx_apply
-            .send((written_group, to_apply, done))
-            .await
-            .is_err()
-        {
+        let written = Written {
+            group: written_group,
+            fresh: to_apply,
+            followers,
+            done,
+        };
+        if tx_apply.send(written).await.is_err() {
             break;
         }
     }
@@ -319,15 +350,13 @@ async fn apply_stage(
     p: Pipeline,
     pending: Arc<std::sync::Mutex<HashSet<BatchId>>>,
 ) {
-    while let Some((group, fresh, done)) = rx.recv().await {
+    while let Some(written) = rx.recv().await {
         // Applying a group takes a millisecond or more: done off the async workers, which
         // keep serving connections meanwhile.
         let p2 = p.clone();
         let pend2 = pending.clone();
         let done =
-            match tokio::task::spawn_blocking(move || apply_group(&p2, &pend2, group, fresh, done))
-                .await
-            {
+            match tokio::task::spawn_blocking(move || apply_group(&p2, &pend2, written)).await {
                 Ok(done) => done,
                 Err(e) => {
                     error!("apply task failed: {e}");
@@ -346,10 +375,15 @@ async fn apply_stage(
 fn apply_group(
     p: &Pipeline,
     pending: &std::sync::Mutex<HashSet<BatchId>>,
-    group: Option<u64>,
-    fresh: Vec<(Job, Batch)>,
-    mut done: Vec<(Job, Reply)>,
+    written: Written,
 ) -> Vec<(Job, Reply)> {
+    let Written {
+        group,
+        fresh,
+        followers,
+        mut done,
+    } = written;
+    let mut outcome: std::collections::HashMap<BatchId, Reply> = Default::default();
     if !fresh.is_empty() {
         let mut r = p.replica.write().unwrap_or_else(|e| e.into_inner());
         let mut ids = Vec::with_capacity(fresh.len());
@@ -383,10 +417,16 @@ fn apply_group(
                     Reply::Ack
                 }
                 Err(code) => {
+                    // Unreachable for a batch that passed `Batch::check` (which covers every
+                    // reason apply has); it was written, and replay will quarantine it.
+                    error!(?code, "a written batch did not apply");
                     p.metrics.reject(code);
                     Reply::nack(code)
                 }
             };
+            if !followers.is_empty() {
+                outcome.insert(ids[ids.len() - 1], reply);
+            }
             done.push((job, reply));
         }
         r.prune_log();
@@ -400,6 +440,13 @@ fn apply_group(
         for id in ids {
             pend.remove(&id);
         }
+    }
+    for (job, id) in followers {
+        p.metrics.duplicates.fetch_add(1, Relaxed);
+        let reply = outcome.get(&id).copied().unwrap_or(Reply::Retry {
+            after_ms: RETRY_AFTER_MS,
+        });
+        done.push((job, reply));
     }
     done
 }

@@ -4,7 +4,7 @@ use edgetally_core::RejectCode;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-const CODES: usize = 32;
+const CODES: usize = RejectCode::TABLE_SIZE;
 /// Upper bounds (seconds) of the ack-latency histogram buckets.
 const LATENCY_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,

@@ -71,6 +71,8 @@ pub struct Node {
     pub started: Instant,
     /// Batches replayed from the store at start-up.
     pub recovered: u64,
+    /// Stored batches set aside at start-up because they could not be replayed.
+    pub quarantined: u64,
     /// One past the last group commit fully applied (groups before it are in the replica).
     pub applied_group: Arc<std::sync::atomic::AtomicU64>,
     /// Replication, when peers are configured.
@@ -192,16 +194,52 @@ fn fresh_identity(config: &Config) -> Result<Identity, StartError> {
     Ok(id)
 }
 
-/// Rebuilds the replica from the snapshot and the stored batches.
+/// What recovery rebuilt.
+#[derive(Debug)]
+struct Recovered {
+    replica: Replica,
+    /// Stored batches replayed.
+    replayed: u64,
+    /// Stored batches set aside (see [`quarantine`]).
+    quarantined: u64,
+}
+
+/// Keeps a stored batch that cannot be replayed out of the way, under
+/// `quarantine/<sha256 of its bytes>.batch` with the reason beside it in a `.reason` file,
+/// so that one bad record never stops a node from starting and nothing is thrown away.
+/// Since every check that can refuse a batch runs before it is written, a quarantined batch
+/// means a bug or damage that the record checksums did not catch; it is logged and counted
+/// (`edgetally_quarantined_batches`, `/v1/status`).
+pub fn quarantine(data_dir: &Path, raw: &[u8], reason: &str) -> Result<PathBuf, StartError> {
+    use sha2::{Digest as _, Sha256};
+    let dir = data_dir.join("quarantine");
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let name = hex(&Sha256::digest(raw));
+    let path = dir.join(format!("{name}.batch"));
+    std::fs::write(&path, raw).map_err(io(&path))?;
+    let why = dir.join(format!("{name}.reason"));
+    std::fs::write(&why, format!("{reason}\n")).map_err(io(&why))?;
+    Ok(path)
+}
+
+/// Rebuilds the replica from the snapshot and the stored batches. A stored batch that does
+/// not decode or apply is quarantined, never a reason to refuse to start.
 fn recover(
     store: &Store,
+    data_dir: &Path,
     limits: &Limits,
     peers: &[SocketAddr],
     bootstrap: Option<edgetally_core::Snapshot>,
-) -> Result<(Replica, u64), StartError> {
+) -> Result<Recovered, StartError> {
     let loaded = store.load()?;
     let mut replica = match loaded.snapshot.or(bootstrap) {
-        Some(s) => Replica::restore(s).map_err(|e| StartError::Restore(e.to_string()))?,
+        Some(s) => Replica::restore(s).map_err(|e| {
+            StartError::Restore(format!(
+                "the snapshot in {} is inconsistent ({e}); `edgetally check --data-dir {} --repair OUT` salvages the stored batches",
+                data_dir.join("edgetally.redb").display(),
+                data_dir.display()
+            ))
+        })?,
         None => Replica::new(),
     };
     // Batches are retained (in memory and in the store) until every peer's digest covers them.
@@ -209,30 +247,46 @@ fn recover(
     replica.set_string_hash_keys(random_u64(), random_u64());
     // Stored batches were verified before they were acked; decoding re-checks their shape.
     // Limits may have been lowered since: replay with generous ones so nothing acked is lost.
-    let replay_limits = Limits {
+    let replay_limits = replay_limits(limits);
+    let (mut replayed, mut quarantined) = (0, 0);
+    for raw in loaded.batches {
+        let refused = match decode(&raw, &replay_limits) {
+            Ok(u) => match replica.apply(LogEntry {
+                batch: Arc::new(u.batch),
+                raw: raw.as_slice().into(),
+            }) {
+                Ok(_) => None,
+                Err(code) => Some(format!("apply: {code}")),
+            },
+            Err(e) => Some(format!("decode: {e}")),
+        };
+        match refused {
+            None => replayed += 1,
+            Some(reason) => {
+                let path = quarantine(data_dir, &raw, &reason)?;
+                warn!(path = %path.display(), %reason, "a stored batch could not be replayed: quarantined");
+                quarantined += 1;
+            }
+        }
+    }
+    replica.prune_log();
+    Ok(Recovered {
+        replica,
+        replayed,
+        quarantined,
+    })
+}
+
+/// The limits stored batches are replayed with: the configured ones may have been lowered
+/// since a batch was acked, and nothing acked may be lost to that.
+pub fn replay_limits(limits: &Limits) -> Limits {
+    Limits {
         max_payload_bytes: usize::MAX,
         max_summaries: usize::MAX,
         max_categories: usize::MAX,
         max_entities: usize::MAX,
         ..*limits
-    };
-    let mut n = 0;
-    for raw in loaded.batches {
-        match decode(&raw, &replay_limits) {
-            Ok(u) => {
-                replica
-                    .apply(LogEntry {
-                        batch: Arc::new(u.batch),
-                        raw: raw.into(),
-                    })
-                    .map_err(|e| StartError::Restore(e.to_string()))?;
-                n += 1;
-            }
-            Err(e) => warn!("stored batch unreadable, skipped: {e}"),
-        }
     }
-    replica.prune_log();
-    Ok((replica, n))
 }
 
 impl Node {
@@ -299,7 +353,11 @@ impl Node {
                 }
             }
         }
-        let (replica, recovered) = recover(&store, &config.limits, &config.peers, bootstrap)?;
+        let Recovered {
+            replica,
+            replayed: recovered,
+            quarantined,
+        } = recover(&store, &dir, &config.limits, &config.peers, bootstrap)?;
         let replica = Arc::new(RwLock::new(replica));
         let metrics = Arc::new(Metrics::default());
         // Every stored group was replayed by `recover`, so the watermark starts past them.
@@ -339,6 +397,7 @@ impl Node {
             http_addr: RwLock::new(Some(http_addr)),
             started: Instant::now(),
             recovered,
+            quarantined,
             applied_group,
             replication,
             config,

@@ -34,8 +34,8 @@ use std::sync::{Mutex, MutexGuard};
 
 /// The batch log of versions before the segment log (one value per group); migrated at open.
 const LEGACY_GROUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("groups");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-const SNAPSHOT_KEY: &str = "snapshot";
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const SNAPSHOT_KEY: &str = "snapshot";
 const FLOOR_KEY: &str = "log_floor";
 
 const MAGIC: [u8; 4] = *b"ETLG";
@@ -74,6 +74,9 @@ pub struct Store {
     stored: AtomicU64,
     /// What `open` read, handed to the first `load`.
     loaded: Mutex<Option<Vec<Vec<u8>>>>,
+    /// Torn tails found at open (reported in `/v1/status` and the metrics).
+    torn: Vec<Damage>,
+    torn_bytes: u64,
 }
 
 /// The writable end of the log and what is known about the segments.
@@ -107,7 +110,7 @@ fn push_record(out: &mut Vec<u8>, id: &BatchId, raw: &[u8]) {
 }
 
 /// The batches of a group body; a damaged tail ends the iteration (and is reported).
-fn records(mut v: &[u8]) -> impl Iterator<Item = Result<(BatchId, &[u8]), StoreError>> {
+pub(crate) fn records(mut v: &[u8]) -> impl Iterator<Item = Result<(BatchId, &[u8]), StoreError>> {
     std::iter::from_fn(move || {
         if v.is_empty() {
             return None;
@@ -170,36 +173,61 @@ fn crc(len_and_group: &[u8], body: &[u8]) -> u32 {
     h.finalize()
 }
 
-/// The complete, intact records of a segment, and the offset of a damaged tail if any.
-fn parse_segment(bytes: &[u8]) -> (Vec<(u64, &[u8])>, Option<usize>) {
-    let mut out = Vec::new();
-    let mut at = 0usize;
-    while at < bytes.len() {
-        let rest = &bytes[at..];
-        let Some(h) = rest.get(..HEADER) else {
-            return (out, Some(at));
-        };
-        let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
-        let group = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
-        let sum = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
-        let body = rest.get(HEADER..HEADER + len);
-        match body {
-            Some(body) if h[..4] == MAGIC && crc(&h[4..16], body) == sum => {
-                out.push((group, body));
-                at = align_up(at + HEADER + len);
-            }
-            _ => return (out, Some(at)),
-        }
-    }
-    (out, None)
+/// What reading one segment found: its intact records and its damaged stretches.
+#[derive(Debug, Default)]
+pub(crate) struct Parsed<'a> {
+    /// (group, body, offset of the record) for every intact record, in file order.
+    pub(crate) records: Vec<(u64, &'a [u8], usize)>,
+    /// `[start, end)` byte ranges that hold no intact record, each followed by an intact
+    /// record: damage to data that was written (and acknowledged) before what follows it.
+    pub(crate) corrupt: Vec<(usize, usize)>,
+    /// Where a damaged stretch that runs to the end of the file starts: a write cut short
+    /// by a crash or a failed write (never acknowledged) — or damage we cannot tell from one.
+    pub(crate) torn_tail: Option<usize>,
 }
 
-fn segment_path(dir: &Path, first: u64) -> PathBuf {
+/// Reads a segment's records. A record that fails its checks does not end the segment:
+/// records start at multiples of [`ALIGN`], so reading resumes at the next such offset and
+/// every intact record after a damaged one is kept.
+pub(crate) fn parse_segment(bytes: &[u8]) -> Parsed<'_> {
+    let mut out = Parsed::default();
+    let mut at = 0usize;
+    let mut bad: Option<usize> = None;
+    while at < bytes.len() {
+        match record_at(&bytes[at..]) {
+            Some((group, body)) => {
+                if let Some(start) = bad.take() {
+                    out.corrupt.push((start, at));
+                }
+                out.records.push((group, body, at));
+                at = align_up(at + HEADER + body.len());
+            }
+            None => {
+                bad.get_or_insert(at);
+                at = align_up(at + 1);
+            }
+        }
+    }
+    out.torn_tail = bad;
+    out
+}
+
+/// The intact record at the start of `rest`, if there is one: (group, body).
+fn record_at(rest: &[u8]) -> Option<(u64, &[u8])> {
+    let h = rest.get(..HEADER)?;
+    let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+    let group = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+    let sum = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
+    let body = rest.get(HEADER..HEADER.checked_add(len)?)?;
+    (h[..4] == MAGIC && crc(&h[4..16], body) == sum).then_some((group, body))
+}
+
+pub(crate) fn segment_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("{first:020}.seg"))
 }
 
 /// First group numbers of the segment files in `dir`, ascending.
-fn list_segments(dir: &Path) -> Result<Vec<u64>, StoreError> {
+pub(crate) fn list_segments(dir: &Path) -> Result<Vec<u64>, StoreError> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(err)? {
         let name = entry.map_err(err)?.file_name();
@@ -248,16 +276,67 @@ pub struct Loaded {
     pub batches: Vec<Vec<u8>>,
 }
 
+/// A damaged stretch of the batch log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Damage {
+    /// The segment file.
+    pub file: PathBuf,
+    /// Where the stretch starts, bytes from the start of the file.
+    pub offset: u64,
+    /// How long it is, bytes.
+    pub len: u64,
+    /// What it means for acknowledged data.
+    pub kind: DamageKind,
+}
+
+/// Whether a damaged stretch can have held acknowledged batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DamageKind {
+    /// Intact records follow it in the same segment: it was written, fsynced and acknowledged
+    /// before them, so acknowledged batches are lost (unless a peer still holds them).
+    Corrupt,
+    /// It runs to the end of its segment: a commit cut short by a crash or a failed write,
+    /// never acknowledged. (Damage to a segment's last record looks the same; it is reported,
+    /// never silently dropped.)
+    TornTail,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self.kind {
+            DamageKind::Corrupt => "damaged records followed by intact ones (acknowledged data)",
+            DamageKind::TornTail => "a torn tail (a commit cut short; never acknowledged)",
+        };
+        write!(
+            f,
+            "{} at offset {} ({} bytes): {what}",
+            self.file.display(),
+            self.offset,
+            self.len
+        )
+    }
+}
+
+/// What a scan of the log found besides the records.
+#[derive(Debug, Default)]
+struct ScanOut {
+    /// The highest group number of any intact record.
+    max: Option<u64>,
+    /// Every damaged stretch, in segment order.
+    damage: Vec<Damage>,
+    /// Segments that hold no intact record but are not empty.
+    unreadable: Vec<u64>,
+}
+
 /// Live records of the segments in `firsts` (each read whole and CRC-checked): calls `each`
-/// with (group, body) for every intact record at or above `floor`; returns the highest group
-/// number seen at all.
+/// with (group, body) for every intact record at or above `floor`, and reports the damage.
 fn scan(
     dir: &Path,
     firsts: &[u64],
     floor: u64,
     mut each: impl FnMut(u64, &[u8]),
-) -> Result<Option<u64>, StoreError> {
-    let mut max = None;
+) -> Result<ScanOut, StoreError> {
+    let mut out = ScanOut::default();
     for &first in firsts {
         let path = segment_path(dir, first);
         let bytes = match std::fs::read(&path) {
@@ -265,22 +344,95 @@ fn scan(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(err(format!("{}: {e}", path.display()))),
         };
-        let (recs, damaged) = parse_segment(&bytes);
-        if let Some(at) = damaged {
-            tracing::warn!(
-                segment = %path.display(),
-                offset = at,
-                "incomplete record at the end of a log segment (a commit cut short, never acked): ignored"
-            );
+        let parsed = parse_segment(&bytes);
+        for &(start, end) in &parsed.corrupt {
+            out.damage.push(Damage {
+                file: path.clone(),
+                offset: start as u64,
+                len: (end - start) as u64,
+                kind: DamageKind::Corrupt,
+            });
         }
-        for (group, body) in recs {
-            max = max.max(Some(group));
+        if let Some(start) = parsed.torn_tail {
+            out.damage.push(Damage {
+                file: path.clone(),
+                offset: start as u64,
+                len: (bytes.len() - start) as u64,
+                kind: DamageKind::TornTail,
+            });
+            if parsed.records.is_empty() {
+                out.unreadable.push(first);
+            }
+        }
+        for (group, body, _) in parsed.records {
+            out.max = out.max.max(Some(group));
             if group >= floor {
                 each(group, body);
             }
         }
     }
-    Ok(max)
+    Ok(out)
+}
+
+/// Groups missing from the live log: every group from the floor up to the highest one is
+/// written before any later one is acknowledged (a failed write does not use up its number),
+/// so a gap means a record or a segment file is gone. Returns the first gap, `[from, to)`.
+pub(crate) fn first_gap(floor: u64, groups: &BTreeMap<u64, u64>) -> Option<(u64, u64)> {
+    let mut expect = floor;
+    for &g in groups.keys() {
+        if g > expect {
+            return Some((expect, g));
+        }
+        expect = g + 1;
+    }
+    None
+}
+
+/// The snapshot's stored form: `"ETSN" | version 1 | SHA-256 of the postcard bytes | postcard`.
+/// redb keeps its own pages consistent across crashes but does not checksum values, so a
+/// flipped bit in a snapshot would otherwise restore a different state without a word.
+const SNAPSHOT_MAGIC: [u8; 4] = *b"ETSN";
+
+fn encode_snapshot(snapshot: &Snapshot) -> Result<Vec<u8>, StoreError> {
+    use sha2::{Digest as _, Sha256};
+    let body = postcard::to_allocvec(snapshot).map_err(err)?;
+    let mut out = Vec::with_capacity(37 + body.len());
+    out.extend_from_slice(&SNAPSHOT_MAGIC);
+    out.push(1);
+    out.extend_from_slice(&Sha256::digest(&body));
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Reads a stored snapshot: checksummed, or (written by an older version) bare postcard.
+pub(crate) fn decode_snapshot(v: &[u8]) -> Result<Snapshot, String> {
+    use sha2::{Digest as _, Sha256};
+    let body = match v.strip_prefix(&SNAPSHOT_MAGIC[..]) {
+        Some(rest) => {
+            let (Some(&1), Some(sum), Some(body)) = (rest.first(), rest.get(1..33), rest.get(33..))
+            else {
+                return Err("snapshot header damaged".into());
+            };
+            if Sha256::digest(body).as_slice() != sum {
+                return Err("snapshot checksum mismatch: the stored snapshot is damaged".into());
+            }
+            body
+        }
+        None => v,
+    };
+    postcard::from_bytes(body).map_err(|e| format!("snapshot unreadable: {e}"))
+}
+
+pub(crate) fn read_floor(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    path: &Path,
+) -> Result<u64, StoreError> {
+    match meta.get(FLOOR_KEY).map_err(err)? {
+        Some(v) => Ok(u64::from_le_bytes(v.value().try_into().map_err(|_| {
+            StoreError(format!("{}: the log floor is unreadable", path.display()))
+        })?)),
+        None => Ok(0),
+    }
 }
 
 impl Log {
@@ -324,11 +476,23 @@ impl Store {
     /// cache of `cache_bytes` (redb's own default is 1 GiB), and the segments in `dir/log`.
     /// Reads every live record (handed to [`Store::load`]) and starts a new segment.
     pub fn open(dir: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
+        let log_dir = dir.join("log");
+        let db_path = dir.join("edgetally.redb");
+        if !db_path.exists() && list_segments(&log_dir).is_ok_and(|s| !s.is_empty()) {
+            // The snapshot and the floor are gone, the log is not: starting would serve the
+            // log's batches alone as if they were everything.
+            return Err(StoreError(format!(
+                "{} is missing but {} holds log segments: the snapshot they build on is gone. \
+                 Restore the file, or salvage what is left with `edgetally check --data-dir {} --repair OUT`",
+                db_path.display(),
+                log_dir.display(),
+                dir.display()
+            )));
+        }
         let db = Database::builder()
             .set_cache_size(cache_bytes)
-            .create(dir.join("edgetally.redb"))
-            .map_err(err)?;
-        let log_dir = dir.join("log");
+            .create(&db_path)
+            .map_err(|e| StoreError(format!("{}: {e}", db_path.display())))?;
         std::fs::create_dir_all(&log_dir).map_err(err)?;
         {
             // Creates the table on a new store, so readers never meet its absence.
@@ -336,17 +500,11 @@ impl Store {
             txn.open_table(META).map_err(err)?;
             txn.commit().map_err(err)?;
         }
-        let (floor, legacy) = {
+        let (floor, legacy, has_snapshot) = {
             let txn = db.begin_read().map_err(err)?;
             let meta = txn.open_table(META).map_err(err)?;
-            let floor = match meta.get(FLOOR_KEY).map_err(err)? {
-                Some(v) => u64::from_le_bytes(
-                    v.value()
-                        .try_into()
-                        .map_err(|_| StoreError("log floor unreadable".into()))?,
-                ),
-                None => 0,
-            };
+            let floor = read_floor(&meta, &db_path)?;
+            let has_snapshot = meta.get(SNAPSHOT_KEY).map_err(err)?.is_some();
             let mut legacy = Vec::new();
             match txn.open_table(LEGACY_GROUPS) {
                 Ok(t) => {
@@ -363,12 +521,23 @@ impl Store {
                 Err(redb::TableError::TableDoesNotExist(_)) => {}
                 Err(e) => return Err(err(e)),
             }
-            (floor, legacy)
+            (floor, legacy, has_snapshot)
         };
         let mut segments = list_segments(&log_dir)?;
+        if !has_snapshot && (floor > 0 || segments.first().is_some_and(|&s| s > 0)) {
+            return Err(StoreError(format!(
+                "{} holds no snapshot, but the log {} starts past group 0 (floor {floor}, first segment {}): \
+                 the snapshot that covered the earlier groups is gone. Salvage what is left with \
+                 `edgetally check --data-dir {} --repair OUT`",
+                db_path.display(),
+                log_dir.display(),
+                segments.first().copied().unwrap_or(0),
+                dir.display()
+            )));
+        }
         let mut groups = BTreeMap::new();
         let mut batches = Vec::new();
-        let max = scan(&log_dir, &segments, floor, |group, body| {
+        let found = scan(&log_dir, &segments, floor, |group, body| {
             let mut n = 0;
             for rec in records(body) {
                 match rec {
@@ -379,22 +548,40 @@ impl Store {
                     Err(e) => tracing::warn!(group, "{e}"),
                 }
             }
-            groups.insert(group, n);
+            *groups.entry(group).or_insert(0) += n;
         })?;
-        let next_group = max.map_or(floor, |m| floor.max(m + 1));
-        // A file already named `next_group` holds no intact record (or `max` would be at
-        // least its name): `roll` truncates and reuses it.
+        if let Some(d) = found.damage.iter().find(|d| d.kind == DamageKind::Corrupt) {
+            return Err(StoreError(format!(
+                "damaged batch log: {d}. Refusing to start without those batches; \
+                 `edgetally check --data-dir {} --repair OUT` salvages every intact batch into OUT",
+                dir.display()
+            )));
+        }
+        if let Some((from, to)) = first_gap(floor, &groups) {
+            return Err(StoreError(format!(
+                "the batch log in {} lacks groups {from}..{to} (a segment file or record is gone). \
+                 `edgetally check --data-dir {} --repair OUT` salvages every intact batch into OUT",
+                log_dir.display(),
+                dir.display()
+            )));
+        }
+        for d in &found.damage {
+            tracing::warn!("{d}: ignored, kept on disk");
+        }
+        // Names stay in group order and no file that holds anything is ever truncated: a
+        // segment with no intact record (a first commit cut short) is moved aside, kept.
+        for &first in &found.unreadable {
+            let from = segment_path(&log_dir, first);
+            let to = log_dir.join(format!("{first:020}.seg.torn"));
+            std::fs::rename(&from, &to)
+                .map_err(|e| StoreError(format!("{}: {e}", from.display())))?;
+            segments.retain(|&s| s != first);
+        }
+        let next_group = found.max.map_or(floor, |m| floor.max(m + 1));
+        // A file already named `next_group` is empty (else it held an intact record, and
+        // `max` would be at least its name, or it was moved aside above): reused.
         let file = create_segment(&segment_path(&log_dir, next_group)).map_err(err)?;
-        // Files named at or past `next_group` hold no intact record either (a segment started
-        // just before a crash): gone, so that names stay in group order.
-        segments.retain(|&s| {
-            s < next_group || {
-                if s > next_group {
-                    let _ = std::fs::remove_file(segment_path(&log_dir, s));
-                }
-                false
-            }
-        });
+        segments.retain(|&s| s < next_group);
         segments.push(next_group);
         let stored = groups.values().sum();
         let mut log = Log {
@@ -413,6 +600,12 @@ impl Store {
         for first in log.take_covered() {
             let _ = std::fs::remove_file(segment_path(&log_dir, first));
         }
+        let torn_bytes = found
+            .damage
+            .iter()
+            .filter(|d| d.kind == DamageKind::TornTail)
+            .map(|d| d.len)
+            .sum();
         let store = Store {
             db,
             dir: log_dir,
@@ -420,6 +613,8 @@ impl Store {
             compaction: Mutex::new(()),
             stored: AtomicU64::new(stored),
             loaded: Mutex::new(Some(batches)),
+            torn: found.damage,
+            torn_bytes,
         };
         if store.legacy_table_exists()? {
             // Written to the log first, then dropped from redb: a crash in between stores
@@ -478,10 +673,11 @@ impl Store {
         let txn = self.db.begin_read().map_err(err)?;
         let meta = txn.open_table(META).map_err(err)?;
         let snapshot = meta.get(SNAPSHOT_KEY).map_err(err)?;
+        let path = self.dir.with_file_name("edgetally.redb");
         snapshot
             .map(|v| {
-                postcard::from_bytes(v.value())
-                    .map_err(|e| StoreError(format!("snapshot unreadable: {e}")))
+                decode_snapshot(v.value())
+                    .map_err(|e| StoreError(format!("{}: {e}", path.display())))
             })
             .transpose()
     }
@@ -494,8 +690,9 @@ impl Store {
         if log.poisoned || log.len >= SEGMENT_BYTES {
             log.roll(&self.dir)?;
         }
+        // The number is used up only once the record is durable: a failed write leaves no
+        // gap in the group numbers (the start-up check reads a gap as a lost record).
         let group = log.next_group;
-        log.next_group += 1;
         // The record is built at an ALIGN-aligned offset of the buffer and zero-padded to a
         // multiple of ALIGN, so it can be written with direct I/O as it stands. Room for all of
         // it is reserved first (a varint takes at most 10 bytes), so the buffer stays put.
@@ -523,6 +720,7 @@ impl Store {
             log.poisoned = true;
             return Err(err(e));
         }
+        log.next_group += 1;
         log.len += padded as u64;
         log.groups.insert(group, items.len() as u64);
         // A commit of a few hundred batches: give back an unusually large buffer.
@@ -535,7 +733,7 @@ impl Store {
 
     /// Writes `snapshot` (and `floor`, if given) in one transaction.
     fn write_meta(&self, snapshot: &Snapshot, floor: Option<u64>) -> Result<(), StoreError> {
-        let bytes = postcard::to_allocvec(snapshot).map_err(err)?;
+        let bytes = encode_snapshot(snapshot)?;
         let txn = self.db.begin_write().map_err(err)?;
         {
             let mut meta = txn.open_table(META).map_err(err)?;
@@ -632,6 +830,12 @@ impl Store {
     /// The number the next group commit will get.
     pub fn next_group(&self) -> u64 {
         lock(&self.log).next_group
+    }
+
+    /// The torn tails found at open: stretches at the end of segments that hold no intact
+    /// record (commits cut short, never acknowledged), kept on disk and reported.
+    pub fn torn_tails(&self) -> (&[Damage], u64) {
+        (&self.torn, self.torn_bytes)
     }
 
     /// Number of stored batches (kept as a counter: reading it costs nothing).
@@ -821,8 +1025,162 @@ mod tests {
         for cut in 0..40 {
             let mut seg = vec![0u8; cut];
             seg[..cut.min(4)].copy_from_slice(&MAGIC[..cut.min(4)]);
-            let (recs, _) = parse_segment(&seg);
-            assert!(recs.is_empty());
+            assert!(parse_segment(&seg).records.is_empty());
         }
+    }
+
+    /// Three groups in one segment; returns the segment's path and bytes.
+    fn three_groups(dir: &Path) -> (PathBuf, Vec<u8>) {
+        let s = Store::open(dir, 1 << 20).expect("open");
+        s.append(&[(id(1), b"one")]).expect("append");
+        s.append(&[(id(2), b"two")]).expect("append");
+        s.append(&[(id(3), b"three")]).expect("append");
+        let current = lock(&s.log).current;
+        let path = segment_path(&dir.join("log"), current);
+        let bytes = std::fs::read(&path).expect("read");
+        assert_eq!(bytes.len(), 3 * ALIGN);
+        (path, bytes)
+    }
+
+    /// Damage to a record that intact records follow is damage to acknowledged data: the
+    /// store refuses to open and names the file and the offset; the records after it are
+    /// still read (a scan resumes at the next aligned offset).
+    #[test]
+    fn damage_before_intact_records_refuses_to_open_and_names_file_and_offset() {
+        for (what, at) in [
+            ("flip", ALIGN + HEADER + 50),
+            ("magic", ALIGN),
+            ("len", ALIGN + 5),
+        ] {
+            let dir = tmp(&format!("corrupt-{what}"));
+            let (seg, mut bytes) = three_groups(&dir);
+            bytes[at] ^= 0x40;
+            std::fs::write(&seg, &bytes).expect("write");
+            let e = Store::open(&dir, 1 << 20)
+                .expect_err("must refuse")
+                .to_string();
+            assert!(e.contains(&seg.display().to_string()), "{e}");
+            assert!(e.contains(&format!("offset {ALIGN}")), "{e}");
+            let parsed = parse_segment(&bytes);
+            let groups: Vec<u64> = parsed.records.iter().map(|r| r.0).collect();
+            assert_eq!(
+                groups,
+                vec![0, 2],
+                "{what}: the record after the damage is kept"
+            );
+            assert_eq!(parsed.corrupt, vec![(ALIGN, 2 * ALIGN)]);
+            assert_eq!(parsed.torn_tail, None);
+            // Nothing was changed on disk by the refusal.
+            assert_eq!(std::fs::read(&seg).expect("read"), bytes);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
+    /// A newest segment whose first record is damaged is never truncated: it is moved
+    /// aside (kept), reported as a torn tail, and the next commit reuses its group number.
+    #[test]
+    fn an_unreadable_newest_segment_is_kept_not_truncated() {
+        let dir = tmp("unreadable");
+        let log_dir = dir.join("log");
+        let seg = {
+            let s = Store::open(&dir, 1 << 20).expect("open");
+            s.append(&[(id(1), b"one")]).expect("append");
+            drop(s);
+            let s = Store::open(&dir, 1 << 20).expect("reopen");
+            s.append(&[(id(2), b"two")]).expect("append");
+            let current = lock(&s.log).current;
+            segment_path(&log_dir, current)
+        };
+        let mut bytes = std::fs::read(&seg).expect("read");
+        bytes[HEADER + 10] ^= 1;
+        std::fs::write(&seg, &bytes).expect("write");
+        let s = Store::open(&dir, 1 << 20).expect("a torn newest segment opens");
+        assert_eq!(s.load().expect("load").batches, vec![b"one".to_vec()]);
+        let (torn, n) = s.torn_tails();
+        assert_eq!((torn.len(), n), (1, ALIGN as u64));
+        let aside = log_dir.join(format!(
+            "{}.torn",
+            seg.file_name().expect("name").to_string_lossy()
+        ));
+        assert_eq!(std::fs::read(&aside).expect("kept aside"), bytes);
+        assert_eq!(s.append(&[(id(3), b"three")]).expect("append"), 1);
+        drop(s);
+        let s = Store::open(&dir, 1 << 20).expect("reopen");
+        assert_eq!(
+            s.load().expect("load").batches,
+            vec![b"one".to_vec(), b"three".to_vec()]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A segment file that is gone (or zero-filled, which reads as no records) leaves a gap
+    /// in the group numbers: the store refuses to open.
+    #[test]
+    fn a_missing_or_zeroed_segment_is_detected() {
+        for zero in [false, true] {
+            let dir = tmp(&format!("gap-{zero}"));
+            let log_dir = dir.join("log");
+            let middle = {
+                let mut firsts = Vec::new();
+                for n in 1..=3u8 {
+                    let s = Store::open(&dir, 1 << 20).expect("open");
+                    s.append(&[(id(n), b"x")]).expect("append");
+                    firsts.push(lock(&s.log).current);
+                }
+                firsts[1]
+            };
+            let path = segment_path(&log_dir, middle);
+            if zero {
+                let len = std::fs::metadata(&path).expect("meta").len();
+                std::fs::write(&path, vec![0u8; len as usize]).expect("zero");
+            } else {
+                std::fs::remove_file(&path).expect("remove");
+            }
+            let e = Store::open(&dir, 1 << 20).expect_err("a gap").to_string();
+            assert!(e.contains("lacks groups 1..2"), "{e}");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
+    /// The snapshot is checksummed, and a log without the snapshot it builds on is refused.
+    #[test]
+    fn a_damaged_or_missing_snapshot_is_detected() {
+        let dir = tmp("snapshot");
+        {
+            let s = Store::open(&dir, 1 << 20).expect("open");
+            let g = s.append(&[(id(1), b"one")]).expect("append");
+            s.compact_through(&empty_snapshot(), g).expect("compact");
+            s.append(&[(id(2), b"two")]).expect("append");
+        }
+        // A flipped bit inside the stored snapshot value (found by its checksum).
+        {
+            let db = Database::create(dir.join("edgetally.redb")).expect("db");
+            let txn = db.begin_write().expect("txn");
+            {
+                let mut meta = txn.open_table(META).expect("meta");
+                let mut v = meta
+                    .get(SNAPSHOT_KEY)
+                    .expect("get")
+                    .expect("snapshot")
+                    .value()
+                    .to_vec();
+                let last = v.len() - 1;
+                v[last] ^= 1;
+                meta.insert(SNAPSHOT_KEY, &v[..]).expect("insert");
+            }
+            txn.commit().expect("commit");
+        }
+        let s = Store::open(&dir, 1 << 20).expect("open");
+        let e = s.load().expect_err("checksum").to_string();
+        assert!(
+            e.contains("checksum") && e.contains("edgetally.redb"),
+            "{e}"
+        );
+        drop(s);
+        std::fs::remove_file(dir.join("edgetally.redb")).expect("remove");
+        let e = Store::open(&dir, 1 << 20).expect_err("missing").to_string();
+        assert!(e.contains("is missing") && e.contains("--repair"), "{e}");
+        assert!(!dir.join("edgetally.redb").exists(), "nothing created");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
