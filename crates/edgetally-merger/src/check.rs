@@ -166,9 +166,11 @@ fn replayable(raw: &[u8], limits: &Limits) -> Result<(), String> {
     u.verify().map(|_| ()).map_err(|e| format!("verify: {e}"))
 }
 
-/// Every intact stored batch of `dir` — below the floor too, where files remain — as
-/// (group, raw bytes), and the report.
-fn inspect(dir: &Path) -> Result<(Report, Option<Snapshot>, Vec<(u64, Vec<u8>)>), StoreError> {
+/// What [`inspect`] read: the report, the snapshot if intact, and every intact stored batch
+/// that replays — below the floor too, where files remain — as (group, raw bytes).
+type Inspected = (Report, Option<Snapshot>, Vec<(u64, Vec<u8>)>);
+
+fn inspect(dir: &Path) -> Result<Inspected, StoreError> {
     let (snapshot, snap, floor) = read_meta(dir)?;
     let log_dir = dir.join("log");
     let firsts = if log_dir.exists() {
