@@ -379,23 +379,187 @@ async fn series(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json
 
 /// An event's fields: ts_ms, category, entity, value.
 type EventFields = (i64, String, Option<String>, f64);
+/// One event of `POST /v1/events`: its fields, or why it was refused.
+type EventResult = Result<EventFields, (RejectCode, String)>;
 
-/// One event of `POST /v1/events`, checked field by field.
-fn parse_event(v: &Value) -> Result<EventFields, (RejectCode, String)> {
-    let o = v.as_object().ok_or((
-        RejectCode::InvalidEvent,
-        "an event must be a JSON object".to_string(),
-    ))?;
-    for k in o.keys() {
-        if !matches!(k.as_str(), "ts_ms" | "category" | "entity" | "value") {
-            return Err((RejectCode::InvalidEvent, format!("unknown field {k:?}")));
+/// Most events one `POST /v1/events` request may hold (more: 413 `too_many_events`).
+pub const MAX_EVENTS_PER_REQUEST: usize = 100_000;
+/// Most rejections listed one by one in a reply; the rest are counted by reason.
+pub const MAX_LISTED_REJECTIONS: usize = 100;
+
+/// A JSON scalar as an event field sees it; arrays and objects are skipped unread
+/// (`IgnoredAny`), so a hostile field costs no memory.
+enum Scalar {
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Null,
+    Other(&'static str),
+}
+
+impl<'de> serde::Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Scalar, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar::Int(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Scalar, E> {
+                Ok(i64::try_from(v).map_or(Scalar::Float(v as f64), Scalar::Int))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar::Float(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar::Str(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Scalar, E> {
+                Ok(Scalar::Str(v))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Scalar, E> {
+                Ok(Scalar::Other("a boolean"))
+            }
+            fn visit_unit<E>(self) -> Result<Scalar, E> {
+                Ok(Scalar::Null)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Scalar, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Other("an array"))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Scalar, A::Error> {
+                while a
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Scalar::Other("an object"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Scalar {
+    /// What it is, for messages.
+    fn kind(&self) -> &'static str {
+        match self {
+            Scalar::Int(_) | Scalar::Float(_) => "a number",
+            Scalar::Str(_) => "a string",
+            Scalar::Null => "null",
+            Scalar::Other(k) => k,
         }
     }
-    let ts = match o.get("ts_ms") {
-        Some(Value::Number(n)) => n.as_i64().ok_or((
-            RejectCode::InvalidTimestamp,
-            "ts_ms must be an integer number of milliseconds".to_string(),
-        ))?,
+}
+
+/// At most `n` characters of attacker-chosen text for a message.
+fn clip(s: &str, n: usize) -> String {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// One element of the events array (or one NDJSON line), read field by field straight from
+/// the JSON text: memory per event is its own strings, whatever the element holds.
+struct EventItem(EventResult);
+
+impl<'de> serde::Deserialize<'de> for EventItem {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<EventItem, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = EventItem;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an event object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<EventItem, A::Error> {
+                let (mut ts, mut cat, mut ent, mut val) = (None, None, None, None);
+                let mut problem: Option<(RejectCode, String)> = None;
+                while let Some(k) = a.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let slot = match &*k {
+                        "ts_ms" => &mut ts,
+                        "category" => &mut cat,
+                        "entity" => &mut ent,
+                        "value" => &mut val,
+                        other => {
+                            problem.get_or_insert((
+                                RejectCode::InvalidEvent,
+                                format!("unknown field {:?}", clip(other, 40)),
+                            ));
+                            a.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    let v = a.next_value::<Scalar>()?;
+                    if slot.replace(v).is_some() {
+                        problem.get_or_insert((
+                            RejectCode::InvalidEvent,
+                            format!("field {:?} given twice", &*k),
+                        ));
+                    }
+                }
+                if let Some(p) = problem {
+                    return Ok(EventItem(Err(p)));
+                }
+                Ok(EventItem(event_fields(ts, cat, ent, val)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<EventItem, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(not_an_object())
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<EventItem, E> {
+                Ok(not_an_object())
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<EventItem, E> {
+                Ok(not_an_object())
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<EventItem, E> {
+                Ok(not_an_object())
+            }
+            fn visit_str<E>(self, _: &str) -> Result<EventItem, E> {
+                Ok(not_an_object())
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<EventItem, E> {
+                Ok(not_an_object())
+            }
+            fn visit_unit<E>(self) -> Result<EventItem, E> {
+                Ok(not_an_object())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn not_an_object() -> EventItem {
+    EventItem(Err((
+        RejectCode::InvalidEvent,
+        "an event must be a JSON object".to_string(),
+    )))
+}
+
+/// Checks an event's fields by type (values and ranges are the builder's to check).
+fn event_fields(
+    ts: Option<Scalar>,
+    cat: Option<Scalar>,
+    ent: Option<Scalar>,
+    val: Option<Scalar>,
+) -> EventResult {
+    let ts = match ts {
+        Some(Scalar::Int(n)) => n,
+        Some(Scalar::Float(_)) => {
+            return Err((
+                RejectCode::InvalidTimestamp,
+                "ts_ms must be an integer number of milliseconds".into(),
+            ))
+        }
         Some(_) => {
             return Err((
                 RejectCode::InvalidTimestamp,
@@ -404,28 +568,36 @@ fn parse_event(v: &Value) -> Result<EventFields, (RejectCode, String)> {
         }
         None => return Err((RejectCode::InvalidEvent, "ts_ms is required".into())),
     };
-    let category = match o.get("category") {
-        Some(Value::String(s)) => s.clone(),
-        Some(_) => {
+    let category = match cat {
+        Some(Scalar::Str(s)) => s,
+        Some(other) => {
             return Err((
                 RejectCode::InvalidCategory,
-                "category must be a string".into(),
+                format!("category must be a string, not {}", other.kind()),
             ))
         }
         None => return Err((RejectCode::InvalidEvent, "category is required".into())),
     };
-    let entity = match o.get("entity") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => return Err((RejectCode::InvalidEntity, "entity must be a string".into())),
+    let entity = match ent {
+        None | Some(Scalar::Null) => None,
+        Some(Scalar::Str(s)) => Some(s),
+        Some(other) => {
+            return Err((
+                RejectCode::InvalidEntity,
+                format!("entity must be a string, not {}", other.kind()),
+            ))
+        }
     };
-    let value = match o.get("value") {
+    let value = match val {
         None => 1.0,
-        Some(Value::Number(n)) => n.as_f64().ok_or((
-            RejectCode::InvalidValue,
-            "value is not a finite number".to_string(),
-        ))?,
-        Some(_) => return Err((RejectCode::InvalidValue, "value must be a number".into())),
+        Some(Scalar::Int(n)) => n as f64,
+        Some(Scalar::Float(x)) => x,
+        Some(other) => {
+            return Err((
+                RejectCode::InvalidValue,
+                format!("value must be a number, not {}", other.kind()),
+            ))
+        }
     };
     Ok((ts, category, entity, value))
 }
@@ -442,128 +614,272 @@ fn event_reason(code: RejectCode) -> &'static str {
     }
 }
 
-async fn events(State(node): State<Node_>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let text = std::str::from_utf8(&body).map_err(|_| bad("malformed", "body is not UTF-8"))?;
-    let trimmed = text.trim_start();
-    // A JSON array, or NDJSON (one event per non-empty line).
-    let items: Vec<Result<Value, String>> = if trimmed.starts_with('[') {
-        let arr: Vec<Value> = serde_json::from_str(trimmed)
-            .map_err(|e| bad("malformed", format!("body is not a JSON array: {e}")))?;
-        arr.into_iter().map(Ok).collect()
-    } else {
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).map_err(|e| e.to_string()))
-            .collect()
-    };
-    let limits = node.config.limits;
-    let now = now_ms();
-    let mut rejected = Vec::new();
-    let mut groups: Vec<(BatchBuilder, BTreeSet<String>, BTreeSet<String>, usize)> = Vec::new();
-    let mut accepted = 0u64;
-    let new_group = || {
-        (
-            BatchBuilder::new(1000).map_err(|_| bad("internal", "bucket width")),
-            BTreeSet::new(),
-            BTreeSet::new(),
-            0usize,
-        )
-    };
-    for (i, item) in items.iter().enumerate() {
-        let parsed = match item {
-            Ok(v) => parse_event(v),
-            Err(e) => Err((RejectCode::Malformed, format!("line is not JSON: {e}"))),
-        };
-        let (ts, cat, ent, value) = match parsed {
+fn too_large(code: &'static str, message: String) -> ApiError {
+    ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        code,
+        message,
+    }
+}
+
+/// The pure part of `POST /v1/events`: folds the events of one request, in order, into one
+/// batch's worth of summaries and a bounded list of rejections. No I/O, no clock (`now` is
+/// given). A request is applied all or nothing, so it must fit one batch.
+struct EventsFold {
+    limits: edgetally_core::Limits,
+    now: i64,
+    builder: BatchBuilder,
+    categories: BTreeSet<String>,
+    entities: BTreeSet<String>,
+    events: usize,
+    accepted: u64,
+    max_ts: i64,
+    listed: Vec<Value>,
+    by_reason: BTreeMap<&'static str, u64>,
+    /// Why the whole request is refused, once it is.
+    refused: Option<ApiError>,
+}
+
+impl EventsFold {
+    fn new(limits: edgetally_core::Limits, now: i64) -> Result<EventsFold, ApiError> {
+        Ok(EventsFold {
+            limits,
+            now,
+            builder: BatchBuilder::new(1000).map_err(|_| bad("internal", "bucket width"))?,
+            categories: BTreeSet::new(),
+            entities: BTreeSet::new(),
+            events: 0,
+            accepted: 0,
+            max_ts: i64::MIN,
+            listed: Vec::new(),
+            by_reason: BTreeMap::new(),
+            refused: None,
+        })
+    }
+
+    fn reject(&mut self, index: usize, code: RejectCode, message: String) {
+        *self.by_reason.entry(code.as_str()).or_insert(0) += 1;
+        if self.listed.len() < MAX_LISTED_REJECTIONS {
+            self.listed
+                .push(json!({"index": index, "error": code.as_str(), "message": message}));
+        }
+    }
+
+    /// Takes the next event; `false` once the request is refused whole.
+    fn event(&mut self, item: EventResult) -> bool {
+        let index = self.events;
+        self.events += 1;
+        if self.events > MAX_EVENTS_PER_REQUEST {
+            self.refused = Some(too_large(
+                "too_many_events",
+                format!("at most {MAX_EVENTS_PER_REQUEST} events per request; split it"),
+            ));
+            return false;
+        }
+        let (ts, cat, ent, value) = match item {
             Ok(x) => x,
             Err((code, msg)) => {
-                node.metrics.reject_event(code);
-                rejected.push(json!({"index": i, "error": code.as_str(), "message": msg}));
-                continue;
+                self.reject(index, code, msg);
+                return true;
             }
         };
-        let time_ok = if ts.saturating_add(1000) <= now - limits.max_lateness_ms {
+        let l = &self.limits;
+        let time_ok = if ts.saturating_add(1000) <= self.now.saturating_sub(l.max_lateness_ms) {
             Err(RejectCode::BucketTooOld)
-        } else if ts > now + limits.max_future_skew_ms {
+        } else if ts > self.now.saturating_add(l.max_future_skew_ms) {
             Err(RejectCode::FutureTimestamp)
         } else {
             Ok(())
         };
-        let need_new = groups.last().is_none_or(|(b, cats, ents, _)| {
-            b.len() >= limits.max_summaries.min(5000)
-                || (cats.len() >= limits.max_categories && !cats.contains(&cat))
-                || (ent
-                    .as_ref()
-                    .is_some_and(|e| ents.len() >= limits.max_entities && !ents.contains(e)))
-        });
-        if need_new {
-            let (b, c, e, n) = new_group();
-            groups.push((b?, c, e, n));
-        }
-        let Some((builder, cats, ents, n)) = groups.last_mut() else {
-            continue;
-        };
-        match time_ok.and_then(|()| builder.record(&cat, ent.as_deref(), ts, value)) {
+        match time_ok.and_then(|()| self.builder.record(&cat, ent.as_deref(), ts, value)) {
             Ok(()) => {
-                cats.insert(cat);
-                if let Some(e) = ent {
-                    ents.insert(e);
+                self.accepted += 1;
+                self.max_ts = self.max_ts.max(ts);
+                if !self.categories.contains(&cat) {
+                    self.categories.insert(cat);
                 }
-                *n += 1;
-                accepted += 1;
+                if let Some(e) = ent {
+                    self.entities.insert(e);
+                }
+                let l = &self.limits;
+                if self.builder.len() > l.max_summaries
+                    || self.categories.len() > l.max_categories
+                    || self.entities.len() > l.max_entities
+                {
+                    self.refused = Some(too_large(
+                        "request_too_large",
+                        format!(
+                            "a request is applied as one batch: at most {} distinct (category, entity, second), {} categories and {} entities; split it",
+                            l.max_summaries, l.max_categories, l.max_entities
+                        ),
+                    ));
+                    return false;
+                }
             }
-            Err(code) => {
-                node.metrics.reject_event(code);
-                rejected.push(
-                    json!({"index": i, "error": code.as_str(), "message": event_reason(code)}),
-                );
+            Err(code) => self.reject(index, code, event_reason(code).to_string()),
+        }
+        true
+    }
+
+    /// Reads a JSON array of events element by element.
+    fn array(&mut self, text: &str) -> Result<(), ApiError> {
+        struct Each<'a>(&'a mut EventsFold);
+        impl<'de> serde::de::Visitor<'de> for Each<'_> {
+            type Value = ();
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON array of events")
             }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
+                while let Some(EventItem(e)) = a.next_element()? {
+                    if !self.0.event(e) {
+                        return Err(serde::de::Error::custom("refused"));
+                    }
+                }
+                Ok(())
+            }
+        }
+        use serde::Deserializer as _;
+        let mut de = serde_json::Deserializer::from_str(text);
+        let read = de.deserialize_seq(Each(self)).and_then(|()| de.end());
+        if let Some(e) = self.refused.take() {
+            return Err(e);
+        }
+        read.map_err(|e| {
+            bad(
+                "malformed",
+                format!("body is not a JSON array of events: {e}"),
+            )
+        })
+    }
+
+    /// Reads NDJSON: one event per non-empty line; a line that is not JSON is rejected alone.
+    fn ndjson(&mut self, text: &str) -> Result<(), ApiError> {
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let item = serde_json::from_str::<EventItem>(line)
+                .map(|EventItem(e)| e)
+                .unwrap_or_else(|e| Err((RejectCode::Malformed, format!("line is not JSON: {e}"))));
+            if !self.event(item) {
+                break;
+            }
+        }
+        self.refused.take().map_or(Ok(()), Err)
+    }
+}
+
+/// The batch id of a request's events. With an `Idempotency-Key`, the id is derived from the
+/// key and the body, so a retry of the same request carries the same id and counts once,
+/// on every node, across restarts (the seen-sets are durable and replicated); without one,
+/// the node's per-process epoch and the next seq.
+fn events_batch_id(node: &Node, key: Option<&str>, body: &[u8]) -> BatchId {
+    use sha2::{Digest as _, Sha256};
+    let producer = node.signer.producer();
+    match key {
+        Some(k) => {
+            let mut h = Sha256::new();
+            h.update(b"edgetally/events/idempotency/v1\0");
+            h.update((k.len() as u64).to_le_bytes());
+            h.update(k.as_bytes());
+            h.update(Sha256::digest(body));
+            let d = h.finalize();
+            let mut e = [0u8; 8];
+            e.copy_from_slice(&d[..8]);
+            BatchId {
+                producer,
+                epoch: u64::from_le_bytes(e),
+                seq: 0,
+            }
+        }
+        None => BatchId {
+            producer,
+            epoch: node.events_epoch,
+            seq: node.events_seq.fetch_add(1, Relaxed),
+        },
+    }
+}
+
+async fn events(
+    State(node): State<Node_>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(k) if (1..=255).contains(&k.len()) => Some(k.to_string()),
+            _ => {
+                return Err(bad(
+                    "bad_idempotency_key",
+                    "Idempotency-Key must be 1-255 visible ASCII characters",
+                ))
+            }
+        },
+    };
+    let text = std::str::from_utf8(&body).map_err(|_| bad("malformed", "body is not UTF-8"))?;
+    let now = now_ms();
+    let mut fold = EventsFold::new(node.config.limits, now)?;
+    if text.trim_start().starts_with('[') {
+        fold.array(text)?;
+    } else {
+        fold.ndjson(text)?;
+    }
+    for (&code, &n) in &fold.by_reason {
+        if let Some(c) = RejectCode::from_name(code) {
+            node.metrics.reject_events(c, n);
         }
     }
     let mut batches = 0;
-    for (builder, _, _, n) in groups {
-        if builder.is_empty() {
-            continue;
-        }
-        let seq = node.events_seq.fetch_add(1, Relaxed);
-        let id = BatchId {
-            producer: node.signer.producer(),
-            epoch: node.events_epoch,
-            seq,
+    if !fold.builder.is_empty() {
+        let id = events_batch_id(&node, key.as_deref(), &body);
+        // A keyed request's bytes must be the same on a retry: its creation time is the
+        // latest accepted event's, not the clock's.
+        let created = if key.is_some() { fold.max_ts } else { now };
+        let internal = |message: String| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            message,
         };
         let sealed = node
             .signer
-            .seal(&builder.finish(id, now))
-            .map_err(|e| ApiError {
-                status: StatusCode::INTERNAL_SERVER_ERROR,
-                code: "internal",
-                message: e.to_string(),
-            })?;
+            .seal(&fold.builder.finish(id, created))
+            .map_err(|e| internal(e.to_string()))?;
+        if sealed.len() > node.config.limits.max_payload_bytes {
+            return Err(too_large(
+                "request_too_large",
+                format!(
+                    "the request's events make a batch of {} bytes, over the {}-byte limit; split it",
+                    sealed.len(),
+                    node.config.limits.max_payload_bytes
+                ),
+            ));
+        }
         match node.ingest.submit_wait(sealed).await {
-            Reply::Ack => batches += 1,
+            Reply::Ack => batches = 1,
             Reply::Nack(code) => {
-                return Err(ApiError {
-                    status: StatusCode::INTERNAL_SERVER_ERROR,
-                    code: "internal",
-                    message: format!(
-                        "the node refused its own batch of {n} events: {}",
-                        RejectCode::from_u16(code).map_or("unknown", |c| c.as_str())
-                    ),
-                })
+                return Err(internal(format!(
+                    "the node refused its own batch: {}",
+                    RejectCode::from_u16(code).map_or("unknown", |c| c.as_str())
+                )))
             }
             Reply::Retry { .. } => {
                 return Err(ApiError {
                     status: StatusCode::SERVICE_UNAVAILABLE,
                     code: "unavailable",
-                    message: "storage is failing; retry later".into(),
+                    message: "nothing was applied: storage is failing or the node is overloaded; retry (with the same Idempotency-Key)".into(),
                 });
             }
         }
     }
-    node.metrics.events_accepted.fetch_add(accepted, Relaxed);
-    Ok(Json(
-        json!({"accepted": accepted, "rejected": rejected, "batches": batches}),
-    ))
+    node.metrics
+        .events_accepted
+        .fetch_add(fold.accepted, Relaxed);
+    let rejected_count: u64 = fold.by_reason.values().sum();
+    Ok(Json(json!({
+        "accepted": fold.accepted,
+        "rejected": fold.listed,
+        "rejected_count": rejected_count,
+        "rejected_by_reason": fold.by_reason,
+        "batches": batches,
+    })))
 }
 
 async fn batches(State(node): State<Node_>, body: Bytes) -> Response {

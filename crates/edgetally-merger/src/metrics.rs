@@ -60,8 +60,13 @@ impl Metrics {
 
     /// Counts a rejected event.
     pub fn reject_event(&self, code: RejectCode) {
+        self.reject_events(code, 1);
+    }
+
+    /// Counts `n` events rejected for `code`.
+    pub fn reject_events(&self, code: RejectCode, n: u64) {
         if let Some(c) = self.events_rejected.get(code.as_u16() as usize) {
-            c.fetch_add(1, Relaxed);
+            c.fetch_add(n, Relaxed);
         }
     }
 
