@@ -9,6 +9,7 @@ mod crdt_laws;
 mod demo;
 mod fixtures;
 mod harness;
+mod hostile;
 mod merger;
 mod openapi;
 mod protocol_doc;

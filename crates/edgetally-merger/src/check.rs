@@ -6,8 +6,8 @@
 
 use crate::node::{quarantine, replay_limits};
 use crate::store::{
-    decode_snapshot, first_gap, list_segments, parse_segment, read_floor, records, segment_path,
-    Damage, DamageKind, Store, StoreError, META, SNAPSHOT_KEY,
+    decode_snapshot, first_gap, list_segments, parse_segment, read_floor, read_u64, records,
+    segment_path, Damage, DamageKind, Store, StoreError, DURABLE_KEY, META, SNAPSHOT_KEY,
 };
 use edgetally_core::{Limits, Snapshot};
 use edgetally_proto::decode;
@@ -107,13 +107,17 @@ fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError(e.to_string())
 }
 
+/// The snapshot's state, the snapshot if intact, the floor and the durable mark.
+type Meta = (SnapshotState, Option<Snapshot>, u64, u64);
+
 /// Reads the snapshot and floor of `dir` without writing (a node must not be running on it).
-fn read_meta(dir: &Path) -> Result<(SnapshotState, Option<Snapshot>, u64), StoreError> {
+fn read_meta(dir: &Path) -> Result<Meta, StoreError> {
     let path = dir.join("edgetally.redb");
     if !path.exists() {
         return Ok((
             SnapshotState::Damaged(format!("{} is missing", path.display())),
             None,
+            0,
             0,
         ));
     }
@@ -124,6 +128,7 @@ fn read_meta(dir: &Path) -> Result<(SnapshotState, Option<Snapshot>, u64), Store
                 SnapshotState::Damaged(format!("{}: {e}", path.display())),
                 None,
                 0,
+                0,
             ))
         }
     };
@@ -131,30 +136,33 @@ fn read_meta(dir: &Path) -> Result<(SnapshotState, Option<Snapshot>, u64), Store
     let meta = match txn.open_table(META) {
         Ok(m) => m,
         Err(redb::TableError::TableDoesNotExist(_)) => {
-            return Ok((SnapshotState::Absent, None, 0));
+            return Ok((SnapshotState::Absent, None, 0, 0));
         }
         Err(e) => {
             return Ok((
                 SnapshotState::Damaged(format!("{}: {e}", path.display())),
                 None,
                 0,
+                0,
             ))
         }
     };
     let floor = read_floor(&meta, &path)?;
+    let durable = read_u64(&meta, DURABLE_KEY, &path)?;
     let value = meta.get(SNAPSHOT_KEY).map_err(err)?;
     Ok(match value {
-        None => (SnapshotState::Absent, None, floor),
+        None => (SnapshotState::Absent, None, floor, durable),
         Some(v) => match decode_snapshot(v.value()) {
             Ok(s) => match edgetally_core::Replica::restore(s.clone()) {
-                Ok(_) => (SnapshotState::Intact, Some(s), floor),
+                Ok(_) => (SnapshotState::Intact, Some(s), floor, durable),
                 Err(e) => (
                     SnapshotState::Damaged(format!("inconsistent: {e}")),
                     None,
                     floor,
+                    durable,
                 ),
             },
-            Err(e) => (SnapshotState::Damaged(e), None, floor),
+            Err(e) => (SnapshotState::Damaged(e), None, floor, durable),
         },
     })
 }
@@ -171,7 +179,7 @@ fn replayable(raw: &[u8], limits: &Limits) -> Result<(), String> {
 type Inspected = (Report, Option<Snapshot>, Vec<(u64, Vec<u8>)>);
 
 fn inspect(dir: &Path) -> Result<Inspected, StoreError> {
-    let (snapshot, snap, floor) = read_meta(dir)?;
+    let (snapshot, snap, floor, durable) = read_meta(dir)?;
     let log_dir = dir.join("log");
     let firsts = if log_dir.exists() {
         list_segments(&log_dir)?
@@ -240,6 +248,16 @@ fn inspect(dir: &Path) -> Result<Inspected, StoreError> {
     }
     if let Some((from, to)) = gap {
         fatal.push(format!("groups {from}..{to} are missing from the log"));
+    }
+    let ends = groups
+        .keys()
+        .next_back()
+        .map_or(floor, |m| floor.max(m + 1));
+    if ends < durable {
+        fatal.push(format!(
+            "the log ends before group {ends}, but groups up to {} were durable: the end of the newest segment is gone",
+            durable - 1
+        ));
     }
     if !bad_batches.is_empty() {
         fatal.push(format!(

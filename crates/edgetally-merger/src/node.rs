@@ -437,6 +437,7 @@ impl Node {
                 rx.clone(),
             ));
         }
+        tasks.push(tokio::spawn(mark_durable(node.store.clone(), rx.clone())));
         tasks.push(tokio::spawn(upkeep(
             node.clone(),
             endpoint.clone(),
@@ -538,6 +539,21 @@ impl edgetally_net::BatchSink for Node {
 
     async fn peer(self: Arc<Self>, conn: quinn::Connection) {
         crate::replication::serve_peer(self, conn).await
+    }
+}
+
+/// Writes the store's durable mark about once a second (see [`Store::mark_durable`]).
+async fn mark_durable(store: Arc<Store>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => { if *stop.borrow() { break; } else { continue; } }
+        }
+        let s = store.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.mark_durable()).await {
+            warn!("recording the log's durable mark failed: {e}");
+        }
     }
 }
 

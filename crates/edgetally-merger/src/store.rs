@@ -37,6 +37,9 @@ const LEGACY_GROUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("groups"
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub(crate) const SNAPSHOT_KEY: &str = "snapshot";
 const FLOOR_KEY: &str = "log_floor";
+/// One past the highest group known durable, written about once a second
+/// ([`Store::mark_durable`]): a log that ends below it lost records at its end.
+pub(crate) const DURABLE_KEY: &str = "log_durable";
 
 const MAGIC: [u8; 4] = *b"ETLG";
 const HEADER: usize = 20;
@@ -77,6 +80,8 @@ pub struct Store {
     /// Torn tails found at open (reported in `/v1/status` and the metrics).
     torn: Vec<Damage>,
     torn_bytes: u64,
+    /// The durable mark last written.
+    marked: AtomicU64,
 }
 
 /// The writable end of the log and what is known about the segments.
@@ -427,9 +432,18 @@ pub(crate) fn read_floor(
     meta: &impl ReadableTable<&'static str, &'static [u8]>,
     path: &Path,
 ) -> Result<u64, StoreError> {
-    match meta.get(FLOOR_KEY).map_err(err)? {
+    read_u64(meta, FLOOR_KEY, path)
+}
+
+/// A little-endian u64 of `meta` (0 if absent).
+pub(crate) fn read_u64(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+    path: &Path,
+) -> Result<u64, StoreError> {
+    match meta.get(key).map_err(err)? {
         Some(v) => Ok(u64::from_le_bytes(v.value().try_into().map_err(|_| {
-            StoreError(format!("{}: the log floor is unreadable", path.display()))
+            StoreError(format!("{}: {key} is unreadable", path.display()))
         })?)),
         None => Ok(0),
     }
@@ -500,10 +514,11 @@ impl Store {
             txn.open_table(META).map_err(err)?;
             txn.commit().map_err(err)?;
         }
-        let (floor, legacy, has_snapshot) = {
+        let (floor, legacy, has_snapshot, durable) = {
             let txn = db.begin_read().map_err(err)?;
             let meta = txn.open_table(META).map_err(err)?;
             let floor = read_floor(&meta, &db_path)?;
+            let durable = read_u64(&meta, DURABLE_KEY, &db_path)?;
             let has_snapshot = meta.get(SNAPSHOT_KEY).map_err(err)?.is_some();
             let mut legacy = Vec::new();
             match txn.open_table(LEGACY_GROUPS) {
@@ -521,7 +536,7 @@ impl Store {
                 Err(redb::TableError::TableDoesNotExist(_)) => {}
                 Err(e) => return Err(err(e)),
             }
-            (floor, legacy, has_snapshot)
+            (floor, legacy, has_snapshot, durable)
         };
         let mut segments = list_segments(&log_dir)?;
         if !has_snapshot && (floor > 0 || segments.first().is_some_and(|&s| s > 0)) {
@@ -562,6 +577,22 @@ impl Store {
                 "the batch log in {} lacks groups {from}..{to} (a segment file or record is gone). \
                  `edgetally check --data-dir {} --repair OUT` salvages every intact batch into OUT",
                 log_dir.display(),
+                dir.display()
+            )));
+        }
+        let ends = found.max.map_or(floor, |m| floor.max(m + 1));
+        if ends < durable {
+            let newest = segments
+                .iter()
+                .rev()
+                .find(|&&f| found.max.is_none_or(|m| f <= m))
+                .map_or_else(|| log_dir.clone(), |&f| segment_path(&log_dir, f));
+            return Err(StoreError(format!(
+                "the batch log ends before group {ends} (last segment {}), but groups up to {} \
+                 were durable: records at the end of the log are gone (truncated or deleted). \
+                 `edgetally check --data-dir {} --repair OUT` salvages every intact batch into OUT",
+                newest.display(),
+                durable - 1,
                 dir.display()
             )));
         }
@@ -615,6 +646,7 @@ impl Store {
             loaded: Mutex::new(Some(batches)),
             torn: found.damage,
             torn_bytes,
+            marked: AtomicU64::new(durable),
         };
         if store.legacy_table_exists()? {
             // Written to the log first, then dropped from redb: a crash in between stores
@@ -830,6 +862,27 @@ impl Store {
     /// The number the next group commit will get.
     pub fn next_group(&self) -> u64 {
         lock(&self.log).next_group
+    }
+
+    /// Records how far the log is durable (one past the last group written), if that moved
+    /// since the last call: one small redb transaction. Called about once a second, so a log
+    /// that later ends below the mark — the tail of the newest segment truncated or deleted
+    /// — is refused at start-up instead of served short. (Records written in the last
+    /// second before such damage are not covered: their loss looks like a crash.)
+    pub fn mark_durable(&self) -> Result<(), StoreError> {
+        let next = lock(&self.log).next_group;
+        if next <= self.marked.load(Relaxed) {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(err)?;
+        {
+            let mut meta = txn.open_table(META).map_err(err)?;
+            meta.insert(DURABLE_KEY, &next.to_le_bytes()[..])
+                .map_err(err)?;
+        }
+        txn.commit().map_err(err)?;
+        self.marked.fetch_max(next, Relaxed);
+        Ok(())
     }
 
     /// The torn tails found at open: stretches at the end of segments that hold no intact
