@@ -404,6 +404,11 @@ impl Replica {
         }
     }
 
+    /// How many batches the digest would cover, without building it.
+    pub fn digest_batches(&self) -> u64 {
+        self.seen.values().map(SeenSet::len).sum()
+    }
+
     /// The retained batches that a replica with `digest` lacks, in id order.
     pub fn missing_for(&self, digest: &Digest) -> Vec<LogEntry> {
         self.log

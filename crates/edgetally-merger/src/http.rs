@@ -199,12 +199,45 @@ fn freshness(node: &Node, obj: &mut Map<String, Value>) {
 /// SHA-256 of the postcard encoding of the canonical snapshot, without the tiers' local
 /// retention horizons (each node prunes on its own clock; what replicates is the rest):
 /// bit-identical replicated states, equal hashes.
-fn state_hash(node: &Node) -> Option<String> {
+fn state_hash_now(node: &Node) -> Option<String> {
     use sha2::{Digest as _, Sha256};
     let mut snap = node.state().snapshot();
     snap.horizons = [i64::MIN; 3];
     let bytes = postcard::to_allocvec(&snap).ok()?;
     Some(hex(&Sha256::digest(&bytes)))
+}
+
+/// The state hash for `/v1/status`, computed at most once a second (and again only when
+/// something was applied or adopted since, or after 30 s for local retention), on a blocking
+/// thread: a snapshot of a large state holds the replica's read lock, which ingest's apply
+/// waits on, so pollers must not set its pace. Returns the hash and when it was computed.
+async fn state_hash(node: &Node_) -> (Option<String>, i64) {
+    let version = node.metrics.applied.load(Relaxed) + node.metrics.snapshots_adopted.load(Relaxed);
+    let cached = node
+        .state_hash_cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let Some((at, v, h)) = &cached {
+        let age = at.elapsed();
+        if age < std::time::Duration::from_secs(1)
+            || (*v == version && age < std::time::Duration::from_secs(30))
+        {
+            let as_of = now_ms() - age.as_millis() as i64;
+            return (h.clone(), as_of);
+        }
+    }
+    let n = node.clone();
+    let hash = tokio::task::spawn_blocking(move || state_hash_now(&n))
+        .await
+        .ok()
+        .flatten();
+    *node
+        .state_hash_cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) =
+        Some((std::time::Instant::now(), version, hash.clone()));
+    (hash, now_ms())
 }
 
 /// Each peer's link, lag and digest, for `/v1/status`.
@@ -931,9 +964,10 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
             r.epoch_count(),
             r.applied_count(),
             r.log_len(),
-            r.digest().batches(),
+            r.digest_batches(),
         )
     };
+    let (hash_now, hash_as_of) = state_hash(&node).await;
     let l = node.config.limits;
     let hash = hex(&node.cert_hash());
     Json(json!({
@@ -970,7 +1004,8 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
         "retained_batches": retained,
         // SHA-256 of the canonical snapshot (less local retention horizons): equal on two
         // nodes iff their replicated states are identical.
-        "state_sha256": state_hash(&node),
+        "state_sha256": hash_now,
+        "state_sha256_as_of_ms": hash_as_of,
         "digest_batches": held,
         "complete": node.replication.as_ref().is_none_or(|r| r.sees_all_peers()),
         "as_of_ms": now_ms(),

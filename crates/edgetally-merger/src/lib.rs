@@ -11,6 +11,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod node;
 pub mod replication;
+pub mod serve_http;
 pub mod store;
 
 pub use config::Config;

@@ -77,6 +77,8 @@ pub struct Node {
     pub applied_group: Arc<std::sync::atomic::AtomicU64>,
     /// Replication, when peers are configured.
     pub replication: Option<Arc<crate::replication::Replication>>,
+    /// The last state hash `/v1/status` computed: when, at which `applied` count, and the hash.
+    pub state_hash_cache: std::sync::Mutex<Option<(Instant, u64, Option<String>)>>,
 }
 
 /// A started node; `shutdown()` stops it.
@@ -398,6 +400,7 @@ impl Node {
             started: Instant::now(),
             recovered,
             quarantined,
+            state_hash_cache: std::sync::Mutex::new(None),
             applied_group,
             replication,
             config,
@@ -414,22 +417,11 @@ impl Node {
             rx.clone(),
         )));
         let app = crate::http::router(node.clone());
-        let mut http_rx = rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let stop = async move {
-                while http_rx.changed().await.is_ok() {
-                    if *http_rx.borrow() {
-                        break;
-                    }
-                }
-            };
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-            {
-                warn!("http server: {e}");
-            }
-        }));
+        tasks.push(tokio::spawn(crate::serve_http::serve(
+            listener,
+            app,
+            rx.clone(),
+        )));
         if let Some(ep) = peer_endpoint {
             tasks.extend(crate::replication::spawn_links(
                 node.clone(),

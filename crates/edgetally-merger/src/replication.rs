@@ -46,6 +46,9 @@ const MAX_MESSAGE: usize = 256 << 20;
 const EKM_LABEL: &[u8] = b"EXPORTER-edgetally-peer-auth";
 const PROOF_DOMAIN: &[u8] = b"edgetally/peer/v1\0";
 
+/// How long a peer connection may take to authenticate.
+pub const HELLO_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Serialize, Deserialize)]
 struct Hello {
     node: [u8; 32],
@@ -227,8 +230,9 @@ pub async fn serve_peer(node: Arc<Node>, conn: quinn::Connection) {
         conn.close(1u32.into(), b"no replication");
         return;
     };
-    // The first stream is the handshake.
-    let authed = async {
+    // The first stream is the handshake, and it must come promptly: a connection that never
+    // says Hello is not held.
+    let authed = tokio::time::timeout(HELLO_DEADLINE, async {
         let k = ekm(&conn)?;
         let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let raw = recv.read_to_end(4096).await.map_err(|e| e.to_string())?;
@@ -241,8 +245,9 @@ pub async fn serve_peer(node: Arc<Node>, conn: quinn::Connection) {
         send.write_all(&mine).await.map_err(|e| e.to_string())?;
         let _ = send.finish();
         Ok::<_, String>(theirs.node)
-    }
-    .await;
+    })
+    .await
+    .unwrap_or_else(|_| Err("no Hello within the deadline".to_string()));
     let peer_node = match authed {
         Ok(n) => n,
         Err(why) => {

@@ -167,18 +167,24 @@ pub fn server_config(id: &Identity, alpns: &[&[u8]]) -> Result<quinn::ServerConf
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    transport.max_concurrent_bidi_streams(1024u32.into());
+    // Streams in flight per connection, each at most one batch (1 MiB by default): with the
+    // listener's byte budgets this bounds what one connection can make the node buffer.
+    transport.max_concurrent_bidi_streams(256u32.into());
     transport.max_concurrent_uni_streams(16u32.into());
+    // An idle connection is closed after 30 s. The server sends no keep-alives of its own:
+    // a client that wants its connection kept sends them (ours do), one that goes quiet is
+    // dropped instead of held forever.
     transport.max_idle_timeout(Some(
         Duration::from_secs(30)
             .try_into()
             .map_err(|_| TlsError::Config("idle timeout".into()))?,
     ));
-    transport.keep_alive_interval(Some(Duration::from_secs(10)));
-    transport.stream_receive_window((8u32 << 20).into());
+    transport.stream_receive_window((2u32 << 20).into());
     transport.mtu_discovery_config(Some(mtu_discovery()));
     transport.receive_window((64u32 << 20).into());
     cfg.transport_config(Arc::new(transport));
+    // Handshakes waiting to be accepted, at most (quinn refuses the rest).
+    cfg.max_incoming(4096);
     Ok(cfg)
 }
 
