@@ -618,3 +618,123 @@ fn events_requests_are_bounded_and_idempotent() {
     );
     assert_eq!(count(&m), Some(3));
 }
+
+/// Sockets hoarded by clients — idle ones, and slowloris ones that never finish their
+/// headers — under a small descriptor limit: the node closes them after its header
+/// deadline, stays reachable, keeps writing its store, and shuts down cleanly (its final
+/// compaction needs descriptors too). Once, 600 idle sockets made HTTP unreachable under
+/// `ulimit -n 512` and compaction failed with "Too many open files".
+#[test]
+fn hoarded_sockets_neither_starve_the_node_nor_stay_open() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let dir = TempDir::new("sockets");
+    // `ulimit -n 256` for the node alone: a shell sets it, then becomes the node.
+    let script = format!("ulimit -n 256 && exec {} \"$@\"", binary().display());
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &script, "sh", "serve", "--data-dir"])
+        .arg(&dir.0)
+        .args(["--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"])
+        .env("EDGETALLY_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().expect("spawn");
+    let out = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(out).lines();
+    let mut http = None;
+    for l in lines.by_ref().map_while(Result::ok) {
+        if let Some(v) = l.strip_prefix("http: http://") {
+            http = Some(v.to_string());
+        }
+        if l.starts_with("recovered-batches: ") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let addr: std::net::SocketAddr = http.expect("http address").parse().expect("addr");
+    let pid = child.id();
+    let mut hoard = Vec::new();
+    for i in 0..400 {
+        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            if i % 2 == 0 {
+                // Slowloris: a request line and one header, then nothing more.
+                let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n");
+            }
+            hoard.push(s);
+        }
+    }
+    let healthz = || -> Option<Duration> {
+        let t = Instant::now();
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        buf.starts_with("HTTP/1.1 200").then(|| t.elapsed())
+    };
+    // Within the header deadline (10 s) and a margin, the node answers again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut answered = None;
+    while answered.is_none() && Instant::now() < deadline {
+        answered = healthz();
+        if answered.is_none() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let latency = answered.expect("/healthz unreachable 20 s after 400 sockets were hoarded");
+    eprintln!("sockets: /healthz answered in {latency:?} with 400 sockets hoarded");
+    // Every hoarded socket has been closed by the node by now (EOF or reset on read).
+    let mut open = 0;
+    for s in &mut hoard {
+        let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+        let mut b = [0u8; 1];
+        if let Err(e) = s.read(&mut b) {
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut
+            {
+                open += 1;
+            }
+        }
+    }
+    assert_eq!(open, 0, "{open} hoarded sockets still held open");
+    // The store still writes.
+    let base = now_ms() - 5_000;
+    let b = &hostile_batches(9, base)
+        .into_iter()
+        .find(|b| b.verdict.is_none())
+        .expect("a valid batch");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let st = agent
+        .post(&format!("http://{addr}/v1/batches"))
+        .send(&b.raw[..])
+        .expect("post")
+        .status()
+        .as_u16();
+    assert_eq!(st, 200);
+    let rss = peak_rss(pid);
+    assert!(rss < 512 << 20, "peak RSS {rss}");
+    // A graceful stop writes the final snapshot and compacts: it must succeed.
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "graceful stop: {status:?}"
+    );
+    drop(hoard);
+}
