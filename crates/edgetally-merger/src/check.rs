@@ -196,22 +196,7 @@ fn inspect(dir: &Path) -> Result<Inspected, StoreError> {
         let path = segment_path(&log_dir, first);
         let bytes = std::fs::read(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
         let parsed = parse_segment(&bytes);
-        for &(start, end) in &parsed.corrupt {
-            damage.push(Damage {
-                file: path.clone(),
-                offset: start as u64,
-                len: (end - start) as u64,
-                kind: DamageKind::Corrupt,
-            });
-        }
-        if let Some(start) = parsed.torn_tail {
-            damage.push(Damage {
-                file: path.clone(),
-                offset: start as u64,
-                len: (bytes.len() - start) as u64,
-                kind: DamageKind::TornTail,
-            });
-        }
+        damage.extend(parsed.damage(&path, bytes.len()));
         for (group, body, _) in parsed.records {
             let live = group >= floor;
             if live {

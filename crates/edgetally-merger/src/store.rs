@@ -191,6 +191,26 @@ pub(crate) struct Parsed<'a> {
     pub(crate) torn_tail: Option<usize>,
 }
 
+impl Parsed<'_> {
+    /// The damaged stretches of the segment at `file` (`len` bytes long), in file order.
+    pub(crate) fn damage(&self, file: &Path, len: usize) -> Vec<Damage> {
+        let stretch = |start: usize, end: usize, kind| Damage {
+            file: file.to_path_buf(),
+            offset: start as u64,
+            len: (end - start) as u64,
+            kind,
+        };
+        let corrupt = self
+            .corrupt
+            .iter()
+            .map(|&(start, end)| stretch(start, end, DamageKind::Corrupt));
+        let torn = self
+            .torn_tail
+            .map(|start| stretch(start, len, DamageKind::TornTail));
+        corrupt.chain(torn).collect()
+    }
+}
+
 /// Reads a segment's records. A record that fails its checks does not end the segment:
 /// records start at multiples of [`ALIGN`], so reading resumes at the next such offset and
 /// every intact record after a damaged one is kept.
@@ -350,24 +370,9 @@ fn scan(
             Err(e) => return Err(err(format!("{}: {e}", path.display()))),
         };
         let parsed = parse_segment(&bytes);
-        for &(start, end) in &parsed.corrupt {
-            out.damage.push(Damage {
-                file: path.clone(),
-                offset: start as u64,
-                len: (end - start) as u64,
-                kind: DamageKind::Corrupt,
-            });
-        }
-        if let Some(start) = parsed.torn_tail {
-            out.damage.push(Damage {
-                file: path.clone(),
-                offset: start as u64,
-                len: (bytes.len() - start) as u64,
-                kind: DamageKind::TornTail,
-            });
-            if parsed.records.is_empty() {
-                out.unreadable.push(first);
-            }
+        out.damage.extend(parsed.damage(&path, bytes.len()));
+        if parsed.torn_tail.is_some() && parsed.records.is_empty() {
+            out.unreadable.push(first);
         }
         for (group, body, _) in parsed.records {
             out.max = out.max.max(Some(group));
