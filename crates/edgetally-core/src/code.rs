@@ -96,6 +96,17 @@ reject_codes! {
     /// The batch's `seq` is 2⁶⁴−1, which is reserved (no producer numbers that far, and the
     /// seen-set's half-open ranges cannot hold it).
     InvalidSeq = 22, "invalid_seq";
+    /// The producer is not admitted by this merger's producer policy (not on the allowlist,
+    /// or not enrolled by a configured issuer), or its enrolment credential is invalid.
+    NotAdmitted = 23, "not_admitted";
+    /// The producer introduced more new categories this hour than the merger allows.
+    CategoryQuota = 24, "category_quota";
+    /// The producer introduced more new (category, entity) series this hour than allowed.
+    EntityQuota = 25, "entity_quota";
+    /// The merger holds as many series as it is configured to; new series are refused.
+    SeriesLimit = 26, "series_limit";
+    /// A value lies outside the bounds configured for its category.
+    ValueOutOfBounds = 27, "value_out_of_bounds";
 }
 
 impl fmt::Display for RejectCode {
@@ -133,6 +144,11 @@ mod tests {
             (12, "invalid_value"),
             (21, "frame_too_large"),
             (22, "invalid_seq"),
+            (23, "not_admitted"),
+            (24, "category_quota"),
+            (25, "entity_quota"),
+            (26, "series_limit"),
+            (27, "value_out_of_bounds"),
         ];
         for (n, s) in frozen {
             assert_eq!(RejectCode::from_u16(n).map(|c| c.as_str()), Some(s));

@@ -21,7 +21,7 @@ pub use batch::{Batch, BatchId, BatchSummary, Limits, ProducerKey, NO_ENTITY};
 pub use code::RejectCode;
 pub use query::{Aggregate, GroupBy, Plan, Rows, TopBy};
 pub use record::Record;
-pub use replica::{Applied, Digest, LogEntry, Replica, Retention, Snapshot};
+pub use replica::{Applied, Digest, LogEntry, Novelty, Replica, Retention, Snapshot};
 pub use seen::SeenSet;
 pub use strings::StringTable;
 pub use summary::{Summary, Total};

@@ -254,6 +254,17 @@ pub enum RestoreError {
 
 const SNAPSHOT_FORMAT: u32 = 1;
 
+/// What a batch would add to a replica's state (see [`Replica::novelty`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Novelty {
+    /// Categories the state does not hold yet.
+    pub categories: u32,
+    /// (category, entity) series the state does not hold yet.
+    pub entities: u32,
+    /// Series of every kind the state does not hold yet.
+    pub series: u32,
+}
+
 /// A merger's state.
 #[derive(Debug, Default)]
 pub struct Replica {
@@ -611,5 +622,58 @@ impl Replica {
     /// Number of (producer, epoch) seen-sets.
     pub fn epoch_count(&self) -> usize {
         self.seen.len()
+    }
+
+    /// Number of series (one per category, per (category, entity), per category without an
+    /// entity, and per (category, producer)): the measure of state the series cap bounds.
+    pub fn series_count(&self) -> usize {
+        self.series.len()
+    }
+
+    /// What applying `batch` would add to this state, without changing it: the merger's
+    /// admission checks (quotas on new categories, entities and series) run on this before a
+    /// batch is written.
+    pub fn novelty(&self, batch: &Batch) -> Novelty {
+        let ids: Vec<Option<u32>> = batch.strings.iter().map(|s| self.string_id(s)).collect();
+        let id = |i: u32| ids.get(i as usize).copied().flatten();
+        let pid = self.producer_ids.get(&batch.id.producer).copied();
+        let has = |cat: Option<u32>, dim: Option<Dim>| match (cat, dim) {
+            (Some(c), Some(d)) => self.series_ids.contains_key(&(c, d)),
+            _ => false,
+        };
+        let mut n = Novelty::default();
+        let mut cats: Vec<u32> = Vec::new();
+        let mut keys: Vec<(u32, u32)> = Vec::new();
+        for s in &batch.summaries {
+            cats.push(s.category);
+            keys.push((s.category, s.entity));
+        }
+        cats.sort_unstable();
+        cats.dedup();
+        keys.sort_unstable();
+        keys.dedup();
+        for &c in &cats {
+            let cat = id(c);
+            if !has(cat, Some(Dim::All)) {
+                n.categories += 1;
+                n.series += 1;
+            }
+            if !has(cat, pid.map(Dim::Producer)) {
+                n.series += 1;
+            }
+        }
+        for &(c, e) in &keys {
+            let dim = match e {
+                NO_ENTITY => Some(Dim::NoEntity),
+                e => id(e - 1).map(Dim::Entity),
+            };
+            if !has(id(c), dim) {
+                n.series += 1;
+                if e != NO_ENTITY {
+                    n.entities += 1;
+                }
+            }
+        }
+        n
     }
 }

@@ -3,6 +3,7 @@
 
 use edgetally_core::{Limits, Retention};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -44,6 +45,58 @@ pub struct Config {
     pub peer_horizon_secs: u64,
     /// Page cache of the snapshot database (redb), MiB.
     pub store_cache_mb: usize,
+    /// Which producers may send batches (see [`crate::admission`]).
+    pub producer_policy: ProducerPolicy,
+    /// The allowlist file (one producer key per line), re-read when it changes.
+    pub producer_allowlist: Option<PathBuf>,
+    /// Issuer public keys (hex) whose credentials enrol producers.
+    pub issuer_keys: Vec<String>,
+    /// Batches per second per producer key; 0: unlimited.
+    pub producer_batches_per_sec: f64,
+    /// Summaries per second per producer key; 0: unlimited.
+    pub producer_summaries_per_sec: f64,
+    /// Batches per second per source address (IPv6: per /64); 0: unlimited.
+    pub source_batches_per_sec: f64,
+    /// New categories one producer may introduce per hour; 0: unlimited.
+    pub new_categories_per_hour: u32,
+    /// New (category, entity) series one producer may introduce per hour; 0: unlimited.
+    pub new_entities_per_hour: u32,
+    /// Most series the node holds; batches that would add more are refused. 0: unlimited.
+    pub max_series: u64,
+    /// Per-category `[min, max]` bounds on values (`"*"`: every category without its own).
+    pub value_bounds: BTreeMap<String, [f64; 2]>,
+    /// Serve the HTTP API over TLS (the node's certificate, or `tls_cert`/`tls_key`).
+    pub http_tls: bool,
+    /// Bearer tokens that may read (queries, status, metrics). None listed: reads are open.
+    pub read_tokens: Vec<String>,
+    /// Bearer tokens that may write (`POST /v1/events`). None listed: writes are open.
+    pub write_tokens: Vec<String>,
+    /// Origins browsers may call the API from (CORS); `["*"]`: any.
+    pub cors_origins: Vec<String>,
+}
+
+/// Which producers a merger admits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProducerPolicy {
+    /// Every key (a loopback demo's default).
+    #[default]
+    Open,
+    /// The keys listed in `producer_allowlist`.
+    Allowlist,
+    /// Keys enrolled by a credential from one of `issuer_keys`.
+    Enrolled,
+}
+
+impl ProducerPolicy {
+    /// The name used in configuration and `/v1/status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProducerPolicy::Open => "open",
+            ProducerPolicy::Allowlist => "allowlist",
+            ProducerPolicy::Enrolled => "enrolled",
+        }
+    }
 }
 
 impl Default for Config {
@@ -65,6 +118,20 @@ impl Default for Config {
             sync_interval_ms: 500,
             peer_horizon_secs: 600,
             store_cache_mb: 64,
+            producer_policy: ProducerPolicy::Open,
+            producer_allowlist: None,
+            issuer_keys: Vec::new(),
+            producer_batches_per_sec: 100.0,
+            producer_summaries_per_sec: 200_000.0,
+            source_batches_per_sec: 0.0,
+            new_categories_per_hour: 1_000,
+            new_entities_per_hour: 100_000,
+            max_series: 5_000_000,
+            value_bounds: BTreeMap::new(),
+            http_tls: false,
+            read_tokens: Vec::new(),
+            write_tokens: Vec::new(),
+            cors_origins: vec!["*".into()],
         }
     }
 }
@@ -119,6 +186,34 @@ pub struct FileConfig {
     pub peer_horizon_secs: Option<u64>,
     /// See [`Config::store_cache_mb`].
     pub store_cache_mb: Option<usize>,
+    /// See [`Config::producer_policy`].
+    pub producer_policy: Option<ProducerPolicy>,
+    /// See [`Config::producer_allowlist`].
+    pub producer_allowlist: Option<PathBuf>,
+    /// See [`Config::issuer_keys`].
+    pub issuer_keys: Option<Vec<String>>,
+    /// See [`Config::producer_batches_per_sec`].
+    pub producer_batches_per_sec: Option<f64>,
+    /// See [`Config::producer_summaries_per_sec`].
+    pub producer_summaries_per_sec: Option<f64>,
+    /// See [`Config::source_batches_per_sec`].
+    pub source_batches_per_sec: Option<f64>,
+    /// See [`Config::new_categories_per_hour`].
+    pub new_categories_per_hour: Option<u32>,
+    /// See [`Config::new_entities_per_hour`].
+    pub new_entities_per_hour: Option<u32>,
+    /// See [`Config::max_series`].
+    pub max_series: Option<u64>,
+    /// See [`Config::value_bounds`].
+    pub value_bounds: Option<BTreeMap<String, [f64; 2]>>,
+    /// See [`Config::http_tls`].
+    pub http_tls: Option<bool>,
+    /// See [`Config::read_tokens`].
+    pub read_tokens: Option<Vec<String>>,
+    /// See [`Config::write_tokens`].
+    pub write_tokens: Option<Vec<String>>,
+    /// See [`Config::cors_origins`].
+    pub cors_origins: Option<Vec<String>>,
 }
 
 /// A configuration error, naming the source and key.
@@ -152,6 +247,20 @@ impl FileConfig {
         "sync_interval_ms",
         "peer_horizon_secs",
         "store_cache_mb",
+        "producer_policy",
+        "producer_allowlist",
+        "issuer_keys",
+        "producer_batches_per_sec",
+        "producer_summaries_per_sec",
+        "source_batches_per_sec",
+        "new_categories_per_hour",
+        "new_entities_per_hour",
+        "max_series",
+        "value_bounds",
+        "http_tls",
+        "read_tokens",
+        "write_tokens",
+        "cors_origins",
     ];
 }
 
@@ -183,8 +292,9 @@ impl Config {
             }
             let value = match key.as_str() {
                 "data_dir" | "http_addr" | "quic_addr" | "tls_cert" | "tls_key"
-                | "cluster_secret" => format!("{v:?}"),
-                "peers" | "peer_keys" => format!(
+                | "cluster_secret" | "producer_policy" | "producer_allowlist" => format!("{v:?}"),
+                "peers" | "peer_keys" | "issuer_keys" | "read_tokens" | "write_tokens"
+                | "cors_origins" => format!(
                     "[{}]",
                     v.split(',')
                         .filter(|s| !s.trim().is_empty())
@@ -225,6 +335,22 @@ impl Config {
             sync_interval_ms => self.sync_interval_ms,
             peer_horizon_secs => self.peer_horizon_secs,
             store_cache_mb => self.store_cache_mb,
+            producer_policy => self.producer_policy,
+            issuer_keys => self.issuer_keys,
+            producer_batches_per_sec => self.producer_batches_per_sec,
+            producer_summaries_per_sec => self.producer_summaries_per_sec,
+            source_batches_per_sec => self.source_batches_per_sec,
+            new_categories_per_hour => self.new_categories_per_hour,
+            new_entities_per_hour => self.new_entities_per_hour,
+            max_series => self.max_series,
+            value_bounds => self.value_bounds,
+            http_tls => self.http_tls,
+            read_tokens => self.read_tokens,
+            write_tokens => self.write_tokens,
+            cors_origins => self.cors_origins,
+        }
+        if let Some(v) = f.producer_allowlist {
+            self.producer_allowlist = Some(v);
         }
         if let Some(v) = f.cluster_secret {
             self.cluster_secret = Some(v);

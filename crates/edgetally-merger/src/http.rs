@@ -67,12 +67,97 @@ pub fn router(node: Arc<Node>) -> Router {
             }
         })
         .layer(DefaultBodyLimit::max(32 << 20))
-        .layer(tower_http::cors::CorsLayer::permissive())
+        // Outside the token check: a browser's preflight carries no token.
+        .layer(axum::middleware::from_fn_with_state(node.clone(), authorize))
+        .layer(cors(&node.config.cors_origins))
         .layer(axum::middleware::from_fn_with_state(
             node.clone(),
             count_requests,
         ))
         .with_state(node)
+}
+
+/// The CORS policy: any origin for `["*"]`, else exactly the listed origins.
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    if origins.iter().any(|o| o == "*") {
+        return CorsLayer::permissive();
+    }
+    let list: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(list))
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+        .allow_headers(Any)
+        .expose_headers([header::RETRY_AFTER])
+}
+
+/// What a request needs: nothing (health, producers' signed batches, preflights), the read
+/// scope (queries, status, metrics) or the write scope (`POST /v1/events`).
+fn scope_of(method: &axum::http::Method, path: &str) -> Option<&'static str> {
+    use axum::http::Method;
+    match (method, path) {
+        (&Method::OPTIONS, _) | (_, "/healthz") | (&Method::POST, "/v1/batches") => None,
+        (&Method::POST, "/v1/events") => Some("write"),
+        _ => Some("read"),
+    }
+}
+
+/// Whether `presented` is one of `tokens`. Compared as SHA-256 digests, so the time taken
+/// says nothing about how much of a token matched.
+fn token_listed(tokens: &[String], presented: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let p = Sha256::digest(presented.as_bytes());
+    tokens
+        .iter()
+        .fold(false, |hit, t| hit | (Sha256::digest(t.as_bytes()) == p))
+}
+
+/// Bearer tokens (SPEC: README "Tokens"): a scope with no tokens configured is open.
+async fn authorize(
+    State(node): State<Node_>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let c = &node.config;
+    let tokens = match scope_of(req.method(), req.uri().path()) {
+        Some("read") => &c.read_tokens,
+        Some(_) => &c.write_tokens,
+        None => return next.run(req).await,
+    };
+    if tokens.is_empty() {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(t) if token_listed(tokens, t) => next.run(req).await,
+        Some(t) if token_listed(&c.read_tokens, t) || token_listed(&c.write_tokens, t) => {
+            ApiError {
+                status: StatusCode::FORBIDDEN,
+                code: "forbidden",
+                message: "this token does not have the scope this endpoint needs".into(),
+            }
+            .into_response()
+        }
+        _ => {
+            let mut r = ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                code: "unauthorized",
+                message: "a bearer token is required (Authorization: Bearer <token>)".into(),
+            }
+            .into_response();
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r
+        }
+    }
 }
 
 async fn count_requests(
@@ -661,6 +746,8 @@ fn too_large(code: &'static str, message: String) -> ApiError {
 struct EventsFold {
     limits: edgetally_core::Limits,
     now: i64,
+    /// Per-category value bounds (admission), checked per event.
+    admission: Arc<crate::admission::Admission>,
     builder: BatchBuilder,
     categories: BTreeSet<String>,
     entities: BTreeSet<String>,
@@ -674,10 +761,15 @@ struct EventsFold {
 }
 
 impl EventsFold {
-    fn new(limits: edgetally_core::Limits, now: i64) -> Result<EventsFold, ApiError> {
+    fn new(
+        limits: edgetally_core::Limits,
+        now: i64,
+        admission: Arc<crate::admission::Admission>,
+    ) -> Result<EventsFold, ApiError> {
         Ok(EventsFold {
             limits,
             now,
+            admission,
             builder: BatchBuilder::new(1000).map_err(|_| bad("internal", "bucket width"))?,
             categories: BTreeSet::new(),
             entities: BTreeSet::new(),
@@ -721,6 +813,8 @@ impl EventsFold {
             Err(RejectCode::BucketTooOld)
         } else if ts > self.now.saturating_add(l.max_future_skew_ms) {
             Err(RejectCode::FutureTimestamp)
+        } else if !self.admission.value_in_bounds(&cat, value) {
+            Err(RejectCode::ValueOutOfBounds)
         } else {
             Ok(())
         };
@@ -832,9 +926,15 @@ fn events_batch_id(node: &Node, key: Option<&str>, body: &[u8]) -> BatchId {
 
 async fn events(
     State(node): State<Node_>,
+    conn: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     headers: axum::http::HeaderMap,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
+    let source = conn.map_or(std::net::Ipv4Addr::LOCALHOST.into(), |c| c.0 .0.ip());
+    if let Some(after_ms) = node.admission.throttle_source(source, now_ms()) {
+        node.metrics.retried.fetch_add(1, Relaxed);
+        return Ok(reply_response(Reply::Retry { after_ms }));
+    }
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => match v.to_str() {
@@ -849,7 +949,7 @@ async fn events(
     };
     let text = std::str::from_utf8(&body).map_err(|_| bad("malformed", "body is not UTF-8"))?;
     let now = now_ms();
-    let mut fold = EventsFold::new(node.config.limits, now)?;
+    let mut fold = EventsFold::new(node.config.limits, now, node.admission.clone())?;
     if text.trim_start().starts_with('[') {
         fold.array(text)?;
     } else {
@@ -887,6 +987,13 @@ async fn events(
         }
         match node.ingest.submit_wait(sealed).await {
             Reply::Ack => batches = 1,
+            Reply::Nack(n) if RejectCode::from_u16(n) == Some(RejectCode::SeriesLimit) => {
+                return Err(ApiError {
+                    status: StatusCode::UNPROCESSABLE_ENTITY,
+                    code: "series_limit",
+                    message: "nothing was applied: the events would add series past the node's max_series".into(),
+                })
+            }
             Reply::Nack(code) => {
                 return Err(internal(format!(
                     "the node refused its own batch: {}",
@@ -912,19 +1019,42 @@ async fn events(
         "rejected_count": rejected_count,
         "rejected_by_reason": fold.by_reason,
         "batches": batches,
-    })))
+    }))
+    .into_response())
 }
 
-async fn batches(State(node): State<Node_>, body: Bytes) -> Response {
+async fn batches(
+    State(node): State<Node_>,
+    conn: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let source = conn.map_or(std::net::Ipv4Addr::LOCALHOST.into(), |c| c.0 .0.ip());
+    // An enrolment credential may ride along with the batch (browsers cannot open a stream
+    // for it first): it is checked, and the key enrolled, before the batch is.
+    if let Some(v) = headers.get("edgetally-credential") {
+        let cred = v.to_str().ok().and_then(edgetally_net::tls::unhex);
+        let enrolled = match cred {
+            Some(c) if edgetally_proto::credential::is_credential(&c) => {
+                node.admission.enroll(&c, now_ms()).map(|_| ())
+            }
+            _ => Err(RejectCode::Malformed),
+        };
+        if let Err(code) = enrolled {
+            node.metrics.reject(code);
+            return reply_response(Reply::nack(code));
+        }
+    }
     let max = node.config.limits.max_payload_bytes + 16 + edgetally_proto::SIGNATURE_LEN;
     let reply = if body.len() > max {
         node.metrics.reject(RejectCode::PayloadTooLarge);
         Reply::nack(RejectCode::PayloadTooLarge)
     } else {
-        node.ingest.submit(body.to_vec()).await
+        node.submit_from(body.to_vec(), source).await
     };
     reply_response(reply)
 }
+
 
 /// The HTTP form of a reply: 200 Ack, 422 Nack with the reason, 503 Retry with Retry-After.
 /// The body also carries the binary reply frame in hex (`frame`) for SDKs that share code
@@ -957,7 +1087,7 @@ pub fn reply_response(reply: Reply) -> Response {
 }
 
 async fn status(State(node): State<Node_>) -> Json<Value> {
-    let (entries, epochs, applied_since_start, retained, held) = {
+    let (entries, epochs, applied_since_start, retained, held, series) = {
         let r = node.state();
         (
             r.entry_count(),
@@ -965,8 +1095,11 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
             r.applied_count(),
             r.log_len(),
             r.digest_batches(),
+            r.series_count(),
         )
     };
+    let adm = &node.admission;
+    let (tracked_producers, tracked_sources) = adm.tracked();
     let (hash_now, hash_as_of) = state_hash(&node).await;
     let l = node.config.limits;
     let hash = hex(&node.cert_hash());
@@ -1000,6 +1133,22 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
             "max_lateness_ms": l.max_lateness_ms,
             "max_future_skew_ms": l.max_future_skew_ms,
         },
+        "admission": {
+            "producer_policy": adm.policy().as_str(),
+            "allowlist_keys": adm.allowlist_len(),
+            "enrolled_producers": adm.enrolled_len(),
+            "series": series,
+            "max_series": node.config.max_series,
+            "producer_batches_per_sec": node.config.producer_batches_per_sec,
+            "producer_summaries_per_sec": node.config.producer_summaries_per_sec,
+            "source_batches_per_sec": node.config.source_batches_per_sec,
+            "new_categories_per_hour": node.config.new_categories_per_hour,
+            "new_entities_per_hour": node.config.new_entities_per_hour,
+            "tracked_producers": tracked_producers,
+            "tracked_sources": tracked_sources,
+            "throttled_producer": adm.stats.throttled_producer.load(Relaxed),
+            "throttled_source": adm.stats.throttled_source.load(Relaxed),
+        },
         "peers": peers_json(&node),
         "retained_batches": retained,
         // SHA-256 of the canonical snapshot (less local retention horizons): equal on two
@@ -1018,7 +1167,35 @@ async fn metrics(State(node): State<Node_>) -> Response {
         (r.entry_count(), r.epoch_count())
     };
     let stored = node.store.batch_count().unwrap_or(0);
+    let series = node.state().series_count();
+    let adm = &node.admission;
+    let (tracked_producers, tracked_sources) = adm.tracked();
     let text = node.metrics.render(&[
+        (
+            "edgetally_series",
+            "Series held (per category, entity, no-entity and producer); refused past max_series.",
+            series as f64,
+        ),
+        (
+            "edgetally_admission_allowlist_keys",
+            "Producer keys on the allowlist in force.",
+            adm.allowlist_len() as f64,
+        ),
+        (
+            "edgetally_admission_enrolled_producers",
+            "Producer keys enrolled by a credential (expired ones are swept every 30 s).",
+            adm.enrolled_len() as f64,
+        ),
+        (
+            "edgetally_admission_tracked_producers",
+            "Producers tracked by the rate limits and hourly quotas.",
+            tracked_producers as f64,
+        ),
+        (
+            "edgetally_admission_tracked_sources",
+            "Source addresses tracked by the per-source rate limit.",
+            tracked_sources as f64,
+        ),
         (
             "edgetally_tier_entries",
             "Stored tier entries (a measure of state size).",
@@ -1051,6 +1228,28 @@ async fn metrics(State(node): State<Node_>) -> Response {
         ),
     ]);
     let mut text = text;
+    {
+        use std::fmt::Write;
+        let st = &adm.stats;
+        for (name, help, v) in [
+            ("edgetally_throttled_total{scope=\"producer\"}", "", st.throttled_producer.load(Relaxed)),
+            ("edgetally_throttled_total{scope=\"source\"}", "", st.throttled_source.load(Relaxed)),
+            ("edgetally_credentials_total{result=\"accepted\"}", "", st.credentials_accepted.load(Relaxed)),
+            ("edgetally_credentials_total{result=\"refused\"}", "", st.credentials_refused.load(Relaxed)),
+            ("edgetally_allowlist_load_errors_total", "Allowlist reads that failed (the previous list stays in force).", st.allowlist_errors.load(Relaxed)),
+        ] {
+            let base = name.split('{').next().unwrap_or(name);
+            let help = match base {
+                "edgetally_throttled_total" => "Batches answered Retry by a rate limit, by scope.",
+                "edgetally_credentials_total" => "Enrolment credentials presented, by result.",
+                _ => help,
+            };
+            if !name.contains("scope=\"source\"") && !name.contains("result=\"refused\"") {
+                let _ = writeln!(text, "# HELP {base} {help}\n# TYPE {base} counter");
+            }
+            let _ = writeln!(text, "{name} {v}");
+        }
+    }
     if let Some(repl) = &node.replication {
         use std::fmt::Write;
         let now = now_ms();

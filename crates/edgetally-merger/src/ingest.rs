@@ -2,6 +2,7 @@
 //! durable group commit → apply → reply. Bounded queues: when full, new batches get `Retry`
 //! instead of growing memory.
 
+use crate::admission::Admission;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use edgetally_core::{Applied, Batch, BatchId, Limits, LogEntry, RejectCode, Replica};
@@ -54,6 +55,8 @@ pub struct Pipeline {
     pub applied_group: Arc<std::sync::atomic::AtomicU64>,
     /// Where newly applied batches from producers are announced (for pushing to peers).
     pub applied: Option<tokio::sync::broadcast::Sender<Arc<[u8]>>>,
+    /// Admission and quotas for batches from producers (never for peers' batches).
+    pub admission: Arc<Admission>,
 }
 
 pub use edgetally_net::now_ms;
@@ -166,13 +169,15 @@ async fn verify_stage(mut rx: mpsc::Receiver<Job>, tx: mpsc::Sender<Checked>, p:
         // Two halves on two blocking-pool threads (both cores): decoding and verifying.
         let second = if jobs.len() >= 16 {
             let rest = jobs.split_off(jobs.len() / 2);
+            let adm = p.admission.clone();
             Some(tokio::task::spawn_blocking(move || {
-                check_jobs(rest, &limits, now)
+                check_jobs(rest, &limits, now, &adm)
             }))
         } else {
             None
         };
-        let first = tokio::task::spawn_blocking(move || check_jobs(jobs, &limits, now));
+        let adm = p.admission.clone();
+        let first = tokio::task::spawn_blocking(move || check_jobs(jobs, &limits, now, &adm));
         let mut checked = match first.await {
             Ok(c) => c,
             Err(e) => {
@@ -192,21 +197,27 @@ async fn verify_stage(mut rx: mpsc::Receiver<Job>, tx: mpsc::Sender<Checked>, p:
     }
 }
 
-/// Decodes and time-checks every job, then verifies the signatures of those that passed
-/// together.
-fn check_jobs(jobs: Vec<Job>, limits: &Limits, now: i64) -> Checked {
+/// Decodes, time-checks and (for producers' batches) admits every job, then verifies the
+/// signatures of those that passed together.
+fn check_jobs(jobs: Vec<Job>, limits: &Limits, now: i64, admission: &Admission) -> Checked {
     let mut results: Vec<Option<Result<Batch, DecodeError>>> = Vec::with_capacity(jobs.len());
     let mut pending: Vec<(usize, Unverified)> = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
         match decode(&job.raw, limits) {
-            Ok(u) => match u.batch.check_time(now, limits) {
+            Ok(u) => match u.batch.check_time(now, limits).and_then(|()| {
+                if job.from_peer {
+                    Ok(())
+                } else {
+                    admission.check_batch(&u.batch, now)
+                }
+            }) {
                 Ok(()) => {
                     results.push(None);
                     pending.push((i, u));
                 }
                 Err(code) => results.push(Some(Err(DecodeError {
                     code,
-                    detail: "bucket outside the accepted time window",
+                    detail: "refused before verification (time window or admission)",
                 }))),
             },
             Err(e) => results.push(Some(Err(e))),
@@ -254,6 +265,10 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
             let r = p.replica.read().unwrap_or_else(|e| e.into_inner());
             let pend = pending.lock().unwrap_or_else(|e| e.into_inner());
             let mut in_group: HashSet<BatchId> = HashSet::new();
+            let adm = &p.admission;
+            let (now, novelty) = (now_ms(), adm.needs_novelty());
+            // Series the group's earlier batches add: the cap counts them before they apply.
+            let mut series = r.series_count() as u64;
             for (job, res) in group {
                 match res {
                     Err(e) => {
@@ -267,8 +282,29 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
                         done.push((job, Reply::Ack));
                     }
                     // A copy of a batch in this very group: it shares the original's fate.
-                    Ok(b) if !in_group.insert(b.id) => followers.push((job, b.id)),
-                    Ok(b) => fresh.push((job, b)),
+                    Ok(b) if in_group.contains(&b.id) => followers.push((job, b.id)),
+                    Ok(b) if job.from_peer => {
+                        in_group.insert(b.id);
+                        fresh.push((job, b));
+                    }
+                    Ok(b) => {
+                        let n = if novelty { r.novelty(&b) } else { Default::default() };
+                        match adm.charge(&b, n, series, now) {
+                            Ok(()) => {
+                                series += n.series as u64;
+                                in_group.insert(b.id);
+                                fresh.push((job, b));
+                            }
+                            Err(Ok(after_ms)) => {
+                                p.metrics.retried.fetch_add(1, Relaxed);
+                                done.push((job, Reply::Retry { after_ms }));
+                            }
+                            Err(Err(code)) => {
+                                p.metrics.reject(code);
+                                done.push((job, Reply::nack(code)));
+                            }
+                        }
+                    }
                 }
             }
         }

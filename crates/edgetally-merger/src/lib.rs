@@ -4,6 +4,7 @@
 //! HTTP API ([`http`]), metrics ([`metrics`]), configuration ([`config`]) and the running node
 //! that ties them together ([`node`]).
 
+pub mod admission;
 pub mod check;
 pub mod config;
 pub mod http;

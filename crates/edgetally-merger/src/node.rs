@@ -38,6 +38,9 @@ pub enum StartError {
     /// The stored state could not be restored.
     #[error("restore: {0}")]
     Restore(String),
+    /// The configuration is inconsistent.
+    #[error("config: {0}")]
+    Config(String),
 }
 
 /// The shared state of a node, used by the HTTP handlers and the pipeline.
@@ -77,6 +80,10 @@ pub struct Node {
     pub applied_group: Arc<std::sync::atomic::AtomicU64>,
     /// Replication, when peers are configured.
     pub replication: Option<Arc<crate::replication::Replication>>,
+    /// Admission and quotas for producers' batches.
+    pub admission: Arc<crate::admission::Admission>,
+    /// The HTTP listener's TLS configuration, when `http_tls` is on (swapped on rotation).
+    pub http_tls: Option<crate::serve_http::TlsSlot>,
     /// The last state hash `/v1/status` computed: when, at which `applied` count, and the hash.
     pub state_hash_cache: std::sync::Mutex<Option<(Instant, u64, Option<String>)>>,
 }
@@ -364,7 +371,12 @@ impl Node {
         let metrics = Arc::new(Metrics::default());
         // Every stored group was replayed by `recover`, so the watermark starts past them.
         let applied_group = Arc::new(std::sync::atomic::AtomicU64::new(store.next_group()));
+        let admission = Arc::new(
+            crate::admission::Admission::new(&config, signer.producer())
+                .map_err(StartError::Config)?,
+        );
         let pipeline = Pipeline {
+            admission: admission.clone(),
             replica: replica.clone(),
             store: store.clone(),
             metrics: metrics.clone(),
@@ -382,6 +394,13 @@ impl Node {
         let quic_addr = endpoint
             .local_addr()
             .map_err(|e| StartError::Bind(config.quic_addr, e))?;
+        let http_tls = if config.http_tls {
+            let tls = edgetally_net::tls::tcp_server_config(&id, &[b"http/1.1"])
+                .map_err(|e| StartError::Tls(e.to_string()))?;
+            Some(Arc::new(RwLock::new(Arc::new(tls))))
+        } else {
+            None
+        };
         let listener = tokio::net::TcpListener::bind(config.http_addr)
             .await
             .map_err(|e| StartError::Bind(config.http_addr, e))?;
@@ -401,6 +420,8 @@ impl Node {
             recovered,
             quarantined,
             state_hash_cache: std::sync::Mutex::new(None),
+            admission,
+            http_tls: http_tls.clone(),
             applied_group,
             replication,
             config,
@@ -420,6 +441,7 @@ impl Node {
         tasks.push(tokio::spawn(crate::serve_http::serve(
             listener,
             app,
+            http_tls,
             rx.clone(),
         )));
         if let Some(ep) = peer_endpoint {
@@ -430,6 +452,10 @@ impl Node {
             ));
         }
         tasks.push(tokio::spawn(mark_durable(node.store.clone(), rx.clone())));
+        tasks.push(tokio::spawn(admission_upkeep(
+            node.admission.clone(),
+            rx.clone(),
+        )));
         tasks.push(tokio::spawn(upkeep(
             node.clone(),
             endpoint.clone(),
@@ -439,7 +465,8 @@ impl Node {
         )));
         println!("node: {}", node.signer.producer().to_hex());
         println!("quic: {quic_addr}");
-        println!("http: http://{http_addr}");
+        let scheme = if node.http_tls.is_some() { "https" } else { "http" };
+        println!("http: {scheme}://{http_addr}");
         println!("cert-sha256: {}", hex(&node.cert_hash()));
         println!("recovered-batches: {recovered}");
         info!(%quic_addr, %http_addr, recovered, "merger started");
@@ -516,9 +543,28 @@ impl Node {
     }
 }
 
-impl edgetally_net::BatchSink for Node {
-    async fn submit(&self, raw: Vec<u8>) -> Reply {
+impl Node {
+    /// A producer's message from `source`: a credential (enrolment) or a batch, after the
+    /// per-source rate limit.
+    pub async fn submit_from(&self, raw: Vec<u8>, source: std::net::IpAddr) -> Reply {
+        let now = now_ms();
+        if let Some(after_ms) = self.admission.throttle_source(source, now) {
+            self.metrics.retried.fetch_add(1, Relaxed);
+            return Reply::Retry { after_ms };
+        }
+        if edgetally_proto::credential::is_credential(&raw) {
+            return match self.admission.enroll(&raw, now) {
+                Ok(_) => Reply::Ack,
+                Err(code) => Reply::nack(code),
+            };
+        }
         self.ingest.submit(raw).await
+    }
+}
+
+impl edgetally_net::BatchSink for Node {
+    async fn submit(&self, raw: Vec<u8>, source: std::net::IpAddr) -> Reply {
+        self.submit_from(raw, source).await
     }
 
     fn max_batch_bytes(&self) -> usize {
@@ -531,6 +577,24 @@ impl edgetally_net::BatchSink for Node {
 
     async fn peer(self: Arc<Self>, conn: quinn::Connection) {
         crate::replication::serve_peer(self, conn).await
+    }
+}
+
+/// Re-reads a changed allowlist once a second; forgets idle rate-limit entries and expired
+/// enrolments every 30 s.
+async fn admission_upkeep(
+    admission: Arc<crate::admission::Admission>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    for n in 0u64.. {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => { if *stop.borrow() { break; } else { continue; } }
+        }
+        let a = admission.clone();
+        // Idle entries are swept every half minute (a sweep walks every tracked producer).
+        let _ = tokio::task::spawn_blocking(move || a.upkeep(now_ms(), n % 30 == 29)).await;
     }
 }
 
@@ -583,6 +647,14 @@ async fn upkeep(
             }) {
                 Ok((new, sc)) => {
                     endpoint.set_server_config(Some(sc));
+                    if let Some(slot) = &node.http_tls {
+                        match edgetally_net::tls::tcp_server_config(&new, &[b"http/1.1"]) {
+                            Ok(tls) => {
+                                *slot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tls)
+                            }
+                            Err(e) => warn!("https certificate not rotated: {e}"),
+                        }
+                    }
                     *node.cert_hash.write().unwrap_or_else(|e| e.into_inner()) = new.cert_hash();
                     *node
                         .cert_not_after

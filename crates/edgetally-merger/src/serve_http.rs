@@ -4,10 +4,12 @@
 //! descriptors), and an accept loop that backs off instead of spinning when descriptors run
 //! out. `axum::serve` has none of these knobs; hyper's connection builder has them.
 
+use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -37,9 +39,19 @@ pub fn connection_cap() -> usize {
     (cap as usize).clamp(16, MAX_HTTP_CONNECTIONS)
 }
 
-/// Serves `app` on `listener` until `stop` turns true; then lets requests in flight finish
-/// (at most 10 s).
-pub async fn serve(listener: TcpListener, app: Router, mut stop: watch::Receiver<bool>) {
+/// The TLS configuration of the HTTP listener, swapped when the certificate rotates (each
+/// new connection takes the current one).
+pub type TlsSlot = Arc<RwLock<Arc<rustls::ServerConfig>>>;
+
+/// Serves `app` on `listener` (over TLS when `tls` is given) until `stop` turns true; then
+/// lets requests in flight finish (at most 10 s). Handlers see the client's address as
+/// `ConnectInfo<SocketAddr>`.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<TlsSlot>,
+    mut stop: watch::Receiver<bool>,
+) {
     let cap = connection_cap();
     let slots = Arc::new(Semaphore::new(cap));
     debug!(cap, "http connection cap");
@@ -65,25 +77,54 @@ pub async fn serve(listener: TcpListener, app: Router, mut stop: watch::Receiver
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let svc = TowerToHyperService::new(app.clone());
-        let mut stop = stop.clone();
+        let app = app.clone();
+        let stop = stop.clone();
+        let tls = tls
+            .as_ref()
+            .map(|t| t.read().unwrap_or_else(|e| e.into_inner()).clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(tcp), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => { if let Err(e) = r { debug!(%remote, "http connection: {e}"); } }
-                _ = async { while stop.changed().await.is_ok() { if *stop.borrow() { break; } } } => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+            match tls {
+                None => connection(tcp, remote, app, stop).await,
+                Some(cfg) => {
+                    // The handshake gets the same deadline as a request's headers.
+                    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                    match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => connection(stream, remote, app, stop).await,
+                        Ok(Err(e)) => debug!(%remote, "tls handshake failed: {e}"),
+                        Err(_) => debug!(%remote, "tls handshake timed out"),
+                    }
                 }
             }
         });
     }
     // Requests in flight finish (each connection task holds a slot until it ends).
     let _ = tokio::time::timeout(Duration::from_secs(10), slots.acquire_many(cap as u32)).await;
+}
+
+/// Serves one connection (plain or TLS) until it ends or `stop` turns true.
+async fn connection<IO>(io: IO, remote: SocketAddr, app: Router, mut stop: watch::Receiver<bool>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tower::ServiceExt as _;
+    let svc = TowerToHyperService::new(app.map_request(
+        move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(remote));
+            req
+        },
+    ));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => { if let Err(e) = r { debug!(%remote, "http connection: {e}"); } }
+        _ = async { while stop.changed().await.is_ok() { if *stop.borrow() { break; } } } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+        }
+    }
 }

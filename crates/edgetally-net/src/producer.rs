@@ -117,6 +117,9 @@ struct Shared {
     wake: Notify,
     state: Option<FileState>,
     closed: std::sync::atomic::AtomicBool,
+    /// An enrolment credential to present on every new connection (and its generation, so a
+    /// replaced credential is presented again on connections that already exist).
+    credential: Mutex<Option<(u64, Arc<[u8]>)>>,
 }
 
 impl Shared {
@@ -177,6 +180,7 @@ impl NativeProducer {
             wake: Notify::new(),
             state,
             closed: false.into(),
+            credential: Mutex::new(None),
         });
         shared.persist();
         let driver = tokio::spawn(drive(shared.clone(), endpoints));
@@ -184,6 +188,22 @@ impl NativeProducer {
             shared,
             driver: Arc::new(driver),
         })
+    }
+
+    /// Sets the enrolment credential (`edgetally enroll`, docs/PROTOCOL.md §8) that mergers
+    /// with the `enrolled` policy require: it is presented on every connection before the
+    /// first batch. Set it before recording: a batch a merger refuses as `not_admitted` is
+    /// dropped like any other refused batch.
+    pub fn set_credential(&self, credential: Vec<u8>) {
+        let mut c = self
+            .shared
+            .credential
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let generation = c.as_ref().map_or(1, |(g, _)| g + 1);
+        *c = Some((generation, Arc::from(credential)));
+        drop(c);
+        self.shared.wake.notify_one();
     }
 
     /// Records one event (`ts_ms` defaults to now).
@@ -275,7 +295,7 @@ impl NativeProducer {
 }
 
 async fn drive(shared: Arc<Shared>, endpoints: Vec<Endpoint>) {
-    let clients: Arc<tokio::sync::Mutex<Vec<Option<Client>>>> =
+    let clients: Arc<tokio::sync::Mutex<Vec<Option<(Client, u64)>>>> =
         Arc::new(tokio::sync::Mutex::new(vec![None; endpoints.len()]));
     let endpoints = Arc::new(endpoints);
     while !shared.closed.load(std::sync::atomic::Ordering::Relaxed) {
@@ -287,7 +307,13 @@ async fn drive(shared: Arc<Shared>, endpoints: Vec<Endpoint>) {
             sent = true;
             let (shared, clients, endpoints) = (shared.clone(), clients.clone(), endpoints.clone());
             tokio::spawn(async move {
-                let result = send(&clients, &endpoints, t.endpoint, &t.bytes).await;
+                let credential = shared
+                    .credential
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let result =
+                    send(&clients, &endpoints, t.endpoint, &t.bytes, credential).await;
                 let now = now_ms();
                 match result {
                     Some(reply) => shared.lock().handle_reply(now, t.seq, reply),
@@ -310,15 +336,22 @@ async fn drive(shared: Arc<Shared>, endpoints: Vec<Endpoint>) {
     }
 }
 
-/// Sends on the endpoint's connection, (re)connecting as needed; `None` on transport failure.
+/// Sends on the endpoint's connection, (re)connecting as needed and presenting the
+/// credential on a connection that has not seen it; `None` on transport failure.
 async fn send(
-    clients: &tokio::sync::Mutex<Vec<Option<Client>>>,
+    clients: &tokio::sync::Mutex<Vec<Option<(Client, u64)>>>,
     endpoints: &[Endpoint],
     i: usize,
     bytes: &[u8],
+    credential: Option<(u64, Arc<[u8]>)>,
 ) -> Option<Reply> {
     let ep = endpoints.get(i)?;
-    let client = {
+    let forget = || async {
+        if let Some(slot) = clients.lock().await.get_mut(i) {
+            *slot = None;
+        }
+    };
+    let (client, presented) = {
         let mut cs = clients.lock().await;
         match cs.get(i).cloned().flatten() {
             Some(c) => c,
@@ -331,19 +364,31 @@ async fn send(
                 .ok()?
                 .ok()?;
                 if let Some(slot) = cs.get_mut(i) {
-                    *slot = Some(c.clone());
+                    *slot = Some((c.clone(), 0));
                 }
-                c
+                (c, 0)
             }
         }
     };
+    if let Some((generation, cred)) = credential.filter(|(g, _)| *g != presented) {
+        match tokio::time::timeout(Duration::from_secs(10), client.send(&cred)).await {
+            // Refused or not: the batch's own reply says what the merger thinks of it.
+            Ok(Ok(_)) => {
+                if let Some(Some(slot)) = clients.lock().await.get_mut(i) {
+                    slot.1 = generation;
+                }
+            }
+            _ => {
+                forget().await;
+                return None;
+            }
+        }
+    }
     match tokio::time::timeout(Duration::from_secs(10), client.send(bytes)).await {
         Ok(Ok(reply)) => Some(reply),
         _ => {
             // Forget the connection; the next attempt reconnects.
-            if let Some(slot) = clients.lock().await.get_mut(i) {
-                *slot = None;
-            }
+            forget().await;
             None
         }
     }

@@ -5,6 +5,7 @@ use crate::tls::{ALPN_BATCHES, ALPN_PEER};
 use edgetally_core::RejectCode;
 use edgetally_proto::Reply;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -12,8 +13,9 @@ use tracing::{debug, info, warn};
 
 /// Where received batches go: the merger's ingest pipeline.
 pub trait BatchSink: Send + Sync + 'static {
-    /// Handles one batch (the exact bytes received) and says what to reply.
-    fn submit(&self, raw: Vec<u8>) -> impl Future<Output = Reply> + Send;
+    /// Handles one stream's message (the exact bytes received: a batch, or an enrolment
+    /// credential) from `source`, and says what to reply.
+    fn submit(&self, raw: Vec<u8>, source: IpAddr) -> impl Future<Output = Reply> + Send;
     /// The largest batch accepted, bytes (longer streams are refused unread).
     fn max_batch_bytes(&self) -> usize;
     /// Told of a batch the listener refused itself (a stream longer than the limit).
@@ -85,14 +87,15 @@ async fn connection<S: BatchSink>(conn: quinn::Connection, sink: Arc<S>, budget:
             return;
         }
     }
-    debug!(remote = %conn.remote_address(), "producer connected");
+    let source = conn.remote_address().ip();
+    debug!(%source, "producer connected");
     let mine = Arc::new(Semaphore::new(CONNECTION_BUFFER_BUDGET));
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
                 let sink = sink.clone();
                 let budgets = [budget.clone(), mine.clone()];
-                tokio::spawn(stream(send, recv, sink, budgets));
+                tokio::spawn(stream(send, recv, sink, budgets, source));
             }
             Err(quinn::ConnectionError::ApplicationClosed(_))
             | Err(quinn::ConnectionError::LocallyClosed) => break,
@@ -146,6 +149,7 @@ async fn stream<S: BatchSink>(
     mut recv: quinn::RecvStream,
     sink: Arc<S>,
     budgets: [Arc<Semaphore>; 2],
+    source: IpAddr,
 ) {
     // A batch is one stream: the client writes its bytes and finishes; we reply and finish.
     let max = sink.max_batch_bytes() + 16;
@@ -153,7 +157,7 @@ async fn stream<S: BatchSink>(
         .await
         .unwrap_or_else(|_| Err(ReadEnd::Failed("not finished within the deadline".into())));
     let reply = match read {
-        Ok((raw, _permits)) => sink.submit(raw).await,
+        Ok((raw, _permits)) => sink.submit(raw, source).await,
         Err(ReadEnd::TooLong) => {
             let _ = recv.stop(0u32.into());
             sink.refused(RejectCode::PayloadTooLarge);

@@ -104,15 +104,20 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Parses 64 hex digits (colons allowed, as some tools print them).
 pub fn parse_hash(s: &str) -> Option<[u8; 32]> {
-    let digits: Vec<u8> = s.bytes().filter(|b| *b != b':').collect();
-    if digits.len() != 64 {
+    unhex(s)?.try_into().ok()
+}
+
+/// Parses hex digits of either case (colons allowed, as some tools print them; surrounding
+/// white space ignored); `None` for anything else.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    let digits: Vec<u8> = s.trim().bytes().filter(|b| *b != b':').collect();
+    if digits.len() % 2 != 0 || !digits.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
-    let mut out = [0u8; 32];
-    for (i, pair) in digits.chunks(2).enumerate() {
-        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
-    }
-    Some(out)
+    digits
+        .chunks(2)
+        .map(|p| u8::from_str_radix(std::str::from_utf8(p).ok()?, 16).ok())
+        .collect()
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -151,6 +156,34 @@ pub fn server_endpoint(
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime to drive QUIC"))?;
     quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
+}
+
+/// A TLS 1.3 server configuration (for the HTTP API over TCP) offering `alpns`.
+pub fn tcp_server_config(id: &Identity, alpns: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(id.chain.clone(), id.key.clone_key())
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+    Ok(tls)
+}
+
+/// A TLS 1.3 client configuration (for HTTPS over TCP) that accepts only a server whose
+/// certificate hash is in `pins`.
+pub fn tcp_client_config(pins: Vec<[u8; 32]>) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedCert {
+        pins: Some(pins),
+        provider: provider.clone(),
+    });
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth())
 }
 
 /// A QUIC server configuration offering `alpns`.

@@ -8,6 +8,7 @@
 #![cfg_attr(not(feature = "wasm-abi-check"), forbid(unsafe_code))]
 
 mod builder;
+pub mod credential;
 mod envelope;
 mod frame;
 pub mod producer;

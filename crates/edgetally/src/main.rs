@@ -65,6 +65,20 @@ enum Cmd {
         #[arg(long, value_name = "OUT")]
         repair: Option<PathBuf>,
     },
+    /// Issue an enrolment credential (for mergers whose producer_policy is "enrolled"): the
+    /// issuer key (made with `keygen`; its public key goes in the mergers' issuer_keys)
+    /// vouches for one producer key until the deadline. Prints the credential in hex.
+    Enroll {
+        /// The issuer's secret seed file (as `keygen` writes it).
+        #[arg(long)]
+        issuer_key: PathBuf,
+        /// The producer's public key (64 hex digits).
+        #[arg(long)]
+        producer: String,
+        /// How long the credential is valid, seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl_secs: u64,
+    },
     /// Generate an ed25519 key: writes the secret seed (hex) to --out and prints the public key.
     Keygen {
         /// Where to write the secret seed (refuses to overwrite).
@@ -198,6 +212,33 @@ fn main() -> Result<()> {
                     );
                 }
             }
+            Ok(())
+        }
+        Cmd::Enroll {
+            issuer_key,
+            producer,
+            ttl_secs,
+        } => {
+            let text = std::fs::read_to_string(&issuer_key)
+                .with_context(|| format!("reading {}", issuer_key.display()))?;
+            let seed = edgetally_net::tls::parse_hash(text.trim())
+                .with_context(|| format!("{}: not 64 hex digits", issuer_key.display()))?;
+            let key = edgetally_net::tls::parse_hash(producer.trim())
+                .context("--producer: not a producer key (64 hex digits)")?;
+            let ttl_ms = i64::try_from(ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+            let not_after = edgetally_net::now_ms().saturating_add(ttl_ms);
+            let cred = edgetally_proto::credential::issue(
+                &seed,
+                &edgetally_core::ProducerKey(key),
+                not_after,
+            );
+            eprintln!(
+                "issuer {} admits {} until {} ms",
+                edgetally_net::tls::hex(&edgetally_proto::credential::issuer_public(&seed)),
+                producer.trim(),
+                not_after
+            );
+            println!("{}", edgetally_net::tls::hex(&cred));
             Ok(())
         }
         Cmd::Keygen { out } => {

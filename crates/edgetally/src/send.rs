@@ -36,6 +36,11 @@ pub struct SendArgs {
     /// Bucket width, ms.
     #[arg(long, default_value_t = 1000)]
     bucket_ms: u32,
+    /// An enrolment credential (hex, from `edgetally enroll`) for mergers whose policy is
+    /// "enrolled"; issue it for the producer key this command prints (use --state-dir to keep
+    /// the key from run to run).
+    #[arg(long)]
+    credential: Option<String>,
     /// Give up waiting for acknowledgements after this many seconds.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
@@ -195,6 +200,11 @@ pub fn run(a: SendArgs) -> Result<()> {
     rt.block_on(async {
         let config = ProducerConfig { bucket_ms: a.bucket_ms, ..ProducerConfig::default() };
         let p = NativeProducer::start(config, endpoints, a.state_dir.as_deref())?;
+        eprintln!("producer key: {}", p.producer_key().to_hex());
+        if let Some(c) = &a.credential {
+            let bytes = edgetally_net::tls::unhex(c).context("--credential: not hex")?;
+            p.set_credential(bytes);
+        }
         let (mut invalid, mut non_numeric) = (BTreeMap::<String, u64>::new(), 0u64);
         let tty = std::io::stderr().is_terminal();
         for (i, item) in items.iter().enumerate() {
@@ -248,3 +258,4 @@ pub fn run(a: SendArgs) -> Result<()> {
         anyhow::Ok(())
     })
 }
+

@@ -1,0 +1,510 @@
+//! Admission and quotas: who may send batches to this merger, and how much.
+//!
+//! Checks run at the ingress of batches from producers only, in this order:
+//!
+//! 1. **Source rate** (before any decoding): batches per second per source address (an IPv6
+//!    address counts by its /64). Over the limit: `Retry` with the time until a token frees.
+//! 2. **Policy** (after decoding, before the signature is verified, so unknown keys cost no
+//!    verification): `open` admits every key; `allowlist` the keys listed in a file that is
+//!    re-read when it changes; `enrolled` the keys holding an unexpired credential signed by
+//!    a configured issuer ([`edgetally_proto::credential`]). Refused: `Nack not_admitted`.
+//! 3. **Value bounds** per category: `Nack value_out_of_bounds`.
+//! 4. After the signature verified and the batch is known not to be a duplicate (a resent
+//!    batch is always acknowledged): the **producer rate** in batches/s and summaries/s
+//!    (`Retry`), then the **novelty quotas** against the state the batch would change: new
+//!    categories and new (category, entity) series per producer per hour (`Nack
+//!    category_quota`, `entity_quota`), and the total number of series (`Nack series_limit`).
+//!
+//! Batches a peer sends (replication) are never checked: they were admitted where they
+//! entered the cluster, and refusing them would split replicas. The node's own batches
+//! (`POST /v1/events`, guarded by bearer tokens) skip the policy and per-producer limits but
+//! not the series cap or value bounds.
+//!
+//! Token buckets allow a debt: a batch is admitted while the bucket is not negative and then
+//! charged in full, so a batch larger than the bucket's capacity still passes once the bucket
+//! refills, and a producer is never starved.
+
+use crate::config::{Config, ProducerPolicy};
+use edgetally_core::{Batch, Novelty, ProducerKey, RejectCode};
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+use tracing::{info, warn};
+
+/// Seconds of rate a bucket holds (its burst).
+pub const BURST_SECS: f64 = 2.0;
+/// Most enrolled keys remembered at once (expired ones are swept first).
+pub const MAX_ENROLLED: usize = 1 << 20;
+/// Most producers and sources tracked at once by the rate limits; past it, idle entries are
+/// swept early.
+pub const MAX_TRACKED: usize = 1 << 20;
+/// The longest `Retry` delay a rate limit suggests, ms.
+const MAX_DELAY_MS: f64 = 60_000.0;
+
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    tokens: f64,
+    at_ms: i64,
+}
+
+impl Bucket {
+    fn full(rate: f64, now: i64) -> Bucket {
+        Bucket {
+            tokens: rate * BURST_SECS,
+            at_ms: now,
+        }
+    }
+
+    fn refill(&mut self, rate: f64, now: i64) {
+        let dt = (now - self.at_ms).max(0) as f64 / 1000.0;
+        self.tokens = (self.tokens + dt * rate).min(rate * BURST_SECS);
+        self.at_ms = now.max(self.at_ms);
+    }
+
+    /// The wait (ms) before this bucket admits again, if it does not now.
+    fn wait_ms(&self, rate: f64) -> Option<u32> {
+        (self.tokens < 0.0).then(|| ((-self.tokens / rate) * 1000.0).clamp(1.0, MAX_DELAY_MS) as u32)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct ProducerState {
+    batches: Bucket,
+    summaries: Bucket,
+    /// The hour (ms / 3,600,000) the counts below belong to.
+    hour: i64,
+    new_categories: u32,
+    new_entities: u32,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct AdmissionStats {
+    /// Batches answered `Retry` by the per-producer rate limit.
+    pub throttled_producer: AtomicU64,
+    /// Batches answered `Retry` by the per-source rate limit.
+    pub throttled_source: AtomicU64,
+    /// Credentials accepted.
+    pub credentials_accepted: AtomicU64,
+    /// Credentials refused.
+    pub credentials_refused: AtomicU64,
+    /// Allowlist loads that failed (the previous list stays in force).
+    pub allowlist_errors: AtomicU64,
+}
+
+/// The admission state of a node.
+#[derive(Debug)]
+pub struct Admission {
+    policy: ProducerPolicy,
+    own: ProducerKey,
+    allowlist_file: Option<PathBuf>,
+    allow: RwLock<(Arc<HashSet<ProducerKey>>, Option<SystemTime>)>,
+    issuers: Vec<[u8; 32]>,
+    enrolled: Mutex<HashMap<ProducerKey, i64>>,
+    producers: Mutex<HashMap<ProducerKey, ProducerState>>,
+    sources: Mutex<HashMap<IpAddr, Bucket>>,
+    producer_batches: f64,
+    producer_summaries: f64,
+    source_batches: f64,
+    new_categories_per_hour: u32,
+    new_entities_per_hour: u32,
+    max_series: u64,
+    bounds: HashMap<String, (f64, f64)>,
+    any_bounds: Option<(f64, f64)>,
+    /// Counters.
+    pub stats: AdmissionStats,
+}
+
+/// Parses 64 hex digits.
+fn key_of(s: &str) -> Option<[u8; 32]> {
+    edgetally_net::tls::parse_hash(s.trim())
+}
+
+/// Reads an allowlist: one producer key (64 hex digits) per line; `#` starts a comment.
+pub fn parse_allowlist(text: &str) -> Result<HashSet<ProducerKey>, String> {
+    let mut keys = HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let k = key_of(line)
+            .ok_or_else(|| format!("line {}: not a producer key (64 hex digits)", i + 1))?;
+        keys.insert(ProducerKey(k));
+    }
+    Ok(keys)
+}
+
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                IpAddr::V6(o.into())
+            }
+        },
+    }
+}
+
+impl Admission {
+    /// Builds the admission state from the configuration; `own` is the node's key. An
+    /// allowlist that cannot be read is an error here (at start-up), a warning on reload.
+    pub fn new(config: &Config, own: ProducerKey) -> Result<Admission, String> {
+        let issuers = config
+            .issuer_keys
+            .iter()
+            .map(|k| key_of(k).ok_or_else(|| format!("issuer_keys: {k:?} is not 64 hex digits")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if config.producer_policy == ProducerPolicy::Enrolled && issuers.is_empty() {
+            return Err("producer_policy = \"enrolled\" needs issuer_keys".into());
+        }
+        if config.producer_policy == ProducerPolicy::Allowlist && config.producer_allowlist.is_none()
+        {
+            return Err("producer_policy = \"allowlist\" needs producer_allowlist (a file)".into());
+        }
+        let mut bounds = HashMap::new();
+        let mut any_bounds = None;
+        for (cat, &[lo, hi]) in &config.value_bounds {
+            if !(lo <= hi) {
+                return Err(format!("value_bounds.{cat}: [{lo}, {hi}] is not a range"));
+            }
+            if cat == "*" {
+                any_bounds = Some((lo, hi));
+            } else {
+                bounds.insert(cat.clone(), (lo, hi));
+            }
+        }
+        let a = Admission {
+            policy: config.producer_policy,
+            own,
+            allowlist_file: config.producer_allowlist.clone(),
+            allow: RwLock::new((Arc::default(), None)),
+            issuers,
+            enrolled: Mutex::default(),
+            producers: Mutex::default(),
+            sources: Mutex::default(),
+            producer_batches: config.producer_batches_per_sec,
+            producer_summaries: config.producer_summaries_per_sec,
+            source_batches: config.source_batches_per_sec,
+            new_categories_per_hour: config.new_categories_per_hour,
+            new_entities_per_hour: config.new_entities_per_hour,
+            max_series: config.max_series,
+            bounds,
+            any_bounds,
+            stats: AdmissionStats::default(),
+        };
+        if a.allowlist_file.is_some() {
+            a.reload_allowlist()?;
+        }
+        Ok(a)
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> ProducerPolicy {
+        self.policy
+    }
+
+    /// Re-reads the allowlist file if it changed since the last read. Returns whether a new
+    /// list was loaded; on error the previous list stays in force.
+    pub fn reload_allowlist(&self) -> Result<bool, String> {
+        let Some(path) = &self.allowlist_file else {
+            return Ok(false);
+        };
+        let fail = |e: String| {
+            self.stats.allowlist_errors.fetch_add(1, Relaxed);
+            format!("{}: {e}", path.display())
+        };
+        let modified = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .map_err(|e| fail(e.to_string()))?;
+        if self.allow.read().unwrap_or_else(|e| e.into_inner()).1 == Some(modified) {
+            return Ok(false);
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        let keys = parse_allowlist(&text).map_err(fail)?;
+        let n = keys.len();
+        *self.allow.write().unwrap_or_else(|e| e.into_inner()) = (Arc::new(keys), Some(modified));
+        info!(keys = n, file = %path.display(), "producer allowlist loaded");
+        Ok(true)
+    }
+
+    /// Keys on the allowlist.
+    pub fn allowlist_len(&self) -> usize {
+        self.allow.read().unwrap_or_else(|e| e.into_inner()).0.len()
+    }
+
+    /// Keys enrolled and not yet expired (an upper bound: expired ones are swept lazily).
+    pub fn enrolled_len(&self) -> usize {
+        self.enrolled.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Producers and sources tracked by the rate limits.
+    pub fn tracked(&self) -> (usize, usize) {
+        (
+            self.producers.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            self.sources.lock().unwrap_or_else(|e| e.into_inner()).len(),
+        )
+    }
+
+    /// Checks and records a credential; the key it admits is enrolled until it expires.
+    pub fn enroll(&self, bytes: &[u8], now_ms: i64) -> Result<ProducerKey, RejectCode> {
+        match edgetally_proto::credential::verify(bytes, &self.issuers, now_ms) {
+            Ok(c) => {
+                let mut e = self.enrolled.lock().unwrap_or_else(|e| e.into_inner());
+                if e.len() >= MAX_ENROLLED && !e.contains_key(&c.producer) {
+                    e.retain(|_, &mut until| until > now_ms);
+                    if e.len() >= MAX_ENROLLED {
+                        // Full of live credentials: the producer is told to come back.
+                        self.stats.credentials_refused.fetch_add(1, Relaxed);
+                        return Err(RejectCode::NotAdmitted);
+                    }
+                }
+                let until = e.entry(c.producer).or_insert(c.not_after_ms);
+                *until = (*until).max(c.not_after_ms);
+                self.stats.credentials_accepted.fetch_add(1, Relaxed);
+                Ok(c.producer)
+            }
+            Err(code) => {
+                self.stats.credentials_refused.fetch_add(1, Relaxed);
+                Err(code)
+            }
+        }
+    }
+
+    /// The per-source rate limit: `Some(delay_ms)` when this source must wait.
+    pub fn throttle_source(&self, ip: IpAddr, now_ms: i64) -> Option<u32> {
+        let rate = self.source_batches;
+        if rate <= 0.0 {
+            return None;
+        }
+        let mut m = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= MAX_TRACKED {
+            m.retain(|_, b| {
+                b.refill(rate, now_ms);
+                b.tokens < rate * BURST_SECS
+            });
+        }
+        let b = m
+            .entry(source_key(ip))
+            .or_insert_with(|| Bucket::full(rate, now_ms));
+        b.refill(rate, now_ms);
+        if let Some(wait) = b.wait_ms(rate) {
+            self.stats.throttled_source.fetch_add(1, Relaxed);
+            return Some(wait);
+        }
+        b.tokens -= 1.0;
+        None
+    }
+
+    /// The policy and the value bounds: checks that need only the decoded batch (run before
+    /// its signature is verified).
+    pub fn check_batch(&self, batch: &Batch, now_ms: i64) -> Result<(), RejectCode> {
+        let key = batch.id.producer;
+        if key != self.own {
+            match self.policy {
+                ProducerPolicy::Open => {}
+                ProducerPolicy::Allowlist => {
+                    if !self
+                        .allow
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                        .contains(&key)
+                    {
+                        return Err(RejectCode::NotAdmitted);
+                    }
+                }
+                ProducerPolicy::Enrolled => {
+                    let e = self.enrolled.lock().unwrap_or_else(|e| e.into_inner());
+                    if !e.get(&key).is_some_and(|&until| until > now_ms) {
+                        return Err(RejectCode::NotAdmitted);
+                    }
+                }
+            }
+        }
+        if self.bounds.is_empty() && self.any_bounds.is_none() {
+            return Ok(());
+        }
+        for s in &batch.summaries {
+            let b = self.bounds.get(batch.category(s)).copied().or(self.any_bounds);
+            if let Some((lo, hi)) = b {
+                if s.summary.min < lo || s.summary.max > hi {
+                    return Err(RejectCode::ValueOutOfBounds);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `value` lies within the bounds configured for `category` (if any).
+    pub fn value_in_bounds(&self, category: &str, value: f64) -> bool {
+        match self.bounds.get(category).copied().or(self.any_bounds) {
+            Some((lo, hi)) => lo <= value && value <= hi,
+            None => true,
+        }
+    }
+
+    /// Whether any check needs the state's novelty.
+    pub fn needs_novelty(&self) -> bool {
+        self.new_categories_per_hour > 0 || self.new_entities_per_hour > 0 || self.max_series > 0
+    }
+
+    /// The checks that need the verified batch and the state: the producer's rates, then the
+    /// novelty quotas. `Err(Ok(delay))` asks for a retry, `Err(Err(code))` refuses.
+    pub fn charge(
+        &self,
+        batch: &Batch,
+        novelty: Novelty,
+        series: u64,
+        now_ms: i64,
+    ) -> Result<(), Result<u32, RejectCode>> {
+        if self.max_series > 0
+            && novelty.series > 0
+            && series.saturating_add(novelty.series as u64) > self.max_series
+        {
+            return Err(Err(RejectCode::SeriesLimit));
+        }
+        let key = batch.id.producer;
+        if key == self.own {
+            return Ok(());
+        }
+        let (rb, rs) = (self.producer_batches, self.producer_summaries);
+        let hour = now_ms.div_euclid(3_600_000);
+        let mut m = self.producers.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= MAX_TRACKED && !m.contains_key(&key) {
+            Self::sweep_producers(&mut m, rb, rs, now_ms);
+        }
+        let st = m.entry(key).or_insert_with(|| ProducerState {
+            batches: Bucket::full(rb, now_ms),
+            summaries: Bucket::full(rs, now_ms),
+            hour,
+            new_categories: 0,
+            new_entities: 0,
+        });
+        if rb > 0.0 {
+            st.batches.refill(rb, now_ms);
+            if let Some(w) = st.batches.wait_ms(rb) {
+                self.stats.throttled_producer.fetch_add(1, Relaxed);
+                return Err(Ok(w));
+            }
+        }
+        if rs > 0.0 {
+            st.summaries.refill(rs, now_ms);
+            if let Some(w) = st.summaries.wait_ms(rs) {
+                self.stats.throttled_producer.fetch_add(1, Relaxed);
+                return Err(Ok(w));
+            }
+        }
+        if st.hour != hour {
+            st.hour = hour;
+            st.new_categories = 0;
+            st.new_entities = 0;
+        }
+        let cats = st.new_categories.saturating_add(novelty.categories);
+        let ents = st.new_entities.saturating_add(novelty.entities);
+        if self.new_categories_per_hour > 0 && cats > self.new_categories_per_hour {
+            return Err(Err(RejectCode::CategoryQuota));
+        }
+        if self.new_entities_per_hour > 0 && ents > self.new_entities_per_hour {
+            return Err(Err(RejectCode::EntityQuota));
+        }
+        st.new_categories = cats;
+        st.new_entities = ents;
+        st.batches.tokens -= 1.0;
+        st.summaries.tokens -= batch.summaries.len() as f64;
+        Ok(())
+    }
+
+    /// Drops producers whose buckets are full and whose hour is over: they hold nothing a
+    /// fresh entry would not.
+    fn sweep_producers(
+        m: &mut HashMap<ProducerKey, ProducerState>,
+        rb: f64,
+        rs: f64,
+        now_ms: i64,
+    ) {
+        let hour = now_ms.div_euclid(3_600_000);
+        m.retain(|_, st| {
+            st.batches.refill(rb, now_ms);
+            st.summaries.refill(rs, now_ms);
+            st.hour == hour
+                || st.batches.tokens < rb * BURST_SECS
+                || st.summaries.tokens < rs * BURST_SECS
+        });
+    }
+
+    /// Periodic upkeep: re-reads the allowlist if it changed and, with `sweep`, forgets idle
+    /// producers and sources and expired enrolments.
+    pub fn upkeep(&self, now_ms: i64, sweep: bool) {
+        if let Err(e) = self.reload_allowlist() {
+            warn!("producer allowlist not reloaded (the previous list stays in force): {e}");
+        }
+        if !sweep {
+            return;
+        }
+        {
+            let mut m = self.producers.lock().unwrap_or_else(|e| e.into_inner());
+            Self::sweep_producers(&mut m, self.producer_batches, self.producer_summaries, now_ms);
+        }
+        {
+            let rate = self.source_batches;
+            let mut m = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+            m.retain(|_, b| {
+                b.refill(rate, now_ms);
+                b.tokens < rate * BURST_SECS
+            });
+        }
+        self.enrolled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, &mut until| until > now_ms);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_admit_their_rate_and_name_the_wait() {
+        let mut b = Bucket::full(10.0, 0);
+        let mut admitted = 0;
+        for _ in 0..100 {
+            b.refill(10.0, 0);
+            if b.wait_ms(10.0).is_none() {
+                b.tokens -= 1.0;
+                admitted += 1;
+            }
+        }
+        // Burst of 2 s at 10/s, plus the debt of one.
+        assert_eq!(admitted, 21);
+        assert_eq!(b.wait_ms(10.0), Some(100));
+        b.refill(10.0, 100);
+        assert_eq!(b.wait_ms(10.0), None);
+    }
+
+    #[test]
+    fn ipv6_sources_count_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().expect("ip");
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().expect("ip");
+        let c: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        assert_eq!(source_key(a), source_key(b));
+        assert_ne!(source_key(a), source_key(c));
+        let m: IpAddr = "::ffff:10.0.0.1".parse().expect("ip");
+        assert_eq!(source_key(m), "10.0.0.1".parse::<IpAddr>().expect("ip"));
+    }
+
+    #[test]
+    fn allowlists_parse_keys_and_comments_and_name_bad_lines() {
+        let k = "ab".repeat(32);
+        let set = parse_allowlist(&format!("# site A\n{k}  # laptop\n\n")).expect("parse");
+        assert_eq!(set.len(), 1);
+        assert!(parse_allowlist("zz\n").unwrap_err().contains("line 1"));
+    }
+}
