@@ -1,5 +1,6 @@
 //! The one integration-test binary: a module per concern.
 
+mod admission;
 mod certs;
 mod cli;
 mod cluster;

@@ -475,12 +475,22 @@ async fn pump(
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some((id, b)) = batches.get(i) else { break };
-                    match c.send(b).await {
-                        Ok(Reply::Ack) => {
-                            acked.lock().expect("lock").insert(*id);
+                    // Like a producer: a Retry (the per-producer rate limit) is waited out.
+                    let mut tries = 0;
+                    loop {
+                        match c.send(b).await {
+                            Ok(Reply::Ack) => {
+                                acked.lock().expect("lock").insert(*id);
+                            }
+                            Ok(Reply::Retry { after_ms }) if tries < 100 => {
+                                tries += 1;
+                                tokio::time::sleep(Duration::from_millis(after_ms as u64)).await;
+                                continue;
+                            }
+                            Ok(_) => {}
+                            Err(_) => return, // the merger died
                         }
-                        Ok(_) => {}
-                        Err(_) => break, // the merger died
+                        break;
                     }
                 }
             })
