@@ -200,6 +200,7 @@ export class Producer {
   readonly #urls: string[];
   readonly #fetch: typeof fetch;
   readonly #timeoutMs: number;
+  #credential: string | undefined;
   readonly #names = new Map<string, Entity>();
   readonly #bucketMs: number;
   /** Handles with an open bucket in JavaScript. */
@@ -280,6 +281,19 @@ export class Producer {
   }
 
   /** The producer's ed25519 public key, hex. */
+  /**
+   * Sets the enrolment credential (hex) for mergers whose `producer_policy` is `"enrolled"`:
+   * your site's backend issues it for this producer's `producerKey` (`edgetally enroll`, or
+   * any ed25519 library: docs/PROTOCOL.md §8). It is sent with every batch. Set it before
+   * recording: a batch refused as `not_admitted` is dropped like any refused batch.
+   */
+  setCredential(credential: string): void {
+    if (!/^ec01[0-9a-f]{272}$/i.test(credential)) {
+      throw new EdgetallyError("invalid_config", "edgetally: a credential is 138 bytes in hex, starting ec01");
+    }
+    this.#credential = credential;
+  }
+
   get producerKey(): string {
     return this.core().producerKey;
   }
@@ -546,7 +560,9 @@ export class Producer {
       const res = await this.#fetch(this.#urls[endpoint] ?? "", {
         method: "POST",
         body: bytes,
-        headers: { "content-type": "application/octet-stream" },
+        headers: this.#credential === undefined
+          ? { "content-type": "application/octet-stream" }
+          : { "content-type": "application/octet-stream", "edgetally-credential": this.#credential },
         signal: ctrl.signal,
       });
       const text = await res.text();

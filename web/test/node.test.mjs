@@ -4,7 +4,9 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { EdgetallyError, Producer } from "edgetally";
-import { compare, freePort, Model, startMerger, tempDir, workload } from "./helpers.mjs";
+import { execFileSync } from "node:child_process";
+import { join } from "node:path";
+import { BIN, compare, freePort, Model, startMerger, tempDir, workload } from "./helpers.mjs";
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -173,6 +175,39 @@ test("a Nack drops the batch and counts it by reason", async () => {
     assert.equal(s.ackedRecords, 1);
     const model = new Model();
     model.add("new", undefined, 5);
+    assert.deepEqual(await compare(m.http, model, now - 60_000, now + 60_000), []);
+    await p.close();
+  } finally {
+    await m.cleanup();
+  }
+});
+
+test("an enrolled merger admits the producer once its credential is set", async () => {
+  const dir = tempDir();
+  const issuerKey = join(dir, "issuer.key");
+  const keygen = execFileSync(BIN, ["keygen", "--out", issuerKey], { encoding: "utf8" });
+  const issuer = /public key: ([0-9a-f]{64})/.exec(keygen)[1];
+  const m = await startMerger({ env: { EDGETALLY_PRODUCER_POLICY: "enrolled", EDGETALLY_ISSUER_KEYS: issuer } });
+  try {
+    const now = Date.now();
+    // Without a credential: refused, counted by reason.
+    const anon = await Producer.create({ endpoints: [m.http] });
+    anon.record("enrolled", 1, { ts_ms: now });
+    await anon.flush({ timeoutMs: 20_000 });
+    assert.equal(anon.stats().rejectedByReason.not_admitted, 1);
+    await anon.close();
+    // With one issued for its key: delivered.
+    const p = await Producer.create({ endpoints: [m.http] });
+    assert.throws(() => p.setCredential("ec01zz"), (e) => e instanceof EdgetallyError && e.code === "invalid_config");
+    const cred = execFileSync(BIN, ["enroll", "--issuer-key", issuerKey, "--producer", p.producerKey], { encoding: "utf8" }).trim();
+    p.setCredential(cred);
+    p.record("enrolled", 2, { ts_ms: now });
+    p.record("enrolled", 3, { ts_ms: now });
+    await p.flush({ timeoutMs: 20_000 });
+    assert.equal(p.stats().rejected, 0);
+    const model = new Model();
+    model.add("enrolled", undefined, 2);
+    model.add("enrolled", undefined, 3);
     assert.deepEqual(await compare(m.http, model, now - 60_000, now + 60_000), []);
     await p.close();
   } finally {

@@ -8,6 +8,14 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Settings for a benchmark's merger: a handful of load-generator keys send far past the
+/// per-producer rate limits (which a real producer never nears), so those are lifted; every
+/// other admission check (novelty quotas, the series cap) still runs on every batch.
+pub const BENCH_ENV: [(&str, &str); 2] = [
+    ("EDGETALLY_PRODUCER_BATCHES_PER_SEC", "0"),
+    ("EDGETALLY_PRODUCER_SUMMARIES_PER_SEC", "0"),
+];
+
 /// A merger started by this process; stopped (SIGTERM, then waited for) by [`Merger::stop`].
 pub struct Merger {
     child: Child,
@@ -20,9 +28,19 @@ impl Merger {
     /// Starts `edgetally serve ARGS…` (this same binary) and waits for its start-up lines,
     /// echoing them prefixed with `echo_prefix` if given.
     pub fn start(args: &[OsString], echo_prefix: Option<&str>) -> Result<Merger> {
+        Self::start_with_env(args, echo_prefix, &[])
+    }
+
+    /// [`Merger::start`] with extra environment variables (settings).
+    pub fn start_with_env(
+        args: &[OsString],
+        echo_prefix: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Result<Merger> {
         let mut child = Command::new(std::env::current_exe()?)
             .arg("serve")
             .args(args)
+            .envs(env.iter().copied())
             .env("EDGETALLY_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()

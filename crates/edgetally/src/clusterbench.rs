@@ -52,7 +52,7 @@ fn start(dir: &Path, quic: SocketAddr, peers: &[SocketAddr]) -> Result<Merger> {
         args.push("--peer".into());
         args.push(p.to_string().into());
     }
-    Merger::start(&args, None)
+    Merger::start_with_env(&args, None, &crate::child::BENCH_ENV)
 }
 
 fn state_hash(http: &str) -> String {

@@ -187,7 +187,7 @@ pub fn run(a: LoadgenArgs) -> Result<()> {
 fn merger_round(a: &LoadgenArgs, sealed: &Arc<Vec<Vec<u8>>>) -> Result<(f64, u64)> {
     let dir = std::env::temp_dir().join(format!("edgetally-loadgen-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let merger = crate::child::Merger::start(
+    let merger = crate::child::Merger::start_with_env(
         &[
             "--http-addr".into(),
             "127.0.0.1:0".into(),
@@ -197,6 +197,7 @@ fn merger_round(a: &LoadgenArgs, sealed: &Arc<Vec<Vec<u8>>>) -> Result<(f64, u64
             dir.clone().into_os_string(),
         ],
         None,
+        &crate::child::BENCH_ENV,
     )?;
     let pid = merger.pid();
     let result = (|| -> Result<(f64, u64)> {
