@@ -21,7 +21,9 @@ pub use batch::{Batch, BatchId, BatchSummary, Limits, ProducerKey, NO_ENTITY};
 pub use code::RejectCode;
 pub use query::{Aggregate, GroupBy, Plan, Rows, TopBy};
 pub use record::Record;
-pub use replica::{Applied, Digest, LogEntry, Novelty, Replica, Retention, Snapshot};
+pub use replica::{
+    content_digest, Applied, Digest, LogEntry, Novelty, Replica, Retention, SetHash, Snapshot,
+};
 pub use seen::SeenSet;
 pub use strings::StringTable;
 pub use summary::{Summary, Total};

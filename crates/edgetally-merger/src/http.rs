@@ -281,50 +281,6 @@ fn freshness(node: &Node, obj: &mut Map<String, Value>) {
     obj.insert("complete".into(), json!(complete));
 }
 
-/// SHA-256 of the postcard encoding of the canonical snapshot, without the tiers' local
-/// retention horizons (each node prunes on its own clock; what replicates is the rest):
-/// bit-identical replicated states, equal hashes.
-fn state_hash_now(node: &Node) -> Option<String> {
-    use sha2::{Digest as _, Sha256};
-    let mut snap = node.state().snapshot();
-    snap.horizons = [i64::MIN; 3];
-    let bytes = postcard::to_allocvec(&snap).ok()?;
-    Some(hex(&Sha256::digest(&bytes)))
-}
-
-/// The state hash for `/v1/status`, computed at most once a second (and again only when
-/// something was applied or adopted since, or after 30 s for local retention), on a blocking
-/// thread: a snapshot of a large state holds the replica's read lock, which ingest's apply
-/// waits on, so pollers must not set its pace. Returns the hash and when it was computed.
-async fn state_hash(node: &Node_) -> (Option<String>, i64) {
-    let version = node.metrics.applied.load(Relaxed) + node.metrics.snapshots_adopted.load(Relaxed);
-    let cached = node
-        .state_hash_cache
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    if let Some((at, v, h)) = &cached {
-        let age = at.elapsed();
-        if age < std::time::Duration::from_secs(1)
-            || (*v == version && age < std::time::Duration::from_secs(30))
-        {
-            let as_of = now_ms() - age.as_millis() as i64;
-            return (h.clone(), as_of);
-        }
-    }
-    let n = node.clone();
-    let hash = tokio::task::spawn_blocking(move || state_hash_now(&n))
-        .await
-        .ok()
-        .flatten();
-    *node
-        .state_hash_cache
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) =
-        Some((std::time::Instant::now(), version, hash.clone()));
-    (hash, now_ms())
-}
-
 /// Each peer's link, lag and digest, for `/v1/status`.
 fn peers_json(node: &Node) -> Value {
     let Some(repl) = &node.replication else {
@@ -1055,7 +1011,6 @@ async fn batches(
     reply_response(reply)
 }
 
-
 /// The HTTP form of a reply: 200 Ack, 422 Nack with the reason, 503 Retry with Retry-After.
 /// The body also carries the binary reply frame in hex (`frame`) for SDKs that share code
 /// with the QUIC path.
@@ -1087,7 +1042,9 @@ pub fn reply_response(reply: Reply) -> Response {
 }
 
 async fn status(State(node): State<Node_>) -> Json<Value> {
-    let (entries, epochs, applied_since_start, retained, held, series) = {
+    // Every figure is O(1): the replica keeps its counters and set hash current as it
+    // applies, so pollers cost ingest nothing but a brief read lock.
+    let (entries, epochs, applied_since_start, retained, held, series, hash) = {
         let r = node.state();
         (
             r.entry_count(),
@@ -1096,11 +1053,12 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
             r.log_len(),
             r.digest_batches(),
             r.series_count(),
+            r.state_hash(),
         )
     };
+    let hash_now = hex(&hash);
     let adm = &node.admission;
     let (tracked_producers, tracked_sources) = adm.tracked();
-    let (hash_now, hash_as_of) = state_hash(&node).await;
     let l = node.config.limits;
     let hash = hex(&node.cert_hash());
     Json(json!({
@@ -1151,10 +1109,10 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
         },
         "peers": peers_json(&node),
         "retained_batches": retained,
-        // SHA-256 of the canonical snapshot (less local retention horizons): equal on two
-        // nodes iff their replicated states are identical.
+        // Equal on two nodes iff they hold the same batches with the same content (and so
+        // identical totals, local retention aside).
         "state_sha256": hash_now,
-        "state_sha256_as_of_ms": hash_as_of,
+        "state_sha256_as_of_ms": now_ms(),
         "digest_batches": held,
         "complete": node.replication.as_ref().is_none_or(|r| r.sees_all_peers()),
         "as_of_ms": now_ms(),

@@ -84,8 +84,6 @@ pub struct Node {
     pub admission: Arc<crate::admission::Admission>,
     /// The HTTP listener's TLS configuration, when `http_tls` is on (swapped on rotation).
     pub http_tls: Option<crate::serve_http::TlsSlot>,
-    /// The last state hash `/v1/status` computed: when, at which `applied` count, and the hash.
-    pub state_hash_cache: std::sync::Mutex<Option<(Instant, u64, Option<String>)>>,
 }
 
 /// A started node; `shutdown()` stops it.
@@ -419,7 +417,6 @@ impl Node {
             started: Instant::now(),
             recovered,
             quarantined,
-            state_hash_cache: std::sync::Mutex::new(None),
             admission,
             http_tls: http_tls.clone(),
             applied_group,

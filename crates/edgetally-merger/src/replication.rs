@@ -469,7 +469,7 @@ pub async fn fetch_snapshot(
                 let body = postcard::to_allocvec(&Request::Snapshot).map_err(|e| e.to_string())?;
                 let raw = request(&conn, &body, MAX_MESSAGE).await?;
                 conn.close(0u32.into(), b"done");
-                postcard::from_bytes::<Snapshot>(&raw).map_err(|_| "bad snapshot".to_string())
+                Snapshot::decode(&raw).map_err(|_| "bad snapshot".to_string())
             }
             .await;
             (addr, got)
@@ -691,7 +691,7 @@ async fn pull(
     if gap {
         let body = postcard::to_allocvec(&Request::Snapshot).map_err(|e| e.to_string())?;
         let raw = request(conn, &body, MAX_MESSAGE).await?;
-        let snap: Snapshot = postcard::from_bytes(&raw).map_err(|_| "bad snapshot".to_string())?;
+        let snap: Snapshot = Snapshot::decode(&raw).map_err(|_| "bad snapshot".to_string())?;
         let n = node.clone();
         match tokio::task::spawn_blocking(move || n.adopt(snap)).await {
             Ok(Ok(true)) => info!(%addr, "caught up from the peer's snapshot"),

@@ -430,7 +430,7 @@ pub(crate) fn decode_snapshot(v: &[u8]) -> Result<Snapshot, String> {
         }
         None => v,
     };
-    postcard::from_bytes(body).map_err(|e| format!("snapshot unreadable: {e}"))
+    Snapshot::decode(body).map_err(|e| format!("snapshot unreadable: {e}"))
 }
 
 pub(crate) fn read_floor(

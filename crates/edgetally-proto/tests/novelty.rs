@@ -45,3 +45,90 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    /// The O(1) figures `/v1/status` reads (state hash, batches, tier entries) are what a full
+    /// recount gives, the hash depends on the set of batches only (not order), survives a
+    /// snapshot round trip, and tells different contents under one id apart.
+    #[test]
+    fn counters_and_state_hash_follow_the_set_of_batches(
+        recs in proptest::collection::vec((0usize..3, proptest::option::of(0usize..3), 0i64..200_000), 1..40),
+        order_seed in any::<u64>(),
+    ) {
+        const CATS: [&str; 3] = ["a", "b", "c"];
+        let mut batches = Vec::new();
+        for (i, chunk) in recs.chunks(3).enumerate() {
+            let s = Signer::from_seed([(i % 4) as u8 + 1; 32]);
+            let mut b = BatchBuilder::new(1000).expect("width");
+            for &(c, e, t) in chunk {
+                b.record(CATS[c], e.map(|e| CATS[e]), NOW - t, 1.5).expect("record");
+            }
+            batches.push(b.finish(BatchId { producer: s.producer(), epoch: 1, seq: i as u64 }, NOW));
+        }
+        let apply_all = |order: &[usize]| {
+            let mut r = Replica::new();
+            for &i in order {
+                r.apply(LogEntry { batch: Arc::new(batches[i].clone()), raw: Arc::from(&[][..]) }).expect("apply");
+            }
+            r
+        };
+        let fwd: Vec<usize> = (0..batches.len()).collect();
+        let mut shuffled = fwd.clone();
+        let mut x = order_seed;
+        for i in (1..shuffled.len()).rev() {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            shuffled.swap(i, (x >> 33) as usize % (i + 1));
+        }
+        let (a, b) = (apply_all(&fwd), apply_all(&shuffled));
+        prop_assert_eq!(a.state_hash(), b.state_hash());
+        prop_assert_eq!(a.entry_count(), a.entry_count_exact());
+        prop_assert_eq!(b.entry_count(), b.entry_count_exact());
+        prop_assert_eq!(a.digest_batches(), batches.len() as u64);
+        // A snapshot round trip keeps every figure.
+        let snap = edgetally_core::Snapshot::decode(&a.snapshot().encode()).expect("decode");
+        let mut c = Replica::restore(snap).expect("restore");
+        prop_assert_eq!(c.state_hash(), a.state_hash());
+        prop_assert_eq!(c.entry_count(), a.entry_count_exact());
+        prop_assert_eq!(c.digest_batches(), a.digest_batches());
+        // Pruning keeps the entry count exact.
+        let retention = edgetally_core::Retention { tiers: [Some(60_000), None, None] };
+        c.prune_tiers(NOW, &retention);
+        prop_assert_eq!(c.entry_count(), c.entry_count_exact());
+        // One batch fewer, or one with other content under the same id: another hash.
+        if batches.len() > 1 {
+            prop_assert_ne!(apply_all(&fwd[1..]).state_hash(), a.state_hash());
+        }
+        let mut other = batches.clone();
+        other[0].summaries[0].summary.count += 1;
+        other[0].summaries[0].summary.sum += 1_500_000_000;
+        let mut d = Replica::new();
+        for bt in &other {
+            d.apply(LogEntry { batch: Arc::new(bt.clone()), raw: Arc::from(&[][..]) }).expect("apply");
+        }
+        prop_assert_ne!(d.state_hash(), a.state_hash());
+    }
+}
+
+/// A format-1 snapshot (written before snapshots carried their set hash) still restores, with
+/// the same totals, and two equal ones give equal state hashes.
+#[test]
+fn format_1_snapshots_still_restore() {
+    let s = Signer::from_seed([3; 32]);
+    let mut b = BatchBuilder::new(1000).expect("width");
+    b.record("cpu", Some("d1"), NOW, 2.5).expect("record");
+    let mut r = Replica::new();
+    let id = BatchId { producer: s.producer(), epoch: 1, seq: 0 };
+    r.apply(LogEntry { batch: Arc::new(b.finish(id, NOW)), raw: Arc::from(&[][..]) }).expect("apply");
+    let v2 = r.snapshot().encode();
+    // Format 1 is format 2 without the trailing set hash.
+    let mut v1 = v2[..v2.len() - 32].to_vec();
+    assert_eq!(v1[0], 2);
+    v1[0] = 1;
+    let a = Replica::restore(edgetally_core::Snapshot::decode(&v1).expect("v1")).expect("restore");
+    let b = Replica::restore(edgetally_core::Snapshot::decode(&v1).expect("v1")).expect("restore");
+    assert_eq!(a.state_hash(), b.state_hash());
+    let (x, y) = (a.snapshot(), r.snapshot());
+    assert_eq!((&x.series, &x.seen, &x.strings), (&y.series, &y.seen, &y.strings));
+    assert!(edgetally_core::Snapshot::decode(&v2[..v2.len() - 1]).is_err());
+}

@@ -7,6 +7,7 @@ mod demo;
 mod loadgen;
 mod query;
 mod send;
+mod statusbench;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -53,6 +54,9 @@ enum Cmd {
     /// The cluster benchmark: replication overhead (a single merger vs a three-node cluster)
     /// and the time a partitioned node takes to catch up on a backlog.
     Clusterbench(clusterbench::ClusterBenchArgs),
+    /// The status benchmark: `/v1/status` latency on a merger holding many producers, and
+    /// ingest latency with and without status pollers.
+    Statusbench(statusbench::StatusBenchArgs),
     /// Check a stopped node's data directory: the snapshot's checksum, every log record, the
     /// group sequence and every stored batch's signature; damage is named by file and offset.
     /// Exits 1 if acknowledged data is damaged or missing. With --repair, salvages every
@@ -186,6 +190,7 @@ fn main() -> Result<()> {
         } => demo::run(cluster, node_script.as_deref()),
         Cmd::Loadgen(a) => loadgen::run(a),
         Cmd::Clusterbench(a) => clusterbench::run(a),
+        Cmd::Statusbench(a) => statusbench::run(a),
         Cmd::Check { data_dir, repair } => {
             init_logging();
             match repair {
