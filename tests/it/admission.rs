@@ -39,8 +39,8 @@ fn post(m: &Merger, raw: &[u8], credential: Option<&str>) -> (u16, String) {
     }
     let mut res = req.send(raw).expect("POST");
     let status = res.status().as_u16();
-    let v: Value = serde_json::from_str(&res.body_mut().read_to_string().expect("body"))
-        .expect("json reply");
+    let v: Value =
+        serde_json::from_str(&res.body_mut().read_to_string().expect("body")).expect("json reply");
     let what = v["error"]
         .as_str()
         .or(v["result"].as_str())
@@ -80,7 +80,10 @@ fn allowlist_is_enforced_and_reread_while_running() {
     std::fs::write(&list, format!("# site A\n{}\n", a.producer().to_hex())).expect("write");
     let env = [
         ("EDGETALLY_PRODUCER_POLICY", "allowlist"),
-        ("EDGETALLY_PRODUCER_ALLOWLIST", list.to_str().expect("utf-8")),
+        (
+            "EDGETALLY_PRODUCER_ALLOWLIST",
+            list.to_str().expect("utf-8"),
+        ),
     ];
     let data = dir.0.join("data");
     let m = Merger::start_with_env(&data, &[], &env);
@@ -190,7 +193,10 @@ fn enrolment_credentials_admit_over_http_quic_and_the_native_sdk() {
     add(&mut model, &k);
     // A credential for one key admits nobody else.
     let d = signer(602);
-    assert_eq!(post(&m, &batch(&d, 0, &k, base), Some(&good)).1, "not_admitted");
+    assert_eq!(
+        post(&m, &batch(&d, 0, &k, base), Some(&good)).1,
+        "not_admitted"
+    );
 
     // QUIC: the credential is one stream, the batches follow.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -204,11 +210,17 @@ fn enrolment_credentials_admit_over_http_quic_and_the_native_sdk() {
             .await
             .expect("connect");
         assert_eq!(
-            cl.send(&batch(&e, 0, &k, base)).await.expect("send").reason(),
+            cl.send(&batch(&e, 0, &k, base))
+                .await
+                .expect("send")
+                .reason(),
             Some(edgetally_core::RejectCode::NotAdmitted)
         );
         assert_eq!(cl.send(&cred_e).await.expect("send"), Reply::Ack);
-        assert_eq!(cl.send(&batch(&e, 0, &k, base)).await.expect("send"), Reply::Ack);
+        assert_eq!(
+            cl.send(&batch(&e, 0, &k, base)).await.expect("send"),
+            Reply::Ack
+        );
         cl.close().await;
     });
     add(&mut model, &k);
@@ -222,7 +234,12 @@ fn enrolment_credentials_admit_over_http_quic_and_the_native_sdk() {
     let cred = enroll(&issuer, &sdk, "3600");
     let events = dir.0.join("events.ndjson");
     let lines: String = (0..20)
-        .map(|i| format!("{{\"ts_ms\":{},\"category\":\"sdk\",\"value\":1}}\n", base - i))
+        .map(|i| {
+            format!(
+                "{{\"ts_ms\":{},\"category\":\"sdk\",\"value\":1}}\n",
+                base - i
+            )
+        })
         .collect();
     std::fs::write(&events, lines).expect("write");
     let (ok, _, err) = run_cli(&[
@@ -314,11 +331,19 @@ fn rate_limits_quotas_series_cap_and_bounds_each_answer_with_their_code() {
 
     // New entities: 4 per producer per hour.
     let r = signer(703);
-    let k = [("rate", Some("e1")), ("rate", Some("e2")), ("rate", Some("e3"))];
+    let k = [
+        ("rate", Some("e1")),
+        ("rate", Some("e2")),
+        ("rate", Some("e3")),
+    ];
     assert_eq!(post(&m, &batch(&r, 0, &k, base), None).0, 200);
     add(&mut model, &k);
     assert_eq!(
-        post(&m, &batch(&r, 1, &[("rate", Some("e4")), ("rate", Some("e5"))], base), None),
+        post(
+            &m,
+            &batch(&r, 1, &[("rate", Some("e4")), ("rate", Some("e5"))], base),
+            None
+        ),
         (422, "entity_quota".into())
     );
     let k = [("rate", Some("e4"))];
@@ -367,9 +392,16 @@ fn rate_limits_quotas_series_cap_and_bounds_each_answer_with_their_code() {
     let series = status["admission"]["series"].as_u64().expect("series");
     assert!(series <= 40, "{series} series held under a cap of 40");
     assert!(series >= 35, "the cap refused too early: {series}");
-    for code in ["category_quota", "entity_quota", "series_limit", "value_out_of_bounds"] {
+    for code in [
+        "category_quota",
+        "entity_quota",
+        "series_limit",
+        "value_out_of_bounds",
+    ] {
         assert!(
-            m.metric(&format!("edgetally_batches_rejected_total{{reason=\"{code}\"}}")) >= 1.0,
+            m.metric(&format!(
+                "edgetally_batches_rejected_total{{reason=\"{code}\"}}"
+            )) >= 1.0,
             "{code} counted"
         );
     }
@@ -384,13 +416,14 @@ fn rate_limits_quotas_series_cap_and_bounds_each_answer_with_their_code() {
 fn https(addr: &str, pin: [u8; 32], request: &str) -> Result<(u16, String), String> {
     let cfg = edgetally_net::tls::tcp_client_config(vec![pin]).map_err(|e| e.to_string())?;
     let name = rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name)
-        .map_err(|e| e.to_string())?;
+    let conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).map_err(|e| e.to_string())?;
     let tcp = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
     tcp.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
     let mut tls = rustls::StreamOwned::new(conn, tcp);
-    tls.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+    tls.write_all(request.as_bytes())
+        .map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     let _ = tls.read_to_end(&mut out);
     let text = String::from_utf8_lossy(&out).to_string();
@@ -434,12 +467,28 @@ fn http_tls_tokens_and_cors_guard_the_api() {
     assert_eq!(get("/healthz", &[]).0, 200);
     let (st, text) = get("/v1/status", &[]);
     assert_eq!(st, 401, "{text}");
-    assert!(text.to_ascii_lowercase().contains("www-authenticate: bearer"), "{text}");
-    assert_eq!(get("/v1/status", &[("Authorization", "Bearer writer-token-1")]).0, 403);
-    assert_eq!(get("/v1/status", &[("Authorization", "Bearer reader-token-2")]).0, 401);
-    assert_eq!(get("/v1/status", &[("Authorization", "Bearer reader-token-1")]).0, 200);
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("www-authenticate: bearer"),
+        "{text}"
+    );
+    assert_eq!(
+        get("/v1/status", &[("Authorization", "Bearer writer-token-1")]).0,
+        403
+    );
+    assert_eq!(
+        get("/v1/status", &[("Authorization", "Bearer reader-token-2")]).0,
+        401
+    );
+    assert_eq!(
+        get("/v1/status", &[("Authorization", "Bearer reader-token-1")]).0,
+        200
+    );
     assert_eq!(get("/metrics", &[]).0, 401);
-    let body = format!("{{\"ts_ms\":{},\"category\":\"tok\",\"value\":2}}\n", now_ms());
+    let body = format!(
+        "{{\"ts_ms\":{},\"category\":\"tok\",\"value\":2}}\n",
+        now_ms()
+    );
     let post = |token: &str| {
         https(
             &addr,
@@ -447,7 +496,10 @@ fn http_tls_tokens_and_cors_guard_the_api() {
             &request(
                 "POST",
                 "/v1/events",
-                &[("Authorization", token), ("Content-Type", "application/x-ndjson")],
+                &[
+                    ("Authorization", token),
+                    ("Content-Type", "application/x-ndjson"),
+                ],
                 &body,
             ),
         )
@@ -458,9 +510,7 @@ fn http_tls_tokens_and_cors_guard_the_api() {
     assert_eq!(st, 200, "{text}");
     assert!(text.contains("\"accepted\":1"), "{text}");
     // CORS: the listed origin is allowed, another is not (and a preflight needs no token).
-    let pre = |origin: &str| {
-        get_with(&addr, pin, "OPTIONS", origin)
-    };
+    let pre = |origin: &str| get_with(&addr, pin, "OPTIONS", origin);
     let ok = pre("https://app.example");
     assert!(
         ok.to_ascii_lowercase()
@@ -469,7 +519,8 @@ fn http_tls_tokens_and_cors_guard_the_api() {
     );
     let no = pre("https://evil.example");
     assert!(
-        !no.to_ascii_lowercase().contains("access-control-allow-origin"),
+        !no.to_ascii_lowercase()
+            .contains("access-control-allow-origin"),
         "{no}"
     );
     // Plain HTTP on the TLS port gets no answer; a wrong pin fails the handshake.

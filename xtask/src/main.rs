@@ -6,7 +6,11 @@
 //! - `cargo xtask web` — builds the npm package in `web/` (wasm-pack, wasm-opt, tsc), after
 //!   installing what it needs (wasm-bindgen-cli at the Cargo.lock version, wasm-pack, the npm
 //!   dev dependencies).
-//! - `cargo xtask bench [core|wire|sdk|figures|merger|cluster|web]` — the benchmarks (not run by `test`).
+//! - `cargo xtask bench [core|wire|sdk|figures|merger|cluster|status|web]` — the benchmarks (not run by `test`).
+//! - `cargo xtask soak [SECONDS]` — the soak (default 1800 s): valid load plus abusive clients
+//!   against a release merger; `test` runs 60 s of it on the debug build.
+//! - `cargo xtask fuzz [SECONDS]` — every fuzz target for SECONDS each (default 600); `test`
+//!   runs them for 30 s each. A crash is copied into `tests/crashers/` and fails the run.
 
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -25,13 +29,24 @@ fn main() -> Result<()> {
         }
         Some("bench") => bench(args.get(1).map(String::as_str).unwrap_or("all")),
         Some("demo") => demo(&root, &args[1..]),
+        Some("soak") => {
+            let secs = args.get(1).map_or("1800", String::as_str);
+            release_binary_with(&root, &["soak", "--secs", secs])
+        }
+        Some("fuzz") => {
+            let secs = match args.get(1) {
+                Some(s) => s.parse().context("usage: cargo xtask fuzz [SECONDS]")?,
+                None => 600,
+            };
+            fuzz(&root, secs)
+        }
         Some("web") => {
             ensure_prerequisites()?;
             web_build(&root)
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|wasm-check|bench [core|wire|sdk|figures|merger|cluster|web]>"
+                "usage: cargo xtask <test|wasm-check|web|soak [SECONDS]|fuzz [SECONDS]|bench [core|wire|sdk|figures|merger|cluster|status|web]>"
             );
             std::process::exit(2)
         }
@@ -112,6 +127,13 @@ fn test() -> Result<()> {
     let (p, f) = web_tests(&root)?;
     passed += p;
     failed += f;
+    // Bounded slices of the soak and of the fuzzing campaign (`cargo xtask soak` and
+    // `cargo xtask fuzz` run them longer).
+    run(
+        Command::new(target_dir(&root).join("debug").join("edgetally"))
+            .args(["soak", "--secs", "60"]),
+    )?;
+    fuzz(&root, 30)?;
     eprintln!("xtask: all checks passed");
     // One closing line for the whole run (cargo prints one per test binary, the last of which
     // is often a doc-test binary with nothing in it).
@@ -387,6 +409,11 @@ fn bench_merger(root: &Path) -> Result<()> {
 
 /// Builds the release binary and runs `edgetally <command>`.
 fn release_binary(root: &Path, command: &str) -> Result<()> {
+    release_binary_with(root, &[command])
+}
+
+/// Builds the release binary and runs `edgetally ARGS…`.
+fn release_binary_with(root: &Path, args: &[&str]) -> Result<()> {
     run(cargo().args([
         "build",
         "--release",
@@ -396,7 +423,7 @@ fn release_binary(root: &Path, command: &str) -> Result<()> {
         "--bin",
         "edgetally",
     ]))?;
-    run(Command::new(target_dir(root).join("release").join("edgetally")).arg(command))
+    run(Command::new(target_dir(root).join("release").join("edgetally")).args(args))
 }
 
 fn bench(which: &str) -> Result<()> {
@@ -406,6 +433,9 @@ fn bench(which: &str) -> Result<()> {
     }
     if which == "cluster" {
         return release_binary(&root, "clusterbench");
+    }
+    if which == "status" {
+        return release_binary(&root, "statusbench");
     }
     // (name on the command line, bench target, package)
     let benches: &[(&str, &str, &str)] = &[
@@ -623,6 +653,54 @@ fn limits(b: &[u8], p: &mut usize) -> Result<()> {
     leb(b, p)?;
     if flag & 1 == 1 {
         leb(b, p)?;
+    }
+    Ok(())
+}
+
+/// The fuzz targets (`fuzz/fuzz_targets/`), each given every file of `tests/crashers/` as seeds.
+const FUZZ_TARGETS: [&str; 5] = ["decode_batch", "frames", "apply", "snapshot", "credential"];
+
+/// Runs every fuzz target for `secs` seconds (libFuzzer with AddressSanitizer, through
+/// cargo-fuzz; `RUSTC_BOOTSTRAP=1` lets the stable toolchain take the sanitizer flags). The
+/// corpus grows under the target directory from run to run; a crash is copied into
+/// `tests/crashers/` (where a test keeps it an error from then on) and fails the run.
+fn fuzz(root: &Path, secs: u64) -> Result<()> {
+    let have = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        if run(cargo().args(["install", "cargo-fuzz", "--locked"])).is_err() {
+            run(cargo().args(["install", "cargo-fuzz"]))?;
+        }
+    }
+    let seeds = root.join("tests").join("crashers");
+    let work = target_dir(root).join("fuzz-work");
+    for t in FUZZ_TARGETS {
+        let corpus = work.join("corpus").join(t);
+        let artifacts = work.join("artifacts").join(t);
+        std::fs::create_dir_all(&corpus)?;
+        std::fs::create_dir_all(&artifacts)?;
+        let result = run(cargo()
+            .current_dir(root.join("fuzz"))
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "run", t])
+            .arg(&corpus)
+            .arg(&seeds)
+            .arg("--")
+            .arg(format!("-max_total_time={secs}"))
+            .arg("-timeout=10")
+            .arg("-rss_limit_mb=2048")
+            .arg(format!("-artifact_prefix={}/", artifacts.display())));
+        if let Err(e) = result {
+            let mut kept = Vec::new();
+            for f in std::fs::read_dir(&artifacts)?.flatten() {
+                let name = format!("{t}-{}.bin", f.file_name().to_string_lossy());
+                std::fs::copy(f.path(), seeds.join(&name))?;
+                kept.push(name);
+            }
+            bail!("fuzz target {t} failed ({e}); inputs kept in tests/crashers/: {kept:?}");
+        }
     }
     Ok(())
 }

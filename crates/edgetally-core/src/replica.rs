@@ -362,7 +362,9 @@ const SNAPSHOT_FORMAT: u32 = 2;
 
 /// The horizons of a format-1 snapshot (read again, since the canonical copy zeroes them).
 fn v1_horizons(bytes: &[u8]) -> Option<[i64; 3]> {
-    postcard::from_bytes::<SnapshotV1>(bytes).ok().map(|v| v.horizons)
+    postcard::from_bytes::<SnapshotV1>(bytes)
+        .ok()
+        .map(|v| v.horizons)
 }
 
 /// What a batch would add to a replica's state (see [`Replica::novelty`]).

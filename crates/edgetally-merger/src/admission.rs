@@ -66,7 +66,8 @@ impl Bucket {
 
     /// The wait (ms) before this bucket admits again, if it does not now.
     fn wait_ms(&self, rate: f64) -> Option<u32> {
-        (self.tokens < 0.0).then(|| ((-self.tokens / rate) * 1000.0).clamp(1.0, MAX_DELAY_MS) as u32)
+        (self.tokens < 0.0)
+            .then(|| ((-self.tokens / rate) * 1000.0).clamp(1.0, MAX_DELAY_MS) as u32)
     }
 }
 
@@ -164,7 +165,8 @@ impl Admission {
         if config.producer_policy == ProducerPolicy::Enrolled && issuers.is_empty() {
             return Err("producer_policy = \"enrolled\" needs issuer_keys".into());
         }
-        if config.producer_policy == ProducerPolicy::Allowlist && config.producer_allowlist.is_none()
+        if config.producer_policy == ProducerPolicy::Allowlist
+            && config.producer_allowlist.is_none()
         {
             return Err("producer_policy = \"allowlist\" needs producer_allowlist (a file)".into());
         }
@@ -241,13 +243,19 @@ impl Admission {
 
     /// Keys enrolled and not yet expired (an upper bound: expired ones are swept lazily).
     pub fn enrolled_len(&self) -> usize {
-        self.enrolled.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.enrolled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Producers and sources tracked by the rate limits.
     pub fn tracked(&self) -> (usize, usize) {
         (
-            self.producers.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            self.producers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .len(),
             self.sources.lock().unwrap_or_else(|e| e.into_inner()).len(),
         )
     }
@@ -332,7 +340,11 @@ impl Admission {
             return Ok(());
         }
         for s in &batch.summaries {
-            let b = self.bounds.get(batch.category(s)).copied().or(self.any_bounds);
+            let b = self
+                .bounds
+                .get(batch.category(s))
+                .copied()
+                .or(self.any_bounds);
             if let Some((lo, hi)) = b {
                 if s.summary.min < lo || s.summary.max > hi {
                     return Err(RejectCode::ValueOutOfBounds);
@@ -423,12 +435,7 @@ impl Admission {
 
     /// Drops producers whose buckets are full and whose hour is over: they hold nothing a
     /// fresh entry would not.
-    fn sweep_producers(
-        m: &mut HashMap<ProducerKey, ProducerState>,
-        rb: f64,
-        rs: f64,
-        now_ms: i64,
-    ) {
+    fn sweep_producers(m: &mut HashMap<ProducerKey, ProducerState>, rb: f64, rs: f64, now_ms: i64) {
         let hour = now_ms.div_euclid(3_600_000);
         m.retain(|_, st| {
             st.batches.refill(rb, now_ms);
@@ -450,7 +457,12 @@ impl Admission {
         }
         {
             let mut m = self.producers.lock().unwrap_or_else(|e| e.into_inner());
-            Self::sweep_producers(&mut m, self.producer_batches, self.producer_summaries, now_ms);
+            Self::sweep_producers(
+                &mut m,
+                self.producer_batches,
+                self.producer_summaries,
+                now_ms,
+            );
         }
         {
             let rate = self.source_batches;

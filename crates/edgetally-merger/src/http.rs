@@ -68,7 +68,10 @@ pub fn router(node: Arc<Node>) -> Router {
         })
         .layer(DefaultBodyLimit::max(32 << 20))
         // Outside the token check: a browser's preflight carries no token.
-        .layer(axum::middleware::from_fn_with_state(node.clone(), authorize))
+        .layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            authorize,
+        ))
         .layer(cors(&node.config.cors_origins))
         .layer(axum::middleware::from_fn_with_state(
             node.clone(),
@@ -1190,11 +1193,31 @@ async fn metrics(State(node): State<Node_>) -> Response {
         use std::fmt::Write;
         let st = &adm.stats;
         for (name, help, v) in [
-            ("edgetally_throttled_total{scope=\"producer\"}", "", st.throttled_producer.load(Relaxed)),
-            ("edgetally_throttled_total{scope=\"source\"}", "", st.throttled_source.load(Relaxed)),
-            ("edgetally_credentials_total{result=\"accepted\"}", "", st.credentials_accepted.load(Relaxed)),
-            ("edgetally_credentials_total{result=\"refused\"}", "", st.credentials_refused.load(Relaxed)),
-            ("edgetally_allowlist_load_errors_total", "Allowlist reads that failed (the previous list stays in force).", st.allowlist_errors.load(Relaxed)),
+            (
+                "edgetally_throttled_total{scope=\"producer\"}",
+                "",
+                st.throttled_producer.load(Relaxed),
+            ),
+            (
+                "edgetally_throttled_total{scope=\"source\"}",
+                "",
+                st.throttled_source.load(Relaxed),
+            ),
+            (
+                "edgetally_credentials_total{result=\"accepted\"}",
+                "",
+                st.credentials_accepted.load(Relaxed),
+            ),
+            (
+                "edgetally_credentials_total{result=\"refused\"}",
+                "",
+                st.credentials_refused.load(Relaxed),
+            ),
+            (
+                "edgetally_allowlist_load_errors_total",
+                "Allowlist reads that failed (the previous list stays in force).",
+                st.allowlist_errors.load(Relaxed),
+            ),
         ] {
             let base = name.split('{').next().unwrap_or(name);
             let help = match base {

@@ -288,7 +288,11 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
                         fresh.push((job, b));
                     }
                     Ok(b) => {
-                        let n = if novelty { r.novelty(&b) } else { Default::default() };
+                        let n = if novelty {
+                            r.novelty(&b)
+                        } else {
+                            Default::default()
+                        };
                         match adm.charge(&b, n, series, now) {
                             Ok(()) => {
                                 series += n.series as u64;

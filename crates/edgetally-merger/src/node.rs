@@ -462,7 +462,11 @@ impl Node {
         )));
         println!("node: {}", node.signer.producer().to_hex());
         println!("quic: {quic_addr}");
-        let scheme = if node.http_tls.is_some() { "https" } else { "http" };
+        let scheme = if node.http_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         println!("http: {scheme}://{http_addr}");
         println!("cert-sha256: {}", hex(&node.cert_hash()));
         println!("recovered-batches: {recovered}");

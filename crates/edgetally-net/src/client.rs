@@ -82,6 +82,11 @@ impl Client {
         }
     }
 
+    /// The underlying QUIC connection (for tools that drive streams themselves).
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
     /// Closes the connection and waits for the endpoint to finish.
     pub async fn close(self) {
         self.conn.close(0u32.into(), b"bye");

@@ -312,8 +312,7 @@ async fn drive(shared: Arc<Shared>, endpoints: Vec<Endpoint>) {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .clone();
-                let result =
-                    send(&clients, &endpoints, t.endpoint, &t.bytes, credential).await;
+                let result = send(&clients, &endpoints, t.endpoint, &t.bytes, credential).await;
                 let now = now_ms();
                 match result {
                     Some(reply) => shared.lock().handle_reply(now, t.seq, reply),

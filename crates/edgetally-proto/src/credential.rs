@@ -59,7 +59,9 @@ pub fn issue(issuer_seed: &[u8; 32], producer: &ProducerKey, not_after_ms: i64) 
 
 /// The public key of an issuer seed (what a merger's `issuer_keys` lists).
 pub fn issuer_public(issuer_seed: &[u8; 32]) -> [u8; 32] {
-    SigningKey::from_bytes(issuer_seed).verifying_key().to_bytes()
+    SigningKey::from_bytes(issuer_seed)
+        .verifying_key()
+        .to_bytes()
 }
 
 /// Whether these bytes are a credential rather than a batch.
@@ -123,7 +125,10 @@ mod tests {
         assert_eq!(c.len(), CREDENTIAL_LEN);
         assert!(is_credential(&c));
         let ok = verify(&c, &[issuer], 9_999).expect("valid");
-        assert_eq!((ok.producer, ok.not_after_ms, ok.issuer), (producer, 10_000, issuer));
+        assert_eq!(
+            (ok.producer, ok.not_after_ms, ok.issuer),
+            (producer, 10_000, issuer)
+        );
         // Expired, unknown issuer, wrong length.
         assert_eq!(verify(&c, &[issuer], 10_000), Err(RejectCode::NotAdmitted));
         assert_eq!(verify(&c, &[[1u8; 32]], 0), Err(RejectCode::NotAdmitted));

@@ -12,7 +12,13 @@ fn shape(r: &Replica, cats: &[&str]) -> (usize, usize) {
     let c = r.categories().len();
     let mut e = 0;
     for cat in cats {
-        let rows = r.topk(cat, i64::MIN, i64::MAX, 10_000, edgetally_core::TopBy::Entity);
+        let rows = r.topk(
+            cat,
+            i64::MIN,
+            i64::MAX,
+            10_000,
+            edgetally_core::TopBy::Entity,
+        );
         e += rows.rows.len();
     }
     (c, e)
@@ -118,8 +124,16 @@ fn format_1_snapshots_still_restore() {
     let mut b = BatchBuilder::new(1000).expect("width");
     b.record("cpu", Some("d1"), NOW, 2.5).expect("record");
     let mut r = Replica::new();
-    let id = BatchId { producer: s.producer(), epoch: 1, seq: 0 };
-    r.apply(LogEntry { batch: Arc::new(b.finish(id, NOW)), raw: Arc::from(&[][..]) }).expect("apply");
+    let id = BatchId {
+        producer: s.producer(),
+        epoch: 1,
+        seq: 0,
+    };
+    r.apply(LogEntry {
+        batch: Arc::new(b.finish(id, NOW)),
+        raw: Arc::from(&[][..]),
+    })
+    .expect("apply");
     let v2 = r.snapshot().encode();
     // Format 1 is format 2 without the trailing set hash.
     let mut v1 = v2[..v2.len() - 32].to_vec();
@@ -129,6 +143,9 @@ fn format_1_snapshots_still_restore() {
     let b = Replica::restore(edgetally_core::Snapshot::decode(&v1).expect("v1")).expect("restore");
     assert_eq!(a.state_hash(), b.state_hash());
     let (x, y) = (a.snapshot(), r.snapshot());
-    assert_eq!((&x.series, &x.seen, &x.strings), (&y.series, &y.seen, &y.strings));
+    assert_eq!(
+        (&x.series, &x.seen, &x.strings),
+        (&y.series, &y.seen, &y.strings)
+    );
     assert!(edgetally_core::Snapshot::decode(&v2[..v2.len() - 1]).is_err());
 }

@@ -7,6 +7,7 @@ mod demo;
 mod loadgen;
 mod query;
 mod send;
+mod soak;
 mod statusbench;
 
 use anyhow::{Context, Result};
@@ -57,6 +58,10 @@ enum Cmd {
     /// The status benchmark: `/v1/status` latency on a merger holding many producers, and
     /// ingest latency with and without status pollers.
     Statusbench(statusbench::StatusBenchArgs),
+    /// The soak: a merger under mixed valid load and abusive clients (hoarded sockets,
+    /// unfinished streams, quota breakers) for a while; checks that nothing acknowledged was
+    /// lost (also after kill -9) and prints the memory figures.
+    Soak(soak::SoakArgs),
     /// Check a stopped node's data directory: the snapshot's checksum, every log record, the
     /// group sequence and every stored batch's signature; damage is named by file and offset.
     /// Exits 1 if acknowledged data is damaged or missing. With --repair, salvages every
@@ -191,6 +196,7 @@ fn main() -> Result<()> {
         Cmd::Loadgen(a) => loadgen::run(a),
         Cmd::Clusterbench(a) => clusterbench::run(a),
         Cmd::Statusbench(a) => statusbench::run(a),
+        Cmd::Soak(a) => soak::run(a),
         Cmd::Check { data_dir, repair } => {
             init_logging();
             match repair {

@@ -258,4 +258,3 @@ pub fn run(a: SendArgs) -> Result<()> {
         anyhow::Ok(())
     })
 }
-

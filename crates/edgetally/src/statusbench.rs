@@ -67,9 +67,16 @@ pub fn run(a: StatusBenchArgs) -> Result<()> {
                     .map_err(|e| anyhow::anyhow!("{e}"))
             })
             .collect::<Result<_>>()?;
-        println!("signed {} one-producer batches in {:.1} s", fill.len(), t.elapsed().as_secs_f64());
+        println!(
+            "signed {} one-producer batches in {:.1} s",
+            fill.len(),
+            t.elapsed().as_secs_f64()
+        );
         let (secs, _, _) = rt.block_on(push_all(m.quic, m.cert, Arc::new(fill), 256, 4))?;
-        println!("filled the merger with {} producers in {secs:.1} s", a.producers);
+        println!(
+            "filled the merger with {} producers in {secs:.1} s",
+            a.producers
+        );
         let signers: Vec<Signer> = (0..8u8).map(|i| Signer::from_seed([i + 140; 32])).collect();
         let load = |round: u64| -> Result<Arc<Vec<Vec<u8>>>> {
             Ok(Arc::new(
