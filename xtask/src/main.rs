@@ -669,10 +669,8 @@ fn fuzz(root: &Path, secs: u64) -> Result<()> {
         .args(["fuzz", "--version"])
         .output()
         .is_ok_and(|o| o.status.success());
-    if !have {
-        if run(cargo().args(["install", "cargo-fuzz", "--locked"])).is_err() {
-            run(cargo().args(["install", "cargo-fuzz"]))?;
-        }
+    if !have && run(cargo().args(["install", "cargo-fuzz", "--locked"])).is_err() {
+        run(cargo().args(["install", "cargo-fuzz"]))?;
     }
     let seeds = root.join("tests").join("crashers");
     let work = target_dir(root).join("fuzz-work");

@@ -173,7 +173,10 @@ impl Admission {
         let mut bounds = HashMap::new();
         let mut any_bounds = None;
         for (cat, &[lo, hi]) in &config.value_bounds {
-            if !(lo <= hi) {
+            if lo
+                .partial_cmp(&hi)
+                .is_none_or(|o| o == std::cmp::Ordering::Greater)
+            {
                 return Err(format!("value_bounds.{cat}: [{lo}, {hi}] is not a range"));
             }
             if cat == "*" {
@@ -330,7 +333,7 @@ impl Admission {
                 }
                 ProducerPolicy::Enrolled => {
                     let e = self.enrolled.lock().unwrap_or_else(|e| e.into_inner());
-                    if !e.get(&key).is_some_and(|&until| until > now_ms) {
+                    if e.get(&key).is_none_or(|&until| until <= now_ms) {
                         return Err(RejectCode::NotAdmitted);
                     }
                 }

@@ -294,9 +294,11 @@ impl NativeProducer {
     }
 }
 
+/// Per endpoint: the connection, if open, and the credential generation presented on it.
+type Connections = tokio::sync::Mutex<Vec<Option<(Client, u64)>>>;
+
 async fn drive(shared: Arc<Shared>, endpoints: Vec<Endpoint>) {
-    let clients: Arc<tokio::sync::Mutex<Vec<Option<(Client, u64)>>>> =
-        Arc::new(tokio::sync::Mutex::new(vec![None; endpoints.len()]));
+    let clients: Arc<Connections> = Arc::new(tokio::sync::Mutex::new(vec![None; endpoints.len()]));
     let endpoints = Arc::new(endpoints);
     while !shared.closed.load(std::sync::atomic::Ordering::Relaxed) {
         let now = now_ms();
@@ -338,7 +340,7 @@ async fn drive(shared: Arc<Shared>, endpoints: Vec<Endpoint>) {
 /// Sends on the endpoint's connection, (re)connecting as needed and presenting the
 /// credential on a connection that has not seen it; `None` on transport failure.
 async fn send(
-    clients: &tokio::sync::Mutex<Vec<Option<(Client, u64)>>>,
+    clients: &Connections,
     endpoints: &[Endpoint],
     i: usize,
     bytes: &[u8],

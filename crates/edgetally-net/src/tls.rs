@@ -111,7 +111,7 @@ pub fn parse_hash(s: &str) -> Option<[u8; 32]> {
 /// white space ignored); `None` for anything else.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
     let digits: Vec<u8> = s.trim().bytes().filter(|b| *b != b':').collect();
-    if digits.len() % 2 != 0 || !digits.iter().all(u8::is_ascii_hexdigit) {
+    if !digits.len().is_multiple_of(2) || !digits.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
     digits

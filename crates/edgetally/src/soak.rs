@@ -240,7 +240,7 @@ pub fn run(a: SoakArgs) -> Result<()> {
                         match tokio::net::TcpStream::connect(&addr).await {
                             Ok(s) => {
                                 count(&stats, "hoarded_socket");
-                                socks.push((s, socks.len() % 5 == 0));
+                                socks.push((s, socks.len().is_multiple_of(5)));
                             }
                             Err(_) => break,
                         }
@@ -274,7 +274,7 @@ pub fn run(a: SoakArgs) -> Result<()> {
                 rss.push((started.elapsed().as_secs_f64(), k));
             }
             let t = started.elapsed().as_secs();
-            if t % 60 == 0 {
+            if t.is_multiple_of(60) {
                 eprint!(
                     "\rsoak: {t} s, {} batches acked, RSS {:.1} MiB   ",
                     acked.load(Relaxed),
