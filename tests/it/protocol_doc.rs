@@ -79,6 +79,22 @@ fn protocol_vectors_match_the_code() {
         Some(&encode_frame(&Reply::Ack.encode()))
     );
     checked += 1;
+    // §8: the credential issuer seed 0x11… grants producer (seed 0x22…) until 1.7e12 ms.
+    let issuer_seed = [0x11u8; 32];
+    let producer = edgetally_proto::Signer::from_seed([0x22; 32]).producer();
+    let cred = edgetally_proto::credential::issue(&issuer_seed, &producer, 1_700_000_000_000);
+    if std::env::var("EDGETALLY_PRINT_VECTORS").is_ok() {
+        println!("credential: {}", edgetally_net::tls::hex(&cred));
+    }
+    assert_eq!(v.get("credential"), Some(&cred), "credential");
+    let issuer = edgetally_proto::credential::issuer_public(&issuer_seed);
+    assert_eq!(
+        v.get("credential-issuer"),
+        Some(&issuer.to_vec()),
+        "credential-issuer"
+    );
+    assert!(edgetally_proto::credential::verify(&cred, &[issuer], 1_699_999_999_999).is_ok());
+    checked += 2;
     assert_eq!(checked, v.len(), "every vector in the document is checked");
     assert!(checked >= 7);
 }
