@@ -22,7 +22,8 @@ pub use code::RejectCode;
 pub use query::{Aggregate, GroupBy, Plan, Rows, TopBy};
 pub use record::Record;
 pub use replica::{
-    content_digest, Applied, Digest, LogEntry, Novelty, Replica, Retention, SetHash, Snapshot,
+    batch_digest, content_digest, Applied, Digest, LogEntry, Novelty, Replica, Retention, SetHash,
+    Snapshot,
 };
 pub use seen::SeenSet;
 pub use strings::StringTable;

@@ -183,7 +183,7 @@ impl Series {
 }
 
 /// An order-independent hash of a set of batches: the sum, modulo 2²⁵⁶, of each batch's
-/// content digest ([`content_digest`]). Adding a batch is O(1), so a replica keeps it current
+/// digest ([`batch_digest`]). Adding a batch is O(1), so a replica keeps it current
 /// as it applies, and two replicas holding the same batches (same ids, same content) hold the
 /// same sum whatever order or grouping they applied them in.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,6 +199,26 @@ impl SetHash {
             carry = t >> 8;
         }
     }
+}
+
+/// A batch's element of the [`SetHash`]. With the signed bytes (`raw`: the envelope, whose
+/// last 64 bytes are the signature — what every merger holds, from its producer, its store or
+/// a peer): SHA-256 over a domain prefix, the id and the signature, which commits to the whole
+/// content under the producer's key, for a fraction of a microsecond. Without them (a
+/// replica fed decoded batches only, as in simulations): [`content_digest`]. A replica must
+/// be fed one way or the other throughout for its hash to compare with another's.
+pub fn batch_digest(batch: &Batch, raw: &[u8]) -> [u8; 32] {
+    use sha2::{Digest as _, Sha256};
+    let Some(sig) = raw.len().checked_sub(64).and_then(|at| raw.get(at..)) else {
+        return content_digest(batch);
+    };
+    let mut h = Sha256::new();
+    h.update(b"edgetally/batch-signature/v1\0");
+    h.update(batch.id.producer.0);
+    h.update(batch.id.epoch.to_le_bytes());
+    h.update(batch.id.seq.to_le_bytes());
+    h.update(sig);
+    h.finalize().into()
 }
 
 /// The SHA-256 of a batch's decoded content in a fixed encoding: its id, creation time,
@@ -399,6 +419,8 @@ pub struct Replica {
     seen_batches: u64,
     /// Tier entries held.
     entries: u64,
+    /// What the last `apply` added (reset at each apply).
+    last_novelty: Novelty,
 }
 
 impl Replica {
@@ -443,8 +465,21 @@ impl Replica {
             if dim != Dim::All {
                 self.by_category.entry(cat).or_default().push((dim, idx));
             }
+            let n = &mut self.last_novelty;
+            n.series += 1;
+            match dim {
+                Dim::All => n.categories += 1,
+                Dim::Entity(_) => n.entities += 1,
+                _ => {}
+            }
         }
         idx
+    }
+
+    /// What the last [`Replica::apply`] added to the state (zero if it added nothing: a
+    /// duplicate or a refusal): what [`Replica::novelty`] predicted for it.
+    pub fn last_novelty(&self) -> Novelty {
+        self.last_novelty
     }
 
     /// Whether batch `id` has been applied.
@@ -462,6 +497,23 @@ impl Replica {
     /// Applies a batch that passed [`Batch::check`]: all of its summaries or, on error, none;
     /// at most once per [`BatchId`]. The entry is kept in the replication log.
     pub fn apply(&mut self, entry: LogEntry) -> Result<Applied, RejectCode> {
+        if self.has_applied(&entry.batch.id) {
+            self.last_novelty = Novelty::default();
+            return Ok(Applied::Duplicate);
+        }
+        let digest = batch_digest(&entry.batch, &entry.raw);
+        self.apply_with_digest(entry, &digest)
+    }
+
+    /// [`Replica::apply`] with the batch's [`batch_digest`] computed beforehand (the merger
+    /// computes it on its verification threads, from the signed bytes, which its retained
+    /// log may not keep). Passing any other value corrupts the state hash.
+    pub fn apply_with_digest(
+        &mut self,
+        entry: LogEntry,
+        digest: &[u8; 32],
+    ) -> Result<Applied, RejectCode> {
+        self.last_novelty = Novelty::default();
         let batch = &entry.batch;
         let id = batch.id;
         if self.has_applied(&id) {
@@ -527,7 +579,7 @@ impl Replica {
         self.applied += 1;
         self.seen_batches += 1;
         self.entries += created;
-        self.batches_hash.add(&content_digest(batch));
+        self.batches_hash.add(digest);
         self.log.insert(id, entry);
         Ok(Applied::New)
     }

@@ -71,6 +71,16 @@ impl Bucket {
     }
 }
 
+/// What a batch was charged against its producer's hourly quotas before it applied (an upper
+/// bound, or the exact novelty when the bound did not fit); settled by [`Admission::settle`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    key: ProducerKey,
+    hour: i64,
+    categories: u32,
+    entities: u32,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct ProducerState {
     batches: Bucket,
@@ -365,29 +375,59 @@ impl Admission {
         }
     }
 
-    /// Whether any check needs the state's novelty.
-    pub fn needs_novelty(&self) -> bool {
-        self.new_categories_per_hour > 0 || self.new_entities_per_hour > 0 || self.max_series > 0
-    }
-
     /// The checks that need the verified batch and the state: the producer's rates, then the
-    /// novelty quotas. `Err(Ok(delay))` asks for a retry, `Err(Err(code))` refuses.
+    /// novelty quotas and the series cap. `series` is the number of series the state holds
+    /// (with what earlier batches of the group will add); `exact` computes what the batch
+    /// would add ([`edgetally_core::Replica::novelty`]), and is called only when an upper
+    /// bound taken from the batch's shape does not already fit — so a producer far from its
+    /// quotas, on a node far from its cap, costs no lookup. Returns what was reserved (the
+    /// series to add to `series`, and the quota charge to settle once the batch applied), or
+    /// `Err(Ok(delay))` for a retry, `Err(Err(code))` for a refusal.
     pub fn charge(
         &self,
         batch: &Batch,
-        novelty: Novelty,
         series: u64,
         now_ms: i64,
-    ) -> Result<(), Result<u32, RejectCode>> {
-        if self.max_series > 0
-            && novelty.series > 0
-            && series.saturating_add(novelty.series as u64) > self.max_series
-        {
-            return Err(Err(RejectCode::SeriesLimit));
+        exact: impl FnOnce() -> Novelty,
+    ) -> Result<(u64, Option<Reservation>), Result<u32, RejectCode>> {
+        let mut exact = Some(exact);
+        let mut known: Option<Novelty> = None;
+        let mut novelty = || -> Novelty {
+            if let Some(f) = exact.take() {
+                known = Some(f());
+            }
+            known.unwrap_or_default()
+        };
+        let summaries = batch.summaries.len() as u32;
+        // Distinct categories (indices into the batch's string table, which `Batch::check`
+        // bounds), with a bit per string.
+        let mut seen = vec![0u64; batch.strings.len().div_ceil(64)];
+        let mut ub_cats = 0u32;
+        for s in &batch.summaries {
+            let (w, b) = ((s.category / 64) as usize, s.category % 64);
+            if let Some(word) = seen.get_mut(w) {
+                if *word & (1 << b) == 0 {
+                    *word |= 1 << b;
+                    ub_cats += 1;
+                }
+            }
+        }
+        let ub_ents = batch
+            .summaries
+            .iter()
+            .filter(|s| s.entity != edgetally_core::NO_ENTITY)
+            .count() as u32;
+        let ub_series = 2 * ub_cats as u64 + summaries as u64;
+        let mut add_series = ub_series;
+        if self.max_series > 0 && series.saturating_add(ub_series) > self.max_series {
+            add_series = novelty().series as u64;
+            if add_series > 0 && series.saturating_add(add_series) > self.max_series {
+                return Err(Err(RejectCode::SeriesLimit));
+            }
         }
         let key = batch.id.producer;
         if key == self.own {
-            return Ok(());
+            return Ok((add_series, None));
         }
         let (rb, rs) = (self.producer_batches, self.producer_summaries);
         let hour = now_ms.div_euclid(3_600_000);
@@ -421,19 +461,53 @@ impl Admission {
             st.new_categories = 0;
             st.new_entities = 0;
         }
-        let cats = st.new_categories.saturating_add(novelty.categories);
-        let ents = st.new_entities.saturating_add(novelty.entities);
-        if self.new_categories_per_hour > 0 && cats > self.new_categories_per_hour {
-            return Err(Err(RejectCode::CategoryQuota));
-        }
-        if self.new_entities_per_hour > 0 && ents > self.new_entities_per_hour {
-            return Err(Err(RejectCode::EntityQuota));
-        }
-        st.new_categories = cats;
-        st.new_entities = ents;
+        let (qc, qe) = (self.new_categories_per_hour, self.new_entities_per_hour);
+        let fits = |c: u32, e: u32| {
+            (qc == 0 || st.new_categories.saturating_add(c) <= qc)
+                && (qe == 0 || st.new_entities.saturating_add(e) <= qe)
+        };
+        let (cats, ents) = if fits(ub_cats, ub_ents) {
+            (ub_cats, ub_ents)
+        } else {
+            let n = novelty();
+            if qc > 0 && st.new_categories.saturating_add(n.categories) > qc {
+                return Err(Err(RejectCode::CategoryQuota));
+            }
+            if qe > 0 && st.new_entities.saturating_add(n.entities) > qe {
+                return Err(Err(RejectCode::EntityQuota));
+            }
+            (n.categories, n.entities)
+        };
+        st.new_categories = st.new_categories.saturating_add(cats);
+        st.new_entities = st.new_entities.saturating_add(ents);
         st.batches.tokens -= 1.0;
-        st.summaries.tokens -= batch.summaries.len() as f64;
-        Ok(())
+        st.summaries.tokens -= summaries as f64;
+        Ok((
+            add_series,
+            Some(Reservation {
+                key,
+                hour,
+                categories: cats,
+                entities: ents,
+            }),
+        ))
+    }
+
+    /// Settles a reservation once its batch applied (`actual`: what it really added,
+    /// [`edgetally_core::Replica::last_novelty`]) or was not written (`Novelty::default()`):
+    /// the difference goes back to the producer's hourly quotas.
+    pub fn settle(&self, r: Reservation, actual: Novelty) {
+        let mut m = self.producers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(st) = m.get_mut(&r.key) {
+            if st.hour == r.hour {
+                st.new_categories = st
+                    .new_categories
+                    .saturating_sub(r.categories.saturating_sub(actual.categories));
+                st.new_entities = st
+                    .new_entities
+                    .saturating_sub(r.entities.saturating_sub(actual.entities));
+            }
+        }
     }
 
     /// Drops producers whose buckets are full and whose hour is over: they hold nothing a
@@ -502,6 +576,70 @@ mod tests {
         assert_eq!(b.wait_ms(10.0), Some(100));
         b.refill(10.0, 100);
         assert_eq!(b.wait_ms(10.0), None);
+    }
+
+    fn batch_of(cats: &[&str], seq: u64) -> Batch {
+        let s = edgetally_proto::Signer::from_seed([9; 32]);
+        let mut b = edgetally_proto::BatchBuilder::new(1000).expect("width");
+        for c in cats {
+            b.record(c, None, 1_700_000_000_000, 1.0).expect("record");
+        }
+        let id = edgetally_core::BatchId {
+            producer: s.producer(),
+            epoch: 1,
+            seq,
+        };
+        b.finish(id, 1_700_000_000_000)
+    }
+
+    #[test]
+    fn quotas_reserve_an_upper_bound_settle_to_the_truth_and_look_closer_near_the_limit() {
+        let config = Config {
+            new_categories_per_hour: 3,
+            producer_batches_per_sec: 0.0,
+            producer_summaries_per_sec: 0.0,
+            max_series: 0,
+            ..Config::default()
+        };
+        let a = Admission::new(&config, ProducerKey([0; 32])).expect("admission");
+        let now = 1_700_000_000_000;
+        let exact_called = std::cell::Cell::new(false);
+        let novelty = |categories: u32| {
+            exact_called.set(true);
+            Novelty {
+                categories,
+                entities: 0,
+                series: 2 * categories,
+            }
+        };
+        // Two categories fit the quota of 3 by their bound alone: no lookup.
+        let (_, r) = a
+            .charge(&batch_of(&["a", "b"], 0), 0, now, || novelty(2))
+            .expect("admitted");
+        assert!(!exact_called.get());
+        // Only one of them was new after all: one comes back.
+        a.settle(r.expect("reserved"), novelty(1));
+        exact_called.set(false);
+        // Two more fit (1 + 2 = 3).
+        let (_, r) = a
+            .charge(&batch_of(&["c", "d"], 1), 0, now, || novelty(2))
+            .expect("admitted");
+        assert!(!exact_called.get());
+        a.settle(r.expect("reserved"), novelty(2));
+        exact_called.set(false);
+        // The bound no longer fits: the exact novelty decides — none new passes, one refused.
+        assert!(a
+            .charge(&batch_of(&["a"], 2), 0, now, || novelty(0))
+            .is_ok());
+        assert!(exact_called.get());
+        assert_eq!(
+            a.charge(&batch_of(&["e"], 3), 0, now, || novelty(1)),
+            Err(Err(RejectCode::CategoryQuota))
+        );
+        // A batch that was never written gives its whole reservation back; a new hour resets.
+        assert!(a
+            .charge(&batch_of(&["f"], 4), 0, now + 3_600_000, || novelty(1))
+            .is_ok());
     }
 
     #[test]

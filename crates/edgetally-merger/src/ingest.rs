@@ -23,6 +23,10 @@ struct Job {
     received: Instant,
     /// Pulled or pushed from a peer (then not pushed on).
     from_peer: bool,
+    /// The batch's set-hash digest (`batch_digest`), computed once it verified.
+    digest: Option<[u8; 32]>,
+    /// Its charge against the producer's hourly quotas, settled once it applied (or not).
+    reserved: Option<crate::admission::Reservation>,
 }
 
 /// The front door of the pipeline; cheap to clone.
@@ -83,6 +87,8 @@ impl Ingest {
                 reply,
                 received: Instant::now(),
                 from_peer,
+                digest: None,
+                reserved: None,
             },
             rx,
         )
@@ -230,14 +236,16 @@ fn check_jobs(jobs: Vec<Job>, limits: &Limits, now: i64, admission: &Admission) 
     }
     jobs.into_iter()
         .zip(results)
-        .map(|(j, r)| {
-            (
-                j,
-                r.unwrap_or(Err(DecodeError {
-                    code: RejectCode::Malformed,
-                    detail: "unchecked",
-                })),
-            )
+        .map(|(mut j, r)| {
+            let r = r.unwrap_or(Err(DecodeError {
+                code: RejectCode::Malformed,
+                detail: "unchecked",
+            }));
+            if let Ok(b) = &r {
+                // From the signed bytes, which the retained log drops when there are no peers.
+                j.digest = Some(edgetally_core::batch_digest(b, &j.raw));
+            }
+            (j, r)
         })
         .collect()
 }
@@ -266,8 +274,9 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
             let pend = pending.lock().unwrap_or_else(|e| e.into_inner());
             let mut in_group: HashSet<BatchId> = HashSet::new();
             let adm = &p.admission;
-            let (now, novelty) = (now_ms(), adm.needs_novelty());
-            // Series the group's earlier batches add: the cap counts them before they apply.
+            let now = now_ms();
+            // Series the group's earlier batches may add: the cap counts them before they
+            // apply.
             let mut series = r.series_count() as u64;
             for (job, res) in group {
                 match res {
@@ -288,14 +297,11 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
                         fresh.push((job, b));
                     }
                     Ok(b) => {
-                        let n = if novelty {
-                            r.novelty(&b)
-                        } else {
-                            Default::default()
-                        };
-                        match adm.charge(&b, n, series, now) {
-                            Ok(()) => {
-                                series += n.series as u64;
+                        let mut job = job;
+                        match adm.charge(&b, series, now, || r.novelty(&b)) {
+                            Ok((added, reserved)) => {
+                                series += added;
+                                job.reserved = reserved;
                                 in_group.insert(b.id);
                                 fresh.push((job, b));
                             }
@@ -341,6 +347,11 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
                 }
                 Ok((fresh, Err(e))) => {
                     warn!("group commit failed, asking producers to retry: {e}");
+                    for (job, _) in &fresh {
+                        if let Some(res) = job.reserved {
+                            p.admission.settle(res, Default::default());
+                        }
+                    }
                     let copies = std::mem::take(&mut followers).into_iter();
                     for job in fresh
                         .into_iter()
@@ -437,10 +448,18 @@ fn apply_group(
             } else {
                 Arc::from(&[][..])
             };
-            let reply = match r.apply(LogEntry {
+            let entry = LogEntry {
                 batch: Arc::new(batch),
                 raw: raw.clone(),
-            }) {
+            };
+            let applied = match &job.digest {
+                Some(d) => r.apply_with_digest(entry, d),
+                None => r.apply(entry),
+            };
+            if let Some(res) = job.reserved {
+                p.admission.settle(res, r.last_novelty());
+            }
+            let reply = match applied {
                 Ok(Applied::New) => {
                     p.metrics.applied.fetch_add(1, Relaxed);
                     p.metrics.summaries.fetch_add(n, Relaxed);

@@ -45,6 +45,7 @@ proptest! {
             let (series, (cats, ents)) = (r.series_count(), shape(&r, &CATS));
             r.apply(LogEntry { batch: Arc::new(batch), raw: Arc::from(&[][..]) }).expect("apply");
             let (cats2, ents2) = shape(&r, &CATS);
+            prop_assert_eq!(r.last_novelty(), n);
             prop_assert_eq!(r.series_count() - series, n.series as usize);
             prop_assert_eq!(cats2 - cats, n.categories as usize);
             prop_assert_eq!(ents2 - ents, n.entities as usize);
