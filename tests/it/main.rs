@@ -16,3 +16,4 @@ mod openapi;
 mod protocol_doc;
 mod queries;
 mod send;
+mod signatures;

@@ -95,6 +95,24 @@ fn protocol_vectors_match_the_code() {
     );
     assert!(edgetally_proto::credential::verify(&cred, &[issuer], 1_699_999_999_999).is_ok());
     checked += 2;
+    // §2: the signature rule's vectors, each `A ‖ signature ‖ M`, named with their verdict.
+    for (name, key, msg, sig, want) in super::signatures::vectors() {
+        let verdict = if want { "accept" } else { "reject" };
+        let doc = v
+            .get(&format!("sig-{name}-{verdict}"))
+            .unwrap_or_else(|| panic!("PROTOCOL.md lacks sig-{name}-{verdict}"));
+        assert_eq!(*doc, [&key[..], &sig[..], &msg].concat(), "sig-{name}");
+        let (a, rest) = doc.split_at(32);
+        let (sg, m) = rest.split_at(64);
+        let a: [u8; 32] = a.try_into().expect("32");
+        let sg: [u8; 64] = sg.try_into().expect("64");
+        assert_eq!(
+            edgetally_proto::verify_signature(&a, m, &sg),
+            want,
+            "sig-{name}"
+        );
+        checked += 1;
+    }
     assert_eq!(checked, v.len(), "every vector in the document is checked");
     assert!(checked >= 7);
 }

@@ -576,6 +576,26 @@ fn wasm_check(root: &Path) -> Result<()> {
             bytes.len(),
             imports
         );
+        if bytes.windows(9).any(|w| w == b"et_verify") {
+            // The signature rule's verdicts in wasm32 equal the native ones.
+            let vectors = target_dir(root).join("sig-vectors");
+            let _ = std::fs::remove_dir_all(&vectors);
+            run(cargo()
+                .args([
+                    "test",
+                    "--locked",
+                    "-p",
+                    "edgetally-tests",
+                    "--test",
+                    "it",
+                    "write_vectors_for_the_wasm_check",
+                ])
+                .env("EDGETALLY_WRITE_SIG_VECTORS", &vectors))?;
+            run(Command::new("node")
+                .arg(root.join("xtask").join("js").join("verify-vectors.mjs"))
+                .arg(&file)
+                .arg(&vectors))?;
+        }
     }
     Ok(())
 }

@@ -39,6 +39,24 @@ pub unsafe extern "C" fn et_apply(ptr: *const u8, len: usize, now_ms: i64) -> u3
     }
 }
 
+/// The signature rule on `key (32) ‖ signature (64) ‖ message` at `ptr..ptr+len`: 1 if
+/// valid, 0 if not (the host compares the wasm verdicts with the native ones).
+///
+/// # Safety
+/// As for [`et_apply`].
+#[no_mangle]
+pub unsafe extern "C" fn et_verify(ptr: *const u8, len: usize) -> u32 {
+    let bytes = unsafe { core::slice::from_raw_parts(ptr, len) };
+    let (Some(key), Some(sig), Some(msg)) = (
+        bytes.get(..32).and_then(|b| <[u8; 32]>::try_from(b).ok()),
+        bytes.get(32..96).and_then(|b| <[u8; 64]>::try_from(b).ok()),
+        bytes.get(96..),
+    ) else {
+        return 0;
+    };
+    u32::from(crate::verify_signature(&key, msg, &sig))
+}
+
 /// Runs the sans-IO producer once (record, seal, transmit, ack) so it is linked into the
 /// module too; returns the size of the batch it produced.
 #[no_mangle]

@@ -281,7 +281,20 @@ fn detail_of(c: RejectCode) -> &'static str {
     }
 }
 
+/// Whether 32 bytes are the canonical encoding of a field element y (with the sign bit of x):
+/// y < p = 2²⁵⁵ − 19. The only non-canonical ones are y ∈ [p, 2²⁵⁵).
+fn canonical_y(bytes: &[u8; 32]) -> bool {
+    let top = bytes[31] & 0x7f == 0x7f && bytes[1..31].iter().all(|&b| b == 0xff);
+    !(top && bytes[0] >= 0xed)
+}
+
 fn verifying_key(p: &ProducerKey) -> Result<VerifyingKey, DecodeError> {
+    if !canonical_y(&p.0) {
+        return Err(DecodeError::new(
+            RejectCode::BadSignature,
+            "producer key is not a canonical encoding",
+        ));
+    }
     let vk = VerifyingKey::from_bytes(&p.0).map_err(|_| {
         DecodeError::new(
             RejectCode::BadSignature,
@@ -297,15 +310,30 @@ fn verifying_key(p: &ProducerKey) -> Result<VerifyingKey, DecodeError> {
     Ok(vk)
 }
 
+/// The verification rule (docs/PROTOCOL.md §2): `verify_strict` — S < L, R decodes and is
+/// not of small order, A (checked by [`verifying_key`]: canonical, decodes, not of small
+/// order), and the encoding of \[S\]B − \[k\]A equal to R's bytes, k = SHA-512(R ‖ A ‖ M). One
+/// signature at a time: the verdict is a pure function of the bytes — alone or among others,
+/// on any node and platform.
+fn check(vk: &VerifyingKey, u: &Unverified) -> Result<(), DecodeError> {
+    vk.verify_strict(&u.message, &Signature::from_bytes(&u.signature))
+        .map_err(|_| DecodeError::new(RejectCode::BadSignature, "signature does not verify"))
+}
+
+/// The verification rule of docs/PROTOCOL.md §2 for any key, message and signature: what
+/// every batch signature is judged by (the message being the domain prefix and payload).
+pub fn verify_signature(key: &[u8; 32], message: &[u8], signature: &[u8; 64]) -> bool {
+    verifying_key(&ProducerKey(*key)).is_ok_and(|vk| {
+        vk.verify_strict(message, &Signature::from_bytes(signature))
+            .is_ok()
+    })
+}
+
 impl Unverified {
-    /// Verifies the signature. Acceptance is defined by ed25519-dalek's batch equation (the
-    /// cofactored check) for every path, single or batched, so that whether a batch is valid
-    /// never depends on which other batches it was verified with.
+    /// Verifies the signature (the rule of docs/PROTOCOL.md §2).
     pub fn verify(self) -> Result<Batch, DecodeError> {
         let vk = verifying_key(&self.batch.id.producer)?;
-        let sig = Signature::from_bytes(&self.signature);
-        ed25519_dalek::verify_batch(&[&self.message], &[sig], &[vk])
-            .map_err(|_| DecodeError::new(RejectCode::BadSignature, "signature does not verify"))?;
+        check(&vk, &self)?;
         Ok(self.batch)
     }
 
@@ -315,67 +343,28 @@ impl Unverified {
     }
 }
 
-/// Verifies many batches together (faster per batch than one by one); a failing group is
-/// split in halves until the bad ones are found. Results are in input order.
+/// Verifies many batches, each on its own (so each verdict is exactly [`Unverified::verify`]'s);
+/// a producer's key is decoded once per call. Results are in input order.
 pub fn verify_many(items: Vec<Unverified>) -> Vec<Result<Batch, DecodeError>> {
-    let mut out: Vec<Option<Result<Batch, DecodeError>>> = (0..items.len()).map(|_| None).collect();
-    let mut keyed = Vec::with_capacity(items.len());
-    // A producer usually has several batches in a call: its key is decompressed once.
+    // A producer usually has several batches in a call: its key is decoded once.
     let mut keys: Vec<(ProducerKey, Result<VerifyingKey, DecodeError>)> = Vec::new();
-    for (i, u) in items.into_iter().enumerate() {
-        let p = u.batch.id.producer;
-        let key = match keys.iter().find(|(k, _)| *k == p) {
-            Some((_, v)) => v.clone(),
-            None => {
-                let v = verifying_key(&p);
-                if keys.len() < 64 {
-                    keys.push((p, v.clone()));
+    items
+        .into_iter()
+        .map(|u| {
+            let p = u.batch.id.producer;
+            let key = match keys.iter().find(|(k, _)| *k == p) {
+                Some((_, v)) => v.clone(),
+                None => {
+                    let v = verifying_key(&p);
+                    if keys.len() < 64 {
+                        keys.push((p, v.clone()));
+                    }
+                    v
                 }
-                v
-            }
-        };
-        match key {
-            Ok(vk) => keyed.push((i, vk, u)),
-            Err(e) => out[i] = Some(Err(e)),
-        }
-    }
-    verify_group(&keyed, &mut out);
-    for (i, _, u) in keyed {
-        if out[i].is_none() {
-            out[i] = Some(Ok(u.batch));
-        }
-    }
-    out.into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(DecodeError::new(RejectCode::BadSignature, "unverified"))))
+            };
+            key.and_then(|vk| check(&vk, &u)).map(|()| u.batch)
+        })
         .collect()
-}
-
-fn verify_group(
-    group: &[(usize, VerifyingKey, Unverified)],
-    out: &mut [Option<Result<Batch, DecodeError>>],
-) {
-    if group.is_empty() {
-        return;
-    }
-    let msgs: Vec<&[u8]> = group.iter().map(|(_, _, u)| u.message.as_slice()).collect();
-    let sigs: Vec<Signature> = group
-        .iter()
-        .map(|(_, _, u)| Signature::from_bytes(&u.signature))
-        .collect();
-    let keys: Vec<VerifyingKey> = group.iter().map(|(_, k, _)| *k).collect();
-    if ed25519_dalek::verify_batch(&msgs, &sigs, &keys).is_ok() {
-        return;
-    }
-    if group.len() == 1 {
-        out[group[0].0] = Some(Err(DecodeError::new(
-            RejectCode::BadSignature,
-            "signature does not verify",
-        )));
-        return;
-    }
-    let (a, b) = group.split_at(group.len() / 2);
-    verify_group(a, out);
-    verify_group(b, out);
 }
 
 /// Decodes, checks the clock-dependent limits against `now_ms`, and verifies: the whole
