@@ -68,8 +68,11 @@ fn add_l(s: &[u8]) -> [u8; 32] {
     out
 }
 
-/// (name, key, message, signature, verdict) — the vectors of docs/PROTOCOL.md §2.
-pub fn vectors() -> Vec<(&'static str, [u8; 32], Vec<u8>, [u8; 64], bool)> {
+/// (name, key, message, signature, verdict).
+pub type Vector = (&'static str, [u8; 32], Vec<u8>, [u8; 64], bool);
+
+/// The vectors of docs/PROTOCOL.md §2.
+pub fn vectors() -> Vec<Vector> {
     let mut out = Vec::new();
     let m = |tag: &str| [DOMAIN, tag.as_bytes()].concat();
     let (a, pa) = keypair(1);
@@ -99,7 +102,7 @@ pub fn vectors() -> Vec<(&'static str, [u8; 32], Vec<u8>, [u8; 64], bool)> {
     for i in 0u32.. {
         let msg = m(&format!("torsion-a-{i}"));
         let k = h(&[&rb, &at, &msg]);
-        let eight = k.as_bytes()[0] % 8 == 0;
+        let eight = k.as_bytes()[0].is_multiple_of(8);
         if found[eight as usize] {
             continue;
         }
