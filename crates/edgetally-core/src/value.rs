@@ -87,9 +87,10 @@ pub fn quantize_fast(v: f64) -> Option<i128> {
     None
 }
 
-/// Nano-units back to a float (deterministic: one correctly rounded division).
+/// Nano-units back to the nearest float (ties to even; correct at every magnitude, where
+/// `q as f64 / 1e9` would round twice once |q| passes 2⁵³).
 pub fn nanos_to_f64(q: i128) -> f64 {
-    q as f64 / SCALE as f64
+    Sum192::from_i128(q).to_f64()
 }
 
 /// Formats nano-units as an exact decimal string ("-12.5", "0.000000001").
@@ -152,25 +153,137 @@ impl Sum192 {
         (self.limbs[2] == ext).then_some(v)
     }
 
-    /// The value in value units as a float.
-    pub fn to_f64(&self) -> f64 {
-        match self.to_i128() {
-            Some(v) => nanos_to_f64(v),
-            None => {
-                let hi = self.limbs[2] as i64 as f64;
-                let lo = (self.limbs[0] as u128 | (self.limbs[1] as u128) << 64) as f64;
-                (hi * 2f64.powi(128) + lo) / SCALE as f64
+    /// Whether the value is negative, and its magnitude (little-endian limbs).
+    fn sign_magnitude(&self) -> (bool, [u64; 3]) {
+        let neg = self.limbs[2] >> 63 == 1;
+        if !neg {
+            return (false, self.limbs);
+        }
+        // Two's complement: invert and add one.
+        let mut m = [!self.limbs[0], !self.limbs[1], !self.limbs[2]];
+        for limb in &mut m {
+            let (v, overflow) = limb.overflowing_add(1);
+            *limb = v;
+            if !overflow {
+                break;
             }
+        }
+        (true, m)
+    }
+
+    /// The value in value units as the nearest float (ties to even): correctly rounded from
+    /// the exact accumulator at every magnitude, never rounded twice.
+    pub fn to_f64(&self) -> f64 {
+        let (neg, m) = self.sign_magnitude();
+        let v = nearest_f64_of_nanos(m);
+        if neg {
+            -v
+        } else {
+            v
         }
     }
 
-    /// The exact decimal value in value units, when it fits; else the float's rendering.
+    /// The exact decimal value in value units ("-12.5", "0.000000001"), at every magnitude.
     pub fn to_decimal(&self) -> String {
-        match self.to_i128() {
-            Some(v) => nanos_to_decimal(v),
-            None => format!("{:e}", self.to_f64()),
+        if let Some(v) = self.to_i128() {
+            return nanos_to_decimal(v);
+        }
+        let (neg, m) = self.sign_magnitude();
+        let (int, frac) = div_rem_u64(m, SCALE as u64);
+        // The integer part, in base 10¹⁹ chunks, most significant first.
+        let mut chunks = Vec::new();
+        let mut rest = int;
+        while rest != [0; 3] {
+            let (q, r) = div_rem_u64(rest, 10_000_000_000_000_000_000);
+            chunks.push(r);
+            rest = q;
+        }
+        let mut s = String::new();
+        if neg {
+            s.push('-');
+        }
+        match chunks.split_last() {
+            None => s.push('0'),
+            Some((first, others)) => {
+                s.push_str(&first.to_string());
+                for c in others.iter().rev() {
+                    s.push_str(&format!("{c:019}"));
+                }
+            }
+        }
+        if frac != 0 {
+            let f = format!("{frac:09}");
+            s.push('.');
+            s.push_str(f.trim_end_matches('0'));
+        }
+        s
+    }
+}
+
+/// `(m / d, m % d)` for a 192-bit magnitude and a 64-bit divisor.
+fn div_rem_u64(m: [u64; 3], d: u64) -> ([u64; 3], u64) {
+    let mut q = [0u64; 3];
+    let mut r = 0u128;
+    for i in (0..3).rev() {
+        let cur = (r << 64) | m[i] as u128;
+        q[i] = (cur / d as u128) as u64;
+        r = cur % d as u128;
+    }
+    (q, r as u64)
+}
+
+fn bit_length(m: &[u64; 3]) -> u32 {
+    for i in (0..3).rev() {
+        if m[i] != 0 {
+            return 64 * i as u32 + 64 - m[i].leading_zeros();
         }
     }
+    0
+}
+
+/// The float nearest to `m / 10⁹` (ties to even), `m` a 192-bit magnitude.
+fn nearest_f64_of_nanos(m: [u64; 3]) -> f64 {
+    const D: u128 = SCALE as u128;
+    if m == [0; 3] {
+        return 0.0;
+    }
+    // q in [2⁵³, 2⁵⁴) with value = (q + fraction) · 2^e; `sticky`: the fraction is not zero.
+    let (q, e, sticky): (u128, i32, bool) = if bit_length(&m) <= 83 {
+        let x = m[0] as u128 | (m[1] as u128) << 64;
+        // x · 2^s / D has about bits(x) + s − 29.9 bits: aim at 54 and correct.
+        let mut s = 84 - bit_length(&m) as i32;
+        loop {
+            let shifted = x << s; // s ≥ 0 (it starts ≥ 1 and drops at most once); bits < 90
+            let q = shifted / D;
+            if q >= 1 << 54 {
+                s -= 1;
+            } else if q < 1 << 53 {
+                s += 1;
+            } else {
+                break (q, -s, shifted % D != 0);
+            }
+        }
+    } else {
+        // At least 2⁸³ nano-units: m / D has at least 54 bits; keep its top 54.
+        let (q0, r0) = div_rem_u64(m, D as u64);
+        let k = bit_length(&q0) - 54;
+        let low_nonzero = (0..k).any(|b| q0[(b / 64) as usize] >> (b % 64) & 1 == 1);
+        let mut q = 0u128;
+        for b in 0..54 {
+            let bit = k + b;
+            q |= ((q0[(bit / 64) as usize] >> (bit % 64) & 1) as u128) << b;
+        }
+        (q, k as i32, r0 != 0 || low_nonzero)
+    };
+    // 53 significant bits (mant in [2⁵², 2⁵³)), the next one rounds, ties to even.
+    let mut mant = (q >> 1) as u64;
+    let round = q & 1 == 1;
+    if round && (sticky || mant & 1 == 1) {
+        mant += 1;
+    }
+    // mant ≤ 2⁵³ is exact in a float, and so is the power of two (the range is far from
+    // the float's limits), so the product is exact.
+    mant as f64 * 2f64.powi(e + 1)
 }
 
 #[cfg(test)]
@@ -227,6 +340,51 @@ mod tests {
         assert_eq!(nanos_to_decimal(42 * SCALE), "42");
     }
 
+    /// A decimal string back into nano-units, by schoolbook arithmetic on `Sum192`.
+    fn parse_decimal(s: &str) -> Sum192 {
+        let (neg, digits) = match s.strip_prefix('-') {
+            Some(r) => (true, r),
+            None => (false, s),
+        };
+        let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+        let frac = format!("{frac:0<9}");
+        let mut acc = Sum192::ZERO;
+        for c in int.chars().chain(frac.chars()) {
+            // acc = acc * 10 + digit
+            let mut ten = Sum192::ZERO;
+            for _ in 0..10 {
+                ten.add(&acc);
+            }
+            acc = ten;
+            acc.add_i128(c.to_digit(10).expect("digit") as i128);
+        }
+        if neg {
+            let mut m = Sum192::ZERO;
+            for (i, l) in acc.limbs.iter().enumerate() {
+                m.limbs[i] = !l;
+            }
+            m.add_i128(1);
+            acc = m;
+        }
+        acc
+    }
+
+    #[test]
+    fn issue_examples_print_exactly() {
+        // Two maximal sums pass the i128 range: no "2e29" any more.
+        let mut s = Sum192::from_i128(i128::MAX);
+        s.add_i128(i128::MAX);
+        assert_eq!(s.to_decimal(), "340282366920938463463374607431.768211454");
+        assert_eq!(s.to_decimal().parse::<f64>().ok(), Some(s.to_f64()));
+        // A sum whose nano-units pass 2^53: rounded once.
+        let q: i128 = 1_700_004_627_056_467_987_654_321;
+        assert_eq!(nanos_to_f64(q), 1700004627056467.987654321f64);
+        assert_eq!(
+            Sum192::from_i128(-q).to_f64(),
+            -1700004627056467.987654321f64
+        );
+    }
+
     #[test]
     fn sum192_carries_across_limbs() {
         let mut s = Sum192::from_i128(i128::MAX);
@@ -266,6 +424,30 @@ mod tests {
         fn quantize_is_monotone(a in -1e15f64..1e15, b in -1e15f64..1e15) {
             let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
             prop_assert!(quantize(lo)? <= quantize(hi)?);
+        }
+
+        /// The decimal is exact (it parses back to the same accumulator, with a parser
+        /// written here) and the float is the correctly rounded value of that decimal
+        /// (Rust's float parser rounds correctly), across the whole 192-bit range.
+        #[test]
+        fn sum192_outputs_are_exact_at_every_magnitude(
+            parts in proptest::collection::vec(any::<i128>(), 1..8),
+            shift in 0u32..127,
+            doublings in 0u32..62,
+        ) {
+            let mut s = Sum192::ZERO;
+            for p in &parts {
+                s.add_i128(*p >> shift);
+            }
+            // Up to ±2¹⁹⁰: the accumulator's whole range.
+            for _ in 0..doublings {
+                let t = s;
+                s.add(&t);
+            }
+            let dec = s.to_decimal();
+            prop_assert_eq!(parse_decimal(&dec), s, "{}", dec);
+            let want: f64 = dec.parse().expect("a decimal");
+            prop_assert_eq!(s.to_f64().to_bits(), want.to_bits(), "{}", dec);
         }
 
         #[test]
