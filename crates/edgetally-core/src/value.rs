@@ -260,7 +260,7 @@ fn nearest_f64_of_nanos(m: [u64; 3]) -> f64 {
             } else if q < 1 << 53 {
                 s += 1;
             } else {
-                break (q, -s, shifted % D != 0);
+                break (q, -s, !shifted.is_multiple_of(D));
             }
         }
     } else {
