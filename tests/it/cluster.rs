@@ -32,6 +32,7 @@ struct Node {
 const ENV: &[(&str, &str)] = &[
     ("EDGETALLY_SYNC_INTERVAL_MS", "200"),
     ("EDGETALLY_SNAPSHOT_INTERVAL_SECS", "2"),
+    ("EDGETALLY_CLUSTER_SECRET", "cluster-test-secret"),
 ];
 
 impl Node {

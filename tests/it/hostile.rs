@@ -152,7 +152,9 @@ fn hostile_batches_never_brick_a_restart_and_totals_match_the_model() {
         // A configured (dead) peer: batches stay in the log for it, so every restart
         // replays them.
         let peer = ["--peer", "127.0.0.1:9"];
-        let m = Merger::start_with_env(&dir.0, &peer, &LIMIT_ENV);
+        let mut env = LIMIT_ENV.to_vec();
+        env.push(("EDGETALLY_CLUSTER_SECRET", "hostile-test"));
+        let m = Merger::start_with_env(&dir.0, &peer, &env);
         let base = now_ms() - 5_000;
         let batches = hostile_batches(seed, base);
         let mut want = Totals::new();
@@ -187,10 +189,10 @@ fn hostile_batches_never_brick_a_restart_and_totals_match_the_model() {
         }
         assert_totals(&m, &want, base, &format!("seed {seed}, live"));
         m.kill9();
-        let m = Merger::start_with_env(&dir.0, &peer, &LIMIT_ENV);
+        let m = Merger::start_with_env(&dir.0, &peer, &env);
         assert_totals(&m, &want, base, &format!("seed {seed}, after kill -9"));
         assert!(m.terminate(), "seed {seed}: graceful stop");
-        let m = Merger::start_with_env(&dir.0, &peer, &LIMIT_ENV);
+        let m = Merger::start_with_env(&dir.0, &peer, &env);
         assert_totals(
             &m,
             &want,

@@ -13,6 +13,7 @@ mod harness;
 mod hostile;
 mod merger;
 mod openapi;
+mod peers;
 mod protocol_doc;
 mod queries;
 mod send;

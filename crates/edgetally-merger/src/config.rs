@@ -33,7 +33,7 @@ pub struct Config {
     /// Peers' QUIC addresses: this node pulls from and pushes to each of them.
     pub peers: Vec<SocketAddr>,
     /// A secret shared by the cluster: peers prove they know it (HMAC over the TLS session's
-    /// exported keying material). With neither this nor `peer_keys`, only loopback peers.
+    /// exported keying material). Peers need this or `peer_keys`.
     pub cluster_secret: Option<String>,
     /// Node public keys (hex, as printed at `node:`) allowed to connect as peers; each proves
     /// its key by signing the TLS session's exported keying material.

@@ -317,9 +317,14 @@ impl Node {
             )
             .map_err(StartError::Restore)?;
             if auth.open_to_loopback_only() {
-                warn!(
-                    "no cluster_secret or peer_keys configured: only loopback peers are accepted"
-                );
+                // Peer links carry the state, snapshots included: never to or from a stranger,
+                // loopback or not.
+                return Err(StartError::Config(
+                    "peers are configured but neither cluster_secret nor peer_keys: peers must \
+                     authenticate (give every node the same EDGETALLY_CLUSTER_SECRET, or list \
+                     their node keys in peer_keys)"
+                        .into(),
+                ));
             }
             let (tx, _) = tokio::sync::broadcast::channel(4096);
             Some(Arc::new(crate::replication::Replication {

@@ -5,8 +5,10 @@
 //!   and a proof bound to this TLS session (its exported keying material, so a proof cannot be
 //!   replayed on another connection, and to the side's role, so it cannot be reflected):
 //!   HMAC-SHA256 under the shared `cluster_secret`, and/or an ed25519 signature by the node key
-//!   when `peer_keys` lists the allowed nodes. With neither configured, only loopback peers are
-//!   accepted (a warning says so at start-up). An unknown node is refused and disconnected.
+//!   when `peer_keys` lists the allowed nodes. A node with peers but neither credential refuses
+//!   to start: no peer data (batches, digests, snapshots) is served to or taken from a peer
+//!   that has not proved itself on that very connection, loopback or not. An unknown node is
+//!   refused and disconnected.
 //! - **Pull.** Every `sync_interval_ms` each node sends each peer its `Digest`; the peer answers
 //!   with the retained batches the digest lacks (the producers' original signed bytes, at most
 //!   `SYNC_BATCH` per round) and its own digest. Pulled batches go through this node's own
@@ -114,7 +116,7 @@ impl Auth {
         })
     }
 
-    /// Whether anything but loopback is allowed.
+    /// Whether no credential is configured (then no peer is accepted, loopback or not).
     pub fn open_to_loopback_only(&self) -> bool {
         self.secret.is_none() && self.keys.is_empty()
     }
@@ -149,13 +151,12 @@ impl Auth {
         ekm: &[u8; 32],
         remote: SocketAddr,
     ) -> Result<(), &'static str> {
+        let _ = remote;
         let m = message(role, &h.node, ekm);
         if self.open_to_loopback_only() {
-            return if remote.ip().is_loopback() {
-                Ok(())
-            } else {
-                Err("no cluster_secret or peer_keys configured: only loopback peers")
-            };
+            // A node without credentials refuses to start with peers (Node::start); should
+            // this ever be reached, nobody is accepted.
+            return Err("no cluster_secret or peer_keys configured");
         }
         if let Some(s) = &self.secret {
             let mut mac = Hmac::<sha2::Sha256>::new_from_slice(s).map_err(|_| "bad secret")?;

@@ -18,6 +18,13 @@ pub const BENCH_ENV: [(&str, &str); 3] = [
     ("EDGETALLY_SOURCE_BATCHES_PER_SEC", "0"),
 ];
 
+/// A cluster secret drawn once per process, for the nodes a demo or benchmark starts (peers
+/// must authenticate; the nodes of one run, restarts included, share it).
+pub fn cluster_secret() -> &'static str {
+    static SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SECRET.get_or_init(|| edgetally_net::tls::hex(&edgetally_net::random_seed()))
+}
+
 /// A merger started by this process; stopped (SIGTERM, then waited for) by [`Merger::stop`].
 pub struct Merger {
     child: Child,

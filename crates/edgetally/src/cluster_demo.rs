@@ -26,7 +26,11 @@ fn start(dir: &Path, i: usize) -> Result<Merger> {
         args.push("--peer".into());
         args.push(format!("127.0.0.1:{}", port(2 * j + 1)).into());
     }
-    Merger::start(&args, None)
+    Merger::start_with_env(
+        &args,
+        None,
+        &[("EDGETALLY_CLUSTER_SECRET", crate::child::cluster_secret())],
+    )
 }
 
 /// Records `n` readings round-robin over the producers; adds them to `want` (category →

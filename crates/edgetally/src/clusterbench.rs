@@ -52,7 +52,9 @@ fn start(dir: &Path, quic: SocketAddr, peers: &[SocketAddr]) -> Result<Merger> {
         args.push("--peer".into());
         args.push(p.to_string().into());
     }
-    Merger::start_with_env(&args, None, &crate::child::BENCH_ENV)
+    let mut env = crate::child::BENCH_ENV.to_vec();
+    env.push(("EDGETALLY_CLUSTER_SECRET", crate::child::cluster_secret()));
+    Merger::start_with_env(&args, None, &env)
 }
 
 fn state_hash(http: &str) -> String {
