@@ -414,3 +414,60 @@ fn a_thawed_peer_is_back_in_sync_promptly() {
         "a pull round begun during the freeze held the link for {took:?}"
     );
 }
+
+/// A producer signs two contents under one batch id and gives one to each merger while they
+/// are apart. Once peered they hold the same ids with different states: each detects it, the
+/// one with the greater state hash adopts the other's snapshot, and both end bit-identical
+/// with one of the two contents (never both, never a mix); replication then goes on.
+#[test]
+fn an_equivocating_producer_cannot_split_two_mergers() {
+    use edgetally_core::BatchId;
+    use edgetally_proto::BatchBuilder;
+    let q: Vec<SocketAddr> = (0..2).map(|_| free_udp()).collect();
+    let dirs: Vec<TempDir> = (0..2).map(|i| TempDir::new(&format!("equiv-{i}"))).collect();
+    let s = edgetally_tests::signer(9090);
+    let id = BatchId {
+        producer: s.producer(),
+        epoch: 1,
+        seq: 0,
+    };
+    let now = now_ms();
+    let content = |v: f64| {
+        let mut b = BatchBuilder::new(1000).expect("width");
+        b.record("equiv", None, now, v).expect("record");
+        s.seal(&b.finish(id, now)).expect("seal")
+    };
+    let (x, y) = (content(1.0), content(5.0));
+    // Apart: A gets x, B gets y (no peers configured yet).
+    for (i, raw) in [(0, &x), (1, &y)] {
+        let m = Merger::start_at(&dirs[i].0, &q[i].to_string(), &[], ENV);
+        let (st, v, _) = m.post("/v1/batches", "application/octet-stream", raw);
+        assert_eq!(st, 200, "{v}");
+        assert!(m.terminate());
+    }
+    // Together.
+    let start = |i: usize| {
+        let peer = q[1 - i].to_string();
+        Merger::start_at(&dirs[i].0, &q[i].to_string(), &["--peer", &peer], ENV)
+    };
+    let (a, b) = (start(0), start(1));
+    let hash = converged(&[&a, &b], Duration::from_secs(30));
+    assert!(hash.is_some(), "the two mergers never converged");
+    let sums: Vec<String> = [&a, &b]
+        .iter()
+        .map(|m| {
+            let (_, v) = m.get("/v1/aggregate?category=equiv&start=0&end=9999999999999");
+            assert_eq!(v["count"], 1, "{v}");
+            v["sum_exact"].as_str().unwrap_or("").to_string()
+        })
+        .collect();
+    assert_eq!(sums[0], sums[1]);
+    assert!(sums[0] == "1" || sums[0] == "5", "{sums:?}");
+    let detected = a.metric("edgetally_divergences_total") + b.metric("edgetally_divergences_total");
+    let repaired = a.metric("edgetally_divergence_repairs_total")
+        + b.metric("edgetally_divergence_repairs_total");
+    assert!(detected >= 1.0 && repaired >= 1.0, "{detected} {repaired}");
+    // And replication goes on as before.
+    post_events(&a, "after", 4);
+    assert!(converged(&[&a, &b], Duration::from_secs(20)).is_some());
+}

@@ -305,6 +305,7 @@ fn peers_json(node: &Node) -> Value {
                     "digest_batches": p.digest_batches,
                     "pulled": p.pulled,
                     "pushed": p.pushed,
+                    "divergences": p.divergences,
                     "last_error": p.last_error,
                 })
             })

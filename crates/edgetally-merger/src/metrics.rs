@@ -21,6 +21,10 @@ pub struct Metrics {
     pub peer_refused: AtomicU64,
     /// Peer snapshots adopted to catch up (after being away longer than the peers' horizon).
     pub snapshots_adopted: AtomicU64,
+    /// Pull rounds that found a peer with the same batch ids and another state.
+    pub divergences: AtomicU64,
+    /// Divergences repaired by adopting the peer's snapshot.
+    pub divergence_repairs: AtomicU64,
     /// Summaries in applied batches.
     pub summaries: AtomicU64,
     /// Batches received again after being applied.
@@ -111,6 +115,18 @@ impl Metrics {
             "edgetally_snapshots_adopted_total",
             "Peer snapshots adopted to catch up on batches the peers no longer retained.",
             self.snapshots_adopted.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edgetally_divergences_total",
+            "Pull rounds that found a peer holding the same batch ids with a different state (an equivocating producer, or damage).",
+            self.divergences.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edgetally_divergence_repairs_total",
+            "Divergences repaired here by adopting the peer's snapshot (the node with the greater state hash adopts).",
+            self.divergence_repairs.load(Relaxed),
         );
         counter(
             &mut s,

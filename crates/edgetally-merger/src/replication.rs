@@ -71,7 +71,12 @@ enum Request {
 #[derive(Serialize, Deserialize)]
 enum SyncItem {
     Batch(Vec<u8>),
-    Done { digest: Digest, more: bool },
+    /// The responder's digest and state hash, taken together under one lock.
+    Done {
+        digest: Digest,
+        more: bool,
+        state_hash: [u8; 32],
+    },
 }
 
 /// How peers prove who they are.
@@ -291,9 +296,9 @@ async fn answer(
                 .map_err(|e| e.to_string())?;
         }
         Request::Sync { digest, max } => {
-            let (missing, mine) = {
+            let (missing, mine, state_hash) = {
                 let r = node.state();
-                (r.missing_for(&digest), r.digest())
+                (r.missing_for(&digest), r.digest(), r.state_hash())
             };
             let max = max.clamp(1, SYNC_BATCH) as usize;
             let more = missing.len() > max;
@@ -304,8 +309,12 @@ async fn answer(
                     .await
                     .map_err(|e| e.to_string())?;
             }
-            let done = postcard::to_allocvec(&SyncItem::Done { digest: mine, more })
-                .map_err(|e| e.to_string())?;
+            let done = postcard::to_allocvec(&SyncItem::Done {
+                digest: mine,
+                more,
+                state_hash,
+            })
+            .map_err(|e| e.to_string())?;
             send.write_all(&edgetally_proto::encode_frame(&done))
                 .await
                 .map_err(|e| e.to_string())?;
@@ -337,6 +346,8 @@ pub struct PeerStatus {
     pub pulled: u64,
     /// Batches pushed to it and acknowledged.
     pub pushed: u64,
+    /// Pull rounds that found it holding the same batch ids as this node with another state.
+    pub divergences: u64,
 }
 
 /// The replication half of a node.
@@ -654,7 +665,11 @@ async fn pull(
                         ingest.submit_from_peer_wait(raw).await
                     });
                 }
-                SyncItem::Done { digest, more } => break 'read (digest, more),
+                SyncItem::Done {
+                    digest,
+                    more,
+                    state_hash,
+                } => break 'read (digest, more, state_hash),
             }
         }
         match recv.read(&mut buf).await.map_err(|e| e.to_string())? {
@@ -675,26 +690,51 @@ async fn pull(
             Err(e) => return Err(e.to_string()),
         }
     }
-    let (theirs, more) = done;
+    let (theirs, more, their_hash) = done;
     let count = theirs.batches();
     repl.readmit(node, addr);
+    let settled = !more && !retry && !refused;
+    let (mine, my_hash) = {
+        let r = node.state();
+        (r.digest(), r.state_hash())
+    };
     // The peer holds batches it did not send (it pruned them while this node was away longer
     // than its horizon): once it also holds everything this node has, take its snapshot.
-    let gap = !more && !retry && !refused && {
-        let mine = node.state().digest();
-        !mine.covers(&theirs) && theirs.covers(&mine)
-    };
+    let gap = settled && !mine.covers(&theirs) && theirs.covers(&mine);
+    // The same batch ids, yet different states: a producer signed two contents under one id
+    // (each node kept the first it saw), or a state was damaged. Detected here, and repaired
+    // deterministically: the node whose hash is greater adopts the other's snapshot (which
+    // covers every id it holds), so every node ends with the same state — the smallest hash
+    // among them — whatever order anything arrived in.
+    let diverged = settled && mine == theirs && my_hash != their_hash;
+    if diverged {
+        node.metrics.divergences.fetch_add(1, Relaxed);
+        repl.update(addr, |s| s.divergences += 1);
+        warn!(
+            %addr,
+            mine = %edgetally_net::tls::hex(&my_hash),
+            theirs = %edgetally_net::tls::hex(&their_hash),
+            batches = count,
+            "the peer holds the same batch ids with a different state{}",
+            if my_hash > their_hash { ": adopting its snapshot" } else { ": it adopts ours" }
+        );
+    }
+    let adopt = gap || (diverged && my_hash > their_hash);
     {
         let mut r = node.replica.write().unwrap_or_else(|e| e.into_inner());
         r.observe_peer(&addr.to_string(), theirs);
         r.prune_log();
     }
-    if gap {
+    if adopt {
         let body = postcard::to_allocvec(&Request::Snapshot).map_err(|e| e.to_string())?;
         let raw = request(conn, &body, MAX_MESSAGE).await?;
         let snap: Snapshot = Snapshot::decode(&raw).map_err(|_| "bad snapshot".to_string())?;
         let n = node.clone();
         match tokio::task::spawn_blocking(move || n.adopt(snap)).await {
+            Ok(Ok(true)) if diverged => {
+                node.metrics.divergence_repairs.fetch_add(1, Relaxed);
+                info!(%addr, "divergence repaired from the peer's snapshot");
+            }
             Ok(Ok(true)) => info!(%addr, "caught up from the peer's snapshot"),
             Ok(Ok(false)) => debug!(%addr, "snapshot no longer covers this node; next round"),
             Ok(Err(e)) => warn!(%addr, "adopting the peer's snapshot failed: {e}"),
