@@ -424,7 +424,9 @@ fn an_equivocating_producer_cannot_split_two_mergers() {
     use edgetally_core::BatchId;
     use edgetally_proto::BatchBuilder;
     let q: Vec<SocketAddr> = (0..2).map(|_| free_udp()).collect();
-    let dirs: Vec<TempDir> = (0..2).map(|i| TempDir::new(&format!("equiv-{i}"))).collect();
+    let dirs: Vec<TempDir> = (0..2)
+        .map(|i| TempDir::new(&format!("equiv-{i}")))
+        .collect();
     let s = edgetally_tests::signer(9090);
     let id = BatchId {
         producer: s.producer(),
@@ -463,7 +465,8 @@ fn an_equivocating_producer_cannot_split_two_mergers() {
         .collect();
     assert_eq!(sums[0], sums[1]);
     assert!(sums[0] == "1" || sums[0] == "5", "{sums:?}");
-    let detected = a.metric("edgetally_divergences_total") + b.metric("edgetally_divergences_total");
+    let detected =
+        a.metric("edgetally_divergences_total") + b.metric("edgetally_divergences_total");
     let repaired = a.metric("edgetally_divergence_repairs_total")
         + b.metric("edgetally_divergence_repairs_total");
     assert!(detected >= 1.0 && repaired >= 1.0, "{detected} {repaired}");

@@ -1118,6 +1118,8 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
         "state_sha256": hash_now,
         "state_sha256_as_of_ms": now_ms(),
         "digest_batches": held,
+        "divergences": node.metrics.divergences.load(Relaxed),
+        "divergence_repairs": node.metrics.divergence_repairs.load(Relaxed),
         "complete": node.replication.as_ref().is_none_or(|r| r.sees_all_peers()),
         "as_of_ms": now_ms(),
     }))
