@@ -1195,44 +1195,41 @@ async fn metrics(State(node): State<Node_>) -> Response {
     {
         use std::fmt::Write;
         let st = &adm.stats;
-        for (name, help, v) in [
+        type Labelled<'a> = (
+            &'a str,
+            &'a str,
+            &'a [(&'a str, &'a std::sync::atomic::AtomicU64)],
+        );
+        let labelled: [Labelled; 2] = [
             (
-                "edgetally_throttled_total{scope=\"producer\"}",
-                "",
-                st.throttled_producer.load(Relaxed),
+                "edgetally_throttled_total",
+                "Batches answered Retry by a rate limit, by scope.",
+                &[
+                    ("scope=\"producer\"", &st.throttled_producer),
+                    ("scope=\"source\"", &st.throttled_source),
+                ],
             ),
             (
-                "edgetally_throttled_total{scope=\"source\"}",
-                "",
-                st.throttled_source.load(Relaxed),
+                "edgetally_credentials_total",
+                "Enrolment credentials presented, by result.",
+                &[
+                    ("result=\"accepted\"", &st.credentials_accepted),
+                    ("result=\"refused\"", &st.credentials_refused),
+                ],
             ),
-            (
-                "edgetally_credentials_total{result=\"accepted\"}",
-                "",
-                st.credentials_accepted.load(Relaxed),
-            ),
-            (
-                "edgetally_credentials_total{result=\"refused\"}",
-                "",
-                st.credentials_refused.load(Relaxed),
-            ),
-            (
-                "edgetally_allowlist_load_errors_total",
-                "Allowlist reads that failed (the previous list stays in force).",
-                st.allowlist_errors.load(Relaxed),
-            ),
-        ] {
-            let base = name.split('{').next().unwrap_or(name);
-            let help = match base {
-                "edgetally_throttled_total" => "Batches answered Retry by a rate limit, by scope.",
-                "edgetally_credentials_total" => "Enrolment credentials presented, by result.",
-                _ => help,
-            };
-            if !name.contains("scope=\"source\"") && !name.contains("result=\"refused\"") {
-                let _ = writeln!(text, "# HELP {base} {help}\n# TYPE {base} counter");
+        ];
+        for (name, help, series) in labelled {
+            let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, v) in series {
+                let _ = writeln!(text, "{name}{{{labels}}} {}", v.load(Relaxed));
             }
-            let _ = writeln!(text, "{name} {v}");
         }
+        let name = "edgetally_allowlist_load_errors_total";
+        let _ = writeln!(
+            text,
+            "# HELP {name} Allowlist reads that failed (the previous list stays in force).\n# TYPE {name} counter\n{name} {}",
+            st.allowlist_errors.load(Relaxed)
+        );
     }
     if let Some(repl) = &node.replication {
         use std::fmt::Write;

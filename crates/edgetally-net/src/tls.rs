@@ -158,7 +158,8 @@ pub fn server_endpoint(
     quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
 }
 
-/// A TLS 1.3 server configuration (for the HTTP API over TCP) offering `alpns`.
+/// A TLS 1.3 server configuration offering `alpns`: as is for the HTTP API over TCP, and the
+/// base of the QUIC one ([`server_config`]).
 pub fn tcp_server_config(id: &Identity, alpns: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -188,13 +189,7 @@ pub fn tcp_client_config(pins: Vec<[u8; 32]>) -> Result<rustls::ClientConfig, Tl
 
 /// A QUIC server configuration offering `alpns`.
 pub fn server_config(id: &Identity, alpns: &[&[u8]]) -> Result<quinn::ServerConfig, TlsError> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(id.chain.clone(), id.key.clone_key())
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+    let mut tls = tcp_server_config(id, alpns)?;
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;

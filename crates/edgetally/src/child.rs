@@ -18,6 +18,18 @@ pub const BENCH_ENV: [(&str, &str); 3] = [
     ("EDGETALLY_SOURCE_BATCHES_PER_SEC", "0"),
 ];
 
+/// `serve` arguments for a node on ephemeral loopback ports with its data in `dir`.
+pub fn loopback_args(dir: &std::path::Path) -> Vec<OsString> {
+    vec![
+        "--http-addr".into(),
+        "127.0.0.1:0".into(),
+        "--quic-addr".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        dir.as_os_str().to_os_string(),
+    ]
+}
+
 /// A cluster secret drawn once per process, for the nodes a demo or benchmark starts (peers
 /// must authenticate; the nodes of one run, restarts included, share it).
 pub fn cluster_secret() -> &'static str {

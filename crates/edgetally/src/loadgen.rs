@@ -188,14 +188,7 @@ fn merger_round(a: &LoadgenArgs, sealed: &Arc<Vec<Vec<u8>>>) -> Result<(f64, u64
     let dir = std::env::temp_dir().join(format!("edgetally-loadgen-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let merger = crate::child::Merger::start_with_env(
-        &[
-            "--http-addr".into(),
-            "127.0.0.1:0".into(),
-            "--quic-addr".into(),
-            "127.0.0.1:0".into(),
-            "--data-dir".into(),
-            dir.clone().into_os_string(),
-        ],
+        &crate::child::loopback_args(&dir),
         None,
         &crate::child::BENCH_ENV,
     )?;

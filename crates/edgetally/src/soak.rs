@@ -77,14 +77,7 @@ fn valid_batch(s: &Signer, p: usize, seq: u64, now: i64) -> (Vec<u8>, String) {
 pub fn run(a: SoakArgs) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("edgetally-soak-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let args: Vec<std::ffi::OsString> = vec![
-        "--http-addr".into(),
-        "127.0.0.1:0".into(),
-        "--quic-addr".into(),
-        "127.0.0.1:0".into(),
-        "--data-dir".into(),
-        dir.clone().into_os_string(),
-    ];
+    let args = crate::child::loopback_args(&dir);
     let m = Merger::start_with_env(&args, None, &SOAK_ENV)?;
     let pid = m.pid();
     let rt = tokio::runtime::Builder::new_multi_thread()

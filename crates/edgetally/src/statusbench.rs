@@ -39,14 +39,7 @@ pub fn run(a: StatusBenchArgs) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("edgetally-statusbench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let m = Merger::start_with_env(
-        &[
-            "--http-addr".into(),
-            "127.0.0.1:0".into(),
-            "--quic-addr".into(),
-            "127.0.0.1:0".into(),
-            "--data-dir".into(),
-            dir.clone().into_os_string(),
-        ],
+        &crate::child::loopback_args(&dir),
         None,
         &crate::child::BENCH_ENV,
     )?;
