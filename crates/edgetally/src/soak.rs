@@ -14,7 +14,9 @@
 //! - **unfinished streams**: QUIC streams that send part of a batch and never finish.
 //!
 //! RSS is sampled every second; the figures compare the mean of the last tenth of the run
-//! with the mean of the tenth that follows a warm-up (the first fifth).
+//! with the mean of the tenth that follows a warm-up (the first fifth), and give the spread
+//! over the second half (by then the entity inventor has met its quota and the store's
+//! page cache is full).
 
 use crate::child::Merger;
 use anyhow::{bail, Context, Result};
@@ -37,6 +39,10 @@ pub struct SoakArgs {
     /// Each valid producer's pause between batches, ms.
     #[arg(long, default_value_t = 100)]
     interval_ms: u64,
+    /// Abuse to leave out (comma-separated: quota, streams, sockets), to tell which one a
+    /// figure comes from.
+    #[arg(long, value_delimiter = ',')]
+    without: Vec<String>,
 }
 
 /// The merger's settings: the per-second tier kept two minutes (so a steady load reaches a
@@ -153,8 +159,9 @@ pub fn run(a: SoakArgs) -> Result<()> {
                 }
             }));
         }
+        let with = |what: &str| !a.without.iter().any(|w| w == what);
         // Quota breakers: 0 floods, 1 invents categories, 2 invents entities.
-        for kind in 0..3u8 {
+        for kind in (0..3u8).filter(|_| with("quota")) {
             let (stop, stats) = (stop.clone(), stats.clone());
             let (quic, cert) = (m.quic, m.cert);
             tasks.push(tokio::spawn(async move {
@@ -199,7 +206,7 @@ pub fn run(a: SoakArgs) -> Result<()> {
             }));
         }
         // Unfinished QUIC streams: part of a batch, never finished.
-        {
+        if with("streams") {
             let (stop, stats) = (stop.clone(), stats.clone());
             let (quic, cert) = (m.quic, m.cert);
             tasks.push(tokio::spawn(async move {
@@ -223,7 +230,7 @@ pub fn run(a: SoakArgs) -> Result<()> {
             }));
         }
         // Hoarded sockets: idle and slowloris, reopened when closed.
-        {
+        if with("sockets") {
             let (stop, stats, addr) = (stop.clone(), stats.clone(), http_addr.clone());
             tasks.push(tokio::spawn(async move {
                 let mut socks: Vec<(tokio::net::TcpStream, bool)> = Vec::new();
@@ -306,6 +313,12 @@ pub fn run(a: SoakArgs) -> Result<()> {
         let tenth = (n / 10).max(1);
         let (early, late) = (window(n / 5, tenth), window(n.saturating_sub(tenth), tenth));
         let peak = rss.iter().map(|r| r.1).max().unwrap_or(0);
+        // The second half: the state has met its quotas and the caches are full by then.
+        let half = &rss[n / 2..];
+        let mean = half.iter().map(|r| r.1 as f64).sum::<f64>() / half.len().max(1) as f64;
+        let (lo, hi) = half
+            .iter()
+            .fold((u64::MAX, 0), |(l, h), r| (l.min(r.1), h.max(r.1)));
         let stats = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
         println!(
             "soak: {} s, {} valid batches acked ({} events), nothing acknowledged lost",
@@ -319,6 +332,14 @@ pub fn run(a: SoakArgs) -> Result<()> {
             late / 1024.0,
             (late / early - 1.0) * 100.0,
             peak as f64 / 1024.0
+        );
+        println!(
+            "  RSS over the second half: mean {:.1} MiB, from {:.1} to {:.1} MiB ({:+.1} % / {:+.1} % of the mean)",
+            mean / 1024.0,
+            lo as f64 / 1024.0,
+            hi as f64 / 1024.0,
+            (lo as f64 / mean - 1.0) * 100.0,
+            (hi as f64 / mean - 1.0) * 100.0
         );
         println!("  abuse and shedding: {stats:?}");
         Ok(())
