@@ -474,10 +474,12 @@ export class Producer {
       if (t !== undefined) {
         w.timer = setTimeout(() => {
           this.#waiters = this.#waiters.filter((x) => x !== w);
+          this.#hold();
           reject(new EdgetallyError("timeout", `edgetally: flush not answered within ${t} ms`));
         }, t);
       }
       this.#waiters.push(w);
+      this.#hold();
     });
   }
 
@@ -528,10 +530,21 @@ export class Producer {
       this.armed = false;
       this.#pump();
     }, delay);
-    // Node: a pending flush timer alone does not keep the process alive (flush() or close() does).
-    (t as { unref?: () => void }).unref?.();
     this.#timer = t;
     this.armed = true;
+    this.#hold();
+  }
+
+  /**
+   * Node: the send/retry timer keeps the process alive exactly while a `flush()` (or
+   * `close()`) waits — so `await producer.flush()` at the end of a script delivers, through
+   * retries and a merger that comes up late — and not otherwise, so a producer alone never
+   * holds a process open.
+   */
+  #hold(): void {
+    const t = this.#timer as { ref?: () => void; unref?: () => void } | undefined;
+    if (this.#waiters.length > 0) t?.ref?.();
+    else t?.unref?.();
   }
 
   #pump(): void {
@@ -594,6 +607,7 @@ export class Producer {
       } else left.push(w);
     }
     this.#waiters = left;
+    this.#hold();
   }
 }
 

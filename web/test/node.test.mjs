@@ -4,7 +4,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { EdgetallyError, Producer } from "edgetally";
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { join } from "node:path";
 import { BIN, compare, freePort, Model, startMerger, tempDir, workload } from "./helpers.mjs";
 
@@ -178,6 +178,46 @@ test("a Nack drops the batch and counts it by reason", async () => {
     assert.deepEqual(await compare(m.http, model, now - 60_000, now + 60_000), []);
     await p.close();
   } finally {
+    await m.cleanup();
+  }
+});
+
+test("a script that awaits flush() without a timeout stays alive until its events are delivered", async () => {
+  // The merger is down when the script starts and comes up 2 s later: nothing but flush()
+  // keeps the script's process alive meanwhile.
+  const port = await freePort();
+  const script = `
+    import { Producer } from "edgetally";
+    const p = await Producer.create({ endpoints: ["http://127.0.0.1:${port}"] });
+    p.record("late_merger", 3, { ts_ms: Date.now() });
+    await p.flush();
+    const s = p.stats();
+    console.log(JSON.stringify({ acked: s.ackedRecords, retried: s.retried }));
+    await p.close();
+  `;
+  const child = spawn(process.execPath, ["--input-type=module", "-e", script], {
+    cwd: new URL("..", import.meta.url),
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let out = "";
+  let err = "";
+  child.stdout.on("data", (d) => (out += d));
+  child.stderr.on("data", (d) => (err += d));
+  const exited = new Promise((resolve) => child.on("exit", (code) => resolve(code)));
+  await sleep(2000);
+  const m = await startMerger({ httpPort: port });
+  try {
+    const code = await Promise.race([exited, sleep(30_000).then(() => "timeout")]);
+    assert.equal(code, 0, `the script exited with ${code} before delivering: ${out} ${err}`);
+    const got = JSON.parse(out.trim());
+    assert.equal(got.acked, 1);
+    assert.ok(got.retried >= 1, out);
+    const now = Date.now();
+    const model = new Model();
+    model.add("late_merger", undefined, 3);
+    assert.deepEqual(await compare(m.http, model, now - 120_000, now + 60_000), []);
+  } finally {
+    child.kill();
     await m.cleanup();
   }
 });
