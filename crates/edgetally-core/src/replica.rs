@@ -324,19 +324,20 @@ impl Snapshot {
                     postcard::from_bytes(bytes).map_err(|e| format!("snapshot (format 1): {e}"))?;
                 use sha2::{Digest as _, Sha256};
                 let mut seed = SetHash::default();
-                let mut canon = SnapshotV1 {
+                // Seeded from the canonical bytes without the (local) retention horizons.
+                let horizons = v1.horizons;
+                let canon = SnapshotV1 {
                     horizons: [i64::MIN; 3],
                     ..v1
                 };
                 seed.add(&Sha256::digest(postcard::to_allocvec(&canon).unwrap_or_default()).into());
-                canon.horizons = v1_horizons(bytes).unwrap_or([i64::MIN; 3]);
                 Ok(Snapshot {
                     format: SNAPSHOT_FORMAT,
                     strings: canon.strings,
                     producers: canon.producers,
                     series: canon.series,
                     seen: canon.seen,
-                    horizons: canon.horizons,
+                    horizons,
                     batches_hash: seed,
                 })
             }
@@ -379,13 +380,6 @@ pub enum RestoreError {
 }
 
 const SNAPSHOT_FORMAT: u32 = 2;
-
-/// The horizons of a format-1 snapshot (read again, since the canonical copy zeroes them).
-fn v1_horizons(bytes: &[u8]) -> Option<[i64; 3]> {
-    postcard::from_bytes::<SnapshotV1>(bytes)
-        .ok()
-        .map(|v| v.horizons)
-}
 
 /// What a batch would add to a replica's state (see [`Replica::novelty`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

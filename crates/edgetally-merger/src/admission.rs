@@ -306,10 +306,7 @@ impl Admission {
         }
         let mut m = self.sources.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() >= MAX_TRACKED {
-            m.retain(|_, b| {
-                b.refill(rate, now_ms);
-                b.tokens < rate * BURST_SECS
-            });
+            Self::sweep_sources(&mut m, rate, now_ms);
         }
         let b = m
             .entry(source_key(ip))
@@ -353,12 +350,7 @@ impl Admission {
             return Ok(());
         }
         for s in &batch.summaries {
-            let b = self
-                .bounds
-                .get(batch.category(s))
-                .copied()
-                .or(self.any_bounds);
-            if let Some((lo, hi)) = b {
+            if let Some((lo, hi)) = self.bounds_for(batch.category(s)) {
                 if s.summary.min < lo || s.summary.max > hi {
                     return Err(RejectCode::ValueOutOfBounds);
                 }
@@ -367,9 +359,14 @@ impl Admission {
         Ok(())
     }
 
+    /// The `[lo, hi]` bounds configured for `category`: its own, else `"*"`'s.
+    fn bounds_for(&self, category: &str) -> Option<(f64, f64)> {
+        self.bounds.get(category).copied().or(self.any_bounds)
+    }
+
     /// Whether `value` lies within the bounds configured for `category` (if any).
     pub fn value_in_bounds(&self, category: &str, value: f64) -> bool {
-        match self.bounds.get(category).copied().or(self.any_bounds) {
+        match self.bounds_for(category) {
             Some((lo, hi)) => lo <= value && value <= hi,
             None => true,
         }
@@ -388,16 +385,11 @@ impl Admission {
         batch: &Batch,
         series: u64,
         now_ms: i64,
-        exact: impl FnOnce() -> Novelty,
+        exact: impl Fn() -> Novelty,
     ) -> Result<(u64, Option<Reservation>), Result<u32, RejectCode>> {
-        let mut exact = Some(exact);
+        // Computed at most once, and only if a bound does not fit.
         let mut known: Option<Novelty> = None;
-        let mut novelty = || -> Novelty {
-            if let Some(f) = exact.take() {
-                known = Some(f());
-            }
-            known.unwrap_or_default()
-        };
+        let mut novelty = || *known.get_or_insert_with(&exact);
         let summaries = batch.summaries.len() as u32;
         // Distinct categories (indices into the batch's string table, which `Batch::check`
         // bounds), with a bit per string.
@@ -510,6 +502,14 @@ impl Admission {
         }
     }
 
+    /// Drops sources whose buckets are full: they hold nothing a fresh entry would not.
+    fn sweep_sources(m: &mut HashMap<IpAddr, Bucket>, rate: f64, now_ms: i64) {
+        m.retain(|_, b| {
+            b.refill(rate, now_ms);
+            b.tokens < rate * BURST_SECS
+        });
+    }
+
     /// Drops producers whose buckets are full and whose hour is over: they hold nothing a
     /// fresh entry would not.
     fn sweep_producers(m: &mut HashMap<ProducerKey, ProducerState>, rb: f64, rs: f64, now_ms: i64) {
@@ -542,12 +542,8 @@ impl Admission {
             );
         }
         {
-            let rate = self.source_batches;
             let mut m = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-            m.retain(|_, b| {
-                b.refill(rate, now_ms);
-                b.tokens < rate * BURST_SECS
-            });
+            Self::sweep_sources(&mut m, self.source_batches, now_ms);
         }
         self.enrolled
             .lock()
