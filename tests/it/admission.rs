@@ -268,6 +268,52 @@ fn enrolment_credentials_admit_over_http_quic_and_the_native_sdk() {
     assert_model(&m, &model, base, "after kill -9");
 }
 
+/// Checking a credential costs a signature verification: a client posting forged ones is held
+/// to its address's rate like any other, before anything is verified.
+#[test]
+fn forged_credentials_are_held_to_the_source_rate() {
+    let dir = TempDir::new("cred-flood");
+    let issuer = edgetally_proto::credential::issuer_public(&[3; 32]);
+    let issuer_hex = edgetally_net::tls::hex(&issuer);
+    let env = [
+        ("EDGETALLY_PRODUCER_POLICY", "enrolled"),
+        ("EDGETALLY_ISSUER_KEYS", issuer_hex.as_str()),
+        ("EDGETALLY_SOURCE_BATCHES_PER_SEC", "5"),
+    ];
+    let m = Merger::start_with_env(&dir.0, &[], &env);
+    let s = signer(650);
+    // Signed by another issuer: well formed, verified, refused.
+    let forged = edgetally_net::tls::hex(&edgetally_proto::credential::issue(
+        &[4; 32],
+        &s.producer(),
+        now_ms() + 3_600_000,
+    ));
+    let raw = batch(&s, 0, &[("fl", None)], now_ms());
+    let started = Instant::now();
+    let (mut refused, mut retried) = (0u64, 0u64);
+    for _ in 0..40 {
+        match post(&m, &raw, Some(&forged)) {
+            (422, code) => {
+                assert_eq!(code, "not_admitted");
+                refused += 1;
+            }
+            (503, _) => retried += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(retried > 0, "no forged credential was held back");
+    assert!(
+        (refused as f64) <= 11.0 + elapsed * 5.0 + 1.0,
+        "{refused} credentials checked in {elapsed:.2} s at 5/s"
+    );
+    let checked = m.metric("edgetally_credentials_total{result=\"refused\"}");
+    assert_eq!(
+        checked, refused as f64,
+        "only admitted requests cost a verification"
+    );
+}
+
 #[test]
 fn rate_limits_quotas_series_cap_and_bounds_each_answer_with_their_code() {
     let dir = TempDir::new("quotas");

@@ -991,26 +991,21 @@ async fn batches(
 ) -> Response {
     let source = conn.map_or(std::net::Ipv4Addr::LOCALHOST.into(), |c| c.0 .0.ip());
     // An enrolment credential may ride along with the batch (browsers cannot open a stream
-    // for it first): it is checked, and the key enrolled, before the batch is.
-    if let Some(v) = headers.get("edgetally-credential") {
-        let cred = v.to_str().ok().and_then(edgetally_net::tls::unhex);
-        let enrolled = match cred {
-            Some(c) if edgetally_proto::credential::is_credential(&c) => {
-                node.admission.enroll(&c, now_ms()).map(|_| ())
-            }
-            _ => Err(RejectCode::Malformed),
-        };
-        if let Err(code) = enrolled {
-            node.metrics.reject(code);
-            return reply_response(Reply::nack(code));
-        }
-    }
+    // for it first): it is checked, and the key enrolled, before the batch is. Bytes that are
+    // not hex are no credential (refused as `malformed`, by length).
+    let credential = headers.get("edgetally-credential").map(|v| {
+        v.to_str()
+            .ok()
+            .and_then(edgetally_net::tls::unhex)
+            .unwrap_or_default()
+    });
     let max = node.config.limits.max_payload_bytes + 16 + edgetally_proto::SIGNATURE_LEN;
     let reply = if body.len() > max {
         node.metrics.reject(RejectCode::PayloadTooLarge);
         Reply::nack(RejectCode::PayloadTooLarge)
     } else {
-        node.submit_from(body.to_vec(), source).await
+        node.submit_from(body.to_vec(), source, credential.as_deref())
+            .await
     };
     reply_response(reply)
 }

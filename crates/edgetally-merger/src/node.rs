@@ -552,11 +552,25 @@ impl Node {
 impl Node {
     /// A producer's message from `source`: a credential (enrolment) or a batch, after the
     /// per-source rate limit.
-    pub async fn submit_from(&self, raw: Vec<u8>, source: std::net::IpAddr) -> Reply {
+    /// `credential` is one that rode along with the batch (HTTP's `Edgetally-Credential`): it
+    /// is checked after the source's rate limit — a credential costs a signature verification —
+    /// and before the batch.
+    pub async fn submit_from(
+        &self,
+        raw: Vec<u8>,
+        source: std::net::IpAddr,
+        credential: Option<&[u8]>,
+    ) -> Reply {
         let now = now_ms();
         if let Some(after_ms) = self.admission.throttle_source(source, now) {
             self.metrics.retried.fetch_add(1, Relaxed);
             return Reply::Retry { after_ms };
+        }
+        if let Some(c) = credential {
+            if let Err(code) = self.admission.enroll(c, now) {
+                self.metrics.reject(code);
+                return Reply::nack(code);
+            }
         }
         if edgetally_proto::credential::is_credential(&raw) {
             return match self.admission.enroll(&raw, now) {
@@ -570,7 +584,7 @@ impl Node {
 
 impl edgetally_net::BatchSink for Node {
     async fn submit(&self, raw: Vec<u8>, source: std::net::IpAddr) -> Reply {
-        self.submit_from(raw, source).await
+        self.submit_from(raw, source, None).await
     }
 
     fn max_batch_bytes(&self) -> usize {
