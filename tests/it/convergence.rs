@@ -6,13 +6,22 @@
 //! lose every received-but-not-yet-durable batch. Batches travel as real signed bytes and are
 //! decoded and verified on every hop. After healing, every replica must be bit-identical, equal
 //! to a ground truth computed by a naive model from the generated events, and its replication
-//! log must be pruned to nothing. A failing run prints its seed; rerun one with
+//! log must be pruned to nothing.
+//!
+//! Some producers are Byzantine: they sign two contents under one batch id and give one to
+//! each of two replicas (an equivocation), replay their batches with bytes altered, record
+//! the largest values SPEC allows, and send batches signed under hostile rules (torsion in R
+//! or A, small-order A, non-canonical encodings, S ≥ L, random signature bytes). Every replica
+//! must still end bit-identical: each hostile signature gets the same verdict on every hop,
+//! altered bytes are refused, and for each equivocated id exactly one content counts, the same
+//! everywhere — the model adds the contents the replicas' epoch hashes name and must then
+//! equal their totals exactly. A failing run prints its seed; rerun one with
 //! `EDGETALLY_SIM_SEED=<seed> cargo test -p edgetally-tests --test it convergence`.
 
 use edgetally_core::query::{GroupBy, TopBy};
-use edgetally_core::{Applied, BatchId, Digest, Limits, LogEntry, Replica};
+use edgetally_core::{batch_digest, Applied, BatchId, Digest, Limits, LogEntry, Replica, Snapshot};
 use edgetally_proto::{decode, open, Signer};
-use edgetally_tests::{build, events, same, signer, Model, Rng, NOW};
+use edgetally_tests::{build, events, same, signer, Event, Model, Rng, NOW};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -37,7 +46,28 @@ enum Msg {
         raws: Vec<Arc<[u8]>>,
         digest: Digest,
     },
+    /// `from` found it must yield to `to` on a diverging epoch: it asks for `to`'s snapshot.
+    SnapshotReq {
+        from: usize,
+        to: usize,
+    },
+    Snapshot {
+        to: usize,
+        snap: Box<Snapshot>,
+    },
+    /// Bytes no honest producer sends, to `node`: a batch signed under a hostile rule (its
+    /// verdict `valid` computed by a reference implementation) or an altered replay (never
+    /// valid). Nobody acknowledges them to anyone.
+    Hostile {
+        node: usize,
+        raw: Arc<[u8]>,
+        valid: bool,
+    },
 }
+
+/// A Byzantine producer's batch: each content signed under its id (two for an equivocation),
+/// with the first 16 bytes of its `batch_digest` and its events.
+type Versions = Vec<([u8; 16], Vec<Event>)>;
 
 struct Producer {
     signer: Signer,
@@ -48,6 +78,10 @@ struct Producer {
     outbox: BTreeMap<BatchId, (Arc<[u8]>, u32, u64)>,
     /// Replica preference: rendezvous order of this producer's key.
     order: Vec<usize>,
+    /// Equivocates, alters replays, records extreme values, signs hostile batches.
+    byzantine: bool,
+    /// Equivocations still allowed (a few per producer keep the model's choice enumerable).
+    equivocations_left: u32,
 }
 
 struct Node {
@@ -69,6 +103,29 @@ struct Sim {
     faults: bool,
     model: Model,
     limits: Limits,
+    /// Every batch of Byzantine producers, by id.
+    byzantine: BTreeMap<BatchId, Versions>,
+    /// Hostile batches sent so far (each signs under a fresh key).
+    hostile_sent: u64,
+    /// Ids of valid hostile batches (applied wherever they land, acknowledged to nobody).
+    hostile_valid: BTreeSet<BatchId>,
+    stats: Stats,
+}
+
+/// What a scenario exercised (summed over a run, so a run that stops exercising the Byzantine
+/// paths fails instead of passing vacuously).
+#[derive(Clone, Copy, Debug, Default)]
+struct Stats {
+    equivocations: u64,
+    adoptions: u64,
+    hostile_refused: u64,
+    hostile_applied: u64,
+}
+
+fn prefix16(d: &[u8; 32]) -> [u8; 16] {
+    let mut p = [0u8; 16];
+    p.copy_from_slice(&d[..16]);
+    p
 }
 
 fn rendezvous(key: &[u8; 32], n: usize) -> Vec<usize> {
@@ -125,8 +182,16 @@ impl Sim {
         for p in 0..self.producers.len() {
             if self.producers[p].to_make > 0 && self.rng.chance(0.3) {
                 let n = 1 + self.rng.below(20) as usize;
-                let ev = events(&mut self.rng, n, 2 * 3_600_000);
-                ev.iter().for_each(|e| self.model.add(e));
+                let mut ev = events(&mut self.rng, n, 2 * 3_600_000);
+                let byzantine = self.producers[p].byzantine;
+                if byzantine {
+                    // The largest magnitude SPEC §2 allows, either sign.
+                    for e in ev.iter_mut() {
+                        if self.rng.chance(0.3) {
+                            e.eighths = if self.rng.chance(0.5) { 8 } else { -8 } * 1_000_000_000_000_000;
+                        }
+                    }
+                }
                 let pr = &mut self.producers[p];
                 let id = BatchId {
                     producer: pr.signer.producer(),
@@ -135,8 +200,41 @@ impl Sim {
                 };
                 pr.next_seq += 1;
                 pr.to_make -= 1;
-                let raw: Arc<[u8]> = pr.signer.seal(&build(id, &ev)).expect("seal").into();
-                pr.outbox.insert(id, (raw, 0, self.tick));
+                let batch = build(id, &ev);
+                let raw: Arc<[u8]> = pr.signer.seal(&batch).expect("seal").into();
+                pr.outbox.insert(id, (raw.clone(), 0, self.tick));
+                if !byzantine {
+                    ev.iter().for_each(|e| self.model.add(e));
+                    continue;
+                }
+                let mut versions: Versions = vec![(prefix16(&batch_digest(&batch, &raw)), ev)];
+                if self.producers[p].equivocations_left > 0 && self.rng.chance(0.4) {
+                    // A second content under the same id, given once to a random replica.
+                    self.producers[p].equivocations_left -= 1;
+                    let n2 = 1 + self.rng.below(5) as usize;
+                    let ev2 = events(&mut self.rng, n2, 3_600_000);
+                    let b2 = build(id, &ev2);
+                    let raw2: Arc<[u8]> = self.producers[p].signer.seal(&b2).expect("seal").into();
+                    versions.push((prefix16(&batch_digest(&b2, &raw2)), ev2));
+                    self.stats.equivocations += 1;
+                    let node = self.rng.below(self.nodes.len() as u64) as usize;
+                    self.send(Msg::Batch { node, raw: raw2 });
+                }
+                self.byzantine.insert(id, versions);
+                if self.rng.chance(0.3) {
+                    // A replay with one byte altered.
+                    let mut bad = raw.to_vec();
+                    let at = self.rng.below(bad.len() as u64) as usize;
+                    bad[at] ^= 1 << self.rng.below(8);
+                    let node = self.rng.below(self.nodes.len() as u64) as usize;
+                    self.send(Msg::Hostile { node, raw: bad.into(), valid: false });
+                }
+                if self.rng.chance(0.3) {
+                    let (raw, valid) = crate::signatures::hostile_batch(&mut self.rng, self.hostile_sent);
+                    self.hostile_sent += 1;
+                    let node = self.rng.below(self.nodes.len() as u64) as usize;
+                    self.send(Msg::Hostile { node, raw: raw.into(), valid });
+                }
             }
             if self.faults && self.rng.chance(0.02) {
                 // A new instance of the producer: fresh epoch, but its durable outbox survives.
@@ -212,6 +310,59 @@ impl Sim {
                 Msg::Ack { producer, id } => {
                     self.producers[producer].outbox.remove(&id);
                 }
+                Msg::Hostile { node, raw, valid } => {
+                    if !self.node_up(node) {
+                        continue;
+                    }
+                    match (open(&raw, &self.limits, NOW), valid) {
+                        (Ok(batch), true) => {
+                            self.stats.hostile_applied += 1;
+                            self.hostile_valid.insert(batch.id);
+                            self.nodes[node].pending.push((
+                                usize::MAX,
+                                LogEntry {
+                                    batch: Arc::new(batch),
+                                    raw,
+                                },
+                            ));
+                        }
+                        (Err(_), false) => self.stats.hostile_refused += 1,
+                        (r, _) => {
+                            return Err(format!(
+                                "hostile bytes got {:?}, the reference says valid = {valid}",
+                                r.map(|b| b.id)
+                            ))
+                        }
+                    }
+                }
+                Msg::SnapshotReq { from, to } => {
+                    if !self.node_up(to) || self.cut(from, to) {
+                        continue;
+                    }
+                    // Over the wire and back: what a merger sends.
+                    let wire = self.nodes[to].replica.snapshot().encode();
+                    let snap = Snapshot::decode(&wire)?;
+                    self.send(Msg::Snapshot {
+                        to: from,
+                        snap: Box::new(snap),
+                    });
+                }
+                Msg::Snapshot { to, snap } => {
+                    if !self.node_up(to) {
+                        continue;
+                    }
+                    if let Some(fresh) = self.nodes[to]
+                        .replica
+                        .adopt(*snap)
+                        .map_err(|e| e.to_string())?
+                    {
+                        if !fresh.digest().covers(&self.nodes[to].replica.digest()) {
+                            return Err("adopt lost batches".into());
+                        }
+                        self.stats.adoptions += 1;
+                        self.nodes[to].replica = fresh;
+                    }
+                }
                 Msg::DigestReq { from, to, digest } => {
                     if !self.node_up(to) || self.cut(from, to) {
                         continue;
@@ -251,8 +402,19 @@ impl Sim {
                             .map_err(|e| e.to_string())?;
                     }
                     let r = &mut self.nodes[to].replica;
+                    // The merger's rule (PROTOCOL.md §9): on the first epoch both hold with
+                    // the same seqs and other contents, the greater hash yields.
+                    let mine = r.digest();
+                    let yields = mine.diverging(&digest).is_some_and(|d| d.mine_yields())
+                        // The peer holds batches nobody retains for this node any more (an
+                        // adoption elsewhere dropped them): catch up from its snapshot, as a
+                        // merger does.
+                        || !mine.covers(&digest);
                     r.observe_peer(&format!("n{from}"), digest);
                     r.prune_log();
+                    if yields {
+                        self.send(Msg::SnapshotReq { from: to, to: from });
+                    }
                 }
             }
         }
@@ -268,7 +430,10 @@ impl Sim {
             for (producer, e) in pending {
                 let id = e.batch.id;
                 match self.nodes[i].replica.apply(e).map_err(|e| e.to_string())? {
-                    Applied::New | Applied::Duplicate => self.send(Msg::Ack { producer, id }),
+                    Applied::New | Applied::Duplicate if producer != usize::MAX => {
+                        self.send(Msg::Ack { producer, id })
+                    }
+                    _ => {}
                 }
             }
         }
@@ -303,7 +468,7 @@ impl Sim {
     }
 }
 
-fn scenario(seed: u64) -> Result<(), String> {
+fn scenario(seed: u64) -> Result<Stats, String> {
     let mut rng = Rng::new(seed);
     let n_nodes = 3 + rng.below(3) as usize;
     let n_prod = 3 + rng.below(6) as usize;
@@ -318,6 +483,9 @@ fn scenario(seed: u64) -> Result<(), String> {
                 to_make: 2 + rng.below(9) as usize,
                 outbox: BTreeMap::new(),
                 order,
+                // Producer 0 in half the scenarios, any other in one of eight.
+                byzantine: if i == 0 { seed % 2 == 0 } else { rng.chance(0.125) },
+                equivocations_left: 3,
             }
         })
         .collect();
@@ -340,6 +508,10 @@ fn scenario(seed: u64) -> Result<(), String> {
         faults: true,
         model: Model::default(),
         limits: Limits::default(),
+        byzantine: BTreeMap::new(),
+        hostile_sent: 0,
+        hostile_valid: BTreeSet::new(),
+        stats: Stats::default(),
     };
     sim.set_peers();
     let bootstrap_at = if sim.rng.chance(0.4) {
@@ -395,16 +567,42 @@ fn scenario(seed: u64) -> Result<(), String> {
         for _ in 0..3 {
             sim.deliver()?;
         }
+        let hash = sim.nodes[0].replica.state_hash();
         let quiet = sim.producers.iter().all(|p| p.outbox.is_empty())
-            && sim
-                .nodes
-                .iter()
-                .all(|n| n.replica.log_len() == 0 && n.pending.is_empty());
+            && sim.queue.is_empty()
+            && sim.nodes.iter().all(|n| {
+                n.replica.log_len() == 0 && n.pending.is_empty() && n.replica.state_hash() == hash
+            });
         if quiet {
             break;
         }
         if rounds > 60 {
-            return Err("did not converge within 60 rounds after healing".into());
+            let states: Vec<String> = sim
+                .nodes
+                .iter()
+                .map(|n| {
+                    format!(
+                        "log {} pending {} hash {:02x?}",
+                        n.replica.log_len(),
+                        n.pending.len(),
+                        &n.replica.state_hash()[..4]
+                    )
+                })
+                .collect();
+            for n in &sim.nodes {
+                let d = n.replica.digest();
+                let d0 = sim.nodes[0].replica.digest();
+                for (k, v) in &d.epochs {
+                    if d0.epochs.get(k) != Some(v) {
+                        eprintln!("epoch {:?}: {:?} vs n0 {:?}", (&k.0 .0[..2], k.1), v, d0.epochs.get(k));
+                    }
+                }
+            }
+            return Err(format!(
+                "did not converge within 60 rounds after healing: outboxes {:?}, queue {}, nodes {states:?}",
+                sim.producers.iter().map(|p| p.outbox.len()).collect::<Vec<_>>(),
+                sim.queue.len()
+            ));
         }
     }
     // Bit-identical replicas.
@@ -416,7 +614,65 @@ fn scenario(seed: u64) -> Result<(), String> {
     if snaps.iter().any(|s| *s != snaps[0]) {
         return Err("replicas differ after convergence".into());
     }
-    check_against_model(&sim.nodes[0].replica, &sim.model)
+    let r = &sim.nodes[0].replica;
+    for id in &sim.hostile_valid {
+        if !r.has_applied(id) {
+            // Sent once and lost (dropped, or pending at a crash): never counted anywhere.
+            continue;
+        }
+        // hostile_batch: one event of value 1 in category "sig" at NOW.
+        sim.model.add(&Event {
+            category: "sig".into(),
+            entity: None,
+            ts_ms: NOW,
+            eighths: 8,
+        });
+    }
+    resolve_equivocations(r, &sim.byzantine, &mut sim.model)?;
+    check_against_model(r, &sim.model)?;
+    Ok(sim.stats)
+}
+
+/// Adds to the model, for each Byzantine epoch, the one combination of contents whose epoch
+/// hash is the replica's (every content of a non-equivocated id; one of each equivocated id's
+/// two): the outcome the rule defines. None matching means a mix or a double count.
+fn resolve_equivocations(
+    r: &Replica,
+    byzantine: &BTreeMap<BatchId, Versions>,
+    model: &mut Model,
+) -> Result<(), String> {
+    let digest = r.digest();
+    let mut epochs: BTreeMap<_, Vec<&Versions>> = BTreeMap::new();
+    for (id, v) in byzantine {
+        epochs.entry((id.producer, id.epoch)).or_default().push(v);
+    }
+    for (key, batches) in epochs {
+        let seen = digest.epochs.get(&key).ok_or("a Byzantine epoch is missing")?;
+        if seen.seqs.len() != batches.len() as u64 {
+            return Err("a Byzantine epoch holds another number of batches".into());
+        }
+        let split: Vec<usize> = (0..batches.len()).filter(|&i| batches[i].len() > 1).collect();
+        let mut found = None;
+        for mask in 0u32..1 << split.len() {
+            let mut sum = 0u128;
+            let mut pick = vec![0usize; batches.len()];
+            for (bit, &i) in split.iter().enumerate() {
+                pick[i] = (mask >> bit & 1) as usize;
+            }
+            for (i, v) in batches.iter().enumerate() {
+                sum = sum.wrapping_add(u128::from_le_bytes(v[pick[i]].0));
+            }
+            if Some(sum.to_le_bytes()) == seen.hash {
+                found = Some(pick);
+                break;
+            }
+        }
+        let pick = found.ok_or("no one-content-per-id combination gives the epoch's hash")?;
+        for (v, &k) in batches.iter().zip(&pick) {
+            v[k].1.iter().for_each(|e| model.add(e));
+        }
+    }
+    Ok(())
 }
 
 /// Every key, every category over the whole range (read through the tiers), top-k and totals.
@@ -495,15 +751,29 @@ fn run_seeds(range: std::ops::Range<u64>) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
     let range = range.start * scale..range.end * scale;
-    for seed in range {
+    let mut sum = Stats::default();
+    for seed in range.clone() {
         match std::panic::catch_unwind(|| scenario(seed)) {
-            Ok(Ok(())) => {}
+            Ok(Ok(s)) => {
+                sum.equivocations += s.equivocations;
+                sum.adoptions += s.adoptions;
+                sum.hostile_refused += s.hostile_refused;
+                sum.hostile_applied += s.hostile_applied;
+            }
             Ok(Err(e)) => {
                 panic!("simulation seed {seed} failed: {e} (rerun: EDGETALLY_SIM_SEED={seed})")
             }
             Err(_) => panic!("simulation seed {seed} panicked (rerun: EDGETALLY_SIM_SEED={seed})"),
         }
     }
+    eprintln!("seeds {range:?}: {sum:?}");
+    assert!(
+        sum.equivocations > 0
+            && sum.adoptions > 0
+            && sum.hostile_refused > 0
+            && sum.hostile_applied > 0,
+        "the Byzantine paths were not exercised: {sum:?}"
+    );
 }
 
 // 1,000 seeded scenarios per run, split so the test harness spreads them over the cores.

@@ -195,8 +195,10 @@ fn hostile_signatures_get_the_documented_verdicts() {
     }
 }
 
-/// A whole batch signed under a hostile rule: key `kind` picks the tweak.
-fn hostile_batch(rng: &mut Rng, i: u64) -> (Vec<u8>, bool) {
+/// A whole batch signed under a hostile rule: key `kind` picks the tweak. Returns the
+/// envelope and its verdict under the rule (checked against an independent reference). Its
+/// one event: category "sig", no entity, value 1 at 1 700 000 000 000 ms.
+pub(crate) fn hostile_batch(rng: &mut Rng, i: u64) -> (Vec<u8>, bool) {
     let (a, pa) = keypair(100 + i);
     let kind = rng.below(7);
     let tors = EIGHT_TORSION[1 + rng.below(7) as usize];

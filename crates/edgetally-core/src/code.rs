@@ -107,6 +107,9 @@ reject_codes! {
     SeriesLimit = 26, "series_limit";
     /// A value lies outside the bounds configured for its category.
     ValueOutOfBounds = 27, "value_out_of_bounds";
+    /// The producer signed two different batches under one batch id (found by the mergers
+    /// comparing their states, PROTOCOL.md §9); this merger refuses its batches.
+    Equivocated = 28, "equivocated";
 }
 
 impl fmt::Display for RejectCode {
@@ -149,6 +152,7 @@ mod tests {
             (25, "entity_quota"),
             (26, "series_limit"),
             (27, "value_out_of_bounds"),
+            (28, "equivocated"),
         ];
         for (n, s) in frozen {
             assert_eq!(RejectCode::from_u16(n).map(|c| c.as_str()), Some(s));

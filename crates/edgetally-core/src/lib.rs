@@ -22,7 +22,7 @@ pub use code::RejectCode;
 pub use query::{Aggregate, GroupBy, Plan, Rows, TopBy};
 pub use record::Record;
 pub use replica::{
-    batch_digest, content_digest, Applied, Digest, LogEntry, Novelty, Replica, Retention, SetHash,
+    batch_digest, content_digest, Applied, Digest, Divergence, EpochSeen, LogEntry, Novelty, Replica, Retention, SetHash,
     Snapshot,
 };
 pub use seen::SeenSet;

@@ -55,12 +55,61 @@ pub enum Applied {
     Duplicate,
 }
 
+/// What a replica holds of one (producer, epoch): the seqs applied, and a hash of the
+/// batches behind them, so two replicas holding the same seqs can tell whether they hold the
+/// same contents (a producer can sign two contents under one id: an equivocation).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochSeen {
+    /// The seqs applied.
+    pub seqs: SeenSet,
+    /// The sum, modulo 2¹²⁸, of the first 16 bytes (little-endian) of each applied batch's
+    /// [`batch_digest`]; `None` when not known (restored from a snapshot of format 1 or 2,
+    /// which did not keep it).
+    pub hash: Option<[u8; 16]>,
+}
+
+impl EpochSeen {
+    fn add(&mut self, seq: u64, digest: &[u8; 32]) {
+        if self.seqs.insert(seq) {
+            if let Some(h) = &mut self.hash {
+                let mut d = [0u8; 16];
+                d.copy_from_slice(&digest[..16]);
+                *h = u128::from_le_bytes(*h)
+                    .wrapping_add(u128::from_le_bytes(d))
+                    .to_le_bytes();
+            }
+        }
+    }
+}
+
 /// What a replica holds, by batch id: exchanged between peers so each can send the other
-/// what it lacks.
+/// what it lacks, and compare what both hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Digest {
-    /// Seen-set per (producer, epoch).
-    pub epochs: BTreeMap<(ProducerKey, u64), SeenSet>,
+    /// Seen-set and content hash per (producer, epoch).
+    pub epochs: BTreeMap<(ProducerKey, u64), EpochSeen>,
+}
+
+/// A (producer, epoch) of which two replicas hold the same seqs with different contents:
+/// the producer signed two contents under one batch id (or a state was damaged).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Divergence {
+    /// The producer.
+    pub producer: ProducerKey,
+    /// The epoch.
+    pub epoch: u64,
+    /// This replica's content hash of the epoch.
+    pub mine: [u8; 16],
+    /// The other replica's.
+    pub theirs: [u8; 16],
+}
+
+impl Divergence {
+    /// Whether this replica is the one that adopts the other's state (PROTOCOL.md §9): the
+    /// one whose hash of the first diverging epoch is greater, compared as bytes.
+    pub fn mine_yields(&self) -> bool {
+        self.mine > self.theirs
+    }
 }
 
 impl Digest {
@@ -68,23 +117,43 @@ impl Digest {
     pub fn contains(&self, id: &BatchId) -> bool {
         self.epochs
             .get(&(id.producer, id.epoch))
-            .is_some_and(|s| s.contains(id.seq))
+            .is_some_and(|s| s.seqs.contains(id.seq))
     }
 
     /// Whether every batch id `other` covers, this digest covers too.
     pub fn covers(&self, other: &Digest) -> bool {
         other.epochs.iter().all(|(k, theirs)| {
-            theirs.is_empty()
+            theirs.seqs.is_empty()
                 || self
                     .epochs
                     .get(k)
-                    .is_some_and(|mine| theirs.is_subset(mine))
+                    .is_some_and(|mine| theirs.seqs.is_subset(&mine.seqs))
         })
     }
 
     /// Total number of batch ids covered.
     pub fn batches(&self) -> u64 {
-        self.epochs.values().map(SeenSet::len).sum()
+        self.epochs.values().map(|e| e.seqs.len()).sum()
+    }
+
+    /// The first (producer, epoch), in key order, of which both digests hold the same
+    /// non-empty seqs with different content hashes (both known). Other epochs may differ in
+    /// seqs (ingest goes on): the comparison needs only that one epoch to have settled.
+    pub fn diverging(&self, theirs: &Digest) -> Option<Divergence> {
+        self.epochs.iter().find_map(|(&(producer, epoch), mine)| {
+            let other = theirs.epochs.get(&(producer, epoch))?;
+            match (mine.hash, other.hash) {
+                (Some(a), Some(b)) if a != b && mine.seqs == other.seqs && !mine.seqs.is_empty() => {
+                    Some(Divergence {
+                        producer,
+                        epoch,
+                        mine: a,
+                        theirs: b,
+                    })
+                }
+                _ => None,
+            }
+        })
     }
 }
 
@@ -289,12 +358,31 @@ pub struct Snapshot {
     pub producers: Vec<ProducerKey>,
     /// Series sorted by (category string, dimension).
     pub series: Vec<SeriesSnapshot>,
-    /// Seen-set per (producer, epoch).
-    pub seen: Vec<(ProducerKey, u64, SeenSet)>,
+    /// Seen-set and content hash per (producer, epoch).
+    pub seen: Vec<(ProducerKey, u64, EpochSeen)>,
     /// Per tier, the time before which entries were pruned (`i64::MIN`: never).
     pub horizons: [i64; 3],
     /// The [`SetHash`] of every batch the snapshot covers (format 2 on).
     pub batches_hash: SetHash,
+}
+
+/// Format 2 of [`Snapshot`], before it kept a content hash per epoch.
+#[derive(Serialize, Deserialize)]
+struct SnapshotV2 {
+    format: u32,
+    strings: Vec<String>,
+    producers: Vec<ProducerKey>,
+    series: Vec<SeriesSnapshot>,
+    seen: Vec<(ProducerKey, u64, SeenSet)>,
+    horizons: [i64; 3],
+    batches_hash: SetHash,
+}
+
+/// Seen-sets of a format 1 or 2 snapshot: their content hashes are not known.
+fn unhashed(seen: Vec<(ProducerKey, u64, SeenSet)>) -> Vec<(ProducerKey, u64, EpochSeen)> {
+    seen.into_iter()
+        .map(|(p, e, seqs)| (p, e, EpochSeen { seqs, hash: None }))
+        .collect()
 }
 
 /// Format 1 of [`Snapshot`], before it carried `batches_hash`.
@@ -314,11 +402,25 @@ impl Snapshot {
         postcard::to_allocvec(self).unwrap_or_default()
     }
 
-    /// Decodes a snapshot of format 2, or of format 1 (whose batches' content is not known
-    /// any more: its set hash is seeded with the digest of its own canonical bytes, so equal
-    /// format-1 snapshots still give equal hashes).
+    /// Decodes a snapshot of format 3, 2 (without per-epoch content hashes: they are not
+    /// known, and never compared) or 1 (whose batches' content is not known any more: its set
+    /// hash is seeded with the digest of its own canonical bytes, so equal format-1 snapshots
+    /// still give equal hashes).
     pub fn decode(bytes: &[u8]) -> Result<Snapshot, String> {
         match bytes.first() {
+            Some(2) => {
+                let v2: SnapshotV2 =
+                    postcard::from_bytes(bytes).map_err(|e| format!("snapshot (format 2): {e}"))?;
+                Ok(Snapshot {
+                    format: SNAPSHOT_FORMAT,
+                    strings: v2.strings,
+                    producers: v2.producers,
+                    series: v2.series,
+                    seen: unhashed(v2.seen),
+                    horizons: v2.horizons,
+                    batches_hash: v2.batches_hash,
+                })
+            }
             Some(1) => {
                 let v1: SnapshotV1 =
                     postcard::from_bytes(bytes).map_err(|e| format!("snapshot (format 1): {e}"))?;
@@ -336,7 +438,7 @@ impl Snapshot {
                     strings: canon.strings,
                     producers: canon.producers,
                     series: canon.series,
-                    seen: canon.seen,
+                    seen: unhashed(canon.seen),
                     horizons,
                     batches_hash: seed,
                 })
@@ -379,7 +481,7 @@ pub enum RestoreError {
     Inconsistent(&'static str),
 }
 
-const SNAPSHOT_FORMAT: u32 = 2;
+const SNAPSHOT_FORMAT: u32 = 3;
 
 /// What a batch would add to a replica's state (see [`Replica::novelty`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -402,7 +504,7 @@ pub struct Replica {
     pub(crate) series_ids: FxHashMap<(u32, Dim), u32>,
     /// Per category, the series of each dimension other than `All`, for top-k and grouping.
     pub(crate) by_category: FxHashMap<u32, Vec<(Dim, u32)>>,
-    seen: BTreeMap<(ProducerKey, u64), SeenSet>,
+    seen: BTreeMap<(ProducerKey, u64), EpochSeen>,
     log: BTreeMap<BatchId, LogEntry>,
     peers: BTreeMap<String, Digest>,
     pub(crate) horizons: [i64; 3],
@@ -480,7 +582,7 @@ impl Replica {
     pub fn has_applied(&self, id: &BatchId) -> bool {
         self.seen
             .get(&(id.producer, id.epoch))
-            .is_some_and(|s| s.contains(id.seq))
+            .is_some_and(|s| s.seqs.contains(id.seq))
     }
 
     /// Number of distinct batches applied since this replica was created or restored.
@@ -568,8 +670,11 @@ impl Replica {
         }
         self.seen
             .entry((id.producer, id.epoch))
-            .or_default()
-            .insert(id.seq);
+            .or_insert_with(|| EpochSeen {
+                seqs: SeenSet::new(),
+                hash: Some([0; 16]),
+            })
+            .add(id.seq, digest);
         self.applied += 1;
         self.seen_batches += 1;
         self.entries += created;
@@ -789,13 +894,43 @@ impl Replica {
             }
         }
         for (p, e, set) in snap.seen {
-            if !set.is_well_formed() {
+            if !set.seqs.is_well_formed() {
                 return Err(RestoreError::Inconsistent("seen-set malformed"));
             }
-            r.seen_batches = r.seen_batches.saturating_add(set.len());
+            r.seen_batches = r.seen_batches.saturating_add(set.seqs.len());
             r.seen.insert((p, e), set);
         }
         Ok(r)
+    }
+
+    /// This replica's state with `snap` adopted in place of what it covers: the snapshot's
+    /// totals, plus every retained batch of this replica that the snapshot does not cover,
+    /// applied again. Retained batches the snapshot covers stay retained where the snapshot
+    /// holds their epoch exactly as this replica does (same seqs and content hash). How a replica repairs a divergence (PROTOCOL.md §9) while ingest goes
+    /// on. `None` when the result would lose a batch this replica holds (one the snapshot
+    /// does not cover and the log no longer retains): then nothing is adopted.
+    /// The peers and their last digests carry over; the string hash keys do not (re-key).
+    pub fn adopt(&self, snap: Snapshot) -> Result<Option<Replica>, RestoreError> {
+        let covered = snap.digest();
+        let mut fresh = Replica::restore(snap)?;
+        fresh.peers = self.peers.clone();
+        for (id, e) in &self.log {
+            let key = (id.producer, id.epoch);
+            if !covered.contains(id) {
+                if fresh.apply(e.clone()).is_err() {
+                    return Ok(None);
+                }
+            } else if covered.epochs.get(&key) == self.seen.get(&key) {
+                // The snapshot holds this epoch exactly as this replica does (same seqs, same
+                // content hash): the entry is the snapshot's too, and stays retained for the
+                // peers that still lack it.
+                fresh.log.insert(*id, e.clone());
+            }
+        }
+        if !fresh.digest().covers(&self.digest()) {
+            return Ok(None);
+        }
+        Ok(Some(fresh))
     }
 
     /// Tier entries counted one by one (what [`Replica::entry_count`] keeps current; tests

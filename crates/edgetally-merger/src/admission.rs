@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 use tracing::{info, warn};
+use std::collections::BTreeMap;
 
 /// Seconds of rate a bucket holds (its burst).
 pub const BURST_SECS: f64 = 2.0;
@@ -125,8 +126,38 @@ pub struct Admission {
     max_series: u64,
     bounds: HashMap<String, (f64, f64)>,
     any_bounds: Option<(f64, f64)>,
+    /// Producers found equivocating, with the epoch where it was found (PROTOCOL.md §9).
+    equivocators: RwLock<BTreeMap<ProducerKey, u64>>,
+    /// Where that list is kept (`<data dir>/equivocators`: `<key hex> <epoch>` per line).
+    equivocators_file: PathBuf,
+    refuse_equivocators: bool,
     /// Counters.
     pub stats: AdmissionStats,
+}
+
+/// The file (in the data directory) that lists producers found equivocating.
+pub const EQUIVOCATORS_FILE: &str = "equivocators";
+
+/// Reads the equivocators file: `<key hex> <epoch>` per line; a missing file is an empty list.
+fn read_equivocators(path: &std::path::Path) -> Result<BTreeMap<ProducerKey, u64>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let mut out = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let mut f = line.split_whitespace();
+        let (Some(k), Some(e)) = (f.next().and_then(key_of), f.next()) else {
+            // A line cut short by a crash mid-append is the only way to get a bad one: skip it.
+            continue;
+        };
+        let epoch = e
+            .parse()
+            .map_err(|_| format!("{} line {}: bad epoch", path.display(), i + 1))?;
+        out.insert(ProducerKey(k), epoch);
+    }
+    Ok(out)
 }
 
 /// Parses 64 hex digits.
@@ -212,12 +243,55 @@ impl Admission {
             max_series: config.max_series,
             bounds,
             any_bounds,
+            equivocators: RwLock::new(read_equivocators(
+                &config.data_dir.join(EQUIVOCATORS_FILE),
+            )?),
+            equivocators_file: config.data_dir.join(EQUIVOCATORS_FILE),
+            refuse_equivocators: config.refuse_equivocators,
             stats: AdmissionStats::default(),
         };
         if a.allowlist_file.is_some() {
             a.reload_allowlist()?;
         }
         Ok(a)
+    }
+
+    /// Records that `producer` equivocated in `epoch`; true the first time. The list is
+    /// appended to the data directory's file, so the verdict survives a restart.
+    pub fn add_equivocator(&self, producer: ProducerKey, epoch: u64) -> bool {
+        let mut list = self.equivocators.write().unwrap_or_else(|e| e.into_inner());
+        if list.contains_key(&producer) {
+            return false;
+        }
+        list.insert(producer, epoch);
+        let line = format!("{} {epoch}\n", edgetally_net::tls::hex(&producer.0));
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.equivocators_file)
+            .and_then(|mut f| {
+                use std::io::Write;
+                f.write_all(line.as_bytes())?;
+                f.sync_data()
+            });
+        if let Err(e) = written {
+            tracing::warn!(
+                "could not record the equivocator in {}: {e}",
+                self.equivocators_file.display()
+            );
+        }
+        true
+    }
+
+    /// Producers found equivocating, with the epoch where it was found.
+    pub fn equivocators(&self) -> Vec<(ProducerKey, u64)> {
+        let list = self.equivocators.read().unwrap_or_else(|e| e.into_inner());
+        list.iter().map(|(k, e)| (*k, *e)).collect()
+    }
+
+    /// Whether equivocators' batches are refused.
+    pub fn refuses_equivocators(&self) -> bool {
+        self.refuse_equivocators
     }
 
     /// The policy in force.
@@ -324,6 +398,16 @@ impl Admission {
     /// its signature is verified).
     pub fn check_batch(&self, batch: &Batch, now_ms: i64) -> Result<(), RejectCode> {
         let key = batch.id.producer;
+        if self.refuse_equivocators
+            && key != self.own
+            && self
+                .equivocators
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&key)
+        {
+            return Err(RejectCode::Equivocated);
+        }
         if key != self.own {
             match self.policy {
                 ProducerPolicy::Open => {}

@@ -65,6 +65,9 @@ pub struct Config {
     pub max_series: u64,
     /// Per-category `[min, max]` bounds on values (`"*"`: every category without its own).
     pub value_bounds: BTreeMap<String, [f64; 2]>,
+    /// Refuse batches from producers found equivocating (two contents under one batch id,
+    /// PROTOCOL.md §9) with `Nack equivocated`. The list is kept in the data directory.
+    pub refuse_equivocators: bool,
     /// Serve the HTTP API over TLS (the node's certificate, or `tls_cert`/`tls_key`).
     pub http_tls: bool,
     /// Bearer tokens that may read (queries, status, metrics). None listed: reads are open.
@@ -128,6 +131,7 @@ impl Default for Config {
             new_entities_per_hour: 100_000,
             max_series: 2_000_000,
             value_bounds: BTreeMap::new(),
+            refuse_equivocators: true,
             http_tls: false,
             read_tokens: Vec::new(),
             write_tokens: Vec::new(),
@@ -206,6 +210,8 @@ pub struct FileConfig {
     pub max_series: Option<u64>,
     /// See [`Config::value_bounds`].
     pub value_bounds: Option<BTreeMap<String, [f64; 2]>>,
+    /// See [`Config::refuse_equivocators`].
+    pub refuse_equivocators: Option<bool>,
     /// See [`Config::http_tls`].
     pub http_tls: Option<bool>,
     /// See [`Config::read_tokens`].
@@ -257,6 +263,7 @@ impl FileConfig {
         "new_entities_per_hour",
         "max_series",
         "value_bounds",
+        "refuse_equivocators",
         "http_tls",
         "read_tokens",
         "write_tokens",
@@ -344,6 +351,7 @@ impl Config {
             new_entities_per_hour => self.new_entities_per_hour,
             max_series => self.max_series,
             value_bounds => self.value_bounds,
+            refuse_equivocators => self.refuse_equivocators,
             http_tls => self.http_tls,
             read_tokens => self.read_tokens,
             write_tokens => self.write_tokens,

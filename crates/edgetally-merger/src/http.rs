@@ -1115,6 +1115,13 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
         "digest_batches": held,
         "divergences": node.metrics.divergences.load(Relaxed),
         "divergence_repairs": node.metrics.divergence_repairs.load(Relaxed),
+        "equivocations": node.metrics.equivocations.load(Relaxed),
+        "refuse_equivocators": node.admission.refuses_equivocators(),
+        // The first 100, by key.
+        "equivocators": node.admission.equivocators().iter().take(100).map(|(k, e)| json!({
+            "producer": edgetally_net::tls::hex(&k.0),
+            "epoch": e,
+        })).collect::<Vec<_>>(),
         "complete": node.replication.as_ref().is_none_or(|r| r.sees_all_peers()),
         "as_of_ms": now_ms(),
     }))

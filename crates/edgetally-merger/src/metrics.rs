@@ -25,6 +25,8 @@ pub struct Metrics {
     pub divergences: AtomicU64,
     /// Divergences repaired by adopting the peer's snapshot.
     pub divergence_repairs: AtomicU64,
+    /// Producers found equivocating (two contents under one batch id).
+    pub equivocations: AtomicU64,
     /// Summaries in applied batches.
     pub summaries: AtomicU64,
     /// Batches received again after being applied.
@@ -125,8 +127,14 @@ impl Metrics {
         counter(
             &mut s,
             "edgetally_divergence_repairs_total",
-            "Divergences repaired here by adopting the peer's snapshot (the node with the greater state hash adopts).",
+            "Divergences repaired here by adopting the peer's snapshot (the node with the greater hash of the first diverging epoch adopts).",
             self.divergence_repairs.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edgetally_equivocations_total",
+            "Producers found equivocating (two signed contents under one batch id, PROTOCOL.md §9) since start.",
+            self.equivocations.load(Relaxed),
         );
         counter(
             &mut s,

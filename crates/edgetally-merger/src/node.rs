@@ -496,29 +496,43 @@ impl Node {
         *self.cert_hash.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Replaces this node's state with a peer's snapshot, if the snapshot holds every batch
-    /// this node has applied (so nothing is lost): the catch-up for a node that was away longer
-    /// than its peers' horizon and lacks batches they no longer retain. The snapshot is stored
-    /// first (with the stored batches it covers dropped), then swapped in; batches written but
-    /// not yet applied are not covered, stay stored, and are applied to the new state.
+    /// Replaces this node's state with a peer's snapshot plus this node's retained batches the
+    /// snapshot does not cover ([`Replica::adopt`]), if that loses no batch this node holds:
+    /// the catch-up for a node that was away longer than its peers' horizon and lacks batches
+    /// they no longer retain, and the repair of a divergence (PROTOCOL.md §9). The snapshot is
+    /// stored first (with the stored batches it covers dropped), then swapped in; batches
+    /// written but not yet applied are not covered, stay stored, and are applied to the new
+    /// state.
     pub fn adopt(&self, snap: edgetally_core::Snapshot) -> Result<bool, String> {
         let covered = snap.digest();
         let mut r = self.replica.write().unwrap_or_else(|e| e.into_inner());
-        if !covered.covers(&r.digest()) {
+        let Some(mut fresh) = r.adopt(snap.clone()).map_err(|e| e.to_string())? else {
             return Ok(false);
-        }
-        let mut fresh = Replica::restore(snap.clone()).map_err(|e| e.to_string())?;
+        };
         fresh.set_string_hash_keys(random_u64(), random_u64());
-        fresh.set_peers(r.peer_digests().keys().cloned());
-        for (p, d) in r.peer_digests() {
-            fresh.observe_peer(p, d.clone());
-        }
+        // The stored batches the snapshot covers go; the others (this node's retained log,
+        // applied again on top of the snapshot) stay and are replayed over it at start-up.
         self.store
             .compact(&snap, |id| covered.contains(id))
             .map_err(|e| e.to_string())?;
         *r = fresh;
         self.metrics.snapshots_adopted.fetch_add(1, Relaxed);
         Ok(true)
+    }
+
+    /// A peer and this node hold one epoch of `producer` with the same seqs and different
+    /// contents: the producer equivocated. Counted and recorded once per producer; with
+    /// `refuse_equivocators` its later batches are refused (PROTOCOL.md §9).
+    pub fn equivocation(&self, producer: edgetally_core::ProducerKey, epoch: u64) {
+        if self.admission.add_equivocator(producer, epoch) {
+            self.metrics.equivocations.fetch_add(1, Relaxed);
+            tracing::warn!(
+                producer = %edgetally_net::tls::hex(&producer.0),
+                epoch,
+                refused = self.config.refuse_equivocators,
+                "a producer signed two contents under one batch id"
+            );
+        }
     }
 
     /// Snapshots the state and drops the stored batches the snapshot covers.

@@ -1,4 +1,4 @@
-//! Replication between mergers: authenticated QUIC links (ALPN `edgetally-peer/1`, on the
+//! Replication between mergers: authenticated QUIC links (ALPN `edgetally-peer/2`, on the
 //! same port as ingest), push of newly applied batches, and pull by digest (anti-entropy).
 //!
 //! - **Authentication.** After the TLS handshake each side sends a `Hello` with its node key
@@ -699,27 +699,41 @@ async fn pull(
         (r.digest(), r.state_hash())
     };
     // The peer holds batches it did not send (it pruned them while this node was away longer
-    // than its horizon): once it also holds everything this node has, take its snapshot.
-    let gap = settled && !mine.covers(&theirs) && theirs.covers(&mine);
-    // The same batch ids, yet different states: a producer signed two contents under one id
-    // (each node kept the first it saw), or a state was damaged. Detected here, and repaired
-    // deterministically: the node whose hash is greater adopts the other's snapshot (which
-    // covers every id it holds), so every node ends with the same state — the smallest hash
-    // among them — whatever order anything arrived in.
-    let diverged = settled && mine == theirs && my_hash != their_hash;
+    // than its horizon, or dropped them adopting a snapshot): take its snapshot, with this
+    // node's retained batches applied again on top (`Replica::adopt`).
+    let gap = settled && !mine.covers(&theirs);
+    // An epoch both nodes hold with the same seqs and different contents: its producer signed
+    // two contents under one batch id (each node kept the first it saw), or a state was
+    // damaged. Found here as soon as that one epoch has settled, whatever ingest does to the
+    // others, and repaired deterministically (PROTOCOL.md §9): the node whose hash of the
+    // first such epoch is greater adopts the other's snapshot, with its own retained batches
+    // the snapshot lacks applied again on top. Versions only move towards the smaller hash,
+    // so every node ends with the same contents whatever order anything arrived in.
+    let split = mine.diverging(&theirs);
+    // Equal digests (epoch hashes included) and different states: damage, or epochs whose
+    // hashes are not known (restored from an older snapshot). Repaired by the whole-state
+    // hash the same way.
+    let whole = split.is_none() && settled && mine == theirs && my_hash != their_hash;
+    let diverged = split.is_some() || whole;
+    if let Some(d) = &split {
+        node.equivocation(d.producer, d.epoch);
+    }
     if diverged {
         node.metrics.divergences.fetch_add(1, Relaxed);
         repl.update(addr, |s| s.divergences += 1);
+        let yields = split.map_or(my_hash > their_hash, |d| d.mine_yields());
         warn!(
             %addr,
+            producer = split.map(|d| edgetally_net::tls::hex(&d.producer.0)),
+            epoch = split.map(|d| d.epoch),
             mine = %edgetally_net::tls::hex(&my_hash),
             theirs = %edgetally_net::tls::hex(&their_hash),
             batches = count,
-            "the peer holds the same batch ids with a different state{}",
-            if my_hash > their_hash { ": adopting its snapshot" } else { ": it adopts ours" }
+            "the peer holds the same batch ids with different contents{}",
+            if yields { ": adopting its snapshot" } else { ": it adopts ours" }
         );
     }
-    let adopt = gap || (diverged && my_hash > their_hash);
+    let adopt = gap || (diverged && split.map_or(my_hash > their_hash, |d| d.mine_yields()));
     {
         let mut r = node.replica.write().unwrap_or_else(|e| e.into_inner());
         r.observe_peer(&addr.to_string(), theirs);

@@ -14,7 +14,7 @@ use std::time::Duration;
 /// The ALPN of edgetally's batch protocol.
 pub const ALPN_BATCHES: &[u8] = b"edgetally/1";
 /// The ALPN of the merger-to-merger replication protocol (same port, dispatched on ALPN).
-pub const ALPN_PEER: &[u8] = b"edgetally-peer/1";
+pub const ALPN_PEER: &[u8] = b"edgetally-peer/2";
 /// Total validity of generated certificates (browsers refuse more than 14 days).
 pub const CERT_VALIDITY: Duration = Duration::from_secs(13 * 86_400);
 

@@ -117,10 +117,22 @@ proptest! {
     }
 }
 
-/// A format-1 snapshot (written before snapshots carried their set hash) still restores, with
-/// the same totals, and two equal ones give equal state hashes.
+/// Snapshots of formats 1 (before the set hash) and 2 (before per-epoch content hashes)
+/// still restore, with the same totals and seqs; their epochs' hashes are unknown and never
+/// reported as a divergence; two equal format-1 snapshots give equal state hashes.
 #[test]
-fn format_1_snapshots_still_restore() {
+fn older_snapshot_formats_still_restore() {
+    use edgetally_core::{ProducerKey, SeenSet, SetHash, Snapshot};
+    #[derive(serde::Serialize)]
+    struct V2<'a> {
+        format: u32,
+        strings: &'a Vec<String>,
+        producers: &'a Vec<ProducerKey>,
+        series: &'a Vec<edgetally_core::replica::SeriesSnapshot>,
+        seen: Vec<(ProducerKey, u64, SeenSet)>,
+        horizons: [i64; 3],
+        batches_hash: SetHash,
+    }
     let s = Signer::from_seed([3; 32]);
     let mut b = BatchBuilder::new(1000).expect("width");
     b.record("cpu", Some("d1"), NOW, 2.5).expect("record");
@@ -135,18 +147,34 @@ fn format_1_snapshots_still_restore() {
         raw: Arc::from(&[][..]),
     })
     .expect("apply");
-    let v2 = r.snapshot().encode();
+    let now = r.snapshot();
+    assert_eq!(now.format, 3);
+    assert!(now.seen.iter().all(|(_, _, e)| e.hash.is_some()));
+    let v2 = postcard::to_allocvec(&V2 {
+        format: 2,
+        strings: &now.strings,
+        producers: &now.producers,
+        series: &now.series,
+        seen: now.seen.iter().map(|(p, e, s)| (*p, *e, s.seqs.clone())).collect(),
+        horizons: now.horizons,
+        batches_hash: now.batches_hash,
+    })
+    .expect("encode");
     // Format 1 is format 2 without the trailing set hash.
     let mut v1 = v2[..v2.len() - 32].to_vec();
-    assert_eq!(v1[0], 2);
     v1[0] = 1;
-    let a = Replica::restore(edgetally_core::Snapshot::decode(&v1).expect("v1")).expect("restore");
-    let b = Replica::restore(edgetally_core::Snapshot::decode(&v1).expect("v1")).expect("restore");
+    let from_v2 = Replica::restore(Snapshot::decode(&v2).expect("v2")).expect("restore");
+    assert_eq!(from_v2.state_hash(), r.state_hash(), "format 2 keeps the set hash");
+    let a = Replica::restore(Snapshot::decode(&v1).expect("v1")).expect("restore");
+    let b = Replica::restore(Snapshot::decode(&v1).expect("v1")).expect("restore");
     assert_eq!(a.state_hash(), b.state_hash());
-    let (x, y) = (a.snapshot(), r.snapshot());
-    assert_eq!(
-        (&x.series, &x.seen, &x.strings),
-        (&y.series, &y.seen, &y.strings)
-    );
-    assert!(edgetally_core::Snapshot::decode(&v2[..v2.len() - 1]).is_err());
+    for old in [&a, &from_v2] {
+        let (x, y) = (old.snapshot(), r.snapshot());
+        assert_eq!((&x.series, &x.strings), (&y.series, &y.strings));
+        let seqs = |s: &Snapshot| -> Vec<_> { s.seen.iter().map(|(p, e, s)| (*p, *e, s.seqs.clone())).collect() };
+        assert_eq!(seqs(&x), seqs(&y));
+        assert!(x.seen.iter().all(|(_, _, e)| e.hash.is_none()));
+        assert_eq!(old.digest().diverging(&r.digest()), None);
+    }
+    assert!(Snapshot::decode(&v2[..v2.len() - 1]).is_err());
 }
