@@ -479,3 +479,169 @@ fn an_equivocating_producer_cannot_split_two_mergers() {
     post_events(&a, "after", 4);
     assert!(converged(&[&a, &b], Duration::from_secs(20)).is_some());
 }
+
+/// Three peered mergers under continuous ingest, fed over QUIC by a Byzantine producer: six
+/// equivocations (one content to one node, another to the next, at once), batches signed under
+/// hostile rules (each sent to all three: one verdict everywhere), and altered replays (refused
+/// everywhere). While honest ingest goes on, the split epoch is found and repaired; once it
+/// stops, all three hold the same state, in which every equivocated id counts exactly one of
+/// its contents, honest and valid hostile batches count once, and the equivocator's next
+/// batch is refused (`equivocated`).
+#[test]
+fn byzantine_bursts_over_quic_leave_three_mergers_identical() {
+    use edgetally_core::BatchId;
+    use edgetally_proto::{BatchBuilder, Reply};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    let q: Vec<SocketAddr> = (0..3).map(|_| free_udp()).collect();
+    let dirs: Vec<TempDir> = (0..3).map(|i| TempDir::new(&format!("byz-{i}"))).collect();
+    let ms: Vec<Merger> = (0..3)
+        .map(|i| {
+            let mut extra = Vec::new();
+            for (j, p) in q.iter().enumerate() {
+                if j != i {
+                    extra.push("--peer".to_string());
+                    extra.push(p.to_string());
+                }
+            }
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            Merger::start_at(&dirs[i].0, &q[i].to_string(), &extra, ENV)
+        })
+        .collect();
+    // Honest ingest, round-robin over the three, until told to stop.
+    let stop = AtomicBool::new(false);
+    let honest = AtomicU64::new(0);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let s = edgetally_tests::signer(7070);
+    let now = now_ms();
+    let content = |seq: u64, v: f64| {
+        let id = BatchId {
+            producer: s.producer(),
+            epoch: 1,
+            seq,
+        };
+        let mut b = BatchBuilder::new(1000).expect("width");
+        b.record("byz", None, now, v).expect("record");
+        s.seal(&b.finish(id, now)).expect("seal")
+    };
+    let mut repaired_after = None;
+    let mut split_at: Option<Instant> = None;
+    let mut valid_hostile = 0u64;
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut i = 0;
+            while !stop.load(Relaxed) {
+                post_events(&ms[i % 3], "honest", 5);
+                honest.fetch_add(5, Relaxed);
+                i += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        rt.block_on(async {
+            let mut clients = Vec::new();
+            for m in &ms {
+                clients.push(
+                    edgetally_net::Client::connect(m.quic, vec![m.cert])
+                        .await
+                        .expect("connect"),
+                );
+            }
+            // Hostile signatures: each to all three, the same verdict everywhere.
+            let mut rng = Rng::new(11);
+            for i in 0..24 {
+                let (raw, valid) =
+                    crate::signatures::hostile_batch_at(&mut rng, 5_000 + i, now_ms());
+                let mut replies = Vec::new();
+                for c in &clients {
+                    replies.push(c.send(&raw).await.expect("send"));
+                }
+                assert!(replies.iter().all(|r| *r == replies[0]), "{replies:?}");
+                assert_eq!(replies[0] == Reply::Ack, valid, "verdict {valid}: {replies:?}");
+                valid_hostile += valid as u64;
+            }
+            // Equivocations: seq k's two contents to nodes k % 3 and (k + 1) % 3 at once.
+            let mut sends = Vec::new();
+            for k in 0..6u64 {
+                let (x, y) = (content(k, 1000.0 + k as f64), content(k, 2000.0 + k as f64));
+                for (node, raw) in [((k % 3) as usize, x), (((k + 1) % 3) as usize, y)] {
+                    let c = clients[node].clone();
+                    sends.push(tokio::spawn(async move { c.send(&raw).await }));
+                }
+            }
+            for t in sends {
+                assert_eq!(t.await.expect("task").expect("send"), Reply::Ack);
+            }
+            split_at = Some(Instant::now());
+            // Altered replays: one flipped bit anywhere, refused by all three.
+            let good = content(6, 3000.0);
+            for bit in [0usize, 9, 40, good.len() * 8 / 2, good.len() * 8 - 3] {
+                let mut bad = good.clone();
+                bad[bit / 8] ^= 1 << (bit % 8);
+                for c in &clients {
+                    let r = c.send(&bad).await.expect("send");
+                    assert!(matches!(r, Reply::Nack(_)), "bit {bit}: {r:?}");
+                }
+            }
+            for c in clients {
+                c.close().await;
+            }
+        });
+        // Found and repaired while honest ingest goes on.
+        let t = split_at.expect("equivocations sent");
+        while t.elapsed() < Duration::from_secs(30) {
+            let repairs: f64 = ms
+                .iter()
+                .map(|m| m.metric("edgetally_divergence_repairs_total"))
+                .sum();
+            if repairs >= 1.0 {
+                repaired_after = Some(t.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, Relaxed);
+    });
+    let repaired_after = repaired_after.expect("the split was not repaired under ingest");
+    let refs: Vec<&Merger> = ms.iter().collect();
+    let t = Instant::now();
+    assert!(
+        converged(&refs, CONVERGE_WITHIN).is_some(),
+        "the three mergers never converged"
+    );
+    eprintln!(
+        "split epoch repaired {:.2} s after the last equivocation, under ingest; identical {:.2} s after ingest stopped",
+        repaired_after.as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+    let honest = honest.load(Relaxed);
+    let mut sums = Vec::new();
+    for m in &ms {
+        let agg = |c: &str| m.get(&format!("/v1/aggregate?category={c}&start=0&end=9999999999999")).1;
+        assert_eq!(agg("honest")["count"], honest);
+        assert_eq!(agg("sig")["count"], valid_hostile);
+        let byz = agg("byz");
+        assert_eq!(byz["count"], 6, "{byz}");
+        sums.push(byz["sum_exact"].as_str().unwrap_or("").to_string());
+    }
+    assert!(sums.iter().all(|x| *x == sums[0]), "{sums:?}");
+    // Each id counts 1000 + k or 2000 + k: the sum is 6015 plus 1000 per second content.
+    let extra: i64 = sums[0].parse::<i64>().expect("integer sum") - 6015;
+    assert!(extra % 1000 == 0 && (0..=6000).contains(&extra), "{sums:?}");
+    // The equivocator is listed and refused where it was found.
+    let key = edgetally_net::tls::hex(&s.producer().0);
+    let finder = ms
+        .iter()
+        .find(|m| m.metric("edgetally_equivocations_total") >= 1.0)
+        .expect("nobody counted the equivocation");
+    let (_, st) = finder.get("/v1/status");
+    assert_eq!(st["equivocators"][0]["producer"], key.as_str(), "{st}");
+    let (code, v, _) = finder.post(
+        "/v1/batches",
+        "application/octet-stream",
+        &content(7, 1.0),
+    );
+    assert_eq!((code, v["error"].as_str()), (422, Some("equivocated")), "{v}");
+}

@@ -199,6 +199,11 @@ fn hostile_signatures_get_the_documented_verdicts() {
 /// envelope and its verdict under the rule (checked against an independent reference). Its
 /// one event: category "sig", no entity, value 1 at 1 700 000 000 000 ms.
 pub(crate) fn hostile_batch(rng: &mut Rng, i: u64) -> (Vec<u8>, bool) {
+    hostile_batch_at(rng, i, 1_700_000_000_000)
+}
+
+/// [`hostile_batch`] with its event (and creation time) at `ts` ms.
+pub(crate) fn hostile_batch_at(rng: &mut Rng, i: u64, ts: i64) -> (Vec<u8>, bool) {
     let (a, pa) = keypair(100 + i);
     let kind = rng.below(7);
     let tors = EIGHT_TORSION[1 + rng.below(7) as usize];
@@ -212,14 +217,13 @@ pub(crate) fn hostile_batch(rng: &mut Rng, i: u64) -> (Vec<u8>, bool) {
         _ => key.compress().to_bytes(),
     };
     let mut b = BatchBuilder::new(1000).expect("width");
-    b.record("sig", None, 1_700_000_000_000, 1.0)
-        .expect("record");
+    b.record("sig", None, ts, 1.0).expect("record");
     let id = BatchId {
         producer: ProducerKey(key_bytes),
         epoch: 1,
         seq: i,
     };
-    let payload = encode_payload(&b.finish(id, 1_700_000_000_000)).expect("payload");
+    let payload = encode_payload(&b.finish(id, ts)).expect("payload");
     let msg = [DOMAIN, &payload].concat();
     let r = h(&[b"batch nonce", &i.to_le_bytes()]);
     let mut rb = (r * B).compress().to_bytes();

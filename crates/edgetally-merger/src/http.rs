@@ -306,6 +306,7 @@ fn peers_json(node: &Node) -> Value {
                     "pulled": p.pulled,
                     "pushed": p.pushed,
                     "divergences": p.divergences,
+                    "diverged": p.diverged,
                     "last_error": p.last_error,
                 })
             })

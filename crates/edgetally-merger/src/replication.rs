@@ -348,6 +348,8 @@ pub struct PeerStatus {
     pub pushed: u64,
     /// Pull rounds that found it holding the same batch ids as this node with another state.
     pub divergences: u64,
+    /// The last pull round found a divergence not yet repaired: answers are not `complete`.
+    pub diverged: bool,
 }
 
 /// The replication half of a node.
@@ -382,9 +384,9 @@ impl Replication {
         m
     }
 
-    /// Whether every configured peer is reachable now.
+    /// Whether every configured peer is reachable now, with no divergence from it unrepaired.
     pub fn sees_all_peers(&self) -> bool {
-        self.status().values().all(|p| p.reachable)
+        self.status().values().all(|p| p.reachable && !p.diverged)
     }
 
     /// Declares to the replica the peers whose digests gate pruning (all but the excluded).
@@ -739,6 +741,7 @@ async fn pull(
         r.observe_peer(&addr.to_string(), theirs);
         r.prune_log();
     }
+    let mut repaired = false;
     if adopt {
         let body = postcard::to_allocvec(&Request::Snapshot).map_err(|e| e.to_string())?;
         let raw = request(conn, &body, MAX_MESSAGE).await?;
@@ -746,6 +749,7 @@ async fn pull(
         let n = node.clone();
         match tokio::task::spawn_blocking(move || n.adopt(snap)).await {
             Ok(Ok(true)) if diverged => {
+                repaired = true;
                 node.metrics.divergence_repairs.fetch_add(1, Relaxed);
                 info!(%addr, "divergence repaired from the peer's snapshot");
             }
@@ -757,6 +761,7 @@ async fn pull(
     }
     repl.update(addr, |s| {
         s.reachable = true;
+        s.diverged = diverged && !repaired;
         s.last_sync_ms = now_ms();
         s.last_error = None;
         s.digest_batches = count;
