@@ -559,7 +559,11 @@ fn byzantine_bursts_over_quic_leave_three_mergers_identical() {
                     replies.push(c.send(&raw).await.expect("send"));
                 }
                 assert!(replies.iter().all(|r| *r == replies[0]), "{replies:?}");
-                assert_eq!(replies[0] == Reply::Ack, valid, "verdict {valid}: {replies:?}");
+                assert_eq!(
+                    replies[0] == Reply::Ack,
+                    valid,
+                    "verdict {valid}: {replies:?}"
+                );
                 valid_hostile += valid as u64;
             }
             // Equivocations: seq k's two contents to nodes k % 3 and (k + 1) % 3 at once.
@@ -619,7 +623,12 @@ fn byzantine_bursts_over_quic_leave_three_mergers_identical() {
     let honest = honest.load(Relaxed);
     let mut sums = Vec::new();
     for m in &ms {
-        let agg = |c: &str| m.get(&format!("/v1/aggregate?category={c}&start=0&end=9999999999999")).1;
+        let agg = |c: &str| {
+            m.get(&format!(
+                "/v1/aggregate?category={c}&start=0&end=9999999999999"
+            ))
+            .1
+        };
         assert_eq!(agg("honest")["count"], honest);
         assert_eq!(agg("sig")["count"], valid_hostile);
         let byz = agg("byz");
@@ -638,10 +647,10 @@ fn byzantine_bursts_over_quic_leave_three_mergers_identical() {
         .expect("nobody counted the equivocation");
     let (_, st) = finder.get("/v1/status");
     assert_eq!(st["equivocators"][0]["producer"], key.as_str(), "{st}");
-    let (code, v, _) = finder.post(
-        "/v1/batches",
-        "application/octet-stream",
-        &content(7, 1.0),
+    let (code, v, _) = finder.post("/v1/batches", "application/octet-stream", &content(7, 1.0));
+    assert_eq!(
+        (code, v["error"].as_str()),
+        (422, Some("equivocated")),
+        "{v}"
     );
-    assert_eq!((code, v["error"].as_str()), (422, Some("equivocated")), "{v}");
 }

@@ -188,7 +188,8 @@ impl Sim {
                     // The largest magnitude SPEC §2 allows, either sign.
                     for e in ev.iter_mut() {
                         if self.rng.chance(0.3) {
-                            e.eighths = if self.rng.chance(0.5) { 8 } else { -8 } * 1_000_000_000_000_000;
+                            e.eighths =
+                                if self.rng.chance(0.5) { 8 } else { -8 } * 1_000_000_000_000_000;
                         }
                     }
                 }
@@ -227,13 +228,22 @@ impl Sim {
                     let at = self.rng.below(bad.len() as u64) as usize;
                     bad[at] ^= 1 << self.rng.below(8);
                     let node = self.rng.below(self.nodes.len() as u64) as usize;
-                    self.send(Msg::Hostile { node, raw: bad.into(), valid: false });
+                    self.send(Msg::Hostile {
+                        node,
+                        raw: bad.into(),
+                        valid: false,
+                    });
                 }
                 if self.rng.chance(0.3) {
-                    let (raw, valid) = crate::signatures::hostile_batch(&mut self.rng, self.hostile_sent);
+                    let (raw, valid) =
+                        crate::signatures::hostile_batch(&mut self.rng, self.hostile_sent);
                     self.hostile_sent += 1;
                     let node = self.rng.below(self.nodes.len() as u64) as usize;
-                    self.send(Msg::Hostile { node, raw: raw.into(), valid });
+                    self.send(Msg::Hostile {
+                        node,
+                        raw: raw.into(),
+                        valid,
+                    });
                 }
             }
             if self.faults && self.rng.chance(0.02) {
@@ -484,7 +494,11 @@ fn scenario(seed: u64) -> Result<Stats, String> {
                 outbox: BTreeMap::new(),
                 order,
                 // Producer 0 in half the scenarios, any other in one of eight.
-                byzantine: if i == 0 { seed % 2 == 0 } else { rng.chance(0.125) },
+                byzantine: if i == 0 {
+                    seed.is_multiple_of(2)
+                } else {
+                    rng.chance(0.125)
+                },
                 equivocations_left: 3,
             }
         })
@@ -594,7 +608,12 @@ fn scenario(seed: u64) -> Result<Stats, String> {
                 let d0 = sim.nodes[0].replica.digest();
                 for (k, v) in &d.epochs {
                     if d0.epochs.get(k) != Some(v) {
-                        eprintln!("epoch {:?}: {:?} vs n0 {:?}", (&k.0 .0[..2], k.1), v, d0.epochs.get(k));
+                        eprintln!(
+                            "epoch {:?}: {:?} vs n0 {:?}",
+                            (&k.0 .0[..2], k.1),
+                            v,
+                            d0.epochs.get(k)
+                        );
                     }
                 }
             }
@@ -647,11 +666,16 @@ fn resolve_equivocations(
         epochs.entry((id.producer, id.epoch)).or_default().push(v);
     }
     for (key, batches) in epochs {
-        let seen = digest.epochs.get(&key).ok_or("a Byzantine epoch is missing")?;
+        let seen = digest
+            .epochs
+            .get(&key)
+            .ok_or("a Byzantine epoch is missing")?;
         if seen.seqs.len() != batches.len() as u64 {
             return Err("a Byzantine epoch holds another number of batches".into());
         }
-        let split: Vec<usize> = (0..batches.len()).filter(|&i| batches[i].len() > 1).collect();
+        let split: Vec<usize> = (0..batches.len())
+            .filter(|&i| batches[i].len() > 1)
+            .collect();
         let mut found = None;
         for mask in 0u32..1 << split.len() {
             let mut sum = 0u128;

@@ -143,7 +143,9 @@ impl Digest {
         self.epochs.iter().find_map(|(&(producer, epoch), mine)| {
             let other = theirs.epochs.get(&(producer, epoch))?;
             match (mine.hash, other.hash) {
-                (Some(a), Some(b)) if a != b && mine.seqs == other.seqs && !mine.seqs.is_empty() => {
+                (Some(a), Some(b))
+                    if a != b && mine.seqs == other.seqs && !mine.seqs.is_empty() =>
+                {
                     Some(Divergence {
                         producer,
                         epoch,

@@ -26,6 +26,7 @@
 
 use crate::config::{Config, ProducerPolicy};
 use edgetally_core::{Batch, Novelty, ProducerKey, RejectCode};
+use std::collections::BTreeMap;
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -33,7 +34,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 use tracing::{info, warn};
-use std::collections::BTreeMap;
 
 /// Seconds of rate a bucket holds (its burst).
 pub const BURST_SECS: f64 = 2.0;
@@ -243,9 +243,7 @@ impl Admission {
             max_series: config.max_series,
             bounds,
             any_bounds,
-            equivocators: RwLock::new(read_equivocators(
-                &config.data_dir.join(EQUIVOCATORS_FILE),
-            )?),
+            equivocators: RwLock::new(read_equivocators(&config.data_dir.join(EQUIVOCATORS_FILE))?),
             equivocators_file: config.data_dir.join(EQUIVOCATORS_FILE),
             refuse_equivocators: config.refuse_equivocators,
             stats: AdmissionStats::default(),

@@ -155,7 +155,11 @@ fn older_snapshot_formats_still_restore() {
         strings: &now.strings,
         producers: &now.producers,
         series: &now.series,
-        seen: now.seen.iter().map(|(p, e, s)| (*p, *e, s.seqs.clone())).collect(),
+        seen: now
+            .seen
+            .iter()
+            .map(|(p, e, s)| (*p, *e, s.seqs.clone()))
+            .collect(),
         horizons: now.horizons,
         batches_hash: now.batches_hash,
     })
@@ -164,14 +168,23 @@ fn older_snapshot_formats_still_restore() {
     let mut v1 = v2[..v2.len() - 32].to_vec();
     v1[0] = 1;
     let from_v2 = Replica::restore(Snapshot::decode(&v2).expect("v2")).expect("restore");
-    assert_eq!(from_v2.state_hash(), r.state_hash(), "format 2 keeps the set hash");
+    assert_eq!(
+        from_v2.state_hash(),
+        r.state_hash(),
+        "format 2 keeps the set hash"
+    );
     let a = Replica::restore(Snapshot::decode(&v1).expect("v1")).expect("restore");
     let b = Replica::restore(Snapshot::decode(&v1).expect("v1")).expect("restore");
     assert_eq!(a.state_hash(), b.state_hash());
     for old in [&a, &from_v2] {
         let (x, y) = (old.snapshot(), r.snapshot());
         assert_eq!((&x.series, &x.strings), (&y.series, &y.strings));
-        let seqs = |s: &Snapshot| -> Vec<_> { s.seen.iter().map(|(p, e, s)| (*p, *e, s.seqs.clone())).collect() };
+        let seqs = |s: &Snapshot| -> Vec<_> {
+            s.seen
+                .iter()
+                .map(|(p, e, s)| (*p, *e, s.seqs.clone()))
+                .collect()
+        };
         assert_eq!(seqs(&x), seqs(&y));
         assert!(x.seen.iter().all(|(_, _, e)| e.hash.is_none()));
         assert_eq!(old.digest().diverging(&r.digest()), None);
