@@ -18,3 +18,4 @@ mod protocol_doc;
 mod queries;
 mod send;
 mod signatures;
+mod webtransport;

@@ -57,6 +57,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/events", post(events))
         .route("/v1/batches", post(batches))
         .route("/v1/status", get(status))
+        .route("/v1/webtransport", get(webtransport))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -78,6 +79,52 @@ pub fn router(node: Arc<Node>) -> Router {
             count_requests,
         ))
         .with_state(node)
+}
+
+/// Where a browser opens its WebTransport session, and the certificate hashes to pin: the
+/// current certificate's and the next one's (generated certificates only; with `tls_cert` the
+/// list is empty and the browser checks the certificate as usual). Open, like
+/// `POST /v1/batches`: a producer's page reads it before sending.
+async fn webtransport(State(node): State<Node_>, headers: axum::http::HeaderMap) -> Response {
+    let q = node.quic_addr;
+    let host = if q.ip().is_unspecified() {
+        // Bound to every address: the host the page reached us by.
+        headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<axum::http::uri::Authority>().ok())
+            .map(|a| a.host().to_string())
+    } else {
+        Some(match q.ip() {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        })
+    };
+    let mut hashes = Vec::new();
+    if node
+        .next_cert_hash
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_some()
+    {
+        hashes.push(hex(&node.cert_hash()));
+        if let Some(h) = *node
+            .next_cert_hash
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            hashes.push(hex(&h));
+        }
+    }
+    let path = edgetally_net::server::WEBTRANSPORT_PATH;
+    Json(json!({
+        "url": host.map(|h| format!("https://{h}:{}{path}", q.port())),
+        "path": path,
+        "port": q.port(),
+        "cert_sha256": hashes,
+        "cert_not_after_unix": *node.cert_not_after.read().unwrap_or_else(|e| e.into_inner()),
+    }))
+    .into_response()
 }
 
 /// The CORS policy: any origin for `["*"]`, else exactly the listed origins.
@@ -102,7 +149,10 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
 fn scope_of(method: &axum::http::Method, path: &str) -> Option<&'static str> {
     use axum::http::Method;
     match (method, path) {
-        (&Method::OPTIONS, _) | (_, "/healthz") | (&Method::POST, "/v1/batches") => None,
+        (&Method::OPTIONS, _)
+        | (_, "/healthz")
+        | (&Method::POST, "/v1/batches")
+        | (&Method::GET, "/v1/webtransport") => None,
         (&Method::POST, "/v1/events") => Some("write"),
         _ => Some("read"),
     }
@@ -1005,6 +1055,7 @@ async fn batches(
         node.metrics.reject(RejectCode::PayloadTooLarge);
         Reply::nack(RejectCode::PayloadTooLarge)
     } else {
+        node.metrics.received("http");
         node.submit_from(body.to_vec(), source, credential.as_deref())
             .await
     };
@@ -1068,6 +1119,7 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
         "quic_addr": node.quic_addr.to_string(),
         "http_addr": node.http_addr.read().unwrap_or_else(|e| e.into_inner()).map(|a| a.to_string()),
         "cert_sha256": hash,
+        "cert_sha256_next": node.next_cert_hash.read().unwrap_or_else(|e| e.into_inner()).map(|h| hex(&h)),
         "cert_not_after_unix": *node.cert_not_after.read().unwrap_or_else(|e| e.into_inner()),
         "data_dir": node.config.data_dir.display().to_string(),
         "batches_applied": node.metrics.applied.load(Relaxed),

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub retried: AtomicU64,
     /// Batch bytes received (QUIC and HTTP).
     pub bytes_received: AtomicU64,
+    /// Producer messages (batches, credentials) received, by transport: raw QUIC,
+    /// WebTransport, HTTP (`POST /v1/batches`).
+    pub received_by_transport: [AtomicU64; 3],
     /// Group commits written.
     pub group_commits: AtomicU64,
     /// Total time spent in group commits, microseconds.
@@ -56,7 +59,17 @@ pub struct Metrics {
     latency_micros: AtomicU64,
 }
 
+/// The transports of `edgetally_batches_received_total`, in `received_by_transport` order.
+pub const TRANSPORTS: [&str; 3] = ["quic", "webtransport", "http"];
+
 impl Metrics {
+    /// Counts a producer message received over `transport` (one of [`TRANSPORTS`]).
+    pub fn received(&self, transport: &str) {
+        if let Some(i) = TRANSPORTS.iter().position(|t| *t == transport) {
+            self.received_by_transport[i].fetch_add(1, Relaxed);
+        }
+    }
+
     /// Counts a rejected batch.
     pub fn reject(&self, code: RejectCode) {
         if let Some(c) = self.rejected.get(code.as_u16() as usize) {
@@ -196,6 +209,14 @@ impl Metrics {
             "HTTP requests answered with a 4xx status.",
             self.http_client_errors.load(Relaxed),
         );
+        let _ = writeln!(s, "# HELP edgetally_batches_received_total Producer batches (and credentials) received, by transport.\n# TYPE edgetally_batches_received_total counter");
+        for (t, c) in TRANSPORTS.iter().zip(&self.received_by_transport) {
+            let _ = writeln!(
+                s,
+                "edgetally_batches_received_total{{transport=\"{t}\"}} {}",
+                c.load(Relaxed)
+            );
+        }
         let _ = writeln!(s, "# HELP edgetally_commit_seconds_total Time spent in durable group commits.\n# TYPE edgetally_commit_seconds_total counter\nedgetally_commit_seconds_total {}", self.commit_micros.load(Relaxed) as f64 / 1e6);
         for (name, help, arr) in [
             (

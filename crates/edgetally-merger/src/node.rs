@@ -7,7 +7,7 @@ use crate::ingest::{now_ms, Ingest, Pipeline};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use edgetally_core::{Limits, LogEntry, Replica};
-use edgetally_net::tls::{hex, server_config, Identity, ALPN_BATCHES, ALPN_PEER};
+use edgetally_net::tls::{hex, server_config, Identity, ALPN_BATCHES, ALPN_H3, ALPN_PEER};
 use edgetally_net::{random_seed, random_u64};
 use edgetally_proto::{decode, Reply, Signer};
 use std::collections::HashSet;
@@ -66,6 +66,9 @@ pub struct Node {
     pub cert_hash: RwLock<[u8; 32]>,
     /// When the current certificate expires (Unix seconds).
     pub cert_not_after: RwLock<i64>,
+    /// SHA-256 of the generated certificate that will follow the current one (none with
+    /// `tls_cert`): published with it, so browsers pinning both survive a rotation.
+    pub next_cert_hash: RwLock<Option<[u8; 32]>>,
     /// The bound QUIC address.
     pub quic_addr: SocketAddr,
     /// The bound HTTP address.
@@ -154,51 +157,82 @@ fn identity(config: &Config) -> Result<(Identity, bool), StartError> {
         ));
     }
     let dir = &config.data_dir;
-    let (cert_path, key_path, meta_path) = (
-        dir.join("cert.der"),
-        dir.join("cert.key.der"),
-        dir.join("cert.not_after"),
-    );
     let now = now_ms() / 1000;
-    if let (Ok(c), Ok(k), Ok(m)) = (
-        std::fs::read(&cert_path),
-        std::fs::read(&key_path),
-        std::fs::read_to_string(&meta_path),
-    ) {
-        if let Ok(not_after) = m.trim().parse::<i64>() {
-            if not_after - now > RENEW_BEFORE_SECS {
-                let key = rustls::pki_types::PrivateKeyDer::Pkcs8(k.into());
-                return Ok((
-                    Identity {
-                        chain: vec![c.into()],
-                        key,
-                        not_after_unix: not_after,
-                    },
-                    true,
-                ));
-            }
+    if let Some(current) = load_identity(dir, "cert") {
+        if current.not_after_unix - now > RENEW_BEFORE_SECS {
+            return Ok((current, true));
         }
     }
-    let id = fresh_identity(config)?;
+    // The current certificate is missing or due: the published next one takes over if it is
+    // valid now, so pages holding its hash keep working.
+    if let Some(next) = load_identity(dir, "next") {
+        let starts = next.not_after_unix - edgetally_net::tls::CERT_VALIDITY.as_secs() as i64;
+        if starts <= now && next.not_after_unix - now > RENEW_BEFORE_SECS {
+            save_identity(dir, "cert", &next)?;
+            return Ok((next, true));
+        }
+    }
+    let id = Identity::self_signed(now, &[]).map_err(|e| StartError::Tls(e.to_string()))?;
+    save_identity(dir, "cert", &id)?;
     Ok((id, true))
 }
 
-fn fresh_identity(config: &Config) -> Result<Identity, StartError> {
-    let dir = &config.data_dir;
-    let id =
-        Identity::self_signed(now_ms() / 1000, &[]).map_err(|e| StartError::Tls(e.to_string()))?;
+/// A generated certificate kept in the data directory as `<name>.der`, `<name>.key.der` and
+/// `<name>.not_after` (`cert`: the one served; `next`: the one that follows it).
+fn load_identity(dir: &std::path::Path, name: &str) -> Option<Identity> {
+    let c = std::fs::read(dir.join(format!("{name}.der"))).ok()?;
+    let k = std::fs::read(dir.join(format!("{name}.key.der"))).ok()?;
+    let m = std::fs::read_to_string(dir.join(format!("{name}.not_after"))).ok()?;
+    Some(Identity {
+        chain: vec![c.into()],
+        key: rustls::pki_types::PrivateKeyDer::Pkcs8(k.into()),
+        not_after_unix: m.trim().parse().ok()?,
+    })
+}
+
+fn save_identity(dir: &std::path::Path, name: &str, id: &Identity) -> Result<(), StartError> {
     let key = match &id.key {
         rustls::pki_types::PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
         _ => return Err(StartError::Tls("unexpected key type".into())),
     };
-    write_private(&dir.join("cert.key.der"), &key)?;
-    std::fs::write(dir.join("cert.der"), id.chain[0].as_ref()).map_err(io(dir))?;
+    write_private(&dir.join(format!("{name}.key.der")), &key)?;
+    std::fs::write(dir.join(format!("{name}.der")), id.chain[0].as_ref()).map_err(io(dir))?;
     std::fs::write(
-        dir.join("cert.not_after"),
+        dir.join(format!("{name}.not_after")),
         format!("{}\n", id.not_after_unix),
     )
-    .map_err(io(dir))?;
-    Ok(id)
+    .map_err(io(dir))
+}
+
+/// The certificate that follows `current`: valid from an hour before `current` is renewed,
+/// for the usual 13 days. Generated once and kept (`next.*`), so its hash — published beside
+/// the current one for browsers' `serverCertificateHashes` — is stable until it takes over.
+fn next_identity(config: &Config, current: &Identity) -> Result<Identity, StartError> {
+    let dir = &config.data_dir;
+    if let Some(next) = load_identity(dir, "next") {
+        if next.not_after_unix > current.not_after_unix {
+            return Ok(next);
+        }
+    }
+    let start = current.not_after_unix - RENEW_BEFORE_SECS - 3600;
+    let next =
+        Identity::self_signed_from(start, &[]).map_err(|e| StartError::Tls(e.to_string()))?;
+    save_identity(dir, "next", &next)?;
+    Ok(next)
+}
+
+/// At renewal: the next certificate if it is valid by now, else a fresh one.
+fn successor(config: &Config, current: &Identity) -> Result<Identity, StartError> {
+    let now = now_ms() / 1000;
+    let next = next_identity(config, current)?;
+    let starts = next.not_after_unix - edgetally_net::tls::CERT_VALIDITY.as_secs() as i64;
+    let new = if starts <= now {
+        next
+    } else {
+        Identity::self_signed(now, &[]).map_err(|e| StartError::Tls(e.to_string()))?
+    };
+    save_identity(&config.data_dir, "cert", &new)?;
+    Ok(new)
 }
 
 /// What recovery rebuilt.
@@ -390,8 +424,13 @@ impl Node {
         };
         let (ingest, commit_task) = Ingest::start(pipeline, config.queue_depth);
 
-        let sc = server_config(&id, &[ALPN_BATCHES, ALPN_PEER])
+        let sc = server_config(&id, &[ALPN_BATCHES, ALPN_PEER, ALPN_H3])
             .map_err(|e| StartError::Tls(e.to_string()))?;
+        let next_hash = if generated {
+            Some(next_identity(&config, &id)?.cert_hash())
+        } else {
+            None
+        };
         let endpoint = edgetally_net::tls::server_endpoint(sc, config.quic_addr, &seed)
             .map_err(|e| StartError::Bind(config.quic_addr, e))?;
         let quic_addr = endpoint
@@ -417,6 +456,7 @@ impl Node {
             events_seq: 0.into(),
             cert_hash: RwLock::new(id.cert_hash()),
             cert_not_after: RwLock::new(id.not_after_unix),
+            next_cert_hash: RwLock::new(next_hash),
             quic_addr,
             http_addr: RwLock::new(Some(http_addr)),
             started: Instant::now(),
@@ -597,7 +637,13 @@ impl Node {
 }
 
 impl edgetally_net::BatchSink for Node {
-    async fn submit(&self, raw: Vec<u8>, source: std::net::IpAddr) -> Reply {
+    async fn submit(
+        &self,
+        raw: Vec<u8>,
+        source: std::net::IpAddr,
+        transport: edgetally_net::server::Transport,
+    ) -> Reply {
+        self.metrics.received(transport.as_str());
         self.submit_from(raw, source, None).await
     }
 
@@ -674,8 +720,8 @@ async fn upkeep(
         })
         .await;
         if generated && id.not_after_unix - now_ms() / 1000 <= RENEW_BEFORE_SECS {
-            match fresh_identity(&node.config).and_then(|new| {
-                server_config(&new, &[ALPN_BATCHES, ALPN_PEER])
+            match successor(&node.config, &id).and_then(|new| {
+                server_config(&new, &[ALPN_BATCHES, ALPN_PEER, ALPN_H3])
                     .map(|sc| (new, sc))
                     .map_err(|e| StartError::Tls(e.to_string()))
             }) {
@@ -690,6 +736,15 @@ async fn upkeep(
                         }
                     }
                     *node.cert_hash.write().unwrap_or_else(|e| e.into_inner()) = new.cert_hash();
+                    match next_identity(&node.config, &new) {
+                        Ok(next) => {
+                            *node
+                                .next_cert_hash
+                                .write()
+                                .unwrap_or_else(|e| e.into_inner()) = Some(next.cert_hash())
+                        }
+                        Err(e) => warn!("next certificate not made: {e}"),
+                    }
                     *node
                         .cert_not_after
                         .write()
@@ -776,5 +831,49 @@ impl Signals {
             return;
         }
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A browser that pinned the published pair (current, next) keeps working across a
+    /// rotation: the certificate served after renewal is the published next one, and the new
+    /// next one is another, valid later.
+    #[test]
+    fn the_published_next_certificate_is_the_one_served_after_renewal() {
+        let dir = std::env::temp_dir().join(format!("edgetally-certs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let config = Config {
+            data_dir: dir.clone(),
+            ..Config::default()
+        };
+        let now = now_ms() / 1000;
+        // A current certificate one day from expiry: due for renewal.
+        let current = Identity::self_signed_from(
+            now + 86_400 - edgetally_net::tls::CERT_VALIDITY.as_secs() as i64,
+            &[],
+        )
+        .expect("cert");
+        save_identity(&dir, "cert", &current).expect("save");
+        let next = next_identity(&config, &current).expect("next");
+        assert_ne!(next.cert_hash(), current.cert_hash());
+        // Published again, it is the same certificate (kept on disk).
+        assert_eq!(
+            next_identity(&config, &current).expect("next").cert_hash(),
+            next.cert_hash()
+        );
+        // Renewal serves exactly that one, and publishes a new next.
+        let served = successor(&config, &current).expect("successor");
+        assert_eq!(served.cert_hash(), next.cert_hash());
+        let after = next_identity(&config, &served).expect("next");
+        assert_ne!(after.cert_hash(), served.cert_hash());
+        assert!(after.not_after_unix > served.not_after_unix);
+        // A restart after renewal loads the served one.
+        let (loaded, generated) = identity(&config).expect("identity");
+        assert!(generated);
+        assert_eq!(loaded.cert_hash(), served.cert_hash());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -13,7 +13,7 @@ pub mod tls;
 pub use client::{Client, SendError};
 pub use producer::{Endpoint, NativeProducer};
 pub use server::{serve, BatchSink};
-pub use tls::{Identity, ALPN_BATCHES, ALPN_PEER};
+pub use tls::{Identity, ALPN_BATCHES, ALPN_H3, ALPN_PEER};
 
 /// Wall-clock milliseconds since the Unix epoch (the drivers' clock; the pure crates take
 /// time as an argument).

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 /// The ALPN of edgetally's batch protocol.
 pub const ALPN_BATCHES: &[u8] = b"edgetally/1";
+/// HTTP/3, which browsers negotiate for WebTransport (same port, dispatched on ALPN).
+pub const ALPN_H3: &[u8] = b"h3";
 /// The ALPN of the merger-to-merger replication protocol (same port, dispatched on ALPN).
 pub const ALPN_PEER: &[u8] = b"edgetally-peer/2";
 /// Total validity of generated certificates (browsers refuse more than 14 days).
@@ -55,6 +57,12 @@ impl Identity {
     /// A fresh self-signed ECDSA P-256 certificate for loopback names, valid from one hour
     /// before `now_unix` for [`CERT_VALIDITY`] in all.
     pub fn self_signed(now_unix: i64, extra_names: &[String]) -> Result<Identity, TlsError> {
+        Identity::self_signed_from(now_unix - 3600, extra_names)
+    }
+
+    /// The same, valid from `start_unix` (which may lie ahead: the merger publishes its next
+    /// certificate's hash before that certificate is served) for [`CERT_VALIDITY`].
+    pub fn self_signed_from(start_unix: i64, extra_names: &[String]) -> Result<Identity, TlsError> {
         let mut names = vec![
             "localhost".to_string(),
             "127.0.0.1".to_string(),
@@ -63,7 +71,7 @@ impl Identity {
         names.extend(extra_names.iter().cloned());
         let mut params =
             rcgen::CertificateParams::new(names).map_err(|e| TlsError::Generate(e.to_string()))?;
-        let start = now_unix - 3600;
+        let start = start_unix;
         let end = start + CERT_VALIDITY.as_secs() as i64;
         params.not_before = time::OffsetDateTime::from_unix_timestamp(start)
             .map_err(|e| TlsError::Generate(e.to_string()))?;
