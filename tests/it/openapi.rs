@@ -36,6 +36,7 @@ fn openapi_paths_are_the_served_ones() {
         "/v1/series",
         "/v1/events",
         "/v1/batches",
+        "/v1/webtransport",
         "/v1/status",
         "/healthz",
         "/metrics",

@@ -1,11 +1,18 @@
 // The edgetally producer SDK: the TypeScript API over the wasm build of the sans-IO producer
 // (crates/edgetally-wasm). The wasm side aggregates, seals, signs and schedules; this side
-// owns the clock, the timers and the transport (fetch POST /v1/batches).
+// owns the clock, the timers and the transports (WebTransport where the runtime has it, fetch
+// POST /v1/batches everywhere).
 
 import { Core, reasonName } from "../pkg/edgetally_wasm.js";
+import { WebTransportLink, webTransportCtor } from "./webtransport.js";
 
-/** How batches travel. Only `"http"` exists today; `"auto"` picks it. */
-export type Transport = "auto" | "http";
+/**
+ * How batches travel. `"auto"` (default): WebTransport where the runtime has it (browsers),
+ * falling back to HTTP for a merger whose WebTransport session fails — and staying on HTTP for
+ * that merger from then on; HTTP elsewhere. `"webtransport"`: WebTransport only. `"http"`:
+ * `fetch` only.
+ */
+export type Transport = "auto" | "http" | "webtransport";
 
 export interface ProducerOptions {
   /** Merger base URLs, e.g. `["http://127.0.0.1:7070"]` (tried in rendezvous order of the producer key). */
@@ -24,7 +31,11 @@ export interface ProducerOptions {
   maxInFlight?: number;
   /** Default `"auto"`. */
   transport?: Transport;
-  /** SHA-256 (hex) of the merger's certificate, for WebTransport from browsers (kept for that transport; HTTP ignores it). */
+  /**
+   * SHA-256 (hex) of the certificates to pin for WebTransport. Default: the hashes each merger
+   * publishes at `GET /v1/webtransport` (its current and next certificate), read over HTTP(S)
+   * from the endpoint. HTTP ignores them.
+   */
   serverCertificateHashes?: string[];
   /** Give up on one request after this long (then retry with backoff). Default 10000. */
   requestTimeoutMs?: number;
@@ -59,6 +70,8 @@ export interface Stats {
   droppedRecords: number;
   bytesSent: number;
   outboxBytes: number;
+  /** Batches sent (attempts, resends included) by transport. */
+  sentByTransport: { webtransport: number; http: number };
 }
 
 /** Every error the SDK throws. `code` is a stable reason (`"invalid_value"`, `"timeout"`, …). */
@@ -209,14 +222,28 @@ export class Producer {
   #timerDue = Infinity;
   #waiters: Waiter[] = [];
   #sending = 0;
+  /** Per endpoint: its WebTransport link (none: HTTP only). */
+  readonly #links: (WebTransportLink | undefined)[];
+  readonly #transport: Transport;
+  readonly #sent = { webtransport: 0, http: 0 };
   /** @internal */ armed = false;
 
-  private constructor(core: Core, urls: string[], f: typeof fetch, timeoutMs: number, bucketMs: number) {
+  private constructor(
+    core: Core,
+    urls: string[],
+    f: typeof fetch,
+    timeoutMs: number,
+    bucketMs: number,
+    links: (WebTransportLink | undefined)[],
+    transport: Transport,
+  ) {
     this.#core = core;
     this.#bucketMs = bucketMs;
     this.#urls = urls;
     this.#fetch = f;
     this.#timeoutMs = timeoutMs;
+    this.#links = links;
+    this.#transport = transport;
   }
 
   /** Creates a producer with a fresh signing key and epoch from the platform's secure random source. */
@@ -239,8 +266,11 @@ export class Producer {
       return new URL("v1/batches", u.href.endsWith("/") ? u.href : u.href + "/").href;
     });
     const transport = o.transport ?? "auto";
-    if (transport !== "auto" && transport !== "http") {
-      throw new EdgetallyError("unsupported_transport", `edgetally: transport ${String(transport)} is not available in this version (use "http" or "auto")`);
+    if (transport !== "auto" && transport !== "http" && transport !== "webtransport") {
+      throw new EdgetallyError("unsupported_transport", `edgetally: transport must be "auto", "http" or "webtransport", got ${String(transport)}`);
+    }
+    if (transport === "webtransport" && !webTransportCtor()) {
+      throw new EdgetallyError("unsupported_transport", "edgetally: this runtime has no WebTransport");
     }
     for (const h of o.serverCertificateHashes ?? []) {
       if (!/^[0-9a-f]{64}$/i.test(h)) {
@@ -270,7 +300,11 @@ export class Producer {
     } finally {
       seed.fill(0);
     }
-    return new Producer(core, urls, f.bind(globalThis), positive("requestTimeoutMs", o.requestTimeoutMs, 10_000), bucketMs);
+    const fetch_ = f.bind(globalThis);
+    const links = o.endpoints.map((e) =>
+      transport !== "http" && webTransportCtor() ? new WebTransportLink(e, fetch_, o.serverCertificateHashes) : undefined,
+    );
+    return new Producer(core, urls, fetch_, positive("requestTimeoutMs", o.requestTimeoutMs, 10_000), bucketMs, links, transport);
   }
 
   /** @internal */
@@ -487,7 +521,7 @@ export class Producer {
   stats(): Stats {
     const core = this.core();
     this.#drainAll(Date.now());
-    return core.stats() as Stats;
+    return { ...(core.stats() as Omit<Stats, "sentByTransport">), sentByTransport: { ...this.#sent } };
   }
 
   /** Flushes (bounded by `timeoutMs` if given), then releases the producer; unacknowledged batches are lost (see `stats()` first). */
@@ -501,6 +535,7 @@ export class Producer {
       const core = this.#core;
       this.#core = undefined;
       core?.free();
+      for (const l of this.#links) l?.close();
       for (const w of this.#waiters) w.reject(new EdgetallyError("closed", "edgetally: the producer is closed"));
       this.#waiters = [];
     }
@@ -567,6 +602,49 @@ export class Producer {
   async #send(seq: number, endpoint: number, bytes: Uint8Array<ArrayBuffer>): Promise<void> {
     this.#sending++;
     let frame: Uint8Array | undefined;
+    try {
+      const link = this.#links[endpoint];
+      // A credential rides in an HTTP header; WebTransport would need a stream of its own.
+      if (link && this.#credential === undefined) {
+        this.#sent.webtransport++;
+        try {
+          frame = await this.#bounded(link.send(bytes));
+        } catch {
+          frame = undefined;
+          if (this.#transport === "auto") {
+            // This merger's WebTransport does not work from here: HTTP from now on.
+            this.#links[endpoint] = undefined;
+            link.close();
+            this.#sent.http++;
+            frame = await this.#post(endpoint, bytes);
+          }
+        }
+      } else {
+        this.#sent.http++;
+        frame = await this.#post(endpoint, bytes);
+      }
+    } finally {
+      this.#sending--;
+    }
+    const core = this.#core;
+    if (!core) return;
+    const now = Date.now();
+    if (!frame || !core.handleReply(now, seq, frame)) core.transportError(now, seq, endpoint);
+    this.#settle(core);
+    this.#pump();
+  }
+
+  /** `p`, or a rejection after the request timeout. */
+  #bounded<T>(p: Promise<T>): Promise<T> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const t = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error("timeout")), this.#timeoutMs);
+    });
+    return Promise.race([p, t]).finally(() => clearTimeout(timer));
+  }
+
+  /** One batch over HTTP: the reply frame, or undefined on a transport failure. */
+  async #post(endpoint: number, bytes: Uint8Array<ArrayBuffer>): Promise<Uint8Array | undefined> {
     const ctrl = new AbortController();
     const timer = setTimeout(() => ctrl.abort(), this.#timeoutMs);
     try {
@@ -581,20 +659,14 @@ export class Producer {
       const text = await res.text();
       if (res.status === 200 || res.status === 422 || res.status === 503) {
         const reply = JSON.parse(text) as { frame?: unknown };
-        if (typeof reply.frame === "string") frame = hexBytes(reply.frame);
+        if (typeof reply.frame === "string") return hexBytes(reply.frame);
       }
+      return undefined;
     } catch {
-      frame = undefined;
+      return undefined;
     } finally {
       clearTimeout(timer);
-      this.#sending--;
     }
-    const core = this.#core;
-    if (!core) return;
-    const now = Date.now();
-    if (!frame || !core.handleReply(now, seq, frame)) core.transportError(now, seq, endpoint);
-    this.#settle(core);
-    this.#pump();
   }
 
   #settle(core: Core): void {

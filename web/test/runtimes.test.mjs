@@ -11,6 +11,15 @@ import { chromium } from "playwright-core";
 import { dirname } from "node:path";
 import { BIN as MERGER_BIN, compare, freePort, Model, ROOT, startMerger } from "./helpers.mjs";
 
+/** One value of the merger's /metrics (0 when absent). */
+async function metric(http, name) {
+  const text = await (await fetch(`${http}/metrics`)).text();
+  for (const line of text.split("\n")) {
+    if (line.startsWith(name + " ")) return Number(line.slice(name.length + 1));
+  }
+  return 0;
+}
+
 const WEB = join(ROOT, "web");
 const BIN = join(WEB, "node_modules", ".bin");
 
@@ -170,6 +179,33 @@ test("Chromium: examples/browser/index.html", () =>
       assert.deepEqual(errors, []);
       assert.match(result.runtime, /Chrome\//);
       await check(m, result);
+      // "auto" took WebTransport (pinning the hashes the merger publishes), and the merger
+      // received the batches that way.
+      assert.ok(result.stats.sentByTransport.webtransport > 0, JSON.stringify(result.stats));
+      assert.equal(result.stats.sentByTransport.http, 0);
+      const received = (t) => metric(m.http, `edgetally_batches_received_total{transport="${t}"}`);
+      assert.ok((await received("webtransport")) >= result.stats.acked);
+      assert.equal(await received("http"), 0);
+      // A WebTransport session that cannot be made (a pin matching no certificate): "auto"
+      // falls back to HTTP for that merger and still delivers everything, exactly once.
+      const fallback = await page.evaluate(async (endpoint) => {
+        const { Producer } = await import("edgetally");
+        const p = await Producer.create({
+          endpoints: [endpoint],
+          flushIntervalMs: 50,
+          serverCertificateHashes: ["00".repeat(32)],
+        });
+        for (let i = 0; i < 300; i++) p.record("fallback", i, { entity: `e${i % 3}` });
+        await p.flush({ timeoutMs: 20_000 });
+        const stats = p.stats();
+        await p.close();
+        return stats;
+      }, m.http);
+      assert.equal(fallback.ackedRecords, 300);
+      assert.ok(fallback.sentByTransport.http > 0, JSON.stringify(fallback));
+      const agg = await (await fetch(`${m.http}/v1/aggregate?category=fallback&start=0&end=9999999999999`)).json();
+      assert.equal(agg.count, 300);
+      assert.equal(agg.sum_exact, String((299 * 300) / 2));
     } finally {
       await browser.close();
       server.close();
