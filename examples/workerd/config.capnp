@@ -19,6 +19,7 @@ const worker :Workerd.Worker = (
     (name = "edgetally", esModule = "export * from \"./node_modules/edgetally/dist/workerd.js\";"),
     (name = "node_modules/edgetally/dist/workerd.js", esModule = embed "../../web/dist/workerd.js"),
     (name = "node_modules/edgetally/dist/producer.js", esModule = embed "../../web/dist/producer.js"),
+    (name = "node_modules/edgetally/dist/webtransport.js", esModule = embed "../../web/dist/webtransport.js"),
     (name = "node_modules/edgetally/pkg/edgetally_wasm.js", esModule = embed "../../web/pkg/edgetally_wasm.js"),
     (name = "node_modules/edgetally/pkg/edgetally_wasm_bg.wasm", wasm = embed "../../web/pkg/edgetally_wasm_bg.wasm"),
   ],
