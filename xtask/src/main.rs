@@ -297,7 +297,8 @@ fn web_build(root: &Path) -> Result<()> {
             "build",
             "--target",
             &one("target")?,
-            "--release",
+            "--profile",
+            &one("profile")?,
             "--no-pack",
             "--out-dir",
         ])
