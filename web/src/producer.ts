@@ -70,8 +70,8 @@ export interface Stats {
   droppedRecords: number;
   bytesSent: number;
   outboxBytes: number;
-  /** Batches sent (attempts, resends included) by transport. */
-  sentByTransport: { webtransport: number; http: number };
+  /** Batches sent (attempts, resends included) by transport; `keepalive`: of the HTTP ones, those sent while the page was hidden or being left. */
+  sentByTransport: { webtransport: number; http: number; keepalive: number };
 }
 
 /** Every error the SDK throws. `code` is a stable reason (`"invalid_value"`, `"timeout"`, …). */
@@ -225,7 +225,10 @@ export class Producer {
   /** Per endpoint: its WebTransport link (none: HTTP only). */
   readonly #links: (WebTransportLink | undefined)[];
   readonly #transport: Transport;
-  readonly #sent = { webtransport: 0, http: 0 };
+  readonly #sent = { webtransport: 0, http: 0, keepalive: 0 };
+  /** The page is hidden or being left: batches go out as `fetch(…, {keepalive: true})`, which outlives the page. */
+  #leaving = false;
+  #unlisten: (() => void) | undefined;
   /** @internal */ armed = false;
 
   private constructor(
@@ -304,7 +307,9 @@ export class Producer {
     const links = o.endpoints.map((e) =>
       transport !== "http" && webTransportCtor() ? new WebTransportLink(e, fetch_, o.serverCertificateHashes) : undefined,
     );
-    return new Producer(core, urls, fetch_, positive("requestTimeoutMs", o.requestTimeoutMs, 10_000), bucketMs, links, transport);
+    const p = new Producer(core, urls, fetch_, positive("requestTimeoutMs", o.requestTimeoutMs, 10_000), bucketMs, links, transport);
+    p.#listen();
+    return p;
   }
 
   /** @internal */
@@ -517,6 +522,50 @@ export class Producer {
     });
   }
 
+  /**
+   * In a browser page: when the page is hidden (`visibilitychange`) or left (`pagehide`),
+   * seal what is pending and send everything due with `fetch(…, {keepalive: true})`, which
+   * the browser completes after the page is gone (bodies up to 64 KiB in flight). Sessions
+   * and streams die with the page; keepalive requests do not.
+   */
+  #listen(): void {
+    const g = globalThis as {
+      addEventListener?: (t: string, f: () => void) => void;
+      removeEventListener?: (t: string, f: () => void) => void;
+      document?: { visibilityState?: string; addEventListener?: (t: string, f: () => void) => void; removeEventListener?: (t: string, f: () => void) => void };
+    };
+    const doc = g.document;
+    if (!doc || typeof g.addEventListener !== "function" || typeof doc.addEventListener !== "function") return;
+    const leave = () => {
+      this.#leaving = true;
+      this.#sendNow();
+    };
+    const visibility = () => {
+      if (doc.visibilityState === "hidden") leave();
+      else this.#leaving = false;
+    };
+    const back = () => {
+      this.#leaving = false;
+    };
+    g.addEventListener("pagehide", leave);
+    g.addEventListener("pageshow", back);
+    doc.addEventListener("visibilitychange", visibility);
+    this.#unlisten = () => {
+      g.removeEventListener?.("pagehide", leave);
+      g.removeEventListener?.("pageshow", back);
+      doc.removeEventListener?.("visibilitychange", visibility);
+    };
+  }
+
+  /** Seals what is pending and sends every batch that is due, now. */
+  #sendNow(): void {
+    const core = this.#core;
+    if (!core) return;
+    this.#drainAll(Date.now());
+    core.flush(Date.now());
+    this.#pump();
+  }
+
   /** The counters. */
   stats(): Stats {
     const core = this.core();
@@ -536,6 +585,7 @@ export class Producer {
       this.#core = undefined;
       core?.free();
       for (const l of this.#links) l?.close();
+      this.#unlisten?.();
       for (const w of this.#waiters) w.reject(new EdgetallyError("closed", "edgetally: the producer is closed"));
       this.#waiters = [];
     }
@@ -605,7 +655,8 @@ export class Producer {
     try {
       const link = this.#links[endpoint];
       // A credential rides in an HTTP header; WebTransport would need a stream of its own.
-      if (link && this.#credential === undefined) {
+      // A page being left sends with keepalive fetch, which outlives it.
+      if (link && this.#credential === undefined && !this.#leaving) {
         this.#sent.webtransport++;
         try {
           frame = await this.#bounded(link.send(bytes));
@@ -621,6 +672,7 @@ export class Producer {
         }
       } else {
         this.#sent.http++;
+        if (this.#leaving) this.#sent.keepalive++;
         frame = await this.#post(endpoint, bytes);
       }
     } finally {
@@ -655,6 +707,7 @@ export class Producer {
           ? { "content-type": "application/octet-stream" }
           : { "content-type": "application/octet-stream", "edgetally-credential": this.#credential },
         signal: ctrl.signal,
+        keepalive: this.#leaving && bytes.length <= 64 << 10,
       });
       const text = await res.text();
       if (res.status === 200 || res.status === 422 || res.status === 503) {

@@ -206,6 +206,22 @@ test("Chromium: examples/browser/index.html", () =>
       const agg = await (await fetch(`${m.http}/v1/aggregate?category=fallback&start=0&end=9999999999999`)).json();
       assert.equal(agg.count, 300);
       assert.equal(agg.sum_exact, String((299 * 300) / 2));
+      // Leaving the page right after recording, long before the flush interval: pagehide
+      // seals and sends with keepalive fetch, which outlives the page. Delivered, exactly once.
+      await page.evaluate(async (endpoint) => {
+        const { Producer } = await import("edgetally");
+        const p = await Producer.create({ endpoints: [endpoint], flushIntervalMs: 60_000 });
+        for (let i = 0; i < 500; i++) p.record("leave", 2, { entity: `e${i % 5}` });
+        window.leaving = p;
+      }, m.http);
+      await page.goto("about:blank");
+      let left = {};
+      for (let i = 0; i < 100 && left.count !== 500; i++) {
+        await new Promise((r) => setTimeout(r, 100));
+        left = await (await fetch(`${m.http}/v1/aggregate?category=leave&start=0&end=9999999999999`)).json();
+      }
+      assert.equal(left.count, 500, JSON.stringify(left));
+      assert.equal(left.sum_exact, "1000");
     } finally {
       await browser.close();
       server.close();
