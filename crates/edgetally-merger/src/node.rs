@@ -550,10 +550,12 @@ impl Node {
             return Ok(false);
         };
         fresh.set_string_hash_keys(random_u64(), random_u64());
-        // The stored batches the snapshot covers go; the others (this node's retained log,
-        // applied again on top of the snapshot) stay and are replayed over it at start-up.
+        // The stored batches the snapshot covers go, but for those still retained for peers;
+        // the others (this node's retained log, applied again on top of the snapshot) stay and
+        // are replayed over it at start-up.
+        let retained: HashSet<_> = fresh.log().map(|e| e.batch.id).collect();
         self.store
-            .compact(&snap, |id| covered.contains(id))
+            .compact(&snap, |id| covered.contains(id) && !retained.contains(id))
             .map_err(|e| e.to_string())?;
         *r = fresh;
         self.metrics.snapshots_adopted.fetch_add(1, Relaxed);
