@@ -100,22 +100,14 @@ async fn webtransport(State(node): State<Node_>, headers: axum::http::HeaderMap)
             ip => ip.to_string(),
         })
     };
-    let mut hashes = Vec::new();
-    if node
+    // A next certificate exists exactly when the node generates its own.
+    let next = *node
         .next_cert_hash
         .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .is_some()
-    {
-        hashes.push(hex(&node.cert_hash()));
-        if let Some(h) = *node
-            .next_cert_hash
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-        {
-            hashes.push(hex(&h));
-        }
-    }
+        .unwrap_or_else(|e| e.into_inner());
+    let hashes: Vec<String> = next
+        .map(|n| vec![hex(&node.cert_hash()), hex(&n)])
+        .unwrap_or_default();
     let path = edgetally_net::server::WEBTRANSPORT_PATH;
     Json(json!({
         "url": host.map(|h| format!("https://{h}:{}{path}", q.port())),

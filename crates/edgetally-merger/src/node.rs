@@ -166,8 +166,7 @@ fn identity(config: &Config) -> Result<(Identity, bool), StartError> {
     // The current certificate is missing or due: the published next one takes over if it is
     // valid now, so pages holding its hash keep working.
     if let Some(next) = load_identity(dir, "next") {
-        let starts = next.not_after_unix - edgetally_net::tls::CERT_VALIDITY.as_secs() as i64;
-        if starts <= now && next.not_after_unix - now > RENEW_BEFORE_SECS {
+        if valid_from(&next) <= now && next.not_after_unix - now > RENEW_BEFORE_SECS {
             save_identity(dir, "cert", &next)?;
             return Ok((next, true));
         }
@@ -175,6 +174,12 @@ fn identity(config: &Config) -> Result<(Identity, bool), StartError> {
     let id = Identity::self_signed(now, &[]).map_err(|e| StartError::Tls(e.to_string()))?;
     save_identity(dir, "cert", &id)?;
     Ok((id, true))
+}
+
+/// When a generated certificate becomes valid (Unix seconds): every one is valid for
+/// [`edgetally_net::tls::CERT_VALIDITY`].
+fn valid_from(id: &Identity) -> i64 {
+    id.not_after_unix - edgetally_net::tls::CERT_VALIDITY.as_secs() as i64
 }
 
 /// A generated certificate kept in the data directory as `<name>.der`, `<name>.key.der` and
@@ -225,8 +230,7 @@ fn next_identity(config: &Config, current: &Identity) -> Result<Identity, StartE
 fn successor(config: &Config, current: &Identity) -> Result<Identity, StartError> {
     let now = now_ms() / 1000;
     let next = next_identity(config, current)?;
-    let starts = next.not_after_unix - edgetally_net::tls::CERT_VALIDITY.as_secs() as i64;
-    let new = if starts <= now {
+    let new = if valid_from(&next) <= now {
         next
     } else {
         Identity::self_signed(now, &[]).map_err(|e| StartError::Tls(e.to_string()))?
