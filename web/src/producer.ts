@@ -1,16 +1,27 @@
 // The edgetally producer SDK: the TypeScript API over the wasm build of the sans-IO producer
-// (crates/edgetally-wasm). The wasm side aggregates, seals, signs and schedules; this side
-// owns the clock, the timers and the transports (WebTransport where the runtime has it, fetch
-// POST /v1/batches everywhere).
+// (crates/edgetally-wasm). The wasm side owns the rules — aggregation, bucket bounds,
+// sealing, signing, the outbox and its schedule, the defaults; this side owns the clock, the
+// timers, the transports (transport.ts, webtransport.ts), browser storage (store.ts) and
+// the page and process lifecycle.
 
-import { Core, reasonName } from "../pkg/edgetally_wasm.js";
+import { Core, defaults as wasmDefaults } from "../pkg/edgetally_wasm.js";
+import { clock } from "./clock.js";
+import { EdgetallyError } from "./errors.js";
+import { Handle, LIM, type HandleOwner } from "./handle.js";
+import { Store, coalesce, isQuotaError, type StoredOp } from "./store.js";
+import { BeaconTransport, HttpTransport, KEEPALIVE_BUDGET, type BatchTransport } from "./transport.js";
+import { ready } from "./wasm.js";
 import { WebTransportLink, webTransportCtor } from "./webtransport.js";
+
+export { EdgetallyError } from "./errors.js";
+export { Handle } from "./handle.js";
+export type { BatchTransport, TransportKind } from "./transport.js";
+export { setWasmLoader } from "./wasm.js";
 
 /**
  * How batches travel. `"auto"` (default): WebTransport where the runtime has it (browsers),
- * falling back to HTTP for a merger whose WebTransport session fails — and staying on HTTP for
- * that merger from then on; HTTP elsewhere. `"webtransport"`: WebTransport only. `"http"`:
- * `fetch` only.
+ * falling back to HTTP for a merger whose WebTransport session fails (tried again a minute
+ * later); HTTP elsewhere. `"webtransport"`: WebTransport only. `"http"`: `fetch` only.
  */
 export type Transport = "auto" | "http" | "webtransport";
 
@@ -27,7 +38,7 @@ export interface ProducerOptions {
   maxBatchBytes?: number;
   /** Bound of sealed, unacknowledged batches in bytes; the oldest waiting ones are dropped (counted in `stats().dropped`). Default 8 MiB. */
   maxOutboxBytes?: number;
-  /** Batches sent and not yet answered, at most. Default 16. */
+  /** Batches sent and not yet answered, at most. Default 64. */
   maxInFlight?: number;
   /** Default `"auto"`. */
   transport?: Transport;
@@ -41,6 +52,17 @@ export interface ProducerOptions {
   requestTimeoutMs?: number;
   /** The fetch to use (a service binding, a test double). Default `globalThis.fetch`. */
   fetch?: typeof fetch;
+  /**
+   * Keep the producer key and the outbox in IndexedDB (browsers): batches not yet acked when
+   * the page goes — offline, a merger down, a tab closed — are resent by the next page of the
+   * origin (or by another open tab). Each page sends as its own epoch. `true` by default where
+   * IndexedDB and Web Locks exist (browsers), else `false`; a string names the database
+   * (default `"edgetally"`). Storage failures never make `record` throw: they are counted in
+   * `stats().storeErrors`, and a full quota drops the oldest waiting batches (`stats().dropped`).
+   */
+  persist?: boolean | string;
+  /** @internal How often a persisting page looks for closed pages' batches to adopt. Default 30000. */
+  adoptIntervalMs?: number;
 }
 
 export interface RecordOptions {
@@ -70,132 +92,38 @@ export interface Stats {
   droppedRecords: number;
   bytesSent: number;
   outboxBytes: number;
-  /** Batches sent (attempts, resends included) by transport; `keepalive`: of the HTTP ones, those sent while the page was hidden or being left. */
-  sentByTransport: { webtransport: number; http: number; keepalive: number };
+  /**
+   * Batches sent (attempts, resends included) by transport; `keepalive`: of the HTTP ones,
+   * those sent while the page was hidden or being left; `beacon`: handed to `sendBeacon`
+   * (no reply: they stay stored until a later send is acked).
+   */
+  sentByTransport: { webtransport: number; http: number; keepalive: number; beacon: number };
+  /** Batches of this producer held in IndexedDB now (0 without `persist`). */
+  stored: number;
+  /** IndexedDB operations that failed (other than quota, which drops and counts). */
+  storeErrors: number;
+  /** Closed pages' batches this page took over and resent. */
+  adopted: { epochs: number; batches: number; acked: number; ackedRecords: number; rejected: number; dropped: number };
 }
 
-/** Every error the SDK throws. `code` is a stable reason (`"invalid_value"`, `"timeout"`, …). */
-export class EdgetallyError extends Error {
-  readonly code: string;
-  /** The wire reason code (docs/PROTOCOL.md), or 0 for SDK-side reasons. */
-  readonly reasonCode: number;
-  constructor(code: string | number, message?: string) {
-    const name = typeof code === "number" ? reasonName(code) : code;
-    super(message ?? `edgetally: ${name}`);
-    this.name = "EdgetallyError";
-    this.code = name;
-    this.reasonCode = typeof code === "number" ? code : 0;
-  }
+/** The producer's defaults, as the wasm core defines them. */
+export interface Defaults {
+  bucketMs: number;
+  flushIntervalMs: number;
+  maxBatchSummaries: number;
+  maxBatchBytes: number;
+  maxOutboxBytes: number;
+  maxInFlight: number;
+  /** The merger's default limit of summaries per batch. */
+  maxSummariesLimit: number;
+  /** The merger's default limit of bytes per batch. */
+  maxPayloadBytes: number;
 }
 
-let loader: (() => Promise<void> | void) | undefined;
-let loaded: Promise<void> | undefined;
-
-/** @internal Set by each entry point: how this runtime gets the wasm module. */
-export function setWasmLoader(load: () => Promise<void> | void): void {
-  loader = load;
-}
-
-function ready(): Promise<void> {
-  if (!loaded) {
-    if (!loader) throw new EdgetallyError("not_initialized", "edgetally: no wasm loader (import the package entry point)");
-    const l = loader;
-    loaded = Promise.resolve().then(() => l());
-    loaded.catch(() => (loaded = undefined));
-  }
-  return loaded;
-}
-
-// A clock for the hot paths: Date.now() costs ~40 ns, more than a whole record. Within one
-// synchronous run of the event loop it is read once per 256 records; every new task or
-// microtask checkpoint reads it afresh. Pass ts_ms when records of one synchronous loop are
-// spread over more than a bucket.
-let clockMs = 0;
-let clockLeft = 0;
-let clockArmed = false;
-const clockExpire = () => {
-  clockLeft = 0;
-  clockArmed = false;
-};
-function clock(): number {
-  if (clockLeft > 0) {
-    clockLeft--;
-    return clockMs;
-  }
-  clockMs = Date.now();
-  clockLeft = 255;
-  if (!clockArmed) {
-    clockArmed = true;
-    queueMicrotask(clockExpire);
-  }
-  return clockMs;
-}
-
-function hexBytes(s: string): Uint8Array | undefined {
-  if (s.length % 2 !== 0 || !/^[0-9a-f]*$/i.test(s)) return undefined;
-  const out = new Uint8Array(s.length / 2);
-  for (let i = 0; i < out.length; i++) out[i] = parseInt(s.slice(2 * i, 2 * i + 2), 16);
-  return out;
-}
-
-function positive(name: string, v: number | undefined, dflt: number, max = Number.MAX_SAFE_INTEGER): number {
-  if (v === undefined) return dflt;
-  if (!Number.isInteger(v) || v < 1 || v > max) {
-    throw new EdgetallyError("invalid_config", `edgetally: ${name} must be a whole number in 1..${max}, got ${v}`);
-  }
-  return v;
-}
-
-// The JavaScript fast path sums q = v·10⁹ (a float product) in a float `sum` kept below 2⁵¹
-// in magnitude. When q is an integer and |sum + q| < 2⁵¹, then |q| < 2⁵², where ulp(q) ≤ ½,
-// so the exact product lies within ¼ of the integer q: q is exactly v's round-half-even
-// quantisation (edgetally_core::value::quantize_fast argues the same up to 2⁵¹), and
-// sum + q, a sum of integers below 2⁵³, is computed exactly. NaN fails the integer test and
-// ±Infinity the bound. Everything else takes the wasm path.
-const LIM = 2 ** 51;
-
-/**
- * An interned (category, entity): the fast way to record in hot loops. A handle aggregates
- * in JavaScript while its bucket stays open (count, exact sum in nano-units, min, max) and
- * hands the summary to the wasm producer at each flush tick, so most records never leave
- * JavaScript; values the fast path cannot sum exactly go through wasm one by one.
- */
-export class Handle {
-  /** @internal */ readonly p: Producer;
-  /** The handle's number (for `recordMany` with a `Uint32Array` of handles). */
-  readonly id: number;
-  /** @internal */ readonly ids: Uint32Array;
-  /** @internal The open bucket, [start, end) in ms; empty when start > end. */
-  start = Infinity;
-  /** @internal */ end = -Infinity;
-  /** @internal Recorded into the open bucket since the last drain. */
-  count = 0;
-  /** @internal */ sum = 0;
-  /** @internal */ min = Infinity;
-  /** @internal */ max = -Infinity;
-  /** @internal On the producer's list of open handles. */
-  listed = false;
-  /** @internal */
-  constructor(p: Producer, id: number) {
-    this.p = p;
-    this.id = id;
-    this.ids = Uint32Array.of(id);
-  }
-  /** Records one value (now, or at `ts_ms`). Throws `EdgetallyError` for an invalid value or time (also counted in `stats().invalid`). */
-  record(value: number, ts_ms?: number): void {
-    const ts = ts_ms === undefined ? clock() : ts_ms;
-    const q = value * 1e9;
-    const s = this.sum + q;
-    if (ts >= this.start && ts < this.end && Math.round(q) === q && s < LIM && s > -LIM) {
-      this.count++;
-      this.sum = s;
-      // `+ 0` turns -0 into 0, as the wasm side does.
-      if (value < this.min) this.min = value + 0;
-      if (value > this.max) this.max = value + 0;
-      return;
-    }
-    this.p.recordSlow(this, value, ts_ms);
-  }
+/** The defaults (from the wasm core; the same as the Rust SDK's). Resolves once the module is loaded. */
+export async function defaults(): Promise<Defaults> {
+  await ready();
+  return wasmDefaults() as Defaults;
 }
 
 interface Waiter {
@@ -205,69 +133,141 @@ interface Waiter {
   timer?: ReturnType<typeof setTimeout>;
 }
 
+/** One epoch's outbox being sent: the producer's own, or one adopted from a closed page. */
+interface Lane {
+  core: Core;
+  epoch: string;
+  own: boolean;
+  /** Storage: ops not yet written, a write running, the seqs stored. */
+  ops: StoredOp[];
+  writing: boolean;
+  stored: Set<number>;
+  /** Adopted lanes: resolves the adoption (releasing the closed page's lock) once drained. */
+  finish?: () => void;
+}
+
 type Entity = { none: Handle | undefined; byEntity: Map<string, Handle> };
 
+/** Batch size bound while the page is being left: within the keepalive budget, with room for headers. */
+const LEAVING_BATCH_BYTES = 60 << 10;
+/** A merger whose WebTransport failed is tried over WebTransport again after this long. */
+const WEBTRANSPORT_RETRY_MS = 60_000;
+/** A beacon'd batch is sent again (and acked as a duplicate) after this long if the page lives on. */
+const BEACON_RESEND_MS = 10_000;
+
+function positive(name: string, v: number | undefined, dflt: number, max = Number.MAX_SAFE_INTEGER): number {
+  if (v === undefined) return dflt;
+  if (!Number.isInteger(v) || v < 1 || v > max) {
+    throw new EdgetallyError("invalid_config", `edgetally: ${name} must be a whole number in 1..${max}, got ${v}`);
+  }
+  return v;
+}
+
+function epochBytes(epoch: string): Uint8Array {
+  const b = new Uint8Array(8);
+  new DataView(b.buffer).setBigUint64(0, BigInt(epoch), true);
+  return b;
+}
+
+/** Everything `Core`'s constructor takes but the seed and next seq. */
+interface CoreConfig {
+  endpoints: string[];
+  bucketMs: number;
+  flushIntervalMs: number;
+  maxBatchSummaries: number;
+  maxBatchBytes: number;
+  maxOutboxBytes: number;
+  maxInFlight: number;
+}
+
+function makeCore(key: Uint8Array, epoch: Uint8Array, c: CoreConfig, nextSeq: number, persist: boolean): Core {
+  const seed = new Uint8Array(48);
+  seed.set(key, 0);
+  seed.set(epoch, 32);
+  globalThis.crypto.getRandomValues(seed.subarray(40));
+  try {
+    return new Core(
+      seed, c.endpoints.slice(), c.bucketMs, c.flushIntervalMs, c.maxBatchSummaries, c.maxBatchBytes,
+      c.maxOutboxBytes, c.maxInFlight, nextSeq, persist,
+    );
+  } catch (e) {
+    if (typeof e === "number") throw new EdgetallyError(e, `edgetally: invalid configuration (${new EdgetallyError(e).code})`);
+    throw e;
+  } finally {
+    seed.fill(0);
+  }
+}
+
 /** A producer: records events, aggregates them, ships signed batches until acked. */
-export class Producer {
+export class Producer implements HandleOwner {
   #core: Core | undefined;
-  readonly #urls: string[];
-  readonly #fetch: typeof fetch;
-  readonly #timeoutMs: number;
-  #credential: string | undefined;
+  /** The own lane first, then adopted ones. */
+  #lanes: Lane[];
+  readonly #config: CoreConfig;
+  readonly #key: Uint8Array;
   readonly #names = new Map<string, Entity>();
-  readonly #bucketMs: number;
   /** Handles with an open bucket in JavaScript. */
   #open: Handle[] = [];
   #timer: ReturnType<typeof setTimeout> | undefined;
   #timerDue = Infinity;
   #waiters: Waiter[] = [];
-  #sending = 0;
-  /** Per endpoint: its WebTransport link (none: HTTP only). */
-  readonly #links: (WebTransportLink | undefined)[];
+  /** Per endpoint: HTTP (always), WebTransport (when chosen and available), beacon (browsers). */
+  readonly #http: HttpTransport[];
+  readonly #wt: (WebTransportLink | undefined)[];
+  readonly #wtDownUntil: number[];
+  readonly #beacon: (BeaconTransport | undefined)[];
   readonly #transport: Transport;
-  readonly #sent = { webtransport: 0, http: 0, keepalive: 0 };
-  /** The page is hidden or being left: batches go out as `fetch(…, {keepalive: true})`, which outlives the page. */
+  readonly #timeoutMs: number;
+  readonly #sent = { webtransport: 0, http: 0, keepalive: 0, beacon: 0 };
+  /** Keepalive request bytes in flight (the browser's budget is 64 KiB). */
+  #keepaliveBytes = 0;
+  /** The page is hidden or being left: batches go out with keepalive fetch or as beacons, which outlive the page. */
   #leaving = false;
+  /** The browser says it is offline: seal into the stored outbox, send nothing. */
+  #offline = false;
+  #credential: string | undefined;
+  readonly #store: Store | undefined;
+  #release: (() => void) | undefined;
+  #storeErrors = 0;
+  #adopting = new Set<string>();
+  readonly #adopted = { epochs: 0, batches: 0, acked: 0, ackedRecords: 0, rejected: 0, dropped: 0 };
+  #scanTimer: ReturnType<typeof setInterval> | undefined;
   #unlisten: (() => void) | undefined;
   /** @internal */ armed = false;
 
   private constructor(
     core: Core,
-    urls: string[],
-    f: typeof fetch,
-    timeoutMs: number,
-    bucketMs: number,
-    links: (WebTransportLink | undefined)[],
+    epoch: string,
+    key: Uint8Array,
+    config: CoreConfig,
+    http: HttpTransport[],
+    wt: (WebTransportLink | undefined)[],
     transport: Transport,
+    store: Store | undefined,
+    timeoutMs: number,
   ) {
-    this.#core = core;
-    this.#bucketMs = bucketMs;
-    this.#urls = urls;
-    this.#fetch = f;
     this.#timeoutMs = timeoutMs;
-    this.#links = links;
+    this.#core = core;
+    this.#key = key;
+    this.#config = config;
+    this.#lanes = [{ core, epoch, own: true, ops: [], writing: false, stored: new Set() }];
+    this.#http = http;
+    this.#wt = wt;
+    this.#wtDownUntil = wt.map(() => 0);
+    this.#beacon = http.map((h, i) => (BeaconTransport.available() ? new BeaconTransport(urlOf(config.endpoints[i])) : undefined));
     this.#transport = transport;
+    this.#store = store;
   }
 
-  /** Creates a producer with a fresh signing key and epoch from the platform's secure random source. */
+  /** Creates a producer: a fresh epoch, and the origin's stored key with `persist`, else a fresh key, from the platform's secure random source. */
   static async create(options: ProducerOptions): Promise<Producer> {
     await ready();
+    const d = wasmDefaults() as Defaults;
     const o = options ?? ({} as ProducerOptions);
     if (!Array.isArray(o.endpoints) || o.endpoints.length === 0) {
       throw new EdgetallyError("invalid_config", "edgetally: endpoints must be a non-empty array of URLs");
     }
-    const urls = o.endpoints.map((e) => {
-      let u: URL;
-      try {
-        u = new URL(e);
-      } catch {
-        throw new EdgetallyError("invalid_config", `edgetally: endpoint is not a URL: ${e}`);
-      }
-      if (u.protocol !== "http:" && u.protocol !== "https:") {
-        throw new EdgetallyError("invalid_config", `edgetally: endpoint must be http(s):// (got ${u.protocol})`);
-      }
-      return new URL("v1/batches", u.href.endsWith("/") ? u.href : u.href + "/").href;
-    });
+    for (const e of o.endpoints) urlOf(e);
     const transport = o.transport ?? "auto";
     if (transport !== "auto" && transport !== "http" && transport !== "webtransport") {
       throw new EdgetallyError("unsupported_transport", `edgetally: transport must be "auto", "http" or "webtransport", got ${String(transport)}`);
@@ -282,33 +282,63 @@ export class Producer {
     }
     const f = o.fetch ?? globalThis.fetch;
     if (typeof f !== "function") throw new EdgetallyError("invalid_config", "edgetally: no fetch in this runtime; pass options.fetch");
-    const seed = new Uint8Array(48);
-    globalThis.crypto.getRandomValues(seed);
-    let core: Core;
-    const bucketMs = positive("bucketMs", o.bucketMs, 1000, 86_400_000);
-    try {
-      core = new Core(
-        seed,
-        o.endpoints.slice(),
-        bucketMs,
-        positive("flushIntervalMs", o.flushIntervalMs, 1000),
-        positive("maxBatchSummaries", o.maxBatchSummaries, 2000, 10_000),
-        positive("maxBatchBytes", o.maxBatchBytes, 256 << 10, 1 << 20),
-        positive("maxOutboxBytes", o.maxOutboxBytes, 8 << 20),
-        positive("maxInFlight", o.maxInFlight, 16, 1024),
-      );
-    } catch (e) {
-      if (typeof e === "number") throw new EdgetallyError(e, `edgetally: invalid configuration (${reasonName(e)})`);
-      throw e;
-    } finally {
-      seed.fill(0);
+    const config: CoreConfig = {
+      endpoints: o.endpoints.slice(),
+      bucketMs: positive("bucketMs", o.bucketMs, d.bucketMs, 86_400_000),
+      flushIntervalMs: positive("flushIntervalMs", o.flushIntervalMs, d.flushIntervalMs),
+      maxBatchSummaries: positive("maxBatchSummaries", o.maxBatchSummaries, d.maxBatchSummaries, d.maxSummariesLimit),
+      maxBatchBytes: positive("maxBatchBytes", o.maxBatchBytes, d.maxBatchBytes, d.maxPayloadBytes),
+      maxOutboxBytes: positive("maxOutboxBytes", o.maxOutboxBytes, d.maxOutboxBytes),
+      maxInFlight: positive("maxInFlight", o.maxInFlight, d.maxInFlight, 1024),
+    };
+    const timeoutMs = positive("requestTimeoutMs", o.requestTimeoutMs, 10_000);
+    const adoptMs = positive("adoptIntervalMs", o.adoptIntervalMs, 30_000);
+    if (o.persist !== undefined && typeof o.persist !== "boolean" && (typeof o.persist !== "string" || o.persist === "")) {
+      throw new EdgetallyError("invalid_config", "edgetally: persist is a boolean or a database name");
+    }
+    const persist = o.persist ?? Store.available();
+    if (persist !== false && !Store.available()) {
+      throw new EdgetallyError("invalid_config", "edgetally: persist needs IndexedDB and Web Locks (browsers)");
+    }
+
+    const fresh = new Uint8Array(32);
+    globalThis.crypto.getRandomValues(fresh);
+    const epoch = new Uint8Array(8);
+    globalThis.crypto.getRandomValues(epoch);
+    let store: Store | undefined;
+    let key: Uint8Array = fresh;
+    let storeErrors = 0;
+    if (persist !== false) {
+      try {
+        store = await Store.open(typeof persist === "string" ? persist : "edgetally");
+        key = await store.key(fresh);
+      } catch {
+        // Private modes and blocked storage: an in-memory producer, counted.
+        store = undefined;
+        storeErrors++;
+      }
+    }
+    const core = makeCore(key, epoch, config, 0, store !== undefined);
+    const epochStr = core.epoch;
+    let release: (() => void) | undefined;
+    if (store) {
+      // Hold this epoch's lock before its first record is stored: no page may adopt a live epoch.
+      release = await store.hold(epochStr);
     }
     const fetch_ = f.bind(globalThis);
-    const links = o.endpoints.map((e) =>
+    const http = config.endpoints.map((e) => new HttpTransport(new URL("v1/batches", urlOf(e)).href, fetch_, timeoutMs));
+    const wt = config.endpoints.map((e) =>
       transport !== "http" && webTransportCtor() ? new WebTransportLink(e, fetch_, o.serverCertificateHashes) : undefined,
     );
-    const p = new Producer(core, urls, fetch_, positive("requestTimeoutMs", o.requestTimeoutMs, 10_000), bucketMs, links, transport);
+    const p = new Producer(core, epochStr, key, config, http, wt, transport, store, timeoutMs);
+    p.#release = release;
+    p.#storeErrors = storeErrors;
     p.#listen();
+    if (store) {
+      p.#persist(p.#lanes[0]);
+      void p.#scan();
+      p.#scanTimer = setInterval(() => void p.#scan(), adoptMs);
+    }
     return p;
   }
 
@@ -319,7 +349,6 @@ export class Producer {
     return c;
   }
 
-  /** The producer's ed25519 public key, hex. */
   /**
    * Sets the enrolment credential (hex) for mergers whose `producer_policy` is `"enrolled"`:
    * your site's backend issues it for this producer's `producerKey` (`edgetally enroll`, or
@@ -331,8 +360,10 @@ export class Producer {
       throw new EdgetallyError("invalid_config", "edgetally: a credential is 138 bytes in hex, starting ec01");
     }
     this.#credential = credential;
+    for (const h of this.#http) h.credential = credential;
   }
 
+  /** The producer's ed25519 public key, hex. */
   get producerKey(): string {
     return this.core().producerKey;
   }
@@ -353,11 +384,10 @@ export class Producer {
     // First use of this name: wasm validates and interns it (and counts a refusal).
     const core = this.core();
     const now = clock();
-    const t = wasmTs(options?.ts_ms, now);
-    const got = core.recordNamed(now, category, entity, value, t);
+    const got = core.recordNamed(now, category, entity, value, wasmTs(options?.ts_ms, now));
     if (!this.armed) this.arm();
     if (got < 0) throw new EdgetallyError(-got);
-    this.#opened(this.#remember(category, entity, got), t);
+    this.#opened(this.#remember(category, entity, got));
   }
 
   /** The handle already made for (category, entity), if any. */
@@ -380,14 +410,12 @@ export class Producer {
     return h;
   }
 
-  /** A value went into the wasm bucket of `ts`: later ones in that bucket can stay in JavaScript. */
-  #opened(h: Handle, ts: number): void {
-    const start = Math.floor(ts / this.#bucketMs) * this.#bucketMs;
-    if (h.start !== start) {
-      this.#drain(h, Date.now());
-      h.start = start;
-      h.end = start + this.#bucketMs;
-    }
+  /** A value went into a wasm bucket of `h`: later ones in the bucket wasm has open (it says which) can stay in JavaScript. */
+  #opened(h: Handle): void {
+    this.#drain(h, Date.now());
+    const b = this.core().openBucket(h.id);
+    h.start = b.length === 2 ? b[0] : Infinity;
+    h.end = b.length === 2 ? b[1] : -Infinity;
     if (!h.listed) {
       h.listed = true;
       this.#open.push(h);
@@ -420,12 +448,11 @@ export class Producer {
   recordSlow(h: Handle, value: number, ts_ms: number | undefined): void {
     const core = this.core();
     const now = clock();
-    const t = wasmTs(ts_ms, now);
     this.#drain(h, now);
-    const r = core.record(now, h.id, value, t);
+    const r = core.record(now, h.id, value, wasmTs(ts_ms, now));
     if (!this.armed) this.arm();
     if (r !== 0) throw new EdgetallyError(r);
-    this.#opened(h, t);
+    this.#opened(h);
   }
 
   /** The handle of (category, entity). Throws `EdgetallyError` for an invalid name. */
@@ -462,9 +489,10 @@ export class Producer {
     while (i < n) {
       if (!(now >= h.start && now < h.end)) {
         // Open the bucket through wasm with this value.
+        this.#drain(h, now);
         if (core.record(now, h.id, vs[i], now) === 0) {
           ok++;
-          this.#opened(h, now);
+          this.#opened(h);
         }
         i++;
         continue;
@@ -500,7 +528,11 @@ export class Producer {
     return ok;
   }
 
-  /** Resolves once everything recorded before the call is answered (acked, or rejected/dropped and counted). */
+  /**
+   * Resolves once everything recorded before the call is answered (acked, or rejected/dropped
+   * and counted). In Node and Deno a pending `flush()` keeps the process alive until then (or
+   * until `timeoutMs`, when it rejects with `timeout`).
+   */
   flush(options?: { timeoutMs?: number }): Promise<void> {
     const core = this.core();
     this.#drainAll(Date.now());
@@ -523,57 +555,84 @@ export class Producer {
   }
 
   /**
-   * In a browser page: when the page is hidden (`visibilitychange`) or left (`pagehide`),
-   * seal what is pending and send everything due with `fetch(…, {keepalive: true})`, which
-   * the browser completes after the page is gone (bodies up to 64 KiB in flight). Sessions
-   * and streams die with the page; keepalive requests do not.
+   * Browsers: when the page is hidden (`visibilitychange`) or left (`pagehide`), seal what is
+   * pending into batches within the 64 KiB keepalive budget and send what is due with
+   * `fetch(…, {keepalive: true})`, then `sendBeacon`; both outlive the page. What neither
+   * takes stays stored (with `persist`) for the next page. `offline`/`online` pause and
+   * resume sending.
    */
   #listen(): void {
     const g = globalThis as {
       addEventListener?: (t: string, f: () => void) => void;
       removeEventListener?: (t: string, f: () => void) => void;
       document?: { visibilityState?: string; addEventListener?: (t: string, f: () => void) => void; removeEventListener?: (t: string, f: () => void) => void };
+      navigator?: { onLine?: boolean };
     };
+    if (typeof g.addEventListener !== "function") return;
+    const offline = () => {
+      this.#offline = true;
+    };
+    const online = () => {
+      this.#offline = false;
+      const now = Date.now();
+      for (const l of this.#lanes) l.core.wake(now);
+      this.#pump();
+      void this.#scan();
+    };
+    if (g.navigator?.onLine === false) this.#offline = true;
+    g.addEventListener("offline", offline);
+    g.addEventListener("online", online);
     const doc = g.document;
-    if (!doc || typeof g.addEventListener !== "function" || typeof doc.addEventListener !== "function") return;
     const leave = () => {
       this.#leaving = true;
-      this.#sendNow();
+      const core = this.#core;
+      if (!core) return;
+      this.#drainAll(Date.now());
+      core.sealWithin(Date.now(), LEAVING_BATCH_BYTES);
+      this.#pump();
     };
     const visibility = () => {
-      if (doc.visibilityState === "hidden") leave();
+      if (doc?.visibilityState === "hidden") leave();
       else this.#leaving = false;
     };
     const back = () => {
       this.#leaving = false;
     };
-    g.addEventListener("pagehide", leave);
-    g.addEventListener("pageshow", back);
-    doc.addEventListener("visibilitychange", visibility);
+    if (doc && typeof doc.addEventListener === "function") {
+      g.addEventListener("pagehide", leave);
+      g.addEventListener("pageshow", back);
+      doc.addEventListener("visibilitychange", visibility);
+    }
     this.#unlisten = () => {
+      g.removeEventListener?.("offline", offline);
+      g.removeEventListener?.("online", online);
       g.removeEventListener?.("pagehide", leave);
       g.removeEventListener?.("pageshow", back);
-      doc.removeEventListener?.("visibilitychange", visibility);
+      doc?.removeEventListener?.("visibilitychange", visibility);
     };
-  }
-
-  /** Seals what is pending and sends every batch that is due, now. */
-  #sendNow(): void {
-    const core = this.#core;
-    if (!core) return;
-    this.#drainAll(Date.now());
-    core.flush(Date.now());
-    this.#pump();
   }
 
   /** The counters. */
   stats(): Stats {
     const core = this.core();
     this.#drainAll(Date.now());
-    return { ...(core.stats() as Omit<Stats, "sentByTransport">), sentByTransport: { ...this.#sent } };
+    const own = this.#lanes[0];
+    const adopted = { ...this.#adopted };
+    for (const l of this.#lanes.slice(1)) addAdopted(adopted, l.core);
+    return {
+      ...(core.stats() as Omit<Stats, "sentByTransport" | "stored" | "storeErrors" | "adopted">),
+      sentByTransport: { ...this.#sent },
+      stored: own.stored.size,
+      storeErrors: this.#storeErrors,
+      adopted,
+    };
   }
 
-  /** Flushes (bounded by `timeoutMs` if given), then releases the producer; unacknowledged batches are lost (see `stats()` first). */
+  /**
+   * Flushes (bounded by `timeoutMs` if given), then releases the producer. Without `persist`,
+   * unacknowledged batches are lost (see `stats()` first); with it they stay stored and the
+   * next page of the origin resends them.
+   */
   async close(options?: { timeoutMs?: number }): Promise<void> {
     if (!this.#core) return;
     try {
@@ -581,10 +640,21 @@ export class Producer {
     } finally {
       clearTimeout(this.#timer);
       this.#timer = undefined;
+      clearInterval(this.#scanTimer);
       const core = this.#core;
       this.#core = undefined;
-      core?.free();
-      for (const l of this.#links) l?.close();
+      const own = this.#lanes[0];
+      const empty = core ? (core.stats() as { outboxBytes: number }).outboxBytes === 0 : true;
+      await this.#settleStore(own);
+      if (this.#store && empty) await this.#store.forget(own.epoch).catch(() => this.#storeErrors++);
+      for (const l of this.#lanes) {
+        l.finish?.();
+        l.core.free();
+      }
+      this.#lanes = [];
+      this.#release?.();
+      this.#store?.close();
+      for (const l of this.#wt) l?.close();
       this.#unlisten?.();
       for (const w of this.#waiters) w.reject(new EdgetallyError("closed", "edgetally: the producer is closed"));
       this.#waiters = [];
@@ -598,9 +668,13 @@ export class Producer {
   }
 
   #schedule(now: number): void {
-    const core = this.#core;
-    if (!core) return;
-    const due = core.pollTimeout();
+    if (!this.#core) return;
+    let due = NaN;
+    for (const l of this.#lanes) {
+      // Offline, only sealing is due (into the stored outbox); retries wait for `online`.
+      const t = this.#offline ? (l.own ? l.core.pollSeal(now) : NaN) : l.core.pollTimeout();
+      if (!Number.isNaN(t) && !(t >= due)) due = t;
+    }
     if (Number.isNaN(due)) {
       this.armed = this.#timer !== undefined;
       return;
@@ -633,56 +707,76 @@ export class Producer {
   }
 
   #pump(): void {
-    const core = this.#core;
-    if (!core) return;
+    if (!this.#core) return;
     const now = Date.now();
     this.#drainAll(now);
-    for (;;) {
-      const t = core.pollTransmit(now);
-      if (t === undefined) break;
-      const seq = t.seq;
-      const endpoint = t.endpoint;
-      const bytes = t.bytes as Uint8Array<ArrayBuffer>;
-      t.free();
-      void this.#send(seq, endpoint, bytes);
+    for (const lane of this.#lanes) {
+      if (this.#offline) {
+        if (lane.own) lane.core.pollSeal(now);
+      } else {
+        for (;;) {
+          const t = lane.core.pollTransmit(now);
+          if (t === undefined) break;
+          const seq = t.seq;
+          const endpoint = t.endpoint;
+          const bytes = t.bytes as Uint8Array<ArrayBuffer>;
+          t.free();
+          void this.#send(lane, seq, endpoint, bytes);
+        }
+      }
+      if (this.#store) this.#persist(lane);
     }
     this.#schedule(now);
   }
 
-  async #send(seq: number, endpoint: number, bytes: Uint8Array<ArrayBuffer>): Promise<void> {
-    this.#sending++;
-    let frame: Uint8Array | undefined;
-    try {
-      const link = this.#links[endpoint];
-      // A credential rides in an HTTP header; WebTransport would need a stream of its own.
-      // A page being left sends with keepalive fetch, which outlives it.
-      if (link && this.#credential === undefined && !this.#leaving) {
-        this.#sent.webtransport++;
-        try {
-          frame = await this.#bounded(link.send(bytes));
-        } catch {
-          frame = undefined;
-          if (this.#transport === "auto") {
-            // This merger's WebTransport does not work from here: HTTP from now on.
-            this.#links[endpoint] = undefined;
-            link.close();
-            this.#sent.http++;
-            frame = await this.#post(endpoint, bytes);
-          }
-        }
-      } else {
-        this.#sent.http++;
-        if (this.#leaving) this.#sent.keepalive++;
-        frame = await this.#post(endpoint, bytes);
-      }
-    } finally {
-      this.#sending--;
+  /** The transport for one batch now, or none (it waits, stored, for a better moment). */
+  #pick(endpoint: number, size: number, now: number): BatchTransport | undefined {
+    if (this.#leaving) {
+      // Only requests that outlive the page, within the browser's keepalive budget.
+      if (this.#keepaliveBytes + size <= KEEPALIVE_BUDGET) return this.#http[endpoint];
+      if (this.#credential === undefined) return this.#beacon[endpoint];
+      return undefined;
     }
-    const core = this.#core;
-    if (!core) return;
+    const wt = this.#wt[endpoint];
+    // A credential rides in an HTTP header; WebTransport would need a stream of its own.
+    if (wt && this.#credential === undefined && now >= this.#wtDownUntil[endpoint]) return wt;
+    if (wt && this.#transport === "webtransport") return wt;
+    return this.#http[endpoint];
+  }
+
+  async #send(lane: Lane, seq: number, endpoint: number, bytes: Uint8Array<ArrayBuffer>): Promise<void> {
+    let t = this.#pick(endpoint, bytes.length, Date.now());
+    if (!t) {
+      lane.core.retryAfter(Date.now(), seq, 1000);
+      return;
+    }
+    let frame: Uint8Array | undefined;
+    let failed = false;
+    const keepalive = this.#leaving && t.kind === "http";
+    if (keepalive) this.#keepaliveBytes += bytes.length;
+    try {
+      this.#sent[t.kind]++;
+      if (keepalive) this.#sent.keepalive++;
+      try {
+        frame = await this.#bounded(t.send(bytes, { keepalive }));
+      } catch (e) {
+        if (t.kind !== "webtransport" || this.#transport !== "auto") throw e;
+        // This merger's WebTransport does not work from here: HTTP for a while.
+        this.#wtDownUntil[endpoint] = Date.now() + WEBTRANSPORT_RETRY_MS;
+        t = this.#http[endpoint];
+        this.#sent.http++;
+        frame = await this.#bounded(t.send(bytes));
+      }
+    } catch {
+      failed = true;
+    } finally {
+      if (keepalive) this.#keepaliveBytes -= bytes.length;
+    }
+    if (!this.#lanes.includes(lane)) return;
     const now = Date.now();
-    if (!frame || !core.handleReply(now, seq, frame)) core.transportError(now, seq, endpoint);
-    this.#settle(core);
+    if (!failed && frame === undefined) lane.core.retryAfter(now, seq, BEACON_RESEND_MS);
+    else if (failed || !frame || !lane.core.handleReply(now, seq, frame)) lane.core.transportError(now, seq, endpoint);
+    this.#settle(lane);
     this.#pump();
   }
 
@@ -695,38 +789,16 @@ export class Producer {
     return Promise.race([p, t]).finally(() => clearTimeout(timer));
   }
 
-  /** One batch over HTTP: the reply frame, or undefined on a transport failure. */
-  async #post(endpoint: number, bytes: Uint8Array<ArrayBuffer>): Promise<Uint8Array | undefined> {
-    const ctrl = new AbortController();
-    const timer = setTimeout(() => ctrl.abort(), this.#timeoutMs);
-    try {
-      const res = await this.#fetch(this.#urls[endpoint] ?? "", {
-        method: "POST",
-        body: bytes,
-        headers: this.#credential === undefined
-          ? { "content-type": "application/octet-stream" }
-          : { "content-type": "application/octet-stream", "edgetally-credential": this.#credential },
-        signal: ctrl.signal,
-        keepalive: this.#leaving && bytes.length <= 64 << 10,
-      });
-      const text = await res.text();
-      if (res.status === 200 || res.status === 422 || res.status === 503) {
-        const reply = JSON.parse(text) as { frame?: unknown };
-        if (typeof reply.frame === "string") return hexBytes(reply.frame);
-      }
-      return undefined;
-    } catch {
-      return undefined;
-    } finally {
-      clearTimeout(timer);
+  #settle(lane: Lane): void {
+    if (!lane.own) {
+      const s = lane.core.stats() as { outboxBytes: number };
+      if (s.outboxBytes === 0) void this.#finishAdopted(lane);
+      return;
     }
-  }
-
-  #settle(core: Core): void {
     if (this.#waiters.length === 0) return;
     const left: Waiter[] = [];
     for (const w of this.#waiters) {
-      if (core.flushed(w.token)) {
+      if (lane.core.flushed(w.token)) {
         clearTimeout(w.timer);
         w.resolve();
       } else left.push(w);
@@ -734,6 +806,146 @@ export class Producer {
     this.#waiters = left;
     this.#hold();
   }
+
+  /** Queues what the lane's core asks to store and starts writing it. */
+  #persist(lane: Lane): void {
+    for (;;) {
+      const op = lane.core.pollPersist();
+      if (op === undefined) break;
+      lane.ops.push({ kind: op.kind, seq: op.seq, bytes: op.bytes });
+      op.free();
+    }
+    if (lane.ops.length > 0 && !lane.writing) void this.#write(lane);
+  }
+
+  /**
+   * Writes a lane's queued ops, one transaction at a time, in order. When the quota refuses,
+   * the oldest waiting batch is dropped (counted in `dropped`, like an outbox overflow) and
+   * the write tried again; a batch that still does not fit stays in memory only.
+   */
+  async #write(lane: Lane): Promise<void> {
+    const store = this.#store;
+    if (!store) return;
+    lane.writing = true;
+    try {
+      while (lane.ops.length > 0) {
+        const ops = coalesce(lane.ops.splice(0));
+        try {
+          await store.write(lane.epoch, ops);
+          for (const o of ops) {
+            if (o.kind === 1) lane.stored.add(o.seq);
+            else if (o.kind === 2) lane.stored.delete(o.seq);
+          }
+        } catch (e) {
+          if (!isQuotaError(e)) {
+            this.#storeErrors++;
+            continue;
+          }
+          const puts = ops.filter((o) => o.kind === 1);
+          const newest = puts.reduce((m, o) => Math.max(m, o.seq), -1);
+          if (puts.length > 0 && this.#lanes.includes(lane) && lane.core.dropOldest(newest) >= 0) {
+            // Its Remove follows from pollPersist; write everything again.
+            lane.ops.unshift(...ops);
+            this.#persist(lane);
+          } else if (puts.length > 0) {
+            // Nothing left to shed: keep the rest of the ops, the batches in memory only.
+            lane.ops.unshift(...ops.filter((o) => o.kind !== 1));
+          } else {
+            this.#storeErrors++;
+          }
+        }
+      }
+    } finally {
+      lane.writing = false;
+    }
+  }
+
+  /** Resolves once the lane's queued ops are written (or have failed). */
+  async #settleStore(lane: Lane): Promise<void> {
+    if (!this.#store) return;
+    this.#persist(lane);
+    for (let i = 0; i < 200 && (lane.writing || lane.ops.length > 0); i++) {
+      if (!lane.writing) void this.#write(lane);
+      await new Promise((r) => setTimeout(r, 5));
+    }
+  }
+
+  /** Looks for epochs whose page is gone and adopts their stored batches. */
+  async #scan(): Promise<void> {
+    const store = this.#store;
+    if (!store || !this.#core || this.#offline) return;
+    let epochs: string[];
+    try {
+      epochs = await store.epochs();
+    } catch {
+      this.#storeErrors++;
+      return;
+    }
+    for (const epoch of epochs) {
+      if (!this.#core) return;
+      if (this.#lanes.some((l) => l.epoch === epoch) || this.#adopting.has(epoch)) continue;
+      this.#adopting.add(epoch);
+      // Holding the closed page's lock while its batches drain: one adopter at a time, and
+      // if this page dies too, the next one takes over.
+      void store
+        .ifOrphaned(epoch, () => this.#adopt(store, epoch))
+        .catch(() => this.#storeErrors++)
+        .finally(() => this.#adopting.delete(epoch));
+    }
+  }
+
+  async #adopt(store: Store, epoch: string): Promise<void> {
+    const stored = await store.load(epoch);
+    if (!this.#core) return;
+    if (stored.batches.length === 0) {
+      await store.forget(epoch);
+      return;
+    }
+    const core = makeCore(this.#key, epochBytes(epoch), this.#config, stored.nextSeq, true);
+    for (const [seq, bytes] of stored.batches) core.restore(seq, bytes);
+    const lane: Lane = { core, epoch, own: false, ops: [], writing: false, stored: new Set(stored.batches.map(([s]) => s)) };
+    this.#adopted.epochs++;
+    this.#adopted.batches += stored.batches.length;
+    await new Promise<void>((resolve) => {
+      lane.finish = resolve;
+      this.#lanes.push(lane);
+      this.#pump();
+    });
+  }
+
+  /** An adopted lane is drained: forget its epoch, release its lock. */
+  async #finishAdopted(lane: Lane): Promise<void> {
+    const i = this.#lanes.indexOf(lane);
+    if (i < 0) return;
+    this.#lanes.splice(i, 1);
+    addAdopted(this.#adopted, lane.core);
+    await this.#settleStore(lane);
+    await this.#store?.forget(lane.epoch).catch(() => this.#storeErrors++);
+    lane.core.free();
+    lane.finish?.();
+  }
+}
+
+function addAdopted(into: Stats["adopted"], core: Core): void {
+  const s = core.stats() as { acked: number; ackedRecords: number; rejected: number; dropped: number };
+  into.acked += s.acked;
+  into.ackedRecords += s.ackedRecords;
+  into.rejected += s.rejected;
+  into.dropped += s.dropped;
+}
+
+/** A merger base URL, checked, ending in `/`. */
+function urlOf(e: string): string {
+  let u: URL;
+  try {
+    u = new URL(e);
+  } catch {
+    throw new EdgetallyError("invalid_config", `edgetally: endpoint is not a URL: ${e}`);
+  }
+  if (u.protocol !== "http:" && u.protocol !== "https:") {
+    throw new EdgetallyError("invalid_config", `edgetally: endpoint must be http(s):// (got ${u.protocol})`);
+  }
+  return u.href.endsWith("/") ? u.href : u.href + "/";
 }
 
 const EMPTY = new Float64Array(0);

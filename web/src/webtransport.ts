@@ -4,6 +4,8 @@
 // at GET /v1/webtransport (the current and the next certificate's SHA-256, so a session made
 // before a rotation and one made after it both verify).
 
+import type { BatchTransport } from "./transport.js";
+
 /** What a merger publishes at `GET /v1/webtransport`. */
 interface Discovery {
   url: string | null;
@@ -40,7 +42,8 @@ function unhex(s: string): Uint8Array {
 }
 
 /** One merger's WebTransport session, opened on first use and again after it closes. */
-export class WebTransportLink {
+export class WebTransportLink implements BatchTransport {
+  readonly kind = "webtransport";
   readonly #base: string;
   readonly #fetch: typeof fetch;
   readonly #pins: string[] | undefined;

@@ -5,11 +5,11 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createServer } from "node:http";
-import { readFile } from "node:fs/promises";
+import { readFile, writeFile } from "node:fs/promises";
 import { extname, join, normalize } from "node:path";
 import { chromium } from "playwright-core";
 import { dirname } from "node:path";
-import { BIN as MERGER_BIN, compare, freePort, Model, ROOT, startMerger } from "./helpers.mjs";
+import { BIN as MERGER_BIN, compare, freePort, Model, ROOT, startMerger, tempDir } from "./helpers.mjs";
 
 /** One value of the merger's /metrics (0 when absent). */
 async function metric(http, name) {
@@ -105,6 +105,38 @@ test("Deno: examples/deno/record.ts", () =>
     await check(m, result);
   }));
 
+test("Deno: a script that awaits flush() without a timeout stays alive until its events are delivered", async () => {
+  // The merger is down when the script starts and comes up 2 s later.
+  const port = await freePort();
+  const dir = tempDir();
+  const file = join(dir, "late.ts");
+  await writeFile(
+    file,
+    `import { Producer } from "edgetally";
+    const p = await Producer.create({ endpoints: ["http://127.0.0.1:${port}"] });
+    p.record("late_merger_deno", 4, { ts_ms: Date.now() });
+    await p.flush();
+    console.log(JSON.stringify({ acked: p.stats().ackedRecords, retried: p.stats().retried }));
+    await p.close();`,
+  );
+  const done = run(join(BIN, "deno"), [
+    "run", "--config", "examples/deno/deno.json", "--allow-net=127.0.0.1", `--allow-read=${WEB},${dir}`, file,
+  ]);
+  await new Promise((r) => setTimeout(r, 2000));
+  const m = await startMerger({ httpPort: port });
+  try {
+    const got = JSON.parse((await done).trim());
+    assert.equal(got.acked, 1);
+    assert.ok(got.retried >= 1, JSON.stringify(got));
+    const want = new Model();
+    want.add("late_merger_deno", undefined, 4);
+    const now = Date.now();
+    assert.deepEqual(await compare(m.http, want, now - 120_000, now + 60_000), []);
+  } finally {
+    await m.cleanup();
+  }
+});
+
 /** Polls until `url` answers (bounded). */
 async function waitForHttp(url, ms = 20_000) {
   const until = Date.now() + ms;
@@ -133,6 +165,19 @@ test("workerd: examples/workerd/worker.mjs", () =>
       const result = await res.json();
       assert.equal(result.runtime, "workerd");
       await check(m, result);
+      // ctx.waitUntil(producer.flush()): the reply comes before the batches, which still arrive.
+      const fired = await (await fetch(`http://127.0.0.1:${port}/fire?n=250&category=wait_until&endpoint=${encodeURIComponent(m.http)}`)).json();
+      assert.equal(fired.recorded, 250);
+      const want = new Model();
+      for (let i = 0; i < 250; i++) want.add("wait_until", undefined, i % 7);
+      const now = Date.now();
+      let bad;
+      for (let i = 0; i < 150; i++) {
+        bad = await compare(m.http, want, now - 120_000, now + 60_000);
+        if (bad.length === 0) break;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      assert.deepEqual(bad, []);
     } finally {
       child.kill("SIGKILL");
     }

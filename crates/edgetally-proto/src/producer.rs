@@ -280,22 +280,7 @@ impl Producer {
             stats: Stats::default(),
         };
         for (seq, bytes) in outbox {
-            // The record count is only for stats; an unreadable stored batch still gets sent
-            // (and the merger's Nack will say why).
-            let records = crate::decode(&bytes, &p.config.limits).map_or(0, |u| {
-                u.batch.summaries.iter().map(|s| s.summary.count).sum()
-            });
-            p.stats.outbox_bytes += bytes.len() as u64;
-            p.outbox.insert(
-                seq,
-                Outgoing {
-                    bytes: bytes.into(),
-                    records,
-                    attempts: 0,
-                    next_try_ms: i64::MIN,
-                    in_flight: false,
-                },
-            );
+            p.restore(seq, bytes);
         }
         p.persist_op(PersistOp::Identity {
             seed,
@@ -303,6 +288,61 @@ impl Producer {
             next_seq,
         });
         Ok(p)
+    }
+
+    /// Puts a stored batch back into the outbox (a resumed producer's, or one a browser tab
+    /// adopts from a closed tab); it is sent like any other and not persisted again. A seq
+    /// already in the outbox is left as it is.
+    pub fn restore(&mut self, seq: u64, bytes: Vec<u8>) {
+        if self.outbox.contains_key(&seq) {
+            return;
+        }
+        // The record count is only for stats; an unreadable stored batch still gets sent
+        // (and the merger's Nack will say why).
+        let records = crate::decode(&bytes, &self.config.limits).map_or(0, |u| {
+            u.batch.summaries.iter().map(|s| s.summary.count).sum()
+        });
+        self.stats.outbox_bytes += bytes.len() as u64;
+        self.outbox.insert(
+            seq,
+            Outgoing {
+                bytes: bytes.into(),
+                records,
+                attempts: 0,
+                next_try_ms: i64::MIN,
+                in_flight: false,
+            },
+        );
+    }
+
+    /// Drops the oldest batch that is waiting (not in flight), other than `keep`, counting it
+    /// as `dropped` like an outbox overflow: the browser SDK sheds batches this way when
+    /// storage refuses a new one (quota). Returns the seq dropped, if any.
+    pub fn drop_oldest(&mut self, keep: u64) -> Option<u64> {
+        let seq = self
+            .outbox
+            .iter()
+            .find(|(s, o)| !o.in_flight && **s != keep)
+            .map(|(s, _)| *s)?;
+        let o = self.remove(seq)?;
+        self.stats.dropped += 1;
+        self.stats.dropped_records += o.records;
+        Some(seq)
+    }
+
+    /// The `[start, end)` of the bucket handle `h` has open, if any: the JavaScript SDK
+    /// aggregates further records of that bucket itself and asks here rather than doing the
+    /// bucket arithmetic twice.
+    pub fn open_bucket(&self, h: Handle) -> Option<(i64, i64)> {
+        let cur = self.handles.get(h.0 as usize)?.current.as_ref()?;
+        Some((cur.start, cur.end))
+    }
+
+    /// Makes every waiting batch due now, its backoff forgotten (the network is back).
+    pub fn wake(&mut self, now_ms: i64) {
+        for o in self.outbox.values_mut().filter(|o| !o.in_flight) {
+            o.next_try_ms = o.next_try_ms.min(now_ms);
+        }
     }
 
     /// The producer's public key.
@@ -496,9 +536,7 @@ impl Producer {
                 self.stats.recorded += summary.count;
                 if new_key {
                     self.stats.pending += 1;
-                    let st = &self.handles[h.0 as usize];
-                    self.pending_bytes +=
-                        45 + st.category.len() + st.entity.as_ref().map_or(0, |e| e.len());
+                    self.pending_bytes += self.key_bytes(h.0);
                 }
                 self.first_pending_ms.get_or_insert(now_ms);
                 if self.stats.pending as usize >= self.config.max_batch_summaries
@@ -510,6 +548,14 @@ impl Producer {
             }
             Err(code) => refuse(self, code),
         }
+    }
+
+    /// An upper bound of the bytes one key of handle `h` adds to a batch (its summary and,
+    /// at worst, its names).
+    fn key_bytes(&self, h: u32) -> usize {
+        self.handles.get(h as usize).map_or(0, |st| {
+            45 + st.category.len() + st.entity.as_ref().map_or(0, |e| e.len())
+        })
     }
 
     /// Records many events of one handle at once (typed arrays in JavaScript). Returns how
@@ -533,6 +579,13 @@ impl Producer {
 
     /// Seals everything pending into batches (canonical, within the limits) and queues them.
     pub fn seal(&mut self, now_ms: i64) {
+        self.seal_within(now_ms, self.config.max_batch_bytes);
+    }
+
+    /// Seals everything pending into batches of at most about `max_bytes` each (the
+    /// per-key estimate bounds the encoding from above): a page being left seals into
+    /// batches that fit the browser's 64 KiB keepalive budget.
+    pub fn seal_within(&mut self, now_ms: i64, max_bytes: usize) {
         for h in std::mem::take(&mut self.active) {
             if let Some(cur) = self.handles[h as usize].current.take() {
                 self.closed.push((h, cur.bucket, cur.summary));
@@ -560,7 +613,21 @@ impl Producer {
             .max_batch_summaries
             .min(self.config.limits.max_summaries)
             .max(1);
-        let chunks: Vec<Vec<(u32, i64, Summary)>> = merged.chunks(max).map(<[_]>::to_vec).collect();
+        let mut chunks: Vec<Vec<(u32, i64, Summary)>> = Vec::new();
+        let mut bytes = 0;
+        for e in merged {
+            let size = self.key_bytes(e.0);
+            match chunks.last_mut() {
+                Some(c) if c.len() < max && bytes + size <= max_bytes => {
+                    bytes += size;
+                    c.push(e);
+                }
+                _ => {
+                    bytes = size;
+                    chunks.push(vec![e]);
+                }
+            }
+        }
         for chunk in chunks {
             for part in self.split_by_names(chunk) {
                 self.seal_one(now_ms, part);
@@ -717,6 +784,19 @@ impl Producer {
             }
         }
         self.order[self.preferred % self.order.len()]
+    }
+
+    /// Seals what is pending if its flush interval is over, without sending anything (an
+    /// offline browser keeps sealing into its stored outbox). Returns when to call again:
+    /// the next flush deadline, if anything is pending.
+    pub fn poll_seal(&mut self, now_ms: i64) -> Option<i64> {
+        if let Some(t) = self.first_pending_ms {
+            if now_ms - t >= self.config.flush_interval_ms {
+                self.seal(now_ms);
+            }
+        }
+        self.first_pending_ms
+            .map(|t| t + self.config.flush_interval_ms)
     }
 
     /// The next batch to send now, if any (respecting `max_in_flight` and backoff).

@@ -23,6 +23,12 @@ enum Op {
     Send {
         outcome: u8,
     },
+    /// Storage refused a batch: shed the oldest waiting one (if shedding is on in this case).
+    Shed,
+    /// The network is back: everything waiting is due now.
+    Wake,
+    /// A page is being left: seal into batches of at most this many bytes.
+    SealWithin(u16),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -30,6 +36,9 @@ fn op() -> impl Strategy<Value = Op> {
         6 => (0u8..3, proptest::option::of(0u8..4), any::<i16>(), 0u16..5000).prop_map(|(cat, ent, eighths, back_ms)| Op::Record { cat, ent, eighths, back_ms }),
         2 => (0u16..3000).prop_map(Op::Tick),
         3 => (0u8..10).prop_map(|outcome| Op::Send { outcome }),
+        1 => Just(Op::Shed),
+        1 => Just(Op::Wake),
+        1 => (60u16..3000).prop_map(Op::SealWithin),
     ]
 }
 
@@ -46,6 +55,7 @@ proptest! {
         max_in_flight in 1usize..6,
         small_outbox: bool,
         allow_nack: bool,
+        shed: bool,
         seed: u64,
     ) {
         let endpoints: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
@@ -81,6 +91,29 @@ proptest! {
                     k.1 += eighths as i128 * 125_000_000;
                 }
                 Op::Tick(ms) => now += ms as i64,
+                Op::Shed => {
+                    if shed {
+                        let before = p.stats();
+                        if let Some(seq) = p.drop_oldest(u64::MAX) {
+                            // The oldest waiting one, and nothing in flight.
+                            prop_assert!(in_flight.iter().all(|t| t.seq != seq));
+                            prop_assert_eq!(p.stats().dropped, before.dropped + 1);
+                        } else {
+                            prop_assert_eq!(before.queued, 0);
+                        }
+                    }
+                }
+                Op::Wake => {
+                    p.wake(now);
+                    // Everything waiting is due: nothing to wait for but the in-flight bound.
+                    if p.stats().queued > 0 {
+                        prop_assert!(p.poll_timeout().is_some_and(|t| t <= now));
+                    }
+                }
+                Op::SealWithin(max) => {
+                    p.seal_within(now, max as usize);
+                    prop_assert_eq!(p.stats().pending, 0);
+                }
                 Op::Send { outcome } => {
                     while let Some(t) = p.poll_transmit(now) {
                         prop_assert!(in_flight.len() < max_in_flight);
@@ -126,7 +159,7 @@ proptest! {
         let rejected: u64 = s.rejected.values().sum();
         prop_assert_eq!(s.recorded, s.acked_records + s.rejected_records + s.dropped_records, "{:?}", s);
         prop_assert_eq!((s.in_flight, s.queued, s.pending), (0, 0, 0));
-        if !small_outbox && (!allow_nack || rejected == 0) {
+        if !small_outbox && !shed && (!allow_nack || rejected == 0) {
             // Nothing lost: the merger holds exactly the model.
             for ((c, e, b), (n, sum)) in &model {
                 let got = merger.aggregate(c, e.as_deref(), *b, b + 1000);
@@ -406,4 +439,83 @@ fn stale_and_future_events_are_refused_before_they_can_spoil_a_batch() {
     assert_eq!(batches.len(), 1);
     let only = batches.values().next().expect("one summary");
     assert_eq!((only.count, only.sum), (2, 3_000_000_000));
+}
+
+#[test]
+fn sealing_within_a_byte_bound_splits_batches_and_keeps_every_record() {
+    // A page being left seals into batches that fit the 64 KiB keepalive budget.
+    let mut p = Producer::new(ProducerConfig::default(), [5; 32], 9, &["x".to_string()], 3)
+        .expect("producer");
+    let long = "e".repeat(150);
+    for i in 0..1200 {
+        p.record(T0, "page_view", Some(&format!("{long}{i}")), 1.0, None)
+            .expect("record");
+    }
+    p.seal_within(T0, 16 << 10);
+    let mut records = 0u64;
+    let mut batches = 0;
+    while let Some(t) = p.poll_transmit(T0) {
+        assert!(t.bytes.len() <= 16 << 10, "{} bytes", t.bytes.len());
+        let b = open(&t.bytes, &Limits::default(), T0).expect("valid batch");
+        records += b.summaries.iter().map(|s| s.summary.count).sum::<u64>();
+        batches += 1;
+        p.handle_reply(T0, t.seq, Reply::Ack);
+    }
+    assert_eq!(records, 1200);
+    assert!(batches >= 12, "{batches} batches");
+    assert_eq!(p.stats().acked_records, 1200);
+}
+
+#[test]
+fn a_restored_outbox_is_sent_and_shedding_counts_what_it_drops() {
+    // A tab adopting a closed tab's stored batches: restored, sent, never persisted again.
+    let mut a = Producer::new(
+        ProducerConfig::default(),
+        [6; 32],
+        11,
+        &["x".to_string()],
+        3,
+    )
+    .expect("producer");
+    for i in 0..3 {
+        a.record(T0, "c", None, f64::from(i), None).expect("record");
+        a.flush(T0 + i64::from(i));
+    }
+    let mut stored = Vec::new();
+    while let Some(op) = a.poll_persist() {
+        if let PersistOp::Put { seq, bytes } = op {
+            stored.push((seq, bytes.to_vec()));
+        }
+    }
+    assert_eq!(stored.len(), 3);
+    let mut b = Producer::resume(
+        ProducerConfig::default(),
+        [6; 32],
+        11,
+        3,
+        Vec::new(),
+        &["x".to_string()],
+        4,
+    )
+    .expect("resume");
+    for (seq, bytes) in stored.iter().cloned() {
+        b.restore(seq, bytes.clone());
+        b.restore(seq, bytes); // twice: kept once
+    }
+    assert_eq!(b.stats().queued, 3);
+    // Shedding keeps the one named and takes the oldest other.
+    assert_eq!(b.drop_oldest(0), Some(1));
+    let s = b.stats();
+    assert_eq!((s.dropped, s.dropped_records, s.queued), (1, 1, 2));
+    let sent: Vec<u64> = std::iter::from_fn(|| b.poll_transmit(T0).map(|t| t.seq)).collect();
+    assert_eq!(sent, vec![0, 2]);
+    // Nothing waits now, so nothing can be shed.
+    assert_eq!(b.drop_oldest(u64::MAX), None);
+    // Only the identity and the removal are persisted, never the restored batches again.
+    let ops: Vec<PersistOp> = std::iter::from_fn(|| b.poll_persist()).collect();
+    assert!(
+        ops.iter().all(|o| !matches!(o, PersistOp::Put { .. })),
+        "{ops:?}"
+    );
+    assert!(ops.contains(&PersistOp::Remove { seq: 1 }));
 }

@@ -10,7 +10,7 @@
 //! means "now". Sequence numbers are `f64` too (exact below 2⁵³, i.e. forever at any rate).
 
 use edgetally_core::RejectCode;
-use edgetally_proto::producer::{Handle, Producer, ProducerConfig, Stats};
+use edgetally_proto::producer::{Handle, PersistOp, Producer, ProducerConfig, Stats};
 use edgetally_proto::Reply;
 use js_sys::{Object, Reflect};
 use wasm_bindgen::prelude::*;
@@ -74,6 +74,54 @@ impl Transmit {
     }
 }
 
+/// Something to store: `kind` 0 — the epoch's next seq is `seq`; 1 — batch `seq` with
+/// `bytes` entered the outbox; 2 — batch `seq` left it.
+#[wasm_bindgen]
+#[derive(Debug)]
+pub struct Persist {
+    kind: u8,
+    seq: f64,
+    bytes: Option<Vec<u8>>,
+}
+
+#[wasm_bindgen]
+impl Persist {
+    /// 0 identity (next seq), 1 put, 2 remove.
+    #[wasm_bindgen(getter)]
+    pub fn kind(&self) -> u8 {
+        self.kind
+    }
+    /// The next seq (kind 0) or the batch's seq.
+    #[wasm_bindgen(getter)]
+    pub fn seq(&self) -> f64 {
+        self.seq
+    }
+    /// The batch (kind 1).
+    #[wasm_bindgen(getter)]
+    pub fn bytes(&mut self) -> Option<Vec<u8>> {
+        self.bytes.take()
+    }
+}
+
+/// The producer's defaults and the limits it seals within, for the TypeScript layer (one
+/// home for each rule): `{bucketMs, flushIntervalMs, maxBatchSummaries, maxBatchBytes,
+/// maxOutboxBytes, maxInFlight}` and the merger's default limits `{maxSummariesLimit,
+/// maxPayloadBytes}`.
+#[wasm_bindgen]
+pub fn defaults() -> Object {
+    let c = ProducerConfig::default();
+    let o = Object::new();
+    set(&o, "bucketMs", f64::from(c.bucket_ms));
+    set(&o, "flushIntervalMs", c.flush_interval_ms as f64);
+    set(&o, "maxBatchSummaries", c.max_batch_summaries as f64);
+    set(&o, "maxBatchBytes", c.max_batch_bytes as f64);
+    set(&o, "maxOutboxBytes", c.max_outbox_bytes as f64);
+    set(&o, "maxInFlight", c.max_in_flight as f64);
+    set(&o, "maxSummariesLimit", c.limits.max_summaries as f64);
+    set(&o, "maxPayloadBytes", c.limits.max_payload_bytes as f64);
+    o
+}
+
 /// The producer state machine, for JavaScript.
 #[wasm_bindgen]
 #[derive(Debug)]
@@ -83,9 +131,11 @@ pub struct Core {
 
 #[wasm_bindgen]
 impl Core {
-    /// `seed`: 48 bytes from the platform's secure random source — the ed25519 secret key
-    /// (32), the epoch (8, little-endian) and the backoff jitter seed (8). Throws the reason
-    /// code (a number) for an unusable configuration.
+    /// `seed`: 48 bytes — the ed25519 secret key (32, from the platform's secure random
+    /// source or from storage), the epoch (8, little-endian) and the backoff jitter seed
+    /// (8). `next_seq`: 0 for a fresh epoch, else the stored one (a tab draining a closed
+    /// tab's epoch). `persist`: queue what to store for `pollPersist`. Throws the reason code
+    /// (a number) for an unusable configuration.
     #[wasm_bindgen(constructor)]
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -97,13 +147,19 @@ impl Core {
         max_batch_bytes: u32,
         max_outbox_bytes: f64,
         max_in_flight: u32,
+        next_seq: f64,
+        persist: bool,
     ) -> Result<Core, JsValue> {
         let bad = || JsValue::from(code(RejectCode::InvalidEvent));
         let (key, rest) = seed.split_first_chunk::<32>().ok_or_else(bad)?;
         let (epoch, rest) = rest.split_first_chunk::<8>().ok_or_else(bad)?;
         let (jitter, _) = rest.split_first_chunk::<8>().ok_or_else(bad)?;
         let whole = |x: f64| x.is_finite() && x >= 1.0 && x.fract() == 0.0;
-        if !whole(flush_interval_ms) || !whole(max_outbox_bytes) || max_in_flight == 0 {
+        if !whole(flush_interval_ms)
+            || !whole(max_outbox_bytes)
+            || max_in_flight == 0
+            || !(next_seq == 0.0 || whole(next_seq))
+        {
             return Err(bad());
         }
         let config = ProducerConfig {
@@ -113,13 +169,15 @@ impl Core {
             max_batch_bytes: max_batch_bytes.max(1) as usize,
             max_outbox_bytes: max_outbox_bytes as usize,
             max_in_flight: max_in_flight as usize,
-            persist: false,
+            persist,
             ..ProducerConfig::default()
         };
-        Producer::new(
+        Producer::resume(
             config,
             *key,
             u64::from_le_bytes(*epoch),
+            next_seq as u64,
+            Vec::new(),
             &endpoints,
             u64::from_le_bytes(*jitter),
         )
@@ -296,6 +354,79 @@ impl Core {
     pub fn transport_error(&mut self, now_ms: f64, seq: f64, endpoint: u32) {
         self.p
             .handle_transport_error(now_ms as i64, seq as u64, endpoint as usize);
+    }
+
+    /// The `[start, end)` bucket bounds handle `handle` has open, as a two-element array,
+    /// or an empty one.
+    #[wasm_bindgen(js_name = openBucket)]
+    pub fn open_bucket(&self, handle: u32) -> Vec<f64> {
+        self.p
+            .open_bucket(Handle(handle))
+            .map_or_else(Vec::new, |(a, b)| vec![a as f64, b as f64])
+    }
+
+    /// Seals what is pending into batches of at most about `max_bytes` each; returns a
+    /// token for `flushed`.
+    #[wasm_bindgen(js_name = sealWithin)]
+    pub fn seal_within(&mut self, now_ms: f64, max_bytes: u32) -> f64 {
+        self.p.seal_within(now_ms as i64, max_bytes as usize);
+        self.p.flush(now_ms as i64) as f64
+    }
+
+    /// Puts a stored batch back into the outbox (not persisted again).
+    pub fn restore(&mut self, seq: f64, bytes: Vec<u8>) {
+        self.p.restore(seq as u64, bytes);
+    }
+
+    /// Drops the oldest waiting batch other than `keep` (counted as dropped); its seq, or
+    /// -1 when none waits.
+    #[wasm_bindgen(js_name = dropOldest)]
+    pub fn drop_oldest(&mut self, keep: f64) -> f64 {
+        self.p.drop_oldest(keep as u64).map_or(-1.0, |s| s as f64)
+    }
+
+    /// Seals what is pending if its flush interval is over, sending nothing (offline);
+    /// returns the next flush deadline, or NaN.
+    #[wasm_bindgen(js_name = pollSeal)]
+    pub fn poll_seal(&mut self, now_ms: f64) -> f64 {
+        self.p
+            .poll_seal(now_ms as i64)
+            .map_or(f64::NAN, |t| t as f64)
+    }
+
+    /// Every waiting batch is due now (the network is back).
+    pub fn wake(&mut self, now_ms: f64) {
+        self.p.wake(now_ms as i64);
+    }
+
+    /// Batch `seq` went out without a reply to wait for (a beacon): send it again after
+    /// `after_ms` unless an Ack comes first — it stays in the outbox until acked.
+    #[wasm_bindgen(js_name = retryAfter)]
+    pub fn retry_after(&mut self, now_ms: f64, seq: f64, after_ms: u32) {
+        self.p
+            .handle_reply(now_ms as i64, seq as u64, Reply::Retry { after_ms });
+    }
+
+    /// The next thing to store, if any (only with `persist`).
+    #[wasm_bindgen(js_name = pollPersist)]
+    pub fn poll_persist(&mut self) -> Option<Persist> {
+        self.p.poll_persist().map(|op| match op {
+            PersistOp::Identity { next_seq, .. } => Persist {
+                kind: 0,
+                seq: next_seq as f64,
+                bytes: None,
+            },
+            PersistOp::Put { seq, bytes } => Persist {
+                kind: 1,
+                seq: seq as f64,
+                bytes: Some(bytes.to_vec()),
+            },
+            PersistOp::Remove { seq } => Persist {
+                kind: 2,
+                seq: seq as f64,
+                bytes: None,
+            },
+        })
     }
 
     /// The counters (see the TypeScript `Stats` type).
