@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createServer } from "node:http";
 import { readFile, writeFile } from "node:fs/promises";
+import { rmSync } from "node:fs";
 import { extname, join, normalize } from "node:path";
 import { chromium } from "playwright-core";
 import { dirname } from "node:path";
@@ -272,3 +273,157 @@ test("Chromium: examples/browser/index.html", () =>
       server.close();
     }
   }));
+
+/** Polls the merger until (category[, entity]) holds `count` records (bounded); returns the aggregate. */
+async function until(http, category, count, { entity, ms = 30_000 } = {}) {
+  const q = new URLSearchParams({ category, start: "0", end: "9999999999999" });
+  if (entity !== undefined) q.set("entity", entity);
+  let got = {};
+  for (const stop = Date.now() + ms; Date.now() < stop; ) {
+    got = await (await fetch(`${http}/v1/aggregate?${q}`)).json();
+    if (got.count >= count) break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return got;
+}
+
+/** Opens the test page and waits for the package to load. */
+async function open(page, url) {
+  await page.goto(url);
+  await page.waitForFunction(() => window.edgetally !== undefined, null, { timeout: 20_000 });
+}
+
+/** In the page: a producer recording `n` events of `category` (value i % 10, entity `e${i % 4}` or `entity`), kept as window.p. */
+function recordIn(page, endpoint, category, n, options = {}) {
+  return page.evaluate(
+    async ({ endpoint, category, n, options }) => {
+      const p = window.p ?? (window.p = await window.edgetally.Producer.create({ endpoints: [endpoint], flushIntervalMs: 50, adoptIntervalMs: 300, ...options.create }));
+      let thrown = 0;
+      // Random entity names (options.random bytes each), which storage cannot compress.
+      const names = Array.from({ length: options.keys ?? 4 }, (_, k) =>
+        options.random ? Array.from(crypto.getRandomValues(new Uint8Array(options.random)), (b) => b.toString(16).padStart(2, "0")).join("") : `e${k}`,
+      );
+      for (let i = 0; i < n; i++) {
+        try {
+          p.record(category, i % 10, { entity: options.entity ?? names[i % names.length] });
+        } catch {
+          thrown++;
+        }
+      }
+      // Wait until everything is sealed and every batch not yet acked is stored.
+      for (let i = 0; i < 200; i++) {
+        const s = p.stats();
+        if (s.pending === 0 && (options.wait === "acked" ? s.queued + s.inFlight === 0 : s.stored >= s.queued + s.inFlight - (options.slack ?? 0))) break;
+        await new Promise((r) => setTimeout(r, 25));
+      }
+      return { ...p.stats(), thrown };
+    },
+    { endpoint, category, n, options },
+  );
+}
+
+/** What `recordIn` puts in the merger for `n` events: the count and the exact sum. */
+const sumOf = (n) => String(Array.from({ length: n }, (_, i) => i % 10).reduce((a, b) => a + b, 0));
+
+test("Chromium: nothing recorded is lost to offline periods, reloads, closed tabs, merger restarts or a full quota", async () => {
+  const dir = tempDir();
+  const port = await freePort();
+  let m = await startMerger({ dir, httpPort: port });
+  const server = await staticServer();
+  const browser = await chromium.launch({
+    executablePath: "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+    timeout: 30_000,
+  });
+  const url = `http://127.0.0.1:${server.address().port}/web/test/page.html`;
+  try {
+    // 1. Offline → record → the page goes → online → the next page resends, exactly once.
+    const ctx = await browser.newContext();
+    const page = await ctx.newPage();
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    await open(page, url);
+    // The producer (and its wasm module) is made online; an offline app has them cached.
+    await recordIn(page, m.http, "offline_reload", 0);
+    await ctx.setOffline(true);
+    const offline = await recordIn(page, m.http, "offline_reload", 400);
+    assert.equal(offline.acked, 0, JSON.stringify(offline));
+    assert.ok(offline.stored > 0 && offline.stored === offline.queued + offline.inFlight, JSON.stringify(offline));
+    await page.goto("about:blank");
+    assert.equal((await until(m.http, "offline_reload", 1, { ms: 500 })).count ?? 0, 0);
+    await ctx.setOffline(false);
+    await open(page, url);
+    await recordIn(page, m.http, "offline_reload_next", 10, { wait: "acked" });
+    const back = await until(m.http, "offline_reload", 400);
+    assert.equal(back.count, 400, JSON.stringify(back));
+    assert.equal(back.sum_exact, sumOf(400));
+    const adopted = await page.evaluate(async () => {
+      for (let i = 0; i < 100 && window.p.stats().adopted.ackedRecords < 400; i++) await new Promise((r) => setTimeout(r, 50));
+      return window.p.stats().adopted;
+    });
+    assert.ok(adopted.epochs >= 1 && adopted.ackedRecords >= 400, JSON.stringify(adopted));
+
+    // 2. Two tabs record; the merger is killed; both record on; one tab is closed; the merger
+    //    comes back: the live tab delivers its own batches and adopts the closed tab's.
+    const a = await ctx.newPage();
+    const b = await ctx.newPage();
+    for (const t of [a, b]) {
+      t.on("pageerror", (e) => errors.push(String(e)));
+      await open(t, url);
+    }
+    await recordIn(a, m.http, "two_tabs", 100, { entity: "A", wait: "acked" });
+    await recordIn(b, m.http, "two_tabs", 100, { entity: "B", wait: "acked" });
+    await m.kill9();
+    const sa = await recordIn(a, m.http, "two_tabs", 200, { entity: "A" });
+    await recordIn(b, m.http, "two_tabs", 200, { entity: "B" });
+    assert.ok(sa.stored > 0, JSON.stringify(sa));
+    await a.close();
+    m = await startMerger({ dir, httpPort: port });
+    for (const e of ["A", "B"]) {
+      const got = await until(m.http, "two_tabs", 300, { entity: e });
+      assert.equal(got.count, 300, `${e}: ${JSON.stringify(got)}`);
+      assert.equal(got.sum_exact, String(Number(sumOf(100)) + Number(sumOf(200))));
+    }
+    await b.close();
+
+    // 3. A tiny storage quota while offline: the oldest batches are dropped and counted,
+    //    record() never throws, and everything not dropped still arrives once online.
+    //    (Chromium enforces an overridden quota in a profile on disk, not in an incognito context.)
+    const profile = tempDir("edgetally-chromium-");
+    const qctx = await chromium.launchPersistentContext(profile, {
+      executablePath: "/usr/bin/chromium",
+      args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+      timeout: 30_000,
+    });
+    const q = await qctx.newPage();
+    q.on("pageerror", (e) => errors.push(String(e)));
+    await open(q, url);
+    const cdp = await qctx.newCDPSession(q);
+    await cdp.send("Storage.overrideQuotaForOrigin", { origin: new URL(url).origin, quotaSize: 256 * 1024 });
+    await recordIn(q, m.http, "quota", 0);
+    await qctx.setOffline(true);
+    let full;
+    for (let round = 0; round < 20; round++) {
+      full = await recordIn(q, m.http, "quota", 500, { keys: 500, random: 90, slack: 1 << 30 });
+      if (full.dropped > 0) break;
+    }
+    assert.equal(full.thrown, 0);
+    assert.ok(full.dropped > 0, JSON.stringify(full));
+    await qctx.setOffline(false);
+    const settled = await q.evaluate(async () => {
+      await window.p.flush({ timeoutMs: 30_000 });
+      return window.p.stats();
+    });
+    assert.equal(settled.recorded, settled.ackedRecords + settled.droppedRecords, JSON.stringify(settled));
+    const got = await until(m.http, "quota", settled.ackedRecords);
+    assert.equal(got.count, settled.ackedRecords);
+    assert.deepEqual(errors, []);
+    await qctx.close();
+    rmSync(profile, { recursive: true, force: true });
+    await ctx.close();
+  } finally {
+    await browser.close();
+    server.close();
+    await m.cleanup();
+  }
+});
