@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { EdgetallyError, Producer } from "edgetally";
 import { execFileSync, spawn } from "node:child_process";
 import { join } from "node:path";
+import { rmSync } from "node:fs";
 import { BIN, compare, freePort, Model, startMerger, tempDir, workload } from "./helpers.mjs";
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -325,5 +326,48 @@ test("sums are exact on every path: fast JavaScript sums, wasm fallbacks, bucket
     await p.close();
   } finally {
     await m.cleanup();
+  }
+});
+
+test("the npm tarball installs into a fresh project and works from ESM and from CommonJS", async () => {
+  // What a user without Rust does: `npm pack` here, `npm install ./edgetally-<version>.tgz` there.
+  const dir = tempDir("edgetally-pack-");
+  const web = new URL("..", import.meta.url).pathname;
+  const npm = process.platform === "win32" ? "npm.cmd" : "npm";
+  const tgz = execFileSync(npm, ["pack", "--silent", "--pack-destination", dir], { cwd: web, encoding: "utf8" }).trim().split("\n").pop();
+  const app = join(dir, "app");
+  execFileSync("mkdir", ["-p", app]);
+  execFileSync(npm, ["init", "-y"], { cwd: app, stdio: "ignore" });
+  execFileSync(npm, ["install", "--no-audit", "--no-fund", "--offline", join(dir, tgz)], { cwd: app, stdio: "ignore" });
+  const m = await startMerger();
+  try {
+    const esm = `import { Producer } from "edgetally";
+      const p = await Producer.create({ endpoints: [process.argv[1]] });
+      for (let i = 0; i < 100; i++) p.record("from_esm", i);
+      await p.flush();
+      console.log(p.stats().ackedRecords);
+      await p.close();`;
+    const cjs = `const { Producer } = require("edgetally");
+      (async () => {
+        const p = await Producer.create({ endpoints: [process.argv[1]] });
+        for (let i = 0; i < 100; i++) p.record("from_cjs", i);
+        await p.flush();
+        console.log(p.stats().ackedRecords);
+        await p.close();
+      })();`;
+    const esmOut = execFileSync(process.execPath, ["--input-type=module", "-e", esm, m.http], { cwd: app, encoding: "utf8" });
+    const cjsOut = execFileSync(process.execPath, ["-e", cjs, m.http], { cwd: app, encoding: "utf8" });
+    assert.equal(esmOut.trim(), "100");
+    assert.equal(cjsOut.trim(), "100");
+    const want = new Model();
+    for (let i = 0; i < 100; i++) {
+      want.add("from_esm", undefined, i);
+      want.add("from_cjs", undefined, i);
+    }
+    const now = Date.now();
+    assert.deepEqual(await compare(m.http, want, now - 120_000, now + 60_000), []);
+  } finally {
+    await m.cleanup();
+    rmSync(dir, { recursive: true, force: true });
   }
 });
