@@ -170,15 +170,7 @@ function epochBytes(epoch: string): Uint8Array {
 }
 
 /** Everything `Core`'s constructor takes but the seed and next seq. */
-interface CoreConfig {
-  endpoints: string[];
-  bucketMs: number;
-  flushIntervalMs: number;
-  maxBatchSummaries: number;
-  maxBatchBytes: number;
-  maxOutboxBytes: number;
-  maxInFlight: number;
-}
+type CoreConfig = { endpoints: string[] } & Omit<Defaults, "maxSummariesLimit" | "maxPayloadBytes">;
 
 function makeCore(key: Uint8Array, epoch: Uint8Array, c: CoreConfig, nextSeq: number, persist: boolean): Core {
   const seed = new Uint8Array(48);
