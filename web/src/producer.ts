@@ -246,7 +246,7 @@ export class Producer implements HandleOwner {
     this.#http = http;
     this.#wt = wt;
     this.#wtDownUntil = wt.map(() => 0);
-    this.#beacon = http.map((h, i) => (BeaconTransport.available() ? new BeaconTransport(urlOf(config.endpoints[i])) : undefined));
+    this.#beacon = http.map((h) => (BeaconTransport.available() ? new BeaconTransport(h.url) : undefined));
     this.#transport = transport;
     this.#store = store;
   }

@@ -30,14 +30,15 @@ export const KEEPALIVE_BUDGET = 64 << 10;
 /** @internal `POST /v1/batches`: the bare envelope as the body, a JSON reply holding the bare reply in hex. */
 export class HttpTransport implements BatchTransport {
   readonly kind = "http";
-  readonly #url: string;
+  /** `<endpoint>/v1/batches`. */
+  readonly url: string;
   readonly #fetch: typeof fetch;
   readonly #timeoutMs: number;
   /** The enrolment credential, sent as a header when set. */
   credential: string | undefined;
 
   constructor(url: string, f: typeof fetch, timeoutMs: number) {
-    this.#url = url;
+    this.url = url;
     this.#fetch = f;
     this.#timeoutMs = timeoutMs;
   }
@@ -46,7 +47,7 @@ export class HttpTransport implements BatchTransport {
     const ctrl = new AbortController();
     const timer = setTimeout(() => ctrl.abort(), this.#timeoutMs);
     try {
-      const res = await this.#fetch(this.#url, {
+      const res = await this.#fetch(this.url, {
         method: "POST",
         body: bytes,
         headers: this.credential === undefined
