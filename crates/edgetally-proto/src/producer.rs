@@ -747,19 +747,8 @@ impl Producer {
     /// Drops the oldest batches not in flight until `incoming` more bytes fit.
     fn make_room(&mut self, incoming: usize) {
         while self.stats.outbox_bytes as usize + incoming > self.config.max_outbox_bytes {
-            let Some(seq) = self
-                .outbox
-                .iter()
-                .find(|(_, o)| !o.in_flight)
-                .map(|(s, _)| *s)
-            else {
+            if self.drop_oldest(u64::MAX).is_none() {
                 return;
-            };
-            if let Some(o) = self.outbox.remove(&seq) {
-                self.stats.outbox_bytes -= o.bytes.len() as u64;
-                self.stats.dropped += 1;
-                self.stats.dropped_records += o.records;
-                self.persist_op(PersistOp::Remove { seq });
             }
         }
     }
@@ -801,11 +790,7 @@ impl Producer {
 
     /// The next batch to send now, if any (respecting `max_in_flight` and backoff).
     pub fn poll_transmit(&mut self, now_ms: i64) -> Option<Transmit> {
-        if let Some(t) = self.first_pending_ms {
-            if now_ms - t >= self.config.flush_interval_ms {
-                self.seal(now_ms);
-            }
-        }
+        self.poll_seal(now_ms);
         let in_flight = self.outbox.values().filter(|o| o.in_flight).count();
         if in_flight >= self.config.max_in_flight {
             return None;
