@@ -142,6 +142,8 @@ interface Lane {
   ops: StoredOp[];
   writing: boolean;
   stored: Set<number>;
+  /** Batches to store whose IndexedDB write has not completed: spilled to localStorage when the page is left. */
+  unstored: Map<number, Uint8Array>;
   /** Adopted lanes: resolves the adoption (releasing the closed page's lock) once drained. */
   finish?: () => void;
 }
@@ -154,6 +156,8 @@ const LEAVING_BATCH_BYTES = 60 << 10;
 const WEBTRANSPORT_RETRY_MS = 60_000;
 /** A beacon'd batch is sent again (and acked as a duplicate) after this long if the page lives on. */
 const BEACON_RESEND_MS = 10_000;
+/** Whether a page being left can use keepalive fetches (their replies are read if it lives on) before beacons. */
+const KEEPALIVE = HttpTransport.keepalive();
 
 function positive(name: string, v: number | undefined, dflt: number, max = Number.MAX_SAFE_INTEGER): number {
   if (v === undefined) return dflt;
@@ -242,7 +246,7 @@ export class Producer implements HandleOwner {
     this.#core = core;
     this.#key = key;
     this.#config = config;
-    this.#lanes = [{ core, epoch, own: true, ops: [], writing: false, stored: new Set() }];
+    this.#lanes = [{ core, epoch, own: true, ops: [], writing: false, stored: new Set(), unstored: new Map() }];
     this.#http = http;
     this.#wt = wt;
     this.#wtDownUntil = wt.map(() => 0);
@@ -550,7 +554,8 @@ export class Producer implements HandleOwner {
    * Browsers: when the page is hidden (`visibilitychange`) or left (`pagehide`), seal what is
    * pending into batches within the 64 KiB keepalive budget and send what is due with
    * `fetch(…, {keepalive: true})`, then `sendBeacon`; both outlive the page. What neither
-   * takes stays stored (with `persist`) for the next page. `offline`/`online` pause and
+   * takes stays stored (with `persist`: in IndexedDB, and in localStorage for what IndexedDB
+   * has not yet committed) for the next page. `offline`/`online` pause and
    * resume sending.
    */
   #listen(): void {
@@ -582,6 +587,10 @@ export class Producer implements HandleOwner {
       this.#drainAll(Date.now());
       core.sealWithin(Date.now(), LEAVING_BATCH_BYTES);
       this.#pump();
+      // What IndexedDB has not yet taken may never reach it (Chromium does not commit a
+      // write started while the page unloads): localStorage takes it synchronously.
+      const own = this.#lanes[0];
+      if (this.#store && own && !this.#store.spill(own.epoch, [...own.unstored])) this.#storeErrors++;
     };
     const visibility = () => {
       if (doc?.visibilityState === "hidden") leave();
@@ -725,7 +734,7 @@ export class Producer implements HandleOwner {
   #pick(endpoint: number, size: number, now: number): BatchTransport | undefined {
     if (this.#leaving) {
       // Only requests that outlive the page, within the browser's keepalive budget.
-      if (this.#keepaliveBytes + size <= KEEPALIVE_BUDGET) return this.#http[endpoint];
+      if (KEEPALIVE && this.#keepaliveBytes + size <= KEEPALIVE_BUDGET) return this.#http[endpoint];
       if (this.#credential === undefined) return this.#beacon[endpoint];
       return undefined;
     }
@@ -804,8 +813,11 @@ export class Producer implements HandleOwner {
     for (;;) {
       const op = lane.core.pollPersist();
       if (op === undefined) break;
-      lane.ops.push({ kind: op.kind, seq: op.seq, bytes: op.bytes });
+      const o: StoredOp = { kind: op.kind, seq: op.seq, bytes: op.bytes };
       op.free();
+      lane.ops.push(o);
+      if (o.kind === 1 && o.bytes) lane.unstored.set(o.seq, o.bytes);
+      else if (o.kind === 2) lane.unstored.delete(o.seq);
     }
     if (lane.ops.length > 0 && !lane.writing) void this.#write(lane);
   }
@@ -825,8 +837,10 @@ export class Producer implements HandleOwner {
         try {
           await store.write(lane.epoch, ops);
           for (const o of ops) {
-            if (o.kind === 1) lane.stored.add(o.seq);
-            else if (o.kind === 2) lane.stored.delete(o.seq);
+            if (o.kind === 1) {
+              lane.stored.add(o.seq);
+              lane.unstored.delete(o.seq);
+            } else if (o.kind === 2) lane.stored.delete(o.seq);
           }
         } catch (e) {
           if (!isQuotaError(e)) {
@@ -895,7 +909,9 @@ export class Producer implements HandleOwner {
     }
     const core = makeCore(this.#key, epochBytes(epoch), this.#config, stored.nextSeq, true);
     for (const [seq, bytes] of stored.batches) core.restore(seq, bytes);
-    const lane: Lane = { core, epoch, own: false, ops: [], writing: false, stored: new Set(stored.batches.map(([s]) => s)) };
+    const lane: Lane = {
+      core, epoch, own: false, ops: [], writing: false, stored: new Set(stored.batches.map(([s]) => s)), unstored: new Map(),
+    };
     this.#adopted.epochs++;
     this.#adopted.batches += stored.batches.length;
     await new Promise<void>((resolve) => {

@@ -3,6 +3,12 @@
 // batches; Web Locks tell which epochs still have a live page. A page holds the lock of its
 // epoch for its whole life, so a lock that can be taken belongs to a page that is gone — its
 // stored batches are then adopted (resent) by a live page of the same origin.
+//
+// IndexedDB writes are asynchronous, and Chromium does not commit one started while the page
+// unloads. So when a page is left, the batches whose IndexedDB write has not completed are
+// also written synchronously to localStorage (a "spill", one key per epoch); the next page
+// adopts them with the epoch's IndexedDB state. A batch in both is one batch (same seq, same
+// bytes); resending it is idempotent.
 
 const VERSION = 1;
 
@@ -50,6 +56,29 @@ export function coalesce(ops: StoredOp[]): StoredOp[] {
     if (o.kind === 0) last = i;
   });
   return ops.filter((o, i) => (o.kind === 0 ? i === last : !removed.has(o.seq)));
+}
+
+function toBase64(b: Uint8Array): string {
+  let s = "";
+  for (let i = 0; i < b.length; i += 0x8000) s += String.fromCharCode(...b.subarray(i, i + 0x8000));
+  return btoa(s);
+}
+
+function fromBase64(s: string): Uint8Array {
+  const bin = atob(s);
+  const out = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+  return out;
+}
+
+/** The page's localStorage, if it has one that works. */
+function local(): Storage | undefined {
+  try {
+    const l = (globalThis as { localStorage?: Storage }).localStorage;
+    return l ?? undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 /** @internal One origin's edgetally database. */
@@ -111,6 +140,7 @@ export class Store {
     for (const k of await request(tx.objectStore("epochs").getAllKeys())) keys.add(String(k));
     // Batches whose epoch record a crash kept from being written still belong to someone.
     for (const k of await request(tx.objectStore("batches").getAllKeys())) if (Array.isArray(k)) keys.add(String(k[0]));
+    for (const e of this.spilled()) keys.add(e);
     return [...keys];
   }
 
@@ -126,12 +156,15 @@ export class Store {
       const v: unknown = values[i];
       if (Array.isArray(k) && typeof k[1] === "number" && v instanceof Uint8Array) batches.push([k[1], v]);
     });
+    const seqs = new Set(batches.map(([s]) => s));
+    for (const [seq, bytes] of this.unspill(epoch, false)) if (!seqs.has(seq)) batches.push([seq, bytes]);
     const top = batches.reduce((m, [s]) => Math.max(m, s + 1), 0);
     return { nextSeq: Math.max(e?.nextSeq ?? 0, top), batches };
   }
 
   /** Forgets an epoch whose outbox is empty. */
   forget(epoch: string): Promise<void> {
+    this.unspill(epoch, true);
     const tx = this.#db.transaction(["epochs", "batches"], "readwrite");
     tx.objectStore("epochs").delete(epoch);
     tx.objectStore("batches").delete(IDBKeyRange.bound([epoch, -Infinity], [epoch, Infinity]));
@@ -140,6 +173,65 @@ export class Store {
 
   close(): void {
     this.#db.close();
+  }
+
+  #spillKey(epoch: string): string {
+    return `edgetally:${this.name}:spill:${epoch}`;
+  }
+
+  /**
+   * Synchronously stores `batches` of `epoch` (those whose IndexedDB write may not have
+   * completed) in localStorage, replacing the epoch's previous spill; with none, removes it.
+   * False when localStorage is missing or full.
+   */
+  spill(epoch: string, batches: [number, Uint8Array][]): boolean {
+    const l = local();
+    if (!l) return false;
+    try {
+      if (batches.length === 0) l.removeItem(this.#spillKey(epoch));
+      else l.setItem(this.#spillKey(epoch), JSON.stringify(batches.map(([seq, b]) => [seq, toBase64(b)])));
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /** The epochs with a spill. */
+  spilled(): string[] {
+    const l = local();
+    const prefix = this.#spillKey("");
+    const out: string[] = [];
+    try {
+      for (let i = 0; l && i < l.length; i++) {
+        const k = l.key(i);
+        if (k?.startsWith(prefix)) out.push(k.slice(prefix.length));
+      }
+    } catch {
+      // No localStorage here: nothing spilled.
+    }
+    return out;
+  }
+
+  /** An epoch's spilled batches (malformed entries skipped), removing the spill when `remove`. */
+  unspill(epoch: string, remove: boolean): [number, Uint8Array][] {
+    const l = local();
+    const out: [number, Uint8Array][] = [];
+    try {
+      const text = l?.getItem(this.#spillKey(epoch));
+      if (remove) l?.removeItem(this.#spillKey(epoch));
+      const v: unknown = text ? JSON.parse(text) : [];
+      for (const e of Array.isArray(v) ? v : []) {
+        if (!Array.isArray(e) || !Number.isInteger(e[0]) || e[0] < 0 || typeof e[1] !== "string") continue;
+        try {
+          out.push([e[0], fromBase64(e[1])]);
+        } catch {
+          // Not base64: skipped; the batch is in IndexedDB or lost with its page.
+        }
+      }
+    } catch {
+      // A spill that does not parse holds nothing usable.
+    }
+    return out;
   }
 
   /** The lock a page holds on its epoch while it lives. */

@@ -69,6 +69,12 @@ export class HttpTransport implements BatchTransport {
   }
 
   close(): void {}
+
+  /** Whether this runtime's fetch honours `keepalive` (else a page being left uses beacons). */
+  static keepalive(): boolean {
+    const R = (globalThis as { Request?: { prototype: object } }).Request;
+    return R !== undefined && "keepalive" in R.prototype;
+  }
 }
 
 /** @internal `navigator.sendBeacon` to `/v1/batches`: no reply, so the batch stays stored until a later send is acked. */

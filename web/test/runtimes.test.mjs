@@ -363,6 +363,26 @@ test("Chromium: nothing recorded is lost to offline periods, reloads, closed tab
     });
     assert.ok(adopted.epochs >= 1 && adopted.ackedRecords >= 400, JSON.stringify(adopted));
 
+    // 1b. A page left right after recording more than the 64 KiB keepalive budget carries
+    //     (900 series, ~180 KiB sealed): keepalive takes what fits, IndexedDB cannot commit
+    //     during unload, localStorage keeps the rest, and the next page resends it — exactly once.
+    const l = await ctx.newPage();
+    l.on("pageerror", (e) => errors.push(String(e)));
+    await open(l, url);
+    const before = await l.evaluate(async (endpoint) => {
+      const p = await window.edgetally.Producer.create({ endpoints: [endpoint], transport: "http", flushIntervalMs: 60_000 });
+      for (let i = 0; i < 900; i++) p.record("leave_now", i % 10, { entity: "x".repeat(150) + i });
+      return p.stats();
+    }, m.http);
+    assert.equal(before.acked, 0, JSON.stringify(before));
+    await l.goto("about:blank");
+    await open(l, url);
+    await recordIn(l, m.http, "leave_now_next", 10, { wait: "acked" });
+    const left = await until(m.http, "leave_now", 900);
+    assert.equal(left.count, 900, JSON.stringify(left));
+    assert.equal(left.sum_exact, sumOf(900));
+    await l.close();
+
     // 2. Two tabs record; the merger is killed; both record on; one tab is closed; the merger
     //    comes back: the live tab delivers its own batches and adopts the closed tab's.
     const a = await ctx.newPage();
