@@ -3,9 +3,11 @@
 
 import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
+import { createServer as createHttpServer } from "node:http";
+import { readFile } from "node:fs/promises";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { extname, join, normalize } from "node:path";
 import { fileURLToPath } from "node:url";
 
 export const ROOT = fileURLToPath(new URL("../..", import.meta.url));
@@ -215,3 +217,38 @@ export function workload(seed, n, now) {
   }
   return events;
 }
+
+/** One value of a merger's /metrics (0 when absent). */
+export async function metric(http, name) {
+  const text = await (await fetch(`${http}/metrics`)).text();
+  for (const line of text.split("\n")) {
+    if (line.startsWith(name + " ")) return Number(line.slice(name.length + 1));
+  }
+  return 0;
+}
+
+/** Headless Chromium (Debian's, at /usr/bin/chromium) without background traffic; QUIC stays on for WebTransport. */
+export const CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"];
+
+const TYPES = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json" };
+
+/** Serves the repository read-only on loopback (the page, the package, the wasm). */
+export async function staticServer() {
+  const server = createHttpServer(async (req, res) => {
+    const path = normalize(decodeURIComponent(new URL(req.url, "http://x").pathname));
+    const file = join(ROOT, path);
+    if (!file.startsWith(ROOT) || !(path.startsWith("/examples/") || path.startsWith("/web/"))) {
+      res.writeHead(404).end();
+      return;
+    }
+    try {
+      const body = await readFile(file);
+      res.writeHead(200, { "content-type": TYPES[extname(file)] ?? "application/octet-stream" }).end(body);
+    } catch {
+      res.writeHead(404).end();
+    }
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  return server;
+}
+

@@ -4,22 +4,12 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { createServer } from "node:http";
-import { readFile, writeFile } from "node:fs/promises";
+import { writeFile } from "node:fs/promises";
 import { rmSync } from "node:fs";
-import { extname, join, normalize } from "node:path";
+import { join } from "node:path";
 import { chromium } from "playwright-core";
 import { dirname } from "node:path";
-import { BIN as MERGER_BIN, compare, freePort, Model, ROOT, startMerger, tempDir } from "./helpers.mjs";
-
-/** One value of the merger's /metrics (0 when absent). */
-async function metric(http, name) {
-  const text = await (await fetch(`${http}/metrics`)).text();
-  for (const line of text.split("\n")) {
-    if (line.startsWith(name + " ")) return Number(line.slice(name.length + 1));
-  }
-  return 0;
-}
+import { BIN as MERGER_BIN, CHROMIUM_ARGS, compare, freePort, metric, Model, ROOT, startMerger, staticServer, tempDir } from "./helpers.mjs";
 
 const WEB = join(ROOT, "web");
 const BIN = join(WEB, "node_modules", ".bin");
@@ -184,34 +174,12 @@ test("workerd: examples/workerd/worker.mjs", () =>
     }
   }));
 
-const TYPES = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json" };
-
-/** Serves the repository read-only on loopback (the page, the package, the wasm). */
-async function staticServer() {
-  const server = createServer(async (req, res) => {
-    const path = normalize(decodeURIComponent(new URL(req.url, "http://x").pathname));
-    const file = join(ROOT, path);
-    if (!file.startsWith(ROOT) || !(path.startsWith("/examples/") || path.startsWith("/web/"))) {
-      res.writeHead(404).end();
-      return;
-    }
-    try {
-      const body = await readFile(file);
-      res.writeHead(200, { "content-type": TYPES[extname(file)] ?? "application/octet-stream" }).end(body);
-    } catch {
-      res.writeHead(404).end();
-    }
-  });
-  await new Promise((r) => server.listen(0, "127.0.0.1", r));
-  return server;
-}
-
 test("Chromium: examples/browser/index.html", () =>
   withMerger(async (m) => {
     const server = await staticServer();
     const browser = await chromium.launch({
       executablePath: "/usr/bin/chromium",
-      args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+      args: CHROMIUM_ARGS,
       timeout: 30_000,
     });
     try {
@@ -332,7 +300,7 @@ test("Chromium: nothing recorded is lost to offline periods, reloads, closed tab
   const server = await staticServer();
   const browser = await chromium.launch({
     executablePath: "/usr/bin/chromium",
-    args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+    args: CHROMIUM_ARGS,
     timeout: 30_000,
   });
   const url = `http://127.0.0.1:${server.address().port}/web/test/page.html`;
@@ -412,7 +380,7 @@ test("Chromium: nothing recorded is lost to offline periods, reloads, closed tab
     const profile = tempDir("edgetally-chromium-");
     const qctx = await chromium.launchPersistentContext(profile, {
       executablePath: "/usr/bin/chromium",
-      args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+      args: CHROMIUM_ARGS,
       timeout: 30_000,
     });
     const q = await qctx.newPage();

@@ -415,6 +415,11 @@ fn release_binary(root: &Path, command: &str) -> Result<()> {
 
 /// Builds the release binary and runs `edgetally ARGS…`.
 fn release_binary_with(root: &Path, args: &[&str]) -> Result<()> {
+    run(Command::new(build_release_binary(root)?).args(args))
+}
+
+/// Builds the release `edgetally` binary; returns its path.
+fn build_release_binary(root: &Path) -> Result<PathBuf> {
     run(cargo().args([
         "build",
         "--release",
@@ -424,7 +429,7 @@ fn release_binary_with(root: &Path, args: &[&str]) -> Result<()> {
         "--bin",
         "edgetally",
     ]))?;
-    run(Command::new(target_dir(root).join("release").join("edgetally")).args(args))
+    Ok(target_dir(root).join("release").join("edgetally"))
 }
 
 fn bench(which: &str) -> Result<()> {
@@ -458,6 +463,11 @@ fn bench(which: &str) -> Result<()> {
         web_build(&root)?;
         run(Command::new("node")
             .arg("bench/otel.mjs")
+            .current_dir(root.join("web")))?;
+        // The SDK in Chromium against a release merger: WebTransport against fetch.
+        run(Command::new("node")
+            .arg("bench/browser.mjs")
+            .env("EDGETALLY_BIN", build_release_binary(&root)?)
             .current_dir(root.join("web")))?;
         let module = std::fs::read(root.join("web/pkg/edgetally_wasm_bg.wasm"))?;
         let gz = Command::new("gzip")
