@@ -13,7 +13,7 @@ use edgetally_core::{
     Batch, BatchId, BatchSummary, Limits, RejectCode, StringTable, Summary, NO_ENTITY,
 };
 use rustc_hash::FxHashMap;
-use sha2::{Digest, Sha256};
+use sha2::{Digest, Sha512};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
@@ -177,19 +177,22 @@ impl Jitter {
 }
 
 /// Rendezvous (highest-random-weight) order of `endpoints` for `key`: every producer prefers
-/// a different endpoint, and when one fails its producers spread over the others.
+/// a different endpoint, and when one fails its producers spread over the others. The weight
+/// is SHA-512(key ‖ endpoint) — the hash signing already links in, so the wasm module carries
+/// one SHA-2 and not two.
 pub fn rendezvous_order(key: &[u8; 32], endpoints: &[String]) -> Vec<usize> {
-    let mut scored: Vec<([u8; 32], usize)> = endpoints
+    let mut scored: Vec<([u8; 64], usize)> = endpoints
         .iter()
         .enumerate()
         .map(|(i, e)| {
-            let mut h = Sha256::new();
+            let mut h = Sha512::new();
             h.update(key);
             h.update(e.as_bytes());
             (h.finalize().into(), i)
         })
         .collect();
-    scored.sort_by_key(|s| std::cmp::Reverse(s.0));
+    // Weights of distinct endpoints differ, so an unstable sort orders them the same way.
+    scored.sort_unstable_by_key(|s| std::cmp::Reverse(s.0));
     scored.into_iter().map(|(_, i)| i).collect()
 }
 
@@ -595,7 +598,7 @@ impl Producer {
             return;
         }
         let mut entries = std::mem::take(&mut self.closed);
-        entries.sort_by_key(|e| (e.0, e.1));
+        entries.sort_unstable_by_key(|e| (e.0, e.1));
         // Merge repeats of a key (a handle that went back to an earlier bucket).
         let mut merged: Vec<(u32, i64, Summary)> = Vec::with_capacity(entries.len());
         for (h, b, s) in entries {
