@@ -204,7 +204,9 @@ export class Store {
     try {
       for (let i = 0; l && i < l.length; i++) {
         const k = l.key(i);
-        if (k?.startsWith(prefix)) out.push(k.slice(prefix.length));
+        const epoch = k?.startsWith(prefix) ? k.slice(prefix.length) : "";
+        // An epoch is a u64 in decimal; anything else under the prefix is not ours.
+        if (/^\d{1,20}$/.test(epoch)) out.push(epoch);
       }
     } catch {
       // No localStorage here: nothing spilled.
