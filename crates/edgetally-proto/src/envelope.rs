@@ -149,6 +149,23 @@ pub struct Unverified {
 /// Decodes an envelope and checks every limit and clock-free rule while decoding; counts are
 /// checked before the items they announce are read, so oversized inputs are refused early.
 pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Unverified, DecodeError> {
+    let (payload, signature) = split(bytes, limits)?;
+    let batch = decode_payload(payload, limits)?;
+    let mut message = Vec::with_capacity(DOMAIN.len() + payload.len());
+    message.extend_from_slice(DOMAIN);
+    message.extend_from_slice(payload);
+    Ok(Unverified {
+        batch,
+        message,
+        signature,
+    })
+}
+
+/// An envelope's payload and signature, its framing checked (not the payload).
+fn split<'a>(
+    bytes: &'a [u8],
+    limits: &Limits,
+) -> Result<(&'a [u8], [u8; SIGNATURE_LEN]), DecodeError> {
     let mut r = Reader::new(bytes);
     let version = r.u8().map_err(|c| DecodeError::new(c, "empty input"))?;
     if version != VERSION {
@@ -178,19 +195,29 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Unverified, DecodeError> 
             "bytes after the signature",
         ));
     }
-    let batch = decode_payload(payload, limits)?;
-    let mut message = Vec::with_capacity(DOMAIN.len() + payload.len());
-    message.extend_from_slice(DOMAIN);
-    message.extend_from_slice(payload);
-    Ok(Unverified {
-        batch,
-        message,
-        signature,
-    })
+    Ok((payload, signature))
+}
+
+/// The records (summed counts) a sealed envelope carries, read without the batch's semantic
+/// checks or its signature: for a producer's own stats about batches it stored itself. The
+/// browser SDK restores stored batches this way, so its wasm module carries no validation.
+pub fn records_of(bytes: &[u8], limits: &Limits) -> Option<u64> {
+    let (payload, _) = split(bytes, limits).ok()?;
+    let b = read_payload(payload, limits).ok()?;
+    Some(b.summaries.iter().map(|s| s.summary.count).sum())
 }
 
 /// Decodes a v1 payload (without the envelope).
 pub fn decode_payload(payload: &[u8], limits: &Limits) -> Result<Batch, DecodeError> {
+    let mut batch = read_payload(payload, limits)?;
+    batch
+        .check(limits)
+        .map_err(|c| DecodeError::new(c, detail_of(c)))?;
+    Ok(batch)
+}
+
+/// A v1 payload's fields, bounded by `limits`, not yet checked ([`Batch::check`]).
+fn read_payload(payload: &[u8], limits: &Limits) -> Result<Batch, DecodeError> {
     let m = |c| DecodeError::new(c, "malformed payload");
     let mut r = Reader::new(payload);
     let producer = ProducerKey(r.array::<32>().map_err(m)?);
@@ -246,7 +273,7 @@ pub fn decode_payload(payload: &[u8], limits: &Limits) -> Result<Batch, DecodeEr
             "bytes after the last summary",
         ));
     }
-    let mut batch = Batch {
+    Ok(Batch {
         id: BatchId {
             producer,
             epoch,
@@ -256,11 +283,7 @@ pub fn decode_payload(payload: &[u8], limits: &Limits) -> Result<Batch, DecodeEr
         bucket_ms,
         strings,
         summaries,
-    };
-    batch
-        .check(limits)
-        .map_err(|c| DecodeError::new(c, detail_of(c)))?;
-    Ok(batch)
+    })
 }
 
 fn detail_of(c: RejectCode) -> &'static str {

@@ -364,9 +364,7 @@ impl Producer {
         }
         // The record count is only for stats; an unreadable stored batch still gets sent
         // (and the merger's Nack will say why).
-        let records = crate::decode(&bytes, &self.config.limits).map_or(0, |u| {
-            u.batch.summaries.iter().map(|s| s.summary.count).sum()
-        });
+        let records = crate::envelope::records_of(&bytes, &self.config.limits).unwrap_or(0);
         self.stats.outbox_bytes += bytes.len() as u64;
         self.outbox.insert(
             seq,
