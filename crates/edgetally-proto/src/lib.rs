@@ -23,4 +23,4 @@ pub use envelope::{
     SealError, Signer, Unverified, DOMAIN, SIGNATURE_LEN, VERSION,
 };
 pub use frame::{encode_frame, FrameDecoder, Reply};
-pub use producer::{Handle, PersistOp, Producer, ProducerConfig, Stats, Transmit};
+pub use producer::{ByReason, Handle, PersistOp, Producer, ProducerConfig, Stats, Transmit};

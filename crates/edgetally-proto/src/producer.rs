@@ -14,7 +14,7 @@ use edgetally_core::{
 };
 use rustc_hash::FxHashMap;
 use sha2::{Digest, Sha512};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// How a producer batches and retries. Defaults suit a browser or an edge worker.
@@ -68,13 +68,63 @@ impl Default for ProducerConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Handle(pub u32);
 
+/// Counts by rejection reason: a table indexed by code number (reasons with a zero count are
+/// absent from iteration). A fixed array rather than a `BTreeMap`: a producer has a few dozen
+/// codes at most, and the browser SDK's wasm module is sized.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ByReason([u64; RejectCode::TABLE_SIZE]);
+
+impl Default for ByReason {
+    fn default() -> ByReason {
+        ByReason([0; RejectCode::TABLE_SIZE])
+    }
+}
+
+impl ByReason {
+    /// The count for `code` (0 if none).
+    pub fn get(&self, code: RejectCode) -> u64 {
+        self.0.get(code.as_u16() as usize).copied().unwrap_or(0)
+    }
+
+    /// Adds `n` to the count for `code`.
+    pub fn add(&mut self, code: RejectCode, n: u64) {
+        if let Some(c) = self.0.get_mut(code.as_u16() as usize) {
+            *c = c.saturating_add(n);
+        }
+    }
+
+    /// The sum over every reason.
+    pub fn total(&self) -> u64 {
+        self.0.iter().fold(0u64, |a, b| a.saturating_add(*b))
+    }
+
+    /// Whether every count is zero.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|c| *c == 0)
+    }
+
+    /// The reasons with a nonzero count, in code order.
+    pub fn iter(&self) -> impl Iterator<Item = (RejectCode, u64)> + '_ {
+        RejectCode::ALL
+            .iter()
+            .map(|c| (*c, self.get(*c)))
+            .filter(|(_, n)| *n > 0)
+    }
+}
+
+impl std::fmt::Debug for ByReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
 /// Counters, all since creation (or resume).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Records accepted by `record*`.
     pub recorded: u64,
     /// Records refused by `record*` (invalid), by reason.
-    pub invalid: BTreeMap<RejectCode, u64>,
+    pub invalid: ByReason,
     /// Keys aggregated but not yet sealed.
     pub pending: u64,
     /// Sealed batches waiting to be sent or resent.
@@ -88,7 +138,7 @@ pub struct Stats {
     /// Retries scheduled (Retry replies and transport errors).
     pub retried: u64,
     /// Batches permanently rejected (Nack), by reason.
-    pub rejected: BTreeMap<RejectCode, u64>,
+    pub rejected: ByReason,
     /// Records in rejected batches.
     pub rejected_records: u64,
     /// Batches dropped because the outbox was full.
@@ -243,7 +293,7 @@ impl Jitter {
 /// is SHA-512(key ‖ endpoint) — the hash signing already links in, so the wasm module carries
 /// one SHA-2 and not two.
 pub fn rendezvous_order(key: &[u8; 32], endpoints: &[String]) -> Vec<usize> {
-    let mut scored: Vec<([u8; 64], usize)> = endpoints
+    let mut left: Vec<([u8; 64], usize)> = endpoints
         .iter()
         .enumerate()
         .map(|(i, e)| {
@@ -253,9 +303,14 @@ pub fn rendezvous_order(key: &[u8; 32], endpoints: &[String]) -> Vec<usize> {
             (h.finalize().into(), i)
         })
         .collect();
-    // Weights of distinct endpoints differ, so an unstable sort orders them the same way.
-    scored.sort_unstable_by_key(|s| std::cmp::Reverse(s.0));
-    scored.into_iter().map(|(_, i)| i).collect()
+    // Heaviest first, by selection: a handful of endpoints, and no sort routine in the wasm
+    // module for it (ties, between equal endpoint strings, go to the lower index).
+    let mut order = Vec::with_capacity(left.len());
+    while let Some(best) = (0..left.len()).reduce(|a, b| if left[b].0 > left[a].0 { b } else { a })
+    {
+        order.push(left.remove(best).1);
+    }
+    order
 }
 
 /// A category's handles: the one without entity, and one per entity.
@@ -461,7 +516,7 @@ impl Producer {
     /// Counts an event the caller refused before it reached `record*` (a binding that cannot
     /// convert an argument, say) under `invalid`, and returns the code as an error.
     pub fn refuse(&mut self, code: RejectCode) -> Result<(), RejectCode> {
-        *self.stats.invalid.entry(code).or_default() += 1;
+        self.stats.invalid.add(code, 1);
         Err(code)
     }
 
@@ -552,7 +607,7 @@ impl Producer {
         make: impl FnOnce() -> Result<Summary, RejectCode>,
     ) -> Result<(), RejectCode> {
         let refuse = |p: &mut Producer, code: RejectCode| {
-            *p.stats.invalid.entry(code).or_default() += records;
+            p.stats.invalid.add(code, records);
             Err(code)
         };
         let bucket = match bucket_index(ts, self.config.bucket_ms) {
@@ -917,11 +972,10 @@ impl Producer {
             }
             Reply::Nack(code) => {
                 if let Some(o) = self.remove(seq) {
-                    *self
-                        .stats
-                        .rejected
-                        .entry(RejectCode::from_u16(code).unwrap_or(RejectCode::Malformed))
-                        .or_default() += 1;
+                    self.stats.rejected.add(
+                        RejectCode::from_u16(code).unwrap_or(RejectCode::Malformed),
+                        1,
+                    );
                     self.stats.rejected_records += o.records;
                 }
             }

@@ -10,7 +10,7 @@
 //! means "now". Sequence numbers are `f64` too (exact below 2⁵³, i.e. forever at any rate).
 
 use edgetally_core::RejectCode;
-use edgetally_proto::producer::{Handle, PersistOp, Producer, ProducerConfig, Stats};
+use edgetally_proto::producer::{ByReason, Handle, PersistOp, Producer, ProducerConfig, Stats};
 use edgetally_proto::Reply;
 use js_sys::{Object, Reflect};
 use wasm_bindgen::prelude::*;
@@ -457,10 +457,10 @@ fn set(o: &Object, k: &str, v: impl Into<JsValue>) {
     let _ = Reflect::set(o, &JsValue::from_str(k), &v.into());
 }
 
-fn by_reason(m: &std::collections::BTreeMap<RejectCode, u64>) -> Object {
+fn by_reason(m: &ByReason) -> Object {
     let o = Object::new();
-    for (c, n) in m {
-        set(&o, c.as_str(), *n as f64);
+    for (c, n) in m.iter() {
+        set(&o, c.as_str(), n as f64);
     }
     o
 }
@@ -469,7 +469,7 @@ fn stats_object(s: &Stats) -> Object {
     let o = Object::new();
     let n = |x: u64| x as f64;
     set(&o, "recorded", n(s.recorded));
-    set(&o, "invalid", n(s.invalid.values().sum()));
+    set(&o, "invalid", n(s.invalid.total()));
     set(&o, "invalidByReason", by_reason(&s.invalid));
     set(&o, "pending", n(s.pending));
     set(&o, "queued", n(s.queued));
@@ -477,7 +477,7 @@ fn stats_object(s: &Stats) -> Object {
     set(&o, "acked", n(s.acked));
     set(&o, "ackedRecords", n(s.acked_records));
     set(&o, "retried", n(s.retried));
-    set(&o, "rejected", n(s.rejected.values().sum()));
+    set(&o, "rejected", n(s.rejected.total()));
     set(&o, "rejectedByReason", by_reason(&s.rejected));
     set(&o, "rejectedRecords", n(s.rejected_records));
     set(&o, "dropped", n(s.dropped));

@@ -241,12 +241,12 @@ pub fn run(a: SendArgs) -> Result<()> {
             "batches: {} acked ({} records), {} rejected, {} dropped, {} retries, {} bytes sent",
             s.acked,
             s.acked_records,
-            s.rejected.values().sum::<u64>(),
+            s.rejected.total(),
             s.dropped,
             s.retried,
             s.bytes_sent
         );
-        for (reason, n) in &s.rejected {
+        for (reason, n) in s.rejected.iter() {
             println!("  rejected {reason}: {n}");
         }
         if !flushed {
