@@ -52,6 +52,42 @@ test("a known workload through record, handles and recordMany arrives exactly", 
   }
 });
 
+test("producerKey and epoch name what the signed envelopes carry", async () => {
+  const m = await startMerger();
+  try {
+    const bodies = [];
+    const f = (url, init) => {
+      if (init?.body instanceof Uint8Array) bodies.push(new Uint8Array(init.body));
+      return fetch(url, init);
+    };
+    const p = await Producer.create({ endpoints: [m.http], transport: "http", fetch: f, flushIntervalMs: 50 });
+    p.record("k", 1);
+    await p.flush({ timeoutMs: 20_000 });
+    assert.ok(bodies.length >= 1);
+    // docs/PROTOCOL.md: version u8, payload length varint, then the payload: producer [32],
+    // epoch varint, … (postcard varints: 7 bits per byte, low first).
+    const b = bodies[0];
+    let at = 1;
+    const varint = () => {
+      let v = 0n;
+      for (let shift = 0n; ; shift += 7n) {
+        const x = b[at++];
+        v |= BigInt(x & 0x7f) << shift;
+        if (x < 0x80) return v;
+      }
+    };
+    assert.equal(b[0], 1);
+    varint();
+    const key = Array.from(b.subarray(at, at + 32), (x) => x.toString(16).padStart(2, "0")).join("");
+    at += 32;
+    assert.equal(p.producerKey, key);
+    assert.equal(p.epoch, varint().toString());
+    await p.close();
+  } finally {
+    await m.cleanup();
+  }
+});
+
 test("invalid events throw typed errors, are counted, and spoil nothing else", async () => {
   const m = await startMerger();
   try {

@@ -188,18 +188,34 @@ impl Core {
     /// The producer's public key, hex.
     #[wasm_bindgen(getter, js_name = producerKey)]
     pub fn producer_key(&self) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         self.p
             .producer_key()
             .0
             .iter()
-            .map(|b| format!("{b:02x}"))
+            .flat_map(|b| {
+                [
+                    HEX[(b >> 4) as usize] as char,
+                    HEX[(b & 15) as usize] as char,
+                ]
+            })
             .collect()
     }
 
     /// The epoch, as a decimal string (it is a u64).
     #[wasm_bindgen(getter)]
     pub fn epoch(&self) -> String {
-        self.p.epoch().to_string()
+        // By hand, not `to_string`: the module then carries no formatting machinery.
+        let mut n = self.p.epoch();
+        let mut digits = Vec::with_capacity(20);
+        loop {
+            digits.push(b'0' + (n % 10) as u8);
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        digits.iter().rev().map(|d| *d as char).collect()
     }
 
     /// The handle of (category, entity): ≥ 0, or the negated reason code.
