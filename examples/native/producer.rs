@@ -53,8 +53,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         s.recorded,
         s.acked_records,
         s.acked,
-        s.invalid.values().sum::<u64>(),
-        s.rejected.values().sum::<u64>(),
+        s.invalid.total(),
+        s.rejected.total(),
         s.dropped
     );
     Ok(())
