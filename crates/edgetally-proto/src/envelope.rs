@@ -204,7 +204,12 @@ fn split<'a>(
 pub fn records_of(bytes: &[u8], limits: &Limits) -> Option<u64> {
     let (payload, _) = split(bytes, limits).ok()?;
     let b = read_payload(payload, limits).ok()?;
-    Some(b.summaries.iter().map(|s| s.summary.count).sum())
+    // Stored bytes are not trusted to be ours: a crafted count saturates instead of overflowing.
+    Some(
+        b.summaries
+            .iter()
+            .fold(0u64, |n, s| n.saturating_add(s.summary.count)),
+    )
 }
 
 /// Decodes a v1 payload (without the envelope).
