@@ -20,8 +20,19 @@ impl fmt::Debug for ProducerKey {
 impl ProducerKey {
     /// Lower-case hex.
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex(&self.0)
     }
+}
+
+/// Lower-case hex, without `core::fmt` (the browser SDK's wasm module then carries no
+/// formatting machinery for it).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    bytes
+        .iter()
+        .flat_map(|b| [DIGITS[(b >> 4) as usize], DIGITS[(b & 15) as usize]])
+        .map(char::from)
+        .collect()
 }
 
 /// Identifies a batch: a merger applies each at most once.
@@ -226,5 +237,16 @@ impl Batch {
             limits.check_bucket_time(self.bucket_start_ms(s), self.bucket_ms as i64, now_ms)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hex_matches_the_formatter() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        let expected: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(super::hex(&bytes), expected);
+        assert_eq!(super::hex(&[]), "");
     }
 }

@@ -105,10 +105,7 @@ pub fn cert_hash(der: &[u8]) -> [u8; 32] {
     Sha256::digest(der).into()
 }
 
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use edgetally_core::batch::hex;
 
 /// Parses 64 hex digits (colons allowed, as some tools print them).
 pub fn parse_hash(s: &str) -> Option<[u8; 32]> {

@@ -188,18 +188,7 @@ impl Core {
     /// The producer's public key, hex.
     #[wasm_bindgen(getter, js_name = producerKey)]
     pub fn producer_key(&self) -> String {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        self.p
-            .producer_key()
-            .0
-            .iter()
-            .flat_map(|b| {
-                [
-                    HEX[(b >> 4) as usize] as char,
-                    HEX[(b & 15) as usize] as char,
-                ]
-            })
-            .collect()
+        self.p.producer_key().to_hex()
     }
 
     /// The epoch, as a decimal string (it is a u64).
