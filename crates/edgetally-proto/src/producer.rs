@@ -444,7 +444,7 @@ impl Producer {
             .map(|(s, _)| *s)?;
         let o = self.remove(seq)?;
         self.stats.dropped += 1;
-        self.stats.dropped_records += o.records;
+        self.stats.dropped_records = self.stats.dropped_records.saturating_add(o.records);
         Some(seq)
     }
 
@@ -842,7 +842,7 @@ impl Producer {
         if self.stats.outbox_bytes as usize + bytes.len() > self.config.max_outbox_bytes {
             // Everything left is in flight: the new batch is the one that cannot fit.
             self.stats.dropped += 1;
-            self.stats.dropped_records += records;
+            self.stats.dropped_records = self.stats.dropped_records.saturating_add(records);
             return;
         }
         self.stats.outbox_bytes += bytes.len() as u64;
@@ -967,7 +967,7 @@ impl Producer {
             Reply::Ack => {
                 if let Some(o) = self.remove(seq) {
                     self.stats.acked += 1;
-                    self.stats.acked_records += o.records;
+                    self.stats.acked_records = self.stats.acked_records.saturating_add(o.records);
                 }
             }
             Reply::Nack(code) => {
@@ -976,7 +976,8 @@ impl Producer {
                         RejectCode::from_u16(code).unwrap_or(RejectCode::Malformed),
                         1,
                     );
-                    self.stats.rejected_records += o.records;
+                    self.stats.rejected_records =
+                        self.stats.rejected_records.saturating_add(o.records);
                 }
             }
             Reply::Retry { after_ms } => self.retry_later(now_ms, seq, after_ms as i64, false),

@@ -586,3 +586,55 @@ fn an_outbox_restored_out_of_order_is_kept_in_seq_order() {
         (4, 1, 0, 0, 0)
     );
 }
+
+#[test]
+fn a_crafted_stored_batch_cannot_overflow_the_record_counters() {
+    // Browser storage is page-writable: a stored "batch" may claim any counts. Restoring one
+    // whose counts sum past u64::MAX saturates (it is sent as it is; the merger refuses it).
+    let summary = |bucket| edgetally_core::BatchSummary {
+        category: 0,
+        entity: edgetally_core::NO_ENTITY,
+        bucket,
+        summary: edgetally_core::Summary {
+            count: u64::MAX,
+            sum: 0,
+            min: 0.0,
+            max: 0.0,
+        },
+    };
+    let batch = edgetally_core::Batch {
+        id: BatchId {
+            producer: edgetally_core::ProducerKey([8; 32]),
+            epoch: 1,
+            seq: 0,
+        },
+        created_ms: T0,
+        bucket_ms: 1000,
+        strings: ["c"].into_iter().collect(),
+        summaries: vec![summary(1), summary(2)],
+    };
+    let payload = edgetally_proto::encode_payload(&batch).expect("encodes");
+    let mut bytes = vec![edgetally_proto::VERSION];
+    let mut n = payload.len();
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        bytes.push(if n > 0 { b | 0x80 } else { b });
+        if n == 0 {
+            break;
+        }
+    }
+    bytes.extend_from_slice(&payload);
+    bytes.extend_from_slice(&[0; edgetally_proto::SIGNATURE_LEN]);
+
+    let mut p = Producer::new(ProducerConfig::default(), [8; 32], 1, &["x".to_string()], 3)
+        .expect("producer");
+    // Two of them: each count saturates, and so does the sum of acked records.
+    p.restore(0, bytes.clone());
+    p.restore(1, bytes);
+    while let Some(t) = p.poll_transmit(T0) {
+        p.handle_reply(T0, t.seq, Reply::Ack);
+    }
+    let s = p.stats();
+    assert_eq!((s.acked, s.acked_records), (2, u64::MAX));
+}
