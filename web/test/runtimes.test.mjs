@@ -345,10 +345,21 @@ test("Chromium: nothing recorded is lost to offline periods, reloads, closed tab
     assert.equal(before.acked, 0, JSON.stringify(before));
     await l.goto("about:blank");
     await open(l, url);
+    // localStorage is page-writable: spills a script mangled are skipped, never thrown on.
+    await l.evaluate(() => {
+      localStorage.setItem("edgetally:edgetally:spill:not-an-epoch", "x");
+      localStorage.setItem("edgetally:edgetally:spill:424242", JSON.stringify([[1, "!!not base64"], "junk", [2], [-1, "AA=="]]));
+    });
     await recordIn(l, m.http, "leave_now_next", 10, { wait: "acked" });
     const left = await until(m.http, "leave_now", 900);
     assert.equal(left.count, 900, JSON.stringify(left));
     assert.equal(left.sum_exact, sumOf(900));
+    const junk = await l.evaluate(async () => {
+      for (let i = 0; i < 100 && localStorage.getItem("edgetally:edgetally:spill:424242") !== null; i++) await new Promise((r) => setTimeout(r, 50));
+      return { epoch: localStorage.getItem("edgetally:edgetally:spill:424242"), other: localStorage.getItem("edgetally:edgetally:spill:not-an-epoch") };
+    });
+    // The decimal epoch held nothing usable and is forgotten; the other key is not ours to touch.
+    assert.deepEqual(junk, { epoch: null, other: "x" });
     await l.close();
 
     // 2. Two tabs record; the merger is killed; both record on; one tab is closed; the merger
