@@ -13,6 +13,7 @@ mod envelope;
 mod frame;
 pub mod producer;
 mod reader;
+mod small_sort;
 
 #[cfg(all(target_arch = "wasm32", feature = "wasm-abi-check"))]
 mod abi_check;

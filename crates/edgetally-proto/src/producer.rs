@@ -5,7 +5,7 @@
 //! client and the wasm SDK.
 
 use crate::frame::Reply;
-use crate::Signer;
+use crate::{small_sort, Signer};
 use edgetally_core::record::{
     bucket_index, validate_bucket_ms, validate_category, validate_entity,
 };
@@ -713,7 +713,7 @@ impl Producer {
             return;
         }
         let mut entries = std::mem::take(&mut self.closed);
-        entries.sort_unstable_by_key(|e| (e.0, e.1));
+        small_sort::sort_by_key(&mut entries, |e| (e.0, e.1));
         // Merge repeats of a key (a handle that went back to an earlier bucket).
         let mut merged: Vec<(u32, i64, Summary)> = Vec::with_capacity(entries.len());
         for (h, b, s) in entries {
@@ -799,7 +799,7 @@ impl Producer {
                 names.push(e);
             }
         }
-        names.sort_unstable();
+        small_sort::sort_by_key(&mut names, |s| *s);
         names.dedup();
         let index = |s: &str| names.binary_search(&s).map_or(0, |i| i as u32);
         let mut summaries: Vec<BatchSummary> = entries
@@ -814,7 +814,7 @@ impl Producer {
                 }
             })
             .collect();
-        summaries.sort_unstable_by_key(|s| (s.category, s.entity, s.bucket));
+        small_sort::sort_by_key(&mut summaries, |s| (s.category, s.entity, s.bucket));
         let strings: StringTable = names.iter().collect();
         let seq = self.next_seq;
         let batch = Batch {

@@ -491,3 +491,8 @@ fn stats_object(s: &Stats) -> Object {
     set(&o, "outboxBytes", n(s.outbox_bytes));
     o
 }
+/// Talc instead of Rust's default wasm allocator (dlmalloc): 2.6 KB less gzipped module for
+/// the same single-threaded use (`cargo xtask web` prints the size).
+#[cfg(all(not(target_feature = "atomics"), target_family = "wasm"))]
+#[global_allocator]
+static TALC: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
