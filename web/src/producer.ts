@@ -8,6 +8,7 @@ import { Core, defaults as wasmDefaults } from "../pkg/edgetally_wasm.js";
 import { clock } from "./clock.js";
 import { EdgetallyError } from "./errors.js";
 import { Handle, LIM, type HandleOwner } from "./handle.js";
+import { Signer } from "./signer.js";
 import { Store, coalesce, isQuotaError, type StoredOp } from "./store.js";
 import { BeaconTransport, HttpTransport, KEEPALIVE_BUDGET, type BatchTransport } from "./transport.js";
 import { ready } from "./wasm.js";
@@ -176,6 +177,7 @@ function epochBytes(epoch: string): Uint8Array {
 /** Everything `Core`'s constructor takes but the seed and next seq. */
 type CoreConfig = { endpoints: string[] } & Omit<Defaults, "maxSummariesLimit" | "maxPayloadBytes">;
 
+/** A core for public key `key` (WebCrypto signs what it seals) and `epoch`. */
 function makeCore(key: Uint8Array, epoch: Uint8Array, c: CoreConfig, nextSeq: number, persist: boolean): Core {
   const seed = new Uint8Array(48);
   seed.set(key, 0);
@@ -200,7 +202,7 @@ export class Producer implements HandleOwner {
   /** The own lane first, then adopted ones. */
   #lanes: Lane[];
   readonly #config: CoreConfig;
-  readonly #key: Uint8Array;
+  readonly #signer: Signer;
   readonly #names = new Map<string, Entity>();
   /** Handles with an open bucket in JavaScript. */
   #open: Handle[] = [];
@@ -234,7 +236,7 @@ export class Producer implements HandleOwner {
   private constructor(
     core: Core,
     epoch: string,
-    key: Uint8Array,
+    signer: Signer,
     config: CoreConfig,
     http: HttpTransport[],
     wt: (WebTransportLink | undefined)[],
@@ -244,7 +246,7 @@ export class Producer implements HandleOwner {
   ) {
     this.#timeoutMs = timeoutMs;
     this.#core = core;
-    this.#key = key;
+    this.#signer = signer;
     this.#config = config;
     this.#lanes = [{ core, epoch, own: true, ops: [], writing: false, stored: new Set(), unstored: new Map() }];
     this.#http = http;
@@ -314,7 +316,12 @@ export class Producer implements HandleOwner {
         storeErrors++;
       }
     }
-    const core = makeCore(key, epoch, config, 0, store !== undefined);
+    const signer = await Signer.fromSeed(key).catch((e: unknown) => {
+      store?.close();
+      throw e;
+    });
+    key.fill(0);
+    const core = makeCore(signer.publicKey, epoch, config, 0, store !== undefined);
     const epochStr = core.epoch;
     let release: (() => void) | undefined;
     if (store) {
@@ -326,7 +333,7 @@ export class Producer implements HandleOwner {
     const wt = config.endpoints.map((e) =>
       transport !== "http" && webTransportCtor() ? new WebTransportLink(e, fetch_, o.serverCertificateHashes) : undefined,
     );
-    const p = new Producer(core, epochStr, key, config, http, wt, transport, store, timeoutMs);
+    const p = new Producer(core, epochStr, signer, config, http, wt, transport, store, timeoutMs);
     p.#release = release;
     p.#storeErrors = storeErrors;
     p.#listen();
@@ -712,6 +719,14 @@ export class Producer implements HandleOwner {
     const now = Date.now();
     this.#drainAll(now);
     for (const lane of this.#lanes) {
+      for (;;) {
+        const r = lane.core.pollSign();
+        if (r === undefined) break;
+        const seq = r.seq;
+        const message = r.bytes as Uint8Array<ArrayBuffer>;
+        r.free();
+        void this.#sign(lane, seq, message);
+      }
       if (this.#offline) {
         if (lane.own) lane.core.pollSeal(now);
       } else {
@@ -719,7 +734,7 @@ export class Producer implements HandleOwner {
           const t = lane.core.pollTransmit(now);
           if (t === undefined) break;
           const seq = t.seq;
-          const endpoint = t.endpoint;
+          const endpoint = t.tag;
           const bytes = t.bytes as Uint8Array<ArrayBuffer>;
           t.free();
           void this.#send(lane, seq, endpoint, bytes);
@@ -728,6 +743,20 @@ export class Producer implements HandleOwner {
       if (this.#store) this.#persist(lane);
     }
     this.#schedule(now);
+  }
+
+  /** Signs a batch sealed unsigned; once signed it is stored again and can be sent. */
+  async #sign(lane: Lane, seq: number, message: Uint8Array<ArrayBuffer>): Promise<void> {
+    let sig: Uint8Array | undefined;
+    try {
+      sig = await this.#signer.sign(message);
+    } catch {
+      // Handed out again by the next pump (a timer, a record, a reply).
+    }
+    if (!this.#lanes.includes(lane)) return;
+    if (sig) lane.core.handleSignature(seq, sig);
+    else lane.core.signFailed(seq);
+    this.#pump();
   }
 
   /** The transport for one batch now, or none (it waits, stored, for a better moment). */
@@ -813,7 +842,7 @@ export class Producer implements HandleOwner {
     for (;;) {
       const op = lane.core.pollPersist();
       if (op === undefined) break;
-      const o: StoredOp = { kind: op.kind, seq: op.seq, bytes: op.bytes };
+      const o: StoredOp = { kind: op.tag, seq: op.seq, bytes: op.bytes };
       op.free();
       lane.ops.push(o);
       if (o.kind === 1 && o.bytes) lane.unstored.set(o.seq, o.bytes);
@@ -907,7 +936,7 @@ export class Producer implements HandleOwner {
       await store.forget(epoch);
       return;
     }
-    const core = makeCore(this.#key, epochBytes(epoch), this.#config, stored.nextSeq, true);
+    const core = makeCore(this.#signer.publicKey, epochBytes(epoch), this.#config, stored.nextSeq, true);
     for (const [seq, bytes] of stored.batches) core.restore(seq, bytes);
     const lane: Lane = {
       core, epoch, own: false, ops: [], writing: false, stored: new Set(stored.batches.map(([s]) => s)), unstored: new Map(),

@@ -83,14 +83,56 @@ impl Signer {
         if batch.id.producer != self.producer() {
             return Err(SealError::WrongProducer);
         }
-        let payload = encode_payload(batch)?;
-        let sig = self.key.sign(&signed_message(&payload));
-        let mut out = Vec::with_capacity(payload.len() + 6 + SIGNATURE_LEN);
-        out.push(VERSION);
-        push_varint(&mut out, payload.len() as u64);
-        out.extend_from_slice(&payload);
-        out.extend_from_slice(&sig.to_bytes());
+        let mut out = seal_unsigned(batch)?;
+        let message = signing_message(&out).ok_or(SealError::Encode)?;
+        set_signature(&mut out, &self.sign(&message));
         Ok(out)
+    }
+
+    /// The ed25519 signature of `message` (for a batch: its [`signing_message`]).
+    pub fn sign(&self, message: &[u8]) -> [u8; SIGNATURE_LEN] {
+        self.key.sign(message).to_bytes()
+    }
+}
+
+/// Encodes a batch into an envelope whose signature is 64 zero bytes, for a producer that
+/// signs elsewhere (the browser SDK signs with WebCrypto): sign its [`signing_message`] and
+/// put the signature in with [`set_signature`]. No honest signature is all zeros (its `R`
+/// would encode a point of order 4, and `r·B` never is one), so [`is_unsigned`] tells such
+/// an envelope apart.
+pub fn seal_unsigned(batch: &Batch) -> Result<Vec<u8>, SealError> {
+    let payload = encode_payload(batch)?;
+    let mut out = Vec::with_capacity(payload.len() + 6 + SIGNATURE_LEN);
+    out.push(VERSION);
+    push_varint(&mut out, payload.len() as u64);
+    out.extend_from_slice(&payload);
+    out.resize(out.len() + SIGNATURE_LEN, 0);
+    Ok(out)
+}
+
+/// `DOMAIN ‖ payload` of an envelope: the message its signature covers (`None` if the
+/// framing is broken).
+pub fn signing_message(envelope: &[u8]) -> Option<Vec<u8>> {
+    let any = Limits {
+        max_payload_bytes: usize::MAX,
+        ..Limits::default()
+    };
+    let (payload, _) = split(envelope, &any).ok()?;
+    Some(signed_message(payload))
+}
+
+/// Whether an envelope's signature is the all-zero placeholder of [`seal_unsigned`].
+pub fn is_unsigned(envelope: &[u8]) -> bool {
+    envelope.len() > SIGNATURE_LEN
+        && envelope[envelope.len() - SIGNATURE_LEN..]
+            .iter()
+            .all(|b| *b == 0)
+}
+
+/// Puts `signature` into the envelope's signature slot (its last 64 bytes).
+pub fn set_signature(envelope: &mut [u8], signature: &[u8; SIGNATURE_LEN]) {
+    if let Some(at) = envelope.len().checked_sub(SIGNATURE_LEN) {
+        envelope[at..].copy_from_slice(signature);
     }
 }
 

@@ -20,8 +20,9 @@ mod abi_check;
 
 pub use builder::BatchBuilder;
 pub use envelope::{
-    decode, decode_payload, encode_payload, open, verify_many, verify_signature, DecodeError,
-    SealError, Signer, Unverified, DOMAIN, SIGNATURE_LEN, VERSION,
+    decode, decode_payload, encode_payload, is_unsigned, open, seal_unsigned, set_signature,
+    signing_message, verify_many, verify_signature, DecodeError, SealError, Signer, Unverified,
+    DOMAIN, SIGNATURE_LEN, VERSION,
 };
 pub use frame::{encode_frame, FrameDecoder, Reply};
 pub use producer::{ByReason, Handle, PersistOp, Producer, ProducerConfig, Stats, Transmit};

@@ -5,7 +5,7 @@
 //! client and the wasm SDK.
 
 use crate::frame::Reply;
-use crate::{small_sort, Signer};
+use crate::{envelope, small_sort, SIGNATURE_LEN};
 use edgetally_core::record::{
     bucket_index, validate_bucket_ms, validate_category, validate_entity,
 };
@@ -13,7 +13,6 @@ use edgetally_core::{
     Batch, BatchId, BatchSummary, Limits, RejectCode, StringTable, Summary, NO_ENTITY,
 };
 use rustc_hash::FxHashMap;
-use sha2::{Digest, Sha512};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -165,16 +164,15 @@ pub struct Transmit {
 /// What the caller should persist so a restarted producer resumes (key, epoch, seq, outbox).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PersistOp {
-    /// The identity and the next seq.
+    /// The epoch and its next seq (the key is the caller's: it passed it in).
     Identity {
-        /// Secret seed.
-        seed: [u8; 32],
         /// Epoch.
         epoch: u64,
         /// Next seq to use.
         next_seq: u64,
     },
-    /// A sealed batch entered the outbox.
+    /// A sealed batch entered the outbox, or (same seq, the same bytes but the signature) a
+    /// batch sealed unsigned got its signature: store it under its seq, replacing.
     Put {
         /// Its seq.
         seq: u64,
@@ -194,7 +192,29 @@ struct Outgoing {
     attempts: u32,
     next_try_ms: i64,
     in_flight: bool,
+    /// Sealed without its signature (an external signer's producer): not sent until
+    /// [`Producer::handle_signature`] puts it in.
+    unsigned: bool,
+    /// Handed out by [`Producer::poll_sign`], signature not yet back.
+    signing: bool,
 }
+
+impl Outgoing {
+    fn new(bytes: Arc<[u8]>, records: u64) -> Outgoing {
+        Outgoing {
+            unsigned: envelope::is_unsigned(&bytes),
+            bytes,
+            records,
+            attempts: 0,
+            next_try_ms: i64::MIN,
+            in_flight: false,
+            signing: false,
+        }
+    }
+}
+
+/// Signs a batch's signing message (a local key's signer).
+type SignFn = Box<dyn Fn(&[u8]) -> [u8; SIGNATURE_LEN] + Send + Sync>;
 
 /// The outbox, in seq order: a `VecDeque` searched by seq. Seqs arrive in increasing order
 /// (sealing) and usually leave from the front (acks), so inserts and removals are cheap; a
@@ -290,18 +310,12 @@ impl Jitter {
 
 /// Rendezvous (highest-random-weight) order of `endpoints` for `key`: every producer prefers
 /// a different endpoint, and when one fails its producers spread over the others. The weight
-/// is SHA-512(key ‖ endpoint) — the hash signing already links in, so the wasm module carries
-/// one SHA-2 and not two.
+/// of an endpoint is [`rendezvous_weight`]`(key, endpoint)`.
 pub fn rendezvous_order(key: &[u8; 32], endpoints: &[String]) -> Vec<usize> {
-    let mut left: Vec<([u8; 64], usize)> = endpoints
+    let mut left: Vec<(u64, usize)> = endpoints
         .iter()
         .enumerate()
-        .map(|(i, e)| {
-            let mut h = Sha512::new();
-            h.update(key);
-            h.update(e.as_bytes());
-            (h.finalize().into(), i)
-        })
+        .map(|(i, e)| (rendezvous_weight(key, e.as_bytes()), i))
         .collect();
     // Heaviest first, by selection: a handful of endpoints, and no sort routine in the wasm
     // module for it (ties, between equal endpoint strings, go to the lower index).
@@ -316,10 +330,27 @@ pub fn rendezvous_order(key: &[u8; 32], endpoints: &[String]) -> Vec<usize> {
 /// A category's handles: the one without entity, and one per entity.
 type CategoryHandles = (Option<u32>, FxHashMap<Box<str>, u32>);
 
+/// The rendezvous weight of `name` for `key`: FNV-1a (64-bit) over `key ‖ name`, then
+/// SplitMix64's finaliser so every input bit reaches every output bit. Not a cryptographic
+/// hash — a producer picks its own key, so it can pick its endpoint anyway — but uniform
+/// enough to spread keys evenly, and a few dozen bytes of wasm where SHA-2 costs ~3 KB
+/// gzipped once the browser SDK no longer links it for signing.
+pub fn rendezvous_weight(key: &[u8; 32], name: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.iter().chain(name) {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
 /// The producer state machine.
 pub struct Producer {
     config: ProducerConfig,
-    signer: Signer,
+    key: edgetally_core::ProducerKey,
+    /// Signs at seal time; `None` for an external signer ([`Producer::resume_unsigned`]).
+    sign: Option<SignFn>,
     epoch: u64,
     next_seq: u64,
     handles: Vec<HandleState>,
@@ -342,7 +373,7 @@ pub struct Producer {
 impl std::fmt::Debug for Producer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Producer")
-            .field("producer", &self.signer.producer())
+            .field("producer", &self.key)
             .field("epoch", &self.epoch)
             .field("next_seq", &self.next_seq)
             .field("stats", &self.stats)
@@ -353,6 +384,7 @@ impl std::fmt::Debug for Producer {
 impl Producer {
     /// A producer with identity `seed`, a fresh `epoch` (random, from the caller), sending to
     /// `endpoints` (names used for the rendezvous order), with `jitter_seed` for backoff.
+    #[cfg(feature = "local-key")]
     pub fn new(
         config: ProducerConfig,
         seed: [u8; 32],
@@ -364,6 +396,7 @@ impl Producer {
     }
 
     /// A producer resuming persisted state: same epoch, the next seq, and the outbox.
+    #[cfg(feature = "local-key")]
     pub fn resume(
         config: ProducerConfig,
         seed: [u8; 32],
@@ -373,16 +406,58 @@ impl Producer {
         endpoints: &[String],
         jitter_seed: u64,
     ) -> Result<Producer, RejectCode> {
+        let signer = crate::Signer::from_seed(seed);
+        let key = signer.producer();
+        let sign: SignFn = Box::new(move |m| signer.sign(m));
+        let mut p = Self::build(
+            config,
+            key,
+            Some(sign),
+            epoch,
+            next_seq,
+            endpoints,
+            jitter_seed,
+        )?;
+        for (seq, bytes) in outbox {
+            p.restore(seq, bytes);
+        }
+        Ok(p)
+    }
+
+    /// A producer whose key signs elsewhere (the browser SDK signs with WebCrypto): it has
+    /// only the public `key`, seals batches unsigned, hands out what to sign with
+    /// [`Producer::poll_sign`] and sends a batch once [`Producer::handle_signature`] put its
+    /// signature in. `epoch` and `next_seq` as for [`Producer::resume`].
+    pub fn resume_unsigned(
+        config: ProducerConfig,
+        key: edgetally_core::ProducerKey,
+        epoch: u64,
+        next_seq: u64,
+        endpoints: &[String],
+        jitter_seed: u64,
+    ) -> Result<Producer, RejectCode> {
+        Self::build(config, key, None, epoch, next_seq, endpoints, jitter_seed)
+    }
+
+    fn build(
+        config: ProducerConfig,
+        key: edgetally_core::ProducerKey,
+        sign: Option<SignFn>,
+        epoch: u64,
+        next_seq: u64,
+        endpoints: &[String],
+        jitter_seed: u64,
+    ) -> Result<Producer, RejectCode> {
         validate_bucket_ms(config.bucket_ms)?;
-        let signer = Signer::from_seed(seed);
         let order = if endpoints.is_empty() {
             vec![0]
         } else {
-            rendezvous_order(&signer.producer().0, endpoints)
+            rendezvous_order(&key.0, endpoints)
         };
         let mut p = Producer {
             config,
-            signer,
+            key,
+            sign,
             epoch,
             next_seq,
             handles: Vec::new(),
@@ -399,20 +474,14 @@ impl Producer {
             persist: VecDeque::new(),
             stats: Stats::default(),
         };
-        for (seq, bytes) in outbox {
-            p.restore(seq, bytes);
-        }
-        p.persist_op(PersistOp::Identity {
-            seed,
-            epoch,
-            next_seq,
-        });
+        p.persist_op(PersistOp::Identity { epoch, next_seq });
         Ok(p)
     }
 
     /// Puts a stored batch back into the outbox (a resumed producer's, or one a browser tab
     /// adopts from a closed tab); it is sent like any other and not persisted again. A seq
-    /// already in the outbox is left as it is.
+    /// already in the outbox is left as it is. One stored unsigned (all-zero signature) is
+    /// signed first, by this producer's key, like a batch it sealed itself.
     pub fn restore(&mut self, seq: u64, bytes: Vec<u8>) {
         if self.outbox.contains_key(&seq) {
             return;
@@ -421,16 +490,56 @@ impl Producer {
         // (and the merger's Nack will say why).
         let records = crate::envelope::records_of(&bytes, &self.config.limits).unwrap_or(0);
         self.stats.outbox_bytes += bytes.len() as u64;
-        self.outbox.insert(
-            seq,
-            Outgoing {
-                bytes: bytes.into(),
-                records,
-                attempts: 0,
-                next_try_ms: i64::MIN,
-                in_flight: false,
-            },
-        );
+        let mut o = Outgoing::new(bytes.into(), records);
+        if o.unsigned {
+            if let Some(sign) = &self.sign {
+                if let Some(m) = envelope::signing_message(&o.bytes) {
+                    let mut b = o.bytes.to_vec();
+                    envelope::set_signature(&mut b, &sign(&m));
+                    o.bytes = b.into();
+                    o.unsigned = false;
+                }
+            }
+        }
+        self.outbox.insert(seq, o);
+    }
+
+    /// The next batch sealed unsigned to sign: its seq and its signing message
+    /// (`"edgetally/batch/v1\0" ‖ payload`, docs/PROTOCOL.md §2). Each is handed out once;
+    /// answer with [`Producer::handle_signature`] (or [`Producer::sign_failed`]).
+    pub fn poll_sign(&mut self) -> Option<(u64, Vec<u8>)> {
+        for (seq, o) in self.outbox.0.iter_mut() {
+            if o.unsigned && !o.signing {
+                o.signing = true;
+                if let Some(m) = envelope::signing_message(&o.bytes) {
+                    return Some((*seq, m));
+                }
+            }
+        }
+        None
+    }
+
+    /// The ed25519 signature of batch `seq`'s signing message: the batch can be sent (and is
+    /// stored again, signed). False if `seq` is not waiting for one.
+    pub fn handle_signature(&mut self, seq: u64, signature: &[u8; SIGNATURE_LEN]) -> bool {
+        let Some(o) = self.outbox.get_mut(&seq).filter(|o| o.unsigned) else {
+            return false;
+        };
+        let mut b = o.bytes.to_vec();
+        envelope::set_signature(&mut b, signature);
+        o.bytes = b.into();
+        o.unsigned = false;
+        o.signing = false;
+        let bytes = o.bytes.clone();
+        self.persist_op(PersistOp::Put { seq, bytes });
+        true
+    }
+
+    /// Signing batch `seq` failed: [`Producer::poll_sign`] hands it out again.
+    pub fn sign_failed(&mut self, seq: u64) {
+        if let Some(o) = self.outbox.get_mut(&seq) {
+            o.signing = false;
+        }
     }
 
     /// Drops the oldest batch that is waiting (not in flight), other than `keep`, counting it
@@ -465,7 +574,7 @@ impl Producer {
 
     /// The producer's public key.
     pub fn producer_key(&self) -> edgetally_core::ProducerKey {
-        self.signer.producer()
+        self.key
     }
 
     /// The epoch.
@@ -819,7 +928,7 @@ impl Producer {
         let seq = self.next_seq;
         let batch = Batch {
             id: BatchId {
-                producer: self.signer.producer(),
+                producer: self.key,
                 epoch: self.epoch,
                 seq,
             },
@@ -828,12 +937,17 @@ impl Producer {
             strings,
             summaries,
         };
-        let Ok(bytes) = self.signer.seal(&batch) else {
+        let Ok(mut bytes) = envelope::seal_unsigned(&batch) else {
             return;
         };
+        if let Some(sign) = &self.sign {
+            let Some(m) = envelope::signing_message(&bytes) else {
+                return;
+            };
+            envelope::set_signature(&mut bytes, &sign(&m));
+        }
         self.next_seq += 1;
         self.persist_op(PersistOp::Identity {
-            seed: self.signer.seed(),
             epoch: self.epoch,
             next_seq: self.next_seq,
         });
@@ -850,16 +964,7 @@ impl Producer {
             seq,
             bytes: bytes.clone(),
         });
-        self.outbox.insert(
-            seq,
-            Outgoing {
-                bytes,
-                records,
-                attempts: 0,
-                next_try_ms: i64::MIN,
-                in_flight: false,
-            },
-        );
+        self.outbox.insert(seq, Outgoing::new(bytes, records));
     }
 
     /// Drops the oldest batches not in flight until `incoming` more bytes fit.
@@ -916,7 +1021,7 @@ impl Producer {
         let seq = self
             .outbox
             .iter()
-            .find(|(_, o)| !o.in_flight && o.next_try_ms <= now_ms)
+            .find(|(_, o)| !o.in_flight && !o.unsigned && o.next_try_ms <= now_ms)
             .map(|(s, _)| *s)?;
         let endpoint = self.endpoint(now_ms);
         let o = self.outbox.get_mut(&seq)?;
@@ -938,7 +1043,7 @@ impl Producer {
         let retry = self
             .outbox
             .values()
-            .filter(|o| !o.in_flight)
+            .filter(|o| !o.in_flight && !o.unsigned)
             .map(|o| o.next_try_ms)
             .min();
         match (flush, retry) {

@@ -278,11 +278,7 @@ fn persisted_state_resumes_the_epoch_and_resends_the_outbox() {
     let mut stored = BTreeMap::new();
     while let Some(op) = p.poll_persist() {
         match op {
-            PersistOp::Identity {
-                seed,
-                epoch,
-                next_seq,
-            } => ident = Some((seed, epoch, next_seq)),
+            PersistOp::Identity { epoch, next_seq } => ident = Some(([5; 32], epoch, next_seq)),
             PersistOp::Put { seq, bytes } => {
                 stored.insert(seq, bytes.to_vec());
             }
@@ -637,4 +633,119 @@ fn a_crafted_stored_batch_cannot_overflow_the_record_counters() {
     }
     let s = p.stats();
     assert_eq!((s.acked, s.acked_records), (2, u64::MAX));
+}
+
+/// The weights spread keys evenly even when keys differ in one byte only (the hard case for
+/// a byte-at-a-time hash): 4,000 keys over 4 endpoints, each within 12 % of its share.
+#[test]
+fn rendezvous_first_choices_are_uniform() {
+    let endpoints: Vec<String> = (0..4).map(|i| format!("127.0.0.1:{}", 7071 + i)).collect();
+    let mut first = [0usize; 4];
+    for k in 0..4000u32 {
+        let mut key = [7u8; 32];
+        key[31] = k as u8;
+        key[0] = (k >> 8) as u8;
+        first[rendezvous_order(&key, &endpoints)[0]] += 1;
+    }
+    assert!(
+        first.iter().all(|&n| (880..=1120).contains(&n)),
+        "{first:?}"
+    );
+}
+
+/// A producer whose key signs elsewhere (the browser SDK's WebCrypto) seals unsigned, sends
+/// nothing unsigned, and once the signatures are in sends byte for byte what a producer
+/// holding the key sends; the merger's checks accept it.
+#[test]
+fn an_external_signer_sends_what_a_local_key_would() {
+    let seed = [9u8; 32];
+    let signer = edgetally_proto::Signer::from_seed(seed);
+    let endpoints = ["m".to_string()];
+    let cfg = ProducerConfig::default();
+    let mut local = Producer::new(cfg.clone(), seed, 4, &endpoints, 3).expect("producer");
+    let mut ext =
+        Producer::resume_unsigned(cfg, signer.producer(), 4, 0, &endpoints, 3).expect("producer");
+    assert_eq!(ext.producer_key(), local.producer_key());
+    for p in [&mut local, &mut ext] {
+        for i in 0..50 {
+            p.record(T0, "c", Some(&format!("e{}", i % 7)), f64::from(i), None)
+                .expect("record");
+        }
+        p.flush(T0);
+    }
+    let want = local.poll_transmit(T0).expect("local batch");
+    // Unsigned: stored (so a page being left keeps it), not sent, not due.
+    assert!(ext.poll_transmit(T0).is_none());
+    assert_eq!(ext.poll_timeout(), None);
+    let puts: Vec<Arc<[u8]>> = std::iter::from_fn(|| ext.poll_persist())
+        .filter_map(|op| match op {
+            PersistOp::Put { bytes, .. } => Some(bytes),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(puts.len(), 1);
+    assert!(edgetally_proto::is_unsigned(&puts[0]));
+    assert!(open(&puts[0], &Limits::default(), T0).is_err());
+    let (seq, message) = ext.poll_sign().expect("one to sign");
+    assert_eq!(seq, 0);
+    assert!(message.starts_with(edgetally_proto::DOMAIN));
+    // Handed out once; again only after a failure.
+    assert!(ext.poll_sign().is_none());
+    ext.sign_failed(seq);
+    let (seq, message) = ext.poll_sign().expect("again");
+    assert!(!ext.flushed(1));
+    assert!(!ext.handle_signature(seq + 1, &[1; 64]), "no such batch");
+    assert!(ext.handle_signature(seq, &signer.sign(&message)));
+    assert!(!ext.handle_signature(seq, &[1; 64]), "already signed");
+    // Stored again, signed.
+    match ext.poll_persist() {
+        Some(PersistOp::Put { seq: 0, bytes }) => assert_eq!(bytes, want.bytes),
+        other => panic!("expected the signed put, got {other:?}"),
+    }
+    let got = ext.poll_transmit(T0).expect("signed batch");
+    assert_eq!(got.bytes, want.bytes);
+    assert!(open(&got.bytes, &Limits::default(), T0).is_ok());
+    ext.handle_reply(T0, seq, Reply::Ack);
+    assert!(ext.flushed(1));
+    assert_eq!(ext.stats().acked_records, 50);
+}
+
+/// A stored unsigned batch (a page left before WebCrypto answered) is signed when restored:
+/// by the producer's key at once if it holds it, else through `poll_sign`.
+#[test]
+fn a_restored_unsigned_batch_is_signed_before_it_is_sent() {
+    let seed = [3u8; 32];
+    let signer = edgetally_proto::Signer::from_seed(seed);
+    let endpoints = ["m".to_string()];
+    let cfg = ProducerConfig::default();
+    let mut ext = Producer::resume_unsigned(cfg.clone(), signer.producer(), 8, 0, &endpoints, 1)
+        .expect("producer");
+    ext.record(T0, "c", None, 2.5, None).expect("record");
+    ext.flush(T0);
+    let stored: Vec<u8> = std::iter::from_fn(|| ext.poll_persist())
+        .find_map(|op| match op {
+            PersistOp::Put { bytes, .. } => Some(bytes.to_vec()),
+            _ => None,
+        })
+        .expect("stored unsigned");
+    let mut local = Producer::resume(
+        cfg.clone(),
+        seed,
+        8,
+        1,
+        vec![(0, stored.clone())],
+        &endpoints,
+        1,
+    )
+    .expect("resume");
+    let t = local.poll_transmit(T0).expect("sent signed");
+    let b = open(&t.bytes, &Limits::default(), T0).expect("valid");
+    assert_eq!((b.id.epoch, b.id.seq, b.summaries.len()), (8, 0, 1));
+    let mut again =
+        Producer::resume_unsigned(cfg, signer.producer(), 8, 1, &endpoints, 1).expect("producer");
+    again.restore(0, stored);
+    assert!(again.poll_transmit(T0).is_none());
+    let (seq, m) = again.poll_sign().expect("to sign");
+    assert!(again.handle_signature(seq, &signer.sign(&m)));
+    assert_eq!(again.poll_transmit(T0).expect("sent").bytes, t.bytes);
 }

@@ -46,60 +46,44 @@ fn ts(ts_ms: f64) -> Option<Result<i64, RejectCode>> {
     }
 }
 
-/// A batch to send now.
+/// What the core hands out, one type for three uses (each exported class costs the npm
+/// package glue code): from `pollTransmit` a batch to send (`tag` = endpoint index, `bytes`
+/// = the signed batch); from `pollSign` one to sign (`bytes` = its signing message,
+/// `"edgetally/batch/v1\0"` ‖ payload; answer with `handleSignature`); from `pollPersist`
+/// something to store (`tag` 0 — the epoch's next seq is `seq`; 1 — batch `seq` with
+/// `bytes` entered the outbox, or got its signature; 2 — batch `seq` left it).
 #[wasm_bindgen]
 #[derive(Debug)]
-pub struct Transmit {
-    seq: f64,
-    endpoint: u32,
-    bytes: Vec<u8>,
-}
-
-#[wasm_bindgen]
-impl Transmit {
-    /// Pass back to `handleReply` / `transportError`.
-    #[wasm_bindgen(getter)]
-    pub fn seq(&self) -> f64 {
-        self.seq
-    }
-    /// Index into the endpoint list.
-    #[wasm_bindgen(getter)]
-    pub fn endpoint(&self) -> u32 {
-        self.endpoint
-    }
-    /// The signed batch.
-    #[wasm_bindgen(getter)]
-    pub fn bytes(&self) -> Vec<u8> {
-        self.bytes.clone()
-    }
-}
-
-/// Something to store: `kind` 0 — the epoch's next seq is `seq`; 1 — batch `seq` with
-/// `bytes` entered the outbox; 2 — batch `seq` left it.
-#[wasm_bindgen]
-#[derive(Debug)]
-pub struct Persist {
-    kind: u8,
+pub struct Item {
+    tag: u32,
     seq: f64,
     bytes: Option<Vec<u8>>,
 }
 
 #[wasm_bindgen]
-impl Persist {
-    /// 0 identity (next seq), 1 put, 2 remove.
+impl Item {
+    /// The endpoint (`pollTransmit`) or the kind (`pollPersist`).
     #[wasm_bindgen(getter)]
-    pub fn kind(&self) -> u8 {
-        self.kind
+    pub fn tag(&self) -> u32 {
+        self.tag
     }
-    /// The next seq (kind 0) or the batch's seq.
+    /// The batch's seq (the next seq for kind 0).
     #[wasm_bindgen(getter)]
     pub fn seq(&self) -> f64 {
         self.seq
     }
-    /// The batch (kind 1).
+    /// The bytes (taken: a second read gives none).
     #[wasm_bindgen(getter)]
     pub fn bytes(&mut self) -> Option<Vec<u8>> {
         self.bytes.take()
+    }
+}
+
+fn item(tag: u32, seq: u64, bytes: Option<Vec<u8>>) -> Item {
+    Item {
+        tag,
+        seq: seq as f64,
+        bytes,
     }
 }
 
@@ -131,9 +115,9 @@ pub struct Core {
 
 #[wasm_bindgen]
 impl Core {
-    /// `seed`: 48 bytes — the ed25519 secret key (32, from the platform's secure random
-    /// source or from storage), the epoch (8, little-endian) and the backoff jitter seed
-    /// (8). `next_seq`: 0 for a fresh epoch, else the stored one (a tab draining a closed
+    /// `seed`: 48 bytes — the ed25519 public key (32; the secret key stays in WebCrypto,
+    /// which signs what `pollSign` hands out), the epoch (8, little-endian) and the backoff
+    /// jitter seed (8). `next_seq`: 0 for a fresh epoch, else the stored one (a tab draining a closed
     /// tab's epoch). `persist`: queue what to store for `pollPersist`. Throws the reason code
     /// (a number) for an unusable configuration.
     #[wasm_bindgen(constructor)]
@@ -172,12 +156,11 @@ impl Core {
             persist,
             ..ProducerConfig::default()
         };
-        Producer::resume(
+        Producer::resume_unsigned(
             config,
-            *key,
+            edgetally_core::ProducerKey(*key),
             u64::from_le_bytes(*epoch),
             next_seq as u64,
-            Vec::new(),
             &endpoints,
             u64::from_le_bytes(*jitter),
         )
@@ -326,12 +309,10 @@ impl Core {
 
     /// The next batch to send now, if any.
     #[wasm_bindgen(js_name = pollTransmit)]
-    pub fn poll_transmit(&mut self, now_ms: f64) -> Option<Transmit> {
-        self.p.poll_transmit(now_ms as i64).map(|t| Transmit {
-            seq: t.seq as f64,
-            endpoint: t.endpoint as u32,
-            bytes: t.bytes.to_vec(),
-        })
+    pub fn poll_transmit(&mut self, now_ms: f64) -> Option<Item> {
+        self.p
+            .poll_transmit(now_ms as i64)
+            .map(|t| item(t.endpoint as u32, t.seq, Some(t.bytes.to_vec())))
     }
 
     /// When to call `pollTransmit` again at the latest (ms), or NaN when nothing is due.
@@ -412,25 +393,34 @@ impl Core {
             .handle_reply(now_ms as i64, seq as u64, Reply::Retry { after_ms });
     }
 
+    /// The next batch to sign, if any (each is handed out once).
+    #[wasm_bindgen(js_name = pollSign)]
+    pub fn poll_sign(&mut self) -> Option<Item> {
+        self.p
+            .poll_sign()
+            .map(|(seq, message)| item(0, seq, Some(message)))
+    }
+
+    /// The 64-byte signature of batch `seq`: it becomes sendable (and is stored again).
+    /// False when `seq` waits for none, or the signature is not 64 bytes.
+    #[wasm_bindgen(js_name = handleSignature)]
+    pub fn handle_signature(&mut self, seq: f64, signature: &[u8]) -> bool {
+        <&[u8; 64]>::try_from(signature).is_ok_and(|s| self.p.handle_signature(seq as u64, s))
+    }
+
+    /// Signing batch `seq` failed: `pollSign` hands it out again.
+    #[wasm_bindgen(js_name = signFailed)]
+    pub fn sign_failed(&mut self, seq: f64) {
+        self.p.sign_failed(seq as u64);
+    }
+
     /// The next thing to store, if any (only with `persist`).
     #[wasm_bindgen(js_name = pollPersist)]
-    pub fn poll_persist(&mut self) -> Option<Persist> {
+    pub fn poll_persist(&mut self) -> Option<Item> {
         self.p.poll_persist().map(|op| match op {
-            PersistOp::Identity { next_seq, .. } => Persist {
-                kind: 0,
-                seq: next_seq as f64,
-                bytes: None,
-            },
-            PersistOp::Put { seq, bytes } => Persist {
-                kind: 1,
-                seq: seq as f64,
-                bytes: Some(bytes.to_vec()),
-            },
-            PersistOp::Remove { seq } => Persist {
-                kind: 2,
-                seq: seq as f64,
-                bytes: None,
-            },
+            PersistOp::Identity { next_seq, .. } => item(0, next_seq, None),
+            PersistOp::Put { seq, bytes } => item(1, seq, Some(bytes.to_vec())),
+            PersistOp::Remove { seq } => item(2, seq, None),
         })
     }
 
