@@ -22,6 +22,7 @@ const worker :Workerd.Worker = (
     (name = "node_modules/edgetally/dist/clock.js", esModule = embed "../../web/dist/clock.js"),
     (name = "node_modules/edgetally/dist/errors.js", esModule = embed "../../web/dist/errors.js"),
     (name = "node_modules/edgetally/dist/handle.js", esModule = embed "../../web/dist/handle.js"),
+    (name = "node_modules/edgetally/dist/signer.js", esModule = embed "../../web/dist/signer.js"),
     (name = "node_modules/edgetally/dist/store.js", esModule = embed "../../web/dist/store.js"),
     (name = "node_modules/edgetally/dist/transport.js", esModule = embed "../../web/dist/transport.js"),
     (name = "node_modules/edgetally/dist/wasm.js", esModule = embed "../../web/dist/wasm.js"),

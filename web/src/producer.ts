@@ -185,7 +185,7 @@ function makeCore(key: Uint8Array, epoch: Uint8Array, c: CoreConfig, nextSeq: nu
   globalThis.crypto.getRandomValues(seed.subarray(40));
   try {
     return new Core(
-      seed, c.endpoints.slice(), c.bucketMs, c.flushIntervalMs, c.maxBatchSummaries, c.maxBatchBytes,
+      seed, c.endpoints.join("\n"), c.bucketMs, c.flushIntervalMs, c.maxBatchSummaries, c.maxBatchBytes,
       c.maxOutboxBytes, c.maxInFlight, nextSeq, persist,
     );
   } catch (e) {

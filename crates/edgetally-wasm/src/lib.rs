@@ -25,12 +25,6 @@ pub fn reason_name(code: u32) -> String {
         .to_string()
 }
 
-/// The code of a reason name, or 0.
-#[wasm_bindgen(js_name = reasonCode)]
-pub fn reason_code(name: &str) -> u32 {
-    RejectCode::from_name(name).map_or(0, |c| u32::from(c.as_u16()))
-}
-
 fn code(c: RejectCode) -> u32 {
     u32::from(c.as_u16())
 }
@@ -117,14 +111,15 @@ pub struct Core {
 impl Core {
     /// `seed`: 48 bytes — the ed25519 public key (32; the secret key stays in WebCrypto,
     /// which signs what `pollSign` hands out), the epoch (8, little-endian) and the backoff
-    /// jitter seed (8). `next_seq`: 0 for a fresh epoch, else the stored one (a tab draining a closed
-    /// tab's epoch). `persist`: queue what to store for `pollPersist`. Throws the reason code
+    /// jitter seed (8). `endpoints`: the merger URLs, one per line (a string crosses into
+    /// wasm with less glue than an array of them). `next_seq`: 0 for a fresh epoch, else the
+    /// stored one (a tab draining a closed tab's epoch). `persist`: queue what to store for `pollPersist`. Throws the reason code
     /// (a number) for an unusable configuration.
     #[wasm_bindgen(constructor)]
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         seed: &[u8],
-        endpoints: Vec<String>,
+        endpoints: &str,
         bucket_ms: u32,
         flush_interval_ms: f64,
         max_batch_summaries: u32,
@@ -161,7 +156,7 @@ impl Core {
             edgetally_core::ProducerKey(*key),
             u64::from_le_bytes(*epoch),
             next_seq as u64,
-            &endpoints,
+            &endpoints.split('\n').map(String::from).collect::<Vec<_>>(),
             u64::from_le_bytes(*jitter),
         )
         .map(|p| Core { p })
