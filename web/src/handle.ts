@@ -7,8 +7,9 @@ import { clock } from "./clock.js";
 // in magnitude. When q is an integer and |sum + q| < 2⁵¹, then |q| < 2⁵², where ulp(q) ≤ ½,
 // so the exact product lies within ¼ of the integer q: q is exactly v's round-half-even
 // quantisation (edgetally_core::value::quantize_fast argues the same up to 2⁵¹), and
-// sum + q, a sum of integers below 2⁵³, is computed exactly. NaN fails the integer test and
-// ±Infinity the bound. Everything else takes the wasm path.
+// sum + q, a sum of integers below 2⁵³, is computed exactly. The integer test is
+// Math.floor(q) === q: NaN fails it, ±Infinity passes it and fails the bound. Everything else
+// takes the wasm path.
 /** @internal */
 export const LIM = 2 ** 51;
 
@@ -49,7 +50,7 @@ export class Handle {
     const ts = ts_ms === undefined ? clock() : ts_ms;
     const q = value * 1e9;
     const s = this.sum + q;
-    if (ts >= this.start && ts < this.end && Math.round(q) === q && s < LIM && s > -LIM) {
+    if (ts >= this.start && ts < this.end && Math.floor(q) === q && s < LIM && s > -LIM) {
       this.count++;
       this.sum = s;
       // `+ 0` turns -0 into 0, as the wasm side does.

@@ -153,6 +153,8 @@ type Entity = { none: Handle | undefined; byEntity: Map<string, Handle> };
 
 /** Batch size bound while the page is being left: within the keepalive budget, with room for headers. */
 const LEAVING_BATCH_BYTES = 60 << 10;
+/** The bound on each of `recordMany`'s two running sums. */
+const HALF = LIM / 2;
 /** A merger whose WebTransport failed is tried over WebTransport again after this long. */
 const WEBTRANSPORT_RETRY_MS = 60_000;
 /** A beacon'd batch is sent again (and acked as a duplicate) after this long if the page lives on. */
@@ -500,26 +502,46 @@ export class Producer implements HandleOwner {
         i++;
         continue;
       }
-      let count = h.count;
-      let sum = h.sum;
       let min = h.min;
       let max = h.max;
-      const before = count;
+      const from = i;
+      // Two values a step, in two sums each kept below LIM/2 (so their total stays below
+      // LIM, and each q below LIM: handle.ts's exactness argument holds): the float adds
+      // no longer wait on each other, ~1.5× the rate of one sum. A pair that fails a test
+      // is left to the one-sum loop below, then to wasm.
+      let s0 = h.sum;
+      let s1 = 0;
+      for (const end = n - 1; i < end; i += 2) {
+        const v0 = vs[i];
+        const v1 = vs[i + 1];
+        const q0 = v0 * 1e9;
+        const q1 = v1 * 1e9;
+        const t0 = s0 + q0;
+        const t1 = s1 + q1;
+        if (Math.floor(q0) !== q0 || Math.floor(q1) !== q1 || !(t0 < HALF && t0 > -HALF && t1 < HALF && t1 > -HALF)) break;
+        s0 = t0;
+        s1 = t1;
+        // `+ 0` turns -0 into 0, as the wasm side does.
+        min = v0 < min ? v0 + 0 : min;
+        max = v0 > max ? v0 + 0 : max;
+        min = v1 < min ? v1 + 0 : min;
+        max = v1 > max ? v1 + 0 : max;
+      }
+      let sum = s0 + s1;
       for (; i < n; i++) {
         const v = vs[i];
         const q = v * 1e9;
         const s = sum + q;
-        if (Math.round(q) !== q || !(s < LIM && s > -LIM)) break;
-        count++;
+        if (Math.floor(q) !== q || !(s < LIM && s > -LIM)) break;
         sum = s;
-        if (v < min) min = v + 0;
-        if (v > max) max = v + 0;
+        min = v < min ? v + 0 : min;
+        max = v > max ? v + 0 : max;
       }
-      h.count = count;
+      h.count += i - from;
       h.sum = sum;
       h.min = min;
       h.max = max;
-      ok += count - before;
+      ok += i - from;
       if (i < n) {
         // Not summable here (or the sum is full): drain, then this value alone through wasm.
         this.#drain(h, now);

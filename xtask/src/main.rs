@@ -469,16 +469,10 @@ fn bench(which: &str) -> Result<()> {
             .arg("bench/browser.mjs")
             .env("EDGETALLY_BIN", build_release_binary(&root)?)
             .current_dir(root.join("web")))?;
-        let module = std::fs::read(root.join("web/pkg/edgetally_wasm_bg.wasm"))?;
-        let gz = Command::new("gzip")
-            .arg("-9c")
-            .arg(root.join("web/pkg/edgetally_wasm_bg.wasm"))
-            .output()?;
-        println!(
-            "wasm module: {} bytes, {} bytes gzipped (gzip -9)",
-            module.len(),
-            gz.stdout.len()
-        );
+        // What a page downloads: the module and the bundled, minified JavaScript, gzipped.
+        run(Command::new("node")
+            .arg("bench/size.mjs")
+            .current_dir(root.join("web")))?;
         ran = true;
     }
     if !ran {
