@@ -141,7 +141,7 @@ interface Lane {
   own: boolean;
   /** Storage: ops not yet written, a write running, the seqs stored. */
   ops: StoredOp[];
-  writing: boolean;
+  writing: Promise<void> | undefined;
   stored: Set<number>;
   /** Batches to store whose IndexedDB write has not completed: spilled to localStorage when the page is left. */
   unstored: Map<number, Uint8Array>;
@@ -250,7 +250,7 @@ export class Producer implements HandleOwner {
     this.#core = core;
     this.#signer = signer;
     this.#config = config;
-    this.#lanes = [{ core, epoch, own: true, ops: [], writing: false, stored: new Set(), unstored: new Map() }];
+    this.#lanes = [{ core, epoch, own: true, ops: [], writing: undefined, stored: new Set(), unstored: new Map() }];
     this.#http = http;
     this.#wt = wt;
     this.#wtDownUntil = wt.map(() => 0);
@@ -331,7 +331,7 @@ export class Producer implements HandleOwner {
       release = await store.hold(epochStr);
     }
     const fetch_ = f.bind(globalThis);
-    const http = config.endpoints.map((e) => new HttpTransport(new URL("v1/batches", urlOf(e)).href, fetch_, timeoutMs));
+    const http = config.endpoints.map((e) => new HttpTransport(new URL("v1/batches", urlOf(e)).href, fetch_));
     const wt = config.endpoints.map((e) =>
       transport !== "http" && webTransportCtor() ? new WebTransportLink(e, fetch_, o.serverCertificateHashes) : undefined,
     );
@@ -810,14 +810,14 @@ export class Producer implements HandleOwner {
       this.#sent[t.kind]++;
       if (keepalive) this.#sent.keepalive++;
       try {
-        frame = await this.#bounded(t.send(bytes, { keepalive }));
+        frame = await this.#bounded((signal) => t!.send(bytes, { keepalive, signal }));
       } catch (e) {
         if (t.kind !== "webtransport" || this.#transport !== "auto") throw e;
         // This merger's WebTransport does not work from here: HTTP for a while.
         this.#wtDownUntil[endpoint] = Date.now() + WEBTRANSPORT_RETRY_MS;
-        t = this.#http[endpoint];
+        const http = this.#http[endpoint];
         this.#sent.http++;
-        frame = await this.#bounded(t.send(bytes));
+        frame = await this.#bounded((signal) => http.send(bytes, { signal }));
       }
     } catch {
       failed = true;
@@ -832,13 +832,20 @@ export class Producer implements HandleOwner {
     this.#pump();
   }
 
-  /** `p`, or a rejection after the request timeout. */
-  #bounded<T>(p: Promise<T>): Promise<T> {
+  /**
+   * `send(signal)`, or a rejection after the request timeout — one timer, which also aborts
+   * the request through `signal` (a fetch stops; a WebTransport stream is left to its session).
+   */
+  #bounded<T>(send: (signal: AbortSignal) => Promise<T>): Promise<T> {
+    const ctrl = new AbortController();
     let timer: ReturnType<typeof setTimeout> | undefined;
     const t = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error("timeout")), this.#timeoutMs);
+      timer = setTimeout(() => {
+        ctrl.abort();
+        reject(new Error("timeout"));
+      }, this.#timeoutMs);
     });
-    return Promise.race([p, t]).finally(() => clearTimeout(timer));
+    return Promise.race([send(ctrl.signal), t]).finally(() => clearTimeout(timer));
   }
 
   #settle(lane: Lane): void {
@@ -870,7 +877,7 @@ export class Producer implements HandleOwner {
       if (o.kind === 1 && o.bytes) lane.unstored.set(o.seq, o.bytes);
       else if (o.kind === 2) lane.unstored.delete(o.seq);
     }
-    if (lane.ops.length > 0 && !lane.writing) void this.#write(lane);
+    if (lane.ops.length > 0 && !lane.writing) lane.writing = this.#write(lane).finally(() => (lane.writing = undefined));
   }
 
   /**
@@ -881,39 +888,34 @@ export class Producer implements HandleOwner {
   async #write(lane: Lane): Promise<void> {
     const store = this.#store;
     if (!store) return;
-    lane.writing = true;
-    try {
-      while (lane.ops.length > 0) {
-        const ops = coalesce(lane.ops.splice(0));
-        try {
-          await store.write(lane.epoch, ops);
-          for (const o of ops) {
-            if (o.kind === 1) {
-              lane.stored.add(o.seq);
-              lane.unstored.delete(o.seq);
-            } else if (o.kind === 2) lane.stored.delete(o.seq);
-          }
-        } catch (e) {
-          if (!isQuotaError(e)) {
-            this.#storeErrors++;
-            continue;
-          }
-          const puts = ops.filter((o) => o.kind === 1);
-          const newest = puts.reduce((m, o) => Math.max(m, o.seq), -1);
-          if (puts.length > 0 && this.#lanes.includes(lane) && lane.core.dropOldest(newest) >= 0) {
-            // Its Remove follows from pollPersist; write everything again.
-            lane.ops.unshift(...ops);
-            this.#persist(lane);
-          } else if (puts.length > 0) {
-            // Nothing left to shed: keep the rest of the ops, the batches in memory only.
-            lane.ops.unshift(...ops.filter((o) => o.kind !== 1));
-          } else {
-            this.#storeErrors++;
-          }
+    while (lane.ops.length > 0) {
+      const ops = coalesce(lane.ops.splice(0));
+      try {
+        await store.write(lane.epoch, ops);
+        for (const o of ops) {
+          if (o.kind === 1) {
+            lane.stored.add(o.seq);
+            lane.unstored.delete(o.seq);
+          } else if (o.kind === 2) lane.stored.delete(o.seq);
+        }
+      } catch (e) {
+        if (!isQuotaError(e)) {
+          this.#storeErrors++;
+          continue;
+        }
+        const puts = ops.filter((o) => o.kind === 1);
+        const newest = puts.reduce((m, o) => Math.max(m, o.seq), -1);
+        if (puts.length > 0 && this.#lanes.includes(lane) && lane.core.dropOldest(newest) >= 0) {
+          // Its Remove follows from pollPersist; write everything again.
+          lane.ops.unshift(...ops);
+          this.#persist(lane);
+        } else if (puts.length > 0) {
+          // Nothing left to shed: keep the rest of the ops, the batches in memory only.
+          lane.ops.unshift(...ops.filter((o) => o.kind !== 1));
+        } else {
+          this.#storeErrors++;
         }
       }
-    } finally {
-      lane.writing = false;
     }
   }
 
@@ -921,10 +923,8 @@ export class Producer implements HandleOwner {
   async #settleStore(lane: Lane): Promise<void> {
     if (!this.#store) return;
     this.#persist(lane);
-    for (let i = 0; i < 200 && (lane.writing || lane.ops.length > 0); i++) {
-      if (!lane.writing) void this.#write(lane);
-      await new Promise((r) => setTimeout(r, 5));
-    }
+    // A write takes the ops queued while it runs, too; ops queued after it ends start another.
+    for (let i = 0; i < 100 && lane.writing; i++) await lane.writing;
   }
 
   /** Looks for epochs whose page is gone and adopts their stored batches. */
@@ -961,7 +961,7 @@ export class Producer implements HandleOwner {
     const core = makeCore(this.#signer.publicKey, epochBytes(epoch), this.#config, stored.nextSeq, true);
     for (const [seq, bytes] of stored.batches) core.restore(seq, bytes);
     const lane: Lane = {
-      core, epoch, own: false, ops: [], writing: false, stored: new Set(stored.batches.map(([s]) => s)), unstored: new Map(),
+      core, epoch, own: false, ops: [], writing: undefined, stored: new Set(stored.batches.map(([s]) => s)), unstored: new Map(),
     };
     this.#adopted.epochs++;
     this.#adopted.batches += stored.batches.length;

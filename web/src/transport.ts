@@ -5,6 +5,12 @@
 /** How a batch went out. */
 export type TransportKind = "webtransport" | "http" | "beacon";
 
+/** @internal How one send goes: `keepalive` (a page being left), `signal` aborts it (the producer's request timeout). */
+export interface SendOptions {
+  keepalive?: boolean;
+  signal?: AbortSignal;
+}
+
 /** @internal One merger, one way of reaching it. */
 export interface BatchTransport {
   readonly kind: TransportKind;
@@ -13,7 +19,7 @@ export interface BatchTransport {
    * `undefined` when the transport has none to give (a beacon: the browser took the batch
    * and will deliver it after the page is gone). Rejects on any transport failure.
    */
-  send(bytes: Uint8Array<ArrayBuffer>, options?: { keepalive?: boolean }): Promise<Uint8Array | undefined>;
+  send(bytes: Uint8Array<ArrayBuffer>, options?: SendOptions): Promise<Uint8Array | undefined>;
   close(): void;
 }
 
@@ -33,39 +39,31 @@ export class HttpTransport implements BatchTransport {
   /** `<endpoint>/v1/batches`. */
   readonly url: string;
   readonly #fetch: typeof fetch;
-  readonly #timeoutMs: number;
   /** The enrolment credential, sent as a header when set. */
   credential: string | undefined;
 
-  constructor(url: string, f: typeof fetch, timeoutMs: number) {
+  constructor(url: string, f: typeof fetch) {
     this.url = url;
     this.#fetch = f;
-    this.#timeoutMs = timeoutMs;
   }
 
-  async send(bytes: Uint8Array<ArrayBuffer>, options?: { keepalive?: boolean }): Promise<Uint8Array | undefined> {
-    const ctrl = new AbortController();
-    const timer = setTimeout(() => ctrl.abort(), this.#timeoutMs);
-    try {
-      const res = await this.#fetch(this.url, {
-        method: "POST",
-        body: bytes,
-        headers: this.credential === undefined
-          ? { "content-type": "application/octet-stream" }
-          : { "content-type": "application/octet-stream", "edgetally-credential": this.credential },
-        signal: ctrl.signal,
-        keepalive: options?.keepalive === true && bytes.length <= KEEPALIVE_BUDGET,
-      });
-      const text = await res.text();
-      if (res.status === 200 || res.status === 422 || res.status === 503) {
-        const reply = JSON.parse(text) as { frame?: unknown };
-        const frame = typeof reply.frame === "string" ? hexBytes(reply.frame) : undefined;
-        if (frame) return frame;
-      }
-      throw new Error(`POST /v1/batches: HTTP ${res.status}`);
-    } finally {
-      clearTimeout(timer);
+  async send(bytes: Uint8Array<ArrayBuffer>, options?: SendOptions): Promise<Uint8Array | undefined> {
+    const res = await this.#fetch(this.url, {
+      method: "POST",
+      body: bytes,
+      headers: this.credential === undefined
+        ? { "content-type": "application/octet-stream" }
+        : { "content-type": "application/octet-stream", "edgetally-credential": this.credential },
+      signal: options?.signal,
+      keepalive: options?.keepalive === true && bytes.length <= KEEPALIVE_BUDGET,
+    });
+    const text = await res.text();
+    if (res.status === 200 || res.status === 422 || res.status === 503) {
+      const reply = JSON.parse(text) as { frame?: unknown };
+      const frame = typeof reply.frame === "string" ? hexBytes(reply.frame) : undefined;
+      if (frame) return frame;
     }
+    throw new Error(`POST /v1/batches: HTTP ${res.status}`);
   }
 
   close(): void {}
