@@ -14,6 +14,7 @@ mod frame;
 pub mod producer;
 mod reader;
 mod small_sort;
+pub mod topology;
 
 #[cfg(all(target_arch = "wasm32", feature = "wasm-abi-check"))]
 mod abi_check;
