@@ -130,7 +130,8 @@ mod tests {
             }
             let share = f64::from(KEYS) / s as f64;
             assert!(
-                n.iter().all(|&c| (f64::from(c) - share).abs() < 0.08 * share),
+                n.iter()
+                    .all(|&c| (f64::from(c) - share).abs() < 0.08 * share),
                 "S={s}: {n:?}"
             );
         }
@@ -140,7 +141,9 @@ mod tests {
     fn the_owner_depends_on_names_not_order_or_replicas() {
         let a = map(&["east", "west", "north"]);
         let mut b = map(&["north", "east", "west"]);
-        b.groups[1].replicas.push("https://east-2.example:7071".into());
+        b.groups[1]
+            .replicas
+            .push("https://east-2.example:7071".into());
         for i in 0..2000 {
             let k = key(i);
             assert_eq!(
@@ -164,7 +167,10 @@ mod tests {
             }
         }
         let share = f64::from(KEYS) / 4.0;
-        assert!((f64::from(moved) - share).abs() < 0.08 * share, "{moved} moved");
+        assert!(
+            (f64::from(moved) - share).abs() < 0.08 * share,
+            "{moved} moved"
+        );
         // Removing it again moves exactly those producers back, and no other.
         for i in 0..KEYS {
             let k = key(i);
