@@ -133,6 +133,18 @@ impl Batch {
         s.bucket.saturating_mul(self.bucket_ms as i64)
     }
 
+    /// The end (ms) of the batch's earliest bucket: a merger whose clock is `max_lateness` or
+    /// more past it refuses the batch (`bucket_too_old`, [`Limits::check_bucket_time`]).
+    /// `i64::MIN` for a batch without summaries (which [`Batch::check`] refuses).
+    pub fn oldest_end_ms(&self) -> i64 {
+        let width = self.bucket_ms as i64;
+        self.summaries
+            .iter()
+            .map(|s| self.bucket_start_ms(s).saturating_add(width))
+            .min()
+            .unwrap_or(i64::MIN)
+    }
+
     /// The category string of a summary (which [`Batch::check`] has bounds-checked).
     pub fn category(&self, s: &BatchSummary) -> &str {
         self.strings.get(s.category as usize).unwrap_or("")

@@ -50,6 +50,11 @@ impl Interner {
         span(&self.bytes, &self.ends, id)
     }
 
+    /// Heap bytes held (string bytes, end offsets, table slots with their control bytes).
+    pub(crate) fn heap_bytes(&self) -> u64 {
+        (self.bytes.capacity() + self.ends.capacity() * 4 + self.table.capacity() * 5) as u64
+    }
+
     /// The id of `s`, if interned.
     pub(crate) fn id(&self, s: &str) -> Option<u32> {
         let h = self.keys.hash(s);

@@ -22,8 +22,8 @@ pub use code::RejectCode;
 pub use query::{Aggregate, GroupBy, Plan, Rows, TopBy};
 pub use record::Record;
 pub use replica::{
-    batch_digest, content_digest, Applied, Digest, Divergence, EpochSeen, LogEntry, Novelty,
-    Replica, Retention, SetHash, Snapshot,
+    batch_digest, content_digest, Applied, Digest, Divergence, EpochSeen, LogEntry, Memory,
+    Novelty, Replica, Retention, SetHash, Snapshot, HORIZON_UNKNOWN,
 };
 pub use seen::SeenSet;
 pub use strings::StringTable;

@@ -66,11 +66,26 @@ pub struct EpochSeen {
     /// [`batch_digest`]; `None` when not known (restored from a snapshot of format 1 or 2,
     /// which did not keep it).
     pub hash: Option<[u8; 16]>,
+    /// The epoch's lateness horizon: the latest, over its applied batches, of each batch's
+    /// earliest bucket end ([`Batch::oldest_end_ms`]). A merger refuses a batch one of whose
+    /// buckets ends `max_lateness` or more before its clock, so once the clock passes
+    /// `horizon_ms + max_lateness` no batch applied in this epoch can be accepted again, and
+    /// the seen-set can go ([`Replica::expire`]). A function of the batches alone, so
+    /// replicas holding the same batches agree on it. [`HORIZON_UNKNOWN`] when not known
+    /// (restored from a snapshot of format 3 or older).
+    pub horizon_ms: i64,
 }
 
+/// [`EpochSeen::horizon_ms`] of an epoch restored from a snapshot that did not keep it: it
+/// never expires until the merger bounds it ([`Replica::bound_unknown_horizons`]).
+pub const HORIZON_UNKNOWN: i64 = i64::MAX;
+
 impl EpochSeen {
-    fn add(&mut self, seq: u64, digest: &[u8; 32]) {
+    fn add(&mut self, seq: u64, digest: &[u8; 32], oldest_end_ms: i64) {
         if self.seqs.insert(seq) {
+            if self.horizon_ms != HORIZON_UNKNOWN {
+                self.horizon_ms = self.horizon_ms.max(oldest_end_ms);
+            }
             if let Some(h) = &mut self.hash {
                 let mut d = [0u8; 16];
                 d.copy_from_slice(&digest[..16]);
@@ -129,6 +144,14 @@ impl Digest {
                     .get(k)
                     .is_some_and(|mine| theirs.seqs.is_subset(&mine.seqs))
         })
+    }
+
+    /// Forgets the epochs whose horizon is at or before `cutoff_ms` (those a replica with
+    /// that cutoff expires or has expired: see [`Replica::expire`]). Applied to a peer's
+    /// digest with this replica's own cutoff, so clocks that differ between the two cannot
+    /// make an epoch one of them has expired look like a gap to the other.
+    pub fn retain_live(&mut self, cutoff_ms: i64) {
+        self.epochs.retain(|_, e| e.horizon_ms > cutoff_ms);
     }
 
     /// Total number of batch ids covered.
@@ -366,6 +389,28 @@ pub struct Snapshot {
     pub horizons: [i64; 3],
     /// The [`SetHash`] of every batch the snapshot covers (format 2 on).
     pub batches_hash: SetHash,
+    /// How many batches `batches_hash` sums: every batch applied, including those of epochs
+    /// expired since (format 4 on; before, the seen-sets' size).
+    pub batches: u64,
+}
+
+/// An epoch's seen-set in a format 3 [`Snapshot`], before it kept the lateness horizon.
+#[derive(Serialize, Deserialize)]
+struct EpochSeenV3 {
+    seqs: SeenSet,
+    hash: Option<[u8; 16]>,
+}
+
+/// Format 3 of [`Snapshot`], before epochs kept their lateness horizon.
+#[derive(Serialize, Deserialize)]
+struct SnapshotV3 {
+    format: u32,
+    strings: Vec<String>,
+    producers: Vec<ProducerKey>,
+    series: Vec<SeriesSnapshot>,
+    seen: Vec<(ProducerKey, u64, EpochSeenV3)>,
+    horizons: [i64; 3],
+    batches_hash: SetHash,
 }
 
 /// Format 2 of [`Snapshot`], before it kept a content hash per epoch.
@@ -383,8 +428,25 @@ struct SnapshotV2 {
 /// Seen-sets of a format 1 or 2 snapshot: their content hashes are not known.
 fn unhashed(seen: Vec<(ProducerKey, u64, SeenSet)>) -> Vec<(ProducerKey, u64, EpochSeen)> {
     seen.into_iter()
-        .map(|(p, e, seqs)| (p, e, EpochSeen { seqs, hash: None }))
+        .map(|(p, e, seqs)| {
+            (
+                p,
+                e,
+                EpochSeen {
+                    seqs,
+                    hash: None,
+                    horizon_ms: HORIZON_UNKNOWN,
+                },
+            )
+        })
         .collect()
+}
+
+/// The batches a snapshot of format 3 or older covers: its seen-sets' size (no epoch had
+/// expired then).
+fn seen_size(seen: &[(ProducerKey, u64, EpochSeen)]) -> u64 {
+    seen.iter()
+        .fold(0u64, |n, (_, _, e)| n.saturating_add(e.seqs.len()))
 }
 
 /// Format 1 of [`Snapshot`], before it carried `batches_hash`.
@@ -410,15 +472,46 @@ impl Snapshot {
     /// still give equal hashes).
     pub fn decode(bytes: &[u8]) -> Result<Snapshot, String> {
         match bytes.first() {
+            Some(3) => {
+                let v3: SnapshotV3 =
+                    postcard::from_bytes(bytes).map_err(|e| format!("snapshot (format 3): {e}"))?;
+                let seen: Vec<_> = v3
+                    .seen
+                    .into_iter()
+                    .map(|(p, e, s)| {
+                        (
+                            p,
+                            e,
+                            EpochSeen {
+                                seqs: s.seqs,
+                                hash: s.hash,
+                                horizon_ms: HORIZON_UNKNOWN,
+                            },
+                        )
+                    })
+                    .collect();
+                Ok(Snapshot {
+                    format: SNAPSHOT_FORMAT,
+                    strings: v3.strings,
+                    producers: v3.producers,
+                    series: v3.series,
+                    batches: seen_size(&seen),
+                    seen,
+                    horizons: v3.horizons,
+                    batches_hash: v3.batches_hash,
+                })
+            }
             Some(2) => {
                 let v2: SnapshotV2 =
                     postcard::from_bytes(bytes).map_err(|e| format!("snapshot (format 2): {e}"))?;
+                let seen = unhashed(v2.seen);
                 Ok(Snapshot {
                     format: SNAPSHOT_FORMAT,
                     strings: v2.strings,
                     producers: v2.producers,
                     series: v2.series,
-                    seen: unhashed(v2.seen),
+                    batches: seen_size(&seen),
+                    seen,
                     horizons: v2.horizons,
                     batches_hash: v2.batches_hash,
                 })
@@ -435,12 +528,14 @@ impl Snapshot {
                     ..v1
                 };
                 seed.add(&Sha256::digest(postcard::to_allocvec(&canon).unwrap_or_default()).into());
+                let seen = unhashed(canon.seen);
                 Ok(Snapshot {
                     format: SNAPSHOT_FORMAT,
                     strings: canon.strings,
                     producers: canon.producers,
                     series: canon.series,
-                    seen: unhashed(canon.seen),
+                    batches: seen_size(&seen),
+                    seen,
                     horizons,
                     batches_hash: seed,
                 })
@@ -483,7 +578,7 @@ pub enum RestoreError {
     Inconsistent(&'static str),
 }
 
-const SNAPSHOT_FORMAT: u32 = 3;
+const SNAPSHOT_FORMAT: u32 = 4;
 
 /// What a batch would add to a replica's state (see [`Replica::novelty`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -494,6 +589,56 @@ pub struct Novelty {
     pub entities: u32,
     /// Series of every kind the state does not hold yet.
     pub series: u32,
+}
+
+/// Estimated heap bytes of a [`Replica`], by kind ([`Replica::memory`]): sizes of what is
+/// held times the counts kept current by apply, expiry and pruning, so O(1) to read. Allocator
+/// overhead and spare capacity are left out, except hash tables' and B-trees' typical fill.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// Seen-sets: one per live (producer, epoch).
+    pub seen: u64,
+    /// Producer keys and their index.
+    pub producers: u64,
+    /// Series headers and their indexes (per category, entity, producer).
+    pub series: u64,
+    /// Tier entries (bucket totals) of every series.
+    pub entries: u64,
+    /// Category and entity strings.
+    pub strings: u64,
+    /// Batches retained for peers (decoded and signed bytes).
+    pub log: u64,
+}
+
+impl Memory {
+    /// The sum of every kind.
+    pub fn total(&self) -> u64 {
+        self.seen + self.producers + self.series + self.entries + self.strings + self.log
+    }
+
+    /// `(kind, bytes)` for each kind, in a fixed order (the `/metrics` labels).
+    pub fn by_kind(&self) -> [(&'static str, u64); 6] {
+        [
+            ("seen", self.seen),
+            ("producers", self.producers),
+            ("series", self.series),
+            ("entries", self.entries),
+            ("strings", self.strings),
+            ("log", self.log),
+        ]
+    }
+}
+
+/// Heap bytes of one retained batch, estimated.
+fn log_entry_bytes(e: &LogEntry) -> u64 {
+    use std::mem::size_of;
+    let b = &e.batch;
+    let strings: usize = b.strings.iter().map(|s| s.len() + 4).sum();
+    (e.raw.len()
+        + b.summaries.len() * size_of::<crate::batch::BatchSummary>()
+        + strings
+        + size_of::<Batch>()
+        + 2 * size_of::<(BatchId, LogEntry)>()) as u64
 }
 
 /// A merger's state.
@@ -513,8 +658,14 @@ pub struct Replica {
     applied: u64,
     /// The set hash of every batch applied (or covered by the snapshot restored).
     batches_hash: SetHash,
+    /// How many batches `batches_hash` sums (expiry does not lower it).
+    hashed_batches: u64,
     /// Batches the seen-sets cover.
     seen_batches: u64,
+    /// Epochs expired since this replica was created.
+    expired_epochs: u64,
+    /// Estimated heap bytes of the retained log.
+    log_bytes: u64,
     /// Tier entries held.
     entries: u64,
     /// What the last `apply` added (reset at each apply).
@@ -675,12 +826,15 @@ impl Replica {
             .or_insert_with(|| EpochSeen {
                 seqs: SeenSet::new(),
                 hash: Some([0; 16]),
+                horizon_ms: i64::MIN,
             })
-            .add(id.seq, digest);
+            .add(id.seq, digest, batch.oldest_end_ms());
         self.applied += 1;
         self.seen_batches += 1;
+        self.hashed_batches += 1;
         self.entries += created;
         self.batches_hash.add(digest);
+        self.log_bytes += log_entry_bytes(&entry);
         self.log.insert(id, entry);
         Ok(Applied::New)
     }
@@ -705,7 +859,7 @@ impl Replica {
         let mut h = Sha256::new();
         h.update(b"edgetally/state/v2\0");
         h.update(self.batches_hash.0);
-        h.update(self.seen_batches.to_le_bytes());
+        h.update(self.hashed_batches.to_le_bytes());
         h.finalize().into()
     }
 
@@ -768,13 +922,74 @@ impl Replica {
         Some(self.log.keys().filter(|id| !d.contains(id)).count())
     }
 
+    /// Expires the seen-sets of the epochs whose lateness horizon is at or before `cutoff_ms`
+    /// (and drops their retained batches), returning their keys. The merger passes
+    /// `now − max_lateness − margin`: every batch those epochs applied is then refused by the
+    /// time check before a seen-set is consulted (ARCHITECTURE.md, "Seen-set expiry"), so
+    /// forgetting them cannot count a batch twice. The totals keep what they applied, and the
+    /// state hash still covers them.
+    pub fn expire(&mut self, cutoff_ms: i64) -> Vec<(ProducerKey, u64)> {
+        let mut gone = Vec::new();
+        let mut dropped = 0u64;
+        self.seen.retain(|&key, e| {
+            let live = e.horizon_ms > cutoff_ms;
+            if !live {
+                dropped = dropped.saturating_add(e.seqs.len());
+                gone.push(key);
+            }
+            live
+        });
+        if !gone.is_empty() {
+            self.seen_batches = self.seen_batches.saturating_sub(dropped);
+            self.expired_epochs += gone.len() as u64;
+            let set: std::collections::BTreeSet<_> = gone.iter().copied().collect();
+            let mut freed = 0;
+            self.log.retain(|id, e| {
+                let keep = !set.contains(&(id.producer, id.epoch));
+                if !keep {
+                    freed += log_entry_bytes(e);
+                }
+                keep
+            });
+            self.log_bytes = self.log_bytes.saturating_sub(freed);
+        }
+        gone
+    }
+
+    /// Gives every epoch whose horizon is [`HORIZON_UNKNOWN`] (restored from a snapshot that
+    /// did not keep it) the horizon `bound_ms`, which must be at least the oldest bucket end
+    /// of any batch applied before (the merger passes its clock at start-up plus
+    /// `max_future_skew` and the widest bucket, 1 day). Returns how many.
+    pub fn bound_unknown_horizons(&mut self, bound_ms: i64) -> usize {
+        let mut n = 0;
+        for e in self.seen.values_mut() {
+            if e.horizon_ms == HORIZON_UNKNOWN {
+                e.horizon_ms = bound_ms;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Epochs expired (by [`Replica::expire`]) since this replica was created or restored.
+    pub fn expired_epochs(&self) -> u64 {
+        self.expired_epochs
+    }
+
     /// Drops every retained batch that all declared peers hold; returns how many.
     /// With no peers declared, nothing needs retaining and everything is dropped.
     pub fn prune_log(&mut self) -> usize {
         let before = self.log.len();
         let peers = &self.peers;
-        self.log
-            .retain(|id, _| !peers.values().all(|d| d.contains(id)));
+        let mut freed = 0;
+        self.log.retain(|id, e| {
+            let keep = !peers.values().all(|d| d.contains(id));
+            if !keep {
+                freed += log_entry_bytes(e);
+            }
+            keep
+        });
+        self.log_bytes = self.log_bytes.saturating_sub(freed);
         before - self.log.len()
     }
 
@@ -848,6 +1063,7 @@ impl Replica {
                 .collect(),
             horizons: self.horizons,
             batches_hash: self.batches_hash,
+            batches: self.hashed_batches,
         }
     }
 
@@ -867,6 +1083,7 @@ impl Replica {
         let mut r = Replica::new();
         r.horizons = snap.horizons;
         r.batches_hash = snap.batches_hash;
+        r.hashed_batches = snap.batches;
         for s in &snap.strings {
             r.strings.intern(s);
         }
@@ -926,6 +1143,7 @@ impl Replica {
                 // The snapshot holds this epoch exactly as this replica does (same seqs, same
                 // content hash): the entry is the snapshot's too, and stays retained for the
                 // peers that still lack it.
+                fresh.log_bytes += log_entry_bytes(e);
                 fresh.log.insert(*id, e.clone());
             }
         }
@@ -948,6 +1166,30 @@ impl Replica {
     /// Number of stored tier entries (a measure of memory); O(1).
     pub fn entry_count(&self) -> usize {
         self.entries as usize
+    }
+
+    /// Estimated heap bytes by kind (O(1); see [`Memory`]).
+    pub fn memory(&self) -> Memory {
+        use std::mem::size_of;
+        // B-tree nodes run about 3/4 full; hash tables at most 7/8 (a control byte a slot).
+        let btree = |entry: usize, n: usize| (entry * n * 4 / 3) as u64;
+        let hash = |entry: usize, n: usize| ((entry + 1) * n * 8 / 7) as u64;
+        let n_series = self.series.len();
+        Memory {
+            seen: btree(
+                size_of::<((ProducerKey, u64), EpochSeen)>(),
+                self.seen.len(),
+            ),
+            producers: (self.producers.capacity() * size_of::<ProducerKey>()) as u64
+                + btree(size_of::<(ProducerKey, u32)>(), self.producer_ids.len()),
+            series: (self.series.capacity() * size_of::<Series>()) as u64
+                + hash(size_of::<((u32, Dim), u32)>(), self.series_ids.len())
+                + (n_series * size_of::<(Dim, u32)>()) as u64
+                + hash(size_of::<(u32, Vec<(Dim, u32)>)>(), self.by_category.len()),
+            entries: self.entries * size_of::<(i64, Total)>() as u64,
+            strings: self.strings.heap_bytes(),
+            log: self.log_bytes,
+        }
     }
 
     /// Number of (producer, epoch) seen-sets.
