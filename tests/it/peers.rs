@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-const ALPN_PEER: &[u8] = b"edgetally-peer/2";
+const ALPN_PEER: &[u8] = b"edgetally-peer/3";
 
 fn free_udp() -> SocketAddr {
     UdpSocket::bind("127.0.0.1:0")

@@ -927,25 +927,23 @@ impl Replica {
     /// `now − max_lateness − margin`: every batch those epochs applied is then refused by the
     /// time check before a seen-set is consulted (ARCHITECTURE.md, "Seen-set expiry"), so
     /// forgetting them cannot count a batch twice. The totals keep what they applied, and the
-    /// state hash still covers them.
-    pub fn expire(&mut self, cutoff_ms: i64) -> Vec<(ProducerKey, u64)> {
-        let mut gone = Vec::new();
-        let mut dropped = 0u64;
-        self.seen.retain(|&key, e| {
-            let live = e.horizon_ms > cutoff_ms;
-            if !live {
-                dropped = dropped.saturating_add(e.seqs.len());
-                gone.push(key);
-            }
-            live
-        });
+    /// state hash still covers them. Returned with the seqs they had applied, in key order
+    /// (the merger drops exactly those batches from its store at the next compaction).
+    pub fn expire(&mut self, cutoff_ms: i64) -> Vec<((ProducerKey, u64), SeenSet)> {
+        let (gone, live): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.seen)
+            .into_iter()
+            .partition(|(_, e)| e.horizon_ms <= cutoff_ms);
+        self.seen = live;
         if !gone.is_empty() {
+            let dropped = gone
+                .values()
+                .fold(0u64, |n, e| n.saturating_add(e.seqs.len()));
             self.seen_batches = self.seen_batches.saturating_sub(dropped);
             self.expired_epochs += gone.len() as u64;
-            let set: std::collections::BTreeSet<_> = gone.iter().copied().collect();
+            let set = &gone;
             let mut freed = 0;
             self.log.retain(|id, e| {
-                let keep = !set.contains(&(id.producer, id.epoch));
+                let keep = !set.contains_key(&(id.producer, id.epoch));
                 if !keep {
                     freed += log_entry_bytes(e);
                 }
@@ -953,7 +951,7 @@ impl Replica {
             });
             self.log_bytes = self.log_bytes.saturating_sub(freed);
         }
-        gone
+        gone.into_iter().map(|(k, e)| (k, e.seqs)).collect()
     }
 
     /// Gives every epoch whose horizon is [`HORIZON_UNKNOWN`] (restored from a snapshot that

@@ -334,6 +334,18 @@ impl Admission {
             .len()
     }
 
+    /// Estimated heap bytes of the per-producer and per-source state (rate limits, quotas,
+    /// enrolments): entries times their size, at a hash table's 7/8 fill.
+    pub fn memory_bytes(&self) -> u64 {
+        use std::mem::size_of;
+        let hash = |entry: usize, n: usize| ((entry + 1) * n * 8 / 7) as u64;
+        let (producers, sources) = self.tracked();
+        let enrolled = self.enrolled_len();
+        hash(size_of::<(ProducerKey, ProducerState)>(), producers)
+            + hash(size_of::<(IpAddr, Bucket)>(), sources)
+            + hash(size_of::<(ProducerKey, i64)>(), enrolled)
+    }
+
     /// Producers and sources tracked by the rate limits.
     pub fn tracked(&self) -> (usize, usize) {
         (

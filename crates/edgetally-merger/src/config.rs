@@ -43,6 +43,10 @@ pub struct Config {
     /// A peer unreachable for longer than this (seconds) stops holding back log pruning;
     /// when it returns it catches up from a snapshot.
     pub peer_horizon_secs: u64,
+    /// How far past `max_lateness` an epoch's seen-set is kept before it expires, ms: the
+    /// margin that covers clock steps and a batch's time between its time check and its
+    /// apply (ARCHITECTURE.md, "Seen-set expiry").
+    pub seen_expiry_margin_ms: i64,
     /// Page cache of the snapshot database (redb), MiB.
     pub store_cache_mb: usize,
     /// Which producers may send batches (see [`crate::admission`]).
@@ -120,6 +124,7 @@ impl Default for Config {
             peer_keys: Vec::new(),
             sync_interval_ms: 500,
             peer_horizon_secs: 600,
+            seen_expiry_margin_ms: 3_600_000,
             store_cache_mb: 64,
             producer_policy: ProducerPolicy::Open,
             producer_allowlist: None,
@@ -188,6 +193,8 @@ pub struct FileConfig {
     pub sync_interval_ms: Option<u64>,
     /// See [`Config::peer_horizon_secs`].
     pub peer_horizon_secs: Option<u64>,
+    /// See [`Config::seen_expiry_margin_ms`].
+    pub seen_expiry_margin_ms: Option<i64>,
     /// See [`Config::store_cache_mb`].
     pub store_cache_mb: Option<usize>,
     /// See [`Config::producer_policy`].
@@ -252,6 +259,7 @@ impl FileConfig {
         "peer_keys",
         "sync_interval_ms",
         "peer_horizon_secs",
+        "seen_expiry_margin_ms",
         "store_cache_mb",
         "producer_policy",
         "producer_allowlist",
@@ -341,6 +349,7 @@ impl Config {
             peer_keys => self.peer_keys,
             sync_interval_ms => self.sync_interval_ms,
             peer_horizon_secs => self.peer_horizon_secs,
+            seen_expiry_margin_ms => self.seen_expiry_margin_ms,
             store_cache_mb => self.store_cache_mb,
             producer_policy => self.producer_policy,
             issuer_keys => self.issuer_keys,

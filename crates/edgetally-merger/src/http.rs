@@ -1271,6 +1271,19 @@ async fn metrics(State(node): State<Node_>) -> Response {
                 let _ = writeln!(text, "{name}{{{labels}}} {}", v.load(Relaxed));
             }
         }
+        let memory = node.state().memory();
+        let name = "edgetally_memory_bytes";
+        let _ = writeln!(
+            text,
+            "# HELP {name} Estimated heap bytes of the node's state, by kind (sizes times counts, at typical table fill): seen-sets, producer keys, series headers, tier entries, strings, retained batches, admission state.\n# TYPE {name} gauge"
+        );
+        for (kind, v) in memory
+            .by_kind()
+            .into_iter()
+            .chain([("admission", adm.memory_bytes())])
+        {
+            let _ = writeln!(text, "{name}{{kind=\"{kind}\"}} {v}");
+        }
         let name = "edgetally_allowlist_load_errors_total";
         let _ = writeln!(
             text,

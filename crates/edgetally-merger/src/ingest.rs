@@ -53,6 +53,10 @@ pub struct Pipeline {
     pub metrics: Arc<Metrics>,
     /// Batch limits.
     pub limits: Limits,
+    /// How much later than `max_lateness` a batch from a peer may still be (half the seen-set
+    /// expiry margin: a peer's batch that reached it late is not lost to the delay, and is
+    /// still refused before any epoch that applied it can have expired here).
+    pub peer_grace_ms: i64,
     /// Most batches per group.
     pub max_group: usize,
     /// One past the last group commit whose batches are all applied (0: none yet).
@@ -172,18 +176,20 @@ async fn verify_stage(mut rx: mpsc::Receiver<Job>, tx: mpsc::Sender<Checked>, p:
         }
         p.metrics.queue_depth.fetch_sub(jobs.len() as u64, Relaxed);
         let (limits, now) = (p.limits, now_ms());
+        let grace = p.peer_grace_ms;
         // Two halves on two blocking-pool threads (both cores): decoding and verifying.
         let second = if jobs.len() >= 16 {
             let rest = jobs.split_off(jobs.len() / 2);
             let adm = p.admission.clone();
             Some(tokio::task::spawn_blocking(move || {
-                check_jobs(rest, &limits, now, &adm)
+                check_jobs(rest, &limits, grace, now, &adm)
             }))
         } else {
             None
         };
         let adm = p.admission.clone();
-        let first = tokio::task::spawn_blocking(move || check_jobs(jobs, &limits, now, &adm));
+        let first =
+            tokio::task::spawn_blocking(move || check_jobs(jobs, &limits, grace, now, &adm));
         let mut checked = match first.await {
             Ok(c) => c,
             Err(e) => {
@@ -205,18 +211,31 @@ async fn verify_stage(mut rx: mpsc::Receiver<Job>, tx: mpsc::Sender<Checked>, p:
 
 /// Decodes, time-checks and (for producers' batches) admits every job, then verifies the
 /// signatures of those that passed together.
-fn check_jobs(jobs: Vec<Job>, limits: &Limits, now: i64, admission: &Admission) -> Checked {
+fn check_jobs(
+    jobs: Vec<Job>,
+    limits: &Limits,
+    peer_grace_ms: i64,
+    now: i64,
+    admission: &Admission,
+) -> Checked {
+    let peer_limits = Limits {
+        max_lateness_ms: limits.max_lateness_ms.saturating_add(peer_grace_ms),
+        ..*limits
+    };
     let mut results: Vec<Option<Result<Batch, DecodeError>>> = Vec::with_capacity(jobs.len());
     let mut pending: Vec<(usize, Unverified)> = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
         match decode(&job.raw, limits) {
-            Ok(u) => match u.batch.check_time(now, limits).and_then(|()| {
-                if job.from_peer {
-                    Ok(())
-                } else {
-                    admission.check_batch(&u.batch, now)
-                }
-            }) {
+            Ok(u) => match u
+                .batch
+                .check_time(now, if job.from_peer { &peer_limits } else { limits })
+                .and_then(|()| {
+                    if job.from_peer {
+                        Ok(())
+                    } else {
+                        admission.check_batch(&u.batch, now)
+                    }
+                }) {
                 Ok(()) => {
                     results.push(None);
                     pending.push((i, u));

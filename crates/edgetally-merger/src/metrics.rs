@@ -48,6 +48,8 @@ pub struct Metrics {
     pub events_accepted: AtomicU64,
     /// Snapshots written.
     pub snapshots: AtomicU64,
+    /// (Producer, epoch) seen-sets expired past the lateness horizon.
+    pub epochs_expired: AtomicU64,
     /// HTTP requests answered with 4xx.
     pub http_client_errors: AtomicU64,
     /// HTTP requests.
@@ -196,6 +198,12 @@ impl Metrics {
             "edgetally_snapshots_total",
             "State snapshots written.",
             self.snapshots.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "edgetally_epochs_expired_total",
+            "(Producer, epoch) seen-sets expired past the lateness horizon (max_lateness + seen_expiry_margin_ms after their newest batch's oldest bucket).",
+            self.epochs_expired.load(Relaxed),
         );
         counter(
             &mut s,

@@ -6,15 +6,15 @@ use crate::config::Config;
 use crate::ingest::{now_ms, Ingest, Pipeline};
 use crate::metrics::Metrics;
 use crate::store::Store;
-use edgetally_core::{Limits, LogEntry, Replica};
+use edgetally_core::{BatchId, Limits, LogEntry, ProducerKey, Replica, SeenSet};
 use edgetally_net::tls::{hex, server_config, Identity, ALPN_BATCHES, ALPN_H3, ALPN_PEER};
 use edgetally_net::{random_seed, random_u64};
 use edgetally_proto::{decode, Reply, Signer};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -87,6 +87,53 @@ pub struct Node {
     pub admission: Arc<crate::admission::Admission>,
     /// The HTTP listener's TLS configuration, when `http_tls` is on (swapped on rotation).
     pub http_tls: Option<crate::serve_http::TlsSlot>,
+    /// Expired epochs whose stored batches the next compaction drops.
+    pub expired: Expired,
+}
+
+/// Batches of expired epochs that the store may still hold: they are in the totals (and in
+/// every snapshot taken since their expiry) but in no seen-set, so the compaction that stores
+/// such a snapshot must drop them — replayed over it at start-up they would count twice. Each
+/// entry: the store's next group number when the epochs expired (the batches they had applied
+/// were all written in earlier groups; a batch written later under a re-used id is another
+/// batch and stays), and the seqs each epoch had applied.
+#[derive(Debug, Default)]
+pub struct Expired(Mutex<Vec<ExpiredEpochs>>);
+
+/// One expiry's epochs (see [`Expired`]).
+type ExpiredEpochs = (u64, BTreeMap<(ProducerKey, u64), SeenSet>);
+
+impl Expired {
+    fn push(&self, next_group: u64, epochs: Vec<((ProducerKey, u64), SeenSet)>) {
+        if !epochs.is_empty() {
+            let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            v.push((next_group, epochs.into_iter().collect()));
+        }
+    }
+
+    /// Takes every entry (call with the replica lock held, with the snapshot that covers them).
+    fn take(&self) -> Vec<ExpiredEpochs> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Puts back entries whose compaction failed (older first).
+    fn put_back(&self, mut taken: Vec<ExpiredEpochs>) {
+        if !taken.is_empty() {
+            let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            taken.append(&mut v);
+            *v = taken;
+        }
+    }
+
+    /// Whether the stored batch `id`, written in `group`, is one an expired epoch applied.
+    fn covers(taken: &[ExpiredEpochs], group: u64, id: &BatchId) -> bool {
+        taken.iter().any(|(before, epochs)| {
+            group < *before
+                && epochs
+                    .get(&(id.producer, id.epoch))
+                    .is_some_and(|s| s.contains(id.seq))
+        })
+    }
 }
 
 /// A started node; `shutdown()` stops it.
@@ -287,6 +334,14 @@ fn recover(
         })?,
         None => Replica::new(),
     };
+    // Epochs restored from a snapshot that did not keep their lateness horizon (format 3 or
+    // older) get an upper bound of it: every batch applied before now has its oldest bucket
+    // ending by now + max_future_skew + the widest bucket (1 day).
+    replica.bound_unknown_horizons(
+        now_ms()
+            .saturating_add(limits.max_future_skew_ms)
+            .saturating_add(86_400_000),
+    );
     // Batches are retained (in memory and in the store) until every peer's digest covers them.
     replica.set_peers(peers.iter().map(|p| p.to_string()));
     replica.set_string_hash_keys(random_u64(), random_u64());
@@ -422,6 +477,7 @@ impl Node {
             store: store.clone(),
             metrics: metrics.clone(),
             limits: config.limits,
+            peer_grace_ms: config.seen_expiry_margin_ms.max(0) / 2,
             max_group: config.max_group,
             applied_group: applied_group.clone(),
             applied: replication.as_ref().map(|r| r.applied.clone()),
@@ -468,6 +524,7 @@ impl Node {
             quarantined,
             admission,
             http_tls: http_tls.clone(),
+            expired: Expired::default(),
             applied_group,
             replication,
             config,
@@ -558,12 +615,27 @@ impl Node {
         // the others (this node's retained log, applied again on top of the snapshot) stay and
         // are replayed over it at start-up.
         let retained: HashSet<_> = fresh.log().map(|e| e.batch.id).collect();
-        self.store
-            .compact(&snap, |id| covered.contains(id) && !retained.contains(id))
-            .map_err(|e| e.to_string())?;
+        // Batches of epochs this node expired are in neither the snapshot's seen-sets nor the
+        // new state's log: as in `compact`, the store lets them go with the old state.
+        let expired = self.expired.take();
+        if let Err(e) = self.store.compact(&snap, |group, id| {
+            (covered.contains(id) && !retained.contains(id)) || Expired::covers(&expired, group, id)
+        }) {
+            self.expired.put_back(expired);
+            return Err(e.to_string());
+        }
         *r = fresh;
         self.metrics.snapshots_adopted.fetch_add(1, Relaxed);
         Ok(true)
+    }
+
+    /// The lateness horizon at or before which an epoch's seen-set is expired at clock `now`:
+    /// `now − max_lateness − seen_expiry_margin_ms`. Every batch such an epoch applied is
+    /// refused by the time check from then on, from producers (`max_lateness`) and from peers
+    /// (`max_lateness` + half the margin) alike (ARCHITECTURE.md, "Seen-set expiry").
+    pub fn expiry_cutoff(&self, now: i64) -> i64 {
+        now.saturating_sub(self.config.limits.max_lateness_ms)
+            .saturating_sub(self.config.seen_expiry_margin_ms.max(0))
     }
 
     /// A peer and this node hold one epoch of `producer` with the same seqs and different
@@ -583,12 +655,22 @@ impl Node {
 
     /// Snapshots the state and drops the stored batches the snapshot covers.
     pub fn compact(&self) -> Result<usize, crate::store::StoreError> {
-        let (snap, retained, applied_through) = {
+        let (snap, retained, applied_through, expired) = {
             let r = self.state();
             let retained: HashSet<_> = r.log().map(|e| e.batch.id).collect();
-            (r.snapshot(), retained, self.applied_group.load(Relaxed))
+            // Taken under the same lock as the snapshot: every expiry the snapshot reflects,
+            // and no other.
+            let expired = self.expired.take();
+            (
+                r.snapshot(),
+                retained,
+                self.applied_group.load(Relaxed),
+                expired,
+            )
         };
-        let n = if retained.is_empty() {
+        // An expired epoch's batch may sit in a group not yet fully applied, which
+        // `compact_through` would keep: filter batch by batch then.
+        let n = if retained.is_empty() && expired.is_empty() {
             // Every group before `applied_through` is in the snapshot and no peer needs its
             // batches: drop the key range without decoding them. (Groups recovered at start-up count as
             // applied: the watermark starts past them.)
@@ -601,8 +683,16 @@ impl Node {
             }
         } else {
             let covered = snap.digest();
-            self.store
-                .compact(&snap, |id| covered.contains(id) && !retained.contains(id))?
+            match self.store.compact(&snap, |group, id| {
+                (covered.contains(id) && !retained.contains(id))
+                    || Expired::covers(&expired, group, id)
+            }) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.expired.put_back(expired);
+                    return Err(e);
+                }
+            }
         };
         self.metrics.snapshots.fetch_add(1, Relaxed);
         Ok(n)
@@ -717,8 +807,16 @@ async fn upkeep(
         let n = node.clone();
         let _ = tokio::task::spawn_blocking(move || {
             {
+                let now = now_ms();
                 let mut r = n.replica.write().unwrap_or_else(|e| e.into_inner());
-                r.prune_tiers(now_ms(), &n.config.retention);
+                r.prune_tiers(now, &n.config.retention);
+                let gone = r.expire(n.expiry_cutoff(now));
+                if !gone.is_empty() {
+                    n.metrics
+                        .epochs_expired
+                        .fetch_add(gone.len() as u64, Relaxed);
+                    n.expired.push(n.store.next_group(), gone);
+                }
             }
             if let Err(e) = n.compact() {
                 warn!("compaction failed: {e}");

@@ -1,4 +1,4 @@
-//! Replication between mergers: authenticated QUIC links (ALPN `edgetally-peer/2`, on the
+//! Replication between mergers: authenticated QUIC links (ALPN `edgetally-peer/3`, on the
 //! same port as ingest), push of newly applied batches, and pull by digest (anti-entropy).
 //!
 //! - **Authentication.** After the TLS handshake each side sends a `Hello` with its node key
@@ -637,7 +637,11 @@ async fn pull(
     conn: &quinn::Connection,
     addr: SocketAddr,
 ) -> Result<bool, String> {
-    let digest = node.state().digest();
+    // Epochs past the lateness horizon are left out on both sides, by this node's clock: one
+    // node expiring an epoch before the other (their clocks and sweeps differ) is not a gap.
+    let cutoff = node.expiry_cutoff(now_ms());
+    let mut digest = node.state().digest();
+    digest.retain_live(cutoff);
     let body = postcard::to_allocvec(&Request::Sync {
         digest,
         max: SYNC_BATCH,
@@ -692,13 +696,16 @@ async fn pull(
             Err(e) => return Err(e.to_string()),
         }
     }
-    let (theirs, more, their_hash) = done;
+    let (mut theirs, more, their_hash) = done;
+    theirs.retain_live(cutoff);
     let count = theirs.batches();
     repl.readmit(node, addr);
     let settled = !more && !retry && !refused;
     let (mine, my_hash) = {
         let r = node.state();
-        (r.digest(), r.state_hash())
+        let mut d = r.digest();
+        d.retain_live(cutoff);
+        (d, r.state_hash())
     };
     // The peer holds batches it did not send (it pruned them while this node was away longer
     // than its horizon, or dropped them adopting a snapshot): take its snapshot, with this

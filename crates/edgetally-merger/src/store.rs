@@ -811,7 +811,7 @@ impl Store {
     pub fn compact(
         &self,
         snapshot: &Snapshot,
-        drop: impl Fn(&BatchId) -> bool,
+        drop: impl Fn(u64, &BatchId) -> bool,
     ) -> Result<usize, StoreError> {
         let _c = lock(&self.compaction);
         let (old, floor, new_first) = {
@@ -824,9 +824,9 @@ impl Store {
         };
         let mut kept: Vec<(BatchId, Vec<u8>)> = Vec::new();
         let mut dropped = 0usize;
-        scan(&self.dir, &old, floor, |_, body| {
+        scan(&self.dir, &old, floor, |group, body| {
             for (id, raw) in records(body).filter_map(Result::ok) {
-                if drop(&id) {
+                if drop(group, &id) {
                     dropped += 1;
                 } else {
                     kept.push((id, raw.to_vec()));
@@ -942,7 +942,7 @@ mod tests {
             s.append(&[(id(1), b"one"), (id(2), &big)]).expect("append");
             s.append(&[(id(3), b"three")]).expect("append");
             assert_eq!(
-                s.compact(&empty_snapshot(), |i| i.seq == 1001 || i.seq == 1003)
+                s.compact(&empty_snapshot(), |_, i| i.seq == 1001 || i.seq == 1003)
                     .expect("compact"),
                 2
             );

@@ -16,7 +16,7 @@ pub const ALPN_BATCHES: &[u8] = b"edgetally/1";
 /// HTTP/3, which browsers negotiate for WebTransport (same port, dispatched on ALPN).
 pub const ALPN_H3: &[u8] = b"h3";
 /// The ALPN of the merger-to-merger replication protocol (same port, dispatched on ALPN).
-pub const ALPN_PEER: &[u8] = b"edgetally-peer/2";
+pub const ALPN_PEER: &[u8] = b"edgetally-peer/3";
 /// Total validity of generated certificates (browsers refuse more than 14 days).
 pub const CERT_VALIDITY: Duration = Duration::from_secs(13 * 86_400);
 

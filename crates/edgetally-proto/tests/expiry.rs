@@ -74,8 +74,7 @@ proptest! {
         }
         let expected: Vec<_> = newest_oldest.iter()
             .filter(|(_, &h)| h <= cutoff).map(|(k, _)| *k).collect();
-        let mut gone = r.expire(cutoff);
-        gone.sort();
+        let gone: Vec<_> = r.expire(cutoff).into_iter().map(|(k, _)| k).collect();
         prop_assert_eq!(&gone, &expected);
         prop_assert_eq!(r.expired_epochs(), expected.len() as u64);
         // Totals and the state hash are what they were; the digest lost exactly those epochs.
@@ -136,7 +135,9 @@ fn expiry_drops_the_retained_batches_of_expired_epochs_and_frees_their_memory() 
     assert_eq!(r.log_len(), 2);
     assert!(full.seen > empty.seen && full.log > empty.log && full.entries > 0);
     let gone = r.expire(NOW - 24 * HOUR);
-    assert_eq!(gone, vec![(all[0].id.producer, 0)]);
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0].0, (all[0].id.producer, 0));
+    assert!(gone[0].1.contains(0) && gone[0].1.len() == 1);
     assert_eq!(
         r.log().map(|e| e.batch.id).collect::<Vec<_>>(),
         vec![all[1].id]
