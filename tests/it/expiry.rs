@@ -125,3 +125,114 @@ fn ephemeral_epochs_expire_and_a_late_resend_is_refused_not_counted_twice() {
     );
     assert_eq!(m.metric("edgetally_producer_epochs"), 0.0);
 }
+
+fn free_udp() -> std::net::SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.local_addr().expect("addr")
+}
+
+fn state_hash(m: &Merger) -> Option<String> {
+    m.get("/v1/status").1["state_sha256"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// Two peers expire at different moments (different margins stand in for different clocks
+/// and sweep times): while one has forgotten epochs the other still holds, neither takes the
+/// difference for a gap (no snapshot adopted, no divergence), new batches keep replicating,
+/// and both end with the same state hash and exact totals, retaining nothing.
+#[test]
+fn peers_that_expire_at_different_moments_neither_adopt_nor_diverge() {
+    let q = [free_udp(), free_udp()];
+    let dirs = [TempDir::new("expiry-a"), TempDir::new("expiry-b")];
+    let start = |i: usize, margin: &'static str| {
+        let peer = q[1 - i].to_string();
+        let env = [
+            ("EDGETALLY_MAX_LATENESS_MS", "3000"),
+            ("EDGETALLY_SEEN_EXPIRY_MARGIN_MS", margin),
+            ("EDGETALLY_SNAPSHOT_INTERVAL_SECS", "1"),
+            ("EDGETALLY_SYNC_INTERVAL_MS", "200"),
+            ("EDGETALLY_CLUSTER_SECRET", "expiry-test-secret"),
+            ("EDGETALLY_PRODUCER_BATCHES_PER_SEC", "0"),
+            ("EDGETALLY_SOURCE_BATCHES_PER_SEC", "0"),
+        ];
+        Merger::start_at(&dirs[i].0, &q[i].to_string(), &["--peer", &peer], &env)
+    };
+    let a = start(0, "500");
+    let b = start(1, "6000");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut rng = Rng::new(11);
+    let mut model = Model::default();
+    let mut send = |m: &Merger, first: u64, producers: u64| {
+        let base = now_ms();
+        let mut batches = Vec::new();
+        for p in first..first + producers {
+            let s = signer(20_000 + p);
+            let ev = events_at(&mut rng, 4, 300, base);
+            ev.iter().for_each(|e| model.add(e));
+            let id = BatchId {
+                producer: s.producer(),
+                epoch: 3,
+                seq: 0,
+            };
+            batches.push(s.seal(&build_at(id, &ev, base)).expect("seal"));
+        }
+        rt.block_on(async {
+            let c = Client::connect(m.quic, vec![m.cert])
+                .await
+                .expect("connect");
+            for b in &batches {
+                assert_eq!(c.send(b).await.expect("reply"), Reply::Ack);
+            }
+            c.close().await;
+        });
+    };
+    let t0 = now_ms();
+    send(&a, 0, 30);
+    let converged = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (ha, hb) = (state_hash(&a), state_hash(&b));
+            if ha.is_some() && ha == hb {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {ha:?} vs {hb:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    converged("after the first batches");
+    // A forgets the epochs first (3 s + 0.5 s past the horizon), B three seconds later.
+    wait_for(&a, "A to expire", |m| {
+        m.metric("edgetally_producer_epochs") == 0.0
+    });
+    let b_epochs = b.metric("edgetally_producer_epochs");
+    assert!(
+        b_epochs == 30.0 || now_ms() - t0 > 9_000,
+        "B expired too early: {b_epochs} epochs left"
+    );
+    // New producers write to B meanwhile; A must get them, and the rounds in between must
+    // not mistake A's forgotten epochs for batches it lacks.
+    send(&b, 100, 10);
+    std::thread::sleep(Duration::from_millis(1500));
+    converged("with A expired and B not");
+    wait_for(&b, "B to expire", |m| {
+        m.metric("edgetally_producer_epochs") == 0.0
+    });
+    wait_for(&a, "A to expire the later epochs", |m| {
+        m.metric("edgetally_producer_epochs") == 0.0
+    });
+    converged("after both expired");
+    let (start, end) = (t0 - 60_000, now_ms() + 60_000);
+    for m in [&a, &b] {
+        assert!(totals_match(m, &model, start, end), "exact on every node");
+        assert_eq!(m.metric("edgetally_snapshots_adopted_total"), 0.0);
+        assert_eq!(m.metric("edgetally_divergences_total"), 0.0);
+        assert_eq!(m.get("/v1/status").1["retained_batches"], 0);
+        assert_eq!(m.metric("edgetally_memory_bytes{kind=\"log\"}"), 0.0);
+    }
+    assert_eq!(a.metric("edgetally_epochs_expired_total"), 40.0);
+    assert_eq!(b.metric("edgetally_epochs_expired_total"), 40.0);
+}
