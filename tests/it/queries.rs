@@ -81,3 +81,73 @@ fn queries_match_the_model_over_many_windows() {
         );
     }
 }
+
+/// Top-k by producer against one naive model per producer, over random windows, after
+/// retention pruning, and across a snapshot round trip (the rollups are stored per bucket in
+/// memory and per (category, producer) in the snapshot).
+#[test]
+fn top_producers_match_a_model_per_producer() {
+    let mut rng = Rng::new(9);
+    let mut r = Replica::new();
+    r.set_string_hash_keys(1, 2);
+    let mut models: Vec<Model> = (0..7).map(|_| Model::default()).collect();
+    for seq in 0..140u64 {
+        let p = (seq * 5 + seq / 3) % 7;
+        let ev = events(&mut rng, 30, 4 * 86_400_000);
+        ev.iter().for_each(|e| models[p as usize].add(e));
+        r.apply(entry(build(
+            BatchId {
+                producer: key(p),
+                epoch: 1,
+                seq,
+            },
+            &ev,
+        )))
+        .expect("apply");
+    }
+    let check = |r: &Replica, rng: &mut Rng, what: &str| {
+        for _ in 0..150 {
+            let a = NOW - rng.below(5 * 86_400_000) as i64;
+            let b = a + rng.below(3 * 86_400_000) as i64;
+            for cat in ["cpu", "temp", "purchase"] {
+                let top = r.topk(cat, a, b, 100, TopBy::Producer);
+                let mut want: Vec<(String, u64)> = (0..7u64)
+                    .filter_map(|p| {
+                        let t = models[p as usize]
+                            .total(|c, _, t| c == cat && top.start <= t && t < top.end)?;
+                        Some((key(p).to_hex(), t.count))
+                    })
+                    .collect();
+                want.sort_by(|x, y| y.1.cmp(&x.1).then_with(|| x.0.cmp(&y.0)));
+                let got: Vec<(String, u64)> = top
+                    .rows
+                    .iter()
+                    .map(|(n, t)| (n.clone().unwrap_or_default(), t.count))
+                    .collect();
+                assert_eq!(got, want, "{what}: {cat} {a}..{b}");
+                for (name, t) in &top.rows {
+                    let p = (0..7u64)
+                        .find(|&p| Some(key(p).to_hex()) == *name)
+                        .expect("a known producer");
+                    let truth = models[p as usize]
+                        .total(|c, _, t| c == cat && top.start <= t && t < top.end);
+                    assert!(same(t, truth), "{what}: {cat} producer {p} {a}..{b}");
+                }
+            }
+        }
+    };
+    check(&r, &mut rng, "fresh");
+    let back =
+        Replica::restore(edgetally_core::Snapshot::decode(&r.snapshot().encode()).expect("decode"))
+            .expect("restore");
+    assert_eq!(back.snapshot(), r.snapshot(), "the snapshot is canonical");
+    assert_eq!(back.series_count(), r.series_count());
+    assert_eq!(back.entry_count(), back.entry_count_exact());
+    check(&back, &mut rng, "restored");
+    let ret = Retention {
+        tiers: [Some(86_400_000), Some(2 * 86_400_000), None],
+    };
+    assert!(r.prune_tiers(NOW, &ret) > 0);
+    assert_eq!(r.entry_count(), r.entry_count_exact());
+    check(&r, &mut rng, "pruned");
+}

@@ -69,6 +69,59 @@ fn main() {
     println!("memory: 100,000 producers, one epoch each: {with_state} bytes in all, {:.1} bytes/producer (seen-set, producer index, per-producer minute/hour series of one key)", with_state as f64 / 100_000.0);
     drop(r);
 
+    // Per new entity series: 100,000 entities of one category, one summary each (one batch
+    // of 1,000 per second), so every tier entry and series header is a new one.
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut r = Replica::new();
+    for s in 0..100u64 {
+        let mut e = iot_batch(0, s, 1000, 0);
+        let b = std::sync::Arc::make_mut(&mut e.batch);
+        b.strings = std::iter::once("temperature".to_string())
+            .chain((0..1000).map(|i| format!("device-{:07}", s * 1000 + i)))
+            .collect();
+        r.apply(e).expect("apply");
+    }
+    r.prune_log();
+    let bytes = LIVE.load(Ordering::Relaxed) - before;
+    println!("memory: per new entity series (100,000 entities, one summary each): {:.1} bytes/entity (series header, its 1 s/1 min/1 h entries, index, string)", bytes as f64 / 100_000.0);
+    drop(r);
+
+    // Per new category: 20,000 categories, one summary each (no entity).
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut r = Replica::new();
+    for s in 0..20u64 {
+        let mut e = iot_batch(0, s, 1000, 0);
+        let b = std::sync::Arc::make_mut(&mut e.batch);
+        b.strings = (0..1000)
+            .map(|i| format!("category-{:07}", s * 1000 + i))
+            .collect();
+        for (i, x) in b.summaries.iter_mut().enumerate() {
+            x.category = i as u32;
+            x.entity = edgetally_core::NO_ENTITY;
+        }
+        r.apply(e).expect("apply");
+    }
+    r.prune_log();
+    let bytes = LIVE.load(Ordering::Relaxed) - before;
+    println!("memory: per new category (20,000 categories, one summary each, no entity): {:.1} bytes/category (its all, no-entity and producer series, index, string)", bytes as f64 / 20_000.0);
+    drop(r);
+
+    // Per idle producer: 100,000 producers sent one batch each, then fell silent; their
+    // seen-sets expired. What stays: the key, its index, its minute/hour rollup entries.
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut r = Replica::new();
+    for p in 0..100_000u32 {
+        let mut e = iot_batch(0, 3, 1, 0);
+        let b = std::sync::Arc::make_mut(&mut e.batch);
+        b.id.producer.0[..4].copy_from_slice(&p.to_le_bytes());
+        r.apply(e).expect("apply");
+    }
+    r.prune_log();
+    r.expire(i64::MAX - 1);
+    let after_expiry = LIVE.load(Ordering::Relaxed) - before;
+    println!("memory: per idle producer (100,000 producers, one batch each, seen-sets expired): {:.1} bytes/producer (key, index, per-producer minute/hour rollups of one category)", after_expiry as f64 / 100_000.0);
+    drop(r);
+
     // p50/p99 of a 30-day aggregate over realistic data.
     let mut r = Replica::new();
     for (seq, minute) in (0..30 * 24 * 60i64).enumerate() {

@@ -9,6 +9,7 @@
 //! it hashes with SipHash-2-4 under keys chosen by the caller (the core draws no randomness;
 //! a merger passes random keys to [`Interner::set_keys`]).
 
+use crate::batch::ProducerKey;
 use hashbrown::HashTable;
 use std::hash::Hasher;
 
@@ -21,9 +22,78 @@ struct Keys {
 impl Keys {
     #[allow(deprecated)] // SipHasher is std's only keyed hasher; its algorithm is what we want.
     fn hash(&self, s: &str) -> u64 {
+        self.hash_bytes(s.as_bytes())
+    }
+
+    #[allow(deprecated)]
+    fn hash_bytes(&self, b: &[u8]) -> u64 {
         let mut h = std::hash::SipHasher::new_with_keys(self.k0, self.k1);
-        h.write(s.as_bytes());
+        h.write(b);
         h.finish()
+    }
+}
+
+/// Producer keys ↔ dense ids (0, 1, 2, … in order of first sight), like [`Interner`]: the keys
+/// end to end in one vector, the table holding only ids (about 5 bytes a key, where a B-tree
+/// map of keys to ids took ~55), hashed with SipHash under the caller's keys — producer keys
+/// are chosen by whoever generates them, so a fixed hash could be flooded.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct KeyIndex {
+    keys: Vec<ProducerKey>,
+    table: HashTable<u32>,
+    hash: Keys,
+}
+
+impl KeyIndex {
+    /// The key of `id` (panics on an id not handed out).
+    pub(crate) fn get(&self, id: u32) -> ProducerKey {
+        self.keys[id as usize]
+    }
+
+    /// The id of `k`, if known.
+    pub(crate) fn id(&self, k: &ProducerKey) -> Option<u32> {
+        let h = self.hash.hash_bytes(&k.0);
+        self.table
+            .find(h, |&id| self.keys[id as usize] == *k)
+            .copied()
+    }
+
+    /// The id of `k`, adding it if new.
+    pub(crate) fn intern(&mut self, k: ProducerKey) -> u32 {
+        if let Some(id) = self.id(&k) {
+            return id;
+        }
+        let id = self.keys.len() as u32;
+        self.keys.push(k);
+        let (keys, hash) = (&self.keys, self.hash);
+        let h = hash.hash_bytes(&k.0);
+        self.table
+            .insert_unique(h, id, |&i| hash.hash_bytes(&keys[i as usize].0));
+        id
+    }
+
+    /// Number of keys.
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Heap bytes held.
+    pub(crate) fn heap_bytes(&self) -> u64 {
+        (self.keys.capacity() * std::mem::size_of::<ProducerKey>() + self.table.capacity() * 5)
+            as u64
+    }
+
+    /// Re-keys the hash (pass random keys).
+    pub(crate) fn set_keys(&mut self, k0: u64, k1: u64) {
+        self.hash = Keys { k0, k1 };
+        let mut table = HashTable::with_capacity(self.keys.len());
+        let (keys, hash) = (&self.keys, self.hash);
+        for (id, k) in keys.iter().enumerate() {
+            table.insert_unique(hash.hash_bytes(&k.0), id as u32, |&i| {
+                hash.hash_bytes(&keys[i as usize].0)
+            });
+        }
+        self.table = table;
     }
 }
 
@@ -101,6 +171,27 @@ impl Interner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn producer_ids_are_dense_stable_and_survive_rekeying() {
+        let mut t = KeyIndex::default();
+        let key = |i: u32| {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&i.to_le_bytes());
+            ProducerKey(k)
+        };
+        for i in 0..5000 {
+            assert_eq!(t.intern(key(i)), i);
+        }
+        t.set_keys(3, 5);
+        for i in 0..5000 {
+            assert_eq!(t.id(&key(i)), Some(i));
+            assert_eq!(t.intern(key(i)), i);
+            assert_eq!(t.get(i), key(i));
+        }
+        assert_eq!(t.id(&key(5000)), None);
+        assert_eq!(t.len(), 5000);
+    }
 
     #[test]
     fn ids_are_dense_stable_and_survive_rekeying() {

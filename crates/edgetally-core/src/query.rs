@@ -200,20 +200,38 @@ impl Replica {
         };
         let plan = self.plan_for(start, end, probe);
         let mut rows = Vec::new();
-        if let Some(list) = self
-            .string_id(category)
-            .and_then(|c| self.by_category.get(&c))
-        {
-            for &(dim, idx) in list {
-                let name = match (dim, by) {
-                    (Dim::Entity(e), TopBy::Entity) => self.strings.get(e).to_string(),
-                    (Dim::Producer(p), TopBy::Producer) => self.producers[p as usize].to_hex(),
-                    _ => continue,
-                };
-                let t = self.read(idx, &plan);
-                if !t.is_empty() {
-                    rows.push((Some(name), t));
+        let cat = self.string_id(category);
+        match by {
+            TopBy::Entity => {
+                for &(dim, idx) in cat
+                    .and_then(|c| self.by_category.get(&c))
+                    .into_iter()
+                    .flatten()
+                {
+                    let Dim::Entity(e) = dim else { continue };
+                    let t = self.read(idx, &plan);
+                    if !t.is_empty() {
+                        rows.push((Some(self.strings.get(e).to_string()), t));
+                    }
                 }
+            }
+            TopBy::Producer => {
+                // Producer plans have no second pieces (their finest tier is the minute).
+                let mut sums: rustc_hash::FxHashMap<u32, Total> = Default::default();
+                if let Some(r) = cat.and_then(|c| self.rollups.get(&c)) {
+                    for &(tier, from, to) in &plan.pieces {
+                        for (_, table) in r.range(tier, from, to) {
+                            for (pid, t) in table.iter() {
+                                sums.entry(pid).or_insert(Total::EMPTY).merge(t);
+                            }
+                        }
+                    }
+                }
+                rows.extend(
+                    sums.into_iter()
+                        .filter(|(_, t)| !t.is_empty())
+                        .map(|(pid, t)| (Some(self.producers.get(pid).to_hex()), t)),
+                );
             }
         }
         rows.sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(&b.0)));

@@ -9,7 +9,7 @@
 
 use crate::batch::{Batch, BatchId, ProducerKey, NO_ENTITY};
 use crate::code::RejectCode;
-use crate::intern::Interner;
+use crate::intern::{Interner, KeyIndex};
 use crate::seen::SeenSet;
 use crate::summary::Total;
 use rustc_hash::FxHashMap;
@@ -196,6 +196,12 @@ impl Tier {
     #[inline]
     fn entry(&mut self, start: i64, created: &mut u64) -> &mut Total {
         let n = self.0.len();
+        if self.0.capacity() == 0 {
+            // Most series of a large key space (one entity, one producer) hold one bucket per
+            // tier: room for exactly one, where the first push would make room for four
+            // (224 bytes, three of them never used). Growth from there doubles as usual.
+            self.0.reserve_exact(1);
+        }
         let i = match self.0.back() {
             Some(&(last, _)) if last == start => n - 1,
             Some(&(last, _)) if last > start => {
@@ -273,6 +279,144 @@ impl Series {
             let b = start_ms.div_euclid(res) * res;
             tier.entry(b, created).add(s);
         }
+    }
+}
+
+/// One bucket's per-producer totals: a short list while few producers wrote in the bucket
+/// (the common case for long-lived producers: one or a few per category and minute), a hash
+/// table once there are many (ephemeral producers: thousands per minute).
+#[derive(Clone, Debug)]
+pub(crate) enum Table {
+    /// Up to [`Table::SMALL`] entries, unordered.
+    Small(Vec<(u32, Total)>),
+    /// More.
+    Large(FxHashMap<u32, Total>),
+}
+
+impl Table {
+    const SMALL: usize = 16;
+
+    fn new() -> Table {
+        Table::Small(Vec::new())
+    }
+
+    /// Merges `t` into producer `pid`'s totals; returns whether the entry is new.
+    fn add(&mut self, pid: u32, t: &Total) -> bool {
+        match self {
+            Table::Small(v) => {
+                if let Some((_, x)) = v.iter_mut().find(|(p, _)| *p == pid) {
+                    x.merge(t);
+                    return false;
+                }
+                if v.len() < Self::SMALL {
+                    if v.capacity() == 0 {
+                        v.reserve_exact(1);
+                    }
+                    v.push((pid, *t));
+                } else {
+                    let mut m: FxHashMap<u32, Total> = v.drain(..).collect();
+                    m.insert(pid, *t);
+                    *self = Table::Large(m);
+                }
+                true
+            }
+            Table::Large(m) => match m.entry(pid) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    e.get_mut().merge(t);
+                    false
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(*t);
+                    true
+                }
+            },
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Table::Small(v) => v.len(),
+            Table::Large(m) => m.len(),
+        }
+    }
+
+    /// Every (producer, totals), in no particular order.
+    pub(crate) fn iter(&self) -> Box<dyn Iterator<Item = (u32, &Total)> + '_> {
+        match self {
+            Table::Small(v) => Box::new(v.iter().map(|(p, t)| (*p, t))),
+            Table::Large(m) => Box::new(m.iter().map(|(p, t)| (*p, t))),
+        }
+    }
+}
+
+/// The per-producer rollups of one category (what top-k by producer reads), minute and hour
+/// tiers: per bucket, ascending, each producer's totals in that bucket.
+///
+/// One table per bucket rather than a series per (category, producer): browsers make
+/// producers ephemeral (a key per page view), and a producer seen once then costs two table
+/// entries instead of a series header, two tier buffers and three index entries. Top-k over a
+/// window reads the buckets it covers and sums per producer, as it summed per series before.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Rollups {
+    /// Tier 1 (minutes) and tier 2 (hours).
+    pub(crate) tiers: [VecDeque<(i64, Table)>; 2],
+}
+
+impl Rollups {
+    /// The producer table of bucket `start` in `tier` (0: minutes, 1: hours), created empty.
+    fn bucket(tier: &mut VecDeque<(i64, Table)>, start: i64) -> &mut Table {
+        if tier.capacity() == 0 {
+            tier.reserve_exact(1);
+        }
+        let i = match tier.back() {
+            Some(&(last, _)) if last == start => tier.len() - 1,
+            Some(&(last, _)) if last > start => {
+                let i = tier.partition_point(|(k, _)| *k < start);
+                if tier.get(i).map(|e| e.0) != Some(start) {
+                    tier.insert(i, (start, Table::new()));
+                }
+                i
+            }
+            _ => {
+                tier.push_back((start, Table::new()));
+                tier.len() - 1
+            }
+        };
+        &mut tier[i].1
+    }
+
+    /// Adds `t` to producer `pid`'s totals of the minute and hour holding `start_ms`.
+    fn add(&mut self, start_ms: i64, pid: u32, t: &Total, created: &mut u64) {
+        for (tier, res) in self.tiers.iter_mut().zip([TIER_MS[1], TIER_MS[2]]) {
+            let b = start_ms.div_euclid(res) * res;
+            if Self::bucket(tier, b).add(pid, t) {
+                *created += 1;
+            }
+        }
+    }
+
+    /// Drops the buckets of `tier` (1 or 2) before `cutoff`; returns how many entries.
+    fn drop_before(&mut self, tier: usize, cutoff: i64) -> usize {
+        let t = &mut self.tiers[tier - 1];
+        let i = t.partition_point(|(k, _)| *k < cutoff);
+        t.drain(..i).map(|(_, m)| m.len()).sum()
+    }
+
+    /// Buckets of `tier` (1 or 2) with `from <= start < to`, ascending.
+    pub(crate) fn range(
+        &self,
+        tier: usize,
+        from: i64,
+        to: i64,
+    ) -> impl Iterator<Item = &(i64, Table)> {
+        let t = &self.tiers[tier.clamp(1, 2) - 1];
+        let i = t.partition_point(|(k, _)| *k < from);
+        let j = t.partition_point(|(k, _)| *k < to).max(i);
+        t.range(i..j)
+    }
+
+    fn entries(&self) -> usize {
+        self.tiers.iter().flatten().map(|(_, m)| m.len()).sum()
     }
 }
 
@@ -645,12 +789,16 @@ fn log_entry_bytes(e: &LogEntry) -> u64 {
 #[derive(Debug, Default)]
 pub struct Replica {
     pub(crate) strings: Interner,
-    pub(crate) producers: Vec<ProducerKey>,
-    producer_ids: BTreeMap<ProducerKey, u32>,
+    pub(crate) producers: KeyIndex,
     pub(crate) series: Vec<Series>,
     pub(crate) series_ids: FxHashMap<(u32, Dim), u32>,
     /// Per category, the series of each dimension other than `All`, for top-k and grouping.
     pub(crate) by_category: FxHashMap<u32, Vec<(Dim, u32)>>,
+    /// Per category, the per-producer rollups (the `Dim::Producer` series of a snapshot).
+    pub(crate) rollups: FxHashMap<u32, Rollups>,
+    /// The (category, producer) pairs the rollups hold, `category << 32 | producer`: each
+    /// counts as one series (the series cap, `series_count`).
+    producer_pairs: rustc_hash::FxHashSet<u64>,
     seen: BTreeMap<(ProducerKey, u64), EpochSeen>,
     log: BTreeMap<BatchId, LogEntry>,
     peers: BTreeMap<String, Digest>,
@@ -681,10 +829,12 @@ impl Replica {
         }
     }
 
-    /// Re-keys the hash of the string interner (pass random keys: strings come from the
-    /// network, and fixed keys would let crafted collisions flood the table).
+    /// Re-keys the hashes of the string and producer-key indexes (pass random keys: both come
+    /// from the network, and fixed keys would let crafted collisions flood the tables).
     pub fn set_string_hash_keys(&mut self, k0: u64, k1: u64) {
         self.strings.set_keys(k0, k1);
+        self.producers
+            .set_keys(k1 ^ 0x9e37_79b9_7f4a_7c15, k0.rotate_left(17));
     }
 
     pub(crate) fn string_id(&self, s: &str) -> Option<u32> {
@@ -692,13 +842,19 @@ impl Replica {
     }
 
     fn producer_id(&mut self, p: ProducerKey) -> u32 {
-        if let Some(&id) = self.producer_ids.get(&p) {
-            return id;
+        self.producers.intern(p)
+    }
+
+    /// Adds to producer `pid`'s rollups of `cat`, counting a new (category, producer) pair as
+    /// a new series.
+    fn add_rollup(&mut self, cat: u32, pid: u32, start_ms: i64, t: &Total, created: &mut u64) {
+        if self.producer_pairs.insert((cat as u64) << 32 | pid as u64) {
+            self.last_novelty.series += 1;
         }
-        let id = self.producers.len() as u32;
-        self.producers.push(p);
-        self.producer_ids.insert(p, id);
-        id
+        self.rollups
+            .entry(cat)
+            .or_default()
+            .add(start_ms, pid, t, created);
     }
 
     fn series_mut(&mut self, cat: u32, dim: Dim) -> &mut Series {
@@ -818,8 +974,7 @@ impl Replica {
         for ((cat, start), total) in rollup {
             self.series_mut(cat, Dim::All)
                 .add_total(start, 0, &total, &mut created);
-            self.series_mut(cat, Dim::Producer(pid))
-                .add_total(start, 1, &total, &mut created);
+            self.add_rollup(cat, pid, start, &total, &mut created);
         }
         self.seen
             .entry((id.producer, id.epoch))
@@ -1009,6 +1164,11 @@ impl Replica {
             for s in &mut self.series {
                 removed += s.tiers[t].drop_before(cutoff);
             }
+            if t > 0 {
+                for r in self.rollups.values_mut() {
+                    removed += r.drop_before(t, cutoff);
+                }
+            }
         }
         self.entries = self.entries.saturating_sub(removed as u64);
         removed
@@ -1023,7 +1183,7 @@ impl Replica {
             remap[old as usize] = new as u32;
         }
         let mut porder: Vec<u32> = (0..self.producers.len() as u32).collect();
-        porder.sort_by_key(|&p| self.producers[p as usize]);
+        porder.sort_by_key(|&p| self.producers.get(p));
         let mut premap = vec![0u32; porder.len()];
         for (new, &old) in porder.iter().enumerate() {
             premap[old as usize] = new as u32;
@@ -1045,6 +1205,29 @@ impl Replica {
                 }
             })
             .collect();
+        // The rollups, as one series per (category, producer) pair: the snapshot's form does
+        // not depend on how a replica lays them out in memory.
+        let mut pairs: FxHashMap<u64, usize> = FxHashMap::default();
+        for &pair in &self.producer_pairs {
+            let (cat, pid) = ((pair >> 32) as u32, pair as u32);
+            pairs.insert(pair, series.len());
+            series.push(SeriesSnapshot {
+                category: remap[cat as usize],
+                dim: Dim::Producer(premap[pid as usize]),
+                tiers: Default::default(),
+            });
+        }
+        for (&cat, r) in &self.rollups {
+            for (t, tier) in r.tiers.iter().enumerate() {
+                for (start, table) in tier {
+                    for (pid, total) in table.iter() {
+                        if let Some(&i) = pairs.get(&((cat as u64) << 32 | pid as u64)) {
+                            series[i].tiers[t + 1].push((*start, *total));
+                        }
+                    }
+                }
+            }
+        }
         series.sort_by_key(|s| (s.category, s.dim));
         Snapshot {
             format: SNAPSHOT_FORMAT,
@@ -1052,7 +1235,7 @@ impl Replica {
                 .iter()
                 .map(|&i| self.strings.get(i).to_string())
                 .collect(),
-            producers: porder.iter().map(|&i| self.producers[i as usize]).collect(),
+            producers: porder.iter().map(|&i| self.producers.get(i)).collect(),
             series,
             seen: self
                 .seen
@@ -1099,6 +1282,31 @@ impl Replica {
                 };
             if !ok {
                 return Err(RestoreError::Inconsistent("series index out of range"));
+            }
+            if let Dim::Producer(p) = s.dim {
+                if !r
+                    .producer_pairs
+                    .insert((s.category as u64) << 32 | p as u64)
+                {
+                    return Err(RestoreError::Inconsistent("series listed twice"));
+                }
+                let [seconds, minutes, hours] = s.tiers;
+                if !seconds.is_empty() {
+                    return Err(RestoreError::Inconsistent(
+                        "producer series with second entries",
+                    ));
+                }
+                let rollups = r.rollups.entry(s.category).or_default();
+                for (t, entries) in [minutes, hours].into_iter().enumerate() {
+                    if entries.windows(2).any(|w| w[0].0 >= w[1].0) {
+                        return Err(RestoreError::Inconsistent("tier entries not ascending"));
+                    }
+                    r.entries += entries.len() as u64;
+                    for (start, total) in entries {
+                        Rollups::bucket(&mut rollups.tiers[t], start).add(p, &total);
+                    }
+                }
+                continue;
             }
             if r.series_ids.contains_key(&(s.category, s.dim)) {
                 return Err(RestoreError::Inconsistent("series listed twice"));
@@ -1158,7 +1366,8 @@ impl Replica {
         self.series
             .iter()
             .map(|s| s.tiers.iter().map(Tier::len).sum::<usize>())
-            .sum()
+            .sum::<usize>()
+            + self.rollups.values().map(Rollups::entries).sum::<usize>()
     }
 
     /// Number of stored tier entries (a measure of memory); O(1).
@@ -1178,13 +1387,16 @@ impl Replica {
                 size_of::<((ProducerKey, u64), EpochSeen)>(),
                 self.seen.len(),
             ),
-            producers: (self.producers.capacity() * size_of::<ProducerKey>()) as u64
-                + btree(size_of::<(ProducerKey, u32)>(), self.producer_ids.len()),
+            producers: self.producers.heap_bytes(),
             series: (self.series.capacity() * size_of::<Series>()) as u64
                 + hash(size_of::<((u32, Dim), u32)>(), self.series_ids.len())
                 + (n_series * size_of::<(Dim, u32)>()) as u64
-                + hash(size_of::<(u32, Vec<(Dim, u32)>)>(), self.by_category.len()),
-            entries: self.entries * size_of::<(i64, Total)>() as u64,
+                + hash(size_of::<(u32, Vec<(Dim, u32)>)>(), self.by_category.len())
+                + hash(size_of::<u64>(), self.producer_pairs.len())
+                + hash(size_of::<(u32, Rollups)>(), self.rollups.len()),
+            // Rollup entries sit in hash tables (a producer id beside the totals); series
+            // entries in dense buffers. Counted at the larger size.
+            entries: self.entries * (size_of::<(u32, Total)>() as u64 + 1),
             strings: self.strings.heap_bytes(),
             log: self.log_bytes,
         }
@@ -1198,7 +1410,7 @@ impl Replica {
     /// Number of series (one per category, per (category, entity), per category without an
     /// entity, and per (category, producer)): the measure of state the series cap bounds.
     pub fn series_count(&self) -> usize {
-        self.series.len()
+        self.series.len() + self.producer_pairs.len()
     }
 
     /// What applying `batch` would add to this state, without changing it: the merger's
@@ -1207,7 +1419,7 @@ impl Replica {
     pub fn novelty(&self, batch: &Batch) -> Novelty {
         let ids: Vec<Option<u32>> = batch.strings.iter().map(|s| self.string_id(s)).collect();
         let id = |i: u32| ids.get(i as usize).copied().flatten();
-        let pid = self.producer_ids.get(&batch.id.producer).copied();
+        let pid = self.producers.id(&batch.id.producer);
         let has = |cat: Option<u32>, dim: Option<Dim>| match (cat, dim) {
             (Some(c), Some(d)) => self.series_ids.contains_key(&(c, d)),
             _ => false,
@@ -1229,7 +1441,10 @@ impl Replica {
                 n.categories += 1;
                 n.series += 1;
             }
-            if !has(cat, pid.map(Dim::Producer)) {
+            let pair = cat
+                .zip(pid)
+                .is_some_and(|(c, p)| self.producer_pairs.contains(&((c as u64) << 32 | p as u64)));
+            if !pair {
                 n.series += 1;
             }
         }
