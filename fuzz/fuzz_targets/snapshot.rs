@@ -1,4 +1,4 @@
-//! Arbitrary bytes as a stored or peer-sent snapshot (format 1 or 2), restored. Must never
+//! Arbitrary bytes as a stored or peer-sent snapshot (any format), restored. Must never
 //! panic: a damaged or hostile snapshot is an error.
 #![no_main]
 

@@ -1,5 +1,6 @@
 //! Every input in `tests/crashers/` once crashed a decoder, or was written to probe one; each
-//! must now decode to an error, never a panic and never a batch.
+//! must now decode to an error, never a panic and never a batch (and, as a snapshot, restore
+//! or fail without a panic).
 
 use edgetally_core::Limits;
 use edgetally_proto::{open, FrameDecoder, Reply};
@@ -16,6 +17,12 @@ fn every_crasher_is_an_error() {
             "{path:?} decoded"
         );
         let _ = Reply::decode(&bytes);
+        // A stored or peer-sent snapshot: an error or a state, never a panic.
+        if let Ok(snap) = edgetally_core::Snapshot::decode(&bytes) {
+            if let Ok(r) = edgetally_core::Replica::restore(snap) {
+                let _ = (r.state_hash(), r.snapshot());
+            }
+        }
         let mut d = FrameDecoder::new(1 << 20);
         d.push(&bytes);
         while let Ok(Some(_)) = d.next_frame() {}

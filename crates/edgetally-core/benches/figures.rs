@@ -33,6 +33,20 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static A: Counting = Counting;
 
+/// A replica to which `n` producers sent one batch each (one summary, one category), its log
+/// pruned: the state, not the replication backlog.
+fn one_batch_producers(n: u32) -> Replica {
+    let mut r = Replica::new();
+    for p in 0..n {
+        let mut e = iot_batch(0, 3, 1, 0);
+        let b = std::sync::Arc::make_mut(&mut e.batch);
+        b.id.producer.0[..4].copy_from_slice(&p.to_le_bytes());
+        r.apply(e).expect("apply");
+    }
+    r.prune_log();
+    r
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // cargo test/bench discovery
@@ -52,14 +66,7 @@ fn main() {
 
     // Memory per producer seen-set: 100,000 producers with one epoch each, in-order seqs.
     let before = LIVE.load(Ordering::Relaxed);
-    let mut r = Replica::new();
-    for p in 0..100_000u32 {
-        let mut e = iot_batch(0, 3, 1, 0);
-        let b = std::sync::Arc::make_mut(&mut e.batch);
-        b.id.producer.0[..4].copy_from_slice(&p.to_le_bytes());
-        r.apply(e).expect("apply");
-    }
-    r.prune_log();
+    let r = one_batch_producers(100_000);
     let with_state = LIVE.load(Ordering::Relaxed) - before;
     let before = LIVE.load(Ordering::Relaxed);
     let digest = r.digest();
@@ -109,14 +116,7 @@ fn main() {
     // Per idle producer: 100,000 producers sent one batch each, then fell silent; their
     // seen-sets expired. What stays: the key, its index, its minute/hour rollup entries.
     let before = LIVE.load(Ordering::Relaxed);
-    let mut r = Replica::new();
-    for p in 0..100_000u32 {
-        let mut e = iot_batch(0, 3, 1, 0);
-        let b = std::sync::Arc::make_mut(&mut e.batch);
-        b.id.producer.0[..4].copy_from_slice(&p.to_le_bytes());
-        r.apply(e).expect("apply");
-    }
-    r.prune_log();
+    let mut r = one_batch_producers(100_000);
     r.expire(i64::MAX - 1);
     let after_expiry = LIVE.load(Ordering::Relaxed) - before;
     println!("memory: per idle producer (100,000 producers, one batch each, seen-sets expired): {:.1} bytes/producer (key, index, per-producer minute/hour rollups of one category)", after_expiry as f64 / 100_000.0);

@@ -100,9 +100,12 @@ impl SeenSet {
             .is_some_and(|&(rs, re)| rs <= s && e <= re)
     }
 
-    /// The number of elements.
+    /// The number of elements (saturating; on a set not yet checked by
+    /// [`SeenSet::is_well_formed`] — one read from a peer or disk — a figure, never a panic).
     pub fn len(&self) -> u64 {
-        self.next + self.ranges.iter().map(|(s, e)| e - s).sum::<u64>()
+        self.ranges.iter().fold(self.next, |n, &(s, e)| {
+            n.saturating_add(e.saturating_sub(s))
+        })
     }
 
     /// Whether the set is empty.
