@@ -487,6 +487,7 @@ async fn pump(
                                 tokio::time::sleep(Duration::from_millis(after_ms as u64)).await;
                                 continue;
                             }
+                            Ok(Reply::Nack(code)) => panic!("batch {id:?} refused: {code}"),
                             Ok(_) => {}
                             Err(_) => return, // the merger died
                         }
@@ -570,13 +571,28 @@ fn acked_batches_survive_kill_9_and_retries_never_double_count() {
             .cloned()
             .collect();
         let unacked = Arc::new(unacked);
-        rt.block_on(async {
-            let c = Client::connect(m.quic, vec![m.cert])
-                .await
-                .expect("connect");
-            pump(c.clone(), unacked.clone(), acked.clone(), 8).await;
-            c.close().await;
-        });
+        // Like a producer, resend whatever has no Ack yet: a send that fails on the wire (a
+        // stream reset under a loaded CI machine) is sent again on a fresh connection, so
+        // only a refusal, a loss or a double count can fail the test.
+        let mut sends = 0;
+        for _ in 0..3 {
+            let left: Vec<(BatchId, Vec<u8>)> = unacked
+                .iter()
+                .filter(|(id, _)| !acked.lock().expect("lock").contains(id))
+                .cloned()
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            sends += left.len();
+            rt.block_on(async {
+                let c = Client::connect(m.quic, vec![m.cert])
+                    .await
+                    .expect("connect");
+                pump(c.clone(), Arc::new(left), acked.clone(), 8).await;
+                c.close().await;
+            });
+        }
         assert_eq!(
             acked.lock().expect("lock").len(),
             400,
@@ -587,10 +603,18 @@ fn acked_batches_survive_kill_9_and_retries_never_double_count() {
             same_json(&v["groups"][0], model.total(|_, _, _| true)),
             "round {round}: {v}"
         );
-        assert_eq!(
-            m.metric("edgetally_batches_duplicate_total") as u64
-                + m.metric("edgetally_batches_applied_total") as u64,
-            unacked.len() as u64
+        // Every resend was answered as applied or as a duplicate; none applied twice.
+        let (dups, applied) = (
+            m.metric("edgetally_batches_duplicate_total") as u64,
+            m.metric("edgetally_batches_applied_total") as u64,
+        );
+        assert!(
+            applied <= unacked.len() as u64,
+            "round {round}: {applied} applied"
+        );
+        assert!(
+            dups + applied >= unacked.len() as u64 && dups + applied <= sends as u64,
+            "round {round}: {dups} duplicates + {applied} applied for {sends} sends"
         );
     }
 }
