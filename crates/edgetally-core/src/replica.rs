@@ -1085,28 +1085,42 @@ impl Replica {
     /// state hash still covers them. Returned with the seqs they had applied, in key order
     /// (the merger drops exactly those batches from its store at the next compaction).
     pub fn expire(&mut self, cutoff_ms: i64) -> Vec<((ProducerKey, u64), SeenSet)> {
-        let (gone, live): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.seen)
-            .into_iter()
-            .partition(|(_, e)| e.horizon_ms <= cutoff_ms);
-        self.seen = live;
+        // In place: the live epochs (nearly all of them, at every sweep) are neither moved nor
+        // reallocated under the write lock.
+        let mut gone = Vec::new();
+        self.seen.retain(|&key, e| {
+            let live = e.horizon_ms > cutoff_ms;
+            if !live {
+                gone.push((key, std::mem::take(&mut e.seqs)));
+            }
+            live
+        });
         if !gone.is_empty() {
             let dropped = gone
-                .values()
-                .fold(0u64, |n, e| n.saturating_add(e.seqs.len()));
+                .iter()
+                .fold(0u64, |n, (_, s)| n.saturating_add(s.len()));
             self.seen_batches = self.seen_batches.saturating_sub(dropped);
             self.expired_epochs += gone.len() as u64;
-            let set = &gone;
-            let mut freed = 0;
-            self.log.retain(|id, e| {
-                let keep = !set.contains_key(&(id.producer, id.epoch));
-                if !keep {
-                    freed += log_entry_bytes(e);
-                }
-                keep
+            // `gone` is in key order (the map's).
+            self.retain_log(|id| {
+                gone.binary_search_by(|(k, _)| k.cmp(&(id.producer, id.epoch)))
+                    .is_err()
             });
-            self.log_bytes = self.log_bytes.saturating_sub(freed);
         }
-        gone.into_iter().map(|(k, e)| (k, e.seqs)).collect()
+        gone
+    }
+
+    /// Keeps the retained batches `keep` says to, keeping the log's byte estimate current.
+    fn retain_log(&mut self, keep: impl Fn(&BatchId) -> bool) {
+        let mut freed = 0;
+        self.log.retain(|id, e| {
+            let k = keep(id);
+            if !k {
+                freed += log_entry_bytes(e);
+            }
+            k
+        });
+        self.log_bytes = self.log_bytes.saturating_sub(freed);
     }
 
     /// Gives every epoch whose horizon is [`HORIZON_UNKNOWN`] (restored from a snapshot that
@@ -1133,16 +1147,9 @@ impl Replica {
     /// With no peers declared, nothing needs retaining and everything is dropped.
     pub fn prune_log(&mut self) -> usize {
         let before = self.log.len();
-        let peers = &self.peers;
-        let mut freed = 0;
-        self.log.retain(|id, e| {
-            let keep = !peers.values().all(|d| d.contains(id));
-            if !keep {
-                freed += log_entry_bytes(e);
-            }
-            keep
-        });
-        self.log_bytes = self.log_bytes.saturating_sub(freed);
+        let peers = std::mem::take(&mut self.peers);
+        self.retain_log(|id| !peers.values().all(|d| d.contains(id)));
+        self.peers = peers;
         before - self.log.len()
     }
 
