@@ -254,6 +254,26 @@ pub fn records_of(bytes: &[u8], limits: &Limits) -> Option<u64> {
     )
 }
 
+/// The id and creation time of an envelope, read from its framing and the payload's first
+/// fields only: enough to route it (the group that owns it runs every check). `None` when
+/// even these do not decode.
+pub fn peek(bytes: &[u8], limits: &Limits) -> Option<(BatchId, i64)> {
+    let (payload, _) = split(bytes, limits).ok()?;
+    let mut r = Reader::new(payload);
+    let producer = ProducerKey(r.array::<32>().ok()?);
+    let epoch = r.u64().ok()?;
+    let seq = r.u64().ok()?;
+    let created_ms = r.i64().ok()?;
+    Some((
+        BatchId {
+            producer,
+            epoch,
+            seq,
+        },
+        created_ms,
+    ))
+}
+
 /// Decodes a v1 payload (without the envelope).
 pub fn decode_payload(payload: &[u8], limits: &Limits) -> Result<Batch, DecodeError> {
     let mut batch = read_payload(payload, limits)?;

@@ -21,7 +21,7 @@ mod abi_check;
 
 pub use builder::BatchBuilder;
 pub use envelope::{
-    decode, decode_payload, encode_payload, is_unsigned, open, seal_unsigned, set_signature,
+    decode, decode_payload, encode_payload, is_unsigned, open, peek, seal_unsigned, set_signature,
     signing_message, verify_many, verify_signature, DecodeError, SealError, Signer, Unverified,
     DOMAIN, SIGNATURE_LEN, VERSION,
 };

@@ -1,5 +1,5 @@
 //! The cluster's group map (issue 13's shard groups): S groups of replicas, and which group
-//! owns a producer. A producer belongs to one group by rendezvous hashing of its key over the
+//! owns a batch. A producer belongs to one group by rendezvous hashing of its key over the
 //! groups' *names* ([`rendezvous_weight`]), so:
 //!
 //! - every party that holds the same map (the SDK, every merger) computes the same owner, with
@@ -8,55 +8,85 @@
 //! - adding a group moves to it the producers it now outweighs (about 1/(S+1) of them) and no
 //!   other producer; removing a group moves only its own producers.
 //!
-//! Totals merge, so a routing change never moves merged data: it only decides where a
-//! producer's *future* batches go. This module is the function both sides agree on; the
-//! merger's forwarding, the topology reload and the scatter-gather queries build on it.
+//! **Maps take effect at a time, and a batch is routed by its own creation time.** A topology
+//! is a list of maps, each in force for batches *created* (the signed `created_ms`) from its
+//! `from_ms` on. A batch's owner is therefore a pure function of its bytes and the topology:
+//! every resend of one batch, before or after a routing change, goes to the same group, so
+//! no batch id is ever applied in two groups and the groups' totals add up exactly. A change
+//! is written as a new map with `from_ms` a little in the future (time for every node to
+//! reload it); earlier maps stay listed as long as batches created under them can arrive
+//! (`max_lateness`), and their groups keep answering queries for what they merged.
+//!
+//! Totals merge, so a routing change never moves merged data: it only decides where
+//! *future* batches go.
 
 use crate::producer::rendezvous_weight;
 use edgetally_core::ProducerKey;
 use serde::{Deserialize, Serialize};
 
 /// One shard group: a name (what producers are hashed against: keep it when the replicas
-/// change) and the endpoints of its replicas.
+/// change) and the addresses of its replicas.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Group {
-    /// Stable name, unique in the map.
+    /// Stable name, unique in a map.
     pub name: String,
-    /// The replicas' endpoints (at least one).
-    pub replicas: Vec<String>,
+    /// The replicas' QUIC addresses (`host:port`, at least one).
+    pub quic: Vec<String>,
+    /// The replicas' HTTP API addresses (`host:port`), for producers without QUIC.
+    #[serde(default)]
+    pub http: Vec<String>,
 }
 
-/// A versioned group map. A node that reloads its map keeps the higher version.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Topology {
-    /// Increases with every change of the map.
-    pub version: u64,
+/// The groups in force for batches created from `from_ms` on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Map {
+    /// First creation time (ms since the epoch) this map routes; the first map also routes
+    /// every earlier batch.
+    #[serde(default)]
+    pub from_ms: i64,
     /// The groups, in any order.
     pub groups: Vec<Group>,
 }
 
-/// Why a group map is unusable.
+/// A versioned list of maps, oldest first. A node that reloads its topology keeps the higher
+/// version.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    /// Increases with every change.
+    pub version: u64,
+    /// The maps, by increasing `from_ms`.
+    pub maps: Vec<Map>,
+}
+
+/// Why a topology is unusable.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TopologyError {
-    /// No group at all.
+    /// No map, or a map without a group.
     #[error("the topology has no group")]
     Empty,
     /// A group without a name.
     #[error("a group has an empty name")]
     UnnamedGroup,
-    /// Two groups with one name (producers could not tell them apart).
+    /// Two groups with one name in a map (producers could not tell them apart).
     #[error("two groups are named {0:?}")]
     DuplicateName(String),
     /// A group without replicas.
     #[error("group {0:?} has no replica")]
     NoReplica(String),
+    /// Maps not listed by strictly increasing `from_ms`.
+    #[error("maps must be listed by strictly increasing from_ms")]
+    Unordered,
+    /// A reload whose version is not above the one in force (with other content).
+    #[error("version {0} does not follow version {1}")]
+    StaleVersion(u64, u64),
 }
 
-impl Topology {
-    /// Checks that the map can route: at least one group, names non-empty and unique, every
-    /// group with a replica.
-    pub fn check(&self) -> Result<(), TopologyError> {
+impl Map {
+    fn check(&self) -> Result<(), TopologyError> {
         if self.groups.is_empty() {
             return Err(TopologyError::Empty);
         }
@@ -68,14 +98,15 @@ impl Topology {
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             return Err(TopologyError::DuplicateName(w[0].to_string()));
         }
-        if let Some(g) = self.groups.iter().find(|g| g.replicas.is_empty()) {
+        if let Some(g) = self.groups.iter().find(|g| g.quic.is_empty()) {
             return Err(TopologyError::NoReplica(g.name.clone()));
         }
         Ok(())
     }
 
-    /// The index (in `groups`) of the group that owns `producer`: the one whose name weighs
-    /// most for the key (ties, between equal names, to the lower index). `None` without groups.
+    /// The index (in `groups`) of the group that owns `producer`'s batches under this map:
+    /// the one whose name weighs most for the key (ties, between equal names, to the lower
+    /// index). `None` without groups.
     pub fn owner(&self, producer: &ProducerKey) -> Option<usize> {
         self.groups
             .iter()
@@ -88,9 +119,93 @@ impl Topology {
             .map(|(i, _)| i)
     }
 
-    /// The group that owns `producer`.
-    pub fn owner_group(&self, producer: &ProducerKey) -> Option<&Group> {
-        self.owner(producer).map(|i| &self.groups[i])
+    fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.groups.iter().map(|g| g.name.as_str()).collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+impl Topology {
+    /// A topology of one map, in force from the start.
+    pub fn single(version: u64, groups: Vec<Group>) -> Topology {
+        Topology {
+            version,
+            maps: vec![Map { from_ms: 0, groups }],
+        }
+    }
+
+    /// Checks that the topology can route: at least one map, maps by strictly increasing
+    /// `from_ms`, each with groups whose names are non-empty and unique and which have a
+    /// replica.
+    pub fn check(&self) -> Result<(), TopologyError> {
+        if self.maps.is_empty() {
+            return Err(TopologyError::Empty);
+        }
+        if self.maps.windows(2).any(|w| w[0].from_ms >= w[1].from_ms) {
+            return Err(TopologyError::Unordered);
+        }
+        self.maps.iter().try_for_each(Map::check)
+    }
+
+    /// The map that routes batches created at `created_ms`.
+    pub fn map_at(&self, created_ms: i64) -> Option<&Map> {
+        self.maps
+            .iter()
+            .rev()
+            .find(|m| m.from_ms <= created_ms)
+            .or(self.maps.first())
+    }
+
+    /// The group that owns the batch `producer` created at `created_ms`.
+    pub fn owner(&self, producer: &ProducerKey, created_ms: i64) -> Option<&Group> {
+        let m = self.map_at(created_ms)?;
+        m.owner(producer).map(|i| &m.groups[i])
+    }
+
+    /// Every group of every map, once by name, each as the newest map that lists it describes
+    /// it (replicas may have changed): the groups a cluster-wide query asks. Sorted by name.
+    pub fn all_groups(&self) -> Vec<&Group> {
+        let mut v: Vec<&Group> = Vec::new();
+        for m in self.maps.iter().rev() {
+            for g in &m.groups {
+                if !v.iter().any(|h| h.name == g.name) {
+                    v.push(g);
+                }
+            }
+        }
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Whether `self` may replace `old` (a reload): a higher version, or the same content.
+    /// Returns the creation times at or before `now_ms` whose owner the change alters: a batch
+    /// created then may already be merged by its former owner, and a resend of it would now
+    /// go to another group (the caller warns: maps must be changed ahead of their `from_ms`).
+    pub fn follows(&self, old: &Topology, now_ms: i64) -> Result<Vec<i64>, TopologyError> {
+        if self == old {
+            return Ok(Vec::new());
+        }
+        if self.version <= old.version {
+            return Err(TopologyError::StaleVersion(self.version, old.version));
+        }
+        // Every boundary of either list at or before now, and the start: the routing in force
+        // between two such times is one map on each side, so comparing the maps' group names
+        // at each boundary compares the routing of every past creation time.
+        let mut times: Vec<i64> = self
+            .maps
+            .iter()
+            .chain(&old.maps)
+            .map(|m| m.from_ms)
+            .filter(|&t| t <= now_ms)
+            .chain([i64::MIN])
+            .collect();
+        times.sort_unstable();
+        times.dedup();
+        Ok(times
+            .into_iter()
+            .filter(|&t| self.map_at(t).map(Map::names) != old.map_at(t).map(Map::names))
+            .collect())
     }
 }
 
@@ -104,17 +219,23 @@ mod tests {
         ProducerKey(k)
     }
 
+    fn groups(names: &[&str]) -> Vec<Group> {
+        names
+            .iter()
+            .map(|n| Group {
+                name: n.to_string(),
+                quic: vec![format!("{n}.example:7071")],
+                http: Vec::new(),
+            })
+            .collect()
+    }
+
     fn map(names: &[&str]) -> Topology {
-        Topology {
-            version: 1,
-            groups: names
-                .iter()
-                .map(|n| Group {
-                    name: n.to_string(),
-                    replicas: vec![format!("https://{n}.example:7071")],
-                })
-                .collect(),
-        }
+        Topology::single(1, groups(names))
+    }
+
+    fn owner_name(t: &Topology, k: &ProducerKey, at: i64) -> String {
+        t.owner(k, at).expect("owner").name.clone()
     }
 
     const KEYS: u32 = 20_000;
@@ -126,7 +247,7 @@ mod tests {
             let t = map(&names.iter().map(String::as_str).collect::<Vec<_>>());
             let mut n = vec![0u32; s];
             for i in 0..KEYS {
-                n[t.owner(&key(i)).expect("owner")] += 1;
+                n[t.maps[0].owner(&key(i)).expect("owner")] += 1;
             }
             let share = f64::from(KEYS) / s as f64;
             assert!(
@@ -141,15 +262,10 @@ mod tests {
     fn the_owner_depends_on_names_not_order_or_replicas() {
         let a = map(&["east", "west", "north"]);
         let mut b = map(&["north", "east", "west"]);
-        b.groups[1]
-            .replicas
-            .push("https://east-2.example:7071".into());
+        b.maps[0].groups[1].quic.push("east-2.example:7071".into());
         for i in 0..2000 {
             let k = key(i);
-            assert_eq!(
-                a.owner_group(&k).map(|g| &g.name),
-                b.owner_group(&k).map(|g| &g.name)
-            );
+            assert_eq!(owner_name(&a, &k, 5), owner_name(&b, &k, 5));
         }
     }
 
@@ -160,10 +276,10 @@ mod tests {
         let mut moved = 0u32;
         for i in 0..KEYS {
             let k = key(i);
-            let (b, a) = (before.owner_group(&k), after.owner_group(&k));
+            let (b, a) = (owner_name(&before, &k, 0), owner_name(&after, &k, 0));
             if b != a {
                 moved += 1;
-                assert_eq!(a.map(|g| g.name.as_str()), Some("g3"));
+                assert_eq!(a, "g3");
             }
         }
         let share = f64::from(KEYS) / 4.0;
@@ -174,24 +290,103 @@ mod tests {
         // Removing it again moves exactly those producers back, and no other.
         for i in 0..KEYS {
             let k = key(i);
-            if after.owner_group(&k).map(|g| g.name.as_str()) != Some("g3") {
-                assert_eq!(after.owner_group(&k), before.owner_group(&k));
+            if owner_name(&after, &k, 0) != "g3" {
+                assert_eq!(owner_name(&after, &k, 0), owner_name(&before, &k, 0));
             }
         }
     }
 
+    /// A batch's owner is fixed by its creation time: resends of a batch created before a
+    /// change go where it first went, whenever they arrive; batches created after go by the
+    /// new map.
     #[test]
-    fn unusable_maps_are_refused_with_a_reason() {
+    fn batches_route_by_the_map_of_their_creation_time() {
+        let t = Topology {
+            version: 2,
+            maps: vec![
+                Map {
+                    from_ms: 0,
+                    groups: groups(&["g0", "g1"]),
+                },
+                Map {
+                    from_ms: 1_000,
+                    groups: groups(&["g0", "g1", "g2"]),
+                },
+            ],
+        };
+        assert_eq!(t.check(), Ok(()));
+        let old = map(&["g0", "g1"]);
+        let new = map(&["g0", "g1", "g2"]);
+        let mut moved = 0;
+        for i in 0..KEYS {
+            let k = key(i);
+            for at in [-5, 0, 999] {
+                assert_eq!(owner_name(&t, &k, at), owner_name(&old, &k, 0));
+            }
+            for at in [1_000, i64::MAX] {
+                assert_eq!(owner_name(&t, &k, at), owner_name(&new, &k, 0));
+            }
+            moved += usize::from(owner_name(&t, &k, 999) != owner_name(&t, &k, 1_000));
+        }
+        assert!(moved > 0);
+        let names: Vec<&str> = t.all_groups().iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(names, ["g0", "g1", "g2"]);
+    }
+
+    #[test]
+    fn a_reload_must_raise_the_version_and_changes_in_the_past_are_reported() {
+        let now = 10_000;
+        let v1 = map(&["a", "b"]);
+        let mut v2 = v1.clone();
+        v2.version = 2;
+        v2.maps.push(Map {
+            from_ms: now + 60_000,
+            groups: groups(&["a", "b", "c"]),
+        });
+        // Ahead of its time: nothing already routed changes.
+        assert_eq!(v2.follows(&v1, now), Ok(vec![]));
+        // The same content again is no change; another content needs a higher version.
+        assert_eq!(v1.follows(&v1, now), Ok(vec![]));
+        let mut same_version = v2.clone();
+        same_version.version = 1;
+        assert_eq!(
+            same_version.follows(&v1, now),
+            Err(TopologyError::StaleVersion(1, 1))
+        );
+        // Replacing a replica changes no owner.
+        let mut v3 = v2.clone();
+        v3.version = 3;
+        v3.maps[0].groups[0].quic = vec!["a-new.example:7071".into()];
+        assert_eq!(v3.follows(&v2, now), Ok(vec![]));
+        // A map whose time has passed when it is loaded re-routes batches created since.
+        let mut late = v1.clone();
+        late.version = 4;
+        late.maps.push(Map {
+            from_ms: now - 5_000,
+            groups: groups(&["a", "b", "c"]),
+        });
+        assert_eq!(late.follows(&v1, now), Ok(vec![now - 5_000]));
+        let mut rewritten = map(&["a", "c"]);
+        rewritten.version = 5;
+        assert_eq!(rewritten.follows(&v1, now), Ok(vec![i64::MIN, 0]));
+    }
+
+    #[test]
+    fn unusable_topologies_are_refused_with_a_reason() {
         assert_eq!(Topology::default().check(), Err(TopologyError::Empty));
+        assert_eq!(map(&[]).check(), Err(TopologyError::Empty));
         assert_eq!(map(&["a", ""]).check(), Err(TopologyError::UnnamedGroup));
         assert_eq!(
             map(&["a", "b", "a"]).check(),
             Err(TopologyError::DuplicateName("a".into()))
         );
         let mut t = map(&["a", "b"]);
-        t.groups[1].replicas.clear();
+        t.maps[0].groups[1].quic.clear();
         assert_eq!(t.check(), Err(TopologyError::NoReplica("b".into())));
+        let mut t = map(&["a", "b"]);
+        t.maps.push(t.maps[0].clone());
+        assert_eq!(t.check(), Err(TopologyError::Unordered));
         assert_eq!(map(&["a", "b"]).check(), Ok(()));
-        assert_eq!(Topology::default().owner(&key(1)), None);
+        assert_eq!(Topology::default().owner(&key(1), 0), None);
     }
 }

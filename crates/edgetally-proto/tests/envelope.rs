@@ -1,7 +1,7 @@
 //! Batch envelope: round trips, every rejection reason, signatures, and garbage.
 
 use edgetally_core::{BatchId, Limits, ProducerKey, RejectCode};
-use edgetally_proto::{decode, open, verify_many, BatchBuilder, Signer};
+use edgetally_proto::{decode, open, peek, verify_many, BatchBuilder, Signer};
 use proptest::prelude::*;
 
 const NOW: i64 = 1_700_000_000_000;
@@ -245,12 +245,15 @@ proptest! {
         }
         let batch = b.finish(BatchId { producer: s.producer(), epoch, seq }, NOW);
         let bytes = s.seal(&batch).expect("seal");
+        // What routing reads without decoding the rest is what the full decode finds.
+        prop_assert_eq!(peek(&bytes, &Limits::default()), Some((batch.id, batch.created_ms)));
         prop_assert_eq!(open(&bytes, &Limits::default(), NOW).expect("open"), batch);
     }
 
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let _ = open(&bytes, &Limits::default(), NOW);
+        let _ = peek(&bytes, &Limits::default());
         let mut v = vec![1u8];
         v.extend_from_slice(&bytes);
         let _ = open(&v, &Limits::default(), NOW);
