@@ -80,6 +80,14 @@ pub struct Config {
     pub write_tokens: Vec<String>,
     /// Origins browsers may call the API from (CORS); `["*"]`: any.
     pub cors_origins: Vec<String>,
+    /// The shard-group topology file (TOML, [`edgetally_proto::topology::Topology`]),
+    /// re-read when it changes or on SIGHUP. None: this node is the whole cluster.
+    pub topology_file: Option<PathBuf>,
+    /// The name of this node's group in the topology (required with `topology_file`).
+    pub group: Option<String>,
+    /// How long a cluster-wide query waits for the other groups, ms; a group that has not
+    /// answered by then is reported missing and the answer is marked partial.
+    pub query_deadline_ms: u64,
 }
 
 /// Which producers a merger admits.
@@ -141,6 +149,9 @@ impl Default for Config {
             read_tokens: Vec::new(),
             write_tokens: Vec::new(),
             cors_origins: vec!["*".into()],
+            topology_file: None,
+            group: None,
+            query_deadline_ms: 2_000,
         }
     }
 }
@@ -227,6 +238,12 @@ pub struct FileConfig {
     pub write_tokens: Option<Vec<String>>,
     /// See [`Config::cors_origins`].
     pub cors_origins: Option<Vec<String>>,
+    /// See [`Config::topology_file`].
+    pub topology_file: Option<PathBuf>,
+    /// See [`Config::group`].
+    pub group: Option<String>,
+    /// See [`Config::query_deadline_ms`].
+    pub query_deadline_ms: Option<u64>,
 }
 
 /// A configuration error, naming the source and key.
@@ -276,6 +293,9 @@ impl FileConfig {
         "read_tokens",
         "write_tokens",
         "cors_origins",
+        "topology_file",
+        "group",
+        "query_deadline_ms",
     ];
 }
 
@@ -307,7 +327,8 @@ impl Config {
             }
             let value = match key.as_str() {
                 "data_dir" | "http_addr" | "quic_addr" | "tls_cert" | "tls_key"
-                | "cluster_secret" | "producer_policy" | "producer_allowlist" => format!("{v:?}"),
+                | "cluster_secret" | "producer_policy" | "producer_allowlist" | "topology_file"
+                | "group" => format!("{v:?}"),
                 "peers" | "peer_keys" | "issuer_keys" | "read_tokens" | "write_tokens"
                 | "cors_origins" => format!(
                     "[{}]",
@@ -365,6 +386,13 @@ impl Config {
             read_tokens => self.read_tokens,
             write_tokens => self.write_tokens,
             cors_origins => self.cors_origins,
+            query_deadline_ms => self.query_deadline_ms,
+        }
+        if let Some(v) = f.topology_file {
+            self.topology_file = Some(v);
+        }
+        if let Some(v) = f.group {
+            self.group = Some(v);
         }
         if let Some(v) = f.producer_allowlist {
             self.producer_allowlist = Some(v);

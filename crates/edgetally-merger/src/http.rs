@@ -1,6 +1,7 @@
 //! The HTTP API (SPEC §6): queries, event and batch ingestion, status, health and metrics.
 //! Every bad request gets HTTP 400 with `{"error": code, "message": text}`.
 
+use crate::cluster::{Answer, Query};
 use crate::ingest::now_ms;
 use crate::node::Node;
 use axum::body::Bytes;
@@ -10,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use edgetally_core::record::{MAX_TS_MS, MIN_TS_MS};
-use edgetally_core::{BatchId, GroupBy, RejectCode, Rows, TopBy, Total};
+use edgetally_core::{BatchId, RejectCode, Rows, TopBy, Total};
 use edgetally_net::tls::hex;
 use edgetally_proto::{BatchBuilder, Reply};
 use serde_json::{json, Map, Value};
@@ -317,13 +318,38 @@ fn rows_json(rows: &Rows) -> Value {
     )
 }
 
-/// How fresh and complete an answer is: when it was computed, and whether this node currently
-/// sees all its peers (a single node always does; otherwise batches applied only elsewhere may
-/// be missing from the answer until the links are back).
-fn freshness(node: &Node, obj: &mut Map<String, Value>) {
+/// How fresh and complete an answer is: when it was computed, and whether it holds every
+/// batch the cluster has, as far as this node can tell — this node sees all its peers and,
+/// with shard groups, every group answered in time from a node that sees all of its own
+/// (`shard_groups` lists each group's part). An incomplete answer may lack batches held only
+/// elsewhere; it never counts one twice.
+fn freshness(
+    node: &Node,
+    complete: bool,
+    groups: &[crate::cluster::GroupAnswer],
+    obj: &mut Map<String, Value>,
+) {
     obj.insert("as_of_ms".into(), json!(now_ms()));
-    let complete = node.replication.as_ref().is_none_or(|r| r.sees_all_peers());
     obj.insert("complete".into(), json!(complete));
+    if node.cluster.is_some() {
+        obj.insert(
+            "shard_groups".into(),
+            Value::Array(
+                groups
+                    .iter()
+                    .map(|g| {
+                        json!({
+                            "name": g.name,
+                            "answered": g.answered,
+                            "complete": g.complete,
+                            "as_of_ms": g.as_of_ms,
+                            "error": g.error,
+                        })
+                    })
+                    .collect(),
+            ),
+        );
+    }
 }
 
 /// Each peer's link, lag and digest, for `/v1/status`.
@@ -356,20 +382,52 @@ fn peers_json(node: &Node) -> Value {
     )
 }
 
-fn aggregate_json(
+/// The cluster-wide answer's points (an aggregate has one, a series one per step).
+fn points(answer: Answer) -> Vec<(i64, i64, Total)> {
+    match answer {
+        Answer::Points(p) => p,
+        Answer::Rows { .. } => Vec::new(),
+    }
+}
+
+/// The cluster-wide answer's window and rows.
+fn rows(answer: Answer) -> Rows {
+    match answer {
+        Answer::Rows { start, end, rows } => Rows { start, end, rows },
+        Answer::Points(_) => Rows {
+            start: 0,
+            end: 0,
+            rows: Vec::new(),
+        },
+    }
+}
+
+async fn aggregate_json(
     node: &Node,
-    category: &str,
-    entity: Option<&str>,
+    category: String,
+    entity: Option<String>,
     start: i64,
     end: i64,
 ) -> Map<String, Value> {
-    let a = node.state().aggregate(category, entity, start, end);
+    let (answer, complete, groups) = node
+        .query(Query::Aggregate {
+            category: category.clone(),
+            entity: entity.clone(),
+            start,
+            end,
+        })
+        .await;
+    let (start, end, total) = points(answer)
+        .into_iter()
+        .next()
+        .unwrap_or((start, end, Total::EMPTY));
     let mut o = Map::new();
     o.insert("category".into(), json!(category));
     o.insert("entity".into(), json!(entity));
-    o.insert("time_window_start".into(), json!(a.start));
-    o.insert("time_window_end".into(), json!(a.end));
-    stats(&a.total, &mut o);
+    o.insert("time_window_start".into(), json!(start));
+    o.insert("time_window_end".into(), json!(end));
+    stats(&total, &mut o);
+    freshness(node, complete, &groups, &mut o);
     o
 }
 
@@ -381,8 +439,7 @@ async fn aggregate(
     let category = p.name("category", true)?.unwrap_or_default();
     let entity = p.name("entity", false)?;
     let (start, end) = p.window()?;
-    let mut o = aggregate_json(&node, &category, entity.as_deref(), start, end);
-    freshness(&node, &mut o);
+    let o = aggregate_json(&node, category, entity, start, end).await;
     Ok(Json(Value::Object(o)))
 }
 
@@ -392,9 +449,8 @@ async fn window(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json
     let entity = p.name("entity", false)?;
     let width = p.int("width_ms", 1, 400 * 86_400_000, None)?;
     let now = now_ms();
-    let mut o = aggregate_json(&node, &category, entity.as_deref(), now - width, now);
+    let mut o = aggregate_json(&node, category, entity, now - width, now).await;
     o.insert("width_ms".into(), json!(width));
-    freshness(&node, &mut o);
     Ok(Json(Value::Object(o)))
 }
 
@@ -413,7 +469,19 @@ async fn topk(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json<V
             ))
         }
     };
-    let rows = node.state().topk(&category, start, end, k, by);
+    let (answer, complete, groups) = node
+        .query(Query::TopK {
+            category: category.clone(),
+            start,
+            end,
+            by_producer: by == TopBy::Producer,
+        })
+        .await;
+    // Every group sent every row: rank the merged rows here (ties by name), keep k.
+    let mut rows = rows(answer);
+    rows.rows
+        .sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(&b.0)));
+    rows.rows.truncate(k);
     let mut o = Map::new();
     o.insert("category".into(), json!(category));
     o.insert(
@@ -428,7 +496,7 @@ async fn topk(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json<V
     o.insert("time_window_start".into(), json!(rows.start));
     o.insert("time_window_end".into(), json!(rows.end));
     o.insert("items".into(), rows_json(&rows));
-    freshness(&node, &mut o);
+    freshness(&node, complete, &groups, &mut o);
     Ok(Json(Value::Object(o)))
 }
 
@@ -436,9 +504,9 @@ async fn totals(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json
     let p = Params::parse(q, &["start", "end", "group_by"])?;
     let (start, end) = p.window()?;
     let (g, label) = match p.opt_str("group_by").unwrap_or("none") {
-        "none" => (GroupBy::None, "none"),
-        "category" => (GroupBy::Category, "category"),
-        "entity" => (GroupBy::Entity, "entity"),
+        "none" => (0, "none"),
+        "category" => (1, "category"),
+        "entity" => (2, "entity"),
         other => {
             return Err(bad(
                 "bad_parameter",
@@ -446,13 +514,20 @@ async fn totals(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json
             ))
         }
     };
-    let rows = node.state().totals(start, end, g);
+    let (answer, complete, groups) = node
+        .query(Query::Totals {
+            start,
+            end,
+            group_by: g,
+        })
+        .await;
+    let rows = rows(answer);
     let mut o = Map::new();
     o.insert("group_by".into(), json!(label));
     o.insert("time_window_start".into(), json!(rows.start));
     o.insert("time_window_end".into(), json!(rows.end));
     o.insert("groups".into(), rows_json(&rows));
-    freshness(&node, &mut o);
+    freshness(&node, complete, &groups, &mut o);
     Ok(Json(Value::Object(o)))
 }
 
@@ -471,21 +546,23 @@ async fn series(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json
             format!("at most {MAX_SERIES_POINTS} steps per request"),
         ));
     }
-    let points = node.state().series(
-        &category,
-        entity.as_deref(),
-        start,
-        end,
-        step,
-        MAX_SERIES_POINTS,
-    );
-    let pts: Vec<Value> = points
+    let (answer, complete, groups) = node
+        .query(Query::Series {
+            category: category.clone(),
+            entity: entity.clone(),
+            start,
+            end,
+            step_ms: step,
+            max_points: MAX_SERIES_POINTS as u32,
+        })
+        .await;
+    let pts: Vec<Value> = points(answer)
         .iter()
-        .map(|a| {
+        .map(|(start, end, total)| {
             let mut o = Map::new();
-            o.insert("time_window_start".into(), json!(a.start));
-            o.insert("time_window_end".into(), json!(a.end));
-            stats(&a.total, &mut o);
+            o.insert("time_window_start".into(), json!(start));
+            o.insert("time_window_end".into(), json!(end));
+            stats(total, &mut o);
             Value::Object(o)
         })
         .collect();
@@ -494,7 +571,7 @@ async fn series(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json
     o.insert("entity".into(), json!(entity));
     o.insert("step_ms".into(), json!(step));
     o.insert("points".into(), Value::Array(pts));
-    freshness(&node, &mut o);
+    freshness(&node, complete, &groups, &mut o);
     Ok(Json(Value::Object(o)))
 }
 
@@ -1152,6 +1229,11 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
             "throttled_source": adm.stats.throttled_source.load(Relaxed),
         },
         "peers": peers_json(&node),
+        "topology": node.cluster.as_ref().map(|c| json!({
+            "group": c.group,
+            "version": c.topology().version,
+            "maps": serde_json::to_value(&c.topology().maps).unwrap_or(Value::Null),
+        })),
         "retained_batches": retained,
         // Equal on two nodes iff they hold the same batches with the same content (and so
         // identical totals, local retention aside).
@@ -1289,6 +1371,46 @@ async fn metrics(State(node): State<Node_>) -> Response {
             text,
             "# HELP {name} Allowlist reads that failed (the previous list stays in force).\n# TYPE {name} counter\n{name} {}",
             st.allowlist_errors.load(Relaxed)
+        );
+    }
+    if let Some(c) = &node.cluster {
+        use std::fmt::Write;
+        let m = &c.metrics;
+        let name = "edgetally_forwarded_total";
+        let _ = writeln!(
+            text,
+            "# HELP {name} Producers' batches for another shard group, by outcome (sent: the owner replied; failed: no replica of it did, the producer got Retry; received: forwarded here by another group's node).\n# TYPE {name} counter"
+        );
+        for (outcome, v) in [
+            ("sent", &m.forwarded_ok),
+            ("failed", &m.forward_failed),
+            ("received", &m.received_forwarded),
+        ] {
+            let _ = writeln!(text, "{name}{{outcome=\"{outcome}\"}} {}", v.load(Relaxed));
+        }
+        let name = "edgetally_topology_reloads_total";
+        let _ = writeln!(
+            text,
+            "# HELP {name} Topology file reloads, by result (past_reroute: applied, but it re-routed creation times already past).\n# TYPE {name} counter"
+        );
+        for (result, v) in [
+            ("applied", &m.reloads),
+            ("refused", &m.reloads_refused),
+            ("past_reroute", &m.past_reroutes),
+        ] {
+            let _ = writeln!(text, "{name}{{result=\"{result}\"}} {}", v.load(Relaxed));
+        }
+        let name = "edgetally_topology_version";
+        let _ = writeln!(
+            text,
+            "# HELP {name} Version of the topology in force.\n# TYPE {name} gauge\n{name} {}",
+            c.topology().version
+        );
+        let name = "edgetally_query_parts_missing_total";
+        let _ = writeln!(
+            text,
+            "# HELP {name} Other groups' parts of cluster-wide queries that did not arrive within query_deadline_ms (the answer was marked incomplete).\n# TYPE {name} counter\n{name} {}",
+            m.parts_missing.load(Relaxed)
         );
     }
     if let Some(repl) = &node.replication {

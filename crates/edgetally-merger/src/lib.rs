@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod check;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod ingest;

@@ -89,6 +89,8 @@ pub struct Node {
     pub http_tls: Option<crate::serve_http::TlsSlot>,
     /// Expired epochs whose stored batches the next compaction drops.
     pub expired: Expired,
+    /// The shard-group layer, with a topology (`topology_file`).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// Batches of expired epochs that the store may still hold: they are in the totals (and in
@@ -400,7 +402,14 @@ impl Node {
         let (id, generated) = identity(&config)?;
         let store = Arc::new(Store::open(&dir, config.store_cache_mb << 20)?);
         // Replication: authentication, and a snapshot from a peer if this node starts empty.
-        let replication = if config.peers.is_empty() {
+        // Shard groups talk over the same authenticated links (forwards, query parts).
+        if config.topology_file.is_some() != config.group.is_some() {
+            return Err(StartError::Config(
+                "topology_file and group go together: the topology, and this node's group in it"
+                    .into(),
+            ));
+        }
+        let replication = if config.peers.is_empty() && config.topology_file.is_none() {
             None
         } else {
             let auth = crate::replication::Auth::new(
@@ -413,9 +422,9 @@ impl Node {
                 // Peer links carry the state, snapshots included: never to or from a stranger,
                 // loopback or not.
                 return Err(StartError::Config(
-                    "peers are configured but neither cluster_secret nor peer_keys: peers must \
-                     authenticate (give every node the same EDGETALLY_CLUSTER_SECRET, or list \
-                     their node keys in peer_keys)"
+                    "peers or a topology are configured but neither cluster_secret nor \
+                     peer_keys: peers must authenticate (give every node the same \
+                     EDGETALLY_CLUSTER_SECRET, or list their node keys in peer_keys)"
                         .into(),
                 ));
             }
@@ -440,9 +449,24 @@ impl Node {
             Some(_) => Some(crate::replication::client_endpoint().map_err(StartError::Tls)?),
             None => None,
         };
+        let cluster = match (&config.topology_file, &config.group, &replication, &peer_endpoint)
+        {
+            (Some(path), Some(group), Some(repl), Some(ep)) => Some(Arc::new(
+                crate::cluster::Cluster::new(
+                    path,
+                    group,
+                    ep.clone(),
+                    repl.auth.clone(),
+                    Duration::from_millis(config.query_deadline_ms),
+                    config.limits,
+                )
+                .map_err(StartError::Config)?,
+            )),
+            _ => None,
+        };
         let mut bootstrap = None;
         if let (Some(repl), Some(ep)) = (&replication, &peer_endpoint) {
-            if store.is_empty()? {
+            if store.is_empty()? && !config.peers.is_empty() {
                 if let Some((from, snap)) = crate::replication::fetch_snapshot(
                     ep,
                     &config.peers,
@@ -525,6 +549,7 @@ impl Node {
             admission,
             http_tls: http_tls.clone(),
             expired: Expired::default(),
+            cluster,
             applied_group,
             replication,
             config,
@@ -555,6 +580,9 @@ impl Node {
             ));
         }
         tasks.push(tokio::spawn(mark_durable(node.store.clone(), rx.clone())));
+        if let Some(c) = &node.cluster {
+            tasks.push(tokio::spawn(topology_upkeep(c.clone(), rx.clone())));
+        }
         tasks.push(tokio::spawn(admission_upkeep(
             node.admission.clone(),
             rx.clone(),
@@ -728,7 +756,109 @@ impl Node {
                 Err(code) => Reply::nack(code),
             };
         }
+        if let Some(c) = &self.cluster {
+            if let Some(owner) = c.route(&raw) {
+                return c.forward(&owner, raw).await;
+            }
+        }
         self.ingest.submit(raw).await
+    }
+
+    /// A batch another group's node forwarded here (`version`: its topology version). Taken
+    /// like a producer's (admission and every check run here, at the owner) if this node's
+    /// topology agrees that its group owns it; else `Retry`, and the topology is re-read if
+    /// the sender's is newer: the two nodes disagree for the moment a reload takes, and the
+    /// producer resends.
+    pub async fn forwarded(&self, raw: Vec<u8>, version: u64) -> Reply {
+        let Some(c) = &self.cluster else {
+            return self.ingest.submit(raw).await;
+        };
+        c.metrics.received_forwarded.fetch_add(1, Relaxed);
+        if version > c.topology().version {
+            let c = c.clone();
+            let _ = tokio::task::spawn_blocking(move || c.reload(true, now_ms())).await;
+        }
+        if c.route(&raw).is_some() {
+            return Reply::Retry {
+                after_ms: crate::ingest::RETRY_AFTER_MS,
+            };
+        }
+        self.ingest.submit(raw).await
+    }
+
+    /// This node's part of a cluster-wide query.
+    pub fn part(&self, q: &crate::cluster::Query) -> crate::cluster::Part {
+        crate::cluster::Part {
+            answer: q.run(&self.state()),
+            complete: self.sees_all_peers(),
+            as_of_ms: now_ms(),
+        }
+    }
+
+    /// Whether this node currently sees every peer of its group (a single node always does).
+    pub fn sees_all_peers(&self) -> bool {
+        self.replication.as_ref().is_none_or(|r| r.sees_all_peers())
+    }
+
+    /// Answers a query for the whole cluster: this node's part, merged with every other
+    /// group's (see [`crate::cluster`]). Returns the answer, whether it is complete, and each
+    /// other group's place in it (empty without a topology).
+    pub async fn query(
+        &self,
+        q: crate::cluster::Query,
+    ) -> (
+        crate::cluster::Answer,
+        bool,
+        Vec<crate::cluster::GroupAnswer>,
+    ) {
+        let mine = self.part(&q);
+        let mut answer = mine.answer;
+        let mut complete = mine.complete;
+        let mut groups = Vec::new();
+        if let Some(c) = &self.cluster {
+            groups.push(crate::cluster::GroupAnswer {
+                name: c.group.clone(),
+                answered: true,
+                complete: mine.complete,
+                as_of_ms: Some(mine.as_of_ms),
+                error: None,
+            });
+            for (g, a) in c.gather(&q).await {
+                complete &= g.answered && g.complete;
+                if let Some(a) = a {
+                    answer.merge(a);
+                }
+                groups.push(g);
+            }
+        }
+        (answer, complete, groups)
+    }
+}
+
+/// Re-reads the topology file once a second if it changed, and at once on SIGHUP.
+async fn topology_upkeep(cluster: Arc<crate::cluster::Cluster>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<()>();
+        let force = tokio::select! {
+            _ = tick.tick() => false,
+            _ = hangup => true,
+            _ = stop.changed() => { if *stop.borrow() { break; } else { continue; } }
+        };
+        let c = cluster.clone();
+        let _ = tokio::task::spawn_blocking(move || c.reload(force, now_ms())).await;
     }
 }
 

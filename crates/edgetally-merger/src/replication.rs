@@ -66,6 +66,34 @@ enum Request {
     Push { batch: Vec<u8> },
     /// The whole state, for a node starting empty.
     Snapshot,
+    /// A producer's batch that reached a node of another group (`version`: the sender's
+    /// topology version); the reply is the bare reply the producer gets.
+    Forward { batch: Vec<u8>, version: u64 },
+    /// This group's part of a cluster-wide query ([`crate::cluster::Query`]); the reply is a
+    /// postcard [`crate::cluster::Part`].
+    Query(crate::cluster::Query),
+}
+
+/// Sends a forwarded batch on an authenticated peer connection; the owner's reply.
+pub(crate) async fn forward(
+    conn: &quinn::Connection,
+    batch: Vec<u8>,
+    version: u64,
+) -> Result<Reply, String> {
+    let body =
+        postcard::to_allocvec(&Request::Forward { batch, version }).map_err(|e| e.to_string())?;
+    let raw = request(conn, &body, 64).await?;
+    Reply::decode(&raw).map_err(|c| format!("bad reply: {c}"))
+}
+
+/// Asks a node of another group for its part of a query.
+pub(crate) async fn query(
+    conn: &quinn::Connection,
+    q: &crate::cluster::Query,
+) -> Result<crate::cluster::Part, String> {
+    let body = postcard::to_allocvec(&Request::Query(q.clone())).map_err(|e| e.to_string())?;
+    let raw = request(conn, &body, MAX_MESSAGE).await?;
+    postcard::from_bytes(&raw).map_err(|_| "bad query reply".to_string())
 }
 
 #[derive(Serialize, Deserialize)]
@@ -322,6 +350,17 @@ async fn answer(
         Request::Snapshot => {
             let snap = node.state().snapshot();
             let bytes = postcard::to_allocvec(&snap).map_err(|e| e.to_string())?;
+            send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+        }
+        Request::Forward { batch, version } => {
+            let reply = node.forwarded(batch, version).await;
+            send.write_all(&reply.encode())
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Request::Query(q) => {
+            let part = node.part(&q);
+            let bytes = postcard::to_allocvec(&part).map_err(|e| e.to_string())?;
             send.write_all(&bytes).await.map_err(|e| e.to_string())?;
         }
     }

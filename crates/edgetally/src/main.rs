@@ -119,6 +119,12 @@ struct ServeArgs {
     /// A peer merger's QUIC address (repeatable).
     #[arg(long = "peer")]
     peers: Vec<SocketAddr>,
+    /// Shard-group topology file (TOML; re-read when it changes and on SIGHUP); needs --group.
+    #[arg(long, requires = "group")]
+    topology: Option<PathBuf>,
+    /// This node's group in the --topology file.
+    #[arg(long, requires = "topology")]
+    group: Option<String>,
 }
 
 fn init_logging() {
@@ -164,6 +170,10 @@ fn config(args: &ServeArgs) -> Result<Config> {
     }
     if !args.peers.is_empty() {
         c.peers = args.peers.clone();
+    }
+    if args.topology.is_some() {
+        c.topology_file = args.topology.clone();
+        c.group = args.group.clone();
     }
     Ok(c)
 }

@@ -1,0 +1,614 @@
+//! Shard groups (ARCHITECTURE.md, "Shard groups"): the topology this node routes by, the
+//! forwarding of batches that belong to another group, and cluster-wide queries gathered
+//! from every group.
+//!
+//! - **Routing.** A batch belongs to the group that owns its producer under the map in force
+//!   at the batch's creation time ([`Topology::owner`]). A node that receives a producer's
+//!   batch for another group *forwards* it there over an authenticated peer connection and
+//!   relays the owner's reply: the producer gets Ack only once the owner has the batch
+//!   durably, needs one seed endpoint, and browsers (which cannot follow a redirect to a
+//!   QUIC endpoint whose certificate hash they were not given) keep working.
+//! - **Topology.** Read from `topology_file`; re-read when the file changes (checked every
+//!   second) and on SIGHUP. A reload must raise the version; one that re-routes creation
+//!   times already past is applied but warned about and counted.
+//! - **Queries.** Any node answers by asking one replica of every other group for its part
+//!   ([`Query`] → [`Part`]) and merging: groups hold disjoint sets of batches, so counts and
+//!   exact sums add, min/max combine, and top-k is exact because each part carries every row
+//!   (the entry node ranks and cuts). A group that does not answer within the deadline is
+//!   listed as missing and the answer is marked incomplete: it may lack that group's
+//!   batches, but never counts anything twice.
+
+use crate::replication::Auth;
+use edgetally_core::{GroupBy, Limits, Replica, TopBy, Total};
+use edgetally_proto::topology::{Group, Topology};
+use edgetally_proto::Reply;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+use tracing::{debug, info, warn};
+
+/// A cluster-wide query: what one group is asked for.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Query {
+    /// `/v1/aggregate` and `/v1/window`.
+    Aggregate {
+        /// Category.
+        category: String,
+        /// Entity, if any.
+        entity: Option<String>,
+        /// Window start, ms.
+        start: i64,
+        /// Window end, ms (exclusive).
+        end: i64,
+    },
+    /// `/v1/series`.
+    Series {
+        /// Category.
+        category: String,
+        /// Entity, if any.
+        entity: Option<String>,
+        /// Window start, ms.
+        start: i64,
+        /// Window end, ms (exclusive).
+        end: i64,
+        /// Step, ms.
+        step_ms: i64,
+        /// Most points.
+        max_points: u32,
+    },
+    /// `/v1/topk`: every row (the entry node ranks the merged rows and keeps `k`).
+    TopK {
+        /// Category.
+        category: String,
+        /// Window start, ms.
+        start: i64,
+        /// Window end, ms (exclusive).
+        end: i64,
+        /// By producer (else by entity).
+        by_producer: bool,
+    },
+    /// `/v1/totals`.
+    Totals {
+        /// Window start, ms.
+        start: i64,
+        /// Window end, ms (exclusive).
+        end: i64,
+        /// 0: none, 1: category, 2: entity.
+        group_by: u8,
+    },
+}
+
+/// One group's (or the merged) answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Answer {
+    /// Aggregates over windows: one for an aggregate, one per step for a series.
+    Points(Vec<(i64, i64, Total)>),
+    /// Named rows over a window (top-k, totals), sorted by name.
+    Rows {
+        /// Covered start.
+        start: i64,
+        /// Covered end.
+        end: i64,
+        /// (name, totals).
+        rows: Vec<(Option<String>, Total)>,
+    },
+}
+
+/// What a group sends back: its answer, whether its replica saw all its peers, and when.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Part {
+    /// The answer.
+    pub answer: Answer,
+    /// Whether the answering node saw every peer of its group.
+    pub complete: bool,
+    /// When it answered (ms).
+    pub as_of_ms: i64,
+}
+
+impl Query {
+    /// The answer of one replica. Top-k rows come complete and sorted by name.
+    pub fn run(&self, r: &Replica) -> Answer {
+        let point = |a: edgetally_core::Aggregate| (a.start, a.end, a.total);
+        match self {
+            Query::Aggregate {
+                category,
+                entity,
+                start,
+                end,
+            } => Answer::Points(vec![point(r.aggregate(
+                category,
+                entity.as_deref(),
+                *start,
+                *end,
+            ))]),
+            Query::Series {
+                category,
+                entity,
+                start,
+                end,
+                step_ms,
+                max_points,
+            } => Answer::Points(
+                r.series(
+                    category,
+                    entity.as_deref(),
+                    *start,
+                    *end,
+                    *step_ms,
+                    *max_points as usize,
+                )
+                .into_iter()
+                .map(point)
+                .collect(),
+            ),
+            Query::TopK {
+                category,
+                start,
+                end,
+                by_producer,
+            } => {
+                let by = if *by_producer {
+                    TopBy::Producer
+                } else {
+                    TopBy::Entity
+                };
+                let mut rows = r.topk(category, *start, *end, usize::MAX, by);
+                rows.rows.sort_by(|a, b| a.0.cmp(&b.0));
+                Answer::Rows {
+                    start: rows.start,
+                    end: rows.end,
+                    rows: rows.rows,
+                }
+            }
+            Query::Totals {
+                start,
+                end,
+                group_by,
+            } => {
+                let g = match group_by {
+                    1 => GroupBy::Category,
+                    2 => GroupBy::Entity,
+                    _ => GroupBy::None,
+                };
+                let rows = r.totals(*start, *end, g);
+                Answer::Rows {
+                    start: rows.start,
+                    end: rows.end,
+                    rows: rows.rows,
+                }
+            }
+        }
+    }
+}
+
+impl Answer {
+    /// Merges another group's answer to the same query into this one. Groups hold disjoint
+    /// batches, so every field merges as the totals of one replica do. The windows reported
+    /// are this answer's (the entry node's).
+    pub fn merge(&mut self, other: Answer) {
+        match (self, other) {
+            (Answer::Points(a), Answer::Points(b)) => {
+                for (p, q) in a.iter_mut().zip(b) {
+                    p.2.merge(&q.2);
+                }
+            }
+            (Answer::Rows { rows: a, .. }, Answer::Rows { rows: b, .. }) => {
+                // Both sorted by name: one merge pass.
+                let mut out = Vec::with_capacity(a.len().max(b.len()));
+                let mut x = std::mem::take(a).into_iter().peekable();
+                let mut y = b.into_iter().peekable();
+                loop {
+                    let next = match (x.peek(), y.peek()) {
+                        (Some(p), Some(q)) => match p.0.cmp(&q.0) {
+                            std::cmp::Ordering::Less => x.next(),
+                            std::cmp::Ordering::Greater => y.next(),
+                            std::cmp::Ordering::Equal => {
+                                let (name, mut t) = x.next().unwrap_or((None, Total::EMPTY));
+                                if let Some((_, u)) = y.next() {
+                                    t.merge(&u);
+                                }
+                                Some((name, t))
+                            }
+                        },
+                        (Some(_), None) => x.next(),
+                        (None, Some(_)) => y.next(),
+                        (None, None) => None,
+                    };
+                    match next {
+                        Some(row) => out.push(row),
+                        None => break,
+                    }
+                }
+                *a = out;
+            }
+            // Two kinds of answer to one query cannot happen between nodes of one version;
+            // keep ours rather than guess.
+            _ => {}
+        }
+    }
+}
+
+/// One group's place in a cluster-wide answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupAnswer {
+    /// The group's name.
+    pub name: String,
+    /// Whether it answered in time.
+    pub answered: bool,
+    /// Whether the node that answered saw all its group's peers.
+    pub complete: bool,
+    /// When it answered (ms), if it did.
+    pub as_of_ms: Option<i64>,
+    /// Why it did not, if it did not.
+    pub error: Option<String>,
+}
+
+/// Counters of the cluster layer (exported in `/metrics`).
+#[derive(Debug, Default)]
+pub struct ClusterMetrics {
+    /// Batches forwarded to their owner group, by outcome.
+    pub forwarded_ok: AtomicU64,
+    /// Forwards that found no replica of the owner (the producer got Retry).
+    pub forward_failed: AtomicU64,
+    /// Batches received from another group's node.
+    pub received_forwarded: AtomicU64,
+    /// Topology reloads applied.
+    pub reloads: AtomicU64,
+    /// Topology reloads refused (unreadable, invalid, stale).
+    pub reloads_refused: AtomicU64,
+    /// Reloads that re-routed creation times already past.
+    pub past_reroutes: AtomicU64,
+    /// Query parts asked of other groups that did not arrive in time.
+    pub parts_missing: AtomicU64,
+}
+
+/// The cluster layer of a node in a shard-group topology.
+#[derive(Debug)]
+pub struct Cluster {
+    /// This node's group.
+    pub group: String,
+    path: PathBuf,
+    topology: RwLock<Arc<Topology>>,
+    modified: Mutex<Option<SystemTime>>,
+    endpoint: quinn::Endpoint,
+    auth: Auth,
+    conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    deadline: Duration,
+    limits: Limits,
+    next: AtomicU64,
+    /// Counters.
+    pub metrics: ClusterMetrics,
+}
+
+/// Reads and checks a topology file.
+pub fn load(path: &Path) -> Result<Topology, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let t: Topology = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    t.check().map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(t)
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// How long one forward may wait for the owner's reply (it replies once durable).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connecting to another group's node may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Cluster {
+    /// Loads the topology and checks that it names this node's group.
+    pub fn new(
+        path: &Path,
+        group: &str,
+        endpoint: quinn::Endpoint,
+        auth: Auth,
+        deadline: Duration,
+        limits: Limits,
+    ) -> Result<Cluster, String> {
+        let t = load(path)?;
+        if !t.all_groups().iter().any(|g| g.name == group) {
+            return Err(format!(
+                "{}: no group is named {group:?} (this node's `group`)",
+                path.display()
+            ));
+        }
+        Ok(Cluster {
+            group: group.to_string(),
+            modified: Mutex::new(modified(path)),
+            path: path.to_path_buf(),
+            topology: RwLock::new(Arc::new(t)),
+            endpoint,
+            auth,
+            conns: Mutex::new(HashMap::new()),
+            deadline,
+            limits,
+            next: AtomicU64::new(0),
+            metrics: ClusterMetrics::default(),
+        })
+    }
+
+    /// The topology in force.
+    pub fn topology(&self) -> Arc<Topology> {
+        self.topology
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the file if it changed (or if `force`); applies it if it may follow the one
+    /// in force. Returns whether a new topology took effect.
+    pub fn reload(&self, force: bool, now_ms: i64) -> bool {
+        let m = modified(&self.path);
+        {
+            let mut last = self.modified.lock().unwrap_or_else(|e| e.into_inner());
+            if !force && m == *last {
+                return false;
+            }
+            *last = m;
+        }
+        let new = match load(&self.path) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!("topology not reloaded: {e}");
+                self.metrics.reloads_refused.fetch_add(1, Relaxed);
+                return false;
+            }
+        };
+        let old = self.topology();
+        match new.follows(&old, now_ms) {
+            Ok(_) if new == *old => false,
+            Ok(past) => {
+                if !past.is_empty() {
+                    warn!(
+                        from_ms = ?past,
+                        "the new topology re-routes batches created before now: a resend of \
+                         one merged under the old map may now count in two groups (write maps \
+                         with a from_ms ahead of the reload)"
+                    );
+                    self.metrics.past_reroutes.fetch_add(1, Relaxed);
+                }
+                if !new.all_groups().iter().any(|g| g.name == self.group) {
+                    warn!(group = %self.group, "the new topology no longer lists this node's group");
+                }
+                info!(
+                    version = new.version,
+                    groups = new.all_groups().len(),
+                    "topology reloaded"
+                );
+                *self.topology.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+                self.metrics.reloads.fetch_add(1, Relaxed);
+                true
+            }
+            Err(e) => {
+                warn!("topology not reloaded: {e}");
+                self.metrics.reloads_refused.fetch_add(1, Relaxed);
+                false
+            }
+        }
+    }
+
+    /// The group a producer's batch must go to, if not this node's; `None` when it is ours
+    /// (or when even its id does not decode: then this node refuses it with the reason any
+    /// node would give).
+    pub fn route(&self, raw: &[u8]) -> Option<Group> {
+        let (id, created_ms) = edgetally_proto::peek(raw, &self.limits)?;
+        let t = self.topology();
+        let owner = t.owner(&id.producer, created_ms)?;
+        (owner.name != self.group).then(|| owner.clone())
+    }
+
+    async fn connection(&self, addr: &str) -> Result<quinn::Connection, String> {
+        let sa = resolve(addr).await?;
+        let cached = self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&sa)
+            .cloned();
+        if let Some(c) = cached {
+            if c.close_reason().is_none() {
+                return Ok(c);
+            }
+        }
+        let (conn, _) = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            crate::replication::connect(&self.endpoint, sa, &self.auth),
+        )
+        .await
+        .map_err(|_| format!("{addr}: connect timed out"))??;
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(sa, conn.clone());
+        Ok(conn)
+    }
+
+    fn drop_connection(&self, addr: &str) {
+        if let Ok(sa) = addr.parse::<SocketAddr>() {
+            self.conns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&sa);
+        }
+    }
+
+    /// Forwards a producer's batch to `group` and returns the owner's reply; `Retry` if no
+    /// replica of it answered (the producer resends, as after any transient fault).
+    pub async fn forward(&self, group: &Group, raw: Vec<u8>) -> Reply {
+        let version = self.topology().version;
+        let n = group.quic.len();
+        // Spread over the owner's replicas; the next one on failure.
+        let start = self.next.fetch_add(1, Relaxed) as usize;
+        for i in 0..n {
+            let addr = &group.quic[(start + i) % n];
+            let sent = async {
+                let conn = self.connection(addr).await?;
+                tokio::time::timeout(
+                    FORWARD_TIMEOUT,
+                    crate::replication::forward(&conn, raw.clone(), version),
+                )
+                .await
+                .map_err(|_| "no reply in time".to_string())?
+            }
+            .await;
+            match sent {
+                Ok(reply) => {
+                    self.metrics.forwarded_ok.fetch_add(1, Relaxed);
+                    return reply;
+                }
+                Err(e) => {
+                    debug!(group = %group.name, %addr, "forward failed: {e}");
+                    self.drop_connection(addr);
+                }
+            }
+        }
+        self.metrics.forward_failed.fetch_add(1, Relaxed);
+        Reply::Retry {
+            after_ms: crate::ingest::RETRY_AFTER_MS,
+        }
+    }
+
+    /// Asks every other group for its part of `q`, all at once, each trying its replicas in
+    /// turn until the deadline. One entry per group of the topology other than this node's.
+    pub async fn gather(self: &Arc<Self>, q: &Query) -> Vec<(GroupAnswer, Option<Answer>)> {
+        let t = self.topology();
+        let mut asks = tokio::task::JoinSet::new();
+        let others: Vec<Group> = t
+            .all_groups()
+            .into_iter()
+            .filter(|g| g.name != self.group)
+            .cloned()
+            .collect();
+        for (i, g) in others.iter().enumerate() {
+            let (me, g, q) = (self.clone(), g.clone(), q.clone());
+            asks.spawn(async move {
+                let mut last = String::from("no replica");
+                for addr in &g.quic {
+                    let got = async {
+                        let conn = me.connection(addr).await?;
+                        crate::replication::query(&conn, &q).await
+                    }
+                    .await;
+                    match got {
+                        Ok(p) => return (i, Ok(p)),
+                        Err(e) => {
+                            me.drop_connection(addr);
+                            last = format!("{addr}: {e}");
+                        }
+                    }
+                }
+                (i, Err(last))
+            });
+        }
+        let mut got: Vec<Option<Result<Part, String>>> = vec![None; others.len()];
+        let _ = tokio::time::timeout(self.deadline, async {
+            while let Some(done) = asks.join_next().await {
+                if let Ok((i, r)) = done {
+                    got[i] = Some(r);
+                }
+            }
+        })
+        .await;
+        asks.abort_all();
+        others
+            .into_iter()
+            .zip(got)
+            .map(|(g, r)| match r {
+                Some(Ok(p)) => (
+                    GroupAnswer {
+                        name: g.name,
+                        answered: true,
+                        complete: p.complete,
+                        as_of_ms: Some(p.as_of_ms),
+                        error: None,
+                    },
+                    Some(p.answer),
+                ),
+                other => {
+                    self.metrics.parts_missing.fetch_add(1, Relaxed);
+                    let error = match other {
+                        Some(Err(e)) => e,
+                        _ => "no answer within the deadline".into(),
+                    };
+                    (
+                        GroupAnswer {
+                            name: g.name,
+                            answered: false,
+                            complete: false,
+                            as_of_ms: None,
+                            error: Some(error),
+                        },
+                        None,
+                    )
+                }
+            })
+            .collect()
+    }
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    if let Ok(sa) = addr.parse() {
+        return Ok(sa);
+    }
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr}: no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgetally_core::Summary;
+
+    fn t(count: u64, v: f64) -> Total {
+        let mut t = Total::EMPTY;
+        for _ in 0..count {
+            t.add(&Summary::of(v).expect("finite"));
+        }
+        t
+    }
+
+    #[test]
+    fn rows_merge_by_name_and_points_by_position() {
+        let mut a = Answer::Rows {
+            start: 0,
+            end: 10,
+            rows: vec![(None, t(1, 1.0)), (Some("a".into()), t(2, 2.0))],
+        };
+        a.merge(Answer::Rows {
+            start: 0,
+            end: 10,
+            rows: vec![(Some("a".into()), t(3, 5.0)), (Some("b".into()), t(1, -1.0))],
+        });
+        let mut want_a = t(2, 2.0);
+        want_a.merge(&t(3, 5.0));
+        assert_eq!(
+            a,
+            Answer::Rows {
+                start: 0,
+                end: 10,
+                rows: vec![
+                    (None, t(1, 1.0)),
+                    (Some("a".into()), want_a),
+                    (Some("b".into()), t(1, -1.0))
+                ]
+            }
+        );
+        let mut p = Answer::Points(vec![(0, 5, t(1, 1.0)), (5, 10, Total::EMPTY)]);
+        p.merge(Answer::Points(vec![(0, 5, t(1, 3.0)), (5, 10, t(2, 4.0))]));
+        let mut first = t(1, 1.0);
+        first.merge(&t(1, 3.0));
+        assert_eq!(
+            p,
+            Answer::Points(vec![(0, 5, first), (5, 10, t(2, 4.0))])
+        );
+    }
+}
