@@ -10,6 +10,7 @@ mod crdt_laws;
 mod demo;
 mod expiry;
 mod fixtures;
+mod groups;
 mod harness;
 mod hostile;
 mod merger;

@@ -586,7 +586,10 @@ mod tests {
         a.merge(Answer::Rows {
             start: 0,
             end: 10,
-            rows: vec![(Some("a".into()), t(3, 5.0)), (Some("b".into()), t(1, -1.0))],
+            rows: vec![
+                (Some("a".into()), t(3, 5.0)),
+                (Some("b".into()), t(1, -1.0)),
+            ],
         });
         let mut want_a = t(2, 2.0);
         want_a.merge(&t(3, 5.0));
@@ -606,9 +609,6 @@ mod tests {
         p.merge(Answer::Points(vec![(0, 5, t(1, 3.0)), (5, 10, t(2, 4.0))]));
         let mut first = t(1, 1.0);
         first.merge(&t(1, 3.0));
-        assert_eq!(
-            p,
-            Answer::Points(vec![(0, 5, first), (5, 10, t(2, 4.0))])
-        );
+        assert_eq!(p, Answer::Points(vec![(0, 5, first), (5, 10, t(2, 4.0))]));
     }
 }

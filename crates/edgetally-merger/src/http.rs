@@ -417,10 +417,11 @@ async fn aggregate_json(
             end,
         })
         .await;
-    let (start, end, total) = points(answer)
-        .into_iter()
-        .next()
-        .unwrap_or((start, end, Total::EMPTY));
+    let (start, end, total) =
+        points(answer)
+            .into_iter()
+            .next()
+            .unwrap_or((start, end, Total::EMPTY));
     let mut o = Map::new();
     o.insert("category".into(), json!(category));
     o.insert("entity".into(), json!(entity));

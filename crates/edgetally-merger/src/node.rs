@@ -449,8 +449,12 @@ impl Node {
             Some(_) => Some(crate::replication::client_endpoint().map_err(StartError::Tls)?),
             None => None,
         };
-        let cluster = match (&config.topology_file, &config.group, &replication, &peer_endpoint)
-        {
+        let cluster = match (
+            &config.topology_file,
+            &config.group,
+            &replication,
+            &peer_endpoint,
+        ) {
             (Some(path), Some(group), Some(repl), Some(ep)) => Some(Arc::new(
                 crate::cluster::Cluster::new(
                     path,

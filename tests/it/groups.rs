@@ -1,0 +1,401 @@
+//! Shard groups with real binaries on loopback: two groups of two replicas, native producers
+//! that know every node (so most batches reach a node of the wrong group and are forwarded).
+//! One replica of each group is `kill -9`'d mid-run and restarted; a third group is added by a
+//! new map taking effect a few seconds ahead, while producers keep recording across the
+//! change. Once flushed, every query on every node equals the ground truth (aggregates per
+//! key, totals by category, top-k by entity and by producer), each group holds only its own
+//! producers, and with a whole group down the answers are marked incomplete and never exceed
+//! the truth.
+
+use crate::harness::{now_ms, Merger, TempDir};
+use edgetally_net::{Endpoint, NativeProducer};
+use edgetally_proto::ProducerConfig;
+use edgetally_tests::{decimal, Rng};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn free_udp() -> SocketAddr {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.local_addr().expect("addr")
+}
+
+const ENV: &[(&str, &str)] = &[
+    ("EDGETALLY_SYNC_INTERVAL_MS", "200"),
+    ("EDGETALLY_SNAPSHOT_INTERVAL_SECS", "2"),
+    ("EDGETALLY_CLUSTER_SECRET", "groups-test-secret"),
+    // Forwarded batches all come from 127.0.0.1: no per-source limit in this test.
+    ("EDGETALLY_SOURCE_BATCHES_PER_SEC", "0"),
+    ("EDGETALLY_PRODUCER_BATCHES_PER_SEC", "0"),
+    ("EDGETALLY_QUERY_DEADLINE_MS", "1500"),
+];
+
+struct Node {
+    dir: TempDir,
+    quic: SocketAddr,
+    group: &'static str,
+    peers: Vec<SocketAddr>,
+    proc: Option<Merger>,
+}
+
+impl Node {
+    fn start(&mut self, topology: &Path) {
+        let mut extra: Vec<String> = vec![
+            "--topology".into(),
+            topology.display().to_string(),
+            "--group".into(),
+            self.group.into(),
+        ];
+        for p in &self.peers {
+            extra.push("--peer".into());
+            extra.push(p.to_string());
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        self.proc = Some(Merger::start_at(
+            &self.dir.0,
+            &self.quic.to_string(),
+            &extra,
+            ENV,
+        ));
+    }
+    fn m(&self) -> &Merger {
+        self.proc.as_ref().expect("running")
+    }
+}
+
+/// A TOML topology: `maps` of (from_ms, [(group, [replica])]).
+fn topology(version: u64, maps: &[(i64, Vec<(&str, Vec<SocketAddr>)>)]) -> String {
+    let mut s = format!("version = {version}\n");
+    for (from, groups) in maps {
+        s.push_str(&format!("[[maps]]\nfrom_ms = {from}\n"));
+        for (name, quic) in groups {
+            let q: Vec<String> = quic.iter().map(|a| format!("\"{a}\"")).collect();
+            s.push_str(&format!(
+                "[[maps.groups]]\nname = \"{name}\"\nquic = [{}]\n",
+                q.join(", ")
+            ));
+        }
+    }
+    s
+}
+
+fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write topology");
+    std::fs::rename(&tmp, path).expect("rename topology");
+}
+
+#[derive(Default)]
+struct Truth {
+    /// (category, entity) → (count, exact sum in nano-units).
+    keys: BTreeMap<(String, String), (u64, i128)>,
+    /// (category, producer key hex) → count.
+    producers: BTreeMap<(String, String), u64>,
+}
+
+fn record(
+    rt: &tokio::runtime::Runtime,
+    producers: &[NativeProducer],
+    rng: &mut Rng,
+    truth: &mut Truth,
+    n: usize,
+) {
+    let now = now_ms();
+    for i in 0..n {
+        let cat = ["clicks", "latency"][rng.below(2) as usize];
+        let ent = format!("e{}", rng.below(8));
+        let eighths = rng.below(2001) as i64 - 1000;
+        let p = &producers[rng.below(producers.len() as u64) as usize];
+        let ts = now - rng.below(20_000) as i64;
+        p.record(cat, Some(&ent), eighths as f64 / 8.0, Some(ts))
+            .expect("valid event");
+        let t = truth.keys.entry((cat.to_string(), ent)).or_default();
+        t.0 += 1;
+        t.1 += eighths as i128 * 125_000_000;
+        *truth
+            .producers
+            .entry((cat.to_string(), p.producer_key().to_hex()))
+            .or_default() += 1;
+        if i % 50 == 49 {
+            rt.block_on(tokio::time::sleep(Duration::from_millis(10)));
+        }
+    }
+}
+
+/// Every answer of `m` against the truth; the mismatches.
+fn mismatches(m: &Merger, truth: &Truth, start: i64, end: i64) -> Vec<String> {
+    let mut bad = Vec::new();
+    let w = format!("start={start}&end={end}");
+    for ((cat, ent), (count, sum)) in &truth.keys {
+        let (_, v) = m.get(&format!("/v1/aggregate?category={cat}&entity={ent}&{w}"));
+        if v["count"].as_u64() != Some(*count) || v["sum_exact"].as_str() != Some(&decimal(*sum)) {
+            bad.push(format!("{cat}/{ent}: {} {}", v["count"], v["sum_exact"]));
+        }
+    }
+    // Totals by category: the sum over the truth's keys.
+    let mut by_cat: BTreeMap<&str, (u64, i128)> = BTreeMap::new();
+    for ((cat, _), (c, s)) in &truth.keys {
+        let e = by_cat.entry(cat).or_default();
+        e.0 += c;
+        e.1 += s;
+    }
+    let (_, v) = m.get(&format!("/v1/totals?group_by=category&{w}"));
+    let got: BTreeMap<String, (u64, String)> = v["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|g| {
+            (
+                g["key"].as_str().unwrap_or("").to_string(),
+                (
+                    g["count"].as_u64().unwrap_or(0),
+                    g["sum_exact"].as_str().unwrap_or("").to_string(),
+                ),
+            )
+        })
+        .collect();
+    let want: BTreeMap<String, (u64, String)> = by_cat
+        .iter()
+        .map(|(c, (n, s))| (c.to_string(), (*n, decimal(*s))))
+        .collect();
+    if got != want {
+        bad.push(format!("totals: {got:?} != {want:?}"));
+    }
+    // Top-k, exact across groups: the truth ranked by count, ties by name.
+    for cat in by_cat.keys() {
+        for (by, rows) in [
+            (
+                "entity",
+                truth
+                    .keys
+                    .iter()
+                    .filter(|((c, _), _)| c == cat)
+                    .map(|((_, e), (n, _))| (e.clone(), *n))
+                    .collect::<Vec<_>>(),
+            ),
+            (
+                "producer",
+                truth
+                    .producers
+                    .iter()
+                    .filter(|((c, _), _)| c == cat)
+                    .map(|((_, p), n)| (p.clone(), *n))
+                    .collect(),
+            ),
+        ] {
+            let mut want = rows;
+            want.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            want.truncate(5);
+            let (_, v) = m.get(&format!("/v1/topk?category={cat}&k=5&by={by}&{w}"));
+            let got: Vec<(String, u64)> = v["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    (
+                        r["key"].as_str().unwrap_or("").to_string(),
+                        r["count"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect();
+            if got != want {
+                bad.push(format!("topk {cat} by {by}: {got:?} != {want:?}"));
+            }
+        }
+    }
+    bad
+}
+
+fn epochs(m: &Merger) -> u64 {
+    m.get("/v1/status").1["producer_epochs"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[test]
+fn shard_groups_split_producers_and_answer_exactly_through_kills_and_a_new_group() {
+    let mut rng = Rng::new(13);
+    let q: Vec<SocketAddr> = (0..5).map(|_| free_udp()).collect();
+    let topo_dir = TempDir::new("groups-topology");
+    let topo = topo_dir.0.join("topology.toml");
+    let g0 = ("g0", vec![q[0], q[1]]);
+    let g1 = ("g1", vec![q[2], q[3]]);
+    write_atomic(&topo, &topology(1, &[(0, vec![g0.clone(), g1.clone()])]));
+    let mut nodes: Vec<Node> = [
+        ("g0", 0, 1),
+        ("g0", 1, 0),
+        ("g1", 2, 3),
+        ("g1", 3, 2),
+        ("g2", 4, 4),
+    ]
+    .into_iter()
+    .map(|(group, i, peer)| Node {
+        dir: TempDir::new(&format!("groups-{i}")),
+        quic: q[i],
+        group,
+        peers: if peer == i { vec![] } else { vec![q[peer]] },
+        proc: None,
+    })
+    .collect();
+    for n in nodes.iter_mut().take(4) {
+        n.start(&topo);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _guard = rt.enter();
+    let config = ProducerConfig {
+        flush_interval_ms: 50,
+        max_batch_summaries: 40,
+        backoff_base_ms: 50,
+        backoff_max_ms: 1000,
+        ..ProducerConfig::default()
+    };
+    // Producers know every node of the first two groups, not the third: it is reached only
+    // through forwarding.
+    let endpoints: Vec<Endpoint> = nodes
+        .iter()
+        .take(4)
+        .map(|n| Endpoint {
+            addr: n.quic,
+            cert: n.m().cert,
+        })
+        .collect();
+    let producers: Vec<NativeProducer> = rt
+        .block_on(async {
+            (0..16)
+                .map(|_| NativeProducer::start(config.clone(), endpoints.clone(), None))
+                .collect::<Result<_, _>>()
+        })
+        .expect("producers");
+    let start = now_ms() - 60_000;
+    let mut truth = Truth::default();
+
+    // 1. All up.
+    record(&rt, &producers, &mut rng, &mut truth, 1500);
+    // 2. kill -9 a replica of each group, keep recording, restart them on their data.
+    for i in [1, 3] {
+        if let Some(m) = nodes[i].proc.take() {
+            m.kill9();
+        }
+    }
+    record(&rt, &producers, &mut rng, &mut truth, 1500);
+    for i in [1, 3] {
+        nodes[i].start(&topo);
+    }
+    // 3. A third group, in force 3 s from now; the nodes reload the file within a second.
+    let change = now_ms() + 3_000;
+    let g2 = ("g2", vec![q[4]]);
+    write_atomic(
+        &topo,
+        &topology(
+            2,
+            &[
+                (0, vec![g0.clone(), g1.clone()]),
+                (change, vec![g0.clone(), g1.clone(), g2.clone()]),
+            ],
+        ),
+    );
+    nodes[4].start(&topo);
+    // Recording across the change: batches created before it keep their old owner, even
+    // when resent after it.
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        record(&rt, &producers, &mut rng, &mut truth, 200);
+    }
+    for (i, p) in producers.iter().enumerate() {
+        assert!(
+            rt.block_on(p.flush(Duration::from_secs(60))),
+            "producer {i} not flushed: {:?}",
+            p.stats()
+        );
+        let s = p.stats();
+        assert!(
+            s.rejected.is_empty() && s.dropped == 0,
+            "producer {i}: {s:?}"
+        );
+    }
+    let end = now_ms() + 60_000;
+
+    // Every node answers for the whole cluster, exactly, once the groups' replicas converge.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (i, n) in nodes.iter().enumerate() {
+        loop {
+            let bad = mismatches(n.m(), &truth, start, end);
+            if bad.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} ({}) never matched the truth: {} mismatches, first {:?}",
+                n.group,
+                bad.len(),
+                bad.first()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let (_, v) = n.m().get(&format!("/v1/totals?start={start}&end={end}"));
+        assert_eq!(v["complete"], true, "node {i}: {v}");
+        let groups: Vec<&str> = v["shard_groups"]
+            .as_array()
+            .expect("shard_groups")
+            .iter()
+            .map(|g| g["name"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(groups.len(), 3, "node {i}: {v}");
+    }
+    // The state is split: each group holds its own producers' epochs, replicas agree within a
+    // group, and the new group took a share of the batches created after the change.
+    let (e0, e1, e2) = (
+        epochs(nodes[0].m()),
+        epochs(nodes[2].m()),
+        epochs(nodes[4].m()),
+    );
+    assert_eq!(epochs(nodes[1].m()), e0);
+    assert_eq!(epochs(nodes[3].m()), e1);
+    assert!(
+        e0 > 0 && e1 > 0 && e2 > 0,
+        "epochs per group {e0} {e1} {e2}"
+    );
+    // Every producer recorded before the change, under a map of g0 and g1: each is in exactly
+    // one of them (unforwarded, most would be in both).
+    assert_eq!(e0 + e1, 16, "epochs per group {e0} {e1} {e2}");
+    let forwarded: f64 = nodes
+        .iter()
+        .map(|n| n.m().metric("edgetally_forwarded_total{outcome=\"sent\"}"))
+        .sum();
+    assert!(forwarded > 0.0, "nothing was forwarded");
+    assert!(nodes[0].m().metric("edgetally_topology_version") == 2.0);
+
+    // 4. A whole group down: answers are marked incomplete and never exceed the truth.
+    for i in [2, 3] {
+        if let Some(m) = nodes[i].proc.take() {
+            m.kill9();
+        }
+    }
+    let total: u64 = truth.keys.values().map(|t| t.0).sum();
+    let (_, v) = nodes[0]
+        .m()
+        .get(&format!("/v1/totals?start={start}&end={end}"));
+    assert_eq!(v["complete"], false, "{v}");
+    let missing: Vec<&Value> = v["shard_groups"]
+        .as_array()
+        .expect("shard_groups")
+        .iter()
+        .filter(|g| g["answered"] == false)
+        .collect();
+    assert_eq!(missing.len(), 1, "{v}");
+    assert_eq!(missing[0]["name"], "g1");
+    let partial = v["groups"][0]["count"].as_u64().expect("count");
+    assert!(
+        0 < partial && partial < total,
+        "partial {partial} of {total}"
+    );
+    for p in &producers {
+        p.close();
+    }
+}
