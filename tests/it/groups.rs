@@ -65,8 +65,11 @@ impl Node {
     }
 }
 
-/// A TOML topology: `maps` of (from_ms, [(group, [replica])]).
-fn topology(version: u64, maps: &[(i64, Vec<(&str, Vec<SocketAddr>)>)]) -> String {
+/// A group: its name and replicas.
+type GroupDef = (&'static str, Vec<SocketAddr>);
+
+/// A TOML topology: `maps` of (from_ms, groups).
+fn topology(version: u64, maps: &[(i64, Vec<GroupDef>)]) -> String {
     let mut s = format!("version = {version}\n");
     for (from, groups) in maps {
         s.push_str(&format!("[[maps]]\nfrom_ms = {from}\n"));
