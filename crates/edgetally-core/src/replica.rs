@@ -536,6 +536,22 @@ pub struct Snapshot {
     /// How many batches `batches_hash` sums: every batch applied, including those of epochs
     /// expired since (format 4 on; before, the seen-sets' size).
     pub batches: u64,
+    /// The shard groups whose whole state was merged into this one when they were drained
+    /// ([`Snapshot::merge_disjoint`]), sorted (format 5 on).
+    pub absorbed: Vec<String>,
+}
+
+/// Format 4 of [`Snapshot`], before it listed the groups it absorbed.
+#[derive(Serialize, Deserialize)]
+struct SnapshotV4 {
+    format: u32,
+    strings: Vec<String>,
+    producers: Vec<ProducerKey>,
+    series: Vec<SeriesSnapshot>,
+    seen: Vec<(ProducerKey, u64, EpochSeen)>,
+    horizons: [i64; 3],
+    batches_hash: SetHash,
+    batches: u64,
 }
 
 /// An epoch's seen-set in a format 3 [`Snapshot`], before it kept the lateness horizon.
@@ -616,6 +632,21 @@ impl Snapshot {
     /// still give equal hashes).
     pub fn decode(bytes: &[u8]) -> Result<Snapshot, String> {
         match bytes.first() {
+            Some(4) => {
+                let v4: SnapshotV4 =
+                    postcard::from_bytes(bytes).map_err(|e| format!("snapshot (format 4): {e}"))?;
+                Ok(Snapshot {
+                    format: SNAPSHOT_FORMAT,
+                    strings: v4.strings,
+                    producers: v4.producers,
+                    series: v4.series,
+                    seen: v4.seen,
+                    horizons: v4.horizons,
+                    batches_hash: v4.batches_hash,
+                    batches: v4.batches,
+                    absorbed: Vec::new(),
+                })
+            }
             Some(3) => {
                 let v3: SnapshotV3 =
                     postcard::from_bytes(bytes).map_err(|e| format!("snapshot (format 3): {e}"))?;
@@ -643,6 +674,7 @@ impl Snapshot {
                     seen,
                     horizons: v3.horizons,
                     batches_hash: v3.batches_hash,
+                    absorbed: Vec::new(),
                 })
             }
             Some(2) => {
@@ -658,6 +690,7 @@ impl Snapshot {
                     seen,
                     horizons: v2.horizons,
                     batches_hash: v2.batches_hash,
+                    absorbed: Vec::new(),
                 })
             }
             Some(1) => {
@@ -682,6 +715,7 @@ impl Snapshot {
                     seen,
                     horizons,
                     batches_hash: seed,
+                    absorbed: Vec::new(),
                 })
             }
             _ => postcard::from_bytes(bytes).map_err(|e| format!("snapshot: {e}")),
@@ -696,6 +730,127 @@ impl Snapshot {
                 .map(|(p, e, s)| ((*p, *e), s.clone()))
                 .collect(),
         }
+    }
+}
+
+impl Snapshot {
+    /// The snapshot of the union of two *disjoint* sets of batches — this snapshot's and
+    /// `other`'s, the state of the drained shard group `name` — as if one replica had applied
+    /// them all: counts and exact sums add, min/max combine, seen-sets unite, the set hashes
+    /// add (so the state hash is the one of the union). Shard groups hold disjoint batches
+    /// (a batch belongs to the group that owns it at its creation time), which is what makes
+    /// this exact; an epoch holding one seq on both sides, or a group absorbed twice, is
+    /// refused rather than counted twice. Retention horizons take the later of the two.
+    pub fn merge_disjoint(self, other: Snapshot, name: &str) -> Result<Snapshot, String> {
+        if self.format != SNAPSHOT_FORMAT || other.format != SNAPSHOT_FORMAT {
+            return Err("snapshot formats differ".into());
+        }
+        if self
+            .absorbed
+            .iter()
+            .chain(&other.absorbed)
+            .any(|g| g == name)
+            || self.absorbed.iter().any(|g| other.absorbed.contains(g))
+        {
+            return Err(format!(
+                "group {name:?} (or one it absorbed) is absorbed already"
+            ));
+        }
+        let mut strings: Vec<String> = self.strings.iter().chain(&other.strings).cloned().collect();
+        strings.sort_unstable();
+        strings.dedup();
+        let mut producers: Vec<ProducerKey> = self
+            .producers
+            .iter()
+            .chain(&other.producers)
+            .copied()
+            .collect();
+        producers.sort_unstable();
+        producers.dedup();
+        let remap = |from: &[String]| -> Vec<u32> {
+            from.iter()
+                .map(|s| strings.binary_search(s).unwrap_or(0) as u32)
+                .collect()
+        };
+        let premap = |from: &[ProducerKey]| -> Vec<u32> {
+            from.iter()
+                .map(|p| producers.binary_search(p).unwrap_or(0) as u32)
+                .collect()
+        };
+        type Tiers = [BTreeMap<i64, Total>; 3];
+        let mut series: BTreeMap<(u32, Dim), Tiers> = BTreeMap::new();
+        let mut seen: BTreeMap<(ProducerKey, u64), EpochSeen> = BTreeMap::new();
+        let mut absorbed = vec![name.to_string()];
+        let horizons = [0, 1, 2].map(|t| self.horizons[t].max(other.horizons[t]));
+        let mut batches_hash = self.batches_hash;
+        batches_hash.add(&other.batches_hash.0);
+        let batches = self.batches.saturating_add(other.batches);
+        for snap in [self, other] {
+            let (rs, rp) = (remap(&snap.strings), premap(&snap.producers));
+            for s in snap.series {
+                let str_at = |i: u32| rs.get(i as usize).copied();
+                let cat = str_at(s.category).ok_or("series index out of range")?;
+                let dim = match s.dim {
+                    Dim::Entity(e) => Dim::Entity(str_at(e).ok_or("series index out of range")?),
+                    Dim::Producer(p) => Dim::Producer(
+                        rp.get(p as usize)
+                            .copied()
+                            .ok_or("series index out of range")?,
+                    ),
+                    d => d,
+                };
+                let tiers = series.entry((cat, dim)).or_default();
+                for (t, entries) in s.tiers.into_iter().enumerate() {
+                    for (start, total) in entries {
+                        tiers[t].entry(start).or_insert(Total::EMPTY).merge(&total);
+                    }
+                }
+            }
+            for (p, e, set) in snap.seen {
+                match seen.entry((p, e)) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(set);
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut o) => {
+                        let mine = o.get_mut();
+                        let n = mine.seqs.len().saturating_add(set.seqs.len());
+                        mine.seqs.union(&set.seqs);
+                        if mine.seqs.len() != n {
+                            return Err("a batch id is in both states".into());
+                        }
+                        mine.hash = match (mine.hash, set.hash) {
+                            (Some(a), Some(b)) => Some(
+                                u128::from_le_bytes(a)
+                                    .wrapping_add(u128::from_le_bytes(b))
+                                    .to_le_bytes(),
+                            ),
+                            _ => None,
+                        };
+                        mine.horizon_ms = mine.horizon_ms.max(set.horizon_ms);
+                    }
+                }
+            }
+            absorbed.extend(snap.absorbed);
+        }
+        absorbed.sort_unstable();
+        Ok(Snapshot {
+            format: SNAPSHOT_FORMAT,
+            series: series
+                .into_iter()
+                .map(|((category, dim), tiers)| SeriesSnapshot {
+                    category,
+                    dim,
+                    tiers: tiers.map(|t| t.into_iter().collect()),
+                })
+                .collect(),
+            seen: seen.into_iter().map(|((p, e), s)| (p, e, s)).collect(),
+            strings,
+            producers,
+            horizons,
+            batches_hash,
+            batches,
+            absorbed,
+        })
     }
 }
 
@@ -722,7 +877,7 @@ pub enum RestoreError {
     Inconsistent(&'static str),
 }
 
-const SNAPSHOT_FORMAT: u32 = 4;
+const SNAPSHOT_FORMAT: u32 = 5;
 
 /// What a batch would add to a replica's state (see [`Replica::novelty`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -818,6 +973,8 @@ pub struct Replica {
     entries: u64,
     /// What the last `apply` added (reset at each apply).
     last_novelty: Novelty,
+    /// Drained shard groups whose state was merged into this one, sorted.
+    absorbed: Vec<String>,
 }
 
 impl Replica {
@@ -1252,6 +1409,7 @@ impl Replica {
             horizons: self.horizons,
             batches_hash: self.batches_hash,
             batches: self.hashed_batches,
+            absorbed: self.absorbed.clone(),
         }
     }
 
@@ -1272,6 +1430,12 @@ impl Replica {
         r.horizons = snap.horizons;
         r.batches_hash = snap.batches_hash;
         r.hashed_batches = snap.batches;
+        if snap.absorbed.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(RestoreError::Inconsistent(
+                "absorbed groups not sorted and unique",
+            ));
+        }
+        r.absorbed = snap.absorbed;
         for s in &snap.strings {
             r.strings.intern(s);
         }
@@ -1407,6 +1571,11 @@ impl Replica {
             strings: self.strings.heap_bytes(),
             log: self.log_bytes,
         }
+    }
+
+    /// The drained shard groups whose state this replica absorbed (sorted).
+    pub fn absorbed(&self) -> &[String] {
+        &self.absorbed
     }
 
     /// Number of (producer, epoch) seen-sets.

@@ -148,7 +148,7 @@ fn older_snapshot_formats_still_restore() {
     })
     .expect("apply");
     let now = r.snapshot();
-    assert_eq!(now.format, 4);
+    assert_eq!(now.format, 5);
     assert!(now.seen.iter().all(|(_, _, e)| e.hash.is_some()));
     let v2 = postcard::to_allocvec(&V2 {
         format: 2,
