@@ -211,6 +211,51 @@ fn mismatches(m: &Merger, truth: &Truth, start: i64, end: i64) -> Vec<String> {
     bad
 }
 
+/// Waits (bounded) until every running node's answers equal the truth, complete, from
+/// `groups` shard groups.
+fn all_match(nodes: &[Node], truth: &Truth, start: i64, end: i64, groups: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (i, n) in nodes.iter().enumerate() {
+        let Some(m) = &n.proc else { continue };
+        loop {
+            let bad = mismatches(m, truth, start, end);
+            if bad.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} ({}) never matched the truth: {} mismatches, first {:?}",
+                n.group,
+                bad.len(),
+                bad.first()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let (_, v) = m.get(&format!("/v1/totals?start={start}&end={end}"));
+        assert_eq!(v["complete"], true, "node {i}: {v}");
+        assert_eq!(
+            v["shard_groups"].as_array().map(Vec::len),
+            Some(groups),
+            "node {i}: {v}"
+        );
+    }
+}
+
+fn flush(rt: &tokio::runtime::Runtime, producers: &[NativeProducer]) {
+    for (i, p) in producers.iter().enumerate() {
+        assert!(
+            rt.block_on(p.flush(Duration::from_secs(60))),
+            "producer {i} not flushed: {:?}",
+            p.stats()
+        );
+        let s = p.stats();
+        assert!(
+            s.rejected.is_empty() && s.dropped == 0,
+            "producer {i}: {s:?}"
+        );
+    }
+}
+
 fn epochs(m: &Merger) -> u64 {
     m.get("/v1/status").1["producer_epochs"]
         .as_u64()
@@ -292,6 +337,7 @@ fn shard_groups_split_producers_and_answer_exactly_through_kills_and_a_new_group
     }
     // 3. A third group, in force 3 s from now; the nodes reload the file within a second.
     let change = now_ms() + 3_000;
+    let g2_from = change;
     let g2 = ("g2", vec![q[4]]);
     write_atomic(
         &topo,
@@ -325,32 +371,7 @@ fn shard_groups_split_producers_and_answer_exactly_through_kills_and_a_new_group
     let end = now_ms() + 60_000;
 
     // Every node answers for the whole cluster, exactly, once the groups' replicas converge.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for (i, n) in nodes.iter().enumerate() {
-        loop {
-            let bad = mismatches(n.m(), &truth, start, end);
-            if bad.is_empty() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {i} ({}) never matched the truth: {} mismatches, first {:?}",
-                n.group,
-                bad.len(),
-                bad.first()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let (_, v) = n.m().get(&format!("/v1/totals?start={start}&end={end}"));
-        assert_eq!(v["complete"], true, "node {i}: {v}");
-        let groups: Vec<&str> = v["shard_groups"]
-            .as_array()
-            .expect("shard_groups")
-            .iter()
-            .map(|g| g["name"].as_str().unwrap_or(""))
-            .collect();
-        assert_eq!(groups.len(), 3, "node {i}: {v}");
-    }
+    all_match(&nodes, &truth, start, end, 3);
     // The state is split: each group holds its own producers' epochs, replicas agree within a
     // group, and the new group took a share of the batches created after the change.
     let (e0, e1, e2) = (
@@ -374,7 +395,56 @@ fn shard_groups_split_producers_and_answer_exactly_through_kills_and_a_new_group
     assert!(forwarded > 0.0, "nothing was forwarded");
     assert!(nodes[0].m().metric("edgetally_topology_version") == 2.0);
 
-    // 4. A whole group down: answers are marked incomplete and never exceed the truth.
+    // 4. Drain g2 into g0 (and, for batches created from a few seconds on, a map without it),
+    //    recording all along; once g0's replicas absorbed g2's state, g2 goes away for good.
+    let change = now_ms() + 3_000;
+    let mut v3 = topology(
+        3,
+        &[
+            (0, vec![g0.clone(), g1.clone()]),
+            (g2_from, vec![g0.clone(), g1.clone(), g2.clone()]),
+            (change, vec![g0.clone(), g1.clone()]),
+        ],
+    );
+    v3.push_str("[drains]\ng2 = \"g0\"\n");
+    write_atomic(&topo, &v3);
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        record(&rt, &producers, &mut rng, &mut truth, 200);
+    }
+    flush(&rt, &producers);
+    let absorbed_within = Instant::now() + Duration::from_secs(60);
+    for i in [0, 1] {
+        while nodes[i].m().get("/v1/status").1["topology"]["absorbed"] != serde_json::json!(["g2"])
+        {
+            assert!(
+                Instant::now() < absorbed_within,
+                "node {i} never absorbed g2"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // g2 still answers, and its state is in g0's answer too: left out, not counted twice.
+    all_match(&nodes, &truth, start, end, 3);
+    if let Some(m) = nodes[4].proc.take() {
+        m.kill9();
+    }
+    all_match(&nodes, &truth, start, end, 3);
+    let (_, v) = nodes[2]
+        .m()
+        .get(&format!("/v1/totals?start={start}&end={end}"));
+    let g2_part = v["shard_groups"]
+        .as_array()
+        .and_then(|a| a.iter().find(|g| g["name"] == "g2"))
+        .cloned()
+        .expect("g2 listed");
+    assert_eq!(
+        (&g2_part["answered"], &g2_part["absorbed_by"]),
+        (&Value::Bool(false), &Value::from("g0")),
+        "{v}"
+    );
+
+    // 5. A whole group down: answers are marked incomplete and never exceed the truth.
     for i in [2, 3] {
         if let Some(m) = nodes[i].proc.take() {
             m.kill9();
@@ -389,7 +459,7 @@ fn shard_groups_split_producers_and_answer_exactly_through_kills_and_a_new_group
         .as_array()
         .expect("shard_groups")
         .iter()
-        .filter(|g| g["answered"] == false)
+        .filter(|g| g["answered"] == false && g["absorbed_by"].is_null())
         .collect();
     assert_eq!(missing.len(), 1, "{v}");
     assert_eq!(missing[0]["name"], "g1");

@@ -107,6 +107,33 @@ pub struct Part {
     pub complete: bool,
     /// When it answered (ms).
     pub as_of_ms: i64,
+    /// The drained groups whose state the answer holds (their own parts are left out).
+    pub absorbed: Vec<String>,
+}
+
+/// Where a node stands in a drain (the reply to a drain-state request).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainState {
+    /// Since when its group has been drained here (it takes no producer batch since).
+    pub draining_since_ms: Option<i64>,
+    /// Whether its ingest pipeline is empty.
+    pub queue_empty: bool,
+    /// Its state hash.
+    pub state_hash: [u8; 32],
+    /// The drained groups its state absorbed.
+    pub absorbed: Vec<String>,
+}
+
+/// Where a producer's batch goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// This node's group takes it.
+    Local,
+    /// This node's group takes it once it has absorbed the drained group named (the batch's
+    /// owner by the map): until then a resend of a batch that group merged could count twice.
+    AfterAbsorbing(String),
+    /// Another group takes it.
+    Forward(Group),
 }
 
 impl Query {
@@ -243,6 +270,9 @@ pub struct GroupAnswer {
     pub complete: bool,
     /// When it answered (ms), if it did.
     pub as_of_ms: Option<i64>,
+    /// The group whose answer holds this (drained) group's state, if one does: its own part
+    /// is then left out, answered or not.
+    pub absorbed_by: Option<String>,
     /// Why it did not, if it did not.
     pub error: Option<String>,
 }
@@ -280,6 +310,11 @@ pub struct Cluster {
     deadline: Duration,
     limits: Limits,
     next: AtomicU64,
+    draining_since: Mutex<Option<i64>>,
+    /// Drained groups some answer showed absorbed by their heir: not asked any more (their
+    /// state is in the heir's part; a group gone for good would cost every query the
+    /// deadline).
+    absorbed_seen: Mutex<std::collections::BTreeSet<String>>,
     /// Counters.
     pub metrics: ClusterMetrics,
 }
@@ -318,7 +353,7 @@ impl Cluster {
                 path.display()
             ));
         }
-        Ok(Cluster {
+        let c = Cluster {
             group: group.to_string(),
             modified: Mutex::new(modified(path)),
             path: path.to_path_buf(),
@@ -329,8 +364,39 @@ impl Cluster {
             deadline,
             limits,
             next: AtomicU64::new(0),
+            draining_since: Mutex::new(None),
+            absorbed_seen: Mutex::new(Default::default()),
             metrics: ClusterMetrics::default(),
-        })
+        };
+        c.note_drain(edgetally_net::now_ms());
+        Ok(c)
+    }
+
+    /// Since when this node's group is drained (it takes no producer batch since then).
+    pub fn draining_since(&self) -> Option<i64> {
+        *self
+            .draining_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The group this node's group is drained into, if it is.
+    pub fn drained_into(&self) -> Option<String> {
+        self.topology().drains.get(&self.group).cloned()
+    }
+
+    /// Notes when this node's group became drained (`now_ms`), once.
+    fn note_drain(&self, now_ms: i64) {
+        let drained = self.topology().drains.contains_key(&self.group);
+        let mut since = self
+            .draining_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match (drained, *since) {
+            (true, None) => *since = Some(now_ms),
+            (false, Some(_)) => *since = None,
+            _ => {}
+        }
     }
 
     /// The topology in force.
@@ -382,6 +448,7 @@ impl Cluster {
                     "topology reloaded"
                 );
                 *self.topology.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+                self.note_drain(now_ms);
                 self.metrics.reloads.fetch_add(1, Relaxed);
                 true
             }
@@ -393,14 +460,40 @@ impl Cluster {
         }
     }
 
-    /// The group a producer's batch must go to, if not this node's; `None` when it is ours
-    /// (or when even its id does not decode: then this node refuses it with the reason any
-    /// node would give).
-    pub fn route(&self, raw: &[u8]) -> Option<Group> {
-        let (id, created_ms) = edgetally_proto::peek(raw, &self.limits)?;
+    /// Where a producer's batch goes. [`Route::Local`] too when even its id does not decode:
+    /// then this node refuses it with the reason any node would give.
+    pub fn route(&self, raw: &[u8]) -> Route {
+        let Some((id, created_ms)) = edgetally_proto::peek(raw, &self.limits) else {
+            return Route::Local;
+        };
         let t = self.topology();
-        let owner = t.owner(&id.producer, created_ms)?;
-        (owner.name != self.group).then(|| owner.clone())
+        match t.route(&id.producer, created_ms) {
+            Some((g, _)) if g.name != self.group => Route::Forward(g.clone()),
+            Some((_, Some(drained))) => Route::AfterAbsorbing(drained.to_string()),
+            _ => Route::Local,
+        }
+    }
+
+    /// Asks the node at `addr` where it stands in a drain.
+    pub async fn drain_state_of(&self, addr: &str) -> Result<DrainState, String> {
+        let conn = self.connection(addr).await?;
+        let r = tokio::time::timeout(FORWARD_TIMEOUT, crate::replication::drain_state(&conn))
+            .await
+            .map_err(|_| format!("{addr}: no drain state in time"))?;
+        if r.is_err() {
+            self.drop_connection(addr);
+        }
+        r
+    }
+
+    /// Fetches the whole state of the node at `addr`.
+    pub async fn snapshot_of(&self, addr: &str) -> Result<edgetally_core::Snapshot, String> {
+        let conn = self.connection(addr).await?;
+        let r = crate::replication::snapshot(&conn).await;
+        if r.is_err() {
+            self.drop_connection(addr);
+        }
+        r
     }
 
     async fn connection(&self, addr: &str) -> Result<quinn::Connection, String> {
@@ -476,13 +569,19 @@ impl Cluster {
 
     /// Asks every other group for its part of `q`, all at once, each trying its replicas in
     /// turn until the deadline. One entry per group of the topology other than this node's.
-    pub async fn gather(self: &Arc<Self>, q: &Query) -> Vec<(GroupAnswer, Option<Answer>)> {
+    pub async fn gather(self: &Arc<Self>, q: &Query) -> Vec<(GroupAnswer, Option<Part>)> {
         let t = self.topology();
         let mut asks = tokio::task::JoinSet::new();
+        let mut skip = self
+            .absorbed_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        skip.remove(&self.group);
         let others: Vec<Group> = t
             .all_groups()
             .into_iter()
-            .filter(|g| g.name != self.group)
+            .filter(|g| g.name != self.group && !skip.contains(&g.name))
             .cloned()
             .collect();
         for (i, g) in others.iter().enumerate() {
@@ -516,7 +615,30 @@ impl Cluster {
         })
         .await;
         asks.abort_all();
-        others
+        let mut seen = self.absorbed_seen.lock().unwrap_or_else(|e| e.into_inner());
+        for p in got.iter().flatten().flatten() {
+            seen.extend(
+                p.absorbed
+                    .iter()
+                    .filter(|g| t.drains.contains_key(*g))
+                    .cloned(),
+            );
+        }
+        drop(seen);
+        let skipped = skip.into_iter().map(|name| {
+            (
+                GroupAnswer {
+                    name,
+                    answered: false,
+                    complete: false,
+                    as_of_ms: None,
+                    absorbed_by: None,
+                    error: Some("drained and absorbed; not asked".into()),
+                },
+                None,
+            )
+        });
+        let mut out: Vec<(GroupAnswer, Option<Part>)> = others
             .into_iter()
             .zip(got)
             .map(|(g, r)| match r {
@@ -526,9 +648,10 @@ impl Cluster {
                         answered: true,
                         complete: p.complete,
                         as_of_ms: Some(p.as_of_ms),
+                        absorbed_by: None,
                         error: None,
                     },
-                    Some(p.answer),
+                    Some(p),
                 ),
                 other => {
                     self.metrics.parts_missing.fetch_add(1, Relaxed);
@@ -542,13 +665,29 @@ impl Cluster {
                             answered: false,
                             complete: false,
                             as_of_ms: None,
+                            absorbed_by: None,
                             error: Some(error),
                         },
                         None,
                     )
                 }
             })
-            .collect()
+            .chain(skipped)
+            .collect();
+        out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        out
+    }
+
+    /// Notes drained groups this node's own state absorbed (not asked of others any more).
+    pub fn note_absorbed(&self, absorbed: &[String]) {
+        let t = self.topology();
+        let mut seen = self.absorbed_seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.extend(
+            absorbed
+                .iter()
+                .filter(|g| t.drains.contains_key(*g))
+                .cloned(),
+        );
     }
 }
 

@@ -343,6 +343,7 @@ fn freshness(
                             "answered": g.answered,
                             "complete": g.complete,
                             "as_of_ms": g.as_of_ms,
+                            "absorbed_by": g.absorbed_by,
                             "error": g.error,
                         })
                     })
@@ -1012,6 +1013,16 @@ async fn events(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let source = conn.map_or(std::net::Ipv4Addr::LOCALHOST.into(), |c| c.0 .0.ip());
+    if let Some(heir) = node.cluster.as_ref().and_then(|c| c.drained_into()) {
+        // The node's own batches stay in its group, and a drained group takes none.
+        return Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "draining",
+            message: format!(
+                "this node's shard group is drained into {heir:?}: send events to a node of that group"
+            ),
+        });
+    }
     if let Some(after_ms) = node.admission.throttle_source(source, now_ms()) {
         node.metrics.retried.fetch_add(1, Relaxed);
         return Ok(reply_response(Reply::Retry { after_ms }));
@@ -1234,6 +1245,9 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
             "group": c.group,
             "version": c.topology().version,
             "maps": serde_json::to_value(&c.topology().maps).unwrap_or(Value::Null),
+            "drains": c.topology().drains,
+            "draining_since_ms": c.draining_since(),
+            "absorbed": node.state().absorbed(),
         })),
         "retained_batches": retained,
         // Equal on two nodes iff they hold the same batches with the same content (and so

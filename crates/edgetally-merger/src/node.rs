@@ -2,6 +2,7 @@
 //! listeners, background upkeep (snapshots, retention, certificate rotation), and graceful
 //! shutdown.
 
+use crate::cluster::Route;
 use crate::config::Config;
 use crate::ingest::{now_ms, Ingest, Pipeline};
 use crate::metrics::Metrics;
@@ -17,7 +18,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// A start-up failure.
 #[derive(Debug, thiserror::Error)]
@@ -584,8 +585,8 @@ impl Node {
             ));
         }
         tasks.push(tokio::spawn(mark_durable(node.store.clone(), rx.clone())));
-        if let Some(c) = &node.cluster {
-            tasks.push(tokio::spawn(topology_upkeep(c.clone(), rx.clone())));
+        if node.cluster.is_some() {
+            tasks.push(tokio::spawn(topology_upkeep(node.clone(), rx.clone())));
         }
         tasks.push(tokio::spawn(admission_upkeep(
             node.admission.clone(),
@@ -637,8 +638,17 @@ impl Node {
     /// written but not yet applied are not covered, stay stored, and are applied to the new
     /// state.
     pub fn adopt(&self, snap: edgetally_core::Snapshot) -> Result<bool, String> {
-        let covered = snap.digest();
         let mut r = self.replica.write().unwrap_or_else(|e| e.into_inner());
+        self.adopt_locked(&mut r, snap)
+    }
+
+    /// [`Node::adopt`] with the replica's write lock held.
+    fn adopt_locked(
+        &self,
+        r: &mut Replica,
+        snap: edgetally_core::Snapshot,
+    ) -> Result<bool, String> {
+        let covered = snap.digest();
         let Some(mut fresh) = r.adopt(snap.clone()).map_err(|e| e.to_string())? else {
             return Ok(false);
         };
@@ -761,11 +771,22 @@ impl Node {
             };
         }
         if let Some(c) = &self.cluster {
-            if let Some(owner) = c.route(&raw) {
-                return c.forward(&owner, raw).await;
+            match c.route(&raw) {
+                Route::Forward(owner) => return c.forward(&owner, raw).await,
+                Route::AfterAbsorbing(drained) if !self.has_absorbed(&drained) => {
+                    return Reply::Retry {
+                        after_ms: DRAIN_RETRY_MS,
+                    }
+                }
+                _ => {}
             }
         }
         self.ingest.submit(raw).await
+    }
+
+    /// Whether this node's state holds the drained group `name`'s.
+    pub fn has_absorbed(&self, name: &str) -> bool {
+        self.state().absorbed().iter().any(|g| g == name)
     }
 
     /// A batch another group's node forwarded here (`version`: its topology version). Taken
@@ -782,20 +803,56 @@ impl Node {
             let c = c.clone();
             let _ = tokio::task::spawn_blocking(move || c.reload(true, now_ms())).await;
         }
-        if c.route(&raw).is_some() {
-            return Reply::Retry {
-                after_ms: crate::ingest::RETRY_AFTER_MS,
-            };
+        match c.route(&raw) {
+            Route::Forward(_) => {
+                return Reply::Retry {
+                    after_ms: crate::ingest::RETRY_AFTER_MS,
+                }
+            }
+            Route::AfterAbsorbing(drained) if !self.has_absorbed(&drained) => {
+                return Reply::Retry {
+                    after_ms: DRAIN_RETRY_MS,
+                }
+            }
+            _ => {}
         }
         self.ingest.submit(raw).await
     }
 
+    /// Where this node stands in a drain (for the group that absorbs it, and its peers).
+    pub fn drain_state(&self) -> crate::cluster::DrainState {
+        let r = self.state();
+        crate::cluster::DrainState {
+            draining_since_ms: self.cluster.as_ref().and_then(|c| c.draining_since()),
+            queue_empty: self.metrics.queue_depth.load(Relaxed) == 0,
+            state_hash: r.state_hash(),
+            absorbed: r.absorbed().to_vec(),
+        }
+    }
+
+    /// Merges the state of the drained group `name` (a snapshot of one of its replicas) into
+    /// this node's, once: the snapshot stored with the merged state lists the group, so a
+    /// restart never absorbs it again. Returns whether it was absorbed now.
+    pub fn absorb(&self, name: &str, snap: edgetally_core::Snapshot) -> Result<bool, String> {
+        let mut r = self.replica.write().unwrap_or_else(|e| e.into_inner());
+        if r.absorbed().iter().any(|g| g == name) {
+            return Ok(false);
+        }
+        let merged = r.snapshot().merge_disjoint(snap, name)?;
+        self.adopt_locked(&mut r, merged)
+    }
+
     /// This node's part of a cluster-wide query.
     pub fn part(&self, q: &crate::cluster::Query) -> crate::cluster::Part {
+        let (answer, absorbed) = {
+            let r = self.state();
+            (q.run(&r), r.absorbed().to_vec())
+        };
         crate::cluster::Part {
-            answer: q.run(&self.state()),
+            answer,
             complete: self.sees_all_peers(),
             as_of_ms: now_ms(),
+            absorbed,
         }
     }
 
@@ -816,31 +873,168 @@ impl Node {
         Vec<crate::cluster::GroupAnswer>,
     ) {
         let mine = self.part(&q);
-        let mut answer = mine.answer;
-        let mut complete = mine.complete;
-        let mut groups = Vec::new();
-        if let Some(c) = &self.cluster {
-            groups.push(crate::cluster::GroupAnswer {
+        let Some(c) = &self.cluster else {
+            return (mine.answer, mine.complete, Vec::new());
+        };
+        let mut parts = vec![(
+            crate::cluster::GroupAnswer {
                 name: c.group.clone(),
                 answered: true,
                 complete: mine.complete,
                 as_of_ms: Some(mine.as_of_ms),
+                absorbed_by: None,
                 error: None,
+            },
+            Some(mine),
+        )];
+        c.note_absorbed(
+            &parts[0]
+                .1
+                .as_ref()
+                .map(|p| p.absorbed.clone())
+                .unwrap_or_default(),
+        );
+        parts.extend(c.gather(&q).await);
+        // A drained group's state is in its heir's answer once the heir absorbed it: leave the
+        // group's own part out then (answered or not), else it would count twice.
+        for i in 0..parts.len() {
+            let name = parts[i].0.name.clone();
+            let by = parts.iter().find_map(|(g, p)| {
+                p.as_ref()
+                    .filter(|p| p.absorbed.contains(&name))
+                    .map(|_| g.name.clone())
             });
-            for (g, a) in c.gather(&q).await {
-                complete &= g.answered && g.complete;
-                if let Some(a) = a {
-                    answer.merge(a);
-                }
-                groups.push(g);
-            }
+            parts[i].0.absorbed_by = by;
         }
+        let mut answer: Option<crate::cluster::Answer> = None;
+        let mut complete = true;
+        let mut groups = Vec::with_capacity(parts.len());
+        for (g, p) in parts {
+            if g.absorbed_by.is_none() {
+                complete &= g.answered && g.complete;
+                if let Some(p) = p {
+                    match &mut answer {
+                        Some(a) => a.merge(p.answer),
+                        None => answer = Some(p.answer),
+                    }
+                }
+            }
+            groups.push(g);
+        }
+        let answer = answer.unwrap_or_else(|| q.run(&Replica::new()));
         (answer, complete, groups)
     }
 }
 
-/// Re-reads the topology file once a second if it changed, and at once on SIGHUP.
-async fn topology_upkeep(cluster: Arc<crate::cluster::Cluster>, mut stop: watch::Receiver<bool>) {
+/// How long a producer is asked to wait while its batch's group is being drained.
+const DRAIN_RETRY_MS: u32 = 1000;
+
+/// How long every replica of a drained group must have taken no producer batch, with an empty
+/// pipeline, before its heir absorbs its state: far longer than a batch's time between its
+/// routing and its apply, so none lands after the state is taken.
+const DRAIN_SETTLE_MS: i64 = 3_000;
+
+/// One round of the drains into this node's group: for each group drained directly into it
+/// and not yet absorbed, take the state from a peer of this group that absorbed it already
+/// (a replica that was away during the drain), else — once every replica of the drained group
+/// has been draining for [`DRAIN_SETTLE_MS`] with an empty pipeline and they all hold one
+/// state — from one of them, checked against that state's hash.
+async fn absorb_round(node: &Arc<Node>) {
+    let Some(c) = &node.cluster else { return };
+    let t = c.topology();
+    for (drained, heir) in &t.drains {
+        if heir != &c.group || node.has_absorbed(drained) {
+            continue;
+        }
+        let mut done = false;
+        for peer in &node.config.peers {
+            let peer = peer.to_string();
+            let Ok(st) = c.drain_state_of(&peer).await else {
+                continue;
+            };
+            if !st.absorbed.contains(drained) {
+                continue;
+            }
+            match c.snapshot_of(&peer).await {
+                Ok(snap) if snap.absorbed.contains(drained) => match node.adopt(snap) {
+                    Ok(true) => {
+                        info!(group = %drained, %peer, "took a drained group's state from a peer");
+                        done = true;
+                        break;
+                    }
+                    Ok(false) => {}
+                    Err(e) => warn!(group = %drained, %peer, "adopting a peer's state failed: {e}"),
+                },
+                _ => {}
+            }
+        }
+        if done {
+            continue;
+        }
+        let Some(g) = t
+            .all_groups()
+            .into_iter()
+            .find(|g| &g.name == drained)
+            .cloned()
+        else {
+            continue;
+        };
+        let now = now_ms();
+        let mut hash = None;
+        let mut ready = true;
+        for addr in &g.quic {
+            match c.drain_state_of(addr).await {
+                Ok(st)
+                    if st.queue_empty
+                        && st
+                            .draining_since_ms
+                            .is_some_and(|s| now - s >= DRAIN_SETTLE_MS)
+                        && hash.is_none_or(|h| h == st.state_hash) =>
+                {
+                    hash = Some(st.state_hash)
+                }
+                Ok(st) => {
+                    debug!(group = %drained, %addr, ?st.draining_since_ms, "drained group not settled yet");
+                    ready = false;
+                }
+                Err(e) => {
+                    debug!(group = %drained, %addr, "drained group's replica unreachable: {e}");
+                    ready = false;
+                }
+            }
+        }
+        let (true, Some(hash)) = (ready, hash) else {
+            continue;
+        };
+        let snap = match c.snapshot_of(&g.quic[0]).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(group = %drained, "no snapshot from the drained group: {e}");
+                continue;
+            }
+        };
+        let matches = Replica::restore(snap.clone()).is_ok_and(|r| r.state_hash() == hash);
+        if !matches {
+            debug!(group = %drained, "the drained group's state moved; next round");
+            continue;
+        }
+        let node = node.clone();
+        let name = drained.clone();
+        match tokio::task::spawn_blocking(move || node.absorb(&name, snap)).await {
+            Ok(Ok(true)) => info!(group = %drained, "absorbed a drained group's state"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => warn!(group = %drained, "absorbing a drained group failed: {e}"),
+            Err(e) => warn!(group = %drained, "absorbing a drained group failed: {e}"),
+        }
+    }
+}
+
+/// Re-reads the topology file once a second if it changed, and at once on SIGHUP; runs the
+/// drains into this node's group.
+async fn topology_upkeep(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
+    let Some(cluster) = node.cluster.clone() else {
+        return;
+    };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -863,6 +1057,7 @@ async fn topology_upkeep(cluster: Arc<crate::cluster::Cluster>, mut stop: watch:
         };
         let c = cluster.clone();
         let _ = tokio::task::spawn_blocking(move || c.reload(force, now_ms())).await;
+        absorb_round(&node).await;
     }
 }
 

@@ -72,6 +72,25 @@ enum Request {
     /// This group's part of a cluster-wide query ([`crate::cluster::Query`]); the reply is a
     /// postcard [`crate::cluster::Part`].
     Query(crate::cluster::Query),
+    /// Where this node stands in a drain; the reply is a postcard
+    /// [`crate::cluster::DrainState`].
+    DrainState,
+}
+
+/// Asks a node where it stands in a drain.
+pub(crate) async fn drain_state(
+    conn: &quinn::Connection,
+) -> Result<crate::cluster::DrainState, String> {
+    let body = postcard::to_allocvec(&Request::DrainState).map_err(|e| e.to_string())?;
+    let raw = request(conn, &body, 1 << 16).await?;
+    postcard::from_bytes(&raw).map_err(|_| "bad drain state".to_string())
+}
+
+/// Asks a node for its whole state.
+pub(crate) async fn snapshot(conn: &quinn::Connection) -> Result<Snapshot, String> {
+    let body = postcard::to_allocvec(&Request::Snapshot).map_err(|e| e.to_string())?;
+    let raw = request(conn, &body, MAX_MESSAGE).await?;
+    Snapshot::decode(&raw).map_err(|_| "bad snapshot".to_string())
 }
 
 /// Sends a forwarded batch on an authenticated peer connection; the owner's reply.
@@ -361,6 +380,11 @@ async fn answer(
         Request::Query(q) => {
             let part = node.part(&q);
             let bytes = postcard::to_allocvec(&part).map_err(|e| e.to_string())?;
+            send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+        }
+        Request::DrainState => {
+            let st = node.drain_state();
+            let bytes = postcard::to_allocvec(&st).map_err(|e| e.to_string())?;
             send.write_all(&bytes).await.map_err(|e| e.to_string())?;
         }
     }

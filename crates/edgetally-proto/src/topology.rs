@@ -23,6 +23,7 @@
 use crate::producer::rendezvous_weight;
 use edgetally_core::ProducerKey;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// One shard group: a name (what producers are hashed against: keep it when the replicas
 /// change) and the addresses of its replicas.
@@ -59,6 +60,10 @@ pub struct Topology {
     pub version: u64,
     /// The maps, by increasing `from_ms`.
     pub maps: Vec<Map>,
+    /// Groups being removed: each drained group → the group that absorbs its state and takes
+    /// every batch it owned, past and future (ARCHITECTURE.md, "Draining a group").
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub drains: BTreeMap<String, String>,
 }
 
 /// Why a topology is unusable.
@@ -83,6 +88,9 @@ pub enum TopologyError {
     /// A reload whose version is not above the one in force (with other content).
     #[error("version {0} does not follow version {1}")]
     StaleVersion(u64, u64),
+    /// A drain into a group no map lists, or drains that form a cycle.
+    #[error("group {0:?} drains into a group no map lists, or into itself through others")]
+    BadDrain(String),
 }
 
 impl Map {
@@ -132,6 +140,7 @@ impl Topology {
         Topology {
             version,
             maps: vec![Map { from_ms: 0, groups }],
+            drains: BTreeMap::new(),
         }
     }
 
@@ -145,7 +154,39 @@ impl Topology {
         if self.maps.windows(2).any(|w| w[0].from_ms >= w[1].from_ms) {
             return Err(TopologyError::Unordered);
         }
-        self.maps.iter().try_for_each(Map::check)
+        self.maps.iter().try_for_each(Map::check)?;
+        let listed = self.all_groups();
+        for (from, into) in &self.drains {
+            if !listed.iter().any(|g| &g.name == into) || self.heir(from).is_none() {
+                return Err(TopologyError::BadDrain(from.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the group `name` ends up through the drains: itself if it is not drained, else
+    /// the group that absorbs it (following drains of drains). `None` on a cycle.
+    pub fn heir<'a>(&'a self, mut name: &'a str) -> Option<&'a str> {
+        for _ in 0..=self.drains.len() {
+            match self.drains.get(name) {
+                Some(next) => name = next,
+                None => return Some(name),
+            }
+        }
+        None
+    }
+
+    /// The group that takes the batch `producer` created at `created_ms`, and the group the
+    /// map names for it when that one is drained (the taker then waits until it has absorbed
+    /// that group's state before applying such batches).
+    pub fn route(&self, producer: &ProducerKey, created_ms: i64) -> Option<(&Group, Option<&str>)> {
+        let named = self.owner(producer, created_ms)?;
+        let heir = self.heir(&named.name)?;
+        if heir == named.name {
+            return Some((named, None));
+        }
+        let g = self.all_groups().into_iter().find(|g| g.name == heir)?;
+        Some((g, Some(named.name.as_str())))
     }
 
     /// The map that routes batches created at `created_ms`.
@@ -313,6 +354,7 @@ mod tests {
                     groups: groups(&["g0", "g1", "g2"]),
                 },
             ],
+            drains: BTreeMap::new(),
         };
         assert_eq!(t.check(), Ok(()));
         let old = map(&["g0", "g1"]);
@@ -369,6 +411,37 @@ mod tests {
         let mut rewritten = map(&["a", "c"]);
         rewritten.version = 5;
         assert_eq!(rewritten.follows(&v1, now), Ok(vec![i64::MIN, 0]));
+    }
+
+    /// A drained group's batches, past and future, go to its heir, marked as the drained
+    /// group's (the heir waits for its state first); no other batch moves.
+    #[test]
+    fn a_drained_groups_batches_go_to_its_heir() {
+        let plain = map(&["g0", "g1", "g2"]);
+        let mut t = plain.clone();
+        t.drains.insert("g2".into(), "g0".into());
+        assert_eq!(t.check(), Ok(()));
+        let mut drained = 0;
+        for i in 0..KEYS {
+            let k = key(i);
+            let (g, via) = t.route(&k, 0).expect("route");
+            if owner_name(&plain, &k, 0) == "g2" {
+                drained += 1;
+                assert_eq!((g.name.as_str(), via), ("g0", Some("g2")));
+            } else {
+                assert_eq!((g.name.clone(), via), (owner_name(&plain, &k, 0), None));
+            }
+        }
+        assert!(drained > 0);
+        // Drains of drains end at the last heir; a cycle or an unknown heir is refused.
+        t.drains.insert("g0".into(), "g1".into());
+        assert_eq!(t.heir("g2"), Some("g1"));
+        assert_eq!(t.check(), Ok(()));
+        t.drains.insert("g1".into(), "g2".into());
+        assert!(matches!(t.check(), Err(TopologyError::BadDrain(_))));
+        let mut u = plain.clone();
+        u.drains.insert("g1".into(), "nowhere".into());
+        assert_eq!(u.check(), Err(TopologyError::BadDrain("g1".into())));
     }
 
     #[test]

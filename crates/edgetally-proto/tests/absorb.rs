@@ -17,9 +17,12 @@ fn entry(b: &Batch) -> LogEntry {
     }
 }
 
+/// A record: category, entity, age (ms before `NOW`), value in quarters.
+type Rec = (u8, Option<u8>, i64, i32);
+
 /// Batches of a few producers and epochs (seqs consecutive per epoch), with entities, values
 /// and times drawn from `recs`.
-fn batches(spec: &[(u8, u8, Vec<(u8, Option<u8>, i64, i32)>)]) -> Vec<Batch> {
+fn batches(spec: &[(u8, u8, Vec<Rec>)]) -> Vec<Batch> {
     let mut seq = std::collections::BTreeMap::<(u8, u8), u64>::new();
     spec.iter()
         .map(|(p, e, recs)| {
