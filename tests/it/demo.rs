@@ -81,4 +81,25 @@ fn the_single_node_and_cluster_demos_run_one_after_the_other() {
             .any(|l| l.contains("retries") && !l.contains(" 0 retries")),
         "{stdout}"
     );
+    // The README's 2×2 cluster: two shard groups of two replicas, each node answering for the
+    // whole cluster.
+    let out = std::process::Command::new(binary())
+        .args(["demo", "--cluster", "--groups", "2"])
+        .output()
+        .expect("run demo --cluster --groups 2");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "2x2 cluster demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("MISMATCH"));
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.trim_end().ends_with(" ok"))
+            .count(),
+        8,
+        "{stdout}"
+    );
 }

@@ -3,6 +3,10 @@
 //! merger is killed mid-stream (its producers fail over), restarted, and catches up; then
 //! each node's totals are printed beside the expectation computed here, with the time the
 //! cluster took to converge.
+//!
+//! `--groups G` (G ≥ 2): G shard groups of two replicas each (node `i` in group `i / 2`, on
+//! ports 7070 + 2i and 7071 + 2i), one topology file; every node answers for the whole
+//! cluster, and each group holds only its own producers.
 
 use crate::child::{get_json as get, Merger};
 use anyhow::{bail, Result};
@@ -12,7 +16,47 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn start(dir: &Path, i: usize) -> Result<Merger> {
+/// Which nodes a demo cluster has: `groups` ≤ 1, three peered nodes; else `groups` groups of
+/// two replicas.
+#[derive(Clone, Copy)]
+struct Layout {
+    groups: usize,
+}
+
+impl Layout {
+    fn nodes(self) -> usize {
+        if self.groups <= 1 {
+            3
+        } else {
+            2 * self.groups
+        }
+    }
+    /// Node `i`'s group (0 without groups).
+    fn group(self, i: usize) -> usize {
+        if self.groups <= 1 {
+            0
+        } else {
+            i / 2
+        }
+    }
+    fn quic(i: usize) -> String {
+        format!("127.0.0.1:{}", 7071 + 2 * i as u16)
+    }
+    /// The topology file's text (groups only).
+    fn topology(self) -> String {
+        let mut s = "version = 1\n[[maps]]\nfrom_ms = 0\n".to_string();
+        for g in 0..self.groups {
+            s.push_str(&format!(
+                "[[maps.groups]]\nname = \"g{g}\"\nquic = [\"{}\", \"{}\"]\n",
+                Self::quic(2 * g),
+                Self::quic(2 * g + 1)
+            ));
+        }
+        s
+    }
+}
+
+fn start(dir: &Path, i: usize, layout: Layout) -> Result<Merger> {
     let port = |n: usize| 7070 + n as u16;
     let mut args: Vec<OsString> = vec![
         "--data-dir".into(),
@@ -20,11 +64,17 @@ fn start(dir: &Path, i: usize) -> Result<Merger> {
         "--http-addr".into(),
         format!("127.0.0.1:{}", port(2 * i)).into(),
         "--quic-addr".into(),
-        format!("127.0.0.1:{}", port(2 * i + 1)).into(),
+        Layout::quic(i).into(),
     ];
-    for j in (0..3).filter(|j| *j != i) {
+    for j in (0..layout.nodes()).filter(|j| *j != i && layout.group(*j) == layout.group(i)) {
         args.push("--peer".into());
-        args.push(format!("127.0.0.1:{}", port(2 * j + 1)).into());
+        args.push(Layout::quic(j).into());
+    }
+    if layout.groups > 1 {
+        args.push("--topology".into());
+        args.push(dir.join("topology.toml").into());
+        args.push("--group".into());
+        args.push(format!("g{}", layout.group(i)).into());
     }
     Merger::start_with_env(
         &args,
@@ -81,20 +131,39 @@ fn hundredths(c: i64) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
-pub fn run() -> Result<()> {
+pub fn run(groups: usize) -> Result<()> {
+    let layout = Layout { groups };
     let dir = std::env::temp_dir().join(format!("edgetally-cluster-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    println!(
-        "starting 3 mergers peered on loopback (data in {})",
-        dir.display()
-    );
+    std::fs::create_dir_all(&dir)?;
+    if groups > 1 {
+        std::fs::write(dir.join("topology.toml"), layout.topology())?;
+        println!(
+            "starting {groups} shard groups of 2 mergers on loopback (data and topology.toml in {})",
+            dir.display()
+        );
+    } else {
+        println!(
+            "starting 3 mergers peered on loopback (data in {})",
+            dir.display()
+        );
+    }
     let mut nodes: Vec<Option<Merger>> = Vec::new();
-    for i in 0..3 {
-        let m = start(&dir, i)?;
-        println!("  node {i}: {} quic {}", m.http, m.quic);
+    for i in 0..layout.nodes() {
+        let m = start(&dir, i, layout)?;
+        if groups > 1 {
+            println!(
+                "  node {i} (group g{}): {} quic {}",
+                layout.group(i),
+                m.http,
+                m.quic
+            );
+        } else {
+            println!("  node {i}: {} quic {}", m.http, m.quic);
+        }
         nodes.push(Some(m));
     }
-    let result = drive(&dir, &mut nodes);
+    let result = drive(&dir, &mut nodes, layout);
     for m in nodes.into_iter().flatten() {
         m.stop();
     }
@@ -102,7 +171,7 @@ pub fn run() -> Result<()> {
     result
 }
 
-fn drive(dir: &Path, nodes: &mut [Option<Merger>]) -> Result<()> {
+fn drive(dir: &Path, nodes: &mut [Option<Merger>], layout: Layout) -> Result<()> {
     let endpoints: Vec<Endpoint> = nodes
         .iter()
         .flatten()
@@ -133,23 +202,27 @@ fn drive(dir: &Path, nodes: &mut [Option<Merger>]) -> Result<()> {
     // Each producer sends to the node its key prefers (rendezvous hash); pushes and pulls
     // bring every batch to the others within a sync interval or two.
     std::thread::sleep(Duration::from_millis(1500));
-    println!("6 producers sent 6000 readings as signed batches, each to the node its key prefers; per node:");
+    if layout.groups > 1 {
+        println!("6 producers sent 6000 readings as signed batches, each to the node its key prefers, which forwards it to the producer's group unless it is in it; per node:");
+    } else {
+        println!("6 producers sent 6000 readings as signed batches, each to the node its key prefers; per node:");
+    }
     for (i, h) in https.iter().enumerate() {
         let s = get(h, "/v1/status")?;
         println!(
-            "  node {i}: {} batches applied; {} received by pulling from peers (some of those had arrived by push too)",
-            s["batches_applied"], s["batches_pulled"]
+            "  node {i}: {} batches applied, of {} producers; {} received by pulling from peers (some of those had arrived by push too)",
+            s["batches_applied"], s["producer_epochs"], s["batches_pulled"]
         );
     }
 
     // Kill the node most producers prefer (the first in their rendezvous order).
     let names: Vec<String> = endpoints.iter().map(|e| e.addr.to_string()).collect();
-    let mut preferred = [0usize; 3];
+    let mut preferred = vec![0usize; names.len()];
     for p in &producers {
         let order = edgetally_proto::producer::rendezvous_order(&p.producer_key().0, &names);
         preferred[order[0]] += 1;
     }
-    let victim = (0..3).max_by_key(|i| preferred[*i]).unwrap_or(1);
+    let victim = (0..names.len()).max_by_key(|i| preferred[*i]).unwrap_or(1);
     println!(
         "\nkill -9 node {victim} (preferred by {} of the producers), and keep recording: they fail over to the others",
         preferred[victim]
@@ -168,7 +241,7 @@ fn drive(dir: &Path, nodes: &mut [Option<Merger>]) -> Result<()> {
     }
     println!("\nrestart node {victim} on its data; it catches up from its peers");
     let healed = Instant::now();
-    nodes[victim] = Some(start(dir, victim)?);
+    nodes[victim] = Some(start(dir, victim, layout)?);
     for p in &producers {
         p.close();
     }
@@ -184,11 +257,20 @@ fn drive(dir: &Path, nodes: &mut [Option<Merger>]) -> Result<()> {
     };
     loop {
         let h = hashes();
-        if !h[0].is_empty() && h.iter().all(|x| *x == h[0]) {
+        // Replicas of one group hold one state; groups hold different producers.
+        let same = (0..h.len()).all(|i| {
+            !h[i].is_empty()
+                && (0..h.len())
+                    .filter(|j| layout.group(*j) == layout.group(i))
+                    .all(|j| h[j] == h[i])
+        });
+        if same {
+            let mut groups: Vec<&str> = h.iter().map(|x| &x[..16]).collect();
+            groups.dedup();
             println!(
-                "converged {:.1} s after the restart: every node's state hash is {}",
+                "converged {:.1} s after the restart: state hashes {}",
                 healed.elapsed().as_secs_f64(),
-                &h[0][..16]
+                groups.join(", ")
             );
             break;
         }

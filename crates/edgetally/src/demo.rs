@@ -70,9 +70,9 @@ impl Exp {
 
 use edgetally_net::now_ms;
 
-pub fn run(cluster: bool, node_script: Option<&std::path::Path>) -> Result<()> {
+pub fn run(cluster: bool, groups: usize, node_script: Option<&std::path::Path>) -> Result<()> {
     if cluster {
-        return crate::cluster_demo::run();
+        return crate::cluster_demo::run(groups);
     }
     let dir = std::env::temp_dir().join(format!("edgetally-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

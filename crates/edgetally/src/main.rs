@@ -43,6 +43,10 @@ enum Cmd {
         /// every node's converged totals are printed.
         #[arg(long)]
         cluster: bool,
+        /// With --cluster: this many shard groups of two replicas each (one topology file;
+        /// producers spread over the groups by the hash of their key). 1: three peered nodes.
+        #[arg(long, default_value_t = 1, requires = "cluster", value_parser = clap::value_parser!(u16).range(1..=8))]
+        groups: u16,
         /// A Node.js script that records NDJSON events from stdin with the npm package (the
         /// wasm SDK) — `cargo xtask demo` passes examples/node/ingest.mjs. Half the user
         /// activity then goes through it; without it, all of it is posted as JSON.
@@ -201,8 +205,9 @@ fn main() -> Result<()> {
         }
         Cmd::Demo {
             cluster,
+            groups,
             node_script,
-        } => demo::run(cluster, node_script.as_deref()),
+        } => demo::run(cluster, usize::from(groups), node_script.as_deref()),
         Cmd::Loadgen(a) => loadgen::run(a),
         Cmd::Clusterbench(a) => clusterbench::run(a),
         Cmd::Statusbench(a) => statusbench::run(a),
