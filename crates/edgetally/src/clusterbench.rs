@@ -33,6 +33,18 @@ pub struct ClusterBenchArgs {
     /// Summaries per batch.
     #[arg(long, default_value_t = 20)]
     summaries: u32,
+    /// Shard-group counts to measure (per-node CPU per batch, RSS, query latency).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    groups: Vec<usize>,
+    /// Replicas per shard group.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Batches for each shard-group run.
+    #[arg(long, default_value_t = 40_000)]
+    group_batches: usize,
+    /// Only the shard-group runs.
+    #[arg(long)]
+    only_groups: bool,
 }
 
 fn free_udp() -> Result<SocketAddr> {
@@ -113,6 +125,16 @@ pub fn run(a: ClusterBenchArgs) -> Result<()> {
         a.summaries
     );
     let result = (|| -> Result<()> {
+        if a.only_groups {
+            return crate::groupbench::run(
+                &rt,
+                &dir,
+                &a.groups,
+                a.replicas.max(1),
+                a.group_batches,
+                a.summaries,
+            );
+        }
         // 1. Single node.
         let batches = sealed(a.batches, a.summaries, 60)?;
         let single = start(&dir.join("single"), free_udp()?, &[])?;
@@ -182,7 +204,14 @@ pub fn run(a: ClusterBenchArgs) -> Result<()> {
         for m in nodes.into_iter().flatten() {
             m.stop();
         }
-        Ok(())
+        crate::groupbench::run(
+            &rt,
+            &dir,
+            &a.groups,
+            a.replicas.max(1),
+            a.group_batches,
+            a.summaries,
+        )
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result

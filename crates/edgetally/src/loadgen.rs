@@ -76,7 +76,7 @@ pub fn make_batch(signer: &Signer, p: usize, seq: u64, n: u32, now: i64) -> Batc
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted
         .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
         .copied()
@@ -84,7 +84,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// CPU seconds (user + system) a process has used.
-fn cpu_secs(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_secs(pid: u32) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = s.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();

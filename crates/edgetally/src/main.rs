@@ -4,6 +4,7 @@ mod child;
 mod cluster_demo;
 mod clusterbench;
 mod demo;
+mod groupbench;
 mod loadgen;
 mod query;
 mod send;

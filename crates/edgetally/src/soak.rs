@@ -54,7 +54,7 @@ const SOAK_ENV: [(&str, &str); 2] = [
     ("EDGETALLY_NEW_ENTITIES_PER_HOUR", "20000"),
 ];
 
-fn rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
