@@ -445,23 +445,20 @@ pub fn run(
     summaries: u32,
 ) -> Result<()> {
     println!(
-        "\nshard groups: {n} batches of {summaries} summaries from 512 producers, sent round-robin to every node; R = {replicas}"
+        "\nshard groups: {n} batches of {summaries} summaries from 512 producers (200 devices each); R = {replicas}"
     );
     std::fs::create_dir_all(dir)?;
     let batches = sealed(n, summaries, 512, 7)?;
     let last = groups.iter().copied().max().unwrap_or(1);
     for &s in groups {
         for routed in [true, false] {
-            one(
-                rt,
-                dir,
+            let run = Run {
                 s,
                 replicas,
-                &batches,
-                summaries,
                 routed,
-                !routed && s == last,
-            )?;
+                grow: !routed && s == last,
+            };
+            one(rt, dir, &batches, summaries, run)?;
         }
     }
     Ok(())
