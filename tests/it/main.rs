@@ -11,6 +11,7 @@ mod demo;
 mod expiry;
 mod fixtures;
 mod groups;
+mod groups_sim;
 mod harness;
 mod hostile;
 mod merger;

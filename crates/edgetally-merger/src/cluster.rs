@@ -277,6 +277,43 @@ pub struct GroupAnswer {
     pub error: Option<String>,
 }
 
+/// Merges every group's part of a query into the cluster's answer: the answer, whether it is
+/// complete, and each group's place in it. A drained group's state is in its heir's part once
+/// the heir absorbed it: the group's own part is then left out (answered or not) — else it
+/// would count twice — and its absence does not make the answer incomplete. Every other group
+/// must have answered from a node that saw all its peers for the answer to be complete.
+pub fn combine(
+    q: &Query,
+    mut parts: Vec<(GroupAnswer, Option<Part>)>,
+) -> (Answer, bool, Vec<GroupAnswer>) {
+    for i in 0..parts.len() {
+        let name = parts[i].0.name.clone();
+        let by = parts.iter().find_map(|(g, p)| {
+            p.as_ref()
+                .filter(|p| p.absorbed.contains(&name))
+                .map(|_| g.name.clone())
+        });
+        parts[i].0.absorbed_by = by;
+    }
+    let mut answer: Option<Answer> = None;
+    let mut complete = true;
+    let mut groups = Vec::with_capacity(parts.len());
+    for (g, p) in parts {
+        if g.absorbed_by.is_none() {
+            complete &= g.answered && g.complete;
+            if let Some(p) = p {
+                match &mut answer {
+                    Some(a) => a.merge(p.answer),
+                    None => answer = Some(p.answer),
+                }
+            }
+        }
+        groups.push(g);
+    }
+    let answer = answer.unwrap_or_else(|| q.run(&Replica::new()));
+    (answer, complete, groups)
+}
+
 /// Counters of the cluster layer (exported in `/metrics`).
 #[derive(Debug, Default)]
 pub struct ClusterMetrics {

@@ -895,34 +895,7 @@ impl Node {
                 .unwrap_or_default(),
         );
         parts.extend(c.gather(&q).await);
-        // A drained group's state is in its heir's answer once the heir absorbed it: leave the
-        // group's own part out then (answered or not), else it would count twice.
-        for i in 0..parts.len() {
-            let name = parts[i].0.name.clone();
-            let by = parts.iter().find_map(|(g, p)| {
-                p.as_ref()
-                    .filter(|p| p.absorbed.contains(&name))
-                    .map(|_| g.name.clone())
-            });
-            parts[i].0.absorbed_by = by;
-        }
-        let mut answer: Option<crate::cluster::Answer> = None;
-        let mut complete = true;
-        let mut groups = Vec::with_capacity(parts.len());
-        for (g, p) in parts {
-            if g.absorbed_by.is_none() {
-                complete &= g.answered && g.complete;
-                if let Some(p) = p {
-                    match &mut answer {
-                        Some(a) => a.merge(p.answer),
-                        None => answer = Some(p.answer),
-                    }
-                }
-            }
-            groups.push(g);
-        }
-        let answer = answer.unwrap_or_else(|| q.run(&Replica::new()));
-        (answer, complete, groups)
+        crate::cluster::combine(&q, parts)
     }
 }
 
