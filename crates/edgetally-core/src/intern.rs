@@ -42,6 +42,8 @@ pub(crate) struct KeyIndex {
     keys: Vec<ProducerKey>,
     table: HashTable<u32>,
     hash: Keys,
+    /// Ids released by [`KeyIndex::release`], handed out again before new ones.
+    free: Vec<u32>,
 }
 
 impl KeyIndex {
@@ -63,8 +65,16 @@ impl KeyIndex {
         if let Some(id) = self.id(&k) {
             return id;
         }
-        let id = self.keys.len() as u32;
-        self.keys.push(k);
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.keys[id as usize] = k;
+                id
+            }
+            None => {
+                self.keys.push(k);
+                self.keys.len() as u32 - 1
+            }
+        };
         let (keys, hash) = (&self.keys, self.hash);
         let h = hash.hash_bytes(&k.0);
         self.table
@@ -72,15 +82,41 @@ impl KeyIndex {
         id
     }
 
-    /// Number of keys.
+    /// One past the highest id handed out (released ids included).
     pub(crate) fn len(&self) -> usize {
         self.keys.len()
     }
 
+    /// Number of keys held (not released).
+    pub(crate) fn live(&self) -> usize {
+        self.keys.len() - self.free.len()
+    }
+
+    /// Whether `id` is held (handed out and not released).
+    pub(crate) fn is_live(&self, id: u32) -> bool {
+        self.keys
+            .get(id as usize)
+            .is_some_and(|k| self.id(k) == Some(id))
+    }
+
+    /// Forgets the key of `id`; the id is handed out again to a later new key. The caller
+    /// must hold no reference to `id` any more.
+    pub(crate) fn release(&mut self, id: u32) {
+        if !self.is_live(id) {
+            return;
+        }
+        let h = self.hash.hash_bytes(&self.keys[id as usize].0);
+        if let Ok(e) = self.table.find_entry(h, |&i| i == id) {
+            e.remove();
+            self.free.push(id);
+        }
+    }
+
     /// Heap bytes held.
     pub(crate) fn heap_bytes(&self) -> u64 {
-        (self.keys.capacity() * std::mem::size_of::<ProducerKey>() + self.table.capacity() * 5)
-            as u64
+        (self.keys.capacity() * std::mem::size_of::<ProducerKey>()
+            + self.table.capacity() * 5
+            + self.free.capacity() * 4) as u64
     }
 
     /// Re-keys the hash (pass random keys).
@@ -88,7 +124,11 @@ impl KeyIndex {
         self.hash = Keys { k0, k1 };
         let mut table = HashTable::with_capacity(self.keys.len());
         let (keys, hash) = (&self.keys, self.hash);
+        let free: std::collections::HashSet<u32> = self.free.iter().copied().collect();
         for (id, k) in keys.iter().enumerate() {
+            if free.contains(&(id as u32)) {
+                continue;
+            }
             table.insert_unique(hash.hash_bytes(&k.0), id as u32, |&i| {
                 hash.hash_bytes(&keys[i as usize].0)
             });

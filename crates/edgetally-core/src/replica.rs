@@ -1315,6 +1315,7 @@ impl Replica {
     /// a horizon.
     pub fn prune_tiers(&mut self, now_ms: i64, retention: &Retention) -> usize {
         let mut removed = 0;
+        let mut rollups_dropped = false;
         for t in 0..3 {
             let Some(keep) = retention.tiers[t] else {
                 continue;
@@ -1329,13 +1330,57 @@ impl Replica {
                 removed += s.tiers[t].drop_before(cutoff);
             }
             if t > 0 {
+                let before = removed;
                 for r in self.rollups.values_mut() {
                     removed += r.drop_before(t, cutoff);
                 }
+                rollups_dropped |= removed > before;
             }
         }
         self.entries = self.entries.saturating_sub(removed as u64);
+        if rollups_dropped {
+            self.reclaim_producers();
+        }
         removed
+    }
+
+    /// Forgets what retention left no data for: (category, producer) pairs with no rollup
+    /// entry any more, categories with no rollup bucket, and producer ids no pair uses (their
+    /// keys leave the index and the ids are handed out again). Runs after retention dropped
+    /// rollup buckets — O(rollup entries), at most once per minute-tier boundary — so memory
+    /// for producers follows the producers retention still holds data of, not every producer
+    /// ever seen. Totals, seen-sets and the state hash are untouched.
+    fn reclaim_producers(&mut self) {
+        let mut live: rustc_hash::FxHashSet<u64> = Default::default();
+        self.rollups.retain(|&cat, r| {
+            for tier in &r.tiers {
+                for (_, table) in tier {
+                    for (pid, _) in table.iter() {
+                        live.insert((cat as u64) << 32 | pid as u64);
+                    }
+                }
+            }
+            r.tiers.iter().any(|t| !t.is_empty())
+        });
+        self.producer_pairs.retain(|p| live.contains(p));
+        self.producer_pairs.shrink_to_fit();
+        let mut used = vec![false; self.producers.len()];
+        for &pair in &self.producer_pairs {
+            if let Some(u) = used.get_mut(pair as u32 as usize) {
+                *u = true;
+            }
+        }
+        for (pid, used) in used.into_iter().enumerate() {
+            if !used {
+                self.producers.release(pid as u32);
+            }
+        }
+    }
+
+    /// Producer keys held in the index (those with per-producer data left); for tests and
+    /// memory figures.
+    pub fn producers_held(&self) -> usize {
+        self.producers.live()
     }
 
     /// A canonical snapshot of totals and seen-sets (not the log).
@@ -1346,9 +1391,11 @@ impl Replica {
         for (new, &old) in order.iter().enumerate() {
             remap[old as usize] = new as u32;
         }
-        let mut porder: Vec<u32> = (0..self.producers.len() as u32).collect();
+        let mut porder: Vec<u32> = (0..self.producers.len() as u32)
+            .filter(|&p| self.producers.is_live(p))
+            .collect();
         porder.sort_by_key(|&p| self.producers.get(p));
-        let mut premap = vec![0u32; porder.len()];
+        let mut premap = vec![0u32; self.producers.len()];
         for (new, &old) in porder.iter().enumerate() {
             premap[old as usize] = new as u32;
         }
