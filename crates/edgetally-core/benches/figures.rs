@@ -149,8 +149,8 @@ fn main() {
         if (hour + 1) % 48 == 0 {
             let m = r.memory();
             println!(
-                "memory: ephemeral producers, day {:>2}: {:>7} producers so far, {:>6} live epochs, heap {:.1} MB (estimate by kind, MB: seen {:.1}, producers {:.1}, series {:.1}, entries {:.1})",
-                (hour + 1) / 24, p, r.epoch_count(),
+                "memory: ephemeral producers, day {:>2}: {:>7} producers so far, {:>6} live epochs, {:>6} keys held, heap {:.1} MB (estimate by kind, MB: seen {:.1}, producers {:.1}, series {:.1}, entries {:.1})",
+                (hour + 1) / 24, p, r.epoch_count(), r.producers_held(),
                 (LIVE.load(Ordering::Relaxed) - before) as f64 / 1e6,
                 m.seen as f64 / 1e6, m.producers as f64 / 1e6, m.series as f64 / 1e6, m.entries as f64 / 1e6
             );
