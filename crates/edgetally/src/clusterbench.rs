@@ -12,7 +12,7 @@
 //! CPU per node that a real one would.
 
 use crate::child::Merger;
-use crate::loadgen::{make_batch, push_all};
+use crate::loadgen::{cpu_secs, make_batch, push_all};
 use anyhow::{bail, Result};
 use edgetally_net::now_ms;
 use edgetally_proto::Signer;
@@ -138,13 +138,16 @@ pub fn run(a: ClusterBenchArgs) -> Result<()> {
         // 1. Single node.
         let batches = sealed(a.batches, a.summaries, 60)?;
         let single = start(&dir.join("single"), free_udp()?, &[])?;
+        let c0 = cpu_secs(single.pid()).unwrap_or(0.0);
         let (t1, _, _) =
             rt.block_on(push_all(single.quic, single.cert, batches.clone(), 256, 4))?;
+        let single_cpu = (cpu_secs(single.pid()).unwrap_or(0.0) - c0) / batches.len() as f64;
         single.stop();
         let single_rate = batches.len() as f64 / t1;
         println!(
-            "\nsingle merger: {} batches in {t1:.2} s = {single_rate:.0} batches/s",
-            batches.len()
+            "\nsingle merger: {} batches in {t1:.2} s = {single_rate:.0} batches/s; {:.1} µs CPU per acked batch",
+            batches.len(),
+            single_cpu * 1e6
         );
 
         // 2. Three-node cluster, everything sent to node 0.
@@ -166,10 +169,10 @@ pub fn run(a: ClusterBenchArgs) -> Result<()> {
         let https: Vec<String> = nodes.iter().flatten().map(|m| m.http.clone()).collect();
         let n0 = nodes[0].as_ref().map(|m| (m.quic, m.cert));
         let Some((q0, c0)) = n0 else { bail!("node 0") };
-        let t = Instant::now();
+        let pids: Vec<u32> = nodes.iter().flatten().map(Merger::pid).collect();
+        let cpu_before: Vec<f64> = pids.iter().map(|p| cpu_secs(*p).unwrap_or(0.0)).collect();
         let (t2, _, _) = rt.block_on(push_all(q0, c0, batches.clone(), 256, 4))?;
         let all = wait_converged(&https, Duration::from_secs(600))?;
-        let _ = t;
         let cluster_rate = batches.len() as f64 / t2;
         println!(
             "3-node cluster, all sent to node 0: {cluster_rate:.0} batches/s acknowledged at node 0 ({:.0} % of the single node); all 3 identical {:.2} s after the last ack ({:.0} batches/s replicated end to end)",
@@ -177,6 +180,17 @@ pub fn run(a: ClusterBenchArgs) -> Result<()> {
             all.as_secs_f64(),
             batches.len() as f64 / (t2 + all.as_secs_f64())
         );
+        // Let the pull rounds that follow convergence settle before reading the CPU clocks.
+        std::thread::sleep(Duration::from_millis(1500));
+        for (i, pid) in pids.iter().enumerate() {
+            let per = (cpu_secs(*pid).unwrap_or(0.0) - cpu_before[i]) / batches.len() as f64;
+            println!(
+                "  node {i} ({}): {:.1} µs CPU per acked batch = {:.2}x the single node",
+                if i == 0 { "entry" } else { "replica" },
+                per * 1e6,
+                per / single_cpu
+            );
+        }
 
         // 3. Partition node 2, push a backlog to node 0, heal, time the catch-up.
         let backlog = sealed(a.backlog, a.summaries, 90)?;
