@@ -27,6 +27,11 @@ struct Job {
     digest: Option<[u8; 32]>,
     /// Its charge against the producer's hourly quotas, settled once it applied (or not).
     reserved: Option<crate::admission::Reservation>,
+    /// A peer's batch whose id was already applied when it was checked: its signature was not
+    /// verified (pushes and pulls bring most batches more than once; verifying each copy
+    /// was most of a replica's cost). It is only ever acknowledged as a duplicate, never
+    /// applied: should its id not be applied by its commit, it gets Retry.
+    unverified: bool,
 }
 
 /// The front door of the pipeline; cheap to clone.
@@ -93,6 +98,7 @@ impl Ingest {
                 from_peer,
                 digest: None,
                 reserved: None,
+                unverified: false,
             },
             rx,
         )
@@ -180,16 +186,17 @@ async fn verify_stage(mut rx: mpsc::Receiver<Job>, tx: mpsc::Sender<Checked>, p:
         // Two halves on two blocking-pool threads (both cores): decoding and verifying.
         let second = if jobs.len() >= 16 {
             let rest = jobs.split_off(jobs.len() / 2);
-            let adm = p.admission.clone();
+            let (adm, replica) = (p.admission.clone(), p.replica.clone());
             Some(tokio::task::spawn_blocking(move || {
-                check_jobs(rest, &limits, grace, now, &adm)
+                check_jobs(rest, &limits, grace, now, &adm, &replica)
             }))
         } else {
             None
         };
-        let adm = p.admission.clone();
-        let first =
-            tokio::task::spawn_blocking(move || check_jobs(jobs, &limits, grace, now, &adm));
+        let (adm, replica) = (p.admission.clone(), p.replica.clone());
+        let first = tokio::task::spawn_blocking(move || {
+            check_jobs(jobs, &limits, grace, now, &adm, &replica)
+        });
         let mut checked = match first.await {
             Ok(c) => c,
             Err(e) => {
@@ -210,13 +217,15 @@ async fn verify_stage(mut rx: mpsc::Receiver<Job>, tx: mpsc::Sender<Checked>, p:
 }
 
 /// Decodes, time-checks and (for producers' batches) admits every job, then verifies the
-/// signatures of those that passed together.
+/// signatures of those that passed together — but for peers' batches already applied here,
+/// which can only be acknowledged as duplicates (see [`Job::unverified`]).
 fn check_jobs(
-    jobs: Vec<Job>,
+    mut jobs: Vec<Job>,
     limits: &Limits,
     peer_grace_ms: i64,
     now: i64,
     admission: &Admission,
+    replica: &RwLock<Replica>,
 ) -> Checked {
     let peer_limits = Limits {
         max_lateness_ms: limits.max_lateness_ms.saturating_add(peer_grace_ms),
@@ -224,8 +233,13 @@ fn check_jobs(
     };
     let mut results: Vec<Option<Result<Batch, DecodeError>>> = Vec::with_capacity(jobs.len());
     let mut pending: Vec<(usize, Unverified)> = Vec::new();
-    for (i, job) in jobs.iter().enumerate() {
+    let r = replica.read().unwrap_or_else(|e| e.into_inner());
+    for (i, job) in jobs.iter_mut().enumerate() {
         match decode(&job.raw, limits) {
+            Ok(u) if job.from_peer && r.has_applied(&u.batch.id) => {
+                job.unverified = true;
+                results.push(Some(Ok(u.batch)));
+            }
             Ok(u) => match u
                 .batch
                 .check_time(now, if job.from_peer { &peer_limits } else { limits })
@@ -248,6 +262,7 @@ fn check_jobs(
             Err(e) => results.push(Some(Err(e))),
         }
     }
+    drop(r);
     let (idx, items): (Vec<usize>, Vec<Unverified>) = pending.into_iter().unzip();
     let verified = verify_many(items);
     for (i, r) in idx.into_iter().zip(verified) {
@@ -260,7 +275,7 @@ fn check_jobs(
                 code: RejectCode::Malformed,
                 detail: "unchecked",
             }));
-            if let Ok(b) = &r {
+            if let (Ok(b), false) = (&r, j.unverified) {
                 // From the signed bytes, which the retained log drops when there are no peers.
                 j.digest = Some(edgetally_core::batch_digest(b, &j.raw));
             }
@@ -308,6 +323,17 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
                     Ok(b) if r.has_applied(&b.id) || pend.contains(&b.id) => {
                         p.metrics.duplicates.fetch_add(1, Relaxed);
                         done.push((job, Reply::Ack));
+                    }
+                    // Never applied unverified (its id was applied when it was checked, so
+                    // this does not happen while seen-sets only grow).
+                    Ok(_) if job.unverified => {
+                        p.metrics.retried.fetch_add(1, Relaxed);
+                        done.push((
+                            job,
+                            Reply::Retry {
+                                after_ms: RETRY_AFTER_MS,
+                            },
+                        ));
                     }
                     // A copy of a batch in this very group: it shares the original's fate.
                     Ok(b) if in_group.contains(&b.id) => followers.push((job, b.id)),

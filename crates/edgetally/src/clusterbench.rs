@@ -184,11 +184,15 @@ pub fn run(a: ClusterBenchArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(1500));
         for (i, pid) in pids.iter().enumerate() {
             let per = (cpu_secs(*pid).unwrap_or(0.0) - cpu_before[i]) / batches.len() as f64;
+            let st = crate::child::get_json(&https[i], "/v1/status")?;
             println!(
-                "  node {i} ({}): {:.1} µs CPU per acked batch = {:.2}x the single node",
+                "  node {i} ({}): {:.1} µs CPU per acked batch = {:.2}x the single node ({} applied, {} duplicates, {} pulled)",
                 if i == 0 { "entry" } else { "replica" },
                 per * 1e6,
-                per / single_cpu
+                per / single_cpu,
+                st["batches_applied"],
+                st["batches_duplicate"],
+                st["batches_pulled"]
             );
         }
 
