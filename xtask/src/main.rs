@@ -31,7 +31,7 @@ fn main() -> Result<()> {
         Some("demo") => demo(&root, &args[1..]),
         Some("soak") => {
             let secs = args.get(1).map_or("1800", String::as_str);
-            release_binary_with(&root, &["soak", "--secs", secs])
+            bench_binary_with(&root, &["soak", "--secs", secs])
         }
         Some("fuzz") => {
             let secs = match args.get(1) {
@@ -130,7 +130,7 @@ fn test() -> Result<()> {
     // Bounded slices of the soak and of the fuzzing campaign (`cargo xtask soak` and
     // `cargo xtask fuzz` run them longer).
     run(
-        Command::new(target_dir(&root).join("debug").join("edgetally"))
+        Command::new(target_dir(&root).join("debug").join("edgetally-bench"))
             .args(["soak", "--secs", "60"]),
     )?;
     fuzz(&root, 30)?;
@@ -328,8 +328,8 @@ fn web_build(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Builds (debug) the binaries the test suites start: the merger and the native example
-/// producer.
+/// Builds (debug) the binaries the test suites start: the merger, the benchmarks' binary (for
+/// the soak) and the native example producer.
 fn build_test_binaries() -> Result<()> {
     run(cargo().args([
         "build",
@@ -338,6 +338,10 @@ fn build_test_binaries() -> Result<()> {
         "edgetally",
         "--bin",
         "edgetally",
+        "-p",
+        "edgetally-bench",
+        "--bin",
+        "edgetally-bench",
         "-p",
         "edgetally-examples",
         "--bin",
@@ -405,17 +409,7 @@ fn bench_merger(root: &Path) -> Result<()> {
         run(Command::new("apt-get").arg("update"))?;
         run(Command::new("apt-get").args(["install", "-y", "redis-server"]))?;
     }
-    release_binary(root, "loadgen")
-}
-
-/// Builds the release binary and runs `edgetally <command>`.
-fn release_binary(root: &Path, command: &str) -> Result<()> {
-    release_binary_with(root, &[command])
-}
-
-/// Builds the release binary and runs `edgetally ARGS…`.
-fn release_binary_with(root: &Path, args: &[&str]) -> Result<()> {
-    run(Command::new(build_release_binary(root)?).args(args))
+    bench_binary_with(root, &["loadgen"])
 }
 
 /// Builds the release `edgetally` binary; returns its path.
@@ -432,16 +426,35 @@ fn build_release_binary(root: &Path) -> Result<PathBuf> {
     Ok(target_dir(root).join("release").join("edgetally"))
 }
 
+/// Builds the release `edgetally` and `edgetally-bench` binaries and runs
+/// `edgetally-bench ARGS…` (which starts the `edgetally` beside it).
+fn bench_binary_with(root: &Path, args: &[&str]) -> Result<()> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "edgetally",
+        "--bin",
+        "edgetally",
+        "-p",
+        "edgetally-bench",
+        "--bin",
+        "edgetally-bench",
+    ]))?;
+    run(Command::new(target_dir(root).join("release").join("edgetally-bench")).args(args))
+}
+
 fn bench(which: &str) -> Result<()> {
     let root = root()?;
     if which == "merger" {
         return bench_merger(&root);
     }
     if which == "cluster" {
-        return release_binary(&root, "clusterbench");
+        return bench_binary_with(&root, &["clusterbench"]);
     }
     if which == "status" {
-        return release_binary(&root, "statusbench");
+        return bench_binary_with(&root, &["statusbench"]);
     }
     // (name on the command line, bench target, package)
     let benches: &[(&str, &str, &str)] = &[

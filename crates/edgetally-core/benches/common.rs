@@ -29,7 +29,7 @@ pub fn iot_batch(producer: u8, seq: u64, n: u32, second: i64) -> LogEntry {
     entry(producer, seq, strings, summaries)
 }
 
-/// A batch shaped like the merger benchmark's (`edgetally loadgen`): 200 of 10,000 devices,
+/// A batch shaped like the merger benchmark's (`edgetally-bench loadgen`): 200 of 10,000 devices,
 /// starting at a rotating offset, under one of four metric categories — a key space of
 /// 40,000 series, too large for the CPU caches, as a busy merger's is.
 pub fn wide_batch(producer: u8, seq: u64, n: u32, second: i64) -> LogEntry {

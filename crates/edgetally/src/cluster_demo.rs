@@ -8,8 +8,8 @@
 //! ports 7070 + 2i and 7071 + 2i), one topology file; every node answers for the whole
 //! cluster, and each group holds only its own producers.
 
-use crate::child::{get_json as get, Merger};
 use anyhow::{bail, Result};
+use edgetally_bench::launcher::{get_json as get, Merger};
 use edgetally_net::{now_ms, Endpoint, NativeProducer};
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -79,7 +79,10 @@ fn start(dir: &Path, i: usize, layout: Layout) -> Result<Merger> {
     Merger::start_with_env(
         &args,
         None,
-        &[("EDGETALLY_CLUSTER_SECRET", crate::child::cluster_secret())],
+        &[(
+            "EDGETALLY_CLUSTER_SECRET",
+            edgetally_bench::launcher::cluster_secret(),
+        )],
     )
 }
 

@@ -5,8 +5,8 @@
 //! out-of-order and invalid ones, then prints each query
 //! kind's answer next to an expectation computed here independently, and stops the merger.
 
-use crate::child;
 use anyhow::{bail, Result};
+use edgetally_bench::launcher as child;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -1,15 +1,9 @@
 //! `edgetally`: serve, query, keygen.
 
-mod child;
 mod cluster_demo;
-mod clusterbench;
 mod demo;
-mod groupbench;
-mod loadgen;
 mod query;
 mod send;
-mod soak;
-mod statusbench;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -54,19 +48,6 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         node_script: Option<std::path::PathBuf>,
     },
-    /// The merger benchmark: push pre-signed batches over QUIC to a merger it starts, then the
-    /// same summaries to a redis-server it starts; print throughput, latency, RSS and ratios.
-    Loadgen(loadgen::LoadgenArgs),
-    /// The cluster benchmark: replication overhead (a single merger vs a three-node cluster)
-    /// and the time a partitioned node takes to catch up on a backlog.
-    Clusterbench(clusterbench::ClusterBenchArgs),
-    /// The status benchmark: `/v1/status` latency on a merger holding many producers, and
-    /// ingest latency with and without status pollers.
-    Statusbench(statusbench::StatusBenchArgs),
-    /// The soak: a merger under mixed valid load and abusive clients (hoarded sockets,
-    /// unfinished streams, quota breakers) for a while; checks that nothing acknowledged was
-    /// lost (also after kill -9) and prints the memory figures.
-    Soak(soak::SoakArgs),
     /// Check a stopped node's data directory: the snapshot's checksum, every log record, the
     /// group sequence and every stored batch's signature; damage is named by file and offset.
     /// Exits 1 if acknowledged data is damaged or missing. With --repair, salvages every
@@ -209,10 +190,6 @@ fn main() -> Result<()> {
             groups,
             node_script,
         } => demo::run(cluster, usize::from(groups), node_script.as_deref()),
-        Cmd::Loadgen(a) => loadgen::run(a),
-        Cmd::Clusterbench(a) => clusterbench::run(a),
-        Cmd::Statusbench(a) => statusbench::run(a),
-        Cmd::Soak(a) => soak::run(a),
         Cmd::Check { data_dir, repair } => {
             init_logging();
             match repair {

@@ -1,5 +1,6 @@
-//! Running `edgetally serve` as a child process (for `demo` and `loadgen`) and reading the
-//! addresses and certificate hash it prints at start-up.
+//! Running `edgetally serve` as a child process and reading the addresses and certificate
+//! hash it prints at start-up: the one merger launcher of the demo (`edgetally demo`) and the
+//! benchmarks (`edgetally-bench`).
 
 use anyhow::{bail, Context, Result};
 use std::ffi::OsString;
@@ -37,7 +38,26 @@ pub fn cluster_secret() -> &'static str {
     SECRET.get_or_init(|| edgetally_net::tls::hex(&edgetally_net::random_seed()))
 }
 
+/// The `edgetally` binary to start: `EDGETALLY_BIN` when set; else, from `edgetally-bench`, the
+/// `edgetally` beside it (cargo builds both into one target directory); else this binary
+/// (the demo starts its own binary's `serve`).
+pub fn binary() -> Result<std::path::PathBuf> {
+    if let Some(b) = std::env::var_os("EDGETALLY_BIN") {
+        return Ok(b.into());
+    }
+    let me = std::env::current_exe()?;
+    let bench = me
+        .file_stem()
+        .is_some_and(|n| n.to_string_lossy().starts_with("edgetally-bench"));
+    Ok(if bench {
+        me.with_file_name("edgetally")
+    } else {
+        me
+    })
+}
+
 /// A merger started by this process; stopped (SIGTERM, then waited for) by [`Merger::stop`].
+#[derive(Debug)]
 pub struct Merger {
     child: Child,
     pub http: String,
@@ -58,7 +78,7 @@ impl Merger {
         echo_prefix: Option<&str>,
         env: &[(&str, &str)],
     ) -> Result<Merger> {
-        let mut child = Command::new(std::env::current_exe()?)
+        let mut child = Command::new(binary()?)
             .arg("serve")
             .args(args)
             .envs(env.iter().copied())

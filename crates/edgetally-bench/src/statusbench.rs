@@ -1,4 +1,4 @@
-//! `edgetally statusbench`: what `GET /v1/status` costs on a large state, and what status
+//! `edgetally-bench statusbench`: what `GET /v1/status` costs on a large state, and what status
 //! pollers cost ingest.
 //!
 //! 1. Fills a fresh merger with `--producers` distinct producer keys (one small batch each).
@@ -6,9 +6,9 @@
 //!    `--pollers` clients calling `/v1/status` back to back; reports the status latency
 //!    (p50/p99) and the ingest ack latency (p50/p99) of both runs.
 
-use crate::child::Merger;
 use crate::loadgen::{make_batch, push_all};
 use anyhow::Result;
+use edgetally_bench::launcher::Merger;
 use edgetally_net::now_ms;
 use edgetally_proto::Signer;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -39,9 +39,9 @@ pub fn run(a: StatusBenchArgs) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("edgetally-statusbench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let m = Merger::start_with_env(
-        &crate::child::loopback_args(&dir),
+        &edgetally_bench::launcher::loopback_args(&dir),
         None,
-        &crate::child::BENCH_ENV,
+        &edgetally_bench::launcher::BENCH_ENV,
     )?;
     let result = (|| -> Result<()> {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -93,7 +93,7 @@ pub fn run(a: StatusBenchArgs) -> Result<()> {
                         let mut lat = Vec::new();
                         while !stop.load(Relaxed) {
                             let t = Instant::now();
-                            if crate::child::get_text(&http, "/v1/status").is_err() {
+                            if edgetally_bench::launcher::get_text(&http, "/v1/status").is_err() {
                                 break;
                             }
                             lat.push(t.elapsed().as_secs_f64() * 1000.0);

@@ -1,4 +1,4 @@
-//! `edgetally soak`: a merger under mixed valid load and abusive clients for a while, then a
+//! `edgetally-bench soak`: a merger under mixed valid load and abusive clients for a while, then a
 //! check that nothing acknowledged was lost (before and after `kill -9`) and that memory
 //! stayed flat.
 //!
@@ -18,8 +18,8 @@
 //! over the second half (by then the entity inventor has met its quota and the store's
 //! page cache is full).
 
-use crate::child::Merger;
 use anyhow::{bail, Context, Result};
+use edgetally_bench::launcher::Merger;
 use edgetally_core::BatchId;
 use edgetally_proto::{BatchBuilder, Reply, Signer};
 use std::collections::BTreeMap;
@@ -83,7 +83,7 @@ fn valid_batch(s: &Signer, p: usize, seq: u64, now: i64) -> (Vec<u8>, String) {
 pub fn run(a: SoakArgs) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("edgetally-soak-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let args = crate::child::loopback_args(&dir);
+    let args = edgetally_bench::launcher::loopback_args(&dir);
     let m = Merger::start_with_env(&args, None, &SOAK_ENV)?;
     let pid = m.pid();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -292,7 +292,7 @@ pub fn run(a: SoakArgs) -> Result<()> {
     let expected = expected.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let check = |m: &Merger, when: &str| -> Result<()> {
         for (cat, n) in &expected {
-            let v = crate::child::get_json(
+            let v = edgetally_bench::launcher::get_json(
                 &m.http,
                 &format!("/v1/aggregate?category={cat}&start=0&end=9999999999999"),
             )?;

@@ -1,4 +1,4 @@
-//! `edgetally clusterbench`: what replication costs and how fast a cluster heals, in one run.
+//! `edgetally-bench clusterbench`: what replication costs and how fast a cluster heals, in one run.
 //!
 //! 1. Replication overhead: the same pre-signed batches pushed over QUIC to a single merger,
 //!    then to one node of a three-node cluster (which pushes every batch to both peers, each
@@ -11,9 +11,9 @@
 //! All processes share this machine's cores, so a three-node cluster here has a third of the
 //! CPU per node that a real one would.
 
-use crate::child::Merger;
 use crate::loadgen::{cpu_secs, make_batch, push_all};
 use anyhow::{bail, Result};
+use edgetally_bench::launcher::Merger;
 use edgetally_net::now_ms;
 use edgetally_proto::Signer;
 use std::ffi::OsString;
@@ -64,13 +64,16 @@ fn start(dir: &Path, quic: SocketAddr, peers: &[SocketAddr]) -> Result<Merger> {
         args.push("--peer".into());
         args.push(p.to_string().into());
     }
-    let mut env = crate::child::BENCH_ENV.to_vec();
-    env.push(("EDGETALLY_CLUSTER_SECRET", crate::child::cluster_secret()));
+    let mut env = edgetally_bench::launcher::BENCH_ENV.to_vec();
+    env.push((
+        "EDGETALLY_CLUSTER_SECRET",
+        edgetally_bench::launcher::cluster_secret(),
+    ));
     Merger::start_with_env(&args, None, &env)
 }
 
 fn state_hash(http: &str) -> String {
-    crate::child::get_json(http, "/v1/status")
+    edgetally_bench::launcher::get_json(http, "/v1/status")
         .ok()
         .and_then(|v| v["state_sha256"].as_str().map(str::to_string))
         .unwrap_or_default()
@@ -184,7 +187,7 @@ pub fn run(a: ClusterBenchArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(1500));
         for (i, pid) in pids.iter().enumerate() {
             let per = (cpu_secs(*pid).unwrap_or(0.0) - cpu_before[i]) / batches.len() as f64;
-            let st = crate::child::get_json(&https[i], "/v1/status")?;
+            let st = edgetally_bench::launcher::get_json(&https[i], "/v1/status")?;
             println!(
                 "  node {i} ({}): {:.1} µs CPU per acked batch = {:.2}x the single node ({} applied, {} duplicates, {} pulled)",
                 if i == 0 { "entry" } else { "replica" },

@@ -1,4 +1,4 @@
-//! `edgetally clusterbench --groups 1,2,4`: what shard groups buy. For each S, a cluster of S
+//! `edgetally-bench clusterbench --groups 1,2,4`: what shard groups buy. For each S, a cluster of S
 //! groups of R replicas on loopback; pre-signed batches of many producers sent round-robin to
 //! every node (as producers holding the whole seed list would: a node forwards what another
 //! group owns); reported per node: CPU-seconds per ingested batch (of the whole run's batches)
@@ -10,9 +10,9 @@
 //! All processes share this machine's cores: CPU-seconds per batch, not batches per second,
 //! is what measures the design here.
 
-use crate::child::{get_json, get_text, Merger};
 use crate::loadgen::{cpu_secs, percentile, push_all};
 use anyhow::{bail, Result};
+use edgetally_bench::launcher::{get_json, get_text, Merger};
 use edgetally_net::now_ms;
 use edgetally_proto::Signer;
 use std::ffi::OsString;
@@ -124,8 +124,11 @@ fn start(
         args.push("--peer".into());
         args.push(p.to_string().into());
     }
-    let mut env = crate::child::BENCH_ENV.to_vec();
-    env.push(("EDGETALLY_CLUSTER_SECRET", crate::child::cluster_secret()));
+    let mut env = edgetally_bench::launcher::BENCH_ENV.to_vec();
+    env.push((
+        "EDGETALLY_CLUSTER_SECRET",
+        edgetally_bench::launcher::cluster_secret(),
+    ));
     Merger::start_with_env(&args, None, &env)
 }
 

@@ -1,4 +1,4 @@
-//! `edgetally loadgen`: the merger benchmark, both sides in one run on this machine.
+//! `edgetally-bench loadgen`: the merger benchmark, both sides in one run on this machine.
 //!
 //! 1. Starts `edgetally serve` (this binary) on loopback with durability on (every Ack follows
 //!    an fsynced group commit), pre-signs batches of 200 summaries, pushes them over QUIC with
@@ -187,10 +187,10 @@ pub fn run(a: LoadgenArgs) -> Result<()> {
 fn merger_round(a: &LoadgenArgs, sealed: &Arc<Vec<Vec<u8>>>) -> Result<(f64, u64)> {
     let dir = std::env::temp_dir().join(format!("edgetally-loadgen-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let merger = crate::child::Merger::start_with_env(
-        &crate::child::loopback_args(&dir),
+    let merger = edgetally_bench::launcher::Merger::start_with_env(
+        &edgetally_bench::launcher::loopback_args(&dir),
         None,
-        &crate::child::BENCH_ENV,
+        &edgetally_bench::launcher::BENCH_ENV,
     )?;
     let pid = merger.pid();
     let result = (|| -> Result<(f64, u64)> {
@@ -234,7 +234,7 @@ fn merger_round(a: &LoadgenArgs, sealed: &Arc<Vec<Vec<u8>>>) -> Result<(f64, u64
             println!("  merger peak RSS {:.1} MiB", k as f64 / 1024.0);
         }
         if let Some(http) = http {
-            let text = crate::child::get_text(&http, "/metrics")?;
+            let text = edgetally_bench::launcher::get_text(&http, "/metrics")?;
             let metric = |name: &str| {
                 text.lines()
                     .find_map(|l| {
