@@ -374,6 +374,47 @@ fn a_peer_away_longer_than_the_horizon_catches_up_from_a_snapshot() {
     );
 }
 
+/// A peer far behind (more missing batches than `snapshot_catch_up_batches` after a pull
+/// round) catches up from the other's snapshot instead of verifying every batch, and ends
+/// with the same state; it still pulls when only a few are missing.
+#[test]
+fn a_peer_far_behind_catches_up_from_a_snapshot() {
+    let q: Vec<SocketAddr> = (0..2).map(|_| free_udp()).collect();
+    let dirs: Vec<TempDir> = (0..2)
+        .map(|i| TempDir::new(&format!("behind-{i}")))
+        .collect();
+    let mut env = ENV.to_vec();
+    env.push(("EDGETALLY_SNAPSHOT_CATCH_UP_BATCHES", "20"));
+    let start = |i: usize| {
+        let peer = q[1 - i].to_string();
+        Merger::start_at(&dirs[i].0, &q[i].to_string(), &["--peer", &peer], &env)
+    };
+    let (a, b) = (start(0), start(1));
+    post_events(&a, "before", 3);
+    converged(&[&a, &b], Duration::from_secs(20)).expect("converged before the freeze");
+    // A few missing: pulled, no snapshot.
+    b.pause(true);
+    for _ in 0..5 {
+        post_events(&a, "few", 1);
+    }
+    b.pause(false);
+    converged(&[&a, &b], Duration::from_secs(20)).expect("converged after a few");
+    assert_eq!(b.metric("edgetally_snapshots_adopted_total"), 0.0);
+    // Many missing (one batch per request): one snapshot.
+    b.pause(true);
+    for _ in 0..80 {
+        post_events(&a, "many", 2);
+    }
+    b.pause(false);
+    converged(&[&a, &b], Duration::from_secs(30)).expect("B catches up");
+    assert!(b.metric("edgetally_snapshots_adopted_total") >= 1.0);
+    let (_, v) = b.get("/v1/aggregate?category=many&start=0&end=9999999999999");
+    assert_eq!(
+        (v["count"].as_u64(), v["sum_exact"].as_str()),
+        (Some(160), Some("80"))
+    );
+}
+
 /// A peer frozen for a while (SIGSTOP: no answers, its socket buffers fill) and thawed must be
 /// back in the pull rounds promptly: a round begun while it was frozen must not hold the link
 /// until the round's timeout.

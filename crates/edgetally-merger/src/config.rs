@@ -85,6 +85,9 @@ pub struct Config {
     pub topology_file: Option<PathBuf>,
     /// The name of this node's group in the topology (required with `topology_file`).
     pub group: Option<String>,
+    /// A node lacking more batches than this from a peer, after a pull round, catches up from
+    /// the peer's snapshot instead of verifying every missing batch.
+    pub snapshot_catch_up_batches: u64,
     /// How long a cluster-wide query waits for the other groups, ms; a group that has not
     /// answered by then is reported missing and the answer is marked partial.
     pub query_deadline_ms: u64,
@@ -152,6 +155,7 @@ impl Default for Config {
             topology_file: None,
             group: None,
             query_deadline_ms: 2_000,
+            snapshot_catch_up_batches: 10_000,
         }
     }
 }
@@ -244,6 +248,8 @@ pub struct FileConfig {
     pub group: Option<String>,
     /// See [`Config::query_deadline_ms`].
     pub query_deadline_ms: Option<u64>,
+    /// See [`Config::snapshot_catch_up_batches`].
+    pub snapshot_catch_up_batches: Option<u64>,
 }
 
 /// A configuration error, naming the source and key.
@@ -296,6 +302,7 @@ impl FileConfig {
         "topology_file",
         "group",
         "query_deadline_ms",
+        "snapshot_catch_up_batches",
     ];
 }
 
@@ -387,6 +394,7 @@ impl Config {
             write_tokens => self.write_tokens,
             cors_origins => self.cors_origins,
             query_deadline_ms => self.query_deadline_ms,
+            snapshot_catch_up_batches => self.snapshot_catch_up_batches,
         }
         if let Some(v) = f.topology_file {
             self.topology_file = Some(v);

@@ -444,6 +444,7 @@ impl Node {
                 excluded: Default::default(),
                 horizon_ms: (config.peer_horizon_secs as i64).saturating_mul(1000),
                 started_ms: now_ms(),
+                catch_up_batches: config.snapshot_catch_up_batches,
             }))
         };
         let peer_endpoint = match &replication {

@@ -433,6 +433,9 @@ pub struct Replication {
     pub horizon_ms: i64,
     /// When this node started, ms (a peer never heard from counts as away since then).
     pub started_ms: i64,
+    /// A node lacking more batches than this after a pull round catches up from the peer's
+    /// snapshot instead of pulling the rest (`snapshot_catch_up_batches`).
+    pub catch_up_batches: u64,
 }
 
 impl Replication {
@@ -707,7 +710,8 @@ async fn pull(
     digest.retain_live(cutoff);
     let body = postcard::to_allocvec(&Request::Sync {
         digest,
-        max: SYNC_BATCH,
+        // Never more per round than the gap that makes a snapshot the better catch-up.
+        max: SYNC_BATCH.min(u32::try_from(repl.catch_up_batches.max(1)).unwrap_or(u32::MAX)),
     })
     .map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -805,7 +809,13 @@ async fn pull(
             if yields { ": adopting its snapshot" } else { ": it adopts ours" }
         );
     }
-    let adopt = gap || (diverged && split.map_or(my_hash > their_hash, |d| d.mine_yields()));
+    // Far behind (back from a partition or a long stop): one snapshot from the authenticated
+    // peer, with this node's own retained batches applied again on top, instead of
+    // verifying and storing every missing batch one by one.
+    let far_behind =
+        more && theirs.batches().saturating_sub(mine.batches()) > repl.catch_up_batches;
+    let adopt =
+        gap || far_behind || (diverged && split.map_or(my_hash > their_hash, |d| d.mine_yields()));
     {
         let mut r = node.replica.write().unwrap_or_else(|e| e.into_inner());
         r.observe_peer(&addr.to_string(), theirs);
@@ -823,7 +833,7 @@ async fn pull(
                 node.metrics.divergence_repairs.fetch_add(1, Relaxed);
                 info!(%addr, "divergence repaired from the peer's snapshot");
             }
-            Ok(Ok(true)) => info!(%addr, "caught up from the peer's snapshot"),
+            Ok(Ok(true)) => info!(%addr, far_behind, "caught up from the peer's snapshot"),
             Ok(Ok(false)) => debug!(%addr, "snapshot no longer covers this node; next round"),
             Ok(Err(e)) => warn!(%addr, "adopting the peer's snapshot failed: {e}"),
             Err(e) => warn!(%addr, "adopting the peer's snapshot failed: {e}"),
