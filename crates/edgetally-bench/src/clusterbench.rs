@@ -13,11 +13,10 @@
 
 use crate::loadgen::{cpu_secs, make_batch, push_all};
 use anyhow::{bail, Result};
-use edgetally_bench::launcher::Merger;
+use edgetally_bench::launcher::{free_udp, Merger};
 use edgetally_net::now_ms;
 use edgetally_proto::Signer;
-use std::ffi::OsString;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,29 +46,8 @@ pub struct ClusterBenchArgs {
     only_groups: bool,
 }
 
-fn free_udp() -> Result<SocketAddr> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 fn start(dir: &Path, quic: SocketAddr, peers: &[SocketAddr]) -> Result<Merger> {
-    let mut args: Vec<OsString> = vec![
-        "--data-dir".into(),
-        dir.into(),
-        "--http-addr".into(),
-        "127.0.0.1:0".into(),
-        "--quic-addr".into(),
-        quic.to_string().into(),
-    ];
-    for p in peers {
-        args.push("--peer".into());
-        args.push(p.to_string().into());
-    }
-    let mut env = edgetally_bench::launcher::BENCH_ENV.to_vec();
-    env.push((
-        "EDGETALLY_CLUSTER_SECRET",
-        edgetally_bench::launcher::cluster_secret(),
-    ));
-    Merger::start_with_env(&args, None, &env)
+    edgetally_bench::launcher::start_node(dir, quic, peers, Vec::new())
 }
 
 fn state_hash(http: &str) -> String {

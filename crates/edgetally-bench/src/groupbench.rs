@@ -12,18 +12,14 @@
 
 use crate::loadgen::{cpu_secs, percentile, push_all};
 use anyhow::{bail, Result};
-use edgetally_bench::launcher::{get_json, get_text, Merger};
+use edgetally_bench::launcher::{free_udp, get_json, get_text, Merger};
 use edgetally_net::now_ms;
 use edgetally_proto::Signer;
 use std::ffi::OsString;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn free_udp() -> Result<SocketAddr> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
-}
 
 /// A batch of producer `p`: `n` summaries, each of one of the producer's own 200 devices, so
 /// series split with producers (a fleet of devices per producer).
@@ -108,28 +104,13 @@ fn start(
     topo: &Path,
     group: usize,
 ) -> Result<Merger> {
-    let mut args: Vec<OsString> = vec![
-        "--data-dir".into(),
-        dir.into(),
-        "--http-addr".into(),
-        "127.0.0.1:0".into(),
-        "--quic-addr".into(),
-        quic.to_string().into(),
+    let extra: Vec<OsString> = vec![
         "--topology".into(),
         topo.into(),
         "--group".into(),
         format!("g{group}").into(),
     ];
-    for p in peers {
-        args.push("--peer".into());
-        args.push(p.to_string().into());
-    }
-    let mut env = edgetally_bench::launcher::BENCH_ENV.to_vec();
-    env.push((
-        "EDGETALLY_CLUSTER_SECRET",
-        edgetally_bench::launcher::cluster_secret(),
-    ));
-    Merger::start_with_env(&args, None, &env)
+    edgetally_bench::launcher::start_node(dir, quic, peers, extra)
 }
 
 fn status_u64(http: &str, key: &str) -> u64 {

@@ -38,6 +38,37 @@ pub fn cluster_secret() -> &'static str {
     SECRET.get_or_init(|| edgetally_net::tls::hex(&edgetally_net::random_seed()))
 }
 
+/// A free UDP port on loopback (for a QUIC address peers must know in advance).
+pub fn free_udp() -> Result<SocketAddr> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Starts a benchmark's cluster node: data in `dir`, QUIC on `quic`, HTTP on an ephemeral
+/// port, `peers` as its peers, the shared cluster secret, [`BENCH_ENV`], and `extra` flags.
+pub fn start_node(
+    dir: &std::path::Path,
+    quic: SocketAddr,
+    peers: &[SocketAddr],
+    extra: Vec<OsString>,
+) -> Result<Merger> {
+    let mut args: Vec<OsString> = vec![
+        "--data-dir".into(),
+        dir.into(),
+        "--http-addr".into(),
+        "127.0.0.1:0".into(),
+        "--quic-addr".into(),
+        quic.to_string().into(),
+    ];
+    for p in peers {
+        args.push("--peer".into());
+        args.push(p.to_string().into());
+    }
+    args.extend(extra);
+    let mut env = BENCH_ENV.to_vec();
+    env.push(("EDGETALLY_CLUSTER_SECRET", cluster_secret()));
+    Merger::start_with_env(&args, None, &env)
+}
+
 /// The `edgetally` binary to start: `EDGETALLY_BIN` when set; else, from `edgetally-bench`, the
 /// `edgetally` beside it (cargo builds both into one target directory); else this binary
 /// (the demo starts its own binary's `serve`).
