@@ -233,10 +233,16 @@ fn check_jobs(
     };
     let mut results: Vec<Option<Result<Batch, DecodeError>>> = Vec::with_capacity(jobs.len());
     let mut pending: Vec<(usize, Unverified)> = Vec::new();
-    let r = replica.read().unwrap_or_else(|e| e.into_inner());
+    // Read-locked per peer job, briefly: decoding must not hold back the apply stage.
+    let applied = |id: &BatchId| {
+        replica
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .has_applied(id)
+    };
     for (i, job) in jobs.iter_mut().enumerate() {
         match decode(&job.raw, limits) {
-            Ok(u) if job.from_peer && r.has_applied(&u.batch.id) => {
+            Ok(u) if job.from_peer && applied(&u.batch.id) => {
                 job.unverified = true;
                 results.push(Some(Ok(u.batch)));
             }
@@ -262,7 +268,6 @@ fn check_jobs(
             Err(e) => results.push(Some(Err(e))),
         }
     }
-    drop(r);
     let (idx, items): (Vec<usize>, Vec<Unverified>) = pending.into_iter().unzip();
     let verified = verify_many(items);
     for (i, r) in idx.into_iter().zip(verified) {
