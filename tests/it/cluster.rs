@@ -5,22 +5,17 @@
 //! (equal `state_sha256`) whose answers equal the ground truth, within a bounded time after
 //! healing. Seeds: `EDGETALLY_CLUSTER_SEEDS=1,2,3` (default two); a failure names its seed.
 
-use crate::harness::{now_ms, Merger, TempDir};
+use crate::harness::{free_udp, now_ms, Merger, TempDir};
 use edgetally_net::{Endpoint, NativeProducer};
 use edgetally_proto::ProducerConfig;
 use edgetally_tests::{decimal, Rng};
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// How long convergence may take after the last fault heals (generous: CI machines are slow;
 /// the figure printed is the measured one).
 const CONVERGE_WITHIN: Duration = Duration::from_secs(60);
-
-fn free_udp() -> SocketAddr {
-    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    s.local_addr().expect("addr")
-}
 
 struct Node {
     dir: TempDir,

@@ -3,7 +3,7 @@
 //! `bucket_too_old` instead of counting twice, and a restart (the snapshot without those
 //! seen-sets, the store without their batches) counts every event exactly once.
 
-use crate::harness::{now_ms, Merger, TempDir};
+use crate::harness::{free_udp, now_ms, Merger, TempDir};
 use edgetally_core::{BatchId, RejectCode};
 use edgetally_net::Client;
 use edgetally_proto::Reply;
@@ -124,11 +124,6 @@ fn ephemeral_epochs_expire_and_a_late_resend_is_refused_not_counted_twice() {
         "restart counts every event once"
     );
     assert_eq!(m.metric("edgetally_producer_epochs"), 0.0);
-}
-
-fn free_udp() -> std::net::SocketAddr {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-    s.local_addr().expect("addr")
 }
 
 fn state_hash(m: &Merger) -> Option<String> {

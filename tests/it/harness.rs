@@ -51,6 +51,13 @@ pub fn run_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String, String) 
     )
 }
 
+/// A free UDP port on loopback (a QUIC address peers must know before the node starts).
+pub fn free_udp() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("udp port")
+}
+
 /// A running merger process.
 pub struct Merger {
     pub child: Child,

@@ -2,22 +2,15 @@
 //! a stranger connecting as a peer to read state, are refused — loopback included — and a node
 //! with peers but no credential refuses to start.
 
-use crate::harness::{binary, now_ms, Merger, TempDir};
+use crate::harness::{binary, free_udp, now_ms, Merger, TempDir};
 use edgetally_core::{BatchId, LogEntry, Replica};
 use edgetally_proto::BatchBuilder;
 use edgetally_tests::signer;
-use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 const ALPN_PEER: &[u8] = b"edgetally-peer/3";
-
-fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("udp port")
-}
 
 /// A Hello as the peer protocol encodes it (postcard): a node key, an HMAC, no signature —
 /// from someone who does not know the secret.

@@ -106,102 +106,8 @@ pub fn run(a: ClusterBenchArgs) -> Result<()> {
         a.summaries
     );
     let result = (|| -> Result<()> {
-        if a.only_groups {
-            return crate::groupbench::run(
-                &rt,
-                &dir,
-                &a.groups,
-                a.replicas.max(1),
-                a.group_batches,
-                a.summaries,
-            );
-        }
-        // 1. Single node.
-        let batches = sealed(a.batches, a.summaries, 60)?;
-        let single = start(&dir.join("single"), free_udp()?, &[])?;
-        let c0 = cpu_secs(single.pid()).unwrap_or(0.0);
-        let (t1, _, _) =
-            rt.block_on(push_all(single.quic, single.cert, batches.clone(), 256, 4))?;
-        let single_cpu = (cpu_secs(single.pid()).unwrap_or(0.0) - c0) / batches.len() as f64;
-        single.stop();
-        let single_rate = batches.len() as f64 / t1;
-        println!(
-            "\nsingle merger: {} batches in {t1:.2} s = {single_rate:.0} batches/s; {:.1} µs CPU per acked batch",
-            batches.len(),
-            single_cpu * 1e6
-        );
-
-        // 2. Three-node cluster, everything sent to node 0.
-        let quics: Vec<SocketAddr> = (0..3).map(|_| free_udp()).collect::<Result<_>>()?;
-        let mut nodes: Vec<Option<Merger>> = Vec::new();
-        for i in 0..3 {
-            let peers: Vec<SocketAddr> = quics
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, q)| *q)
-                .collect();
-            nodes.push(Some(start(
-                &dir.join(format!("node-{i}")),
-                quics[i],
-                &peers,
-            )?));
-        }
-        let https: Vec<String> = nodes.iter().flatten().map(|m| m.http.clone()).collect();
-        let n0 = nodes[0].as_ref().map(|m| (m.quic, m.cert));
-        let Some((q0, c0)) = n0 else { bail!("node 0") };
-        let pids: Vec<u32> = nodes.iter().flatten().map(Merger::pid).collect();
-        let cpu_before: Vec<f64> = pids.iter().map(|p| cpu_secs(*p).unwrap_or(0.0)).collect();
-        let (t2, _, _) = rt.block_on(push_all(q0, c0, batches.clone(), 256, 4))?;
-        let all = wait_converged(&https, Duration::from_secs(600))?;
-        let cluster_rate = batches.len() as f64 / t2;
-        println!(
-            "3-node cluster, all sent to node 0: {cluster_rate:.0} batches/s acknowledged at node 0 ({:.0} % of the single node); all 3 identical {:.2} s after the last ack ({:.0} batches/s replicated end to end)",
-            100.0 * cluster_rate / single_rate,
-            all.as_secs_f64(),
-            batches.len() as f64 / (t2 + all.as_secs_f64())
-        );
-        // Let the pull rounds that follow convergence settle before reading the CPU clocks.
-        std::thread::sleep(Duration::from_millis(1500));
-        for (i, pid) in pids.iter().enumerate() {
-            let per = (cpu_secs(*pid).unwrap_or(0.0) - cpu_before[i]) / batches.len() as f64;
-            let st = edgetally_bench::launcher::get_json(&https[i], "/v1/status")?;
-            println!(
-                "  node {i} ({}): {:.1} µs CPU per acked batch = {:.2}x the single node ({} applied, {} duplicates, {} pulled)",
-                if i == 0 { "entry" } else { "replica" },
-                per * 1e6,
-                per / single_cpu,
-                st["batches_applied"],
-                st["batches_duplicate"],
-                st["batches_pulled"]
-            );
-        }
-
-        // 3. Partition node 2, push a backlog to node 0, heal, time the catch-up.
-        let backlog = sealed(a.backlog, a.summaries, 90)?;
-        if let Some(m) = &nodes[2] {
-            pause(m.pid(), true);
-        }
-        let (t3, _, _) = rt.block_on(push_all(q0, c0, backlog.clone(), 256, 4))?;
-        // Nodes 0 and 1 first agree on the backlog (node 1 gets it by push and pull).
-        let pair = wait_converged(&https[..2], Duration::from_secs(600))?;
-        println!(
-            "\npartition: node 2 frozen; {} batches sent to node 0 in {t3:.1} s; nodes 0 and 1 identical {:.2} s later",
-            backlog.len(),
-            pair.as_secs_f64()
-        );
-        if let Some(m) = &nodes[2] {
-            pause(m.pid(), false);
-        }
-        let heal = wait_converged(&https, Duration::from_secs(900))?;
-        println!(
-            "healed: node 2 caught up on a backlog of {} batches in {:.2} s ({:.0} batches/s)",
-            backlog.len(),
-            heal.as_secs_f64(),
-            backlog.len() as f64 / heal.as_secs_f64()
-        );
-        for m in nodes.into_iter().flatten() {
-            m.stop();
+        if !a.only_groups {
+            replication(&rt, &dir, &a)?;
         }
         crate::groupbench::run(
             &rt,
@@ -214,6 +120,98 @@ pub fn run(a: ClusterBenchArgs) -> Result<()> {
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// Replication overhead (a single node vs a three-node cluster) and the catch-up of a node
+/// partitioned while a backlog arrived.
+fn replication(rt: &tokio::runtime::Runtime, dir: &Path, a: &ClusterBenchArgs) -> Result<()> {
+    // 1. Single node.
+    let batches = sealed(a.batches, a.summaries, 60)?;
+    let single = start(&dir.join("single"), free_udp()?, &[])?;
+    let c0 = cpu_secs(single.pid()).unwrap_or(0.0);
+    let (t1, _, _) = rt.block_on(push_all(single.quic, single.cert, batches.clone(), 256, 4))?;
+    let single_cpu = (cpu_secs(single.pid()).unwrap_or(0.0) - c0) / batches.len() as f64;
+    single.stop();
+    let single_rate = batches.len() as f64 / t1;
+    println!(
+            "\nsingle merger: {} batches in {t1:.2} s = {single_rate:.0} batches/s; {:.1} µs CPU per acked batch",
+            batches.len(),
+            single_cpu * 1e6
+        );
+
+    // 2. Three-node cluster, everything sent to node 0.
+    let quics: Vec<SocketAddr> = (0..3).map(|_| free_udp()).collect::<Result<_>>()?;
+    let mut nodes: Vec<Option<Merger>> = Vec::new();
+    for i in 0..3 {
+        let peers: Vec<SocketAddr> = quics
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, q)| *q)
+            .collect();
+        nodes.push(Some(start(
+            &dir.join(format!("node-{i}")),
+            quics[i],
+            &peers,
+        )?));
+    }
+    let https: Vec<String> = nodes.iter().flatten().map(|m| m.http.clone()).collect();
+    let n0 = nodes[0].as_ref().map(|m| (m.quic, m.cert));
+    let Some((q0, c0)) = n0 else { bail!("node 0") };
+    let pids: Vec<u32> = nodes.iter().flatten().map(Merger::pid).collect();
+    let cpu_before: Vec<f64> = pids.iter().map(|p| cpu_secs(*p).unwrap_or(0.0)).collect();
+    let (t2, _, _) = rt.block_on(push_all(q0, c0, batches.clone(), 256, 4))?;
+    let all = wait_converged(&https, Duration::from_secs(600))?;
+    let cluster_rate = batches.len() as f64 / t2;
+    println!(
+            "3-node cluster, all sent to node 0: {cluster_rate:.0} batches/s acknowledged at node 0 ({:.0} % of the single node); all 3 identical {:.2} s after the last ack ({:.0} batches/s replicated end to end)",
+            100.0 * cluster_rate / single_rate,
+            all.as_secs_f64(),
+            batches.len() as f64 / (t2 + all.as_secs_f64())
+        );
+    // Let the pull rounds that follow convergence settle before reading the CPU clocks.
+    std::thread::sleep(Duration::from_millis(1500));
+    for (i, pid) in pids.iter().enumerate() {
+        let per = (cpu_secs(*pid).unwrap_or(0.0) - cpu_before[i]) / batches.len() as f64;
+        let st = edgetally_bench::launcher::get_json(&https[i], "/v1/status")?;
+        println!(
+                "  node {i} ({}): {:.1} µs CPU per acked batch = {:.2}x the single node ({} applied, {} duplicates, {} pulled)",
+                if i == 0 { "entry" } else { "replica" },
+                per * 1e6,
+                per / single_cpu,
+                st["batches_applied"],
+                st["batches_duplicate"],
+                st["batches_pulled"]
+            );
+    }
+
+    // 3. Partition node 2, push a backlog to node 0, heal, time the catch-up.
+    let backlog = sealed(a.backlog, a.summaries, 90)?;
+    if let Some(m) = &nodes[2] {
+        pause(m.pid(), true);
+    }
+    let (t3, _, _) = rt.block_on(push_all(q0, c0, backlog.clone(), 256, 4))?;
+    // Nodes 0 and 1 first agree on the backlog (node 1 gets it by push and pull).
+    let pair = wait_converged(&https[..2], Duration::from_secs(600))?;
+    println!(
+            "\npartition: node 2 frozen; {} batches sent to node 0 in {t3:.1} s; nodes 0 and 1 identical {:.2} s later",
+            backlog.len(),
+            pair.as_secs_f64()
+        );
+    if let Some(m) = &nodes[2] {
+        pause(m.pid(), false);
+    }
+    let heal = wait_converged(&https, Duration::from_secs(900))?;
+    println!(
+        "healed: node 2 caught up on a backlog of {} batches in {:.2} s ({:.0} batches/s)",
+        backlog.len(),
+        heal.as_secs_f64(),
+        backlog.len() as f64 / heal.as_secs_f64()
+    );
+    for m in nodes.into_iter().flatten() {
+        m.stop();
+    }
+    Ok(())
 }
 
 fn pause(pid: u32, stop: bool) {
