@@ -7,20 +7,15 @@
 //! producers, and with a whole group down the answers are marked incomplete and never exceed
 //! the truth.
 
-use crate::harness::{now_ms, Merger, TempDir};
+use crate::harness::{free_udp, now_ms, Merger, TempDir};
 use edgetally_net::{Endpoint, NativeProducer};
 use edgetally_proto::ProducerConfig;
 use edgetally_tests::{decimal, Rng};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-fn free_udp() -> SocketAddr {
-    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    s.local_addr().expect("addr")
-}
 
 const ENV: &[(&str, &str)] = &[
     ("EDGETALLY_SYNC_INTERVAL_MS", "200"),
@@ -325,6 +320,70 @@ fn shard_groups_split_producers_and_answer_exactly_through_kills_and_a_new_group
 
     // 1. All up.
     record(&rt, &producers, &mut rng, &mut truth, 1500);
+    // One verdict per batch: a batch of g1's with a broken signature, sent to a node of g0,
+    // is forwarded and gets the owner's Nack (bad_signature), as it would at the owner; the
+    // same batch intact is acknowledged through the same node and counted.
+    let v1 = edgetally_proto::topology::Topology::single(
+        1,
+        ["g0", "g1"]
+            .iter()
+            .map(|n| edgetally_proto::topology::Group {
+                name: n.to_string(),
+                quic: vec![n.to_string()],
+                http: Vec::new(),
+            })
+            .collect(),
+    );
+    let now = now_ms();
+    let s = (0..)
+        .map(edgetally_tests::signer)
+        .find(|s| v1.owner(&s.producer(), now).map(|g| g.name.as_str()) == Some("g1"))
+        .expect("a producer of g1");
+    let ev = edgetally_tests::Event {
+        category: "forwarded".into(),
+        entity: Some("e".into()),
+        ts_ms: now,
+        eighths: 8,
+    };
+    let id = edgetally_core::BatchId {
+        producer: s.producer(),
+        epoch: 1,
+        seq: 0,
+    };
+    let good = s
+        .seal(&edgetally_tests::build_at(id, &[ev], now))
+        .expect("seal");
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    let client = rt
+        .block_on(edgetally_net::Client::connect(
+            nodes[0].quic,
+            vec![nodes[0].m().cert],
+        ))
+        .expect("connect");
+    assert_eq!(
+        rt.block_on(client.send(&bad)).expect("reply"),
+        edgetally_proto::Reply::Nack(edgetally_core::RejectCode::BadSignature as u16)
+    );
+    assert_eq!(
+        rt.block_on(client.send(&good)).expect("reply"),
+        edgetally_proto::Reply::Ack
+    );
+    truth
+        .keys
+        .entry(("forwarded".into(), "e".into()))
+        .or_default()
+        .0 += 1;
+    truth
+        .keys
+        .entry(("forwarded".into(), "e".into()))
+        .or_default()
+        .1 += 1_000_000_000;
+    *truth
+        .producers
+        .entry(("forwarded".into(), s.producer().to_hex()))
+        .or_default() += 1;
     // 2. kill -9 a replica of each group, keep recording, restart them on their data.
     for i in [1, 3] {
         if let Some(m) = nodes[i].proc.take() {
@@ -356,18 +415,7 @@ fn shard_groups_split_producers_and_answer_exactly_through_kills_and_a_new_group
     while Instant::now() < until {
         record(&rt, &producers, &mut rng, &mut truth, 200);
     }
-    for (i, p) in producers.iter().enumerate() {
-        assert!(
-            rt.block_on(p.flush(Duration::from_secs(60))),
-            "producer {i} not flushed: {:?}",
-            p.stats()
-        );
-        let s = p.stats();
-        assert!(
-            s.rejected.is_empty() && s.dropped == 0,
-            "producer {i}: {s:?}"
-        );
-    }
+    flush(&rt, &producers);
     let end = now_ms() + 60_000;
 
     // Every node answers for the whole cluster, exactly, once the groups' replicas converge.
@@ -386,8 +434,9 @@ fn shard_groups_split_producers_and_answer_exactly_through_kills_and_a_new_group
         "epochs per group {e0} {e1} {e2}"
     );
     // Every producer recorded before the change, under a map of g0 and g1: each is in exactly
-    // one of them (unforwarded, most would be in both).
-    assert_eq!(e0 + e1, 16, "epochs per group {e0} {e1} {e2}");
+    // one of them (unforwarded, most would be in both) — the 16 producers and the one whose
+    // batch was sent through g0 above.
+    assert_eq!(e0 + e1, 17, "epochs per group {e0} {e1} {e2}");
     let forwarded: f64 = nodes
         .iter()
         .map(|n| n.m().metric("edgetally_forwarded_total{outcome=\"sent\"}"))
