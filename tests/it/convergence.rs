@@ -19,7 +19,10 @@
 //! `EDGETALLY_SIM_SEED=<seed> cargo test -p edgetally-tests --test it convergence`.
 
 use edgetally_core::query::{GroupBy, TopBy};
-use edgetally_core::{batch_digest, Applied, BatchId, Digest, Limits, LogEntry, Replica, Snapshot};
+use edgetally_core::{
+    answer_round, batch_digest, Adopt, Applied, BatchId, Digest, Limits, LogEntry, PeerSync,
+    Replica, RoundResult, Snapshot, SyncConfig,
+};
 use edgetally_proto::{decode, open, Signer};
 use edgetally_tests::{build, events, same, signer, Event, Model, Rng, NOW};
 use std::collections::{BTreeMap, BTreeSet};
@@ -35,23 +38,29 @@ enum Msg {
         producer: usize,
         id: BatchId,
     },
+    /// A pull round's request ([`PeerSync::poll_round`]).
     DigestReq {
         from: usize,
         to: usize,
         digest: Digest,
+        max: u32,
     },
+    /// Its answer ([`answer_round`]).
     Entries {
         from: usize,
         to: usize,
         raws: Vec<Arc<[u8]>>,
+        more: bool,
         digest: Digest,
+        state_hash: [u8; 32],
     },
-    /// `from` found it must yield to `to` on a diverging epoch: it asks for `to`'s snapshot.
+    /// `from`'s round with `to` ended in [`Adopt`]: it asks for `to`'s snapshot.
     SnapshotReq {
         from: usize,
         to: usize,
     },
     Snapshot {
+        from: usize,
         to: usize,
         snap: Box<Snapshot>,
     },
@@ -86,6 +95,8 @@ struct Producer {
 
 struct Node {
     replica: Replica,
+    /// The merger's own peer-sync state machine, driven by this simulation.
+    sync: PeerSync<usize>,
     /// Received, verified, not yet durable: lost on a crash.
     pending: Vec<(usize, LogEntry)>,
     down_until: u64,
@@ -100,6 +111,8 @@ struct Sim {
     msg_seq: u64,
     isolated: BTreeSet<usize>,
     isolated_until: u64,
+    /// Every node's peer-sync configuration.
+    sync: SyncConfig,
     faults: bool,
     model: Model,
     limits: Limits,
@@ -118,6 +131,12 @@ struct Sim {
 struct Stats {
     equivocations: u64,
     adoptions: u64,
+    /// Snapshots adopted because the peer had pruned batches this node lacked.
+    gap_adoptions: u64,
+    /// Snapshots adopted because this node was further behind than `catch_up_batches`.
+    catch_ups: u64,
+    /// Peers that stopped gating pruning (away longer than the horizon).
+    exclusions: u64,
     hostile_refused: u64,
     hostile_applied: u64,
 }
@@ -164,17 +183,17 @@ impl Sim {
         self.isolated.contains(&a) != self.isolated.contains(&b)
     }
 
-    fn peer_names(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("n{i}")).collect()
+    /// The peer-sync clock: 100 ms per tick.
+    fn now_ms(&self) -> i64 {
+        self.tick as i64 * 100
     }
 
     fn set_peers(&mut self) {
         let n = self.nodes.len();
         for i in 0..n {
-            let peers = Self::peer_names(n)
-                .into_iter()
-                .filter(|p| *p != format!("n{i}"));
-            self.nodes[i].replica.set_peers(peers);
+            let node = &mut self.nodes[i];
+            node.sync.set_peers((0..n).filter(|&p| p != i));
+            node.sync.declare(&mut node.replica);
         }
     }
 
@@ -353,51 +372,60 @@ impl Sim {
                     let wire = self.nodes[to].replica.snapshot().encode();
                     let snap = Snapshot::decode(&wire)?;
                     self.send(Msg::Snapshot {
+                        from: to,
                         to: from,
                         snap: Box::new(snap),
                     });
                 }
-                Msg::Snapshot { to, snap } => {
+                Msg::Snapshot { from, to, snap } => {
                     if !self.node_up(to) {
                         continue;
                     }
-                    if let Some(fresh) = self.nodes[to]
+                    let fresh = self.nodes[to]
                         .replica
                         .adopt(*snap)
-                        .map_err(|e| e.to_string())?
-                    {
-                        if !fresh.digest().covers(&self.nodes[to].replica.digest()) {
+                        .map_err(|e| e.to_string())?;
+                    let node = &mut self.nodes[to];
+                    node.sync.handle_adopted(&from, fresh.is_some());
+                    if let Some(fresh) = fresh {
+                        if !fresh.digest().covers(&node.replica.digest()) {
                             return Err("adopt lost batches".into());
                         }
                         self.stats.adoptions += 1;
-                        self.nodes[to].replica = fresh;
+                        node.replica = fresh;
                     }
                 }
-                Msg::DigestReq { from, to, digest } => {
+                Msg::DigestReq {
+                    from,
+                    to,
+                    digest,
+                    max,
+                } => {
                     if !self.node_up(to) || self.cut(from, to) {
                         continue;
                     }
-                    let r = &mut self.nodes[to].replica;
-                    r.observe_peer(&format!("n{from}"), digest.clone());
-                    r.prune_log();
-                    let raws = r.missing_for(&digest).into_iter().map(|e| e.raw).collect();
-                    let d = r.digest();
+                    let a = answer_round(&self.nodes[to].replica, &digest, max, 2000);
                     self.send(Msg::Entries {
                         from: to,
                         to: from,
-                        raws,
-                        digest: d,
+                        raws: a.batches.into_iter().map(|e| e.raw).collect(),
+                        more: a.more,
+                        digest: a.digest,
+                        state_hash: a.state_hash,
                     });
                 }
                 Msg::Entries {
                     from,
                     to,
                     raws,
+                    more,
                     digest,
+                    state_hash,
                 } => {
                     if !self.node_up(to) || self.cut(from, to) {
                         continue;
                     }
+                    let pulled = raws.len() as u64;
                     for raw in raws {
                         // Forwarded bytes are the producer's own: verified again, no clock check.
                         let batch = decode(&raw, &self.limits)
@@ -411,18 +439,29 @@ impl Sim {
                             })
                             .map_err(|e| e.to_string())?;
                     }
-                    let r = &mut self.nodes[to].replica;
-                    // The merger's rule (PROTOCOL.md §9): on the first epoch both hold with
-                    // the same seqs and other contents, the greater hash yields.
-                    let mine = r.digest();
-                    let yields = mine.diverging(&digest).is_some_and(|d| d.mine_yields())
-                        // The peer holds batches nobody retains for this node any more (an
-                        // adoption elsewhere dropped them): catch up from its snapshot, as a
-                        // merger does.
-                        || !mine.covers(&digest);
-                    r.observe_peer(&format!("n{from}"), digest);
-                    r.prune_log();
-                    if yields {
+                    // The merger's decisions, by the merger's own state machine.
+                    let now = self.now_ms();
+                    let node = &mut self.nodes[to];
+                    let outcome = node.sync.handle_round(
+                        &from,
+                        now,
+                        i64::MIN,
+                        RoundResult {
+                            theirs: digest,
+                            more,
+                            their_hash: state_hash,
+                            pulled,
+                            retried: false,
+                            refused: false,
+                        },
+                        &mut node.replica,
+                    );
+                    match outcome.adopt {
+                        Some(Adopt::Gap) => self.stats.gap_adoptions += 1,
+                        Some(Adopt::FarBehind) => self.stats.catch_ups += 1,
+                        _ => {}
+                    }
+                    if outcome.adopt.is_some() {
                         self.send(Msg::SnapshotReq { from: to, to: from });
                     }
                 }
@@ -452,11 +491,26 @@ impl Sim {
 
     fn anti_entropy(&mut self) {
         let n = self.nodes.len();
+        let now = self.now_ms();
         for from in 0..n {
             for to in 0..n {
-                if from != to && self.node_up(from) && !self.cut(from, to) {
-                    let digest = self.nodes[from].replica.digest();
-                    self.send(Msg::DigestReq { from, to, digest });
+                if from == to || !self.node_up(from) {
+                    continue;
+                }
+                // As a merger's link does before each (re)connection attempt.
+                let node = &mut self.nodes[from];
+                if node.sync.poll_horizon(&to, now) {
+                    node.sync.declare(&mut node.replica);
+                    self.stats.exclusions += 1;
+                }
+                if !self.cut(from, to) {
+                    let req = self.nodes[from].sync.poll_round(&self.nodes[from].replica, i64::MIN);
+                    self.send(Msg::DigestReq {
+                        from,
+                        to,
+                        digest: req.digest,
+                        max: req.max,
+                    });
                 }
             }
         }
@@ -466,11 +520,21 @@ impl Sim {
         let n = self.nodes.len();
         if self.rng.chance(0.02) {
             let i = self.rng.below(n as u64) as usize;
-            self.nodes[i].pending.clear(); // un-persisted work is lost
-            self.nodes[i].down_until = self.tick + 3 + self.rng.below(15);
+            let now = self.now_ms();
+            let node = &mut self.nodes[i];
+            node.pending.clear(); // un-persisted work is lost
+            node.down_until = self.tick + 3 + self.rng.below(15);
+            // A restarted merger knows nothing of its peers yet.
+            node.sync = PeerSync::new(self.sync, (0..n).filter(|&p| p != i), now);
+            node.sync.declare(&mut node.replica);
         }
         if self.isolated.is_empty() && self.rng.chance(0.02) {
-            self.isolated.insert(self.rng.below(n as u64) as usize);
+            // One node cut off, or the group split in two (2 | 2, 2 | 3, 3 | 3): producers
+            // still reach every node, so both sides take writes.
+            let k = if n >= 4 && self.rng.chance(0.5) { n / 2 } else { 1 };
+            while self.isolated.len() < k {
+                self.isolated.insert(self.rng.below(n as u64) as usize);
+            }
             self.isolated_until = self.tick + 5 + self.rng.below(30);
         } else if self.tick >= self.isolated_until {
             self.isolated.clear();
@@ -503,8 +567,18 @@ fn scenario(seed: u64) -> Result<Stats, String> {
             }
         })
         .collect();
+    // Peer sync: in half the scenarios a horizon (1.5 s = 15 ticks) that partitions and
+    // crashes outlast; in a third, rounds of 4 batches and snapshot catch-up beyond 6.
+    let small_rounds = rng.chance(0.33);
+    let sync = SyncConfig {
+        interval_ms: 500,
+        horizon_ms: if rng.chance(0.5) { 1_500 } else { 600_000 },
+        catch_up_batches: if small_rounds { 6 } else { 10_000 },
+        round_max: if small_rounds { 4 } else { 2000 },
+    };
     let nodes = (0..n_nodes)
-        .map(|_| Node {
+        .map(|i| Node {
+            sync: PeerSync::new(sync, (0..n_nodes).filter(|&p| p != i), 0),
             replica: Replica::new(),
             pending: Vec::new(),
             down_until: 0,
@@ -519,6 +593,7 @@ fn scenario(seed: u64) -> Result<Stats, String> {
         msg_seq: 0,
         isolated: BTreeSet::new(),
         isolated_until: 0,
+        sync,
         faults: true,
         model: Model::default(),
         limits: Limits::default(),
@@ -548,7 +623,9 @@ fn scenario(seed: u64) -> Result<Stats, String> {
             let wire = postcard::to_allocvec(&snap).map_err(|e| e.to_string())?;
             let snap = postcard::from_bytes(&wire).map_err(|e| e.to_string())?;
             let replica = Replica::restore(snap).map_err(|e| e.to_string())?;
+            let (n, now) = (sim.nodes.len(), sim.now_ms());
             sim.nodes.push(Node {
+                sync: PeerSync::new(sync, 0..n, now),
                 replica,
                 pending: Vec::new(),
                 down_until: 0,
@@ -781,6 +858,9 @@ fn run_seeds(range: std::ops::Range<u64>) {
             Ok(Ok(s)) => {
                 sum.equivocations += s.equivocations;
                 sum.adoptions += s.adoptions;
+                sum.gap_adoptions += s.gap_adoptions;
+                sum.catch_ups += s.catch_ups;
+                sum.exclusions += s.exclusions;
                 sum.hostile_refused += s.hostile_refused;
                 sum.hostile_applied += s.hostile_applied;
             }
@@ -794,9 +874,12 @@ fn run_seeds(range: std::ops::Range<u64>) {
     assert!(
         sum.equivocations > 0
             && sum.adoptions > 0
+            && sum.gap_adoptions > 0
+            && sum.catch_ups > 0
+            && sum.exclusions > 0
             && sum.hostile_refused > 0
             && sum.hostile_applied > 0,
-        "the Byzantine paths were not exercised: {sum:?}"
+        "the Byzantine or catch-up paths were not exercised: {sum:?}"
     );
 }
 

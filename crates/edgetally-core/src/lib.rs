@@ -15,6 +15,7 @@ pub mod replica;
 pub mod seen;
 pub mod strings;
 pub mod summary;
+pub mod sync;
 pub mod value;
 
 pub use batch::{Batch, BatchId, BatchSummary, Limits, ProducerKey, NO_ENTITY};
@@ -28,4 +29,8 @@ pub use replica::{
 pub use seen::SeenSet;
 pub use strings::StringTable;
 pub use summary::{Summary, Total};
+pub use sync::{
+    answer_round, Adopt, PeerStatus, PeerSync, RoundAnswer, RoundOutcome, RoundRequest, RoundResult,
+    SyncConfig,
+};
 pub use value::Sum192;
