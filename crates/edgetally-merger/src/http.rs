@@ -359,9 +359,11 @@ fn peers_json(node: &Node) -> Value {
         return json!([]);
     };
     let now = now_ms();
+    // The peers' status before the replica's read lock (lock order: peer sync, then replica).
+    let status = repl.status();
     let r = node.state();
     Value::Array(
-        repl.status()
+        status
             .into_iter()
             .map(|(addr, p)| {
                 json!({
@@ -376,6 +378,7 @@ fn peers_json(node: &Node) -> Value {
                     "pushed": p.pushed,
                     "divergences": p.divergences,
                     "diverged": p.diverged,
+                    "excluded": p.excluded,
                     "last_error": p.last_error,
                 })
             })

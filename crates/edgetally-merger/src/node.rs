@@ -432,19 +432,17 @@ impl Node {
             let (tx, _) = tokio::sync::broadcast::channel(4096);
             Some(Arc::new(crate::replication::Replication {
                 auth,
-                interval_ms: config.sync_interval_ms as i64,
-                peers: std::sync::Mutex::new(
-                    config
-                        .peers
-                        .iter()
-                        .map(|p| (*p, Default::default()))
-                        .collect(),
-                ),
+                sync: std::sync::Mutex::new(edgetally_core::PeerSync::new(
+                    edgetally_core::SyncConfig {
+                        interval_ms: config.sync_interval_ms as i64,
+                        horizon_ms: (config.peer_horizon_secs as i64).saturating_mul(1000),
+                        catch_up_batches: config.snapshot_catch_up_batches,
+                        round_max: crate::replication::SYNC_BATCH,
+                    },
+                    config.peers.iter().copied(),
+                    now_ms(),
+                )),
                 applied: tx,
-                excluded: Default::default(),
-                horizon_ms: (config.peer_horizon_secs as i64).saturating_mul(1000),
-                started_ms: now_ms(),
-                catch_up_batches: config.snapshot_catch_up_batches,
             }))
         };
         let peer_endpoint = match &replication {

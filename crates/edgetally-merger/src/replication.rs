@@ -1,5 +1,8 @@
 //! Replication between mergers: authenticated QUIC links (ALPN `edgetally-peer/3`, on the
 //! same port as ingest), push of newly applied batches, and pull by digest (anti-entropy).
+//! Every decision about peers — what a round asks for, what its result calls for, when an
+//! away peer stops gating pruning — is `edgetally_core::PeerSync`'s, a sans-IO state
+//! machine the cluster simulation drives too; this module is its I/O.
 //!
 //! - **Authentication.** After the TLS handshake each side sends a `Hello` with its node key
 //!   and a proof bound to this TLS session (its exported keying material, so a proof cannot be
@@ -28,7 +31,7 @@
 //! of pushes, pulls and producer retries changes nothing (ARCHITECTURE.md).
 
 use crate::node::Node;
-use edgetally_core::{Digest, Snapshot};
+use edgetally_core::{answer_round, Adopt, Digest, PeerSync, RoundResult, Snapshot};
 use edgetally_net::now_ms;
 use edgetally_proto::Reply;
 use hmac::{Hmac, Mac};
@@ -343,13 +346,8 @@ async fn answer(
                 .map_err(|e| e.to_string())?;
         }
         Request::Sync { digest, max } => {
-            let (missing, mine, state_hash) = {
-                let r = node.state();
-                (r.missing_for(&digest), r.digest(), r.state_hash())
-            };
-            let max = max.clamp(1, SYNC_BATCH) as usize;
-            let more = missing.len() > max;
-            for e in missing.into_iter().take(max) {
+            let answer = answer_round(&node.state(), &digest, max, SYNC_BATCH);
+            for e in answer.batches {
                 let item = postcard::to_allocvec(&SyncItem::Batch(e.raw.to_vec()))
                     .map_err(|e| e.to_string())?;
                 send.write_all(&edgetally_proto::encode_frame(&item))
@@ -357,9 +355,9 @@ async fn answer(
                     .map_err(|e| e.to_string())?;
             }
             let done = postcard::to_allocvec(&SyncItem::Done {
-                digest: mine,
-                more,
-                state_hash,
+                digest: answer.digest,
+                more: answer.more,
+                state_hash: answer.state_hash,
             })
             .map_err(|e| e.to_string())?;
             send.write_all(&edgetally_proto::encode_frame(&done))
@@ -392,132 +390,44 @@ async fn answer(
     Ok(())
 }
 
-/// What this node knows of one peer (for `/v1/status`, `/metrics` and query freshness).
-#[derive(Clone, Debug, Default)]
-pub struct PeerStatus {
-    /// Its node key, once a link authenticated.
-    pub node: Option<[u8; 32]>,
-    /// A link is up and the last pull round succeeded.
-    pub reachable: bool,
-    /// When the last pull round completed, ms (0: never).
-    pub last_sync_ms: i64,
-    /// The last error, if the link is down.
-    pub last_error: Option<String>,
-    /// Batches its last digest covered.
-    pub digest_batches: u64,
-    /// Batches pulled from it.
-    pub pulled: u64,
-    /// Batches pushed to it and acknowledged.
-    pub pushed: u64,
-    /// Pull rounds that found it holding the same batch ids as this node with another state.
-    pub divergences: u64,
-    /// The last pull round found a divergence not yet repaired: answers are not `complete`.
-    pub diverged: bool,
-}
+pub use edgetally_core::PeerStatus;
 
-/// The replication half of a node.
+/// The replication half of a node: peer authentication, the peer-sync state machine
+/// ([`PeerSync`], which makes every decision; this module does the I/O), and the feed of
+/// newly applied batches to push.
 #[derive(Debug)]
 pub struct Replication {
     /// How peers authenticate.
     pub auth: Auth,
-    /// The pull interval, ms: a peer whose last round is older than a few of these (at least
-    /// 2 s) does not count as seen.
-    pub interval_ms: i64,
-    /// Per configured peer address.
-    pub peers: Mutex<BTreeMap<SocketAddr, PeerStatus>>,
+    /// What this node knows of its peers. Lock order: this, then the replica.
+    pub sync: Mutex<PeerSync<SocketAddr>>,
     /// Newly applied batches that came from producers (to push).
     pub applied: broadcast::Sender<Arc<[u8]>>,
-    /// Peers away longer than the horizon: they no longer hold back log pruning.
-    pub excluded: Mutex<std::collections::BTreeSet<SocketAddr>>,
-    /// The horizon, ms.
-    pub horizon_ms: i64,
-    /// When this node started, ms (a peer never heard from counts as away since then).
-    pub started_ms: i64,
-    /// A node lacking more batches than this after a pull round catches up from the peer's
-    /// snapshot instead of pulling the rest (`snapshot_catch_up_batches`).
-    pub catch_up_batches: u64,
 }
 
 impl Replication {
+    fn sync(&self) -> std::sync::MutexGuard<'_, PeerSync<SocketAddr>> {
+        self.sync.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The status of every peer (`reachable` means: a pull round completed recently).
     pub fn status(&self) -> BTreeMap<SocketAddr, PeerStatus> {
-        let now = now_ms();
-        let stale = (3 * self.interval_ms).max(2000);
-        let mut m = self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        for p in m.values_mut() {
-            p.reachable = p.reachable && now - p.last_sync_ms <= stale;
-        }
-        m
+        self.sync().status(now_ms())
     }
 
     /// Whether every configured peer is reachable now, with no divergence from it unrepaired.
     pub fn sees_all_peers(&self) -> bool {
-        self.status().values().all(|p| p.reachable && !p.diverged)
+        self.sync().sees_all(now_ms())
     }
 
-    /// Declares to the replica the peers whose digests gate pruning (all but the excluded).
-    fn declare_peers(&self, node: &Node) {
-        let excluded = self
-            .excluded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let mut r = node.replica.write().unwrap_or_else(|e| e.into_inner());
-        r.set_peers(
-            node.config
-                .peers
-                .iter()
-                .filter(|p| !excluded.contains(p))
-                .map(|p| p.to_string()),
-        );
-        r.prune_log();
-    }
-
-    /// A peer away longer than the horizon stops holding back pruning (it will catch up from
-    /// a snapshot when it returns).
+    /// A peer away longer than the horizon stops holding back pruning, if this node is in a
+    /// majority of its group (it will catch up from a snapshot when it returns).
     fn check_horizon(&self, node: &Node, addr: SocketAddr) {
-        let last = self
-            .peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&addr)
-            .map_or(0, |s| s.last_sync_ms);
-        let since = if last > 0 { last } else { self.started_ms };
-        if now_ms() - since > self.horizon_ms
-            && self
-                .excluded
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(addr)
-        {
+        let mut sync = self.sync();
+        if sync.poll_horizon(&addr, now_ms()) {
             warn!(%addr, "peer away longer than the horizon: its batches are no longer retained for it; it will catch up from a snapshot");
-            self.declare_peers(node);
+            sync.declare(&mut node.replica.write().unwrap_or_else(|e| e.into_inner()));
         }
-    }
-
-    /// A peer is back: it gates pruning again.
-    fn readmit(&self, node: &Node, addr: SocketAddr) {
-        if self
-            .excluded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&addr)
-        {
-            info!(%addr, "peer back within reach");
-            self.declare_peers(node);
-        }
-    }
-
-    fn down(&self, addr: SocketAddr, why: String) {
-        self.update(addr, |s| {
-            s.reachable = false;
-            s.last_error = Some(why);
-        });
-    }
-
-    fn update(&self, addr: SocketAddr, f: impl FnOnce(&mut PeerStatus)) {
-        let mut m = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        f(m.entry(addr).or_default());
     }
 }
 
@@ -611,10 +521,7 @@ async fn link(
         {
             Ok(Ok((conn, key))) => {
                 info!(%addr, "peer link up");
-                repl.update(addr, |s| {
-                    s.node = Some(key);
-                    s.last_error = None;
-                });
+                repl.sync().handle_connected(&addr, key);
                 backoff = every;
                 conn
             }
@@ -624,7 +531,7 @@ async fn link(
                     _ => "connect timed out".to_string(),
                 };
                 debug!(%addr, "peer link down: {why}");
-                repl.down(addr, why);
+                repl.sync().handle_down(&addr, why);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.changed() => {}
@@ -660,7 +567,7 @@ async fn link(
                         tokio::spawn(async move {
                             let _permit = permit;
                             if push(&conn, &raw).await {
-                                repl.update(addr, |s| s.pushed += 1);
+                                repl.sync().handle_pushed(&addr);
                             }
                         });
                     }
@@ -677,7 +584,7 @@ async fn link(
             }
             Some(e) => {
                 warn!(%addr, "peer link lost: {e}");
-                repl.down(addr, e);
+                repl.sync().handle_down(&addr, e);
                 conn.close(0u32.into(), b"resync");
             }
         }
@@ -696,7 +603,8 @@ async fn push(conn: &quinn::Connection, raw: &[u8]) -> bool {
     )
 }
 
-/// One pull round; `Ok(true)` when the peer has more waiting.
+/// One pull round; `Ok(true)` when the next should follow at once. The decisions are the
+/// state machine's ([`PeerSync::poll_round`], [`PeerSync::handle_round`]); this is its I/O.
 async fn pull(
     node: &Arc<Node>,
     repl: &Arc<Replication>,
@@ -706,12 +614,10 @@ async fn pull(
     // Epochs past the lateness horizon are left out on both sides, by this node's clock: one
     // node expiring an epoch before the other (their clocks and sweeps differ) is not a gap.
     let cutoff = node.expiry_cutoff(now_ms());
-    let mut digest = node.state().digest();
-    digest.retain_live(cutoff);
+    let req = repl.sync().poll_round(&node.state(), cutoff);
     let body = postcard::to_allocvec(&Request::Sync {
-        digest,
-        // Never more per round than the gap that makes a snapshot the better catch-up.
-        max: SYNC_BATCH.min(u32::try_from(repl.catch_up_batches.max(1)).unwrap_or(u32::MAX)),
+        digest: req.digest,
+        max: req.max,
     })
     .map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -751,102 +657,82 @@ async fn pull(
         }
     };
     let mut pulled = 0u64;
-    let mut retry = false;
+    let mut retried = false;
     let mut refused = false;
     while let Some(r) = submitted.join_next().await {
         match r {
             Ok(Reply::Ack) => pulled += 1,
-            Ok(Reply::Retry { .. }) => retry = true,
+            Ok(Reply::Retry { .. }) => retried = true,
             // A batch our limits refuse (a lower max_lateness here, say) is left out, counted
             // in the rejection metrics; it would be refused from a producer too.
             Ok(Reply::Nack(_)) => refused = true,
             Err(e) => return Err(e.to_string()),
         }
     }
-    let (mut theirs, more, their_hash) = done;
-    theirs.retain_live(cutoff);
-    let count = theirs.batches();
-    repl.readmit(node, addr);
-    let settled = !more && !retry && !refused;
-    let (mine, my_hash) = {
-        let r = node.state();
-        let mut d = r.digest();
-        d.retain_live(cutoff);
-        (d, r.state_hash())
+    let (theirs, more, their_hash) = done;
+    let outcome = {
+        let mut sync = repl.sync();
+        let mut r = node.replica.write().unwrap_or_else(|e| e.into_inner());
+        let my_hash = r.state_hash();
+        let outcome = sync.handle_round(
+            &addr,
+            now_ms(),
+            cutoff,
+            RoundResult {
+                theirs,
+                more,
+                their_hash,
+                pulled,
+                retried,
+                refused,
+            },
+            &mut r,
+        );
+        if outcome.diverged {
+            warn!(
+                %addr,
+                producer = outcome.split.map(|d| edgetally_net::tls::hex(&d.producer.0)),
+                epoch = outcome.split.map(|d| d.epoch),
+                mine = %edgetally_net::tls::hex(&my_hash),
+                theirs = %edgetally_net::tls::hex(&their_hash),
+                "the peer holds the same batch ids with different contents{}",
+                if outcome.adopt == Some(Adopt::Repair) { ": adopting its snapshot" } else { ": it adopts ours" }
+            );
+        }
+        outcome
     };
-    // The peer holds batches it did not send (it pruned them while this node was away longer
-    // than its horizon, or dropped them adopting a snapshot): take its snapshot, with this
-    // node's retained batches applied again on top (`Replica::adopt`).
-    let gap = settled && !mine.covers(&theirs);
-    // An epoch both nodes hold with the same seqs and different contents: its producer signed
-    // two contents under one batch id (each node kept the first it saw), or a state was
-    // damaged. Found here as soon as that one epoch has settled, whatever ingest does to the
-    // others, and repaired deterministically (PROTOCOL.md §9): the node whose hash of the
-    // first such epoch is greater adopts the other's snapshot, with its own retained batches
-    // the snapshot lacks applied again on top. Versions only move towards the smaller hash,
-    // so every node ends with the same contents whatever order anything arrived in.
-    let split = mine.diverging(&theirs);
-    // Equal digests (epoch hashes included) and different states: damage, or epochs whose
-    // hashes are not known (restored from an older snapshot). Repaired by the whole-state
-    // hash the same way.
-    let whole = split.is_none() && settled && mine == theirs && my_hash != their_hash;
-    let diverged = split.is_some() || whole;
-    if let Some(d) = &split {
+    node.metrics.pulled.fetch_add(pulled, Relaxed);
+    if let Some(d) = &outcome.split {
         node.equivocation(d.producer, d.epoch);
     }
-    if diverged {
+    if outcome.diverged {
         node.metrics.divergences.fetch_add(1, Relaxed);
-        repl.update(addr, |s| s.divergences += 1);
-        let yields = split.map_or(my_hash > their_hash, |d| d.mine_yields());
-        warn!(
-            %addr,
-            producer = split.map(|d| edgetally_net::tls::hex(&d.producer.0)),
-            epoch = split.map(|d| d.epoch),
-            mine = %edgetally_net::tls::hex(&my_hash),
-            theirs = %edgetally_net::tls::hex(&their_hash),
-            batches = count,
-            "the peer holds the same batch ids with different contents{}",
-            if yields { ": adopting its snapshot" } else { ": it adopts ours" }
-        );
     }
-    // Far behind (back from a partition or a long stop): one snapshot from the authenticated
-    // peer, with this node's own retained batches applied again on top, instead of
-    // verifying and storing every missing batch one by one.
-    let far_behind =
-        more && theirs.batches().saturating_sub(mine.batches()) > repl.catch_up_batches;
-    let adopt =
-        gap || far_behind || (diverged && split.map_or(my_hash > their_hash, |d| d.mine_yields()));
-    {
-        let mut r = node.replica.write().unwrap_or_else(|e| e.into_inner());
-        r.observe_peer(&addr.to_string(), theirs);
-        r.prune_log();
-    }
-    let mut repaired = false;
-    if adopt {
+    if let Some(why) = outcome.adopt {
         let body = postcard::to_allocvec(&Request::Snapshot).map_err(|e| e.to_string())?;
         let raw = request(conn, &body, MAX_MESSAGE).await?;
         let snap: Snapshot = Snapshot::decode(&raw).map_err(|_| "bad snapshot".to_string())?;
         let n = node.clone();
-        match tokio::task::spawn_blocking(move || n.adopt(snap)).await {
-            Ok(Ok(true)) if diverged => {
-                repaired = true;
+        let adopted = match tokio::task::spawn_blocking(move || n.adopt(snap)).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                warn!(%addr, "adopting the peer's snapshot failed: {e}");
+                false
+            }
+            Err(e) => {
+                warn!(%addr, "adopting the peer's snapshot failed: {e}");
+                false
+            }
+        };
+        repl.sync().handle_adopted(&addr, adopted);
+        match (adopted, why) {
+            (true, Adopt::Repair) => {
                 node.metrics.divergence_repairs.fetch_add(1, Relaxed);
                 info!(%addr, "divergence repaired from the peer's snapshot");
             }
-            Ok(Ok(true)) => info!(%addr, far_behind, "caught up from the peer's snapshot"),
-            Ok(Ok(false)) => debug!(%addr, "snapshot no longer covers this node; next round"),
-            Ok(Err(e)) => warn!(%addr, "adopting the peer's snapshot failed: {e}"),
-            Err(e) => warn!(%addr, "adopting the peer's snapshot failed: {e}"),
+            (true, _) => info!(%addr, reason = ?why, "caught up from the peer's snapshot"),
+            (false, _) => debug!(%addr, "snapshot no longer covers this node; next round"),
         }
     }
-    repl.update(addr, |s| {
-        s.reachable = true;
-        s.diverged = diverged && !repaired;
-        s.last_sync_ms = now_ms();
-        s.last_error = None;
-        s.digest_batches = count;
-        s.pulled += pulled;
-    });
-    node.metrics.pulled.fetch_add(pulled, Relaxed);
-    Ok(more || retry)
+    Ok(outcome.again)
 }
