@@ -4,8 +4,8 @@
 //! signed bytes.
 //!
 //! Producers send batches (and resend those whose Ack was lost) to any group's node at
-//! random; the node routes each by the topology in force on arrival — forwarding it to the
-//! owner, or answering Retry while the owner waits to absorb a drained group — and the owner
+//! random; the node routes each by `Topology::decide`, the merger's own rule — forwarding it
+//! to the owner, or answering Retry while the owner waits to absorb a drained group — and the owner
 //! decodes, verifies and applies it. The network drops, duplicates and delays messages, so
 //! resends cross every routing change. During the run a group is added by a map taking effect
 //! a few ticks ahead, and (when there are two or more) one is drained into another and later
@@ -17,7 +17,7 @@
 
 use edgetally_core::{BatchId, Limits, LogEntry, Replica, SeenSet};
 use edgetally_merger::cluster::{combine, Answer, GroupAnswer, Part, Query};
-use edgetally_proto::topology::{Group, Map, Topology};
+use edgetally_proto::topology::{Decision, Group, Map, Topology};
 use edgetally_proto::{open, Signer};
 use edgetally_tests::{build_at, events, same, signer, Event, Model, Rng, NOW};
 use std::collections::{BTreeMap, BTreeSet};
@@ -136,23 +136,31 @@ impl Sim {
         }
     }
 
-    /// A batch reaches group node `entry`: routed as `Cluster::route` and `Node::forwarded`
-    /// do, then applied by the owner, which acknowledges it.
+    /// A batch reaches group node `entry`: routed by `Topology::decide`, the merger's own
+    /// rule — forwarded to the owner, which decides again (`Node::forwarded`) — then applied
+    /// by the owner, which acknowledges it.
     fn arrive(&mut self, entry: usize, raw: &Arc<[u8]>) -> Result<(), String> {
         let Some((id, created)) = edgetally_proto::peek(raw, &self.limits) else {
             return Err("a producer's batch does not peek".into());
         };
-        let Some((owner, drained)) = self.topology.route(&id.producer, created) else {
-            return Err("no owner".into());
-        };
-        let g = index(&owner.name);
-        let _ = entry; // any node forwards to the owner; only the owner applies
-        if let Some(x) = drained {
-            if !self.groups[g].absorbed().iter().any(|a| a == x) {
-                self.retries += 1;
-                return Ok(()); // Retry: the producer resends later
+        let mut at = entry;
+        for hop in 0..2 {
+            let absorbed = self.groups[at].absorbed().to_vec();
+            match self.topology.decide(&format!("g{at}"), &id.producer, created, |x| {
+                absorbed.iter().any(|a| a == x)
+            }) {
+                Decision::Take => break,
+                Decision::AwaitAbsorb(_) => {
+                    self.retries += 1;
+                    return Ok(()); // Retry: the producer resends later
+                }
+                Decision::Forward(owner) if hop == 0 => at = index(&owner.name),
+                Decision::Forward(owner) => {
+                    return Err(format!("g{at} forwarded to {} and back", owner.name))
+                }
             }
         }
+        let g = at;
         let batch = open(raw, &self.limits, self.now()).map_err(|e| e.to_string())?;
         self.groups[g]
             .apply(LogEntry {

@@ -20,7 +20,7 @@
 
 use crate::replication::Auth;
 use edgetally_core::{GroupBy, Limits, Replica, TopBy, Total};
-use edgetally_proto::topology::{Group, Topology};
+use edgetally_proto::topology::{Decision, Group, Topology};
 use edgetally_proto::Reply;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -122,18 +122,6 @@ pub struct DrainState {
     pub state_hash: [u8; 32],
     /// The drained groups its state absorbed.
     pub absorbed: Vec<String>,
-}
-
-/// Where a producer's batch goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Route {
-    /// This node's group takes it.
-    Local,
-    /// This node's group takes it once it has absorbed the drained group named (the batch's
-    /// owner by the map): until then a resend of a batch that group merged could count twice.
-    AfterAbsorbing(String),
-    /// Another group takes it.
-    Forward(Group),
 }
 
 impl Query {
@@ -497,17 +485,16 @@ impl Cluster {
         }
     }
 
-    /// Where a producer's batch goes. [`Route::Local`] too when even its id does not decode:
-    /// then this node refuses it with the reason any node would give.
-    pub fn route(&self, raw: &[u8]) -> Route {
-        let Some((id, created_ms)) = edgetally_proto::peek(raw, &self.limits) else {
-            return Route::Local;
-        };
-        let t = self.topology();
-        match t.route(&id.producer, created_ms) {
-            Some((g, _)) if g.name != self.group => Route::Forward(g.clone()),
-            Some((_, Some(drained))) => Route::AfterAbsorbing(drained.to_string()),
-            _ => Route::Local,
+    /// What this node does with a producer's batch ([`Topology::decide`]). [`Decision::Take`]
+    /// too when even its id does not decode: then this node refuses it with the reason any
+    /// node would give.
+    pub fn decide(&self, raw: &[u8], has_absorbed: impl FnOnce(&str) -> bool) -> Decision {
+        match edgetally_proto::peek(raw, &self.limits) {
+            Some((id, created_ms)) => {
+                self.topology()
+                    .decide(&self.group, &id.producer, created_ms, has_absorbed)
+            }
+            None => Decision::Take,
         }
     }
 

@@ -2,7 +2,7 @@
 //! listeners, background upkeep (snapshots, retention, certificate rotation), and graceful
 //! shutdown.
 
-use crate::cluster::Route;
+use edgetally_proto::topology::Decision;
 use crate::config::Config;
 use crate::ingest::{now_ms, Ingest, Pipeline};
 use crate::metrics::Metrics;
@@ -770,14 +770,14 @@ impl Node {
             };
         }
         if let Some(c) = &self.cluster {
-            match c.route(&raw) {
-                Route::Forward(owner) => return c.forward(&owner, raw).await,
-                Route::AfterAbsorbing(drained) if !self.has_absorbed(&drained) => {
+            match c.decide(&raw, |g| self.has_absorbed(g)) {
+                Decision::Forward(owner) => return c.forward(&owner, raw).await,
+                Decision::AwaitAbsorb(_) => {
                     return Reply::Retry {
                         after_ms: DRAIN_RETRY_MS,
                     }
                 }
-                _ => {}
+                Decision::Take => {}
             }
         }
         self.ingest.submit(raw).await
@@ -802,18 +802,18 @@ impl Node {
             let c = c.clone();
             let _ = tokio::task::spawn_blocking(move || c.reload(true, now_ms())).await;
         }
-        match c.route(&raw) {
-            Route::Forward(_) => {
+        match c.decide(&raw, |g| self.has_absorbed(g)) {
+            Decision::Forward(_) => {
                 return Reply::Retry {
                     after_ms: crate::ingest::RETRY_AFTER_MS,
                 }
             }
-            Route::AfterAbsorbing(drained) if !self.has_absorbed(&drained) => {
+            Decision::AwaitAbsorb(_) => {
                 return Reply::Retry {
                     after_ms: DRAIN_RETRY_MS,
                 }
             }
-            _ => {}
+            Decision::Take => {}
         }
         self.ingest.submit(raw).await
     }

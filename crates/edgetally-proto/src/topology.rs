@@ -134,6 +134,17 @@ impl Map {
     }
 }
 
+/// What a node does with a producer's batch ([`Topology::decide`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// This node's group owns it: check and apply it here.
+    Take,
+    /// Another group owns it: forward it there (the owner's reply is the producer's).
+    Forward(Group),
+    /// This group owns it once it has absorbed the drained group named: answer Retry.
+    AwaitAbsorb(String),
+}
+
 impl Topology {
     /// A topology of one map, in force from the start.
     pub fn single(version: u64, groups: Vec<Group>) -> Topology {
@@ -187,6 +198,29 @@ impl Topology {
         }
         let g = self.all_groups().into_iter().find(|g| g.name == heir)?;
         Some((g, Some(named.name.as_str())))
+    }
+
+    /// What a node of group `me` does with the batch `producer` created at `created_ms`
+    /// (its signed `created_ms`; see [`crate::peek`]): the one routing rule, shared by the
+    /// merger and the simulation. `has_absorbed` says whether this node's state already
+    /// holds a drained group's. No owner at all (an empty topology) is [`Decision::Take`]:
+    /// the node then answers as any node would.
+    pub fn decide(
+        &self,
+        me: &str,
+        producer: &ProducerKey,
+        created_ms: i64,
+        has_absorbed: impl FnOnce(&str) -> bool,
+    ) -> Decision {
+        match self.route(producer, created_ms) {
+            Some((g, _)) if g.name != me => Decision::Forward(g.clone()),
+            // A resend of a batch the drained group merged must not count here before its
+            // state does.
+            Some((_, Some(drained))) if !has_absorbed(drained) => {
+                Decision::AwaitAbsorb(drained.to_string())
+            }
+            _ => Decision::Take,
+        }
     }
 
     /// The map that routes batches created at `created_ms`.
