@@ -504,7 +504,9 @@ impl Sim {
                     self.stats.exclusions += 1;
                 }
                 if !self.cut(from, to) {
-                    let req = self.nodes[from].sync.poll_round(&self.nodes[from].replica, i64::MIN);
+                    let req = self.nodes[from]
+                        .sync
+                        .poll_round(&self.nodes[from].replica, i64::MIN);
                     self.send(Msg::DigestReq {
                         from,
                         to,
@@ -531,7 +533,11 @@ impl Sim {
         if self.isolated.is_empty() && self.rng.chance(0.02) {
             // One node cut off, or the group split in two (2 | 2, 2 | 3, 3 | 3): producers
             // still reach every node, so both sides take writes.
-            let k = if n >= 4 && self.rng.chance(0.5) { n / 2 } else { 1 };
+            let k = if n >= 4 && self.rng.chance(0.5) {
+                n / 2
+            } else {
+                1
+            };
             while self.isolated.len() < k {
                 self.isolated.insert(self.rng.below(n as u64) as usize);
             }

@@ -146,9 +146,11 @@ impl Sim {
         let mut at = entry;
         for hop in 0..2 {
             let absorbed = self.groups[at].absorbed().to_vec();
-            match self.topology.decide(&format!("g{at}"), &id.producer, created, |x| {
-                absorbed.iter().any(|a| a == x)
-            }) {
+            match self
+                .topology
+                .decide(&format!("g{at}"), &id.producer, created, |x| {
+                    absorbed.iter().any(|a| a == x)
+                }) {
                 Decision::Take => break,
                 Decision::AwaitAbsorb(_) => {
                     self.retries += 1;

@@ -158,7 +158,10 @@ impl<K: Ord + Clone + ToString> PeerSync<K> {
         PeerSync {
             config,
             started_ms: now_ms,
-            peers: peers.into_iter().map(|k| (k, PeerStatus::default())).collect(),
+            peers: peers
+                .into_iter()
+                .map(|k| (k, PeerStatus::default()))
+                .collect(),
         }
     }
 
@@ -241,7 +244,9 @@ impl<K: Ord + Clone + ToString> PeerSync<K> {
         } else {
             self.started_ms
         };
-        if s.excluded || now_ms - since <= self.config.horizon_ms || !self.majority_without(peer, now_ms)
+        if s.excluded
+            || now_ms - since <= self.config.horizon_ms
+            || !self.majority_without(peer, now_ms)
         {
             return false;
         }

@@ -19,7 +19,34 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-type Node_ = Arc<Node>;
+type Node_ = Arc<Api>;
+
+/// The HTTP layer's state: the node it serves, and what only HTTP uses — the ids of the
+/// batches it seals from `POST /v1/events` (this process's epoch, and the next seq).
+#[derive(Debug)]
+pub struct Api {
+    node: Arc<Node>,
+    events_epoch: u64,
+    events_seq: std::sync::atomic::AtomicU64,
+}
+
+impl Api {
+    /// HTTP over `node`, sealing `POST /v1/events` batches under a fresh random epoch.
+    pub fn new(node: Arc<Node>) -> Api {
+        Api {
+            node,
+            events_epoch: edgetally_net::random_u64(),
+            events_seq: 0.into(),
+        }
+    }
+}
+
+impl std::ops::Deref for Api {
+    type Target = Node;
+    fn deref(&self) -> &Node {
+        &self.node
+    }
+}
 
 /// An error answer: status, stable code, human message.
 #[derive(Debug)]
@@ -49,6 +76,7 @@ impl IntoResponse for ApiError {
 
 /// The router over a node.
 pub fn router(node: Arc<Node>) -> Router {
+    let node = Arc::new(Api::new(node));
     Router::new()
         .route("/v1/aggregate", get(aggregate))
         .route("/v1/topk", get(topk))
@@ -982,7 +1010,7 @@ impl EventsFold {
 /// key and the body, so a retry of the same request carries the same id and counts once,
 /// on every node, across restarts (the seen-sets are durable and replicated); without one,
 /// the node's per-process epoch and the next seq.
-fn events_batch_id(node: &Node, key: Option<&str>, body: &[u8]) -> BatchId {
+fn events_batch_id(node: &Api, key: Option<&str>, body: &[u8]) -> BatchId {
     use sha2::{Digest as _, Sha256};
     let producer = node.signer.producer();
     match key {

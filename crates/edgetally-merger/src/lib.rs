@@ -12,9 +12,13 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod node;
+pub mod peer;
 pub mod replication;
+pub mod scatter;
 pub mod serve_http;
+pub mod start;
 pub mod store;
 
 pub use config::Config;
-pub use node::{Node, Running};
+pub use node::Node;
+pub use start::Running;

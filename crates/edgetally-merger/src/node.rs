@@ -1,24 +1,23 @@
-//! A running merger: start-up (key, certificate, store recovery), the QUIC and HTTP
-//! listeners, background upkeep (snapshots, retention, certificate rotation), and graceful
-//! shutdown.
+//! A merger node's state and the operations on it: recovery helpers (key, certificate, store
+//! replay), producer and forwarded batches routed by the topology, snapshot adoption and
+//! absorption, queries. Starting it — listeners, links, upkeep — is [`crate::start`].
 
-use edgetally_proto::topology::Decision;
 use crate::config::Config;
-use crate::ingest::{now_ms, Ingest, Pipeline};
+use crate::ingest::{now_ms, Ingest};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use edgetally_core::{BatchId, Limits, LogEntry, ProducerKey, Replica, SeenSet};
-use edgetally_net::tls::{hex, server_config, Identity, ALPN_BATCHES, ALPN_H3, ALPN_PEER};
+use edgetally_net::tls::{hex, Identity};
 use edgetally_net::{random_seed, random_u64};
+use edgetally_proto::topology::Decision;
 use edgetally_proto::{decode, Reply, Signer};
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
-use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use std::time::Instant;
+use tracing::warn;
 
 /// A start-up failure.
 #[derive(Debug, thiserror::Error)]
@@ -59,10 +58,6 @@ pub struct Node {
     pub ingest: Ingest,
     /// The node's own signing key (for batches made from `POST /v1/events`).
     pub signer: Signer,
-    /// Epoch for the node's own batches: fresh per process, since their seq is not persisted.
-    pub events_epoch: u64,
-    /// Next seq for the node's own batches.
-    pub events_seq: std::sync::atomic::AtomicU64,
     /// SHA-256 of the current certificate's DER.
     pub cert_hash: RwLock<[u8; 32]>,
     /// When the current certificate expires (Unix seconds).
@@ -83,7 +78,7 @@ pub struct Node {
     /// One past the last group commit fully applied (groups before it are in the replica).
     pub applied_group: Arc<std::sync::atomic::AtomicU64>,
     /// Replication, when peers are configured.
-    pub replication: Option<Arc<crate::replication::Replication>>,
+    pub replication: Option<Arc<crate::peer::Replication>>,
     /// Admission and quotas for producers' batches.
     pub admission: Arc<crate::admission::Admission>,
     /// The HTTP listener's TLS configuration, when `http_tls` is on (swapped on rotation).
@@ -107,7 +102,7 @@ pub struct Expired(Mutex<Vec<ExpiredEpochs>>);
 type ExpiredEpochs = (u64, BTreeMap<(ProducerKey, u64), SeenSet>);
 
 impl Expired {
-    fn push(&self, next_group: u64, epochs: Vec<((ProducerKey, u64), SeenSet)>) {
+    pub(crate) fn push(&self, next_group: u64, epochs: Vec<((ProducerKey, u64), SeenSet)>) {
         if !epochs.is_empty() {
             let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
             v.push((next_group, epochs.into_iter().collect()));
@@ -139,19 +134,7 @@ impl Expired {
     }
 }
 
-/// A started node; `shutdown()` stops it.
-#[derive(Debug)]
-pub struct Running {
-    /// The node.
-    pub node: Arc<Node>,
-    /// The bound HTTP address.
-    pub http_addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    endpoint: quinn::Endpoint,
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StartError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StartError + '_ {
     move |e| StartError::Io(path.to_path_buf(), e)
 }
 
@@ -185,9 +168,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StartError> {
 }
 
 /// Renew generated certificates this long before they expire.
-const RENEW_BEFORE_SECS: i64 = 2 * 86_400;
+pub(crate) const RENEW_BEFORE_SECS: i64 = 2 * 86_400;
 
-fn identity(config: &Config) -> Result<(Identity, bool), StartError> {
+pub(crate) fn identity(config: &Config) -> Result<(Identity, bool), StartError> {
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -262,7 +245,7 @@ fn save_identity(dir: &std::path::Path, name: &str, id: &Identity) -> Result<(),
 /// The certificate that follows `current`: valid from an hour before `current` is renewed,
 /// for the usual 13 days. Generated once and kept (`next.*`), so its hash — published beside
 /// the current one for browsers' `serverCertificateHashes` — is stable until it takes over.
-fn next_identity(config: &Config, current: &Identity) -> Result<Identity, StartError> {
+pub(crate) fn next_identity(config: &Config, current: &Identity) -> Result<Identity, StartError> {
     let dir = &config.data_dir;
     if let Some(next) = load_identity(dir, "next") {
         if next.not_after_unix > current.not_after_unix {
@@ -277,7 +260,7 @@ fn next_identity(config: &Config, current: &Identity) -> Result<Identity, StartE
 }
 
 /// At renewal: the next certificate if it is valid by now, else a fresh one.
-fn successor(config: &Config, current: &Identity) -> Result<Identity, StartError> {
+pub(crate) fn successor(config: &Config, current: &Identity) -> Result<Identity, StartError> {
     let now = now_ms() / 1000;
     let next = next_identity(config, current)?;
     let new = if valid_from(&next) <= now {
@@ -291,12 +274,12 @@ fn successor(config: &Config, current: &Identity) -> Result<Identity, StartError
 
 /// What recovery rebuilt.
 #[derive(Debug)]
-struct Recovered {
-    replica: Replica,
+pub(crate) struct Recovered {
+    pub(crate) replica: Replica,
     /// Stored batches replayed.
-    replayed: u64,
+    pub(crate) replayed: u64,
     /// Stored batches set aside (see [`quarantine`]).
-    quarantined: u64,
+    pub(crate) quarantined: u64,
 }
 
 /// Keeps a stored batch that cannot be replayed out of the way, under
@@ -319,7 +302,7 @@ pub fn quarantine(data_dir: &Path, raw: &[u8], reason: &str) -> Result<PathBuf, 
 
 /// Rebuilds the replica from the snapshot and the stored batches. A stored batch that does
 /// not decode or apply is quarantined, never a reason to refuse to start.
-fn recover(
+pub(crate) fn recover(
     store: &Store,
     data_dir: &Path,
     limits: &Limits,
@@ -393,231 +376,6 @@ pub fn replay_limits(limits: &Limits) -> Limits {
 }
 
 impl Node {
-    /// Starts a node: recovers state, binds both listeners, spawns upkeep. Prints the
-    /// certificate hash and addresses to stdout (one `key: value` per line).
-    pub async fn start(config: Config) -> Result<Running, StartError> {
-        let dir = config.data_dir.clone();
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let seed = load_or_create_key(&dir.join("node.key"))?;
-        let signer = Signer::from_seed(seed);
-        let (id, generated) = identity(&config)?;
-        let store = Arc::new(Store::open(&dir, config.store_cache_mb << 20)?);
-        // Replication: authentication, and a snapshot from a peer if this node starts empty.
-        // Shard groups talk over the same authenticated links (forwards, query parts).
-        if config.topology_file.is_some() != config.group.is_some() {
-            return Err(StartError::Config(
-                "topology_file and group go together: the topology, and this node's group in it"
-                    .into(),
-            ));
-        }
-        let replication = if config.peers.is_empty() && config.topology_file.is_none() {
-            None
-        } else {
-            let auth = crate::replication::Auth::new(
-                config.cluster_secret.as_deref(),
-                &config.peer_keys,
-                seed,
-            )
-            .map_err(StartError::Restore)?;
-            if auth.open_to_loopback_only() {
-                // Peer links carry the state, snapshots included: never to or from a stranger,
-                // loopback or not.
-                return Err(StartError::Config(
-                    "peers or a topology are configured but neither cluster_secret nor \
-                     peer_keys: peers must authenticate (give every node the same \
-                     EDGETALLY_CLUSTER_SECRET, or list their node keys in peer_keys)"
-                        .into(),
-                ));
-            }
-            let (tx, _) = tokio::sync::broadcast::channel(4096);
-            Some(Arc::new(crate::replication::Replication {
-                auth,
-                sync: std::sync::Mutex::new(edgetally_core::PeerSync::new(
-                    edgetally_core::SyncConfig {
-                        interval_ms: config.sync_interval_ms as i64,
-                        horizon_ms: (config.peer_horizon_secs as i64).saturating_mul(1000),
-                        catch_up_batches: config.snapshot_catch_up_batches,
-                        round_max: crate::replication::SYNC_BATCH,
-                    },
-                    config.peers.iter().copied(),
-                    now_ms(),
-                )),
-                applied: tx,
-            }))
-        };
-        let peer_endpoint = match &replication {
-            Some(_) => Some(crate::replication::client_endpoint().map_err(StartError::Tls)?),
-            None => None,
-        };
-        let cluster = match (
-            &config.topology_file,
-            &config.group,
-            &replication,
-            &peer_endpoint,
-        ) {
-            (Some(path), Some(group), Some(repl), Some(ep)) => Some(Arc::new(
-                crate::cluster::Cluster::new(
-                    path,
-                    group,
-                    ep.clone(),
-                    repl.auth.clone(),
-                    Duration::from_millis(config.query_deadline_ms),
-                    config.limits,
-                )
-                .map_err(StartError::Config)?,
-            )),
-            _ => None,
-        };
-        let mut bootstrap = None;
-        if let (Some(repl), Some(ep)) = (&replication, &peer_endpoint) {
-            if store.is_empty()? && !config.peers.is_empty() {
-                if let Some((from, snap)) = crate::replication::fetch_snapshot(
-                    ep,
-                    &config.peers,
-                    &repl.auth,
-                    Duration::from_secs(2),
-                )
-                .await
-                {
-                    info!(%from, "bootstrapped from a peer's snapshot");
-                    // Keep it: the store then holds what the replica starts from.
-                    store.save_snapshot(&snap)?;
-                    bootstrap = Some(snap);
-                }
-            }
-        }
-        let Recovered {
-            replica,
-            replayed: recovered,
-            quarantined,
-        } = recover(&store, &dir, &config.limits, &config.peers, bootstrap)?;
-        let replica = Arc::new(RwLock::new(replica));
-        let metrics = Arc::new(Metrics::default());
-        // Every stored group was replayed by `recover`, so the watermark starts past them.
-        let applied_group = Arc::new(std::sync::atomic::AtomicU64::new(store.next_group()));
-        let admission = Arc::new(
-            crate::admission::Admission::new(&config, signer.producer())
-                .map_err(StartError::Config)?,
-        );
-        let pipeline = Pipeline {
-            admission: admission.clone(),
-            replica: replica.clone(),
-            store: store.clone(),
-            metrics: metrics.clone(),
-            limits: config.limits,
-            peer_grace_ms: config.seen_expiry_margin_ms.max(0) / 2,
-            max_group: config.max_group,
-            applied_group: applied_group.clone(),
-            applied: replication.as_ref().map(|r| r.applied.clone()),
-        };
-        let (ingest, commit_task) = Ingest::start(pipeline, config.queue_depth);
-
-        let sc = server_config(&id, &[ALPN_BATCHES, ALPN_PEER, ALPN_H3])
-            .map_err(|e| StartError::Tls(e.to_string()))?;
-        let next_hash = if generated {
-            Some(next_identity(&config, &id)?.cert_hash())
-        } else {
-            None
-        };
-        let endpoint = edgetally_net::tls::server_endpoint(sc, config.quic_addr, &seed)
-            .map_err(|e| StartError::Bind(config.quic_addr, e))?;
-        let quic_addr = endpoint
-            .local_addr()
-            .map_err(|e| StartError::Bind(config.quic_addr, e))?;
-        let http_tls = if config.http_tls {
-            let tls = edgetally_net::tls::tcp_server_config(&id, &[b"http/1.1"])
-                .map_err(|e| StartError::Tls(e.to_string()))?;
-            Some(Arc::new(RwLock::new(Arc::new(tls))))
-        } else {
-            None
-        };
-        let listener = tokio::net::TcpListener::bind(config.http_addr)
-            .await
-            .map_err(|e| StartError::Bind(config.http_addr, e))?;
-        let http_addr = listener
-            .local_addr()
-            .map_err(|e| StartError::Bind(config.http_addr, e))?;
-
-        let node = Arc::new(Node {
-            signer,
-            events_epoch: random_u64(),
-            events_seq: 0.into(),
-            cert_hash: RwLock::new(id.cert_hash()),
-            cert_not_after: RwLock::new(id.not_after_unix),
-            next_cert_hash: RwLock::new(next_hash),
-            quic_addr,
-            http_addr: RwLock::new(Some(http_addr)),
-            started: Instant::now(),
-            recovered,
-            quarantined,
-            admission,
-            http_tls: http_tls.clone(),
-            expired: Expired::default(),
-            cluster,
-            applied_group,
-            replication,
-            config,
-            replica,
-            store,
-            metrics,
-            ingest,
-        });
-        let (shutdown, rx) = watch::channel(false);
-        let mut tasks = vec![commit_task];
-        tasks.push(tokio::spawn(edgetally_net::serve(
-            endpoint.clone(),
-            node.clone(),
-            rx.clone(),
-        )));
-        let app = crate::http::router(node.clone());
-        tasks.push(tokio::spawn(crate::serve_http::serve(
-            listener,
-            app,
-            http_tls,
-            rx.clone(),
-        )));
-        if let Some(ep) = peer_endpoint {
-            tasks.extend(crate::replication::spawn_links(
-                node.clone(),
-                ep,
-                rx.clone(),
-            ));
-        }
-        tasks.push(tokio::spawn(mark_durable(node.store.clone(), rx.clone())));
-        if node.cluster.is_some() {
-            tasks.push(tokio::spawn(topology_upkeep(node.clone(), rx.clone())));
-        }
-        tasks.push(tokio::spawn(admission_upkeep(
-            node.admission.clone(),
-            rx.clone(),
-        )));
-        tasks.push(tokio::spawn(upkeep(
-            node.clone(),
-            endpoint.clone(),
-            id,
-            generated,
-            rx,
-        )));
-        println!("node: {}", node.signer.producer().to_hex());
-        println!("quic: {quic_addr}");
-        let scheme = if node.http_tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        println!("http: {scheme}://{http_addr}");
-        println!("cert-sha256: {}", hex(&node.cert_hash()));
-        println!("recovered-batches: {recovered}");
-        info!(%quic_addr, %http_addr, recovered, "merger started");
-        Ok(Running {
-            node,
-            http_addr,
-            shutdown,
-            tasks,
-            endpoint,
-        })
-    }
-
     /// A read view of the replica (queries hold it for microseconds; a panic elsewhere while
     /// writing cannot leave it half-applied, since apply checks before it writes).
     pub fn state(&self) -> std::sync::RwLockReadGuard<'_, Replica> {
@@ -819,9 +577,9 @@ impl Node {
     }
 
     /// Where this node stands in a drain (for the group that absorbs it, and its peers).
-    pub fn drain_state(&self) -> crate::cluster::DrainState {
+    pub fn drain_state(&self) -> crate::scatter::DrainState {
         let r = self.state();
-        crate::cluster::DrainState {
+        crate::scatter::DrainState {
             draining_since_ms: self.cluster.as_ref().and_then(|c| c.draining_since()),
             queue_empty: self.metrics.queue_depth.load(Relaxed) == 0,
             state_hash: r.state_hash(),
@@ -842,12 +600,12 @@ impl Node {
     }
 
     /// This node's part of a cluster-wide query.
-    pub fn part(&self, q: &crate::cluster::Query) -> crate::cluster::Part {
+    pub fn part(&self, q: &crate::scatter::Query) -> crate::scatter::Part {
         let (answer, absorbed) = {
             let r = self.state();
             (q.run(&r), r.absorbed().to_vec())
         };
-        crate::cluster::Part {
+        crate::scatter::Part {
             answer,
             complete: self.sees_all_peers(),
             as_of_ms: now_ms(),
@@ -865,7 +623,7 @@ impl Node {
     /// other group's place in it (empty without a topology).
     pub async fn query(
         &self,
-        q: crate::cluster::Query,
+        q: crate::scatter::Query,
     ) -> (
         crate::cluster::Answer,
         bool,
@@ -900,344 +658,6 @@ impl Node {
 
 /// How long a producer is asked to wait while its batch's group is being drained.
 const DRAIN_RETRY_MS: u32 = 1000;
-
-/// How long every replica of a drained group must have taken no producer batch, with an empty
-/// pipeline, before its heir absorbs its state: far longer than a batch's time between its
-/// routing and its apply, so none lands after the state is taken.
-const DRAIN_SETTLE_MS: i64 = 3_000;
-
-/// One round of the drains into this node's group: for each group drained directly into it
-/// and not yet absorbed, take the state from a peer of this group that absorbed it already
-/// (a replica that was away during the drain), else — once every replica of the drained group
-/// has been draining for [`DRAIN_SETTLE_MS`] with an empty pipeline and they all hold one
-/// state — from one of them, checked against that state's hash.
-async fn absorb_round(node: &Arc<Node>) {
-    let Some(c) = &node.cluster else { return };
-    let t = c.topology();
-    for (drained, heir) in &t.drains {
-        if heir != &c.group || node.has_absorbed(drained) {
-            continue;
-        }
-        let mut done = false;
-        for peer in &node.config.peers {
-            let peer = peer.to_string();
-            let Ok(st) = c.drain_state_of(&peer).await else {
-                continue;
-            };
-            if !st.absorbed.contains(drained) {
-                continue;
-            }
-            match c.snapshot_of(&peer).await {
-                Ok(snap) if snap.absorbed.contains(drained) => match node.adopt(snap) {
-                    Ok(true) => {
-                        info!(group = %drained, %peer, "took a drained group's state from a peer");
-                        done = true;
-                        break;
-                    }
-                    Ok(false) => {}
-                    Err(e) => warn!(group = %drained, %peer, "adopting a peer's state failed: {e}"),
-                },
-                _ => {}
-            }
-        }
-        if done {
-            continue;
-        }
-        let Some(g) = t
-            .all_groups()
-            .into_iter()
-            .find(|g| &g.name == drained)
-            .cloned()
-        else {
-            continue;
-        };
-        let now = now_ms();
-        let mut hash = None;
-        let mut ready = true;
-        for addr in &g.quic {
-            match c.drain_state_of(addr).await {
-                Ok(st)
-                    if st.queue_empty
-                        && st
-                            .draining_since_ms
-                            .is_some_and(|s| now - s >= DRAIN_SETTLE_MS)
-                        && hash.is_none_or(|h| h == st.state_hash) =>
-                {
-                    hash = Some(st.state_hash)
-                }
-                Ok(st) => {
-                    debug!(group = %drained, %addr, ?st.draining_since_ms, "drained group not settled yet");
-                    ready = false;
-                }
-                Err(e) => {
-                    debug!(group = %drained, %addr, "drained group's replica unreachable: {e}");
-                    ready = false;
-                }
-            }
-        }
-        let (true, Some(hash)) = (ready, hash) else {
-            continue;
-        };
-        let snap = match c.snapshot_of(&g.quic[0]).await {
-            Ok(s) => s,
-            Err(e) => {
-                debug!(group = %drained, "no snapshot from the drained group: {e}");
-                continue;
-            }
-        };
-        let matches = Replica::restore(snap.clone()).is_ok_and(|r| r.state_hash() == hash);
-        if !matches {
-            debug!(group = %drained, "the drained group's state moved; next round");
-            continue;
-        }
-        let node = node.clone();
-        let name = drained.clone();
-        match tokio::task::spawn_blocking(move || node.absorb(&name, snap)).await {
-            Ok(Ok(true)) => info!(group = %drained, "absorbed a drained group's state"),
-            Ok(Ok(false)) => {}
-            Ok(Err(e)) => warn!(group = %drained, "absorbing a drained group failed: {e}"),
-            Err(e) => warn!(group = %drained, "absorbing a drained group failed: {e}"),
-        }
-    }
-}
-
-/// Re-reads the topology file once a second if it changed, and at once on SIGHUP; runs the
-/// drains into this node's group.
-async fn topology_upkeep(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
-    let Some(cluster) = node.cluster.clone() else {
-        return;
-    };
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    loop {
-        #[cfg(unix)]
-        let hangup = async {
-            match hup.as_mut() {
-                Some(h) => {
-                    h.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let hangup = std::future::pending::<()>();
-        let force = tokio::select! {
-            _ = tick.tick() => false,
-            _ = hangup => true,
-            _ = stop.changed() => { if *stop.borrow() { break; } else { continue; } }
-        };
-        let c = cluster.clone();
-        let _ = tokio::task::spawn_blocking(move || c.reload(force, now_ms())).await;
-        absorb_round(&node).await;
-    }
-}
-
-impl edgetally_net::BatchSink for Node {
-    async fn submit(
-        &self,
-        raw: Vec<u8>,
-        source: std::net::IpAddr,
-        transport: edgetally_net::server::Transport,
-    ) -> Reply {
-        self.metrics.received(transport.as_str());
-        self.submit_from(raw, source, None).await
-    }
-
-    fn max_batch_bytes(&self) -> usize {
-        self.config.limits.max_payload_bytes + 16 + edgetally_proto::SIGNATURE_LEN
-    }
-
-    fn refused(&self, code: edgetally_core::RejectCode) {
-        self.metrics.reject(code);
-    }
-
-    async fn peer(self: Arc<Self>, conn: quinn::Connection) {
-        crate::replication::serve_peer(self, conn).await
-    }
-}
-
-/// Re-reads a changed allowlist once a second; forgets idle rate-limit entries and expired
-/// enrolments every 30 s.
-async fn admission_upkeep(
-    admission: Arc<crate::admission::Admission>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    for n in 0u64.. {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => { if *stop.borrow() { break; } else { continue; } }
-        }
-        let a = admission.clone();
-        // Idle entries are swept every half minute (a sweep walks every tracked producer).
-        let _ = tokio::task::spawn_blocking(move || a.upkeep(now_ms(), n % 30 == 29)).await;
-    }
-}
-
-/// Writes the store's durable mark about once a second (see [`Store::mark_durable`]).
-async fn mark_durable(store: Arc<Store>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => { if *stop.borrow() { break; } else { continue; } }
-        }
-        let s = store.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.mark_durable()).await {
-            warn!("recording the log's durable mark failed: {e}");
-        }
-    }
-}
-
-async fn upkeep(
-    node: Arc<Node>,
-    endpoint: quinn::Endpoint,
-    mut id: Identity,
-    generated: bool,
-    mut stop: watch::Receiver<bool>,
-) {
-    let every = Duration::from_secs(node.config.snapshot_interval_secs.max(1));
-    let mut tick = tokio::time::interval(every);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => { if *stop.borrow() { break; } else { continue; } }
-        }
-        let n = node.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            {
-                let now = now_ms();
-                let mut r = n.replica.write().unwrap_or_else(|e| e.into_inner());
-                r.prune_tiers(now, &n.config.retention);
-                let gone = r.expire(n.expiry_cutoff(now));
-                if !gone.is_empty() {
-                    n.metrics
-                        .epochs_expired
-                        .fetch_add(gone.len() as u64, Relaxed);
-                    n.expired.push(n.store.next_group(), gone);
-                }
-            }
-            if let Err(e) = n.compact() {
-                warn!("compaction failed: {e}");
-            }
-        })
-        .await;
-        if generated && id.not_after_unix - now_ms() / 1000 <= RENEW_BEFORE_SECS {
-            match successor(&node.config, &id).and_then(|new| {
-                server_config(&new, &[ALPN_BATCHES, ALPN_PEER, ALPN_H3])
-                    .map(|sc| (new, sc))
-                    .map_err(|e| StartError::Tls(e.to_string()))
-            }) {
-                Ok((new, sc)) => {
-                    endpoint.set_server_config(Some(sc));
-                    if let Some(slot) = &node.http_tls {
-                        match edgetally_net::tls::tcp_server_config(&new, &[b"http/1.1"]) {
-                            Ok(tls) => {
-                                *slot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tls)
-                            }
-                            Err(e) => warn!("https certificate not rotated: {e}"),
-                        }
-                    }
-                    *node.cert_hash.write().unwrap_or_else(|e| e.into_inner()) = new.cert_hash();
-                    match next_identity(&node.config, &new) {
-                        Ok(next) => {
-                            *node
-                                .next_cert_hash
-                                .write()
-                                .unwrap_or_else(|e| e.into_inner()) = Some(next.cert_hash())
-                        }
-                        Err(e) => warn!("next certificate not made: {e}"),
-                    }
-                    *node
-                        .cert_not_after
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner()) = new.not_after_unix;
-                    info!(cert_sha256 = %hex(&new.cert_hash()), "certificate rotated");
-                    id = new;
-                }
-                Err(e) => warn!("certificate rotation failed: {e}"),
-            }
-        }
-    }
-}
-
-impl Running {
-    /// Stops both listeners (in-flight HTTP requests finish; QUIC connections close, so a
-    /// batch not yet acknowledged is resent by its producer and deduplicated), then writes a
-    /// final snapshot.
-    pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
-        self.endpoint.close(0u32.into(), b"shutting down");
-        let Running { node, tasks, .. } = self;
-        let mut tasks = tasks.into_iter();
-        let commit = tasks.next();
-        for t in tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-        }
-        // The pipeline ends when its last sender is dropped; the node holds one, so bound the
-        // wait: everything already accepted has been answered by now or is about to be.
-        drop(commit);
-        let n = node.clone();
-        let _ = tokio::task::spawn_blocking(move || n.compact()).await;
-        info!("merger stopped");
-    }
-
-    /// Waits for SIGINT or SIGTERM (listened for since `signals` was installed), then shuts
-    /// down.
-    pub async fn run_until_signal(self, signals: Signals) {
-        signals.recv().await;
-        info!("signal received, shutting down");
-        self.shutdown().await;
-    }
-}
-
-/// SIGINT/SIGTERM listeners. Install them before [`Node::start`]: the node announces itself
-/// on stdout when it is ready, and a supervisor may signal it right after; a signal that
-/// arrived before the listeners existed would kill the process instead of stopping it.
-pub struct Signals {
-    #[cfg(unix)]
-    listeners: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
-}
-
-impl std::fmt::Debug for Signals {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Signals")
-    }
-}
-
-impl Signals {
-    /// Starts listening (needs a tokio runtime with I/O enabled).
-    pub fn install() -> Signals {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            let listeners = match (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) {
-                (Ok(a), Ok(b)) => Some((a, b)),
-                _ => None,
-            };
-            Signals { listeners }
-        }
-        #[cfg(not(unix))]
-        {
-            Signals {}
-        }
-    }
-
-    /// Resolves at the first SIGINT or SIGTERM.
-    pub async fn recv(self) {
-        #[cfg(unix)]
-        if let Some((mut a, mut b)) = self.listeners {
-            tokio::select! { _ = a.recv() => {}, _ = b.recv() => {} }
-            return;
-        }
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -174,7 +174,7 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let signals = edgetally_merger::node::Signals::install();
+                let signals = edgetally_merger::start::Signals::install();
                 let running = edgetally_merger::Node::start(cfg).await?;
                 running.run_until_signal(signals).await;
                 anyhow::Ok(())

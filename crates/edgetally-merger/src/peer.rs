@@ -1,0 +1,345 @@
+//! The peer protocol between mergers, without a node behind it: the authenticated link
+//! (ALPN `edgetally-peer/3`: a `Hello` bound to the TLS session, by HMAC under
+//! `cluster_secret` and/or a node-key signature), the requests and replies on its streams,
+//! the client calls other layers make over it (a snapshot, a forward, a query part, a drain
+//! state), and [`Replication`], a node's replication state around `edgetally_core::PeerSync`.
+//! [`crate::replication`] serves and drives it for a node; [`crate::cluster`] uses its client
+//! calls between groups.
+
+use edgetally_core::{Digest, PeerSync, Replica, Snapshot};
+use edgetally_net::now_ms;
+use edgetally_proto::Reply;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::broadcast;
+use tracing::{info, warn};
+
+/// Batches per pull round (the peer says when more are waiting).
+pub const SYNC_BATCH: u32 = 2000;
+/// Largest request or reply message accepted on a peer stream.
+pub(crate) const MAX_MESSAGE: usize = 256 << 20;
+const EKM_LABEL: &[u8] = b"EXPORTER-edgetally-peer-auth";
+const PROOF_DOMAIN: &[u8] = b"edgetally/peer/v1\0";
+
+/// How long a peer connection may take to authenticate.
+pub const HELLO_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Hello {
+    pub(crate) node: [u8; 32],
+    hmac: Option<Vec<u8>>,
+    signature: Option<Vec<u8>>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub(crate) enum Request {
+    /// "Here is what I have; send what I lack."
+    Sync { digest: Digest, max: u32 },
+    /// One batch, as its producer signed it.
+    Push { batch: Vec<u8> },
+    /// The whole state, for a node starting empty.
+    Snapshot,
+    /// A producer's batch that reached a node of another group (`version`: the sender's
+    /// topology version); the reply is the bare reply the producer gets.
+    Forward { batch: Vec<u8>, version: u64 },
+    /// This group's part of a cluster-wide query ([`crate::scatter::Query`]); the reply is a
+    /// postcard [`crate::scatter::Part`].
+    Query(crate::scatter::Query),
+    /// Where this node stands in a drain; the reply is a postcard
+    /// [`crate::scatter::DrainState`].
+    DrainState,
+}
+
+/// Asks a node where it stands in a drain.
+pub(crate) async fn drain_state(
+    conn: &quinn::Connection,
+) -> Result<crate::scatter::DrainState, String> {
+    let body = postcard::to_allocvec(&Request::DrainState).map_err(|e| e.to_string())?;
+    let raw = request(conn, &body, 1 << 16).await?;
+    postcard::from_bytes(&raw).map_err(|_| "bad drain state".to_string())
+}
+
+/// Asks a node for its whole state.
+pub(crate) async fn snapshot(conn: &quinn::Connection) -> Result<Snapshot, String> {
+    let body = postcard::to_allocvec(&Request::Snapshot).map_err(|e| e.to_string())?;
+    let raw = request(conn, &body, MAX_MESSAGE).await?;
+    Snapshot::decode(&raw).map_err(|_| "bad snapshot".to_string())
+}
+
+/// Sends a forwarded batch on an authenticated peer connection; the owner's reply.
+pub(crate) async fn forward(
+    conn: &quinn::Connection,
+    batch: Vec<u8>,
+    version: u64,
+) -> Result<Reply, String> {
+    let body =
+        postcard::to_allocvec(&Request::Forward { batch, version }).map_err(|e| e.to_string())?;
+    let raw = request(conn, &body, 64).await?;
+    Reply::decode(&raw).map_err(|c| format!("bad reply: {c}"))
+}
+
+/// Asks a node of another group for its part of a query.
+pub(crate) async fn query(
+    conn: &quinn::Connection,
+    q: &crate::scatter::Query,
+) -> Result<crate::scatter::Part, String> {
+    let body = postcard::to_allocvec(&Request::Query(q.clone())).map_err(|e| e.to_string())?;
+    let raw = request(conn, &body, MAX_MESSAGE).await?;
+    postcard::from_bytes(&raw).map_err(|_| "bad query reply".to_string())
+}
+
+#[derive(Serialize, Deserialize)]
+pub(crate) enum SyncItem {
+    Batch(Vec<u8>),
+    /// The responder's digest and state hash, taken together under one lock.
+    Done {
+        digest: Digest,
+        more: bool,
+        state_hash: [u8; 32],
+    },
+}
+
+/// How peers prove who they are.
+#[derive(Clone)]
+pub struct Auth {
+    secret: Option<Vec<u8>>,
+    keys: Vec<[u8; 32]>,
+    signing: ed25519_dalek::SigningKey,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("secret", &self.secret.is_some())
+            .field("keys", &self.keys.len())
+            .finish()
+    }
+}
+
+fn message(role: u8, node: &[u8; 32], ekm: &[u8; 32]) -> Vec<u8> {
+    let mut m = PROOF_DOMAIN.to_vec();
+    m.push(role);
+    m.extend_from_slice(node);
+    m.extend_from_slice(ekm);
+    m
+}
+
+impl Auth {
+    /// From the configuration; `seed` is the node key's secret.
+    pub fn new(secret: Option<&str>, keys: &[String], seed: [u8; 32]) -> Result<Auth, String> {
+        let keys = keys
+            .iter()
+            .map(|k| {
+                edgetally_net::tls::parse_hash(k.trim())
+                    .ok_or_else(|| format!("peer_keys: {k:?} is not 64 hex digits"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Auth {
+            secret: secret.map(|s| s.as_bytes().to_vec()),
+            keys,
+            signing: ed25519_dalek::SigningKey::from_bytes(&seed),
+        })
+    }
+
+    /// Whether no credential is configured (then no peer is accepted, loopback or not).
+    pub fn open_to_loopback_only(&self) -> bool {
+        self.secret.is_none() && self.keys.is_empty()
+    }
+
+    fn node(&self) -> [u8; 32] {
+        self.signing.verifying_key().to_bytes()
+    }
+
+    pub(crate) fn hello(&self, role: u8, ekm: &[u8; 32]) -> Hello {
+        let node = self.node();
+        let m = message(role, &node, ekm);
+        let hmac = self.secret.as_ref().and_then(|s| {
+            let mut mac = Hmac::<sha2::Sha256>::new_from_slice(s).ok()?;
+            mac.update(&m);
+            Some(mac.finalize().into_bytes().to_vec())
+        });
+        let signature = (!self.keys.is_empty()).then(|| {
+            use ed25519_dalek::Signer as _;
+            self.signing.sign(&m).to_bytes().to_vec()
+        });
+        Hello {
+            node,
+            hmac,
+            signature,
+        }
+    }
+
+    pub(crate) fn check(
+        &self,
+        h: &Hello,
+        role: u8,
+        ekm: &[u8; 32],
+        remote: SocketAddr,
+    ) -> Result<(), &'static str> {
+        let _ = remote;
+        let m = message(role, &h.node, ekm);
+        if self.open_to_loopback_only() {
+            // A node without credentials refuses to start with peers (Node::start); should
+            // this ever be reached, nobody is accepted.
+            return Err("no cluster_secret or peer_keys configured");
+        }
+        if let Some(s) = &self.secret {
+            let mut mac = Hmac::<sha2::Sha256>::new_from_slice(s).map_err(|_| "bad secret")?;
+            mac.update(&m);
+            mac.verify_slice(h.hmac.as_deref().unwrap_or(&[]))
+                .map_err(|_| "wrong cluster secret")?;
+        }
+        if !self.keys.is_empty() {
+            if !self.keys.contains(&h.node) {
+                return Err("node key not in peer_keys");
+            }
+            let key =
+                ed25519_dalek::VerifyingKey::from_bytes(&h.node).map_err(|_| "bad node key")?;
+            let sig = h
+                .signature
+                .as_deref()
+                .and_then(|s| ed25519_dalek::Signature::from_slice(s).ok())
+                .ok_or("missing signature")?;
+            key.verify_strict(&m, &sig).map_err(|_| "bad signature")?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn ekm(conn: &quinn::Connection) -> Result<[u8; 32], String> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, EKM_LABEL, b"")
+        .map_err(|_| "keying material unavailable".to_string())?;
+    Ok(out)
+}
+
+pub(crate) async fn request(
+    conn: &quinn::Connection,
+    body: &[u8],
+    max_reply: usize,
+) -> Result<Vec<u8>, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(body).await.map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    recv.read_to_end(max_reply).await.map_err(|e| e.to_string())
+}
+
+pub(crate) const CLIENT: u8 = 0;
+pub(crate) const SERVER: u8 = 1;
+
+/// Connects to a peer and authenticates both ways; returns the connection and its node key.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    auth: &Auth,
+) -> Result<(quinn::Connection, [u8; 32]), String> {
+    let conn = endpoint
+        .connect(addr, "localhost")
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    let k = ekm(&conn)?;
+    let hello = postcard::to_allocvec(&auth.hello(CLIENT, &k)).map_err(|e| e.to_string())?;
+    let reply = request(&conn, &hello, 4096).await?;
+    let theirs: Hello = postcard::from_bytes(&reply).map_err(|_| "bad hello".to_string())?;
+    if let Err(why) = auth.check(&theirs, SERVER, &k, addr) {
+        conn.close(2u32.into(), why.as_bytes());
+        return Err(format!("peer refused: {why}"));
+    }
+    Ok((conn, theirs.node))
+}
+
+/// Serves a peer's connection (the server side of [`connect`]).
+pub use edgetally_core::PeerStatus;
+
+/// The replication half of a node: peer authentication, the peer-sync state machine
+/// ([`PeerSync`], which makes every decision; this module does the I/O), and the feed of
+/// newly applied batches to push.
+#[derive(Debug)]
+pub struct Replication {
+    /// How peers authenticate.
+    pub auth: Auth,
+    /// What this node knows of its peers. Lock order: this, then the replica.
+    pub sync: Mutex<PeerSync<SocketAddr>>,
+    /// Newly applied batches that came from producers (to push).
+    pub applied: broadcast::Sender<Arc<[u8]>>,
+}
+
+impl Replication {
+    pub(crate) fn sync(&self) -> std::sync::MutexGuard<'_, PeerSync<SocketAddr>> {
+        self.sync.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The status of every peer (`reachable` means: a pull round completed recently).
+    pub fn status(&self) -> BTreeMap<SocketAddr, PeerStatus> {
+        self.sync().status(now_ms())
+    }
+
+    /// Whether every configured peer is reachable now, with no divergence from it unrepaired.
+    pub fn sees_all_peers(&self) -> bool {
+        self.sync().sees_all(now_ms())
+    }
+
+    /// A peer away longer than the horizon stops holding back pruning, if this node is in a
+    /// majority of its group (it will catch up from a snapshot when it returns).
+    pub(crate) fn check_horizon(&self, replica: &RwLock<Replica>, addr: SocketAddr) {
+        let mut sync = self.sync();
+        if sync.poll_horizon(&addr, now_ms()) {
+            warn!(%addr, "peer away longer than the horizon: its batches are no longer retained for it; it will catch up from a snapshot");
+            sync.declare(&mut replica.write().unwrap_or_else(|e| e.into_inner()));
+        }
+    }
+}
+
+/// One client endpoint for all outgoing peer links.
+pub fn client_endpoint() -> Result<quinn::Endpoint, String> {
+    let bind: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 0));
+    let mut ep = quinn::Endpoint::client(bind).map_err(|e| e.to_string())?;
+    ep.set_default_client_config(
+        edgetally_net::tls::peer_client_config().map_err(|e| e.to_string())?,
+    );
+    Ok(ep)
+}
+
+/// Asks every peer at once for a snapshot (for a node starting empty) and takes the first
+/// that arrives within `wait`; `None` if none does (a cluster starting cold: nobody has
+/// anything yet, and the node starts empty and syncs).
+pub async fn fetch_snapshot(
+    endpoint: &quinn::Endpoint,
+    peers: &[SocketAddr],
+    auth: &Auth,
+    wait: Duration,
+) -> Option<(SocketAddr, Snapshot)> {
+    let mut asks = tokio::task::JoinSet::new();
+    for &addr in peers {
+        let (endpoint, auth) = (endpoint.clone(), auth.clone());
+        asks.spawn(async move {
+            let got = async {
+                let (conn, _) = connect(&endpoint, addr, &auth).await?;
+                let body = postcard::to_allocvec(&Request::Snapshot).map_err(|e| e.to_string())?;
+                let raw = request(&conn, &body, MAX_MESSAGE).await?;
+                conn.close(0u32.into(), b"done");
+                Snapshot::decode(&raw).map_err(|_| "bad snapshot".to_string())
+            }
+            .await;
+            (addr, got)
+        });
+    }
+    let first = tokio::time::timeout(wait, async {
+        while let Some(done) = asks.join_next().await {
+            match done {
+                Ok((addr, Ok(s))) => return Some((addr, s)),
+                Ok((addr, Err(e))) => info!(%addr, "no snapshot from peer: {e}"),
+                Err(_) => {}
+            }
+        }
+        None
+    })
+    .await;
+    asks.abort_all();
+    first.ok().flatten()
+}

@@ -1,0 +1,330 @@
+//! Cluster-wide queries, the pure half (ARCHITECTURE.md, "Shard groups"): what one group is
+//! asked ([`Query`]), what it answers ([`Part`]), and the exact merge of the parts
+//! ([`combine`]). Groups hold disjoint sets of batches, so counts and exact sums add,
+//! min/max combine, and top-k is exact because each part carries every row (the entry node
+//! ranks and cuts). No I/O: [`crate::cluster`] gathers the parts, the simulation merges
+//! them with the same function.
+
+use edgetally_core::{GroupBy, Replica, TopBy, Total};
+use serde::{Deserialize, Serialize};
+
+/// A cluster-wide query: what one group is asked for.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Query {
+    /// `/v1/aggregate` and `/v1/window`.
+    Aggregate {
+        /// Category.
+        category: String,
+        /// Entity, if any.
+        entity: Option<String>,
+        /// Window start, ms.
+        start: i64,
+        /// Window end, ms (exclusive).
+        end: i64,
+    },
+    /// `/v1/series`.
+    Series {
+        /// Category.
+        category: String,
+        /// Entity, if any.
+        entity: Option<String>,
+        /// Window start, ms.
+        start: i64,
+        /// Window end, ms (exclusive).
+        end: i64,
+        /// Step, ms.
+        step_ms: i64,
+        /// Most points.
+        max_points: u32,
+    },
+    /// `/v1/topk`: every row (the entry node ranks the merged rows and keeps `k`).
+    TopK {
+        /// Category.
+        category: String,
+        /// Window start, ms.
+        start: i64,
+        /// Window end, ms (exclusive).
+        end: i64,
+        /// By producer (else by entity).
+        by_producer: bool,
+    },
+    /// `/v1/totals`.
+    Totals {
+        /// Window start, ms.
+        start: i64,
+        /// Window end, ms (exclusive).
+        end: i64,
+        /// 0: none, 1: category, 2: entity.
+        group_by: u8,
+    },
+}
+
+/// One group's (or the merged) answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Answer {
+    /// Aggregates over windows: one for an aggregate, one per step for a series.
+    Points(Vec<(i64, i64, Total)>),
+    /// Named rows over a window (top-k, totals), sorted by name.
+    Rows {
+        /// Covered start.
+        start: i64,
+        /// Covered end.
+        end: i64,
+        /// (name, totals).
+        rows: Vec<(Option<String>, Total)>,
+    },
+}
+
+/// What a group sends back: its answer, whether its replica saw all its peers, and when.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Part {
+    /// The answer.
+    pub answer: Answer,
+    /// Whether the answering node saw every peer of its group.
+    pub complete: bool,
+    /// When it answered (ms).
+    pub as_of_ms: i64,
+    /// The drained groups whose state the answer holds (their own parts are left out).
+    pub absorbed: Vec<String>,
+}
+
+/// Where a node stands in a drain (the reply to a drain-state request).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainState {
+    /// Since when its group has been drained here (it takes no producer batch since).
+    pub draining_since_ms: Option<i64>,
+    /// Whether its ingest pipeline is empty.
+    pub queue_empty: bool,
+    /// Its state hash.
+    pub state_hash: [u8; 32],
+    /// The drained groups its state absorbed.
+    pub absorbed: Vec<String>,
+}
+
+impl Query {
+    /// The answer of one replica. Top-k rows come complete and sorted by name.
+    pub fn run(&self, r: &Replica) -> Answer {
+        let point = |a: edgetally_core::Aggregate| (a.start, a.end, a.total);
+        match self {
+            Query::Aggregate {
+                category,
+                entity,
+                start,
+                end,
+            } => Answer::Points(vec![point(r.aggregate(
+                category,
+                entity.as_deref(),
+                *start,
+                *end,
+            ))]),
+            Query::Series {
+                category,
+                entity,
+                start,
+                end,
+                step_ms,
+                max_points,
+            } => Answer::Points(
+                r.series(
+                    category,
+                    entity.as_deref(),
+                    *start,
+                    *end,
+                    *step_ms,
+                    *max_points as usize,
+                )
+                .into_iter()
+                .map(point)
+                .collect(),
+            ),
+            Query::TopK {
+                category,
+                start,
+                end,
+                by_producer,
+            } => {
+                let by = if *by_producer {
+                    TopBy::Producer
+                } else {
+                    TopBy::Entity
+                };
+                let mut rows = r.topk(category, *start, *end, usize::MAX, by);
+                rows.rows.sort_by(|a, b| a.0.cmp(&b.0));
+                Answer::Rows {
+                    start: rows.start,
+                    end: rows.end,
+                    rows: rows.rows,
+                }
+            }
+            Query::Totals {
+                start,
+                end,
+                group_by,
+            } => {
+                let g = match group_by {
+                    1 => GroupBy::Category,
+                    2 => GroupBy::Entity,
+                    _ => GroupBy::None,
+                };
+                let rows = r.totals(*start, *end, g);
+                Answer::Rows {
+                    start: rows.start,
+                    end: rows.end,
+                    rows: rows.rows,
+                }
+            }
+        }
+    }
+}
+
+impl Answer {
+    /// Merges another group's answer to the same query into this one. Groups hold disjoint
+    /// batches, so every field merges as the totals of one replica do. The windows reported
+    /// are this answer's (the entry node's).
+    pub fn merge(&mut self, other: Answer) {
+        match (self, other) {
+            (Answer::Points(a), Answer::Points(b)) => {
+                for (p, q) in a.iter_mut().zip(b) {
+                    p.2.merge(&q.2);
+                }
+            }
+            (Answer::Rows { rows: a, .. }, Answer::Rows { rows: b, .. }) => {
+                // Both sorted by name: one merge pass.
+                let mut out = Vec::with_capacity(a.len().max(b.len()));
+                let mut x = std::mem::take(a).into_iter().peekable();
+                let mut y = b.into_iter().peekable();
+                loop {
+                    let next = match (x.peek(), y.peek()) {
+                        (Some(p), Some(q)) => match p.0.cmp(&q.0) {
+                            std::cmp::Ordering::Less => x.next(),
+                            std::cmp::Ordering::Greater => y.next(),
+                            std::cmp::Ordering::Equal => {
+                                let (name, mut t) = x.next().unwrap_or((None, Total::EMPTY));
+                                if let Some((_, u)) = y.next() {
+                                    t.merge(&u);
+                                }
+                                Some((name, t))
+                            }
+                        },
+                        (Some(_), None) => x.next(),
+                        (None, Some(_)) => y.next(),
+                        (None, None) => None,
+                    };
+                    match next {
+                        Some(row) => out.push(row),
+                        None => break,
+                    }
+                }
+                *a = out;
+            }
+            // Two kinds of answer to one query cannot happen between nodes of one version;
+            // keep ours rather than guess.
+            _ => {}
+        }
+    }
+}
+
+/// One group's place in a cluster-wide answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupAnswer {
+    /// The group's name.
+    pub name: String,
+    /// Whether it answered in time.
+    pub answered: bool,
+    /// Whether the node that answered saw all its group's peers.
+    pub complete: bool,
+    /// When it answered (ms), if it did.
+    pub as_of_ms: Option<i64>,
+    /// The group whose answer holds this (drained) group's state, if one does: its own part
+    /// is then left out, answered or not.
+    pub absorbed_by: Option<String>,
+    /// Why it did not, if it did not.
+    pub error: Option<String>,
+}
+
+/// Merges every group's part of a query into the cluster's answer: the answer, whether it is
+/// complete, and each group's place in it. A drained group's state is in its heir's part once
+/// the heir absorbed it: the group's own part is then left out (answered or not) — else it
+/// would count twice — and its absence does not make the answer incomplete. Every other group
+/// must have answered from a node that saw all its peers for the answer to be complete.
+pub fn combine(
+    q: &Query,
+    mut parts: Vec<(GroupAnswer, Option<Part>)>,
+) -> (Answer, bool, Vec<GroupAnswer>) {
+    for i in 0..parts.len() {
+        let name = parts[i].0.name.clone();
+        let by = parts.iter().find_map(|(g, p)| {
+            p.as_ref()
+                .filter(|p| p.absorbed.contains(&name))
+                .map(|_| g.name.clone())
+        });
+        parts[i].0.absorbed_by = by;
+    }
+    let mut answer: Option<Answer> = None;
+    let mut complete = true;
+    let mut groups = Vec::with_capacity(parts.len());
+    for (g, p) in parts {
+        if g.absorbed_by.is_none() {
+            complete &= g.answered && g.complete;
+            if let Some(p) = p {
+                match &mut answer {
+                    Some(a) => a.merge(p.answer),
+                    None => answer = Some(p.answer),
+                }
+            }
+        }
+        groups.push(g);
+    }
+    let answer = answer.unwrap_or_else(|| q.run(&Replica::new()));
+    (answer, complete, groups)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgetally_core::Summary;
+
+    fn t(count: u64, v: f64) -> Total {
+        let mut t = Total::EMPTY;
+        for _ in 0..count {
+            t.add(&Summary::of(v).expect("finite"));
+        }
+        t
+    }
+
+    #[test]
+    fn rows_merge_by_name_and_points_by_position() {
+        let mut a = Answer::Rows {
+            start: 0,
+            end: 10,
+            rows: vec![(None, t(1, 1.0)), (Some("a".into()), t(2, 2.0))],
+        };
+        a.merge(Answer::Rows {
+            start: 0,
+            end: 10,
+            rows: vec![
+                (Some("a".into()), t(3, 5.0)),
+                (Some("b".into()), t(1, -1.0)),
+            ],
+        });
+        let mut want_a = t(2, 2.0);
+        want_a.merge(&t(3, 5.0));
+        assert_eq!(
+            a,
+            Answer::Rows {
+                start: 0,
+                end: 10,
+                rows: vec![
+                    (None, t(1, 1.0)),
+                    (Some("a".into()), want_a),
+                    (Some("b".into()), t(1, -1.0))
+                ]
+            }
+        );
+        let mut p = Answer::Points(vec![(0, 5, t(1, 1.0)), (5, 10, Total::EMPTY)]);
+        p.merge(Answer::Points(vec![(0, 5, t(1, 3.0)), (5, 10, t(2, 4.0))]));
+        let mut first = t(1, 1.0);
+        first.merge(&t(1, 3.0));
+        assert_eq!(p, Answer::Points(vec![(0, 5, first), (5, 10, t(2, 4.0))]));
+    }
+}
