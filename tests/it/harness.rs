@@ -1,12 +1,11 @@
 //! Starting and stopping real `edgetally serve` processes for the tests.
 
+use edgetally_bench::launcher::Merger as Launched;
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 /// The `edgetally` binary under test: `EDGETALLY_BIN` when set (`cargo xtask test` builds it
 /// before the tests start, so no test waits on a build), else this build's, built on first use
@@ -58,13 +57,16 @@ pub fn free_udp() -> SocketAddr {
         .expect("udp port")
 }
 
-/// A running merger process.
-pub struct Merger {
-    pub child: Child,
-    pub http: String,
-    pub quic: SocketAddr,
-    pub cert: [u8; 32],
-    pub recovered: u64,
+/// A running merger process: the one launcher (`edgetally_bench::launcher::Merger`, which the
+/// demo and the benchmarks use too — fields `http`, `quic`, `cert`, `recovered`, and `pid`,
+/// `pause`, `kill9`, `terminate`), with the tests' HTTP helpers.
+pub struct Merger(Launched);
+
+impl std::ops::Deref for Merger {
+    type Target = Launched;
+    fn deref(&self) -> &Launched {
+        &self.0
+    }
 }
 
 impl Merger {
@@ -78,80 +80,31 @@ impl Merger {
     }
 
     /// Starts `edgetally serve` with its QUIC address fixed (peers must know it in advance).
+    /// EDGETALLY_TEST_LOG (say `edgetally_merger=debug`) shows the nodes' logs when debugging.
     pub fn start_at(dir: &Path, quic: &str, extra: &[&str], env: &[(&str, &str)]) -> Merger {
-        let mut cmd = Command::new(binary());
-        cmd.arg("serve")
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["--http-addr", "127.0.0.1:0", "--quic-addr", quic])
-            .args(extra);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        // EDGETALLY_TEST_LOG (say `edgetally_merger=debug`) shows the nodes' logs when debugging.
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--data-dir".into(),
+            dir.into(),
+            "--http-addr".into(),
+            "127.0.0.1:0".into(),
+            "--quic-addr".into(),
+            quic.into(),
+        ];
+        args.extend(extra.iter().map(Into::into));
         let log = std::env::var("EDGETALLY_TEST_LOG").unwrap_or_else(|_| "warn".into());
-        cmd.env("EDGETALLY_LOG", log)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd.spawn().expect("spawn edgetally serve");
-        let out = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(out).lines();
-        let (mut http, mut quic, mut cert, mut recovered) = (None, None, None, None);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while recovered.is_none() && Instant::now() < deadline {
-            let Some(Ok(line)) = lines.next() else { break };
-            if let Some(v) = line.strip_prefix("http: ") {
-                http = Some(v.to_string());
-            } else if let Some(v) = line.strip_prefix("quic: ") {
-                quic = v.parse().ok();
-            } else if let Some(v) = line.strip_prefix("cert-sha256: ") {
-                cert = edgetally_net::tls::parse_hash(v);
-            } else if let Some(v) = line.strip_prefix("recovered-batches: ") {
-                recovered = v.parse().ok();
-            }
-        }
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Merger {
-            child,
-            http: http.expect("http address printed"),
-            quic: quic.expect("quic address printed"),
-            cert: cert.expect("certificate hash printed"),
-            recovered: recovered.unwrap_or(0),
-        }
-    }
-
-    /// SIGSTOP (true) or SIGCONT (false): the process stays, frozen — to its peers and
-    /// producers, a node cut off the network.
-    pub fn pause(&self, stop: bool) {
-        let sig = if stop { "-STOP" } else { "-CONT" };
-        let _ = Command::new("kill")
-            .arg(sig)
-            .arg(self.child.id().to_string())
-            .status();
+        let mut env = env.to_vec();
+        env.insert(0, ("EDGETALLY_LOG", &log));
+        Merger(Launched::spawn(&binary(), &args, None, &env).expect("start edgetally serve"))
     }
 
     /// `kill -9`.
-    pub fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub fn kill9(self) {
+        self.0.kill9()
     }
 
     /// SIGTERM, then wait; returns whether it exited successfully.
-    pub fn terminate(mut self) -> bool {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return s.success();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        false
+    pub fn terminate(self) -> bool {
+        self.0.terminate()
     }
 
     pub fn get(&self, path_and_query: &str) -> (u16, Value) {
@@ -220,13 +173,6 @@ impl Merger {
                     .and_then(|v| v.parse().ok())
             })
             .unwrap_or(0.0)
-    }
-}
-
-impl Drop for Merger {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

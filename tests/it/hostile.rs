@@ -531,7 +531,7 @@ fn peak_rss(pid: u32) -> u64 {
 fn events_requests_are_bounded_and_idempotent() {
     let dir = TempDir::new("events");
     let m = Merger::start(&dir.0, &[]);
-    let before = peak_rss(m.child.id());
+    let before = peak_rss(m.pid());
     let numbers = format!("[{}1]", "1,".repeat(4 << 20));
     let (st, v, _) = m.post("/v1/events", "application/json", numbers.as_bytes());
     assert_eq!(
@@ -548,7 +548,7 @@ fn events_requests_are_bounded_and_idempotent() {
     assert_eq!(v["rejected_count"], 90_000);
     assert_eq!(v["rejected"].as_array().map(Vec::len), Some(100));
     assert_eq!(v["rejected_by_reason"]["invalid_event"], 90_000);
-    let grown = peak_rss(m.child.id()).saturating_sub(before);
+    let grown = peak_rss(m.pid()).saturating_sub(before);
     let largest = numbers.len().max(body.len()) as u64;
     eprintln!(
         "events: peak RSS grew {} KiB for bodies up to {} KiB ({:.2}x)",

@@ -1,6 +1,7 @@
 //! Running `edgetally serve` as a child process and reading the addresses and certificate
-//! hash it prints at start-up: the one merger launcher of the demo (`edgetally demo`) and the
-//! benchmarks (`edgetally-bench`).
+//! hash it prints at start-up: the one merger launcher of the demo (`edgetally demo`), the
+//! benchmarks (`edgetally-bench`) and the integration tests (`tests/it/harness.rs` wraps it
+//! with HTTP helpers).
 
 use anyhow::{bail, Context, Result};
 use std::ffi::OsString;
@@ -87,13 +88,16 @@ pub fn binary() -> Result<std::path::PathBuf> {
     })
 }
 
-/// A merger started by this process; stopped (SIGTERM, then waited for) by [`Merger::stop`].
+/// A merger started by this process; stopped (SIGTERM, then waited for) by [`Merger::stop`],
+/// killed if dropped.
 #[derive(Debug)]
 pub struct Merger {
     child: Child,
     pub http: String,
     pub quic: SocketAddr,
     pub cert: [u8; 32],
+    /// Batches it recovered from its store at start-up.
+    pub recovered: u64,
 }
 
 impl Merger {
@@ -109,22 +113,36 @@ impl Merger {
         echo_prefix: Option<&str>,
         env: &[(&str, &str)],
     ) -> Result<Merger> {
-        let mut child = Command::new(binary()?)
+        Self::spawn(&binary()?, args, echo_prefix, env)
+    }
+
+    /// Starts `BIN serve ARGS…` with `env` and waits for its start-up lines (30 s at most).
+    /// Its log level is `warn` unless `env` sets `EDGETALLY_LOG`; its stderr is this
+    /// process's.
+    pub fn spawn(
+        bin: &std::path::Path,
+        args: &[OsString],
+        echo_prefix: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Result<Merger> {
+        let mut child = Command::new(bin)
             .arg("serve")
             .args(args)
-            .envs(env.iter().copied())
             .env("EDGETALLY_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
-            .context("starting the merger")?;
+            .with_context(|| format!("starting {}", bin.display()))?;
         let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-        let (mut http, mut quic, mut cert) = (None, None, None);
+        let (mut http, mut quic, mut cert, mut recovered) = (None, None, None, None);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while http.is_none() || quic.is_none() || cert.is_none() {
+        // `recovered-batches` is the last start-up line.
+        while recovered.is_none() {
             let line = match lines.next() {
                 Some(l) if Instant::now() < deadline => l?,
                 _ => {
                     let _ = child.kill();
+                    let _ = child.wait();
                     bail!("the merger did not start (are its ports taken?)");
                 }
             };
@@ -137,21 +155,37 @@ impl Merger {
                 quic = v.parse().ok();
             } else if let Some(v) = line.strip_prefix("cert-sha256: ") {
                 cert = edgetally_net::tls::parse_hash(v);
+            } else if let Some(v) = line.strip_prefix("recovered-batches: ") {
+                recovered = v.parse().ok();
             }
         }
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         Ok(Merger {
             child,
-            http: http.unwrap_or_default(),
+            http: http.context("http address")?,
             quic: quic.context("quic address")?,
             cert: cert.context("certificate hash")?,
+            recovered: recovered.unwrap_or(0),
         })
     }
 
     /// The child's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(sig)
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT (`false`): the process stays, frozen — to its peers and
+    /// producers, a node cut off the network.
+    pub fn pause(&self, stop: bool) {
+        self.signal(if stop { "-STOP" } else { "-CONT" });
     }
 
     /// `kill -9`, then wait.
@@ -162,11 +196,31 @@ impl Merger {
 
     /// SIGTERM (graceful shutdown), then wait.
     pub fn stop(mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
+        self.signal("-TERM");
         let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait up to 20 s; whether it exited successfully in that time (if not,
+    /// it is killed).
+    pub fn terminate(mut self) -> bool {
+        self.signal("-TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for Merger {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
