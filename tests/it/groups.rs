@@ -521,3 +521,101 @@ fn shard_groups_split_producers_and_answer_exactly_through_kills_and_a_new_group
         p.close();
     }
 }
+
+/// Producers that read the topology from `GET /v1/topology` send each batch to its owner
+/// group: with every node listed as an endpoint, nothing is forwarded — where producers
+/// without it have part of their batches forwarded — and every answer is exact.
+#[test]
+fn producers_that_know_the_topology_send_to_their_owner_and_nothing_is_forwarded() {
+    let mut rng = Rng::new(14);
+    let q: Vec<SocketAddr> = (0..2).map(|_| free_udp()).collect();
+    let topo_dir = TempDir::new("groups-routed-topology");
+    let topo = topo_dir.0.join("topology.toml");
+    write_atomic(
+        &topo,
+        &topology(1, &[(0, vec![("g0", vec![q[0]]), ("g1", vec![q[1]])])]),
+    );
+    let mut nodes: Vec<Node> = (0..2)
+        .map(|i| Node {
+            dir: TempDir::new(&format!("groups-routed-{i}")),
+            quic: q[i],
+            group: ["g0", "g1"][i],
+            peers: vec![],
+            proc: None,
+        })
+        .collect();
+    for n in nodes.iter_mut() {
+        n.start(&topo);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _guard = rt.enter();
+    let config = ProducerConfig {
+        flush_interval_ms: 50,
+        ..ProducerConfig::default()
+    };
+    let endpoints: Vec<Endpoint> = nodes
+        .iter()
+        .map(|n| Endpoint {
+            addr: n.quic,
+            cert: n.m().cert,
+        })
+        .collect();
+    let forwarded = |nodes: &[Node]| -> f64 {
+        nodes
+            .iter()
+            .map(|n| n.m().metric("edgetally_forwarded_total{outcome=\"sent\"}"))
+            .sum()
+    };
+    // The topology as a producer reads it: open (no token), from any node.
+    let (status, body) = nodes[1].m().get("/v1/topology");
+    assert_eq!(status, 200, "{body}");
+    let served: edgetally_proto::topology::Topology =
+        serde_json::from_value(body).expect("a topology");
+    assert_eq!(served.version, 1);
+    let start = now_ms() - 60_000;
+    let mut truth = Truth::default();
+    // Without the topology: each producer's rendezvous order over the two nodes, so about half
+    // of them write to the other group's node, which forwards.
+    let blind: Vec<NativeProducer> = rt
+        .block_on(async {
+            (0..12)
+                .map(|_| NativeProducer::start(config.clone(), endpoints.clone(), None))
+                .collect::<Result<_, _>>()
+        })
+        .expect("producers");
+    record(&rt, &blind, &mut rng, &mut truth, 400);
+    flush(&rt, &blind);
+    let before = forwarded(&nodes);
+    assert!(before > 0.0, "producers without the topology had nothing forwarded");
+    // With it: nothing more is forwarded.
+    let routed: Vec<NativeProducer> = rt
+        .block_on(async {
+            (0..12)
+                .map(|_| NativeProducer::start(config.clone(), endpoints.clone(), None))
+                .collect::<Result<_, _>>()
+        })
+        .expect("producers");
+    for p in &routed {
+        p.set_topology(Some(served.clone()));
+    }
+    record(&rt, &routed, &mut rng, &mut truth, 400);
+    flush(&rt, &routed);
+    assert_eq!(forwarded(&nodes), before, "a routed producer's batch was forwarded");
+    let end = now_ms() + 60_000;
+    for n in &nodes {
+        let bad = mismatches(n.m(), &truth, start, end);
+        assert!(bad.is_empty(), "{bad:?}");
+    }
+    // Both groups took some of the routed producers' batches directly.
+    let (e0, e1) = (epochs(nodes[0].m()), epochs(nodes[1].m()));
+    assert_eq!(e0 + e1, 24, "every producer in exactly one group: {e0} + {e1}");
+    assert!(e0 > 0 && e1 > 0);
+    // A node outside a shard-group cluster says so.
+    let lone = TempDir::new("groups-routed-lone");
+    let (status, body) = Merger::start(&lone.0, &[]).get("/v1/topology");
+    assert_eq!((status, body["error"].as_str()), (404, Some("no_topology")));
+}

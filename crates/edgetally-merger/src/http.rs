@@ -87,6 +87,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/batches", post(batches))
         .route("/v1/status", get(status))
         .route("/v1/webtransport", get(webtransport))
+        .route("/v1/topology", get(topology))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -108,6 +109,23 @@ pub fn router(node: Arc<Node>) -> Router {
             count_requests,
         ))
         .with_state(node)
+}
+
+/// The shard-group topology this node routes by, for producers that route each batch to its
+/// owner group themselves (`Producer::set_topology`; no forwarding hop). Open, like
+/// `GET /v1/webtransport`: producers read it with no token. 404 `no_topology` on a node
+/// outside a shard-group cluster (send anywhere).
+async fn topology(State(node): State<Node_>) -> Response {
+    match &node.cluster {
+        Some(c) => Json(json!(&*c.topology())).into_response(),
+        None => ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "no_topology",
+            message: "this node is not part of a shard-group cluster: any node takes any batch"
+                .into(),
+        }
+        .into_response(),
+    }
 }
 
 /// Where a browser opens its WebTransport session, and the certificate hashes to pin: the
@@ -173,7 +191,8 @@ fn scope_of(method: &axum::http::Method, path: &str) -> Option<&'static str> {
         (&Method::OPTIONS, _)
         | (_, "/healthz")
         | (&Method::POST, "/v1/batches")
-        | (&Method::GET, "/v1/webtransport") => None,
+        | (&Method::GET, "/v1/webtransport")
+        | (&Method::GET, "/v1/topology") => None,
         (&Method::POST, "/v1/events") => Some("write"),
         _ => Some("read"),
     }

@@ -206,6 +206,19 @@ impl NativeProducer {
         self.shared.wake.notify_one();
     }
 
+    /// Routes each batch to its owner shard group's endpoints first
+    /// ([`Producer::set_topology`]: the topology from `GET /v1/topology` or the mergers'
+    /// topology file), so no merger has to forward it. Endpoints match a group's `quic`
+    /// addresses as written (`ip:port`).
+    pub fn set_topology(&self, topology: Option<edgetally_proto::topology::Topology>) {
+        self.shared
+            .producer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_topology(topology);
+        self.shared.wake.notify_one();
+    }
+
     /// Records one event (`ts_ms` defaults to now).
     pub fn record(
         &self,

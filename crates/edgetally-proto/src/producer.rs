@@ -197,12 +197,15 @@ struct Outgoing {
     unsigned: bool,
     /// Handed out by [`Producer::poll_sign`], signature not yet back.
     signing: bool,
+    /// Its signed creation time (what the topology routes it by; `i64::MIN` if unreadable).
+    created_ms: i64,
 }
 
 impl Outgoing {
-    fn new(bytes: Arc<[u8]>, records: u64) -> Outgoing {
+    fn new(bytes: Arc<[u8]>, records: u64, limits: &edgetally_core::Limits) -> Outgoing {
         Outgoing {
             unsigned: envelope::is_unsigned(&bytes),
+            created_ms: envelope::peek(&bytes, limits).map_or(i64::MIN, |(_, t)| t),
             bytes,
             records,
             attempts: 0,
@@ -363,6 +366,11 @@ pub struct Producer {
     first_pending_ms: Option<i64>,
     outbox: Outbox,
     order: Vec<usize>,
+    /// The endpoint names (what a topology's group lists are matched against).
+    names: Vec<String>,
+    /// The shard-group topology, if known: each batch goes first to its owner group's
+    /// endpoints ([`Producer::set_topology`]).
+    topology: Option<crate::topology::Topology>,
     preferred: usize,
     failed_over_at: Option<i64>,
     jitter: Jitter,
@@ -468,6 +476,8 @@ impl Producer {
             first_pending_ms: None,
             outbox: Outbox::default(),
             order,
+            names: endpoints.to_vec(),
+            topology: None,
             preferred: 0,
             failed_over_at: None,
             jitter: Jitter(jitter_seed),
@@ -490,7 +500,7 @@ impl Producer {
         // (and the merger's Nack will say why).
         let records = crate::envelope::records_of(&bytes, &self.config.limits).unwrap_or(0);
         self.stats.outbox_bytes += bytes.len() as u64;
-        let mut o = Outgoing::new(bytes.into(), records);
+        let mut o = Outgoing::new(bytes.into(), records, &self.config.limits);
         if o.unsigned {
             if let Some(sign) = &self.sign {
                 if let Some(m) = envelope::signing_message(&o.bytes) {
@@ -964,7 +974,8 @@ impl Producer {
             seq,
             bytes: bytes.clone(),
         });
-        self.outbox.insert(seq, Outgoing::new(bytes, records));
+        self.outbox
+            .insert(seq, Outgoing::new(bytes, records, &self.config.limits));
     }
 
     /// Drops the oldest batches not in flight until `incoming` more bytes fit.
@@ -988,14 +999,47 @@ impl Producer {
         !self.outbox.any_below(token)
     }
 
-    fn endpoint(&mut self, now_ms: i64) -> usize {
+    /// Routes batches by the cluster's shard-group topology (`GET /v1/topology`, or the
+    /// file the mergers read): each batch goes first to the endpoints its owner group lists
+    /// — the owner under the map in force at the batch's own creation time, as the mergers
+    /// compute it ([`crate::topology::Topology::route`]) — in rendezvous order, then to the
+    /// others (which forward it). An endpoint belongs to a group when its name is one of the
+    /// group's `quic` or `http` addresses. Without a topology (`None`), or when no endpoint
+    /// is the owner's, every batch takes the one rendezvous order, and any merger forwards.
+    pub fn set_topology(&mut self, topology: Option<crate::topology::Topology>) {
+        self.topology = topology;
+    }
+
+    /// The endpoint order for a batch created at `created_ms`: the rendezvous order, the
+    /// owner group's endpoints first.
+    fn order_for(&self, created_ms: i64) -> std::borrow::Cow<'_, [usize]> {
+        let owner = self
+            .topology
+            .as_ref()
+            .and_then(|t| t.route(&self.key, created_ms))
+            .map(|(g, _)| g);
+        let Some(g) = owner else {
+            return std::borrow::Cow::Borrowed(&self.order);
+        };
+        let mine = |i: &usize| {
+            self.names
+                .get(*i)
+                .is_some_and(|n| g.quic.iter().chain(&g.http).any(|a| a == n))
+        };
+        let (mut first, rest): (Vec<usize>, Vec<usize>) = self.order.iter().partition(|i| mine(i));
+        first.extend(rest);
+        std::borrow::Cow::Owned(first)
+    }
+
+    fn endpoint(&mut self, now_ms: i64, created_ms: i64) -> usize {
         if let Some(t) = self.failed_over_at {
             if now_ms - t >= self.config.failback_ms {
                 self.preferred = 0;
                 self.failed_over_at = None;
             }
         }
-        self.order[self.preferred % self.order.len()]
+        let order = self.order_for(created_ms);
+        order[self.preferred % order.len()]
     }
 
     /// Seals what is pending if its flush interval is over, without sending anything (an
@@ -1023,7 +1067,8 @@ impl Producer {
             .iter()
             .find(|(_, o)| !o.in_flight && !o.unsigned && o.next_try_ms <= now_ms)
             .map(|(s, _)| *s)?;
-        let endpoint = self.endpoint(now_ms);
+        let created_ms = self.outbox.get(&seq)?.created_ms;
+        let endpoint = self.endpoint(now_ms, created_ms);
         let o = self.outbox.get_mut(&seq)?;
         o.in_flight = true;
         self.stats.bytes_sent += o.bytes.len() as u64;
@@ -1092,9 +1137,9 @@ impl Producer {
     /// Sending batch `seq` failed in transport (connection refused, reset, timed out): retry
     /// it after a backoff on the next endpoint in rendezvous order.
     pub fn handle_transport_error(&mut self, now_ms: i64, seq: u64, endpoint: usize) {
-        if self.order.get(self.preferred % self.order.len()) == Some(&endpoint)
-            && self.order.len() > 1
-        {
+        let created_ms = self.outbox.get(&seq).map_or(i64::MIN, |o| o.created_ms);
+        let order = self.order_for(created_ms);
+        if order.get(self.preferred % order.len()) == Some(&endpoint) && order.len() > 1 {
             self.preferred = (self.preferred + 1) % self.order.len();
             self.failed_over_at = Some(now_ms);
         }

@@ -749,3 +749,76 @@ fn a_restored_unsigned_batch_is_signed_before_it_is_sent() {
     assert!(again.handle_signature(seq, &signer.sign(&m)));
     assert_eq!(again.poll_transmit(T0).expect("sent").bytes, t.bytes);
 }
+
+/// The owner group, computed the naive way: the group whose name weighs most for the key.
+fn heaviest(key: &[u8; 32], groups: &[&str]) -> String {
+    groups
+        .iter()
+        .max_by_key(|g| edgetally_proto::producer::rendezvous_weight(key, g.as_bytes()))
+        .map(|g| g.to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn with_a_topology_each_batch_goes_to_its_owner_group_by_its_creation_time() {
+    use edgetally_proto::topology::{Group, Map, Topology};
+    let group = |name: &str, n: usize| Group {
+        name: name.into(),
+        quic: (1..=n).map(|i| format!("{name}-{i}:7071")).collect(),
+        http: Vec::new(),
+    };
+    let switch = T0 + 60_000;
+    let topology = Topology {
+        version: 2,
+        maps: vec![
+            Map {
+                from_ms: 0,
+                groups: vec![group("g0", 2), group("g1", 2)],
+            },
+            Map {
+                from_ms: switch,
+                groups: vec![group("g0", 2), group("g1", 2), group("g2", 2)],
+            },
+        ],
+        drains: Default::default(),
+    };
+    let endpoints: Vec<String> = topology
+        .all_groups()
+        .iter()
+        .flat_map(|g| g.quic.clone())
+        .collect();
+    let mut moved = 0;
+    for seed in 0..40u8 {
+        let cfg = ProducerConfig::default();
+        let mut p = Producer::new(cfg, [seed; 32], 1, &endpoints, 7).expect("producer");
+        let key = p.producer_key().0;
+        // Without a topology: the one rendezvous order, whatever the group.
+        p.record(T0, "c", None, 1.0, None).expect("record");
+        p.flush(T0);
+        let t = p.poll_transmit(T0).expect("transmit");
+        assert_eq!(t.endpoint, rendezvous_order(&key, &endpoints)[0]);
+        p.handle_reply(T0, t.seq, Reply::Ack);
+        p.set_topology(Some(topology.clone()));
+        for (at, groups) in [
+            (T0 + 1_000, &["g0", "g1"][..]),
+            (switch + 1_000, &["g0", "g1", "g2"][..]),
+        ] {
+            let owner = heaviest(&key, groups);
+            p.record(at, "c", None, 1.0, None).expect("record");
+            p.flush(at);
+            let t = p.poll_transmit(at).expect("transmit");
+            let name = &endpoints[t.endpoint];
+            assert!(name.starts_with(&format!("{owner}-")), "{name} is not {owner}'s");
+            // Its replica down: the other replica of the same group, not another group.
+            p.handle_transport_error(at, t.seq, t.endpoint);
+            let again = p.poll_timeout().expect("retry");
+            let t2 = p.poll_transmit(again).expect("resend");
+            let name2 = &endpoints[t2.endpoint];
+            assert!(name2.starts_with(&format!("{owner}-")) && name2 != name);
+            p.handle_reply(again, t2.seq, Reply::Ack);
+        }
+        moved += usize::from(heaviest(&key, &["g0", "g1"]) != heaviest(&key, &["g0", "g1", "g2"]));
+    }
+    // Adding g2 moves about a third of the producers, and only to g2.
+    assert!((5..=25).contains(&moved), "{moved} of 40 moved");
+}

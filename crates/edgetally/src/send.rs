@@ -41,6 +41,12 @@ pub struct SendArgs {
     /// the key from run to run).
     #[arg(long)]
     credential: Option<String>,
+    /// A shard-group cluster's topology — a merger's HTTP address (`http://host:port`, read
+    /// from its `GET /v1/topology`) or the topology file the mergers read — so each batch goes
+    /// straight to its owner group (list every group's nodes as --endpoint); without it any
+    /// merger forwards batches to their group.
+    #[arg(long)]
+    topology: Option<String>,
     /// Give up waiting for acknowledgements after this many seconds.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
@@ -150,6 +156,20 @@ pub fn parse_event(v: &Value, m: &Mapping) -> Result<Parsed, String> {
     Ok((ts, category, entity, value, non_numeric))
 }
 
+/// A topology from a merger (`http://…`: its `GET /v1/topology`) or a file.
+fn load_topology(from: &str) -> Result<edgetally_proto::topology::Topology> {
+    if from.starts_with("http://") || from.starts_with("https://") {
+        let url = format!("{}/v1/topology", from.trim_end_matches('/'));
+        let text = ureq::get(&url)
+            .call()
+            .with_context(|| format!("--topology: GET {url}"))?
+            .body_mut()
+            .read_to_string()?;
+        return serde_json::from_str(&text).with_context(|| format!("--topology: {url} answered {text}"));
+    }
+    edgetally_merger::cluster::load(std::path::Path::new(from)).map_err(|e| anyhow::anyhow!("--topology {from}: {e}"))
+}
+
 pub fn run(a: SendArgs) -> Result<()> {
     let map = Mapping::parse(&a.map)?;
     let certs: Vec<[u8; 32]> = a
@@ -172,6 +192,7 @@ pub fn run(a: SendArgs) -> Result<()> {
             cert: certs[i.min(certs.len() - 1)],
         })
         .collect();
+    let topology = a.topology.as_deref().map(load_topology).transpose()?;
     let mut text = String::new();
     match &a.input {
         Some(p) if p.as_os_str() != "-" => {
@@ -200,6 +221,9 @@ pub fn run(a: SendArgs) -> Result<()> {
     rt.block_on(async {
         let config = ProducerConfig { bucket_ms: a.bucket_ms, ..ProducerConfig::default() };
         let p = NativeProducer::start(config, endpoints, a.state_dir.as_deref())?;
+        if let Some(t) = topology {
+            p.set_topology(Some(t));
+        }
         eprintln!("producer key: {}", p.producer_key().to_hex());
         if let Some(c) = &a.credential {
             let bytes = edgetally_net::tls::unhex(c).context("--credential: not hex")?;
