@@ -328,7 +328,9 @@ test("Chromium: nothing recorded is lost to offline periods, reloads, closed tab
     page.on("pageerror", (e) => errors.push(String(e)));
     await open(page, url);
     // The producer (and its wasm module) is made online; an offline app has them cached.
-    await recordIn(page, m.http, "offline_reload", 0);
+    // Over HTTP: Chromium's offline emulation stops fetch but not a WebTransport session
+    // already open, so with one up (its discovery races this step) batches would still go.
+    await recordIn(page, m.http, "offline_reload", 0, { create: { transport: "http" } });
     await ctx.setOffline(true);
     const offline = await recordIn(page, m.http, "offline_reload", 400);
     assert.equal(offline.acked, 0, JSON.stringify(offline));
