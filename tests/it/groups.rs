@@ -590,7 +590,10 @@ fn producers_that_know_the_topology_send_to_their_owner_and_nothing_is_forwarded
     record(&rt, &blind, &mut rng, &mut truth, 400);
     flush(&rt, &blind);
     let before = forwarded(&nodes);
-    assert!(before > 0.0, "producers without the topology had nothing forwarded");
+    assert!(
+        before > 0.0,
+        "producers without the topology had nothing forwarded"
+    );
     // With it: nothing more is forwarded.
     let routed: Vec<NativeProducer> = rt
         .block_on(async {
@@ -604,7 +607,11 @@ fn producers_that_know_the_topology_send_to_their_owner_and_nothing_is_forwarded
     }
     record(&rt, &routed, &mut rng, &mut truth, 400);
     flush(&rt, &routed);
-    assert_eq!(forwarded(&nodes), before, "a routed producer's batch was forwarded");
+    assert_eq!(
+        forwarded(&nodes),
+        before,
+        "a routed producer's batch was forwarded"
+    );
     let end = now_ms() + 60_000;
     for n in &nodes {
         let bad = mismatches(n.m(), &truth, start, end);
@@ -612,7 +619,11 @@ fn producers_that_know_the_topology_send_to_their_owner_and_nothing_is_forwarded
     }
     // Both groups took some of the routed producers' batches directly.
     let (e0, e1) = (epochs(nodes[0].m()), epochs(nodes[1].m()));
-    assert_eq!(e0 + e1, 24, "every producer in exactly one group: {e0} + {e1}");
+    assert_eq!(
+        e0 + e1,
+        24,
+        "every producer in exactly one group: {e0} + {e1}"
+    );
     assert!(e0 > 0 && e1 > 0);
     // A node outside a shard-group cluster says so.
     let lone = TempDir::new("groups-routed-lone");

@@ -49,7 +49,11 @@ fn openapi_paths_are_the_served_ones() {
         let (status, body) = m.get(&p);
         // Served: never the fallback (POST-only routes answer GET with 405; `/v1/topology`
         // answers 404 `no_topology` on a node outside a shard-group cluster).
-        assert_ne!(body["error"].as_str(), Some("not_found"), "{p}: {status} {body}");
+        assert_ne!(
+            body["error"].as_str(),
+            Some("not_found"),
+            "{p}: {status} {body}"
+        );
         assert!(status != 404 || p == "/v1/topology", "{p}: {body}");
     }
 }

@@ -186,6 +186,14 @@ pub enum PersistOp {
     },
 }
 
+/// One map of a topology, as a producer routes by it ([`Producer::set_topology`]).
+struct MapRoutes {
+    from_ms: i64,
+    /// Per group: its name, and the indices of this producer's endpoints that take its
+    /// batches (its own replicas, or its heir's when it is drained).
+    groups: Vec<(Box<str>, Vec<usize>)>,
+}
+
 struct Outgoing {
     bytes: Arc<[u8]>,
     records: u64,
@@ -205,7 +213,12 @@ impl Outgoing {
     fn new(bytes: Arc<[u8]>, records: u64, limits: &edgetally_core::Limits) -> Outgoing {
         Outgoing {
             unsigned: envelope::is_unsigned(&bytes),
-            created_ms: envelope::peek(&bytes, limits).map_or(i64::MIN, |(_, t)| t),
+            // Read only where batches are routed by a topology (feature `routing`).
+            created_ms: if cfg!(feature = "routing") {
+                envelope::peek(&bytes, limits).map_or(i64::MIN, |(_, t)| t)
+            } else {
+                i64::MIN
+            },
             bytes,
             records,
             attempts: 0,
@@ -368,9 +381,9 @@ pub struct Producer {
     order: Vec<usize>,
     /// The endpoint names (what a topology's group lists are matched against).
     names: Vec<String>,
-    /// The shard-group topology, if known: each batch goes first to its owner group's
-    /// endpoints ([`Producer::set_topology`]).
-    topology: Option<crate::topology::Topology>,
+    /// The shard-group topology reduced to what routing needs, if known: each batch goes
+    /// first to its owner group's endpoints ([`Producer::set_topology`]).
+    routes: Vec<MapRoutes>,
     preferred: usize,
     failed_over_at: Option<i64>,
     jitter: Jitter,
@@ -477,7 +490,7 @@ impl Producer {
             outbox: Outbox::default(),
             order,
             names: endpoints.to_vec(),
-            topology: None,
+            routes: Vec::new(),
             preferred: 0,
             failed_over_at: None,
             jitter: Jitter(jitter_seed),
@@ -1006,29 +1019,78 @@ impl Producer {
     /// others (which forward it). An endpoint belongs to a group when its name is one of the
     /// group's `quic` or `http` addresses. Without a topology (`None`), or when no endpoint
     /// is the owner's, every batch takes the one rendezvous order, and any merger forwards.
+    ///
+    /// Needs the feature `routing` (on for the native crates; the npm package's wasm module
+    /// leaves it off, to keep its bundle small): without it the topology is ignored.
     pub fn set_topology(&mut self, topology: Option<crate::topology::Topology>) {
-        self.topology = topology;
+        // Reduced here, once, to per map and group the endpoints that take the group's
+        // batches (its heir's, when drained): what `Topology::route` computes per batch. The
+        // hot path (`order_for`) then links none of the topology code into the wasm module.
+        self.routes = topology.map_or_else(Vec::new, |t| {
+            let all = t.all_groups();
+            let authority = |n: &str| {
+                let n = n.split_once("://").map_or(n, |(_, r)| r);
+                n.split('/').next().unwrap_or(n).to_string()
+            };
+            let names: Vec<String> = self.names.iter().map(|n| authority(n)).collect();
+            t.maps
+                .iter()
+                .map(|m| MapRoutes {
+                    from_ms: m.from_ms,
+                    groups: m
+                        .groups
+                        .iter()
+                        .map(|g| {
+                            let takes = t
+                                .heir(&g.name)
+                                .and_then(|h| all.iter().find(|a| a.name == h));
+                            let members = takes.map_or_else(Vec::new, |h| {
+                                (0..names.len())
+                                    .filter(|&i| {
+                                        h.quic
+                                            .iter()
+                                            .chain(&h.http)
+                                            .any(|a| authority(a) == names[i])
+                                    })
+                                    .collect()
+                            });
+                            (g.name.clone().into_boxed_str(), members)
+                        })
+                        .collect(),
+                })
+                .collect()
+        });
     }
 
     /// The endpoint order for a batch created at `created_ms`: the rendezvous order, the
-    /// owner group's endpoints first.
+    /// owner group's endpoints first (as `Topology::route`: the map in force at `created_ms`,
+    /// the group whose name weighs most, ties to the first listed).
     fn order_for(&self, created_ms: i64) -> std::borrow::Cow<'_, [usize]> {
-        let owner = self
-            .topology
-            .as_ref()
-            .and_then(|t| t.route(&self.key, created_ms))
-            .map(|(g, _)| g);
-        let Some(g) = owner else {
+        if !cfg!(feature = "routing") {
             return std::borrow::Cow::Borrowed(&self.order);
-        };
-        let mine = |i: &usize| {
-            self.names
-                .get(*i)
-                .is_some_and(|n| g.quic.iter().chain(&g.http).any(|a| a == n))
-        };
-        let (mut first, rest): (Vec<usize>, Vec<usize>) = self.order.iter().partition(|i| mine(i));
-        first.extend(rest);
-        std::borrow::Cow::Owned(first)
+        }
+        let map = self
+            .routes
+            .iter()
+            .rev()
+            .find(|m| m.from_ms <= created_ms)
+            .or(self.routes.first());
+        let mut best: Option<(u64, &[usize])> = None;
+        for (name, members) in map.map_or(&[][..], |m| &m.groups[..]) {
+            let w = rendezvous_weight(&self.key.0, name.as_bytes());
+            if best.is_none_or(|(bw, _)| w > bw) {
+                best = Some((w, members));
+            }
+        }
+        match best {
+            Some((_, members)) if !members.is_empty() => {
+                let (mut first, rest): (Vec<usize>, Vec<usize>) =
+                    self.order.iter().partition(|i| members.contains(i));
+                first.extend(rest);
+                std::borrow::Cow::Owned(first)
+            }
+            _ => std::borrow::Cow::Borrowed(&self.order),
+        }
     }
 
     fn endpoint(&mut self, now_ms: i64, created_ms: i64) -> usize {

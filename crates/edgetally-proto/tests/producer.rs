@@ -808,7 +808,10 @@ fn with_a_topology_each_batch_goes_to_its_owner_group_by_its_creation_time() {
             p.flush(at);
             let t = p.poll_transmit(at).expect("transmit");
             let name = &endpoints[t.endpoint];
-            assert!(name.starts_with(&format!("{owner}-")), "{name} is not {owner}'s");
+            assert!(
+                name.starts_with(&format!("{owner}-")),
+                "{name} is not {owner}'s"
+            );
             // Its replica down: the other replica of the same group, not another group.
             p.handle_transport_error(at, t.seq, t.endpoint);
             let again = p.poll_timeout().expect("retry");
@@ -821,4 +824,39 @@ fn with_a_topology_each_batch_goes_to_its_owner_group_by_its_creation_time() {
     }
     // Adding g2 moves about a third of the producers, and only to g2.
     assert!((5..=25).contains(&moved), "{moved} of 40 moved");
+}
+
+#[test]
+fn a_drained_groups_batches_go_to_its_heir_and_urls_match_host_port() {
+    use edgetally_proto::topology::{Group, Map, Topology};
+    let group = |name: &str| Group {
+        name: name.into(),
+        quic: vec![format!("{name}.test:7071")],
+        http: vec![format!("{name}.test:7070")],
+    };
+    let topology = Topology {
+        version: 3,
+        maps: vec![Map {
+            from_ms: 0,
+            groups: vec![group("g0"), group("g1")],
+        }],
+        drains: [("g1".to_string(), "g0".to_string())].into(),
+    };
+    // A browser's endpoints are URLs: matched to the groups' `http` addresses by host:port.
+    let endpoints: Vec<String> = vec![
+        "https://g1.test:7070/".into(),
+        "https://g0.test:7070/".into(),
+    ];
+    for seed in 0..16u8 {
+        let mut p = Producer::new(ProducerConfig::default(), [seed; 32], 1, &endpoints, 7)
+            .expect("producer");
+        p.set_topology(Some(topology.clone()));
+        p.record(T0, "c", None, 1.0, None).expect("record");
+        p.flush(T0);
+        let t = p.poll_transmit(T0).expect("transmit");
+        assert_eq!(
+            t.endpoint, 1,
+            "g1 is drained into g0: every batch goes to g0"
+        );
+    }
 }

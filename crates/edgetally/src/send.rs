@@ -165,9 +165,11 @@ fn load_topology(from: &str) -> Result<edgetally_proto::topology::Topology> {
             .with_context(|| format!("--topology: GET {url}"))?
             .body_mut()
             .read_to_string()?;
-        return serde_json::from_str(&text).with_context(|| format!("--topology: {url} answered {text}"));
+        return serde_json::from_str(&text)
+            .with_context(|| format!("--topology: {url} answered {text}"));
     }
-    edgetally_merger::cluster::load(std::path::Path::new(from)).map_err(|e| anyhow::anyhow!("--topology {from}: {e}"))
+    edgetally_merger::cluster::load(std::path::Path::new(from))
+        .map_err(|e| anyhow::anyhow!("--topology {from}: {e}"))
 }
 
 pub fn run(a: SendArgs) -> Result<()> {
