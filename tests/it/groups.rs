@@ -630,3 +630,76 @@ fn producers_that_know_the_topology_send_to_their_owner_and_nothing_is_forwarded
     let (status, body) = Merger::start(&lone.0, &[]).get("/v1/topology");
     assert_eq!((status, body["error"].as_str()), (404, Some("no_topology")));
 }
+
+/// A client retries a keyed `POST /v1/events` at another node (a load balancer, a failover):
+/// the retry is the same batch wherever it lands — signed by the cluster's events key, not
+/// the receiving node's — so it counts once, within a group (two replicas) and across shard
+/// groups (routed to the events key's owner group).
+#[test]
+fn a_keyed_events_retry_at_another_node_counts_once() {
+    let q: Vec<SocketAddr> = (0..3).map(|_| free_udp()).collect();
+    let topo_dir = TempDir::new("groups-keyed-topology");
+    let topo = topo_dir.0.join("topology.toml");
+    write_atomic(
+        &topo,
+        &topology(1, &[(0, vec![("g0", vec![q[0], q[1]]), ("g1", vec![q[2]])])]),
+    );
+    let mut nodes: Vec<Node> = [("g0", vec![q[1]]), ("g0", vec![q[0]]), ("g1", vec![])]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (group, peers))| Node {
+            dir: TempDir::new(&format!("groups-keyed-{i}")),
+            quic: q[i],
+            group,
+            peers,
+            proc: None,
+        })
+        .collect();
+    for n in nodes.iter_mut() {
+        n.start(&topo);
+    }
+    let ts = now_ms() - 1_000;
+    let body = format!(r#"[{{"ts_ms":{ts},"category":"orders","value":5}}]"#);
+    let post = |m: &Merger, key: &str| {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let res = agent
+            .post(&format!("{}/v1/events", m.http))
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .send(body.as_bytes())
+            .expect("POST");
+        res.status().as_u16()
+    };
+    // The same keyed request at every node, twice; another key once.
+    for n in &nodes {
+        assert_eq!(post(n.m(), "order-17"), 200);
+        assert_eq!(post(n.m(), "order-17"), 200);
+    }
+    assert_eq!(post(nodes[2].m(), "order-18"), 200);
+    let w = format!("start={}&end={}", ts - 60_000, ts + 60_000);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts: Vec<Value> = nodes
+            .iter()
+            .map(|n| n.m().get(&format!("/v1/aggregate?category=orders&{w}")).1)
+            .collect();
+        let done = counts
+            .iter()
+            .all(|v| v["count"].as_u64() == Some(2) && v["complete"] == Value::Bool(true));
+        if done {
+            for v in &counts {
+                assert_eq!(v["sum_exact"].as_str(), Some("10"), "{v}");
+            }
+            break;
+        }
+        assert!(
+            counts.iter().all(|v| v["count"].as_u64().unwrap_or(0) <= 2),
+            "a retry counted twice: {counts:?}"
+        );
+        assert!(Instant::now() < deadline, "not converged: {counts:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

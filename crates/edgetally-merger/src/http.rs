@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use edgetally_core::record::{MAX_TS_MS, MIN_TS_MS};
 use edgetally_core::{BatchId, RejectCode, Rows, TopBy, Total};
 use edgetally_net::tls::hex;
+use edgetally_proto::topology::Decision;
 use edgetally_proto::{BatchBuilder, Reply};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -1031,7 +1032,7 @@ impl EventsFold {
 /// the node's per-process epoch and the next seq.
 fn events_batch_id(node: &Api, key: Option<&str>, body: &[u8]) -> BatchId {
     use sha2::{Digest as _, Sha256};
-    let producer = node.signer.producer();
+    let producer = node.events_signer.producer();
     match key {
         Some(k) => {
             let mut h = Sha256::new();
@@ -1114,7 +1115,7 @@ async fn events(
             message,
         };
         let sealed = node
-            .signer
+            .events_signer
             .seal(&fold.builder.finish(id, created))
             .map_err(|e| internal(e.to_string()))?;
         if sealed.len() > node.config.limits.max_payload_bytes {
@@ -1127,7 +1128,19 @@ async fn events(
                 ),
             ));
         }
-        match node.ingest.submit_wait(sealed).await {
+        // In a shard-group cluster the events key's batches belong to its owner group, like
+        // any producer's: forwarded there (a keyed retry at a node of another group is then
+        // still the one batch), the owner's reply relayed.
+        let reply = match node
+            .cluster
+            .as_ref()
+            .map(|c| (c, c.decide(&sealed, |g| node.has_absorbed(g))))
+        {
+            Some((c, Decision::Forward(owner))) => c.forward(&owner, sealed).await,
+            Some((_, Decision::AwaitAbsorb(_))) => Reply::Retry { after_ms: 1000 },
+            _ => node.ingest.submit_wait(sealed).await,
+        };
+        match reply {
             Reply::Ack => batches = 1,
             Reply::Nack(n) if RejectCode::from_u16(n) == Some(RejectCode::SeriesLimit) => {
                 return Err(ApiError {

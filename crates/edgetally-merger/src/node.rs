@@ -58,6 +58,10 @@ pub struct Node {
     pub ingest: Ingest,
     /// The node's own signing key (for batches made from `POST /v1/events`).
     pub signer: Signer,
+    /// Signs the batches `POST /v1/events` seals: the cluster's events key
+    /// ([`events_seed`]), the same on every node that shares `cluster_secret`, so a keyed
+    /// request retried at another node is the same batch.
+    pub events_signer: Signer,
     /// SHA-256 of the current certificate's DER.
     pub cert_hash: RwLock<[u8; 32]>,
     /// When the current certificate expires (Unix seconds).
@@ -136,6 +140,24 @@ impl Expired {
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StartError + '_ {
     move |e| StartError::Io(path.to_path_buf(), e)
+}
+
+/// The seed of the key that signs `POST /v1/events` batches: derived from `cluster_secret`
+/// when set (every node of the cluster signs with the same key, so a request's batch id —
+/// derived from its `Idempotency-Key` and body — names the same batch wherever it is
+/// retried), else this node's own key (a single node, or a cluster authenticated by
+/// `peer_keys` alone).
+pub fn events_seed(config: &Config, node_seed: [u8; 32]) -> [u8; 32] {
+    use sha2::{Digest as _, Sha256};
+    match &config.cluster_secret {
+        Some(s) => {
+            let mut h = Sha256::new();
+            h.update(b"edgetally/events-key/v1\0");
+            h.update(s.as_bytes());
+            h.finalize().into()
+        }
+        None => node_seed,
+    }
 }
 
 /// Reads a 32-byte key stored as 64 hex digits, creating it if absent.

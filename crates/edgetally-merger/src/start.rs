@@ -41,6 +41,7 @@ impl Node {
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let seed = load_or_create_key(&dir.join("node.key"))?;
         let signer = Signer::from_seed(seed);
+        let events_signer = Signer::from_seed(crate::node::events_seed(&config, seed));
         let (id, generated) = identity(&config)?;
         let store = Arc::new(Store::open(&dir, config.store_cache_mb << 20)?);
         // Replication: authentication, and a snapshot from a peer if this node starts empty.
@@ -134,7 +135,7 @@ impl Node {
         // Every stored group was replayed by `recover`, so the watermark starts past them.
         let applied_group = Arc::new(std::sync::atomic::AtomicU64::new(store.next_group()));
         let admission = Arc::new(
-            crate::admission::Admission::new(&config, signer.producer())
+            crate::admission::Admission::new(&config, events_signer.producer())
                 .map_err(StartError::Config)?,
         );
         let pipeline = Pipeline {
@@ -178,6 +179,7 @@ impl Node {
 
         let node = Arc::new(Node {
             signer,
+            events_signer,
             cert_hash: RwLock::new(id.cert_hash()),
             cert_not_after: RwLock::new(id.not_after_unix),
             next_cert_hash: RwLock::new(next_hash),
