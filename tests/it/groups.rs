@@ -236,6 +236,25 @@ fn all_match(nodes: &[Node], truth: &Truth, start: i64, end: i64, groups: usize)
     }
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The nodes as a native producer's endpoints.
+fn endpoints_of(nodes: &[Node]) -> Vec<Endpoint> {
+    nodes
+        .iter()
+        .map(|n| Endpoint {
+            addr: n.quic,
+            cert: n.m().cert,
+        })
+        .collect()
+}
+
 fn flush(rt: &tokio::runtime::Runtime, producers: &[NativeProducer]) {
     for (i, p) in producers.iter().enumerate() {
         assert!(
@@ -285,11 +304,7 @@ fn shard_groups_split_producers_and_answer_exactly_through_kills_and_a_new_group
     for n in nodes.iter_mut().take(4) {
         n.start(&topo);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let _guard = rt.enter();
     let config = ProducerConfig {
         flush_interval_ms: 50,
@@ -300,14 +315,7 @@ fn shard_groups_split_producers_and_answer_exactly_through_kills_and_a_new_group
     };
     // Producers know every node of the first two groups, not the third: it is reached only
     // through forwarding.
-    let endpoints: Vec<Endpoint> = nodes
-        .iter()
-        .take(4)
-        .map(|n| Endpoint {
-            addr: n.quic,
-            cert: n.m().cert,
-        })
-        .collect();
+    let endpoints = endpoints_of(&nodes[..4]);
     let producers: Vec<NativeProducer> = rt
         .block_on(async {
             (0..16)
@@ -547,23 +555,13 @@ fn producers_that_know_the_topology_send_to_their_owner_and_nothing_is_forwarded
     for n in nodes.iter_mut() {
         n.start(&topo);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let _guard = rt.enter();
     let config = ProducerConfig {
         flush_interval_ms: 50,
         ..ProducerConfig::default()
     };
-    let endpoints: Vec<Endpoint> = nodes
-        .iter()
-        .map(|n| Endpoint {
-            addr: n.quic,
-            cert: n.m().cert,
-        })
-        .collect();
+    let endpoints = endpoints_of(&nodes);
     let forwarded = |nodes: &[Node]| -> f64 {
         nodes
             .iter()
@@ -642,7 +640,10 @@ fn a_keyed_events_retry_at_another_node_counts_once() {
     let topo = topo_dir.0.join("topology.toml");
     write_atomic(
         &topo,
-        &topology(1, &[(0, vec![("g0", vec![q[0], q[1]]), ("g1", vec![q[2]])])]),
+        &topology(
+            1,
+            &[(0, vec![("g0", vec![q[0], q[1]]), ("g1", vec![q[2]])])],
+        ),
     );
     let mut nodes: Vec<Node> = [("g0", vec![q[1]]), ("g0", vec![q[0]]), ("g1", vec![])]
         .into_iter()
