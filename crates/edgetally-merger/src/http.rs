@@ -1130,10 +1130,13 @@ async fn events(
         }
         // In a shard-group cluster the events key's batches belong to its owner group, like
         // any producer's: forwarded there (a keyed retry at a node of another group is then
-        // still the one batch), the owner's reply relayed.
+        // still the one batch), the owner's reply relayed. Only with a shared events key
+        // (`cluster_secret`): a node's own key is admitted as its own only by itself.
+        let shared_key = node.config.cluster_secret.is_some();
         let reply = match node
             .cluster
             .as_ref()
+            .filter(|_| shared_key)
             .map(|c| (c, c.decide(&sealed, |g| node.has_absorbed(g))))
         {
             Some((c, Decision::Forward(owner))) => c.forward(&owner, sealed).await,
