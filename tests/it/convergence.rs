@@ -3,7 +3,11 @@
 //! Replicas (3–5, sometimes a sixth bootstrapped mid-run from a snapshot), many producers
 //! (some restarting into fresh epochs), a network that drops, duplicates, delays and reorders
 //! every kind of message, partitions that cut replicas off from their peers, and crashes that
-//! lose every received-but-not-yet-durable batch. Batches travel as real signed bytes and are
+//! lose every received-but-not-yet-durable batch. Every peer-sync decision (what a round asks,
+//! gap and far-behind snapshot adoption, divergence repair, when an away peer stops gating
+//! pruning) is made by the merger's own `edgetally_core::PeerSync`, driven here; half the
+//! scenarios run a horizon that partitions outlast, partitions also split the group in two,
+//! and a third run small rounds with snapshot catch-up. Batches travel as real signed bytes and are
 //! decoded and verified on every hop. After healing, every replica must be bit-identical, equal
 //! to a ground truth computed by a naive model from the generated events, and its replication
 //! log must be pruned to nothing.
