@@ -5,7 +5,7 @@
 //! (equal `state_sha256`) whose answers equal the ground truth, within a bounded time after
 //! healing. Seeds: `EDGETALLY_CLUSTER_SEEDS=1,2,3` (default two); a failure names its seed.
 
-use crate::harness::{free_udp, now_ms, Merger, TempDir};
+use crate::harness::{free_udp, now_ms, runtime, Merger, TempDir};
 use edgetally_net::{Endpoint, NativeProducer};
 use edgetally_proto::ProducerConfig;
 use edgetally_tests::{decimal, Rng};
@@ -546,11 +546,7 @@ fn byzantine_bursts_over_quic_leave_three_mergers_identical() {
     // Honest ingest, round-robin over the three, until told to stop.
     let stop = AtomicBool::new(false);
     let honest = AtomicU64::new(0);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let s = edgetally_tests::signer(7070);
     let now = now_ms();
     let content = |seq: u64, v: f64| {

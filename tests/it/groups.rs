@@ -7,7 +7,7 @@
 //! producers, and with a whole group down the answers are marked incomplete and never exceed
 //! the truth.
 
-use crate::harness::{free_udp, now_ms, Merger, TempDir};
+use crate::harness::{agent, free_udp, now_ms, runtime, Merger, TempDir};
 use edgetally_net::{Endpoint, NativeProducer};
 use edgetally_proto::ProducerConfig;
 use edgetally_tests::{decimal, Rng};
@@ -236,14 +236,6 @@ fn all_match(nodes: &[Node], truth: &Truth, start: i64, end: i64, groups: usize)
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// The nodes as a native producer's endpoints.
 fn endpoints_of(nodes: &[Node]) -> Vec<Endpoint> {
     nodes
@@ -253,6 +245,21 @@ fn endpoints_of(nodes: &[Node]) -> Vec<Endpoint> {
             cert: n.m().cert,
         })
         .collect()
+}
+
+/// `n` native producers with fresh keys, each knowing `endpoints`.
+fn start_producers(
+    rt: &tokio::runtime::Runtime,
+    config: &ProducerConfig,
+    endpoints: &[Endpoint],
+    n: usize,
+) -> Vec<NativeProducer> {
+    rt.block_on(async {
+        (0..n)
+            .map(|_| NativeProducer::start(config.clone(), endpoints.to_vec(), None))
+            .collect::<Result<_, _>>()
+    })
+    .expect("producers")
 }
 
 fn flush(rt: &tokio::runtime::Runtime, producers: &[NativeProducer]) {
@@ -316,13 +323,7 @@ fn shard_groups_split_producers_and_answer_exactly_through_kills_and_a_new_group
     // Producers know every node of the first two groups, not the third: it is reached only
     // through forwarding.
     let endpoints = endpoints_of(&nodes[..4]);
-    let producers: Vec<NativeProducer> = rt
-        .block_on(async {
-            (0..16)
-                .map(|_| NativeProducer::start(config.clone(), endpoints.clone(), None))
-                .collect::<Result<_, _>>()
-        })
-        .expect("producers");
+    let producers: Vec<NativeProducer> = start_producers(&rt, &config, &endpoints, 16);
     let start = now_ms() - 60_000;
     let mut truth = Truth::default();
 
@@ -578,13 +579,7 @@ fn producers_that_know_the_topology_send_to_their_owner_and_nothing_is_forwarded
     let mut truth = Truth::default();
     // Without the topology: each producer's rendezvous order over the two nodes, so about half
     // of them write to the other group's node, which forwards.
-    let blind: Vec<NativeProducer> = rt
-        .block_on(async {
-            (0..12)
-                .map(|_| NativeProducer::start(config.clone(), endpoints.clone(), None))
-                .collect::<Result<_, _>>()
-        })
-        .expect("producers");
+    let blind: Vec<NativeProducer> = start_producers(&rt, &config, &endpoints, 12);
     record(&rt, &blind, &mut rng, &mut truth, 400);
     flush(&rt, &blind);
     let before = forwarded(&nodes);
@@ -593,13 +588,7 @@ fn producers_that_know_the_topology_send_to_their_owner_and_nothing_is_forwarded
         "producers without the topology had nothing forwarded"
     );
     // With it: nothing more is forwarded.
-    let routed: Vec<NativeProducer> = rt
-        .block_on(async {
-            (0..12)
-                .map(|_| NativeProducer::start(config.clone(), endpoints.clone(), None))
-                .collect::<Result<_, _>>()
-        })
-        .expect("producers");
+    let routed: Vec<NativeProducer> = start_producers(&rt, &config, &endpoints, 12);
     for p in &routed {
         p.set_topology(Some(served.clone()));
     }
@@ -662,11 +651,7 @@ fn a_keyed_events_retry_at_another_node_counts_once() {
     let ts = now_ms() - 1_000;
     let body = format!(r#"[{{"ts_ms":{ts},"category":"orders","value":5}}]"#);
     let post = |m: &Merger, key: &str| {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let res = agent
+        let res = agent()
             .post(&format!("{}/v1/events", m.http))
             .header("content-type", "application/json")
             .header("idempotency-key", key)

@@ -50,6 +50,23 @@ pub fn run_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String, String) 
     )
 }
 
+/// A two-thread tokio runtime, for native producers and async clients in a test.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// An HTTP client that returns error statuses as answers (the tests check them).
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
 /// A free UDP port on loopback (a QUIC address peers must know before the node starts).
 pub fn free_udp() -> SocketAddr {
     std::net::UdpSocket::bind("127.0.0.1:0")
@@ -108,10 +125,7 @@ impl Merger {
     }
 
     pub fn get(&self, path_and_query: &str) -> (u16, Value) {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let agent = agent();
         let mut res = agent
             .get(&format!("{}{path_and_query}", self.http))
             .call()
@@ -130,10 +144,7 @@ impl Merger {
         content_type: &str,
         body: &[u8],
     ) -> (u16, Value, Vec<(String, String)>) {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let agent = agent();
         let mut res = agent
             .post(&format!("{}{path}", self.http))
             .header("content-type", content_type)
@@ -155,10 +166,7 @@ impl Merger {
     }
 
     pub fn metric(&self, name: &str) -> f64 {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let agent = agent();
         let text = agent
             .get(&format!("{}/metrics", self.http))
             .call()

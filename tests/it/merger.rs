@@ -2,7 +2,7 @@
 //! against a naive model, every rejection with its reason, `kill -9` durability, graceful
 //! shutdown and configuration.
 
-use crate::harness::{now_ms, Merger, TempDir};
+use crate::harness::{now_ms, runtime as rt, Merger, TempDir};
 use edgetally_core::{BatchId, RejectCode};
 use edgetally_net::Client;
 use edgetally_proto::{Reply, Signer};
@@ -11,14 +11,6 @@ use serde_json::Value;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 /// A signed batch of `n` events near `base`, and the events.
 fn batch(

@@ -2,7 +2,7 @@
 //! a stranger connecting as a peer to read state, are refused — loopback included — and a node
 //! with peers but no credential refuses to start.
 
-use crate::harness::{binary, free_udp, now_ms, Merger, TempDir};
+use crate::harness::{binary, free_udp, now_ms, runtime, Merger, TempDir};
 use edgetally_core::{BatchId, LogEntry, Replica};
 use edgetally_proto::BatchBuilder;
 use edgetally_tests::signer;
@@ -50,11 +50,7 @@ fn fabricated_snapshot() -> Vec<u8> {
 
 #[test]
 fn forged_peers_are_refused_and_nothing_they_offer_is_adopted() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     // The impostor, on the address the node will be told is its peer.
     let fake = free_udp();
     let id = edgetally_net::tls::Identity::self_signed(now_ms() / 1000, &[]).expect("cert");

@@ -1069,21 +1069,11 @@ impl Producer {
         if !cfg!(feature = "routing") {
             return std::borrow::Cow::Borrowed(&self.order);
         }
-        let map = self
-            .routes
-            .iter()
-            .rev()
-            .find(|m| m.from_ms <= created_ms)
-            .or(self.routes.first());
-        let mut best: Option<(u64, &[usize])> = None;
-        for (name, members) in map.map_or(&[][..], |m| &m.groups[..]) {
-            let w = rendezvous_weight(&self.key.0, name.as_bytes());
-            if best.is_none_or(|(bw, _)| w > bw) {
-                best = Some((w, members));
-            }
-        }
-        match best {
-            Some((_, members)) if !members.is_empty() => {
+        let groups = crate::topology::in_force(&self.routes, |m| m.from_ms, created_ms)
+            .map_or(&[][..], |m| &m.groups[..]);
+        let owner = crate::topology::heaviest(&self.key, groups.iter().map(|(n, _)| &**n));
+        match owner.map(|i| &groups[i].1) {
+            Some(members) if !members.is_empty() => {
                 let (mut first, rest): (Vec<usize>, Vec<usize>) =
                     self.order.iter().partition(|i| members.contains(i));
                 first.extend(rest);
@@ -1124,12 +1114,11 @@ impl Producer {
         if in_flight >= self.config.max_in_flight {
             return None;
         }
-        let seq = self
+        let (seq, created_ms) = self
             .outbox
             .iter()
             .find(|(_, o)| !o.in_flight && !o.unsigned && o.next_try_ms <= now_ms)
-            .map(|(s, _)| *s)?;
-        let created_ms = self.outbox.get(&seq)?.created_ms;
+            .map(|(s, o)| (*s, o.created_ms))?;
         let endpoint = self.endpoint(now_ms, created_ms);
         let o = self.outbox.get_mut(&seq)?;
         o.in_flight = true;

@@ -116,15 +116,7 @@ impl Map {
     /// the one whose name weighs most for the key (ties, between equal names, to the lower
     /// index). `None` without groups.
     pub fn owner(&self, producer: &ProducerKey) -> Option<usize> {
-        self.groups
-            .iter()
-            .map(|g| rendezvous_weight(&producer.0, g.name.as_bytes()))
-            .enumerate()
-            .fold(None, |best: Option<(usize, u64)>, (i, w)| match best {
-                Some((_, bw)) if bw >= w => best,
-                _ => Some((i, w)),
-            })
-            .map(|(i, _)| i)
+        heaviest(producer, self.groups.iter().map(|g| g.name.as_str()))
     }
 
     fn names(&self) -> Vec<&str> {
@@ -132,6 +124,34 @@ impl Map {
         v.sort_unstable();
         v
     }
+}
+
+/// The index of the name that weighs most for `producer` (rendezvous; ties, between equal
+/// names, to the first): the owner rule, shared by [`Map::owner`] and the producer's
+/// reduced routes.
+pub fn heaviest<'a>(
+    producer: &ProducerKey,
+    names: impl IntoIterator<Item = &'a str>,
+) -> Option<usize> {
+    names
+        .into_iter()
+        .map(|n| rendezvous_weight(&producer.0, n.as_bytes()))
+        .enumerate()
+        .fold(None, |best: Option<(usize, u64)>, (i, w)| match best {
+            Some((_, bw)) if bw >= w => best,
+            _ => Some((i, w)),
+        })
+        .map(|(i, _)| i)
+}
+
+/// Of maps listed oldest first, the one in force for a batch created at `created_ms`: the
+/// newest whose `from_ms` is not after it, else the first (which routes every earlier
+/// batch). Shared by [`Topology::map_at`] and the producer's reduced routes.
+pub fn in_force<T>(maps: &[T], from_ms: impl Fn(&T) -> i64, created_ms: i64) -> Option<&T> {
+    maps.iter()
+        .rev()
+        .find(|m| from_ms(m) <= created_ms)
+        .or(maps.first())
 }
 
 /// What a node does with a producer's batch ([`Topology::decide`]).
@@ -225,11 +245,7 @@ impl Topology {
 
     /// The map that routes batches created at `created_ms`.
     pub fn map_at(&self, created_ms: i64) -> Option<&Map> {
-        self.maps
-            .iter()
-            .rev()
-            .find(|m| m.from_ms <= created_ms)
-            .or(self.maps.first())
+        in_force(&self.maps, |m| m.from_ms, created_ms)
     }
 
     /// The group that owns the batch `producer` created at `created_ms`.
