@@ -33,6 +33,10 @@ fn main() -> Result<()> {
             let secs = args.get(1).map_or("1800", String::as_str);
             bench_binary_with(&root, &["soak", "--secs", secs])
         }
+        Some("churn") => {
+            let secs = args.get(1).map_or("3900", String::as_str);
+            bench_binary_with(&root, &["churn", "--secs", secs])
+        }
         Some("fuzz") => {
             let secs = match args.get(1) {
                 Some(s) => s.parse().context("usage: cargo xtask fuzz [SECONDS]")?,
@@ -46,7 +50,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|wasm-check|web|soak [SECONDS]|fuzz [SECONDS]|bench [core|wire|sdk|figures|merger|cluster|status|web]>"
+                "usage: cargo xtask <test|wasm-check|web|soak [SECONDS]|churn [SECONDS]|fuzz [SECONDS]|bench [core|wire|sdk|figures|merger|cluster|status|web]>"
             );
             std::process::exit(2)
         }
@@ -127,11 +131,20 @@ fn test() -> Result<()> {
     let (p, f) = web_tests(&root)?;
     passed += p;
     failed += f;
-    // Bounded slices of the soak and of the fuzzing campaign (`cargo xtask soak` and
-    // `cargo xtask fuzz` run them longer).
+    // Bounded slices of the soaks and of the fuzzing campaign (`cargo xtask soak`,
+    // `cargo xtask churn` and `cargo xtask fuzz` run them longer).
     run(
         Command::new(target_dir(&root).join("debug").join("edgetally-bench"))
             .args(["soak", "--secs", "60"]),
+    )?;
+    run(
+        Command::new(target_dir(&root).join("debug").join("edgetally-bench")).args([
+            "churn",
+            "--secs",
+            "45",
+            "--keys-per-sec",
+            "500",
+        ]),
     )?;
     fuzz(&root, 30)?;
     eprintln!("xtask: all checks passed");

@@ -1,6 +1,7 @@
 //! `edgetally-bench`: the benchmarks and the soak, against real `edgetally serve` processes
 //! it starts (the `edgetally` binary beside it, or `EDGETALLY_BIN`).
 
+mod churn;
 mod clusterbench;
 mod groupbench;
 mod loadgen;
@@ -34,6 +35,9 @@ enum Cmd {
     Statusbench(statusbench::StatusBenchArgs),
     /// A merger under valid load and abusive clients; nothing acknowledged lost; RSS flat.
     Soak(soak::SoakArgs),
+    /// Ephemeral producers (a fresh key every couple of batches) against a merger with a short
+    /// lateness horizon: seen-sets level off as epochs expire; nothing acknowledged lost.
+    Churn(churn::ChurnArgs),
 }
 
 fn main() -> Result<()> {
@@ -42,5 +46,6 @@ fn main() -> Result<()> {
         Cmd::Clusterbench(a) => clusterbench::run(a),
         Cmd::Statusbench(a) => statusbench::run(a),
         Cmd::Soak(a) => soak::run(a),
+        Cmd::Churn(a) => churn::run(a),
     }
 }

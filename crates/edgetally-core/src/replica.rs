@@ -1312,7 +1312,7 @@ impl Replica {
 
     /// Removes tier entries older than the retention allows at `now_ms`; returns how many.
     /// Horizons are aligned to the next coarser tier, so a query can always switch tiers at
-    /// a horizon.
+    /// a horizon (the hour tier's to the hour).
     pub fn prune_tiers(&mut self, now_ms: i64, retention: &Retention) -> usize {
         let mut removed = 0;
         let mut rollups_dropped = false;
@@ -1320,7 +1320,8 @@ impl Replica {
             let Some(keep) = retention.tiers[t] else {
                 continue;
             };
-            let align = TIER_MS[(t + 1).min(2)] * if t == 2 { 24 } else { 1 };
+            // The hour tier has no coarser tier: it is cut at its own width.
+            let align = TIER_MS[(t + 1).min(2)];
             let cutoff = now_ms.saturating_sub(keep).div_euclid(align) * align;
             if cutoff <= self.horizons[t] {
                 continue;
