@@ -65,6 +65,11 @@ impl Bucket {
         self.at_ms = now.max(self.at_ms);
     }
 
+    /// Whether it holds all it can (a bucket of an unlimited rate, 0, always does).
+    fn is_full(&self, rate: f64) -> bool {
+        rate <= 0.0 || self.tokens >= rate * BURST_SECS
+    }
+
     /// The wait (ms) before this bucket admits again, if it does not now.
     fn wait_ms(&self, rate: f64) -> Option<u32> {
         (self.tokens < 0.0)
@@ -600,21 +605,27 @@ impl Admission {
     fn sweep_sources(m: &mut HashMap<IpAddr, Bucket>, rate: f64, now_ms: i64) {
         m.retain(|_, b| {
             b.refill(rate, now_ms);
-            b.tokens < rate * BURST_SECS
+            !b.is_full(rate)
         });
     }
 
-    /// Drops producers whose buckets are full and whose hour is over: they hold nothing a
-    /// fresh entry would not.
+    /// Drops producers whose buckets are full and who have used none of this hour's novelty
+    /// quotas (their hour is over, or they brought nothing new): they hold nothing a fresh
+    /// entry would not. An ephemeral producer — a page view that sent a batch or two into
+    /// known categories — is forgotten at the next sweep instead of at the end of the hour.
+    /// The table gives its memory back once it is mostly empty.
     fn sweep_producers(m: &mut HashMap<ProducerKey, ProducerState>, rb: f64, rs: f64, now_ms: i64) {
         let hour = now_ms.div_euclid(3_600_000);
         m.retain(|_, st| {
             st.batches.refill(rb, now_ms);
             st.summaries.refill(rs, now_ms);
-            st.hour == hour
-                || st.batches.tokens < rb * BURST_SECS
-                || st.summaries.tokens < rs * BURST_SECS
+            (st.hour == hour && (st.new_categories > 0 || st.new_entities > 0))
+                || !st.batches.is_full(rb)
+                || !st.summaries.is_full(rs)
         });
+        if m.capacity() > 4 * m.len() + 1024 {
+            m.shrink_to(2 * m.len());
+        }
     }
 
     /// Periodic upkeep: re-reads the allowlist if it changed and, with `sweep`, forgets idle
@@ -730,6 +741,64 @@ mod tests {
         assert!(a
             .charge(&batch_of(&["f"], 4), 0, now + 3_600_000, || novelty(1))
             .is_ok());
+    }
+
+    #[test]
+    fn a_sweep_forgets_producers_that_hold_nothing_a_fresh_entry_would_not() {
+        let config = Config {
+            new_categories_per_hour: 3,
+            producer_batches_per_sec: 10.0,
+            producer_summaries_per_sec: 0.0,
+            max_series: 0,
+            ..Config::default()
+        };
+        let a = Admission::new(&config, ProducerKey([0; 32])).expect("admission");
+        let now = 1_700_000_000_000;
+        let of = |seed: u8| {
+            let mut b = batch_of(&["a"], 0);
+            b.id.producer = edgetally_proto::Signer::from_seed([seed; 32]).producer();
+            b
+        };
+        let novelty = |categories: u32| Novelty {
+            categories,
+            entities: 0,
+            series: 2 * categories,
+        };
+        // 1 brought nothing new, 2 a new category (its hour's quota is in use), 3 nothing new
+        // but sends again and again (its rate bucket is not full yet).
+        for (seed, new, batches) in [(1, 0, 1), (2, 1, 1), (3, 0, 15)] {
+            for _ in 0..batches {
+                let (_, r) = a
+                    .charge(&of(seed), 0, now, || novelty(new))
+                    .expect("admitted");
+                if let Some(r) = r {
+                    a.settle(r, novelty(new));
+                }
+            }
+        }
+        assert_eq!(a.tracked().0, 3);
+        a.upkeep(now + 100, true);
+        assert_eq!(
+            a.tracked().0,
+            2,
+            "only the producer that holds nothing goes"
+        );
+        // The used quota is still there: 2 more categories fit, a third does not.
+        for n in 0..2 {
+            let (_, r) = a
+                .charge(&of(2), 0, now + 200 + n, || novelty(1))
+                .expect("within the quota");
+            a.settle(r.expect("reserved"), novelty(1));
+        }
+        assert_eq!(
+            a.charge(&of(2), 0, now + 300, || novelty(1)),
+            Err(Err(RejectCode::CategoryQuota))
+        );
+        // Once its bucket has refilled, 3 goes too; 2 stays until its hour is over.
+        a.upkeep(now + 10_000, true);
+        assert_eq!(a.tracked().0, 1);
+        a.upkeep(now + 3_600_000, true);
+        assert_eq!(a.tracked().0, 0);
     }
 
     #[test]
