@@ -17,8 +17,8 @@
 //! created have expired by the end. The long run (`cargo xtask churn SECS`, across an hour
 //! boundary) shows RSS coming back once the hour's producers are reclaimed.
 
-use anyhow::{bail, Context, Result};
-use edgetally_bench::launcher::{get_json, get_text, loopback_args, Merger};
+use anyhow::{bail, Result};
+use edgetally_bench::launcher::{get_text, loopback_args, Merger};
 use edgetally_core::BatchId;
 use edgetally_proto::{BatchBuilder, Reply, Signer};
 use std::collections::BTreeMap;
@@ -225,25 +225,12 @@ pub fn run(a: ChurnArgs) -> Result<()> {
         }
     });
     let expected = expected.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let check = |m: &Merger, when: &str| -> Result<()> {
-        for (cat, n) in &expected {
-            let v = get_json(
-                &m.http,
-                &format!("/v1/aggregate?category={cat}&start=0&end=9999999999999"),
-            )?;
-            let got = v["count"].as_u64().context("count")?;
-            if got != *n {
-                bail!("{when}: category {cat}: {got} counted, {n} acknowledged");
-            }
-        }
-        Ok(())
-    };
     let result = (|| -> Result<()> {
         let n = samples.len();
         if n < 10 {
             bail!("only {n} samples: run for at least 10 s");
         }
-        check(&m, "after the run")?;
+        crate::soak::counts_match(&m, &expected, "after the run")?;
         let text = get_text(&m.http, "/metrics")?;
         let kinds: Vec<&str> = text
             .lines()
@@ -314,16 +301,8 @@ pub fn run(a: ChurnArgs) -> Result<()> {
         }
         Ok(())
     })();
-    let result = result.and_then(|()| {
-        m.kill9();
-        let m = Merger::start_with_env(&args, None, &CHURN_ENV)?;
-        let r = check(&m, "after kill -9 and restart");
-        if r.is_ok() {
-            println!("  after kill -9 and restart: every acknowledged event still counted");
-        }
-        m.stop();
-        r
-    });
+    let result =
+        result.and_then(|()| crate::soak::restart_and_check(m, &args, &CHURN_ENV, &expected));
     let _ = std::fs::remove_dir_all(&dir);
     result
 }

@@ -80,6 +80,38 @@ fn valid_batch(s: &Signer, p: usize, seq: u64, now: i64) -> (Vec<u8>, String) {
     (s.seal(&b.finish(id, now)).unwrap_or_default(), cat)
 }
 
+/// Whether every category's count over all time on `m` equals what was acknowledged.
+pub(crate) fn counts_match(m: &Merger, expected: &BTreeMap<String, u64>, when: &str) -> Result<()> {
+    for (cat, n) in expected {
+        let v = edgetally_bench::launcher::get_json(
+            &m.http,
+            &format!("/v1/aggregate?category={cat}&start=0&end=9999999999999"),
+        )?;
+        let got = v["count"].as_u64().context("count")?;
+        if got != *n {
+            bail!("{when}: category {cat}: {got} counted, {n} acknowledged");
+        }
+    }
+    Ok(())
+}
+
+/// `kill -9`s `m`, restarts it on the same data and checks [`counts_match`] again.
+pub(crate) fn restart_and_check(
+    m: Merger,
+    args: &[std::ffi::OsString],
+    env: &[(&str, &str)],
+    expected: &BTreeMap<String, u64>,
+) -> Result<()> {
+    m.kill9();
+    let m = Merger::start_with_env(args, None, env)?;
+    let r = counts_match(&m, expected, "after kill -9 and restart");
+    if r.is_ok() {
+        println!("  after kill -9 and restart: every acknowledged event still counted");
+    }
+    m.stop();
+    r
+}
+
 pub fn run(a: SoakArgs) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("edgetally-soak-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -290,21 +322,8 @@ pub fn run(a: SoakArgs) -> Result<()> {
     });
     eprintln!();
     let expected = expected.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let check = |m: &Merger, when: &str| -> Result<()> {
-        for (cat, n) in &expected {
-            let v = edgetally_bench::launcher::get_json(
-                &m.http,
-                &format!("/v1/aggregate?category={cat}&start=0&end=9999999999999"),
-            )?;
-            let got = v["count"].as_u64().context("count")?;
-            if got != *n {
-                bail!("{when}: category {cat}: {got} counted, {n} acknowledged");
-            }
-        }
-        Ok(())
-    };
     let result = (|| -> Result<()> {
-        check(&m, "after the soak")?;
+        counts_match(&m, &expected, "after the soak")?;
         let n = rss.len();
         let window = |from: usize, len: usize| -> f64 {
             let s = &rss[from.min(n)..(from + len).min(n)];
@@ -345,16 +364,7 @@ pub fn run(a: SoakArgs) -> Result<()> {
         Ok(())
     })();
     // Then kill -9 and restart on the same data: still every acknowledged event.
-    let result = result.and_then(|()| {
-        m.kill9();
-        let m = Merger::start_with_env(&args, None, &SOAK_ENV)?;
-        let r = check(&m, "after kill -9 and restart");
-        if r.is_ok() {
-            println!("  after kill -9 and restart: every acknowledged event still counted");
-        }
-        m.stop();
-        r
-    });
+    let result = result.and_then(|()| restart_and_check(m, &args, &SOAK_ENV, &expected));
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
