@@ -34,7 +34,7 @@ fn main() -> Result<()> {
             bench_binary_with(&root, &["soak", "--secs", secs])
         }
         Some("churn") => {
-            let secs = args.get(1).map_or("3900", String::as_str);
+            let secs = args.get(1).map_or("1800", String::as_str);
             bench_binary_with(&root, &["churn", "--secs", secs])
         }
         Some("fuzz") => {

@@ -28,6 +28,29 @@ pub struct Retention {
     pub tiers: [Option<i64>; 3],
 }
 
+impl Retention {
+    /// Whether each tier is kept at least as long as the finer one (unset: for ever). Queries
+    /// read a long range from the coarsest tier that holds it, so a coarse tier pruned before
+    /// a finer one would make them miss data the finer tier still holds.
+    pub fn check(&self) -> Result<(), String> {
+        let names = ["seconds", "minutes", "hours"];
+        let len = |t: usize| self.tiers[t].unwrap_or(i64::MAX);
+        for t in 1..3 {
+            if len(t) < len(t - 1) {
+                return Err(format!(
+                    "retention_{}_tier_ms ({} ms) is shorter than retention_{}_tier_ms ({}): \
+                     a coarser tier must be kept at least as long as a finer one",
+                    names[t],
+                    len(t),
+                    names[t - 1],
+                    self.tiers[t - 1].map_or("for ever".to_string(), |v| format!("{v} ms"))
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for Retention {
     fn default() -> Self {
         Retention {
@@ -1685,5 +1708,23 @@ impl Replica {
             }
         }
         n
+    }
+}
+
+#[cfg(test)]
+mod retention_tests {
+    use super::Retention;
+
+    #[test]
+    fn a_coarser_tier_may_not_be_kept_shorter_than_a_finer_one() {
+        let r = |tiers| Retention { tiers }.check();
+        assert!(Retention::default().check().is_ok());
+        assert!(r([Some(1), Some(1), Some(1)]).is_ok());
+        assert!(r([None, None, None]).is_ok());
+        assert!(r([Some(5), None, None]).is_ok());
+        let e = r([Some(2 * 86_400_000), Some(90 * 86_400_000), Some(1)]).unwrap_err();
+        assert!(e.contains("retention_hours_tier_ms (1 ms)"), "{e}");
+        assert!(r([Some(10), Some(9), None]).is_err());
+        assert!(r([None, Some(9), None]).is_err());
     }
 }

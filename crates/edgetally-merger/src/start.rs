@@ -37,6 +37,7 @@ impl Node {
     /// Starts a node: recovers state, binds both listeners, spawns upkeep. Prints the
     /// certificate hash and addresses to stdout (one `key: value` per line).
     pub async fn start(config: Config) -> Result<Running, StartError> {
+        config.retention.check().map_err(StartError::Config)?;
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let seed = load_or_create_key(&dir.join("node.key"))?;
