@@ -174,13 +174,7 @@ impl Merger {
             .body_mut()
             .read_to_string()
             .expect("body");
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(name)
-                    .and_then(|r| r.strip_prefix(' '))
-                    .and_then(|v| v.parse().ok())
-            })
-            .unwrap_or(0.0)
+        edgetally_bench::launcher::metric_value(&text, name).unwrap_or(0.0)
     }
 }
 

@@ -29,13 +29,9 @@ fn main() -> Result<()> {
         }
         Some("bench") => bench(args.get(1).map(String::as_str).unwrap_or("all")),
         Some("demo") => demo(&root, &args[1..]),
-        Some("soak") => {
+        Some(soak @ ("soak" | "churn")) => {
             let secs = args.get(1).map_or("1800", String::as_str);
-            bench_binary_with(&root, &["soak", "--secs", secs])
-        }
-        Some("churn") => {
-            let secs = args.get(1).map_or("1800", String::as_str);
-            bench_binary_with(&root, &["churn", "--secs", secs])
+            bench_binary_with(&root, &[soak, "--secs", secs])
         }
         Some("fuzz") => {
             let secs = match args.get(1) {
@@ -133,19 +129,9 @@ fn test() -> Result<()> {
     failed += f;
     // Bounded slices of the soaks and of the fuzzing campaign (`cargo xtask soak`,
     // `cargo xtask churn` and `cargo xtask fuzz` run them longer).
-    run(
-        Command::new(target_dir(&root).join("debug").join("edgetally-bench"))
-            .args(["soak", "--secs", "60"]),
-    )?;
-    run(
-        Command::new(target_dir(&root).join("debug").join("edgetally-bench")).args([
-            "churn",
-            "--secs",
-            "45",
-            "--keys-per-sec",
-            "500",
-        ]),
-    )?;
+    let bench = target_dir(&root).join("debug").join("edgetally-bench");
+    run(Command::new(&bench).args(["soak", "--secs", "60"]))?;
+    run(Command::new(&bench).args(["churn", "--secs", "45", "--keys-per-sec", "500"]))?;
     fuzz(&root, 30)?;
     eprintln!("xtask: all checks passed");
     // One closing line for the whole run (cargo prints one per test binary, the last of which

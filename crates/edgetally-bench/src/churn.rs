@@ -17,7 +17,7 @@
 //! millions of keys.
 
 use anyhow::{bail, Result};
-use edgetally_bench::launcher::{get_text, loopback_args, Merger};
+use edgetally_bench::launcher::{get_text, loopback_args, metric_value, Merger};
 use edgetally_core::BatchId;
 use edgetally_proto::{BatchBuilder, Reply, Signer};
 use std::collections::BTreeMap;
@@ -69,11 +69,7 @@ struct Sample {
 /// `edgetally_memory_bytes{kind="…"}` and `edgetally_epochs_expired_total` from `/metrics`.
 fn metrics(http: &str) -> Option<(u64, u64, u64)> {
     let text = get_text(http, "/metrics").ok()?;
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-    };
+    let value = |name: &str| metric_value(&text, name).map(|v| v as u64);
     Some((
         value("edgetally_memory_bytes{kind=\"seen\"}")?,
         value("edgetally_memory_bytes{kind=\"producers\"}")?,
@@ -151,34 +147,28 @@ pub fn run(a: ChurnArgs) -> Result<()> {
                         // 10 s; a batch past its lateness is refused (`bucket_too_old`) and
                         // then counts as refused, not lost.
                         let deadline = Instant::now() + Duration::from_secs(10);
-                        while Instant::now() < deadline {
-                            if client.is_none() {
-                                client = edgetally_net::Client::connect(quic, vec![cert]).await.ok();
+                        let reply = crate::soak::deliver(
+                            &mut client,
+                            quic,
+                            cert,
+                            &raw,
+                            Some(deadline),
+                            |_| {},
+                        )
+                        .await;
+                        match reply {
+                            Some(Reply::Ack) => {
+                                *expected
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .entry(cat.clone())
+                                    .or_default() += EVENTS_PER_BATCH;
+                                acked.fetch_add(1, Relaxed);
                             }
-                            let Some(c) = client.clone() else {
-                                tokio::time::sleep(Duration::from_millis(100)).await;
-                                continue;
-                            };
-                            match tokio::time::timeout(Duration::from_secs(5), c.send(&raw)).await {
-                                Ok(Ok(Reply::Ack)) => {
-                                    *expected
-                                        .lock()
-                                        .unwrap_or_else(|e| e.into_inner())
-                                        .entry(cat.clone())
-                                        .or_default() += EVENTS_PER_BATCH;
-                                    acked.fetch_add(1, Relaxed);
-                                    break;
-                                }
-                                Ok(Ok(Reply::Retry { after_ms })) => {
-                                    tokio::time::sleep(Duration::from_millis(after_ms.into()))
-                                        .await;
-                                }
-                                Ok(Ok(Reply::Nack(_))) => {
-                                    refused.fetch_add(1, Relaxed);
-                                    break;
-                                }
-                                _ => client = None,
+                            Some(Reply::Nack(_)) => {
+                                refused.fetch_add(1, Relaxed);
                             }
+                            _ => {}
                         }
                     }
                 }

@@ -237,6 +237,16 @@ pub fn get_text(http: &str, path: &str) -> Result<String> {
         .read_to_string()?)
 }
 
+/// The value of the sample `name` (the metric name with its labels, exactly) in a
+/// Prometheus text exposition, if present.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|r| r.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+    })
+}
+
 /// GET `{http}{path}` as JSON (any status: error answers are JSON too).
 pub fn get_json(http: &str, path: &str) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(&get_text(http, path)?)?)

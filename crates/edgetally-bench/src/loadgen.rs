@@ -235,15 +235,8 @@ fn merger_round(a: &LoadgenArgs, sealed: &Arc<Vec<Vec<u8>>>) -> Result<(f64, u64
         }
         if let Some(http) = http {
             let text = edgetally_bench::launcher::get_text(&http, "/metrics")?;
-            let metric = |name: &str| {
-                text.lines()
-                    .find_map(|l| {
-                        l.strip_prefix(name)
-                            .and_then(|r| r.strip_prefix(' '))
-                            .and_then(|v| v.parse::<f64>().ok())
-                    })
-                    .unwrap_or(0.0)
-            };
+            let metric =
+                |name: &str| edgetally_bench::launcher::metric_value(&text, name).unwrap_or(0.0);
             let (commits, secs) = (
                 metric("edgetally_group_commits_total"),
                 metric("edgetally_commit_seconds_total"),

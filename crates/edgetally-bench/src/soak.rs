@@ -80,6 +80,41 @@ fn valid_batch(s: &Signer, p: usize, seq: u64, now: i64) -> (Vec<u8>, String) {
     (s.seal(&b.finish(id, now)).unwrap_or_default(), cat)
 }
 
+/// Sends one batch on `client` (connecting it when needed) until it gets `Ack` or `Nack`,
+/// waiting out `Retry` and reconnecting after a transport error (`on_retry(true)`; a `Retry`
+/// is `on_retry(false)`), until `deadline` if one is given: the final reply, or `None` if it
+/// gave up at the deadline.
+pub(crate) async fn deliver(
+    client: &mut Option<edgetally_net::Client>,
+    quic: std::net::SocketAddr,
+    cert: [u8; 32],
+    raw: &[u8],
+    deadline: Option<Instant>,
+    mut on_retry: impl FnMut(bool),
+) -> Option<Reply> {
+    while deadline.is_none_or(|d| Instant::now() < d) {
+        if client.is_none() {
+            *client = edgetally_net::Client::connect(quic, vec![cert]).await.ok();
+        }
+        let Some(c) = client.clone() else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        match tokio::time::timeout(Duration::from_secs(10), c.send(raw)).await {
+            Ok(Ok(Reply::Retry { after_ms })) => {
+                on_retry(false);
+                tokio::time::sleep(Duration::from_millis(after_ms.into())).await;
+            }
+            Ok(Ok(reply)) => return Some(reply),
+            _ => {
+                on_retry(true);
+                *client = None;
+            }
+        }
+    }
+    None
+}
+
 /// Whether every category's count over all time on `m` equals what was acknowledged.
 pub(crate) fn counts_match(m: &Merger, expected: &BTreeMap<String, u64>, when: &str) -> Result<()> {
     for (cat, n) in expected {
@@ -153,38 +188,31 @@ pub fn run(a: SoakArgs) -> Result<()> {
                 let mut seq = 0u64;
                 while !stop.load(Relaxed) {
                     let (raw, cat) = valid_batch(&s, p, seq, edgetally_net::now_ms());
-                    loop {
-                        if client.is_none() {
-                            client = edgetally_net::Client::connect(quic, vec![cert]).await.ok();
+                    let reply = deliver(&mut client, quic, cert, &raw, None, |transport| {
+                        count(
+                            &stats,
+                            if transport {
+                                "valid_transport_error"
+                            } else {
+                                "valid_retry"
+                            },
+                        )
+                    })
+                    .await;
+                    match reply {
+                        Some(Reply::Ack) => {
+                            *expected
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .entry(cat.clone())
+                                .or_default() += 40;
+                            acked.fetch_add(1, Relaxed);
                         }
-                        let Some(c) = client.clone() else {
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                            continue;
-                        };
-                        match tokio::time::timeout(Duration::from_secs(10), c.send(&raw)).await {
-                            Ok(Ok(Reply::Ack)) => {
-                                *expected
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .entry(cat.clone())
-                                    .or_default() += 40;
-                                acked.fetch_add(1, Relaxed);
-                                break;
-                            }
-                            Ok(Ok(Reply::Retry { after_ms })) => {
-                                count(&stats, "valid_retry");
-                                tokio::time::sleep(Duration::from_millis(after_ms as u64)).await;
-                            }
-                            Ok(Ok(Reply::Nack(n))) => {
-                                count(&stats, "valid_nack");
-                                eprintln!("soak: a valid batch was refused: code {n}");
-                                break;
-                            }
-                            _ => {
-                                count(&stats, "valid_transport_error");
-                                client = None;
-                            }
+                        Some(Reply::Nack(n)) => {
+                            count(&stats, "valid_nack");
+                            eprintln!("soak: a valid batch was refused: code {n}");
                         }
+                        _ => {}
                     }
                     seq += 1;
                     tokio::time::sleep(Duration::from_millis(interval)).await;
