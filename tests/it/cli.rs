@@ -1,4 +1,5 @@
-//! The CLI as a user runs it: `keygen` and `query` (table and `--json`) against a real node.
+//! The CLI as a user runs it: `keygen` and `query` (table and `--json`) against a real node,
+//! and `serve` refusing a configuration it cannot answer exactly under.
 
 use crate::harness::{now_ms, run_cli, Merger, TempDir};
 
@@ -128,4 +129,54 @@ fn query_prints_the_nodes_answers() {
         "1",
     ]);
     assert!(!ok && err.contains("bad_window"), "{err}");
+}
+
+#[test]
+fn serve_refuses_a_coarser_tier_kept_shorter_than_a_finer_one() {
+    // Queries read a long range from the coarsest tier: an hour tier cut before the seconds
+    // tier would answer "covered" windows without data the node still holds.
+    let dir = TempDir::new("retention-order");
+    let config = dir.0.join("edgetally.toml");
+    std::fs::write(&config, "retention_hours_tier_ms = 60000\n").expect("config");
+    let data = dir.0.join("data");
+    // Spawned, not run to completion: a node that wrongly starts is killed after 20 s.
+    let mut child = std::process::Command::new(crate::harness::binary())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"])
+        .env("EDGETALLY_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break Some(s);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    let ok = status.is_none_or(|s| s.success());
+    assert!(
+        !ok,
+        "serve started with hours kept 1 min and minutes 90 days"
+    );
+    assert!(
+        err.contains(
+            "retention_hours_tier_ms (60000 ms) is shorter than retention_minutes_tier_ms"
+        ),
+        "{err}"
+    );
+    assert!(!data.exists(), "nothing is written before the check");
 }
