@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
+mod encode;
+
 /// Resolutions of the stored tiers: 1 s, 1 min, 1 h.
 pub const TIER_MS: [i64; 3] = [1_000, 60_000, 3_600_000];
 
@@ -1409,20 +1411,12 @@ impl Replica {
 
     /// A canonical snapshot of totals and seen-sets (not the log).
     pub fn snapshot(&self) -> Snapshot {
-        let mut order: Vec<u32> = (0..self.strings.len() as u32).collect();
-        order.sort_by(|&a, &b| self.strings.get(a).cmp(self.strings.get(b)));
-        let mut remap = vec![0u32; order.len()];
-        for (new, &old) in order.iter().enumerate() {
-            remap[old as usize] = new as u32;
-        }
-        let mut porder: Vec<u32> = (0..self.producers.len() as u32)
-            .filter(|&p| self.producers.is_live(p))
-            .collect();
-        porder.sort_by_key(|&p| self.producers.get(p));
-        let mut premap = vec![0u32; self.producers.len()];
-        for (new, &old) in porder.iter().enumerate() {
-            premap[old as usize] = new as u32;
-        }
+        let encode::Canon {
+            order,
+            remap,
+            porder,
+            premap,
+        } = encode::Canon::of(self);
         let mut series: Vec<SeriesSnapshot> = self
             .series_ids
             .iter()

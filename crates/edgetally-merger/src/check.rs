@@ -6,8 +6,8 @@
 
 use crate::node::{quarantine, replay_limits};
 use crate::store::{
-    decode_snapshot, first_gap, list_segments, parse_segment, read_floor, read_u64, records,
-    segment_path, Damage, DamageKind, Store, StoreError, DURABLE_KEY, META, SNAPSHOT_KEY,
+    first_gap, list_segments, parse_segment, read_floor, read_snapshot, read_u64, records,
+    segment_path, Damage, DamageKind, Store, StoreError, DURABLE_KEY, META,
 };
 use edgetally_core::{Limits, Snapshot};
 use edgetally_proto::decode;
@@ -149,21 +149,18 @@ fn read_meta(dir: &Path) -> Result<Meta, StoreError> {
     };
     let floor = read_floor(&meta, &path)?;
     let durable = read_u64(&meta, DURABLE_KEY, &path)?;
-    let value = meta.get(SNAPSHOT_KEY).map_err(err)?;
-    Ok(match value {
+    Ok(match read_snapshot(&meta, dir)? {
         None => (SnapshotState::Absent, None, floor, durable),
-        Some(v) => match decode_snapshot(v.value()) {
-            Ok(s) => match edgetally_core::Replica::restore(s.clone()) {
-                Ok(_) => (SnapshotState::Intact, Some(s), floor, durable),
-                Err(e) => (
-                    SnapshotState::Damaged(format!("inconsistent: {e}")),
-                    None,
-                    floor,
-                    durable,
-                ),
-            },
-            Err(e) => (SnapshotState::Damaged(e), None, floor, durable),
+        Some(Ok(s)) => match edgetally_core::Replica::restore(s.clone()) {
+            Ok(_) => (SnapshotState::Intact, Some(s), floor, durable),
+            Err(e) => (
+                SnapshotState::Damaged(format!("inconsistent: {e}")),
+                None,
+                floor,
+                durable,
+            ),
         },
+        Some(Err(e)) => (SnapshotState::Damaged(e), None, floor, durable),
     })
 }
 
@@ -303,7 +300,7 @@ pub fn repair(dir: &Path, out: &Path) -> Result<Repaired, StoreError> {
     }
     let store = Store::open(out, 16 << 20)?;
     if let Some(s) = &snap {
-        store.save_snapshot(s)?;
+        store.save_snapshot_value(s)?;
     }
     let mut written = 0;
     for chunk in all.chunks(512) {

@@ -428,9 +428,14 @@ impl Node {
         snap: edgetally_core::Snapshot,
     ) -> Result<bool, String> {
         let covered = snap.digest();
-        let Some(mut fresh) = r.adopt(snap.clone()).map_err(|e| e.to_string())? else {
+        let Some(mut fresh) = r.adopt(snap).map_err(|e| e.to_string())? else {
             return Ok(false);
         };
+        // The new state's snapshot, numbered under the write lock: after any compaction
+        // that read the old state.
+        let mut w = self.store.begin_snapshot().map_err(|e| e.to_string())?;
+        w.replica(&fresh).map_err(|e| e.to_string())?;
+        let stored = w.finish().map_err(|e| e.to_string())?;
         fresh.set_string_hash_keys(random_u64(), random_u64());
         // The stored batches the snapshot covers go, but for those still retained for peers;
         // the others (this node's retained log, applied again on top of the snapshot) stay and
@@ -439,7 +444,7 @@ impl Node {
         // Batches of epochs this node expired are in neither the snapshot's seen-sets nor the
         // new state's log: as in `compact`, the store lets them go with the old state.
         let expired = self.expired.take();
-        if let Err(e) = self.store.compact(&snap, |group, id| {
+        if let Err(e) = self.store.compact(stored, |group, id| {
             (covered.contains(id) && !retained.contains(id)) || Expired::covers(&expired, group, id)
         }) {
             self.expired.put_back(expired);
@@ -476,35 +481,55 @@ impl Node {
 
     /// Snapshots the state and drops the stored batches the snapshot covers.
     pub fn compact(&self) -> Result<usize, crate::store::StoreError> {
-        let (snap, retained, applied_through, expired) = {
+        let (writer, retained, applied_through, expired, covered) = {
             let r = self.state();
             let retained: HashSet<_> = r.log().map(|e| e.batch.id).collect();
             // Taken under the same lock as the snapshot: every expiry the snapshot reflects,
             // and no other.
             let expired = self.expired.take();
-            (
-                r.snapshot(),
-                retained,
-                self.applied_group.load(Relaxed),
-                expired,
-            )
+            // The batch ids the snapshot covers, wanted only when filtering batch by batch.
+            let covered = (!retained.is_empty() || !expired.is_empty()).then(|| r.digest());
+            // Streamed from the state into the file: the snapshot is never held in memory
+            // beside the state (that was about three times the state at each compaction).
+            let written = self.store.begin_snapshot().and_then(|mut w| {
+                w.replica(&r)?;
+                Ok(w)
+            });
+            match written {
+                Ok(w) => (
+                    w,
+                    retained,
+                    self.applied_group.load(Relaxed),
+                    expired,
+                    covered,
+                ),
+                Err(e) => {
+                    self.expired.put_back(expired);
+                    return Err(e);
+                }
+            }
+        };
+        // The fsync, without the lock.
+        let snap = match writer.finish() {
+            Ok(f) => f,
+            Err(e) => {
+                self.expired.put_back(expired);
+                return Err(e);
+            }
         };
         // An expired epoch's batch may sit in a group not yet fully applied, which
         // `compact_through` would keep: filter batch by batch then.
-        let n = if retained.is_empty() && expired.is_empty() {
-            // Every group before `applied_through` is in the snapshot and no peer needs its
-            // batches: drop the key range without decoding them. (Groups recovered at start-up count as
-            // applied: the watermark starts past them.)
-            match applied_through.checked_sub(1) {
-                Some(last) => self.store.compact_through(&snap, last)?,
-                None => {
-                    self.store.save_snapshot(&snap)?;
-                    0
+        let done = match covered {
+            None => {
+                // Every group before `applied_through` is in the snapshot and no peer needs
+                // its batches: drop the key range without decoding them. (Groups recovered at
+                // start-up count as applied: the watermark starts past them.)
+                match applied_through.checked_sub(1) {
+                    Some(last) => self.store.compact_through(snap, last)?,
+                    None => self.store.save_snapshot(snap)?.then_some(0),
                 }
             }
-        } else {
-            let covered = snap.digest();
-            match self.store.compact(&snap, |group, id| {
+            Some(covered) => match self.store.compact(snap, |group, id| {
                 (covered.contains(id) && !retained.contains(id))
                     || Expired::covers(&expired, group, id)
             }) {
@@ -513,7 +538,13 @@ impl Node {
                     self.expired.put_back(expired);
                     return Err(e);
                 }
-            }
+            },
+        };
+        let Some(n) = done else {
+            // A snapshot of a later state (an adoption) was stored meanwhile; the expired
+            // epochs' batches wait for the next compaction.
+            self.expired.put_back(expired);
+            return Ok(0);
         };
         self.metrics.snapshots.fetch_add(1, Relaxed);
         Ok(n)

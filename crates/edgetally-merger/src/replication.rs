@@ -130,8 +130,8 @@ async fn answer(
                 .map_err(|e| e.to_string())?;
         }
         Request::Snapshot => {
-            let snap = node.state().snapshot();
-            let bytes = postcard::to_allocvec(&snap).map_err(|e| e.to_string())?;
+            // Encoded straight from the state: no snapshot value beside it.
+            let bytes = node.state().encode_snapshot()?;
             send.write_all(&bytes).await.map_err(|e| e.to_string())?;
         }
         Request::Forward { batch, version } => {

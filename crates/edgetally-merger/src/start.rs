@@ -121,7 +121,7 @@ impl Node {
                 {
                     info!(%from, "bootstrapped from a peer's snapshot");
                     // Keep it: the store then holds what the replica starts from.
-                    store.save_snapshot(&snap)?;
+                    store.save_snapshot_value(&snap)?;
                     bootstrap = Some(snap);
                 }
             }

@@ -32,6 +32,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard};
 
+mod snapshot;
+pub(crate) use snapshot::read as read_snapshot;
+pub use snapshot::{SnapshotFile, SnapshotWriter};
+
 /// The batch log of versions before the segment log (one value per group); migrated at open.
 const LEGACY_GROUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("groups");
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -82,6 +86,12 @@ pub struct Store {
     torn_bytes: u64,
     /// The durable mark last written.
     marked: AtomicU64,
+    /// The data directory (snapshot files live there).
+    root: PathBuf,
+    /// The number the next snapshot file gets.
+    next_snapshot: AtomicU64,
+    /// The number of the snapshot file redb names (0: none); changed under `compaction`.
+    named_snapshot: AtomicU64,
 }
 
 /// The writable end of the log and what is known about the segments.
@@ -398,41 +408,6 @@ pub(crate) fn first_gap(floor: u64, groups: &BTreeMap<u64, u64>) -> Option<(u64,
     None
 }
 
-/// The snapshot's stored form: `"ETSN" | version 1 | SHA-256 of the postcard bytes | postcard`.
-/// redb keeps its own pages consistent across crashes but does not checksum values, so a
-/// flipped bit in a snapshot would otherwise restore a different state without a word.
-const SNAPSHOT_MAGIC: [u8; 4] = *b"ETSN";
-
-fn encode_snapshot(snapshot: &Snapshot) -> Result<Vec<u8>, StoreError> {
-    use sha2::{Digest as _, Sha256};
-    let body = postcard::to_allocvec(snapshot).map_err(err)?;
-    let mut out = Vec::with_capacity(37 + body.len());
-    out.extend_from_slice(&SNAPSHOT_MAGIC);
-    out.push(1);
-    out.extend_from_slice(&Sha256::digest(&body));
-    out.extend_from_slice(&body);
-    Ok(out)
-}
-
-/// Reads a stored snapshot: checksummed, or (written by an older version) bare postcard.
-pub(crate) fn decode_snapshot(v: &[u8]) -> Result<Snapshot, String> {
-    use sha2::{Digest as _, Sha256};
-    let body = match v.strip_prefix(&SNAPSHOT_MAGIC[..]) {
-        Some(rest) => {
-            let (Some(&1), Some(sum), Some(body)) = (rest.first(), rest.get(1..33), rest.get(33..))
-            else {
-                return Err("snapshot header damaged".into());
-            };
-            if Sha256::digest(body).as_slice() != sum {
-                return Err("snapshot checksum mismatch: the stored snapshot is damaged".into());
-            }
-            body
-        }
-        None => v,
-    };
-    Snapshot::decode(body).map_err(|e| format!("snapshot unreadable: {e}"))
-}
-
 pub(crate) fn read_floor(
     meta: &impl ReadableTable<&'static str, &'static [u8]>,
     path: &Path,
@@ -519,12 +494,25 @@ impl Store {
             txn.open_table(META).map_err(err)?;
             txn.commit().map_err(err)?;
         }
-        let (floor, legacy, has_snapshot, durable) = {
+        let (floor, legacy, has_snapshot, durable, named) = {
             let txn = db.begin_read().map_err(err)?;
             let meta = txn.open_table(META).map_err(err)?;
             let floor = read_floor(&meta, &db_path)?;
             let durable = read_u64(&meta, DURABLE_KEY, &db_path)?;
-            let has_snapshot = meta.get(SNAPSHOT_KEY).map_err(err)?.is_some();
+            let named = match meta.get(snapshot::FILE_KEY).map_err(err)? {
+                Some(v) => Some(
+                    <[u8; 8]>::try_from(v.value())
+                        .map(u64::from_le_bytes)
+                        .map_err(|_| {
+                            StoreError(format!(
+                                "{}: the snapshot file's number is damaged",
+                                db_path.display()
+                            ))
+                        })?,
+                ),
+                None => None,
+            };
+            let has_snapshot = named.is_some() || meta.get(SNAPSHOT_KEY).map_err(err)?.is_some();
             let mut legacy = Vec::new();
             match txn.open_table(LEGACY_GROUPS) {
                 Ok(t) => {
@@ -541,7 +529,7 @@ impl Store {
                 Err(redb::TableError::TableDoesNotExist(_)) => {}
                 Err(e) => return Err(err(e)),
             }
-            (floor, legacy, has_snapshot, durable)
+            (floor, legacy, has_snapshot, durable, named)
         };
         let mut segments = list_segments(&log_dir)?;
         if !has_snapshot && (floor > 0 || segments.first().is_some_and(|&s| s > 0)) {
@@ -642,7 +630,18 @@ impl Store {
             .filter(|d| d.kind == DamageKind::TornTail)
             .map(|d| d.len)
             .sum();
+        // Snapshot files redb does not name: written but never committed, or replaced.
+        let mut newest = named.unwrap_or(0);
+        for (n, path) in snapshot::list(dir)? {
+            newest = newest.max(n);
+            if Some(n) != named || path.extension().is_some_and(|e| e == "tmp") {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
         let store = Store {
+            root: dir.to_path_buf(),
+            next_snapshot: AtomicU64::new(newest + 1),
+            named_snapshot: AtomicU64::new(named.unwrap_or(0)),
             db,
             dir: log_dir,
             log: Mutex::new(log),
@@ -709,14 +708,23 @@ impl Store {
     fn snapshot(&self) -> Result<Option<Snapshot>, StoreError> {
         let txn = self.db.begin_read().map_err(err)?;
         let meta = txn.open_table(META).map_err(err)?;
-        let snapshot = meta.get(SNAPSHOT_KEY).map_err(err)?;
-        let path = self.dir.with_file_name("edgetally.redb");
-        snapshot
-            .map(|v| {
-                decode_snapshot(v.value())
-                    .map_err(|e| StoreError(format!("{}: {e}", path.display())))
-            })
+        snapshot::read(&meta, &self.root)?
             .transpose()
+            .map_err(StoreError)
+    }
+
+    /// Starts writing a snapshot file. Call it under the lock that orders the states being
+    /// snapshotted (the replica's): numbers are taken in that order, and a compaction never
+    /// replaces a snapshot with one of a lower number.
+    pub fn begin_snapshot(&self) -> Result<SnapshotWriter, StoreError> {
+        SnapshotWriter::create(&self.root, self.next_snapshot.fetch_add(1, Relaxed))
+    }
+
+    /// Writes `snapshot` as the store's snapshot, keeping every stored batch.
+    pub fn save_snapshot_value(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let mut w = self.begin_snapshot()?;
+        w.snapshot(snapshot)?;
+        self.save_snapshot(w.finish()?).map(|_| ())
     }
 
     /// Appends batches as one group record and returns once it is on disk (fdatasync).
@@ -768,18 +776,35 @@ impl Store {
         Ok(group)
     }
 
-    /// Writes `snapshot` (and `floor`, if given) in one transaction.
-    fn write_meta(&self, snapshot: &Snapshot, floor: Option<u64>) -> Result<(), StoreError> {
-        let bytes = encode_snapshot(snapshot)?;
+    /// Whether a snapshot file of a later state is already named (call under `compaction`).
+    fn superseded(&self, file: &SnapshotFile) -> bool {
+        file.n <= self.named_snapshot.load(Relaxed)
+    }
+
+    /// Names `file` as the snapshot (and sets `floor`, if given) in one transaction, then
+    /// deletes the snapshot files it replaces. Call under `compaction`, after `superseded`.
+    fn write_meta(&self, mut file: SnapshotFile, floor: Option<u64>) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(err)?;
         {
             let mut meta = txn.open_table(META).map_err(err)?;
-            meta.insert(SNAPSHOT_KEY, &bytes[..]).map_err(err)?;
+            meta.insert(snapshot::FILE_KEY, &file.n.to_le_bytes()[..])
+                .map_err(err)?;
+            // Written by an older version: the file replaces it.
+            meta.remove(SNAPSHOT_KEY).map_err(err)?;
             if let Some(f) = floor {
                 meta.insert(FLOOR_KEY, &f.to_le_bytes()[..]).map_err(err)?;
             }
         }
-        txn.commit().map_err(err)
+        txn.commit().map_err(err)?;
+        file.named = true;
+        self.named_snapshot.store(file.n, Relaxed);
+        // Files still being written have higher numbers and are left alone.
+        for (n, path) in snapshot::list(&self.root).unwrap_or_default() {
+            if n < file.n && path.extension().is_some_and(|e| e == "etsn") {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        Ok(())
     }
 
     /// Raises the floor in memory and deletes the segments it covers.
@@ -799,21 +824,30 @@ impl Store {
         gone
     }
 
-    /// Writes `snapshot`, keeping every stored batch.
-    pub fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+    /// Names `snapshot` as the store's snapshot, keeping every stored batch. `false`: a
+    /// snapshot of a later state was named meanwhile, and this one is dropped.
+    pub fn save_snapshot(&self, snapshot: SnapshotFile) -> Result<bool, StoreError> {
         let _c = lock(&self.compaction);
-        self.write_meta(snapshot, None)
+        if self.superseded(&snapshot) {
+            return Ok(false);
+        }
+        self.write_meta(snapshot, None)?;
+        Ok(true)
     }
 
     /// Writes `snapshot` and drops the stored batches for which `drop` is true (those the
     /// snapshot covers and replication no longer needs); the others are copied into a new
-    /// segment first. Returns how many were dropped.
+    /// segment first. Returns how many were dropped; `None`: a snapshot of a later state was
+    /// named meanwhile, and nothing was done.
     pub fn compact(
         &self,
-        snapshot: &Snapshot,
+        snapshot: SnapshotFile,
         drop: impl Fn(u64, &BatchId) -> bool,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<Option<usize>, StoreError> {
         let _c = lock(&self.compaction);
+        if self.superseded(&snapshot) {
+            return Ok(None);
+        }
         let (old, floor, new_first) = {
             let mut log = lock(&self.log);
             if log.len > 0 || log.poisoned {
@@ -840,14 +874,22 @@ impl Store {
         }
         self.write_meta(snapshot, Some(new_first))?;
         self.raise_floor(new_first);
-        Ok(dropped)
+        Ok(Some(dropped))
     }
 
     /// Writes `snapshot` and drops every group up to and including `through` — for when the
     /// snapshot covers all of them and replication needs none: nothing is read, whole
-    /// segments are deleted. Returns how many batches were dropped.
-    pub fn compact_through(&self, snapshot: &Snapshot, through: u64) -> Result<usize, StoreError> {
+    /// segments are deleted. Returns how many batches were dropped (`None`: superseded, as
+    /// for [`Store::compact`]).
+    pub fn compact_through(
+        &self,
+        snapshot: SnapshotFile,
+        through: u64,
+    ) -> Result<Option<usize>, StoreError> {
         let _c = lock(&self.compaction);
+        if self.superseded(&snapshot) {
+            return Ok(None);
+        }
         let floor = through.saturating_add(1);
         {
             let mut log = lock(&self.log);
@@ -856,7 +898,7 @@ impl Store {
             }
         }
         self.write_meta(snapshot, Some(floor))?;
-        Ok(self.raise_floor(floor) as usize)
+        Ok(Some(self.raise_floor(floor) as usize))
     }
 
     /// Whether the store holds nothing yet: no snapshot and no batch.
@@ -929,8 +971,14 @@ mod tests {
         dir
     }
 
-    fn empty_snapshot() -> Snapshot {
-        edgetally_core::Replica::new().snapshot()
+    fn empty_snapshot(s: &Store) -> SnapshotFile {
+        snapshot_of(s, &edgetally_core::Replica::new())
+    }
+
+    fn snapshot_of(s: &Store, r: &edgetally_core::Replica) -> SnapshotFile {
+        let mut w = s.begin_snapshot().expect("begin");
+        w.replica(r).expect("write");
+        w.finish().expect("finish")
     }
 
     #[test]
@@ -942,9 +990,9 @@ mod tests {
             s.append(&[(id(1), b"one"), (id(2), &big)]).expect("append");
             s.append(&[(id(3), b"three")]).expect("append");
             assert_eq!(
-                s.compact(&empty_snapshot(), |_, i| i.seq == 1001 || i.seq == 1003)
+                s.compact(empty_snapshot(&s), |_, i| i.seq == 1001 || i.seq == 1003)
                     .expect("compact"),
-                2
+                Some(2)
             );
             assert_eq!(s.batch_count().expect("count"), 1);
         }
@@ -960,7 +1008,10 @@ mod tests {
         let g2 = s.append(&[(id(5), b"five")]).expect("append");
         assert_eq!(g2, g + 1);
         // Through `g`: every group up to it goes, unread, and whole segments are deleted.
-        assert_eq!(s.compact_through(&empty_snapshot(), g).expect("compact"), 2);
+        assert_eq!(
+            s.compact_through(empty_snapshot(&s), g).expect("compact"),
+            Some(2)
+        );
         assert_eq!(s.load().expect("load").batches, vec![b"five".to_vec()]);
         assert_eq!(s.batch_count().expect("count"), 1);
         assert!(s.segment_count() <= 2, "{} segments", s.segment_count());
@@ -1022,7 +1073,7 @@ mod tests {
             let first = lock(&s.log).current;
             let g = s.append(&[(id(2), b"two")]).expect("append");
             let stale = std::fs::read(segment_path(&log_dir, first)).expect("read");
-            s.compact_through(&empty_snapshot(), g).expect("compact");
+            s.compact_through(empty_snapshot(&s), g).expect("compact");
             assert!(!segment_path(&log_dir, first).exists());
             s.append(&[(id(3), b"three")]).expect("append");
             (first, stale)
@@ -1207,38 +1258,129 @@ mod tests {
         {
             let s = Store::open(&dir, 1 << 20).expect("open");
             let g = s.append(&[(id(1), b"one")]).expect("append");
-            s.compact_through(&empty_snapshot(), g).expect("compact");
+            s.compact_through(empty_snapshot(&s), g).expect("compact");
             s.append(&[(id(2), b"two")]).expect("append");
         }
-        // A flipped bit inside the stored snapshot value (found by its checksum).
-        {
-            let db = Database::create(dir.join("edgetally.redb")).expect("db");
-            let txn = db.begin_write().expect("txn");
-            {
-                let mut meta = txn.open_table(META).expect("meta");
-                let mut v = meta
-                    .get(SNAPSHOT_KEY)
-                    .expect("get")
-                    .expect("snapshot")
-                    .value()
-                    .to_vec();
-                let last = v.len() - 1;
-                v[last] ^= 1;
-                meta.insert(SNAPSHOT_KEY, &v[..]).expect("insert");
-            }
-            txn.commit().expect("commit");
-        }
+        // A flipped bit inside the snapshot file (found by its checksum).
+        let files = snapshot::list(&dir).expect("list");
+        assert_eq!(files.len(), 1, "{files:?}");
+        let path = files[0].1.clone();
+        let mut v = std::fs::read(&path).expect("read");
+        let last = v.len() - 1;
+        v[last] ^= 1;
+        std::fs::write(&path, &v).expect("write");
         let s = Store::open(&dir, 1 << 20).expect("open");
         let e = s.load().expect_err("checksum").to_string();
-        assert!(
-            e.contains("checksum") && e.contains("edgetally.redb"),
-            "{e}"
-        );
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .to_string();
+        assert!(e.contains("checksum") && e.contains(&name), "{e}");
+        drop(s);
+        // The file redb names is gone: refused, naming it.
+        std::fs::remove_file(&path).expect("remove");
+        let s = Store::open(&dir, 1 << 20).expect("open");
+        let e = s.load().expect_err("missing file").to_string();
+        assert!(e.contains(&name) && e.contains("current snapshot"), "{e}");
         drop(s);
         std::fs::remove_file(dir.join("edgetally.redb")).expect("remove");
         let e = Store::open(&dir, 1 << 20).expect_err("missing").to_string();
         assert!(e.contains("is missing") && e.contains("--repair"), "{e}");
         assert!(!dir.join("edgetally.redb").exists(), "nothing created");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Two compactions racing: the snapshot taken later (a higher number) wins whatever order
+    /// they commit in, the loser's file is deleted, and stray files are cleared at open.
+    #[test]
+    fn a_snapshot_never_replaces_a_later_one() {
+        use edgetally_core::{BatchId, LogEntry, Replica};
+        let dir = tmp("superseded");
+        let s = Store::open(&dir, 1 << 20).expect("open");
+        let mut r = Replica::new();
+        let older = snapshot_of(&s, &r);
+        let mut b = edgetally_proto::BatchBuilder::new(1000).expect("width");
+        b.record("c", None, 1_700_000_000_000, 2.5).expect("record");
+        let signer = edgetally_proto::Signer::from_seed([3; 32]);
+        let batch = b.finish(
+            BatchId {
+                producer: signer.producer(),
+                epoch: 1,
+                seq: 0,
+            },
+            1_700_000_000_000,
+        );
+        r.apply(LogEntry {
+            batch: std::sync::Arc::new(batch),
+            raw: std::sync::Arc::from(&[][..]),
+        })
+        .expect("apply");
+        let newer = snapshot_of(&s, &r);
+        let (older_path, newer_path) =
+            (snapshot::path(&dir, older.n), snapshot::path(&dir, newer.n));
+        assert!(s.save_snapshot(newer).expect("save"));
+        assert_eq!(s.compact(older, |_, _| true).expect("compact"), None);
+        assert!(!older_path.exists() && newer_path.exists());
+        assert_eq!(
+            s.load().expect("load").snapshot.expect("snapshot"),
+            r.snapshot()
+        );
+        // A crash between writing a file and naming it leaves a stray: cleared at open.
+        let stray = s.begin_snapshot().expect("begin");
+        std::mem::forget(stray);
+        let mut w = s.begin_snapshot().expect("begin");
+        w.replica(&Replica::new()).expect("write");
+        let unnamed = w.finish().expect("finish");
+        let unnamed_path = snapshot::path(&dir, unnamed.n);
+        std::mem::forget(unnamed);
+        drop(s);
+        assert_eq!(snapshot::list(&dir).expect("list").len(), 3);
+        let s = Store::open(&dir, 1 << 20).expect("reopen");
+        assert_eq!(
+            snapshot::list(&dir).expect("list"),
+            vec![(snapshot::path_number(&newer_path), newer_path.clone())]
+        );
+        assert!(!unnamed_path.exists());
+        assert_eq!(
+            s.load().expect("load").snapshot.expect("snapshot"),
+            r.snapshot()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A data directory whose snapshot an older version kept inline in redb still opens; the
+    /// next compaction moves it to a file and drops the inline value.
+    #[test]
+    fn an_inline_snapshot_from_an_older_version_still_loads() {
+        let dir = tmp("inline");
+        let want = edgetally_core::Replica::new().snapshot();
+        {
+            let s = Store::open(&dir, 1 << 20).expect("open");
+            drop(s);
+            let db = Database::create(dir.join("edgetally.redb")).expect("db");
+            let txn = db.begin_write().expect("txn");
+            {
+                let mut meta = txn.open_table(META).expect("meta");
+                // The old stored form: "ETSN" | 1 | SHA-256 | postcard.
+                let body = want.encode();
+                let mut v = b"ETSN\x01".to_vec();
+                use sha2::Digest as _;
+                v.extend_from_slice(&sha2::Sha256::digest(&body));
+                v.extend_from_slice(&body);
+                meta.insert(SNAPSHOT_KEY, &v[..]).expect("insert");
+            }
+            txn.commit().expect("commit");
+        }
+        let s = Store::open(&dir, 1 << 20).expect("open");
+        assert_eq!(s.load().expect("load").snapshot, Some(want.clone()));
+        s.save_snapshot(empty_snapshot(&s)).expect("save");
+        drop(s);
+        let db = Database::create(dir.join("edgetally.redb")).expect("db");
+        let txn = db.begin_read().expect("txn");
+        let meta = txn.open_table(META).expect("meta");
+        assert!(meta.get(SNAPSHOT_KEY).expect("get").is_none());
+        assert!(meta.get(snapshot::FILE_KEY).expect("get").is_some());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
