@@ -116,6 +116,18 @@ fn ephemeral_epochs_expire_and_a_late_resend_is_refused_not_counted_twice() {
     wait_for(&m, "the compaction after the expiry", |m| {
         m.metric("edgetally_snapshots_total") >= 1.0
     });
+    // The snapshot is a file of its own, of the size `/metrics` reports.
+    let reported = m.metric("edgetally_snapshot_bytes") as u64;
+    let sizes: Vec<u64> = std::fs::read_dir(&dir.0)
+        .expect("data dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "etsn"))
+        .map(|p| std::fs::metadata(&p).expect("stat").len())
+        .collect();
+    assert!(
+        reported > 37 && sizes.contains(&reported),
+        "edgetally_snapshot_bytes {reported}, files {sizes:?}"
+    );
     m.kill9();
     let m = Merger::start_with_env(&dir.0, &[], ENV);
     assert_eq!(m.recovered, 0, "the expired epochs' batches left the store");

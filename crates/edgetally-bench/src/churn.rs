@@ -227,6 +227,14 @@ pub fn run(a: ChurnArgs) -> Result<()> {
             "  memory estimates at the end (bytes): {}",
             kinds.join(", ")
         );
+        let metric = |name: &str| metric_value(&text, name).unwrap_or(0.0);
+        let snapshots = metric("edgetally_snapshots_total").max(1.0);
+        println!(
+            "  snapshots: {:.0} written, the last {:.1} MiB; replica lock held {:.1} ms per snapshot on average while streaming",
+            metric("edgetally_snapshots_total"),
+            metric("edgetally_snapshot_bytes") / (1 << 20) as f64,
+            metric("edgetally_snapshot_lock_seconds_total") * 1e3 / snapshots
+        );
         let last = samples[n - 1];
         let fifth = |k: usize| &samples[k * n / 5..((k + 1) * n / 5).max(k * n / 5 + 1)];
         let peak_seen = |s: &[Sample]| s.iter().map(|s| s.seen).max().unwrap_or(0);

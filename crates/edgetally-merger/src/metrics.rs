@@ -48,6 +48,11 @@ pub struct Metrics {
     pub events_accepted: AtomicU64,
     /// Snapshots written.
     pub snapshots: AtomicU64,
+    /// Time the replica's read lock was held streaming snapshots (ingest waits meanwhile),
+    /// microseconds.
+    pub snapshot_lock_micros: AtomicU64,
+    /// Size of the last snapshot file written, bytes.
+    pub snapshot_bytes: AtomicU64,
     /// (Producer, epoch) seen-sets expired past the lateness horizon.
     pub epochs_expired: AtomicU64,
     /// HTTP requests answered with 4xx.
@@ -256,6 +261,8 @@ impl Metrics {
         }
         let n = self.latency_count.load(Relaxed);
         let _ = writeln!(s, "edgetally_ack_latency_seconds_bucket{{le=\"+Inf\"}} {n}\nedgetally_ack_latency_seconds_sum {}\nedgetally_ack_latency_seconds_count {n}", self.latency_micros.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(s, "# HELP edgetally_snapshot_lock_seconds_total Time the replica's read lock was held streaming snapshots into their files (applies wait meanwhile).\n# TYPE edgetally_snapshot_lock_seconds_total counter\nedgetally_snapshot_lock_seconds_total {}", self.snapshot_lock_micros.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(s, "# HELP edgetally_snapshot_bytes Size of the last snapshot file written.\n# TYPE edgetally_snapshot_bytes gauge\nedgetally_snapshot_bytes {}", self.snapshot_bytes.load(Relaxed));
         let _ = writeln!(s, "# HELP edgetally_ingest_queue_depth Batches waiting for the ingest pipeline.\n# TYPE edgetally_ingest_queue_depth gauge\nedgetally_ingest_queue_depth {}", self.queue_depth.load(Relaxed));
         for (name, help, v) in gauges {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");

@@ -491,10 +491,14 @@ impl Node {
             let covered = (!retained.is_empty() || !expired.is_empty()).then(|| r.digest());
             // Streamed from the state into the file: the snapshot is never held in memory
             // beside the state (that was about three times the state at each compaction).
+            let started = std::time::Instant::now();
             let written = self.store.begin_snapshot().and_then(|mut w| {
                 w.replica(&r)?;
                 Ok(w)
             });
+            self.metrics
+                .snapshot_lock_micros
+                .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
             match written {
                 Ok(w) => (
                     w,
@@ -517,6 +521,7 @@ impl Node {
                 return Err(e);
             }
         };
+        self.metrics.snapshot_bytes.store(snap.bytes(), Relaxed);
         // An expired epoch's batch may sit in a group not yet fully applied, which
         // `compact_through` would keep: filter batch by batch then.
         let done = match covered {

@@ -121,6 +121,7 @@ pub(crate) fn decode(v: &[u8]) -> Result<Snapshot, String> {
 struct HashingFile {
     file: File,
     hash: Sha256,
+    len: u64,
 }
 
 impl std::fmt::Debug for HashingFile {
@@ -135,6 +136,7 @@ impl Write for HashingFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.file.write(buf)?;
         self.hash.update(&buf[..n]);
+        self.len += n as u64;
         Ok(n)
     }
 
@@ -174,6 +176,7 @@ impl SnapshotWriter {
             HashingFile {
                 file,
                 hash: Sha256::new(),
+                len: 0,
             },
         ));
         Ok(w)
@@ -212,7 +215,12 @@ impl SnapshotWriter {
             .out
             .take()
             .ok_or_else(|| self.fail("already finished"))?;
-        let HashingFile { mut file, hash } = out.into_inner().map_err(|e| self.fail(e.error()))?;
+        let HashingFile {
+            mut file,
+            hash,
+            len,
+            ..
+        } = out.into_inner().map_err(|e| self.fail(e.error()))?;
         let done = file
             .seek(SeekFrom::Start(MAGIC.len() as u64 + 1))
             .and_then(|_| file.write_all(&hash.finalize()))
@@ -225,6 +233,7 @@ impl SnapshotWriter {
             n: self.n,
             path: to,
             named: false,
+            len: HEADER as u64 + len,
         };
         sync_dir(&self.root)?;
         Ok(file)
@@ -246,6 +255,14 @@ pub struct SnapshotFile {
     pub(crate) n: u64,
     path: PathBuf,
     pub(crate) named: bool,
+    len: u64,
+}
+
+impl SnapshotFile {
+    /// The file's size, bytes.
+    pub fn bytes(&self) -> u64 {
+        self.len
+    }
 }
 
 impl Drop for SnapshotFile {
