@@ -12,11 +12,14 @@ use std::time::Instant;
 
 struct Counting;
 static LIVE: AtomicUsize = AtomicUsize::new(0);
+/// The highest `LIVE` since it was last reset (`PEAK.store(LIVE)`).
+static PEAK: AtomicUsize = AtomicUsize::new(0);
 
 #[allow(unsafe_code)]
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size(), Ordering::Relaxed);
+        let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+        PEAK.fetch_max(now, Ordering::Relaxed);
         unsafe { System.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
@@ -24,6 +27,8 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        // Old and new blocks both live during the copy.
+        PEAK.fetch_max(LIVE.load(Ordering::Relaxed) + n, Ordering::Relaxed);
         LIVE.fetch_sub(l.size(), Ordering::Relaxed);
         LIVE.fetch_add(n, Ordering::Relaxed);
         unsafe { System.realloc(p, l, n) }
@@ -47,6 +52,45 @@ fn one_batch_producers(n: u32) -> Replica {
     r
 }
 
+/// A compaction's extra heap and time under the replica's lock: the snapshot built as a value
+/// and encoded (before) against streamed from the tables (`write_snapshot`, into a buffered
+/// sink standing in for the file). Medians of 5.
+fn snapshot_cost(what: &str, r: &Replica, state: usize) {
+    let mut built = Vec::new();
+    let mut streamed = Vec::new();
+    let (mut built_peak, mut streamed_peak, mut size) = (0, 0, 0);
+    for _ in 0..5 {
+        let base = LIVE.load(Ordering::Relaxed);
+        PEAK.store(base, Ordering::Relaxed);
+        let t = Instant::now();
+        let bytes = r.snapshot().encode();
+        built.push(t.elapsed().as_secs_f64() * 1e3);
+        built_peak = PEAK.load(Ordering::Relaxed) - base;
+        size = bytes.len();
+        drop(bytes);
+        let base = LIVE.load(Ordering::Relaxed);
+        PEAK.store(base, Ordering::Relaxed);
+        let t = Instant::now();
+        let sink = std::io::BufWriter::with_capacity(256 << 10, std::io::sink());
+        r.write_snapshot(sink).expect("write");
+        streamed.push(t.elapsed().as_secs_f64() * 1e3);
+        streamed_peak = PEAK.load(Ordering::Relaxed) - base;
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "snapshot of {what} (state {:.1} MB, encoded {:.1} MB): built then encoded {:.1} ms, +{:.1} MB heap; streamed {:.1} ms, +{:.1} MB heap",
+        state as f64 / 1e6,
+        size as f64 / 1e6,
+        median(&mut built),
+        built_peak as f64 / 1e6,
+        median(&mut streamed),
+        streamed_peak as f64 / 1e6
+    );
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // cargo test/bench discovery
@@ -62,6 +106,7 @@ fn main() {
     let bytes = LIVE.load(Ordering::Relaxed) - before;
     let keys = 1000 * 600;
     println!("memory: {keys} live keys (1 s buckets, 1,000 entities, 1 category): {bytes} bytes, {:.1} bytes/key (all tiers and rollups included; {} tier entries)", bytes as f64 / keys as f64, r.entry_count());
+    snapshot_cost("600,000 live keys", &r, bytes);
     drop(r);
 
     // Memory per producer seen-set: 100,000 producers with one epoch each, in-order seqs.
@@ -120,6 +165,7 @@ fn main() {
     r.expire(i64::MAX - 1);
     let after_expiry = LIVE.load(Ordering::Relaxed) - before;
     println!("memory: per idle producer (100,000 producers, one batch each, seen-sets expired): {:.1} bytes/producer (key, index, per-producer minute/hour rollups of one category)", after_expiry as f64 / 100_000.0);
+    snapshot_cost("100,000 idle producers", &r, after_expiry);
     drop(r);
 
     // Ephemeral producers over simulated time: 1,000,000 fresh keys, 100,000 a simulated day

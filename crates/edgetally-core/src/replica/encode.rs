@@ -110,7 +110,14 @@ impl<'a> Encoder<'a> {
         }
         // Stable, as `Replica::snapshot` sorts (no two series share a key).
         series.sort_by_key(|&(c, d, _)| (c, d));
-        let mut rollup = Vec::new();
+        // Sized up front: growing it by doubling would briefly hold it twice.
+        let totals: usize = r
+            .rollups
+            .values()
+            .flat_map(|ro| ro.tiers.iter().flatten())
+            .map(|(_, table)| table.len())
+            .sum();
+        let mut rollup = Vec::with_capacity(totals);
         for (&cat, ro) in &r.rollups {
             for (t, tier) in ro.tiers.iter().enumerate() {
                 for (start, table) in tier {
