@@ -3,23 +3,16 @@
 //! batch can count twice), and the totals, the state hash and the snapshot round trip are
 //! unchanged by it.
 
-use edgetally_core::{
-    Batch, BatchId, Limits, LogEntry, RejectCode, Replica, Snapshot, HORIZON_UNKNOWN,
-};
+mod common;
+
+use common::entry;
+use edgetally_core::{Batch, BatchId, Limits, RejectCode, Replica, Snapshot, HORIZON_UNKNOWN};
 use edgetally_proto::{BatchBuilder, Signer};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 const NOW: i64 = 1_700_000_000_000;
 const HOUR: i64 = 3_600_000;
-
-fn entry(b: &Batch) -> LogEntry {
-    LogEntry {
-        batch: Arc::new(b.clone()),
-        raw: Arc::from(&[][..]),
-    }
-}
 
 /// Batches of a few producers and epochs, each with records `ago` ms before `NOW`.
 fn batches(spec: &[(u8, u8, Vec<i64>)]) -> Vec<Batch> {

@@ -3,21 +3,16 @@
 //! across `Replica::expire`, which shrinks closed buckets' tables — including a bucket that
 //! is added to after it was shrunk.
 
-use edgetally_core::{Batch, BatchId, LogEntry, Replica, TopBy};
+mod common;
+
+use common::entry;
+use edgetally_core::{Batch, BatchId, Replica, TopBy};
 use edgetally_proto::{BatchBuilder, Signer};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 const T0: i64 = 1_700_000_000_000;
 const MINUTE: i64 = 60_000;
-
-fn entry(b: Batch) -> LogEntry {
-    LogEntry {
-        batch: Arc::new(b),
-        raw: Arc::from(&[][..]),
-    }
-}
 
 /// A batch of `n` events of producer `p` in minute `m` (its own epoch `epoch`).
 fn batch(p: u8, epoch: u64, m: i64, n: u8) -> Batch {
@@ -69,7 +64,7 @@ proptest! {
             epoch += 1;
             let b = batch(p, epoch, m, n);
             *model.entry(b.id.producer.to_hex()).or_default() += u64::from(n);
-            r.apply(entry(b)).expect("apply");
+            r.apply(entry(&b)).expect("apply");
         };
         for &x in &first {
             apply(&mut r, &mut model, x);
