@@ -423,13 +423,14 @@ fn corruption_campaign_every_file_kind_is_refused_or_counted_or_reported() {
     let cats: Vec<String> = truth.keys().cloned().collect();
     let total: u64 = truth.values().map(|v| v.0).sum();
     let mut files = vec![PathBuf::from("edgetally.redb")];
-    // The snapshot file redb names (the graceful stop above compacted).
+    // The snapshot file redb names (the graceful stop above compacted), and one a `kill -9`
+    // may have cut off before redb named it (damaging that one changes nothing).
     let snaps: Vec<PathBuf> = std::fs::read_dir(&pristine)
         .expect("data dir")
         .map(|e| PathBuf::from(e.expect("entry").file_name()))
         .filter(|p| p.extension().is_some_and(|x| x == "etsn"))
         .collect();
-    assert_eq!(snaps.len(), 1, "one snapshot file: {snaps:?}");
+    assert!(!snaps.is_empty(), "no snapshot file");
     files.extend(snaps);
     let mut segs: Vec<PathBuf> = std::fs::read_dir(pristine.join("log"))
         .expect("log")
