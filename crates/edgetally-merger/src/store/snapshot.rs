@@ -154,6 +154,8 @@ pub struct SnapshotWriter {
     root: PathBuf,
     tmp: PathBuf,
     out: Option<BufWriter<HashingFile>>,
+    /// Renamed to its final name: the `.tmp` is gone.
+    renamed: bool,
 }
 
 impl SnapshotWriter {
@@ -169,6 +171,7 @@ impl SnapshotWriter {
             root: root.to_path_buf(),
             tmp,
             out: None,
+            renamed: false,
         };
         file.write_all(&header).map_err(|e| w.fail(e))?;
         w.out = Some(BufWriter::with_capacity(
@@ -229,6 +232,7 @@ impl SnapshotWriter {
         drop(file);
         let to = path(&self.root, self.n);
         std::fs::rename(&self.tmp, &to).map_err(|e| self.fail(e))?;
+        self.renamed = true;
         let file = SnapshotFile {
             n: self.n,
             path: to,
@@ -242,7 +246,7 @@ impl SnapshotWriter {
 
 impl Drop for SnapshotWriter {
     fn drop(&mut self) {
-        if self.out.is_some() {
+        if !self.renamed {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
