@@ -336,7 +336,7 @@ pub(crate) fn recover(
         Some(s) => Replica::restore(s).map_err(|e| {
             StartError::Restore(format!(
                 "the snapshot in {} is inconsistent ({e}); `edgetally check --data-dir {} --repair OUT` salvages the stored batches",
-                data_dir.join("edgetally.redb").display(),
+                store.snapshot_location().display(),
                 data_dir.display()
             ))
         })?,

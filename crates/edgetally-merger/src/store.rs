@@ -713,6 +713,15 @@ impl Store {
             .map_err(StoreError)
     }
 
+    /// Where the current snapshot is: its file, or `edgetally.redb` (none yet, or one an
+    /// older version kept inline) — for error messages.
+    pub fn snapshot_location(&self) -> PathBuf {
+        match self.named_snapshot.load(Relaxed) {
+            0 => self.root.join("edgetally.redb"),
+            n => snapshot::path(&self.root, n),
+        }
+    }
+
     /// Starts writing a snapshot file. Call it under the lock that orders the states being
     /// snapshotted (the replica's): numbers are taken in that order, and a compaction never
     /// replaces a snapshot with one of a lower number.
@@ -1277,6 +1286,12 @@ mod tests {
             .to_string_lossy()
             .to_string();
         assert!(e.contains("checksum") && e.contains(&name), "{e}");
+        drop(s);
+        // Zeroed from its start (no magic): refused by name, never read as bare postcard.
+        std::fs::write(&path, vec![0u8; v.len()]).expect("zero");
+        let s = Store::open(&dir, 1 << 20).expect("open");
+        let e = s.load().expect_err("zeroed").to_string();
+        assert!(e.contains("header damaged") && e.contains(&name), "{e}");
         drop(s);
         // The file redb names is gone: refused, naming it.
         std::fs::remove_file(&path).expect("remove");

@@ -85,6 +85,12 @@ pub(crate) fn read(
         };
         let p = path(root, n);
         return Ok(Some(match std::fs::read(&p) {
+            // Files were always written with the header: one without it is damaged (only an
+            // older version's inline value may be bare postcard).
+            Ok(bytes) if !bytes.starts_with(&MAGIC) => Err(format!(
+                "{}: snapshot header damaged (no \"ETSN\" magic)",
+                p.display()
+            )),
             Ok(bytes) => decode(&bytes).map_err(|e| format!("{}: {e}", p.display())),
             Err(e) => Err(format!(
                 "{}: {e} (named by {} as the current snapshot)",
