@@ -20,9 +20,8 @@ use anyhow::{bail, Result};
 use edgetally_bench::launcher::{get_text, loopback_args, metric_value, Merger};
 use edgetally_core::BatchId;
 use edgetally_proto::{BatchBuilder, Reply, Signer};
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
@@ -99,7 +98,7 @@ pub fn run(a: ChurnArgs) -> Result<()> {
     let keys = Arc::new(AtomicU64::new(0));
     let acked = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
-    let expected: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let expected: crate::soak::Expected = Arc::default();
     let started = Instant::now();
     let total = Duration::from_secs(a.secs);
     let mut samples: Vec<Sample> = Vec::new();
@@ -158,12 +157,7 @@ pub fn run(a: ChurnArgs) -> Result<()> {
                         .await;
                         match reply {
                             Some(Reply::Ack) => {
-                                *expected
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .entry(cat.clone())
-                                    .or_default() += EVENTS_PER_BATCH;
-                                acked.fetch_add(1, Relaxed);
+                                crate::soak::credit(&expected, &acked, &cat, EVENTS_PER_BATCH)
                             }
                             Some(Reply::Nack(_)) => {
                                 refused.fetch_add(1, Relaxed);

@@ -62,7 +62,17 @@ pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
 }
 
 /// Expected count per category (every acknowledged valid event).
-type Expected = Arc<Mutex<BTreeMap<String, u64>>>;
+pub(crate) type Expected = Arc<Mutex<BTreeMap<String, u64>>>;
+
+/// Counts an acknowledged batch: its `events` join the ground truth of `cat`, and `acked`.
+pub(crate) fn credit(expected: &Expected, acked: &AtomicU64, cat: &str, events: u64) {
+    *expected
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(cat.to_string())
+        .or_default() += events;
+    acked.fetch_add(1, Relaxed);
+}
 
 fn valid_batch(s: &Signer, p: usize, seq: u64, now: i64) -> (Vec<u8>, String) {
     let cat = format!("soak-{}", p % 4);
@@ -200,14 +210,7 @@ pub fn run(a: SoakArgs) -> Result<()> {
                     })
                     .await;
                     match reply {
-                        Some(Reply::Ack) => {
-                            *expected
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .entry(cat.clone())
-                                .or_default() += 40;
-                            acked.fetch_add(1, Relaxed);
-                        }
+                        Some(Reply::Ack) => credit(&expected, &acked, &cat, 40),
                         Some(Reply::Nack(n)) => {
                             count(&stats, "valid_nack");
                             eprintln!("soak: a valid batch was refused: code {n}");
