@@ -499,20 +499,9 @@ impl Store {
             let meta = txn.open_table(META).map_err(err)?;
             let floor = read_floor(&meta, &db_path)?;
             let durable = read_u64(&meta, DURABLE_KEY, &db_path)?;
-            let named = match meta.get(snapshot::FILE_KEY).map_err(err)? {
-                Some(v) => Some(
-                    <[u8; 8]>::try_from(v.value())
-                        .map(u64::from_le_bytes)
-                        .map_err(|_| {
-                            StoreError(format!(
-                                "{}: the snapshot file's number is damaged",
-                                db_path.display()
-                            ))
-                        })?,
-                ),
-                None => None,
-            };
-            let has_snapshot = named.is_some() || meta.get(SNAPSHOT_KEY).map_err(err)?.is_some();
+            // 0: no snapshot file (their numbers start at 1).
+            let named = read_u64(&meta, snapshot::FILE_KEY, &db_path)?;
+            let has_snapshot = named > 0 || meta.get(SNAPSHOT_KEY).map_err(err)?.is_some();
             let mut legacy = Vec::new();
             match txn.open_table(LEGACY_GROUPS) {
                 Ok(t) => {
@@ -631,17 +620,17 @@ impl Store {
             .map(|d| d.len)
             .sum();
         // Snapshot files redb does not name: written but never committed, or replaced.
-        let mut newest = named.unwrap_or(0);
+        let mut newest = named;
         for (n, path) in snapshot::list(dir)? {
             newest = newest.max(n);
-            if Some(n) != named || path.extension().is_some_and(|e| e == "tmp") {
+            if n != named || path.extension().is_some_and(|e| e == "tmp") {
                 let _ = std::fs::remove_file(&path);
             }
         }
         let store = Store {
             root: dir.to_path_buf(),
             next_snapshot: AtomicU64::new(newest + 1),
-            named_snapshot: AtomicU64::new(named.unwrap_or(0)),
+            named_snapshot: AtomicU64::new(named),
             db,
             dir: log_dir,
             log: Mutex::new(log),

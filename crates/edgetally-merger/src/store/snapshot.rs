@@ -18,7 +18,7 @@
 //! Format: `"ETSN" | 1 | SHA-256 of the body | body` — the same as the redb value of older
 //! versions, which [`read`] still accepts.
 
-use super::{err, sync_dir, StoreError, SNAPSHOT_KEY};
+use super::{err, read_u64, sync_dir, StoreError, SNAPSHOT_KEY};
 use edgetally_core::Snapshot;
 use redb::ReadableTable;
 use sha2::{Digest as _, Sha256};
@@ -76,13 +76,11 @@ pub(crate) fn read(
     root: &Path,
 ) -> Result<Option<Result<Snapshot, String>>, StoreError> {
     let db = root.join("edgetally.redb");
-    if let Some(n) = meta.get(FILE_KEY).map_err(err)? {
-        let Ok(n) = <[u8; 8]>::try_from(n.value()).map(u64::from_le_bytes) else {
-            return Ok(Some(Err(format!(
-                "{}: the snapshot file's number is damaged",
-                db.display()
-            ))));
-        };
+    let n = match read_u64(meta, FILE_KEY, &db) {
+        Ok(n) => n,
+        Err(e) => return Ok(Some(Err(e.0))),
+    };
+    if n > 0 {
         let p = path(root, n);
         return Ok(Some(match std::fs::read(&p) {
             // Files were always written with the header: one without it is damaged (only an
