@@ -1484,29 +1484,25 @@ impl Replica {
 
     /// A canonical snapshot of totals and seen-sets (not the log).
     pub fn snapshot(&self) -> Snapshot {
+        let canon = encode::Canon::of(self);
+        let mut series: Vec<SeriesSnapshot> = self
+            .series_ids
+            .iter()
+            .map(|(&(cat, dim), &idx)| {
+                let s = &self.series[idx as usize];
+                SeriesSnapshot {
+                    category: canon.remap[cat as usize],
+                    dim: canon.dim(dim),
+                    tiers: [0, 1, 2].map(|t| s.tiers[t].iter().copied().collect()),
+                }
+            })
+            .collect();
         let encode::Canon {
             order,
             remap,
             porder,
             premap,
-        } = encode::Canon::of(self);
-        let mut series: Vec<SeriesSnapshot> = self
-            .series_ids
-            .iter()
-            .map(|(&(cat, dim), &idx)| {
-                let dim = match dim {
-                    Dim::Entity(e) => Dim::Entity(remap[e as usize]),
-                    Dim::Producer(p) => Dim::Producer(premap[p as usize]),
-                    d => d,
-                };
-                let s = &self.series[idx as usize];
-                SeriesSnapshot {
-                    category: remap[cat as usize],
-                    dim,
-                    tiers: [0, 1, 2].map(|t| s.tiers[t].iter().copied().collect()),
-                }
-            })
-            .collect();
+        } = canon;
         // The rollups, as one series per (category, producer) pair: the snapshot's form does
         // not depend on how a replica lays them out in memory.
         let mut pairs: FxHashMap<u64, usize> = FxHashMap::default();
