@@ -299,6 +299,86 @@ fn on_a_full_disk_an_ack_for_a_duplicate_means_durable() {
     m.kill9();
 }
 
+/// Compactions on a full disk: the snapshot file cannot be written, so the old snapshot stays
+/// named, no half-written file is left behind, queries stay exact, and once there is room a
+/// compaction succeeds again; everything acknowledged survives `kill -9`.
+#[test]
+fn a_snapshot_that_cannot_be_written_on_a_full_disk_loses_nothing() {
+    let tmp = TempDir::new("fullsnap");
+    let mnt = tmp.0.join("mnt");
+    let _fs = Tmpfs::mount(&mnt, "24m");
+    let data = mnt.join("data");
+    let env = [
+        LIMIT_ENV[0],
+        LIMIT_ENV[1],
+        ("EDGETALLY_SNAPSHOT_INTERVAL_SECS", "1"),
+    ];
+    let m = Merger::start_with_env(&data, &[], &env);
+    let base = now_ms() - 5_000;
+    let batches: Vec<Hostile> = hostile_batches(9, base)
+        .into_iter()
+        .filter(|b| b.verdict.is_none())
+        .collect();
+    let (before, after) = batches.split_at(batches.len() / 2);
+    let mut want = Totals::new();
+    for b in before {
+        let (st, v, _) = m.post("/v1/batches", "application/octet-stream", &b.raw);
+        assert_eq!(st, 200, "{v}");
+        add(&mut want, &b.adds);
+    }
+    let wait = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ok() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait("a first snapshot", &|| {
+        m.metric("edgetally_snapshots_total") >= 1.0
+    });
+    let filler = fill(&mnt);
+    let mut unacked = Vec::new();
+    for b in after {
+        match m.post("/v1/batches", "application/octet-stream", &b.raw).0 {
+            200 => add(&mut want, &b.adds),
+            503 => unacked.push(b),
+            st => panic!("status {st}"),
+        }
+    }
+    // Several compactions fail meanwhile (one a second).
+    let snapshots = m.metric("edgetally_snapshots_total");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        m.metric("edgetally_snapshots_total"),
+        snapshots,
+        "a snapshot was written on a full disk"
+    );
+    let files: Vec<String> = std::fs::read_dir(&data)
+        .expect("data dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("snapshot-"))
+        .collect();
+    assert!(
+        files.iter().all(|n| n.ends_with(".etsn")) && !files.is_empty(),
+        "half-written snapshot files left behind: {files:?}"
+    );
+    assert_totals(&m, &want, base, "on a full disk");
+    std::fs::remove_file(&filler).expect("free the disk");
+    wait("a snapshot once there is room", &|| {
+        m.metric("edgetally_snapshots_total") > snapshots
+    });
+    m.kill9();
+    let m = Merger::start_with_env(&data, &[], &env);
+    assert_totals(&m, &want, base, "acknowledged batches after kill -9");
+    for b in unacked {
+        let (st, v, _) = m.post("/v1/batches", "application/octet-stream", &b.raw);
+        assert_eq!(st, 200, "{v}");
+        add(&mut want, &b.adds);
+    }
+    assert_totals(&m, &want, base, "after retries");
+    m.kill9();
+}
+
 /// How a start ended: started (the merger), or refused with its stderr.
 enum Start {
     Up(Merger),
