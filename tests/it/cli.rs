@@ -113,8 +113,74 @@ fn query_prints_the_nodes_answers() {
         let mut args = vec!["query", "--node", node];
         args.extend(kind.iter().copied());
         let (ok, out, err) = run(&args);
-        assert!(ok && out.starts_with("window ["), "{args:?}: {out} {err}");
+        let head = if kind[0] == "series" {
+            "series of cpu by 60000 ms\n"
+        } else {
+            "window [20"
+        };
+        assert!(ok && out.starts_with(head), "{args:?}: {out} {err}");
     }
+    // The same window written as RFC 3339 times, as a relative time, and with a node address
+    // without its scheme: the same answer as epoch milliseconds.
+    let rfc = |ms: i64| {
+        let d = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+            .expect("time");
+        d.format(&time::format_description::well_known::Rfc3339)
+            .expect("format")
+    };
+    let bare = node.trim_start_matches("http://");
+    let want = v.clone();
+    let ago = format!("{}s", (now_ms() - (t - 60_000)) / 1000 + 1);
+    for (n, s, e) in [
+        (bare, rfc(t - 60_000), rfc(t + 10_000)),
+        (node, format!("now-{ago}"), "now+10s".to_string()),
+    ] {
+        let (ok, out, err) = run(&[
+            "query",
+            "--node",
+            n,
+            "--json",
+            "aggregate",
+            "--category",
+            "cpu",
+            "--since",
+            &s,
+            "--until",
+            &e,
+        ]);
+        assert!(ok, "{n} {s} {e}: {err}");
+        let got: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(
+            (&got["count"], &got["sum_exact"], &got["min"]),
+            (&want["count"], &want["sum_exact"], &want["min"]),
+            "{s} {e}"
+        );
+    }
+    // Epoch seconds where milliseconds are expected: answered, with a warning saying so.
+    let secs = (t / 1000).to_string();
+    let (ok, _, err) = run(&[
+        "query",
+        "--node",
+        node,
+        "aggregate",
+        "--category",
+        "cpu",
+        "--start",
+        &secs,
+    ]);
+    assert!(ok && err.contains("is read as epoch milliseconds"), "{err}");
+    // A time that is none of the forms names them.
+    let (ok, _, err) = run(&[
+        "query",
+        "--node",
+        node,
+        "aggregate",
+        "--category",
+        "cpu",
+        "--start",
+        "yesterday",
+    ]);
+    assert!(!ok && err.contains("RFC 3339"), "{err}");
     // A bad request surfaces the node's error code, with a failing exit status.
     let (ok, _, err) = run(&[
         "query",

@@ -160,7 +160,9 @@ impl Default for Config {
     }
 }
 
-/// The TOML file's shape. Every key is optional; durations are in the unit their name says.
+/// The TOML file's shape. Every key is optional. A duration is a number in the unit its key
+/// names (`max_lateness_ms = 604800000`) or text with units, under that key or the key
+/// without its unit (`max_lateness = "7d"`, `sync_interval = "500ms"`, `"1h 30m"`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
@@ -183,20 +185,42 @@ pub struct FileConfig {
     /// Per batch.
     pub max_entities: Option<usize>,
     /// Milliseconds.
+    #[serde(default, alias = "max_lateness", deserialize_with = "duration::ms")]
     pub max_lateness_ms: Option<i64>,
     /// Milliseconds.
+    #[serde(default, alias = "max_future_skew", deserialize_with = "duration::ms")]
     pub max_future_skew_ms: Option<i64>,
     /// Milliseconds; 0 keeps forever.
+    #[serde(
+        default,
+        alias = "retention_seconds_tier",
+        deserialize_with = "duration::ms"
+    )]
     pub retention_seconds_tier_ms: Option<i64>,
     /// Milliseconds; 0 keeps forever.
+    #[serde(
+        default,
+        alias = "retention_minutes_tier",
+        deserialize_with = "duration::ms"
+    )]
     pub retention_minutes_tier_ms: Option<i64>,
     /// Milliseconds; 0 keeps forever.
+    #[serde(
+        default,
+        alias = "retention_hours_tier",
+        deserialize_with = "duration::ms"
+    )]
     pub retention_hours_tier_ms: Option<i64>,
     /// See [`Config::queue_depth`].
     pub queue_depth: Option<usize>,
     /// See [`Config::max_group`].
     pub max_group: Option<usize>,
     /// See [`Config::snapshot_interval_secs`].
+    #[serde(
+        default,
+        alias = "snapshot_interval",
+        deserialize_with = "duration::secs"
+    )]
     pub snapshot_interval_secs: Option<u64>,
     /// See [`Config::peers`].
     pub peers: Option<Vec<SocketAddr>>,
@@ -205,10 +229,17 @@ pub struct FileConfig {
     /// See [`Config::peer_keys`].
     pub peer_keys: Option<Vec<String>>,
     /// See [`Config::sync_interval_ms`].
+    #[serde(default, alias = "sync_interval", deserialize_with = "duration::ms_u")]
     pub sync_interval_ms: Option<u64>,
     /// See [`Config::peer_horizon_secs`].
+    #[serde(default, alias = "peer_horizon", deserialize_with = "duration::secs")]
     pub peer_horizon_secs: Option<u64>,
     /// See [`Config::seen_expiry_margin_ms`].
+    #[serde(
+        default,
+        alias = "seen_expiry_margin",
+        deserialize_with = "duration::ms"
+    )]
     pub seen_expiry_margin_ms: Option<i64>,
     /// See [`Config::store_cache_mb`].
     pub store_cache_mb: Option<usize>,
@@ -247,6 +278,7 @@ pub struct FileConfig {
     /// See [`Config::group`].
     pub group: Option<String>,
     /// See [`Config::query_deadline_ms`].
+    #[serde(default, alias = "query_deadline", deserialize_with = "duration::ms_u")]
     pub query_deadline_ms: Option<u64>,
     /// See [`Config::snapshot_catch_up_batches`].
     pub snapshot_catch_up_batches: Option<u64>,
@@ -257,7 +289,42 @@ pub struct FileConfig {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+impl Config {
+    /// `EDGETALLY_*` variables that are not settings: the config file's path, the log
+    /// filter and format, the query tool's node and token, and the test suites' own knobs.
+    pub const OTHER_VARIABLES: &'static [&'static str] = &[
+        "CONFIG",
+        "LOG",
+        "NODE",
+        "TOKEN",
+        "LOG_FORMAT",
+        "BIN",
+        "TEST_LOG",
+        "SIM_SEED",
+        "SIM_SCALE",
+        "GROUPS_SIM_SEED",
+        "CLUSTER_SEEDS",
+        "WRITE_SIG_VECTORS",
+        "PRINT_VECTORS",
+        "BLESS",
+    ];
+}
+
 impl FileConfig {
+    /// The duration keys' names without their unit (`max_lateness = "7d"`).
+    pub const DURATION_ALIASES: &'static [&'static str] = &[
+        "max_lateness",
+        "max_future_skew",
+        "retention_seconds_tier",
+        "retention_minutes_tier",
+        "retention_hours_tier",
+        "snapshot_interval",
+        "sync_interval",
+        "peer_horizon",
+        "seen_expiry_margin",
+        "query_deadline",
+    ];
+
     /// Every key of the file (and, upper-cased after `EDGETALLY_`, of the environment).
     pub const KEYS: &'static [&'static str] = &[
         "data_dir",
@@ -315,44 +382,62 @@ impl Config {
         Ok(())
     }
 
-    /// Applies `EDGETALLY_<KEY>` variables (upper-case TOML keys; `EDGETALLY_PEERS` is a
-    /// comma-separated list).
+    /// Applies `EDGETALLY_<KEY>` variables (upper-case TOML keys, durations also without
+    /// their unit as in the file; lists are comma-separated). Returns a warning for each
+    /// `EDGETALLY_*` variable that is neither a setting nor one of the tools' own
+    /// ([`Config::OTHER_VARIABLES`]); an error names the variable.
     pub fn apply_env(
         &mut self,
         vars: impl Iterator<Item = (String, String)>,
-    ) -> Result<(), ConfigError> {
-        let mut doc = String::new();
+    ) -> Result<Vec<String>, ConfigError> {
+        let mut warnings = Vec::new();
         for (k, v) in vars {
-            let Some(key) = k.strip_prefix("EDGETALLY_") else {
+            let Some(name) = k.strip_prefix("EDGETALLY_") else {
                 continue;
             };
-            let key = key.to_ascii_lowercase();
-            // Only settings are read: other EDGETALLY_* variables (the log filter, the config
-            // file's path, tools' and test suites' own knobs) are none of this parser's business.
-            if !FileConfig::KEYS.contains(&key.as_str()) {
+            let key = name.to_ascii_lowercase();
+            if !FileConfig::KEYS.contains(&key.as_str())
+                && !FileConfig::DURATION_ALIASES.contains(&key.as_str())
+            {
+                if !Config::OTHER_VARIABLES.contains(&name) {
+                    let near = FileConfig::KEYS
+                        .iter()
+                        .chain(FileConfig::DURATION_ALIASES)
+                        .min_by_key(|known| strsim::levenshtein(known, &key))
+                        .filter(|known| strsim::levenshtein(known, &key) <= 3)
+                        .map(|known| {
+                            format!(" (did you mean EDGETALLY_{}?)", known.to_ascii_uppercase())
+                        })
+                        .unwrap_or_default();
+                    warnings.push(format!("{k} is not a setting and is ignored{near}"));
+                }
                 continue;
             }
+            use toml::Value;
             let value = match key.as_str() {
                 "data_dir" | "http_addr" | "quic_addr" | "tls_cert" | "tls_key"
                 | "cluster_secret" | "producer_policy" | "producer_allowlist" | "topology_file"
-                | "group" => format!("{v:?}"),
+                | "group" => Value::String(v.clone()),
                 "peers" | "peer_keys" | "issuer_keys" | "read_tokens" | "write_tokens"
-                | "cors_origins" => format!(
-                    "[{}]",
+                | "cors_origins" => Value::Array(
                     v.split(',')
-                        .filter(|s| !s.trim().is_empty())
-                        .map(|s| format!("{:?}", s.trim()))
-                        .collect::<Vec<_>>()
-                        .join(",")
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| Value::String(s.into()))
+                        .collect(),
                 ),
-                _ => v.clone(),
+                // A number, a boolean, a table: read as TOML; anything else as a string, so
+                // `7d` is a duration and `many` a type error rather than a syntax error.
+                _ => toml::from_str::<toml::Table>(&format!("x = {v}"))
+                    .ok()
+                    .and_then(|mut t| t.remove("x"))
+                    .unwrap_or_else(|| Value::String(v.clone())),
             };
-            doc.push_str(&format!("{key} = {value}\n"));
+            let f = FileConfig::deserialize(Value::Table([(key, value)].into_iter().collect()))
+                .map_err(|e| ConfigError(format!("{k}={v:?}: {e}")))?;
+            self.apply(f);
         }
-        let f: FileConfig =
-            toml::from_str(&doc).map_err(|e| ConfigError(format!("environment: {e}")))?;
-        self.apply(f);
-        Ok(())
+        Ok(warnings)
     }
 
     fn apply(&mut self, f: FileConfig) {
@@ -429,6 +514,65 @@ impl Config {
     }
 }
 
+/// Durations in configuration: a number in the key's unit, or text with units.
+mod duration {
+    use serde::de::{Deserializer, Error, Visitor};
+
+    struct Humane(u64);
+
+    impl Visitor<'_> for Humane {
+        type Value = i64;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let unit = if self.0 == 1 {
+                "milliseconds"
+            } else {
+                "seconds"
+            };
+            write!(
+                f,
+                "a number of {unit} or a duration such as \"7d\", \"30s\", \"1h 30m\""
+            )
+        }
+        fn visit_i64<E: Error>(self, v: i64) -> Result<i64, E> {
+            Ok(v)
+        }
+        fn visit_u64<E: Error>(self, v: u64) -> Result<i64, E> {
+            i64::try_from(v).map_err(|_| E::custom(format!("{v} is too large")))
+        }
+        fn visit_str<E: Error>(self, v: &str) -> Result<i64, E> {
+            let d = humantime::parse_duration(v.trim()).map_err(|e| {
+                E::custom(format!(
+                    "{v:?} is not a duration ({e}); write e.g. \"7d\", \"30s\", \"1h 30m\", \"250ms\""
+                ))
+            })?;
+            let ms = d.as_millis();
+            if ms % u128::from(self.0) != 0 {
+                return Err(E::custom(format!("{v:?} is not a whole number of seconds")));
+            }
+            i64::try_from(ms / u128::from(self.0))
+                .map_err(|_| E::custom(format!("{v:?} is too long")))
+        }
+    }
+
+    pub fn ms<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        d.deserialize_any(Humane(1)).map(Some)
+    }
+
+    pub fn ms_u<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        non_negative(d.deserialize_any(Humane(1))?)
+    }
+
+    pub fn secs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        non_negative(d.deserialize_any(Humane(1000))?)
+    }
+
+    fn non_negative<E: Error>(v: i64) -> Result<Option<u64>, E> {
+        u64::try_from(v)
+            .map(Some)
+            .map_err(|_| E::custom(format!("{v} is negative")))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,18 +603,96 @@ mod tests {
         assert_eq!(c.retention.tiers[2], Some(1000));
         assert_eq!(c.peers.len(), 2);
         assert!(c.apply_toml("nonsense = 1").is_err());
-        assert!(c
+        let err = c
             .apply_env([("EDGETALLY_QUEUE_DEPTH".to_string(), "many".to_string())].into_iter())
-            .is_err());
+            .expect_err("not a number");
+        assert!(
+            err.0
+                .starts_with("EDGETALLY_QUEUE_DEPTH=\"many\": invalid type"),
+            "{err}"
+        );
     }
 
-    /// `KEYS` is exactly the set of fields serde accepts (its unknown-field error lists them).
+    #[test]
+    fn durations_take_units_in_the_file_and_the_environment() {
+        let mut c = Config::default();
+        c.apply_toml(
+            "max_lateness = \"2d 12h\"\nmax_future_skew_ms = \"90s\"\nsync_interval = \"250ms\"\n\
+             snapshot_interval_secs = \"2m\"\npeer_horizon = 60\nretention_hours_tier = \"30d\"\n",
+        )
+        .expect("toml");
+        assert_eq!(c.limits.max_lateness_ms, 60 * 3_600_000);
+        assert_eq!(c.limits.max_future_skew_ms, 90_000);
+        assert_eq!(c.sync_interval_ms, 250);
+        assert_eq!(c.snapshot_interval_secs, 120);
+        assert_eq!(c.peer_horizon_secs, 60);
+        assert_eq!(c.retention.tiers[2], Some(30 * 86_400_000));
+        let warnings = c
+            .apply_env(
+                [
+                    ("EDGETALLY_MAX_LATENESS".to_string(), "7d".to_string()),
+                    ("EDGETALLY_QUERY_DEADLINE_MS".into(), "1500".into()),
+                    ("EDGETALLY_SEEN_EXPIRY_MARGIN".into(), "1h".into()),
+                ]
+                .into_iter(),
+            )
+            .expect("env");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(c.limits.max_lateness_ms, 7 * 86_400_000);
+        assert_eq!(c.query_deadline_ms, 1500);
+        assert_eq!(c.seen_expiry_margin_ms, 3_600_000);
+        for (text, why) in [
+            (
+                "snapshot_interval = \"1500ms\"",
+                "not a whole number of seconds",
+            ),
+            ("max_lateness = \"7 fortnights\"", "is not a duration"),
+            ("sync_interval_ms = -5", "is negative"),
+            (
+                "max_lateness = \"7d\"\nmax_lateness_ms = 5",
+                "duplicate field",
+            ),
+        ] {
+            let err = c.apply_toml(text).expect_err(text).to_string();
+            assert!(err.contains(why), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_variable_is_a_warning_with_a_suggestion() {
+        let mut c = Config::default();
+        let warnings = c
+            .apply_env(
+                [
+                    ("EDGETALLY_MAX_LATENES_MS".to_string(), "5".to_string()),
+                    ("EDGETALLY_WHATEVER".into(), "1".into()),
+                    ("EDGETALLY_LOG".into(), "debug".into()),
+                    ("EDGETALLY_NODE".into(), "http://x".into()),
+                ]
+                .into_iter(),
+            )
+            .expect("env");
+        assert_eq!(
+            warnings,
+            [
+                "EDGETALLY_MAX_LATENES_MS is not a setting and is ignored (did you mean EDGETALLY_MAX_LATENESS_MS?)",
+                "EDGETALLY_WHATEVER is not a setting and is ignored",
+            ]
+        );
+        assert_eq!(c, Config::default());
+    }
+
+    /// `KEYS` and `DURATION_ALIASES` are exactly the names serde accepts (its unknown-field
+    /// error lists them).
     #[test]
     fn keys_are_the_file_fields() {
         let err = toml::from_str::<FileConfig>("zzz = 1")
             .expect_err("unknown key")
             .to_string();
-        let listed: Vec<&str> = err.split('`').skip(3).step_by(2).collect();
-        assert_eq!(listed, FileConfig::KEYS, "{err}");
+        let mut listed: Vec<&str> = err.split('`').skip(3).step_by(2).collect();
+        let mut known: Vec<&str> = [FileConfig::KEYS, FileConfig::DURATION_ALIASES].concat();
+        listed.sort_unstable();
+        known.sort_unstable();
+        assert_eq!(listed, known, "{err}");
     }
 }

@@ -853,7 +853,8 @@ fn event_fields(
     Ok((ts, category, entity, value))
 }
 
-fn event_reason(code: RejectCode) -> &'static str {
+/// Why an event was refused, for a rejection whose code says it (the SDK's `record` checks).
+pub fn event_reason(code: RejectCode) -> &'static str {
     match code {
         RejectCode::InvalidCategory => "category must be 1-200 bytes of UTF-8",
         RejectCode::InvalidEntity => "entity must be 1-200 bytes of UTF-8",

@@ -1,6 +1,6 @@
 //! A native QUIC client for sending sealed batches to a merger.
 
-use crate::tls::{client_config, ALPN_BATCHES};
+use crate::tls::{pinned_client_config, ALPN_BATCHES};
 use edgetally_proto::Reply;
 use std::net::SocketAddr;
 
@@ -11,6 +11,23 @@ pub enum SendError {
     /// Could not connect.
     #[error("connect: {0}")]
     Connect(String),
+    /// The server's certificate is not the pinned one (a wrong `--cert-sha256`, or another
+    /// server on that port).
+    #[error(
+        "the server presented certificate sha256 {}, which is not pinned",
+        crate::tls::hex(presented)
+    )]
+    CertificateMismatch {
+        /// The SHA-256 of the certificate the server presented.
+        presented: [u8; 32],
+    },
+    /// No answer to the handshake (nothing listening there, or the path drops UDP).
+    #[error("no answer to the QUIC handshake (is a merger listening there?)")]
+    Unreachable,
+    /// The server answered but refused the connection (its connection cap, an unexpected
+    /// ALPN, or not an edgetally merger).
+    #[error("connection refused: {0}")]
+    Refused(String),
     /// The stream failed.
     #[error("stream: {0}")]
     Stream(String),
@@ -38,14 +55,25 @@ impl Client {
         .map_err(|_| SendError::Connect("bind".into()))?;
         let mut endpoint =
             quinn::Endpoint::client(bind).map_err(|e| SendError::Connect(e.to_string()))?;
-        endpoint.set_default_client_config(
-            client_config(pins, ALPN_BATCHES).map_err(|e| SendError::Connect(e.to_string()))?,
-        );
+        let (config, verifier) = pinned_client_config(pins, ALPN_BATCHES)
+            .map_err(|e| SendError::Connect(e.to_string()))?;
+        endpoint.set_default_client_config(config);
+        // The merger does not look at the server name (the pinned hash is the identity).
         let conn = endpoint
             .connect(addr, "localhost")
             .map_err(|e| SendError::Connect(e.to_string()))?
             .await
-            .map_err(|e| SendError::Connect(e.to_string()))?;
+            .map_err(|e| match (e, verifier.refused()) {
+                (_, Some(presented)) => SendError::CertificateMismatch { presented },
+                (quinn::ConnectionError::TimedOut, None) => SendError::Unreachable,
+                (
+                    e @ (quinn::ConnectionError::ConnectionClosed(_)
+                    | quinn::ConnectionError::ApplicationClosed(_)
+                    | quinn::ConnectionError::TransportError(_)),
+                    None,
+                ) => SendError::Refused(e.to_string()),
+                (e, None) => SendError::Connect(e.to_string()),
+            })?;
         Ok(Client { conn, endpoint })
     }
 

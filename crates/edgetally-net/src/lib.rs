@@ -11,7 +11,7 @@ pub mod server;
 pub mod tls;
 
 pub use client::{Client, SendError};
-pub use producer::{Endpoint, NativeProducer};
+pub use producer::{Endpoint, LinkError, LinkStatus, NativeProducer};
 pub use server::{serve, BatchSink};
 pub use tls::{Identity, ALPN_BATCHES, ALPN_H3, ALPN_PEER};
 

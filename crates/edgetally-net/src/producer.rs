@@ -2,7 +2,7 @@
 //! many batches in flight, reconnects, and optional file-backed state (key, epoch/seq and
 //! outbox) so a restarted producer resumes its epoch and resends what was never acked.
 
-use crate::client::Client;
+use crate::client::{Client, SendError};
 use edgetally_core::RejectCode;
 use edgetally_proto::{PersistOp, Producer, ProducerConfig, Reply, Stats};
 use std::net::SocketAddr;
@@ -112,7 +112,47 @@ impl FileState {
     }
 }
 
+/// What the producer knows of its link to one endpoint ([`NativeProducer::links`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkStatus {
+    /// The endpoint's address.
+    pub addr: SocketAddr,
+    /// Whether a connection to it ever completed its handshake.
+    pub connected: bool,
+    /// Why the last attempt failed, if it did (cleared by the next success).
+    pub last_error: Option<LinkError>,
+}
+
+/// Why sending to an endpoint failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// The endpoint presented a certificate other than the pinned one.
+    #[error(
+        "its certificate (sha256 {}) is not the pinned one",
+        crate::tls::hex(presented)
+    )]
+    CertificateMismatch {
+        /// The SHA-256 of the certificate it presented.
+        presented: [u8; 32],
+    },
+    /// No answer to the handshake within the connect timeout.
+    #[error("no answer to the QUIC handshake within {0} s (is a merger listening there?)")]
+    Unreachable(u64),
+    /// The endpoint refused the connection.
+    #[error("it refused the connection: {0}")]
+    Refused(String),
+    /// Anything else (a stream reset, a timed-out reply…).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// How long a connection's handshake may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 struct Shared {
+    /// Per endpoint, in the order given.
+    links: Mutex<Vec<LinkStatus>>,
     producer: Mutex<Producer>,
     wake: Notify,
     state: Option<FileState>,
@@ -125,6 +165,25 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, Producer> {
         self.producer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes the outcome of a send to endpoint `i`.
+    fn link(&self, i: usize, error: Option<&LinkError>) {
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = links.get_mut(i) {
+            match error {
+                None => {
+                    l.connected = true;
+                    l.last_error = None;
+                }
+                Some(e) => {
+                    if l.last_error.as_ref() != Some(e) {
+                        tracing::debug!(endpoint = %l.addr, "send failed: {e}");
+                    }
+                    l.last_error = Some(e.clone());
+                }
+            }
+        }
     }
 
     fn persist(&self) {
@@ -172,10 +231,19 @@ impl NativeProducer {
             None => (random_seed(), random_u64(), 0, Vec::new()),
         };
         let names: Vec<String> = endpoints.iter().map(|e| e.addr.to_string()).collect();
+        let links = endpoints
+            .iter()
+            .map(|e| LinkStatus {
+                addr: e.addr,
+                connected: false,
+                last_error: None,
+            })
+            .collect();
         let producer =
             Producer::resume(config, seed, epoch, next_seq, outbox, &names, random_u64())
                 .map_err(ProducerError::Config)?;
         let shared = Arc::new(Shared {
+            links: Mutex::new(links),
             producer: Mutex::new(producer),
             wake: Notify::new(),
             state,
@@ -291,6 +359,15 @@ impl NativeProducer {
         self.shared.lock().producer_key()
     }
 
+    /// Each endpoint's link: whether it ever connected, and why its last attempt failed.
+    pub fn links(&self) -> Vec<LinkStatus> {
+        self.shared
+            .links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The counters.
     pub fn stats(&self) -> Stats {
         self.shared.lock().stats()
@@ -328,10 +405,11 @@ async fn drive(shared: Arc<Shared>, endpoints: Vec<Endpoint>) {
                     .unwrap_or_else(|e| e.into_inner())
                     .clone();
                 let result = send(&clients, &endpoints, t.endpoint, &t.bytes, credential).await;
+                shared.link(t.endpoint, result.as_ref().err());
                 let now = now_ms();
                 match result {
-                    Some(reply) => shared.lock().handle_reply(now, t.seq, reply),
-                    None => shared.lock().handle_transport_error(now, t.seq, t.endpoint),
+                    Ok(reply) => shared.lock().handle_reply(now, t.seq, reply),
+                    Err(_) => shared.lock().handle_transport_error(now, t.seq, t.endpoint),
                 }
                 shared.persist();
                 shared.wake.notify_one();
@@ -351,15 +429,17 @@ async fn drive(shared: Arc<Shared>, endpoints: Vec<Endpoint>) {
 }
 
 /// Sends on the endpoint's connection, (re)connecting as needed and presenting the
-/// credential on a connection that has not seen it; `None` on transport failure.
+/// credential on a connection that has not seen it; the reason on transport failure.
 async fn send(
     clients: &Connections,
     endpoints: &[Endpoint],
     i: usize,
     bytes: &[u8],
     credential: Option<(u64, Arc<[u8]>)>,
-) -> Option<Reply> {
-    let ep = endpoints.get(i)?;
+) -> Result<Reply, LinkError> {
+    let ep = endpoints
+        .get(i)
+        .ok_or_else(|| LinkError::Failed("no such endpoint".into()))?;
     let forget = || async {
         if let Some(slot) = clients.lock().await.get_mut(i) {
             *slot = None;
@@ -370,13 +450,20 @@ async fn send(
         match cs.get(i).cloned().flatten() {
             Some(c) => c,
             None => {
-                let c = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    Client::connect(ep.addr, vec![ep.cert]),
-                )
-                .await
-                .ok()?
-                .ok()?;
+                let c =
+                    tokio::time::timeout(CONNECT_TIMEOUT, Client::connect(ep.addr, vec![ep.cert]))
+                        .await
+                        .map_err(|_| LinkError::Unreachable(CONNECT_TIMEOUT.as_secs()))?
+                        .map_err(|e| match e {
+                            SendError::CertificateMismatch { presented } => {
+                                LinkError::CertificateMismatch { presented }
+                            }
+                            SendError::Unreachable => {
+                                LinkError::Unreachable(CONNECT_TIMEOUT.as_secs())
+                            }
+                            SendError::Refused(why) => LinkError::Refused(why),
+                            other => LinkError::Failed(other.to_string()),
+                        })?;
                 if let Some(slot) = cs.get_mut(i) {
                     *slot = Some((c.clone(), 0));
                 }
@@ -392,18 +479,28 @@ async fn send(
                     slot.1 = generation;
                 }
             }
-            _ => {
+            Ok(Err(e)) => {
                 forget().await;
-                return None;
+                return Err(LinkError::Failed(format!("presenting the credential: {e}")));
+            }
+            Err(_) => {
+                forget().await;
+                return Err(LinkError::Failed(
+                    "no reply to the credential within 10 s".into(),
+                ));
             }
         }
     }
     match tokio::time::timeout(Duration::from_secs(10), client.send(bytes)).await {
-        Ok(Ok(reply)) => Some(reply),
-        _ => {
-            // Forget the connection; the next attempt reconnects.
+        Ok(Ok(reply)) => Ok(reply),
+        // Forget the connection; the next attempt reconnects.
+        Ok(Err(e)) => {
             forget().await;
-            None
+            Err(LinkError::Failed(e.to_string()))
+        }
+        Err(_) => {
+            forget().await;
+            Err(LinkError::Failed("no reply within 10 s".into()))
         }
     }
 }

@@ -180,10 +180,7 @@ pub fn tcp_server_config(id: &Identity, alpns: &[&[u8]]) -> Result<rustls::Serve
 /// certificate hash is in `pins`.
 pub fn tcp_client_config(pins: Vec<[u8; 32]>) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
-    let verifier = Arc::new(PinnedCert {
-        pins: Some(pins),
-        provider: provider.clone(),
-    });
+    let verifier = Arc::new(PinnedCert::new(Some(pins), provider.clone()));
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -229,6 +226,24 @@ pub fn server_config(id: &Identity, alpns: &[&[u8]]) -> Result<quinn::ServerConf
 pub struct PinnedCert {
     pins: Option<Vec<[u8; 32]>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
+    /// The hash of the last certificate refused for not being pinned.
+    refused: std::sync::Mutex<Option<[u8; 32]>>,
+}
+
+impl PinnedCert {
+    fn new(pins: Option<Vec<[u8; 32]>>, provider: Arc<rustls::crypto::CryptoProvider>) -> Self {
+        PinnedCert {
+            pins,
+            provider,
+            refused: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The SHA-256 of the last certificate a server presented that was not pinned: what a
+    /// client reports when its `--cert-sha256` is wrong.
+    pub fn refused(&self) -> Option<[u8; 32]> {
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl ServerCertVerifier for PinnedCert {
@@ -240,13 +255,11 @@ impl ServerCertVerifier for PinnedCert {
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if self
-            .pins
-            .as_ref()
-            .is_none_or(|p| p.contains(&cert_hash(end_entity)))
-        {
+        let hash = cert_hash(end_entity);
+        if self.pins.as_ref().is_none_or(|p| p.contains(&hash)) {
             Ok(ServerCertVerified::assertion())
         } else {
+            *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(hash);
             Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::UnknownIssuer,
             ))
@@ -290,12 +303,17 @@ impl ServerCertVerifier for PinnedCert {
 
 /// A QUIC client configuration that accepts only servers whose certificate hash is pinned.
 pub fn client_config(pins: Vec<[u8; 32]>, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
+    Ok(pinned_client_config(pins, alpn)?.0)
+}
+
+/// The same, with the verifier, which tells what certificate a refused server presented.
+pub fn pinned_client_config(
+    pins: Vec<[u8; 32]>,
+    alpn: &[u8],
+) -> Result<(quinn::ClientConfig, Arc<PinnedCert>), TlsError> {
     let provider = provider();
-    let verifier = Arc::new(PinnedCert {
-        pins: Some(pins),
-        provider: provider.clone(),
-    });
-    client_with(verifier, provider, alpn)
+    let verifier = Arc::new(PinnedCert::new(Some(pins), provider.clone()));
+    Ok((client_with(verifier.clone(), provider, alpn)?, verifier))
 }
 
 /// The client configuration for links between mergers: any certificate is accepted at the
@@ -304,10 +322,7 @@ pub fn client_config(pins: Vec<[u8; 32]>, alpn: &[u8]) -> Result<quinn::ClientCo
 /// (see the merger's `replication` module). Handshake signatures are still checked.
 pub fn peer_client_config() -> Result<quinn::ClientConfig, TlsError> {
     let provider = provider();
-    let verifier = Arc::new(PinnedCert {
-        pins: None,
-        provider: provider.clone(),
-    });
+    let verifier = Arc::new(PinnedCert::new(None, provider.clone()));
     client_with(verifier, provider, ALPN_PEER)
 }
 

@@ -1,5 +1,6 @@
 //! `edgetally`: serve, query, keygen.
 
+mod args;
 mod cluster_demo;
 mod demo;
 mod query;
@@ -18,6 +19,9 @@ use std::path::PathBuf;
     about = "Edge aggregation: merger nodes and tools"
 )]
 struct Cli {
+    /// Log format on stderr: `text` for people, `json` (one object per line) for collectors.
+    #[arg(long, global = true, env = "EDGETALLY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -90,11 +94,11 @@ struct ServeArgs {
     /// Data directory.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// HTTP API address.
-    #[arg(long)]
+    /// HTTP API address (ip:port or host:port).
+    #[arg(long, value_parser = args::addr)]
     http_addr: Option<SocketAddr>,
-    /// QUIC address (batches).
-    #[arg(long)]
+    /// QUIC address (batches, WebTransport, peers; ip:port or host:port).
+    #[arg(long, value_parser = args::addr)]
     quic_addr: Option<SocketAddr>,
     /// Certificate chain (PEM) replacing the generated one; needs --tls-key.
     #[arg(long, requires = "tls_key")]
@@ -102,8 +106,8 @@ struct ServeArgs {
     /// Private key (PEM) for --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// A peer merger's QUIC address (repeatable).
-    #[arg(long = "peer")]
+    /// A peer merger's QUIC address, ip:port or host:port (repeatable).
+    #[arg(long = "peer", value_parser = args::addr)]
     peers: Vec<SocketAddr>,
     /// Shard-group topology file (TOML; re-read when it changes and on SIGHUP); needs --group.
     #[arg(long, requires = "group")]
@@ -113,7 +117,7 @@ struct ServeArgs {
     group: Option<String>,
 }
 
-fn init_logging() {
+fn init_logging(format: &str) {
     let filter: tracing_subscriber::filter::Targets = std::env::var("EDGETALLY_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .ok()
@@ -123,14 +127,17 @@ fn init_logging() {
         });
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        )
-        .with(filter)
-        .init();
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
+    if format == "json" {
+        registry
+            .with(layer.json().flatten_event(true).with_current_span(false))
+            .init();
+    } else {
+        registry
+            .with(layer.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
+            .init();
+    }
 }
 
 fn config(args: &ServeArgs) -> Result<Config> {
@@ -140,7 +147,9 @@ fn config(args: &ServeArgs) -> Result<Config> {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         c.apply_toml(&text)?;
     }
-    c.apply_env(std::env::vars())?;
+    for warning in c.apply_env(std::env::vars())? {
+        tracing::warn!("{warning}");
+    }
     if let Some(v) = &args.data_dir {
         c.data_dir = v.clone();
     }
@@ -164,11 +173,21 @@ fn config(args: &ServeArgs) -> Result<Config> {
     Ok(c)
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain on one line, no backtrace: these are users' errors to read.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Serve(args) => {
-            init_logging();
+            init_logging(&cli.log_format);
             let cfg = config(&args)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -182,7 +201,7 @@ fn main() -> Result<()> {
         }
         Cmd::Query(q) => query::run(q),
         Cmd::Send(a) => {
-            init_logging();
+            init_logging(&cli.log_format);
             send::run(a)
         }
         Cmd::Demo {
@@ -191,7 +210,7 @@ fn main() -> Result<()> {
             node_script,
         } => demo::run(cluster, usize::from(groups), node_script.as_deref()),
         Cmd::Check { data_dir, repair } => {
-            init_logging();
+            init_logging(&cli.log_format);
             match repair {
                 None => {
                     let report = edgetally_merger::check::check(&data_dir)?;
@@ -255,5 +274,36 @@ fn main() -> Result<()> {
             println!("secret seed written to {}", out.display());
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every subcommand and every flag of every subcommand says what it is for in `--help`.
+    #[test]
+    fn every_flag_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() && path.contains(' ') && cmd.get_name() != "help" {
+                missing.push(path.clone());
+            }
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && !arg.is_positional() {
+                    missing.push(format!("{path} --{}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        walk(&cmd, "", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
     }
 }

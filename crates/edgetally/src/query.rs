@@ -6,14 +6,18 @@ use serde_json::Value;
 
 #[derive(Args, Debug)]
 pub struct QueryArgs {
-    /// The node's HTTP address.
+    /// The node's HTTP address: http://host:port, https://host:port, or host:port.
     #[arg(
         long,
         global = true,
         default_value = "http://127.0.0.1:7070",
-        env = "EDGETALLY_NODE"
+        env = "EDGETALLY_NODE",
+        value_parser = crate::args::node_url
     )]
     node: String,
+    /// A read token, for nodes that require one (sent as `Authorization: Bearer …`).
+    #[arg(long, global = true, env = "EDGETALLY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Print the node's JSON answer instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -21,118 +25,112 @@ pub struct QueryArgs {
     kind: Kind,
 }
 
+/// A time range `[start, end)`. Times are epoch milliseconds, RFC 3339
+/// (`2026-12-06T10:00:00Z`), `now`, `now-1h`, or a duration ago (`15m`).
+#[derive(Args, Debug)]
+struct Range {
+    /// Start of the window, inclusive (default: 1h ago).
+    #[arg(long, visible_alias = "since", default_value = "1h", value_parser = crate::args::time_ms)]
+    start: i64,
+    /// End of the window, exclusive (default: now, plus one second so the current one counts).
+    #[arg(long, visible_alias = "until", default_value = "now+1s", value_parser = crate::args::time_ms)]
+    end: i64,
+}
+
 #[derive(Subcommand, Debug)]
 enum Kind {
     /// Count, sum, avg, min, max over [start, end).
     Aggregate {
+        /// The category (metric or event name).
         #[arg(long)]
         category: String,
-        #[arg(long)]
-        start: i64,
-        #[arg(long)]
-        end: i64,
+        #[command(flatten)]
+        range: Range,
+        /// Only this entity's records.
         #[arg(long)]
         entity: Option<String>,
     },
     /// The top k entities or producers by count.
     Topk {
+        /// The category (metric or event name).
         #[arg(long)]
         category: String,
-        #[arg(long)]
-        start: i64,
-        #[arg(long)]
-        end: i64,
+        #[command(flatten)]
+        range: Range,
+        /// How many rows, 1–1000.
         #[arg(long, default_value_t = 10)]
         k: u32,
-        /// entity or producer
-        #[arg(long, default_value = "entity")]
+        /// Rank entities or producers.
+        #[arg(long, default_value = "entity", value_parser = ["entity", "producer"])]
         by: String,
     },
-    /// The aggregate of the sliding window of width_ms ending now.
+    /// The aggregate of the sliding window of the given width ending now.
     Window {
+        /// The category (metric or event name).
         #[arg(long)]
         category: String,
-        #[arg(long)]
+        /// The window's width: milliseconds or a duration (60s, 5m, 1h).
+        #[arg(long = "width", visible_alias = "width-ms", value_parser = crate::args::duration_ms)]
         width_ms: i64,
+        /// Only this entity's records.
         #[arg(long)]
         entity: Option<String>,
     },
     /// Counts and sums grouped by none, category or entity.
     Totals {
-        #[arg(long)]
-        start: i64,
-        #[arg(long)]
-        end: i64,
-        #[arg(long, default_value = "none")]
+        #[command(flatten)]
+        range: Range,
+        /// One row in all, one per category, or one per entity.
+        #[arg(long, default_value = "none", value_parser = ["none", "category", "entity"])]
         group_by: String,
     },
-    /// One aggregate per step.
+    /// One aggregate per step, for charts.
     Series {
+        /// The category (metric or event name).
         #[arg(long)]
         category: String,
-        #[arg(long)]
-        start: i64,
-        #[arg(long)]
-        end: i64,
-        #[arg(long)]
+        #[command(flatten)]
+        range: Range,
+        /// The step: milliseconds or a duration (1s, 1m, 1h); at least 1 s.
+        #[arg(long = "step", visible_alias = "step-ms", value_parser = crate::args::duration_ms)]
         step_ms: i64,
+        /// Only this entity's records.
         #[arg(long)]
         entity: Option<String>,
     },
 }
 
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-fn qs(pairs: &[(&str, Option<String>)]) -> String {
-    pairs
-        .iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", enc(v))))
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
 pub fn run(a: QueryArgs) -> Result<()> {
     let s = |x: &str| Some(x.to_string());
     let n = |x: i64| Some(x.to_string());
-    let (path, q) = match &a.kind {
+    let range = |r: &Range| [("start", n(r.start)), ("end", n(r.end))];
+    let (path, params): (&str, Vec<(&str, Option<String>)>) = match &a.kind {
         Kind::Aggregate {
             category,
-            start,
-            end,
+            range: r,
             entity,
         } => (
             "aggregate",
-            qs(&[
-                ("category", s(category)),
-                ("start", n(*start)),
-                ("end", n(*end)),
-                ("entity", entity.clone()),
-            ]),
+            [("category", s(category)), ("entity", entity.clone())]
+                .into_iter()
+                .chain(range(r))
+                .collect(),
         ),
         Kind::Topk {
             category,
-            start,
-            end,
+            range: r,
             k,
             by,
         } => (
             "topk",
-            qs(&[
+            [
                 ("category", s(category)),
-                ("start", n(*start)),
-                ("end", n(*end)),
-                ("k", n(*k as i64)),
+                ("k", n(i64::from(*k))),
                 ("by", s(by)),
-            ]),
+            ]
+            .into_iter()
+            .chain(range(r))
+            .collect(),
         ),
         Kind::Window {
             category,
@@ -140,60 +138,69 @@ pub fn run(a: QueryArgs) -> Result<()> {
             entity,
         } => (
             "window",
-            qs(&[
+            vec![
                 ("category", s(category)),
                 ("width_ms", n(*width_ms)),
                 ("entity", entity.clone()),
-            ]),
+            ],
         ),
-        Kind::Totals {
-            start,
-            end,
-            group_by,
-        } => (
+        Kind::Totals { range: r, group_by } => (
             "totals",
-            qs(&[
-                ("start", n(*start)),
-                ("end", n(*end)),
-                ("group_by", s(group_by)),
-            ]),
+            [("group_by", s(group_by))]
+                .into_iter()
+                .chain(range(r))
+                .collect(),
         ),
         Kind::Series {
             category,
-            start,
-            end,
+            range: r,
             step_ms,
             entity,
         } => (
             "series",
-            qs(&[
+            [
                 ("category", s(category)),
-                ("start", n(*start)),
-                ("end", n(*end)),
                 ("step_ms", n(*step_ms)),
                 ("entity", entity.clone()),
-            ]),
+            ]
+            .into_iter()
+            .chain(range(r))
+            .collect(),
         ),
     };
-    let url = format!("{}/v1/{path}?{q}", a.node.trim_end_matches('/'));
+    let url = format!("{}/v1/{path}", a.node);
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(30)))
         .build()
         .into();
-    let mut res = agent
+    let mut req = agent
         .get(&url)
-        .call()
-        .with_context(|| format!("GET {url}"))?;
+        .query_pairs(params.iter().filter_map(|(k, v)| Some((*k, v.as_deref()?))));
+    if let Some(t) = &a.token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let mut res = req.call().map_err(|e| match e {
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            anyhow::anyhow!(
+                "{}: connection refused (is a merger running there?)",
+                a.node
+            )
+        }
+        e => anyhow::anyhow!("GET {url}: {e}"),
+    })?;
     let status = res.status();
     let text = res
         .body_mut()
         .read_to_string()
         .context("reading the answer")?;
-    let body: Value = serde_json::from_str(&text).context("the answer is not JSON")?;
+    let body: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{url} answered HTTP {status} that is not JSON: {text:.200}"))?;
     if !status.is_success() {
         bail!(
-            "{}: {}",
+            "{} (HTTP {}): {}",
             body["error"].as_str().unwrap_or("error"),
+            status.as_u16(),
             body["message"].as_str().unwrap_or("")
         );
     }
@@ -237,10 +244,20 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
 const STATS: [&str; 5] = ["count", "sum", "avg", "min", "max"];
 
 fn print_table(kind: &str, b: &Value) {
-    println!(
-        "window [{}, {})",
-        b["time_window_start"], b["time_window_end"]
-    );
+    let when = |v: &Value| v.as_i64().map_or_else(|| "-".into(), crate::args::rfc3339);
+    if kind == "series" {
+        println!(
+            "series of {} by {} ms",
+            b["category"].as_str().unwrap_or("?"),
+            b["step_ms"]
+        );
+    } else {
+        println!(
+            "window [{}, {})",
+            when(&b["time_window_start"]),
+            when(&b["time_window_end"])
+        );
+    }
     match kind {
         "aggregate" | "window" => table(&STATS, vec![STATS.iter().map(|k| cell(&b[*k])).collect()]),
         "topk" | "totals" => {

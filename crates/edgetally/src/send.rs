@@ -2,6 +2,7 @@
 //! over QUIC), with `--map` for other shapes.
 
 use anyhow::{bail, Context, Result};
+use edgetally_core::RejectCode;
 use edgetally_net::{Endpoint, NativeProducer};
 use edgetally_proto::ProducerConfig;
 use serde_json::Value;
@@ -13,8 +14,9 @@ use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
 pub struct SendArgs {
-    /// A merger's QUIC address (repeatable; producers fail over in rendezvous order).
-    #[arg(long = "endpoint", required = true)]
+    /// A merger's QUIC address, ip:port or host:port (repeatable; producers fail over in
+    /// rendezvous order).
+    #[arg(long = "endpoint", required = true, value_parser = crate::args::addr)]
     endpoints: Vec<SocketAddr>,
     /// The SHA-256 of each endpoint's certificate, as `serve` prints it (one for all, or one
     /// per --endpoint in the same order).
@@ -47,9 +49,14 @@ pub struct SendArgs {
     /// merger forwards batches to their group.
     #[arg(long)]
     topology: Option<String>,
-    /// Give up waiting for acknowledgements after this many seconds.
+    /// Give up waiting for acknowledgements after this many seconds. A run whose endpoints
+    /// all fail to connect (wrong certificate, nothing listening, refused) stops sooner,
+    /// naming each endpoint's cause.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
+    /// Exit 0 even if some events were invalid (they are still counted and listed).
+    #[arg(long)]
+    allow_invalid: bool,
 }
 
 /// Where each field of an event comes from.
@@ -122,38 +129,93 @@ fn field<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(v, |v, k| v.get(k))
 }
 
-/// One event read from the input: Ok((ts_ms, category, entity, value, value_was_non_numeric)).
-pub type Parsed = (i64, String, Option<String>, f64, bool);
+/// One event read from the input: (ts_ms, category, entity, value).
+pub type Parsed = (i64, String, Option<String>, f64);
 
-/// Reads one event with the mapping; a reason on failure.
-pub fn parse_event(v: &Value, m: &Mapping) -> Result<Parsed, String> {
+/// What a JSON value is, for messages.
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Reads one event with the mapping; on failure, its reason code and a message. The rules
+/// are `POST /v1/events`'s: a missing value counts the event (1.0), any value that is not a
+/// number is refused (SPEC §2: rejected with a reason, never coerced).
+pub fn parse_event(v: &Value, m: &Mapping) -> Result<Parsed, (RejectCode, String)> {
+    use RejectCode::*;
     let category = match field(v, &m.category) {
         Some(Value::String(s)) => s.clone(),
-        Some(_) => return Err(format!("{} is not a string", m.category)),
-        None => return Err(format!("{} is missing", m.category)),
+        Some(o) => {
+            return Err((
+                InvalidCategory,
+                format!("{} is {}, not a string", m.category, kind(o)),
+            ))
+        }
+        None => return Err((InvalidEvent, format!("{} is missing", m.category))),
     };
-    let entity = match m.entity.as_deref().and_then(|f| field(v, f)) {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(Value::Number(n)) => Some(n.to_string()),
-        Some(_) => return Err("entity is not a string".into()),
+    let entity = match m.entity.as_deref().map(|f| (f, field(v, f))) {
+        None | Some((_, None | Some(Value::Null))) => None,
+        Some((_, Some(Value::String(s)))) => Some(s.clone()),
+        Some((_, Some(Value::Number(n)))) => Some(n.to_string()),
+        Some((f, Some(o))) => {
+            return Err((InvalidEntity, format!("{f} is {}, not a string", kind(o))))
+        }
     };
     let ts = match field(v, &m.ts) {
         Some(Value::Number(n)) if m.ts_seconds => n
             .as_f64()
-            .map(|s| (s * 1000.0).round() as i64)
-            .ok_or("bad timestamp")?,
-        Some(Value::Number(n)) => n.as_i64().ok_or("ts_ms must be an integer")?,
-        Some(_) => return Err(format!("{} is not a number", m.ts)),
-        None => return Err(format!("{} is missing", m.ts)),
+            .map(|s| (s * 1000.0).round())
+            .filter(|ms| ms.abs() < 9.0e15)
+            .map(|ms| ms as i64)
+            .ok_or((InvalidTimestamp, format!("{} is out of range", m.ts)))?,
+        Some(Value::Number(n)) => n.as_i64().ok_or((
+            InvalidTimestamp,
+            format!("{} must be an integer number of milliseconds", m.ts),
+        ))?,
+        Some(o) => {
+            return Err((
+                InvalidTimestamp,
+                format!("{} is {}, not a number", m.ts, kind(o)),
+            ))
+        }
+        None => return Err((InvalidEvent, format!("{} is missing", m.ts))),
     };
-    let (value, non_numeric) = match m.value.as_deref().and_then(|f| field(v, f)) {
-        None | Some(Value::Null) => (1.0, false),
-        Some(Value::Number(n)) => (n.as_f64().ok_or("value is not finite")?, false),
-        // SPEC: a non-numeric value is counted as an event with no value, and reported.
-        Some(_) => (1.0, true),
+    let value = match m.value.as_deref().map(|f| (f, field(v, f))) {
+        None | Some((_, None)) => 1.0,
+        Some((_, Some(Value::Number(n)))) => n.as_f64().unwrap_or(f64::NAN),
+        Some((f, Some(o))) => {
+            return Err((InvalidValue, format!("{f} is {}, not a number", kind(o))))
+        }
     };
-    Ok((ts, category, entity, value, non_numeric))
+    Ok((ts, category, entity, value))
+}
+
+/// Why no endpoint could be reached, once every endpoint has failed without ever connecting
+/// (a wrong certificate hash, nothing listening, a refusal); `None` while any may still work.
+fn unreachable(links: &[edgetally_net::LinkStatus]) -> Option<String> {
+    if links.iter().any(|l| l.connected || l.last_error.is_none()) {
+        return None;
+    }
+    let lines: Vec<String> = links
+        .iter()
+        .filter_map(|l| {
+            let e = l.last_error.as_ref()?;
+            let hint = match e {
+                edgetally_net::LinkError::CertificateMismatch { .. } => {
+                    " — --cert-sha256 must be the hash the merger prints at start-up (also in its GET /v1/status)"
+                }
+                _ => "",
+            };
+            Some(format!("  {}: {e}{hint}", l.addr))
+        })
+        .collect();
+    Some(lines.join("\n"))
 }
 
 /// A topology from a merger (`http://…`: its `GET /v1/topology`) or a file.
@@ -221,7 +283,10 @@ pub fn run(a: SendArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let config = ProducerConfig { bucket_ms: a.bucket_ms, ..ProducerConfig::default() };
+        let config = ProducerConfig {
+            bucket_ms: a.bucket_ms,
+            ..ProducerConfig::default()
+        };
         let p = NativeProducer::start(config, endpoints, a.state_dir.as_deref())?;
         if let Some(t) = topology {
             p.set_topology(Some(t));
@@ -231,37 +296,74 @@ pub fn run(a: SendArgs) -> Result<()> {
             let bytes = edgetally_net::tls::unhex(c).context("--credential: not hex")?;
             p.set_credential(bytes);
         }
-        let (mut invalid, mut non_numeric) = (BTreeMap::<String, u64>::new(), 0u64);
+        let mut invalid = BTreeMap::<&'static str, u64>::new();
         let tty = std::io::stderr().is_terminal();
         for (i, item) in items.iter().enumerate() {
-            let parsed = item.as_ref().map_err(Clone::clone).and_then(|v| parse_event(v, &map));
-            match parsed.and_then(|(ts, c, e, v, nn)| p.record(&c, e.as_deref(), v, Some(ts)).map(|()| nn).map_err(|code| code.as_str().to_string())) {
-                Ok(nn) => non_numeric += nn as u64,
-                Err(reason) => {
-                    if invalid.values().sum::<u64>() < 20 {
-                        eprintln!("event #{i}: {reason}");
-                    }
-                    *invalid.entry(reason).or_default() += 1;
+            let parsed = item
+                .as_ref()
+                .map_err(|e| (RejectCode::InvalidEvent, e.clone()))
+                .and_then(|v| parse_event(v, &map))
+                .and_then(|(ts, c, e, v)| {
+                    p.record(&c, e.as_deref(), v, Some(ts)).map_err(|code| {
+                        (code, edgetally_merger::http::event_reason(code).to_string())
+                    })
+                });
+            if let Err((code, why)) = parsed {
+                if invalid.values().sum::<u64>() < 20 {
+                    eprintln!("event #{i}: {}: {why}", code.as_str());
                 }
+                *invalid.entry(code.as_str()).or_default() += 1;
             }
             if tty && i % 10_000 == 0 {
                 let s = p.stats();
-                eprint!("\rrecorded {} / {}, acked {} records", s.recorded, items.len(), s.acked_records);
+                eprint!(
+                    "\rrecorded {} / {}, acked {} records",
+                    s.recorded,
+                    items.len(),
+                    s.acked_records
+                );
                 let _ = std::io::stderr().flush();
             }
         }
-        let flushed = p.flush(Duration::from_secs(a.timeout_secs)).await;
+        // Wait for the acks, but stop early, naming the causes, when no endpoint can be
+        // reached at all.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs);
+        let mut flushed = false;
+        let mut cause = None;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if p.flush(left.min(Duration::from_millis(250))).await {
+                flushed = true;
+                break;
+            }
+            cause = unreachable(&p.links());
+            if cause.is_some() || left.is_zero() {
+                break;
+            }
+        }
         if tty {
             eprintln!();
         }
         let s = p.stats();
         p.close();
+        let n_invalid = invalid.values().sum::<u64>();
         println!(
-            "events: {} read, {} recorded ({} with a non-numeric value counted as events), {} invalid",
+            "events: {} read, {} recorded, {} invalid{}",
             items.len(),
             s.recorded,
-            non_numeric,
-            invalid.values().sum::<u64>()
+            n_invalid,
+            if invalid.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({})",
+                    invalid
+                        .iter()
+                        .map(|(k, n)| format!("{k}: {n}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
         );
         println!(
             "batches: {} acked ({} records), {} rejected, {} dropped, {} retries, {} bytes sent",
@@ -275,11 +377,39 @@ pub fn run(a: SendArgs) -> Result<()> {
         for (reason, n) in s.rejected.iter() {
             println!("  rejected {reason}: {n}");
         }
+        let kept = if a.state_dir.is_some() {
+            "they are kept in --state-dir and resent by the next run"
+        } else {
+            "without --state-dir they are lost"
+        };
+        if let Some(cause) = cause {
+            bail!(
+                "no merger could be reached ({} batches not sent; {kept}):\n{cause}",
+                s.queued + s.in_flight
+            );
+        }
         if !flushed {
-            bail!("not everything was acknowledged within {} s ({} batches still queued; they are kept in --state-dir if given)", a.timeout_secs, s.queued + s.in_flight);
+            let links: Vec<String> = p
+                .links()
+                .iter()
+                .filter_map(|l| Some(format!("\n  {}: {}", l.addr, l.last_error.as_ref()?)))
+                .collect();
+            bail!(
+                "not everything was acknowledged within {} s ({} batches still queued; {kept}){}",
+                a.timeout_secs,
+                s.queued + s.in_flight,
+                links.concat()
+            );
         }
         if !s.rejected.is_empty() || s.dropped > 0 {
             bail!("some batches were rejected or dropped");
+        }
+        if n_invalid > 0 && !a.allow_invalid {
+            bail!(
+                "{n_invalid} of {} events were invalid and not sent (every valid one was \
+                 acknowledged); --allow-invalid exits 0 regardless",
+                items.len()
+            );
         }
         anyhow::Ok(())
     })
