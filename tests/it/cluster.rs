@@ -340,9 +340,30 @@ fn a_peer_away_longer_than_the_horizon_catches_up_from_a_snapshot() {
     let (a, b, c) = (start(0), start(1), start(2));
     post_events(&a, "before", 3);
     converged(&[&a, &b, &c], Duration::from_secs(20)).expect("converged before the partition");
+    // Ready once the first round with each peer is over, whether the peer is there or not.
+    let t = Instant::now();
+    let (st, v) = loop {
+        let (st, v) = a.get("/readyz");
+        if st == 200 || t.elapsed() > Duration::from_secs(20) {
+            break (st, v);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("ready {:?} after convergence", t.elapsed());
+    assert_eq!(
+        (
+            st,
+            &v["checks"]["peers"]["total"],
+            &v["checks"]["peers"]["first_round_pending"]
+        ),
+        (200, &serde_json::json!(2), &serde_json::json!([])),
+        "{v}"
+    );
     c.pause(true);
     post_events(&a, "while_away", 4);
     post_events(&b, "while_away", 5);
+    let (st, v) = a.get("/readyz");
+    assert_eq!(st, 200, "a peer away does not make the others unready: {v}");
     // Past the horizon, A and B stop retaining batches for C.
     let until = Instant::now() + Duration::from_secs(30);
     loop {

@@ -280,7 +280,33 @@ fn on_a_full_disk_an_ack_for_a_duplicate_means_durable() {
         acked.iter().filter(|&&a| !a).count() > batches.len() / 2,
         "the disk was not full: {acked:?}"
     );
+    // The node says it is not ready while its commits fail, and why.
+    let (st, v) = m.get("/readyz");
+    assert_eq!(
+        (st, &v["ready"], &v["checks"]["store"]["ok"]),
+        (503, &serde_json::json!(false), &serde_json::json!(false)),
+        "{v}"
+    );
+    assert!(
+        v["checks"]["store"]["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
+        "{v}"
+    );
+    let failures = m.metric("edgetally_commit_failures_total");
+    assert!(failures >= 1.0, "{failures}");
     std::fs::remove_file(&filler).expect("free the disk");
+    // With room again, the next commit succeeds and the node is ready again.
+    let first_refused = acked.iter().position(|a| !a).expect("one was refused");
+    let (st, v, _) = m.post(
+        "/v1/batches",
+        "application/octet-stream",
+        &batches[first_refused].raw,
+    );
+    assert_eq!(st, 200, "{v}");
+    acked[first_refused] = true;
+    let (st, v) = m.get("/readyz");
+    assert_eq!((st, &v["ready"]), (200, &serde_json::json!(true)), "{v}");
     let mut want = Totals::new();
     for (b, _) in batches.iter().zip(&acked).filter(|(_, &a)| a) {
         add(&mut want, &b.adds);

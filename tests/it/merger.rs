@@ -449,6 +449,54 @@ fn every_bad_input_gets_its_reason_and_valid_neighbours_are_kept() {
     assert!(same_json(&v, None), "{v}");
     let (st, body) = m.get("/healthz");
     assert_eq!((st, body), (200, Value::String("ok\n".into())));
+    let (st, v) = m.get("/readyz");
+    assert_eq!((st, &v["ready"]), (200, &Value::Bool(true)), "{v}");
+    for check in ["recovered", "store", "queue", "peers"] {
+        assert_eq!(v["checks"][check]["ok"], Value::Bool(true), "{check}: {v}");
+    }
+    assert_eq!(v["checks"]["peers"]["total"], 0, "{v}");
+    // The standard process families, against what the kernel says of the process.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", m.pid())).expect("status");
+    let kib = |field: &str| -> f64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect(field)
+    };
+    let rss = m.metric("process_resident_memory_bytes");
+    let kernel_rss = kib("VmRSS:") * 1024.0;
+    assert!(
+        rss > kernel_rss * 0.5 && rss < kernel_rss * 2.0,
+        "{rss} vs {kernel_rss}"
+    );
+    let vsz = m.metric("process_virtual_memory_bytes");
+    let kernel_vsz = kib("VmSize:") * 1024.0;
+    assert!(
+        vsz > kernel_vsz * 0.5 && vsz < kernel_vsz * 2.0,
+        "{vsz} vs {kernel_vsz}"
+    );
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", m.pid()))
+        .expect("fds")
+        .count() as f64;
+    let open = m.metric("process_open_fds");
+    assert!((open - fds).abs() <= 4.0, "{open} vs {fds}");
+    let started = m.metric("process_start_time_seconds");
+    let now = now_ms() as f64 / 1000.0;
+    assert!(
+        started <= now + 1.0 && started > now - 600.0,
+        "{started} vs {now}"
+    );
+    assert!(m.metric("process_cpu_seconds_total") > 0.0);
+    assert!(m.metric("process_max_fds") >= 64.0);
+    // build_info carries the version `/v1/status` reports.
+    let (_, status) = m.get("/v1/status");
+    let version = status["version"].as_str().expect("version");
+    assert_eq!(
+        m.metric(&format!("edgetally_build_info{{version=\"{version}\"}}")),
+        1.0
+    );
 }
 
 /// Sends `batches` with `streams` in flight, recording which were acked, until `stop`.

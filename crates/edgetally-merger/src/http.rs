@@ -90,6 +90,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/webtransport", get(webtransport))
         .route("/v1/topology", get(topology))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError {
@@ -110,6 +111,51 @@ pub fn router(node: Arc<Node>) -> Router {
             count_requests,
         ))
         .with_state(node)
+}
+
+/// Whether this node should be sent traffic: 200 when every check passes, else 503; the body
+/// says which failed. (`/healthz` only says the process answers.) The checks:
+/// - `recovered`: the log was replayed and the snapshot restored (the HTTP port opens only
+///   after that, so a node that answers has passed it; reported with its figures);
+/// - `store`: the last group commit succeeded (a full disk or I/O error fails it until a
+///   commit succeeds again; producers get Retry meanwhile);
+/// - `queue`: the ingest queue is below `queue_depth` (at it, new batches get Retry);
+/// - `peers`: the first pull round with each configured peer has ended, synced or failed
+///   (a node that just started with reachable peers is catching up until then).
+async fn readyz(State(node): State<Node_>) -> Response {
+    let store_error = node
+        .metrics
+        .store_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let depth = node.metrics.queue_depth.load(Relaxed);
+    let max = node.config.queue_depth as u64;
+    let (mut pending, mut reachable, mut total) = (Vec::new(), 0, 0);
+    if let Some(repl) = &node.replication {
+        for (addr, p) in repl.status() {
+            total += 1;
+            reachable += usize::from(p.reachable);
+            if p.last_sync_ms == 0 && p.last_error.is_none() {
+                pending.push(addr.to_string());
+            }
+        }
+    }
+    let checks = json!({
+        "recovered": {"ok": true, "batches": node.recovered, "quarantined": node.quarantined},
+        "store": {"ok": store_error.is_none(), "error": store_error},
+        "queue": {"ok": depth < max, "depth": depth, "max": max},
+        "peers": {"ok": pending.is_empty(), "reachable": reachable, "total": total, "first_round_pending": pending},
+    });
+    let ready = checks
+        .as_object()
+        .is_some_and(|c| c.values().all(|v| v["ok"] == json!(true)));
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({"ready": ready, "checks": checks}))).into_response()
 }
 
 /// The shard-group topology this node routes by, for producers that route each batch to its
@@ -191,6 +237,7 @@ fn scope_of(method: &axum::http::Method, path: &str) -> Option<&'static str> {
     match (method, path) {
         (&Method::OPTIONS, _)
         | (_, "/healthz")
+        | (_, "/readyz")
         | (&Method::POST, "/v1/batches")
         | (&Method::GET, "/v1/webtransport")
         | (&Method::GET, "/v1/topology") => None,

@@ -386,6 +386,13 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
                 Ok((fresh, Ok(group))) => {
                     written_group = Some(group);
                     p.metrics.group_commits.fetch_add(1, Relaxed);
+                    if p.metrics.store_failing.swap(false, Relaxed) {
+                        p.metrics
+                            .store_error
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .take();
+                    }
                     p.metrics
                         .commit_micros
                         .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
@@ -397,6 +404,12 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
                 }
                 Ok((fresh, Err(e))) => {
                     warn!("group commit failed, asking producers to retry: {e}");
+                    p.metrics.commit_failures.fetch_add(1, Relaxed);
+                    *p.metrics
+                        .store_error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                    p.metrics.store_failing.store(true, Relaxed);
                     for (job, _) in &fresh {
                         if let Some(res) = job.reserved {
                             p.admission.settle(res, Default::default());

@@ -40,6 +40,12 @@ pub struct Metrics {
     pub received_by_transport: [AtomicU64; 3],
     /// Group commits written.
     pub group_commits: AtomicU64,
+    /// Group commits that failed (full disk, I/O error): their batches were answered Retry.
+    pub commit_failures: AtomicU64,
+    /// Why the last group commit failed, while no commit has succeeded since (`/readyz`).
+    pub store_error: std::sync::Mutex<Option<String>>,
+    /// Whether `store_error` is set (so a successful commit takes no lock to clear it).
+    pub store_failing: std::sync::atomic::AtomicBool,
     /// Total time spent in group commits, microseconds.
     pub commit_micros: AtomicU64,
     /// Jobs waiting for the pipeline.
@@ -194,6 +200,12 @@ impl Metrics {
         );
         counter(
             &mut s,
+            "edgetally_commit_failures_total",
+            "Group commits that failed (full disk, I/O error); their batches were answered Retry.",
+            self.commit_failures.load(Relaxed),
+        );
+        counter(
+            &mut s,
             "edgetally_events_accepted_total",
             "Events accepted by POST /v1/events.",
             self.events_accepted.load(Relaxed),
@@ -267,6 +279,84 @@ impl Metrics {
         for (name, help, v) in gauges {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
+        let _ = writeln!(s, "# HELP edgetally_build_info The running build: 1, labelled with its version.\n# TYPE edgetally_build_info gauge\nedgetally_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        process_families(&mut s);
         s
+    }
+}
+
+/// The standard `process_*` families (as Prometheus client libraries export them), read from
+/// `/proc/self` — on other systems they are left out. Written here rather than taken from a
+/// client library: six values from two files, against a library's registry and collectors.
+fn process_families(s: &mut String) {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    // Field n of proc(5) is fields[n - 3]: utime 14, stime 15, starttime 22, vsize 23, rss 24.
+    let num = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+    let ticks = 100.0; // USER_HZ, 100 on every Linux target
+    let page = 4096.0;
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|t| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    });
+    let open_fds = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count() as f64)
+        .ok();
+    let max_fds = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<f64>().ok())
+        });
+    let families = [
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            num(14).zip(num(15)).map(|(u, k)| (u + k) / ticks),
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            num(24).map(|p| p * page),
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            num(23),
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            num(22).zip(boot).map(|(t, b)| b + t / ticks),
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            open_fds,
+        ),
+        (
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            max_fds,
+        ),
+    ];
+    for (name, kind, help, v) in families {
+        if let Some(v) = v {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        }
     }
 }
