@@ -21,4 +21,5 @@ mod protocol_doc;
 mod queries;
 mod send;
 mod signatures;
+mod transport_doc;
 mod webtransport;

@@ -280,7 +280,7 @@ async fn stream<S: BatchSink, D: Duplex>(
     transport: Transport,
 ) {
     // A batch is one stream: the client writes its bytes and finishes; we reply and finish.
-    let max = sink.max_batch_bytes() + 16;
+    let max = sink.max_batch_bytes();
     let read = tokio::time::timeout(STREAM_DEADLINE, read_budgeted(&mut io, max, &budgets))
         .await
         .unwrap_or_else(|_| Err(ReadEnd::Failed("not finished within the deadline".into())));
