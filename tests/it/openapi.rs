@@ -40,6 +40,7 @@ fn openapi_paths_are_the_served_ones() {
         "/v1/topology",
         "/v1/status",
         "/healthz",
+        "/readyz",
         "/metrics",
     ];
     assert_eq!(paths, want);

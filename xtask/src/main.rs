@@ -13,7 +13,6 @@
 //!   runs them for 30 s each. A crash is copied into `tests/crashers/` and fails the run.
 
 use anyhow::{bail, Context, Result};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -44,9 +43,17 @@ fn main() -> Result<()> {
             ensure_prerequisites()?;
             web_build(&root)
         }
+        Some("openapi") => {
+            let secs = match args.get(1) {
+                Some(s) => s.parse().context("usage: cargo xtask openapi [SECONDS]")?,
+                None => 300,
+            };
+            build_test_binaries()?;
+            openapi(&root, secs)
+        }
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|wasm-check|web|soak [SECONDS]|churn [SECONDS]|fuzz [SECONDS]|bench [core|wire|sdk|figures|merger|cluster|status|web]>"
+                "usage: cargo xtask <test|wasm-check|web|openapi [SECONDS]|soak [SECONDS]|churn [SECONDS]|fuzz [SECONDS]|bench [core|wire|sdk|figures|merger|cluster|status|web]>"
             );
             std::process::exit(2)
         }
@@ -133,6 +140,7 @@ fn test() -> Result<()> {
     run(Command::new(&bench).args(["soak", "--secs", "60"]))?;
     run(Command::new(&bench).args(["churn", "--secs", "45", "--keys-per-sec", "500"]))?;
     fuzz(&root, 30)?;
+    openapi(&root, 45)?;
     eprintln!("xtask: all checks passed");
     // One closing line for the whole run (cargo prints one per test binary, the last of which
     // is often a doc-test binary with nothing in it).
@@ -201,9 +209,8 @@ fn tool_version(tool: &str) -> Option<String> {
 }
 
 /// Installs the JavaScript-side toolchain a fresh machine lacks: wasm-bindgen-cli at exactly
-/// the Cargo.lock version (wasm-pack cannot download it here), wasm-pack, the npm dev
-/// dependencies (typescript, binaryen's wasm-opt, the runtimes and the browser driver), and
-/// Debian's Chromium for the browser test.
+/// the Cargo.lock version (wasm-pack cannot download it here), wasm-pack, and the npm dev
+/// dependencies (typescript, binaryen's wasm-opt, the runtimes and the browser driver).
 fn ensure_web_tools(root: &Path) -> Result<()> {
     let want = locked_version(root, "wasm-bindgen")?;
     if tool_version("wasm-bindgen").is_none_or(|v| v.split_whitespace().nth(1) != Some(&want)) {
@@ -252,6 +259,11 @@ fn ensure_web_tools(root: &Path) -> Result<()> {
             .args(["install", "--no-audit", "--no-fund"])
             .current_dir(&web))?;
     }
+    Ok(())
+}
+
+/// Debian's Chromium, for the browser tests only (the demo and the package build need none).
+fn ensure_chromium() -> Result<()> {
     if !Path::new("/usr/bin/chromium").exists() {
         let apt = |args: &[&str]| {
             let mut c = if is_root() {
@@ -280,24 +292,16 @@ fn is_root() -> bool {
 /// Builds the npm package per `wasm-pack.toml`'s `[package]` section.
 fn web_build(root: &Path) -> Result<()> {
     ensure_web_tools(root)?;
-    let t = parse_simple_toml(
-        &std::fs::read_to_string(root.join("wasm-pack.toml")).context("reading wasm-pack.toml")?,
-    )?;
-    let get = |k: &str| -> Result<Vec<String>> {
-        t.get(&format!("package.{k}"))
-            .cloned()
-            .with_context(|| format!("wasm-pack.toml lacks package.{k}"))
-    };
-    let one = |k: &str| -> Result<String> { get(k)?.into_iter().next().context("empty value") };
-    let krate = root.join(one("crate")?);
-    let out = root.join(one("out-dir")?);
+    let spec = BuildSpec::load()?.package;
+    let krate = root.join(&spec.krate);
+    let out = root.join(&spec.out_dir);
     run(Command::new("wasm-pack")
         .args([
             "build",
             "--target",
-            &one("target")?,
+            &spec.target,
             "--profile",
-            &one("profile")?,
+            &spec.profile,
             "--no-pack",
             "--out-dir",
         ])
@@ -308,7 +312,7 @@ fn web_build(root: &Path) -> Result<()> {
     let module = out.join("edgetally_wasm_bg.wasm");
     let wasm_opt = root.join("web/node_modules/.bin/wasm-opt");
     run(Command::new(&wasm_opt)
-        .args(get("wasm-opt")?)
+        .args(&spec.wasm_opt)
         .arg(&module)
         .arg("-o")
         .arg(&module))?;
@@ -351,6 +355,7 @@ fn build_test_binaries() -> Result<()> {
 /// Runs the npm package's tests (Node's test runner drives Node, Deno, workerd and Chromium
 /// against real mergers) with the debug binary; returns (passed, failed).
 fn web_tests(root: &Path) -> Result<(u64, u64)> {
+    ensure_chromium()?;
     build_test_binaries()?;
     let cmd = &mut Command::new("node");
     cmd.args([
@@ -381,6 +386,126 @@ fn web_tests(root: &Path) -> Result<(u64, u64)> {
         bail!("web tests failed");
     }
     Ok((passed, failed))
+}
+
+/// Python tools, pinned, in a virtual environment under the target directory.
+const PYTHON_TOOLS: &[&str] = &["openapi-spec-validator==0.9.0", "schemathesis==4.32.5"];
+
+/// The virtual environment's `bin/` with [`PYTHON_TOOLS`] installed (Debian's python3-venv
+/// is installed first if `venv` is missing).
+fn python_tools(root: &Path) -> Result<PathBuf> {
+    let venv = target_dir(root).join("py");
+    let bin = venv.join("bin");
+    let stamp = venv.join(".installed");
+    let want = PYTHON_TOOLS.join(" ");
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
+        return Ok(bin);
+    }
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status();
+    if !made.is_ok_and(|s| s.success()) {
+        let apt = |args: &[&str]| {
+            let mut c = Command::new("apt-get");
+            c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+            c
+        };
+        run(&mut apt(&["update", "-q"]))?;
+        run(&mut apt(&["install", "-y", "-q", "python3-venv"]))?;
+        let _ = std::fs::remove_dir_all(&venv);
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    run(Command::new(bin.join("pip"))
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .args(PYTHON_TOOLS))?;
+    std::fs::write(&stamp, want)?;
+    Ok(bin)
+}
+
+/// Checks docs/openapi.yaml: valid OpenAPI 3.0 (openapi-spec-validator), then a bounded
+/// schemathesis run of `secs` seconds against a real node (debug binary, loopback, a fresh
+/// data directory with a few events): no 5xx, and every response's status, content type,
+/// headers and body match the document.
+fn openapi(root: &Path, secs: u64) -> Result<()> {
+    let bin = python_tools(root)?;
+    let spec = root.join("docs/openapi.yaml");
+    run(Command::new(bin.join("openapi-spec-validator")).arg(&spec))?;
+    let data = target_dir(root).join("openapi-node");
+    let _ = std::fs::remove_dir_all(&data);
+    let free = |udp: bool| -> Result<u16> {
+        Ok(if udp {
+            std::net::UdpSocket::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port()
+        } else {
+            std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port()
+        })
+    };
+    let (http, quic) = (free(false)?, free(true)?);
+    let mut node = Command::new(target_dir(root).join("debug").join("edgetally"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .args(["--quic-addr", &format!("127.0.0.1:{quic}")])
+        .env("EDGETALLY_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting the node")?;
+    let url = format!("http://127.0.0.1:{http}");
+    let result = (|| -> Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", http)).is_err() {
+            if std::time::Instant::now() > deadline {
+                bail!("the node did not open {url} within 30 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        // A few events, so queries have something to answer.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis();
+        let events: Vec<String> = (0..20)
+            .map(|i| {
+                format!(
+                    r#"{{"ts_ms":{},"category":"cpu","entity":"d{}","value":{}}}"#,
+                    now - i * 1000,
+                    i % 3,
+                    i
+                )
+            })
+            .collect();
+        let body = format!("[{}]", events.join(","));
+        let request = format!(
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", http))?;
+        std::io::Write::write_all(&mut conn, request.as_bytes())?;
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut conn, &mut answer)?;
+        if !answer.starts_with("HTTP/1.1 200") {
+            bail!("seeding events: {answer}");
+        }
+        run(Command::new(bin.join("schemathesis"))
+            .arg("run")
+            .arg(&spec)
+            .args(["--url", &url, "--seed", "1", "--max-examples", "25"])
+            .args(["--max-time", &secs.to_string()])
+            .args([
+                "--checks",
+                "not_a_server_error,status_code_conformance,content_type_conformance,\
+                 response_headers_conformance,response_schema_conformance",
+            ])
+            .env("SCHEMATHESIS_HOOKS", "")
+            .current_dir(target_dir(root)))
+    })();
+    let _ = node.kill();
+    let _ = node.wait();
+    result
 }
 
 /// Builds the binary and runs `edgetally demo` (which starts and stops its own merger).
@@ -493,62 +618,50 @@ fn bench(which: &str) -> Result<()> {
     Ok(())
 }
 
+/// `wasm-pack.toml`: the wasm build spec.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BuildSpec {
+    #[serde(rename = "abi-check")]
+    abi_check: WasmSpec,
+    package: PackageSpec,
+}
+
 /// The `[abi-check]` section of `wasm-pack.toml`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct WasmSpec {
     target: String,
     crates: Vec<String>,
     features: Vec<String>,
+    #[serde(rename = "forbidden-import-modules")]
     forbidden: Vec<String>,
+}
+
+/// The `[package]` section of `wasm-pack.toml`: how the npm package's module is built.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct PackageSpec {
+    #[serde(rename = "crate")]
+    krate: String,
+    target: String,
+    out_dir: String,
+    profile: String,
+    wasm_opt: Vec<String>,
+}
+
+impl BuildSpec {
+    fn load() -> Result<BuildSpec> {
+        let path = root()?.join("wasm-pack.toml");
+        let text = std::fs::read_to_string(&path).context("reading wasm-pack.toml")?;
+        toml::from_str(&text).with_context(|| format!("{}", path.display()))
+    }
 }
 
 impl WasmSpec {
     fn load() -> Result<WasmSpec> {
-        let text = std::fs::read_to_string(root()?.join("wasm-pack.toml"))
-            .context("reading wasm-pack.toml")?;
-        let t = parse_simple_toml(&text)?;
-        let get = |k: &str| {
-            t.get(&format!("abi-check.{k}"))
-                .cloned()
-                .with_context(|| format!("wasm-pack.toml lacks abi-check.{k}"))
-        };
-        Ok(WasmSpec {
-            target: get("target")?.into_iter().next().context("target")?,
-            crates: get("crates")?,
-            features: get("features")?,
-            forbidden: get("forbidden-import-modules")?,
-        })
+        Ok(BuildSpec::load()?.abi_check)
     }
-}
-
-/// Reads the subset of TOML our build spec uses: `[section]`, `key = "s"`, `key = ["a", "b"]`.
-/// (A full TOML parser would be the only reason for the xtask to pull in a dependency tree.)
-fn parse_simple_toml(text: &str) -> Result<BTreeMap<String, Vec<String>>> {
-    let mut out = BTreeMap::new();
-    let mut section = String::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
-        if line.is_empty() {
-            continue;
-        }
-        if let Some(s) = line.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
-            section = s.trim().to_string();
-            continue;
-        }
-        let (k, v) = line
-            .split_once('=')
-            .with_context(|| format!("wasm-pack.toml:{}: expected key = value", n + 1))?;
-        let v = v.trim();
-        let items: Vec<String> = match v.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
-            Some(list) => list
-                .split(',')
-                .map(|s| s.trim().trim_matches('"').to_string())
-                .filter(|s| !s.is_empty())
-                .collect(),
-            None => vec![v.trim_matches('"').to_string()],
-        };
-        out.insert(format!("{section}.{}", k.trim()), items);
-    }
-    Ok(out)
 }
 
 fn wasm_check(root: &Path) -> Result<()> {
