@@ -8,6 +8,7 @@ mod convergence;
 mod crashers;
 mod crdt_laws;
 mod demo;
+mod deploy;
 mod expiry;
 mod fixtures;
 mod groups;
