@@ -18,6 +18,7 @@ mod hostile;
 mod merger;
 mod openapi;
 mod peers;
+mod prometheus;
 mod protocol_doc;
 mod queries;
 mod send;

@@ -39,6 +39,7 @@ fn openapi_paths_are_the_served_ones() {
         "/v1/webtransport",
         "/v1/topology",
         "/v1/status",
+        "/api/v1/read",
         "/healthz",
         "/readyz",
         "/metrics",

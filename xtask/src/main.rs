@@ -126,11 +126,16 @@ fn test() -> Result<()> {
     // The binaries the tests start, built first: no test then waits on a build (or times out
     // behind one) and every suite runs the same executable.
     build_test_binaries()?;
-    let (mut passed, mut failed) =
-        run_tests(cargo().args(["test", "--workspace", "--locked"]).env(
-            "EDGETALLY_BIN",
-            target_dir(&root).join("debug").join("edgetally"),
-        ))?;
+    ensure_test_tools()?;
+    let (mut passed, mut failed) = run_tests(
+        cargo()
+            .args(["test", "--workspace", "--locked"])
+            .env(
+                "EDGETALLY_BIN",
+                target_dir(&root).join("debug").join("edgetally"),
+            )
+            .env("EDGETALLY_REQUIRE_TOOLS", "1"),
+    )?;
     let (p, f) = web_tests(&root)?;
     passed += p;
     failed += f;
@@ -262,22 +267,36 @@ fn ensure_web_tools(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Installs Debian packages (as root, else through sudo), non-interactively.
+fn apt_install(packages: &[&str]) -> Result<()> {
+    let apt = |args: &[&str]| {
+        let mut c = if is_root() {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        };
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    run(&mut apt(&["update", "-q"]))?;
+    run(apt(&["install", "-y", "-q"]).args(packages))
+}
+
+/// The real components the Rust tests start (Debian's Prometheus for remote read), which
+/// they then require (`EDGETALLY_REQUIRE_TOOLS`) instead of skipping.
+fn ensure_test_tools() -> Result<()> {
+    if !Path::new("/usr/bin/prometheus").exists() {
+        apt_install(&["prometheus"])?;
+    }
+    Ok(())
+}
+
 /// Debian's Chromium, for the browser tests only (the demo and the package build need none).
 fn ensure_chromium() -> Result<()> {
     if !Path::new("/usr/bin/chromium").exists() {
-        let apt = |args: &[&str]| {
-            let mut c = if is_root() {
-                Command::new("apt-get")
-            } else {
-                let mut c = Command::new("sudo");
-                c.arg("apt-get");
-                c
-            };
-            c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-            c
-        };
-        run(&mut apt(&["update", "-q"]))?;
-        run(&mut apt(&["install", "-y", "-q", "chromium"]))?;
+        apt_install(&["chromium"])?;
     }
     Ok(())
 }
@@ -406,13 +425,7 @@ fn python_tools(root: &Path) -> Result<PathBuf> {
         .arg(&venv)
         .status();
     if !made.is_ok_and(|s| s.success()) {
-        let apt = |args: &[&str]| {
-            let mut c = Command::new("apt-get");
-            c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-            c
-        };
-        run(&mut apt(&["update", "-q"]))?;
-        run(&mut apt(&["install", "-y", "-q", "python3-venv"]))?;
+        apt_install(&["python3-venv"])?;
         let _ = std::fs::remove_dir_all(&venv);
         run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     }
@@ -530,8 +543,7 @@ fn bench_merger(root: &Path) -> Result<()> {
         .output()
         .is_err()
     {
-        run(Command::new("apt-get").arg("update"))?;
-        run(Command::new("apt-get").args(["install", "-y", "redis-server"]))?;
+        apt_install(&["redis-server"])?;
     }
     bench_binary_with(root, &["loadgen"])
 }

@@ -299,6 +299,7 @@ impl Config {
         "TOKEN",
         "LOG_FORMAT",
         "BIN",
+        "REQUIRE_TOOLS",
         "TEST_LOG",
         "SIM_SEED",
         "SIM_SCALE",

@@ -92,6 +92,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/api/v1/read", post(prometheus_read))
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -111,6 +112,23 @@ pub fn router(node: Arc<Node>) -> Router {
             count_requests,
         ))
         .with_state(node)
+}
+
+/// Prometheus remote read ([`crate::promread`]): a snappy-compressed protobuf `ReadRequest`
+/// in, a `ReadResponse` out (the `SAMPLES` response type). Needs the read scope.
+async fn prometheus_read(State(node): State<Node_>, body: Bytes) -> Response {
+    match crate::promread::read(&node, &body).await {
+        Ok(out) => (
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, "application/x-protobuf"),
+                (header::CONTENT_ENCODING, "snappy"),
+            ],
+            out,
+        )
+            .into_response(),
+        Err(crate::promread::BadRead(code, message)) => bad(code, message).into_response(),
+    }
 }
 
 /// Whether this node should be sent traffic: 200 when every check passes, else 503; the body

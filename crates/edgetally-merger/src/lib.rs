@@ -13,6 +13,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod node;
 pub mod peer;
+pub mod promread;
 pub mod replication;
 pub mod scatter;
 pub mod serve_http;

@@ -1,0 +1,485 @@
+//! Prometheus remote read (`POST /api/v1/read`): a Prometheus server configured with
+//! `remote_read` runs PromQL over edgetally's event-time series, and Grafana's stock
+//! Prometheus data source charts them through it.
+//!
+//! The series, one per (metric, category[, entity]):
+//! - `edgetally_count`, `edgetally_sum`, `edgetally_min`, `edgetally_max`, with the labels
+//!   `category` and, for one entity's series, `entity`;
+//! - one sample per step at the step's start, holding the aggregate of `[t, t + step)` — the
+//!   points `/v1/series` answers for the same start and step. The step is the query's
+//!   (`hints.step_ms`), at least 1 s, coarsened so a series has at most
+//!   [`MAX_SAMPLES`] samples. A step with no records has count and sum 0 and, for min and
+//!   max, a staleness marker (so PromQL does not carry the previous step's value over);
+//! - without an `entity` matcher (or with one that matches the empty value) a category's
+//!   total series; a matcher that excludes the empty value (`entity=~".+"`, `entity="d1"`)
+//!   selects per-entity series instead, at most [`MAX_ENTITIES`] per category (the most
+//!   counted first) — so `sum(edgetally_count{category="x"})` never adds a category's total
+//!   to its entities.
+//!
+//! Only series with records in the queried range are returned. The wire format is
+//! Prometheus' `prompb` (snappy-compressed protobuf, the `SAMPLES` response type), written
+//! with prost and snap.
+
+use crate::node::Node;
+use crate::scatter::Query;
+use edgetally_core::Total;
+
+/// Most samples in one series (the step grows to keep under it).
+pub const MAX_SAMPLES: i64 = 11_000;
+/// Most per-entity series per category and query.
+pub const MAX_ENTITIES: usize = 1000;
+/// Most queries in one request.
+const MAX_QUERIES: usize = 16;
+/// Largest request, decompressed.
+const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Prometheus' staleness marker: a NaN with this exact bit pattern.
+const STALE_NAN: u64 = 0x7ff0_0000_0000_0002;
+/// The metric names, in the order of [`values`].
+pub const METRICS: [&str; 4] = [
+    "edgetally_count",
+    "edgetally_sum",
+    "edgetally_min",
+    "edgetally_max",
+];
+
+/// `prompb.ReadRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReadRequest {
+    /// The queries.
+    #[prost(message, repeated, tag = "1")]
+    pub queries: Vec<PromQuery>,
+    /// Response types the client accepts: 0 `SAMPLES`, 1 `STREAMED_XOR_CHUNKS`.
+    #[prost(int32, repeated, tag = "2")]
+    pub accepted_response_types: Vec<i32>,
+}
+
+/// `prompb.Query`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PromQuery {
+    /// Range start, ms (inclusive).
+    #[prost(int64, tag = "1")]
+    pub start_timestamp_ms: i64,
+    /// Range end, ms (inclusive).
+    #[prost(int64, tag = "2")]
+    pub end_timestamp_ms: i64,
+    /// Label matchers, all of which a series must satisfy.
+    #[prost(message, repeated, tag = "3")]
+    pub matchers: Vec<LabelMatcher>,
+    /// What the query evaluates (its step).
+    #[prost(message, optional, tag = "4")]
+    pub hints: Option<ReadHints>,
+}
+
+/// `prompb.LabelMatcher`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LabelMatcher {
+    /// 0 `=`, 1 `!=`, 2 `=~`, 3 `!~`.
+    #[prost(int32, tag = "1")]
+    pub r#type: i32,
+    /// Label name.
+    #[prost(string, tag = "2")]
+    pub name: String,
+    /// Value or (anchored RE2) regular expression.
+    #[prost(string, tag = "3")]
+    pub value: String,
+}
+
+/// `prompb.ReadHints` (the fields used here).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReadHints {
+    /// The query's step, ms.
+    #[prost(int64, tag = "1")]
+    pub step_ms: i64,
+    /// The function applied, if any.
+    #[prost(string, tag = "2")]
+    pub func: String,
+    /// Selection start, ms.
+    #[prost(int64, tag = "3")]
+    pub start_ms: i64,
+    /// Selection end, ms.
+    #[prost(int64, tag = "4")]
+    pub end_ms: i64,
+}
+
+/// `prompb.ReadResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReadResponse {
+    /// One result per query, in order.
+    #[prost(message, repeated, tag = "1")]
+    pub results: Vec<QueryResult>,
+}
+
+/// `prompb.QueryResult`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct QueryResult {
+    /// The series.
+    #[prost(message, repeated, tag = "1")]
+    pub timeseries: Vec<TimeSeries>,
+}
+
+/// `prompb.TimeSeries`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TimeSeries {
+    /// Labels, sorted by name.
+    #[prost(message, repeated, tag = "1")]
+    pub labels: Vec<Label>,
+    /// Samples, by time.
+    #[prost(message, repeated, tag = "2")]
+    pub samples: Vec<Sample>,
+}
+
+/// `prompb.Label`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Label {
+    /// Name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// Value.
+    #[prost(string, tag = "2")]
+    pub value: String,
+}
+
+/// `prompb.Sample`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Sample {
+    /// Value.
+    #[prost(double, tag = "1")]
+    pub value: f64,
+    /// Time, ms.
+    #[prost(int64, tag = "2")]
+    pub timestamp: i64,
+}
+
+/// Why a read request was refused (HTTP 400), with a reason code.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadRead(pub &'static str, pub String);
+
+/// A label matcher, compiled.
+struct Matcher {
+    kind: i32,
+    name: String,
+    value: String,
+    re: Option<regex::Regex>,
+}
+
+impl Matcher {
+    fn new(m: &LabelMatcher) -> Result<Matcher, BadRead> {
+        let re = match m.r#type {
+            0 | 1 => None,
+            2 | 3 => Some(
+                regex::RegexBuilder::new(&format!("^(?:{})$", m.value))
+                    .size_limit(1 << 20)
+                    .build()
+                    .map_err(|e| BadRead("bad_matcher", format!("{:?}: {e}", m.value)))?,
+            ),
+            t => return Err(BadRead("bad_matcher", format!("unknown matcher type {t}"))),
+        };
+        Ok(Matcher {
+            kind: m.r#type,
+            name: m.name.clone(),
+            value: m.value.clone(),
+            re,
+        })
+    }
+
+    /// Whether a label value (`""` for an absent label) satisfies the matcher.
+    fn matches(&self, v: &str) -> bool {
+        match (&self.re, self.kind) {
+            (Some(re), 2) => re.is_match(v),
+            (Some(re), _) => !re.is_match(v),
+            (None, 0) => v == self.value,
+            (None, _) => v != self.value,
+        }
+    }
+}
+
+/// Decodes a request body (snappy block, then protobuf), bounded.
+pub fn decode_request(body: &[u8]) -> Result<ReadRequest, BadRead> {
+    let len = snap::raw::decompress_len(body)
+        .map_err(|e| BadRead("malformed", format!("not snappy: {e}")))?;
+    if len > MAX_REQUEST_BYTES {
+        return Err(BadRead(
+            "too_large",
+            format!("{len} bytes decompressed; at most {MAX_REQUEST_BYTES}"),
+        ));
+    }
+    let raw = snap::raw::Decoder::new()
+        .decompress_vec(body)
+        .map_err(|e| BadRead("malformed", format!("not snappy: {e}")))?;
+    let req = <ReadRequest as prost::Message>::decode(raw.as_slice())
+        .map_err(|e| BadRead("malformed", format!("not a ReadRequest: {e}")))?;
+    if req.queries.len() > MAX_QUERIES {
+        return Err(BadRead(
+            "too_many_queries",
+            format!("{} queries; at most {MAX_QUERIES}", req.queries.len()),
+        ));
+    }
+    if !req.accepted_response_types.is_empty() && !req.accepted_response_types.contains(&0) {
+        return Err(BadRead(
+            "unsupported_response_type",
+            "only the SAMPLES response type is served".into(),
+        ));
+    }
+    Ok(req)
+}
+
+/// Encodes a response (protobuf, then a snappy block).
+pub fn encode_response(r: &ReadResponse) -> Vec<u8> {
+    let raw = prost::Message::encode_to_vec(r);
+    snap::raw::Encoder::new()
+        .compress_vec(&raw)
+        .unwrap_or_default()
+}
+
+/// The step for a query: its hint (at least 1 s, whole seconds), coarsened to stay under
+/// [`MAX_SAMPLES`].
+pub fn step_for(start: i64, end: i64, hint_ms: i64) -> i64 {
+    let whole = |ms: i64| (ms.saturating_add(999) / 1000).saturating_mul(1000);
+    let mut step = whole(hint_ms.max(1000));
+    let span = end.saturating_sub(start).max(0);
+    if span / step >= MAX_SAMPLES {
+        step = whole(span / MAX_SAMPLES + 1);
+    }
+    step
+}
+
+/// The four values of a step's total, in [`METRICS`] order (`None`: no record, so a
+/// staleness marker for min and max).
+fn values(t: &Total) -> [Option<f64>; 4] {
+    let empty = t.count == 0;
+    [
+        Some(t.count as f64),
+        Some(t.sum.to_f64()),
+        (!empty).then_some(t.min),
+        (!empty).then_some(t.max),
+    ]
+}
+
+/// Answers one query.
+async fn answer(node: &Node, q: &PromQuery) -> Result<QueryResult, BadRead> {
+    let matchers = q
+        .matchers
+        .iter()
+        .map(Matcher::new)
+        .collect::<Result<Vec<_>, _>>()?;
+    fn on<'a>(ms: &'a [Matcher], label: &'a str) -> impl Iterator<Item = &'a Matcher> {
+        ms.iter().filter(move |m| m.name == label)
+    }
+    let on = |label: &'static str| on(&matchers, label);
+    // Any other label is absent from every series: its matchers must accept "".
+    if matchers
+        .iter()
+        .any(|m| !["__name__", "category", "entity"].contains(&m.name.as_str()) && !m.matches(""))
+    {
+        return Ok(QueryResult::default());
+    }
+    let names: Vec<usize> = (0..METRICS.len())
+        .filter(|&i| on("__name__").all(|m| m.matches(METRICS[i])))
+        .collect();
+    if names.is_empty() {
+        return Ok(QueryResult::default());
+    }
+    // Prometheus' range is inclusive at both ends; ours is [start, end).
+    let (start, end) = (q.start_timestamp_ms, q.end_timestamp_ms.saturating_add(1));
+    if end <= start {
+        return Ok(QueryResult::default());
+    }
+    let hint = q.hints.as_ref().map_or(0, |h| h.step_ms);
+    let step = step_for(start, end, hint);
+    // The categories with records in the range that the category matchers accept.
+    let (answer, _, _) = node
+        .query(Query::Totals {
+            start,
+            end,
+            group_by: 1,
+        })
+        .await;
+    let categories: Vec<String> = match answer {
+        crate::cluster::Answer::Rows { rows, .. } => rows
+            .into_iter()
+            .filter(|(_, t)| t.count > 0)
+            .filter_map(|(name, _)| name)
+            .filter(|c| on("category").all(|m| m.matches(c)))
+            .collect(),
+        crate::cluster::Answer::Points(_) => Vec::new(),
+    };
+    let totals_only = on("entity").all(|m| m.matches(""));
+    let mut out = Vec::new();
+    for category in categories {
+        let entities: Vec<Option<String>> = if totals_only {
+            vec![None]
+        } else {
+            let (answer, _, _) = node
+                .query(Query::TopK {
+                    category: category.clone(),
+                    start,
+                    end,
+                    by_producer: false,
+                })
+                .await;
+            let mut rows = match answer {
+                crate::cluster::Answer::Rows { rows, .. } => rows,
+                crate::cluster::Answer::Points(_) => Vec::new(),
+            };
+            rows.retain(|(name, t)| {
+                t.count > 0
+                    && name
+                        .as_deref()
+                        .is_some_and(|e| on("entity").all(|m| m.matches(e)))
+            });
+            rows.sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(&b.0)));
+            rows.truncate(MAX_ENTITIES);
+            rows.into_iter().map(|(name, _)| name).collect()
+        };
+        for entity in entities {
+            let (answer, _, _) = node
+                .query(Query::Series {
+                    category: category.clone(),
+                    entity: entity.clone(),
+                    start,
+                    end,
+                    step_ms: step,
+                    max_points: MAX_SAMPLES as u32,
+                })
+                .await;
+            let points = match answer {
+                crate::cluster::Answer::Points(p) => p,
+                crate::cluster::Answer::Rows { .. } => Vec::new(),
+            };
+            for &i in &names {
+                let mut labels = vec![
+                    Label {
+                        name: "__name__".into(),
+                        value: METRICS[i].into(),
+                    },
+                    Label {
+                        name: "category".into(),
+                        value: category.clone(),
+                    },
+                ];
+                if let Some(e) = &entity {
+                    labels.push(Label {
+                        name: "entity".into(),
+                        value: e.clone(),
+                    });
+                }
+                let samples = points
+                    .iter()
+                    .map(|(t, _, total)| Sample {
+                        value: values(total)[i].unwrap_or(f64::from_bits(STALE_NAN)),
+                        timestamp: *t,
+                    })
+                    .collect();
+                out.push(TimeSeries { labels, samples });
+            }
+        }
+    }
+    out.sort_by(|a, b| {
+        let key = |s: &TimeSeries| {
+            s.labels
+                .iter()
+                .map(|l| (l.name.clone(), l.value.clone()))
+                .collect::<Vec<_>>()
+        };
+        key(a).cmp(&key(b))
+    });
+    Ok(QueryResult { timeseries: out })
+}
+
+/// Answers a remote-read request body with a response body.
+pub async fn read(node: &Node, body: &[u8]) -> Result<Vec<u8>, BadRead> {
+    let req = decode_request(body)?;
+    let mut results = Vec::with_capacity(req.queries.len());
+    for q in &req.queries {
+        results.push(answer(node, q).await?);
+    }
+    Ok(encode_response(&ReadResponse { results }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_are_whole_seconds_and_bounded() {
+        assert_eq!(step_for(0, 60_000, 0), 1000);
+        assert_eq!(step_for(0, 60_000, 15_000), 15_000);
+        assert_eq!(step_for(0, 60_000, 1500), 2000);
+        let day = 86_400_000;
+        let s = step_for(0, 30 * day, 1000);
+        assert!(30 * day / s < MAX_SAMPLES && s % 1000 == 0, "{s}");
+    }
+
+    #[test]
+    fn matchers_follow_prometheus() {
+        let m = |t, v: &str| {
+            Matcher::new(&LabelMatcher {
+                r#type: t,
+                name: "x".into(),
+                value: v.into(),
+            })
+            .expect("matcher")
+        };
+        assert!(m(0, "a").matches("a") && !m(0, "a").matches("ab"));
+        assert!(m(1, "a").matches("") && !m(1, "a").matches("a"));
+        // Regexes are anchored at both ends.
+        assert!(m(2, "a.*").matches("abc") && !m(2, "b").matches("abc"));
+        assert!(m(2, ".*").matches("") && !m(2, ".+").matches(""));
+        assert!(m(3, "a|b").matches("c") && !m(3, "a|b").matches("a"));
+        assert!(Matcher::new(&LabelMatcher {
+            r#type: 2,
+            name: "x".into(),
+            value: "(".into()
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn requests_are_bounded_and_checked() {
+        let body = |r: &ReadRequest| {
+            snap::raw::Encoder::new()
+                .compress_vec(&prost::Message::encode_to_vec(r))
+                .expect("snappy")
+        };
+        let q = PromQuery {
+            start_timestamp_ms: 0,
+            end_timestamp_ms: 1,
+            matchers: vec![],
+            hints: None,
+        };
+        let ok = ReadRequest {
+            queries: vec![q.clone()],
+            accepted_response_types: vec![],
+        };
+        assert_eq!(decode_request(&body(&ok)), Ok(ok));
+        let many = ReadRequest {
+            queries: vec![q.clone(); MAX_QUERIES + 1],
+            accepted_response_types: vec![],
+        };
+        assert_eq!(
+            decode_request(&body(&many)).map_err(|e| e.0),
+            Err("too_many_queries")
+        );
+        let chunks = ReadRequest {
+            queries: vec![q],
+            accepted_response_types: vec![1],
+        };
+        assert_eq!(
+            decode_request(&body(&chunks)).map_err(|e| e.0),
+            Err("unsupported_response_type")
+        );
+        assert_eq!(
+            decode_request(b"\xff\xff\xff").map_err(|e| e.0),
+            Err("malformed")
+        );
+        // A small body that claims a huge decompressed size is refused before decompressing.
+        let mut bomb = Vec::new();
+        let mut n = 1u64 << 31;
+        while n >= 0x80 {
+            bomb.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        bomb.push(n as u8);
+        assert_eq!(decode_request(&bomb).map_err(|e| e.0), Err("too_large"));
+    }
+}
