@@ -93,6 +93,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/read", post(prometheus_read))
+        .route("/", get(dashboard_page))
+        .route("/dashboard/{file}", get(dashboard_asset))
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -112,6 +114,69 @@ pub fn router(node: Arc<Node>) -> Router {
             count_requests,
         ))
         .with_state(node)
+}
+
+/// The dashboard's files, compiled into the binary (no build step, no CDN).
+const DASHBOARD: &[(&str, &str, &str)] = &[
+    (
+        "dashboard.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/dashboard.js"),
+    ),
+    (
+        "dashboard.css",
+        "text/css; charset=utf-8",
+        include_str!("../assets/dashboard.css"),
+    ),
+    (
+        "uPlot.iife.min.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/vendor/uPlot.iife.min.js"),
+    ),
+    (
+        "uPlot.min.css",
+        "text/css; charset=utf-8",
+        include_str!("../assets/vendor/uPlot.min.css"),
+    ),
+];
+
+/// What the dashboard may load and call: its own files and this node's API, nothing else.
+const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+     frame-ancestors 'none'";
+
+/// `GET /`: the built-in dashboard (categories, live series charts, top entities, ingest
+/// rates, cluster and peers), over this node's own API.
+async fn dashboard_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, DASHBOARD_CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        include_str!("../assets/dashboard.html"),
+    )
+        .into_response()
+}
+
+async fn dashboard_asset(axum::extract::Path(file): axum::extract::Path<String>) -> Response {
+    match DASHBOARD.iter().find(|(name, _, _)| *name == file) {
+        Some((_, kind, body)) => (
+            [
+                (header::CONTENT_TYPE, *kind),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            *body,
+        )
+            .into_response(),
+        None => ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            message: "no such file".into(),
+        }
+        .into_response(),
+    }
 }
 
 /// Prometheus remote read ([`crate::promread`]): a snappy-compressed protobuf `ReadRequest`
@@ -252,6 +317,10 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
 /// scope (queries, status, metrics) or the write scope (`POST /v1/events`).
 fn scope_of(method: &axum::http::Method, path: &str) -> Option<&'static str> {
     use axum::http::Method;
+    // The dashboard's page and files hold no data (the page asks for a token if needed).
+    if method == Method::GET && (path == "/" || path.starts_with("/dashboard/")) {
+        return None;
+    }
     match (method, path) {
         (&Method::OPTIONS, _)
         | (_, "/healthz")
