@@ -169,6 +169,34 @@ fn query_prints_the_nodes_answers() {
         &secs,
     ]);
     assert!(ok && err.contains("is read as epoch milliseconds"), "{err}");
+    // A reader that stops early (`| head`) ends the command quietly, not with a panic.
+    let mut child = std::process::Command::new(crate::harness::binary())
+        .args([
+            "query",
+            "--node",
+            node,
+            "series",
+            "--category",
+            "cpu",
+            "--since",
+            "2h",
+            "--step",
+            "1s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("query");
+    let mut first = [0u8; 16];
+    std::io::Read::read_exact(child.stdout.as_mut().expect("stdout"), &mut first).expect("read");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !err.contains("panicked"),
+        "{:?} {err}",
+        out.status
+    );
     // A time that is none of the forms names them.
     let (ok, _, err) = run(&[
         "query",

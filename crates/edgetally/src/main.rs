@@ -1,5 +1,18 @@
 //! `edgetally`: serve, query, keygen.
 
+/// `println!` for results: a closed stdout (`edgetally query … | head`) ends the process
+/// quietly instead of panicking.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($t)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 mod args;
 mod cluster_demo;
 mod demo;

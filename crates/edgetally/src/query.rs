@@ -205,7 +205,7 @@ pub fn run(a: QueryArgs) -> Result<()> {
         );
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&body)?);
+        out!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(());
     }
     print_table(path, &body);
@@ -235,9 +235,9 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
             .collect::<Vec<_>>()
             .join("  ")
     };
-    println!("{}", line(header.iter().map(|s| s.to_string()).collect()));
+    out!("{}", line(header.iter().map(|s| s.to_string()).collect()));
     for r in rows {
-        println!("{}", line(r));
+        out!("{}", line(r));
     }
 }
 
@@ -246,13 +246,13 @@ const STATS: [&str; 5] = ["count", "sum", "avg", "min", "max"];
 fn print_table(kind: &str, b: &Value) {
     let when = |v: &Value| v.as_i64().map_or_else(|| "-".into(), crate::args::rfc3339);
     if kind == "series" {
-        println!(
+        out!(
             "series of {} by {} ms",
             b["category"].as_str().unwrap_or("?"),
             b["step_ms"]
         );
     } else {
-        println!(
+        out!(
             "window [{}, {})",
             when(&b["time_window_start"]),
             when(&b["time_window_end"])

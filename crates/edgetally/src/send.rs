@@ -347,7 +347,7 @@ pub fn run(a: SendArgs) -> Result<()> {
         let s = p.stats();
         p.close();
         let n_invalid = invalid.values().sum::<u64>();
-        println!(
+        out!(
             "events: {} read, {} recorded, {} invalid{}",
             items.len(),
             s.recorded,
@@ -365,7 +365,7 @@ pub fn run(a: SendArgs) -> Result<()> {
                 )
             }
         );
-        println!(
+        out!(
             "batches: {} acked ({} records), {} rejected, {} dropped, {} retries, {} bytes sent",
             s.acked,
             s.acked_records,
@@ -375,7 +375,7 @@ pub fn run(a: SendArgs) -> Result<()> {
             s.bytes_sent
         );
         for (reason, n) in s.rejected.iter() {
-            println!("  rejected {reason}: {n}");
+            out!("  rejected {reason}: {n}");
         }
         let kept = if a.state_dir.is_some() {
             "they are kept in --state-dir and resent by the next run"
