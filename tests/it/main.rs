@@ -10,6 +10,7 @@ mod crdt_laws;
 mod demo;
 mod deploy;
 mod expiry;
+mod export;
 mod fixtures;
 mod groups;
 mod groups_sim;

@@ -284,11 +284,19 @@ fn apt_install(packages: &[&str]) -> Result<()> {
     run(apt(&["install", "-y", "-q"]).args(packages))
 }
 
-/// The real components the Rust tests start (Debian's Prometheus for remote read), which
-/// they then require (`EDGETALLY_REQUIRE_TOOLS`) instead of skipping.
+/// The real components the Rust tests start (Debian's Prometheus for remote read, its
+/// PostgreSQL server for the export), which they then require (`EDGETALLY_REQUIRE_TOOLS`)
+/// instead of skipping.
 fn ensure_test_tools() -> Result<()> {
+    let mut missing = Vec::new();
     if !Path::new("/usr/bin/prometheus").exists() {
-        apt_install(&["prometheus"])?;
+        missing.push("prometheus");
+    }
+    if !Path::new("/usr/bin/psql").exists() || !Path::new("/usr/lib/postgresql").exists() {
+        missing.push("postgresql");
+    }
+    if !missing.is_empty() {
+        apt_install(&missing)?;
     }
     Ok(())
 }

@@ -270,6 +270,57 @@ impl Replica {
         }
     }
 
+    /// One export key's totals: the records of `category` with `entity` (`None`: the records
+    /// without an entity) in the bucket of tier `tier` (0 second, 1 minute, 2 hour) starting at
+    /// `start`; `None` when that bucket holds none (or the tier no longer keeps it).
+    pub fn bucket_total(
+        &self,
+        category: &str,
+        entity: Option<&str>,
+        tier: usize,
+        start: i64,
+    ) -> Option<Total> {
+        let cat = self.string_id(category)?;
+        let dim = match entity {
+            None => Dim::NoEntity,
+            Some(e) => Dim::Entity(self.string_id(e)?),
+        };
+        let idx = *self.series_ids.get(&(cat, dim))?;
+        let (_, t) = self.series[idx as usize]
+            .tiers
+            .get(tier)?
+            .range(start, start.saturating_add(1))
+            .next()?;
+        (!t.is_empty()).then_some(*t)
+    }
+
+    /// Calls `f(category, entity, bucket start, totals)` for every bucket of tier `tier`
+    /// starting in `[from, to)` of every (category, entity) and (category, no entity) series:
+    /// the finest keys, whose sums are every other answer.
+    pub fn each_bucket(
+        &self,
+        tier: usize,
+        from: i64,
+        to: i64,
+        mut f: impl FnMut(&str, Option<&str>, i64, &Total),
+    ) {
+        for (&(cat, dim), &idx) in &self.series_ids {
+            let entity = match dim {
+                Dim::NoEntity => None,
+                Dim::Entity(e) => Some(self.strings.get(e)),
+                Dim::All | Dim::Producer(_) => continue,
+            };
+            let Some(t) = self.series[idx as usize].tiers.get(tier) else {
+                continue;
+            };
+            for (start, total) in t.range(from, to) {
+                if !total.is_empty() {
+                    f(self.strings.get(cat), entity, *start, total);
+                }
+            }
+        }
+    }
+
     /// Every category name, sorted.
     pub fn categories(&self) -> Vec<String> {
         let mut v: Vec<String> = self

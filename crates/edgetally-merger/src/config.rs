@@ -91,6 +91,16 @@ pub struct Config {
     /// How long a cluster-wide query waits for the other groups, ms; a group that has not
     /// answered by then is reported missing and the answer is marked partial.
     pub query_deadline_ms: u64,
+    /// Export closed buckets to this PostgreSQL database (`postgresql://user@host:port/db`).
+    pub export_postgres_url: Option<String>,
+    /// The table the export writes (created if missing).
+    pub export_table: String,
+    /// The exported bucket width, ms: 60000 (minutes) or 3600000 (hours).
+    pub export_bucket_ms: i64,
+    /// How long after a bucket's end it is first exported, ms.
+    pub export_delay_ms: i64,
+    /// How often the exporter runs, ms.
+    pub export_interval_ms: u64,
 }
 
 /// Which producers a merger admits.
@@ -156,6 +166,11 @@ impl Default for Config {
             group: None,
             query_deadline_ms: 2_000,
             snapshot_catch_up_batches: 10_000,
+            export_postgres_url: None,
+            export_table: "edgetally_buckets".into(),
+            export_bucket_ms: 60_000,
+            export_delay_ms: 10_000,
+            export_interval_ms: 5_000,
         }
     }
 }
@@ -282,6 +297,23 @@ pub struct FileConfig {
     pub query_deadline_ms: Option<u64>,
     /// See [`Config::snapshot_catch_up_batches`].
     pub snapshot_catch_up_batches: Option<u64>,
+    /// See [`Config::export_postgres_url`].
+    pub export_postgres_url: Option<String>,
+    /// See [`Config::export_table`].
+    pub export_table: Option<String>,
+    /// See [`Config::export_bucket_ms`].
+    #[serde(default, alias = "export_bucket", deserialize_with = "duration::ms")]
+    pub export_bucket_ms: Option<i64>,
+    /// See [`Config::export_delay_ms`].
+    #[serde(default, alias = "export_delay", deserialize_with = "duration::ms")]
+    pub export_delay_ms: Option<i64>,
+    /// See [`Config::export_interval_ms`].
+    #[serde(
+        default,
+        alias = "export_interval",
+        deserialize_with = "duration::ms_u"
+    )]
+    pub export_interval_ms: Option<u64>,
 }
 
 /// A configuration error, naming the source and key.
@@ -324,6 +356,9 @@ impl FileConfig {
         "peer_horizon",
         "seen_expiry_margin",
         "query_deadline",
+        "export_bucket",
+        "export_delay",
+        "export_interval",
     ];
 
     /// Every key of the file (and, upper-cased after `EDGETALLY_`, of the environment).
@@ -371,6 +406,11 @@ impl FileConfig {
         "group",
         "query_deadline_ms",
         "snapshot_catch_up_batches",
+        "export_postgres_url",
+        "export_table",
+        "export_bucket_ms",
+        "export_delay_ms",
+        "export_interval_ms",
     ];
 }
 
@@ -416,9 +456,18 @@ impl Config {
             }
             use toml::Value;
             let value = match key.as_str() {
-                "data_dir" | "http_addr" | "quic_addr" | "tls_cert" | "tls_key"
-                | "cluster_secret" | "producer_policy" | "producer_allowlist" | "topology_file"
-                | "group" => Value::String(v.clone()),
+                "data_dir"
+                | "http_addr"
+                | "quic_addr"
+                | "tls_cert"
+                | "tls_key"
+                | "cluster_secret"
+                | "producer_policy"
+                | "producer_allowlist"
+                | "topology_file"
+                | "group"
+                | "export_postgres_url"
+                | "export_table" => Value::String(v.clone()),
                 "peers" | "peer_keys" | "issuer_keys" | "read_tokens" | "write_tokens"
                 | "cors_origins" => Value::Array(
                     v.split(',')
@@ -481,6 +530,13 @@ impl Config {
             cors_origins => self.cors_origins,
             query_deadline_ms => self.query_deadline_ms,
             snapshot_catch_up_batches => self.snapshot_catch_up_batches,
+            export_table => self.export_table,
+            export_bucket_ms => self.export_bucket_ms,
+            export_delay_ms => self.export_delay_ms,
+            export_interval_ms => self.export_interval_ms,
+        }
+        if let Some(v) = f.export_postgres_url {
+            self.export_postgres_url = Some(v);
         }
         if let Some(v) = f.topology_file {
             self.topology_file = Some(v);

@@ -70,6 +70,8 @@ pub struct Pipeline {
     pub applied: Option<tokio::sync::broadcast::Sender<Arc<[u8]>>>,
     /// Admission and quotas for batches from producers (never for peers' batches).
     pub admission: Arc<Admission>,
+    /// Where applied batches (from producers and peers) are told to the exporter, if any.
+    pub export: Option<crate::export::ExportFeed>,
 }
 
 pub use edgetally_net::now_ms;
@@ -511,8 +513,9 @@ fn apply_group(
             } else {
                 Arc::from(&[][..])
             };
+            let batch = Arc::new(batch);
             let entry = LogEntry {
-                batch: Arc::new(batch),
+                batch: batch.clone(),
                 raw: raw.clone(),
             };
             let applied = match &job.digest {
@@ -526,6 +529,9 @@ fn apply_group(
                 Ok(Applied::New) => {
                     p.metrics.applied.fetch_add(1, Relaxed);
                     p.metrics.summaries.fetch_add(n, Relaxed);
+                    if let Some(e) = &p.export {
+                        e.applied(&batch);
+                    }
                     if !job.from_peer {
                         if let Some(tx) = &p.applied {
                             // No receiver (no peer linked yet) is fine: pulls catch up.

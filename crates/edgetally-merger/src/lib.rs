@@ -8,6 +8,7 @@ pub mod admission;
 pub mod check;
 pub mod cluster;
 pub mod config;
+pub mod export;
 pub mod http;
 pub mod ingest;
 pub mod metrics;

@@ -48,6 +48,8 @@ pub enum StartError {
 pub struct Node {
     /// Configuration in force.
     pub config: Config,
+    /// The exporter's feed, when an export sink is configured.
+    pub export: Option<crate::export::ExportFeed>,
     /// The replica state.
     pub replica: Arc<RwLock<Replica>>,
     /// Storage.
@@ -452,6 +454,9 @@ impl Node {
         }
         *r = fresh;
         self.metrics.snapshots_adopted.fetch_add(1, Relaxed);
+        if let Some(e) = &self.export {
+            e.rescan();
+        }
         Ok(true)
     }
 

@@ -139,7 +139,40 @@ impl Node {
             crate::admission::Admission::new(&config, events_signer.producer())
                 .map_err(StartError::Config)?,
         );
+        let (shutdown, rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let export = match &config.export_postgres_url {
+            None => None,
+            Some(url) => {
+                let tier = match config.export_bucket_ms {
+                    60_000 => 1,
+                    3_600_000 => 2,
+                    other => {
+                        return Err(StartError::Config(format!(
+                            "export_bucket must be 1m or 1h, not {other} ms"
+                        )))
+                    }
+                };
+                let sink = crate::export::Postgres::new(url, &config.export_table)
+                    .map_err(StartError::Config)?;
+                let cfg = crate::export::ExportConfig {
+                    tier,
+                    delay_ms: config.export_delay_ms.max(0),
+                    interval_ms: config.export_interval_ms.max(100),
+                    reach_ms: config
+                        .limits
+                        .max_lateness_ms
+                        .saturating_add(config.seen_expiry_margin_ms.max(0)),
+                    mark_file: dir.join(format!("export-{}.mark", config.export_table)),
+                };
+                let (feed, task) =
+                    crate::export::start(sink, cfg, replica.clone(), metrics.clone(), rx.clone());
+                tasks.push(task);
+                Some(feed)
+            }
+        };
         let pipeline = Pipeline {
+            export: export.clone(),
             admission: admission.clone(),
             replica: replica.clone(),
             store: store.clone(),
@@ -179,6 +212,7 @@ impl Node {
             .map_err(|e| StartError::Bind(config.http_addr, e))?;
 
         let node = Arc::new(Node {
+            export,
             signer,
             events_signer,
             cert_hash: RwLock::new(id.cert_hash()),
@@ -201,8 +235,7 @@ impl Node {
             metrics,
             ingest,
         });
-        let (shutdown, rx) = watch::channel(false);
-        let mut tasks = vec![commit_task];
+        tasks.push(commit_task);
         tasks.push(tokio::spawn(edgetally_net::serve(
             endpoint.clone(),
             node.clone(),

@@ -1,0 +1,418 @@
+//! Export to an existing database: closed buckets, and late updates to them, written to a
+//! [`Sink`] as rows keyed by (category, entity, bucket) that carry the bucket's full totals.
+//!
+//! A row replaces any earlier row of its key, so writing it again — after a crash, or from
+//! another node of the cluster — changes nothing once the nodes agree. The exporter:
+//! - learns which keys changed from the apply stage (every batch applied, from producers and
+//!   from peers: a channel of the batches, read off the apply path);
+//! - writes a key once its bucket has closed (`export_delay` past its end), reading the
+//!   replica's exact totals for it, and again whenever a late batch changes it;
+//! - after a start, a snapshot adoption, an absorbed group, or a full channel, rescans the
+//!   tier instead: from the durable mark of its last complete round (in the data directory)
+//!   back by `max_lateness` and the peers' grace — the oldest bucket a batch accepted since
+//!   then can have changed — or, without a mark, everything the tier holds;
+//! - on a failed write keeps what it had to write and tries again next round.
+//!
+//! The sink is a trait so that other databases (ClickHouse, Kafka) can follow the
+//! PostgreSQL one.
+
+use crate::metrics::Metrics;
+use edgetally_core::{Batch, Replica, Total};
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+/// One exported row: the full totals of (category, entity, bucket).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExportRow {
+    /// The category.
+    pub category: String,
+    /// The entity; `None` for the records without one.
+    pub entity: Option<String>,
+    /// The bucket's start, ms since the epoch.
+    pub bucket_start_ms: i64,
+    /// The bucket's width, ms.
+    pub bucket_ms: i64,
+    /// Its totals (count ≥ 1).
+    pub total: Total,
+}
+
+/// Where rows go. `write` must be idempotent: a row replaces the row of its key, and
+/// writing the same rows twice leaves the same data.
+pub trait Sink: Send + Sync + 'static {
+    /// A short name, for logs, metrics and the mark file.
+    fn name(&self) -> &'static str;
+    /// Gets ready before the first round (connects, creates the table), so that a bad
+    /// address shows at start-up; an error is logged and the first write tries again.
+    fn prepare(&self) -> impl std::future::Future<Output = Result<(), String>> + Send {
+        async { Ok(()) }
+    }
+    /// Writes the rows (keys are distinct within one call); an error keeps them for retry.
+    fn write(
+        &self,
+        rows: &[ExportRow],
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+}
+
+/// Most batches queued for the exporter before it falls back to a rescan.
+const FEED_CAPACITY: usize = 65_536;
+/// Rows per write.
+const CHUNK: usize = 5_000;
+
+/// What the apply stage holds to tell the exporter about applied batches.
+#[derive(Clone, Debug)]
+pub struct ExportFeed {
+    tx: mpsc::Sender<Arc<Batch>>,
+    rescan: Arc<AtomicBool>,
+}
+
+impl ExportFeed {
+    /// A batch was applied (never blocks: a full queue turns into a rescan).
+    pub fn applied(&self, batch: &Arc<Batch>) {
+        if self.tx.try_send(batch.clone()).is_err() {
+            self.rescan.store(true, Relaxed);
+        }
+    }
+
+    /// The state changed wholesale (snapshot adoption, an absorbed group): rescan.
+    pub fn rescan(&self) {
+        self.rescan.store(true, Relaxed);
+    }
+}
+
+/// The exporter's settings.
+#[derive(Clone, Debug)]
+pub struct ExportConfig {
+    /// The replica tier exported: 1 (minute buckets) or 2 (hour buckets).
+    pub tier: usize,
+    /// How long after a bucket's end it is first written, ms.
+    pub delay_ms: i64,
+    /// How often a round runs, ms.
+    pub interval_ms: u64,
+    /// How far back a batch accepted now can reach (max_lateness plus the peers' grace), ms.
+    pub reach_ms: i64,
+    /// Where the mark of the last complete round is kept.
+    pub mark_file: PathBuf,
+}
+
+/// A dirty key: (category, entity, bucket start).
+type Key = (String, Option<String>, i64);
+
+/// The exporter task's state.
+struct Exporter<S: Sink> {
+    sink: S,
+    cfg: ExportConfig,
+    replica: Arc<RwLock<Replica>>,
+    metrics: Arc<Metrics>,
+    rx: mpsc::Receiver<Arc<Batch>>,
+    rescan: Arc<AtomicBool>,
+    dirty: HashSet<Key>,
+    mark: Option<i64>,
+}
+
+/// Starts the exporter; returns the feed for the apply stage.
+pub fn start<S: Sink>(
+    sink: S,
+    cfg: ExportConfig,
+    replica: Arc<RwLock<Replica>>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> (ExportFeed, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(FEED_CAPACITY);
+    // A start rescans: whatever changed after the last complete round before a crash.
+    let rescan = Arc::new(AtomicBool::new(true));
+    let mark = std::fs::read_to_string(&cfg.mark_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok());
+    let ex = Exporter {
+        sink,
+        cfg,
+        replica,
+        metrics,
+        rx,
+        rescan: rescan.clone(),
+        dirty: HashSet::new(),
+        mark,
+    };
+    let task = tokio::spawn(ex.run(shutdown));
+    (ExportFeed { tx, rescan }, task)
+}
+
+impl<S: Sink> Exporter<S> {
+    fn width(&self) -> i64 {
+        edgetally_core::replica::TIER_MS[self.cfg.tier]
+    }
+
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        info!(sink = self.sink.name(), "export started");
+        if let Err(e) = self.sink.prepare().await {
+            warn!(sink = self.sink.name(), "export sink not ready: {e}");
+        }
+        // The first round at once: it rescans what a previous run may not have written.
+        self.round().await;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(self.cfg.interval_ms)) => {}
+                _ = shutdown.changed() => {
+                    // A last round for what has closed; the rest is rescanned at the next start.
+                    self.round().await;
+                    break;
+                }
+            }
+            self.round().await;
+        }
+    }
+
+    /// The batches applied since the last round, as dirty keys.
+    fn drain(&mut self) {
+        let w = self.width();
+        while let Ok(b) = self.rx.try_recv() {
+            for s in &b.summaries {
+                let start = b.bucket_start_ms(s).div_euclid(w) * w;
+                self.dirty.insert((
+                    b.category(s).to_string(),
+                    b.entity(s).map(str::to_string),
+                    start,
+                ));
+            }
+        }
+    }
+
+    async fn round(&mut self) {
+        self.drain();
+        let now = edgetally_net::now_ms();
+        let w = self.width();
+        // Buckets ending at or before the cutoff are closed: [.., last_start] with
+        // last_start + w <= cutoff.
+        let cutoff = now - self.cfg.delay_ms;
+        let end = cutoff - w + 1;
+        let full = self.rescan.swap(false, Relaxed);
+        let rows: Vec<ExportRow> = {
+            let r = self.replica.read().unwrap_or_else(|e| e.into_inner());
+            let mut rows = Vec::new();
+            if full {
+                let from = self.mark.map_or(i64::MIN, |m| {
+                    m.saturating_sub(self.cfg.reach_ms).saturating_sub(w)
+                });
+                r.each_bucket(self.cfg.tier, from, end, |c, e, start, t| {
+                    rows.push(ExportRow {
+                        category: c.to_string(),
+                        entity: e.map(str::to_string),
+                        bucket_start_ms: start,
+                        bucket_ms: w,
+                        total: *t,
+                    })
+                });
+                // The rescan covered every closed key.
+                self.dirty.retain(|k| k.2 >= end);
+            } else {
+                let closed: Vec<Key> = self.dirty.iter().filter(|k| k.2 < end).cloned().collect();
+                for k in closed {
+                    if let Some(t) = r.bucket_total(&k.0, k.1.as_deref(), self.cfg.tier, k.2) {
+                        rows.push(ExportRow {
+                            category: k.0.clone(),
+                            entity: k.1.clone(),
+                            bucket_start_ms: k.2,
+                            bucket_ms: w,
+                            total: t,
+                        });
+                    }
+                    self.dirty.remove(&k);
+                }
+            }
+            rows
+        };
+        let mut written = 0;
+        for chunk in rows.chunks(CHUNK) {
+            if let Err(e) = self.sink.write(chunk).await {
+                warn!(
+                    sink = self.sink.name(),
+                    "export failed, kept for the next round: {e}"
+                );
+                self.metrics.export_errors.fetch_add(1, Relaxed);
+                // Keep what is not written: as dirty keys (or the whole rescan).
+                if full {
+                    self.rescan.store(true, Relaxed);
+                } else {
+                    for r in &rows[written..] {
+                        self.dirty.insert((
+                            r.category.clone(),
+                            r.entity.clone(),
+                            r.bucket_start_ms,
+                        ));
+                    }
+                }
+                self.metrics
+                    .export_pending
+                    .store(self.dirty.len() as u64, Relaxed);
+                return;
+            }
+            written += chunk.len();
+            self.metrics
+                .export_rows
+                .fetch_add(chunk.len() as u64, Relaxed);
+        }
+        // Every key closed by the cutoff is written: the mark moves on (the file first, so
+        // a crash never leaves a mark past what was written).
+        let tmp = self.cfg.mark_file.with_extension("tmp");
+        let saved = std::fs::write(&tmp, format!("{cutoff}\n"))
+            .and_then(|()| std::fs::rename(&tmp, &self.cfg.mark_file));
+        if let Err(e) = saved {
+            warn!("export mark not saved: {e}");
+        }
+        self.mark = Some(cutoff);
+        self.metrics.export_mark_ms.store(cutoff, Relaxed);
+        self.metrics
+            .export_pending
+            .store(self.dirty.len() as u64, Relaxed);
+    }
+}
+
+/// PostgreSQL: one table, upserted with `INSERT … ON CONFLICT DO UPDATE` keyed by
+/// (category, entity, bucket_ms, bucket_start). A row is only replaced by one counting at
+/// least as many records (totals only grow as batches arrive), so a node that is behind
+/// cannot set a row back.
+pub struct Postgres {
+    url: String,
+    table: String,
+    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+}
+
+impl std::fmt::Debug for Postgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Postgres")
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Postgres {
+    /// A sink writing to `table` (a plain SQL identifier) of the database at `url`
+    /// (`postgresql://user[:password]@host:port/db`); it connects at the first write.
+    pub fn new(url: &str, table: &str) -> Result<Postgres, String> {
+        let ok = table
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && table.len() <= 63
+            && table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err(format!(
+                "export_table {table:?}: letters, digits and _ only, not starting with a digit"
+            ));
+        }
+        url.parse::<tokio_postgres::Config>()
+            .map_err(|e| format!("export_postgres_url: {e}"))?;
+        Ok(Postgres {
+            url: url.to_string(),
+            table: table.to_string(),
+            client: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    async fn connect(&self) -> Result<tokio_postgres::Client, String> {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| format!("connecting: {e}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                warn!("postgres connection ended: {e}");
+            }
+        });
+        let t = &self.table;
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    category text NOT NULL,
+                    entity text NOT NULL,
+                    bucket_start timestamptz NOT NULL,
+                    bucket_ms integer NOT NULL,
+                    count numeric(20, 0) NOT NULL,
+                    sum numeric NOT NULL,
+                    min double precision NOT NULL,
+                    max double precision NOT NULL,
+                    exported_at timestamptz NOT NULL DEFAULT now(),
+                    PRIMARY KEY (category, entity, bucket_ms, bucket_start)
+                )"
+            ))
+            .await
+            .map_err(|e| format!("creating {t}: {e}"))?;
+        Ok(client)
+    }
+}
+
+impl Sink for Postgres {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn prepare(&self) -> Result<(), String> {
+        let mut guard = self.client.lock().await;
+        *guard = Some(self.connect().await?);
+        Ok(())
+    }
+
+    async fn write(&self, rows: &[ExportRow]) -> Result<(), String> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(|c| c.is_closed()) {
+            *guard = Some(self.connect().await?);
+        }
+        let Some(client) = guard.as_ref() else {
+            return Err("not connected".into());
+        };
+        // One array per column: the rows go in as one statement (`unnest`).
+        let categories: Vec<&str> = rows.iter().map(|r| r.category.as_str()).collect();
+        let entities: Vec<&str> = rows
+            .iter()
+            .map(|r| r.entity.as_deref().unwrap_or(""))
+            .collect();
+        let starts: Vec<i64> = rows.iter().map(|r| r.bucket_start_ms).collect();
+        let widths: Vec<i32> = rows
+            .iter()
+            .map(|r| i32::try_from(r.bucket_ms).unwrap_or(i32::MAX))
+            .collect();
+        let counts: Vec<String> = rows.iter().map(|r| r.total.count.to_string()).collect();
+        let sums: Vec<String> = rows.iter().map(|r| r.total.sum.to_decimal()).collect();
+        let mins: Vec<f64> = rows.iter().map(|r| r.total.min).collect();
+        let maxs: Vec<f64> = rows.iter().map(|r| r.total.max).collect();
+        let t = &self.table;
+        let sql = format!(
+            "INSERT INTO {t} (category, entity, bucket_start, bucket_ms, count, sum, min, max)
+             SELECT c, e, 'epoch'::timestamptz + b * interval '1 millisecond', w, n::numeric,
+                    s::numeric, lo, hi
+             FROM unnest($1::text[], $2::text[], $3::int8[], $4::int4[], $5::text[], $6::text[],
+                         $7::float8[], $8::float8[]) AS r(c, e, b, w, n, s, lo, hi)
+             ON CONFLICT (category, entity, bucket_ms, bucket_start) DO UPDATE
+             SET count = EXCLUDED.count, sum = EXCLUDED.sum, min = EXCLUDED.min,
+                 max = EXCLUDED.max, exported_at = now()
+             WHERE EXCLUDED.count >= {t}.count
+               AND (EXCLUDED.count, EXCLUDED.sum, EXCLUDED.min, EXCLUDED.max)
+                   IS DISTINCT FROM ({t}.count, {t}.sum, {t}.min, {t}.max)"
+        );
+        let result = client
+            .execute(
+                &sql,
+                &[
+                    &categories,
+                    &entities,
+                    &starts,
+                    &widths,
+                    &counts,
+                    &sums,
+                    &mins,
+                    &maxs,
+                ],
+            )
+            .await;
+        if let Err(e) = result {
+            // Reconnect next time (the server may have restarted).
+            *guard = None;
+            return Err(format!("upsert: {e}"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,414 @@
+//! Export to PostgreSQL (Debian's server, started here): two peered mergers both export to one
+//! table; late updates to exported buckets, a `kill -9` of one merger with changes not yet
+//! exported, its restart — and then a query in PostgreSQL equals the mergers' own totals,
+//! per (category, entity, minute) and per minute.
+
+use crate::harness::{free_udp, now_ms, Merger, TempDir};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Debian's PostgreSQL server binaries, or `None` (with a note) where they are not installed —
+/// unless the CI asks for every tool (`EDGETALLY_REQUIRE_TOOLS`).
+fn postgres_bin() -> Option<PathBuf> {
+    let found = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .and_then(|d| d.filter_map(Result::ok).map(|e| e.path().join("bin")).max())
+        .filter(|b| b.join("postgres").exists() && Path::new("/usr/bin/psql").exists());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("EDGETALLY_REQUIRE_TOOLS").is_none(),
+            "PostgreSQL is missing (apt-get install postgresql)"
+        );
+        eprintln!("PostgreSQL is not installed: the export is not tested");
+    }
+    found
+}
+
+/// A PostgreSQL server on a loopback port with its own data directory, run as the `postgres`
+/// user when the test runs as root (the server refuses root).
+struct Postgres {
+    child: Child,
+    port: u16,
+    _dir: TempDir,
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn as_server_user(program: &Path) -> Command {
+    let root = std::env::var("USER").map_or(true, |u| u == "root")
+        && Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn start_postgres(bin: &Path) -> Postgres {
+    let dir = TempDir::new("postgres");
+    let data = dir.0.join("data");
+    std::fs::create_dir_all(&data).expect("dir");
+    let _ = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(&dir.0)
+        .status();
+    let init = as_server_user(&bin.join("initdb"))
+        .arg("-D")
+        .arg(&data)
+        .args(["-A", "trust", "-U", "edgetally", "--no-sync"])
+        .output()
+        .expect("initdb");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let child = as_server_user(&bin.join("postgres"))
+        .arg("-D")
+        .arg(&data)
+        .args([
+            "-p",
+            &port.to_string(),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+        ])
+        .arg("-k")
+        .arg(&dir.0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("postgres");
+    let pg = Postgres {
+        child,
+        port,
+        _dir: dir,
+    };
+    let until = Instant::now() + Duration::from_secs(30);
+    while !Command::new("pg_isready")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        assert!(Instant::now() < until, "postgres did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    pg
+}
+
+impl Postgres {
+    fn url(&self) -> String {
+        format!("postgresql://edgetally@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Rows of a query, as text (psql, Debian's client).
+    fn query(&self, sql: &str) -> Vec<Vec<String>> {
+        let out = Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "edgetally",
+            ])
+            .args(["-d", "postgres", "-At", "-F", "\t", "-c", sql])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split('\t').map(String::from).collect())
+            .collect()
+    }
+}
+
+/// A decimal string ("-12.5", "3", "0.000000001") as nano-units.
+fn nanos(d: &str) -> i128 {
+    let (neg, d) = d.strip_prefix('-').map_or((false, d), |r| (true, r));
+    let (int, frac) = d.split_once('.').unwrap_or((d, ""));
+    let mut frac = frac.to_string();
+    frac.truncate(9);
+    while frac.len() < 9 {
+        frac.push('0');
+    }
+    let v = int.parse::<i128>().expect("int") * 1_000_000_000 + frac.parse::<i128>().expect("frac");
+    if neg {
+        -v
+    } else {
+        v
+    }
+}
+
+/// (category, entity, minute start ms) → (count, nano-sum) as PostgreSQL holds it.
+fn exported(pg: &Postgres) -> BTreeMap<(String, String, i64), (u64, i128)> {
+    if pg.query("SELECT to_regclass('edgetally_buckets') IS NULL") == [["t"]] {
+        return BTreeMap::new();
+    }
+    pg.query(
+        "SELECT category, entity, (extract(epoch from bucket_start) * 1000)::bigint, count, sum \
+         FROM edgetally_buckets WHERE bucket_ms = 60000",
+    )
+    .into_iter()
+    .map(|r| {
+        (
+            (r[0].clone(), r[1].clone(), r[2].parse().expect("ms")),
+            (r[3].parse().expect("count"), nanos(&r[4])),
+        )
+    })
+    .collect()
+}
+
+/// The same from a merger's API: per entity (and "" for no entity) and minute.
+fn merged(
+    m: &Merger,
+    categories: &[&str],
+    entities: &[&str],
+    minutes: &[i64],
+) -> BTreeMap<(String, String, i64), (u64, i128)> {
+    let mut out = BTreeMap::new();
+    for c in categories {
+        for &start in minutes {
+            // Per entity.
+            for e in entities {
+                let (_, v) = m.get(&format!(
+                    "/v1/aggregate?category={c}&entity={e}&start={start}&end={}",
+                    start + 60_000
+                ));
+                let n = v["count"].as_u64().expect("count");
+                if n > 0 {
+                    let s = nanos(v["sum_exact"].as_str().expect("sum"));
+                    out.insert((c.to_string(), e.to_string(), start), (n, s));
+                }
+            }
+            // The records without an entity: the category's total minus its entities'.
+            let (_, all) = m.get(&format!(
+                "/v1/aggregate?category={c}&start={start}&end={}",
+                start + 60_000
+            ));
+            let (mut n, mut s) = (
+                all["count"].as_u64().expect("count"),
+                nanos(all["sum_exact"].as_str().expect("sum")),
+            );
+            for e in entities {
+                if let Some((en, es)) = out.get(&(c.to_string(), e.to_string(), start)) {
+                    n -= en;
+                    s -= es;
+                }
+            }
+            if n > 0 {
+                out.insert((c.to_string(), String::new(), start), (n, s));
+            }
+        }
+    }
+    out
+}
+
+fn post(m: &Merger, events: &[String]) {
+    let (st, v, _) = m.post(
+        "/v1/events",
+        "application/json",
+        format!("[{}]", events.join(",")).as_bytes(),
+    );
+    assert_eq!(st, 200, "{v}");
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < until, "{what}: not within {secs} s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn postgres_holds_the_converged_totals_across_a_kill_9() {
+    let Some(bin) = postgres_bin() else {
+        return;
+    };
+    let pg = start_postgres(&bin);
+    let dir = TempDir::new("export");
+    let q = [free_udp(), free_udp()];
+    let url = pg.url();
+    let env: Vec<(&str, &str)> = vec![
+        ("EDGETALLY_CLUSTER_SECRET", "export-test"),
+        ("EDGETALLY_SYNC_INTERVAL_MS", "200"),
+        ("EDGETALLY_EXPORT_POSTGRES_URL", &url),
+        ("EDGETALLY_EXPORT_DELAY", "1s"),
+        ("EDGETALLY_EXPORT_INTERVAL", "300ms"),
+    ];
+    let start = |i: usize| {
+        let peer = q[1 - i].to_string();
+        Merger::start_at(
+            &dir.0.join(format!("n{i}")),
+            &q[i].to_string(),
+            &["--peer", &peer],
+            &env,
+        )
+    };
+    let (a, b) = (start(0), start(1));
+    let now = now_ms();
+    let minute = |k: i64| (now / 60_000 - k) * 60_000;
+    let minutes: Vec<i64> = (2..=8).rev().map(minute).collect();
+    let (cats, ents) = (["cpu", "orders"], ["d0", "d1", "d2"]);
+    let event = |i: i64, c: &str| {
+        let ts = minutes[(i as usize) % minutes.len()] + (i * 7_919) % 60_000;
+        let value = (i % 13) as f64 * 0.125 - 0.5;
+        match i % 4 {
+            0 => format!(r#"{{"ts_ms":{ts},"category":"{c}","value":{value}}}"#),
+            k => format!(
+                r#"{{"ts_ms":{ts},"category":"{c}","entity":"d{}","value":{value}}}"#,
+                k - 1
+            ),
+        }
+    };
+    // Closed minutes, split between the two nodes.
+    post(&a, &(0..300).map(|i| event(i, cats[0])).collect::<Vec<_>>());
+    post(
+        &b,
+        &(300..500)
+            .map(|i| event(i, cats[(i % 2) as usize]))
+            .collect::<Vec<_>>(),
+    );
+    let converged = |ms: &[&Merger]| {
+        let want = merged(ms[0], &cats, &ents, &minutes);
+        ms.iter().all(|m| merged(m, &cats, &ents, &minutes) == want) && exported(&pg) == want
+    };
+    wait_until("the first export", 60, || converged(&[&a, &b]));
+    let rows = exported(&pg).len();
+    assert!(rows > 20, "{rows} rows");
+
+    // Late updates to exported buckets, then A dies before it can export them (and B may not
+    // have pulled them yet: A's restart must export them itself, or B once it has them).
+    post(
+        &a,
+        &(500..700)
+            .map(|i| event(i, cats[(i % 2) as usize]))
+            .collect::<Vec<_>>(),
+    );
+    a.kill9();
+    post(
+        &b,
+        &(700..760).map(|i| event(i, cats[0])).collect::<Vec<_>>(),
+    );
+    let a = start(0);
+    wait_until("the export after the restart", 60, || converged(&[&a, &b]));
+    // Every row carries the full total, so exporting it again changes nothing: a third,
+    // fresh node (a rescan of everything) leaves the table as it is.
+    let before = pg.query("SELECT category, entity, bucket_start, count, sum, min, max, exported_at FROM edgetally_buckets ORDER BY 1, 2, 3");
+    let c = Merger::start_with_env(&dir.0.join("n2"), &["--peer", &q[0].to_string()], &env);
+    wait_until("the third node converges", 60, || {
+        merged(&c, &cats, &ents, &minutes) == merged(&a, &cats, &ents, &minutes)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let after = pg.query("SELECT category, entity, bucket_start, count, sum, min, max, exported_at FROM edgetally_buckets ORDER BY 1, 2, 3");
+    assert_eq!(before, after, "re-exporting the same totals changed rows");
+    // A per-minute query in PostgreSQL equals /v1/series.
+    let (_, series) = a.get(&format!(
+        "/v1/series?category=cpu&start={}&end={}&step_ms=60000",
+        minutes[0],
+        minutes[minutes.len() - 1] + 60_000
+    ));
+    let want: Vec<(i64, u64)> = series["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .map(|p| {
+            (
+                p["time_window_start"].as_i64().expect("t"),
+                p["count"].as_u64().expect("n"),
+            )
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let got: Vec<(i64, u64)> = pg
+        .query(
+            "SELECT (extract(epoch from bucket_start) * 1000)::bigint, sum(count) FROM edgetally_buckets \
+             WHERE category = 'cpu' GROUP BY 1 ORDER BY 1",
+        )
+        .into_iter()
+        .map(|r| (r[0].parse().expect("t"), r[1].parse().expect("n")))
+        .collect();
+    assert_eq!(got, want);
+    assert!(a.metric("edgetally_export_rows_total") > 0.0);
+    let lag = a.metric("edgetally_export_lag_seconds");
+    assert!(lag > 0.5 && lag < 10.0, "export lag {lag} s");
+}
+
+/// One node, exporting rarely (every hour, so only its start-up round runs in the test): a
+/// late update acknowledged and then lost to `kill -9` before any export is written by the
+/// restarted node's first round, which rescans from the durable mark.
+#[test]
+fn a_restart_exports_what_a_kill_9_left_unexported() {
+    let Some(bin) = postgres_bin() else {
+        return;
+    };
+    let pg = start_postgres(&bin);
+    let dir = TempDir::new("export-one");
+    let url = pg.url();
+    let env: Vec<(&str, &str)> = vec![
+        ("EDGETALLY_EXPORT_POSTGRES_URL", &url),
+        ("EDGETALLY_EXPORT_DELAY", "1s"),
+        ("EDGETALLY_EXPORT_INTERVAL", "1h"),
+    ];
+    let now = now_ms();
+    let minutes: Vec<i64> = (2..=4).rev().map(|k| (now / 60_000 - k) * 60_000).collect();
+    let events = |from: i64, to: i64| -> Vec<String> {
+        (from..to)
+            .map(|i| {
+                let ts = minutes[(i as usize) % 3] + (i * 977) % 60_000;
+                format!(
+                    r#"{{"ts_ms":{ts},"category":"late","entity":"d{}","value":{}}}"#,
+                    i % 2,
+                    i
+                )
+            })
+            .collect()
+    };
+    let m = Merger::start_with_env(&dir.0, &[], &env);
+    post(&m, &events(0, 30));
+    m.kill9();
+    // The start-up round writes the first events (no mark yet: everything).
+    let m = Merger::start_with_env(&dir.0, &[], &env);
+    let cats = ["late"];
+    let ents = ["d0", "d1"];
+    wait_until("the start-up export", 30, || {
+        exported(&pg) == merged(&m, &cats, &ents, &minutes)
+    });
+    assert!(dir.0.join("export-edgetally_buckets.mark").exists());
+    // Late updates to the same minutes, acknowledged, then kill -9 before any round.
+    post(&m, &events(30, 60));
+    let stale = exported(&pg);
+    assert_ne!(stale, merged(&m, &cats, &ents, &minutes));
+    m.kill9();
+    let m = Merger::start_with_env(&dir.0, &[], &env);
+    wait_until("the export after kill -9", 30, || {
+        exported(&pg) == merged(&m, &cats, &ents, &minutes)
+    });
+    let (_, v) = m.get(&format!(
+        "/v1/aggregate?category=late&start={}&end={}",
+        minutes[0], now
+    ));
+    assert_eq!(v["count"].as_u64(), Some(60));
+}
