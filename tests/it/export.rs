@@ -3,27 +3,21 @@
 //! exported, its restart — and then a query in PostgreSQL equals the mergers' own totals,
 //! per (category, entity, minute) and per minute.
 
-use crate::harness::{free_udp, now_ms, Merger, TempDir};
+use crate::harness::{free_udp, now_ms, tool_present, Merger, TempDir};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Debian's PostgreSQL server binaries, or `None` (with a note) where they are not installed —
-/// unless the CI asks for every tool (`EDGETALLY_REQUIRE_TOOLS`).
+/// Debian's PostgreSQL server binaries, if installed (see [`tool_present`]).
 fn postgres_bin() -> Option<PathBuf> {
     let found = std::fs::read_dir("/usr/lib/postgresql")
         .ok()
         .and_then(|d| d.filter_map(Result::ok).map(|e| e.path().join("bin")).max())
         .filter(|b| b.join("postgres").exists() && Path::new("/usr/bin/psql").exists());
-    if found.is_none() {
-        assert!(
-            std::env::var_os("EDGETALLY_REQUIRE_TOOLS").is_none(),
-            "PostgreSQL is missing (apt-get install postgresql)"
-        );
-        eprintln!("PostgreSQL is not installed: the export is not tested");
-    }
-    found
+    tool_present(found.is_some(), "postgresql", "the export")
+        .then_some(found)
+        .flatten()
 }
 
 /// A PostgreSQL server on a loopback port with its own data directory, run as the `postgres`

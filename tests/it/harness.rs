@@ -207,3 +207,18 @@ fn rand_suffix() -> u64 {
 }
 
 pub use edgetally_net::now_ms;
+
+/// Whether a real component the test starts (a Debian package) is installed. Where it is not,
+/// the test is skipped with a note — unless the CI asks for every tool
+/// (`EDGETALLY_REQUIRE_TOOLS`, set by `cargo xtask test` after installing them), which
+/// makes a missing one a failure.
+pub fn tool_present(present: bool, package: &str, what: &str) -> bool {
+    if !present {
+        assert!(
+            std::env::var_os("EDGETALLY_REQUIRE_TOOLS").is_none(),
+            "{package} is missing (apt-get install {package})"
+        );
+        eprintln!("{package} is not installed: {what} not tested");
+    }
+    present
+}

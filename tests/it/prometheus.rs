@@ -2,26 +2,16 @@
 //! configured with `remote_read` against a real node: PromQL range queries over
 //! `edgetally_count`/`_sum`/`_min`/`_max` equal the node's own `/v1/series`.
 
-use crate::harness::{agent, now_ms, Merger, TempDir};
+use crate::harness::{agent, now_ms, tool_present, Merger, TempDir};
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The Prometheus binary, or `None` (with a note) where it is not installed — unless the CI
-/// asks for every tool (`EDGETALLY_REQUIRE_TOOLS`), which `cargo xtask test` does after
-/// installing it.
-pub fn prometheus_binary() -> Option<&'static str> {
+/// Debian's Prometheus, if installed (see [`tool_present`]).
+fn prometheus_binary() -> Option<&'static str> {
     let bin = "/usr/bin/prometheus";
-    if Path::new(bin).exists() {
-        return Some(bin);
-    }
-    assert!(
-        std::env::var_os("EDGETALLY_REQUIRE_TOOLS").is_none(),
-        "{bin} is missing (apt-get install prometheus)"
-    );
-    eprintln!("{bin} is not installed: remote read not tested against Prometheus");
-    None
+    tool_present(Path::new(bin).exists(), "prometheus", "remote read").then_some(bin)
 }
 
 struct Prometheus {
