@@ -30,6 +30,7 @@ test("the dashboard charts and tabulates the API's numbers", { timeout: 120_000 
       if (i % 3 === 0) events.push({ ts_ms: ts, category: "page_view", entity: `user-${i % 7}` });
     }
     events.push({ ts_ms: now - 2_000, category: hostile, value: 1 });
+    events.push({ ts_ms: now - 3_000, category: "__proto__", value: 2 });
     const res = await fetch(`${m.http}/v1/events`, {
       method: "POST",
       headers: { "content-type": "application/json" },
@@ -52,7 +53,7 @@ test("the dashboard charts and tabulates the API's numbers", { timeout: 120_000 
     assert.equal(answer.status(), 200);
     assert.match(answer.headers()["content-security-policy"], /script-src 'self'/);
     await page.waitForFunction(
-      () => window.edgetallyDashboard?.refreshes >= 1 && Object.keys(window.edgetallyDashboard.charts).length === 3,
+      () => window.edgetallyDashboard?.refreshes >= 1 && Object.keys(window.edgetallyDashboard.charts).length === 4,
       null,
       { timeout: 30_000 },
     );
@@ -77,13 +78,13 @@ test("the dashboard charts and tabulates the API's numbers", { timeout: 120_000 
         return n;
       }),
     );
-    assert.equal(painted.length, 3);
+    assert.equal(painted.length, 4);
     assert.ok(painted.every((n) => n > 500), `painted pixels per chart: ${painted}`);
 
     // The categories table is /v1/totals by category for the window the page used.
     const rows = await page.$$eval("#categories tbody tr", (trs) => trs.map((tr) => [...tr.cells].map((c) => c.textContent)));
     const names = rows.map((r) => r[0]).sort();
-    assert.deepEqual(names, ["page_view", "temperature", hostile].sort());
+    assert.deepEqual(names, ["__proto__", "page_view", "temperature", hostile].sort());
     const temp = rows.find((r) => r[0] === "temperature");
     const all = events.filter((e) => e.category === "temperature");
     assert.equal(temp[1], all.length.toLocaleString("en"));

@@ -321,6 +321,14 @@ impl Replica {
         }
     }
 
+    /// The start of the oldest bucket tier `tier` holds, over every series.
+    pub fn oldest_bucket(&self, tier: usize) -> Option<i64> {
+        self.series
+            .iter()
+            .filter_map(|s| s.tiers.get(tier)?.iter().next().map(|e| e.0))
+            .min()
+    }
+
     /// Every category name, sorted.
     pub fn categories(&self) -> Vec<String> {
         let mut v: Vec<String> = self

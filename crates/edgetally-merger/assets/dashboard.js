@@ -12,8 +12,9 @@ const MAX_CHARTS = 12;
 /** What the page shows, for people and for tests (`window.edgetallyDashboard`). */
 const state = {
   refreshes: 0,
-  /** category → {start, end, step_ms, t: seconds[], count: number[], avg: (number|null)[]} */
-  charts: {},
+  /** category → {start, end, step_ms, t: seconds[], count: number[], avg: (number|null)[]}
+   * (no prototype: a category may be named "__proto__") */
+  charts: Object.create(null),
   /** {category, items: [{key, count}]} */
   topk: null,
   categories: [],

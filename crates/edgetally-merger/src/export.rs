@@ -62,6 +62,8 @@ pub trait Sink: Send + Sync + 'static {
 const FEED_CAPACITY: usize = 65_536;
 /// Rows per write.
 const CHUNK: usize = 5_000;
+/// How much of the tier one step of a rescan reads, ms.
+const SCAN_WINDOW_MS: i64 = 86_400_000;
 
 /// What the apply stage holds to tell the exporter about applied batches.
 #[derive(Clone, Debug)]
@@ -167,6 +169,24 @@ impl<S: Sink> Exporter<S> {
         }
     }
 
+    /// Writes rows in chunks; false (logged and counted) if a write failed.
+    async fn write(&self, rows: &[ExportRow]) -> bool {
+        for chunk in rows.chunks(CHUNK) {
+            if let Err(e) = self.sink.write(chunk).await {
+                warn!(
+                    sink = self.sink.name(),
+                    "export failed, kept for the next round: {e}"
+                );
+                self.metrics.export_errors.fetch_add(1, Relaxed);
+                return false;
+            }
+            self.metrics
+                .export_rows
+                .fetch_add(chunk.len() as u64, Relaxed);
+        }
+        true
+    }
+
     /// The batches applied since the last round, as dirty keys.
     fn drain(&mut self) {
         let w = self.width();
@@ -191,70 +211,70 @@ impl<S: Sink> Exporter<S> {
         let cutoff = now - self.cfg.delay_ms;
         let end = cutoff - w + 1;
         let full = self.rescan.swap(false, Relaxed);
-        let rows: Vec<ExportRow> = {
-            let r = self.replica.read().unwrap_or_else(|e| e.into_inner());
-            let mut rows = Vec::new();
-            if full {
-                let from = self.mark.map_or(i64::MIN, |m| {
-                    m.saturating_sub(self.cfg.reach_ms).saturating_sub(w)
-                });
-                r.each_bucket(self.cfg.tier, from, end, |c, e, start, t| {
-                    rows.push(ExportRow {
-                        category: c.to_string(),
-                        entity: e.map(str::to_string),
-                        bucket_start_ms: start,
-                        bucket_ms: w,
-                        total: *t,
-                    })
-                });
-                // The rescan covered every closed key.
-                self.dirty.retain(|k| k.2 >= end);
-            } else {
-                let closed: Vec<Key> = self.dirty.iter().filter(|k| k.2 < end).cloned().collect();
-                for k in closed {
-                    if let Some(t) = r.bucket_total(&k.0, k.1.as_deref(), self.cfg.tier, k.2) {
+        if full {
+            // The rescan, a day of buckets at a time: memory bounded by a day's rows, and the
+            // replica's read lock let go between days.
+            let oldest = self
+                .replica
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .oldest_bucket(self.cfg.tier);
+            let from = self.mark.map_or(i64::MIN, |m| {
+                m.saturating_sub(self.cfg.reach_ms).saturating_sub(w)
+            });
+            let mut at = from.max(oldest.unwrap_or(end));
+            while at < end {
+                let to = at.saturating_add(SCAN_WINDOW_MS).min(end);
+                let mut rows = Vec::new();
+                self.replica
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .each_bucket(self.cfg.tier, at, to, |c, e, start, t| {
                         rows.push(ExportRow {
+                            category: c.to_string(),
+                            entity: e.map(str::to_string),
+                            bucket_start_ms: start,
+                            bucket_ms: w,
+                            total: *t,
+                        })
+                    });
+                if !self.write(&rows).await {
+                    self.rescan.store(true, Relaxed);
+                    return;
+                }
+                at = to;
+            }
+            // The rescan covered every closed key.
+            self.dirty.retain(|k| k.2 >= end);
+        } else {
+            let closed: Vec<Key> = self.dirty.iter().filter(|k| k.2 < end).cloned().collect();
+            let rows: Vec<ExportRow> = {
+                let r = self.replica.read().unwrap_or_else(|e| e.into_inner());
+                closed
+                    .iter()
+                    .filter_map(|k| {
+                        let t = r.bucket_total(&k.0, k.1.as_deref(), self.cfg.tier, k.2)?;
+                        Some(ExportRow {
                             category: k.0.clone(),
                             entity: k.1.clone(),
                             bucket_start_ms: k.2,
                             bucket_ms: w,
                             total: t,
-                        });
-                    }
-                    self.dirty.remove(&k);
-                }
+                        })
+                    })
+                    .collect()
+            };
+            for k in &closed {
+                self.dirty.remove(k);
             }
-            rows
-        };
-        let mut written = 0;
-        for chunk in rows.chunks(CHUNK) {
-            if let Err(e) = self.sink.write(chunk).await {
-                warn!(
-                    sink = self.sink.name(),
-                    "export failed, kept for the next round: {e}"
-                );
-                self.metrics.export_errors.fetch_add(1, Relaxed);
-                // Keep what is not written: as dirty keys (or the whole rescan).
-                if full {
-                    self.rescan.store(true, Relaxed);
-                } else {
-                    for r in &rows[written..] {
-                        self.dirty.insert((
-                            r.category.clone(),
-                            r.entity.clone(),
-                            r.bucket_start_ms,
-                        ));
-                    }
-                }
+            if !self.write(&rows).await {
+                // Keep what is not written, as dirty keys.
+                self.dirty.extend(closed);
                 self.metrics
                     .export_pending
                     .store(self.dirty.len() as u64, Relaxed);
                 return;
             }
-            written += chunk.len();
-            self.metrics
-                .export_rows
-                .fetch_add(chunk.len() as u64, Relaxed);
         }
         // Every key closed by the cutoff is written: the mark moves on (the file first, so
         // a crash never leaves a mark past what was written).
