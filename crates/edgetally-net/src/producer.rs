@@ -148,7 +148,7 @@ pub enum LinkError {
 }
 
 /// How long a connection's handshake may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Shared {
     /// Per endpoint, in the order given.
