@@ -277,3 +277,47 @@ fn an_unreachable_merger_is_named_within_seconds() {
         "{v}"
     );
 }
+
+/// A QUIC server that answers but refuses edgetally's ALPN: `send` says it refused the
+/// connection (not "unreachable", not a certificate problem), within seconds.
+#[test]
+fn a_refusing_server_is_named_as_refusing() {
+    let rt = crate::harness::runtime();
+    let id = edgetally_net::Identity::self_signed(now_ms() / 1000, &[]).expect("identity");
+    let hash = id.cert_hash();
+    let cfg = edgetally_net::tls::server_config(&id, &[b"something-else"]).expect("config");
+    let endpoint = rt
+        .block_on(async { quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().expect("addr")) })
+        .expect("endpoint");
+    let addr = endpoint.local_addr().expect("addr");
+    let server = endpoint.clone();
+    rt.spawn(async move {
+        while let Some(incoming) = server.accept().await {
+            let _ = incoming.await;
+        }
+    });
+    let dir = TempDir::new("send-refused");
+    let input = dir.0.join("in.ndjson");
+    std::fs::write(
+        &input,
+        format!("{{\"ts_ms\":{},\"category\":\"c\"}}\n", now_ms()),
+    )
+    .expect("write");
+    let t = std::time::Instant::now();
+    let (ok, _, err) = send(
+        &addr.to_string(),
+        &hash,
+        &["--input", input.to_str().expect("utf8")],
+    );
+    assert!(!ok);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(15),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(
+        err.contains(&format!("{addr}: it refused the connection")),
+        "{err}"
+    );
+    endpoint.close(0u32.into(), b"done");
+}
