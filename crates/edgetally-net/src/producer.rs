@@ -117,7 +117,7 @@ impl FileState {
 pub struct LinkStatus {
     /// The endpoint's address.
     pub addr: SocketAddr,
-    /// Whether a connection to it ever completed its handshake.
+    /// Whether a batch sent to it was ever answered (Ack, Nack or Retry).
     pub connected: bool,
     /// Why the last attempt failed, if it did (cleared by the next success).
     pub last_error: Option<LinkError>,

@@ -199,7 +199,17 @@ pub fn parse_event(v: &Value, m: &Mapping) -> Result<Parsed, (RejectCode, String
 /// Why no endpoint could be reached, once every endpoint has failed without ever connecting
 /// (a wrong certificate hash, nothing listening, a refusal); `None` while any may still work.
 fn unreachable(links: &[edgetally_net::LinkStatus]) -> Option<String> {
-    if links.iter().any(|l| l.connected || l.last_error.is_none()) {
+    use edgetally_net::LinkError::{CertificateMismatch, Refused, Unreachable};
+    // Only failures to connect count: a stream that failed on an open connection (a slow
+    // reply) is a merger that is there, and is waited for until --timeout-secs.
+    let connect_failed = |l: &edgetally_net::LinkStatus| {
+        !l.connected
+            && matches!(
+                l.last_error,
+                Some(CertificateMismatch { .. } | Unreachable(_) | Refused(_))
+            )
+    };
+    if !links.iter().all(connect_failed) {
         return None;
     }
     let lines: Vec<String> = links
