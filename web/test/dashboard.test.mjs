@@ -121,8 +121,11 @@ test("with read tokens, the page asks for one and then shows the numbers", { tim
     await page.waitForSelector("#auth:not([hidden])", { timeout: 20_000 });
     await page.fill("#token", "s3cret");
     await page.click("#auth button");
-    await page.waitForFunction(() => document.querySelector("#ready").textContent === "ready", null, { timeout: 20_000 });
-    assert.equal(await page.isHidden("#auth"), true);
+    await page.waitForFunction(
+      () => document.querySelector("#ready").textContent === "ready" && document.querySelector("#auth").hidden,
+      null,
+      { timeout: 20_000 },
+    );
   } finally {
     await browser.close();
     await m.cleanup();

@@ -97,6 +97,8 @@ function chart(category, data) {
 
 async function refresh() {
   const status = await api("/v1/status");
+  // The token (if any) was accepted.
+  $("auth").hidden = true;
   const now = status.as_of_ms;
   const ready = await api("/readyz");
   const badge = $("ready");
