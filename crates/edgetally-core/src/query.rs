@@ -124,6 +124,15 @@ pub struct Rows {
     pub rows: Vec<(Option<String>, Total)>,
 }
 
+impl Rows {
+    /// Keeps the `k` rows with the highest counts, descending; ties broken by name ascending.
+    pub fn rank(&mut self, k: usize) {
+        self.rows
+            .sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(&b.0)));
+        self.rows.truncate(k);
+    }
+}
+
 impl Replica {
     fn read(&self, series: u32, plan: &Plan) -> Total {
         let mut t = Total::EMPTY;
@@ -234,13 +243,13 @@ impl Replica {
                 );
             }
         }
-        rows.sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(&b.0)));
-        rows.truncate(k);
-        Rows {
+        let mut rows = Rows {
             start: plan.start,
             end: plan.end,
             rows,
-        }
+        };
+        rows.rank(k);
+        rows
     }
 
     /// Counts and sums over `[start, end)`, grouped. Groups are sorted by name (`None` first).

@@ -1,7 +1,7 @@
 //! The HTTP API (SPEC §6): queries, event and batch ingestion, status, health and metrics.
 //! Every bad request gets HTTP 400 with `{"error": code, "message": text}`.
 
-use crate::cluster::{Answer, Query};
+use crate::cluster::Query;
 use crate::ingest::now_ms;
 use crate::node::Node;
 use axum::body::Bytes;
@@ -568,26 +568,6 @@ fn peers_json(node: &Node) -> Value {
     )
 }
 
-/// The cluster-wide answer's points (an aggregate has one, a series one per step).
-fn points(answer: Answer) -> Vec<(i64, i64, Total)> {
-    match answer {
-        Answer::Points(p) => p,
-        Answer::Rows { .. } => Vec::new(),
-    }
-}
-
-/// The cluster-wide answer's window and rows.
-fn rows(answer: Answer) -> Rows {
-    match answer {
-        Answer::Rows { start, end, rows } => Rows { start, end, rows },
-        Answer::Points(_) => Rows {
-            start: 0,
-            end: 0,
-            rows: Vec::new(),
-        },
-    }
-}
-
 async fn aggregate_json(
     node: &Node,
     category: String,
@@ -604,7 +584,8 @@ async fn aggregate_json(
         })
         .await;
     let (start, end, total) =
-        points(answer)
+        answer
+            .into_points()
             .into_iter()
             .next()
             .unwrap_or((start, end, Total::EMPTY));
@@ -665,10 +646,8 @@ async fn topk(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json<V
         })
         .await;
     // Every group sent every row: rank the merged rows here (ties by name), keep k.
-    let mut rows = rows(answer);
-    rows.rows
-        .sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(&b.0)));
-    rows.rows.truncate(k);
+    let mut rows = answer.into_rows();
+    rows.rank(k);
     let mut o = Map::new();
     o.insert("category".into(), json!(category));
     o.insert(
@@ -708,7 +687,7 @@ async fn totals(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json
             group_by: g,
         })
         .await;
-    let rows = rows(answer);
+    let rows = answer.into_rows();
     let mut o = Map::new();
     o.insert("group_by".into(), json!(label));
     o.insert("time_window_start".into(), json!(rows.start));
@@ -743,7 +722,8 @@ async fn series(State(node): State<Node_>, RawQuery(q): RawQuery) -> Result<Json
             max_points: MAX_SERIES_POINTS as u32,
         })
         .await;
-    let pts: Vec<Value> = points(answer)
+    let pts: Vec<Value> = answer
+        .into_points()
         .iter()
         .map(|(start, end, total)| {
             let mut o = Map::new();

@@ -294,15 +294,14 @@ async fn answer(node: &Node, q: &PromQuery) -> Result<QueryResult, BadRead> {
             group_by: 1,
         })
         .await;
-    let categories: Vec<String> = match answer {
-        crate::cluster::Answer::Rows { rows, .. } => rows
-            .into_iter()
-            .filter(|(_, t)| t.count > 0)
-            .filter_map(|(name, _)| name)
-            .filter(|c| on("category").all(|m| m.matches(c)))
-            .collect(),
-        crate::cluster::Answer::Points(_) => Vec::new(),
-    };
+    let categories: Vec<String> = answer
+        .into_rows()
+        .rows
+        .into_iter()
+        .filter(|(_, t)| t.count > 0)
+        .filter_map(|(name, _)| name)
+        .filter(|c| on("category").all(|m| m.matches(c)))
+        .collect();
     let totals_only = on("entity").all(|m| m.matches(""));
     let mut out = Vec::new();
     for category in categories {
@@ -317,19 +316,15 @@ async fn answer(node: &Node, q: &PromQuery) -> Result<QueryResult, BadRead> {
                     by_producer: false,
                 })
                 .await;
-            let mut rows = match answer {
-                crate::cluster::Answer::Rows { rows, .. } => rows,
-                crate::cluster::Answer::Points(_) => Vec::new(),
-            };
-            rows.retain(|(name, t)| {
+            let mut rows = answer.into_rows();
+            rows.rows.retain(|(name, t)| {
                 t.count > 0
                     && name
                         .as_deref()
                         .is_some_and(|e| on("entity").all(|m| m.matches(e)))
             });
-            rows.sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(&b.0)));
-            rows.truncate(MAX_ENTITIES);
-            rows.into_iter().map(|(name, _)| name).collect()
+            rows.rank(MAX_ENTITIES);
+            rows.rows.into_iter().map(|(name, _)| name).collect()
         };
         for entity in entities {
             let (answer, _, _) = node
@@ -342,10 +337,7 @@ async fn answer(node: &Node, q: &PromQuery) -> Result<QueryResult, BadRead> {
                     max_points: MAX_SAMPLES as u32,
                 })
                 .await;
-            let points = match answer {
-                crate::cluster::Answer::Points(p) => p,
-                crate::cluster::Answer::Rows { .. } => Vec::new(),
-            };
+            let points = answer.into_points();
             for &i in &names {
                 let mut labels = vec![
                     Label {

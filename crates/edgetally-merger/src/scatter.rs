@@ -178,6 +178,26 @@ impl Query {
 }
 
 impl Answer {
+    /// The points of an aggregate or series answer (none for a rows answer).
+    pub fn into_points(self) -> Vec<(i64, i64, Total)> {
+        match self {
+            Answer::Points(p) => p,
+            Answer::Rows { .. } => Vec::new(),
+        }
+    }
+
+    /// The window and rows of a top-k or totals answer (empty for a points answer).
+    pub fn into_rows(self) -> edgetally_core::Rows {
+        match self {
+            Answer::Rows { start, end, rows } => edgetally_core::Rows { start, end, rows },
+            Answer::Points(_) => edgetally_core::Rows {
+                start: 0,
+                end: 0,
+                rows: Vec::new(),
+            },
+        }
+    }
+
     /// Merges another group's answer to the same query into this one. Groups hold disjoint
     /// batches, so every field merges as the totals of one replica do. The windows reported
     /// are this answer's (the entry node's).
