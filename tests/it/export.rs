@@ -36,11 +36,10 @@ impl Drop for Postgres {
 }
 
 fn as_server_user(program: &Path) -> Command {
-    let root = std::env::var("USER").map_or(true, |u| u == "root")
-        && Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
     if root {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(program);

@@ -184,8 +184,10 @@ pub struct FileConfig {
     /// See [`Config::data_dir`].
     pub data_dir: Option<PathBuf>,
     /// See [`Config::http_addr`].
+    #[serde(default, deserialize_with = "address::one")]
     pub http_addr: Option<SocketAddr>,
     /// See [`Config::quic_addr`].
+    #[serde(default, deserialize_with = "address::one")]
     pub quic_addr: Option<SocketAddr>,
     /// See [`Config::tls_cert`].
     pub tls_cert: Option<PathBuf>,
@@ -238,6 +240,7 @@ pub struct FileConfig {
     )]
     pub snapshot_interval_secs: Option<u64>,
     /// See [`Config::peers`].
+    #[serde(default, deserialize_with = "address::list")]
     pub peers: Option<Vec<SocketAddr>>,
     /// See [`Config::cluster_secret`].
     pub cluster_secret: Option<String>,
@@ -571,6 +574,50 @@ impl Config {
     }
 }
 
+/// `ip:port` or `host:port`. A host name resolves to its first IPv4 address if it has one
+/// (the loopback defaults are IPv4; `localhost` often lists `::1` first), else to its first
+/// address. The command line's address flags take the same.
+pub fn resolve_addr(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    if !s.contains(':') {
+        return Err(format!(
+            "{s:?} has no port: write host:port, e.g. 127.0.0.1:7071"
+        ));
+    }
+    let all: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("{s:?} does not resolve: {e}"))?
+        .collect();
+    all.iter()
+        .find(|a| a.is_ipv4())
+        .or(all.first())
+        .copied()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+/// Addresses in configuration, through [`resolve_addr`].
+mod address {
+    use serde::de::{Deserialize, Deserializer, Error};
+    use std::net::SocketAddr;
+
+    pub fn one<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let s = String::deserialize(d)?;
+        super::resolve_addr(&s).map(Some).map_err(D::Error::custom)
+    }
+
+    pub fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<SocketAddr>>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|s| super::resolve_addr(s))
+            .collect::<Result<_, _>>()
+            .map(Some)
+            .map_err(D::Error::custom)
+    }
+}
+
 /// Durations in configuration: a number in the key's unit, or text with units.
 mod duration {
     use serde::de::{Deserializer, Error, Visitor};
@@ -713,6 +760,28 @@ mod tests {
             let err = c.apply_toml(text).expect_err(text).to_string();
             assert!(err.contains(why), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn addresses_take_host_names() {
+        let mut c = Config::default();
+        c.apply_toml("quic_addr = \"localhost:9071\"\npeers = [\"localhost:1\", \"[::1]:2\"]\n")
+            .expect("toml");
+        assert_eq!(c.quic_addr, "127.0.0.1:9071".parse().expect("addr"));
+        assert_eq!(
+            c.peers,
+            [
+                "127.0.0.1:1".parse().expect("addr"),
+                "[::1]:2".parse().expect("addr")
+            ]
+        );
+        c.apply_env([("EDGETALLY_PEERS".to_string(), "localhost:3".to_string())].into_iter())
+            .expect("env");
+        assert_eq!(c.peers, ["127.0.0.1:3".parse().expect("addr")]);
+        let err = c
+            .apply_toml("http_addr = \"localhost\"")
+            .expect_err("no port");
+        assert!(err.to_string().contains("has no port"), "{err}");
     }
 
     #[test]

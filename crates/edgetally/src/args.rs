@@ -1,29 +1,12 @@
 //! Values the command line takes: addresses (IP or host name), a node's URL (with or without
 //! its scheme), times (epoch ms, RFC 3339 or relative to now) and durations (ms or `30s`).
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 
-/// `ip:port` or `host:port`. A host name resolves to its first IPv4 address if it has one
-/// (the merger's loopback defaults are IPv4; `localhost` often lists `::1` first), else to
-/// its first address.
+/// `ip:port` or `host:port`, resolved as configuration files' addresses are
+/// ([`edgetally_merger::config::resolve_addr`]).
 pub fn addr(s: &str) -> Result<SocketAddr, String> {
-    if let Ok(a) = s.parse() {
-        return Ok(a);
-    }
-    if !s.contains(':') {
-        return Err(format!(
-            "{s:?} has no port: write host:port, e.g. 127.0.0.1:7071"
-        ));
-    }
-    let all: Vec<SocketAddr> = s
-        .to_socket_addrs()
-        .map_err(|e| format!("{s:?} does not resolve: {e}"))?
-        .collect();
-    all.iter()
-        .find(|a| a.is_ipv4())
-        .or(all.first())
-        .copied()
-        .ok_or_else(|| format!("{s:?} resolves to no address"))
+    edgetally_merger::config::resolve_addr(s)
 }
 
 /// A node's HTTP base URL: `http://host:port`, `https://…`, or `host:port` (taken as
