@@ -28,6 +28,9 @@ use edgetally_core::Total;
 pub const MAX_SAMPLES: i64 = 11_000;
 /// Most per-entity series per category and query.
 pub const MAX_ENTITIES: usize = 1000;
+/// Most samples one request's response may hold, over all its series (a request past it is
+/// refused before any series is read: 2 M samples are about 32 MB in memory).
+pub const MAX_RESPONSE_SAMPLES: usize = 2_000_000;
 /// Most queries in one request.
 const MAX_QUERIES: usize = 16;
 /// Largest request, decompressed.
@@ -243,6 +246,33 @@ pub fn step_for(start: i64, end: i64, hint_ms: i64) -> i64 {
     step
 }
 
+/// Refuses a response of `series` series × `names` metrics × the steps of `[start, end)`
+/// whose running total `so_far + that` would pass [`MAX_RESPONSE_SAMPLES`]; else the new total.
+pub fn within_budget(
+    so_far: usize,
+    series: usize,
+    names: usize,
+    start: i64,
+    end: i64,
+    step: i64,
+) -> Result<usize, BadRead> {
+    let steps = usize::try_from(end.saturating_sub(start) / step.max(1) + 2).unwrap_or(usize::MAX);
+    let total = series
+        .saturating_mul(names)
+        .saturating_mul(steps)
+        .saturating_add(so_far);
+    if total > MAX_RESPONSE_SAMPLES {
+        return Err(BadRead(
+            "too_many_samples",
+            format!(
+                "the response would hold about {total} samples; at most {MAX_RESPONSE_SAMPLES}: \
+                 narrow the matchers, the range or raise the step"
+            ),
+        ));
+    }
+    Ok(total)
+}
+
 /// The four values of a step's total, in [`METRICS`] order (`None`: no record, so a
 /// staleness marker for min and max).
 fn values(t: &Total) -> [Option<f64>; 4] {
@@ -256,7 +286,7 @@ fn values(t: &Total) -> [Option<f64>; 4] {
 }
 
 /// Answers one query.
-async fn answer(node: &Node, q: &PromQuery) -> Result<QueryResult, BadRead> {
+async fn answer(node: &Node, q: &PromQuery, used: &mut usize) -> Result<QueryResult, BadRead> {
     let matchers = q
         .matchers
         .iter()
@@ -303,6 +333,7 @@ async fn answer(node: &Node, q: &PromQuery) -> Result<QueryResult, BadRead> {
         .filter(|c| on("category").all(|m| m.matches(c)))
         .collect();
     let totals_only = on("entity").all(|m| m.matches(""));
+    let mut budget = *used;
     let mut out = Vec::new();
     for category in categories {
         let entities: Vec<Option<String>> = if totals_only {
@@ -326,6 +357,7 @@ async fn answer(node: &Node, q: &PromQuery) -> Result<QueryResult, BadRead> {
             rows.rank(MAX_ENTITIES);
             rows.rows.into_iter().map(|(name, _)| name).collect()
         };
+        budget = within_budget(budget, entities.len(), names.len(), start, end, step)?;
         for entity in entities {
             let (answer, _, _) = node
                 .query(Query::Series {
@@ -375,6 +407,7 @@ async fn answer(node: &Node, q: &PromQuery) -> Result<QueryResult, BadRead> {
         };
         key(a).cmp(&key(b))
     });
+    *used = budget;
     Ok(QueryResult { timeseries: out })
 }
 
@@ -382,8 +415,9 @@ async fn answer(node: &Node, q: &PromQuery) -> Result<QueryResult, BadRead> {
 pub async fn read(node: &Node, body: &[u8]) -> Result<Vec<u8>, BadRead> {
     let req = decode_request(body)?;
     let mut results = Vec::with_capacity(req.queries.len());
+    let mut samples = 0;
     for q in &req.queries {
-        results.push(answer(node, q).await?);
+        results.push(answer(node, q, &mut samples).await?);
     }
     Ok(encode_response(&ReadResponse { results }))
 }
@@ -400,6 +434,21 @@ mod tests {
         let day = 86_400_000;
         let s = step_for(0, 30 * day, 1000);
         assert!(30 * day / s < MAX_SAMPLES && s % 1000 == 0, "{s}");
+    }
+
+    #[test]
+    fn responses_are_bounded_across_series_and_queries() {
+        let day = 86_400_000;
+        // One category's four metrics over a day at 1 min: well inside.
+        let one = within_budget(0, 1, 4, 0, day, 60_000).expect("small");
+        assert_eq!(one, 4 * (1440 + 2));
+        // 1,000 entities × 4 metrics × 11,000 steps: refused before anything is read.
+        let step = step_for(0, 400 * day, 1000);
+        let err = within_budget(0, MAX_ENTITIES, 4, 0, 400 * day, step).expect_err("large");
+        assert_eq!(err.0, "too_many_samples");
+        // The running total carries over from earlier categories and queries.
+        assert!(within_budget(MAX_RESPONSE_SAMPLES - one + 1, 1, 4, 0, day, 60_000).is_err());
+        assert!(within_budget(MAX_RESPONSE_SAMPLES - one, 1, 4, 0, day, 60_000).is_ok());
     }
 
     #[test]
