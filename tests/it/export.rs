@@ -25,28 +25,34 @@ fn postgres_bin() -> Option<PathBuf> {
 struct Postgres {
     child: Child,
     port: u16,
+    bin: PathBuf,
     _dir: TempDir,
 }
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
+/// `program` run as the `postgres` user when the test runs as root (the server refuses root):
+/// the process itself, not a wrapper, so stopping it stops the server.
 fn as_server_user(program: &Path) -> Command {
+    use std::os::unix::process::CommandExt;
+    let id = |flag: &str| -> Option<u32> {
+        let o = Command::new("id").args([flag, "postgres"]).output().ok()?;
+        String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+    };
     let root = Command::new("id")
         .arg("-u")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let mut c = Command::new(program);
     if root {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(program);
-        c
-    } else {
-        Command::new(program)
+        let (uid, gid) = id("-u").zip(id("-g")).expect("a postgres user");
+        c.uid(uid).gid(gid).env("HOME", "/tmp");
     }
+    c
 }
 
 fn start_postgres(bin: &Path) -> Postgres {
@@ -72,9 +78,22 @@ fn start_postgres(bin: &Path) -> Postgres {
         .and_then(|l| l.local_addr())
         .expect("port")
         .port();
-    let child = as_server_user(&bin.join("postgres"))
+    let child = spawn_server(bin, &dir.0, port);
+    let pg = Postgres {
+        child,
+        port,
+        bin: bin.to_path_buf(),
+        _dir: dir,
+    };
+    pg.wait_ready();
+    pg
+}
+
+/// The server on `port` over the data directory in `dir`.
+fn spawn_server(bin: &Path, dir: &Path, port: u16) -> Child {
+    as_server_user(&bin.join("postgres"))
         .arg("-D")
-        .arg(&data)
+        .arg(dir.join("data"))
         .args([
             "-p",
             &port.to_string(),
@@ -84,29 +103,45 @@ fn start_postgres(bin: &Path) -> Postgres {
             "fsync=off",
         ])
         .arg("-k")
-        .arg(&dir.0)
+        .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("postgres");
-    let pg = Postgres {
-        child,
-        port,
-        _dir: dir,
-    };
-    let until = Instant::now() + Duration::from_secs(30);
-    while !Command::new("pg_isready")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        assert!(Instant::now() < until, "postgres did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    pg
+        .expect("postgres")
 }
 
 impl Postgres {
+    fn ready(&self) -> bool {
+        Command::new("pg_isready")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    fn wait_ready(&self) {
+        wait_until("postgres ready", 30, || self.ready());
+    }
+
+    /// Stops the server at once (fast shutdown: SIGINT), and waits for it.
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+
+    /// Takes the database down until [`Postgres::restart`].
+    fn kill(&mut self) {
+        self.stop();
+        wait_until("postgres down", 30, || !self.ready());
+    }
+
+    /// Starts the server again on the same port and data.
+    fn restart(&mut self) {
+        self.child = spawn_server(&self.bin, &self._dir.0, self.port);
+        self.wait_ready();
+    }
+
     fn url(&self) -> String {
         format!("postgresql://edgetally@127.0.0.1:{}/postgres", self.port)
     }
@@ -404,4 +439,56 @@ fn a_restart_exports_what_a_kill_9_left_unexported() {
         minutes[0], now
     ));
     assert_eq!(v["count"].as_u64(), Some(60));
+}
+
+/// The database goes down while the node keeps acknowledging late updates: each failed write
+/// is counted and kept, and once the database is back the table catches up exactly.
+#[test]
+fn writes_failed_while_the_database_is_down_are_written_once_it_is_back() {
+    let Some(bin) = postgres_bin() else {
+        return;
+    };
+    let mut pg = start_postgres(&bin);
+    let dir = TempDir::new("export-down");
+    let url = pg.url();
+    let env: Vec<(&str, &str)> = vec![
+        ("EDGETALLY_EXPORT_POSTGRES_URL", &url),
+        ("EDGETALLY_EXPORT_DELAY", "1s"),
+        ("EDGETALLY_EXPORT_INTERVAL", "200ms"),
+    ];
+    let now = now_ms();
+    let minutes: Vec<i64> = (2..=4).rev().map(|k| (now / 60_000 - k) * 60_000).collect();
+    let events = |from: i64, to: i64| -> Vec<String> {
+        (from..to)
+            .map(|i| {
+                let ts = minutes[(i as usize) % 3] + (i * 977) % 60_000;
+                format!(
+                    r#"{{"ts_ms":{ts},"category":"down","entity":"d{}","value":{}}}"#,
+                    i % 2,
+                    i
+                )
+            })
+            .collect()
+    };
+    let (cats, ents) = (["down"], ["d0", "d1"]);
+    let m = Merger::start_with_env(&dir.0, &[], &env);
+    post(&m, &events(0, 20));
+    wait_until("the first export", 30, || {
+        exported(&pg) == merged(&m, &cats, &ents, &minutes)
+    });
+    pg.kill();
+    post(&m, &events(20, 50));
+    wait_until("failed writes counted", 30, || {
+        m.metric("edgetally_export_errors_total") >= 2.0
+    });
+    assert!(m.metric("edgetally_export_pending_keys") >= 1.0);
+    pg.restart();
+    wait_until("the export after the outage", 30, || {
+        exported(&pg) == merged(&m, &cats, &ents, &minutes)
+    });
+    let (_, v) = m.get(&format!(
+        "/v1/aggregate?category=down&start={}&end={}",
+        minutes[0], now
+    ));
+    assert_eq!(v["count"].as_u64(), Some(50));
 }
