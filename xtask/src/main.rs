@@ -110,6 +110,7 @@ fn ensure_prerequisites() -> Result<()> {
 
 fn test() -> Result<()> {
     let root = root()?;
+    report_free_space(&root);
     ensure_prerequisites()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args([
@@ -292,7 +293,13 @@ fn ensure_test_tools() -> Result<()> {
     if !Path::new("/usr/bin/prometheus").exists() {
         missing.push("prometheus");
     }
-    if !Path::new("/usr/bin/psql").exists() || !Path::new("/usr/lib/postgresql").exists() {
+    // The server, not only the client: a machine can have psql and libpq without `postgres`.
+    let server = std::fs::read_dir("/usr/lib/postgresql").is_ok_and(|versions| {
+        versions
+            .filter_map(Result::ok)
+            .any(|v| v.path().join("bin/postgres").exists())
+    });
+    if !server || !Path::new("/usr/bin/psql").exists() {
         missing.push("postgresql");
     }
     if !missing.is_empty() {
@@ -307,6 +314,27 @@ fn ensure_chromium() -> Result<()> {
         apt_install(&["chromium"])?;
     }
     Ok(())
+}
+
+/// Prints the free space where the build goes: a cold run writes several GB there, and a
+/// linker dying of SIGBUS is what a full disk looks like from inside the build.
+fn report_free_space(root: &Path) {
+    let target = target_dir(root);
+    let at = if target.exists() {
+        target
+    } else {
+        root.to_path_buf()
+    };
+    if let Ok(out) = Command::new("df")
+        .args(["-h", "--output=avail,target"])
+        .arg(&at)
+        .output()
+    {
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(line) = text.lines().nth(1) {
+            eprintln!("xtask: free space for the build: {}", line.trim());
+        }
+    }
 }
 
 fn is_root() -> bool {
