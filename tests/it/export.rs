@@ -492,3 +492,107 @@ fn writes_failed_while_the_database_is_down_are_written_once_it_is_back() {
     ));
     assert_eq!(v["count"].as_u64(), Some(50));
 }
+
+/// The mark file's words: `(cutoff, clean)`.
+fn mark_of(dir: &Path) -> (i64, bool) {
+    let text = std::fs::read_to_string(dir.join("export-edgetally_buckets.mark")).expect("mark");
+    let mut words = text.split_whitespace();
+    let cutoff = words.next().expect("cutoff").parse().expect("ms");
+    (cutoff, words.next() == Some("clean"))
+}
+
+/// A clean stop (SIGTERM) marks its last round clean, and the next start rescans only what
+/// had not closed: it writes no row again. A start takes that word back before anything
+/// applies: with the database down the restarted node's first round fails, a late update is
+/// acknowledged, `kill -9` — and the next start still finds and writes it.
+#[test]
+fn a_clean_stop_spares_the_next_start_its_rescan_but_a_crash_after_it_does_not() {
+    let Some(bin) = postgres_bin() else {
+        return;
+    };
+    let mut pg = start_postgres(&bin);
+    let dir = TempDir::new("export-clean");
+    let url = pg.url();
+    let env: Vec<(&str, &str)> = vec![
+        ("EDGETALLY_EXPORT_POSTGRES_URL", &url),
+        ("EDGETALLY_EXPORT_DELAY", "1s"),
+        ("EDGETALLY_EXPORT_INTERVAL", "200ms"),
+    ];
+    let now = now_ms();
+    let minutes: Vec<i64> = (2..=4).rev().map(|k| (now / 60_000 - k) * 60_000).collect();
+    let events = |from: i64, to: i64| -> Vec<String> {
+        (from..to)
+            .map(|i| {
+                let ts = minutes[(i as usize) % 3] + (i * 977) % 60_000;
+                format!(
+                    r#"{{"ts_ms":{ts},"category":"clean","entity":"d{}","value":{}}}"#,
+                    i % 2,
+                    i
+                )
+            })
+            .collect()
+    };
+    let (cats, ents) = (["clean"], ["d0", "d1"]);
+    let m = Merger::start_with_env(&dir.0, &[], &env);
+    post(&m, &events(0, 40));
+    wait_until("the first export", 30, || {
+        exported(&pg) == merged(&m, &cats, &ents, &minutes)
+    });
+    let written = m.metric("edgetally_export_rows_total");
+    assert!(written >= 6.0, "{written} rows");
+    assert!(m.terminate(), "a clean exit");
+    let (cutoff, clean) = mark_of(&dir.0);
+    assert!(clean, "the last round of a clean stop is marked clean");
+    assert!(cutoff > minutes[2] + 60_000);
+
+    // The next start's first round writes nothing: every closed bucket is in the table.
+    let restarted = now_ms();
+    let m = Merger::start_with_env(&dir.0, &[], &env);
+    assert!(!mark_of(&dir.0).1, "the start takes the clean word back");
+    wait_until("the start-up round", 30, || {
+        mark_of(&dir.0).0 > restarted - 1_000
+    });
+    assert_eq!(m.metric("edgetally_export_rows_total"), 0.0);
+    assert_eq!(exported(&pg), merged(&m, &cats, &ents, &minutes));
+    assert!(m.terminate(), "a clean exit");
+    assert!(mark_of(&dir.0).1);
+
+    // A clean stop two minutes ago, as if the node had been down since: the mark goes back
+    // to the end of the last minute with data, so the start-up round has that minute to
+    // write, and fails (the database is down). Late updates to the two minutes before it
+    // are acknowledged, then a crash: the next start must not trust the old clean word.
+    let stale = exported(&pg);
+    std::fs::write(
+        dir.0.join("export-edgetally_buckets.mark"),
+        format!("{} clean\n", minutes[2] + 60_000),
+    )
+    .expect("mark");
+    pg.kill();
+    let m = Merger::start_with_env(&dir.0, &[], &env);
+    assert!(!mark_of(&dir.0).1, "the start takes the clean word back");
+    wait_until("a failed round", 30, || {
+        m.metric("edgetally_export_errors_total") >= 1.0
+    });
+    let late: Vec<String> = (40..70)
+        .map(|i| {
+            let ts = minutes[(i as usize) % 2] + (i * 977) % 60_000;
+            format!(
+                r#"{{"ts_ms":{ts},"category":"clean","entity":"d{}","value":{i}}}"#,
+                i % 2
+            )
+        })
+        .collect();
+    post(&m, &late);
+    m.kill9();
+    pg.restart();
+    let m = Merger::start_with_env(&dir.0, &[], &env);
+    assert_ne!(stale, merged(&m, &cats, &ents, &minutes));
+    wait_until("the export after the crash", 30, || {
+        exported(&pg) == merged(&m, &cats, &ents, &minutes)
+    });
+    let (_, v) = m.get(&format!(
+        "/v1/aggregate?category=clean&start={}&end={}",
+        minutes[0], now
+    ));
+    assert_eq!(v["count"].as_u64(), Some(70));
+}

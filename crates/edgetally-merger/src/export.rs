@@ -11,6 +11,10 @@
 //!   tier instead: from the durable mark of its last complete round (in the data directory)
 //!   back by `max_lateness` and the peers' grace — the oldest bucket a batch accepted since
 //!   then can have changed — or, without a mark, everything the tier holds;
+//! - after a clean stop (the pipeline empty and nothing submitting, then a last round that
+//!   wrote everything closed), the mark says so, and the next start rescans only the
+//!   buckets that had not closed: no batch was applied after that round. The start takes the
+//!   word back on disk (fsynced) before any batch can apply, so a crash later is a crash;
 //! - on a failed write keeps what it had to write and tries again next round.
 //!
 //! The sink is a trait so that other databases (ClickHouse, Kafka) can follow the
@@ -23,7 +27,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 /// One exported row: the full totals of (category, entity, bucket).
@@ -70,18 +74,23 @@ const SCAN_WINDOW_MS: i64 = 86_400_000;
 pub struct ExportFeed {
     tx: mpsc::Sender<Arc<Batch>>,
     rescan: Arc<AtomicBool>,
+    /// Set with `rescan` whenever a change may be missing from the feed: the next rescan
+    /// goes back by the whole reach, even right after a clean stop.
+    wide: Arc<AtomicBool>,
 }
 
 impl ExportFeed {
     /// A batch was applied (never blocks: a full queue turns into a rescan).
     pub fn applied(&self, batch: &Arc<Batch>) {
         if self.tx.try_send(batch.clone()).is_err() {
+            self.wide.store(true, Relaxed);
             self.rescan.store(true, Relaxed);
         }
     }
 
     /// The state changed wholesale (snapshot adoption, an absorbed group): rescan.
     pub fn rescan(&self) {
+        self.wide.store(true, Relaxed);
         self.rescan.store(true, Relaxed);
     }
 }
@@ -104,6 +113,44 @@ pub struct ExportConfig {
 /// A dirty key: (category, entity, bucket start).
 type Key = (String, Option<String>, i64);
 
+/// The mark of the last complete round: every bucket that ended by `cutoff` is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Mark {
+    cutoff: i64,
+    /// Written by the last round of a clean stop: no batch applied after it.
+    clean: bool,
+}
+
+impl Mark {
+    /// `"<cutoff>\n"` or `"<cutoff> clean\n"`; anything else is no mark (a full rescan).
+    fn parse(text: &str) -> Option<Mark> {
+        let mut words = text.split_whitespace();
+        let cutoff = words.next()?.parse().ok()?;
+        let clean = match words.next() {
+            None => false,
+            Some("clean") => true,
+            Some(_) => return None,
+        };
+        words.next().is_none().then_some(Mark { cutoff, clean })
+    }
+
+    /// Replaces the mark file: written to a temporary file, synced, renamed over, and the
+    /// directory synced (a clean mark must never outlive its taking back).
+    fn save(&self, file: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = file.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        let clean = if self.clean { " clean" } else { "" };
+        writeln!(f, "{}{clean}", self.cutoff)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, file)?;
+        if let Some(dir) = file.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
 /// The exporter task's state.
 struct Exporter<S: Sink> {
     sink: S,
@@ -112,24 +159,64 @@ struct Exporter<S: Sink> {
     metrics: Arc<Metrics>,
     rx: mpsc::Receiver<Arc<Batch>>,
     rescan: Arc<AtomicBool>,
+    wide: Arc<AtomicBool>,
     dirty: HashSet<Key>,
-    mark: Option<i64>,
+    mark: Option<Mark>,
 }
 
-/// Starts the exporter; returns the feed for the apply stage.
+/// The running exporter, for the node's shutdown.
+#[derive(Debug)]
+pub struct Exporting {
+    stop: oneshot::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Longest wait for the last round at shutdown.
+const LAST_ROUND_WAIT: Duration = Duration::from_secs(10);
+
+impl Exporting {
+    /// Runs a last round and stops. `clean`: the pipeline is empty and nothing submits any
+    /// more, so a last round that writes everything closed may mark the stop clean.
+    pub async fn finish(self, clean: bool) {
+        let _ = self.stop.send(clean);
+        if tokio::time::timeout(LAST_ROUND_WAIT, self.task)
+            .await
+            .is_err()
+        {
+            warn!("export: the last round did not finish; the next start rescans");
+        }
+    }
+}
+
+/// Starts the exporter; returns the feed for the apply stage and the handle that stops it.
+/// Call it before any batch can apply: it takes back a clean stop's word on disk first.
 pub fn start<S: Sink>(
     sink: S,
     cfg: ExportConfig,
     replica: Arc<RwLock<Replica>>,
     metrics: Arc<Metrics>,
-    shutdown: watch::Receiver<bool>,
-) -> (ExportFeed, tokio::task::JoinHandle<()>) {
+) -> Result<(ExportFeed, Exporting), String> {
     let (tx, rx) = mpsc::channel(FEED_CAPACITY);
     // A start rescans: whatever changed after the last complete round before a crash.
     let rescan = Arc::new(AtomicBool::new(true));
+    let wide = Arc::new(AtomicBool::new(false));
     let mark = std::fs::read_to_string(&cfg.mark_file)
         .ok()
-        .and_then(|s| s.trim().parse::<i64>().ok());
+        .and_then(|s| Mark::parse(&s));
+    if let Some(m) = mark {
+        // Complete up to the mark already: the lag and the export's counters show from the
+        // start, failed rounds included.
+        metrics.export_mark_ms.store(m.cutoff, Relaxed);
+    }
+    if let Some(m) = mark.filter(|m| m.clean) {
+        // From here on batches apply that the clean mark does not cover.
+        Mark {
+            cutoff: m.cutoff,
+            clean: false,
+        }
+        .save(&cfg.mark_file)
+        .map_err(|e| format!("export mark {}: {e}", cfg.mark_file.display()))?;
+    }
     let ex = Exporter {
         sink,
         cfg,
@@ -137,11 +224,13 @@ pub fn start<S: Sink>(
         metrics,
         rx,
         rescan: rescan.clone(),
+        wide: wide.clone(),
         dirty: HashSet::new(),
         mark,
     };
-    let task = tokio::spawn(ex.run(shutdown));
-    (ExportFeed { tx, rescan }, task)
+    let (stop, stopped) = oneshot::channel();
+    let task = tokio::spawn(ex.run(stopped));
+    Ok((ExportFeed { tx, rescan, wide }, Exporting { stop, task }))
 }
 
 impl<S: Sink> Exporter<S> {
@@ -149,23 +238,24 @@ impl<S: Sink> Exporter<S> {
         edgetally_core::replica::TIER_MS[self.cfg.tier]
     }
 
-    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    async fn run(mut self, mut stop: oneshot::Receiver<bool>) {
         info!(sink = self.sink.name(), "export started");
         if let Err(e) = self.sink.prepare().await {
             warn!(sink = self.sink.name(), "export sink not ready: {e}");
         }
         // The first round at once: it rescans what a previous run may not have written.
-        self.round().await;
+        self.round(false).await;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(self.cfg.interval_ms)) => {}
-                _ = shutdown.changed() => {
-                    // A last round for what has closed; the rest is rescanned at the next start.
-                    self.round().await;
+                clean = &mut stop => {
+                    // A last round for what has closed; the rest is rescanned at the next
+                    // start (all of it since the mark, unless this stop is clean).
+                    self.round(clean.unwrap_or(false)).await;
                     break;
                 }
             }
-            self.round().await;
+            self.round(false).await;
         }
     }
 
@@ -202,7 +292,8 @@ impl<S: Sink> Exporter<S> {
         }
     }
 
-    async fn round(&mut self) {
+    /// One round; `last_clean`: the last round of a clean stop (see [`Exporting::finish`]).
+    async fn round(&mut self, last_clean: bool) {
         self.drain();
         let now = edgetally_net::now_ms();
         let w = self.width();
@@ -211,6 +302,12 @@ impl<S: Sink> Exporter<S> {
         let cutoff = now - self.cfg.delay_ms;
         let end = cutoff - w + 1;
         let full = self.rescan.swap(false, Relaxed);
+        // A clean stop's mark narrows the start's rescan only: taken here, once.
+        let wide = self.wide.swap(false, Relaxed);
+        let narrow = !wide && self.mark.is_some_and(|m| m.clean);
+        if let Some(m) = &mut self.mark {
+            m.clean = false;
+        }
         if full {
             // The rescan, a day of buckets at a time: memory bounded by a day's rows, and the
             // replica's read lock let go between days.
@@ -220,8 +317,15 @@ impl<S: Sink> Exporter<S> {
                 .unwrap_or_else(|e| e.into_inner())
                 .oldest_bucket(self.cfg.tier);
             let from = self.mark.map_or(i64::MIN, |m| {
-                m.saturating_sub(self.cfg.reach_ms).saturating_sub(w)
+                // After a clean stop every bucket that ended by its cutoff is written and
+                // has not changed since; otherwise a batch applied after the mark may have
+                // reached back by `reach`.
+                let back = if narrow { 0 } else { self.cfg.reach_ms };
+                m.cutoff.saturating_sub(back).saturating_sub(w)
             });
+            // The keys the feed brought are covered too, however old (batches applied
+            // since this start).
+            let from = self.dirty.iter().map(|k| k.2).fold(from, i64::min);
             let mut at = from.max(oldest.unwrap_or(end));
             while at < end {
                 let to = at.saturating_add(SCAN_WINDOW_MS).min(end);
@@ -278,13 +382,18 @@ impl<S: Sink> Exporter<S> {
         }
         // Every key closed by the cutoff is written: the mark moves on (the file first, so
         // a crash never leaves a mark past what was written).
-        let tmp = self.cfg.mark_file.with_extension("tmp");
-        let saved = std::fs::write(&tmp, format!("{cutoff}\n"))
-            .and_then(|()| std::fs::rename(&tmp, &self.cfg.mark_file));
-        if let Err(e) = saved {
+        let mark = Mark {
+            cutoff,
+            clean: last_clean,
+        };
+        if let Err(e) = mark.save(&self.cfg.mark_file) {
             warn!("export mark not saved: {e}");
         }
-        self.mark = Some(cutoff);
+        // In memory the mark is never clean: batches may still apply in this run.
+        self.mark = Some(Mark {
+            cutoff,
+            clean: false,
+        });
         self.metrics.export_mark_ms.store(cutoff, Relaxed);
         self.metrics
             .export_pending
@@ -434,5 +543,43 @@ impl Sink for Postgres {
             return Err(format!("upsert: {e}"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Mark;
+
+    #[test]
+    fn marks_parse_in_both_forms_and_nothing_else() {
+        let m = |cutoff, clean| Some(Mark { cutoff, clean });
+        assert_eq!(Mark::parse("1700000000000\n"), m(1_700_000_000_000, false));
+        assert_eq!(Mark::parse("-5 clean\n"), m(-5, true));
+        for bad in ["", "clean", "12 dirty", "12 clean extra", "1.5", "12clean"] {
+            assert_eq!(Mark::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_saved_mark_reads_back_and_leaves_no_temporary_file() {
+        let dir = std::env::temp_dir().join(format!("et-mark-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("export-t.mark");
+        for mark in [
+            Mark {
+                cutoff: 42,
+                clean: true,
+            },
+            Mark {
+                cutoff: 43,
+                clean: false,
+            },
+        ] {
+            mark.save(&file).expect("save");
+            let text = std::fs::read_to_string(&file).expect("read");
+            assert_eq!(Mark::parse(&text), Some(mark));
+        }
+        assert!(!file.with_extension("tmp").exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -8,9 +8,9 @@ use crate::store::Store;
 use edgetally_core::{Applied, Batch, BatchId, Limits, LogEntry, RejectCode, Replica};
 use edgetally_proto::{decode, verify_many, DecodeError, Reply, Unverified};
 use std::collections::HashSet;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, warn};
 
@@ -32,6 +32,9 @@ struct Job {
     /// was most of a replica's cost). It is only ever acknowledged as a duplicate, never
     /// applied: should its id not be applied by its commit, it gets Retry.
     unverified: bool,
+    /// Counts the job in [`Ingest::in_flight`] until it is dropped: after its reply, so after
+    /// its batch applied (or was refused).
+    _in_flight: InFlight,
 }
 
 /// The front door of the pipeline; cheap to clone.
@@ -39,6 +42,24 @@ struct Job {
 pub struct Ingest {
     tx: mpsc::Sender<Job>,
     metrics: Arc<Metrics>,
+    in_flight: Arc<AtomicU64>,
+}
+
+/// One submitted job, counted while it exists (decremented on drop, whatever path drops it).
+#[derive(Debug)]
+struct InFlight(Arc<AtomicU64>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicU64>) -> InFlight {
+        count.fetch_add(1, Relaxed);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Job {
@@ -84,7 +105,31 @@ impl Ingest {
         let metrics = p.metrics.clone();
         tokio::spawn(verify_stage(rx, tx_b, p.clone()));
         let done = tokio::spawn(commit_stage(rx_b, p));
-        (Ingest { tx, metrics }, done)
+        let in_flight = Arc::default();
+        (
+            Ingest {
+                tx,
+                metrics,
+                in_flight,
+            },
+            done,
+        )
+    }
+
+    /// Waits until no submitted batch is still in the pipeline (each has been applied or
+    /// refused, and answered), at most `within`; whether it got there. For a shutdown, once
+    /// nothing submits any more.
+    pub async fn quiesce(&self, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        loop {
+            if self.in_flight.load(Relaxed) == 0 {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     fn job(&self, raw: Vec<u8>, from_peer: bool) -> (Job, oneshot::Receiver<Reply>) {
@@ -101,6 +146,7 @@ impl Ingest {
                 digest: None,
                 reserved: None,
                 unverified: false,
+                _in_flight: InFlight::new(&self.in_flight),
             },
             rx,
         )

@@ -29,7 +29,9 @@ pub struct Running {
     /// The bound HTTP address.
     pub http_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
+    /// The commit stage first, then the rest.
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    exporting: Option<crate::export::Exporting>,
     endpoint: quinn::Endpoint,
 }
 
@@ -141,6 +143,7 @@ impl Node {
         );
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        let mut exporting = None;
         let export = match &config.export_postgres_url {
             None => None,
             Some(url) => {
@@ -165,9 +168,10 @@ impl Node {
                         .saturating_add(config.seen_expiry_margin_ms.max(0)),
                     mark_file: dir.join(format!("export-{}.mark", config.export_table)),
                 };
-                let (feed, task) =
-                    crate::export::start(sink, cfg, replica.clone(), metrics.clone(), rx.clone());
-                tasks.push(task);
+                let (feed, handle) =
+                    crate::export::start(sink, cfg, replica.clone(), metrics.clone())
+                        .map_err(StartError::Config)?;
+                exporting = Some(handle);
                 Some(feed)
             }
         };
@@ -286,6 +290,7 @@ impl Node {
             http_addr,
             shutdown,
             tasks,
+            exporting,
             endpoint,
         })
     }
@@ -571,16 +576,30 @@ async fn upkeep(
 
 impl Running {
     /// Stops both listeners (in-flight HTTP requests finish; QUIC connections close, so a
-    /// batch not yet acknowledged is resent by its producer and deduplicated), then writes a
-    /// final snapshot.
+    /// batch not yet acknowledged is resent by its producer and deduplicated), lets the
+    /// exporter write a last round, then writes a final snapshot.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         self.endpoint.close(0u32.into(), b"shutting down");
-        let Running { node, tasks, .. } = self;
+        let Running {
+            node,
+            tasks,
+            exporting,
+            ..
+        } = self;
         let mut tasks = tasks.into_iter();
         let commit = tasks.next();
+        let mut stopped = true;
         for t in tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+            stopped &= tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .is_ok();
+        }
+        if let Some(exporting) = exporting {
+            // Nothing submits any more once every task has ended: when the pipeline is
+            // empty too, no batch can apply after the exporter's last round.
+            let quiet = stopped && node.ingest.quiesce(Duration::from_secs(5)).await;
+            exporting.finish(quiet).await;
         }
         // The pipeline ends when its last sender is dropped; the node holds one, so bound the
         // wait: everything already accepted has been answered by now or is about to be.
