@@ -259,6 +259,23 @@ impl<S: Sink> Exporter<S> {
         }
     }
 
+    /// Reads the replica on the blocking pool, not on an async worker: a day of a busy tier is
+    /// many rows, read under the replica's read lock. `None` if the read panicked (logged).
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Replica) -> T + Send + 'static,
+    ) -> impl std::future::Future<Output = Option<T>> {
+        let replica = self.replica.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            f(&replica.read().unwrap_or_else(|e| e.into_inner()))
+        });
+        async move {
+            task.await
+                .map_err(|e| warn!("export: reading the replica failed: {e}"))
+                .ok()
+        }
+    }
+
     /// Writes rows in chunks; false (logged and counted) if a write failed.
     async fn write(&self, rows: &[ExportRow]) -> bool {
         for chunk in rows.chunks(CHUNK) {
@@ -329,11 +346,10 @@ impl<S: Sink> Exporter<S> {
             let mut at = from.max(oldest.unwrap_or(end));
             while at < end {
                 let to = at.saturating_add(SCAN_WINDOW_MS).min(end);
-                let mut rows = Vec::new();
-                self.replica
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .each_bucket(self.cfg.tier, at, to, |c, e, start, t| {
+                let tier = self.cfg.tier;
+                let rows = self.read(move |r| {
+                    let mut rows = Vec::new();
+                    r.each_bucket(tier, at, to, |c, e, start, t| {
                         rows.push(ExportRow {
                             category: c.to_string(),
                             entity: e.map(str::to_string),
@@ -342,6 +358,12 @@ impl<S: Sink> Exporter<S> {
                             total: *t,
                         })
                     });
+                    rows
+                });
+                let Some(rows) = rows.await else {
+                    self.rescan.store(true, Relaxed);
+                    return;
+                };
                 if !self.write(&rows).await {
                     self.rescan.store(true, Relaxed);
                     return;
@@ -352,12 +374,12 @@ impl<S: Sink> Exporter<S> {
             self.dirty.retain(|k| k.2 >= end);
         } else {
             let closed: Vec<Key> = self.dirty.iter().filter(|k| k.2 < end).cloned().collect();
-            let rows: Vec<ExportRow> = {
-                let r = self.replica.read().unwrap_or_else(|e| e.into_inner());
-                closed
+            let tier = self.cfg.tier;
+            let read = self.read(move |r| {
+                let rows: Vec<ExportRow> = closed
                     .iter()
                     .filter_map(|k| {
-                        let t = r.bucket_total(&k.0, k.1.as_deref(), self.cfg.tier, k.2)?;
+                        let t = r.bucket_total(&k.0, k.1.as_deref(), tier, k.2)?;
                         Some(ExportRow {
                             category: k.0.clone(),
                             entity: k.1.clone(),
@@ -366,7 +388,12 @@ impl<S: Sink> Exporter<S> {
                             total: t,
                         })
                     })
-                    .collect()
+                    .collect();
+                (closed, rows)
+            });
+            // The keys stay dirty until written.
+            let Some((closed, rows)) = read.await else {
+                return;
             };
             for k in &closed {
                 self.dirty.remove(k);
