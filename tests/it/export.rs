@@ -56,6 +56,11 @@ fn as_server_user(program: &Path) -> Command {
 }
 
 fn start_postgres(bin: &Path) -> Postgres {
+    start_postgres_with(bin, |_| {})
+}
+
+/// The same, with `setup` run on the directory (its `data/` initialised) before the start.
+fn start_postgres_with(bin: &Path, setup: impl FnOnce(&Path)) -> Postgres {
     let dir = TempDir::new("postgres");
     let data = dir.0.join("data");
     std::fs::create_dir_all(&data).expect("dir");
@@ -74,6 +79,11 @@ fn start_postgres(bin: &Path) -> Postgres {
         "{}",
         String::from_utf8_lossy(&init.stderr)
     );
+    setup(&dir.0);
+    let _ = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(&dir.0)
+        .status();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("port")
@@ -191,13 +201,18 @@ fn nanos(d: &str) -> i128 {
 
 /// (category, entity, minute start ms) → (count, nano-sum) as PostgreSQL holds it.
 fn exported(pg: &Postgres) -> BTreeMap<(String, String, i64), (u64, i128)> {
-    if pg.query("SELECT to_regclass('edgetally_buckets') IS NULL") == [["t"]] {
+    exported_from(pg, "edgetally_buckets")
+}
+
+/// The same from `table`.
+fn exported_from(pg: &Postgres, table: &str) -> BTreeMap<(String, String, i64), (u64, i128)> {
+    if pg.query(&format!("SELECT to_regclass('{table}') IS NULL")) == [["t"]] {
         return BTreeMap::new();
     }
-    pg.query(
+    pg.query(&format!(
         "SELECT category, entity, (extract(epoch from bucket_start) * 1000)::bigint, count, sum \
-         FROM edgetally_buckets WHERE bucket_ms = 60000",
-    )
+         FROM {table} WHERE bucket_ms = 60000"
+    ))
     .into_iter()
     .map(|r| {
         (
@@ -595,4 +610,201 @@ fn a_clean_stop_spares_the_next_start_its_rescan_but_a_crash_after_it_does_not()
         minutes[0], now
     ));
     assert_eq!(v["count"].as_u64(), Some(70));
+}
+
+/// `openssl` (Debian's, which PostgreSQL's packages bring) run in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`<name>.pem`, `<name>.key`) in `dir`.
+fn make_ca(dir: &Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+        ],
+    );
+}
+
+/// The export over TLS to a server that refuses unencrypted connections (`hostssl` only):
+/// with `export_postgres_ca` the certificate is verified — the CA that signed it lets the
+/// rows through, another CA gets nothing written and the failure counted — and without it
+/// the connection is encrypted, not authenticated (libpq's `sslmode=require`).
+#[test]
+fn the_export_speaks_tls_and_verifies_the_database_against_the_ca_given() {
+    let Some(bin) = postgres_bin() else {
+        return;
+    };
+    let pg = start_postgres_with(&bin, |dir| {
+        make_ca(dir, "ca");
+        make_ca(dir, "other");
+        std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+                "-out",
+                "server.pem",
+            ],
+        );
+        let data = dir.join("data");
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).expect("conf");
+        conf.push_str(&format!(
+            "\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+            dir.join("server.pem").display(),
+            dir.join("server.key").display()
+        ));
+        std::fs::write(data.join("postgresql.conf"), conf).expect("conf");
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+        )
+        .expect("hba");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            dir.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("key mode");
+    });
+    let certs = pg._dir.0.clone();
+    // Unencrypted connections are refused, so a row written came over TLS.
+    let plain = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "edgetally",
+        ])
+        .args(["-d", "postgres", "-c", "SELECT 1"])
+        .env("PGSSLMODE", "disable")
+        .output()
+        .expect("psql");
+    assert!(
+        !plain.status.success(),
+        "the server takes plain connections"
+    );
+
+    let now = now_ms();
+    let minute = (now / 60_000 - 2) * 60_000;
+    let events: Vec<String> = (0..12)
+        .map(|i| {
+            format!(
+                r#"{{"ts_ms":{},"category":"tls","entity":"d{}","value":{i}}}"#,
+                minute + i * 1_000,
+                i % 3
+            )
+        })
+        .collect();
+    let (cats, ents) = (["tls"], ["d0", "d1", "d2"]);
+    let node = |name: &str, table: &str, url: &str, ca: Option<&Path>| {
+        let dir = TempDir::new(name);
+        let mut env: Vec<(String, String)> = vec![
+            ("EDGETALLY_EXPORT_POSTGRES_URL".into(), url.into()),
+            ("EDGETALLY_EXPORT_TABLE".into(), table.into()),
+            ("EDGETALLY_EXPORT_DELAY".into(), "1s".into()),
+            ("EDGETALLY_EXPORT_INTERVAL".into(), "200ms".into()),
+        ];
+        if let Some(ca) = ca {
+            env.push((
+                "EDGETALLY_EXPORT_POSTGRES_CA".into(),
+                ca.display().to_string(),
+            ));
+        }
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let m = Merger::start_with_env(&dir.0, &[], &env);
+        post(&m, &events);
+        (m, dir)
+    };
+    let require = format!("{}?sslmode=require", pg.url());
+
+    // Verified against the CA that signed the server's certificate.
+    let (m, _d1) = node(
+        "export-tls-ca",
+        "verified",
+        &require,
+        Some(&certs.join("ca.pem")),
+    );
+    wait_until("the export over verified TLS", 30, || {
+        exported_from(&pg, "verified") == merged(&m, &cats, &ents, &[minute])
+    });
+    assert_eq!(m.metric("edgetally_export_errors_total"), 0.0);
+
+    // Encrypted, unauthenticated: the URL's default sslmode (prefer) and no CA.
+    let (u, _d2) = node("export-tls-any", "unverified", &pg.url(), None);
+    wait_until("the export over unverified TLS", 30, || {
+        exported_from(&pg, "unverified") == merged(&u, &cats, &ents, &[minute])
+    });
+
+    // Another CA: refused at every round, nothing written.
+    let (w, _d3) = node(
+        "export-tls-other",
+        "wrong_ca",
+        &require,
+        Some(&certs.join("other.pem")),
+    );
+    wait_until("failed rounds", 30, || {
+        w.metric("edgetally_export_errors_total") >= 2.0
+    });
+    assert_eq!(
+        pg.query("SELECT to_regclass('wrong_ca') IS NULL"),
+        [["t"]],
+        "a server the CA did not sign got the table"
+    );
+    assert!(w.metric("edgetally_export_pending_keys") >= 1.0);
 }

@@ -93,6 +93,10 @@ pub struct Config {
     pub query_deadline_ms: u64,
     /// Export closed buckets to this PostgreSQL database (`postgresql://user@host:port/db`).
     pub export_postgres_url: Option<String>,
+    /// Verify the export database's certificate (chain and host name) against these root
+    /// certificates (PEM). Without it a TLS connection (the URL's `sslmode`, `prefer` by
+    /// default) is encrypted but not authenticated, as libpq's `sslmode=require` is.
+    pub export_postgres_ca: Option<PathBuf>,
     /// The table the export writes (created if missing).
     pub export_table: String,
     /// The exported bucket width, ms: 60000 (minutes) or 3600000 (hours).
@@ -167,6 +171,7 @@ impl Default for Config {
             query_deadline_ms: 2_000,
             snapshot_catch_up_batches: 10_000,
             export_postgres_url: None,
+            export_postgres_ca: None,
             export_table: "edgetally_buckets".into(),
             export_bucket_ms: 60_000,
             export_delay_ms: 10_000,
@@ -302,6 +307,8 @@ pub struct FileConfig {
     pub snapshot_catch_up_batches: Option<u64>,
     /// See [`Config::export_postgres_url`].
     pub export_postgres_url: Option<String>,
+    /// See [`Config::export_postgres_ca`].
+    pub export_postgres_ca: Option<PathBuf>,
     /// See [`Config::export_table`].
     pub export_table: Option<String>,
     /// See [`Config::export_bucket_ms`].
@@ -410,6 +417,7 @@ impl FileConfig {
         "query_deadline_ms",
         "snapshot_catch_up_batches",
         "export_postgres_url",
+        "export_postgres_ca",
         "export_table",
         "export_bucket_ms",
         "export_delay_ms",
@@ -470,6 +478,7 @@ impl Config {
                 | "topology_file"
                 | "group"
                 | "export_postgres_url"
+                | "export_postgres_ca"
                 | "export_table" => Value::String(v.clone()),
                 "peers" | "peer_keys" | "issuer_keys" | "read_tokens" | "write_tokens"
                 | "cors_origins" => Value::Array(
@@ -540,6 +549,9 @@ impl Config {
         }
         if let Some(v) = f.export_postgres_url {
             self.export_postgres_url = Some(v);
+        }
+        if let Some(v) = f.export_postgres_ca {
+            self.export_postgres_ca = Some(v);
         }
         if let Some(v) = f.topology_file {
             self.topology_file = Some(v);

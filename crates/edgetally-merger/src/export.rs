@@ -203,6 +203,7 @@ pub fn start<S: Sink>(
     let mark = std::fs::read_to_string(&cfg.mark_file)
         .ok()
         .and_then(|s| Mark::parse(&s));
+    metrics.export_enabled.store(true, Relaxed);
     if let Some(m) = mark {
         // Complete up to the mark already: the lag and the export's counters show from the
         // start, failed rounds included.
@@ -366,6 +367,10 @@ impl<S: Sink> Exporter<S> {
                 };
                 if !self.write(&rows).await {
                     self.rescan.store(true, Relaxed);
+                    // At least the rows of this step are pending, and the feed's keys.
+                    self.metrics
+                        .export_pending
+                        .store((rows.len() + self.dirty.len()) as u64, Relaxed);
                     return;
                 }
                 at = to;
@@ -434,6 +439,8 @@ impl<S: Sink> Exporter<S> {
 /// cannot set a row back.
 pub struct Postgres {
     url: String,
+    /// TLS unless the URL says `sslmode=disable`.
+    tls: Option<crate::pgtls::MakeRustls>,
     table: String,
     client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
 }
@@ -446,10 +453,28 @@ impl std::fmt::Debug for Postgres {
     }
 }
 
+/// An error with its causes, `outer: inner: …` (tokio-postgres says "error performing TLS
+/// handshake" and keeps the reason, an unknown issuer say, in the source).
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
 impl Postgres {
     /// A sink writing to `table` (a plain SQL identifier) of the database at `url`
-    /// (`postgresql://user[:password]@host:port/db`); it connects at the first write.
-    pub fn new(url: &str, table: &str) -> Result<Postgres, String> {
+    /// (`postgresql://user[:password]@host:port/db[?sslmode=disable|prefer|require]`); it
+    /// connects at the first write. With `ca` (PEM root certificates) the server's
+    /// certificate is verified, chain and host name; without, TLS only encrypts.
+    pub fn new(url: &str, table: &str, ca: Option<&std::path::Path>) -> Result<Postgres, String> {
         let ok = table
             .chars()
             .next()
@@ -461,24 +486,71 @@ impl Postgres {
                 "export_table {table:?}: letters, digits and _ only, not starting with a digit"
             ));
         }
-        url.parse::<tokio_postgres::Config>()
+        let parsed = url
+            .parse::<tokio_postgres::Config>()
             .map_err(|e| format!("export_postgres_url: {e}"))?;
+        let plain = parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Disable;
+        let roots = match ca {
+            None => None,
+            Some(_) if plain => {
+                return Err(
+                    "export_postgres_ca is set but export_postgres_url says sslmode=disable".into(),
+                )
+            }
+            Some(path) => {
+                use rustls::pki_types::{pem::PemObject, CertificateDer};
+                let certs = CertificateDer::pem_file_iter(path)
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| format!("export_postgres_ca {}: {e}", path.display()))?;
+                if certs.is_empty() {
+                    return Err(format!(
+                        "export_postgres_ca {}: no certificate in it",
+                        path.display()
+                    ));
+                }
+                Some(certs)
+            }
+        };
+        let tls = if plain {
+            None
+        } else {
+            let config = edgetally_net::tls::tcp_client_config_roots(roots)
+                .map_err(|e| format!("export_postgres_ca: {e}"))?;
+            Some(crate::pgtls::MakeRustls(Arc::new(config)))
+        };
         Ok(Postgres {
             url: url.to_string(),
+            tls,
             table: table.to_string(),
             client: tokio::sync::Mutex::new(None),
         })
     }
 
     async fn connect(&self) -> Result<tokio_postgres::Client, String> {
-        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-            .await
-            .map_err(|e| format!("connecting: {e}"))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                warn!("postgres connection ended: {e}");
+        let client = match &self.tls {
+            None => {
+                let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| format!("connecting: {}", causes(&e)))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        warn!("postgres connection ended: {e}");
+                    }
+                });
+                client
             }
-        });
+            Some(tls) => {
+                let (client, conn) = tokio_postgres::connect(&self.url, tls.clone())
+                    .await
+                    .map_err(|e| format!("connecting: {}", causes(&e)))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        warn!("postgres connection ended: {e}");
+                    }
+                });
+                client
+            }
+        };
         let t = &self.table;
         client
             .batch_execute(&format!(
@@ -585,6 +657,24 @@ mod tests {
         for bad in ["", "clean", "12 dirty", "12 clean extra", "1.5", "12clean"] {
             assert_eq!(Mark::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_ca_needs_tls_and_a_readable_certificate() {
+        use super::Postgres;
+        let url = "postgresql://u@127.0.0.1:5432/db";
+        assert!(Postgres::new(url, "t", None).is_ok_and(|p| p.tls.is_some()));
+        let plain = format!("{url}?sslmode=disable");
+        assert!(Postgres::new(&plain, "t", None).is_ok_and(|p| p.tls.is_none()));
+        let dir = std::env::temp_dir().join(format!("et-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").expect("write");
+        let err = |u: &str, ca: &std::path::Path| Postgres::new(u, "t", Some(ca)).err();
+        assert!(err(&plain, &empty).is_some_and(|e| e.contains("sslmode=disable")));
+        assert!(err(url, &empty).is_some_and(|e| e.contains("no certificate")));
+        assert!(err(url, &dir.join("missing.pem")).is_some_and(|e| e.contains("missing.pem")));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

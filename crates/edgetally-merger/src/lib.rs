@@ -14,6 +14,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod node;
 pub mod peer;
+pub mod pgtls;
 pub mod promread;
 pub mod replication;
 pub mod scatter;

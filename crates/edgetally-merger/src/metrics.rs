@@ -52,6 +52,9 @@ pub struct Metrics {
     pub export_pending: AtomicU64,
     /// The cutoff of the exporter's last complete round, ms (0: none yet).
     pub export_mark_ms: std::sync::atomic::AtomicI64,
+    /// An exporter runs: its families are shown, failures included, before any round
+    /// completed.
+    pub export_enabled: std::sync::atomic::AtomicBool,
     /// Whether `store_error` is set (so a successful commit takes no lock to clear it).
     pub store_failing: std::sync::atomic::AtomicBool,
     /// Total time spent in group commits, microseconds.
@@ -289,7 +292,8 @@ impl Metrics {
         }
         let _ = writeln!(s, "# HELP edgetally_build_info The running build: 1, labelled with its version.\n# TYPE edgetally_build_info gauge\nedgetally_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
         let mark = self.export_mark_ms.load(Relaxed);
-        if mark != 0 {
+        if self.export_enabled.load(Relaxed) {
+            // No round complete yet (and no mark from an earlier run): behind since the epoch.
             let lag = (edgetally_net::now_ms() - mark).max(0) as f64 / 1000.0;
             let _ = writeln!(s, "# HELP edgetally_export_lag_seconds How far behind now the export is complete: every bucket that ended before now minus this is written (export_delay included).\n# TYPE edgetally_export_lag_seconds gauge\nedgetally_export_lag_seconds {lag}");
             let _ = writeln!(s, "# HELP edgetally_export_rows_total Rows written to the export sink.\n# TYPE edgetally_export_rows_total counter\nedgetally_export_rows_total {}", self.export_rows.load(Relaxed));

@@ -156,8 +156,12 @@ impl Node {
                         )))
                     }
                 };
-                let sink = crate::export::Postgres::new(url, &config.export_table)
-                    .map_err(StartError::Config)?;
+                let sink = crate::export::Postgres::new(
+                    url,
+                    &config.export_table,
+                    config.export_postgres_ca.as_deref(),
+                )
+                .map_err(StartError::Config)?;
                 let cfg = crate::export::ExportConfig {
                     tier,
                     delay_ms: config.export_delay_ms.max(0),

@@ -326,6 +326,34 @@ pub fn peer_client_config() -> Result<quinn::ClientConfig, TlsError> {
     client_with(verifier, provider, ALPN_PEER)
 }
 
+/// A TLS client configuration for TCP services by roots (TLS 1.2 and 1.3, no ALPN): certificates
+/// verified against `roots` — chain and server name — or, with no roots, any certificate
+/// accepted: encryption without authentication, what libpq's `sslmode=require` does without
+/// a root certificate. Handshake signatures are checked either way.
+pub fn tcp_client_config_roots(
+    roots: Option<Vec<CertificateDer<'static>>>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(match roots {
+        Some(roots) => {
+            let mut store = rustls::RootCertStore::empty();
+            for cert in roots {
+                store
+                    .add(cert)
+                    .map_err(|e| TlsError::Config(format!("a root certificate: {e}")))?;
+            }
+            builder.with_root_certificates(store).with_no_client_auth()
+        }
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCert::new(None, provider)))
+            .with_no_client_auth(),
+    })
+}
+
 fn client_with(
     verifier: Arc<dyn ServerCertVerifier>,
     provider: Arc<rustls::crypto::CryptoProvider>,
