@@ -8,7 +8,7 @@ use crate::store::Store;
 use edgetally_core::{Applied, Batch, BatchId, Limits, LogEntry, RejectCode, Replica};
 use edgetally_proto::{decode, verify_many, DecodeError, Reply, Unverified};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -43,6 +43,8 @@ pub struct Ingest {
     tx: mpsc::Sender<Job>,
     metrics: Arc<Metrics>,
     in_flight: Arc<AtomicU64>,
+    /// Set by [`Ingest::close`]: every later submission is answered `Retry`, unapplied.
+    closed: Arc<AtomicBool>,
 }
 
 /// One submitted job, counted while it exists (decremented on drop, whatever path drops it).
@@ -51,14 +53,14 @@ struct InFlight(Arc<AtomicU64>);
 
 impl InFlight {
     fn new(count: &Arc<AtomicU64>) -> InFlight {
-        count.fetch_add(1, Relaxed);
+        count.fetch_add(1, SeqCst);
         InFlight(count.clone())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
+        self.0.fetch_sub(1, SeqCst);
     }
 }
 
@@ -105,24 +107,28 @@ impl Ingest {
         let metrics = p.metrics.clone();
         tokio::spawn(verify_stage(rx, tx_b, p.clone()));
         let done = tokio::spawn(commit_stage(rx_b, p));
-        let in_flight = Arc::default();
         (
             Ingest {
                 tx,
                 metrics,
-                in_flight,
+                in_flight: Arc::default(),
+                closed: Arc::default(),
             },
             done,
         )
     }
 
-    /// Waits until no submitted batch is still in the pipeline (each has been applied or
-    /// refused, and answered), at most `within`; whether it got there. For a shutdown, once
-    /// nothing submits any more.
-    pub async fn quiesce(&self, within: Duration) -> bool {
+    /// Closes the pipeline for a shutdown: every later submission gets `Retry` and is never
+    /// applied. Then waits until no submitted batch is still in it (each has been applied or
+    /// refused, and answered), at most `within`; whether it got there — if so, nothing
+    /// applies any more.
+    pub async fn close(&self, within: Duration) -> bool {
+        // A submission counts itself in flight before it looks at `closed` (both SeqCst):
+        // either it sees the pipeline closed, or this wait sees it in flight.
+        self.closed.store(true, SeqCst);
         let until = Instant::now() + within;
         loop {
-            if self.in_flight.load(Relaxed) == 0 {
+            if self.in_flight.load(SeqCst) == 0 {
                 return true;
             }
             if Instant::now() >= until {
@@ -169,6 +175,11 @@ impl Ingest {
 
     async fn submit_as(&self, raw: Vec<u8>, from_peer: bool) -> Reply {
         let (job, rx) = self.job(raw, from_peer);
+        if self.closed.load(SeqCst) {
+            return Reply::Retry {
+                after_ms: RETRY_AFTER_MS,
+            };
+        }
         match self.tx.try_send(job) {
             Ok(()) => {
                 self.metrics.queue_depth.fetch_add(1, Relaxed);
@@ -192,7 +203,7 @@ impl Ingest {
 
     async fn submit_wait_as(&self, raw: Vec<u8>, from_peer: bool) -> Reply {
         let (job, rx) = self.job(raw, from_peer);
-        if self.tx.send(job).await.is_err() {
+        if self.closed.load(SeqCst) || self.tx.send(job).await.is_err() {
             return Reply::Retry {
                 after_ms: RETRY_AFTER_MS,
             };

@@ -600,9 +600,10 @@ impl Running {
                 .is_ok();
         }
         if let Some(exporting) = exporting {
-            // Nothing submits any more once every task has ended: when the pipeline is
-            // empty too, no batch can apply after the exporter's last round.
-            let quiet = stopped && node.ingest.quiesce(Duration::from_secs(5)).await;
+            // Closed and drained, the pipeline applies nothing after the exporter's last
+            // round (every task has ended too, so nothing of the node's own is left half
+            // done).
+            let quiet = node.ingest.close(Duration::from_secs(5)).await && stopped;
             exporting.finish(quiet).await;
         }
         // The pipeline ends when its last sender is dropped; the node holds one, so bound the
@@ -665,5 +666,48 @@ impl Signals {
             return;
         }
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Once closed, the pipeline answers `Retry` without looking at a batch (not even to
+    /// refuse it as malformed), so nothing can apply after a shutdown's last export round.
+    #[test]
+    fn a_closed_pipeline_answers_retry_and_applies_nothing() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let dir = std::env::temp_dir().join(format!("et-close-{}", std::process::id()));
+        rt.block_on(async {
+            let config = Config {
+                data_dir: dir.clone(),
+                http_addr: "127.0.0.1:0".parse().expect("addr"),
+                quic_addr: "127.0.0.1:0".parse().expect("addr"),
+                ..Config::default()
+            };
+            let running = Node::start(config).await.expect("start");
+            let ingest = running.node.ingest.clone();
+            let garbage = vec![0xff; 40];
+            assert!(matches!(
+                ingest.submit(garbage.clone()).await,
+                Reply::Nack { .. }
+            ));
+            assert!(ingest.close(Duration::from_secs(5)).await, "drained");
+            assert!(matches!(
+                ingest.submit(garbage.clone()).await,
+                Reply::Retry { .. }
+            ));
+            assert!(matches!(
+                ingest.submit_wait(garbage).await,
+                Reply::Retry { .. }
+            ));
+            running.shutdown().await;
+        });
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
