@@ -268,6 +268,20 @@ fn merged(
     out
 }
 
+/// Events `range` of `category` as JSON: event i at `minutes[i % len]` plus a spread within
+/// the minute, entity `d{i % 2}`, value i.
+fn spread(category: &str, minutes: &[i64], range: std::ops::Range<i64>) -> Vec<String> {
+    range
+        .map(|i| {
+            let ts = minutes[i as usize % minutes.len()] + (i * 977) % 60_000;
+            format!(
+                r#"{{"ts_ms":{ts},"category":"{category}","entity":"d{}","value":{i}}}"#,
+                i % 2
+            )
+        })
+        .collect()
+}
+
 fn post(m: &Merger, events: &[String]) {
     let (st, v, _) = m.post(
         "/v1/events",
@@ -417,18 +431,7 @@ fn a_restart_exports_what_a_kill_9_left_unexported() {
     ];
     let now = now_ms();
     let minutes: Vec<i64> = (2..=4).rev().map(|k| (now / 60_000 - k) * 60_000).collect();
-    let events = |from: i64, to: i64| -> Vec<String> {
-        (from..to)
-            .map(|i| {
-                let ts = minutes[(i as usize) % 3] + (i * 977) % 60_000;
-                format!(
-                    r#"{{"ts_ms":{ts},"category":"late","entity":"d{}","value":{}}}"#,
-                    i % 2,
-                    i
-                )
-            })
-            .collect()
-    };
+    let events = |from: i64, to: i64| spread("late", &minutes, from..to);
     let m = Merger::start_with_env(&dir.0, &[], &env);
     post(&m, &events(0, 30));
     m.kill9();
@@ -473,18 +476,7 @@ fn writes_failed_while_the_database_is_down_are_written_once_it_is_back() {
     ];
     let now = now_ms();
     let minutes: Vec<i64> = (2..=4).rev().map(|k| (now / 60_000 - k) * 60_000).collect();
-    let events = |from: i64, to: i64| -> Vec<String> {
-        (from..to)
-            .map(|i| {
-                let ts = minutes[(i as usize) % 3] + (i * 977) % 60_000;
-                format!(
-                    r#"{{"ts_ms":{ts},"category":"down","entity":"d{}","value":{}}}"#,
-                    i % 2,
-                    i
-                )
-            })
-            .collect()
-    };
+    let events = |from: i64, to: i64| spread("down", &minutes, from..to);
     let (cats, ents) = (["down"], ["d0", "d1"]);
     let m = Merger::start_with_env(&dir.0, &[], &env);
     post(&m, &events(0, 20));
@@ -535,18 +527,7 @@ fn a_clean_stop_spares_the_next_start_its_rescan_but_a_crash_after_it_does_not()
     ];
     let now = now_ms();
     let minutes: Vec<i64> = (2..=4).rev().map(|k| (now / 60_000 - k) * 60_000).collect();
-    let events = |from: i64, to: i64| -> Vec<String> {
-        (from..to)
-            .map(|i| {
-                let ts = minutes[(i as usize) % 3] + (i * 977) % 60_000;
-                format!(
-                    r#"{{"ts_ms":{ts},"category":"clean","entity":"d{}","value":{}}}"#,
-                    i % 2,
-                    i
-                )
-            })
-            .collect()
-    };
+    let events = |from: i64, to: i64| spread("clean", &minutes, from..to);
     let (cats, ents) = (["clean"], ["d0", "d1"]);
     let m = Merger::start_with_env(&dir.0, &[], &env);
     post(&m, &events(0, 40));
@@ -588,16 +569,7 @@ fn a_clean_stop_spares_the_next_start_its_rescan_but_a_crash_after_it_does_not()
     wait_until("a failed round", 30, || {
         m.metric("edgetally_export_errors_total") >= 1.0
     });
-    let late: Vec<String> = (40..70)
-        .map(|i| {
-            let ts = minutes[(i as usize) % 2] + (i * 977) % 60_000;
-            format!(
-                r#"{{"ts_ms":{ts},"category":"clean","entity":"d{}","value":{i}}}"#,
-                i % 2
-            )
-        })
-        .collect();
-    post(&m, &late);
+    post(&m, &spread("clean", &minutes[..2], 40..70));
     m.kill9();
     pg.restart();
     let m = Merger::start_with_env(&dir.0, &[], &env);

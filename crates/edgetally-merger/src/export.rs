@@ -453,6 +453,23 @@ impl std::fmt::Debug for Postgres {
     }
 }
 
+/// Connects, and drives the connection on a task of its own until it ends.
+async fn connect_with<T>(url: &str, tls: T) -> Result<tokio_postgres::Client, String>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, conn) = tokio_postgres::connect(url, tls)
+        .await
+        .map_err(|e| format!("connecting: {}", causes(&e)))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            warn!("postgres connection ended: {e}");
+        }
+    });
+    Ok(client)
+}
+
 /// An error with its causes, `outer: inner: …` (tokio-postgres says "error performing TLS
 /// handshake" and keeps the reason, an unknown issuer say, in the source).
 fn causes(e: &dyn std::error::Error) -> String {
@@ -528,28 +545,8 @@ impl Postgres {
 
     async fn connect(&self) -> Result<tokio_postgres::Client, String> {
         let client = match &self.tls {
-            None => {
-                let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-                    .await
-                    .map_err(|e| format!("connecting: {}", causes(&e)))?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        warn!("postgres connection ended: {e}");
-                    }
-                });
-                client
-            }
-            Some(tls) => {
-                let (client, conn) = tokio_postgres::connect(&self.url, tls.clone())
-                    .await
-                    .map_err(|e| format!("connecting: {}", causes(&e)))?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        warn!("postgres connection ended: {e}");
-                    }
-                });
-                client
-            }
+            None => connect_with(&self.url, tokio_postgres::NoTls).await?,
+            Some(tls) => connect_with(&self.url, tls.clone()).await?,
         };
         let t = &self.table;
         client
