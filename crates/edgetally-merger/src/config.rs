@@ -833,4 +833,33 @@ mod tests {
         known.sort_unstable();
         assert_eq!(listed, known, "{err}");
     }
+
+    /// The example file in `deploy/` applies as it is and with every commented setting
+    /// uncommented (`# key = value` lines): none is misspelt or of the wrong form.
+    #[test]
+    fn the_deploy_example_and_its_commented_settings_apply() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/edgetally.toml");
+        let text = std::fs::read_to_string(path).expect("deploy/edgetally.toml");
+        let mut c = Config::default();
+        c.apply_toml(&text).expect("as shipped");
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest
+                        .split_once(" = ")
+                        .is_some_and(|(k, _)| !k.contains(' ')) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_ne!(uncommented, text, "no commented setting found");
+        let mut c = Config::default();
+        c.apply_toml(&uncommented)
+            .unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+        assert!(c.export_postgres_ca.is_some() && c.cluster_secret.is_some());
+    }
 }
