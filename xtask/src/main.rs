@@ -6,7 +6,7 @@
 //! - `cargo xtask web` — builds the npm package in `web/` (wasm-pack, wasm-opt, tsc), after
 //!   installing what it needs (wasm-bindgen-cli at the Cargo.lock version, wasm-pack, the npm
 //!   dev dependencies).
-//! - `cargo xtask bench [core|wire|sdk|figures|merger|cluster|status|web]` — the benchmarks (not run by `test`).
+//! - `cargo xtask bench [core|wire|sdk|figures|merger|cluster|status|export|web]` — the benchmarks (not run by `test`).
 //! - `cargo xtask soak [SECONDS]` — the soak (default 1800 s): valid load plus abusive clients
 //!   against a release merger; `test` runs 60 s of it on the debug build.
 //! - `cargo xtask fuzz [SECONDS]` — every fuzz target for SECONDS each (default 600); `test`
@@ -53,7 +53,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|wasm-check|web|openapi [SECONDS]|soak [SECONDS]|churn [SECONDS]|fuzz [SECONDS]|bench [core|wire|sdk|figures|merger|cluster|status|web]>"
+                "usage: cargo xtask <test|wasm-check|web|openapi [SECONDS]|soak [SECONDS]|churn [SECONDS]|fuzz [SECONDS]|bench [core|wire|sdk|figures|merger|cluster|status|export|web]>"
             );
             std::process::exit(2)
         }
@@ -627,6 +627,10 @@ fn bench(which: &str) -> Result<()> {
     }
     if which == "status" {
         return bench_binary_with(&root, &["statusbench"]);
+    }
+    if which == "export" {
+        ensure_test_tools()?;
+        return bench_binary_with(&root, &["exportbench"]);
     }
     // (name on the command line, bench target, package)
     let benches: &[(&str, &str, &str)] = &[

@@ -3,6 +3,7 @@
 
 mod churn;
 mod clusterbench;
+mod exportbench;
 mod groupbench;
 mod loadgen;
 mod soak;
@@ -38,6 +39,9 @@ enum Cmd {
     /// Ephemeral producers (a fresh key every couple of batches) against a merger with a short
     /// lateness horizon: seen-sets level off as epochs expire; nothing acknowledged lost.
     Churn(churn::ChurnArgs),
+    /// The PostgreSQL export against a server it starts: rows written after a load, the
+    /// rescan after kill -9, and the rows rewritten after a clean stop.
+    Exportbench(exportbench::ExportBenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -47,5 +51,6 @@ fn main() -> Result<()> {
         Cmd::Statusbench(a) => statusbench::run(a),
         Cmd::Soak(a) => soak::run(a),
         Cmd::Churn(a) => churn::run(a),
+        Cmd::Exportbench(a) => exportbench::run(a),
     }
 }
