@@ -321,3 +321,121 @@ fn a_refusing_server_is_named_as_refusing() {
     );
     endpoint.close(0u32.into(), b"done");
 }
+
+/// Counts `category` events in the last hour on merger `m` (0 when none).
+fn count_of(m: &Merger, category: &str) -> u64 {
+    let now = now_ms();
+    let (_, v) = m.get(&format!(
+        "/v1/aggregate?category={category}&start={}&end={}",
+        now - 3_600_000,
+        now + 60_000
+    ));
+    v["count"].as_u64().unwrap_or(0)
+}
+
+/// Waits up to `secs` for `category` to reach `want` on `m`; the count last seen.
+fn wait_count(m: &Merger, category: &str, want: u64, secs: u64) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let n = count_of(m, category);
+        if n >= want || std::time::Instant::now() >= deadline {
+            return n;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A `tail -f`-style stream: events written to `send`'s stdin, which stays open, arrive
+/// within the flush interval (1 s) plus the network, not when the pipe closes (issue 28,
+/// finding 5: 0 arrived until the end, then all in one batch). Lines end in LF, CRLF and a
+/// lone CR, after a byte-order mark, as `POST /v1/events` takes them.
+#[test]
+fn a_stream_that_stays_open_is_delivered_as_it_is_written() {
+    use std::io::Write as _;
+    let dir = TempDir::new("send-live");
+    let m = Merger::start(&dir.0, &[]);
+    let mut child = std::process::Command::new(crate::harness::binary())
+        .args([
+            "send",
+            "--endpoint",
+            &m.quic.to_string(),
+            "--cert-sha256",
+            &hex(&m.cert),
+            "--timeout-secs",
+            "20",
+        ])
+        .env("EDGETALLY_LOG", "error")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start send");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let ends = ["\n", "\r\n", "\r"];
+    let mut first = b"\xef\xbb\xbf".to_vec();
+    for i in 0..10 {
+        first.extend_from_slice(
+            format!(
+                "{{\"ts_ms\":{},\"category\":\"live\",\"value\":{i}}}{}",
+                now_ms(),
+                ends[i % 3]
+            )
+            .as_bytes(),
+        );
+    }
+    stdin.write_all(&first).expect("write");
+    stdin.flush().expect("flush");
+    // The pipe stays open: the events must arrive meanwhile.
+    let seen = wait_count(&m, "live", 10, 10);
+    assert_eq!(
+        seen, 10,
+        "events written to an open pipe were not delivered"
+    );
+    // More later, on the same open pipe, arrive too.
+    stdin
+        .write_all(format!("{{\"ts_ms\":{},\"category\":\"live\"}}\n", now_ms()).as_bytes())
+        .expect("write");
+    stdin.flush().expect("flush");
+    assert_eq!(wait_count(&m, "live", 11, 10), 11);
+    drop(stdin);
+    let out = child.wait_with_output().expect("send exits");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("11 read, 11 recorded, 0 invalid"),
+        "{stdout}"
+    );
+    assert_eq!(count_of(&m, "live"), 11, "nothing counted twice");
+}
+
+/// The native SDK: a producer that records once and makes no further call delivers within
+/// the flush interval plus the network (SPEC §4 "Live").
+#[test]
+fn a_native_producer_that_records_once_and_goes_quiet_delivers() {
+    let dir = TempDir::new("native-live");
+    let m = Merger::start(&dir.0, &[]);
+    let rt = crate::harness::runtime();
+    let p = rt.block_on(async {
+        let config = edgetally_proto::ProducerConfig {
+            flush_interval_ms: 2000,
+            ..Default::default()
+        };
+        let endpoints = vec![edgetally_net::Endpoint {
+            addr: m.quic,
+            cert: m.cert,
+        }];
+        let p = edgetally_net::NativeProducer::start(config, endpoints, None).expect("producer");
+        for i in 0..200 {
+            p.record("quiet", None, f64::from(i), None).expect("record");
+        }
+        p
+    });
+    // No flush, no further record: the driver alone must send it.
+    assert_eq!(wait_count(&m, "quiet", 200, 10), 200);
+    assert_eq!(p.stats().acked_records, 200);
+    p.close();
+}

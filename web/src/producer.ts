@@ -741,6 +741,9 @@ export class Producer implements HandleOwner {
     const now = Date.now();
     this.#drainAll(now);
     for (const lane of this.#lanes) {
+      // Seal what is due first, so a batch sealed now is handed to the signer in this same
+      // pump (offline, only the own lane seals, into the stored outbox).
+      if (lane.own || !this.#offline) lane.core.pollSeal(now);
       for (;;) {
         const r = lane.core.pollSign();
         if (r === undefined) break;
@@ -749,9 +752,7 @@ export class Producer implements HandleOwner {
         r.free();
         void this.#sign(lane, seq, message);
       }
-      if (this.#offline) {
-        if (lane.own) lane.core.pollSeal(now);
-      } else {
+      if (!this.#offline) {
         for (;;) {
           const t = lane.core.pollTransmit(now);
           if (t === undefined) break;

@@ -413,3 +413,25 @@ test("the npm tarball installs into a fresh project and works from ESM and from 
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test("a burst recorded once, with no further call, is delivered within the flush interval", async () => {
+  // Issue 28, finding 5: the sealed batch waited (queued: 1, inFlight: 0) for the next
+  // record(), flush() or close(). Nothing here calls the producer after the burst.
+  const m = await startMerger();
+  try {
+    const p = await Producer.create({ endpoints: [m.http], flushIntervalMs: 2000 });
+    for (let i = 0; i < 200; i++) p.record("quiet_burst", i % 10);
+    const start = Date.now();
+    let got = {};
+    while (Date.now() - start < 10_000) {
+      got = await (await fetch(`${m.http}/v1/aggregate?category=quiet_burst&start=0&end=9999999999999`)).json();
+      if (got.count >= 200) break;
+      await sleep(100);
+    }
+    assert.equal(got.count, 200, `after ${Date.now() - start} ms: ${JSON.stringify(got)} ${JSON.stringify(p.stats())}`);
+    assert.equal(got.sum_exact, "900");
+    await p.close();
+  } finally {
+    await m.cleanup();
+  }
+});

@@ -309,6 +309,45 @@ function recordIn(page, endpoint, category, n, options = {}) {
 /** What `recordIn` puts in the merger for `n` events: the count and the exact sum. */
 const sumOf = (n) => String(Array.from({ length: n }, (_, i) => i % 10).reduce((a, b) => a + b, 0));
 
+test("Chromium: a burst recorded once, with no further call, is delivered in one tab and in two", async () => {
+  // Issue 28, finding 5: the sealed batch waited for the page's next call. The pages record
+  // a burst and then do nothing at all; the test only watches the merger.
+  const m = await startMerger();
+  const server = await staticServer();
+  const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", args: CHROMIUM_ARGS, timeout: 30_000 });
+  const url = `http://127.0.0.1:${server.address().port}/web/test/page.html`;
+  try {
+    const ctx = await browser.newContext();
+    const burst = (page, category) =>
+      page.evaluate(
+        async ({ endpoint, category }) => {
+          const p = await window.edgetally.Producer.create({ endpoints: [endpoint], flushIntervalMs: 2000 });
+          for (let i = 0; i < 200; i++) p.record(category, i % 10);
+          window.p = p;
+        },
+        { endpoint: m.http, category },
+      );
+    const one = await ctx.newPage();
+    await open(one, url);
+    await burst(one, "quiet_one_tab");
+    const got = await until(m.http, "quiet_one_tab", 200, { ms: 10_000 });
+    assert.equal(got.count, 200, JSON.stringify(got));
+    const [a, b] = [await ctx.newPage(), await ctx.newPage()];
+    for (const t of [a, b]) await open(t, url);
+    await burst(a, "quiet_tab_a");
+    await burst(b, "quiet_tab_b");
+    for (const c of ["quiet_tab_a", "quiet_tab_b"]) {
+      const g = await until(m.http, c, 200, { ms: 10_000 });
+      assert.equal(g.count, 200, `${c}: ${JSON.stringify(g)}`);
+      assert.equal(g.sum_exact, sumOf(200));
+    }
+  } finally {
+    await browser.close();
+    server.close();
+    await m.cleanup();
+  }
+});
+
 test("Chromium: nothing recorded is lost to offline periods, reloads, closed tabs, merger restarts or a full quota", async () => {
   const dir = tempDir();
   const port = await freePort();

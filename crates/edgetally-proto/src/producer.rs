@@ -1130,8 +1130,13 @@ impl Producer {
         })
     }
 
-    /// When the caller should call in again at the latest (a flush deadline or a retry); a
-    /// time in the past (possibly `i64::MIN`) means "now": compare with saturating arithmetic.
+    /// When the caller should call in again at the latest (a flush deadline, a retry, or a
+    /// batch sealed unsigned that [`Producer::poll_sign`] has not handed out yet); a time in
+    /// the past (possibly `i64::MIN`) means "now": compare with saturating arithmetic.
+    ///
+    /// Every state in which the machine has work for its driver is covered here, so a driver
+    /// that only sleeps until this deadline never leaves a sealed batch waiting for the
+    /// application's next call.
     pub fn poll_timeout(&self) -> Option<i64> {
         let flush = self
             .first_pending_ms
@@ -1139,7 +1144,7 @@ impl Producer {
         let retry = self
             .outbox
             .values()
-            .filter(|o| !o.in_flight && !o.unsigned)
+            .filter(|o| !o.in_flight && (!o.unsigned || !o.signing))
             .map(|o| o.next_try_ms)
             .min();
         match (flush, retry) {

@@ -674,9 +674,15 @@ fn an_external_signer_sends_what_a_local_key_would() {
         p.flush(T0);
     }
     let want = local.poll_transmit(T0).expect("local batch");
-    // Unsigned: stored (so a page being left keeps it), not sent, not due.
+    // Unsigned: stored (so a page being left keeps it), not sent, but due at once for
+    // signing: a driver that sleeps until `poll_timeout` must come back for `poll_sign`
+    // without another call from the application (issue 28: a sealed batch waited for the
+    // next `record()`).
     assert!(ext.poll_transmit(T0).is_none());
-    assert_eq!(ext.poll_timeout(), None);
+    assert!(
+        ext.poll_timeout().is_some_and(|t| t <= T0),
+        "due now for signing"
+    );
     let puts: Vec<Arc<[u8]>> = std::iter::from_fn(|| ext.poll_persist())
         .filter_map(|op| match op {
             PersistOp::Put { bytes, .. } => Some(bytes),
@@ -689,9 +695,14 @@ fn an_external_signer_sends_what_a_local_key_would() {
     let (seq, message) = ext.poll_sign().expect("one to sign");
     assert_eq!(seq, 0);
     assert!(message.starts_with(edgetally_proto::DOMAIN));
-    // Handed out once; again only after a failure.
+    // Handed out once; again only after a failure. While the signer has it, nothing is due.
     assert!(ext.poll_sign().is_none());
+    assert_eq!(ext.poll_timeout(), None, "waiting for the signer");
     ext.sign_failed(seq);
+    assert!(
+        ext.poll_timeout().is_some_and(|t| t <= T0),
+        "due again after a failure"
+    );
     let (seq, message) = ext.poll_sign().expect("again");
     assert!(!ext.flushed(1));
     assert!(!ext.handle_signature(seq + 1, &[1; 64]), "no such batch");
@@ -857,6 +868,56 @@ fn a_drained_groups_batches_go_to_its_heir_and_urls_match_host_port() {
         assert_eq!(
             t.endpoint, 1,
             "g1 is drained into g0: every batch goes to g0"
+        );
+    }
+}
+
+/// A driver that does nothing but sleep until `poll_timeout` and then serve the machine
+/// (`poll_sign`, `poll_transmit`) delivers a burst recorded once, with no further call from
+/// the application, within the flush interval — for a local key and for an external signer
+/// (the browser's WebCrypto) alike. Issue 28, finding 5: the external signer's sealed batch
+/// was not due, so the driver slept until the application called again.
+#[test]
+fn a_burst_recorded_once_is_delivered_by_a_driver_that_only_sleeps_until_poll_timeout() {
+    let seed = [5u8; 32];
+    let signer = edgetally_proto::Signer::from_seed(seed);
+    let endpoints = ["m".to_string()];
+    let cfg = ProducerConfig {
+        flush_interval_ms: 2000,
+        ..ProducerConfig::default()
+    };
+    let local = Producer::new(cfg.clone(), seed, 1, &endpoints, 3).expect("producer");
+    let ext =
+        Producer::resume_unsigned(cfg, signer.producer(), 1, 0, &endpoints, 3).expect("producer");
+    for (name, mut p) in [("local", local), ("external", ext)] {
+        for i in 0..200 {
+            p.record(T0, "burst", None, f64::from(i), None)
+                .expect("record");
+        }
+        let mut now = T0;
+        let mut steps = 0;
+        while p.stats().acked_records < 200 {
+            steps += 1;
+            assert!(
+                steps < 100,
+                "{name}: the driver was never woken for the burst"
+            );
+            let Some(due) = p.poll_timeout() else {
+                panic!("{name}: nothing due while {:?} is unacked", p.stats());
+            };
+            now = now.max(due);
+            while let Some((seq, m)) = p.poll_sign() {
+                assert!(p.handle_signature(seq, &signer.sign(&m)));
+            }
+            while let Some(t) = p.poll_transmit(now) {
+                assert!(open(&t.bytes, &Limits::default(), now).is_ok());
+                p.handle_reply(now, t.seq, Reply::Ack);
+            }
+        }
+        assert!(
+            now - T0 <= 2000,
+            "{name}: delivered {} ms after the burst, past the flush interval",
+            now - T0
         );
     }
 }

@@ -244,6 +244,129 @@ fn load_topology(from: &str) -> Result<edgetally_proto::topology::Topology> {
         .map_err(|e| anyhow::anyhow!("--topology {from}: {e}"))
 }
 
+/// One input item: an event's JSON, or why its line is not JSON.
+type Item = Result<Value, String>;
+
+/// Reads the input on a thread of its own and hands its events over as they come: a JSON
+/// array (the input's first non-blank byte is `[`) is read whole, anything else as NDJSON,
+/// line by line, so a stream that stays open is recorded as it is written. A UTF-8 byte-order
+/// mark and CR or CRLF line ends are accepted, as `POST /v1/events` accepts them.
+fn read_events(
+    mut input: Box<dyn std::io::BufRead + Send>,
+) -> tokio::sync::mpsc::Receiver<Result<Item>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Item>>(1024);
+    std::thread::spawn(move || {
+        let first = (|| -> std::io::Result<Option<u8>> {
+            loop {
+                let buf = input.fill_buf()?;
+                let Some(&b) = buf.first() else {
+                    return Ok(None);
+                };
+                let bom = buf.starts_with(&[0xef, 0xbb, 0xbf]);
+                if bom || b.is_ascii_whitespace() {
+                    input.consume(if bom { 3 } else { 1 });
+                    continue;
+                }
+                return Ok(Some(b));
+            }
+        })();
+        let send = |item| tx.blocking_send(item).is_ok();
+        match first {
+            Err(e) => {
+                send(Err(anyhow::Error::new(e).context("reading the input")));
+            }
+            Ok(None) => {}
+            Ok(Some(b'[')) => {
+                let mut text = String::new();
+                let parsed = input
+                    .read_to_string(&mut text)
+                    .context("reading the input")
+                    .and_then(|_| {
+                        serde_json::from_str::<Vec<Value>>(&text)
+                            .context("the input is not a JSON array")
+                    });
+                match parsed {
+                    Ok(events) => {
+                        for v in events {
+                            if !send(Ok(Ok(v))) {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        send(Err(e));
+                    }
+                }
+            }
+            Ok(Some(_)) => {
+                let (mut line, mut after_cr) = (Vec::new(), false);
+                loop {
+                    line.clear();
+                    match read_line(&mut input, &mut line, &mut after_cr) {
+                        Err(e) => {
+                            send(Err(anyhow::Error::new(e).context("reading the input")));
+                            return;
+                        }
+                        Ok(0) => return,
+                        Ok(_) => {}
+                    }
+                    let Ok(text) = std::str::from_utf8(&line) else {
+                        if !send(Ok(Err("line is not UTF-8".into()))) {
+                            return;
+                        }
+                        continue;
+                    };
+                    if text.trim().is_empty() {
+                        continue;
+                    }
+                    let item = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"));
+                    if !send(Ok(item)) {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Reads one line ended by LF, CR or CRLF (or the input's end) into `line`, without its end;
+/// the number of bytes consumed, 0 at the end of the input. `after_cr` carries whether the
+/// last line ended in CR, so the LF of a CRLF is skipped when it comes — without waiting for
+/// the byte after a CR, which on a live stream may be long in coming.
+fn read_line(
+    input: &mut dyn std::io::BufRead,
+    line: &mut Vec<u8>,
+    after_cr: &mut bool,
+) -> std::io::Result<usize> {
+    let mut consumed = 0;
+    loop {
+        let buf = match input.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if buf.is_empty() {
+            return Ok(consumed);
+        }
+        if std::mem::take(after_cr) && buf[0] == b'\n' {
+            input.consume(1);
+            consumed += 1;
+            continue;
+        }
+        if let Some(i) = buf.iter().position(|&b| b == b'\n' || b == b'\r') {
+            line.extend_from_slice(&buf[..i]);
+            *after_cr = buf[i] == b'\r';
+            input.consume(i + 1);
+            return Ok(consumed + i + 1);
+        }
+        let n = buf.len();
+        line.extend_from_slice(buf);
+        input.consume(n);
+        consumed += n;
+    }
+}
+
 pub fn run(a: SendArgs) -> Result<()> {
     let map = Mapping::parse(&a.map)?;
     let certs: Vec<[u8; 32]> = a
@@ -267,26 +390,11 @@ pub fn run(a: SendArgs) -> Result<()> {
         })
         .collect();
     let topology = a.topology.as_deref().map(load_topology).transpose()?;
-    let mut text = String::new();
-    match &a.input {
-        Some(p) if p.as_os_str() != "-" => {
-            text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
-        }
-        _ => {
-            std::io::stdin().read_to_string(&mut text)?;
-        }
-    }
-    let items: Vec<Result<Value, String>> = if text.trim_start().starts_with('[') {
-        serde_json::from_str::<Vec<Value>>(text.trim_start())
-            .context("the input is not a JSON array")?
-            .into_iter()
-            .map(Ok)
-            .collect()
-    } else {
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).map_err(|e| format!("not JSON: {e}")))
-            .collect()
+    let input: Box<dyn std::io::BufRead + Send> = match &a.input {
+        Some(p) if p.as_os_str() != "-" => Box::new(std::io::BufReader::new(
+            std::fs::File::open(p).with_context(|| format!("reading {}", p.display()))?,
+        )),
+        _ => Box::new(std::io::BufReader::new(std::io::stdin())),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -308,11 +416,16 @@ pub fn run(a: SendArgs) -> Result<()> {
         }
         let mut invalid = BTreeMap::<&'static str, u64>::new();
         let tty = std::io::stderr().is_terminal();
-        for (i, item) in items.iter().enumerate() {
-            let parsed = item
-                .as_ref()
-                .map_err(|e| (RejectCode::InvalidEvent, e.clone()))
-                .and_then(|v| parse_event(v, &map))
+        // Events are recorded as they are read: a stream that stays open (`tail -f | send`)
+        // is delivered live, each batch within the flush interval, not when the input ends.
+        let mut items = read_events(input);
+        let mut read = 0usize;
+        while let Some(item) = items.recv().await {
+            let i = read;
+            read += 1;
+            let parsed = item?
+                .map_err(|e| (RejectCode::InvalidEvent, e))
+                .and_then(|v| parse_event(&v, &map))
                 .and_then(|(ts, c, e, v)| {
                     p.record(&c, e.as_deref(), v, Some(ts)).map_err(|code| {
                         (code, edgetally_merger::http::event_reason(code).to_string())
@@ -324,13 +437,11 @@ pub fn run(a: SendArgs) -> Result<()> {
                 }
                 *invalid.entry(code.as_str()).or_default() += 1;
             }
-            if tty && i % 10_000 == 0 {
+            if tty && i.is_multiple_of(10_000) {
                 let s = p.stats();
                 eprint!(
-                    "\rrecorded {} / {}, acked {} records",
-                    s.recorded,
-                    items.len(),
-                    s.acked_records
+                    "\rread {read}, recorded {}, acked {} records",
+                    s.recorded, s.acked_records
                 );
                 let _ = std::io::stderr().flush();
             }
@@ -359,7 +470,7 @@ pub fn run(a: SendArgs) -> Result<()> {
         let n_invalid = invalid.values().sum::<u64>();
         out!(
             "events: {} read, {} recorded, {} invalid{}",
-            items.len(),
+            read,
             s.recorded,
             n_invalid,
             if invalid.is_empty() {
@@ -418,7 +529,7 @@ pub fn run(a: SendArgs) -> Result<()> {
             bail!(
                 "{n_invalid} of {} events were invalid and not sent (every valid one was \
                  acknowledged); --allow-invalid exits 0 regardless",
-                items.len()
+                read
             );
         }
         anyhow::Ok(())
