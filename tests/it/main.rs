@@ -22,6 +22,7 @@ mod peers;
 mod prometheus;
 mod protocol_doc;
 mod queries;
+mod seams;
 mod send;
 mod signatures;
 mod transport_doc;

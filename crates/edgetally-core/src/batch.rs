@@ -1,7 +1,7 @@
 //! The content of a batch, independent of its encoding (which lives in `edgetally-proto`).
 
 use crate::code::RejectCode;
-use crate::record::{bucket_start, validate_bucket_ms, validate_category, validate_entity};
+use crate::record::{bucket_start, has_control, name_len_ok, validate_bucket_ms};
 use crate::strings::StringTable;
 use crate::summary::Summary;
 use core::fmt;
@@ -128,6 +128,26 @@ impl Default for Limits {
 }
 
 impl Batch {
+    /// The control-character rule for a batch from a producer (SPEC §2, PROTOCOL.md §3): no
+    /// category or entity holds U+0000–U+001F or U+007F. The first offending summary, in wire
+    /// order, names the reason (its category first). Not applied to batches from peers nor
+    /// on replay: earlier releases accepted such names, and what they acknowledged stays.
+    pub fn check_names(&self) -> Result<(), RejectCode> {
+        if !self.strings.iter().any(has_control) {
+            return Ok(());
+        }
+        let bad = |i: u32| self.strings.get(i as usize).is_some_and(has_control);
+        for s in &self.summaries {
+            if bad(s.category) {
+                return Err(RejectCode::InvalidCategory);
+            }
+            if s.entity != NO_ENTITY && bad(s.entity - 1) {
+                return Err(RejectCode::InvalidEntity);
+            }
+        }
+        Ok(())
+    }
+
     /// The start (ms) of a summary's bucket.
     pub fn bucket_start_ms(&self, s: &BatchSummary) -> i64 {
         s.bucket.saturating_mul(self.bucket_ms as i64)
@@ -200,12 +220,19 @@ impl Batch {
             if *r == 0 {
                 return Err(RejectCode::InvalidStringTable);
             }
+            // Lengths only: the control-character rule is a producer admission rule
+            // ([`Batch::check_names`]), so batches that mergers of earlier releases accepted
+            // still replay from disk and replicate from peers.
             if r & 1 != 0 {
-                validate_category(s)?;
+                if !name_len_ok(s) {
+                    return Err(RejectCode::InvalidCategory);
+                }
                 categories += 1;
             }
             if r & 2 != 0 {
-                validate_entity(s)?;
+                if !name_len_ok(s) {
+                    return Err(RejectCode::InvalidEntity);
+                }
                 entities += 1;
             }
             strings_in_order &= prev_str.is_none_or(|p| p < s);

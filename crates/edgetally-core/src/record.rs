@@ -10,18 +10,29 @@ pub const DEFAULT_BUCKET_MS: u32 = 1_000;
 /// One day: every bucket width divides it, so buckets align with UTC days.
 pub const DAY_MS: u32 = 86_400_000;
 
-/// Checks a category name.
+/// Whether a name's length is within the rule: 1–200 bytes of UTF-8.
+pub fn name_len_ok(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_NAME_BYTES
+}
+
+/// Whether a name holds a control character, U+0000–U+001F or U+007F (SPEC §2): what no
+/// store, log or database downstream is sure to hold (PostgreSQL text refuses U+0000).
+pub fn has_control(s: &str) -> bool {
+    s.bytes().any(|b| b < 0x20 || b == 0x7f)
+}
+
+/// Checks a category name: 1–200 bytes, no control character.
 pub fn validate_category(s: &str) -> Result<(), RejectCode> {
-    if s.is_empty() || s.len() > MAX_NAME_BYTES {
+    if !name_len_ok(s) || has_control(s) {
         Err(RejectCode::InvalidCategory)
     } else {
         Ok(())
     }
 }
 
-/// Checks an entity id.
+/// Checks an entity id: 1–200 bytes, no control character.
 pub fn validate_entity(s: &str) -> Result<(), RejectCode> {
-    if s.is_empty() || s.len() > MAX_NAME_BYTES {
+    if !name_len_ok(s) || has_control(s) {
         Err(RejectCode::InvalidEntity)
     } else {
         Ok(())
@@ -105,6 +116,27 @@ mod tests {
             bucket_start(i64::MAX, 1000),
             Err(RejectCode::InvalidTimestamp)
         );
+    }
+
+    #[test]
+    fn names_with_control_characters_are_refused() {
+        for bad in ["m\u{0}x", "\t", "a\nb", "\u{1f}", "x\u{7f}"] {
+            assert_eq!(
+                validate_category(bad),
+                Err(RejectCode::InvalidCategory),
+                "{bad:?}"
+            );
+            assert_eq!(
+                validate_entity(bad),
+                Err(RejectCode::InvalidEntity),
+                "{bad:?}"
+            );
+        }
+        // The rest of Unicode is fine, C1 controls and U+2028 included (JSON holds them).
+        for ok in ["a b", "é", "\u{80}", "\u{9f}", "\u{2028}", "~"] {
+            assert_eq!(validate_category(ok), Ok(()), "{ok:?}");
+            assert_eq!(validate_entity(ok), Ok(()), "{ok:?}");
+        }
     }
 
     #[test]

@@ -1712,6 +1712,11 @@ impl Replica {
         &self.absorbed
     }
 
+    /// The seqs applied of (producer, epoch), if any were.
+    pub fn epoch_seqs(&self, producer: &ProducerKey, epoch: u64) -> Option<&SeenSet> {
+        self.seen.get(&(*producer, epoch)).map(|s| &s.seqs)
+    }
+
     /// Number of (producer, epoch) seen-sets.
     pub fn epoch_count(&self) -> usize {
         self.seen.len()

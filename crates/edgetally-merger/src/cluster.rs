@@ -126,6 +126,18 @@ impl Cluster {
         Ok(c)
     }
 
+    /// Whether the topology lists `quic` among this node's group's replicas (by address, a
+    /// host name resolved; an unspecified IP matches any listed address on its port).
+    pub fn lists_quic(&self, quic: std::net::SocketAddr) -> bool {
+        let t = self.topology();
+        t.all_groups()
+            .iter()
+            .filter(|g| g.name == self.group)
+            .flat_map(|g| &g.quic)
+            .filter_map(|a| crate::config::resolve_addr(a).ok())
+            .any(|a| a == quic || (quic.ip().is_unspecified() && a.port() == quic.port()))
+    }
+
     /// Since when this node's group is drained (it takes no producer batch since then).
     pub fn draining_since(&self) -> Option<i64> {
         *self

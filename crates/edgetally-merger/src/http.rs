@@ -205,7 +205,11 @@ async fn prometheus_read(State(node): State<Node_>, body: Bytes) -> Response {
 /// - `queue`: the ingest queue is below `queue_depth` (at it, new batches get Retry);
 /// - `peers`: the first pull round with each configured peer has ended, synced or failed
 ///   (a node that just started with reachable peers is catching up until then).
-async fn readyz(State(node): State<Node_>) -> Response {
+///
+/// Open to load balancers; the details that say something of the node's insides
+/// (the store's error text, peer addresses) are shown only to readers: with `read_tokens`
+/// set, a request without a read token sees each check's verdict and nothing more.
+async fn readyz(State(node): State<Node_>, headers: axum::http::HeaderMap) -> Response {
     let store_error = node
         .metrics
         .store_error
@@ -233,6 +237,21 @@ async fn readyz(State(node): State<Node_>) -> Response {
     let ready = checks
         .as_object()
         .is_some_and(|c| c.values().all(|v| v["ok"] == json!(true)));
+    let tokens = &node.config.read_tokens;
+    let reader = tokens.is_empty() || bearer(&headers).is_some_and(|t| token_listed(tokens, t));
+    let checks = if reader {
+        checks
+    } else {
+        let verdicts = checks
+            .as_object()
+            .map(|c| {
+                c.iter()
+                    .map(|(k, v)| (k.clone(), json!({"ok": v["ok"]})))
+                    .collect::<serde_json::Map<_, _>>()
+            })
+            .unwrap_or_default();
+        Value::Object(verdicts)
+    };
     let status = if ready {
         StatusCode::OK
     } else {
@@ -343,6 +362,17 @@ fn token_listed(tokens: &[String], presented: &str) -> bool {
         .fold(false, |hit, t| hit | (Sha256::digest(t.as_bytes()) == p))
 }
 
+/// The token of an `Authorization: Bearer <token>` header. The scheme is case-insensitive
+/// (RFC 9110 §11.1): `bearer` and `BEARER` are the same scheme.
+fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
 /// Bearer tokens (SPEC: README "Tokens"): a scope with no tokens configured is open.
 async fn authorize(
     State(node): State<Node_>,
@@ -358,13 +388,7 @@ async fn authorize(
     if tokens.is_empty() {
         return next.run(req).await;
     }
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match presented {
+    match bearer(req.headers()) {
         Some(t) if token_listed(tokens, t) => next.run(req).await,
         Some(t) if token_listed(&c.read_tokens, t) || token_listed(&c.write_tokens, t) => {
             ApiError {
@@ -747,6 +771,9 @@ type EventFields = (i64, String, Option<String>, f64);
 /// One event of `POST /v1/events`: its fields, or why it was refused.
 type EventResult = Result<EventFields, (RejectCode, String)>;
 
+/// The bucket width of the batches `POST /v1/events` makes.
+const EVENTS_BUCKET_MS: i64 = 1000;
+
 /// Most events one `POST /v1/events` request may hold (more: 413 `too_many_events`).
 pub const MAX_EVENTS_PER_REQUEST: usize = 100_000;
 /// Most rejections listed one by one in a reply; the rest are counted by reason.
@@ -970,8 +997,12 @@ fn event_fields(
 /// Why an event was refused, for a rejection whose code says it (the SDK's `record` checks).
 pub fn event_reason(code: RejectCode) -> &'static str {
     match code {
-        RejectCode::InvalidCategory => "category must be 1-200 bytes of UTF-8",
-        RejectCode::InvalidEntity => "entity must be 1-200 bytes of UTF-8",
+        RejectCode::InvalidCategory => {
+            "category must be 1-200 bytes of UTF-8 without control characters"
+        }
+        RejectCode::InvalidEntity => {
+            "entity must be 1-200 bytes of UTF-8 without control characters"
+        }
         RejectCode::InvalidValue => "value must be finite with |value| <= 1e15",
         RejectCode::InvalidTimestamp => "ts_ms is outside the representable range",
         RejectCode::BucketTooOld => "ts_ms is older than max_lateness",
@@ -1006,6 +1037,20 @@ struct EventsFold {
     by_reason: BTreeMap<&'static str, u64>,
     /// Why the whole request is refused, once it is.
     refused: Option<ApiError>,
+    /// An `Idempotency-Key` request: what it applies must be a function of its events alone
+    /// (never of the clock, the node or its settings), so the events are checked on their
+    /// own first and the clock and settings are checked for the request as a whole.
+    keyed: bool,
+    /// Keyed: the canonical form of the events read (each event's fields, or its rejection's
+    /// code), so a body reformatted (whitespace, key order, `1` for `1.0`) is the same request.
+    canonical: sha2::Sha256,
+    /// Keyed: events valid on their own that the clock or a setting refuses here, now, with
+    /// their index (the first [`MAX_LISTED_REJECTIONS`]) and counted by reason. Kept apart from
+    /// the events' own rejections: a replay answers with those alone, as the first
+    /// application did.
+    refused_here: u64,
+    here_listed: Vec<Value>,
+    here_by_reason: BTreeMap<&'static str, u64>,
 }
 
 impl EventsFold {
@@ -1018,7 +1063,8 @@ impl EventsFold {
             limits,
             now,
             admission,
-            builder: BatchBuilder::new(1000).map_err(|_| bad("internal", "bucket width"))?,
+            builder: BatchBuilder::new(EVENTS_BUCKET_MS as u32)
+                .map_err(|_| bad("internal", "bucket width"))?,
             categories: BTreeSet::new(),
             entities: BTreeSet::new(),
             events: 0,
@@ -1027,7 +1073,55 @@ impl EventsFold {
             listed: Vec::new(),
             by_reason: BTreeMap::new(),
             refused: None,
+            keyed: false,
+            canonical: sha2::Digest::new(),
+            refused_here: 0,
+            here_listed: Vec::new(),
+            here_by_reason: BTreeMap::new(),
         })
+    }
+
+    /// Adds an event's canonical form to the request's (keyed requests only).
+    fn canon(&mut self, event: Result<(i64, &str, Option<&str>, f64), RejectCode>) {
+        use sha2::Digest as _;
+        if !self.keyed {
+            return;
+        }
+        let h = &mut self.canonical;
+        match event {
+            Err(code) => {
+                h.update([0]);
+                h.update((code as u16).to_le_bytes());
+            }
+            Ok((ts, cat, ent, value)) => {
+                h.update([1]);
+                h.update(ts.to_le_bytes());
+                h.update((cat.len() as u32).to_le_bytes());
+                h.update(cat.as_bytes());
+                match ent {
+                    None => h.update([0]),
+                    Some(e) => {
+                        h.update([1]);
+                        h.update((e.len() as u32).to_le_bytes());
+                        h.update(e.as_bytes());
+                    }
+                }
+                h.update(value.to_bits().to_le_bytes());
+            }
+        }
+    }
+
+    /// The clock and setting checks of one event valid on its own: its bucket (of the fold's
+    /// 1 s width) within the time window (`Limits::check_bucket_time`, the rule every merger
+    /// applies to a batch), its value within the category's bounds.
+    fn check_here(&self, ts: i64, cat: &str, value: f64) -> Result<(), RejectCode> {
+        let start = ts.div_euclid(EVENTS_BUCKET_MS) * EVENTS_BUCKET_MS;
+        self.limits
+            .check_bucket_time(start, EVENTS_BUCKET_MS, self.now)?;
+        if !self.admission.value_in_bounds(cat, value) {
+            return Err(RejectCode::ValueOutOfBounds);
+        }
+        Ok(())
     }
 
     fn reject(&mut self, index: usize, code: RejectCode, message: String) {
@@ -1052,21 +1146,29 @@ impl EventsFold {
         let (ts, cat, ent, value) = match item {
             Ok(x) => x,
             Err((code, msg)) => {
+                self.canon(Err(code));
                 self.reject(index, code, msg);
                 return true;
             }
         };
-        let l = &self.limits;
-        let time_ok = if ts.saturating_add(1000) <= self.now.saturating_sub(l.max_lateness_ms) {
-            Err(RejectCode::BucketTooOld)
-        } else if ts > self.now.saturating_add(l.max_future_skew_ms) {
-            Err(RejectCode::FutureTimestamp)
-        } else if !self.admission.value_in_bounds(&cat, value) {
-            Err(RejectCode::ValueOutOfBounds)
+        let folded = if self.keyed {
+            // The event on its own first: what a keyed request holds depends on its events
+            // alone. The clock and the settings are then checked for the whole request.
+            let r = self.builder.record(&cat, ent.as_deref(), ts, value);
+            self.canon(r.map(|()| (ts, cat.as_str(), ent.as_deref(), value)));
+            if let (Ok(()), Err(code)) = (r, self.check_here(ts, &cat, value)) {
+                self.refused_here += 1;
+                *self.here_by_reason.entry(code.as_str()).or_insert(0) += 1;
+                if self.here_listed.len() < MAX_LISTED_REJECTIONS {
+                    self.here_listed.push(json!({"index": index, "error": code.as_str(), "message": event_reason(code)}));
+                }
+            }
+            r
         } else {
-            Ok(())
+            self.check_here(ts, &cat, value)
+                .and_then(|()| self.builder.record(&cat, ent.as_deref(), ts, value))
         };
-        match time_ok.and_then(|()| self.builder.record(&cat, ent.as_deref(), ts, value)) {
+        match folded {
             Ok(()) => {
                 self.accepted += 1;
                 self.max_ts = self.max_ts.max(ts);
@@ -1129,7 +1231,8 @@ impl EventsFold {
 
     /// Reads NDJSON: one event per non-empty line; a line that is not JSON is rejected alone.
     fn ndjson(&mut self, text: &str) -> Result<(), ApiError> {
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        // Lines end in LF, CRLF or a lone CR (as some exporters write them).
+        for line in text.split(['\n', '\r']).filter(|l| !l.trim().is_empty()) {
             let item = serde_json::from_str::<EventItem>(line)
                 .map(|EventItem(e)| e)
                 .unwrap_or_else(|e| Err((RejectCode::Malformed, format!("line is not JSON: {e}"))));
@@ -1141,34 +1244,55 @@ impl EventsFold {
     }
 }
 
-/// The batch id of a request's events. With an `Idempotency-Key`, the id is derived from the
-/// key and the body, so a retry of the same request carries the same id and counts once,
-/// on every node, across restarts (the seen-sets are durable and replicated); without one,
-/// the node's per-process epoch and the next seq.
-fn events_batch_id(node: &Api, key: Option<&str>, body: &[u8]) -> BatchId {
+/// The batch id of a keyed request: the epoch from the `Idempotency-Key` alone, the seq from
+/// the key and the request's canonical events. A retry of the same request carries the same
+/// id and counts once, on every node, across restarts (the seen-sets are durable and
+/// replicated); the same key with other events is another seq of the same epoch, which is how
+/// a reused key is told apart (422 `idempotency_key_reused`) without any state of its own.
+fn keyed_batch_id(
+    producer: edgetally_core::ProducerKey,
+    key: &str,
+    canonical: [u8; 32],
+) -> BatchId {
     use sha2::{Digest as _, Sha256};
-    let producer = node.events_signer.producer();
-    match key {
-        Some(k) => {
-            let mut h = Sha256::new();
-            h.update(b"edgetally/events/idempotency/v1\0");
-            h.update((k.len() as u64).to_le_bytes());
-            h.update(k.as_bytes());
-            h.update(Sha256::digest(body));
-            let d = h.finalize();
-            let mut e = [0u8; 8];
-            e.copy_from_slice(&d[..8]);
-            BatchId {
-                producer,
-                epoch: u64::from_le_bytes(e),
-                seq: 0,
-            }
+    let word = |parts: &[&[u8]]| {
+        let mut h = Sha256::new();
+        for p in parts {
+            h.update(p);
         }
-        None => BatchId {
-            producer,
-            epoch: node.events_epoch,
-            seq: node.events_seq.fetch_add(1, Relaxed),
-        },
+        let d = h.finalize();
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&d[..8]);
+        u64::from_le_bytes(w)
+    };
+    let len = (key.len() as u64).to_le_bytes();
+    BatchId {
+        producer,
+        epoch: word(&[b"edgetally/events/key/v2\0", &len, key.as_bytes()]),
+        // Below u64::MAX, which no seen-set holds.
+        seq: word(&[
+            b"edgetally/events/body/v2\0",
+            &len,
+            key.as_bytes(),
+            &canonical,
+        ]) >> 1,
+    }
+}
+
+/// What a keyed request's id says of it on this node: applied already (a retry), another
+/// request applied under the same key, or neither.
+#[derive(Debug, PartialEq, Eq)]
+enum KeyState {
+    Fresh,
+    Applied,
+    Reused,
+}
+
+fn key_state(replica: &edgetally_core::Replica, id: &BatchId) -> KeyState {
+    match replica.epoch_seqs(&id.producer, id.epoch) {
+        Some(s) if s.contains(id.seq) => KeyState::Applied,
+        Some(s) if s.watermark() > 0 || s.sparse_ranges() > 0 => KeyState::Reused,
+        _ => KeyState::Fresh,
     }
 }
 
@@ -1206,8 +1330,11 @@ async fn events(
         },
     };
     let text = std::str::from_utf8(&body).map_err(|_| bad("malformed", "body is not UTF-8"))?;
+    // A byte-order mark is no part of the JSON (RFC 8259 §8.1 lets a parser ignore it).
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let now = now_ms();
     let mut fold = EventsFold::new(node.config.limits, now, node.admission.clone())?;
+    fold.keyed = key.is_some();
     if text.trim_start().starts_with('[') {
         fold.array(text)?;
     } else {
@@ -1219,11 +1346,49 @@ async fn events(
         }
     }
     let mut batches = 0;
+    let mut replayed = false;
     if !fold.builder.is_empty() {
-        let id = events_batch_id(&node, key.as_deref(), &body);
+        let id = match key.as_deref() {
+            Some(k) => {
+                use sha2::Digest as _;
+                let canonical = std::mem::take(&mut fold.canonical).finalize().into();
+                keyed_batch_id(node.events_signer.producer(), k, canonical)
+            }
+            None => BatchId {
+                producer: node.events_signer.producer(),
+                epoch: node.events_epoch,
+                seq: node.events_seq.fetch_add(1, Relaxed),
+            },
+        };
+        if key.is_some() {
+            match key_state(&node.state(), &id) {
+                // Applied before, here or at a peer: answered as it was then, whatever the
+                // clock and the settings say now (they were met when it was applied).
+                KeyState::Applied => replayed = true,
+                KeyState::Reused => {
+                    return Err(ApiError {
+                        status: StatusCode::UNPROCESSABLE_ENTITY,
+                        code: "idempotency_key_reused",
+                        message: "this Idempotency-Key was used for a request with other events; \
+                                  nothing was applied (use a new key for a new request)"
+                            .into(),
+                    })
+                }
+                KeyState::Fresh if fold.refused_here > 0 => {
+                    return Ok(refused_whole(&fold));
+                }
+                KeyState::Fresh => {}
+            }
+        }
         // A keyed request's bytes must be the same on a retry: its creation time is the
-        // latest accepted event's, not the clock's.
-        let created = if key.is_some() { fold.max_ts } else { now };
+        // start of the latest accepted event's bucket, not the clock's (the bucket's start,
+        // not the event's time, so that the batch passes the future-skew rule exactly when
+        // its buckets do).
+        let created = if key.is_some() {
+            fold.max_ts.div_euclid(EVENTS_BUCKET_MS) * EVENTS_BUCKET_MS
+        } else {
+            now
+        };
         let internal = |message: String| ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             code: "internal",
@@ -1248,15 +1413,19 @@ async fn events(
         // still the one batch), the owner's reply relayed. Only with a shared events key
         // (`cluster_secret`): a node's own key is admitted as its own only by itself.
         let shared_key = node.config.cluster_secret.is_some();
-        let reply = match node
-            .cluster
-            .as_ref()
-            .filter(|_| shared_key)
-            .map(|c| (c, c.decide(&sealed, |g| node.has_absorbed(g))))
-        {
-            Some((c, Decision::Forward(owner))) => c.forward(&owner, sealed).await,
-            Some((_, Decision::AwaitAbsorb(_))) => Reply::Retry { after_ms: 1000 },
-            _ => node.ingest.submit_wait(sealed).await,
+        let reply = if replayed {
+            Reply::Ack
+        } else {
+            match node
+                .cluster
+                .as_ref()
+                .filter(|_| shared_key)
+                .map(|c| (c, c.decide(&sealed, |g| node.has_absorbed(g))))
+            {
+                Some((c, Decision::Forward(owner))) => c.forward(&owner, sealed).await,
+                Some((_, Decision::AwaitAbsorb(_))) => Reply::Retry { after_ms: 1000 },
+                _ => node.ingest.submit_wait(sealed).await,
+            }
         };
         match reply {
             Reply::Ack => batches = 1,
@@ -1286,14 +1455,51 @@ async fn events(
         .events_accepted
         .fetch_add(fold.accepted, Relaxed);
     let rejected_count: u64 = fold.by_reason.values().sum();
-    Ok(Json(json!({
+    let mut r = Json(json!({
         "accepted": fold.accepted,
         "rejected": fold.listed,
         "rejected_count": rejected_count,
         "rejected_by_reason": fold.by_reason,
         "batches": batches,
     }))
-    .into_response())
+    .into_response();
+    if replayed {
+        r.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(r)
+}
+
+/// A keyed request some of whose events the clock or this node's settings refuse: nothing is
+/// applied and the key stays free, so that what a key's batch holds never depends on when or
+/// where it was sent. 422 `events_refused`, every rejection listed as usual.
+fn refused_whole(fold: &EventsFold) -> Response {
+    let mut listed: Vec<&Value> = fold.listed.iter().chain(&fold.here_listed).collect();
+    listed.sort_by_key(|r| r["index"].as_u64());
+    listed.truncate(MAX_LISTED_REJECTIONS);
+    let mut by_reason = fold.by_reason.clone();
+    for (k, n) in &fold.here_by_reason {
+        *by_reason.entry(k).or_insert(0) += n;
+    }
+    let rejected_count: u64 = by_reason.values().sum();
+    (
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Json(json!({
+            "error": "events_refused",
+            "message": format!(
+                "nothing was applied: {} event(s) valid on their own are refused by this node's \
+                 clock or settings (listed); an Idempotency-Key request is applied whole or not \
+                 at all — send it again without them (the key is still free)",
+                fold.refused_here
+            ),
+            "accepted": 0,
+            "rejected": listed,
+            "rejected_count": rejected_count,
+            "rejected_by_reason": by_reason,
+            "batches": 0,
+        })),
+    )
+        .into_response()
 }
 
 async fn batches(

@@ -305,23 +305,29 @@ fn check_jobs(
                 job.unverified = true;
                 results.push(Some(Ok(u.batch)));
             }
-            Ok(u) => match u
-                .batch
-                .check_time(now, if job.from_peer { &peer_limits } else { limits })
-                .and_then(|()| {
-                    if job.from_peer {
-                        Ok(())
-                    } else {
-                        admission.check_batch(&u.batch, now)
-                    }
-                }) {
+            Ok(u) => match (if job.from_peer {
+                Ok(())
+            } else {
+                u.batch.check_names()
+            })
+            .and_then(|()| {
+                u.batch
+                    .check_time(now, if job.from_peer { &peer_limits } else { limits })
+            })
+            .and_then(|()| {
+                if job.from_peer {
+                    Ok(())
+                } else {
+                    admission.check_batch(&u.batch, now)
+                }
+            }) {
                 Ok(()) => {
                     results.push(None);
                     pending.push((i, u));
                 }
                 Err(code) => results.push(Some(Err(DecodeError {
                     code,
-                    detail: "refused before verification (time window or admission)",
+                    detail: "refused before verification (names, time window or admission)",
                 }))),
             },
             Err(e) => results.push(Some(Err(e))),

@@ -205,6 +205,16 @@ impl Node {
         let quic_addr = endpoint
             .local_addr()
             .map_err(|e| StartError::Bind(config.quic_addr, e))?;
+        if let Some(c) = &cluster {
+            if !c.lists_quic(quic_addr) {
+                warn!(
+                    group = %c.group,
+                    %quic_addr,
+                    "this node's QUIC address is not among its group's replicas in the topology: \
+                     producers routing by the topology and forwarding nodes will not reach it"
+                );
+            }
+        }
         let http_tls = if config.http_tls {
             let tls = edgetally_net::tls::tcp_server_config(&id, &[b"http/1.1"])
                 .map_err(|e| StartError::Tls(e.to_string()))?;

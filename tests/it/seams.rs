@@ -1,0 +1,354 @@
+//! Where parts meet (issue 28): keyed `POST /v1/events` retries answered exactly as they were
+//! applied, whatever the clock or a node's settings at retry time; replicas with different
+//! settings that never split on one keyed request; names a database cannot hold refused at
+//! every ingest path; and the small protocol courtesies (bearer scheme case, NDJSON line ends,
+//! what `/readyz` tells a stranger).
+
+use crate::harness::{free_udp, now_ms, Merger, TempDir};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+/// `POST /v1/events` with an optional Idempotency-Key and extra headers: (status, body,
+/// whether the answer says it is a replay).
+fn post_keyed(m: &Merger, key: Option<&str>, body: &str) -> (u16, Value, bool) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut req = agent
+        .post(&format!("{}/v1/events", m.http))
+        .header("content-type", "application/x-ndjson");
+    if let Some(k) = key {
+        req = req.header("idempotency-key", k);
+    }
+    let mut res = req.send(body.as_bytes()).expect("post");
+    let status = res.status().as_u16();
+    let replayed = res
+        .headers()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true");
+    let text = res.body_mut().read_to_string().expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        replayed,
+    )
+}
+
+fn count(m: &Merger, category: &str) -> u64 {
+    m.get(&format!(
+        "/v1/aggregate?category={category}&start=0&end=9999999999999"
+    ))
+    .1["count"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+fn accepted(v: &Value) -> Option<u64> {
+    v["accepted"].as_u64()
+}
+
+/// Finding 1: the answer to a keyed request is what was applied, at the first try and at
+/// every retry, whatever the clock says meanwhile. A request with an event past
+/// `max_future_skew` is refused whole (nothing applied, the key free); once the clock has
+/// moved on, the same request applies whole and every later retry — reformatted or not — is
+/// answered with exactly that. Near `max_lateness` the reverse: a request applied while its
+/// event was in the window is still answered as applied once the window has passed.
+#[test]
+fn a_keyed_retry_is_answered_with_what_was_applied_whatever_the_clock() {
+    let dir = TempDir::new("keyed-clock");
+    let m = Merger::start_with_env(
+        &dir.0,
+        &[],
+        &[
+            ("EDGETALLY_MAX_FUTURE_SKEW_MS", "3000"),
+            ("EDGETALLY_MAX_LATENESS_MS", "4000"),
+        ],
+    );
+    let now = now_ms();
+    // e2 is 2.5 s past the 3 s skew: refused now, in the window a few seconds later.
+    let body = format!(
+        "{{\"ts_ms\":{now},\"category\":\"k1\",\"value\":1}}\n{{\"ts_ms\":{},\"category\":\"k1\",\"value\":2}}\n",
+        now + 5500
+    );
+    let (st, v, replayed) = post_keyed(&m, Some("order-1"), &body);
+    assert_eq!(
+        (st, v["error"].as_str(), accepted(&v)),
+        (422, Some("events_refused"), Some(0)),
+        "{v}"
+    );
+    assert!(!replayed);
+    assert_eq!(v["rejected"][0]["index"], 1, "{v}");
+    assert_eq!(v["rejected"][0]["error"], "future_timestamp", "{v}");
+    assert_eq!(count(&m, "k1"), 0, "a refused request applies nothing");
+    // The clock moves on; the same request now applies whole.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        let (st, v, replayed) = post_keyed(&m, Some("order-1"), &body);
+        if st == 200 {
+            assert!(!replayed, "the first application is no replay");
+            break v;
+        }
+        assert_eq!(v["error"], "events_refused", "{v}");
+        assert!(Instant::now() < deadline, "never accepted: {v}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(accepted(&first), Some(2), "{first}");
+    assert_eq!(count(&m, "k1"), 2);
+    // Every retry: the same answer, marked a replay, nothing counted again — the body
+    // reformatted (a JSON array, keys reordered, `2.0` for `2`) included.
+    let reformatted = format!(
+        "[ {{\"value\": 1, \"category\": \"k1\", \"ts_ms\": {now}}},\n  {{\"category\":\"k1\",\"ts_ms\":{},\"value\":2.0}} ]",
+        now + 5500
+    );
+    for b in [&body, &reformatted] {
+        let (st, v, replayed) = post_keyed(&m, Some("order-1"), b);
+        assert_eq!((st, accepted(&v)), (200, Some(2)), "{v}");
+        assert_eq!(v["rejected_count"], first["rejected_count"]);
+        assert!(replayed, "a retry is marked as a replay");
+    }
+    assert_eq!(count(&m, "k1"), 2, "retries count nothing");
+    // The same key with other events is refused, and applies nothing.
+    let other = format!("{{\"ts_ms\":{now},\"category\":\"k1\",\"value\":7}}\n");
+    let (st, v, _) = post_keyed(&m, Some("order-1"), &other);
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (422, Some("idempotency_key_reused")),
+        "{v}"
+    );
+    assert_eq!(count(&m, "k1"), 2);
+
+    // Near max_lateness (4 s here): applied while in the window, answered as applied after.
+    let t = now_ms() - 2500;
+    let late =
+        format!("{{\"ts_ms\":{t},\"category\":\"k2\"}}\n{{\"ts_ms\":{t},\"category\":\"\"}}\n");
+    let (st, v, _) = post_keyed(&m, Some("late-1"), &late);
+    assert_eq!((st, accepted(&v)), (200, Some(1)), "{v}");
+    std::thread::sleep(Duration::from_millis(3000));
+    let (st, v, replayed) = post_keyed(&m, Some("late-1"), &late);
+    assert_eq!(
+        (st, accepted(&v), v["rejected_count"].as_u64(), replayed),
+        (200, Some(1), Some(1), true),
+        "{v}"
+    );
+    // Unkeyed, the same events now are simply too old (the clock is checked first there).
+    let (st, v, _) = post_keyed(&m, None, &late);
+    assert_eq!((st, accepted(&v)), (200, Some(0)), "{v}");
+    assert_eq!(v["rejected_by_reason"]["bucket_too_old"], 2, "{v}");
+    assert_eq!(count(&m, "k2"), 1);
+}
+
+/// Finding 2: two peered replicas, `value_bounds` on only one (a setting being rolled out),
+/// the same keyed request sent to both at once. Whatever each answered, after they converge
+/// the count is what an accepting answer said (never an event answered as refused, never an
+/// acknowledged one lost), the cluster's events key is no equivocator, and a retry at either
+/// node is answered as applied.
+#[test]
+fn replicas_with_different_settings_never_split_on_a_keyed_request() {
+    let q = [free_udp(), free_udp()];
+    let dirs = [TempDir::new("skew-a"), TempDir::new("skew-b")];
+    let cfg = dirs[1].0.join("bounds.toml");
+    std::fs::write(&cfg, "value_bounds = { \"*\" = [0, 10] }\n").expect("config");
+    let env = [
+        ("EDGETALLY_SYNC_INTERVAL_MS", "200"),
+        ("EDGETALLY_CLUSTER_SECRET", "seams-secret"),
+    ];
+    let a = Merger::start_at(
+        &dirs[0].0,
+        &q[0].to_string(),
+        &["--peer", &q[1].to_string()],
+        &env,
+    );
+    let b = Merger::start_at(
+        &dirs[1].0,
+        &q[1].to_string(),
+        &[
+            "--peer",
+            &q[0].to_string(),
+            "--config",
+            cfg.to_str().expect("utf8"),
+        ],
+        &env,
+    );
+    for round in 0..4 {
+        let now = now_ms();
+        let cat = format!("split{round}");
+        let body = format!(
+            "{{\"ts_ms\":{now},\"category\":\"{cat}\",\"value\":5}}\n{{\"ts_ms\":{now},\"category\":\"{cat}\",\"value\":50}}\n"
+        );
+        let key = format!("both-{round}");
+        let (ra, rb) = std::thread::scope(|s| {
+            let ha = s.spawn(|| post_keyed(&a, Some(&key), &body));
+            let hb = s.spawn(|| post_keyed(&b, Some(&key), &body));
+            (ha.join().expect("a"), hb.join().expect("b"))
+        });
+        // A: no bounds, applies both. B: refuses the request whole (50 > 10) or, if A's
+        // batch reached it first, answers it as applied.
+        assert_eq!((ra.0, accepted(&ra.1)), (200, Some(2)), "{:?}", ra.1);
+        assert!(
+            (rb.0, accepted(&rb.1)) == (200, Some(2))
+                || (rb.0, rb.1["error"].as_str()) == (422, Some("events_refused")),
+            "{:?}",
+            rb.1
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while (count(&a, &cat), count(&b, &cat)) != (2, 2) {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: counts {} and {}",
+                count(&a, &cat),
+                count(&b, &cat)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // A retry at the node whose settings refuse it: answered as applied.
+        let (st, v, replayed) = post_keyed(&b, Some(&key), &body);
+        assert_eq!((st, accepted(&v), replayed), (200, Some(2), true), "{v}");
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    for m in [&a, &b] {
+        assert_eq!(
+            m.metric("edgetally_equivocations_total"),
+            0.0,
+            "the cluster's events key was listed as an equivocator"
+        );
+        let (_, s) = m.get("/v1/status");
+        assert_eq!(s["equivocations"], 0, "{s}");
+        assert_eq!(s["equivocators"].as_array().map(Vec::len), Some(0), "{s}");
+    }
+    for round in 0..4 {
+        assert_eq!(count(&a, &format!("split{round}")), 2);
+    }
+}
+
+/// Finding 8: a category or entity with a control character is refused at every ingest
+/// path — `POST /v1/events` (the event alone; its neighbours apply), a signed batch over HTTP
+/// and over QUIC (Nack `invalid_category` / `invalid_entity`) — so nothing a database cannot
+/// hold reaches the store.
+#[test]
+fn names_with_control_characters_are_refused_at_every_ingest_path() {
+    let dir = TempDir::new("control");
+    let m = Merger::start(&dir.0, &[]);
+    let now = now_ms();
+    let body = format!(
+        "{{\"ts_ms\":{now},\"category\":\"m\\u0000x\"}}\n{{\"ts_ms\":{now},\"category\":\"ok\",\"entity\":\"a\\tb\"}}\n{{\"ts_ms\":{now},\"category\":\"del\\u007f\"}}\n{{\"ts_ms\":{now},\"category\":\"ok\",\"entity\":\"fine\"}}\n"
+    );
+    let (st, v, _) = post_keyed(&m, None, &body);
+    assert_eq!((st, accepted(&v)), (200, Some(1)), "{v}");
+    let codes: Vec<&str> = v["rejected"]
+        .as_array()
+        .expect("listed")
+        .iter()
+        .filter_map(|r| r["error"].as_str())
+        .collect();
+    assert_eq!(
+        codes,
+        ["invalid_category", "invalid_entity", "invalid_category"]
+    );
+    // Signed batches from a producer: refused by name.
+    let s = edgetally_tests::signer(77);
+    for (i, (cat, ent, want)) in [
+        ("m\u{0}x", None, "invalid_category"),
+        ("fine", Some("a\nb"), "invalid_entity"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // Built with placeholder names of the same length (the builder refuses control
+        // characters itself), which are then swapped in.
+        let clean = |x: &str| x.replace(|c: char| c.is_control(), "_");
+        let mut b = edgetally_proto::BatchBuilder::new(1000).expect("width");
+        b.record(&clean(cat), ent.map(clean).as_deref(), now, 1.0)
+            .expect("record");
+        let mut batch = b.finish(
+            edgetally_core::BatchId {
+                producer: s.producer(),
+                epoch: 9,
+                seq: i as u64,
+            },
+            now,
+        );
+        batch.strings = batch
+            .strings
+            .iter()
+            .map(|x| match x {
+                x if x == clean(cat) => cat.to_string(),
+                x if Some(x.to_string()) == ent.map(clean) => ent.unwrap_or(x).to_string(),
+                x => x.to_string(),
+            })
+            .collect();
+        let raw = s.seal(&batch).expect("seal");
+        let (st, v, _) = m.post("/v1/batches", "application/octet-stream", &raw);
+        assert_eq!((st, v["error"].as_str()), (422, Some(want)), "{v}");
+    }
+    assert_eq!(count(&m, "ok"), 1);
+    assert_eq!(count(&m, "m%00x"), 0);
+}
+
+/// Finding 12: the bearer scheme is case-insensitive; NDJSON with a byte-order mark and CR
+/// line ends is read; `/readyz` tells a client without a read token only the verdicts.
+#[test]
+fn small_courtesies_of_the_http_api() {
+    let dir = TempDir::new("courtesy");
+    let m = Merger::start_with_env(
+        &dir.0,
+        &[],
+        &[
+            ("EDGETALLY_READ_TOKENS", "r-token"),
+            ("EDGETALLY_WRITE_TOKENS", "w-token"),
+        ],
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let now = now_ms();
+    let body = format!(
+        "\u{feff}{{\"ts_ms\":{now},\"category\":\"cr\"}}\r{{\"ts_ms\":{now},\"category\":\"cr\"}}\r\n{{\"ts_ms\":{now},\"category\":\"cr\"}}"
+    );
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let mut res = agent
+            .post(&format!("{}/v1/events", m.http))
+            .header("authorization", &format!("{scheme} w-token"))
+            .send(body.as_bytes())
+            .expect("post");
+        let text = res.body_mut().read_to_string().expect("body");
+        assert_eq!(res.status().as_u16(), 200, "{scheme}: {text}");
+        let v: Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(
+            (accepted(&v), v["rejected_count"].as_u64()),
+            (Some(3), Some(0)),
+            "{v}"
+        );
+    }
+    let get = |auth: Option<&str>, path: &str| {
+        let mut req = agent.get(&format!("{}{path}", m.http));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let mut res = req.call().expect("get");
+        let st = res.status().as_u16();
+        let v: Value =
+            serde_json::from_str(&res.body_mut().read_to_string().expect("body")).expect("json");
+        (st, v)
+    };
+    let (st, v) = get(
+        Some("bearer r-token"),
+        "/v1/aggregate?category=cr&start=0&end=9999999999999",
+    );
+    assert_eq!((st, v["count"].as_u64()), (200, Some(9)), "{v}");
+    // Readiness: open, but the details only for readers.
+    let (st, open) = get(None, "/readyz");
+    assert_eq!(st, 200, "{open}");
+    assert_eq!(open["ready"], true);
+    for check in ["recovered", "store", "queue", "peers"] {
+        assert_eq!(
+            open["checks"][check],
+            serde_json::json!({"ok": true}),
+            "{open}"
+        );
+    }
+    let (_, full) = get(Some("Bearer r-token"), "/readyz");
+    assert!(full["checks"]["store"].get("error").is_some(), "{full}");
+    assert!(full["checks"]["peers"].get("total").is_some(), "{full}");
+}
