@@ -352,3 +352,83 @@ fn small_courtesies_of_the_http_api() {
     assert!(full["checks"]["store"].get("error").is_some(), "{full}");
     assert!(full["checks"]["peers"].get("total").is_some(), "{full}");
 }
+
+/// Finding 7: remote-read clients sending requests full of costly regex matchers (each
+/// pattern new, so no cache helps them) do not hold back ingest: a request is refused past
+/// 64 matchers before anything is compiled, and the regexes of one within the cap are compiled
+/// on the blocking pool, never on the async workers `POST /v1/events` needs. Two such clients
+/// once made an events request wait 17 s; here each one is answered within a few seconds
+/// (a liveness bound, far from the failure, not a speed target).
+#[test]
+fn hostile_remote_reads_do_not_hold_back_ingest() {
+    use edgetally_merger::promread::{encode_request, LabelMatcher, PromQuery, ReadRequest};
+    let dir = TempDir::new("hostile-read");
+    let m = Merger::start(&dir.0, &[]);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let reads = std::sync::atomic::AtomicU64::new(0);
+    let slowest = std::thread::scope(|s| {
+        for client in 0..2u64 {
+            let (m, stop, reads) = (&m, &stop, &reads);
+            s.spawn(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .build()
+                    .into();
+                let mut n = 0u64;
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline
+                {
+                    n += 1;
+                    // Client 0 sends the reported shape, a 64 KB request of ~4,000
+                    // matchers (refused by count before anything is compiled); client 1
+                    // the most a request may hold, each pattern new.
+                    let k = if client == 0 { 4000 } else { 64 };
+                    let matchers = (0..k)
+                        .map(|i| LabelMatcher {
+                            r#type: 2,
+                            name: "category".into(),
+                            value: format!(r"\w{{15}}(c{client}n{n}i{i})?"),
+                        })
+                        .collect();
+                    let body = encode_request(&ReadRequest {
+                        queries: vec![PromQuery {
+                            start_timestamp_ms: 0,
+                            end_timestamp_ms: now_ms(),
+                            matchers,
+                            hints: None,
+                        }],
+                        accepted_response_types: vec![0],
+                    });
+                    let _ = agent
+                        .post(&format!("{}/api/v1/read", m.http))
+                        .send(&body[..]);
+                    reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let mut slowest = Duration::ZERO;
+        for i in 0..10 {
+            let t = Instant::now();
+            let body = format!(
+                "{{\"ts_ms\":{},\"category\":\"ingest\",\"value\":{i}}}\n",
+                now_ms()
+            );
+            let (st, v, _) = post_keyed(&m, None, &body);
+            assert_eq!((st, accepted(&v)), (200, Some(1)), "{v}");
+            slowest = slowest.max(t.elapsed());
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        slowest
+    });
+    assert!(
+        reads.load(std::sync::atomic::Ordering::Relaxed) >= 2,
+        "the hostile reads ran"
+    );
+    assert!(
+        slowest < Duration::from_secs(3),
+        "an events request waited {slowest:?} behind remote reads"
+    );
+    assert_eq!(count(&m, "ingest"), 10);
+}

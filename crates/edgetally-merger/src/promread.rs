@@ -23,6 +23,8 @@
 use crate::node::Node;
 use crate::scatter::Query;
 use edgetally_core::Total;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// Most samples in one series (the step grows to keep under it).
 pub const MAX_SAMPLES: i64 = 11_000;
@@ -33,6 +35,12 @@ pub const MAX_ENTITIES: usize = 1000;
 pub const MAX_RESPONSE_SAMPLES: usize = 2_000_000;
 /// Most queries in one request.
 const MAX_QUERIES: usize = 16;
+/// Most label matchers in one request, over all its queries (Prometheus sends a handful).
+pub const MAX_MATCHERS: usize = 64;
+/// Longest matcher value, in bytes (a regex is compiled from it).
+pub const MAX_MATCHER_BYTES: usize = 1024;
+/// Compiled regexes kept for reuse: a dashboard's refreshes send the same few again and again.
+const REGEX_CACHE: usize = 256;
 /// Largest request, decompressed.
 const MAX_REQUEST_BYTES: usize = 1 << 20;
 /// Prometheus' staleness marker: a NaN with this exact bit pattern.
@@ -162,19 +170,40 @@ struct Matcher {
     kind: i32,
     name: String,
     value: String,
-    re: Option<regex::Regex>,
+    re: Option<Arc<regex::Regex>>,
+}
+
+/// The anchored regex of a matcher value, from the cache or compiled (bounded in size) and
+/// kept. Compiling is CPU work of up to milliseconds: callers run on the blocking pool.
+fn compiled(value: &str) -> Result<Arc<regex::Regex>, BadRead> {
+    static CACHE: std::sync::OnceLock<Mutex<HashMap<String, Arc<regex::Regex>>>> =
+        std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(re) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(value) {
+        return Ok(re.clone());
+    }
+    let re = Arc::new(
+        regex::RegexBuilder::new(&format!("^(?:{value})$"))
+            .size_limit(1 << 20)
+            .dfa_size_limit(1 << 20)
+            .build()
+            .map_err(|e| BadRead("bad_matcher", format!("{value:?}: {e}")))?,
+    );
+    let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if c.len() >= REGEX_CACHE {
+        // A full cache starts over: the set a client sends repeatedly is back within a
+        // round, and an attacker's stream of new patterns cannot make it grow.
+        c.clear();
+    }
+    c.insert(value.to_string(), re.clone());
+    Ok(re)
 }
 
 impl Matcher {
     fn new(m: &LabelMatcher) -> Result<Matcher, BadRead> {
         let re = match m.r#type {
             0 | 1 => None,
-            2 | 3 => Some(
-                regex::RegexBuilder::new(&format!("^(?:{})$", m.value))
-                    .size_limit(1 << 20)
-                    .build()
-                    .map_err(|e| BadRead("bad_matcher", format!("{:?}: {e}", m.value)))?,
-            ),
+            2 | 3 => Some(compiled(&m.value)?),
             t => return Err(BadRead("bad_matcher", format!("unknown matcher type {t}"))),
         };
         Ok(Matcher {
@@ -217,6 +246,28 @@ pub fn decode_request(body: &[u8]) -> Result<ReadRequest, BadRead> {
             format!("{} queries; at most {MAX_QUERIES}", req.queries.len()),
         ));
     }
+    let matchers: usize = req.queries.iter().map(|q| q.matchers.len()).sum();
+    if matchers > MAX_MATCHERS {
+        return Err(BadRead(
+            "too_many_matchers",
+            format!("{matchers} label matchers; at most {MAX_MATCHERS} per request"),
+        ));
+    }
+    if let Some(m) = req
+        .queries
+        .iter()
+        .flat_map(|q| &q.matchers)
+        .find(|m| m.value.len() > MAX_MATCHER_BYTES)
+    {
+        return Err(BadRead(
+            "matcher_too_long",
+            format!(
+                "a matcher on {:?} is {} bytes; at most {MAX_MATCHER_BYTES}",
+                m.name,
+                m.value.len()
+            ),
+        ));
+    }
     if !req.accepted_response_types.is_empty() && !req.accepted_response_types.contains(&0) {
         return Err(BadRead(
             "unsupported_response_type",
@@ -224,6 +275,13 @@ pub fn decode_request(body: &[u8]) -> Result<ReadRequest, BadRead> {
         ));
     }
     Ok(req)
+}
+
+/// Encodes a request as a client sends it (protobuf, then a snappy block).
+pub fn encode_request(r: &ReadRequest) -> Vec<u8> {
+    snap::raw::Encoder::new()
+        .compress_vec(&prost::Message::encode_to_vec(r))
+        .unwrap_or_default()
 }
 
 /// Encodes a response (protobuf, then a snappy block).
@@ -286,12 +344,12 @@ fn values(t: &Total) -> [Option<f64>; 4] {
 }
 
 /// Answers one query.
-async fn answer(node: &Node, q: &PromQuery, used: &mut usize) -> Result<QueryResult, BadRead> {
-    let matchers = q
-        .matchers
-        .iter()
-        .map(Matcher::new)
-        .collect::<Result<Vec<_>, _>>()?;
+async fn answer(
+    node: &Node,
+    q: &PromQuery,
+    matchers: Arc<[Matcher]>,
+    used: &mut usize,
+) -> Result<QueryResult, BadRead> {
     fn on<'a>(ms: &'a [Matcher], label: &'a str) -> impl Iterator<Item = &'a Matcher> {
         ms.iter().filter(move |m| m.name == label)
     }
@@ -324,14 +382,20 @@ async fn answer(node: &Node, q: &PromQuery, used: &mut usize) -> Result<QueryRes
             group_by: 1,
         })
         .await;
-    let categories: Vec<String> = answer
-        .into_rows()
-        .rows
-        .into_iter()
-        .filter(|(_, t)| t.count > 0)
-        .filter_map(|(name, _)| name)
-        .filter(|c| on("category").all(|m| m.matches(c)))
-        .collect();
+    let rows = answer.into_rows().rows;
+    let ms = matchers.clone();
+    let categories: Vec<String> = blocking(move || {
+        rows.into_iter()
+            .filter(|(_, t)| t.count > 0)
+            .filter_map(|(name, _)| name)
+            .filter(|c| {
+                ms.iter()
+                    .filter(|m| m.name == "category")
+                    .all(|m| m.matches(c))
+            })
+            .collect()
+    })
+    .await?;
     let totals_only = on("entity").all(|m| m.matches(""));
     let mut budget = *used;
     let mut out = Vec::new();
@@ -348,14 +412,20 @@ async fn answer(node: &Node, q: &PromQuery, used: &mut usize) -> Result<QueryRes
                 })
                 .await;
             let mut rows = answer.into_rows();
-            rows.rows.retain(|(name, t)| {
-                t.count > 0
-                    && name
-                        .as_deref()
-                        .is_some_and(|e| on("entity").all(|m| m.matches(e)))
-            });
-            rows.rank(MAX_ENTITIES);
-            rows.rows.into_iter().map(|(name, _)| name).collect()
+            let ms = matchers.clone();
+            blocking(move || {
+                rows.rows.retain(|(name, t)| {
+                    t.count > 0
+                        && name.as_deref().is_some_and(|e| {
+                            ms.iter()
+                                .filter(|m| m.name == "entity")
+                                .all(|m| m.matches(e))
+                        })
+                });
+                rows.rank(MAX_ENTITIES);
+                rows.rows.into_iter().map(|(name, _)| name).collect()
+            })
+            .await?
         };
         budget = within_budget(budget, entities.len(), names.len(), start, end, step)?;
         for entity in entities {
@@ -411,13 +481,35 @@ async fn answer(node: &Node, q: &PromQuery, used: &mut usize) -> Result<QueryRes
     Ok(QueryResult { timeseries: out })
 }
 
+/// Runs CPU work of a read (regex compiling and matching) on the blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, BadRead> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BadRead("internal", format!("read task failed: {e}")))
+}
+
 /// Answers a remote-read request body with a response body.
 pub async fn read(node: &Node, body: &[u8]) -> Result<Vec<u8>, BadRead> {
     let req = decode_request(body)?;
+    // Regexes are compiled (or taken from the cache) on the blocking pool: a request full
+    // of costly patterns must not hold an async worker, which ingest shares.
+    let queries = req.queries.clone();
+    let compiled: Vec<Arc<[Matcher]>> = blocking(move || {
+        queries
+            .iter()
+            .map(|q| {
+                q.matchers
+                    .iter()
+                    .map(Matcher::new)
+                    .collect::<Result<Arc<[Matcher]>, _>>()
+            })
+            .collect::<Result<_, _>>()
+    })
+    .await??;
     let mut results = Vec::with_capacity(req.queries.len());
     let mut samples = 0;
-    for q in &req.queries {
-        results.push(answer(node, q, &mut samples).await?);
+    for (q, matchers) in req.queries.iter().zip(compiled) {
+        results.push(answer(node, q, matchers, &mut samples).await?);
     }
     Ok(encode_response(&ReadResponse { results }))
 }
@@ -522,5 +614,55 @@ mod tests {
         }
         bomb.push(n as u8);
         assert_eq!(decode_request(&bomb).map_err(|e| e.0), Err("too_large"));
+    }
+
+    /// Issue 28, finding 7: a request full of costly regex matchers is refused by count and
+    /// size before anything is compiled, and a pattern sent again is compiled once.
+    #[test]
+    fn matchers_are_bounded_in_count_and_size_and_compiled_once() {
+        let body = |r: &ReadRequest| {
+            snap::raw::Encoder::new()
+                .compress_vec(&prost::Message::encode_to_vec(r))
+                .expect("snappy")
+        };
+        let m = |v: &str| LabelMatcher {
+            r#type: 2,
+            name: "category".into(),
+            value: v.into(),
+        };
+        let q = |ms: Vec<LabelMatcher>| PromQuery {
+            start_timestamp_ms: 0,
+            end_timestamp_ms: 1,
+            matchers: ms,
+            hints: None,
+        };
+        let req = |qs: Vec<PromQuery>| ReadRequest {
+            queries: qs,
+            accepted_response_types: vec![],
+        };
+        // Spread over queries, the count is the request's.
+        let at_cap = req(vec![q(vec![m("a"); MAX_MATCHERS / 2]); 2]);
+        assert!(decode_request(&body(&at_cap)).is_ok());
+        let over = req(vec![q(vec![m("a"); MAX_MATCHERS / 2 + 1]); 2]);
+        assert_eq!(
+            decode_request(&body(&over)).map_err(|e| e.0),
+            Err("too_many_matchers")
+        );
+        let long = req(vec![q(vec![m(&r"\w".repeat(MAX_MATCHER_BYTES / 2 + 1))])]);
+        assert_eq!(
+            decode_request(&body(&long)).map_err(|e| e.0),
+            Err("matcher_too_long")
+        );
+        // One compile per pattern: the same Arc comes back.
+        let a = compiled(r"cpu|mem\w{15}").expect("compiles");
+        let b = compiled(r"cpu|mem\w{15}").expect("cached");
+        assert!(Arc::ptr_eq(&a, &b));
+        // A pattern too large to compile within the size limits is refused, not built.
+        assert_eq!(
+            compiled(&r"\w{15}".repeat(120))
+                .map(|_| ())
+                .map_err(|e| e.0),
+            Err("bad_matcher")
+        );
     }
 }
