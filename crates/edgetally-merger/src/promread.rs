@@ -569,11 +569,7 @@ mod tests {
 
     #[test]
     fn requests_are_bounded_and_checked() {
-        let body = |r: &ReadRequest| {
-            snap::raw::Encoder::new()
-                .compress_vec(&prost::Message::encode_to_vec(r))
-                .expect("snappy")
-        };
+        let body = encode_request;
         let q = PromQuery {
             start_timestamp_ms: 0,
             end_timestamp_ms: 1,
@@ -620,11 +616,7 @@ mod tests {
     /// size before anything is compiled, and a pattern sent again is compiled once.
     #[test]
     fn matchers_are_bounded_in_count_and_size_and_compiled_once() {
-        let body = |r: &ReadRequest| {
-            snap::raw::Encoder::new()
-                .compress_vec(&prost::Message::encode_to_vec(r))
-                .expect("snappy")
-        };
+        let body = encode_request;
         let m = |v: &str| LabelMatcher {
             r#type: 2,
             name: "category".into(),
