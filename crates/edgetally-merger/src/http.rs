@@ -1389,43 +1389,12 @@ async fn events(
         } else {
             now
         };
-        let internal = |message: String| ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            code: "internal",
-            message,
-        };
-        let sealed = node
-            .events_signer
-            .seal(&fold.builder.finish(id, created))
-            .map_err(|e| internal(e.to_string()))?;
-        if sealed.len() > node.config.limits.max_payload_bytes {
-            return Err(too_large(
-                "request_too_large",
-                format!(
-                    "the request's events make a batch of {} bytes, over the {}-byte limit; split it",
-                    sealed.len(),
-                    node.config.limits.max_payload_bytes
-                ),
-            ));
-        }
-        // In a shard-group cluster the events key's batches belong to its owner group, like
-        // any producer's: forwarded there (a keyed retry at a node of another group is then
-        // still the one batch), the owner's reply relayed. Only with a shared events key
-        // (`cluster_secret`): a node's own key is admitted as its own only by itself.
-        let shared_key = node.config.cluster_secret.is_some();
+        // A replay is answered as applied without sealing again: nothing of this node's
+        // settings (its payload limit, its cluster) may change the answer.
         let reply = if replayed {
             Reply::Ack
         } else {
-            match node
-                .cluster
-                .as_ref()
-                .filter(|_| shared_key)
-                .map(|c| (c, c.decide(&sealed, |g| node.has_absorbed(g))))
-            {
-                Some((c, Decision::Forward(owner))) => c.forward(&owner, sealed).await,
-                Some((_, Decision::AwaitAbsorb(_))) => Reply::Retry { after_ms: 1000 },
-                _ => node.ingest.submit_wait(sealed).await,
-            }
+            submit_events(&node, fold.builder.finish(id, created)).await?
         };
         match reply {
             Reply::Ack => batches = 1,
@@ -1468,6 +1437,50 @@ async fn events(
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(r)
+}
+
+fn internal(message: String) -> ApiError {
+    ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        code: "internal",
+        message,
+    }
+}
+
+/// Seals the batch of a request's events with the events key and applies it: here, or in a
+/// shard-group cluster at the events key's owner group. 413 if it is over the payload limit.
+async fn submit_events(node: &Api, batch: edgetally_core::Batch) -> Result<Reply, ApiError> {
+    let sealed = node
+        .events_signer
+        .seal(&batch)
+        .map_err(|e| internal(e.to_string()))?;
+    if sealed.len() > node.config.limits.max_payload_bytes {
+        return Err(too_large(
+            "request_too_large",
+            format!(
+                "the request's events make a batch of {} bytes, over the {}-byte limit; split it",
+                sealed.len(),
+                node.config.limits.max_payload_bytes
+            ),
+        ));
+    }
+    // In a shard-group cluster the events key's batches belong to its owner group, like any
+    // producer's: forwarded there (a keyed retry at a node of another group is then still the
+    // one batch), the owner's reply relayed. Only with a shared events key (`cluster_secret`):
+    // a node's own key is admitted as its own only by itself.
+    let shared_key = node.config.cluster_secret.is_some();
+    Ok(
+        match node
+            .cluster
+            .as_ref()
+            .filter(|_| shared_key)
+            .map(|c| (c, c.decide(&sealed, |g| node.has_absorbed(g))))
+        {
+            Some((c, Decision::Forward(owner))) => c.forward(&owner, sealed).await,
+            Some((_, Decision::AwaitAbsorb(_))) => Reply::Retry { after_ms: 1000 },
+            _ => node.ingest.submit_wait(sealed).await,
+        },
+    )
 }
 
 /// A keyed request some of whose events the clock or this node's settings refuse: nothing is
