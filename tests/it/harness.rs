@@ -165,6 +165,29 @@ impl Merger {
         )
     }
 
+    /// `POST /v1/events` (NDJSON or a JSON array) with an optional Idempotency-Key: (status,
+    /// body, whether the answer says it is a replay of an applied request).
+    pub fn post_events(&self, key: Option<&str>, body: &str) -> (u16, Value, bool) {
+        let mut req = agent()
+            .post(&format!("{}/v1/events", self.http))
+            .header("content-type", "application/x-ndjson");
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        let mut res = req.send(body.as_bytes()).expect("POST /v1/events");
+        let status = res.status().as_u16();
+        let replayed = res
+            .headers()
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true");
+        let text = res.body_mut().read_to_string().expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            replayed,
+        )
+    }
+
     pub fn metric(&self, name: &str) -> f64 {
         let agent = agent();
         let text = agent

@@ -681,18 +681,7 @@ fn events_requests_are_bounded_and_idempotent() {
         "{{\"ts_ms\":{t},\"category\":\"idem\",\"value\":2}}\n{{\"ts_ms\":{t},\"category\":\"\"}}\n"
     );
     let post = |m: &Merger, key: Option<&str>| {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut req = agent.post(&format!("{}/v1/events", m.http));
-        if let Some(k) = key {
-            req = req.header("idempotency-key", k);
-        }
-        let mut res = req.send(body.as_bytes()).expect("post");
-        let status = res.status().as_u16();
-        let v: serde_json::Value =
-            serde_json::from_str(&res.body_mut().read_to_string().expect("body")).expect("json");
+        let (status, v, _) = m.post_events(key, &body);
         (status, v)
     };
     let count = |m: &Merger| {

@@ -8,33 +8,6 @@ use crate::harness::{free_udp, now_ms, Merger, TempDir};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
-/// `POST /v1/events` with an optional Idempotency-Key and extra headers: (status, body,
-/// whether the answer says it is a replay).
-fn post_keyed(m: &Merger, key: Option<&str>, body: &str) -> (u16, Value, bool) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let mut req = agent
-        .post(&format!("{}/v1/events", m.http))
-        .header("content-type", "application/x-ndjson");
-    if let Some(k) = key {
-        req = req.header("idempotency-key", k);
-    }
-    let mut res = req.send(body.as_bytes()).expect("post");
-    let status = res.status().as_u16();
-    let replayed = res
-        .headers()
-        .get("idempotent-replayed")
-        .is_some_and(|v| v == "true");
-    let text = res.body_mut().read_to_string().expect("body");
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        replayed,
-    )
-}
-
 fn count(m: &Merger, category: &str) -> u64 {
     m.get(&format!(
         "/v1/aggregate?category={category}&start=0&end=9999999999999"
@@ -71,7 +44,7 @@ fn a_keyed_retry_is_answered_with_what_was_applied_whatever_the_clock() {
         "{{\"ts_ms\":{now},\"category\":\"k1\",\"value\":1}}\n{{\"ts_ms\":{},\"category\":\"k1\",\"value\":2}}\n",
         now + 5500
     );
-    let (st, v, replayed) = post_keyed(&m, Some("order-1"), &body);
+    let (st, v, replayed) = m.post_events(Some("order-1"), &body);
     assert_eq!(
         (st, v["error"].as_str(), accepted(&v)),
         (422, Some("events_refused"), Some(0)),
@@ -84,7 +57,7 @@ fn a_keyed_retry_is_answered_with_what_was_applied_whatever_the_clock() {
     // The clock moves on; the same request now applies whole.
     let deadline = Instant::now() + Duration::from_secs(10);
     let first = loop {
-        let (st, v, replayed) = post_keyed(&m, Some("order-1"), &body);
+        let (st, v, replayed) = m.post_events(Some("order-1"), &body);
         if st == 200 {
             assert!(!replayed, "the first application is no replay");
             break v;
@@ -102,7 +75,7 @@ fn a_keyed_retry_is_answered_with_what_was_applied_whatever_the_clock() {
         now + 5500
     );
     for b in [&body, &reformatted] {
-        let (st, v, replayed) = post_keyed(&m, Some("order-1"), b);
+        let (st, v, replayed) = m.post_events(Some("order-1"), b);
         assert_eq!((st, accepted(&v)), (200, Some(2)), "{v}");
         assert_eq!(v["rejected_count"], first["rejected_count"]);
         assert!(replayed, "a retry is marked as a replay");
@@ -110,7 +83,7 @@ fn a_keyed_retry_is_answered_with_what_was_applied_whatever_the_clock() {
     assert_eq!(count(&m, "k1"), 2, "retries count nothing");
     // The same key with other events is refused, and applies nothing.
     let other = format!("{{\"ts_ms\":{now},\"category\":\"k1\",\"value\":7}}\n");
-    let (st, v, _) = post_keyed(&m, Some("order-1"), &other);
+    let (st, v, _) = m.post_events(Some("order-1"), &other);
     assert_eq!(
         (st, v["error"].as_str()),
         (422, Some("idempotency_key_reused")),
@@ -122,17 +95,17 @@ fn a_keyed_retry_is_answered_with_what_was_applied_whatever_the_clock() {
     let t = now_ms() - 2500;
     let late =
         format!("{{\"ts_ms\":{t},\"category\":\"k2\"}}\n{{\"ts_ms\":{t},\"category\":\"\"}}\n");
-    let (st, v, _) = post_keyed(&m, Some("late-1"), &late);
+    let (st, v, _) = m.post_events(Some("late-1"), &late);
     assert_eq!((st, accepted(&v)), (200, Some(1)), "{v}");
     std::thread::sleep(Duration::from_millis(3000));
-    let (st, v, replayed) = post_keyed(&m, Some("late-1"), &late);
+    let (st, v, replayed) = m.post_events(Some("late-1"), &late);
     assert_eq!(
         (st, accepted(&v), v["rejected_count"].as_u64(), replayed),
         (200, Some(1), Some(1), true),
         "{v}"
     );
     // Unkeyed, the same events now are simply too old (the clock is checked first there).
-    let (st, v, _) = post_keyed(&m, None, &late);
+    let (st, v, _) = m.post_events(None, &late);
     assert_eq!((st, accepted(&v)), (200, Some(0)), "{v}");
     assert_eq!(v["rejected_by_reason"]["bucket_too_old"], 2, "{v}");
     assert_eq!(count(&m, "k2"), 1);
@@ -178,8 +151,8 @@ fn replicas_with_different_settings_never_split_on_a_keyed_request() {
         );
         let key = format!("both-{round}");
         let (ra, rb) = std::thread::scope(|s| {
-            let ha = s.spawn(|| post_keyed(&a, Some(&key), &body));
-            let hb = s.spawn(|| post_keyed(&b, Some(&key), &body));
+            let ha = s.spawn(|| a.post_events(Some(&key), &body));
+            let hb = s.spawn(|| b.post_events(Some(&key), &body));
             (ha.join().expect("a"), hb.join().expect("b"))
         });
         // A: no bounds, applies both. B: refuses the request whole (50 > 10) or, if A's
@@ -202,7 +175,7 @@ fn replicas_with_different_settings_never_split_on_a_keyed_request() {
             std::thread::sleep(Duration::from_millis(100));
         }
         // A retry at the node whose settings refuse it: answered as applied.
-        let (st, v, replayed) = post_keyed(&b, Some(&key), &body);
+        let (st, v, replayed) = b.post_events(Some(&key), &body);
         assert_eq!((st, accepted(&v), replayed), (200, Some(2), true), "{v}");
     }
     std::thread::sleep(Duration::from_millis(1000));
@@ -233,7 +206,7 @@ fn names_with_control_characters_are_refused_at_every_ingest_path() {
     let body = format!(
         "{{\"ts_ms\":{now},\"category\":\"m\\u0000x\"}}\n{{\"ts_ms\":{now},\"category\":\"ok\",\"entity\":\"a\\tb\"}}\n{{\"ts_ms\":{now},\"category\":\"del\\u007f\"}}\n{{\"ts_ms\":{now},\"category\":\"ok\",\"entity\":\"fine\"}}\n"
     );
-    let (st, v, _) = post_keyed(&m, None, &body);
+    let (st, v, _) = m.post_events(None, &body);
     assert_eq!((st, accepted(&v)), (200, Some(1)), "{v}");
     let codes: Vec<&str> = v["rejected"]
         .as_array()
@@ -298,10 +271,7 @@ fn small_courtesies_of_the_http_api() {
             ("EDGETALLY_WRITE_TOKENS", "w-token"),
         ],
     );
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = crate::harness::agent();
     let now = now_ms();
     let body = format!(
         "\u{feff}{{\"ts_ms\":{now},\"category\":\"cr\"}}\r{{\"ts_ms\":{now},\"category\":\"cr\"}}\r\n{{\"ts_ms\":{now},\"category\":\"cr\"}}"
@@ -370,10 +340,7 @@ fn hostile_remote_reads_do_not_hold_back_ingest() {
         for client in 0..2u64 {
             let (m, stop, reads) = (&m, &stop, &reads);
             s.spawn(move || {
-                let agent: ureq::Agent = ureq::Agent::config_builder()
-                    .http_status_as_error(false)
-                    .build()
-                    .into();
+                let agent = crate::harness::agent();
                 let mut n = 0u64;
                 let deadline = Instant::now() + Duration::from_secs(30);
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline
@@ -414,7 +381,7 @@ fn hostile_remote_reads_do_not_hold_back_ingest() {
                 "{{\"ts_ms\":{},\"category\":\"ingest\",\"value\":{i}}}\n",
                 now_ms()
             );
-            let (st, v, _) = post_keyed(&m, None, &body);
+            let (st, v, _) = m.post_events(None, &body);
             assert_eq!((st, accepted(&v)), (200, Some(1)), "{v}");
             slowest = slowest.max(t.elapsed());
             std::thread::sleep(Duration::from_millis(300));

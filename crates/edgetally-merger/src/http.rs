@@ -1291,7 +1291,7 @@ enum KeyState {
 fn key_state(replica: &edgetally_core::Replica, id: &BatchId) -> KeyState {
     match replica.epoch_seqs(&id.producer, id.epoch) {
         Some(s) if s.contains(id.seq) => KeyState::Applied,
-        Some(s) if s.watermark() > 0 || s.sparse_ranges() > 0 => KeyState::Reused,
+        Some(s) if !s.is_empty() => KeyState::Reused,
         _ => KeyState::Fresh,
     }
 }
