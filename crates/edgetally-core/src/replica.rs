@@ -1002,6 +1002,23 @@ impl Memory {
     }
 }
 
+/// Whether an adopting replica keeps a retained entry the snapshot covers, given how the
+/// snapshot (`theirs`) and the replica (`mine`) hold its epoch. Kept unless both hold the same
+/// seqs with different contents: then the snapshot counted another content for some batch of
+/// the epoch (an equivocation), and this copy may be the one it did not count. When the
+/// snapshot holds more seqs of the epoch, the entry is kept: dropping it lost batches for
+/// good when the snapshot's node had pruned them too (for peers it had excluded) — replicas
+/// then held seen-sets neither of which covered the other, and never converged (seeds 7814
+/// and 11363 of the simulation, run 20× wider than CI). A copy whose content the snapshot did
+/// not count can only come from an equivocating producer; a peer that applies it diverges
+/// from the rest on that epoch, which the round's divergence repair settles.
+fn keeps_retained(theirs: Option<&EpochSeen>, mine: Option<&EpochSeen>) -> bool {
+    match (theirs, mine) {
+        (Some(t), Some(m)) => t.seqs != m.seqs || t.hash == m.hash,
+        _ => false,
+    }
+}
+
 /// Heap bytes of one retained batch, estimated.
 fn log_entry_bytes(e: &LogEntry) -> u64 {
     use std::mem::size_of;
@@ -1650,10 +1667,9 @@ impl Replica {
                 if fresh.apply(e.clone()).is_err() {
                     return Ok(None);
                 }
-            } else if covered.epochs.get(&key) == self.seen.get(&key) {
-                // The snapshot holds this epoch exactly as this replica does (same seqs, same
-                // content hash): the entry is the snapshot's too, and stays retained for the
-                // peers that still lack it.
+            } else if keeps_retained(covered.epochs.get(&key), self.seen.get(&key)) {
+                // The snapshot holds the batch too: the entry stays retained for the peers that
+                // still lack it (the snapshot's node may have pruned it, excluding them).
                 fresh.log_bytes += log_entry_bytes(e);
                 fresh.log.insert(*id, e.clone());
             }
