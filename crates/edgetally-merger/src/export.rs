@@ -15,7 +15,12 @@
 //!   wrote everything closed), the mark says so, and the next start rescans only the
 //!   buckets that had not closed: no batch was applied after that round. The start takes the
 //!   word back on disk (fsynced) before any batch can apply, so a crash later is a crash;
-//! - on a failed write keeps what it had to write and tries again next round.
+//! - on a failed write keeps what it had to write and tries again next round — unless the
+//!   sink refuses rows for what they hold ([`WriteError::Refused`]: PostgreSQL's data and
+//!   constraint errors): then the chunk is split until the refused rows stand alone, those
+//!   are quarantined (counted, logged with the server's message, appended to
+//!   `export-<table>.quarantine` in the data directory, never written again by this run)
+//!   and every other row flows. One row no database can hold never stops the export.
 //!
 //! The sink is a trait so that other databases (ClickHouse, Kafka) can follow the
 //! PostgreSQL one.
@@ -45,6 +50,20 @@ pub struct ExportRow {
     pub total: Total,
 }
 
+/// Why a [`Sink::write`] failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    /// The sink could not take the rows now (connection lost, server restarting, a lock):
+    /// all of them are written again by a later round.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The sink refused the rows for what they hold (a value it cannot store, a constraint):
+    /// writing them again would fail again. The exporter isolates the refused rows.
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
 /// Where rows go. `write` must be idempotent: a row replaces the row of its key, and
 /// writing the same rows twice leaves the same data.
 pub trait Sink: Send + Sync + 'static {
@@ -55,11 +74,12 @@ pub trait Sink: Send + Sync + 'static {
     fn prepare(&self) -> impl std::future::Future<Output = Result<(), String>> + Send {
         async { Ok(()) }
     }
-    /// Writes the rows (keys are distinct within one call); an error keeps them for retry.
+    /// Writes the rows (keys are distinct within one call), all or none; an error keeps them
+    /// for retry, or for isolating the refused ones ([`WriteError::Refused`]).
     fn write(
         &self,
         rows: &[ExportRow],
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    ) -> impl std::future::Future<Output = Result<(), WriteError>> + Send;
 }
 
 /// Most batches queued for the exporter before it falls back to a rescan.
@@ -108,6 +128,8 @@ pub struct ExportConfig {
     pub reach_ms: i64,
     /// Where the mark of the last complete round is kept.
     pub mark_file: PathBuf,
+    /// Where rows the sink refused for good are kept aside (NDJSON, appended).
+    pub quarantine_file: PathBuf,
 }
 
 /// A dirty key: (category, entity, bucket start).
@@ -162,6 +184,8 @@ struct Exporter<S: Sink> {
     wide: Arc<AtomicBool>,
     dirty: HashSet<Key>,
     mark: Option<Mark>,
+    /// Keys whose rows the sink refused for good in this run: not written again.
+    quarantined: HashSet<Key>,
 }
 
 /// The running exporter, for the node's shutdown.
@@ -228,6 +252,7 @@ pub fn start<S: Sink>(
         wide: wide.clone(),
         dirty: HashSet::new(),
         mark,
+        quarantined: HashSet::new(),
     };
     let (stop, stopped) = oneshot::channel();
     let task = tokio::spawn(ex.run(stopped));
@@ -277,10 +302,21 @@ impl<S: Sink> Exporter<S> {
         }
     }
 
-    /// Writes rows in chunks; false (logged and counted) if a write failed.
-    async fn write(&self, rows: &[ExportRow]) -> bool {
+    /// Writes rows in chunks; false (logged and counted) if a write failed for want of the
+    /// sink. Rows the sink refuses for what they hold are quarantined and count as done.
+    async fn write(&mut self, rows: &[ExportRow]) -> bool {
+        let rows: Vec<&ExportRow> = rows
+            .iter()
+            .filter(|r| !self.quarantined.contains(&key_of(r)))
+            .collect();
         for chunk in rows.chunks(CHUNK) {
-            if let Err(e) = self.sink.write(chunk).await {
+            let chunk: Vec<ExportRow> = chunk.iter().map(|r| (*r).clone()).collect();
+            let outcome = write_isolating(&self.sink, chunk).await;
+            self.metrics.export_rows.fetch_add(outcome.written, Relaxed);
+            for (row, why) in outcome.refused {
+                self.quarantine(row, &why);
+            }
+            if let Some(e) = outcome.unavailable {
                 warn!(
                     sink = self.sink.name(),
                     "export failed, kept for the next round: {e}"
@@ -288,11 +324,47 @@ impl<S: Sink> Exporter<S> {
                 self.metrics.export_errors.fetch_add(1, Relaxed);
                 return false;
             }
-            self.metrics
-                .export_rows
-                .fetch_add(chunk.len() as u64, Relaxed);
         }
         true
+    }
+
+    /// Sets a refused row aside: counted, logged with the sink's reason, appended to the
+    /// quarantine file, and not written again by this run.
+    fn quarantine(&mut self, row: ExportRow, why: &str) {
+        self.metrics.export_quarantined.fetch_add(1, Relaxed);
+        warn!(
+            sink = self.sink.name(),
+            category = ?row.category,
+            entity = ?row.entity,
+            bucket_start_ms = row.bucket_start_ms,
+            "export: row refused for good, quarantined in {}: {why}",
+            self.cfg.quarantine_file.display()
+        );
+        let line = serde_json::json!({
+            "category": row.category,
+            "entity": row.entity,
+            "bucket_start_ms": row.bucket_start_ms,
+            "bucket_ms": row.bucket_ms,
+            "count": row.total.count,
+            "sum": row.total.sum.to_decimal(),
+            "min": row.total.min,
+            "max": row.total.max,
+            "reason": why,
+            "quarantined_at_ms": edgetally_net::now_ms(),
+        });
+        let appended = (|| {
+            use std::io::Write as _;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.cfg.quarantine_file)?;
+            writeln!(f, "{line}")?;
+            f.sync_data()
+        })();
+        if let Err(e) = appended {
+            warn!("export: quarantine file not written: {e}");
+        }
+        self.quarantined.insert(key_of(&row));
     }
 
     /// The batches applied since the last round, as dirty keys.
@@ -431,6 +503,53 @@ impl<S: Sink> Exporter<S> {
             .export_pending
             .store(self.dirty.len() as u64, Relaxed);
     }
+}
+
+fn key_of(r: &ExportRow) -> Key {
+    (r.category.clone(), r.entity.clone(), r.bucket_start_ms)
+}
+
+/// What [`write_isolating`] did with a chunk.
+#[derive(Debug, Default)]
+struct Isolated {
+    /// Rows written.
+    written: u64,
+    /// Rows the sink refused alone, with its reason.
+    refused: Vec<(ExportRow, String)>,
+    /// Set if the sink was unavailable: the rows not yet written wait for a later round.
+    unavailable: Option<String>,
+}
+
+/// Writes `rows`; where the sink refuses a set of rows for what they hold, splits it in
+/// halves until each refused row stands alone, so that only the rows the sink cannot take
+/// are left out (a refused row costs about 2·log₂(chunk) more writes). Stops at the first
+/// unavailability.
+async fn write_isolating<S: Sink>(sink: &S, rows: Vec<ExportRow>) -> Isolated {
+    let mut out = Isolated::default();
+    let mut todo = vec![rows];
+    while let Some(rows) = todo.pop() {
+        if rows.is_empty() {
+            continue;
+        }
+        match sink.write(&rows).await {
+            Ok(()) => out.written += rows.len() as u64,
+            Err(WriteError::Refused(why)) if rows.len() == 1 => {
+                out.refused
+                    .extend(rows.into_iter().map(|r| (r, why.clone())));
+            }
+            Err(WriteError::Refused(_)) => {
+                let mut rows = rows;
+                let back = rows.split_off(rows.len() / 2);
+                todo.push(back);
+                todo.push(rows);
+            }
+            Err(WriteError::Unavailable(e)) => {
+                out.unavailable = Some(e);
+                break;
+            }
+        }
+    }
+    out
 }
 
 /// PostgreSQL: one table, upserted with `INSERT … ON CONFLICT DO UPDATE` keyed by
@@ -581,13 +700,13 @@ impl Sink for Postgres {
         Ok(())
     }
 
-    async fn write(&self, rows: &[ExportRow]) -> Result<(), String> {
+    async fn write(&self, rows: &[ExportRow]) -> Result<(), WriteError> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            *guard = Some(self.connect().await?);
+            *guard = Some(self.connect().await.map_err(WriteError::Unavailable)?);
         }
         let Some(client) = guard.as_ref() else {
-            return Err("not connected".into());
+            return Err(WriteError::Unavailable("not connected".into()));
         };
         // One array per column: the rows go in as one statement (`unnest`).
         let categories: Vec<&str> = rows.iter().map(|r| r.category.as_str()).collect();
@@ -634,9 +753,20 @@ impl Sink for Postgres {
             )
             .await;
         if let Err(e) = result {
+            // What the rows hold (a data exception, class 22, such as U+0000 in text; an
+            // integrity constraint, class 23, such as a CHECK the table's owner added) is
+            // refused again on every try; anything else may pass later.
+            if let Some(db) = e.as_db_error() {
+                let code = db.code().code();
+                let why = format!("upsert: {} (SQLSTATE {code})", db.message());
+                if code.starts_with("22") || code.starts_with("23") {
+                    return Err(WriteError::Refused(why));
+                }
+                return Err(WriteError::Unavailable(why));
+            }
             // Reconnect next time (the server may have restarted).
             *guard = None;
-            return Err(format!("upsert: {e}"));
+            return Err(WriteError::Unavailable(format!("upsert: {}", causes(&e))));
         }
         Ok(())
     }
@@ -644,7 +774,85 @@ impl Sink for Postgres {
 
 #[cfg(test)]
 mod tests {
-    use super::Mark;
+    use super::{write_isolating, ExportRow, Mark, Sink, WriteError};
+    use edgetally_core::Total;
+    use std::sync::Mutex;
+
+    /// A sink that refuses any write holding a category with "bad" in it, and records the
+    /// rows it wrote; `down` makes it unavailable.
+    #[derive(Default)]
+    struct Picky {
+        written: Mutex<Vec<String>>,
+        writes: Mutex<u64>,
+        down: bool,
+    }
+
+    impl Sink for Picky {
+        fn name(&self) -> &'static str {
+            "picky"
+        }
+        async fn write(&self, rows: &[ExportRow]) -> Result<(), WriteError> {
+            *self.writes.lock().expect("lock") += 1;
+            if self.down {
+                return Err(WriteError::Unavailable("down".into()));
+            }
+            if rows.iter().any(|r| r.category.contains("bad")) {
+                return Err(WriteError::Refused("no bad rows".into()));
+            }
+            let mut w = self.written.lock().expect("lock");
+            w.extend(rows.iter().map(|r| r.category.clone()));
+            Ok(())
+        }
+    }
+
+    fn row(category: &str) -> ExportRow {
+        ExportRow {
+            category: category.into(),
+            entity: None,
+            bucket_start_ms: 0,
+            bucket_ms: 60_000,
+            total: Total::default(),
+        }
+    }
+
+    /// Issue 28, finding 8: one row the sink refuses for good no longer stops every other
+    /// row; the refused ones stand alone, with the sink's reason.
+    #[tokio::test]
+    async fn refused_rows_are_isolated_and_every_other_row_is_written() {
+        let names: Vec<String> = (0..1000)
+            .map(|i| match i {
+                3 | 500 | 999 => format!("bad{i}"),
+                _ => format!("ok{i}"),
+            })
+            .collect();
+        let sink = Picky::default();
+        let out = write_isolating(&sink, names.iter().map(|n| row(n)).collect()).await;
+        assert_eq!(out.written, 997);
+        assert!(out.unavailable.is_none());
+        let mut refused: Vec<&str> = out
+            .refused
+            .iter()
+            .map(|(r, _)| r.category.as_str())
+            .collect();
+        refused.sort_unstable();
+        assert_eq!(refused, ["bad3", "bad500", "bad999"]);
+        assert!(out.refused.iter().all(|(_, why)| why == "no bad rows"));
+        let mut written = sink.written.lock().expect("lock").clone();
+        written.sort_unstable();
+        let mut want: Vec<String> = names.into_iter().filter(|n| n.starts_with("ok")).collect();
+        want.sort_unstable();
+        assert_eq!(written, want);
+        // About 2·log₂(1000) writes per refused row, not one per row.
+        assert!(*sink.writes.lock().expect("lock") < 80);
+        // Unavailable: nothing counted as written or refused, the reason kept.
+        let down = Picky {
+            down: true,
+            ..Picky::default()
+        };
+        let out = write_isolating(&down, vec![row("ok"), row("bad")]).await;
+        assert_eq!((out.written, out.refused.len()), (0, 0));
+        assert_eq!(out.unavailable.as_deref(), Some("down"));
+    }
 
     #[test]
     fn marks_parse_in_both_forms_and_nothing_else() {

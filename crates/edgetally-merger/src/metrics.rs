@@ -48,6 +48,8 @@ pub struct Metrics {
     pub export_rows: AtomicU64,
     /// Exporter rounds whose write failed (kept for the next round).
     pub export_errors: AtomicU64,
+    /// Rows the export sink refused for good (quarantined).
+    pub export_quarantined: AtomicU64,
     /// Keys changed and not yet written (their buckets still open, or a write failed).
     pub export_pending: AtomicU64,
     /// The cutoff of the exporter's last complete round, ms (0: none yet).
@@ -298,6 +300,7 @@ impl Metrics {
             let _ = writeln!(s, "# HELP edgetally_export_lag_seconds How far behind now the export is complete: every bucket that ended before now minus this is written (export_delay included).\n# TYPE edgetally_export_lag_seconds gauge\nedgetally_export_lag_seconds {lag}");
             let _ = writeln!(s, "# HELP edgetally_export_rows_total Rows written to the export sink.\n# TYPE edgetally_export_rows_total counter\nedgetally_export_rows_total {}", self.export_rows.load(Relaxed));
             let _ = writeln!(s, "# HELP edgetally_export_errors_total Export rounds whose write failed (their rows are written by a later round).\n# TYPE edgetally_export_errors_total counter\nedgetally_export_errors_total {}", self.export_errors.load(Relaxed));
+            let _ = writeln!(s, "# HELP edgetally_export_quarantined_total Rows the export sink refused for what they hold (a data or constraint error), kept aside in export-<table>.quarantine in the data directory; every other row is written.\n# TYPE edgetally_export_quarantined_total counter\nedgetally_export_quarantined_total {}", self.export_quarantined.load(Relaxed));
             let _ = writeln!(s, "# HELP edgetally_export_pending_keys Changed (category, entity, bucket) keys not yet written.\n# TYPE edgetally_export_pending_keys gauge\nedgetally_export_pending_keys {}", self.export_pending.load(Relaxed));
         }
         process_families(&mut s);

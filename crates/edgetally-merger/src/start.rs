@@ -171,6 +171,7 @@ impl Node {
                         .max_lateness_ms
                         .saturating_add(config.seen_expiry_margin_ms.max(0)),
                     mark_file: dir.join(format!("export-{}.mark", config.export_table)),
+                    quarantine_file: dir.join(format!("export-{}.quarantine", config.export_table)),
                 };
                 let (feed, handle) =
                     crate::export::start(sink, cfg, replica.clone(), metrics.clone())
