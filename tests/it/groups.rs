@@ -689,3 +689,132 @@ fn a_keyed_events_retry_at_another_node_counts_once() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Issue 28, finding 6: one replica of the owner group is `kill -9`'d. Once that is noticed,
+/// forwards go to the live replica in about the time of a direct send — they used to wait 10 s
+/// right after the crash and then about half paid 2 s more for as long as the replica stayed
+/// down — the failures are counted, and the dead replica is remembered (and probed in the
+/// background) until it is back. Every forwarded batch is counted once.
+#[test]
+fn forwarding_goes_straight_to_a_live_replica_while_one_is_down() {
+    use edgetally_core::BatchId;
+    use edgetally_proto::BatchBuilder;
+    let q: Vec<SocketAddr> = (0..3).map(|_| free_udp()).collect();
+    let topo_dir = TempDir::new("groups-forward-topology");
+    let topo = topo_dir.0.join("topology.toml");
+    write_atomic(
+        &topo,
+        &topology(
+            1,
+            &[(0, vec![("g0", vec![q[0]]), ("g1", vec![q[1], q[2]])])],
+        ),
+    );
+    let mut nodes: Vec<Node> = [("g0", vec![]), ("g1", vec![q[2]]), ("g1", vec![q[1]])]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (group, peers))| Node {
+            dir: TempDir::new(&format!("groups-forward-{i}")),
+            quic: q[i],
+            group,
+            peers,
+            proc: None,
+        })
+        .collect();
+    for n in nodes.iter_mut() {
+        n.start(&topo);
+    }
+    // Producers owned by g1, so every batch posted to g0's node is forwarded.
+    let owned: Vec<edgetally_proto::Signer> = (1..400u64)
+        .map(edgetally_tests::signer)
+        .filter(|s| edgetally_proto::topology::heaviest(&s.producer(), ["g0", "g1"]) == Some(1))
+        .take(60)
+        .collect();
+    let now = now_ms();
+    let send = |m: &Merger, i: usize| {
+        let s = &owned[i];
+        let mut b = BatchBuilder::new(1000).expect("width");
+        b.record("fwd", None, now, 1.0).expect("record");
+        let raw = s
+            .seal(&b.finish(
+                BatchId {
+                    producer: s.producer(),
+                    epoch: 1,
+                    seq: 0,
+                },
+                now,
+            ))
+            .expect("seal");
+        let t = Instant::now();
+        let (st, v, _) = m.post("/v1/batches", "application/octet-stream", &raw);
+        (st, v, t.elapsed())
+    };
+    for i in 0..10 {
+        let (st, v, _) = send(nodes[0].m(), i);
+        assert_eq!(st, 200, "{v}");
+    }
+    nodes[1].proc.take().expect("running").kill9();
+    // The crash is noticed by the first forwards that try the dead replica.
+    for i in 10..20 {
+        let (st, v, _) = send(nodes[0].m(), i);
+        assert!(st == 200 || st == 503, "{st} {v}");
+    }
+    let (mut slow, mut times) = (Vec::new(), Vec::new());
+    for i in 20..60 {
+        let (st, v, took) = send(nodes[0].m(), i);
+        assert_eq!(st, 200, "{v}");
+        times.push(took);
+        if took > Duration::from_millis(1000) {
+            slow.push((i, took));
+        }
+    }
+    times.sort_unstable();
+    eprintln!(
+        "forwards with one replica down: median {:?}, max {:?} (40 batches)",
+        times[times.len() / 2],
+        times[times.len() - 1]
+    );
+    assert!(
+        slow.is_empty(),
+        "forwards slower than 1 s with a live replica: {slow:?}"
+    );
+    let m = nodes[0].m();
+    assert!(m.metric("edgetally_forward_replica_failures_total") >= 1.0);
+    assert_eq!(m.metric("edgetally_forward_replicas_down"), 1.0);
+    // Every batch acknowledged is counted once (a 503 was resent below, as a producer would).
+    for i in 10..20 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while send(nodes[0].m(), i).0 != 200 {
+            assert!(Instant::now() < deadline, "batch {i} never acknowledged");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // The replica comes back: forgotten as down once the background probe reaches it.
+    nodes[1].start(&topo);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while nodes[0].m().metric("edgetally_forward_replicas_down") != 0.0 {
+        assert!(Instant::now() < deadline, "the replica stayed marked down");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Every acknowledged batch counted once, on every node (those the killed replica alone
+    // had acknowledged reach its peer once it is back).
+    let w = format!("start={}&end={}", now - 60_000, now + 60_000);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts: Vec<Option<u64>> = nodes
+            .iter()
+            .map(|n| n.m().get(&format!("/v1/aggregate?category=fwd&{w}")).1["count"].as_u64())
+            .collect();
+        assert!(
+            counts.iter().all(|c| c.unwrap_or(0) <= 60),
+            "counted twice: {counts:?}"
+        );
+        if counts.iter().all(|c| *c == Some(60)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every batch counted: {counts:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

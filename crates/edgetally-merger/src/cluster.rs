@@ -38,6 +38,8 @@ pub struct ClusterMetrics {
     pub forwarded_ok: AtomicU64,
     /// Forwards that found no replica of the owner (the producer got Retry).
     pub forward_failed: AtomicU64,
+    /// Forward attempts to one replica that failed (another replica may have answered).
+    pub forward_replica_failed: AtomicU64,
     /// Batches received from another group's node.
     pub received_forwarded: AtomicU64,
     /// Topology reloads applied.
@@ -61,6 +63,8 @@ pub struct Cluster {
     endpoint: quinn::Endpoint,
     auth: Auth,
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// Replicas of other groups that failed a forward and have not answered since.
+    down: Mutex<HashMap<String, ()>>,
     deadline: Duration,
     limits: Limits,
     next: AtomicU64,
@@ -87,6 +91,8 @@ fn modified(path: &Path) -> Option<SystemTime> {
 
 /// How long one forward may wait for the owner's reply (it replies once durable).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a forward waits for one replica before racing the next one against it.
+const FORWARD_HEDGE: Duration = Duration::from_millis(300);
 /// How long connecting to another group's node may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -115,6 +121,7 @@ impl Cluster {
             endpoint,
             auth,
             conns: Mutex::new(HashMap::new()),
+            down: Mutex::new(HashMap::new()),
             deadline,
             limits,
             next: AtomicU64::new(0),
@@ -298,38 +305,150 @@ impl Cluster {
 
     /// Forwards a producer's batch to `group` and returns the owner's reply; `Retry` if no
     /// replica of it answered (the producer resends, as after any transient fault).
-    pub async fn forward(&self, group: &Group, raw: Vec<u8>) -> Reply {
+    ///
+    /// Replicas known to be down are tried last, and probed again in the background, so that
+    /// after a crash is noticed forwards go straight to a live replica. An attempt that has
+    /// not answered within [`FORWARD_HEDGE`] (a replica that died with its connection still
+    /// open looks like that) is raced by one to the next replica: batches are idempotent by
+    /// their id, so sending one twice counts it once.
+    pub async fn forward(self: &Arc<Self>, group: &Group, raw: Vec<u8>) -> Reply {
         let version = self.topology().version;
-        let n = group.quic.len();
-        // Spread over the owner's replicas; the next one on failure.
-        let start = self.next.fetch_add(1, Relaxed) as usize;
-        for i in 0..n {
-            let addr = &group.quic[(start + i) % n];
-            let sent = async {
-                let conn = self.connection(addr).await?;
-                tokio::time::timeout(
-                    FORWARD_TIMEOUT,
-                    crate::peer::forward(&conn, raw.clone(), version),
-                )
-                .await
-                .map_err(|_| "no reply in time".to_string())?
+        let order = self.forward_order(group);
+        let raw: Arc<[u8]> = raw.into();
+        let mut attempts = tokio::task::JoinSet::new();
+        let mut in_flight: Vec<String> = Vec::new();
+        let mut next = 0;
+        let mut hedge_at = tokio::time::Instant::now();
+        loop {
+            if next < order.len()
+                && (attempts.is_empty() || tokio::time::Instant::now() >= hedge_at)
+            {
+                let (me, addr, raw) = (self.clone(), order[next].clone(), raw.clone());
+                in_flight.push(addr.clone());
+                attempts.spawn(async move {
+                    let sent = async {
+                        let conn = me.connection(&addr).await?;
+                        tokio::time::timeout(
+                            FORWARD_TIMEOUT,
+                            crate::peer::forward(&conn, raw.to_vec(), version),
+                        )
+                        .await
+                        .map_err(|_| "no reply in time".to_string())?
+                    }
+                    .await;
+                    (addr, sent)
+                });
+                next += 1;
+                hedge_at = tokio::time::Instant::now() + FORWARD_HEDGE;
             }
-            .await;
-            match sent {
-                Ok(reply) => {
+            let more = next < order.len();
+            let done = tokio::select! {
+                r = attempts.join_next() => r,
+                _ = tokio::time::sleep_until(hedge_at), if more => continue,
+            };
+            match done {
+                Some(Ok((addr, Ok(reply)))) => {
+                    self.mark_up(&addr);
+                    // Replicas raced and beaten by a later one gave no answer within the
+                    // hedge delay: a crashed process whose connection still looks open
+                    // looks like that. They are tried last until the probe reaches them
+                    // on a new connection.
+                    for slow in in_flight.iter().filter(|a| **a != addr) {
+                        debug!(group = %group.name, addr = %slow, "no reply within the hedge delay");
+                        self.metrics.forward_replica_failed.fetch_add(1, Relaxed);
+                        self.mark_down(slow);
+                    }
                     self.metrics.forwarded_ok.fetch_add(1, Relaxed);
                     return reply;
                 }
-                Err(e) => {
+                Some(Ok((addr, Err(e)))) => {
                     debug!(group = %group.name, %addr, "forward failed: {e}");
-                    self.drop_connection(addr);
+                    in_flight.retain(|a| *a != addr);
+                    self.metrics.forward_replica_failed.fetch_add(1, Relaxed);
+                    self.mark_down(&addr);
+                    // The next replica at once, not after the hedge delay.
+                    hedge_at = tokio::time::Instant::now();
                 }
+                Some(Err(_)) => {}
+                None if !more => break,
+                None => {}
             }
         }
         self.metrics.forward_failed.fetch_add(1, Relaxed);
         Reply::Retry {
             after_ms: crate::ingest::RETRY_AFTER_MS,
         }
+    }
+
+    /// The group's replicas in the order a forward tries them: spread over the live ones
+    /// (round robin), those known to be down last.
+    fn forward_order(&self, group: &Group) -> Vec<String> {
+        let n = group.quic.len();
+        let start = self.next.fetch_add(1, Relaxed) as usize;
+        let rotated = (0..n).map(|i| group.quic[(start + i) % n].clone());
+        let down = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut live, dead): (Vec<String>, Vec<String>) =
+            rotated.partition(|a| !down.contains_key(a));
+        live.extend(dead);
+        live
+    }
+
+    /// A replica answered: it is no longer remembered as down.
+    fn mark_up(&self, addr: &str) {
+        self.down
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(addr);
+    }
+
+    /// A replica failed: remembered as down (forwards try it last) and probed in the
+    /// background — connecting anew (a handshake and the peer login), with a backoff from
+    /// 500 ms to 30 s — until it answers.
+    fn mark_down(self: &Arc<Self>, addr: &str) {
+        // The probe, and any forward that still tries it, connect anew: a connection to a
+        // crashed process stays open until its idle timeout.
+        self.drop_connection(addr);
+        let fresh = self
+            .down
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(addr.to_string(), ())
+            .is_none();
+        if !fresh {
+            return;
+        }
+        let (me, addr) = (Arc::downgrade(self), addr.to_string());
+        tokio::spawn(async move {
+            let mut wait = Duration::from_millis(500);
+            loop {
+                tokio::time::sleep(wait).await;
+                let Some(me) = me.upgrade() else { return };
+                if !me
+                    .down
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains_key(&addr)
+                {
+                    return;
+                }
+                if me.connection(&addr).await.is_ok() {
+                    debug!(%addr, "replica reachable again");
+                    me.mark_up(&addr);
+                    return;
+                }
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        });
+    }
+
+    /// Replicas of other groups currently remembered as down.
+    pub fn replicas_down(&self) -> Vec<String> {
+        self.down
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Asks every other group for its part of `q`, all at once, each trying its replicas in

@@ -1803,6 +1803,18 @@ async fn metrics(State(node): State<Node_>) -> Response {
         ] {
             let _ = writeln!(text, "{name}{{outcome=\"{outcome}\"}} {}", v.load(Relaxed));
         }
+        let name = "edgetally_forward_replica_failures_total";
+        let _ = writeln!(
+            text,
+            "# HELP {name} Forward attempts to one replica of another group that failed (the replica is then remembered as down, tried last and probed in the background).\n# TYPE {name} counter\n{name} {}",
+            m.forward_replica_failed.load(Relaxed)
+        );
+        let name = "edgetally_forward_replicas_down";
+        let _ = writeln!(
+            text,
+            "# HELP {name} Replicas of other groups remembered as down.\n# TYPE {name} gauge\n{name} {}",
+            c.replicas_down().len()
+        );
         let name = "edgetally_topology_reloads_total";
         let _ = writeln!(
             text,
