@@ -399,3 +399,52 @@ fn hostile_remote_reads_do_not_hold_back_ingest() {
     );
     assert_eq!(count(&m, "ingest"), 10);
 }
+
+/// Finding 4: a batch one replica accepted is not refused by its peer for the future rule.
+/// B's `max_future_skew` is 1 min (as if its clock ran 4 min behind A's, or a smaller setting
+/// being rolled out): an event 4 min ahead that A accepted reaches B through replication at
+/// once — it used to be refused there until B's clock caught up, both answering
+/// `complete: true` with different counts. B still refuses such an event from a client.
+#[test]
+fn a_peer_does_not_refuse_what_its_group_holds_for_the_future_rule() {
+    let q = [free_udp(), free_udp()];
+    let dirs = [TempDir::new("skew-clock-a"), TempDir::new("skew-clock-b")];
+    let env = [
+        ("EDGETALLY_SYNC_INTERVAL_MS", "200"),
+        ("EDGETALLY_CLUSTER_SECRET", "seams-secret"),
+    ];
+    let a = Merger::start_at(
+        &dirs[0].0,
+        &q[0].to_string(),
+        &["--peer", &q[1].to_string()],
+        &env,
+    );
+    let mut env_b = env.to_vec();
+    env_b.push(("EDGETALLY_MAX_FUTURE_SKEW_MS", "60000"));
+    let b = Merger::start_at(
+        &dirs[1].0,
+        &q[1].to_string(),
+        &["--peer", &q[0].to_string()],
+        &env_b,
+    );
+    let ahead = now_ms() + 4 * 60_000;
+    let body = format!("{{\"ts_ms\":{ahead},\"category\":\"ahead\"}}\n");
+    let (st, v, _) = b.post_events(None, &body);
+    assert_eq!(
+        (st, v["rejected_by_reason"]["future_timestamp"].as_u64()),
+        (200, Some(1)),
+        "{v}"
+    );
+    let (st, v, _) = a.post_events(None, &body);
+    assert_eq!((st, accepted(&v)), (200, Some(1)), "{v}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while count(&b, "ahead") != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "B never took A's batch: {}",
+            count(&b, "ahead")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(count(&a, "ahead"), 1);
+}

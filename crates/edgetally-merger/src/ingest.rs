@@ -286,8 +286,15 @@ fn check_jobs(
     admission: &Admission,
     replica: &RwLock<Replica>,
 ) -> Checked {
+    // A batch a peer applied is refused here for no clock reason but the one that keeps
+    // apply exact: a bucket past `max_lateness` plus the grace could belong to an epoch whose
+    // seen-set has expired here. The future rule is the producer's clock against the first
+    // merger's; a peer whose clock runs behind (or whose `max_future_skew` is smaller, a
+    // setting being rolled out) refusing what its group holds would split the replicas
+    // while both answered `complete: true` (issue 28, finding 4).
     let peer_limits = Limits {
         max_lateness_ms: limits.max_lateness_ms.saturating_add(peer_grace_ms),
+        max_future_skew_ms: i64::MAX,
         ..*limits
     };
     let mut results: Vec<Option<Result<Batch, DecodeError>>> = Vec::with_capacity(jobs.len());
