@@ -448,3 +448,45 @@ fn a_peer_does_not_refuse_what_its_group_holds_for_the_future_rule() {
     }
     assert_eq!(count(&a, "ahead"), 1);
 }
+
+/// Finding 10: keyed requests are state the node holds for days, so their number is capped
+/// (`max_idempotency_keys`): past it a new key is refused (429, nothing applied) while
+/// retries of remembered keys and unkeyed requests go on; `/v1/status` counts them, across a
+/// restart too (they live in the seen-sets).
+#[test]
+fn keyed_requests_are_capped_and_the_cap_spares_retries_and_unkeyed_requests() {
+    let dir = TempDir::new("keys-cap");
+    let env = [("EDGETALLY_MAX_IDEMPOTENCY_KEYS", "5")];
+    let m = Merger::start_with_env(&dir.0, &[], &env);
+    let now = now_ms();
+    let body = |i: u64| format!("{{\"ts_ms\":{now},\"category\":\"capped\",\"value\":{i}}}\n");
+    for i in 0..5 {
+        let (st, v, _) = m.post_events(Some(&format!("k{i}")), &body(i));
+        assert_eq!((st, accepted(&v)), (200, Some(1)), "{v}");
+    }
+    let (st, v, _) = m.post_events(Some("k5"), &body(5));
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (429, Some("idempotency_keys_full")),
+        "{v}"
+    );
+    // A retry of a remembered key is answered as applied; unkeyed requests go on.
+    let (st, v, replayed) = m.post_events(Some("k3"), &body(3));
+    assert_eq!((st, accepted(&v), replayed), (200, Some(1), true), "{v}");
+    let (st, v, _) = m.post_events(None, &body(9));
+    assert_eq!((st, accepted(&v)), (200, Some(1)), "{v}");
+    assert_eq!(count(&m, "capped"), 6);
+    let (_, s) = m.get("/v1/status");
+    assert_eq!(s["admission"]["max_idempotency_keys"], 5, "{s}");
+    m.kill9();
+    // After a restart the node still remembers them (the seen-sets are durable).
+    let m = Merger::start_with_env(&dir.0, &[], &env);
+    let (st, v, _) = m.post_events(Some("k6"), &body(6));
+    assert_eq!(st, 429, "{v}");
+    let (_, s) = m.get("/v1/status");
+    assert!(
+        s["admission"]["idempotency_keys"].as_u64() >= Some(5),
+        "{s}"
+    );
+    assert_eq!(count(&m, "capped"), 6);
+}

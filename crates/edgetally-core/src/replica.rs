@@ -1728,6 +1728,13 @@ impl Replica {
         &self.absorbed
     }
 
+    /// How many epochs of `producer` the seen-sets hold (O(their number)).
+    pub fn epochs_of(&self, producer: &ProducerKey) -> usize {
+        self.seen
+            .range((*producer, 0)..=(*producer, u64::MAX))
+            .count()
+    }
+
     /// The seqs applied of (producer, epoch), if any were.
     pub fn epoch_seqs(&self, producer: &ProducerKey, epoch: u64) -> Option<&SeenSet> {
         self.seen.get(&(*producer, epoch)).map(|s| &s.seqs)

@@ -67,6 +67,10 @@ pub struct Config {
     pub new_entities_per_hour: u32,
     /// Most series the node holds; batches that would add more are refused. 0: unlimited.
     pub max_series: u64,
+    /// Most `Idempotency-Key` requests the node remembers at once (each is a seen-set held
+    /// until `max_lateness` plus the margin has passed); new keyed requests past it get 429
+    /// `idempotency_keys_full`. 0: unlimited.
+    pub max_idempotency_keys: u64,
     /// Per-category `[min, max]` bounds on values (`"*"`: every category without its own).
     pub value_bounds: BTreeMap<String, [f64; 2]>,
     /// Refuse batches from producers found equivocating (two contents under one batch id,
@@ -160,6 +164,7 @@ impl Default for Config {
             new_categories_per_hour: 1_000,
             new_entities_per_hour: 100_000,
             max_series: 2_000_000,
+            max_idempotency_keys: 500_000,
             value_bounds: BTreeMap::new(),
             refuse_equivocators: true,
             http_tls: false,
@@ -284,6 +289,8 @@ pub struct FileConfig {
     pub new_entities_per_hour: Option<u32>,
     /// See [`Config::max_series`].
     pub max_series: Option<u64>,
+    /// See [`Config::max_idempotency_keys`].
+    pub max_idempotency_keys: Option<u64>,
     /// See [`Config::value_bounds`].
     pub value_bounds: Option<BTreeMap<String, [f64; 2]>>,
     /// See [`Config::refuse_equivocators`].
@@ -406,6 +413,7 @@ impl FileConfig {
         "new_categories_per_hour",
         "new_entities_per_hour",
         "max_series",
+        "max_idempotency_keys",
         "value_bounds",
         "refuse_equivocators",
         "http_tls",
@@ -534,6 +542,7 @@ impl Config {
             new_categories_per_hour => self.new_categories_per_hour,
             new_entities_per_hour => self.new_entities_per_hour,
             max_series => self.max_series,
+            max_idempotency_keys => self.max_idempotency_keys,
             value_bounds => self.value_bounds,
             refuse_equivocators => self.refuse_equivocators,
             http_tls => self.http_tls,

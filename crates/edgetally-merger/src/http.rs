@@ -29,6 +29,10 @@ pub struct Api {
     node: Arc<Node>,
     events_epoch: u64,
     events_seq: std::sync::atomic::AtomicU64,
+    /// Keyed requests remembered (the events key's epochs in the seen-sets), as last counted,
+    /// plus those applied here since; and when it was counted, ms.
+    keys_live: std::sync::atomic::AtomicU64,
+    keys_counted_ms: std::sync::atomic::AtomicI64,
 }
 
 impl Api {
@@ -38,7 +42,26 @@ impl Api {
             node,
             events_epoch: edgetally_net::random_u64(),
             events_seq: 0.into(),
+            keys_live: 0.into(),
+            keys_counted_ms: i64::MIN.into(),
         }
+    }
+
+    /// How many keyed requests the node remembers: counted in the seen-sets at most once a
+    /// second (a count over the events key's epochs), and kept current in between by the
+    /// requests applied here. Replicated ones and expiries show at the next count.
+    fn keys_live(&self, now: i64) -> u64 {
+        let at = self.keys_counted_ms.load(Relaxed);
+        if now.saturating_sub(at) >= 1000
+            && self
+                .keys_counted_ms
+                .compare_exchange(at, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            let n = self.state().epochs_of(&self.events_signer.producer());
+            self.keys_live.store(n as u64, Relaxed);
+        }
+        self.keys_live.load(Relaxed)
     }
 }
 
@@ -1377,7 +1400,20 @@ async fn events(
                 KeyState::Fresh if fold.refused_here > 0 => {
                     return Ok(refused_whole(&fold));
                 }
-                KeyState::Fresh => {}
+                KeyState::Fresh => {
+                    let cap = node.config.max_idempotency_keys;
+                    if cap > 0 && node.keys_live(now) >= cap {
+                        return Err(ApiError {
+                            status: StatusCode::TOO_MANY_REQUESTS,
+                            code: "idempotency_keys_full",
+                            message: format!(
+                                "nothing was applied: the node remembers {cap} Idempotency-Key \
+                                 requests (max_idempotency_keys), each until max_lateness has \
+                                 passed; send without the header, or later"
+                            ),
+                        });
+                    }
+                }
             }
         }
         // A keyed request's bytes must be the same on a retry: its creation time is the
@@ -1397,7 +1433,12 @@ async fn events(
             submit_events(&node, fold.builder.finish(id, created)).await?
         };
         match reply {
-            Reply::Ack => batches = 1,
+            Reply::Ack => {
+                batches = 1;
+                if key.is_some() && !replayed {
+                    node.keys_live.fetch_add(1, Relaxed);
+                }
+            }
             Reply::Nack(n) if RejectCode::from_u16(n) == Some(RejectCode::SeriesLimit) => {
                 return Err(ApiError {
                     status: StatusCode::UNPROCESSABLE_ENTITY,
@@ -1630,6 +1671,8 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
             "enrolled_producers": adm.enrolled_len(),
             "series": series,
             "max_series": node.config.max_series,
+            "idempotency_keys": node.keys_live(now_ms()),
+            "max_idempotency_keys": node.config.max_idempotency_keys,
             "producer_batches_per_sec": node.config.producer_batches_per_sec,
             "producer_summaries_per_sec": node.config.producer_summaries_per_sec,
             "source_batches_per_sec": node.config.source_batches_per_sec,
