@@ -66,6 +66,12 @@ impl SeenSet {
             s = s.min(self.ranges[lo].0);
             e = e.max(self.ranges[hi - 1].1);
         }
+        if self.ranges.capacity() == 0 {
+            // A set with one range above its watermark is common (a keyed `/v1/events`
+            // request's epoch holds one seq, far from 0): 16 bytes, not the 64 a first push
+            // reserves.
+            self.ranges.reserve_exact(1);
+        }
         self.ranges.splice(lo..hi, [(s, e)]);
         if self.ranges.first().is_some_and(|&(s, _)| s <= self.next) {
             let (_, e) = self.ranges.remove(0);
