@@ -43,6 +43,13 @@ fn main() -> Result<()> {
             ensure_prerequisites()?;
             web_build(&root)
         }
+        Some("sim") => {
+            let scale = match args.get(1) {
+                Some(s) => s.parse().context("usage: cargo xtask sim [SCALE]")?,
+                None => 20u64,
+            };
+            sim(scale)
+        }
         Some("openapi") => {
             let secs = match args.get(1) {
                 Some(s) => s.parse().context("usage: cargo xtask openapi [SECONDS]")?,
@@ -53,11 +60,31 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|wasm-check|web|openapi [SECONDS]|soak [SECONDS]|churn [SECONDS]|fuzz [SECONDS]|bench [core|wire|sdk|figures|merger|cluster|status|export|web]>"
+                "usage: cargo xtask <test|wasm-check|web|openapi [SECONDS]|soak [SECONDS]|churn [SECONDS]|fuzz [SECONDS]|sim [SCALE]|bench [core|wire|sdk|figures|merger|cluster|status|export|web]>"
             );
             std::process::exit(2)
         }
     }
+}
+
+/// The seeded replica simulation (tests/it/convergence.rs) run `scale` times wider than CI
+/// runs it (1,000 scenarios times `scale`), in release mode; it prints its figures per slice,
+/// and a failure prints the seed that reruns it alone (`EDGETALLY_SIM_SEED`).
+fn sim(scale: u64) -> Result<()> {
+    run(cargo()
+        .args([
+            "test",
+            "--release",
+            "--locked",
+            "-p",
+            "edgetally-tests",
+            "--test",
+            "it",
+            "--",
+            "convergence::simulated",
+            "--nocapture",
+        ])
+        .env("EDGETALLY_SIM_SCALE", scale.to_string()))
 }
 
 fn root() -> Result<PathBuf> {
