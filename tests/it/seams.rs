@@ -490,3 +490,84 @@ fn keyed_requests_are_capped_and_the_cap_spares_retries_and_unkeyed_requests() {
     );
     assert_eq!(count(&m, "capped"), 6);
 }
+
+/// Configuration skew: two peered replicas, one with another `max_lateness` (a setting being
+/// rolled out that replicas must agree on). Each reports the other's settings as different
+/// and its clock skew in `/v1/status`, answers say `complete: false` while it lasts, and the
+/// data still replicates; once both run the same settings, answers are complete again.
+#[test]
+fn replicas_report_settings_that_differ_and_answer_incomplete_meanwhile() {
+    let q = [free_udp(), free_udp()];
+    let dirs = [TempDir::new("skew-cfg-a"), TempDir::new("skew-cfg-b")];
+    let env = [
+        ("EDGETALLY_SYNC_INTERVAL_MS", "200"),
+        ("EDGETALLY_CLUSTER_SECRET", "seams-secret"),
+    ];
+    let start = |i: usize, extra_env: &[(&str, &str)]| {
+        let mut e = env.to_vec();
+        e.extend_from_slice(extra_env);
+        Merger::start_at(
+            &dirs[i].0,
+            &q[i].to_string(),
+            &["--peer", &q[1 - i].to_string()],
+            &e,
+        )
+    };
+    let a = start(0, &[]);
+    let b = start(1, &[("EDGETALLY_MAX_LATENESS_MS", "86400000")]);
+    let (st, v, _) = a.post_events(
+        None,
+        &format!("{{\"ts_ms\":{},\"category\":\"cfg\"}}\n", now_ms()),
+    );
+    assert_eq!(st, 200, "{v}");
+    let handshake = |m: &Merger| m.get("/v1/status").1["peers"][0]["handshake"].clone();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while handshake(&a)["settings_match"] != false || handshake(&b)["settings_match"] != false {
+        assert!(
+            Instant::now() < deadline,
+            "{} {}",
+            handshake(&a),
+            handshake(&b)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for m in [&a, &b] {
+        let h = handshake(m);
+        assert!(
+            h["clock_skew_ms"].as_i64().is_some_and(|s| s.abs() < 2000),
+            "{h}"
+        );
+        let (_, v) = m.get("/v1/aggregate?category=cfg&start=0&end=9999999999999");
+        assert_eq!(v["complete"], false, "{v}");
+    }
+    // Replication goes on meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while count(&b, "cfg") != 1 {
+        assert!(Instant::now() < deadline, "not replicated");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The rollout completes: B restarts with A's settings.
+    b.terminate();
+    let b = start(1, &[]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let complete: Vec<Value> = [&a, &b]
+            .iter()
+            .map(|m| {
+                m.get("/v1/aggregate?category=cfg&start=0&end=9999999999999")
+                    .1["complete"]
+                    .clone()
+            })
+            .collect();
+        if complete.iter().all(|c| *c == true) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still incomplete: {complete:?} {}",
+            handshake(&a)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(handshake(&a)["settings_match"], true);
+}

@@ -130,6 +130,10 @@ impl Cluster {
             metrics: ClusterMetrics::default(),
         };
         c.note_drain(edgetally_net::now_ms());
+        c.auth
+            .facts
+            .topology_version
+            .store(c.topology().version, Relaxed);
         Ok(c)
     }
 
@@ -220,6 +224,7 @@ impl Cluster {
                     groups = new.all_groups().len(),
                     "topology reloaded"
                 );
+                self.auth.facts.topology_version.store(new.version, Relaxed);
                 *self.topology.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
                 self.note_drain(now_ms);
                 self.metrics.reloads.fetch_add(1, Relaxed);

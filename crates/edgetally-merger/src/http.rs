@@ -609,6 +609,11 @@ fn peers_json(node: &Node) -> Value {
                     "diverged": p.diverged,
                     "excluded": p.excluded,
                     "last_error": p.last_error,
+                    "handshake": p.node.and_then(|k| repl.auth.facts.of(&k)).map(|f| json!({
+                        "clock_skew_ms": f.clock_skew_ms,
+                        "topology_version": f.topology_version,
+                        "settings_match": f.settings_match,
+                    })),
                 })
             })
             .collect(),

@@ -109,6 +109,201 @@ pub struct Auth {
     secret: Option<Vec<u8>>,
     keys: Vec<[u8; 32]>,
     signing: ed25519_dalek::SigningKey,
+    /// What this node says of itself in a handshake and what its peers said (shared by every
+    /// clone: the replication links, the cluster's links between groups).
+    pub facts: Arc<Facts>,
+}
+
+/// What a node says of itself after its `Hello`, on the same handshake stream: its clock,
+/// its topology version and a digest of the settings replicas must agree on. Appended after
+/// the `Hello`'s bytes, so that nodes of the previous release, whose decoder stops at the
+/// end of the `Hello`, read it as before (and send none, which is read as "unknown").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct HelloExt {
+    now_ms: i64,
+    topology_version: u64,
+    settings: [u8; 32],
+}
+
+/// What a peer said of itself in its last handshake with this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerFacts {
+    /// Its clock minus this node's, ms (the half round trip taken off where measured).
+    pub clock_skew_ms: i64,
+    /// Its topology version (0: none).
+    pub topology_version: u64,
+    /// Whether the settings replicas must agree on are the same as this node's.
+    pub settings_match: bool,
+}
+
+/// This node's own facts and those its peers sent, by node key.
+#[derive(Debug, Default)]
+pub struct Facts {
+    /// The digest of the settings replicas must agree on ([`settings_digest`]).
+    pub settings: [u8; 32],
+    /// This node's topology version (0: none), kept current by the cluster layer.
+    pub topology_version: std::sync::atomic::AtomicU64,
+    peers: Mutex<BTreeMap<[u8; 32], PeerFacts>>,
+}
+
+impl Facts {
+    /// A node's facts with the digest of its settings ([`settings_digest`]).
+    pub fn new(settings: [u8; 32]) -> Facts {
+        Facts {
+            settings,
+            ..Facts::default()
+        }
+    }
+
+    fn ext(&self) -> HelloExt {
+        HelloExt {
+            now_ms: now_ms(),
+            topology_version: self
+                .topology_version
+                .load(std::sync::atomic::Ordering::Relaxed),
+            settings: self.settings,
+        }
+    }
+
+    /// Records what peer `node` said; `sent_ms`: when this node's own `Hello` left, if it
+    /// asked (the half round trip is then taken off the skew).
+    fn record(&self, node: [u8; 32], ext: Option<HelloExt>, sent_ms: Option<i64>) {
+        let Some(ext) = ext else {
+            // A node of an earlier release: nothing known of it.
+            self.peers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&node);
+            return;
+        };
+        let now = now_ms();
+        let mid = sent_ms.map_or(now, |t| t + (now - t) / 2);
+        let facts = PeerFacts {
+            clock_skew_ms: ext.now_ms.saturating_sub(mid),
+            topology_version: ext.topology_version,
+            settings_match: ext.settings == self.settings,
+        };
+        if !facts.settings_match {
+            warn!(
+                node = %edgetally_net::tls::hex(&node),
+                "a peer runs with other settings that replicas must agree on (limits, \
+                 seen_expiry_margin_ms, retention): answers are not complete until they agree"
+            );
+        }
+        self.peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node, facts);
+    }
+
+    /// What `node` says of itself after a pull round (appended to the round's `Done`): its
+    /// topology version and settings, which change while links stay up; the clock skew stays
+    /// the handshake's (a round's reply is timed by the batches it carries).
+    pub(crate) fn refresh(&self, node: [u8; 32], ext: Option<HelloExt>) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        match (ext, peers.get_mut(&node)) {
+            (Some(ext), Some(p)) => {
+                p.topology_version = ext.topology_version;
+                p.settings_match = ext.settings == self.settings;
+            }
+            (Some(_), None) => {
+                drop(peers);
+                self.record(node, ext, None);
+            }
+            (None, _) => {
+                peers.remove(&node);
+            }
+        }
+    }
+
+    /// This node's facts as bytes to append to a message (see [`HelloExt`]).
+    pub(crate) fn ext_bytes(&self) -> Vec<u8> {
+        postcard::to_allocvec(&self.ext()).unwrap_or_default()
+    }
+
+    /// What `node` said in its last handshake, if it said anything.
+    pub fn of(&self, node: &[u8; 32]) -> Option<PeerFacts> {
+        self.peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .copied()
+    }
+
+    /// Whether one of `nodes` (this node's replication peers: their facts are refreshed at
+    /// every pull round) runs other settings that replicas must agree on, or another
+    /// topology version.
+    pub fn disagreement<'a>(&self, nodes: impl IntoIterator<Item = &'a [u8; 32]>) -> bool {
+        let mine = self
+            .topology_version
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        nodes.into_iter().any(|n| {
+            peers
+                .get(n)
+                .is_some_and(|p| !p.settings_match || p.topology_version != mine)
+        })
+    }
+}
+
+/// The digest of the settings whose difference between replicas changes what they hold or
+/// answer: the batch limits and lateness (a replicated batch one refuses the other applied),
+/// the seen-set expiry margin (how long a resend is known for a duplicate) and the tiers'
+/// retention (what a query over a long range reads).
+pub fn settings_digest(config: &crate::config::Config) -> [u8; 32] {
+    use sha2::Digest as _;
+    let l = &config.limits;
+    let text = format!(
+        "edgetally/settings/v1 max_payload_bytes={} max_summaries={} max_categories={} \
+         max_entities={} max_lateness_ms={} seen_expiry_margin_ms={} retention={:?}",
+        l.max_payload_bytes,
+        l.max_summaries,
+        l.max_categories,
+        l.max_entities,
+        l.max_lateness_ms,
+        config.seen_expiry_margin_ms,
+        config.retention.tiers
+    );
+    sha2::Sha256::digest(text.as_bytes()).into()
+}
+
+/// A `Hello` with this node's facts after it.
+fn hello_bytes(auth: &Auth, role: u8, ekm: &[u8; 32]) -> Result<Vec<u8>, String> {
+    let mut out = postcard::to_allocvec(&auth.hello(role, ekm)).map_err(|e| e.to_string())?;
+    out.extend(auth.facts.ext_bytes());
+    Ok(out)
+}
+
+/// The facts appended after a message, if any (a node of an earlier release sends none).
+pub(crate) fn read_ext(rest: &[u8]) -> Option<HelloExt> {
+    postcard::from_bytes::<HelloExt>(rest).ok()
+}
+
+/// A `Hello` and the facts after it, if any (a node of an earlier release sends none).
+pub(crate) fn read_hello(raw: &[u8]) -> Result<(Hello, Option<HelloExt>), String> {
+    let (hello, rest) =
+        postcard::take_from_bytes::<Hello>(raw).map_err(|_| "bad hello".to_string())?;
+    Ok((hello, read_ext(rest)))
+}
+
+/// The server side of the handshake: reads the client's `Hello`, checks it, answers with
+/// this node's; returns the client's node key.
+pub(crate) async fn accept_hello(
+    auth: &Auth,
+    conn: &quinn::Connection,
+    remote: SocketAddr,
+) -> Result<[u8; 32], String> {
+    let k = ekm(conn)?;
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+    let raw = recv.read_to_end(4096).await.map_err(|e| e.to_string())?;
+    let (theirs, ext) = read_hello(&raw)?;
+    auth.check(&theirs, CLIENT, &k, remote)
+        .map_err(str::to_string)?;
+    auth.facts.record(theirs.node, ext, None);
+    let mine = hello_bytes(auth, SERVER, &k)?;
+    send.write_all(&mine).await.map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    Ok(theirs.node)
 }
 
 impl std::fmt::Debug for Auth {
@@ -142,6 +337,7 @@ impl Auth {
             secret: secret.map(|s| s.as_bytes().to_vec()),
             keys,
             signing: ed25519_dalek::SigningKey::from_bytes(&seed),
+            facts: Arc::default(),
         })
     }
 
@@ -243,13 +439,15 @@ pub async fn connect(
         .await
         .map_err(|e| e.to_string())?;
     let k = ekm(&conn)?;
-    let hello = postcard::to_allocvec(&auth.hello(CLIENT, &k)).map_err(|e| e.to_string())?;
+    let hello = hello_bytes(auth, CLIENT, &k)?;
+    let sent = now_ms();
     let reply = request(&conn, &hello, 4096).await?;
-    let theirs: Hello = postcard::from_bytes(&reply).map_err(|_| "bad hello".to_string())?;
+    let (theirs, ext) = read_hello(&reply)?;
     if let Err(why) = auth.check(&theirs, SERVER, &k, addr) {
         conn.close(2u32.into(), why.as_bytes());
         return Err(format!("peer refused: {why}"));
     }
+    auth.facts.record(theirs.node, ext, Some(sent));
     Ok((conn, theirs.node))
 }
 
@@ -279,9 +477,14 @@ impl Replication {
         self.sync().status(now_ms())
     }
 
-    /// Whether every configured peer is reachable now, with no divergence from it unrepaired.
+    /// Whether every configured peer is reachable now, with no divergence from it unrepaired,
+    /// and no node this one has shaken hands with disagrees on the settings replicas must
+    /// share or on the topology version (an answer is not complete while they differ).
     pub fn sees_all_peers(&self) -> bool {
-        self.sync().sees_all(now_ms())
+        let sync = self.sync();
+        let now = now_ms();
+        let nodes: Vec<[u8; 32]> = sync.status(now).values().filter_map(|p| p.node).collect();
+        sync.sees_all(now) && !self.auth.facts.disagreement(&nodes)
     }
 
     /// A peer away longer than the horizon stops holding back pruning, if this node is in a
@@ -342,4 +545,76 @@ pub async fn fetch_snapshot(
     .await;
     asks.abort_all();
     first.ok().flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The facts ride after the `Hello` and after a round's `Done` without breaking either
+    /// release: the previous release's decoder (`postcard::from_bytes`, which stops at the end
+    /// of the value) reads the new bytes as before, and this release reads the previous one's
+    /// bytes (no facts) as "unknown".
+    #[test]
+    fn facts_after_a_hello_and_a_done_are_invisible_to_the_previous_release() {
+        let auth = Auth::new(Some("s"), &[], [7; 32]).expect("auth");
+        let facts = Facts::new([9; 32]);
+        facts
+            .topology_version
+            .store(4, std::sync::atomic::Ordering::Relaxed);
+        let auth = Auth {
+            facts: Arc::new(facts),
+            ..auth
+        };
+        let ekm = [3; 32];
+        let new = hello_bytes(&auth, CLIENT, &ekm).expect("hello");
+        let old = postcard::to_allocvec(&auth.hello(CLIENT, &ekm)).expect("old hello");
+        assert!(new.len() > old.len() && new.starts_with(&old));
+        // The previous release's read of the new bytes.
+        let theirs: Hello = postcard::from_bytes(&new).expect("old decoder");
+        assert!(auth
+            .check(&theirs, CLIENT, &ekm, "127.0.0.1:1".parse().expect("addr"))
+            .is_ok());
+        // This release's read of both.
+        let (_, ext) = read_hello(&new).expect("new decoder");
+        let ext = ext.expect("facts");
+        assert_eq!((ext.topology_version, ext.settings), (4, [9; 32]));
+        assert_eq!(read_hello(&old).expect("old bytes").1, None);
+        // After a Done, the same.
+        let done = postcard::to_allocvec(&SyncItem::Done {
+            digest: Digest::default(),
+            more: false,
+            state_hash: [1; 32],
+        })
+        .expect("done");
+        let mut with = done.clone();
+        with.extend(auth.facts.ext_bytes());
+        assert!(
+            postcard::from_bytes::<SyncItem>(&with).is_ok(),
+            "old decoder"
+        );
+        let (_, rest) = postcard::take_from_bytes::<SyncItem>(&with).expect("new decoder");
+        assert_eq!(read_ext(rest).map(|e| e.topology_version), Some(4));
+        let (_, rest) = postcard::take_from_bytes::<SyncItem>(&done).expect("old bytes");
+        assert_eq!(read_ext(rest), None);
+        // A peer's facts: recorded, refreshed, and judged.
+        let me = Facts::new([9; 32]);
+        me.record([1; 32], Some(ext), None);
+        assert!(me.disagreement(&[[1; 32]]), "topology version 4 against 0");
+        me.topology_version
+            .store(4, std::sync::atomic::Ordering::Relaxed);
+        assert!(!me.disagreement(&[[1; 32]]));
+        assert!(!me.disagreement(&[[2; 32]]), "a node never heard from");
+        let other = HelloExt {
+            settings: [8; 32],
+            ..ext
+        };
+        me.refresh([1; 32], Some(other));
+        assert_eq!(me.of(&[1; 32]).map(|f| f.settings_match), Some(false));
+        assert!(me.disagreement(&[[1; 32]]));
+        // The peer restarted as the previous release: nothing known of it any more.
+        me.refresh([1; 32], None);
+        assert_eq!(me.of(&[1; 32]), None);
+        assert!(!me.disagreement(&[[1; 32]]));
+    }
 }

@@ -31,9 +31,7 @@
 //! of pushes, pulls and producer retries changes nothing (ARCHITECTURE.md).
 
 use crate::node::Node;
-use crate::peer::{
-    ekm, request, Hello, Request, SyncItem, CLIENT, HELLO_DEADLINE, MAX_MESSAGE, SERVER,
-};
+use crate::peer::{request, Request, SyncItem, HELLO_DEADLINE, MAX_MESSAGE};
 pub use crate::peer::{PeerStatus, Replication, SYNC_BATCH};
 use edgetally_core::{answer_round, Adopt, RoundResult, Snapshot};
 use edgetally_net::now_ms;
@@ -53,20 +51,10 @@ pub async fn serve_peer(node: Arc<Node>, conn: quinn::Connection) {
     };
     // The first stream is the handshake, and it must come promptly: a connection that never
     // says Hello is not held.
-    let authed = tokio::time::timeout(HELLO_DEADLINE, async {
-        let k = ekm(&conn)?;
-        let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-        let raw = recv.read_to_end(4096).await.map_err(|e| e.to_string())?;
-        let theirs: Hello = postcard::from_bytes(&raw).map_err(|_| "bad hello".to_string())?;
-        repl.auth
-            .check(&theirs, CLIENT, &k, remote)
-            .map_err(str::to_string)?;
-        let mine =
-            postcard::to_allocvec(&repl.auth.hello(SERVER, &k)).map_err(|e| e.to_string())?;
-        send.write_all(&mine).await.map_err(|e| e.to_string())?;
-        let _ = send.finish();
-        Ok::<_, String>(theirs.node)
-    })
+    let authed = tokio::time::timeout(
+        HELLO_DEADLINE,
+        crate::peer::accept_hello(&repl.auth, &conn, remote),
+    )
     .await
     .unwrap_or_else(|_| Err("no Hello within the deadline".to_string()));
     let peer_node = match authed {
@@ -119,12 +107,19 @@ async fn answer(
                     .await
                     .map_err(|e| e.to_string())?;
             }
-            let done = postcard::to_allocvec(&SyncItem::Done {
+            let mut done = postcard::to_allocvec(&SyncItem::Done {
                 digest: answer.digest,
                 more: answer.more,
                 state_hash: answer.state_hash,
             })
             .map_err(|e| e.to_string())?;
+            // This node's facts after the `Done` (nodes of an earlier release stop reading at
+            // its end): its topology version and settings, current at every round.
+            done.extend(
+                node.replication
+                    .as_ref()
+                    .map_or_else(Vec::new, |r| r.auth.facts.ext_bytes()),
+            );
             send.write_all(&edgetally_proto::encode_frame(&done))
                 .await
                 .map_err(|e| e.to_string())?;
@@ -304,7 +299,9 @@ async fn pull(
     let mut buf = vec![0u8; 64 << 10];
     let done = 'read: loop {
         while let Some(frame) = frames.next_frame().map_err(|e| e.to_string())? {
-            match postcard::from_bytes::<SyncItem>(&frame).map_err(|_| "bad sync item")? {
+            let (item, rest) =
+                postcard::take_from_bytes::<SyncItem>(&frame).map_err(|_| "bad sync item")?;
+            match item {
                 SyncItem::Batch(raw) => {
                     // Bounded: at most 256 pulled batches wait for the pipeline at once; the
                     // QUIC stream's flow control holds the rest at the peer.
@@ -323,7 +320,12 @@ async fn pull(
                     digest,
                     more,
                     state_hash,
-                } => break 'read (digest, more, state_hash),
+                } => {
+                    if let Some(key) = repl.status().get(&addr).and_then(|p| p.node) {
+                        repl.auth.facts.refresh(key, crate::peer::read_ext(rest));
+                    }
+                    break 'read (digest, more, state_hash);
+                }
             }
         }
         match recv.read(&mut buf).await.map_err(|e| e.to_string())? {

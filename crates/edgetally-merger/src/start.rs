@@ -58,9 +58,12 @@ impl Node {
         let replication = if config.peers.is_empty() && config.topology_file.is_none() {
             None
         } else {
-            let auth =
+            let mut auth =
                 crate::peer::Auth::new(config.cluster_secret.as_deref(), &config.peer_keys, seed)
                     .map_err(StartError::Restore)?;
+            auth.facts = Arc::new(crate::peer::Facts::new(crate::peer::settings_digest(
+                &config,
+            )));
             if auth.open_to_loopback_only() {
                 // Peer links carry the state, snapshots included: never to or from a stranger,
                 // loopback or not.
