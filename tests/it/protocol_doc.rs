@@ -113,8 +113,77 @@ fn protocol_vectors_match_the_code() {
         );
         checked += 1;
     }
+    // §3: the control-character rule, a whole batch each and the reason a merger gives a
+    // producer for it (decoded and verified fine: the rule is applied after the batch's own).
+    for (name, cat, ent, want) in control_vectors() {
+        let doc = v
+            .get(name)
+            .unwrap_or_else(|| panic!("PROTOCOL.md lacks {name}"));
+        assert_eq!(*doc, control_batch(cat, ent), "{name}");
+        let batch = edgetally_proto::decode(doc, &edgetally_core::Limits::default())
+            .and_then(|u| u.verify())
+            .expect("decodes and verifies");
+        assert_eq!(batch.check_names(), Err(want), "{name}");
+        checked += 1;
+    }
     assert_eq!(checked, v.len(), "every vector in the document is checked");
     assert!(checked >= 7);
+}
+
+/// The control-character vectors: name, category, entity, the reason.
+fn control_vectors() -> [(&'static str, &'static str, Option<&'static str>, RejectCode); 2] {
+    [
+        (
+            "batch-nul-category-invalid_category",
+            "m\u{0}x",
+            None,
+            RejectCode::InvalidCategory,
+        ),
+        (
+            "batch-tab-entity-invalid_entity",
+            "cpu",
+            Some("a\tb"),
+            RejectCode::InvalidEntity,
+        ),
+    ]
+}
+
+/// A batch as the `minimal` vector (seed 32 × 01, epoch 1, seq 0, created and recorded at
+/// 1,700,000,000,000 ms, value 1.5) with the names given — which no SDK builds: the builder
+/// refuses them, so they are put into the string table by hand.
+fn control_batch(category: &str, entity: Option<&str>) -> Vec<u8> {
+    let signer = edgetally_proto::Signer::from_seed([1; 32]);
+    let clean = |x: &str| x.replace(|c: char| c.is_control(), "_");
+    let mut b = edgetally_proto::BatchBuilder::new(1000).expect("width");
+    b.record(
+        &clean(category),
+        entity.map(clean).as_deref(),
+        1_700_000_000_000,
+        1.5,
+    )
+    .expect("record");
+    let mut batch = b.finish(
+        edgetally_core::BatchId {
+            producer: signer.producer(),
+            epoch: 1,
+            seq: 0,
+        },
+        1_700_000_000_000,
+    );
+    batch.strings = batch
+        .strings
+        .iter()
+        .map(|x| {
+            if x == clean(category) {
+                category.to_string()
+            } else if entity.is_some_and(|e| x == clean(e)) {
+                entity.unwrap_or(x).to_string()
+            } else {
+                x.to_string()
+            }
+        })
+        .collect();
+    signer.seal(&batch).expect("seal")
 }
 
 /// Prints the vectors (for writing the document): `cargo test -p edgetally-tests print_vectors -- --nocapture`.
@@ -136,5 +205,10 @@ fn print_vectors() {
             hex(&encode_payload(&batch).expect("encode"))
         );
         println!("batch-{name}: {}", hex(&signer.seal(&batch).expect("seal")));
+    }
+    for (name, cat, ent, _) in control_vectors() {
+        let b = control_batch(cat, ent);
+        let hex: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
+        println!("{name}: {}", hex.join(" "));
     }
 }

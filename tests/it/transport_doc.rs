@@ -416,6 +416,24 @@ fn the_first_failing_rule_in_the_documented_order_is_the_reason() {
             DuplicateKey,
         ),
         (
+            "a NUL in a category and created far ahead: the name rule before the clock",
+            Box::new(move |b| {
+                b.strings = ["a\u{0}"].into_iter().collect();
+                b.created_ms = now + 10 * 86_400_000
+            }),
+            true,
+            InvalidCategory,
+        ),
+        (
+            "a NUL in a category and a NaN: the batch's own rules before the name rule",
+            Box::new(move |b| {
+                b.strings = ["a\u{0}"].into_iter().collect();
+                b.summaries[0].summary = nan
+            }),
+            false,
+            InvalidValue,
+        ),
+        (
             "created ahead and a bucket too old",
             Box::new(move |b| {
                 b.created_ms = now + 3_600_000;

@@ -497,10 +497,14 @@ pub fn verify_many(items: Vec<Unverified>) -> Vec<Result<Batch, DecodeError>> {
         .collect()
 }
 
-/// Decodes, checks the clock-dependent limits against `now_ms`, and verifies: the whole
-/// acceptance path for one batch.
+/// Decodes, applies the producer's name rule, checks the clock-dependent limits against
+/// `now_ms`, and verifies: the whole acceptance path for one batch from a producer (admission
+/// aside), in the order docs/PROTOCOL.md §3 gives.
 pub fn open(bytes: &[u8], limits: &Limits, now_ms: i64) -> Result<Batch, DecodeError> {
     let u = decode(bytes, limits)?;
+    u.batch
+        .check_names()
+        .map_err(|c| DecodeError::new(c, "a name holds a control character"))?;
     u.batch
         .check_time(now_ms, limits)
         .map_err(|c| DecodeError::new(c, "bucket outside the accepted time window"))?;
