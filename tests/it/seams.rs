@@ -8,6 +8,37 @@ use crate::harness::{free_udp, now_ms, Merger, TempDir};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
+/// Two replicas peered with each other: their QUIC addresses and data directories.
+struct Pair {
+    q: [std::net::SocketAddr; 2],
+    dirs: [TempDir; 2],
+}
+
+impl Pair {
+    fn new(name: &str) -> Pair {
+        Pair {
+            q: [free_udp(), free_udp()],
+            dirs: [
+                TempDir::new(&format!("{name}-a")),
+                TempDir::new(&format!("{name}-b")),
+            ],
+        }
+    }
+
+    /// Starts replica `i` (0 or 1), peered with the other, with extra flags and variables.
+    fn start(&self, i: usize, args: &[&str], env: &[(&str, &str)]) -> Merger {
+        let peer = self.q[1 - i].to_string();
+        let mut all = vec!["--peer", peer.as_str()];
+        all.extend_from_slice(args);
+        let mut e = vec![
+            ("EDGETALLY_SYNC_INTERVAL_MS", "200"),
+            ("EDGETALLY_CLUSTER_SECRET", "seams-secret"),
+        ];
+        e.extend_from_slice(env);
+        Merger::start_at(&self.dirs[i].0, &self.q[i].to_string(), &all, &e)
+    }
+}
+
 fn count(m: &Merger, category: &str) -> u64 {
     m.get(&format!(
         "/v1/aggregate?category={category}&start=0&end=9999999999999"
@@ -118,31 +149,11 @@ fn a_keyed_retry_is_answered_with_what_was_applied_whatever_the_clock() {
 /// node is answered as applied.
 #[test]
 fn replicas_with_different_settings_never_split_on_a_keyed_request() {
-    let q = [free_udp(), free_udp()];
-    let dirs = [TempDir::new("skew-a"), TempDir::new("skew-b")];
-    let cfg = dirs[1].0.join("bounds.toml");
+    let pair = Pair::new("skew");
+    let cfg = pair.dirs[1].0.join("bounds.toml");
     std::fs::write(&cfg, "value_bounds = { \"*\" = [0, 10] }\n").expect("config");
-    let env = [
-        ("EDGETALLY_SYNC_INTERVAL_MS", "200"),
-        ("EDGETALLY_CLUSTER_SECRET", "seams-secret"),
-    ];
-    let a = Merger::start_at(
-        &dirs[0].0,
-        &q[0].to_string(),
-        &["--peer", &q[1].to_string()],
-        &env,
-    );
-    let b = Merger::start_at(
-        &dirs[1].0,
-        &q[1].to_string(),
-        &[
-            "--peer",
-            &q[0].to_string(),
-            "--config",
-            cfg.to_str().expect("utf8"),
-        ],
-        &env,
-    );
+    let a = pair.start(0, &[], &[]);
+    let b = pair.start(1, &["--config", cfg.to_str().expect("utf8")], &[]);
     for round in 0..4 {
         let now = now_ms();
         let cat = format!("split{round}");
@@ -407,26 +418,9 @@ fn hostile_remote_reads_do_not_hold_back_ingest() {
 /// `complete: true` with different counts. B still refuses such an event from a client.
 #[test]
 fn a_peer_does_not_refuse_what_its_group_holds_for_the_future_rule() {
-    let q = [free_udp(), free_udp()];
-    let dirs = [TempDir::new("skew-clock-a"), TempDir::new("skew-clock-b")];
-    let env = [
-        ("EDGETALLY_SYNC_INTERVAL_MS", "200"),
-        ("EDGETALLY_CLUSTER_SECRET", "seams-secret"),
-    ];
-    let a = Merger::start_at(
-        &dirs[0].0,
-        &q[0].to_string(),
-        &["--peer", &q[1].to_string()],
-        &env,
-    );
-    let mut env_b = env.to_vec();
-    env_b.push(("EDGETALLY_MAX_FUTURE_SKEW_MS", "60000"));
-    let b = Merger::start_at(
-        &dirs[1].0,
-        &q[1].to_string(),
-        &["--peer", &q[0].to_string()],
-        &env_b,
-    );
+    let pair = Pair::new("skew-clock");
+    let a = pair.start(0, &[], &[]);
+    let b = pair.start(1, &[], &[("EDGETALLY_MAX_FUTURE_SKEW_MS", "60000")]);
     let ahead = now_ms() + 4 * 60_000;
     let body = format!("{{\"ts_ms\":{ahead},\"category\":\"ahead\"}}\n");
     let (st, v, _) = b.post_events(None, &body);
@@ -497,24 +491,9 @@ fn keyed_requests_are_capped_and_the_cap_spares_retries_and_unkeyed_requests() {
 /// data still replicates; once both run the same settings, answers are complete again.
 #[test]
 fn replicas_report_settings_that_differ_and_answer_incomplete_meanwhile() {
-    let q = [free_udp(), free_udp()];
-    let dirs = [TempDir::new("skew-cfg-a"), TempDir::new("skew-cfg-b")];
-    let env = [
-        ("EDGETALLY_SYNC_INTERVAL_MS", "200"),
-        ("EDGETALLY_CLUSTER_SECRET", "seams-secret"),
-    ];
-    let start = |i: usize, extra_env: &[(&str, &str)]| {
-        let mut e = env.to_vec();
-        e.extend_from_slice(extra_env);
-        Merger::start_at(
-            &dirs[i].0,
-            &q[i].to_string(),
-            &["--peer", &q[1 - i].to_string()],
-            &e,
-        )
-    };
-    let a = start(0, &[]);
-    let b = start(1, &[("EDGETALLY_MAX_LATENESS_MS", "86400000")]);
+    let pair = Pair::new("skew-cfg");
+    let a = pair.start(0, &[], &[]);
+    let b = pair.start(1, &[], &[("EDGETALLY_MAX_LATENESS_MS", "86400000")]);
     let (st, v, _) = a.post_events(
         None,
         &format!("{{\"ts_ms\":{},\"category\":\"cfg\"}}\n", now_ms()),
@@ -548,7 +527,7 @@ fn replicas_report_settings_that_differ_and_answer_incomplete_meanwhile() {
     }
     // The rollout completes: B restarts with A's settings.
     b.terminate();
-    let b = start(1, &[]);
+    let b = pair.start(1, &[], &[]);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let complete: Vec<Value> = [&a, &b]
