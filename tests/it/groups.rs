@@ -622,6 +622,31 @@ fn producers_that_know_the_topology_send_to_their_owner_and_nothing_is_forwarded
 /// the retry is the same batch wherever it lands — signed by the cluster's events key, not
 /// the receiving node's — so it counts once, within a group (two replicas) and across shard
 /// groups (routed to the events key's owner group).
+/// Starts one node per (group, peers) on the QUIC addresses `q`, in data directories named
+/// after `name`, all reading the topology file `topo`.
+fn start_nodes<const N: usize>(
+    name: &str,
+    q: &[SocketAddr],
+    defs: [(&'static str, Vec<SocketAddr>); N],
+    topo: &Path,
+) -> Vec<Node> {
+    let mut nodes: Vec<Node> = defs
+        .into_iter()
+        .enumerate()
+        .map(|(i, (group, peers))| Node {
+            dir: TempDir::new(&format!("{name}-{i}")),
+            quic: q[i],
+            group,
+            peers,
+            proc: None,
+        })
+        .collect();
+    for n in nodes.iter_mut() {
+        n.start(topo);
+    }
+    nodes
+}
+
 #[test]
 fn a_keyed_events_retry_at_another_node_counts_once() {
     let q: Vec<SocketAddr> = (0..3).map(|_| free_udp()).collect();
@@ -634,20 +659,12 @@ fn a_keyed_events_retry_at_another_node_counts_once() {
             &[(0, vec![("g0", vec![q[0], q[1]]), ("g1", vec![q[2]])])],
         ),
     );
-    let mut nodes: Vec<Node> = [("g0", vec![q[1]]), ("g0", vec![q[0]]), ("g1", vec![])]
-        .into_iter()
-        .enumerate()
-        .map(|(i, (group, peers))| Node {
-            dir: TempDir::new(&format!("groups-keyed-{i}")),
-            quic: q[i],
-            group,
-            peers,
-            proc: None,
-        })
-        .collect();
-    for n in nodes.iter_mut() {
-        n.start(&topo);
-    }
+    let nodes = start_nodes(
+        "groups-keyed",
+        &q,
+        [("g0", vec![q[1]]), ("g0", vec![q[0]]), ("g1", vec![])],
+        &topo,
+    );
     let ts = now_ms() - 1_000;
     let body = format!(r#"[{{"ts_ms":{ts},"category":"orders","value":5}}]"#);
     let post = |m: &Merger, key: &str| {
@@ -709,20 +726,12 @@ fn forwarding_goes_straight_to_a_live_replica_while_one_is_down() {
             &[(0, vec![("g0", vec![q[0]]), ("g1", vec![q[1], q[2]])])],
         ),
     );
-    let mut nodes: Vec<Node> = [("g0", vec![]), ("g1", vec![q[2]]), ("g1", vec![q[1]])]
-        .into_iter()
-        .enumerate()
-        .map(|(i, (group, peers))| Node {
-            dir: TempDir::new(&format!("groups-forward-{i}")),
-            quic: q[i],
-            group,
-            peers,
-            proc: None,
-        })
-        .collect();
-    for n in nodes.iter_mut() {
-        n.start(&topo);
-    }
+    let mut nodes = start_nodes(
+        "groups-forward",
+        &q,
+        [("g0", vec![]), ("g1", vec![q[2]]), ("g1", vec![q[1]])],
+        &topo,
+    );
     // Producers owned by g1, so every batch posted to g0's node is forwarded.
     let owned: Vec<edgetally_proto::Signer> = (1..400u64)
         .map(edgetally_tests::signer)
