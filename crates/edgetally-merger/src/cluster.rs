@@ -64,7 +64,7 @@ pub struct Cluster {
     auth: Auth,
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
     /// Replicas of other groups that failed a forward and have not answered since.
-    down: Mutex<HashMap<String, ()>>,
+    down: Mutex<std::collections::HashSet<String>>,
     deadline: Duration,
     limits: Limits,
     next: AtomicU64,
@@ -121,7 +121,7 @@ impl Cluster {
             endpoint,
             auth,
             conns: Mutex::new(HashMap::new()),
-            down: Mutex::new(HashMap::new()),
+            down: Mutex::default(),
             deadline,
             limits,
             next: AtomicU64::new(0),
@@ -392,8 +392,7 @@ impl Cluster {
         let start = self.next.fetch_add(1, Relaxed) as usize;
         let rotated = (0..n).map(|i| group.quic[(start + i) % n].clone());
         let down = self.down.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut live, dead): (Vec<String>, Vec<String>) =
-            rotated.partition(|a| !down.contains_key(a));
+        let (mut live, dead): (Vec<String>, Vec<String>) = rotated.partition(|a| !down.contains(a));
         live.extend(dead);
         live
     }
@@ -417,8 +416,7 @@ impl Cluster {
             .down
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(addr.to_string(), ())
-            .is_none();
+            .insert(addr.to_string());
         if !fresh {
             return;
         }
@@ -432,7 +430,7 @@ impl Cluster {
                     .down
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .contains_key(&addr)
+                    .contains(&addr)
                 {
                     return;
                 }
@@ -451,7 +449,7 @@ impl Cluster {
         self.down
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .keys()
+            .iter()
             .cloned()
             .collect()
     }
