@@ -550,3 +550,173 @@ fn replicas_report_settings_that_differ_and_answer_incomplete_meanwhile() {
     }
     assert_eq!(handshake(&a)["settings_match"], true);
 }
+
+/// A nemesis at the seams: two peered replicas, each `kill -9`'d and restarted in turn, while
+/// keyed `/v1/events` requests go to one node and — whenever the answer is lost — are retried
+/// with the same key at the other, and native producers that know both nodes record and fail
+/// over. Judged against a ground truth: every keyed request counted exactly as its final
+/// answer said (never twice, though it may have been applied at both replicas), every record
+/// a producer had acknowledged counted once, and both replicas identical and complete.
+#[test]
+fn keyed_retries_and_failing_over_producers_are_exact_through_kill_9() {
+    use std::sync::{Arc, Mutex};
+    let pair = Pair::new("nemesis");
+    let mut nodes = [Some(pair.start(0, &[], &[])), Some(pair.start(1, &[], &[]))];
+    let urls = Arc::new(Mutex::new([
+        nodes[0].as_ref().map(|m| m.http.clone()),
+        nodes[1].as_ref().map(|m| m.http.clone()),
+    ]));
+    let now = now_ms();
+    let rt = crate::harness::runtime();
+    let endpoints: Vec<edgetally_net::Endpoint> = (0..2)
+        .map(|i| edgetally_net::Endpoint {
+            addr: pair.q[i],
+            cert: nodes[i].as_ref().expect("up").cert,
+        })
+        .collect();
+    let producers: Vec<edgetally_net::NativeProducer> = (0..2)
+        .map(|_| {
+            rt.block_on(async {
+                let config = edgetally_proto::ProducerConfig {
+                    flush_interval_ms: 100,
+                    ..Default::default()
+                };
+                edgetally_net::NativeProducer::start(config, endpoints.clone(), None)
+                    .expect("producer")
+            })
+        })
+        .collect();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (keyed_truth, produced) = std::thread::scope(|s| {
+        let keyed = s.spawn(|| {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(3)))
+                .build()
+                .into();
+            let (mut truth, mut retried) = (0u64, 0u64);
+            for i in 0..150u64 {
+                // Spread over the nemesis' rounds.
+                std::thread::sleep(Duration::from_millis(60));
+                let body: String = (0..3)
+                    .map(|j| {
+                        format!(
+                            "{{\"ts_ms\":{},\"category\":\"nemesis_keyed\",\"value\":{}}}\n",
+                            now - j,
+                            i % 7
+                        )
+                    })
+                    .collect();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut at = (i % 2) as usize;
+                loop {
+                    assert!(Instant::now() < deadline, "request {i} never answered");
+                    let url = urls.lock().expect("urls")[at].clone();
+                    let answer = url.and_then(|u| {
+                        let mut r = agent
+                            .post(&format!("{u}/v1/events"))
+                            .header("idempotency-key", &format!("nemesis-{i}"))
+                            .send(body.as_bytes())
+                            .ok()?;
+                        let st = r.status().as_u16();
+                        let v: Value =
+                            serde_json::from_str(&r.body_mut().read_to_string().ok()?).ok()?;
+                        Some((st, v))
+                    });
+                    match answer {
+                        Some((200, v)) => {
+                            truth += v["accepted"].as_u64().expect("accepted");
+                            break;
+                        }
+                        Some((503, _)) | None => {
+                            // Lost or not applied: the same key at the other node.
+                            retried += 1;
+                            at = 1 - at;
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        Some((st, v)) => panic!("request {i}: {st} {v}"),
+                    }
+                }
+            }
+            assert!(retried > 0, "the nemesis never caught a keyed request");
+            truth
+        });
+        let recording = s.spawn(|| {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 3000 {
+                for p in &producers {
+                    p.record("nemesis_sdk", None, 1.0, None).expect("record");
+                    n += 1;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            n
+        });
+        // The nemesis: each node in turn killed and brought back, four times.
+        for round in 0..4 {
+            std::thread::sleep(Duration::from_millis(1500));
+            let i = round % 2;
+            urls.lock().expect("urls")[i] = None;
+            nodes[i].take().expect("up").kill9();
+            std::thread::sleep(Duration::from_millis(800));
+            let m = pair.start(i, &[], &[]);
+            urls.lock().expect("urls")[i] = Some(m.http.clone());
+            nodes[i] = Some(m);
+        }
+        let keyed_truth = keyed.join().expect("keyed client");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (keyed_truth, recording.join().expect("recorder"))
+    });
+    // Every record is acknowledged once both nodes are back.
+    rt.block_on(async {
+        for p in &producers {
+            assert!(p.flush(Duration::from_secs(60)).await, "{:?}", p.stats());
+        }
+    });
+    let acked: u64 = producers.iter().map(|p| p.stats().acked_records).sum();
+    assert_eq!(acked, produced, "every record acknowledged");
+    assert!(producers
+        .iter()
+        .all(|p| p.stats().dropped == 0 && p.stats().rejected.is_empty()));
+    let (a, b) = (
+        nodes[0].as_ref().expect("up"),
+        nodes[1].as_ref().expect("up"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen: Vec<(u64, u64, Value)> = [a, b]
+            .iter()
+            .map(|m| {
+                let (_, v) =
+                    m.get("/v1/aggregate?category=nemesis_keyed&start=0&end=9999999999999");
+                (
+                    v["count"].as_u64().unwrap_or(0),
+                    count(m, "nemesis_sdk"),
+                    v["complete"].clone(),
+                )
+            })
+            .collect();
+        for (keyed, sdk, _) in &seen {
+            assert!(
+                *keyed <= keyed_truth && *sdk <= produced,
+                "counted twice: {seen:?}"
+            );
+        }
+        if seen
+            .iter()
+            .all(|(k, s, c)| (*k, *s) == (keyed_truth, produced) && *c == true)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not exact: {seen:?}, truth keyed {keyed_truth} sdk {produced}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let hash = |m: &Merger| m.get("/v1/status").1["state_sha256"].clone();
+    assert_eq!(hash(a), hash(b), "replicas identical");
+    for p in &producers {
+        p.close();
+    }
+}
