@@ -607,12 +607,9 @@ fn keyed_retries_and_failing_over_producers_are_exact_through_kill_9() {
                         )
                     })
                     .collect();
-                let deadline = Instant::now() + Duration::from_secs(60);
-                let mut at = (i % 2) as usize;
-                loop {
-                    assert!(Instant::now() < deadline, "request {i} never answered");
+                let send = |at: usize| {
                     let url = urls.lock().expect("urls")[at].clone();
-                    let answer = url.and_then(|u| {
+                    url.and_then(|u| {
                         let mut r = agent
                             .post(&format!("{u}/v1/events"))
                             .header("idempotency-key", &format!("nemesis-{i}"))
@@ -622,10 +619,21 @@ fn keyed_retries_and_failing_over_producers_are_exact_through_kill_9() {
                         let v: Value =
                             serde_json::from_str(&r.body_mut().read_to_string().ok()?).ok()?;
                         Some((st, v))
-                    });
-                    match answer {
+                    })
+                };
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut at = (i % 2) as usize;
+                loop {
+                    assert!(Instant::now() < deadline, "request {i} never answered");
+                    match send(at) {
                         Some((200, v)) => {
-                            truth += v["accepted"].as_u64().expect("accepted");
+                            let accepted = v["accepted"].as_u64().expect("accepted");
+                            truth += accepted;
+                            // The same request through the other node too (a load balancer's
+                            // retry after a timeout): the same answer, counted once.
+                            if let Some((200, w)) = send(1 - at) {
+                                assert_eq!(w["accepted"].as_u64(), Some(accepted), "{w}");
+                            }
                             break;
                         }
                         Some((503, _)) | None => {
