@@ -827,3 +827,149 @@ fn forwarding_goes_straight_to_a_live_replica_while_one_is_down() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Issue 28, finding 3: a topology change reaches the nodes at different moments. g0's node
+/// reads version 2 (a map from `T` on that lists g0 alone, and g1 drained into g0) while g1's
+/// node still reads version 1. Batches g1 owns under the first map, created after `T`, are
+/// sent to g1's node (which takes them: version 1 says they are g1's) and then resent to g0's
+/// node, as a producer whose acks were lost and that fails over would (version 2 says they
+/// are g0's; the producers' clocks run ahead, within `max_future_skew`, so the batches exist
+/// before the change reaches any node). They used to be counted in both groups (16 of 8).
+///
+/// Now g0's node takes no batch that an earlier map gave to another group until every
+/// replica of that group has adopted its version (it hands the topology over, in-band) and
+/// handed back what it took meanwhile; the resends count once. g1's node keeps the adopted
+/// version through a `kill -9` and a restart with its old file, and every node answers
+/// exactly 8 — never more — and `complete: true` only once the versions agree.
+#[test]
+fn a_topology_change_reaching_nodes_at_different_moments_counts_once() {
+    use edgetally_core::BatchId;
+    use edgetally_proto::BatchBuilder;
+    let q: Vec<SocketAddr> = (0..2).map(|_| free_udp()).collect();
+    let topo_dir = TempDir::new("groups-skew-topology");
+    let (topo_a, topo_b) = (topo_dir.0.join("a.toml"), topo_dir.0.join("b.toml"));
+    let v1 = topology(1, &[(0, vec![("g0", vec![q[0]]), ("g1", vec![q[1]])])]);
+    write_atomic(&topo_a, &v1);
+    write_atomic(&topo_b, &v1);
+    let mut nodes: Vec<Node> = [("g0", &topo_a), ("g1", &topo_b)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (group, topo))| {
+            let mut n = Node {
+                dir: TempDir::new(&format!("groups-skew-{i}")),
+                quic: q[i],
+                group,
+                peers: vec![],
+                proc: None,
+            };
+            n.start(topo);
+            n
+        })
+        .collect();
+    // Producers that version 1 gives to g1, with clocks a minute ahead (within
+    // `max_future_skew`): their batches are created after T, when version 2 gives them to g0.
+    let t = now_ms() + 30_000;
+    let created = t + 30_000;
+    let owned: Vec<edgetally_proto::Signer> = (1..200u64)
+        .map(edgetally_tests::signer)
+        .filter(|s| edgetally_proto::topology::heaviest(&s.producer(), ["g0", "g1"]) == Some(1))
+        .take(8)
+        .collect();
+    let batches: Vec<Vec<u8>> = owned
+        .iter()
+        .map(|s| {
+            let mut b = BatchBuilder::new(1000).expect("width");
+            b.record("moved", None, created, 1.0).expect("record");
+            s.seal(&b.finish(
+                BatchId {
+                    producer: s.producer(),
+                    epoch: 1,
+                    seq: 0,
+                },
+                created,
+            ))
+            .expect("seal")
+        })
+        .collect();
+    let now = created;
+    // Taken by g1's node, which reads version 1.
+    for raw in &batches {
+        let (st, v, _) = nodes[1]
+            .m()
+            .post("/v1/batches", "application/octet-stream", raw);
+        assert_eq!(st, 200, "{v}");
+    }
+    // Version 2, on g0's node only: from T on, g0 alone; g1 drained into g0.
+    let v2 = format!(
+        "{}[drains]\ng1 = \"g0\"\n",
+        topology(
+            2,
+            &[
+                (0, vec![("g0", vec![q[0]]), ("g1", vec![q[1]])]),
+                (t, vec![("g0", vec![q[0]])]),
+            ],
+        )
+    );
+    write_atomic(&topo_a, &v2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while nodes[0].m().get("/v1/status").1["topology"]["version"] != 2 {
+        assert!(Instant::now() < deadline, "g0's node never read version 2");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Each resent at g0's node (its ack lost), as a producer failing over would; a Retry is
+    // resent until it is acknowledged.
+    let send = |m: &Merger, raw: &[u8]| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (st, v, _) = m.post("/v1/batches", "application/octet-stream", raw);
+            if st == 200 {
+                return;
+            }
+            assert_eq!(st, 503, "{v}");
+            assert!(Instant::now() < deadline, "never acknowledged: {v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    for raw in &batches {
+        send(nodes[0].m(), raw);
+    }
+    // g1's node learnt version 2 from g0's, and keeps it through a crash and a restart with
+    // its old file.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while nodes[1].m().get("/v1/status").1["topology"]["version"] != 2 {
+        assert!(Instant::now() < deadline, "g1's node never adopted version 2");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nodes[1].proc.take().expect("running").kill9();
+    nodes[1].start(&topo_b);
+    assert_eq!(
+        nodes[1].m().get("/v1/status").1["topology"]["version"],
+        2,
+        "the adopted version was lost in a restart"
+    );
+    for raw in &batches {
+        send(nodes[1].m(), raw);
+    }
+    let w = format!("start={}&end={}", now - 60_000, now + 60_000);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let answers: Vec<Value> = nodes
+            .iter()
+            .map(|n| n.m().get(&format!("/v1/aggregate?category=moved&{w}")).1)
+            .collect();
+        for a in &answers {
+            assert!(
+                a["count"].as_u64().unwrap_or(0) <= 8,
+                "a batch counted in two groups: {answers:?}"
+            );
+        }
+        if answers
+            .iter()
+            .all(|a| a["count"] == 8 && a["complete"] == true)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not exact: {answers:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

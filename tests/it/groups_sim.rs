@@ -148,10 +148,15 @@ impl Sim {
             let absorbed = self.groups[at].absorbed().to_vec();
             match self
                 .topology
-                .decide(&format!("g{at}"), &id.producer, created, |x| {
-                    absorbed.iter().any(|a| a == x)
-                }) {
+                .decide(
+                    &format!("g{at}"),
+                    &id.producer,
+                    created,
+                    |x| absorbed.iter().any(|a| a == x),
+                    |_| true,
+                ) {
                 Decision::Take => break,
+                Decision::AwaitHandoff(_) => unreachable!("every hand-off is done"),
                 Decision::AwaitAbsorb(_) => {
                     self.retries += 1;
                     return Ok(()); // Retry: the producer resends later

@@ -1735,6 +1735,19 @@ impl Replica {
             .count()
     }
 
+    /// Every (producer, epoch) seen-set of the producers `keep` selects: what this replica
+    /// applied of them (a topology hand-off sends these to the group that takes them over).
+    pub fn seen_where(
+        &self,
+        mut keep: impl FnMut(&ProducerKey) -> bool,
+    ) -> Vec<(ProducerKey, u64, SeenSet)> {
+        self.seen
+            .iter()
+            .filter(|((p, _), _)| keep(p))
+            .map(|((p, e), s)| (*p, *e, s.seqs.clone()))
+            .collect()
+    }
+
     /// The seqs applied of (producer, epoch), if any were.
     pub fn epoch_seqs(&self, producer: &ProducerKey, epoch: u64) -> Option<&SeenSet> {
         self.seen.get(&(*producer, epoch)).map(|s| &s.seqs)

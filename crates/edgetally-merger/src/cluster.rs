@@ -11,6 +11,15 @@
 //! - **Topology.** Read from `topology_file`; re-read when the file changes (checked every
 //!   second) and on SIGHUP. A reload must raise the version; one that re-routes creation
 //!   times already past is applied but warned about and counted.
+//! - **Versions agree in-band.** Every second each node asks every node of the topology for
+//!   its topology: a newer one is adopted (and kept in the data directory, so a restart with
+//!   an older file keeps it), an older one is handed the newer. Changing the topology waits
+//!   until no batch routed by the old one is still on its way (the routing lock).
+//! - **Hand-offs** ([`Handoffs`]): a batch that an earlier map gave to another group is taken
+//!   only once every replica of that group has adopted this node's version and answered with
+//!   what it applied of this group's producers; those batch ids are acknowledged and never
+//!   applied here. So a batch is applied in one group whatever order a change reaches the
+//!   nodes in, and answers are marked incomplete while versions differ or a hand-off waits.
 //! - **Queries.** Any node answers by asking one replica of every other group for its part
 //!   ([`Query`] → [`Part`]) and merging: groups hold disjoint sets of batches, so counts and
 //!   exact sums add, min/max combine, and top-k is exact because each part carries every row
@@ -21,14 +30,15 @@
 use crate::peer::Auth;
 pub use crate::scatter::{combine, Answer, DrainState, GroupAnswer, Part, Query};
 use edgetally_core::Limits;
-use edgetally_proto::topology::{Decision, Group, Topology};
+use edgetally_proto::topology::{Decision, Group, Handoffs, Topology, TopologyError};
 use edgetally_proto::Reply;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
+use edgetally_net::now_ms;
 use tracing::{debug, info, warn};
 
 /// Counters of the cluster layer (exported in `/metrics`).
@@ -50,7 +60,32 @@ pub struct ClusterMetrics {
     pub past_reroutes: AtomicU64,
     /// Query parts asked of other groups that did not arrive in time.
     pub parts_missing: AtomicU64,
+    /// Newer topologies adopted from another node.
+    pub adoptions: AtomicU64,
+    /// Producer batches acknowledged without applying: another group applied them before
+    /// handing over.
+    pub applied_elsewhere: AtomicU64,
 }
+
+/// What a node does with a producer's batch ([`Cluster::route`]).
+#[derive(Debug)]
+pub enum Route {
+    /// Check and apply it here; the guard travels with the batch until it is applied or
+    /// refused, so that no topology change happens meanwhile.
+    Take(tokio::sync::OwnedRwLockReadGuard<()>),
+    /// Forward it to its owner group.
+    Forward(Group),
+    /// Answer Retry (the owner waits for a drained group's state or for a hand-off).
+    Retry {
+        /// Suggested delay.
+        after_ms: u32,
+    },
+    /// Another group applied it before handing over: acknowledge it, do not apply it.
+    AppliedElsewhere,
+}
+
+/// How long a producer is asked to wait while a hand-off to its batch's group is pending.
+const HANDOFF_RETRY_MS: u32 = 500;
 
 /// The cluster layer of a node in a shard-group topology.
 #[derive(Debug)]
@@ -73,8 +108,36 @@ pub struct Cluster {
     /// state is in the heir's part; a group gone for good would cost every query the
     /// deadline).
     absorbed_seen: Mutex<std::collections::BTreeSet<String>>,
+    /// Held (read) by every producer batch from its routing until it is applied or refused;
+    /// taken (write) to change the topology.
+    routing: Arc<tokio::sync::RwLock<()>>,
+    /// Where the adopted topology and the hand-offs are kept (the data directory).
+    dir: PathBuf,
+    handoffs: RwLock<Handoffs>,
+    /// Every other node's topology version, as last heard (by QUIC address).
+    versions: Mutex<BTreeMap<String, u64>>,
+    /// A node that routes by another topology of this node's version.
+    conflict: Mutex<Option<String>>,
+    /// Wakes the version round early (a forward from a node of a newer version).
+    pub(crate) versions_now: tokio::sync::Notify,
     /// Counters.
     pub metrics: ClusterMetrics,
+}
+
+/// The adopted topology, kept in the data directory.
+const ADOPTED_FILE: &str = "topology.adopted.json";
+/// The hand-offs received, kept in the data directory.
+const HANDOFFS_FILE: &str = "handoffs.postcard";
+
+/// Writes `bytes` to `dir/name` durably: a temporary file, fsync, rename, fsync of the dir.
+fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Reads and checks a topology file.
@@ -97,16 +160,46 @@ const FORWARD_HEDGE: Duration = Duration::from_millis(300);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Cluster {
-    /// Loads the topology and checks that it names this node's group.
+    /// Loads the topology (the file's, or the one adopted from another node and kept in
+    /// `dir`, whichever is newer) and the hand-offs kept in `dir`; checks that the topology
+    /// names this node's group.
     pub fn new(
         path: &Path,
+        dir: &Path,
         group: &str,
         endpoint: quinn::Endpoint,
         auth: Auth,
         deadline: Duration,
         limits: Limits,
     ) -> Result<Cluster, String> {
-        let t = load(path)?;
+        let mut t = load(path)?;
+        let adopted_path = dir.join(ADOPTED_FILE);
+        match std::fs::read(&adopted_path) {
+            Ok(raw) => {
+                let adopted: Topology = serde_json::from_slice(&raw)
+                    .map_err(|e| format!("{}: {e}", adopted_path.display()))?;
+                adopted
+                    .check()
+                    .map_err(|e| format!("{}: {e}", adopted_path.display()))?;
+                if adopted.version > t.version {
+                    info!(
+                        version = adopted.version,
+                        file_version = t.version,
+                        "routing by the topology adopted from another node (newer than the file)"
+                    );
+                    t = adopted;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", adopted_path.display())),
+        }
+        let handoffs_path = dir.join(HANDOFFS_FILE);
+        let handoffs = match std::fs::read(&handoffs_path) {
+            Ok(raw) => postcard::from_bytes(&raw)
+                .map_err(|e| format!("{}: {e}", handoffs_path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Handoffs::default(),
+            Err(e) => return Err(format!("{}: {e}", handoffs_path.display())),
+        };
         if !t.all_groups().iter().any(|g| g.name == group) {
             return Err(format!(
                 "{}: no group is named {group:?} (this node's `group`)",
@@ -127,6 +220,12 @@ impl Cluster {
             next: AtomicU64::new(0),
             draining_since: Mutex::new(None),
             absorbed_seen: Mutex::new(Default::default()),
+            routing: Arc::default(),
+            dir: dir.to_path_buf(),
+            handoffs: RwLock::new(handoffs),
+            versions: Mutex::default(),
+            conflict: Mutex::default(),
+            versions_now: tokio::sync::Notify::new(),
             metrics: ClusterMetrics::default(),
         };
         c.note_drain(edgetally_net::now_ms());
@@ -186,7 +285,7 @@ impl Cluster {
 
     /// Re-reads the file if it changed (or if `force`); applies it if it may follow the one
     /// in force. Returns whether a new topology took effect.
-    pub fn reload(&self, force: bool, now_ms: i64) -> bool {
+    pub async fn reload(&self, force: bool) -> bool {
         let m = modified(&self.path);
         {
             let mut last = self.modified.lock().unwrap_or_else(|e| e.into_inner());
@@ -203,32 +302,12 @@ impl Cluster {
                 return false;
             }
         };
-        let old = self.topology();
-        match new.follows(&old, now_ms) {
-            Ok(_) if new == *old => false,
-            Ok(past) => {
-                if !past.is_empty() {
-                    warn!(
-                        from_ms = ?past,
-                        "the new topology re-routes batches created before now: a resend of \
-                         one merged under the old map may now count in two groups (write maps \
-                         with a from_ms ahead of the reload)"
-                    );
-                    self.metrics.past_reroutes.fetch_add(1, Relaxed);
+        match self.install(new).await {
+            Ok(changed) => {
+                if changed {
+                    self.metrics.reloads.fetch_add(1, Relaxed);
                 }
-                if !new.all_groups().iter().any(|g| g.name == self.group) {
-                    warn!(group = %self.group, "the new topology no longer lists this node's group");
-                }
-                info!(
-                    version = new.version,
-                    groups = new.all_groups().len(),
-                    "topology reloaded"
-                );
-                self.auth.facts.topology_version.store(new.version, Relaxed);
-                *self.topology.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
-                self.note_drain(now_ms);
-                self.metrics.reloads.fetch_add(1, Relaxed);
-                true
+                changed
             }
             Err(e) => {
                 warn!("topology not reloaded: {e}");
@@ -238,16 +317,259 @@ impl Cluster {
         }
     }
 
-    /// What this node does with a producer's batch ([`Topology::decide`]). [`Decision::Take`]
-    /// too when even its id does not decode: then this node refuses it with the reason any
-    /// node would give.
-    pub fn decide(&self, raw: &[u8], has_absorbed: impl FnOnce(&str) -> bool) -> Decision {
-        match edgetally_proto::peek(raw, &self.limits) {
-            Some((id, created_ms)) => {
-                self.topology()
-                    .decide(&self.group, &id.producer, created_ms, has_absorbed)
+    /// Puts `new` in force if it may follow the topology in force (a higher version, or the
+    /// same content: then `false`): waits until no batch routed by the old one is on its way,
+    /// keeps it in the data directory (a restart with an older file keeps it), then routes by
+    /// it. The same version with another content is a conflict (reported, never applied).
+    pub async fn install(&self, new: Topology) -> Result<bool, String> {
+        new.check().map_err(|e| e.to_string())?;
+        let old = self.topology();
+        match new.follows(&old, now_ms()) {
+            Ok(_) if new == *old => return Ok(false),
+            Ok(_) => {}
+            Err(TopologyError::StaleVersion(a, b)) if a == b => {
+                let why = format!("two topologies of version {a} with different content");
+                *self.conflict.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+                return Err(why);
             }
-            None => Decision::Take,
+            Err(e) => return Err(e.to_string()),
+        }
+        let _barrier = self.routing.write().await;
+        let old = self.topology();
+        if new.version <= old.version {
+            return Ok(false);
+        }
+        let past = new.follows(&old, now_ms()).unwrap_or_default();
+        if !past.is_empty() {
+            warn!(
+                from_ms = ?past,
+                "the new topology re-routes batches created before now: a resend of \
+                 one merged under the old map may now count in two groups (write maps \
+                 with a from_ms ahead of the reload)"
+            );
+            self.metrics.past_reroutes.fetch_add(1, Relaxed);
+        }
+        if !new.all_groups().iter().any(|g| g.name == self.group) {
+            warn!(group = %self.group, "the new topology no longer lists this node's group");
+        }
+        let json = serde_json::to_vec_pretty(&new).map_err(|e| e.to_string())?;
+        write_durably(&self.dir, ADOPTED_FILE, &json)
+            .map_err(|e| format!("keeping the topology in the data directory: {e}"))?;
+        info!(
+            version = new.version,
+            groups = new.all_groups().len(),
+            "topology in force"
+        );
+        self.auth.facts.topology_version.store(new.version, Relaxed);
+        *self.topology.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        *self.conflict.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.note_drain(now_ms());
+        Ok(true)
+    }
+
+    /// What this node does with a producer's batch ([`Topology::decide`], then the
+    /// hand-offs). [`Route::Take`] too when even its id does not decode: then this node
+    /// refuses it with the reason any node would give.
+    pub async fn route(&self, raw: &[u8], has_absorbed: impl FnOnce(&str) -> bool) -> Route {
+        let guard = self.routing.clone().read_owned().await;
+        let Some((id, created_ms)) = edgetally_proto::peek(raw, &self.limits) else {
+            return Route::Take(guard);
+        };
+        let t = self.topology();
+        let h = self.handoffs.read().unwrap_or_else(|e| e.into_inner());
+        match t.decide(&self.group, &id.producer, created_ms, has_absorbed, |g| {
+            h.is_done(g, t.version)
+        }) {
+            Decision::Forward(g) => Route::Forward(g),
+            Decision::AwaitAbsorb(_) => Route::Retry {
+                after_ms: crate::node::DRAIN_RETRY_MS,
+            },
+            Decision::AwaitHandoff(_) => Route::Retry {
+                after_ms: HANDOFF_RETRY_MS,
+            },
+            Decision::Take if h.applied_elsewhere(&id) => {
+                self.metrics.applied_elsewhere.fetch_add(1, Relaxed);
+                Route::AppliedElsewhere
+            }
+            Decision::Take => Route::Take(guard),
+        }
+    }
+
+    /// The groups whose hand-off to this node's group at the version in force is pending.
+    pub fn handoffs_pending(&self) -> Vec<String> {
+        let t = self.topology();
+        let h = self.handoffs.read().unwrap_or_else(|e| e.into_inner());
+        t.handoff_sources(&self.group)
+            .into_iter()
+            .filter(|g| !h.is_done(&g.name, t.version))
+            .map(|g| g.name.clone())
+            .collect()
+    }
+
+    /// Every other node's topology version, as last heard.
+    pub fn versions(&self) -> BTreeMap<String, u64> {
+        self.versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A conflict between this node's topology and another's of the same version.
+    pub fn conflict(&self) -> Option<String> {
+        self.conflict
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether this node's routing is settled: every node heard from routes by its version,
+    /// no conflict, no hand-off pending. Answers are incomplete while it is not.
+    pub fn settled(&self) -> bool {
+        let v = self.topology().version;
+        self.conflict().is_none()
+            && self.versions().values().all(|&x| x == v)
+            && self.handoffs_pending().is_empty()
+    }
+
+    /// What this node applied of producers some map gives to `to` (a hand-off's answer).
+    pub(crate) fn seen_for(&self, replica: &edgetally_core::Replica, to: &str) -> crate::peer::HandoffReply {
+        let t = self.topology();
+        crate::peer::HandoffReply {
+            version: t.version,
+            seen: replica.seen_where(|p| t.could_own(p, to)),
+        }
+    }
+
+    /// One round of versions and hand-offs: asks every other node of the topology for its
+    /// topology (adopting a newer one, handing an older node this one), then asks every
+    /// replica of each group whose hand-off is pending to hand over.
+    pub async fn versions_round(self: &Arc<Self>, me: std::net::SocketAddr) {
+        let t = self.topology();
+        let addrs: Vec<String> = t
+            .all_groups()
+            .iter()
+            .flat_map(|g| g.quic.iter().cloned())
+            .filter(|a| {
+                crate::config::resolve_addr(a)
+                    .map_or(true, |sa| sa != me && !(me.ip().is_unspecified() && sa.port() == me.port()))
+            })
+            .collect();
+        let mut asks = tokio::task::JoinSet::new();
+        for addr in addrs {
+            let c = self.clone();
+            asks.spawn(async move {
+                let r = tokio::time::timeout(Duration::from_secs(2), c.version_of(&addr)).await;
+                (addr, r.unwrap_or_else(|_| Err("no answer in time".into())))
+            });
+        }
+        let mut heard = BTreeMap::new();
+        while let Some(Ok((addr, r))) = asks.join_next().await {
+            match r {
+                Ok(v) => {
+                    heard.insert(addr, v);
+                }
+                Err(e) => debug!(%addr, "topology version not heard: {e}"),
+            }
+        }
+        *self.versions.lock().unwrap_or_else(|e| e.into_inner()) = heard;
+        self.handoff_round().await;
+    }
+
+    /// Asks `addr` for its topology; adopts it if newer, hands it this one if older. The
+    /// version `addr` routes by afterwards.
+    async fn version_of(&self, addr: &str) -> Result<u64, String> {
+        let conn = self.connection(addr).await?;
+        let raw = crate::peer::topology(&conn).await.inspect_err(|_| self.drop_connection(addr))?;
+        let theirs: Topology =
+            serde_json::from_slice(&raw).map_err(|e| format!("{addr}: bad topology: {e}"))?;
+        let mine = self.topology();
+        if theirs.version > mine.version {
+            let v = theirs.version;
+            match self.install(theirs).await {
+                Ok(_) => {
+                    self.metrics.adoptions.fetch_add(1, Relaxed);
+                    info!(%addr, version = v, "adopted a newer topology from another node");
+                }
+                Err(e) => warn!(%addr, "a newer topology from another node not adopted: {e}"),
+            }
+            Ok(v)
+        } else if theirs.version < mine.version {
+            let json = serde_json::to_vec(&*mine).map_err(|e| e.to_string())?;
+            crate::peer::adopt(&conn, json).await
+        } else {
+            if theirs != *mine {
+                let why = format!(
+                    "{addr} routes by another topology of version {}",
+                    mine.version
+                );
+                warn!("{why}: write the change with a higher version");
+                *self.conflict.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+            }
+            Ok(theirs.version)
+        }
+    }
+
+    /// Asks every replica of each group whose hand-off is pending to hand over at the version
+    /// in force; records a group's hand-off once all its replicas answered at that version.
+    async fn handoff_round(&self) {
+        let t = self.topology();
+        let json = match serde_json::to_vec(&*t) {
+            Ok(j) => j,
+            Err(_) => return,
+        };
+        for name in self.handoffs_pending() {
+            let Some(g) = t.all_groups().into_iter().find(|g| g.name == name).cloned() else {
+                continue;
+            };
+            let mut seen = Vec::new();
+            let mut all = true;
+            for addr in &g.quic {
+                let r = async {
+                    let conn = self.connection(addr).await?;
+                    tokio::time::timeout(
+                        FORWARD_TIMEOUT,
+                        crate::peer::handoff(&conn, json.clone(), &self.group),
+                    )
+                    .await
+                    .map_err(|_| "no hand-off in time".to_string())?
+                }
+                .await;
+                match r {
+                    Ok(reply) if reply.version == t.version => seen.extend(reply.seen),
+                    Ok(reply) => {
+                        debug!(group = %name, %addr, version = reply.version, "hand-off at another version");
+                        all = false;
+                    }
+                    Err(e) => {
+                        debug!(group = %name, %addr, "hand-off not answered: {e}");
+                        self.drop_connection(addr);
+                        all = false;
+                    }
+                }
+            }
+            if !all {
+                continue;
+            }
+            let mut h = self
+                .handoffs
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Err(e) = h.add(seen) {
+                warn!(group = %name, "hand-off refused: {e}");
+                continue;
+            }
+            h.finish(&name, t.version);
+            let bytes = match postcard::to_allocvec(&h) {
+                Ok(b) => b,
+                Err(_) => continue,
+            };
+            if let Err(e) = write_durably(&self.dir, HANDOFFS_FILE, &bytes) {
+                warn!(group = %name, "keeping a hand-off failed: {e}");
+                continue;
+            }
+            *self.handoffs.write().unwrap_or_else(|e| e.into_inner()) = h;
+            info!(group = %name, version = t.version, "hand-off received");
         }
     }
 

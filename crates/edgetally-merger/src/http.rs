@@ -13,7 +13,6 @@ use axum::{Json, Router};
 use edgetally_core::record::{MAX_TS_MS, MIN_TS_MS};
 use edgetally_core::{BatchId, RejectCode, Rows, TopBy, Total};
 use edgetally_net::tls::hex;
-use edgetally_proto::topology::Decision;
 use edgetally_proto::{BatchBuilder, Reply};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -1515,18 +1514,10 @@ async fn submit_events(node: &Api, batch: edgetally_core::Batch) -> Result<Reply
     // one batch), the owner's reply relayed. Only with a shared events key (`cluster_secret`):
     // a node's own key is admitted as its own only by itself.
     let shared_key = node.config.cluster_secret.is_some();
-    Ok(
-        match node
-            .cluster
-            .as_ref()
-            .filter(|_| shared_key)
-            .map(|c| (c, c.decide(&sealed, |g| node.has_absorbed(g))))
-        {
-            Some((c, Decision::Forward(owner))) => c.forward(&owner, sealed).await,
-            Some((_, Decision::AwaitAbsorb(_))) => Reply::Retry { after_ms: 1000 },
-            _ => node.ingest.submit_wait(sealed).await,
-        },
-    )
+    Ok(match shared_key {
+        true => node.take_or_forward(sealed, true).await,
+        false => node.ingest.submit_wait(sealed).await,
+    })
 }
 
 /// A keyed request some of whose events the clock or this node's settings refuse: nothing is
@@ -1696,6 +1687,13 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
             "drains": c.topology().drains,
             "draining_since_ms": c.draining_since(),
             "absorbed": node.state().absorbed(),
+            "nodes": c.versions().into_iter().map(|(addr, version)| json!({
+                "quic": addr,
+                "version": version,
+            })).collect::<Vec<_>>(),
+            "handoffs_pending": c.handoffs_pending(),
+            "conflict": c.conflict(),
+            "settled": c.settled(),
         })),
         "retained_batches": retained,
         // Equal on two nodes iff they hold the same batches with the same content (and so
@@ -1712,7 +1710,7 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
             "producer": edgetally_net::tls::hex(&k.0),
             "epoch": e,
         })).collect::<Vec<_>>(),
-        "complete": node.replication.as_ref().is_none_or(|r| r.sees_all_peers()),
+        "complete": node.complete(),
         "as_of_ms": now_ms(),
     }))
 }
@@ -1880,6 +1878,30 @@ async fn metrics(State(node): State<Node_>) -> Response {
             text,
             "# HELP {name} Version of the topology in force.\n# TYPE {name} gauge\n{name} {}",
             c.topology().version
+        );
+        let name = "edgetally_topology_adoptions_total";
+        let _ = writeln!(
+            text,
+            "# HELP {name} Newer topologies adopted from another node (in-band).\n# TYPE {name} counter\n{name} {}",
+            m.adoptions.load(Relaxed)
+        );
+        let name = "edgetally_handoffs_pending";
+        let _ = writeln!(
+            text,
+            "# HELP {name} Groups whose hand-off to this node's group at the version in force is pending (batches an earlier map gave them get Retry here).\n# TYPE {name} gauge\n{name} {}",
+            c.handoffs_pending().len()
+        );
+        let name = "edgetally_applied_elsewhere_total";
+        let _ = writeln!(
+            text,
+            "# HELP {name} Producer batches acknowledged without applying: another group applied them before handing over.\n# TYPE {name} counter\n{name} {}",
+            m.applied_elsewhere.load(Relaxed)
+        );
+        let name = "edgetally_topology_settled";
+        let _ = writeln!(
+            text,
+            "# HELP {name} 1 when every node heard from routes by this node's topology version, without conflict or pending hand-off.\n# TYPE {name} gauge\n{name} {}",
+            u8::from(c.settled())
         );
         let name = "edgetally_query_parts_missing_total";
         let _ = writeln!(

@@ -35,6 +35,9 @@ struct Job {
     /// Counts the job in [`Ingest::in_flight`] until it is dropped: after its reply, so after
     /// its batch applied (or was refused).
     _in_flight: InFlight,
+    /// The routing guard of a producer's batch ([`crate::cluster::Route::Take`]): held until
+    /// the job is dropped, so a topology change waits for it.
+    _route: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
 }
 
 /// The front door of the pipeline; cheap to clone.
@@ -153,6 +156,7 @@ impl Ingest {
                 reserved: None,
                 unverified: false,
                 _in_flight: InFlight::new(&self.in_flight),
+                _route: None,
             },
             rx,
         )
@@ -161,6 +165,22 @@ impl Ingest {
     /// Submits a batch; answers `Retry` at once if the queue is full.
     pub async fn submit(&self, raw: Vec<u8>) -> Reply {
         self.submit_as(raw, false).await
+    }
+
+    /// Submits a producer's batch routed here, with its routing guard (held until it is
+    /// applied or refused); `wait`: for room in the queue, else `Retry` if it is full.
+    pub async fn submit_routed(
+        &self,
+        raw: Vec<u8>,
+        guard: tokio::sync::OwnedRwLockReadGuard<()>,
+        wait: bool,
+    ) -> Reply {
+        let (mut job, rx) = self.job(raw, false);
+        job._route = Some(guard);
+        match wait {
+            true => self.send_wait(job, rx).await,
+            false => self.send(job, rx).await,
+        }
     }
 
     /// Submits a batch a peer pushed (it is not pushed on); `Retry` if the queue is full.
@@ -175,6 +195,10 @@ impl Ingest {
 
     async fn submit_as(&self, raw: Vec<u8>, from_peer: bool) -> Reply {
         let (job, rx) = self.job(raw, from_peer);
+        self.send(job, rx).await
+    }
+
+    async fn send(&self, job: Job, rx: oneshot::Receiver<Reply>) -> Reply {
         if self.closed.load(SeqCst) {
             return Reply::Retry {
                 after_ms: RETRY_AFTER_MS,
@@ -203,6 +227,10 @@ impl Ingest {
 
     async fn submit_wait_as(&self, raw: Vec<u8>, from_peer: bool) -> Reply {
         let (job, rx) = self.job(raw, from_peer);
+        self.send_wait(job, rx).await
+    }
+
+    async fn send_wait(&self, job: Job, rx: oneshot::Receiver<Reply>) -> Reply {
         if self.closed.load(SeqCst) || self.tx.send(job).await.is_err() {
             return Reply::Retry {
                 after_ms: RETRY_AFTER_MS,

@@ -9,7 +9,7 @@ use crate::store::Store;
 use edgetally_core::{BatchId, Limits, LogEntry, ProducerKey, Replica, SeenSet};
 use edgetally_net::tls::{hex, Identity};
 use edgetally_net::{random_seed, random_u64};
-use edgetally_proto::topology::Decision;
+use crate::cluster::Route;
 use edgetally_proto::{decode, Reply, Signer};
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -590,18 +590,25 @@ impl Node {
                 Err(code) => Reply::nack(code),
             };
         }
-        if let Some(c) = &self.cluster {
-            match c.decide(&raw, |g| self.has_absorbed(g)) {
-                Decision::Forward(owner) => return c.forward(&owner, raw).await,
-                Decision::AwaitAbsorb(_) => {
-                    return Reply::Retry {
-                        after_ms: DRAIN_RETRY_MS,
-                    }
-                }
-                Decision::Take => {}
-            }
+        self.take_or_forward(raw, false).await
+    }
+
+    /// A producer's batch, routed: forwarded to its owner group, answered Retry while its
+    /// group waits (a drain, a hand-off), acknowledged if another group applied it before
+    /// handing over, else submitted here (`wait`: for room in the queue).
+    pub(crate) async fn take_or_forward(&self, raw: Vec<u8>, wait: bool) -> Reply {
+        let Some(c) = &self.cluster else {
+            return match wait {
+                true => self.ingest.submit_wait(raw).await,
+                false => self.ingest.submit(raw).await,
+            };
+        };
+        match c.route(&raw, |g| self.has_absorbed(g)).await {
+            Route::Forward(owner) => c.forward(&owner, raw).await,
+            Route::Retry { after_ms } => Reply::Retry { after_ms },
+            Route::AppliedElsewhere => Reply::Ack,
+            Route::Take(guard) => self.ingest.submit_routed(raw, guard, wait).await,
         }
-        self.ingest.submit(raw).await
     }
 
     /// Whether this node's state holds the drained group `name`'s.
@@ -620,23 +627,17 @@ impl Node {
         };
         c.metrics.received_forwarded.fetch_add(1, Relaxed);
         if version > c.topology().version {
-            let c = c.clone();
-            let _ = tokio::task::spawn_blocking(move || c.reload(true, now_ms())).await;
+            // Learn it now rather than at the next round.
+            c.versions_now.notify_one();
         }
-        match c.decide(&raw, |g| self.has_absorbed(g)) {
-            Decision::Forward(_) => {
-                return Reply::Retry {
-                    after_ms: crate::ingest::RETRY_AFTER_MS,
-                }
-            }
-            Decision::AwaitAbsorb(_) => {
-                return Reply::Retry {
-                    after_ms: DRAIN_RETRY_MS,
-                }
-            }
-            Decision::Take => {}
+        match c.route(&raw, |g| self.has_absorbed(g)).await {
+            Route::Forward(_) => Reply::Retry {
+                after_ms: crate::ingest::RETRY_AFTER_MS,
+            },
+            Route::Retry { after_ms } => Reply::Retry { after_ms },
+            Route::AppliedElsewhere => Reply::Ack,
+            Route::Take(guard) => self.ingest.submit_routed(raw, guard, false).await,
         }
-        self.ingest.submit(raw).await
     }
 
     /// Where this node stands in a drain (for the group that absorbs it, and its peers).
@@ -670,10 +671,16 @@ impl Node {
         };
         crate::scatter::Part {
             answer,
-            complete: self.sees_all_peers(),
+            complete: self.complete(),
             as_of_ms: now_ms(),
             absorbed,
         }
+    }
+
+    /// Whether this node's answers are complete: it sees every peer of its group, and its
+    /// routing is settled ([`crate::cluster::Cluster::settled`]).
+    pub fn complete(&self) -> bool {
+        self.sees_all_peers() && self.cluster.as_ref().is_none_or(|c| c.settled())
     }
 
     /// Whether this node currently sees every peer of its group (a single node always does).
@@ -720,7 +727,7 @@ impl Node {
 }
 
 /// How long a producer is asked to wait while its batch's group is being drained.
-const DRAIN_RETRY_MS: u32 = 1000;
+pub(crate) const DRAIN_RETRY_MS: u32 = 1000;
 
 #[cfg(test)]
 mod tests {

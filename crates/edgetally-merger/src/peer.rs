@@ -52,6 +52,53 @@ pub(crate) enum Request {
     /// Where this node stands in a drain; the reply is a postcard
     /// [`crate::scatter::DrainState`].
     DrainState,
+    /// The topology this node routes by; the reply is its JSON.
+    Topology,
+    /// "Route by this topology (JSON) if it is newer than yours"; the reply is the postcard
+    /// version the receiver routes by afterwards.
+    Adopt(Vec<u8>),
+    /// A topology hand-off ([`edgetally_proto::topology::Handoffs`]): the receiver adopts the
+    /// topology (JSON) if it is newer, waits until every batch it routed by an older one is
+    /// applied, and answers a postcard [`HandoffReply`] for the group `to`.
+    Handoff { topology: Vec<u8>, to: String },
+}
+
+/// The answer to a hand-off request.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct HandoffReply {
+    /// The version the answering node routes by.
+    pub(crate) version: u64,
+    /// If it is the requester's: every (producer, epoch) seen-set it applied of producers
+    /// that some map gives to the requester's group.
+    pub(crate) seen: Vec<(edgetally_core::ProducerKey, u64, edgetally_core::SeenSet)>,
+}
+
+/// Asks a node for the topology it routes by (its JSON).
+pub(crate) async fn topology(conn: &quinn::Connection) -> Result<Vec<u8>, String> {
+    let body = postcard::to_allocvec(&Request::Topology).map_err(|e| e.to_string())?;
+    request(conn, &body, 1 << 20).await
+}
+
+/// Hands a node a topology (JSON) to adopt if newer; the version it routes by afterwards.
+pub(crate) async fn adopt(conn: &quinn::Connection, topology: Vec<u8>) -> Result<u64, String> {
+    let body = postcard::to_allocvec(&Request::Adopt(topology)).map_err(|e| e.to_string())?;
+    let raw = request(conn, &body, 64).await?;
+    postcard::from_bytes(&raw).map_err(|_| "bad adopt reply".to_string())
+}
+
+/// Asks a node of another group to hand over to the group `to` at the topology (JSON).
+pub(crate) async fn handoff(
+    conn: &quinn::Connection,
+    topology: Vec<u8>,
+    to: &str,
+) -> Result<HandoffReply, String> {
+    let body = postcard::to_allocvec(&Request::Handoff {
+        topology,
+        to: to.to_string(),
+    })
+    .map_err(|e| e.to_string())?;
+    let raw = request(conn, &body, MAX_MESSAGE).await?;
+    postcard::from_bytes(&raw).map_err(|_| "bad hand-off reply".to_string())
 }
 
 /// Asks a node where it stands in a drain.

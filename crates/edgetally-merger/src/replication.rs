@@ -140,6 +140,35 @@ async fn answer(
             let bytes = postcard::to_allocvec(&part).map_err(|e| e.to_string())?;
             send.write_all(&bytes).await.map_err(|e| e.to_string())?;
         }
+        Request::Topology => {
+            let json = match &node.cluster {
+                Some(c) => serde_json::to_vec(&*c.topology()).map_err(|e| e.to_string())?,
+                None => return Err("no topology here".into()),
+            };
+            send.write_all(&json).await.map_err(|e| e.to_string())?;
+        }
+        Request::Adopt(json) => {
+            let Some(c) = &node.cluster else {
+                return Err("no topology here".into());
+            };
+            adopt_from_peer(c, &json).await;
+            let v = postcard::to_allocvec(&c.topology().version).map_err(|e| e.to_string())?;
+            send.write_all(&v).await.map_err(|e| e.to_string())?;
+        }
+        Request::Handoff { topology, to } => {
+            let Some(c) = &node.cluster else {
+                return Err("no topology here".into());
+            };
+            // Adopting waits until every batch routed by the older topology is applied: the
+            // seen-sets below then hold all this node will ever take of `to`'s producers.
+            adopt_from_peer(c, &topology).await;
+            let reply = {
+                let r = node.state();
+                c.seen_for(&r, &to)
+            };
+            let bytes = postcard::to_allocvec(&reply).map_err(|e| e.to_string())?;
+            send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+        }
         Request::DrainState => {
             let st = node.drain_state();
             let bytes = postcard::to_allocvec(&st).map_err(|e| e.to_string())?;
@@ -148,6 +177,29 @@ async fn answer(
     }
     let _ = send.finish();
     Ok(())
+}
+
+/// Adopts a topology (JSON) another node sent, if it is newer.
+async fn adopt_from_peer(c: &crate::cluster::Cluster, json: &[u8]) {
+    let t = match serde_json::from_slice::<edgetally_proto::topology::Topology>(json) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!("a peer's topology does not parse: {e}");
+            return;
+        }
+    };
+    if t.version <= c.topology().version {
+        return;
+    }
+    let v = t.version;
+    match c.install(t).await {
+        Ok(true) => {
+            c.metrics.adoptions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            info!(version = v, "adopted a newer topology handed by another node");
+        }
+        Ok(false) => {}
+        Err(e) => warn!("a newer topology handed by another node not adopted: {e}"),
+    }
 }
 
 /// Runs the links to every configured peer until `stop`.

@@ -103,6 +103,7 @@ impl Node {
             (Some(path), Some(group), Some(repl), Some(ep)) => Some(Arc::new(
                 crate::cluster::Cluster::new(
                     path,
+                    &config.data_dir,
                     group,
                     ep.clone(),
                     repl.auth.clone(),
@@ -279,7 +280,7 @@ impl Node {
         }
         tasks.push(tokio::spawn(mark_durable(node.store.clone(), rx.clone())));
         if node.cluster.is_some() {
-            tasks.push(tokio::spawn(topology_upkeep(node.clone(), rx.clone())));
+            tasks.push(tokio::spawn(topology_upkeep(node.clone(), quic_addr, rx.clone())));
         }
         tasks.push(tokio::spawn(admission_upkeep(
             node.admission.clone(),
@@ -414,9 +415,14 @@ async fn absorb_round(node: &Arc<Node>) {
     }
 }
 
-/// Re-reads the topology file once a second if it changed, and at once on SIGHUP; runs the
-/// drains into this node's group.
-async fn topology_upkeep(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
+/// Re-reads the topology file once a second if it changed, and at once on SIGHUP; agrees on
+/// the topology version with every other node and runs the hand-offs
+/// ([`crate::cluster::Cluster::versions_round`]); runs the drains into this node's group.
+async fn topology_upkeep(
+    node: Arc<Node>,
+    quic: std::net::SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) {
     let Some(cluster) = node.cluster.clone() else {
         return;
     };
@@ -437,11 +443,12 @@ async fn topology_upkeep(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
         let hangup = std::future::pending::<()>();
         let force = tokio::select! {
             _ = tick.tick() => false,
+            _ = cluster.versions_now.notified() => false,
             _ = hangup => true,
             _ = stop.changed() => { if *stop.borrow() { break; } else { continue; } }
         };
-        let c = cluster.clone();
-        let _ = tokio::task::spawn_blocking(move || c.reload(force, now_ms())).await;
+        cluster.reload(force).await;
+        cluster.versions_round(quic).await;
         absorb_round(&node).await;
     }
 }

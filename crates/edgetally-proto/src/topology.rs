@@ -21,7 +21,7 @@
 //! *future* batches go.
 
 use crate::producer::rendezvous_weight;
-use edgetally_core::ProducerKey;
+use edgetally_core::{BatchId, ProducerKey, SeenSet};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -163,6 +163,58 @@ pub enum Decision {
     Forward(Group),
     /// This group owns it once it has absorbed the drained group named: answer Retry.
     AwaitAbsorb(String),
+    /// This group owns it, but an earlier map gave it to the group named, which has not yet
+    /// handed over at this node's version (it might still take such batches): answer Retry.
+    AwaitHandoff(String),
+}
+
+/// What the groups that earlier maps made owners of this group's producers handed over
+/// ([`Topology::handoff_sources`]): at which topology version each finished, and every batch
+/// id they had applied of producers this group may own. Such a batch is counted in the group
+/// that applied it; this group acknowledges it and never applies it.
+///
+/// The rule it serves: a node takes a batch that an earlier map gave to another group only
+/// once every replica of that group has adopted the node's topology version (so none takes
+/// such a batch any more) and answered with what it applied — whatever order the versions
+/// reach the nodes in, a batch id is then applied in one group only.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handoffs {
+    /// Source group → the topology version at which its hand-off finished.
+    pub done: BTreeMap<String, u64>,
+    /// The batch ids the sources had applied, by (producer, epoch).
+    pub seen: BTreeMap<(ProducerKey, u64), SeenSet>,
+}
+
+impl Handoffs {
+    /// Whether `group` handed over at `version` or later.
+    pub fn is_done(&self, group: &str, version: u64) -> bool {
+        self.done.get(group).is_some_and(|&v| v >= version)
+    }
+
+    /// Whether another group applied the batch `id` (before handing over).
+    pub fn applied_elsewhere(&self, id: &BatchId) -> bool {
+        self.seen
+            .get(&(id.producer, id.epoch))
+            .is_some_and(|s| s.contains(id.seq))
+    }
+
+    /// Adds one replica's answer (what it applied). A malformed seen-set (from the network)
+    /// is refused whole: nothing is added.
+    pub fn add(&mut self, entries: Vec<(ProducerKey, u64, SeenSet)>) -> Result<(), String> {
+        if entries.iter().any(|(_, _, s)| !s.is_well_formed()) {
+            return Err("a malformed seen-set in a hand-off".into());
+        }
+        for (p, e, s) in entries {
+            self.seen.entry((p, e)).or_default().union(&s);
+        }
+        Ok(())
+    }
+
+    /// Records that `group` handed over at `version`.
+    pub fn finish(&mut self, group: &str, version: u64) {
+        let v = self.done.entry(group.to_string()).or_insert(version);
+        *v = (*v).max(version);
+    }
 }
 
 impl Topology {
@@ -223,14 +275,16 @@ impl Topology {
     /// What a node of group `me` does with the batch `producer` created at `created_ms`
     /// (its signed `created_ms`; see [`crate::peek`]): the one routing rule, shared by the
     /// merger and the simulation. `has_absorbed` says whether this node's state already
-    /// holds a drained group's. No owner at all (an empty topology) is [`Decision::Take`]:
-    /// the node then answers as any node would.
+    /// holds a drained group's; `handed_off` whether a group finished its hand-off
+    /// ([`Handoffs`]) at this topology's version. No owner at all (an empty topology) is
+    /// [`Decision::Take`]: the node then answers as any node would.
     pub fn decide(
         &self,
         me: &str,
         producer: &ProducerKey,
         created_ms: i64,
         has_absorbed: impl FnOnce(&str) -> bool,
+        handed_off: impl Fn(&str) -> bool,
     ) -> Decision {
         match self.route(producer, created_ms) {
             Some((g, _)) if g.name != me => Decision::Forward(g.clone()),
@@ -239,8 +293,66 @@ impl Topology {
             Some((_, Some(drained))) if !has_absorbed(drained) => {
                 Decision::AwaitAbsorb(drained.to_string())
             }
-            _ => Decision::Take,
+            // A node still on a version without the map in force may take it as its own.
+            Some(_) => match self
+                .earlier_owners(producer, created_ms, me)
+                .into_iter()
+                .find(|h| !handed_off(h))
+            {
+                Some(h) => Decision::AwaitHandoff(h.to_string()),
+                None => Decision::Take,
+            },
+            None => Decision::Take,
         }
+    }
+
+    /// The groups other than `me` that the maps before the one in force at `created_ms` make
+    /// owners of `producer`: a node on a version that ends with one of those maps routes the
+    /// batch there.
+    pub fn earlier_owners(&self, producer: &ProducerKey, created_ms: i64, me: &str) -> Vec<&str> {
+        let at = self
+            .maps
+            .iter()
+            .rposition(|m| m.from_ms <= created_ms)
+            .unwrap_or(0);
+        let mut v: Vec<&str> = self.maps[..at]
+            .iter()
+            .filter_map(|m| m.owner(producer).map(|i| m.groups[i].name.as_str()))
+            .filter(|n| *n != me)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// The groups that must hand over to `me` ([`Handoffs`]): those listed in a map before
+    /// one that lists `me`, so that some producer may move from them to `me`. Each as the
+    /// newest map that lists it describes it.
+    pub fn handoff_sources(&self, me: &str) -> Vec<&Group> {
+        let Some(last) = self
+            .maps
+            .iter()
+            .rposition(|m| m.groups.iter().any(|g| g.name == me))
+        else {
+            return Vec::new();
+        };
+        let before: std::collections::BTreeSet<&str> = self.maps[..last]
+            .iter()
+            .flat_map(|m| m.groups.iter().map(|g| g.name.as_str()))
+            .filter(|n| *n != me)
+            .collect();
+        self.all_groups()
+            .into_iter()
+            .filter(|g| before.contains(g.name.as_str()))
+            .collect()
+    }
+
+    /// Whether some map makes `group` the owner of `producer` (what a hand-off to `group`
+    /// sends is about these producers only).
+    pub fn could_own(&self, producer: &ProducerKey, group: &str) -> bool {
+        self.maps
+            .iter()
+            .any(|m| m.owner(producer).is_some_and(|i| m.groups[i].name == group))
     }
 
     /// The map that routes batches created at `created_ms`.
@@ -423,6 +535,72 @@ mod tests {
         assert!(moved > 0);
         let names: Vec<&str> = t.all_groups().iter().map(|g| g.name.as_str()).collect();
         assert_eq!(names, ["g0", "g1", "g2"]);
+    }
+
+    #[test]
+    fn a_batch_an_earlier_map_gave_elsewhere_waits_for_that_groups_hand_off() {
+        let t = Topology {
+            version: 2,
+            maps: vec![
+                Map {
+                    from_ms: 0,
+                    groups: groups(&["g0", "g1"]),
+                },
+                Map {
+                    from_ms: 1_000,
+                    groups: groups(&["g0", "g1", "g2"]),
+                },
+            ],
+            drains: BTreeMap::new(),
+        };
+        let names = |v: Vec<&Group>| v.iter().map(|g| g.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(t.handoff_sources("g2")), ["g0", "g1"]);
+        assert_eq!(names(t.handoff_sources("g0")), ["g1"]);
+        assert!(map(&["a", "b"]).handoff_sources("a").is_empty());
+        let (mut moved, mut stayed) = (0, 0);
+        for i in 0..KEYS {
+            let k = key(i);
+            let before = owner_name(&t, &k, 999);
+            let after = owner_name(&t, &k, 1_000);
+            assert!(t.could_own(&k, &before) && t.could_own(&k, &after));
+            let none = |_: &str| false;
+            let all = |_: &str| true;
+            // Created under the first map: no earlier map, nothing to wait for.
+            assert!(t.earlier_owners(&k, 999, &before).is_empty());
+            assert_eq!(t.decide(&before, &k, 999, |_| true, none), Decision::Take);
+            if before == after {
+                stayed += 1;
+                assert_eq!(t.decide(&after, &k, 1_000, |_| true, none), Decision::Take);
+            } else {
+                moved += 1;
+                assert_eq!(t.earlier_owners(&k, 1_000, &after), [before.as_str()]);
+                assert_eq!(
+                    t.decide(&after, &k, 1_000, |_| true, none),
+                    Decision::AwaitHandoff(before.clone())
+                );
+                assert_eq!(t.decide(&after, &k, 1_000, |_| true, all), Decision::Take);
+                let only_other = |g: &str| g != before;
+                assert_eq!(
+                    t.decide(&after, &k, 5_000, |_| true, only_other),
+                    Decision::AwaitHandoff(before.clone())
+                );
+            }
+        }
+        assert!(moved > 0 && stayed > 0);
+        let mut h = Handoffs::default();
+        let id = BatchId {
+            producer: key(1),
+            epoch: 7,
+            seq: 3,
+        };
+        let mut seen = SeenSet::new();
+        seen.insert(3);
+        h.add(vec![(key(1), 7, seen)]).expect("well formed");
+        assert!(h.applied_elsewhere(&id));
+        assert!(!h.applied_elsewhere(&BatchId { seq: 4, ..id }));
+        assert!(!h.is_done("g1", 2));
+        h.finish("g1", 2);
+        assert!(h.is_done("g1", 2) && !h.is_done("g1", 3));
     }
 
     #[test]
