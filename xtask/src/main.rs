@@ -67,9 +67,11 @@ fn main() -> Result<()> {
     }
 }
 
-/// The seeded replica simulation (tests/it/convergence.rs) run `scale` times wider than CI
-/// runs it (1,000 scenarios times `scale`), in release mode; it prints its figures per slice,
-/// and a failure prints the seed that reruns it alone (`EDGETALLY_SIM_SEED`).
+/// The seeded simulations — replicas (tests/it/convergence.rs) and shard groups under
+/// topology changes and version skew (tests/it/groups_sim.rs) — run `scale` times wider than
+/// CI runs them (1,000 scenarios each, times `scale`), in release mode; they print their
+/// figures, and a failure prints the seed that reruns it alone (`EDGETALLY_SIM_SEED`,
+/// `EDGETALLY_GROUPS_SIM_SEED`).
 fn sim(scale: u64) -> Result<()> {
     run(cargo()
         .args([
@@ -82,9 +84,11 @@ fn sim(scale: u64) -> Result<()> {
             "it",
             "--",
             "convergence::simulated",
+            "groups_sim::simulated",
             "--nocapture",
         ])
-        .env("EDGETALLY_SIM_SCALE", scale.to_string()))
+        .env("EDGETALLY_SIM_SCALE", scale.to_string())
+        .env("EDGETALLY_GROUPS_SIM_SCALE", scale.to_string()))
 }
 
 fn root() -> Result<PathBuf> {
