@@ -418,7 +418,15 @@ fn rate_limits_quotas_series_cap_and_bounds_each_answer_with_their_code() {
     assert_eq!(v["rejected"][0]["error"], "value_out_of_bounds", "{v}");
     model.insert("temp".into(), 1);
 
-    // The series cap (40): fresh producers each add a category; refused once it would pass.
+    // A producer the state holds before the cap fills up.
+    let known = signer(705);
+    let k = [("rate", None)];
+    assert_eq!(post(&m, &batch(&known, 0, &k, base), None).0, 200);
+    add(&mut model, &k);
+
+    // The series cap (40): fresh producers (keys minted to fill it) each add a category;
+    // refused once the node holds nine tenths of the cap — the last tenth is kept for
+    // producers the state already holds.
     let mut refused = 0;
     for i in 0..40u64 {
         let s = signer(800 + i);
@@ -434,10 +442,38 @@ fn rate_limits_quotas_series_cap_and_bounds_each_answer_with_their_code() {
         }
     }
     assert!(refused > 0, "the cap was never reached");
-    let (_, status) = m.get("/v1/status");
-    let series = status["admission"]["series"].as_u64().expect("series");
-    assert!(series <= 40, "{series} series held under a cap of 40");
-    assert!(series >= 35, "the cap refused too early: {series}");
+    let series_of = |m: &Merger| {
+        let (_, status) = m.get("/v1/status");
+        status["admission"]["series"].as_u64().expect("series")
+    };
+    let series = series_of(&m);
+    assert!(
+        series <= 36,
+        "{series} series held by fresh keys, over 9/10 of 40"
+    );
+    assert!(series >= 32, "the cap refused too early: {series}");
+    // A fresh key is refused even into a category that exists (it would add its own
+    // per-producer series); the known producer still adds series, within its quotas.
+    let k = [("rate", None)];
+    let mut fresh = 0;
+    loop {
+        match post(&m, &batch(&signer(1100 + fresh), 0, &k, base), None) {
+            (200, _) => add(&mut model, &k),
+            (422, what) => {
+                assert_eq!(what, "series_limit");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+        fresh += 1;
+        assert!(fresh < 10, "fresh keys passed nine tenths of the cap");
+    }
+    assert!(series_of(&m) <= 36);
+    let k = [("kept", None)];
+    assert_eq!(post(&m, &batch(&known, 1, &k, base), None).0, 200);
+    add(&mut model, &k);
+    let series = series_of(&m);
+    assert!((37..=40).contains(&series), "{series} series");
     for code in [
         "category_quota",
         "entity_quota",
@@ -455,6 +491,92 @@ fn rate_limits_quotas_series_cap_and_bounds_each_answer_with_their_code() {
     m.kill9();
     let m = Merger::start_with_env(&data, &[], &env);
     assert_model(&m, &model, base, "after kill -9");
+}
+
+/// POSTs a batch over plain HTTP from the loopback address `from` (say 127.0.0.2): a second
+/// source on one machine. Returns (status, error code or "ack"/"retry").
+fn post_from(m: &Merger, from: &str, raw: &[u8]) -> (u16, String) {
+    let addr: std::net::SocketAddr = m
+        .http
+        .trim_start_matches("http://")
+        .parse()
+        .expect("http addr");
+    crate::harness::runtime().block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind(format!("{from}:0").parse().expect("from"))
+            .expect("bind");
+        let mut s = sock.connect(addr).await.expect("connect");
+        let head = format!(
+            "POST /v1/batches HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            raw.len()
+        );
+        s.write_all(head.as_bytes()).await.expect("write");
+        s.write_all(raw).await.expect("write");
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.expect("read");
+        let status: u16 = text[9..12].parse().expect("status");
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+        let what = v["error"].as_str().or(v["result"].as_str()).unwrap_or("?");
+        (status, what.to_string())
+    })
+}
+
+/// Issue 28, finding 9: keys are free to mint, addresses are not. One source minting a fresh
+/// key per batch stops at `source_new_series_per_hour` new series (`source_quota`), while
+/// another source still adds series and the first still adds to series that exist.
+#[test]
+fn one_source_minting_keys_gets_its_share_of_new_series_not_the_cap() {
+    let dir = TempDir::new("source-quota");
+    let env = [
+        ("EDGETALLY_SOURCE_NEW_SERIES_PER_HOUR", "30"),
+        ("EDGETALLY_PRODUCER_BATCHES_PER_SEC", "0"),
+    ];
+    let m = Merger::start_with_env(&dir.0, &[], &env);
+    let base = now_ms();
+    let mut model: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut acked, mut refused) = (0, 0);
+    for i in 0..40u64 {
+        let cat = format!("m{i}");
+        let k = [(cat.as_str(), None)];
+        match post(&m, &batch(&signer(3000 + i), 0, &k, base), None) {
+            (200, _) => {
+                acked += 1;
+                add(&mut model, &k);
+            }
+            (422, what) => {
+                assert_eq!(what, "source_quota");
+                refused += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let (_, status) = m.get("/v1/status");
+    let series = status["admission"]["series"].as_u64().expect("series");
+    assert!(refused > 0 && acked > 0, "{acked} acked, {refused} refused");
+    assert!(
+        (24..=30).contains(&series),
+        "{series} series from one source with a share of 30"
+    );
+    // Into series that exist (a key already known, a category it already wrote): still
+    // taken from the same source. A fresh key is not: it adds its own per-producer series.
+    let k = [("m0", None)];
+    assert_eq!(post(&m, &batch(&signer(3000), 1, &k, base), None).0, 200);
+    add(&mut model, &k);
+    assert_eq!(
+        post(&m, &batch(&signer(3100), 0, &k, base), None),
+        (422, "source_quota".into())
+    );
+    // Another source adds series of its own.
+    let k = [("other-source", None)];
+    assert_eq!(
+        post_from(&m, "127.0.0.2", &batch(&signer(3101), 0, &k, base)).0,
+        200
+    );
+    add(&mut model, &k);
+    assert!(m.metric("edgetally_batches_rejected_total{reason=\"source_quota\"}") >= 1.0);
+    assert_model(&m, &model, base, "after the source's share ran out");
 }
 
 /// One HTTP/1.1 request over TLS to a node whose certificate hash is `pin`; returns the

@@ -937,7 +937,10 @@ fn a_topology_change_reaching_nodes_at_different_moments_counts_once() {
     // its old file.
     let deadline = Instant::now() + Duration::from_secs(20);
     while nodes[1].m().get("/v1/status").1["topology"]["version"] != 2 {
-        assert!(Instant::now() < deadline, "g1's node never adopted version 2");
+        assert!(
+            Instant::now() < deadline,
+            "g1's node never adopted version 2"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     nodes[1].proc.take().expect("running").kill9();

@@ -110,6 +110,9 @@ reject_codes! {
     /// The producer signed two different batches under one batch id (found by the mergers
     /// comparing their states, PROTOCOL.md §9); this merger refuses its batches.
     Equivocated = 28, "equivocated";
+    /// The batch's source address introduced more new series this hour than the merger
+    /// allows one source (`source_new_series_per_hour`).
+    SourceQuota = 29, "source_quota";
 }
 
 impl fmt::Display for RejectCode {
@@ -153,6 +156,7 @@ mod tests {
             (26, "series_limit"),
             (27, "value_out_of_bounds"),
             (28, "equivocated"),
+            (29, "source_quota"),
         ];
         for (n, s) in frozen {
             assert_eq!(RejectCode::from_u16(n).map(|c| c.as_str()), Some(s));

@@ -13,7 +13,11 @@
 //!    batch is always acknowledged): the **producer rate** in batches/s and summaries/s
 //!    (`Retry`), then the **novelty quotas** against the state the batch would change: new
 //!    categories and new (category, entity) series per producer per hour (`Nack
-//!    category_quota`, `entity_quota`), and the total number of series (`Nack series_limit`).
+//!    category_quota`, `entity_quota`), new series per source address per hour (`Nack
+//!    source_quota`: keys are free to mint, addresses are not), and the total number of
+//!    series (`Nack series_limit`), whose last tenth is kept for producers the state already
+//!    holds: keys minted to fill the cap stop at nine tenths of it, and a producer already
+//!    known can still add series within its own quotas.
 //!
 //! Batches a peer sends (replication) are never checked: they were admitted where they
 //! entered the cluster, and refusing them would split replicas. The node's own batches
@@ -81,11 +85,18 @@ impl Bucket {
 /// bound, or the exact novelty when the bound did not fit); settled by [`Admission::settle`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Reservation {
-    key: ProducerKey,
+    /// The producer charged (`None`: the node's own key, which has no producer quotas).
+    key: Option<ProducerKey>,
     hour: i64,
     categories: u32,
     entities: u32,
+    /// The source address charged, and the new series charged to it.
+    source: Option<(IpAddr, u32)>,
 }
+
+/// The share of `max_series` kept for producers the state already holds, in tenths: new
+/// producers may add series only while the node holds fewer than nine tenths of the cap.
+const KNOWN_PRODUCERS_TENTHS: u64 = 1;
 
 #[derive(Clone, Copy, Debug)]
 struct ProducerState {
@@ -110,6 +121,8 @@ pub struct AdmissionStats {
     pub credentials_refused: AtomicU64,
     /// Allowlist loads that failed (the previous list stays in force).
     pub allowlist_errors: AtomicU64,
+    /// Batches refused because their source used up its new series for the hour.
+    pub source_quota: AtomicU64,
 }
 
 /// The admission state of a node.
@@ -123,6 +136,9 @@ pub struct Admission {
     enrolled: Mutex<HashMap<ProducerKey, i64>>,
     producers: Mutex<HashMap<ProducerKey, ProducerState>>,
     sources: Mutex<HashMap<IpAddr, Bucket>>,
+    /// New series per source this hour: source → (hour, count).
+    source_series: Mutex<HashMap<IpAddr, (i64, u32)>>,
+    source_new_series_per_hour: u32,
     producer_batches: f64,
     producer_summaries: f64,
     source_batches: f64,
@@ -240,6 +256,8 @@ impl Admission {
             enrolled: Mutex::default(),
             producers: Mutex::default(),
             sources: Mutex::default(),
+            source_series: Mutex::default(),
+            source_new_series_per_hour: config.source_new_series_per_hour,
             producer_batches: config.producer_batches_per_sec,
             producer_summaries: config.producer_summaries_per_sec,
             source_batches: config.source_batches_per_sec,
@@ -471,12 +489,14 @@ impl Admission {
         }
     }
 
-    /// The checks that need the verified batch and the state: the producer's rates, then the
-    /// novelty quotas and the series cap. `series` is the number of series the state holds
-    /// (with what earlier batches of the group will add); `exact` computes what the batch
-    /// would add ([`edgetally_core::Replica::novelty`]), and is called only when an upper
-    /// bound taken from the batch's shape does not already fit — so a producer far from its
-    /// quotas, on a node far from its cap, costs no lookup. Returns what was reserved (the
+    /// The checks that need the verified batch and the state: the series cap, the producer's
+    /// rates, then the novelty quotas of the producer and of its `source` address (if known).
+    /// `series` is the number of series the state holds (with what earlier batches of the
+    /// group will add); `exact` computes what the batch would add
+    /// ([`edgetally_core::Replica::novelty`]), and is called only when an upper bound taken
+    /// from the batch's shape does not already fit — so a producer far from its quotas, on a
+    /// node far from its cap, costs no lookup; `known` says whether the state already holds
+    /// the producer (asked only past nine tenths of the cap). Returns what was reserved (the
     /// series to add to `series`, and the quota charge to settle once the batch applied), or
     /// `Err(Ok(delay))` for a retry, `Err(Err(code))` for a refusal.
     pub fn charge(
@@ -484,11 +504,13 @@ impl Admission {
         batch: &Batch,
         series: u64,
         now_ms: i64,
+        source: Option<IpAddr>,
         exact: impl Fn() -> Novelty,
+        known: impl FnOnce() -> bool,
     ) -> Result<(u64, Option<Reservation>), Result<u32, RejectCode>> {
         // Computed at most once, and only if a bound does not fit.
-        let mut known: Option<Novelty> = None;
-        let mut novelty = || *known.get_or_insert_with(&exact);
+        let mut computed: Option<Novelty> = None;
+        let mut novelty = || *computed.get_or_insert_with(&exact);
         let summaries = batch.summaries.len() as u32;
         // Distinct categories (indices into the batch's string table, which `Batch::check`
         // bounds), with a bit per string.
@@ -509,19 +531,67 @@ impl Admission {
             .filter(|s| s.entity != edgetally_core::NO_ENTITY)
             .count() as u32;
         let ub_series = 2 * ub_cats as u64 + summaries as u64;
+        let key = batch.id.producer;
         let mut add_series = ub_series;
-        if self.max_series > 0 && series.saturating_add(ub_series) > self.max_series {
+        let cap = self.max_series;
+        let for_new = cap - cap * KNOWN_PRODUCERS_TENTHS / 10;
+        if cap > 0 && series.saturating_add(ub_series) > for_new {
             add_series = novelty().series as u64;
-            if add_series > 0 && series.saturating_add(add_series) > self.max_series {
+            let total = series.saturating_add(add_series);
+            if add_series > 0 && (total > cap || (total > for_new && key != self.own && !known())) {
                 return Err(Err(RejectCode::SeriesLimit));
             }
         }
-        let key = batch.id.producer;
+        let hour = now_ms.div_euclid(3_600_000);
+        // The source's share, checked here and charged once every other check passed.
+        let qs = self.source_new_series_per_hour;
+        let source = source.filter(|_| qs > 0).map(source_key);
+        let mut source_charge = None;
+        if let Some(ip) = source {
+            let used = {
+                let m = self.source_series.lock().unwrap_or_else(|e| e.into_inner());
+                m.get(&ip)
+                    .filter(|(h, _)| *h == hour)
+                    .map_or(0, |(_, n)| *n)
+            };
+            let want = if used as u64 + ub_series <= qs as u64 {
+                ub_series as u32
+            } else {
+                novelty().series
+            };
+            if want > 0 && used.saturating_add(want) > qs {
+                self.stats.source_quota.fetch_add(1, Relaxed);
+                return Err(Err(RejectCode::SourceQuota));
+            }
+            source_charge = Some((ip, want));
+        }
+        let charge_source = |c: Option<(IpAddr, u32)>| {
+            if let Some((ip, want)) = c {
+                let mut m = self.source_series.lock().unwrap_or_else(|e| e.into_inner());
+                if m.len() >= MAX_TRACKED && !m.contains_key(&ip) {
+                    m.retain(|_, (h, _)| *h == hour);
+                }
+                let st = m.entry(ip).or_insert((hour, 0));
+                if st.0 != hour {
+                    *st = (hour, 0);
+                }
+                st.1 = st.1.saturating_add(want);
+            }
+        };
         if key == self.own {
-            return Ok((add_series, None));
+            charge_source(source_charge);
+            return Ok((
+                add_series,
+                source_charge.map(|c| Reservation {
+                    key: None,
+                    hour,
+                    categories: 0,
+                    entities: 0,
+                    source: Some(c),
+                }),
+            ));
         }
         let (rb, rs) = (self.producer_batches, self.producer_summaries);
-        let hour = now_ms.div_euclid(3_600_000);
         let mut m = self.producers.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() >= MAX_TRACKED && !m.contains_key(&key) {
             Self::sweep_producers(&mut m, rb, rs, now_ms);
@@ -573,13 +643,16 @@ impl Admission {
         st.new_entities = st.new_entities.saturating_add(ents);
         st.batches.tokens -= 1.0;
         st.summaries.tokens -= summaries as f64;
+        drop(m);
+        charge_source(source_charge);
         Ok((
             add_series,
             Some(Reservation {
-                key,
+                key: Some(key),
                 hour,
                 categories: cats,
                 entities: ents,
+                source: source_charge,
             }),
         ))
     }
@@ -588,8 +661,17 @@ impl Admission {
     /// [`edgetally_core::Replica::last_novelty`]) or was not written (`Novelty::default()`):
     /// the difference goes back to the producer's hourly quotas.
     pub fn settle(&self, r: Reservation, actual: Novelty) {
+        if let Some((ip, charged)) = r.source {
+            let mut m = self.source_series.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(st) = m.get_mut(&ip) {
+                if st.0 == r.hour {
+                    st.1 = st.1.saturating_sub(charged.saturating_sub(actual.series));
+                }
+            }
+        }
+        let Some(key) = r.key else { return };
         let mut m = self.producers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(st) = m.get_mut(&r.key) {
+        if let Some(st) = m.get_mut(&key) {
             if st.hour == r.hour {
                 st.new_categories = st
                     .new_categories
@@ -715,7 +797,14 @@ mod tests {
         };
         // Two categories fit the quota of 3 by their bound alone: no lookup.
         let (_, r) = a
-            .charge(&batch_of(&["a", "b"], 0), 0, now, || novelty(2))
+            .charge(
+                &batch_of(&["a", "b"], 0),
+                0,
+                now,
+                None,
+                || novelty(2),
+                || true,
+            )
             .expect("admitted");
         assert!(!exact_called.get());
         // Only one of them was new after all: one comes back.
@@ -723,23 +812,37 @@ mod tests {
         exact_called.set(false);
         // Two more fit (1 + 2 = 3).
         let (_, r) = a
-            .charge(&batch_of(&["c", "d"], 1), 0, now, || novelty(2))
+            .charge(
+                &batch_of(&["c", "d"], 1),
+                0,
+                now,
+                None,
+                || novelty(2),
+                || true,
+            )
             .expect("admitted");
         assert!(!exact_called.get());
         a.settle(r.expect("reserved"), novelty(2));
         exact_called.set(false);
         // The bound no longer fits: the exact novelty decides — none new passes, one refused.
         assert!(a
-            .charge(&batch_of(&["a"], 2), 0, now, || novelty(0))
+            .charge(&batch_of(&["a"], 2), 0, now, None, || novelty(0), || true)
             .is_ok());
         assert!(exact_called.get());
         assert_eq!(
-            a.charge(&batch_of(&["e"], 3), 0, now, || novelty(1)),
+            a.charge(&batch_of(&["e"], 3), 0, now, None, || novelty(1), || true),
             Err(Err(RejectCode::CategoryQuota))
         );
         // A batch that was never written gives its whole reservation back; a new hour resets.
         assert!(a
-            .charge(&batch_of(&["f"], 4), 0, now + 3_600_000, || novelty(1))
+            .charge(
+                &batch_of(&["f"], 4),
+                0,
+                now + 3_600_000,
+                None,
+                || novelty(1),
+                || true
+            )
             .is_ok());
     }
 
@@ -769,7 +872,7 @@ mod tests {
         for (seed, new, batches) in [(1, 0, 1), (2, 1, 1), (3, 0, 15)] {
             for _ in 0..batches {
                 let (_, r) = a
-                    .charge(&of(seed), 0, now, || novelty(new))
+                    .charge(&of(seed), 0, now, None, || novelty(new), || true)
                     .expect("admitted");
                 if let Some(r) = r {
                     a.settle(r, novelty(new));
@@ -786,12 +889,12 @@ mod tests {
         // The used quota is still there: 2 more categories fit, a third does not.
         for n in 0..2 {
             let (_, r) = a
-                .charge(&of(2), 0, now + 200 + n, || novelty(1))
+                .charge(&of(2), 0, now + 200 + n, None, || novelty(1), || true)
                 .expect("within the quota");
             a.settle(r.expect("reserved"), novelty(1));
         }
         assert_eq!(
-            a.charge(&of(2), 0, now + 300, || novelty(1)),
+            a.charge(&of(2), 0, now + 300, None, || novelty(1), || true),
             Err(Err(RejectCode::CategoryQuota))
         );
         // Once its bucket has refilled, 3 goes too; 2 stays until its hour is over.

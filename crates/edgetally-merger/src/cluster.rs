@@ -30,6 +30,7 @@
 use crate::peer::Auth;
 pub use crate::scatter::{combine, Answer, DrainState, GroupAnswer, Part, Query};
 use edgetally_core::Limits;
+use edgetally_net::now_ms;
 use edgetally_proto::topology::{Decision, Group, Handoffs, Topology, TopologyError};
 use edgetally_proto::Reply;
 use std::collections::{BTreeMap, HashMap};
@@ -38,7 +39,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
-use edgetally_net::now_ms;
 use tracing::{debug, info, warn};
 
 /// Counters of the cluster layer (exported in `/metrics`).
@@ -432,7 +432,11 @@ impl Cluster {
     }
 
     /// What this node applied of producers some map gives to `to` (a hand-off's answer).
-    pub(crate) fn seen_for(&self, replica: &edgetally_core::Replica, to: &str) -> crate::peer::HandoffReply {
+    pub(crate) fn seen_for(
+        &self,
+        replica: &edgetally_core::Replica,
+        to: &str,
+    ) -> crate::peer::HandoffReply {
         let t = self.topology();
         crate::peer::HandoffReply {
             version: t.version,
@@ -450,8 +454,9 @@ impl Cluster {
             .iter()
             .flat_map(|g| g.quic.iter().cloned())
             .filter(|a| {
-                crate::config::resolve_addr(a)
-                    .map_or(true, |sa| sa != me && !(me.ip().is_unspecified() && sa.port() == me.port()))
+                crate::config::resolve_addr(a).map_or(true, |sa| {
+                    sa != me && !(me.ip().is_unspecified() && sa.port() == me.port())
+                })
             })
             .collect();
         let mut asks = tokio::task::JoinSet::new();
@@ -479,7 +484,9 @@ impl Cluster {
     /// version `addr` routes by afterwards.
     async fn version_of(&self, addr: &str) -> Result<u64, String> {
         let conn = self.connection(addr).await?;
-        let raw = crate::peer::topology(&conn).await.inspect_err(|_| self.drop_connection(addr))?;
+        let raw = crate::peer::topology(&conn)
+            .await
+            .inspect_err(|_| self.drop_connection(addr))?;
         let theirs: Topology =
             serde_json::from_slice(&raw).map_err(|e| format!("{addr}: bad topology: {e}"))?;
         let mine = self.topology();
@@ -638,7 +645,12 @@ impl Cluster {
     /// not answered within [`FORWARD_HEDGE`] (a replica that died with its connection still
     /// open looks like that) is raced by one to the next replica: batches are idempotent by
     /// their id, so sending one twice counts it once.
-    pub async fn forward(self: &Arc<Self>, group: &Group, raw: Vec<u8>) -> Reply {
+    pub async fn forward(
+        self: &Arc<Self>,
+        group: &Group,
+        raw: Vec<u8>,
+        source: Option<std::net::IpAddr>,
+    ) -> Reply {
         let version = self.topology().version;
         let order = self.forward_order(group);
         let raw: Arc<[u8]> = raw.into();
@@ -657,7 +669,7 @@ impl Cluster {
                         let conn = me.connection(&addr).await?;
                         tokio::time::timeout(
                             FORWARD_TIMEOUT,
-                            crate::peer::forward(&conn, raw.to_vec(), version),
+                            crate::peer::forward(&conn, raw.to_vec(), version, source),
                         )
                         .await
                         .map_err(|_| "no reply in time".to_string())?

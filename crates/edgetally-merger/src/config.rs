@@ -65,6 +65,9 @@ pub struct Config {
     pub new_categories_per_hour: u32,
     /// New (category, entity) series one producer may introduce per hour; 0: unlimited.
     pub new_entities_per_hour: u32,
+    /// New series of every kind one source address (IPv6: per /64) may introduce per hour,
+    /// whatever keys it signs with; 0: unlimited.
+    pub source_new_series_per_hour: u32,
     /// Most series the node holds; batches that would add more are refused. 0: unlimited.
     pub max_series: u64,
     /// Most `Idempotency-Key` requests the node remembers at once (each is a seen-set held
@@ -163,6 +166,7 @@ impl Default for Config {
             source_batches_per_sec: 1_000.0,
             new_categories_per_hour: 1_000,
             new_entities_per_hour: 100_000,
+            source_new_series_per_hour: 100_000,
             max_series: 2_000_000,
             max_idempotency_keys: 500_000,
             value_bounds: BTreeMap::new(),
@@ -287,6 +291,8 @@ pub struct FileConfig {
     pub new_categories_per_hour: Option<u32>,
     /// See [`Config::new_entities_per_hour`].
     pub new_entities_per_hour: Option<u32>,
+    /// See [`Config::source_new_series_per_hour`].
+    pub source_new_series_per_hour: Option<u32>,
     /// See [`Config::max_series`].
     pub max_series: Option<u64>,
     /// See [`Config::max_idempotency_keys`].
@@ -412,6 +418,7 @@ impl FileConfig {
         "source_batches_per_sec",
         "new_categories_per_hour",
         "new_entities_per_hour",
+        "source_new_series_per_hour",
         "max_series",
         "max_idempotency_keys",
         "value_bounds",
@@ -541,6 +548,7 @@ impl Config {
             source_batches_per_sec => self.source_batches_per_sec,
             new_categories_per_hour => self.new_categories_per_hour,
             new_entities_per_hour => self.new_entities_per_hour,
+            source_new_series_per_hour => self.source_new_series_per_hour,
             max_series => self.max_series,
             max_idempotency_keys => self.max_idempotency_keys,
             value_bounds => self.value_bounds,

@@ -1434,7 +1434,7 @@ async fn events(
         let reply = if replayed {
             Reply::Ack
         } else {
-            submit_events(&node, fold.builder.finish(id, created)).await?
+            submit_events(&node, fold.builder.finish(id, created), source).await?
         };
         match reply {
             Reply::Ack => {
@@ -1448,6 +1448,16 @@ async fn events(
                     status: StatusCode::UNPROCESSABLE_ENTITY,
                     code: "series_limit",
                     message: "nothing was applied: the events would add series past the node's max_series".into(),
+                })
+            }
+            Reply::Nack(n) if RejectCode::from_u16(n) == Some(RejectCode::SourceQuota) => {
+                return Err(ApiError {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    code: "source_quota",
+                    message: "nothing was applied: the events would add more new series than this \
+                              client's address may add per hour (source_new_series_per_hour); \
+                              events into series that exist are still taken"
+                        .into(),
                 })
             }
             Reply::Nack(code) => {
@@ -1494,7 +1504,11 @@ fn internal(message: String) -> ApiError {
 
 /// Seals the batch of a request's events with the events key and applies it: here, or in a
 /// shard-group cluster at the events key's owner group. 413 if it is over the payload limit.
-async fn submit_events(node: &Api, batch: edgetally_core::Batch) -> Result<Reply, ApiError> {
+async fn submit_events(
+    node: &Api,
+    batch: edgetally_core::Batch,
+    source: std::net::IpAddr,
+) -> Result<Reply, ApiError> {
     let sealed = node
         .events_signer
         .seal(&batch)
@@ -1515,8 +1529,12 @@ async fn submit_events(node: &Api, batch: edgetally_core::Batch) -> Result<Reply
     // a node's own key is admitted as its own only by itself.
     let shared_key = node.config.cluster_secret.is_some();
     Ok(match shared_key {
-        true => node.take_or_forward(sealed, true).await,
-        false => node.ingest.submit_wait(sealed).await,
+        true => node.take_or_forward(sealed, true, Some(source)).await,
+        false => {
+            node.ingest
+                .submit_producer(sealed, None, true, Some(source))
+                .await
+        }
     })
 }
 
@@ -1674,6 +1692,7 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
             "source_batches_per_sec": node.config.source_batches_per_sec,
             "new_categories_per_hour": node.config.new_categories_per_hour,
             "new_entities_per_hour": node.config.new_entities_per_hour,
+            "source_new_series_per_hour": node.config.source_new_series_per_hour,
             "tracked_producers": tracked_producers,
             "tracked_sources": tracked_sources,
             "throttled_producer": adm.stats.throttled_producer.load(Relaxed),

@@ -38,6 +38,8 @@ struct Job {
     /// The routing guard of a producer's batch ([`crate::cluster::Route::Take`]): held until
     /// the job is dropped, so a topology change waits for it.
     _route: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
+    /// The address a producer's batch came from, when known (the per-source series quota).
+    source: Option<std::net::IpAddr>,
 }
 
 /// The front door of the pipeline; cheap to clone.
@@ -157,6 +159,7 @@ impl Ingest {
                 unverified: false,
                 _in_flight: InFlight::new(&self.in_flight),
                 _route: None,
+                source: None,
             },
             rx,
         )
@@ -167,16 +170,19 @@ impl Ingest {
         self.submit_as(raw, false).await
     }
 
-    /// Submits a producer's batch routed here, with its routing guard (held until it is
-    /// applied or refused); `wait`: for room in the queue, else `Retry` if it is full.
-    pub async fn submit_routed(
+    /// Submits a producer's batch from `source` (if known), with its routing guard if it
+    /// was routed here (held until it is applied or refused); `wait`: for room in the queue,
+    /// else `Retry` if it is full.
+    pub async fn submit_producer(
         &self,
         raw: Vec<u8>,
-        guard: tokio::sync::OwnedRwLockReadGuard<()>,
+        guard: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
         wait: bool,
+        source: Option<std::net::IpAddr>,
     ) -> Reply {
         let (mut job, rx) = self.job(raw, false);
-        job._route = Some(guard);
+        job._route = guard;
+        job.source = source;
         match wait {
             true => self.send_wait(job, rx).await,
             false => self.send(job, rx).await,
@@ -448,7 +454,8 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
                     }
                     Ok(b) => {
                         let mut job = job;
-                        match adm.charge(&b, series, now, || r.novelty(&b)) {
+                        let known = || r.epochs_of(&b.id.producer) > 0;
+                        match adm.charge(&b, series, now, job.source, || r.novelty(&b), known) {
                             Ok((added, reserved)) => {
                                 series += added;
                                 job.reserved = reserved;

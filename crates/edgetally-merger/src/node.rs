@@ -2,6 +2,7 @@
 //! replay), producer and forwarded batches routed by the topology, snapshot adoption and
 //! absorption, queries. Starting it — listeners, links, upkeep — is [`crate::start`].
 
+use crate::cluster::Route;
 use crate::config::Config;
 use crate::ingest::{now_ms, Ingest};
 use crate::metrics::Metrics;
@@ -9,7 +10,6 @@ use crate::store::Store;
 use edgetally_core::{BatchId, Limits, LogEntry, ProducerKey, Replica, SeenSet};
 use edgetally_net::tls::{hex, Identity};
 use edgetally_net::{random_seed, random_u64};
-use crate::cluster::Route;
 use edgetally_proto::{decode, Reply, Signer};
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -590,24 +590,31 @@ impl Node {
                 Err(code) => Reply::nack(code),
             };
         }
-        self.take_or_forward(raw, false).await
+        self.take_or_forward(raw, false, Some(source)).await
     }
 
     /// A producer's batch, routed: forwarded to its owner group, answered Retry while its
     /// group waits (a drain, a hand-off), acknowledged if another group applied it before
-    /// handing over, else submitted here (`wait`: for room in the queue).
-    pub(crate) async fn take_or_forward(&self, raw: Vec<u8>, wait: bool) -> Reply {
+    /// handing over, else submitted here (`wait`: for room in the queue; `source`: the
+    /// address it came from, if known).
+    pub(crate) async fn take_or_forward(
+        &self,
+        raw: Vec<u8>,
+        wait: bool,
+        source: Option<std::net::IpAddr>,
+    ) -> Reply {
         let Some(c) = &self.cluster else {
-            return match wait {
-                true => self.ingest.submit_wait(raw).await,
-                false => self.ingest.submit(raw).await,
-            };
+            return self.ingest.submit_producer(raw, None, wait, source).await;
         };
         match c.route(&raw, |g| self.has_absorbed(g)).await {
-            Route::Forward(owner) => c.forward(&owner, raw).await,
+            Route::Forward(owner) => c.forward(&owner, raw, source).await,
             Route::Retry { after_ms } => Reply::Retry { after_ms },
             Route::AppliedElsewhere => Reply::Ack,
-            Route::Take(guard) => self.ingest.submit_routed(raw, guard, wait).await,
+            Route::Take(guard) => {
+                self.ingest
+                    .submit_producer(raw, Some(guard), wait, source)
+                    .await
+            }
         }
     }
 
@@ -621,9 +628,14 @@ impl Node {
     /// topology agrees that its group owns it; else `Retry`, and the topology is re-read if
     /// the sender's is newer: the two nodes disagree for the moment a reload takes, and the
     /// producer resends.
-    pub async fn forwarded(&self, raw: Vec<u8>, version: u64) -> Reply {
+    pub async fn forwarded(
+        &self,
+        raw: Vec<u8>,
+        version: u64,
+        source: Option<std::net::IpAddr>,
+    ) -> Reply {
         let Some(c) = &self.cluster else {
-            return self.ingest.submit(raw).await;
+            return self.ingest.submit_producer(raw, None, false, source).await;
         };
         c.metrics.received_forwarded.fetch_add(1, Relaxed);
         if version > c.topology().version {
@@ -636,7 +648,11 @@ impl Node {
             },
             Route::Retry { after_ms } => Reply::Retry { after_ms },
             Route::AppliedElsewhere => Reply::Ack,
-            Route::Take(guard) => self.ingest.submit_routed(raw, guard, false).await,
+            Route::Take(guard) => {
+                self.ingest
+                    .submit_producer(raw, Some(guard), false, source)
+                    .await
+            }
         }
     }
 

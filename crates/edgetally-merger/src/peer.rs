@@ -117,14 +117,23 @@ pub(crate) async fn snapshot(conn: &quinn::Connection) -> Result<Snapshot, Strin
     Snapshot::decode(&raw).map_err(|_| "bad snapshot".to_string())
 }
 
+/// What follows a `Forward` request's bytes: the address the batch came from (for the
+/// owner's per-source quota). Nodes of an earlier release stop reading at the request's end.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct ForwardExt {
+    pub(crate) source: Option<std::net::IpAddr>,
+}
+
 /// Sends a forwarded batch on an authenticated peer connection; the owner's reply.
 pub(crate) async fn forward(
     conn: &quinn::Connection,
     batch: Vec<u8>,
     version: u64,
+    source: Option<std::net::IpAddr>,
 ) -> Result<Reply, String> {
-    let body =
+    let mut body =
         postcard::to_allocvec(&Request::Forward { batch, version }).map_err(|e| e.to_string())?;
+    body.extend(postcard::to_allocvec(&ForwardExt { source }).map_err(|e| e.to_string())?);
     let raw = request(conn, &body, 64).await?;
     Reply::decode(&raw).map_err(|c| format!("bad reply: {c}"))
 }

@@ -90,7 +90,8 @@ async fn answer(
         .read_to_end(MAX_MESSAGE)
         .await
         .map_err(|e| e.to_string())?;
-    let req: Request = postcard::from_bytes(&raw).map_err(|_| "bad request".to_string())?;
+    let (req, rest): (Request, &[u8]) =
+        postcard::take_from_bytes(&raw).map_err(|_| "bad request".to_string())?;
     match req {
         Request::Push { batch } => {
             let reply = node.ingest.submit_from_peer(batch).await;
@@ -130,7 +131,9 @@ async fn answer(
             send.write_all(&bytes).await.map_err(|e| e.to_string())?;
         }
         Request::Forward { batch, version } => {
-            let reply = node.forwarded(batch, version).await;
+            // From a node of an earlier release: nothing follows.
+            let ext: crate::peer::ForwardExt = postcard::from_bytes(rest).unwrap_or_default();
+            let reply = node.forwarded(batch, version, ext.source).await;
             send.write_all(&reply.encode())
                 .await
                 .map_err(|e| e.to_string())?;
@@ -194,8 +197,13 @@ async fn adopt_from_peer(c: &crate::cluster::Cluster, json: &[u8]) {
     let v = t.version;
     match c.install(t).await {
         Ok(true) => {
-            c.metrics.adoptions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            info!(version = v, "adopted a newer topology handed by another node");
+            c.metrics
+                .adoptions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            info!(
+                version = v,
+                "adopted a newer topology handed by another node"
+            );
         }
         Ok(false) => {}
         Err(e) => warn!("a newer topology handed by another node not adopted: {e}"),

@@ -280,7 +280,11 @@ impl Node {
         }
         tasks.push(tokio::spawn(mark_durable(node.store.clone(), rx.clone())));
         if node.cluster.is_some() {
-            tasks.push(tokio::spawn(topology_upkeep(node.clone(), quic_addr, rx.clone())));
+            tasks.push(tokio::spawn(topology_upkeep(
+                node.clone(),
+                quic_addr,
+                rx.clone(),
+            )));
         }
         tasks.push(tokio::spawn(admission_upkeep(
             node.admission.clone(),
