@@ -37,6 +37,11 @@ struct Node {
 
 impl Node {
     fn start(&mut self, topology: &Path) {
+        self.start_with(topology, &[]);
+    }
+
+    /// Starts the node with variables beyond [`ENV`] (a setting being rolled out).
+    fn start_with(&mut self, topology: &Path, env: &[(&str, &str)]) {
         let mut extra: Vec<String> = vec![
             "--topology".into(),
             topology.display().to_string(),
@@ -48,11 +53,13 @@ impl Node {
             extra.push(p.to_string());
         }
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let mut all_env = ENV.to_vec();
+        all_env.extend_from_slice(env);
         self.proc = Some(Merger::start_at(
             &self.dir.0,
             &self.quic.to_string(),
             &extra,
-            ENV,
+            &all_env,
         ));
     }
     fn m(&self) -> &Merger {
@@ -974,5 +981,291 @@ fn a_topology_change_reaching_nodes_at_different_moments_counts_once() {
         }
         assert!(Instant::now() < deadline, "not exact: {answers:?}");
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The nemesis across shard groups (issue 28): two groups of two replicas, each node reading
+/// its own topology file. While native producers that know the first four nodes record and
+/// fail over, and keyed `/v1/events` requests are retried at another node whenever an answer
+/// is lost (and every answered one is sent again through another node, as a load balancer
+/// would), the operator rolls out a third group (version 2, a map a few seconds ahead) file
+/// by file — most nodes learn it in-band first — and a setting (`value_bounds`) node by node,
+/// and nodes are `kill -9`'d and restarted, some with their old topology file. Judged
+/// against a ground truth: every keyed request counted as its answer said, every acknowledged
+/// record once, on every node, and `complete: true` only with those exact totals.
+#[test]
+fn shard_groups_stay_exact_through_a_rolling_topology_and_settings_change_and_kill_9() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use std::sync::{Arc, Mutex};
+    let q: Vec<SocketAddr> = (0..5).map(|_| free_udp()).collect();
+    let topo_dir = TempDir::new("groups-nemesis-topology");
+    let files: Vec<std::path::PathBuf> = (0..5)
+        .map(|i| topo_dir.0.join(format!("node{i}.toml")))
+        .collect();
+    let v1 = topology(
+        1,
+        &[(0, vec![("g0", vec![q[0], q[1]]), ("g1", vec![q[2], q[3]])])],
+    );
+    for f in &files[..4] {
+        write_atomic(f, &v1);
+    }
+    let defs: [(&'static str, Vec<SocketAddr>); 5] = [
+        ("g0", vec![q[1]]),
+        ("g0", vec![q[0]]),
+        ("g1", vec![q[3]]),
+        ("g1", vec![q[2]]),
+        ("g2", vec![]),
+    ];
+    let mut nodes: Vec<Node> = defs
+        .into_iter()
+        .enumerate()
+        .map(|(i, (group, peers))| Node {
+            dir: TempDir::new(&format!("groups-nemesis-{i}")),
+            quic: q[i],
+            group,
+            peers,
+            proc: None,
+        })
+        .collect();
+    // A cluster secret whose events key (the keyed requests' producer) moves from its first
+    // owner to g2 with version 2, so keyed retries cross the change.
+    let secret = (0..100)
+        .map(|i| format!("groups-nemesis-secret-{i}"))
+        .find(|s| {
+            let config = edgetally_merger::config::Config {
+                cluster_secret: Some(s.clone()),
+                ..Default::default()
+            };
+            let key = edgetally_proto::Signer::from_seed(edgetally_merger::node::events_seed(
+                &config, [0; 32],
+            ))
+            .producer();
+            edgetally_proto::topology::heaviest(&key, ["g0", "g1", "g2"]) == Some(2)
+        })
+        .expect("a secret");
+    let secret_env = [("EDGETALLY_CLUSTER_SECRET", secret.as_str())];
+    let bounds = [
+        ("EDGETALLY_CLUSTER_SECRET", secret.as_str()),
+        ("EDGETALLY_VALUE_BOUNDS", "{ \"*\" = [-1000000, 1000000] }"),
+    ];
+    for (n, f) in nodes.iter_mut().zip(&files).take(4) {
+        n.start_with(f, &secret_env);
+    }
+    let urls: Arc<Mutex<Vec<Option<String>>>> = Arc::new(Mutex::new(
+        nodes
+            .iter()
+            .map(|n| n.proc.as_ref().map(|m| m.http.clone()))
+            .collect(),
+    ));
+    let rt = runtime();
+    let endpoints = endpoints_of(&nodes[..4]);
+    let config = ProducerConfig {
+        flush_interval_ms: 100,
+        ..Default::default()
+    };
+    let producers = start_producers(&rt, &config, &endpoints, 3);
+    let now = now_ms();
+    let stop = AtomicBool::new(false);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(3)))
+        .build()
+        .into();
+    // Keyed request `i` (its events 20 s ahead, within max_future_skew: created after the
+    // change) at node `at`; (status, body) if answered.
+    let keyed_body = |i: u64| -> String {
+        (0..3)
+            .map(|j| {
+                format!(
+                    "{{\"ts_ms\":{},\"category\":\"gn_keyed\",\"entity\":\"e{}\",\"value\":{}}}\n",
+                    now + 20_000 - j,
+                    i % 5,
+                    i % 7
+                )
+            })
+            .collect()
+    };
+    let send_keyed = |i: u64, at: usize| -> Option<(u16, Value)> {
+        let url = urls.lock().expect("urls")[at].clone()?;
+        let mut r = agent
+            .post(&format!("{url}/v1/events"))
+            .header("idempotency-key", &format!("gn-{i}"))
+            .send(keyed_body(i).as_bytes())
+            .ok()?;
+        let st = r.status().as_u16();
+        let v: Value = serde_json::from_str(&r.body_mut().read_to_string().ok()?).ok()?;
+        Some((st, v))
+    };
+    let answers: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
+    let (keyed_truth, produced) = std::thread::scope(|s| {
+        let keyed = s.spawn(|| {
+            let mut rng = Rng::new(28);
+            let (mut truth, mut retried) = (0u64, 0u64);
+            for i in 0..120u64 {
+                std::thread::sleep(Duration::from_millis(80));
+                let send = |at: usize| send_keyed(i, at);
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let n = urls.lock().expect("urls").len() as u64;
+                let mut at = rng.below(n) as usize;
+                loop {
+                    assert!(Instant::now() < deadline, "request {i} never answered");
+                    match send(at) {
+                        Some((200, v)) => {
+                            let accepted = v["accepted"].as_u64().expect("accepted");
+                            truth += accepted;
+                            answers.lock().expect("answers").push((i, accepted));
+                            let other = (at + 1 + rng.below(n - 1) as usize) % n as usize;
+                            if let Some((200, w)) = send(other) {
+                                assert_eq!(w["accepted"].as_u64(), Some(accepted), "{w}");
+                            }
+                            break;
+                        }
+                        Some((503, _)) | None => {
+                            retried += 1;
+                            at = (at + 1 + rng.below(n - 1) as usize) % n as usize;
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        Some((st, v)) => panic!("request {i}: {st} {v}"),
+                    }
+                }
+            }
+            assert!(retried > 0, "the nemesis never caught a keyed request");
+            truth
+        });
+        let recording = s.spawn(|| {
+            let mut n = 0u64;
+            let mut i = 0u64;
+            while !stop.load(Relaxed) && n < 4000 {
+                for p in &producers {
+                    let e = format!("e{}", i % 9);
+                    p.record("gn_sdk", Some(&e), 1.0, None).expect("record");
+                    n += 1;
+                    i += 1;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            n
+        });
+        let restart = |nodes: &mut Vec<Node>, i: usize, env: &[(&str, &str)]| {
+            urls.lock().expect("urls")[i] = None;
+            if let Some(m) = nodes[i].proc.take() {
+                m.kill9();
+            }
+            std::thread::sleep(Duration::from_millis(600));
+            nodes[i].start_with(&files[i], env);
+            urls.lock().expect("urls")[i] = nodes[i].proc.as_ref().map(|m| m.http.clone());
+        };
+        // Version 2: a third group from a few seconds ahead, on its own node's file and on
+        // node 0's; the others learn it in-band.
+        std::thread::sleep(Duration::from_millis(1500));
+        let v2 = topology(
+            2,
+            &[
+                (0, vec![("g0", vec![q[0], q[1]]), ("g1", vec![q[2], q[3]])]),
+                (
+                    now_ms() + 4_000,
+                    vec![
+                        ("g0", vec![q[0], q[1]]),
+                        ("g1", vec![q[2], q[3]]),
+                        ("g2", vec![q[4]]),
+                    ],
+                ),
+            ],
+        );
+        write_atomic(&files[4], &v2);
+        write_atomic(&files[0], &v2);
+        nodes[4].start_with(&files[4], &secret_env);
+        urls.lock().expect("urls")[4] = nodes[4].proc.as_ref().map(|m| m.http.clone());
+        // A replica killed and restarted with its old file.
+        std::thread::sleep(Duration::from_millis(1500));
+        restart(&mut nodes, 2, &secret_env);
+        // The setting rolled out in g0, one replica at a time.
+        std::thread::sleep(Duration::from_millis(1500));
+        restart(&mut nodes, 1, &bounds);
+        // The operator catches up with the files; another replica killed meanwhile.
+        std::thread::sleep(Duration::from_millis(1500));
+        for f in &files[1..4] {
+            write_atomic(f, &v2);
+        }
+        restart(&mut nodes, 3, &secret_env);
+        std::thread::sleep(Duration::from_millis(1500));
+        restart(&mut nodes, 0, &bounds);
+        let keyed_truth = keyed.join().expect("keyed client");
+        stop.store(true, Relaxed);
+        (keyed_truth, recording.join().expect("recorder"))
+    });
+    flush(&rt, &producers);
+    let acked: u64 = producers.iter().map(|p| p.stats().acked_records).sum();
+    assert_eq!(acked, produced, "every record acknowledged");
+    // A client that lost its answers retries every keyed request, at any node, once the
+    // change is everywhere: each is answered as it was first, and counts once.
+    let mut rng = Rng::new(29);
+    for &(i, accepted) in answers.lock().expect("answers").iter() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let at = rng.below(5) as usize;
+            match send_keyed(i, at) {
+                Some((200, v)) => {
+                    assert_eq!(v["accepted"].as_u64(), Some(accepted), "request {i}: {v}");
+                    break;
+                }
+                Some((503, _)) | None => {}
+                Some((st, v)) => panic!("retry of request {i}: {st} {v}"),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "retry of request {i} never answered"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen: Vec<(u64, u64, Value, Value)> = nodes
+            .iter()
+            .map(|n| {
+                let m = n.m();
+                let (_, k) = m.get("/v1/aggregate?category=gn_keyed&start=0&end=9999999999999");
+                let (_, p) = m.get("/v1/aggregate?category=gn_sdk&start=0&end=9999999999999");
+                (
+                    k["count"].as_u64().unwrap_or(0),
+                    p["count"].as_u64().unwrap_or(0),
+                    k["complete"].clone(),
+                    p["complete"].clone(),
+                )
+            })
+            .collect();
+        for (k, p, _, _) in &seen {
+            assert!(
+                *k <= keyed_truth && *p <= produced,
+                "counted twice: {seen:?} (truth {keyed_truth}, {produced})"
+            );
+        }
+        if seen
+            .iter()
+            .all(|(k, p, kc, pc)| (*k, *p) == (keyed_truth, produced) && *kc == true && *pc == true)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not exact: {seen:?}, truth keyed {keyed_truth} sdk {produced}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    for n in &nodes {
+        let (_, st) = n.m().get("/v1/status");
+        assert_eq!(st["topology"]["version"], 2, "{}", st["topology"]);
+        assert_eq!(st["topology"]["settled"], true, "{}", st["topology"]);
+    }
+    // g2 took over the events key's batches created after the change (all of them that no
+    // node took under version 1).
+    let (_, g2) = nodes[4].m().get("/v1/status");
+    assert!(
+        g2["digest_batches"].as_u64().unwrap_or(0) > 0,
+        "g2 took nothing: {g2}"
+    );
+    for p in &producers {
+        p.close();
     }
 }
