@@ -1269,3 +1269,72 @@ fn shard_groups_stay_exact_through_a_rolling_topology_and_settings_change_and_ki
         p.close();
     }
 }
+
+/// Two topologies written under one version (an operator's mistake) are a conflict, never
+/// applied over each other: both nodes report it and answer `complete: false`, until a
+/// higher version — written on one node only — replaces both everywhere.
+#[test]
+fn two_topologies_of_one_version_are_a_conflict_until_a_higher_one() {
+    let q: Vec<SocketAddr> = (0..2).map(|_| free_udp()).collect();
+    let topo_dir = TempDir::new("groups-conflict-topology");
+    let files = [topo_dir.0.join("a.toml"), topo_dir.0.join("b.toml")];
+    let base = vec![("g0", vec![q[0]]), ("g1", vec![q[1]])];
+    write_atomic(&files[0], &topology(1, &[(0, base.clone())]));
+    write_atomic(
+        &files[1],
+        &topology(
+            1,
+            &[
+                (0, base.clone()),
+                (now_ms() + 600_000, vec![("g0", vec![q[0]])]),
+            ],
+        ),
+    );
+    let mut nodes: Vec<Node> = [("g0", 0), ("g1", 1)]
+        .into_iter()
+        .map(|(group, i)| {
+            let mut n = Node {
+                dir: TempDir::new(&format!("groups-conflict-{i}")),
+                quic: q[i],
+                group,
+                peers: vec![],
+                proc: None,
+            };
+            n.start(&files[i]);
+            n
+        })
+        .collect();
+    let status = |n: &Node| n.m().get("/v1/status").1;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !nodes
+        .iter()
+        .all(|n| status(n)["topology"]["conflict"].is_string())
+    {
+        assert!(Instant::now() < deadline, "no conflict reported");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for n in &nodes {
+        let st = status(n);
+        assert_eq!(st["complete"], false, "{}", st["topology"]);
+        assert_eq!(st["topology"]["version"], 1, "{}", st["topology"]);
+        let (_, a) = n
+            .m()
+            .get("/v1/aggregate?category=x&start=0&end=9999999999999");
+        assert_eq!(a["complete"], false, "{a}");
+    }
+    write_atomic(&files[0], &topology(2, &[(0, base)]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let sts: Vec<Value> = nodes.iter().map(status).collect();
+        if sts.iter().all(|s| {
+            s["topology"]["version"] == 2
+                && s["topology"]["conflict"].is_null()
+                && s["complete"] == true
+        }) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still in conflict: {sts:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nodes.clear();
+}
