@@ -12,6 +12,7 @@ pub mod credential;
 mod envelope;
 mod frame;
 pub mod producer;
+mod rendezvous;
 mod reader;
 mod small_sort;
 pub mod topology;

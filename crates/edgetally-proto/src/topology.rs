@@ -20,7 +20,7 @@
 //! Totals merge, so a routing change never moves merged data: it only decides where
 //! *future* batches go.
 
-use crate::producer::rendezvous_weight;
+use crate::rendezvous::rendezvous_weight;
 use edgetally_core::{BatchId, ProducerKey, SeenSet};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
