@@ -1,7 +1,15 @@
-//! The README's run command must keep working: `edgetally demo` starts a merger on the
+//! The README's run command must keep working: the demo (`edgetally-bench demo`, which
+//! `cargo xtask demo` runs) starts a merger on the
 //! default addresses, feeds it, and exits 0 only if every answer matches its expectation.
 
-use crate::harness::binary;
+use crate::harness::{bench_binary, binary};
+
+/// `edgetally-bench demo`, starting the `edgetally` binary under test.
+fn demo() -> std::process::Command {
+    let mut cmd = std::process::Command::new(bench_binary());
+    cmd.env("EDGETALLY_BIN", binary()).arg("demo");
+    cmd
+}
 
 fn the_demo_runs_and_every_answer_matches_inner() {
     // `cargo xtask test` builds the npm package first; then the demo also drives the wasm SDK
@@ -12,8 +20,7 @@ fn the_demo_runs_and_every_answer_matches_inner() {
         .to_path_buf();
     let script = root.join("examples/node/ingest.mjs");
     let built = root.join("web/dist/index.js").exists() && root.join("web/pkg").exists();
-    let mut cmd = std::process::Command::new(binary());
-    cmd.arg("demo");
+    let mut cmd = demo();
     if built {
         cmd.arg("--node-script").arg(&script);
     } else {
@@ -44,13 +51,13 @@ fn the_demo_runs_and_every_answer_matches_inner() {
     );
 }
 
-/// `edgetally demo --cluster` uses the same default ports, so it runs after the single-node
+/// The cluster demo uses the same default ports, so it runs after the single-node
 /// demo in this one test rather than beside it.
 #[test]
 fn the_single_node_and_cluster_demos_run_one_after_the_other() {
     the_demo_runs_and_every_answer_matches_inner();
-    let out = std::process::Command::new(binary())
-        .args(["demo", "--cluster"])
+    let out = demo()
+        .args(["--cluster"])
         .output()
         .expect("run demo --cluster");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -83,8 +90,8 @@ fn the_single_node_and_cluster_demos_run_one_after_the_other() {
     );
     // The README's 2×2 cluster: two shard groups of two replicas, each node answering for the
     // whole cluster.
-    let out = std::process::Command::new(binary())
-        .args(["demo", "--cluster", "--groups", "2"])
+    let out = demo()
+        .args(["--cluster", "--groups", "2"])
         .output()
         .expect("run demo --cluster --groups 2");
     let stdout = String::from_utf8_lossy(&out.stdout);

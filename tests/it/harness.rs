@@ -10,6 +10,34 @@ use std::sync::OnceLock;
 /// The `edgetally` binary under test: `EDGETALLY_BIN` when set (`cargo xtask test` builds it
 /// before the tests start, so no test waits on a build), else this build's, built on first use
 /// (so that running only this test package still tests the current code).
+/// The `edgetally-bench` binary (the demo, the benchmarks) beside [`binary`], built first if
+/// it is not there.
+pub fn bench_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let path = binary().with_file_name("edgetally-bench");
+        if !path.exists() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args([
+                "build",
+                "-q",
+                "-p",
+                "edgetally-bench",
+                "--bin",
+                "edgetally-bench",
+            ]);
+            if path.parent().is_some_and(|d| d.ends_with("release")) {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("cargo build");
+            assert!(status.success(), "building edgetally-bench failed");
+        }
+        path
+    })
+    .clone()
+}
+
 pub fn binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {

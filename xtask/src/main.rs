@@ -588,19 +588,34 @@ fn openapi(root: &Path, secs: u64) -> Result<()> {
     result
 }
 
-/// Builds the binary and runs `edgetally demo` (which starts and stops its own merger).
-/// The user-activity producer in Node.js uses the npm package, so the demo builds it too.
+/// Builds the binaries and runs the demo (`edgetally-bench demo`, which starts and stops its
+/// own mergers from the `edgetally` binary). The single-node demo's user-activity producer in
+/// Node.js uses the npm package, so it builds that too; `--cluster` needs none of it.
 fn demo(root: &Path, rest: &[String]) -> Result<()> {
-    ensure_prerequisites()?;
-    web_build(root)?;
-    run(cargo().args(["build", "-p", "edgetally", "--bin", "edgetally"]))?;
-    run(
-        Command::new(target_dir(root).join("debug").join("edgetally"))
-            .arg("demo")
-            .arg("--node-script")
-            .arg(root.join("examples/node/ingest.mjs"))
-            .args(rest),
-    )
+    let cluster = rest.iter().any(|a| a == "--cluster");
+    if !cluster {
+        ensure_prerequisites()?;
+        web_build(root)?;
+    }
+    run(cargo().args([
+        "build",
+        "-p",
+        "edgetally",
+        "--bin",
+        "edgetally",
+        "-p",
+        "edgetally-bench",
+        "--bin",
+        "edgetally-bench",
+    ]))?;
+    let bin = target_dir(root).join("debug");
+    let mut cmd = Command::new(bin.join("edgetally-bench"));
+    cmd.env("EDGETALLY_BIN", bin.join("edgetally")).arg("demo");
+    if !cluster {
+        cmd.arg("--node-script")
+            .arg(root.join("examples/node/ingest.mjs"));
+    }
+    run(cmd.args(rest))
 }
 
 /// The merger benchmark needs redis-server (Debian's package) and a release build.

@@ -1,5 +1,5 @@
 //! Running `edgetally serve` as a child process and reading the addresses and certificate
-//! hash it prints at start-up: the one merger launcher of the demo (`edgetally demo`), the
+//! hash it prints at start-up: the one merger launcher of the demo (`edgetally-bench demo`), the
 //! benchmarks (`edgetally-bench`) and the integration tests (`tests/it/harness.rs` wraps it
 //! with HTTP helpers).
 

@@ -1,8 +1,10 @@
-//! `edgetally-bench`: the benchmarks and the soak, against real `edgetally serve` processes
-//! it starts (the `edgetally` binary beside it, or `EDGETALLY_BIN`).
+//! `edgetally-bench`: the demo, the benchmarks and the soak, against real `edgetally serve`
+//! processes it starts (the `edgetally` binary beside it, or `EDGETALLY_BIN`).
 
 mod churn;
+mod cluster_demo;
 mod clusterbench;
+mod demo;
 mod exportbench;
 mod groupbench;
 mod loadgen;
@@ -39,6 +41,24 @@ enum Cmd {
     /// Ephemeral producers (a fresh key every couple of batches) against a merger with a short
     /// lateness horizon: seen-sets level off as epochs expire; nothing acknowledged lost.
     Churn(churn::ChurnArgs),
+    /// Start a merger, feed it IoT and user-activity events (late, out of order and a few
+    /// invalid ones), and print every query kind's answer beside an independent expectation
+    /// (`cargo xtask demo`).
+    Demo {
+        /// Start a three-node cluster instead: producers fail over when a node is killed, and
+        /// every node's converged totals are printed.
+        #[arg(long)]
+        cluster: bool,
+        /// With --cluster: this many shard groups of two replicas each (one topology file;
+        /// producers spread over the groups by the hash of their key). 1: three peered nodes.
+        #[arg(long, default_value_t = 1, requires = "cluster", value_parser = clap::value_parser!(u16).range(1..=8))]
+        groups: u16,
+        /// A Node.js script that records NDJSON events from stdin with the npm package (the
+        /// wasm SDK) — `cargo xtask demo` passes examples/node/ingest.mjs. Half the user
+        /// activity then goes through it; without it, all of it is posted as JSON.
+        #[arg(long, value_name = "FILE")]
+        node_script: Option<std::path::PathBuf>,
+    },
     /// The PostgreSQL export against a server it starts: rows written after a load, the
     /// rescan after kill -9, and the rows rewritten after a clean stop.
     Exportbench(exportbench::ExportBenchArgs),
@@ -52,5 +72,10 @@ fn main() -> Result<()> {
         Cmd::Soak(a) => soak::run(a),
         Cmd::Churn(a) => churn::run(a),
         Cmd::Exportbench(a) => exportbench::run(a),
+        Cmd::Demo {
+            cluster,
+            groups,
+            node_script,
+        } => demo::run(cluster, usize::from(groups), node_script.as_deref()),
     }
 }

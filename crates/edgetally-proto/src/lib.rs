@@ -12,8 +12,8 @@ pub mod credential;
 mod envelope;
 mod frame;
 pub mod producer;
-mod rendezvous;
 mod reader;
+mod rendezvous;
 mod small_sort;
 pub mod topology;
 

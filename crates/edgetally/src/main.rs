@@ -14,8 +14,6 @@ macro_rules! out {
 }
 
 mod args;
-mod cluster_demo;
-mod demo;
 mod query;
 mod send;
 
@@ -48,23 +46,6 @@ enum Cmd {
     Send(send::SendArgs),
     /// Ask a node a question (a table by default, --json for scripts).
     Query(query::QueryArgs),
-    /// Start a merger, feed it IoT and user-activity events (late, out of order and a few
-    /// invalid ones), and print every query kind's answer beside an independent expectation.
-    Demo {
-        /// Start a three-node cluster instead: producers fail over when a node is killed, and
-        /// every node's converged totals are printed.
-        #[arg(long)]
-        cluster: bool,
-        /// With --cluster: this many shard groups of two replicas each (one topology file;
-        /// producers spread over the groups by the hash of their key). 1: three peered nodes.
-        #[arg(long, default_value_t = 1, requires = "cluster", value_parser = clap::value_parser!(u16).range(1..=8))]
-        groups: u16,
-        /// A Node.js script that records NDJSON events from stdin with the npm package (the
-        /// wasm SDK) — `cargo xtask demo` passes examples/node/ingest.mjs. Half the user
-        /// activity then goes through it; without it, all of it is posted as JSON.
-        #[arg(long, value_name = "FILE")]
-        node_script: Option<std::path::PathBuf>,
-    },
     /// Check a stopped node's data directory: the snapshot's checksum, every log record, the
     /// group sequence and every stored batch's signature; damage is named by file and offset.
     /// Exits 1 if acknowledged data is damaged or missing. With --repair, salvages every
@@ -217,11 +198,6 @@ fn run(cli: Cli) -> Result<()> {
             init_logging(&cli.log_format);
             send::run(a)
         }
-        Cmd::Demo {
-            cluster,
-            groups,
-            node_script,
-        } => demo::run(cluster, usize::from(groups), node_script.as_deref()),
         Cmd::Check { data_dir, repair } => {
             init_logging(&cli.log_format);
             match repair {

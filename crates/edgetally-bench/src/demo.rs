@@ -1,4 +1,4 @@
-//! `edgetally demo`: starts a merger on the embedded default addresses (with a fresh data
+//! `edgetally-bench demo` (`cargo xtask demo`): starts a merger on the embedded default addresses (with a fresh data
 //! directory, so the expectations below are exact), feeds it a few thousand events of two
 //! shapes — an IoT metric stream through the native SDK over QUIC, user activity through the
 //! wasm SDK in Node.js (when given its script) and over `POST /v1/events` — including late,

@@ -1,4 +1,4 @@
-//! `edgetally demo --cluster`: three mergers peered on loopback (HTTP 7070/7072/7074, QUIC
+//! `edgetally-bench demo --cluster` (`cargo xtask demo --cluster`): three mergers peered on loopback (HTTP 7070/7072/7074, QUIC
 //! 7071/7073/7075, fresh data directories), native SDK producers spread over all three; one
 //! merger is killed mid-stream (its producers fail over), restarted, and catches up; then
 //! each node's totals are printed beside the expectation computed here, with the time the
