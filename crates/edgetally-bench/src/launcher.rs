@@ -125,7 +125,22 @@ impl Merger {
         echo_prefix: Option<&str>,
         env: &[(&str, &str)],
     ) -> Result<Merger> {
-        let mut child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        // `EDGETALLY_*` variables of this process that are no setting of the merger (a test
+        // suite's or a benchmark's own knobs) are not passed on: it would warn about each.
+        for (k, _) in std::env::vars_os() {
+            let Some(name) = k.to_str().and_then(|k| k.strip_prefix("EDGETALLY_")) else {
+                continue;
+            };
+            let key = name.to_ascii_lowercase();
+            let setting = edgetally_merger::config::FileConfig::KEYS.contains(&key.as_str())
+                || edgetally_merger::config::FileConfig::DURATION_ALIASES.contains(&key.as_str())
+                || edgetally_merger::config::Config::OTHER_VARIABLES.contains(&name);
+            if !setting {
+                cmd.env_remove(&k);
+            }
+        }
+        let mut child = cmd
             .arg("serve")
             .args(args)
             .env("EDGETALLY_LOG", "warn")

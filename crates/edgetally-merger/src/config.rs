@@ -7,110 +7,97 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// Everything a merger needs to run. `Config::default()` is a working loopback node.
+/// Everything a merger needs to run. `Config::default()` is a working loopback node; each
+/// setting's meaning is written once, in the settings table (`settings!` below, [`settings`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
-    /// Where the store, node key and certificate live.
+    /// The `data_dir` setting (see [`settings`]).
     pub data_dir: PathBuf,
-    /// The HTTP API's address.
+    /// The `http_addr` setting (see [`settings`]).
     pub http_addr: SocketAddr,
-    /// The QUIC (batches; later WebTransport) address.
+    /// The `quic_addr` setting (see [`settings`]).
     pub quic_addr: SocketAddr,
-    /// A user-supplied certificate chain (PEM); with `tls_key`, replaces the generated one.
+    /// The `tls_cert` setting (see [`settings`]).
     pub tls_cert: Option<PathBuf>,
-    /// The private key (PEM) for `tls_cert`.
+    /// The `tls_key` setting (see [`settings`]).
     pub tls_key: Option<PathBuf>,
     /// Batch limits.
     pub limits: Limits,
     /// Tier retention.
     pub retention: Retention,
-    /// Jobs waiting for the pipeline before new ones get `Retry`.
+    /// The `queue_depth` setting (see [`settings`]).
     pub queue_depth: usize,
-    /// Most batches per group commit.
+    /// The `max_group` setting (see [`settings`]).
     pub max_group: usize,
-    /// How often the state is snapshotted and the batch log compacted, seconds.
+    /// The `snapshot_interval_secs` setting (see [`settings`]).
     pub snapshot_interval_secs: u64,
-    /// Peers' QUIC addresses: this node pulls from and pushes to each of them.
+    /// The `peers` setting (see [`settings`]).
     pub peers: Vec<SocketAddr>,
-    /// A secret shared by the cluster: peers prove they know it (HMAC over the TLS session's
-    /// exported keying material). Peers need this or `peer_keys`.
+    /// The `cluster_secret` setting (see [`settings`]).
     pub cluster_secret: Option<String>,
-    /// Node public keys (hex, as printed at `node:`) allowed to connect as peers; each proves
-    /// its key by signing the TLS session's exported keying material.
+    /// The `peer_keys` setting (see [`settings`]).
     pub peer_keys: Vec<String>,
-    /// How often each peer is asked for what this node lacks, ms.
+    /// The `sync_interval_ms` setting (see [`settings`]).
     pub sync_interval_ms: u64,
-    /// A peer unreachable for longer than this (seconds) stops holding back log pruning;
-    /// when it returns it catches up from a snapshot.
+    /// The `peer_horizon_secs` setting (see [`settings`]).
     pub peer_horizon_secs: u64,
-    /// How far past `max_lateness` an epoch's seen-set is kept before it expires, ms: the
-    /// margin that covers clock steps and a batch's time between its time check and its
-    /// apply (ARCHITECTURE.md, "Seen-set expiry").
+    /// The `seen_expiry_margin_ms` setting (see [`settings`]).
     pub seen_expiry_margin_ms: i64,
-    /// Page cache of the snapshot database (redb), MiB.
+    /// The `store_cache_mb` setting (see [`settings`]).
     pub store_cache_mb: usize,
-    /// Which producers may send batches (see [`crate::admission`]).
+    /// The `producer_policy` setting (see [`settings`]).
     pub producer_policy: ProducerPolicy,
-    /// The allowlist file (one producer key per line), re-read when it changes.
+    /// The `producer_allowlist` setting (see [`settings`]).
     pub producer_allowlist: Option<PathBuf>,
-    /// Issuer public keys (hex) whose credentials enrol producers.
+    /// The `issuer_keys` setting (see [`settings`]).
     pub issuer_keys: Vec<String>,
-    /// Batches per second per producer key; 0: unlimited.
+    /// The `producer_batches_per_sec` setting (see [`settings`]).
     pub producer_batches_per_sec: f64,
-    /// Summaries per second per producer key; 0: unlimited.
+    /// The `producer_summaries_per_sec` setting (see [`settings`]).
     pub producer_summaries_per_sec: f64,
-    /// Batches per second per source address (IPv6: per /64); 0: unlimited.
+    /// The `source_batches_per_sec` setting (see [`settings`]).
     pub source_batches_per_sec: f64,
-    /// New categories one producer may introduce per hour; 0: unlimited.
+    /// The `new_categories_per_hour` setting (see [`settings`]).
     pub new_categories_per_hour: u32,
-    /// New (category, entity) series one producer may introduce per hour; 0: unlimited.
+    /// The `new_entities_per_hour` setting (see [`settings`]).
     pub new_entities_per_hour: u32,
-    /// New series of every kind one source address (IPv6: per /64) may introduce per hour,
-    /// whatever keys it signs with; 0: unlimited.
+    /// The `source_new_series_per_hour` setting (see [`settings`]).
     pub source_new_series_per_hour: u32,
-    /// Most series the node holds; batches that would add more are refused. 0: unlimited.
+    /// The `max_series` setting (see [`settings`]).
     pub max_series: u64,
-    /// Most `Idempotency-Key` requests the node remembers at once (each is a seen-set held
-    /// until `max_lateness` plus the margin has passed); new keyed requests past it get 429
-    /// `idempotency_keys_full`. 0: unlimited.
+    /// The `max_idempotency_keys` setting (see [`settings`]).
     pub max_idempotency_keys: u64,
-    /// Per-category `[min, max]` bounds on values (`"*"`: every category without its own).
+    /// The `value_bounds` setting (see [`settings`]).
     pub value_bounds: BTreeMap<String, [f64; 2]>,
-    /// Refuse batches from producers found equivocating (two contents under one batch id,
-    /// PROTOCOL.md §9) with `Nack equivocated`. The list is kept in the data directory.
+    /// The `refuse_equivocators` setting (see [`settings`]).
     pub refuse_equivocators: bool,
-    /// Serve the HTTP API over TLS (the node's certificate, or `tls_cert`/`tls_key`).
+    /// The `http_tls` setting (see [`settings`]).
     pub http_tls: bool,
-    /// Bearer tokens that may read (queries, status, metrics). None listed: reads are open.
+    /// The `read_tokens` setting (see [`settings`]).
     pub read_tokens: Vec<String>,
-    /// Bearer tokens that may write (`POST /v1/events`). None listed: writes are open.
+    /// The `write_tokens` setting (see [`settings`]).
     pub write_tokens: Vec<String>,
-    /// Origins browsers may call the API from (CORS); `["*"]`: any.
+    /// The `cors_origins` setting (see [`settings`]).
     pub cors_origins: Vec<String>,
-    /// The shard-group topology file (TOML, [`edgetally_proto::topology::Topology`]),
-    /// re-read when it changes or on SIGHUP. None: this node is the whole cluster.
+    /// The `topology_file` setting (see [`settings`]).
     pub topology_file: Option<PathBuf>,
-    /// The name of this node's group in the topology (required with `topology_file`).
+    /// The `group` setting (see [`settings`]).
     pub group: Option<String>,
-    /// A node lacking more batches than this from a peer, after a pull round, catches up from
-    /// the peer's snapshot instead of verifying every missing batch.
+    /// The `snapshot_catch_up_batches` setting (see [`settings`]).
     pub snapshot_catch_up_batches: u64,
-    /// How long a cluster-wide query waits for the other groups, ms; a group that has not
-    /// answered by then is reported missing and the answer is marked partial.
+    /// The `query_deadline_ms` setting (see [`settings`]).
     pub query_deadline_ms: u64,
-    /// Export closed buckets to this PostgreSQL database (`postgresql://user@host:port/db`).
+    /// The `export_postgres_url` setting (see [`settings`]).
     pub export_postgres_url: Option<String>,
-    /// Verify the export database's certificate (chain and host name) against these root
-    /// certificates (PEM). Without it a TLS connection (the URL's `sslmode`, `prefer` by
-    /// default) is encrypted but not authenticated, as libpq's `sslmode=require` is.
+    /// The `export_postgres_ca` setting (see [`settings`]).
     pub export_postgres_ca: Option<PathBuf>,
-    /// The table the export writes (created if missing).
+    /// The `export_table` setting (see [`settings`]).
     pub export_table: String,
-    /// The exported bucket width, ms: 60000 (minutes) or 3600000 (hours).
+    /// The `export_bucket_ms` setting (see [`settings`]).
     pub export_bucket_ms: i64,
-    /// How long after a bucket's end it is first exported, ms.
+    /// The `export_delay_ms` setting (see [`settings`]).
     pub export_delay_ms: i64,
-    /// How often the exporter runs, ms.
+    /// The `export_interval_ms` setting (see [`settings`]).
     pub export_interval_ms: u64,
 }
 
@@ -189,154 +176,385 @@ impl Default for Config {
     }
 }
 
-/// The TOML file's shape. Every key is optional. A duration is a number in the unit its key
-/// names (`max_lateness_ms = 604800000`) or text with units, under that key or the key
-/// without its unit (`max_lateness = "7d"`, `sync_interval = "500ms"`, `"1h 30m"`).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    /// See [`Config::data_dir`].
-    pub data_dir: Option<PathBuf>,
-    /// See [`Config::http_addr`].
-    #[serde(default, deserialize_with = "address::one")]
-    pub http_addr: Option<SocketAddr>,
-    /// See [`Config::quic_addr`].
-    #[serde(default, deserialize_with = "address::one")]
-    pub quic_addr: Option<SocketAddr>,
-    /// See [`Config::tls_cert`].
-    pub tls_cert: Option<PathBuf>,
-    /// See [`Config::tls_key`].
-    pub tls_key: Option<PathBuf>,
-    /// Bytes.
-    pub max_payload_bytes: Option<usize>,
-    /// Per batch.
-    pub max_summaries: Option<usize>,
-    /// Per batch.
-    pub max_categories: Option<usize>,
-    /// Per batch.
-    pub max_entities: Option<usize>,
-    /// Milliseconds.
-    #[serde(default, alias = "max_lateness", deserialize_with = "duration::ms")]
-    pub max_lateness_ms: Option<i64>,
-    /// Milliseconds.
-    #[serde(default, alias = "max_future_skew", deserialize_with = "duration::ms")]
-    pub max_future_skew_ms: Option<i64>,
-    /// Milliseconds; 0 keeps forever.
-    #[serde(
-        default,
-        alias = "retention_seconds_tier",
-        deserialize_with = "duration::ms"
-    )]
-    pub retention_seconds_tier_ms: Option<i64>,
-    /// Milliseconds; 0 keeps forever.
-    #[serde(
-        default,
-        alias = "retention_minutes_tier",
-        deserialize_with = "duration::ms"
-    )]
-    pub retention_minutes_tier_ms: Option<i64>,
-    /// Milliseconds; 0 keeps forever.
-    #[serde(
-        default,
-        alias = "retention_hours_tier",
-        deserialize_with = "duration::ms"
-    )]
-    pub retention_hours_tier_ms: Option<i64>,
-    /// See [`Config::queue_depth`].
-    pub queue_depth: Option<usize>,
-    /// See [`Config::max_group`].
-    pub max_group: Option<usize>,
-    /// See [`Config::snapshot_interval_secs`].
-    #[serde(
-        default,
-        alias = "snapshot_interval",
-        deserialize_with = "duration::secs"
-    )]
-    pub snapshot_interval_secs: Option<u64>,
-    /// See [`Config::peers`].
-    #[serde(default, deserialize_with = "address::list")]
-    pub peers: Option<Vec<SocketAddr>>,
-    /// See [`Config::cluster_secret`].
-    pub cluster_secret: Option<String>,
-    /// See [`Config::peer_keys`].
-    pub peer_keys: Option<Vec<String>>,
-    /// See [`Config::sync_interval_ms`].
-    #[serde(default, alias = "sync_interval", deserialize_with = "duration::ms_u")]
-    pub sync_interval_ms: Option<u64>,
-    /// See [`Config::peer_horizon_secs`].
-    #[serde(default, alias = "peer_horizon", deserialize_with = "duration::secs")]
-    pub peer_horizon_secs: Option<u64>,
-    /// See [`Config::seen_expiry_margin_ms`].
-    #[serde(
-        default,
-        alias = "seen_expiry_margin",
-        deserialize_with = "duration::ms"
-    )]
-    pub seen_expiry_margin_ms: Option<i64>,
-    /// See [`Config::store_cache_mb`].
-    pub store_cache_mb: Option<usize>,
-    /// See [`Config::producer_policy`].
-    pub producer_policy: Option<ProducerPolicy>,
-    /// See [`Config::producer_allowlist`].
-    pub producer_allowlist: Option<PathBuf>,
-    /// See [`Config::issuer_keys`].
-    pub issuer_keys: Option<Vec<String>>,
-    /// See [`Config::producer_batches_per_sec`].
-    pub producer_batches_per_sec: Option<f64>,
-    /// See [`Config::producer_summaries_per_sec`].
-    pub producer_summaries_per_sec: Option<f64>,
-    /// See [`Config::source_batches_per_sec`].
-    pub source_batches_per_sec: Option<f64>,
-    /// See [`Config::new_categories_per_hour`].
-    pub new_categories_per_hour: Option<u32>,
-    /// See [`Config::new_entities_per_hour`].
-    pub new_entities_per_hour: Option<u32>,
-    /// See [`Config::source_new_series_per_hour`].
-    pub source_new_series_per_hour: Option<u32>,
-    /// See [`Config::max_series`].
-    pub max_series: Option<u64>,
-    /// See [`Config::max_idempotency_keys`].
-    pub max_idempotency_keys: Option<u64>,
-    /// See [`Config::value_bounds`].
-    pub value_bounds: Option<BTreeMap<String, [f64; 2]>>,
-    /// See [`Config::refuse_equivocators`].
-    pub refuse_equivocators: Option<bool>,
-    /// See [`Config::http_tls`].
-    pub http_tls: Option<bool>,
-    /// See [`Config::read_tokens`].
-    pub read_tokens: Option<Vec<String>>,
-    /// See [`Config::write_tokens`].
-    pub write_tokens: Option<Vec<String>>,
-    /// See [`Config::cors_origins`].
-    pub cors_origins: Option<Vec<String>>,
-    /// See [`Config::topology_file`].
-    pub topology_file: Option<PathBuf>,
-    /// See [`Config::group`].
-    pub group: Option<String>,
-    /// See [`Config::query_deadline_ms`].
-    #[serde(default, alias = "query_deadline", deserialize_with = "duration::ms_u")]
-    pub query_deadline_ms: Option<u64>,
-    /// See [`Config::snapshot_catch_up_batches`].
-    pub snapshot_catch_up_batches: Option<u64>,
-    /// See [`Config::export_postgres_url`].
-    pub export_postgres_url: Option<String>,
-    /// See [`Config::export_postgres_ca`].
-    pub export_postgres_ca: Option<PathBuf>,
-    /// See [`Config::export_table`].
-    pub export_table: Option<String>,
-    /// See [`Config::export_bucket_ms`].
-    #[serde(default, alias = "export_bucket", deserialize_with = "duration::ms")]
-    pub export_bucket_ms: Option<i64>,
-    /// See [`Config::export_delay_ms`].
-    #[serde(default, alias = "export_delay", deserialize_with = "duration::ms")]
-    pub export_delay_ms: Option<i64>,
-    /// See [`Config::export_interval_ms`].
-    #[serde(
-        default,
-        alias = "export_interval",
-        deserialize_with = "duration::ms_u"
-    )]
-    pub export_interval_ms: Option<u64>,
+/// The settings, each defined once: its TOML key (upper-cased after `EDGETALLY_`, its
+/// environment variable), the form it is read in (the field type: [`Ms`], [`Secs`], [`Addr`]
+/// … or the value's own type), the key without its unit a duration also takes, where it goes
+/// in [`Config`] (whose `Default` holds the defaults), and its help text. From this one table
+/// come [`FileConfig`], [`FileConfig::KEYS`], [`FileConfig::DURATION_ALIASES`], the
+/// environment's parsing, [`Config::apply`] and [`settings`] (the README's settings table is
+/// checked against it). The command line's flags are checked against it too
+/// (`crates/edgetally`).
+macro_rules! settings {
+    ($(
+        $(#[doc = $doc:literal])+
+        $key:ident: $ty:ty $(, alias $alias:literal)? => $how:ident($($dst:tt)+);
+    )+) => {
+        /// The TOML file's shape (and the environment's, one key at a time). Every key is
+        /// optional. A duration is a number in the unit its key names
+        /// (`max_lateness_ms = 604800000`) or text with units, under that key or the key
+        /// without its unit (`max_lateness = "7d"`, `sync_interval = "500ms"`, `"1h 30m"`).
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct FileConfig {
+            $(
+                $(#[doc = $doc])+
+                #[serde(default $(, alias = $alias)?)]
+                pub $key: Option<$ty>,
+            )+
+        }
+
+        impl FileConfig {
+            /// Every key of the file (and, upper-cased after `EDGETALLY_`, of the environment).
+            pub const KEYS: &'static [&'static str] = &[$(stringify!($key),)+];
+            /// The duration keys' names without their unit (`max_lateness = "7d"`).
+            pub const DURATION_ALIASES: &'static [&'static str] = &[$($($alias,)?)+];
+
+            /// How the environment's value for `key` is read.
+            fn env_form(key: &str) -> Option<EnvForm> {
+                match key {
+                    $(stringify!($key) $(| $alias)? => Some(<$ty as Setting>::ENV),)+
+                    _ => None,
+                }
+            }
+        }
+
+        impl Config {
+            fn apply(&mut self, f: FileConfig) {
+                $( if let Some(v) = f.$key { settings!(@set self, Setting::value(v), $how($($dst)+)); } )+
+            }
+        }
+
+        /// Every setting with its default (as [`Config::default`] holds it), unit and help.
+        pub fn settings() -> Vec<SettingDoc> {
+            let c = Config::default();
+            vec![$(SettingDoc {
+                key: stringify!($key),
+                alias: settings!(@alias $($alias)?),
+                unit: <$ty as Setting>::UNIT,
+                default: settings!(@get c, $how($($dst)+)),
+                help: concat!($($doc, "\n"),+),
+            },)+]
+        }
+    };
+    (@set $c:ident, $v:expr, set($($f:ident).+)) => { $c.$($f).+ = $v };
+    (@set $c:ident, $v:expr, some($($f:ident).+)) => { $c.$($f).+ = Some($v) };
+    // A retention tier: 0 keeps forever.
+    (@set $c:ident, $v:expr, tier($i:literal)) => {{
+        let v: i64 = $v;
+        $c.retention.tiers[$i] = if v == 0 { None } else { Some(v) };
+    }};
+    (@get $c:ident, set($($f:ident).+)) => { Show::show(&$c.$($f).+) };
+    (@get $c:ident, some($($f:ident).+)) => { Show::show(&$c.$($f).+) };
+    (@get $c:ident, tier($i:literal)) => { Show::show(&$c.retention.tiers[$i].unwrap_or(0)) };
+    (@alias) => { None };
+    (@alias $a:literal) => { Some($a) };
+}
+
+settings! {
+    /// Where the store, node key and certificate live.
+    data_dir: PathBuf => set(data_dir);
+    /// The HTTP API's address (`ip:port` or `host:port`).
+    http_addr: Addr => set(http_addr);
+    /// The QUIC address: batches, WebTransport and peers (`ip:port` or `host:port`).
+    quic_addr: Addr => set(quic_addr);
+    /// A certificate chain (PEM) replacing the generated one; with `tls_key`.
+    tls_cert: PathBuf => some(tls_cert);
+    /// The private key (PEM) for `tls_cert`.
+    tls_key: PathBuf => some(tls_key);
+    /// The largest batch payload a producer may send, bytes.
+    max_payload_bytes: usize => set(limits.max_payload_bytes);
+    /// Most summaries in one batch.
+    max_summaries: usize => set(limits.max_summaries);
+    /// Most distinct categories in one batch.
+    max_categories: usize => set(limits.max_categories);
+    /// Most distinct entities in one batch.
+    max_entities: usize => set(limits.max_entities);
+    /// How long after its bucket's end a summary is still taken (`bucket_too_old` past it).
+    max_lateness_ms: Ms, alias "max_lateness" => set(limits.max_lateness_ms);
+    /// How far ahead of this node's clock a bucket may start (`future_timestamp` past it).
+    max_future_skew_ms: Ms, alias "max_future_skew" => set(limits.max_future_skew_ms);
+    /// How long one-second buckets are kept before they roll up into minutes; 0 keeps them.
+    /// A coarser tier must be kept at least as long as a finer one, or `serve` refuses to
+    /// start.
+    retention_seconds_tier_ms: Ms, alias "retention_seconds_tier" => tier(0);
+    /// How long minute buckets are kept before they roll up into hours (whole hours); 0
+    /// keeps them.
+    retention_minutes_tier_ms: Ms, alias "retention_minutes_tier" => tier(1);
+    /// How long hour buckets are kept (whole hours); 0 keeps them forever.
+    retention_hours_tier_ms: Ms, alias "retention_hours_tier" => tier(2);
+    /// Batches waiting for the pipeline before new ones get `Retry`.
+    queue_depth: usize => set(queue_depth);
+    /// Most batches per group commit (one fsync).
+    max_group: usize => set(max_group);
+    /// How often the state is snapshotted and the batch log compacted.
+    snapshot_interval_secs: Secs, alias "snapshot_interval" => set(snapshot_interval_secs);
+    /// Peers' QUIC addresses: this node pulls from and pushes to each of them.
+    peers: Addrs => set(peers);
+    /// A secret the cluster shares: peers prove they know it (an HMAC over the TLS session's
+    /// exported keying material). Peers need this or `peer_keys`.
+    cluster_secret: String => some(cluster_secret);
+    /// Node public keys (hex, as printed at `node:`) allowed to connect as peers; each proves
+    /// its key by signing the TLS session's exported keying material.
+    peer_keys: Vec<String> => set(peer_keys);
+    /// How often each peer is asked for what this node lacks.
+    sync_interval_ms: MsU, alias "sync_interval" => set(sync_interval_ms);
+    /// A peer unreachable for longer than this stops holding back log pruning; when it
+    /// returns it catches up from a snapshot.
+    peer_horizon_secs: Secs, alias "peer_horizon" => set(peer_horizon_secs);
+    /// How far past `max_lateness` an epoch's seen-set is kept before it expires: the margin
+    /// that covers clock steps and a batch's time between its time check and its apply
+    /// (ARCHITECTURE.md, "Seen-set expiry").
+    seen_expiry_margin_ms: Ms, alias "seen_expiry_margin" => set(seen_expiry_margin_ms);
+    /// The snapshot database's page cache (redb), MiB.
+    store_cache_mb: usize => set(store_cache_mb);
+    /// Which producers may send batches: `open`, `allowlist` or `enrolled`.
+    producer_policy: ProducerPolicy => set(producer_policy);
+    /// The allowlist file (one producer key per line), re-read when it changes.
+    producer_allowlist: PathBuf => some(producer_allowlist);
+    /// Issuer public keys (hex) whose credentials enrol producers.
+    issuer_keys: Vec<String> => set(issuer_keys);
+    /// Batches per second per producer key; 0: unlimited.
+    producer_batches_per_sec: f64 => set(producer_batches_per_sec);
+    /// Summaries per second per producer key; 0: unlimited.
+    producer_summaries_per_sec: f64 => set(producer_summaries_per_sec);
+    /// Batches per second per source address (IPv6: per /64); 0: unlimited.
+    source_batches_per_sec: f64 => set(source_batches_per_sec);
+    /// New categories one producer may introduce per hour; 0: unlimited.
+    new_categories_per_hour: u32 => set(new_categories_per_hour);
+    /// New (category, entity) series one producer may introduce per hour; 0: unlimited.
+    new_entities_per_hour: u32 => set(new_entities_per_hour);
+    /// New series of every kind one source address (IPv6: per /64) may introduce per hour,
+    /// whatever keys it signs with; 0: unlimited.
+    source_new_series_per_hour: u32 => set(source_new_series_per_hour);
+    /// Most series the node holds (the last tenth kept for producers it already holds); 0:
+    /// unlimited.
+    max_series: u64 => set(max_series);
+    /// Most `Idempotency-Key` requests remembered at once; new keyed requests past it get 429
+    /// `idempotency_keys_full`. 0: unlimited.
+    max_idempotency_keys: u64 => set(max_idempotency_keys);
+    /// Per-category `[min, max]` bounds on values (`"*"`: every category without its own).
+    value_bounds: BTreeMap<String, [f64; 2]> => set(value_bounds);
+    /// Refuse batches from producers found equivocating (two contents under one batch id)
+    /// with `Nack equivocated`.
+    refuse_equivocators: bool => set(refuse_equivocators);
+    /// Serve the HTTP API over TLS (the node's certificate, or `tls_cert` and `tls_key`).
+    http_tls: bool => set(http_tls);
+    /// Bearer tokens that may read (queries, status, metrics); none listed: reads are open.
+    read_tokens: Vec<String> => set(read_tokens);
+    /// Bearer tokens that may write (`POST /v1/events`); none listed: writes are open.
+    write_tokens: Vec<String> => set(write_tokens);
+    /// Origins browsers may call the API from (CORS); `*`: any.
+    cors_origins: Vec<String> => set(cors_origins);
+    /// The shard-group topology file (TOML), re-read when it changes or on SIGHUP; none:
+    /// this node is the whole cluster.
+    topology_file: PathBuf => some(topology_file);
+    /// This node's group in the topology (required with `topology_file`).
+    group: String => some(group);
+    /// How long a cluster-wide query waits for the other groups; one that has not answered by
+    /// then is reported missing and the answer marked partial.
+    query_deadline_ms: MsU, alias "query_deadline" => set(query_deadline_ms);
+    /// A node lacking more batches than this from a peer after a pull round catches up from
+    /// the peer's snapshot instead of verifying every missing batch.
+    snapshot_catch_up_batches: u64 => set(snapshot_catch_up_batches);
+    /// Export closed buckets to this PostgreSQL database (`postgresql://user@host:port/db`).
+    export_postgres_url: String => some(export_postgres_url);
+    /// Verify the export database's certificate (chain and host name) against these root
+    /// certificates (PEM).
+    export_postgres_ca: PathBuf => some(export_postgres_ca);
+    /// The table the export writes (created if missing).
+    export_table: String => set(export_table);
+    /// The exported bucket width: 1 minute or 1 hour.
+    export_bucket_ms: Ms, alias "export_bucket" => set(export_bucket_ms);
+    /// How long after a bucket's end it is first exported.
+    export_delay_ms: Ms, alias "export_delay" => set(export_delay_ms);
+    /// How often the exporter runs.
+    export_interval_ms: MsU, alias "export_interval" => set(export_interval_ms);
+}
+
+/// The README's settings table (between `<!-- settings -->` and `<!-- /settings -->`),
+/// generated from [`settings`]; a test keeps the README equal to it.
+pub fn settings_table() -> String {
+    let mut t = String::from(
+        "| Setting (TOML key; environment `EDGETALLY_<KEY>`) | Default | What it does |\n|---|---|---|\n",
+    );
+    for d in settings() {
+        let key = match d.alias {
+            Some(a) => format!("`{}` or `{a}`", d.key),
+            None => format!("`{}`", d.key),
+        };
+        let default = match (d.unit, d.default.parse::<u64>()) {
+            ("ms", Ok(v)) if v > 0 => format!("{v} ({})", human_ms(v)),
+            ("s", Ok(v)) if v > 0 => format!("{v} ({})", human_ms(v.saturating_mul(1000))),
+            _ => d.default.clone(),
+        };
+        let help = d.help.split_whitespace().collect::<Vec<_>>().join(" ");
+        t.push_str(&format!(
+            "| {key} | `{}` | {} |\n",
+            default.replace('|', "\\|"),
+            help.replace('|', "\\|")
+        ));
+    }
+    t
+}
+
+/// A duration in the largest unit that divides it: `7d`, `90d`, `10m`, `500ms`.
+fn human_ms(ms: u64) -> String {
+    [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1000, "s"),
+    ]
+    .into_iter()
+    .find(|(u, _)| ms.is_multiple_of(*u))
+    .map_or_else(
+        || format!("{ms}ms"),
+        |(u, name)| format!("{}{name}", ms / u),
+    )
+}
+
+/// One setting as [`settings`] describes it.
+#[derive(Clone, Debug)]
+pub struct SettingDoc {
+    /// The TOML key (`EDGETALLY_<KEY>` in the environment).
+    pub key: &'static str,
+    /// The duration key without its unit, if it has one.
+    pub alias: Option<&'static str>,
+    /// `ms`, `s` or empty.
+    pub unit: &'static str,
+    /// The default, as a TOML value would write it (`[]` for an empty list, `-` for none).
+    pub default: String,
+    /// What it does.
+    pub help: &'static str,
+}
+
+/// How an environment variable's text is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EnvForm {
+    /// As it is.
+    Text,
+    /// Comma-separated.
+    List,
+    /// As a TOML value (a number, a boolean, a table), else as text.
+    Toml,
+}
+
+/// A setting's value as read (the field type of [`FileConfig`]) and what it gives.
+pub trait Setting {
+    /// The value [`Config`] holds.
+    type Value;
+    /// How the environment's text is read.
+    const ENV: EnvForm;
+    /// The unit a number is in.
+    const UNIT: &'static str = "";
+    /// The value.
+    fn value(self) -> Self::Value;
+}
+
+macro_rules! plain_setting {
+    ($($t:ty => $env:ident),* $(,)?) => {$(
+        impl Setting for $t {
+            type Value = $t;
+            const ENV: EnvForm = EnvForm::$env;
+            fn value(self) -> $t { self }
+        }
+    )*};
+}
+
+plain_setting! {
+    usize => Toml, u32 => Toml, u64 => Toml, f64 => Toml, bool => Toml,
+    ProducerPolicy => Toml, BTreeMap<String, [f64; 2]> => Toml,
+    String => Text, PathBuf => Text, Vec<String> => List,
+}
+
+/// A duration in milliseconds: a number of them, or text with units (`"7d"`, `"250ms"`).
+#[derive(Clone, Copy, Debug)]
+pub struct Ms(pub i64);
+/// A non-negative duration in milliseconds (see [`Ms`]).
+#[derive(Clone, Copy, Debug)]
+pub struct MsU(pub u64);
+/// A non-negative duration in whole seconds: a number of them, or text with units.
+#[derive(Clone, Copy, Debug)]
+pub struct Secs(pub u64);
+/// An address, `ip:port` or `host:port` ([`resolve_addr`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Addr(pub SocketAddr);
+/// A list of addresses (see [`Addr`]).
+#[derive(Clone, Debug)]
+pub struct Addrs(pub Vec<SocketAddr>);
+
+macro_rules! wrapped_setting {
+    ($($t:ident: $v:ty, $env:ident, $unit:literal, $de:path;)*) => {$(
+        impl Setting for $t {
+            type Value = $v;
+            const ENV: EnvForm = EnvForm::$env;
+            const UNIT: &'static str = $unit;
+            fn value(self) -> $v { self.0 }
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<$t, D::Error> {
+                $de(d).map($t)
+            }
+        }
+    )*};
+}
+
+wrapped_setting! {
+    Ms: i64, Toml, "ms", duration::ms;
+    MsU: u64, Toml, "ms", duration::ms_u;
+    Secs: u64, Toml, "s", duration::secs;
+    Addr: SocketAddr, Text, "", address::one;
+    Addrs: Vec<SocketAddr>, List, "", address::list;
+}
+
+/// A default as the settings table shows it.
+trait Show {
+    fn show(&self) -> String;
+}
+
+macro_rules! show_display {
+    ($($t:ty),*) => {$(
+        impl Show for $t {
+            fn show(&self) -> String { self.to_string() }
+        }
+    )*};
+}
+
+show_display!(usize, u32, u64, i64, f64, bool, String, SocketAddr);
+
+impl Show for PathBuf {
+    fn show(&self) -> String {
+        self.display().to_string()
+    }
+}
+
+impl Show for ProducerPolicy {
+    fn show(&self) -> String {
+        self.as_str().to_string()
+    }
+}
+
+impl<T: Show> Show for Option<T> {
+    fn show(&self) -> String {
+        self.as_ref().map_or_else(|| "-".to_string(), Show::show)
+    }
+}
+
+impl<T: Show> Show for Vec<T> {
+    fn show(&self) -> String {
+        let items: Vec<String> = self.iter().map(|x| format!("{:?}", x.show())).collect();
+        format!("[{}]", items.join(", "))
+    }
+}
+
+impl Show for BTreeMap<String, [f64; 2]> {
+    fn show(&self) -> String {
+        let items: Vec<String> = self
+            .iter()
+            .map(|(k, [lo, hi])| format!("{k:?} = [{lo}, {hi}]"))
+            .collect();
+        format!("{{{}}}", items.join(", "))
+    }
 }
 
 /// A configuration error, naming the source and key.
@@ -346,98 +564,10 @@ pub struct ConfigError(pub String);
 
 impl Config {
     /// `EDGETALLY_*` variables that are not settings: the config file's path, the log
-    /// filter and format, the query tool's node and token, and the test suites' own knobs.
-    pub const OTHER_VARIABLES: &'static [&'static str] = &[
-        "CONFIG",
-        "LOG",
-        "NODE",
-        "TOKEN",
-        "LOG_FORMAT",
-        "BIN",
-        "REQUIRE_TOOLS",
-        "TEST_LOG",
-        "SIM_SEED",
-        "SIM_SCALE",
-        "GROUPS_SIM_SEED",
-        "CLUSTER_SEEDS",
-        "WRITE_SIG_VECTORS",
-        "PRINT_VECTORS",
-        "BLESS",
-    ];
-}
-
-impl FileConfig {
-    /// The duration keys' names without their unit (`max_lateness = "7d"`).
-    pub const DURATION_ALIASES: &'static [&'static str] = &[
-        "max_lateness",
-        "max_future_skew",
-        "retention_seconds_tier",
-        "retention_minutes_tier",
-        "retention_hours_tier",
-        "snapshot_interval",
-        "sync_interval",
-        "peer_horizon",
-        "seen_expiry_margin",
-        "query_deadline",
-        "export_bucket",
-        "export_delay",
-        "export_interval",
-    ];
-
-    /// Every key of the file (and, upper-cased after `EDGETALLY_`, of the environment).
-    pub const KEYS: &'static [&'static str] = &[
-        "data_dir",
-        "http_addr",
-        "quic_addr",
-        "tls_cert",
-        "tls_key",
-        "max_payload_bytes",
-        "max_summaries",
-        "max_categories",
-        "max_entities",
-        "max_lateness_ms",
-        "max_future_skew_ms",
-        "retention_seconds_tier_ms",
-        "retention_minutes_tier_ms",
-        "retention_hours_tier_ms",
-        "queue_depth",
-        "max_group",
-        "snapshot_interval_secs",
-        "peers",
-        "cluster_secret",
-        "peer_keys",
-        "sync_interval_ms",
-        "peer_horizon_secs",
-        "seen_expiry_margin_ms",
-        "store_cache_mb",
-        "producer_policy",
-        "producer_allowlist",
-        "issuer_keys",
-        "producer_batches_per_sec",
-        "producer_summaries_per_sec",
-        "source_batches_per_sec",
-        "new_categories_per_hour",
-        "new_entities_per_hour",
-        "source_new_series_per_hour",
-        "max_series",
-        "max_idempotency_keys",
-        "value_bounds",
-        "refuse_equivocators",
-        "http_tls",
-        "read_tokens",
-        "write_tokens",
-        "cors_origins",
-        "topology_file",
-        "group",
-        "query_deadline_ms",
-        "snapshot_catch_up_batches",
-        "export_postgres_url",
-        "export_postgres_ca",
-        "export_table",
-        "export_bucket_ms",
-        "export_delay_ms",
-        "export_interval_ms",
-    ];
+    /// filter and format, the query tool's node and token, and the binary the demo and the
+    /// benchmarks start.
+    pub const OTHER_VARIABLES: &'static [&'static str] =
+        &["CONFIG", "LOG", "NODE", "TOKEN", "LOG_FORMAT", "BIN"];
 }
 
 impl Config {
@@ -480,126 +610,50 @@ impl Config {
                 }
                 continue;
             }
-            use toml::Value;
-            let value = match key.as_str() {
-                "data_dir"
-                | "http_addr"
-                | "quic_addr"
-                | "tls_cert"
-                | "tls_key"
-                | "cluster_secret"
-                | "producer_policy"
-                | "producer_allowlist"
-                | "topology_file"
-                | "group"
-                | "export_postgres_url"
-                | "export_postgres_ca"
-                | "export_table" => Value::String(v.clone()),
-                "peers" | "peer_keys" | "issuer_keys" | "read_tokens" | "write_tokens"
-                | "cors_origins" => Value::Array(
-                    v.split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(|s| Value::String(s.into()))
-                        .collect(),
-                ),
-                // A number, a boolean, a table: read as TOML; anything else as a string, so
-                // `7d` is a duration and `many` a type error rather than a syntax error.
-                _ => toml::from_str::<toml::Table>(&format!("x = {v}"))
-                    .ok()
-                    .and_then(|mut t| t.remove("x"))
-                    .unwrap_or_else(|| Value::String(v.clone())),
-            };
-            let f = FileConfig::deserialize(Value::Table([(key, value)].into_iter().collect()))
-                .map_err(|e| ConfigError(format!("{k}={v:?}: {e}")))?;
-            self.apply(f);
+            self.apply_text(&key, &v, &format!("{k}={v:?}"))?;
         }
         Ok(warnings)
     }
 
-    fn apply(&mut self, f: FileConfig) {
-        let keep = |v: i64| if v == 0 { None } else { Some(v) };
-        macro_rules! set {
-            ($($src:ident => $dst:expr),* $(,)?) => { $( if let Some(v) = f.$src { $dst = v; } )* };
+    /// Applies settings given as text, by key (the command line's flags: `data_dir`,
+    /// `peers` …), read as the environment's values are.
+    pub fn apply_flags<'a>(
+        &mut self,
+        flags: impl IntoIterator<Item = (&'a str, String)>,
+    ) -> Result<(), ConfigError> {
+        for (key, v) in flags {
+            let flag = format!("--{}={v:?}", key.replace('_', "-"));
+            self.apply_text(key, &v, &flag)?;
         }
-        set! {
-            data_dir => self.data_dir,
-            http_addr => self.http_addr,
-            quic_addr => self.quic_addr,
-            max_payload_bytes => self.limits.max_payload_bytes,
-            max_summaries => self.limits.max_summaries,
-            max_categories => self.limits.max_categories,
-            max_entities => self.limits.max_entities,
-            max_lateness_ms => self.limits.max_lateness_ms,
-            max_future_skew_ms => self.limits.max_future_skew_ms,
-            queue_depth => self.queue_depth,
-            max_group => self.max_group,
-            snapshot_interval_secs => self.snapshot_interval_secs,
-            peers => self.peers,
-            peer_keys => self.peer_keys,
-            sync_interval_ms => self.sync_interval_ms,
-            peer_horizon_secs => self.peer_horizon_secs,
-            seen_expiry_margin_ms => self.seen_expiry_margin_ms,
-            store_cache_mb => self.store_cache_mb,
-            producer_policy => self.producer_policy,
-            issuer_keys => self.issuer_keys,
-            producer_batches_per_sec => self.producer_batches_per_sec,
-            producer_summaries_per_sec => self.producer_summaries_per_sec,
-            source_batches_per_sec => self.source_batches_per_sec,
-            new_categories_per_hour => self.new_categories_per_hour,
-            new_entities_per_hour => self.new_entities_per_hour,
-            source_new_series_per_hour => self.source_new_series_per_hour,
-            max_series => self.max_series,
-            max_idempotency_keys => self.max_idempotency_keys,
-            value_bounds => self.value_bounds,
-            refuse_equivocators => self.refuse_equivocators,
-            http_tls => self.http_tls,
-            read_tokens => self.read_tokens,
-            write_tokens => self.write_tokens,
-            cors_origins => self.cors_origins,
-            query_deadline_ms => self.query_deadline_ms,
-            snapshot_catch_up_batches => self.snapshot_catch_up_batches,
-            export_table => self.export_table,
-            export_bucket_ms => self.export_bucket_ms,
-            export_delay_ms => self.export_delay_ms,
-            export_interval_ms => self.export_interval_ms,
-        }
-        if let Some(v) = f.export_postgres_url {
-            self.export_postgres_url = Some(v);
-        }
-        if let Some(v) = f.export_postgres_ca {
-            self.export_postgres_ca = Some(v);
-        }
-        if let Some(v) = f.topology_file {
-            self.topology_file = Some(v);
-        }
-        if let Some(v) = f.group {
-            self.group = Some(v);
-        }
-        if let Some(v) = f.producer_allowlist {
-            self.producer_allowlist = Some(v);
-        }
-        if let Some(v) = f.cluster_secret {
-            self.cluster_secret = Some(v);
-        }
-        if let Some(v) = f.tls_cert {
-            self.tls_cert = Some(v);
-        }
-        if let Some(v) = f.tls_key {
-            self.tls_key = Some(v);
-        }
-        for (i, v) in [
-            f.retention_seconds_tier_ms,
-            f.retention_minutes_tier_ms,
-            f.retention_hours_tier_ms,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            if let Some(v) = v {
-                self.retention.tiers[i] = keep(v);
-            }
-        }
+        Ok(())
+    }
+
+    /// Applies one setting's text (`label` names it in an error).
+    fn apply_text(&mut self, key: &str, v: &str, label: &str) -> Result<(), ConfigError> {
+        use toml::Value;
+        let value = match FileConfig::env_form(key) {
+            None => return Err(ConfigError(format!("{label}: {key} is not a setting"))),
+            Some(EnvForm::Text) => Value::String(v.to_string()),
+            Some(EnvForm::List) => Value::Array(
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| Value::String(s.into()))
+                    .collect(),
+            ),
+            // A number, a boolean, a table: read as TOML; anything else as a string, so
+            // `7d` is a duration and `many` a type error rather than a syntax error.
+            Some(EnvForm::Toml) => toml::from_str::<toml::Table>(&format!("x = {v}"))
+                .ok()
+                .and_then(|mut t| t.remove("x"))
+                .unwrap_or_else(|| Value::String(v.to_string())),
+        };
+        let f = FileConfig::deserialize(Value::Table(
+            [(key.to_string(), value)].into_iter().collect(),
+        ))
+        .map_err(|e| ConfigError(format!("{label}: {e}")))?;
+        self.apply(f);
+        Ok(())
     }
 }
 
@@ -632,17 +686,16 @@ mod address {
     use serde::de::{Deserialize, Deserializer, Error};
     use std::net::SocketAddr;
 
-    pub fn one<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    pub fn one<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
         let s = String::deserialize(d)?;
-        super::resolve_addr(&s).map(Some).map_err(D::Error::custom)
+        super::resolve_addr(&s).map_err(D::Error::custom)
     }
 
-    pub fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<SocketAddr>>, D::Error> {
+    pub fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
         Vec::<String>::deserialize(d)?
             .iter()
             .map(|s| super::resolve_addr(s))
             .collect::<Result<_, _>>()
-            .map(Some)
             .map_err(D::Error::custom)
     }
 }
@@ -687,22 +740,20 @@ mod duration {
         }
     }
 
-    pub fn ms<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-        d.deserialize_any(Humane(1)).map(Some)
+    pub fn ms<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        d.deserialize_any(Humane(1))
     }
 
-    pub fn ms_u<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    pub fn ms_u<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         non_negative(d.deserialize_any(Humane(1))?)
     }
 
-    pub fn secs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    pub fn secs<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         non_negative(d.deserialize_any(Humane(1000))?)
     }
 
-    fn non_negative<E: Error>(v: i64) -> Result<Option<u64>, E> {
-        u64::try_from(v)
-            .map(Some)
-            .map_err(|_| E::custom(format!("{v} is negative")))
+    fn non_negative<E: Error>(v: i64) -> Result<u64, E> {
+        u64::try_from(v).map_err(|_| E::custom(format!("{v} is negative")))
     }
 }
 
@@ -849,6 +900,47 @@ mod tests {
         listed.sort_unstable();
         known.sort_unstable();
         assert_eq!(listed, known, "{err}");
+    }
+
+    /// The README's settings table is the one [`settings_table`] generates from the settings
+    /// table (`EDGETALLY_BLESS=1` rewrites it), and the example file in `deploy/` names every
+    /// setting (set or commented).
+    #[test]
+    fn the_readme_table_and_the_deploy_example_follow_the_settings() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md");
+        let readme = std::fs::read_to_string(path).expect("README.md");
+        let (open, close) = ("<!-- settings -->\n", "<!-- /settings -->");
+        let start = readme.find(open).expect("settings marker") + open.len();
+        let end = readme.find(close).expect("settings end marker");
+        let want = settings_table();
+        if readme[start..end] != want {
+            if std::env::var_os("EDGETALLY_BLESS").is_some() {
+                let new = format!("{}{want}{}", &readme[..start], &readme[end..]);
+                std::fs::write(path, new).expect("write README.md");
+            } else {
+                panic!(
+                    "README.md's settings table differs from the settings (rerun with \
+                     EDGETALLY_BLESS=1 to regenerate it):\n{want}"
+                );
+            }
+        }
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/edgetally.toml");
+        let deploy = std::fs::read_to_string(path).expect("deploy/edgetally.toml");
+        let missing: Vec<&str> = settings()
+            .iter()
+            .filter(|d| {
+                !deploy.lines().any(|l| {
+                    let l = l.trim_start_matches('#').trim_start();
+                    l.starts_with(&format!("{} =", d.key))
+                        || d.alias.is_some_and(|a| l.starts_with(&format!("{a} =")))
+                })
+            })
+            .map(|d| d.key)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "deploy/edgetally.toml lacks {missing:?}"
+        );
     }
 
     /// The example file in `deploy/` applies as it is and with every commented setting

@@ -9,6 +9,12 @@ pub fn addr(s: &str) -> Result<SocketAddr, String> {
     edgetally_merger::config::resolve_addr(s)
 }
 
+/// An address flag of `serve`, checked here (a bad one is a usage error naming the flag) and
+/// kept as written: the setting reads it again.
+pub fn addr_text(s: &str) -> Result<String, String> {
+    addr(s).map(|_| s.to_string())
+}
+
 /// A node's HTTP base URL: `http://host:port`, `https://…`, or `host:port` (taken as
 /// `http://`). Trailing slashes are dropped.
 pub fn node_url(s: &str) -> Result<String, String> {

@@ -20,7 +20,6 @@ mod send;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use edgetally_merger::Config;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -89,11 +88,11 @@ struct ServeArgs {
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// HTTP API address (ip:port or host:port).
-    #[arg(long, value_parser = args::addr)]
-    http_addr: Option<SocketAddr>,
+    #[arg(long, value_parser = args::addr_text)]
+    http_addr: Option<String>,
     /// QUIC address (batches, WebTransport, peers; ip:port or host:port).
-    #[arg(long, value_parser = args::addr)]
-    quic_addr: Option<SocketAddr>,
+    #[arg(long, value_parser = args::addr_text)]
+    quic_addr: Option<String>,
     /// Certificate chain (PEM) replacing the generated one; needs --tls-key.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -101,8 +100,8 @@ struct ServeArgs {
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// A peer merger's QUIC address, ip:port or host:port (repeatable).
-    #[arg(long = "peer", value_parser = args::addr)]
-    peers: Vec<SocketAddr>,
+    #[arg(long = "peer", value_parser = args::addr_text)]
+    peers: Vec<String>,
     /// Shard-group topology file (TOML; re-read when it changes and on SIGHUP); needs --group.
     #[arg(long, requires = "group")]
     topology: Option<PathBuf>,
@@ -144,26 +143,22 @@ fn config(args: &ServeArgs) -> Result<Config> {
     for warning in c.apply_env(std::env::vars())? {
         tracing::warn!("{warning}");
     }
-    if let Some(v) = &args.data_dir {
-        c.data_dir = v.clone();
-    }
-    if let Some(v) = args.http_addr {
-        c.http_addr = v;
-    }
-    if let Some(v) = args.quic_addr {
-        c.quic_addr = v;
-    }
-    if args.tls_cert.is_some() {
-        c.tls_cert = args.tls_cert.clone();
-        c.tls_key = args.tls_key.clone();
-    }
-    if !args.peers.is_empty() {
-        c.peers = args.peers.clone();
-    }
-    if args.topology.is_some() {
-        c.topology_file = args.topology.clone();
-        c.group = args.group.clone();
-    }
+    // Flags last, read as settings are (one definition each: the settings table).
+    let text = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    let flags = [
+        ("data_dir", text(&args.data_dir)),
+        ("http_addr", args.http_addr.clone()),
+        ("quic_addr", args.quic_addr.clone()),
+        ("tls_cert", text(&args.tls_cert)),
+        ("tls_key", text(&args.tls_key)),
+        (
+            "peers",
+            (!args.peers.is_empty()).then(|| args.peers.join(",")),
+        ),
+        ("topology_file", text(&args.topology)),
+        ("group", args.group.clone()),
+    ];
+    c.apply_flags(flags.into_iter().filter_map(|(k, v)| Some((k, v?))))?;
     Ok(c)
 }
 
