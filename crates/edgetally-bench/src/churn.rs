@@ -5,7 +5,7 @@
 //!
 //! The merger runs with a short lateness horizon (`max_lateness` 5 s, expiry margin 2 s,
 //! upkeep every 5 s), so an epoch's seen-set expires about 15 s after its last batch
-//! (ARCHITECTURE.md, "Seen-set expiry"). Retention is the default: what stays per idle
+//! (docs/design/replication.md, "Seen-set expiry"). Retention is the default: what stays per idle
 //! producer is what retention holds of it (its minute and hour rollup entries and its key,
 //! ~200 B), until its minute and hour buckets are cut.
 //!

@@ -1331,7 +1331,7 @@ impl Replica {
     /// Expires the seen-sets of the epochs whose lateness horizon is at or before `cutoff_ms`
     /// (and drops their retained batches), returning their keys. The merger passes
     /// `now − max_lateness − margin`: every batch those epochs applied is then refused by the
-    /// time check before a seen-set is consulted (ARCHITECTURE.md, "Seen-set expiry"), so
+    /// time check before a seen-set is consulted (docs/design/replication.md, "Seen-set expiry"), so
     /// forgetting them cannot count a batch twice. The totals keep what they applied, and the
     /// state hash still covers them. Returned with the seqs they had applied, in key order
     /// (the merger drops exactly those batches from its store at the next compaction).

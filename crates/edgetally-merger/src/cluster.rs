@@ -1,4 +1,4 @@
-//! Shard groups (ARCHITECTURE.md, "Shard groups"): the topology this node routes by, the
+//! Shard groups (docs/design/shard-groups.md): the topology this node routes by, the
 //! forwarding of batches that belong to another group, and cluster-wide queries gathered
 //! from every group.
 //!

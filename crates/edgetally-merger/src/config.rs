@@ -303,7 +303,7 @@ settings! {
     peer_horizon_secs: Secs, alias "peer_horizon" => set(peer_horizon_secs);
     /// How far past `max_lateness` an epoch's seen-set is kept before it expires: the margin
     /// that covers clock steps and a batch's time between its time check and its apply
-    /// (ARCHITECTURE.md, "Seen-set expiry").
+    /// (docs/design/replication.md, "Seen-set expiry").
     seen_expiry_margin_ms: Ms, alias "seen_expiry_margin" => set(seen_expiry_margin_ms);
     /// The snapshot database's page cache (redb), MiB.
     store_cache_mb: usize => set(store_cache_mb);

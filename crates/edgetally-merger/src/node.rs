@@ -463,7 +463,7 @@ impl Node {
     /// The lateness horizon at or before which an epoch's seen-set is expired at clock `now`:
     /// `now − max_lateness − seen_expiry_margin_ms`. Every batch such an epoch applied is
     /// refused by the time check from then on, from producers (`max_lateness`) and from peers
-    /// (`max_lateness` + half the margin) alike (ARCHITECTURE.md, "Seen-set expiry").
+    /// (`max_lateness` + half the margin) alike (docs/design/replication.md, "Seen-set expiry").
     pub fn expiry_cutoff(&self, now: i64) -> i64 {
         now.saturating_sub(self.config.limits.max_lateness_ms)
             .saturating_sub(self.config.seen_expiry_margin_ms.max(0))

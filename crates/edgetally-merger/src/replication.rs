@@ -28,7 +28,7 @@
 //! Convergence: every batch a node applied stays in its retained log until all its peers'
 //! digests cover it, and every node pulls from every peer, so each batch applied anywhere
 //! reaches every node once the links work; apply is idempotent and commutative, so the order
-//! of pushes, pulls and producer retries changes nothing (ARCHITECTURE.md).
+//! of pushes, pulls and producer retries changes nothing (docs/design/replication.md).
 
 use crate::node::Node;
 use crate::peer::{request, Request, SyncItem, HELLO_DEADLINE, MAX_MESSAGE};

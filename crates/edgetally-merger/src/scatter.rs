@@ -1,4 +1,4 @@
-//! Cluster-wide queries, the pure half (ARCHITECTURE.md, "Shard groups"): what one group is
+//! Cluster-wide queries, the pure half (docs/design/shard-groups.md): what one group is
 //! asked ([`Query`]), what it answers ([`Part`]), and the exact merge of the parts
 //! ([`combine`]). Groups hold disjoint sets of batches, so counts and exact sums add,
 //! min/max combine, and top-k is exact because each part carries every row (the entry node

@@ -61,7 +61,7 @@ pub struct Topology {
     /// The maps, by increasing `from_ms`.
     pub maps: Vec<Map>,
     /// Groups being removed: each drained group → the group that absorbs its state and takes
-    /// every batch it owned, past and future (ARCHITECTURE.md, "Draining a group").
+    /// every batch it owned, past and future (docs/design/shard-groups.md, "Draining a group").
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub drains: BTreeMap<String, String>,
 }
