@@ -16,7 +16,7 @@ import { WebTransportLink, webTransportCtor } from "./webtransport.js";
 
 export { EdgetallyError } from "./errors.js";
 export { Handle } from "./handle.js";
-export type { BatchTransport, TransportKind } from "./transport.js";
+export type { BatchTransport, SendOptions, TransportKind } from "./transport.js";
 export { setWasmLoader } from "./wasm.js";
 
 /**
@@ -53,6 +53,15 @@ export interface ProducerOptions {
   requestTimeoutMs?: number;
   /** The fetch to use (a service binding, a test double). Default `globalThis.fetch`. */
   fetch?: typeof fetch;
+  /**
+   * Your own way to a merger, in place of the built-in ones: called once per endpoint, it
+   * returns the `BatchTransport` every batch for that endpoint goes through (also while a
+   * page is being left). Its `send` resolves to the merger's bare reply (docs/PROTOCOL.md §5;
+   * `POST /v1/batches` answers it in hex in `frame`) and rejects on a transport failure.
+   * `transport` and `serverCertificateHashes` are then ignored, and an enrolment
+   * credential (`setCredential`) is yours to send.
+   */
+  transports?: (endpoint: string) => BatchTransport;
   /**
    * Keep the producer key and the outbox in IndexedDB (browsers): batches not yet acked when
    * the page goes — offline, a merger down, a tab closed — are resent by the next page of the
@@ -98,7 +107,7 @@ export interface Stats {
    * those sent while the page was hidden or being left; `beacon`: handed to `sendBeacon`
    * (no reply: they stay stored until a later send is acked).
    */
-  sentByTransport: { webtransport: number; http: number; keepalive: number; beacon: number };
+  sentByTransport: { webtransport: number; http: number; keepalive: number; beacon: number; custom: number };
   /** Batches of this producer held in IndexedDB now (0 without `persist`). */
   stored: number;
   /** IndexedDB operations that failed (other than quota, which drops and counts). */
@@ -216,9 +225,11 @@ export class Producer implements HandleOwner {
   readonly #wt: (WebTransportLink | undefined)[];
   readonly #wtDownUntil: number[];
   readonly #beacon: (BeaconTransport | undefined)[];
+  /** Per endpoint: the application's own transport (`ProducerOptions.transports`), if given. */
+  #custom: BatchTransport[] | undefined;
   readonly #transport: Transport;
   readonly #timeoutMs: number;
-  readonly #sent = { webtransport: 0, http: 0, keepalive: 0, beacon: 0 };
+  readonly #sent = { webtransport: 0, http: 0, keepalive: 0, beacon: 0, custom: 0 };
   /** Keepalive request bytes in flight (the browser's budget is 64 KiB). */
   #keepaliveBytes = 0;
   /** The page is hidden or being left: batches go out with keepalive fetch or as beacons, which outlive the page. */
@@ -336,6 +347,7 @@ export class Producer implements HandleOwner {
       transport !== "http" && webTransportCtor() ? new WebTransportLink(e, fetch_, o.serverCertificateHashes) : undefined,
     );
     const p = new Producer(core, epochStr, signer, config, http, wt, transport, store, timeoutMs);
+    p.#custom = o.transports && config.endpoints.map(o.transports);
     p.#release = release;
     p.#storeErrors = storeErrors;
     p.#listen();
@@ -685,6 +697,7 @@ export class Producer implements HandleOwner {
       this.#release?.();
       this.#store?.close();
       for (const l of this.#wt) l?.close();
+      for (const t of this.#custom ?? []) t.close();
       this.#unlisten?.();
       for (const w of this.#waiters) w.reject(new EdgetallyError("closed", "edgetally: the producer is closed"));
       this.#waiters = [];
@@ -784,6 +797,8 @@ export class Producer implements HandleOwner {
 
   /** The transport for one batch now, or none (it waits, stored, for a better moment). */
   #pick(endpoint: number, size: number, now: number): BatchTransport | undefined {
+    const custom = this.#custom?.[endpoint];
+    if (custom) return custom;
     if (this.#leaving) {
       // Only requests that outlive the page, within the browser's keepalive budget.
       if (KEEPALIVE && this.#keepaliveBytes + size <= KEEPALIVE_BUDGET) return this.#http[endpoint];
@@ -805,15 +820,15 @@ export class Producer implements HandleOwner {
     }
     let frame: Uint8Array | undefined;
     let failed = false;
-    const keepalive = this.#leaving && t.kind === "http";
+    const keepalive = this.#leaving && (t.kind === "http" || this.#custom !== undefined);
     if (keepalive) this.#keepaliveBytes += bytes.length;
     try {
-      this.#sent[t.kind]++;
+      this.#sent[this.#custom ? "custom" : t.kind]++;
       if (keepalive) this.#sent.keepalive++;
       try {
         frame = await this.#bounded((signal) => t!.send(bytes, { keepalive, signal }));
       } catch (e) {
-        if (t.kind !== "webtransport" || this.#transport !== "auto") throw e;
+        if (this.#custom || t.kind !== "webtransport" || this.#transport !== "auto") throw e;
         // This merger's WebTransport does not work from here: HTTP for a while.
         this.#wtDownUntil[endpoint] = Date.now() + WEBTRANSPORT_RETRY_MS;
         const http = this.#http[endpoint];

@@ -2,17 +2,23 @@
 // fetch POST /v1/batches, and navigator.sendBeacon for a page being left. Each carries the
 // signed envelope as it is; only the reply's form differs.
 
-/** How a batch went out. */
-export type TransportKind = "webtransport" | "http" | "beacon";
+/** How a batch went out: the built-in transports, or one the application gave (`"custom"`). */
+export type TransportKind = "webtransport" | "http" | "beacon" | "custom";
 
-/** @internal How one send goes: `keepalive` (a page being left), `signal` aborts it (the producer's request timeout). */
+/** How one send goes: `keepalive` (a page being left), `signal` aborts it (the producer's request timeout). */
 export interface SendOptions {
   keepalive?: boolean;
   signal?: AbortSignal;
 }
 
-/** @internal One merger, one way of reaching it. */
+/**
+ * One merger, one way of reaching it. The built-in ones are WebTransport, `fetch` and beacons;
+ * an application may give its own (`ProducerOptions.transports`: a message queue, a proxy, a
+ * test double). The producer keeps every guarantee whatever the transport: a batch leaves the
+ * outbox only on an Ack, and is resent (to this merger or the next) on a rejection or a Retry.
+ */
 export interface BatchTransport {
+  /** How batches through it are counted in `stats().sentByTransport` (`"custom"` for yours). */
   readonly kind: TransportKind;
   /**
    * Sends one sealed batch. Resolves to the merger's bare reply (docs/PROTOCOL.md §5), or to

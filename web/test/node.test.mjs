@@ -88,6 +88,49 @@ test("producerKey and epoch name what the signed envelopes carry", async () => {
   }
 });
 
+test("an application's own BatchTransport carries every batch, and a failing one is retried", async () => {
+  const m = await startMerger();
+  try {
+    // A transport of the application's own: POST /v1/batches by hand, failing its first two sends.
+    let calls = 0;
+    const seen = [];
+    const transports = (endpoint) => ({
+      kind: "custom",
+      async send(bytes, options) {
+        calls++;
+        if (calls <= 2) throw new Error("the application's network is down");
+        const res = await fetch(new URL("v1/batches", endpoint.endsWith("/") ? endpoint : endpoint + "/"), {
+          method: "POST",
+          body: bytes,
+          headers: { "content-type": "application/octet-stream" },
+          signal: options?.signal,
+        });
+        const reply = await res.json();
+        seen.push(res.status);
+        return Uint8Array.from(reply.frame.match(/../g).map((h) => parseInt(h, 16)));
+      },
+      close() {},
+    });
+    const p = await Producer.create({ endpoints: [m.http], transports, flushIntervalMs: 50 });
+    const now = Date.now();
+    const model = new Model();
+    for (const e of workload(7, 300, now)) {
+      p.record(e.category, e.value, { entity: e.entity, ts_ms: e.ts_ms });
+      model.add(e.category, e.entity, e.value);
+    }
+    await p.flush({ timeoutMs: 20_000 });
+    const s = p.stats();
+    assert.equal(s.ackedRecords, 300);
+    assert.ok(calls > 2 && seen.length >= 1, `${calls} calls`);
+    assert.equal(s.sentByTransport.custom, calls);
+    assert.equal(s.sentByTransport.http + s.sentByTransport.webtransport, 0);
+    assert.deepEqual(await compare(m.http, model, now - 120_000, now + 60_000), []);
+    await p.close();
+  } finally {
+    await m.cleanup();
+  }
+});
+
 test("invalid events throw typed errors, are counted, and spoil nothing else", async () => {
   const m = await startMerger();
   try {
