@@ -103,9 +103,7 @@ impl std::fmt::Display for Report {
     }
 }
 
-fn err(e: impl std::fmt::Display) -> StoreError {
-    StoreError(e.to_string())
-}
+use crate::store::{err, io};
 
 /// The snapshot's state, the snapshot if intact, the floor and the durable mark.
 type Meta = (SnapshotState, Option<Snapshot>, u64, u64);
@@ -191,7 +189,7 @@ fn inspect(dir: &Path) -> Result<Inspected, StoreError> {
     let mut batches = 0;
     for &first in &firsts {
         let path = segment_path(&log_dir, first);
-        let bytes = std::fs::read(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
         let parsed = parse_segment(&bytes);
         damage.extend(parsed.damage(&path, bytes.len()));
         for (group, body, _) in parsed.records {
@@ -283,19 +281,18 @@ pub struct Repaired {
 /// snapshot already covers change nothing), the node's key and certificate; stored batches
 /// that do not replay are kept in `out/quarantine/`. `dir` is not changed.
 pub fn repair(dir: &Path, out: &Path) -> Result<Repaired, StoreError> {
-    if out.exists() && std::fs::read_dir(out).map_err(err)?.next().is_some() {
-        return Err(err(format!(
+    if out.exists() && std::fs::read_dir(out).map_err(io(out))?.next().is_some() {
+        return Err(StoreError::NotEmpty(format!(
             "{} is not empty; repair writes into a fresh directory",
             out.display()
         )));
     }
     let (report, snap, all) = inspect(dir)?;
-    std::fs::create_dir_all(out).map_err(err)?;
+    std::fs::create_dir_all(out).map_err(io(out))?;
     for f in ["node.key", "cert.der", "cert.key.der", "cert.not_after"] {
         let from = dir.join(f);
         if from.exists() {
-            std::fs::copy(&from, out.join(f))
-                .map_err(|e| err(format!("{}: {e}", from.display())))?;
+            std::fs::copy(&from, out.join(f)).map_err(io(&from))?;
         }
     }
     let store = Store::open(out, 16 << 20)?;
@@ -327,7 +324,16 @@ pub fn repair(dir: &Path, out: &Path) -> Result<Repaired, StoreError> {
         for (_, body, _) in parse_segment(&bytes).records {
             for raw in records(body).filter_map(Result::ok).map(|(_, r)| r) {
                 if let Err(why) = replayable(raw, &replay_limits(&Limits::default())) {
-                    quarantine(out, raw, &why).map_err(err)?;
+                    quarantine(out, raw, &why).map_err(|e| match e {
+                        crate::node::StartError::Io(path, source) => StoreError::Io {
+                            path: Some(path),
+                            source,
+                        },
+                        other => StoreError::Io {
+                            path: Some(out.to_path_buf()),
+                            source: std::io::Error::other(other.to_string()),
+                        },
+                    })?;
                 }
             }
         }

@@ -57,13 +57,78 @@ fn align_up(n: usize) -> usize {
 /// A segment takes new groups until it is this long (it is also closed at each compaction).
 const SEGMENT_BYTES: u64 = 64 << 20;
 
-/// A storage failure.
+/// A storage failure, by kind. Every operation of [`Store`] (and `edgetally check`) returns
+/// it; the message names the file and what is wrong, and the source error is kept.
 #[derive(Debug, thiserror::Error)]
-#[error("store: {0}")]
-pub struct StoreError(pub String);
+#[non_exhaustive]
+pub enum StoreError {
+    /// A file or directory operation failed (the disk is full, a permission, an I/O error).
+    #[error("store: {}{source}", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default())]
+    Io {
+        /// The file or directory, when known.
+        path: Option<PathBuf>,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The pointer database (redb) failed.
+    #[error("store: {0}")]
+    Db(#[source] Box<redb::Error>),
+    /// Stored data is damaged or missing: the node does not start without it (the message
+    /// says how `edgetally check --repair` salvages what is intact).
+    #[error("store: {0}")]
+    Damaged(String),
+    /// A directory `edgetally check --repair` would overwrite.
+    #[error("store: {0}")]
+    NotEmpty(String),
+    /// A group commit larger than one log record can hold (4 GiB).
+    #[error("store: group commit larger than 4 GiB")]
+    TooLarge,
+}
 
-fn err(e: impl std::fmt::Display) -> StoreError {
-    StoreError(e.to_string())
+/// The failures [`err`] turns into a [`StoreError`].
+pub(crate) trait Fail {
+    fn fail(self) -> StoreError;
+}
+
+impl Fail for std::io::Error {
+    fn fail(self) -> StoreError {
+        StoreError::Io {
+            path: None,
+            source: self,
+        }
+    }
+}
+
+macro_rules! db_failures {
+    ($($t:ty),*) => {$(
+        impl Fail for $t {
+            fn fail(self) -> StoreError {
+                StoreError::Db(Box::new(self.into()))
+            }
+        }
+    )*};
+}
+
+db_failures!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+pub(crate) fn err(e: impl Fail) -> StoreError {
+    e.fail()
+}
+
+/// An I/O failure on `path`.
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: Some(path.to_path_buf()),
+        source,
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -130,7 +195,7 @@ pub(crate) fn records(mut v: &[u8]) -> impl Iterator<Item = Result<(BatchId, &[u
         if v.is_empty() {
             return None;
         }
-        let bad = || Some(Err(StoreError("damaged batch record".into())));
+        let bad = || Some(Err(StoreError::Damaged("damaged batch record".into())));
         let id = match v.get(..48).and_then(batch_id) {
             Some(id) => id,
             None => {
@@ -264,8 +329,8 @@ pub(crate) fn segment_path(dir: &Path, first: u64) -> PathBuf {
 /// First group numbers of the segment files in `dir`, ascending.
 pub(crate) fn list_segments(dir: &Path) -> Result<Vec<u64>, StoreError> {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(err)? {
-        let name = entry.map_err(err)?.file_name();
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let name = entry.map_err(io(dir))?.file_name();
         let name = name.to_string_lossy();
         if let Some(n) = name
             .strip_suffix(".seg")
@@ -299,7 +364,7 @@ fn create_segment(path: &Path) -> std::io::Result<File> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
 /// What start-up reads back.
@@ -377,7 +442,7 @@ fn scan(
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(err(format!("{}: {e}", path.display()))),
+            Err(e) => return Err(io(&path)(e)),
         };
         let parsed = parse_segment(&bytes);
         out.damage.extend(parsed.damage(&path, bytes.len()));
@@ -423,7 +488,7 @@ pub(crate) fn read_u64(
 ) -> Result<u64, StoreError> {
     match meta.get(key).map_err(err)? {
         Some(v) => Ok(u64::from_le_bytes(v.value().try_into().map_err(|_| {
-            StoreError(format!("{}: {key} is unreadable", path.display()))
+            StoreError::Damaged(format!("{}: {key} is unreadable", path.display()))
         })?)),
         None => Ok(0),
     }
@@ -433,7 +498,8 @@ impl Log {
     /// Starts a new segment, named by the next group number.
     fn roll(&mut self, dir: &Path) -> Result<(), StoreError> {
         let first = self.next_group;
-        let file = create_segment(&segment_path(dir, first)).map_err(err)?;
+        let path = segment_path(dir, first);
+        let file = create_segment(&path).map_err(io(&path))?;
         sync_dir(dir)?;
         self.file = file;
         self.current = first;
@@ -475,7 +541,7 @@ impl Store {
         if !db_path.exists() && list_segments(&log_dir).is_ok_and(|s| !s.is_empty()) {
             // The snapshot and the floor are gone, the log is not: starting would serve the
             // log's batches alone as if they were everything.
-            return Err(StoreError(format!(
+            return Err(StoreError::Damaged(format!(
                 "{} is missing but {} holds log segments: the snapshot they build on is gone. \
                  Restore the file, or salvage what is left with `edgetally check --data-dir {} --repair OUT`",
                 db_path.display(),
@@ -486,8 +552,8 @@ impl Store {
         let db = Database::builder()
             .set_cache_size(cache_bytes)
             .create(&db_path)
-            .map_err(|e| StoreError(format!("{}: {e}", db_path.display())))?;
-        std::fs::create_dir_all(&log_dir).map_err(err)?;
+            .map_err(err)?;
+        std::fs::create_dir_all(&log_dir).map_err(io(&log_dir))?;
         {
             // Creates the table on a new store, so readers never meet its absence.
             let txn = db.begin_write().map_err(err)?;
@@ -522,7 +588,7 @@ impl Store {
         };
         let mut segments = list_segments(&log_dir)?;
         if !has_snapshot && (floor > 0 || segments.first().is_some_and(|&s| s > 0)) {
-            return Err(StoreError(format!(
+            return Err(StoreError::Damaged(format!(
                 "{} holds no snapshot, but the log {} starts past group 0 (floor {floor}, first segment {}): \
                  the snapshot that covered the earlier groups is gone. Salvage what is left with \
                  `edgetally check --data-dir {} --repair OUT`",
@@ -548,14 +614,14 @@ impl Store {
             *groups.entry(group).or_insert(0) += n;
         })?;
         if let Some(d) = found.damage.iter().find(|d| d.kind == DamageKind::Corrupt) {
-            return Err(StoreError(format!(
+            return Err(StoreError::Damaged(format!(
                 "damaged batch log: {d}. Refusing to start without those batches; \
                  `edgetally check --data-dir {} --repair OUT` salvages every intact batch into OUT",
                 dir.display()
             )));
         }
         if let Some((from, to)) = first_gap(floor, &groups) {
-            return Err(StoreError(format!(
+            return Err(StoreError::Damaged(format!(
                 "the batch log in {} lacks groups {from}..{to} (a segment file or record is gone). \
                  `edgetally check --data-dir {} --repair OUT` salvages every intact batch into OUT",
                 log_dir.display(),
@@ -569,7 +635,7 @@ impl Store {
                 .rev()
                 .find(|&&f| found.max.is_none_or(|m| f <= m))
                 .map_or_else(|| log_dir.clone(), |&f| segment_path(&log_dir, f));
-            return Err(StoreError(format!(
+            return Err(StoreError::Damaged(format!(
                 "the batch log ends before group {ends} (last segment {}), but groups up to {} \
                  were durable: records at the end of the log are gone (truncated or deleted). \
                  `edgetally check --data-dir {} --repair OUT` salvages every intact batch into OUT",
@@ -586,14 +652,14 @@ impl Store {
         for &first in &found.unreadable {
             let from = segment_path(&log_dir, first);
             let to = log_dir.join(format!("{first:020}.seg.torn"));
-            std::fs::rename(&from, &to)
-                .map_err(|e| StoreError(format!("{}: {e}", from.display())))?;
+            std::fs::rename(&from, &to).map_err(io(&from))?;
             segments.retain(|&s| s != first);
         }
         let next_group = found.max.map_or(floor, |m| floor.max(m + 1));
         // A file already named `next_group` is empty (else it held an intact record, and
         // `max` would be at least its name, or it was moved aside above): reused.
-        let file = create_segment(&segment_path(&log_dir, next_group)).map_err(err)?;
+        let path = segment_path(&log_dir, next_group);
+        let file = create_segment(&path).map_err(io(&path))?;
         segments.retain(|&s| s < next_group);
         segments.push(next_group);
         let stored = groups.values().sum();
@@ -699,7 +765,7 @@ impl Store {
         let meta = txn.open_table(META).map_err(err)?;
         snapshot::read(&meta, &self.root)?
             .transpose()
-            .map_err(StoreError)
+            .map_err(StoreError::Damaged)
     }
 
     /// Where the current snapshot is: its file, or `edgetally.redb` (none yet, or one an
@@ -749,8 +815,7 @@ impl Store {
             push_record(buf, id, raw);
         }
         let body_len = buf.len() - off - HEADER;
-        let len = u32::try_from(body_len)
-            .map_err(|_| StoreError("group commit larger than 4 GiB".into()))?;
+        let len = u32::try_from(body_len).map_err(|_| StoreError::TooLarge)?;
         let padded = align_up(HEADER + body_len);
         buf.resize(off + padded, 0);
         let rec = &mut buf[off..];
@@ -1128,7 +1193,7 @@ mod tests {
         }
         let mut huge = batch_key(&id(1)).to_vec();
         huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x7f]);
-        assert!(records(&huge).all(|r| r.is_err()));
+        assert!(records(&huge).all(|r| matches!(r, Err(StoreError::Damaged(_)))));
         for cut in 0..40 {
             let mut seg = vec![0u8; cut];
             seg[..cut.min(4)].copy_from_slice(&MAGIC[..cut.min(4)]);
@@ -1163,9 +1228,9 @@ mod tests {
             let (seg, mut bytes) = three_groups(&dir);
             bytes[at] ^= 0x40;
             std::fs::write(&seg, &bytes).expect("write");
-            let e = Store::open(&dir, 1 << 20)
-                .expect_err("must refuse")
-                .to_string();
+            let e = Store::open(&dir, 1 << 20).expect_err("must refuse");
+            assert!(matches!(e, StoreError::Damaged(_)), "{e:?}");
+            let e = e.to_string();
             assert!(e.contains(&seg.display().to_string()), "{e}");
             assert!(e.contains(&format!("offset {ALIGN}")), "{e}");
             let parsed = parse_segment(&bytes);
@@ -1243,7 +1308,9 @@ mod tests {
             } else {
                 std::fs::remove_file(&path).expect("remove");
             }
-            let e = Store::open(&dir, 1 << 20).expect_err("a gap").to_string();
+            let e = Store::open(&dir, 1 << 20).expect_err("a gap");
+            assert!(matches!(e, StoreError::Damaged(_)), "{e:?}");
+            let e = e.to_string();
             assert!(e.contains("lacks groups 1..2"), "{e}");
             let _ = std::fs::remove_dir_all(&dir);
         }
@@ -1268,7 +1335,9 @@ mod tests {
         v[last] ^= 1;
         std::fs::write(&path, &v).expect("write");
         let s = Store::open(&dir, 1 << 20).expect("open");
-        let e = s.load().expect_err("checksum").to_string();
+        let e = s.load().expect_err("checksum");
+        assert!(matches!(e, StoreError::Damaged(_)), "{e:?}");
+        let e = e.to_string();
         let name = path
             .file_name()
             .expect("name")
@@ -1279,17 +1348,23 @@ mod tests {
         // Zeroed from its start (no magic): refused by name, never read as bare postcard.
         std::fs::write(&path, vec![0u8; v.len()]).expect("zero");
         let s = Store::open(&dir, 1 << 20).expect("open");
-        let e = s.load().expect_err("zeroed").to_string();
+        let e = s.load().expect_err("zeroed");
+        assert!(matches!(e, StoreError::Damaged(_)), "{e:?}");
+        let e = e.to_string();
         assert!(e.contains("header damaged") && e.contains(&name), "{e}");
         drop(s);
         // The file redb names is gone: refused, naming it.
         std::fs::remove_file(&path).expect("remove");
         let s = Store::open(&dir, 1 << 20).expect("open");
-        let e = s.load().expect_err("missing file").to_string();
+        let e = s.load().expect_err("missing file");
+        assert!(matches!(e, StoreError::Damaged(_)), "{e:?}");
+        let e = e.to_string();
         assert!(e.contains(&name) && e.contains("current snapshot"), "{e}");
         drop(s);
         std::fs::remove_file(dir.join("edgetally.redb")).expect("remove");
-        let e = Store::open(&dir, 1 << 20).expect_err("missing").to_string();
+        let e = Store::open(&dir, 1 << 20).expect_err("missing");
+        assert!(matches!(e, StoreError::Damaged(_)), "{e:?}");
+        let e = e.to_string();
         assert!(e.contains("is missing") && e.contains("--repair"), "{e}");
         assert!(!dir.join("edgetally.redb").exists(), "nothing created");
         let _ = std::fs::remove_dir_all(&dir);

@@ -18,7 +18,7 @@
 //! Format: `"ETSN" | 1 | SHA-256 of the body | body` — the same as the redb value of older
 //! versions, which [`read`] still accepts.
 
-use super::{err, read_u64, sync_dir, StoreError, SNAPSHOT_KEY};
+use super::{err, io, read_u64, sync_dir, StoreError, SNAPSHOT_KEY};
 use edgetally_core::Snapshot;
 use redb::ReadableTable;
 use sha2::{Digest as _, Sha256};
@@ -78,7 +78,7 @@ pub(crate) fn read(
     let db = root.join("edgetally.redb");
     let n = match read_u64(meta, FILE_KEY, &db) {
         Ok(n) => n,
-        Err(e) => return Ok(Some(Err(e.0))),
+        Err(e) => return Ok(Some(Err(e.to_string()))),
     };
     if n > 0 {
         let p = path(root, n);
@@ -165,7 +165,7 @@ pub struct SnapshotWriter {
 impl SnapshotWriter {
     pub(crate) fn create(root: &Path, n: u64) -> Result<SnapshotWriter, StoreError> {
         let tmp = root.join(format!("snapshot-{n:020}.tmp"));
-        let mut file = File::create(&tmp).map_err(|e| err(format!("{}: {e}", tmp.display())))?;
+        let mut file = File::create(&tmp).map_err(io(&tmp))?;
         // The header's checksum is filled in by `finish`.
         let mut header = [0u8; HEADER];
         header[..4].copy_from_slice(&MAGIC);
@@ -189,15 +189,15 @@ impl SnapshotWriter {
         Ok(w)
     }
 
-    fn fail(&self, e: impl std::fmt::Display) -> StoreError {
-        err(format!("{}: {e}", self.tmp.display()))
+    fn fail(&self, e: std::io::Error) -> StoreError {
+        io(&self.tmp)(e)
     }
 
     fn out(&mut self) -> Result<&mut BufWriter<HashingFile>, StoreError> {
-        let tmp = self.tmp.display().to_string();
+        let tmp = self.tmp.clone();
         self.out
             .as_mut()
-            .ok_or_else(|| err(format!("{tmp}: already finished")))
+            .ok_or_else(|| io(&tmp)(std::io::Error::other("already finished")))
     }
 
     /// Writes the snapshot of `replica`, straight from its tables
@@ -206,14 +206,16 @@ impl SnapshotWriter {
     pub fn replica(&mut self, replica: &edgetally_core::Replica) -> Result<(), StoreError> {
         let out = self.out()?;
         let r = replica.write_snapshot(&mut *out);
-        r.map(|_| ()).map_err(|e| self.fail(e))
+        r.map(|_| ())
+            .map_err(|e| self.fail(std::io::Error::other(e)))
     }
 
     /// Writes `snapshot`.
     pub fn snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StoreError> {
         let out = self.out()?;
         let r = postcard::to_io(snapshot, &mut *out);
-        r.map(|_| ()).map_err(|e| self.fail(e))
+        r.map(|_| ())
+            .map_err(|e| self.fail(std::io::Error::other(e)))
     }
 
     /// Makes the file durable under its final name; redb does not name it yet.
@@ -221,13 +223,13 @@ impl SnapshotWriter {
         let out = self
             .out
             .take()
-            .ok_or_else(|| self.fail("already finished"))?;
+            .ok_or_else(|| self.fail(std::io::Error::other("already finished")))?;
         let HashingFile {
             mut file,
             hash,
             len,
             ..
-        } = out.into_inner().map_err(|e| self.fail(e.error()))?;
+        } = out.into_inner().map_err(|e| self.fail(e.into_error()))?;
         let done = file
             .seek(SeekFrom::Start(MAGIC.len() as u64 + 1))
             .and_then(|_| file.write_all(&hash.finalize()))
