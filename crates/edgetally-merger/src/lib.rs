@@ -5,7 +5,7 @@
 //! that ties them together ([`node`]).
 
 pub mod admission;
-pub mod check;
+pub use edgetally_store::check;
 pub mod cluster;
 pub mod config;
 pub mod export;
@@ -20,7 +20,7 @@ pub mod replication;
 pub mod scatter;
 pub mod serve_http;
 pub mod start;
-pub mod store;
+pub use edgetally_store as store;
 
 pub use config::Config;
 pub use node::Node;

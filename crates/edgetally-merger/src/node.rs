@@ -306,23 +306,7 @@ pub(crate) struct Recovered {
     pub(crate) quarantined: u64,
 }
 
-/// Keeps a stored batch that cannot be replayed out of the way, under
-/// `quarantine/<sha256 of its bytes>.batch` with the reason beside it in a `.reason` file,
-/// so that one bad record never stops a node from starting and nothing is thrown away.
-/// Since every check that can refuse a batch runs before it is written, a quarantined batch
-/// means a bug or damage that the record checksums did not catch; it is logged and counted
-/// (`edgetally_quarantined_batches`, `/v1/status`).
-pub fn quarantine(data_dir: &Path, raw: &[u8], reason: &str) -> Result<PathBuf, StartError> {
-    use sha2::{Digest as _, Sha256};
-    let dir = data_dir.join("quarantine");
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let name = hex(&Sha256::digest(raw));
-    let path = dir.join(format!("{name}.batch"));
-    std::fs::write(&path, raw).map_err(io(&path))?;
-    let why = dir.join(format!("{name}.reason"));
-    std::fs::write(&why, format!("{reason}\n")).map_err(io(&why))?;
-    Ok(path)
-}
+pub use edgetally_store::{quarantine, replay_limits};
 
 /// Rebuilds the replica from the snapshot and the stored batches. A stored batch that does
 /// not decode or apply is quarantined, never a reason to refuse to start.
@@ -385,18 +369,6 @@ pub(crate) fn recover(
         replayed,
         quarantined,
     })
-}
-
-/// The limits stored batches are replayed with: the configured ones may have been lowered
-/// since a batch was acked, and nothing acked may be lost to that.
-pub fn replay_limits(limits: &Limits) -> Limits {
-    Limits {
-        max_payload_bytes: usize::MAX,
-        max_summaries: usize::MAX,
-        max_categories: usize::MAX,
-        max_entities: usize::MAX,
-        ..*limits
-    }
 }
 
 impl Node {

@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard};
 
+pub mod check;
 mod snapshot;
 pub(crate) use snapshot::read as read_snapshot;
 pub use snapshot::{SnapshotFile, SnapshotWriter};
@@ -63,17 +64,21 @@ const SEGMENT_BYTES: u64 = 64 << 20;
 #[non_exhaustive]
 pub enum StoreError {
     /// A file or directory operation failed (the disk is full, a permission, an I/O error).
-    #[error("store: {}{source}", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default())]
+    #[error("store: {}{error}", at(path))]
     Io {
         /// The file or directory, when known.
         path: Option<PathBuf>,
         /// What the operating system said.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The pointer database (redb) failed.
-    #[error("store: {0}")]
-    Db(#[source] Box<redb::Error>),
+    #[error("store: {}{error}", at(path))]
+    Db {
+        /// The database file, when known.
+        path: Option<PathBuf>,
+        /// What redb said.
+        error: Box<redb::Error>,
+    },
     /// Stored data is damaged or missing: the node does not start without it (the message
     /// says how `edgetally check --repair` salvages what is intact).
     #[error("store: {0}")]
@@ -86,6 +91,13 @@ pub enum StoreError {
     TooLarge,
 }
 
+/// `path: ` when there is one.
+fn at(path: &Option<PathBuf>) -> String {
+    path.as_ref()
+        .map(|p| format!("{}: ", p.display()))
+        .unwrap_or_default()
+}
+
 /// The failures [`err`] turns into a [`StoreError`].
 pub(crate) trait Fail {
     fn fail(self) -> StoreError;
@@ -95,7 +107,7 @@ impl Fail for std::io::Error {
     fn fail(self) -> StoreError {
         StoreError::Io {
             path: None,
-            source: self,
+            error: self,
         }
     }
 }
@@ -104,7 +116,10 @@ macro_rules! db_failures {
     ($($t:ty),*) => {$(
         impl Fail for $t {
             fn fail(self) -> StoreError {
-                StoreError::Db(Box::new(self.into()))
+                StoreError::Db {
+                    path: None,
+                    error: Box::new(self.into()),
+                }
             }
         }
     )*};
@@ -125,14 +140,47 @@ pub(crate) fn err(e: impl Fail) -> StoreError {
 
 /// An I/O failure on `path`.
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
+    move |error| StoreError::Io {
         path: Some(path.to_path_buf()),
-        source,
+        error,
     }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Keeps a stored batch that does not decode or apply aside, under
+/// `quarantine/<sha256 of its bytes>.batch` with the reason beside it in a `.reason` file,
+/// so that one bad record never stops a node from starting and nothing is thrown away.
+/// Since every check that can refuse a batch runs before it is written, a quarantined batch
+/// means a bug or damage that the record checksums did not catch; it is logged and counted
+/// (`edgetally_quarantined_batches`, `/v1/status`).
+pub fn quarantine(data_dir: &Path, raw: &[u8], reason: &str) -> Result<PathBuf, StoreError> {
+    use sha2::{Digest as _, Sha256};
+    let dir = data_dir.join("quarantine");
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let name: String = Sha256::digest(raw)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let path = dir.join(format!("{name}.batch"));
+    std::fs::write(&path, raw).map_err(io(&path))?;
+    let why = dir.join(format!("{name}.reason"));
+    std::fs::write(&why, format!("{reason}\n")).map_err(io(&why))?;
+    Ok(path)
+}
+
+/// The limits stored batches are replayed with: the configured ones may have been lowered
+/// since a batch was acked, and nothing acked may be lost to that.
+pub fn replay_limits(limits: &edgetally_core::Limits) -> edgetally_core::Limits {
+    edgetally_core::Limits {
+        max_payload_bytes: usize::MAX,
+        max_summaries: usize::MAX,
+        max_categories: usize::MAX,
+        max_entities: usize::MAX,
+        ..*limits
+    }
 }
 
 /// The node's storage.
@@ -552,7 +600,10 @@ impl Store {
         let db = Database::builder()
             .set_cache_size(cache_bytes)
             .create(&db_path)
-            .map_err(err)?;
+            .map_err(|e| StoreError::Db {
+                path: Some(db_path.clone()),
+                error: Box::new(e.into()),
+            })?;
         std::fs::create_dir_all(&log_dir).map_err(io(&log_dir))?;
         {
             // Creates the table on a new store, so readers never meet its absence.

@@ -4,11 +4,11 @@
 //! Redis. A node refuses to start on damage that lost acknowledged batches; this is how an
 //! operator sees what is left and starts again from it.
 
-use crate::node::{quarantine, replay_limits};
-use crate::store::{
+use crate::{
     first_gap, list_segments, parse_segment, read_floor, read_snapshot, read_u64, records,
     segment_path, Damage, DamageKind, Store, StoreError, DURABLE_KEY, META,
 };
+use crate::{quarantine, replay_limits};
 use edgetally_core::{Limits, Snapshot};
 use edgetally_proto::decode;
 use redb::{ReadOnlyDatabase, ReadableDatabase};
@@ -103,7 +103,7 @@ impl std::fmt::Display for Report {
     }
 }
 
-use crate::store::{err, io};
+use crate::{err, io};
 
 /// The snapshot's state, the snapshot if intact, the floor and the durable mark.
 type Meta = (SnapshotState, Option<Snapshot>, u64, u64);
@@ -324,16 +324,7 @@ pub fn repair(dir: &Path, out: &Path) -> Result<Repaired, StoreError> {
         for (_, body, _) in parse_segment(&bytes).records {
             for raw in records(body).filter_map(Result::ok).map(|(_, r)| r) {
                 if let Err(why) = replayable(raw, &replay_limits(&Limits::default())) {
-                    quarantine(out, raw, &why).map_err(|e| match e {
-                        crate::node::StartError::Io(path, source) => StoreError::Io {
-                            path: Some(path),
-                            source,
-                        },
-                        other => StoreError::Io {
-                            path: Some(out.to_path_buf()),
-                            source: std::io::Error::other(other.to_string()),
-                        },
-                    })?;
+                    quarantine(out, raw, &why)?;
                 }
             }
         }
