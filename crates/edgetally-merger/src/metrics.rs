@@ -44,19 +44,8 @@ pub struct Metrics {
     pub commit_failures: AtomicU64,
     /// Why the last group commit failed, while no commit has succeeded since (`/readyz`).
     pub store_error: std::sync::Mutex<Option<String>>,
-    /// Rows written by the exporter.
-    pub export_rows: AtomicU64,
-    /// Exporter rounds whose write failed (kept for the next round).
-    pub export_errors: AtomicU64,
-    /// Rows the export sink refused for good (quarantined).
-    pub export_quarantined: AtomicU64,
-    /// Keys changed and not yet written (their buckets still open, or a write failed).
-    pub export_pending: AtomicU64,
-    /// The cutoff of the exporter's last complete round, ms (0: none yet).
-    pub export_mark_ms: std::sync::atomic::AtomicI64,
-    /// An exporter runs: its families are shown, failures included, before any round
-    /// completed.
-    pub export_enabled: std::sync::atomic::AtomicBool,
+    /// The exporter's counters.
+    pub export: std::sync::Arc<edgetally_export::ExportMetrics>,
     /// Whether `store_error` is set (so a successful commit takes no lock to clear it).
     pub store_failing: std::sync::atomic::AtomicBool,
     /// Total time spent in group commits, microseconds.
@@ -293,15 +282,15 @@ impl Metrics {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
         let _ = writeln!(s, "# HELP edgetally_build_info The running build: 1, labelled with its version.\n# TYPE edgetally_build_info gauge\nedgetally_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
-        let mark = self.export_mark_ms.load(Relaxed);
-        if self.export_enabled.load(Relaxed) {
+        let mark = self.export.mark_ms.load(Relaxed);
+        if self.export.enabled.load(Relaxed) {
             // No round complete yet (and no mark from an earlier run): behind since the epoch.
             let lag = (edgetally_net::now_ms() - mark).max(0) as f64 / 1000.0;
             let _ = writeln!(s, "# HELP edgetally_export_lag_seconds How far behind now the export is complete: every bucket that ended before now minus this is written (export_delay included).\n# TYPE edgetally_export_lag_seconds gauge\nedgetally_export_lag_seconds {lag}");
-            let _ = writeln!(s, "# HELP edgetally_export_rows_total Rows written to the export sink.\n# TYPE edgetally_export_rows_total counter\nedgetally_export_rows_total {}", self.export_rows.load(Relaxed));
-            let _ = writeln!(s, "# HELP edgetally_export_errors_total Export rounds whose write failed (their rows are written by a later round).\n# TYPE edgetally_export_errors_total counter\nedgetally_export_errors_total {}", self.export_errors.load(Relaxed));
-            let _ = writeln!(s, "# HELP edgetally_export_quarantined_total Rows the export sink refused for what they hold (a data or constraint error), kept aside in export-<table>.quarantine in the data directory; every other row is written.\n# TYPE edgetally_export_quarantined_total counter\nedgetally_export_quarantined_total {}", self.export_quarantined.load(Relaxed));
-            let _ = writeln!(s, "# HELP edgetally_export_pending_keys Changed (category, entity, bucket) keys not yet written.\n# TYPE edgetally_export_pending_keys gauge\nedgetally_export_pending_keys {}", self.export_pending.load(Relaxed));
+            let _ = writeln!(s, "# HELP edgetally_export_rows_total Rows written to the export sink.\n# TYPE edgetally_export_rows_total counter\nedgetally_export_rows_total {}", self.export.rows.load(Relaxed));
+            let _ = writeln!(s, "# HELP edgetally_export_errors_total Export rounds whose write failed (their rows are written by a later round).\n# TYPE edgetally_export_errors_total counter\nedgetally_export_errors_total {}", self.export.errors.load(Relaxed));
+            let _ = writeln!(s, "# HELP edgetally_export_quarantined_total Rows the export sink refused for what they hold (a data or constraint error), kept aside in export-<table>.quarantine in the data directory; every other row is written.\n# TYPE edgetally_export_quarantined_total counter\nedgetally_export_quarantined_total {}", self.export.quarantined.load(Relaxed));
+            let _ = writeln!(s, "# HELP edgetally_export_pending_keys Changed (category, entity, bucket) keys not yet written.\n# TYPE edgetally_export_pending_keys gauge\nedgetally_export_pending_keys {}", self.export.pending.load(Relaxed));
         }
         process_families(&mut s);
         s

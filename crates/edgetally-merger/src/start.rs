@@ -147,9 +147,19 @@ impl Node {
         );
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
         let mut exporting = None;
         let export = match &config.export_postgres_url {
             None => None,
+            #[cfg(not(feature = "postgres"))]
+            Some(_) => {
+                return Err(StartError::Config(
+                    "export_postgres_url is set, but this build has no PostgreSQL export \
+                     (cargo feature `postgres`)"
+                        .into(),
+                ))
+            }
+            #[cfg(feature = "postgres")]
             Some(url) => {
                 let tier = match config.export_bucket_ms {
                     60_000 => 1,
@@ -178,7 +188,7 @@ impl Node {
                     quarantine_file: dir.join(format!("export-{}.quarantine", config.export_table)),
                 };
                 let (feed, handle) =
-                    crate::export::start(sink, cfg, replica.clone(), metrics.clone())
+                    crate::export::start(sink, cfg, replica.clone(), metrics.export.clone())
                         .map_err(StartError::Config)?;
                 exporting = Some(handle);
                 Some(feed)

@@ -23,17 +23,41 @@
 //!   and every other row flows. One row no database can hold never stops the export.
 //!
 //! The sink is a trait so that other databases (ClickHouse, Kafka) can follow the
-//! PostgreSQL one.
+//! PostgreSQL one ([`Postgres`], behind the default cargo feature `postgres`).
 
-use crate::metrics::Metrics;
+#[cfg(feature = "postgres")]
+mod pgtls;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "postgres")]
+pub use postgres::Postgres;
+
 use edgetally_core::{Batch, Replica, Total};
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
+
+/// The exporter's counters, read by the node's `/metrics`.
+#[derive(Debug, Default)]
+pub struct ExportMetrics {
+    /// Rows written by the exporter.
+    pub rows: AtomicU64,
+    /// Exporter rounds whose write failed (kept for the next round).
+    pub errors: AtomicU64,
+    /// Rows the export sink refused for good (quarantined).
+    pub quarantined: AtomicU64,
+    /// Keys changed and not yet written (their buckets still open, or a write failed).
+    pub pending: AtomicU64,
+    /// The cutoff of the exporter's last complete round, ms (0: none yet).
+    pub mark_ms: AtomicI64,
+    /// An exporter runs: its families are shown, failures included, before any round
+    /// completed.
+    pub enabled: AtomicBool,
+}
 
 /// One exported row: the full totals of (category, entity, bucket).
 #[derive(Clone, Debug, PartialEq)]
@@ -178,7 +202,7 @@ struct Exporter<S: Sink> {
     sink: S,
     cfg: ExportConfig,
     replica: Arc<RwLock<Replica>>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ExportMetrics>,
     rx: mpsc::Receiver<Arc<Batch>>,
     rescan: Arc<AtomicBool>,
     wide: Arc<AtomicBool>,
@@ -218,7 +242,7 @@ pub fn start<S: Sink>(
     sink: S,
     cfg: ExportConfig,
     replica: Arc<RwLock<Replica>>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ExportMetrics>,
 ) -> Result<(ExportFeed, Exporting), String> {
     let (tx, rx) = mpsc::channel(FEED_CAPACITY);
     // A start rescans: whatever changed after the last complete round before a crash.
@@ -227,11 +251,11 @@ pub fn start<S: Sink>(
     let mark = std::fs::read_to_string(&cfg.mark_file)
         .ok()
         .and_then(|s| Mark::parse(&s));
-    metrics.export_enabled.store(true, Relaxed);
+    metrics.enabled.store(true, Relaxed);
     if let Some(m) = mark {
         // Complete up to the mark already: the lag and the export's counters show from the
         // start, failed rounds included.
-        metrics.export_mark_ms.store(m.cutoff, Relaxed);
+        metrics.mark_ms.store(m.cutoff, Relaxed);
     }
     if let Some(m) = mark.filter(|m| m.clean) {
         // From here on batches apply that the clean mark does not cover.
@@ -312,7 +336,7 @@ impl<S: Sink> Exporter<S> {
         for chunk in rows.chunks(CHUNK) {
             let chunk: Vec<ExportRow> = chunk.iter().map(|r| (*r).clone()).collect();
             let outcome = write_isolating(&self.sink, chunk).await;
-            self.metrics.export_rows.fetch_add(outcome.written, Relaxed);
+            self.metrics.rows.fetch_add(outcome.written, Relaxed);
             for (row, why) in outcome.refused {
                 self.quarantine(row, &why);
             }
@@ -321,7 +345,7 @@ impl<S: Sink> Exporter<S> {
                     sink = self.sink.name(),
                     "export failed, kept for the next round: {e}"
                 );
-                self.metrics.export_errors.fetch_add(1, Relaxed);
+                self.metrics.errors.fetch_add(1, Relaxed);
                 return false;
             }
         }
@@ -331,7 +355,7 @@ impl<S: Sink> Exporter<S> {
     /// Sets a refused row aside: counted, logged with the sink's reason, appended to the
     /// quarantine file, and not written again by this run.
     fn quarantine(&mut self, row: ExportRow, why: &str) {
-        self.metrics.export_quarantined.fetch_add(1, Relaxed);
+        self.metrics.quarantined.fetch_add(1, Relaxed);
         warn!(
             sink = self.sink.name(),
             category = ?row.category,
@@ -441,7 +465,7 @@ impl<S: Sink> Exporter<S> {
                     self.rescan.store(true, Relaxed);
                     // At least the rows of this step are pending, and the feed's keys.
                     self.metrics
-                        .export_pending
+                        .pending
                         .store((rows.len() + self.dirty.len()) as u64, Relaxed);
                     return;
                 }
@@ -478,9 +502,7 @@ impl<S: Sink> Exporter<S> {
             if !self.write(&rows).await {
                 // Keep what is not written, as dirty keys.
                 self.dirty.extend(closed);
-                self.metrics
-                    .export_pending
-                    .store(self.dirty.len() as u64, Relaxed);
+                self.metrics.pending.store(self.dirty.len() as u64, Relaxed);
                 return;
             }
         }
@@ -498,10 +520,8 @@ impl<S: Sink> Exporter<S> {
             cutoff,
             clean: false,
         });
-        self.metrics.export_mark_ms.store(cutoff, Relaxed);
-        self.metrics
-            .export_pending
-            .store(self.dirty.len() as u64, Relaxed);
+        self.metrics.mark_ms.store(cutoff, Relaxed);
+        self.metrics.pending.store(self.dirty.len() as u64, Relaxed);
     }
 }
 
@@ -550,226 +570,6 @@ async fn write_isolating<S: Sink>(sink: &S, rows: Vec<ExportRow>) -> Isolated {
         }
     }
     out
-}
-
-/// PostgreSQL: one table, upserted with `INSERT … ON CONFLICT DO UPDATE` keyed by
-/// (category, entity, bucket_ms, bucket_start). A row is only replaced by one counting at
-/// least as many records (totals only grow as batches arrive), so a node that is behind
-/// cannot set a row back.
-pub struct Postgres {
-    url: String,
-    /// TLS unless the URL says `sslmode=disable`.
-    tls: Option<crate::pgtls::MakeRustls>,
-    table: String,
-    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
-}
-
-impl std::fmt::Debug for Postgres {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Postgres")
-            .field("table", &self.table)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Connects, and drives the connection on a task of its own until it ends.
-async fn connect_with<T>(url: &str, tls: T) -> Result<tokio_postgres::Client, String>
-where
-    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
-    T::Stream: Send + 'static,
-{
-    let (client, conn) = tokio_postgres::connect(url, tls)
-        .await
-        .map_err(|e| format!("connecting: {}", causes(&e)))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            warn!("postgres connection ended: {e}");
-        }
-    });
-    Ok(client)
-}
-
-/// An error with its causes, `outer: inner: …` (tokio-postgres says "error performing TLS
-/// handshake" and keeps the reason, an unknown issuer say, in the source).
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let more = s.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = s.source();
-    }
-    text
-}
-
-impl Postgres {
-    /// A sink writing to `table` (a plain SQL identifier) of the database at `url`
-    /// (`postgresql://user[:password]@host:port/db[?sslmode=disable|prefer|require]`); it
-    /// connects at the first write. With `ca` (PEM root certificates) the server's
-    /// certificate is verified, chain and host name; without, TLS only encrypts.
-    pub fn new(url: &str, table: &str, ca: Option<&std::path::Path>) -> Result<Postgres, String> {
-        let ok = table
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && table.len() <= 63
-            && table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !ok {
-            return Err(format!(
-                "export_table {table:?}: letters, digits and _ only, not starting with a digit"
-            ));
-        }
-        let parsed = url
-            .parse::<tokio_postgres::Config>()
-            .map_err(|e| format!("export_postgres_url: {e}"))?;
-        let plain = parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Disable;
-        let roots = match ca {
-            None => None,
-            Some(_) if plain => {
-                return Err(
-                    "export_postgres_ca is set but export_postgres_url says sslmode=disable".into(),
-                )
-            }
-            Some(path) => {
-                use rustls::pki_types::{pem::PemObject, CertificateDer};
-                let certs = CertificateDer::pem_file_iter(path)
-                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| format!("export_postgres_ca {}: {e}", path.display()))?;
-                if certs.is_empty() {
-                    return Err(format!(
-                        "export_postgres_ca {}: no certificate in it",
-                        path.display()
-                    ));
-                }
-                Some(certs)
-            }
-        };
-        let tls = if plain {
-            None
-        } else {
-            let config = edgetally_net::tls::tcp_client_config_roots(roots)
-                .map_err(|e| format!("export_postgres_ca: {e}"))?;
-            Some(crate::pgtls::MakeRustls(Arc::new(config)))
-        };
-        Ok(Postgres {
-            url: url.to_string(),
-            tls,
-            table: table.to_string(),
-            client: tokio::sync::Mutex::new(None),
-        })
-    }
-
-    async fn connect(&self) -> Result<tokio_postgres::Client, String> {
-        let client = match &self.tls {
-            None => connect_with(&self.url, tokio_postgres::NoTls).await?,
-            Some(tls) => connect_with(&self.url, tls.clone()).await?,
-        };
-        let t = &self.table;
-        client
-            .batch_execute(&format!(
-                "CREATE TABLE IF NOT EXISTS {t} (
-                    category text NOT NULL,
-                    entity text NOT NULL,
-                    bucket_start timestamptz NOT NULL,
-                    bucket_ms integer NOT NULL,
-                    count numeric(20, 0) NOT NULL,
-                    sum numeric NOT NULL,
-                    min double precision NOT NULL,
-                    max double precision NOT NULL,
-                    exported_at timestamptz NOT NULL DEFAULT now(),
-                    PRIMARY KEY (category, entity, bucket_ms, bucket_start)
-                )"
-            ))
-            .await
-            .map_err(|e| format!("creating {t}: {e}"))?;
-        Ok(client)
-    }
-}
-
-impl Sink for Postgres {
-    fn name(&self) -> &'static str {
-        "postgres"
-    }
-
-    async fn prepare(&self) -> Result<(), String> {
-        let mut guard = self.client.lock().await;
-        *guard = Some(self.connect().await?);
-        Ok(())
-    }
-
-    async fn write(&self, rows: &[ExportRow]) -> Result<(), WriteError> {
-        let mut guard = self.client.lock().await;
-        if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            *guard = Some(self.connect().await.map_err(WriteError::Unavailable)?);
-        }
-        let Some(client) = guard.as_ref() else {
-            return Err(WriteError::Unavailable("not connected".into()));
-        };
-        // One array per column: the rows go in as one statement (`unnest`).
-        let categories: Vec<&str> = rows.iter().map(|r| r.category.as_str()).collect();
-        let entities: Vec<&str> = rows
-            .iter()
-            .map(|r| r.entity.as_deref().unwrap_or(""))
-            .collect();
-        let starts: Vec<i64> = rows.iter().map(|r| r.bucket_start_ms).collect();
-        let widths: Vec<i32> = rows
-            .iter()
-            .map(|r| i32::try_from(r.bucket_ms).unwrap_or(i32::MAX))
-            .collect();
-        let counts: Vec<String> = rows.iter().map(|r| r.total.count.to_string()).collect();
-        let sums: Vec<String> = rows.iter().map(|r| r.total.sum.to_decimal()).collect();
-        let mins: Vec<f64> = rows.iter().map(|r| r.total.min).collect();
-        let maxs: Vec<f64> = rows.iter().map(|r| r.total.max).collect();
-        let t = &self.table;
-        let sql = format!(
-            "INSERT INTO {t} (category, entity, bucket_start, bucket_ms, count, sum, min, max)
-             SELECT c, e, 'epoch'::timestamptz + b * interval '1 millisecond', w, n::numeric,
-                    s::numeric, lo, hi
-             FROM unnest($1::text[], $2::text[], $3::int8[], $4::int4[], $5::text[], $6::text[],
-                         $7::float8[], $8::float8[]) AS r(c, e, b, w, n, s, lo, hi)
-             ON CONFLICT (category, entity, bucket_ms, bucket_start) DO UPDATE
-             SET count = EXCLUDED.count, sum = EXCLUDED.sum, min = EXCLUDED.min,
-                 max = EXCLUDED.max, exported_at = now()
-             WHERE EXCLUDED.count >= {t}.count
-               AND (EXCLUDED.count, EXCLUDED.sum, EXCLUDED.min, EXCLUDED.max)
-                   IS DISTINCT FROM ({t}.count, {t}.sum, {t}.min, {t}.max)"
-        );
-        let result = client
-            .execute(
-                &sql,
-                &[
-                    &categories,
-                    &entities,
-                    &starts,
-                    &widths,
-                    &counts,
-                    &sums,
-                    &mins,
-                    &maxs,
-                ],
-            )
-            .await;
-        if let Err(e) = result {
-            // What the rows hold (a data exception, class 22, such as U+0000 in text; an
-            // integrity constraint, class 23, such as a CHECK the table's owner added) is
-            // refused again on every try; anything else may pass later.
-            if let Some(db) = e.as_db_error() {
-                let code = db.code().code();
-                let why = format!("upsert: {} (SQLSTATE {code})", db.message());
-                if code.starts_with("22") || code.starts_with("23") {
-                    return Err(WriteError::Refused(why));
-                }
-                return Err(WriteError::Unavailable(why));
-            }
-            // Reconnect next time (the server may have restarted).
-            *guard = None;
-            return Err(WriteError::Unavailable(format!("upsert: {}", causes(&e))));
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -862,24 +662,6 @@ mod tests {
         for bad in ["", "clean", "12 dirty", "12 clean extra", "1.5", "12clean"] {
             assert_eq!(Mark::parse(bad), None, "{bad:?}");
         }
-    }
-
-    #[test]
-    fn a_ca_needs_tls_and_a_readable_certificate() {
-        use super::Postgres;
-        let url = "postgresql://u@127.0.0.1:5432/db";
-        assert!(Postgres::new(url, "t", None).is_ok_and(|p| p.tls.is_some()));
-        let plain = format!("{url}?sslmode=disable");
-        assert!(Postgres::new(&plain, "t", None).is_ok_and(|p| p.tls.is_none()));
-        let dir = std::env::temp_dir().join(format!("et-ca-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let empty = dir.join("empty.pem");
-        std::fs::write(&empty, "not a certificate\n").expect("write");
-        let err = |u: &str, ca: &std::path::Path| Postgres::new(u, "t", Some(ca)).err();
-        assert!(err(&plain, &empty).is_some_and(|e| e.contains("sslmode=disable")));
-        assert!(err(url, &empty).is_some_and(|e| e.contains("no certificate")));
-        assert!(err(url, &dir.join("missing.pem")).is_some_and(|e| e.contains("missing.pem")));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
