@@ -166,3 +166,83 @@ fn forged_peers_are_refused_and_nothing_they_offer_is_adopted() {
     assert!(stderr.contains("cluster_secret"), "{stderr}");
     ep.close(0u32.into(), b"");
 }
+
+/// A node of an earlier release cannot replicate with this one (their peer protocols
+/// differ), and neither side may split silently: a node that has one as a peer says why in
+/// `/v1/status` (`peers[].last_error`, logged too) and answers incomplete; a node such a peer
+/// connects to lists it (`earlier_release_peers`) and tells it, closing the connection. Both
+/// are tried against a stand-in for the earlier release: a QUIC endpoint that speaks only
+/// the first release's peer protocol, `edgetally-peer/1`.
+#[test]
+fn a_node_of_an_earlier_release_is_reported_never_silently_split() {
+    const EARLIER: &[u8] = b"edgetally-peer/1";
+    let rt = runtime();
+    let now_unix = now_ms() / 1000;
+    let id = edgetally_net::tls::Identity::self_signed(now_unix, &[]).expect("identity");
+    let sc = edgetally_net::tls::server_config(&id, &[EARLIER]).expect("server config");
+    let old = rt
+        .block_on(async {
+            edgetally_net::tls::server_endpoint(sc, "127.0.0.1:0".parse().expect("addr"), &[7; 32])
+        })
+        .expect("endpoint");
+    let old_addr = old.local_addr().expect("addr");
+    // The earlier release's node accepts connections (and would serve its protocol).
+    rt.spawn(async move {
+        while let Some(inc) = old.accept().await {
+            if let Ok(c) = inc.await {
+                tokio::spawn(async move { c.closed().await });
+            }
+        }
+    });
+    let dir = TempDir::new("earlier-release");
+    let peer = old_addr.to_string();
+    let m = Merger::start_with_env(
+        &dir.0,
+        &["--peer", &peer],
+        &[
+            ("EDGETALLY_CLUSTER_SECRET", "s"),
+            ("EDGETALLY_SYNC_INTERVAL_MS", "200"),
+        ],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, st) = m.get("/v1/status");
+        let why = st["peers"][0]["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if why.contains("runs an earlier release (peer protocol edgetally-peer/1") {
+            assert_eq!(st["complete"], false, "{st}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not reported: {}",
+            st["peers"]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The other way: the earlier release's node connects to this one.
+    let quic = m.quic;
+    let reason = rt.block_on(async {
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+        ep.set_default_client_config(
+            edgetally_net::tls::peer_client_config_for(EARLIER).expect("config"),
+        );
+        let conn = ep
+            .connect(quic, "localhost")
+            .expect("connect")
+            .await
+            .expect("the handshake succeeds: the node speaks to it only to refuse it");
+        let why = conn.closed().await;
+        ep.wait_idle().await;
+        why.to_string()
+    });
+    assert!(reason.contains("upgrade this node"), "{reason}");
+    let (_, st) = m.get("/v1/status");
+    let listed = st["earlier_release_peers"].as_array().expect("listed");
+    assert!(
+        listed.iter().any(|p| p["protocol"] == "edgetally-peer/1"),
+        "{st}"
+    );
+}

@@ -1699,6 +1699,18 @@ async fn status(State(node): State<Node_>) -> Json<Value> {
             "throttled_source": adm.stats.throttled_source.load(Relaxed),
         },
         "peers": peers_json(&node),
+        // Nodes of an earlier release that tried to peer (they cannot replicate with this one).
+        "earlier_release_peers": node
+            .earlier_peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(addr, (protocol, at))| json!({
+                "addr": addr.to_string(),
+                "protocol": protocol,
+                "last_seen_ms": at,
+            }))
+            .collect::<Vec<_>>(),
         "topology": node.cluster.as_ref().map(|c| json!({
             "group": c.group,
             "version": c.topology().version,

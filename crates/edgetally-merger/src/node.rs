@@ -93,6 +93,9 @@ pub struct Node {
     pub expired: Expired,
     /// The shard-group layer, with a topology (`topology_file`).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Nodes of an earlier release that connected as peers (they cannot replicate with this
+    /// one): remote address → (their peer protocol, when last seen, ms).
+    pub earlier_peers: Mutex<BTreeMap<SocketAddr, (String, i64)>>,
 }
 
 /// Batches of expired epochs that the store may still hold: they are in the totals (and in
@@ -663,6 +666,18 @@ impl Node {
             as_of_ms: now_ms(),
             absorbed,
         }
+    }
+
+    /// Records a connection from a node of an earlier release; whether to log it (the first
+    /// time, then at most once a minute per address).
+    pub fn note_earlier_peer(&self, remote: SocketAddr, protocol: &str) -> bool {
+        let now = now_ms();
+        let mut m = self.earlier_peers.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= 1024 && !m.contains_key(&remote) {
+            return false;
+        }
+        let last = m.insert(remote, (protocol.to_string(), now));
+        last.is_none_or(|(_, at)| now - at >= 60_000)
     }
 
     /// Whether this node's answers are complete: it sees every peer of its group, and its

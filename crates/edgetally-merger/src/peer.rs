@@ -489,11 +489,15 @@ pub async fn connect(
     addr: SocketAddr,
     auth: &Auth,
 ) -> Result<(quinn::Connection, [u8; 32]), String> {
-    let conn = endpoint
+    let conn = match endpoint
         .connect(addr, "localhost")
         .map_err(|e| e.to_string())?
         .await
-        .map_err(|e| e.to_string())?;
+    {
+        Ok(c) => c,
+        Err(e) if refused_alpn(&e) => return Err(protocol_mismatch(endpoint, addr).await),
+        Err(e) => return Err(e.to_string()),
+    };
     let k = ekm(&conn)?;
     let hello = hello_bytes(auth, CLIENT, &k)?;
     let sent = now_ms();
@@ -505,6 +509,42 @@ pub async fn connect(
     }
     auth.facts.record(theirs.node, ext, Some(sent));
     Ok((conn, theirs.node))
+}
+
+/// What starts the reason [`connect`] gives when the peer speaks another peer protocol.
+pub const PROTOCOL_MISMATCH: &str = "protocol mismatch: ";
+
+/// Whether a handshake failed because the peer offered none of our ALPNs (TLS alert 120,
+/// `no_application_protocol`): it speaks another peer protocol.
+fn refused_alpn(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::ConnectionClosed(c)
+        if c.error_code == quinn::TransportErrorCode::crypto(120))
+}
+
+/// Finds which peer protocol the node at `addr` speaks, by offering each earlier one; the
+/// reason to report (logged, and in `/v1/status` as the peer's `last_error`).
+async fn protocol_mismatch(endpoint: &quinn::Endpoint, addr: SocketAddr) -> String {
+    let mine = String::from_utf8_lossy(edgetally_net::tls::ALPN_PEER).to_string();
+    for alpn in edgetally_net::tls::ALPN_PEER_EARLIER {
+        let Ok(cfg) = edgetally_net::tls::peer_client_config_for(alpn) else {
+            continue;
+        };
+        let Ok(connecting) = endpoint.connect_with(cfg, addr, "localhost") else {
+            continue;
+        };
+        if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(2), connecting).await {
+            c.close(3u32.into(), b"a later peer protocol: upgrade this node");
+            let theirs = String::from_utf8_lossy(alpn);
+            return format!(
+                "{PROTOCOL_MISMATCH}{addr} runs an earlier release (peer protocol {theirs}; this \
+                 node speaks {mine}): they cannot replicate — upgrade it"
+            );
+        }
+    }
+    format!(
+        "{PROTOCOL_MISMATCH}{addr} speaks no peer protocol this node knows ({mine}): it runs a \
+         later release — upgrade this node"
+    )
 }
 
 /// Serves a peer's connection (the server side of [`connect`]).

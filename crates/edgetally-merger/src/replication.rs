@@ -260,7 +260,11 @@ async fn link(
                     Ok(Err(e)) => e,
                     _ => "connect timed out".to_string(),
                 };
-                debug!(%addr, "peer link down: {why}");
+                if why.starts_with(crate::peer::PROTOCOL_MISMATCH) {
+                    warn!(%addr, "peer link down: {why}");
+                } else {
+                    debug!(%addr, "peer link down: {why}");
+                }
                 repl.sync().handle_down(&addr, why);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}

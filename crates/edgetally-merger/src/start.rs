@@ -12,7 +12,9 @@ use crate::node::{
 };
 use crate::store::Store;
 use edgetally_core::Replica;
-use edgetally_net::tls::{hex, server_config, Identity, ALPN_BATCHES, ALPN_H3, ALPN_PEER};
+use edgetally_net::tls::{
+    hex, server_config, Identity, ALPN_BATCHES, ALPN_H3, ALPN_PEER, ALPN_PEER_EARLIER,
+};
 use edgetally_proto::{Reply, Signer};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -208,8 +210,7 @@ impl Node {
         };
         let (ingest, commit_task) = Ingest::start(pipeline, config.queue_depth);
 
-        let sc = server_config(&id, &[ALPN_BATCHES, ALPN_PEER, ALPN_H3])
-            .map_err(|e| StartError::Tls(e.to_string()))?;
+        let sc = server_config(&id, &alpns()).map_err(|e| StartError::Tls(e.to_string()))?;
         let next_hash = if generated {
             Some(next_identity(&config, &id)?.cert_hash())
         } else {
@@ -260,6 +261,7 @@ impl Node {
             http_tls: http_tls.clone(),
             expired: Expired::default(),
             cluster,
+            earlier_peers: Default::default(),
             applied_group,
             replication,
             config,
@@ -467,6 +469,14 @@ async fn topology_upkeep(
     }
 }
 
+/// The ALPNs the QUIC endpoint offers: batches, the peer protocol, WebTransport, and the
+/// earlier peer protocols (only to tell such a node why it cannot replicate).
+fn alpns() -> Vec<&'static [u8]> {
+    let mut v: Vec<&'static [u8]> = vec![ALPN_BATCHES, ALPN_PEER, ALPN_H3];
+    v.extend_from_slice(ALPN_PEER_EARLIER);
+    v
+}
+
 impl edgetally_net::BatchSink for Node {
     async fn submit(
         &self,
@@ -488,6 +498,23 @@ impl edgetally_net::BatchSink for Node {
 
     async fn peer(self: Arc<Self>, conn: quinn::Connection) {
         crate::replication::serve_peer(self, conn).await
+    }
+
+    fn earlier_peer(&self, conn: quinn::Connection, alpn: &[u8]) {
+        let remote = conn.remote_address();
+        let theirs = String::from_utf8_lossy(alpn).to_string();
+        if self.note_earlier_peer(remote, &theirs) {
+            warn!(
+                %remote,
+                "a node of an earlier release (peer protocol {theirs}; this node speaks {}) \
+                 connected: they cannot replicate — upgrade it",
+                String::from_utf8_lossy(ALPN_PEER)
+            );
+        }
+        self.metrics
+            .peer_refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        conn.close(3u32.into(), b"a later peer protocol: upgrade this node");
     }
 }
 
@@ -576,7 +603,7 @@ async fn upkeep(
         .await;
         if generated && id.not_after_unix - now_ms() / 1000 <= RENEW_BEFORE_SECS {
             match successor(&node.config, &id).and_then(|new| {
-                server_config(&new, &[ALPN_BATCHES, ALPN_PEER, ALPN_H3])
+                server_config(&new, &alpns())
                     .map(|sc| (new, sc))
                     .map_err(|e| StartError::Tls(e.to_string()))
             }) {

@@ -4,7 +4,7 @@
 //! same bytes: the batch envelope, finished; the bare reply, finished. The node logic sits
 //! behind [`BatchSink`].
 
-use crate::tls::{ALPN_BATCHES, ALPN_H3, ALPN_PEER};
+use crate::tls::{ALPN_BATCHES, ALPN_H3, ALPN_PEER, ALPN_PEER_EARLIER};
 use edgetally_core::RejectCode;
 use edgetally_proto::Reply;
 use std::future::Future;
@@ -55,6 +55,12 @@ pub trait BatchSink: Send + Sync + 'static {
     /// Without replication, the connection is refused.
     fn peer(self: Arc<Self>, conn: quinn::Connection) -> impl Future<Output = ()> + Send {
         async move { conn.close(1u32.into(), b"no replication here") }
+    }
+    /// A connection that negotiated the peer ALPN of an earlier release (`alpn`): the two
+    /// nodes cannot replicate. Refused; a merger reports it.
+    fn earlier_peer(&self, conn: quinn::Connection, alpn: &[u8]) {
+        let _ = alpn;
+        conn.close(3u32.into(), b"a later peer protocol: upgrade this node");
     }
 }
 
@@ -113,6 +119,7 @@ async fn connection<S: BatchSink>(conn: quinn::Connection, sink: Arc<S>, budget:
     match alpn.as_deref() {
         Some(ALPN_BATCHES) => {}
         Some(ALPN_PEER) => return sink.peer(conn).await,
+        Some(a) if ALPN_PEER_EARLIER.contains(&a) => return sink.earlier_peer(conn, a),
         Some(ALPN_H3) => return webtransport(conn, sink, budget).await,
         _ => {
             conn.close(1u32.into(), b"unsupported alpn");

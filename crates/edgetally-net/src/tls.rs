@@ -17,6 +17,10 @@ pub const ALPN_BATCHES: &[u8] = b"edgetally/1";
 pub const ALPN_H3: &[u8] = b"h3";
 /// The ALPN of the merger-to-merger replication protocol (same port, dispatched on ALPN).
 pub const ALPN_PEER: &[u8] = b"edgetally-peer/3";
+/// The peer ALPNs of earlier releases: accepted only to tell such a node, and this node's
+/// operator, that the two cannot replicate (the release that speaks `edgetally-peer/1` is
+/// the first one; `/2` was never released).
+pub const ALPN_PEER_EARLIER: &[&[u8]] = &[b"edgetally-peer/1", b"edgetally-peer/2"];
 /// Total validity of generated certificates (browsers refuse more than 14 days).
 pub const CERT_VALIDITY: Duration = Duration::from_secs(13 * 86_400);
 
@@ -321,9 +325,14 @@ pub fn pinned_client_config(
 /// each other inside the connection, bound to this TLS session's exported keying material
 /// (see the merger's `replication` module). Handshake signatures are still checked.
 pub fn peer_client_config() -> Result<quinn::ClientConfig, TlsError> {
+    peer_client_config_for(ALPN_PEER)
+}
+
+/// [`peer_client_config`] offering another peer ALPN (to find which one a peer speaks).
+pub fn peer_client_config_for(alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
     let provider = provider();
     let verifier = Arc::new(PinnedCert::new(None, provider.clone()));
-    client_with(verifier, provider, ALPN_PEER)
+    client_with(verifier, provider, alpn)
 }
 
 /// A TLS client configuration for TCP services by roots (TLS 1.2 and 1.3, no ALPN): certificates
