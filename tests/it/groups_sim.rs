@@ -182,13 +182,7 @@ impl Sim {
         }
         if self.handoffs[at].applied_elsewhere(&id) {
             self.elsewhere += 1;
-            let p = self
-                .producers
-                .iter()
-                .position(|p| p.signer.producer() == id.producer)
-                .ok_or("unknown producer")?;
-            self.send(1, None, Some((p, id)));
-            return Ok(());
+            return self.ack(id);
         }
         let g = at;
         let batch = open(raw, &self.limits, self.now()).map_err(|e| e.to_string())?;
@@ -200,6 +194,11 @@ impl Sim {
             .map_err(|c| format!("apply: {c}"))?;
         // The retained log is for peers; a group here has one replica.
         self.groups[g].prune_log();
+        self.ack(id)
+    }
+
+    /// Sends the batch's producer its Ack.
+    fn ack(&mut self, id: BatchId) -> Result<(), String> {
         let p = self
             .producers
             .iter()

@@ -597,17 +597,7 @@ fn demo(root: &Path, rest: &[String]) -> Result<()> {
         ensure_prerequisites()?;
         web_build(root)?;
     }
-    run(cargo().args([
-        "build",
-        "-p",
-        "edgetally",
-        "--bin",
-        "edgetally",
-        "-p",
-        "edgetally-bench",
-        "--bin",
-        "edgetally-bench",
-    ]))?;
+    build_binaries(false)?;
     let bin = target_dir(root).join("debug");
     let mut cmd = Command::new(bin.join("edgetally-bench"));
     cmd.env("EDGETALLY_BIN", bin.join("edgetally")).arg("demo");
@@ -616,6 +606,25 @@ fn demo(root: &Path, rest: &[String]) -> Result<()> {
             .arg(root.join("examples/node/ingest.mjs"));
     }
     run(cmd.args(rest))
+}
+
+/// Builds `edgetally` and `edgetally-bench` (the demo and the benchmarks start the first).
+fn build_binaries(release: bool) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--locked"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(cmd.args([
+        "-p",
+        "edgetally",
+        "--bin",
+        "edgetally",
+        "-p",
+        "edgetally-bench",
+        "--bin",
+        "edgetally-bench",
+    ]))
 }
 
 /// The merger benchmark needs redis-server (Debian's package) and a release build.
@@ -647,19 +656,7 @@ fn build_release_binary(root: &Path) -> Result<PathBuf> {
 /// Builds the release `edgetally` and `edgetally-bench` binaries and runs
 /// `edgetally-bench ARGS…` (which starts the `edgetally` beside it).
 fn bench_binary_with(root: &Path, args: &[&str]) -> Result<()> {
-    run(cargo().args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "edgetally",
-        "--bin",
-        "edgetally",
-        "-p",
-        "edgetally-bench",
-        "--bin",
-        "edgetally-bench",
-    ]))?;
+    build_binaries(true)?;
     run(Command::new(target_dir(root).join("release").join("edgetally-bench")).args(args))
 }
 

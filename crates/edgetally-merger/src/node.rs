@@ -581,8 +581,25 @@ impl Node {
         let Some(c) = &self.cluster else {
             return self.ingest.submit_producer(raw, None, wait, source).await;
         };
+        self.routed(c, raw, wait, source, true).await
+    }
+
+    /// Acts on [`Cluster::route`](crate::cluster::Cluster::route)'s decision for a
+    /// producer's batch; `forward`: whether a batch of another group is forwarded there (a
+    /// forwarded batch is not forwarded again: the nodes disagree for the moment, Retry).
+    async fn routed(
+        &self,
+        c: &Arc<crate::cluster::Cluster>,
+        raw: Vec<u8>,
+        wait: bool,
+        source: Option<std::net::IpAddr>,
+        forward: bool,
+    ) -> Reply {
         match c.route(&raw, |g| self.has_absorbed(g)).await {
-            Route::Forward(owner) => c.forward(&owner, raw, source).await,
+            Route::Forward(owner) if forward => c.forward(&owner, raw, source).await,
+            Route::Forward(_) => Reply::Retry {
+                after_ms: crate::ingest::RETRY_AFTER_MS,
+            },
             Route::Retry { after_ms } => Reply::Retry { after_ms },
             Route::AppliedElsewhere => Reply::Ack,
             Route::Take(guard) => {
@@ -617,18 +634,7 @@ impl Node {
             // Learn it now rather than at the next round.
             c.versions_now.notify_one();
         }
-        match c.route(&raw, |g| self.has_absorbed(g)).await {
-            Route::Forward(_) => Reply::Retry {
-                after_ms: crate::ingest::RETRY_AFTER_MS,
-            },
-            Route::Retry { after_ms } => Reply::Retry { after_ms },
-            Route::AppliedElsewhere => Reply::Ack,
-            Route::Take(guard) => {
-                self.ingest
-                    .submit_producer(raw, Some(guard), false, source)
-                    .await
-            }
-        }
+        self.routed(c, raw, false, source, false).await
     }
 
     /// Where this node stands in a drain (for the group that absorbs it, and its peers).
