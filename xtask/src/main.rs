@@ -420,22 +420,10 @@ fn web_build(root: &Path) -> Result<()> {
 /// Builds (debug) the binaries the test suites start: the merger, the benchmarks' binary (for
 /// the soak) and the native example producer.
 fn build_test_binaries() -> Result<()> {
-    run(cargo().args([
-        "build",
-        "--locked",
-        "-p",
-        "edgetally",
-        "--bin",
-        "edgetally",
-        "-p",
-        "edgetally-bench",
-        "--bin",
-        "edgetally-bench",
-        "-p",
-        "edgetally-examples",
-        "--bin",
-        "native-producer",
-    ]))
+    build_binaries(
+        false,
+        &["-p", "edgetally-examples", "--bin", "native-producer"],
+    )
 }
 
 /// Runs the npm package's tests (Node's test runner drives Node, Deno, workerd and Chromium
@@ -597,7 +585,7 @@ fn demo(root: &Path, rest: &[String]) -> Result<()> {
         ensure_prerequisites()?;
         web_build(root)?;
     }
-    build_binaries(false)?;
+    build_binaries(false, &[])?;
     let bin = target_dir(root).join("debug");
     let mut cmd = Command::new(bin.join("edgetally-bench"));
     cmd.env("EDGETALLY_BIN", bin.join("edgetally")).arg("demo");
@@ -608,23 +596,26 @@ fn demo(root: &Path, rest: &[String]) -> Result<()> {
     run(cmd.args(rest))
 }
 
-/// Builds `edgetally` and `edgetally-bench` (the demo and the benchmarks start the first).
-fn build_binaries(release: bool) -> Result<()> {
+/// Builds `edgetally` and `edgetally-bench` (the demo and the benchmarks start the first),
+/// and the binaries `extra` names (`-p <package> --bin <name>` pairs).
+fn build_binaries(release: bool, extra: &[&str]) -> Result<()> {
     let mut cmd = cargo();
     cmd.args(["build", "--locked"]);
     if release {
         cmd.arg("--release");
     }
-    run(cmd.args([
-        "-p",
-        "edgetally",
-        "--bin",
-        "edgetally",
-        "-p",
-        "edgetally-bench",
-        "--bin",
-        "edgetally-bench",
-    ]))
+    run(cmd
+        .args([
+            "-p",
+            "edgetally",
+            "--bin",
+            "edgetally",
+            "-p",
+            "edgetally-bench",
+            "--bin",
+            "edgetally-bench",
+        ])
+        .args(extra))
 }
 
 /// The merger benchmark needs redis-server (Debian's package) and a release build.
@@ -656,7 +647,7 @@ fn build_release_binary(root: &Path) -> Result<PathBuf> {
 /// Builds the release `edgetally` and `edgetally-bench` binaries and runs
 /// `edgetally-bench ARGS…` (which starts the `edgetally` beside it).
 fn bench_binary_with(root: &Path, args: &[&str]) -> Result<()> {
-    build_binaries(true)?;
+    build_binaries(true, &[])?;
     run(Command::new(target_dir(root).join("release").join("edgetally-bench")).args(args))
 }
 
