@@ -3,9 +3,13 @@
 //! Replicas (3–5, sometimes a sixth bootstrapped mid-run from a snapshot), many producers
 //! (some restarting into fresh epochs), a network that drops, duplicates, delays and reorders
 //! every kind of message, partitions that cut replicas off from their peers, and crashes that
-//! lose every received-but-not-yet-durable batch. Every peer-sync decision (what a round asks,
-//! gap and far-behind snapshot adoption, divergence repair, when an away peer stops gating
-//! pruning) is made by the merger's own `edgetally_core::PeerSync`, driven here; half the
+//! lose every received-but-not-yet-durable batch. The replicas' peer protocol is the merger's
+//! own sans-IO machine, `edgetally_core::PeerSync`, driven here exactly as the merger's tokio
+//! driver drives it (`handle_timeout`, `poll_transmit`, the `handle_*` replies by token): its
+//! connection attempts and their timeouts and backoff, pull rounds and their deadlines, the
+//! push window, gap and far-behind snapshot adoption, divergence repair, and when an away
+//! peer stops gating pruning. Nothing of the protocol is re-implemented here: this file only
+//! carries the machine's transmits over a simulated network and answers them; half the
 //! scenarios run a horizon that partitions outlast, partitions also split the group in two,
 //! and a third run small rounds with snapshot catch-up. Batches travel as real signed bytes and are
 //! decoded and verified on every hop. After healing, every replica must be bit-identical, equal
@@ -25,7 +29,7 @@
 use edgetally_core::query::{GroupBy, TopBy};
 use edgetally_core::{
     answer_round, batch_digest, Adopt, Applied, BatchId, Digest, Limits, LogEntry, PeerSync,
-    Replica, RoundResult, Snapshot, SyncConfig,
+    Replica, RoundResult, Snapshot, SyncConfig, Transmit,
 };
 use edgetally_proto::{decode, open, Signer};
 use edgetally_tests::{build, events, same, signer, Event, Model, Rng, NOW};
@@ -42,10 +46,28 @@ enum Msg {
         producer: usize,
         id: BatchId,
     },
-    /// A pull round's request ([`PeerSync::poll_round`]).
+    /// A connection attempt and login ([`Transmit::Connect`]). Every message of the peer
+    /// protocol carries the token of the transmit it serves and the incarnation of the node
+    /// that asked: a reply reaches only the incarnation that asked (a crash ends its
+    /// connections, as a process exit ends its QUIC connections).
+    Hello {
+        from: usize,
+        to: usize,
+        inc: u64,
+        token: u64,
+    },
+    Welcome {
+        from: usize,
+        to: usize,
+        inc: u64,
+        token: u64,
+    },
+    /// A pull round's request ([`Transmit::Round`], [`PeerSync::poll_round`]).
     DigestReq {
         from: usize,
         to: usize,
+        inc: u64,
+        token: u64,
         digest: Digest,
         max: u32,
     },
@@ -53,20 +75,40 @@ enum Msg {
     Entries {
         from: usize,
         to: usize,
+        inc: u64,
+        token: u64,
         raws: Vec<Arc<[u8]>>,
         more: bool,
         digest: Digest,
         state_hash: [u8; 32],
     },
-    /// `from`'s round with `to` ended in [`Adopt`]: it asks for `to`'s snapshot.
+    /// [`Transmit::Snapshot`]: `from`'s round with `to` ended in [`Adopt`].
     SnapshotReq {
         from: usize,
         to: usize,
+        inc: u64,
+        token: u64,
     },
     Snapshot {
         from: usize,
         to: usize,
+        inc: u64,
+        token: u64,
         snap: Box<Snapshot>,
+    },
+    /// [`Transmit::Push`]: a batch its producer brought to `from`.
+    Push {
+        from: usize,
+        to: usize,
+        inc: u64,
+        token: u64,
+        raw: Arc<[u8]>,
+    },
+    PushAck {
+        from: usize,
+        to: usize,
+        inc: u64,
+        token: u64,
     },
     /// Bytes no honest producer sends, to `node`: a batch signed under a hostile rule (its
     /// verdict `valid` computed by a reference implementation) or an altered replay (never
@@ -104,6 +146,8 @@ struct Node {
     /// Received, verified, not yet durable: lost on a crash.
     pending: Vec<(usize, LogEntry)>,
     down_until: u64,
+    /// Its incarnation: +1 at every crash.
+    inc: u64,
 }
 
 struct Sim {
@@ -139,6 +183,11 @@ struct Stats {
     gap_adoptions: u64,
     /// Snapshots adopted because this node was further behind than `catch_up_batches`.
     catch_ups: u64,
+    /// Pushes acknowledged.
+    pushes: u64,
+    /// Links the machine took down while up (a round or snapshot transfer outlived its
+    /// deadline).
+    links_lost: u64,
     /// Peers that stopped gating pruning (away longer than the horizon).
     exclusions: u64,
     hostile_refused: u64,
@@ -368,8 +417,41 @@ impl Sim {
                         }
                     }
                 }
-                Msg::SnapshotReq { from, to } => {
-                    if !self.node_up(to) || self.cut(from, to) {
+                Msg::Hello {
+                    from,
+                    to,
+                    inc,
+                    token,
+                } => {
+                    if self.serves(from, to) {
+                        self.send(Msg::Welcome {
+                            from: to,
+                            to: from,
+                            inc,
+                            token,
+                        });
+                    }
+                }
+                Msg::Welcome {
+                    from,
+                    to,
+                    inc,
+                    token,
+                } => {
+                    if self.hears(from, to, inc) {
+                        let now = self.now_ms();
+                        // A node key per replica, as a login proves it.
+                        let key = [from as u8; 32];
+                        self.nodes[to].sync.handle_connected(&from, token, key, now);
+                    }
+                }
+                Msg::SnapshotReq {
+                    from,
+                    to,
+                    inc,
+                    token,
+                } => {
+                    if !self.serves(from, to) {
                         continue;
                     }
                     // Over the wire and back: what a merger sends.
@@ -378,19 +460,30 @@ impl Sim {
                     self.send(Msg::Snapshot {
                         from: to,
                         to: from,
+                        inc,
+                        token,
                         snap: Box::new(snap),
                     });
                 }
-                Msg::Snapshot { from, to, snap } => {
-                    if !self.node_up(to) {
+                Msg::Snapshot {
+                    from,
+                    to,
+                    inc,
+                    token,
+                    snap,
+                } => {
+                    if !self.hears(from, to, inc) {
                         continue;
                     }
+                    // As the merger's I/O task: adopt, then report by token.
                     let fresh = self.nodes[to]
                         .replica
                         .adopt(*snap)
                         .map_err(|e| e.to_string())?;
+                    let now = self.now_ms();
                     let node = &mut self.nodes[to];
-                    node.sync.handle_adopted(&from, fresh.is_some());
+                    node.sync
+                        .handle_adopted_reply(&from, token, fresh.is_some(), now);
                     if let Some(fresh) = fresh {
                         if !fresh.digest().covers(&node.replica.digest()) {
                             return Err("adopt lost batches".into());
@@ -402,16 +495,20 @@ impl Sim {
                 Msg::DigestReq {
                     from,
                     to,
+                    inc,
+                    token,
                     digest,
                     max,
                 } => {
-                    if !self.node_up(to) || self.cut(from, to) {
+                    if !self.serves(from, to) {
                         continue;
                     }
                     let a = answer_round(&self.nodes[to].replica, &digest, max, 2000);
                     self.send(Msg::Entries {
                         from: to,
                         to: from,
+                        inc,
+                        token,
                         raws: a.batches.into_iter().map(|e| e.raw).collect(),
                         more: a.more,
                         digest: a.digest,
@@ -421,33 +518,26 @@ impl Sim {
                 Msg::Entries {
                     from,
                     to,
+                    inc,
+                    token,
                     raws,
                     more,
                     digest,
                     state_hash,
                 } => {
-                    if !self.node_up(to) || self.cut(from, to) {
+                    if !self.hears(from, to, inc) {
                         continue;
                     }
                     let pulled = raws.len() as u64;
                     for raw in raws {
-                        // Forwarded bytes are the producer's own: verified again, no clock check.
-                        let batch = decode(&raw, &self.limits)
-                            .and_then(|u| u.verify())
-                            .map_err(|e| format!("forwarded batch refused: {e}"))?;
-                        self.nodes[to]
-                            .replica
-                            .apply(LogEntry {
-                                batch: Arc::new(batch),
-                                raw,
-                            })
-                            .map_err(|e| e.to_string())?;
+                        self.apply_from_peer(to, raw)?;
                     }
                     // The merger's decisions, by the merger's own state machine.
                     let now = self.now_ms();
                     let node = &mut self.nodes[to];
-                    let outcome = node.sync.handle_round(
+                    let outcome = node.sync.handle_round_reply(
                         &from,
+                        token,
                         now,
                         i64::MIN,
                         RoundResult {
@@ -460,13 +550,41 @@ impl Sim {
                         },
                         &mut node.replica,
                     );
-                    match outcome.adopt {
+                    match outcome.and_then(|o| o.adopt) {
                         Some(Adopt::Gap) => self.stats.gap_adoptions += 1,
                         Some(Adopt::FarBehind) => self.stats.catch_ups += 1,
                         _ => {}
                     }
-                    if outcome.adopt.is_some() {
-                        self.send(Msg::SnapshotReq { from: to, to: from });
+                }
+                Msg::Push {
+                    from,
+                    to,
+                    inc,
+                    token,
+                    raw,
+                } => {
+                    if self.serves(from, to) {
+                        self.apply_from_peer(to, raw)?;
+                        self.send(Msg::PushAck {
+                            from: to,
+                            to: from,
+                            inc,
+                            token,
+                        });
+                    }
+                }
+                Msg::PushAck {
+                    from,
+                    to,
+                    inc,
+                    token,
+                } => {
+                    if self.hears(from, to, inc) {
+                        let now = self.now_ms();
+                        self.nodes[to]
+                            .sync
+                            .handle_push_reply(&from, token, true, now);
+                        self.stats.pushes += 1;
                     }
                 }
             }
@@ -474,7 +592,34 @@ impl Sim {
         Ok(())
     }
 
+    /// Whether `to` answers a request `from` sent (up, and not cut off from it).
+    fn serves(&self, from: usize, to: usize) -> bool {
+        self.node_up(to) && !self.cut(from, to)
+    }
+
+    /// Whether `to` hears a reply `from` sent to its incarnation `inc`.
+    fn hears(&self, from: usize, to: usize, inc: u64) -> bool {
+        self.serves(from, to) && self.nodes[to].inc == inc
+    }
+
+    /// A batch a peer sent (pulled or pushed): the producer's own bytes, verified again, no
+    /// clock check, applied.
+    fn apply_from_peer(&mut self, to: usize, raw: Arc<[u8]>) -> Result<(), String> {
+        let batch = decode(&raw, &self.limits)
+            .and_then(|u| u.verify())
+            .map_err(|e| format!("forwarded batch refused: {e}"))?;
+        self.nodes[to]
+            .replica
+            .apply(LogEntry {
+                batch: Arc::new(batch),
+                raw,
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
     fn flush(&mut self, p: f64) -> Result<(), String> {
+        let now = self.now_ms();
         for i in 0..self.nodes.len() {
             if !self.node_up(i) || !self.rng.chance(p) {
                 continue;
@@ -482,8 +627,17 @@ impl Sim {
             let pending = std::mem::take(&mut self.nodes[i].pending);
             for (producer, e) in pending {
                 let id = e.batch.id;
+                let raw = e.raw.clone();
                 match self.nodes[i].replica.apply(e).map_err(|e| e.to_string())? {
-                    Applied::New | Applied::Duplicate if producer != usize::MAX => {
+                    Applied::New => {
+                        // Durable: pushed to the peers (as the merger's ingest feeds its
+                        // driver), acknowledged to its producer.
+                        self.nodes[i].sync.queue_push(raw, now);
+                        if producer != usize::MAX {
+                            self.send(Msg::Ack { producer, id });
+                        }
+                    }
+                    Applied::Duplicate if producer != usize::MAX => {
                         self.send(Msg::Ack { producer, id })
                     }
                     _ => {}
@@ -493,31 +647,61 @@ impl Sim {
         Ok(())
     }
 
-    fn anti_entropy(&mut self) {
-        let n = self.nodes.len();
+    /// Every node up drives its peer machine as the merger's driver does: timers first, then
+    /// every transmit onto the network.
+    fn drive(&mut self) {
         let now = self.now_ms();
-        for from in 0..n {
-            for to in 0..n {
-                if from == to || !self.node_up(from) {
-                    continue;
-                }
-                // As a merger's link does before each (re)connection attempt.
-                let node = &mut self.nodes[from];
-                if node.sync.poll_horizon(&to, now) {
-                    node.sync.declare(&mut node.replica);
-                    self.stats.exclusions += 1;
-                }
-                if !self.cut(from, to) {
-                    let req = self.nodes[from]
-                        .sync
-                        .poll_round(&self.nodes[from].replica, i64::MIN);
-                    self.send(Msg::DigestReq {
+        for from in 0..self.nodes.len() {
+            if !self.node_up(from) {
+                continue;
+            }
+            let node = &mut self.nodes[from];
+            let excluded = node.sync.handle_timeout(now);
+            if !excluded.is_empty() {
+                node.sync.declare(&mut node.replica);
+                self.stats.exclusions += excluded.len() as u64;
+            }
+            let inc = node.inc;
+            while let Some(t) = self.nodes[from].sync.poll_transmit() {
+                let msg = match t {
+                    Transmit::Connect { peer, token } => Msg::Hello {
                         from,
-                        to,
-                        digest: req.digest,
-                        max: req.max,
-                    });
-                }
+                        to: peer,
+                        inc,
+                        token,
+                    },
+                    Transmit::Round { peer, token } => {
+                        let node = &self.nodes[from];
+                        let req = node.sync.poll_round(&node.replica, i64::MIN);
+                        Msg::DigestReq {
+                            from,
+                            to: peer,
+                            inc,
+                            token,
+                            digest: req.digest,
+                            max: req.max,
+                        }
+                    }
+                    Transmit::Snapshot { peer, token, .. } => Msg::SnapshotReq {
+                        from,
+                        to: peer,
+                        inc,
+                        token,
+                    },
+                    Transmit::Push { peer, token, batch } => Msg::Push {
+                        from,
+                        to: peer,
+                        inc,
+                        token,
+                        raw: batch,
+                    },
+                    Transmit::Close { .. } => {
+                        // No connection object here: requests are answered per message.
+                        self.stats.links_lost += 1;
+                        continue;
+                    }
+                };
+                self.send(msg);
             }
         }
     }
@@ -530,7 +714,8 @@ impl Sim {
             let node = &mut self.nodes[i];
             node.pending.clear(); // un-persisted work is lost
             node.down_until = self.tick + 3 + self.rng.below(15);
-            // A restarted merger knows nothing of its peers yet.
+            node.inc += 1; // its connections end with it
+                           // A restarted merger knows nothing of its peers yet.
             node.sync = PeerSync::new(self.sync, (0..n).filter(|&p| p != i), now);
             node.sync.declare(&mut node.replica);
         }
@@ -551,6 +736,11 @@ impl Sim {
         }
     }
 }
+
+/// How long after healing every replica must be identical, ticks of 100 ms: links down at
+/// the heal come back within the backoff (at most 1 s), then a pull round (every 500 ms)
+/// brings what pushes did not.
+const HEAL_TICKS: u64 = 100;
 
 fn scenario(seed: u64) -> Result<Stats, String> {
     let mut rng = Rng::new(seed);
@@ -580,11 +770,18 @@ fn scenario(seed: u64) -> Result<Stats, String> {
     // Peer sync: in half the scenarios a horizon (1.5 s = 15 ticks) that partitions and
     // crashes outlast; in a third, rounds of 4 batches and snapshot catch-up beyond 6.
     let small_rounds = rng.chance(0.33);
+    // Deadlines shorter than the merger's, and a push window of 8 with 16 waiting, so that
+    // timeouts, backoff and dropped pushes happen within a scenario.
     let sync = SyncConfig {
         interval_ms: 500,
         horizon_ms: if rng.chance(0.5) { 1_500 } else { 600_000 },
         catch_up_batches: if small_rounds { 6 } else { 10_000 },
         round_max: if small_rounds { 4 } else { 2000 },
+        connect_timeout_ms: 300,
+        round_timeout_ms: 1_000,
+        backoff_max_ms: 1_000,
+        push_window: 8,
+        push_queue: 16,
     };
     let nodes = (0..n_nodes)
         .map(|i| Node {
@@ -592,6 +789,7 @@ fn scenario(seed: u64) -> Result<Stats, String> {
             replica: Replica::new(),
             pending: Vec::new(),
             down_until: 0,
+            inc: 0,
         })
         .collect();
     let mut sim = Sim {
@@ -623,9 +821,7 @@ fn scenario(seed: u64) -> Result<Stats, String> {
         sim.produce();
         sim.deliver()?;
         sim.flush(0.5)?;
-        if sim.tick.is_multiple_of(5) {
-            sim.anti_entropy();
-        }
+        sim.drive();
         sim.chaos();
         if Some(sim.tick) == bootstrap_at {
             let src = (0..sim.nodes.len()).find(|&i| sim.node_up(i)).unwrap_or(0);
@@ -639,6 +835,7 @@ fn scenario(seed: u64) -> Result<Stats, String> {
                 replica,
                 pending: Vec::new(),
                 down_until: 0,
+                inc: 0,
             });
             sim.set_peers();
         }
@@ -663,8 +860,8 @@ fn scenario(seed: u64) -> Result<Stats, String> {
         for _ in 0..3 {
             sim.deliver()?;
             sim.flush(1.0)?;
+            sim.drive();
         }
-        sim.anti_entropy();
         for _ in 0..3 {
             sim.deliver()?;
         }
@@ -677,7 +874,7 @@ fn scenario(seed: u64) -> Result<Stats, String> {
         if quiet {
             break;
         }
-        if rounds > 60 {
+        if rounds > HEAL_TICKS {
             let states: Vec<String> = sim
                 .nodes
                 .iter()
@@ -705,7 +902,7 @@ fn scenario(seed: u64) -> Result<Stats, String> {
                 }
             }
             return Err(format!(
-                "did not converge within 60 rounds after healing: outboxes {:?}, queue {}, nodes {states:?}",
+                "did not converge within {HEAL_TICKS} ticks after healing: outboxes {:?}, queue {}, nodes {states:?}",
                 sim.producers.iter().map(|p| p.outbox.len()).collect::<Vec<_>>(),
                 sim.queue.len()
             ));
@@ -871,6 +1068,8 @@ fn run_seeds(range: std::ops::Range<u64>) {
                 sum.gap_adoptions += s.gap_adoptions;
                 sum.catch_ups += s.catch_ups;
                 sum.exclusions += s.exclusions;
+                sum.pushes += s.pushes;
+                sum.links_lost += s.links_lost;
                 sum.hostile_refused += s.hostile_refused;
                 sum.hostile_applied += s.hostile_applied;
             }
@@ -887,6 +1086,8 @@ fn run_seeds(range: std::ops::Range<u64>) {
             && sum.gap_adoptions > 0
             && sum.catch_ups > 0
             && sum.exclusions > 0
+            && sum.pushes > 0
+            && sum.links_lost > 0
             && sum.hostile_refused > 0
             && sum.hostile_applied > 0,
         "the Byzantine or catch-up paths were not exercised: {sum:?}"
@@ -929,13 +1130,15 @@ fn regression_seeds_converge() {
 /// The gap rule of `PeerSync` (what seed 11363 needed): a peer whose last settled round showed
 /// it holding batches this node lacks and cannot pull does not count towards the majority
 /// that lets this node stop retaining for an away peer — until this node adopts its snapshot.
+/// Driven through the machine's own timers and replies, as the merger drives it.
 #[test]
 fn a_peer_holding_what_this_node_lacks_for_good_makes_no_majority() {
     let cfg = SyncConfig {
         interval_ms: 100,
         horizon_ms: 5_000,
         catch_up_batches: 10,
-        round_max: 2000,
+        connect_timeout_ms: 50,
+        ..SyncConfig::default()
     };
     let mut mine = Replica::new();
     let mut theirs = Replica::new();
@@ -950,30 +1153,80 @@ fn a_peer_holding_what_this_node_lacks_for_good_makes_no_majority() {
             &events(&mut Rng::new(1), 3, 1000),
         )))
         .expect("apply");
-    // b pruned it: it is in b's digest, and the round brought nothing.
-    let round = |r: &Replica| RoundResult {
-        theirs: r.digest(),
+    let drain =
+        |s: &mut PeerSync<usize>| std::iter::from_fn(|| s.poll_transmit()).collect::<Vec<_>>();
+    // Peers 0 and 1: 0 answers its login, 1 never does.
+    let mut s = PeerSync::new(cfg, [0usize, 1], 0);
+    assert!(s.handle_timeout(0).is_empty());
+    let login = drain(&mut s)
+        .into_iter()
+        .find_map(|t| match t {
+            Transmit::Connect { peer: 0, token } => Some(token),
+            _ => None,
+        })
+        .expect("a connection attempt to 0");
+    assert!(s.handle_connected(&0, login, [0; 32], 0));
+    // At 6 s (past the horizon for 1) a round with 0: 0 pruned the batch — it is in 0's
+    // digest, and the round brought nothing. A gap: adopt 0's snapshot.
+    assert!(s.handle_timeout(6_000).is_empty());
+    let round = drain(&mut s)
+        .into_iter()
+        .find_map(|t| match t {
+            Transmit::Round { peer: 0, token } => Some(token),
+            _ => None,
+        })
+        .expect("a round with 0");
+    let result = RoundResult {
+        theirs: theirs.digest(),
         more: false,
-        their_hash: r.state_hash(),
+        their_hash: theirs.state_hash(),
         pulled: 0,
         retried: false,
         refused: false,
     };
-    let mut s = PeerSync::new(cfg, [0usize, 1], 0);
-    let out = s.handle_round(&0, 6_000, i64::MIN, round(&theirs), &mut mine);
+    let out = s
+        .handle_round_reply(&0, round, 6_000, i64::MIN, result, &mut mine)
+        .expect("the current round");
     assert_eq!(out.adopt, Some(Adopt::Gap));
+    let snapshot = match drain(&mut s).as_slice() {
+        [Transmit::Snapshot { peer: 0, token, .. }] => *token,
+        other => panic!("no snapshot asked: {other:?}"),
+    };
     assert!(s.status(6_000)[&0].gap);
+    // The next attempt to reach 1 asks whether it may stop retaining for it: not with 0.
     assert!(
-        !s.poll_horizon(&1, 6_100),
+        s.handle_timeout(6_100).is_empty(),
         "a peer with a gap made a majority with this node"
     );
-    // Once its snapshot is adopted, the two are one side again.
+    assert!(!s.status(6_100)[&1].excluded);
+    // Once 0's snapshot is adopted, the two are one side again: the next attempt excludes 1.
     mine = mine
         .adopt(theirs.snapshot())
         .expect("adopt")
         .expect("covers");
-    s.handle_adopted(&0, true);
-    assert!(!s.status(6_100)[&0].gap);
-    assert!(s.poll_horizon(&1, 6_100));
+    assert!(s.handle_adopted_reply(&0, snapshot, true, 6_150));
+    assert!(!s.status(6_150)[&0].gap);
+    let next = s.poll_timeout().expect("a timer");
+    assert!(next <= 6_400, "the next attempt to reach 1 at {next}");
+    let mut excluded = Vec::new();
+    for t in (6_150..=6_400).step_by(50) {
+        excluded.extend(s.handle_timeout(t));
+        // Answer 0's rounds so that it stays reachable.
+        for tr in drain(&mut s) {
+            if let Transmit::Round { peer: 0, token } = tr {
+                let r = RoundResult {
+                    theirs: mine.digest(),
+                    more: false,
+                    their_hash: mine.state_hash(),
+                    pulled: 0,
+                    retried: false,
+                    refused: false,
+                };
+                s.handle_round_reply(&0, token, t, i64::MIN, r, &mut mine);
+            }
+        }
+    }
+    assert_eq!(excluded, vec![1]);
+    assert!(s.status(6_400)[&1].excluded);
     assert!(mine.has_applied(&id));
 }

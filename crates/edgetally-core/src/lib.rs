@@ -30,7 +30,7 @@ pub use seen::SeenSet;
 pub use strings::StringTable;
 pub use summary::{Summary, Total};
 pub use sync::{
-    answer_round, Adopt, PeerStatus, PeerSync, RoundAnswer, RoundOutcome, RoundRequest,
-    RoundResult, SyncConfig,
+    answer_round, Adopt, LinkCounters, PeerStatus, PeerSync, RoundAnswer, RoundOutcome,
+    RoundRequest, RoundResult, SyncConfig, Transmit,
 };
 pub use value::Sum192;

@@ -21,7 +21,10 @@
 //! retains for an away peer until it returns or leaves the configuration.
 
 use crate::replica::{Digest, Divergence, LogEntry, Replica};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+
+mod link;
+pub use link::{LinkCounters, Transmit};
 
 /// How one node syncs with its peers.
 #[derive(Clone, Copy, Debug)]
@@ -35,6 +38,38 @@ pub struct SyncConfig {
     pub catch_up_batches: u64,
     /// Most batches one round may bring.
     pub round_max: u32,
+    /// A connection attempt (login included) not done within this is given up, ms.
+    pub connect_timeout_ms: i64,
+    /// A pull round, the snapshot transfer it calls for, or a push not answered within this
+    /// is given up (and with a round, the link), ms.
+    pub round_timeout_ms: i64,
+    /// The longest wait between connection attempts (the backoff starts at the interval and
+    /// doubles), ms.
+    pub backoff_max_ms: i64,
+    /// Pushes in flight per peer.
+    pub push_window: u32,
+    /// Pushes waiting per peer beyond the window (the oldest is dropped past it: the next
+    /// pull round brings it).
+    pub push_queue: usize,
+}
+
+impl Default for SyncConfig {
+    /// The merger's: a round every 500 ms, a 10-minute horizon, snapshot catch-up beyond
+    /// 10,000 batches, 2,000 batches per round, 5 s to connect, 10 s per round, backoff up to
+    /// 5 s, 256 pushes in flight and 4,096 waiting per peer.
+    fn default() -> Self {
+        SyncConfig {
+            interval_ms: 500,
+            horizon_ms: 600_000,
+            catch_up_batches: 10_000,
+            round_max: 2000,
+            connect_timeout_ms: 5_000,
+            round_timeout_ms: 10_000,
+            backoff_max_ms: 5_000,
+            push_window: 256,
+            push_queue: 4096,
+        }
+    }
 }
 
 /// What this node knows of one peer (for status, metrics and query completeness).
@@ -119,11 +154,10 @@ pub enum Adopt {
     Repair,
 }
 
-/// What the driver does after a round.
+/// What a round's result calls for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RoundOutcome {
-    /// Fetch the peer's snapshot and adopt it ([`Replica::adopt`]), then report with
-    /// [`PeerSync::handle_adopted`].
+    /// The peer's snapshot is to be adopted: a [`Transmit::Snapshot`] follows.
     pub adopt: Option<Adopt>,
     /// The first epoch both hold with the same seqs and other contents (an equivocation).
     pub split: Option<Divergence>,
@@ -153,19 +187,35 @@ pub struct PeerSync<K: Ord> {
     config: SyncConfig,
     started_ms: i64,
     peers: BTreeMap<K, PeerStatus>,
+    /// Each peer's link ([`link`]).
+    links: BTreeMap<K, link::Link>,
+    /// What the driver is to do next.
+    out: VecDeque<Transmit<K>>,
+    /// The last token handed out.
+    token: u64,
+    counters: LinkCounters,
 }
 
 impl<K: Ord + Clone + ToString> PeerSync<K> {
     /// A node started at `now_ms` with these peers (a peer never heard from counts as away
     /// since then).
     pub fn new(config: SyncConfig, peers: impl IntoIterator<Item = K>, now_ms: i64) -> Self {
+        let peers: BTreeMap<K, PeerStatus> = peers
+            .into_iter()
+            .map(|k| (k, PeerStatus::default()))
+            .collect();
         PeerSync {
             config,
             started_ms: now_ms,
-            peers: peers
-                .into_iter()
-                .map(|k| (k, PeerStatus::default()))
+            // Every link's first attempt at once.
+            links: peers
+                .keys()
+                .map(|k| (k.clone(), link::Link::new(now_ms)))
                 .collect(),
+            peers,
+            out: VecDeque::new(),
+            token: 0,
+            counters: LinkCounters::default(),
         }
     }
 
@@ -174,13 +224,31 @@ impl<K: Ord + Clone + ToString> PeerSync<K> {
         self.config
     }
 
-    /// The peers are now these (a configuration change): new ones start unknown, gone ones
-    /// are forgotten. Call [`PeerSync::declare`] after.
+    /// The peers are now these (a configuration change): new ones start unknown (their
+    /// first connection attempt at the next [`PeerSync::handle_timeout`]), gone ones are
+    /// forgotten (their links closed). Call [`PeerSync::declare`] after.
     pub fn set_peers(&mut self, peers: impl IntoIterator<Item = K>) {
         let mut next = BTreeMap::new();
+        let mut links = BTreeMap::new();
         for k in peers {
             let s = self.peers.remove(&k).unwrap_or_default();
+            let l = self
+                .links
+                .remove(&k)
+                .unwrap_or_else(|| link::Link::new(i64::MIN));
+            links.insert(k.clone(), l);
             next.insert(k, s);
+        }
+        for (peer, l) in std::mem::replace(&mut self.links, links) {
+            if !matches!(
+                l.state,
+                link::State::Down { .. } | link::State::Connecting { .. }
+            ) {
+                self.out.push_back(Transmit::Close {
+                    peer,
+                    reason: "no longer a peer".into(),
+                });
+            }
         }
         self.peers = next;
     }
@@ -212,26 +280,11 @@ impl<K: Ord + Clone + ToString> PeerSync<K> {
         }
     }
 
-    /// A link to `peer` authenticated as `node`.
-    pub fn handle_connected(&mut self, peer: &K, node: [u8; 32]) {
-        if let Some(s) = self.peers.get_mut(peer) {
-            s.node = Some(node);
-            s.last_error = None;
-        }
-    }
-
     /// The link to `peer` failed or a round did not complete.
-    pub fn handle_down(&mut self, peer: &K, why: String) {
+    fn handle_down(&mut self, peer: &K, why: String) {
         if let Some(s) = self.peers.get_mut(peer) {
             s.reachable = false;
             s.last_error = Some(why);
-        }
-    }
-
-    /// A push to `peer` was acknowledged.
-    pub fn handle_pushed(&mut self, peer: &K) {
-        if let Some(s) = self.peers.get_mut(peer) {
-            s.pushed += 1;
         }
     }
 
@@ -239,7 +292,7 @@ impl<K: Ord + Clone + ToString> PeerSync<K> {
     /// retaining batches for it (this node completes rounds with a strict majority of the
     /// group): if so it is excluded now and `true` is returned — call
     /// [`PeerSync::declare`]. Called whenever a link to it is (re)attempted.
-    pub fn poll_horizon(&mut self, peer: &K, now_ms: i64) -> bool {
+    fn poll_horizon(&mut self, peer: &K, now_ms: i64) -> bool {
         let Some(s) = self.peers.get(peer) else {
             return false;
         };
@@ -306,7 +359,7 @@ impl<K: Ord + Clone + ToString> PeerSync<K> {
     /// A round with `peer` completed with `result` (its batches already through ingest):
     /// records the peer's digest in `replica` (which may prune), readmits the peer if it
     /// was excluded, and decides what follows.
-    pub fn handle_round(
+    fn handle_round(
         &mut self,
         peer: &K,
         now_ms: i64,
@@ -382,7 +435,7 @@ impl<K: Ord + Clone + ToString> PeerSync<K> {
 
     /// The snapshot asked for after a round was adopted (`adopted`) or not (it no longer
     /// covered this node; the next round tries again). A repaired divergence clears.
-    pub fn handle_adopted(&mut self, peer: &K, adopted: bool) {
+    fn handle_adopted(&mut self, peer: &K, adopted: bool) {
         if let Some(s) = self.peers.get_mut(peer) {
             if adopted {
                 s.diverged = false;
@@ -420,7 +473,7 @@ mod tests {
             interval_ms: 100,
             horizon_ms: 5_000,
             catch_up_batches: 10,
-            round_max: 2000,
+            ..SyncConfig::default()
         }
     }
 

@@ -6,14 +6,14 @@
 //! [`crate::replication`] serves and drives it for a node; [`crate::cluster`] uses its client
 //! calls between groups.
 
-use edgetally_core::{Digest, PeerSync, Replica, Snapshot};
+use edgetally_core::{Digest, PeerSync, Snapshot};
 use edgetally_net::now_ms;
 use edgetally_proto::Reply;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast;
 use tracing::{info, warn};
@@ -581,16 +581,6 @@ impl Replication {
         let now = now_ms();
         let nodes: Vec<[u8; 32]> = sync.status(now).values().filter_map(|p| p.node).collect();
         sync.sees_all(now) && !self.auth.facts.disagreement(&nodes)
-    }
-
-    /// A peer away longer than the horizon stops holding back pruning, if this node is in a
-    /// majority of its group (it will catch up from a snapshot when it returns).
-    pub(crate) fn check_horizon(&self, replica: &RwLock<Replica>, addr: SocketAddr) {
-        let mut sync = self.sync();
-        if sync.poll_horizon(&addr, now_ms()) {
-            warn!(%addr, "peer away longer than the horizon: its batches are no longer retained for it; it will catch up from a snapshot");
-            sync.declare(&mut replica.write().unwrap_or_else(|e| e.into_inner()));
-        }
     }
 }
 

@@ -33,7 +33,7 @@
 use crate::node::Node;
 use crate::peer::{request, Request, SyncItem, HELLO_DEADLINE, MAX_MESSAGE};
 pub use crate::peer::{PeerStatus, Replication, SYNC_BATCH};
-use edgetally_core::{answer_round, Adopt, RoundResult, Snapshot};
+use edgetally_core::{answer_round, Adopt, RoundResult, Snapshot, Transmit};
 use edgetally_net::now_ms;
 use edgetally_proto::Reply;
 use std::net::SocketAddr;
@@ -210,118 +210,281 @@ async fn adopt_from_peer(c: &crate::cluster::Cluster, json: &[u8]) {
     }
 }
 
-/// Runs the links to every configured peer until `stop`.
+/// Runs the links to every configured peer until `stop`: one task driving the node's
+/// [`PeerSync`](edgetally_core::PeerSync) machine.
 pub fn spawn_links(
     node: Arc<Node>,
     endpoint: quinn::Endpoint,
     stop: watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    node.config
-        .peers
-        .iter()
-        .map(|&addr| tokio::spawn(link(node.clone(), endpoint.clone(), addr, stop.clone())))
-        .collect()
+    if node.config.peers.is_empty() {
+        return Vec::new();
+    }
+    vec![tokio::spawn(drive(node, endpoint, stop))]
 }
 
-/// One peer: (re)connect, then pull every interval and push what producers bring.
-async fn link(
-    node: Arc<Node>,
-    endpoint: quinn::Endpoint,
-    addr: SocketAddr,
-    mut stop: watch::Receiver<bool>,
-) {
+/// What an I/O task reports back to the driver, with the token of its transmit.
+enum Event {
+    Connected {
+        peer: SocketAddr,
+        token: u64,
+        got: Result<(quinn::Connection, [u8; 32]), String>,
+    },
+    Round {
+        peer: SocketAddr,
+        token: u64,
+        cutoff: i64,
+        got: Result<RoundResult, String>,
+    },
+    Adopted {
+        peer: SocketAddr,
+        token: u64,
+        why: Adopt,
+        got: Result<bool, String>,
+    },
+    Pushed {
+        peer: SocketAddr,
+        token: u64,
+        acked: bool,
+    },
+}
+
+/// The driver: it only moves bytes and time. Every decision — when to connect, when a round
+/// is due or late, what a round's result calls for, which pushes go out — is the machine's
+/// (`edgetally_core::sync::link`); this loop feeds it the clock and the outcomes of the I/O it
+/// asks for, each I/O in its own task.
+async fn drive(node: Arc<Node>, endpoint: quinn::Endpoint, mut stop: watch::Receiver<bool>) {
     let Some(repl) = node.replication.clone() else {
         return;
     };
-    let every = Duration::from_millis(node.config.sync_interval_ms.max(10));
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let mut conns: std::collections::HashMap<SocketAddr, quinn::Connection> = Default::default();
     let mut pushes = repl.applied.subscribe();
-    let mut backoff = every;
     loop {
-        if *stop.borrow() {
-            break;
+        let now = now_ms();
+        let excluded = repl.sync().handle_timeout(now);
+        if !excluded.is_empty() {
+            for addr in &excluded {
+                warn!(%addr, "peer away longer than the horizon: its batches are no longer retained for it; it will catch up from a snapshot");
+            }
+            let sync = repl.sync();
+            sync.declare(&mut node.replica.write().unwrap_or_else(|e| e.into_inner()));
         }
-        // Every (re)connection attempt follows a failure or start-up: the moment to ask
-        // whether the peer has been away too long.
-        repl.check_horizon(&node.replica, addr);
-        let conn = match tokio::time::timeout(
-            Duration::from_secs(5),
-            crate::peer::connect(&endpoint, addr, &repl.auth),
-        )
-        .await
-        {
-            Ok(Ok((conn, key))) => {
-                info!(%addr, "peer link up");
-                repl.sync().handle_connected(&addr, key);
-                backoff = every;
-                conn
-            }
-            other => {
-                let why = match other {
-                    Ok(Err(e)) => e,
-                    _ => "connect timed out".to_string(),
-                };
-                if why.starts_with(crate::peer::PROTOCOL_MISMATCH) {
-                    warn!(%addr, "peer link down: {why}");
-                } else {
-                    debug!(%addr, "peer link down: {why}");
-                }
-                repl.sync().handle_down(&addr, why);
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                // Pushes that piled up meanwhile are pulled later; do not replay them.
-                pushes = pushes.resubscribe();
-                continue;
-            }
-        };
-        // Pull rounds and pushes share the connection until it fails.
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let inflight = Arc::new(tokio::sync::Semaphore::new(256));
-        let failed = loop {
-            tokio::select! {
-                _ = stop.changed() => { if *stop.borrow() { break None; } }
-                _ = tick.tick() => {
-                    // A peer that stops answering (paused, partitioned) must not hold the
-                    // link: give up on the round and reconnect.
-                    match tokio::time::timeout(Duration::from_secs(10), pull(&node, &repl, &conn, addr)).await {
-                        Ok(Ok(true)) => tick.reset_immediately(),
-                        Ok(Ok(false)) => {}
-                        Ok(Err(e)) => break Some(e),
-                        Err(_) => break Some("pull round timed out".into()),
-                    }
-                }
-                got = pushes.recv() => match got {
-                    Ok(raw) => {
-                        let Ok(permit) = inflight.clone().acquire_owned().await else { break None };
-                        let conn = conn.clone();
-                        let repl = repl.clone();
-                        tokio::spawn(async move {
-                            let _permit = permit;
-                            if push(&conn, &raw).await {
-                                repl.sync().handle_pushed(&addr);
-                            }
-                        });
-                    }
-                    // Missed some: the next pull round brings them.
-                    Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => break None,
-                },
-            }
-        };
-        match failed {
-            None => {
-                conn.close(0u32.into(), b"shutting down");
-                break;
-            }
-            Some(e) => {
-                warn!(%addr, "peer link lost: {e}");
-                repl.sync().handle_down(&addr, e);
+        loop {
+            let next = repl.sync().poll_transmit();
+            let Some(t) = next else { break };
+            transmit(&node, &repl, &endpoint, &mut conns, &tx, t);
+        }
+        let wait = repl
+            .sync()
+            .poll_timeout()
+            .map_or(Duration::from_secs(3600), |at| {
+                Duration::from_millis(at.saturating_sub(now_ms()).clamp(0, 3_600_000) as u64)
+            });
+        tokio::select! {
+            r = stop.changed() => if r.is_err() || *stop.borrow() { break },
+            _ = tokio::time::sleep(wait) => {}
+            Some(ev) = events.recv() => handle(&node, &repl, &mut conns, ev),
+            got = pushes.recv() => match got {
+                Ok(raw) => repl.sync().queue_push(raw, now_ms()),
+                // Missed some: the next pull round brings them.
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+        }
+    }
+    for conn in conns.values() {
+        conn.close(0u32.into(), b"shutting down");
+    }
+}
+
+/// Carries out one transmit of the machine, in a task that reports back on `tx`.
+fn transmit(
+    node: &Arc<Node>,
+    repl: &Arc<Replication>,
+    endpoint: &quinn::Endpoint,
+    conns: &mut std::collections::HashMap<SocketAddr, quinn::Connection>,
+    tx: &tokio::sync::mpsc::UnboundedSender<Event>,
+    t: Transmit<SocketAddr>,
+) {
+    let tx = tx.clone();
+    match t {
+        Transmit::Connect { peer, token } => {
+            let (endpoint, auth) = (endpoint.clone(), repl.auth.clone());
+            tokio::spawn(async move {
+                // The machine has the deadline; this bound only ends the task.
+                let got = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    crate::peer::connect(&endpoint, peer, &auth),
+                )
+                .await
+                .unwrap_or_else(|_| Err("connect timed out".into()));
+                let _ = tx.send(Event::Connected { peer, token, got });
+            });
+        }
+        Transmit::Round { peer, token } => {
+            let Some(conn) = conns.get(&peer).cloned() else {
+                repl.sync()
+                    .handle_failed(&peer, token, "no connection".into(), now_ms());
+                return;
+            };
+            // Epochs past the lateness horizon are left out on both sides, by this node's
+            // clock: one node expiring an epoch before the other is not a gap.
+            let cutoff = node.expiry_cutoff(now_ms());
+            let req = repl.sync().poll_round(&node.state(), cutoff);
+            let (node, repl) = (node.clone(), repl.clone());
+            tokio::spawn(async move {
+                let got = pull(&node, &repl, &conn, peer, req).await;
+                let _ = tx.send(Event::Round {
+                    peer,
+                    token,
+                    cutoff,
+                    got,
+                });
+            });
+        }
+        Transmit::Snapshot { peer, token, why } => {
+            let Some(conn) = conns.get(&peer).cloned() else {
+                repl.sync()
+                    .handle_failed(&peer, token, "no connection".into(), now_ms());
+                return;
+            };
+            let node = node.clone();
+            tokio::spawn(async move {
+                let got = adopt_snapshot(&node, &conn, peer).await;
+                let _ = tx.send(Event::Adopted {
+                    peer,
+                    token,
+                    why,
+                    got,
+                });
+            });
+        }
+        Transmit::Push { peer, token, batch } => {
+            let Some(conn) = conns.get(&peer).cloned() else {
+                repl.sync().handle_push_reply(&peer, token, false, now_ms());
+                return;
+            };
+            tokio::spawn(async move {
+                let acked = push(&conn, &batch).await;
+                let _ = tx.send(Event::Pushed { peer, token, acked });
+            });
+        }
+        Transmit::Close { peer, reason } => {
+            if let Some(conn) = conns.remove(&peer) {
+                warn!(addr = %peer, "peer link lost: {reason}");
                 conn.close(0u32.into(), b"resync");
             }
         }
+    }
+}
+
+/// Feeds one I/O outcome to the machine (and logs and counts what it decided).
+fn handle(
+    node: &Arc<Node>,
+    repl: &Arc<Replication>,
+    conns: &mut std::collections::HashMap<SocketAddr, quinn::Connection>,
+    ev: Event,
+) {
+    let now = now_ms();
+    match ev {
+        Event::Connected { peer, token, got } => match got {
+            Ok((conn, key)) => {
+                if repl.sync().handle_connected(&peer, token, key, now) {
+                    info!(addr = %peer, "peer link up");
+                    if let Some(old) = conns.insert(peer, conn) {
+                        old.close(0u32.into(), b"resync");
+                    }
+                } else {
+                    conn.close(0u32.into(), b"too late");
+                }
+            }
+            Err(why) => {
+                if why.starts_with(crate::peer::PROTOCOL_MISMATCH) {
+                    warn!(addr = %peer, "peer link down: {why}");
+                } else {
+                    debug!(addr = %peer, "peer link down: {why}");
+                }
+                repl.sync().handle_failed(&peer, token, why, now);
+            }
+        },
+        Event::Round {
+            peer,
+            token,
+            cutoff,
+            got,
+        } => match got {
+            Ok(result) => round_done(node, repl, peer, token, cutoff, result),
+            Err(why) => repl.sync().handle_failed(&peer, token, why, now),
+        },
+        Event::Adopted {
+            peer,
+            token,
+            why,
+            got,
+        } => match got {
+            Ok(adopted) => {
+                if !repl.sync().handle_adopted_reply(&peer, token, adopted, now) {
+                    return;
+                }
+                match (adopted, why) {
+                    (true, Adopt::Repair) => {
+                        node.metrics.divergence_repairs.fetch_add(1, Relaxed);
+                        info!(addr = %peer, "divergence repaired from the peer's snapshot");
+                    }
+                    (true, _) => {
+                        info!(addr = %peer, reason = ?why, "caught up from the peer's snapshot")
+                    }
+                    (false, _) => {
+                        debug!(addr = %peer, "snapshot no longer covers this node; next round")
+                    }
+                }
+            }
+            Err(e) => repl.sync().handle_failed(&peer, token, e, now),
+        },
+        Event::Pushed { peer, token, acked } => {
+            repl.sync().handle_push_reply(&peer, token, acked, now)
+        }
+    }
+}
+
+/// A pull round's result to the machine, under its lock then the replica's.
+fn round_done(
+    node: &Arc<Node>,
+    repl: &Arc<Replication>,
+    addr: SocketAddr,
+    token: u64,
+    cutoff: i64,
+    result: RoundResult,
+) {
+    let (pulled, their_hash) = (result.pulled, result.their_hash);
+    let outcome = {
+        let mut sync = repl.sync();
+        let mut r = node.replica.write().unwrap_or_else(|e| e.into_inner());
+        let my_hash = r.state_hash();
+        let Some(outcome) = sync.handle_round_reply(&addr, token, now_ms(), cutoff, result, &mut r)
+        else {
+            return;
+        };
+        if outcome.diverged {
+            warn!(
+                %addr,
+                producer = outcome.split.map(|d| edgetally_net::tls::hex(&d.producer.0)),
+                epoch = outcome.split.map(|d| d.epoch),
+                mine = %edgetally_net::tls::hex(&my_hash),
+                theirs = %edgetally_net::tls::hex(&their_hash),
+                "the peer holds the same batch ids with different contents{}",
+                if outcome.adopt == Some(Adopt::Repair) { ": adopting its snapshot" } else { ": it adopts ours" }
+            );
+        }
+        outcome
+    };
+    node.metrics.pulled.fetch_add(pulled, Relaxed);
+    if let Some(d) = &outcome.split {
+        node.equivocation(d.producer, d.epoch);
+    }
+    if outcome.diverged {
+        node.metrics.divergences.fetch_add(1, Relaxed);
     }
 }
 
@@ -337,18 +500,15 @@ async fn push(conn: &quinn::Connection, raw: &[u8]) -> bool {
     )
 }
 
-/// One pull round; `Ok(true)` when the next should follow at once. The decisions are the
-/// state machine's ([`PeerSync::poll_round`], [`PeerSync::handle_round`]); this is its I/O.
+/// The I/O of one pull round: sends the request, takes every batch of the answer through
+/// this node's ingest, and returns what the round brought.
 async fn pull(
     node: &Arc<Node>,
     repl: &Arc<Replication>,
     conn: &quinn::Connection,
     addr: SocketAddr,
-) -> Result<bool, String> {
-    // Epochs past the lateness horizon are left out on both sides, by this node's clock: one
-    // node expiring an epoch before the other (their clocks and sweeps differ) is not a gap.
-    let cutoff = node.expiry_cutoff(now_ms());
-    let req = repl.sync().poll_round(&node.state(), cutoff);
+    req: edgetally_core::RoundRequest,
+) -> Result<RoundResult, String> {
     let body = postcard::to_allocvec(&Request::Sync {
         digest: req.digest,
         max: req.max,
@@ -397,83 +557,47 @@ async fn pull(
             None => return Err("sync reply ended early".into()),
         }
     };
-    let mut pulled = 0u64;
-    let mut retried = false;
-    let mut refused = false;
+    let mut result = RoundResult {
+        theirs: done.0,
+        more: done.1,
+        their_hash: done.2,
+        pulled: 0,
+        retried: false,
+        refused: false,
+    };
     while let Some(r) = submitted.join_next().await {
         match r {
-            Ok(Reply::Ack) => pulled += 1,
-            Ok(Reply::Retry { .. }) => retried = true,
+            Ok(Reply::Ack) => result.pulled += 1,
+            Ok(Reply::Retry { .. }) => result.retried = true,
             // A batch our limits refuse (a lower max_lateness here, say) is left out, counted
             // in the rejection metrics; it would be refused from a producer too.
-            Ok(Reply::Nack(_)) => refused = true,
+            Ok(Reply::Nack(_)) => result.refused = true,
             Err(e) => return Err(e.to_string()),
         }
     }
-    let (theirs, more, their_hash) = done;
-    let outcome = {
-        let mut sync = repl.sync();
-        let mut r = node.replica.write().unwrap_or_else(|e| e.into_inner());
-        let my_hash = r.state_hash();
-        let outcome = sync.handle_round(
-            &addr,
-            now_ms(),
-            cutoff,
-            RoundResult {
-                theirs,
-                more,
-                their_hash,
-                pulled,
-                retried,
-                refused,
-            },
-            &mut r,
-        );
-        if outcome.diverged {
-            warn!(
-                %addr,
-                producer = outcome.split.map(|d| edgetally_net::tls::hex(&d.producer.0)),
-                epoch = outcome.split.map(|d| d.epoch),
-                mine = %edgetally_net::tls::hex(&my_hash),
-                theirs = %edgetally_net::tls::hex(&their_hash),
-                "the peer holds the same batch ids with different contents{}",
-                if outcome.adopt == Some(Adopt::Repair) { ": adopting its snapshot" } else { ": it adopts ours" }
-            );
+    Ok(result)
+}
+
+/// Fetches the peer's snapshot and adopts it; whether it was adopted (`false`: it no longer
+/// covered this node, or adopting failed, which is logged).
+async fn adopt_snapshot(
+    node: &Arc<Node>,
+    conn: &quinn::Connection,
+    addr: SocketAddr,
+) -> Result<bool, String> {
+    let body = postcard::to_allocvec(&Request::Snapshot).map_err(|e| e.to_string())?;
+    let raw = request(conn, &body, MAX_MESSAGE).await?;
+    let snap: Snapshot = Snapshot::decode(&raw).map_err(|_| "bad snapshot".to_string())?;
+    let n = node.clone();
+    match tokio::task::spawn_blocking(move || n.adopt(snap)).await {
+        Ok(Ok(a)) => Ok(a),
+        Ok(Err(e)) => {
+            warn!(%addr, "adopting the peer's snapshot failed: {e}");
+            Ok(false)
         }
-        outcome
-    };
-    node.metrics.pulled.fetch_add(pulled, Relaxed);
-    if let Some(d) = &outcome.split {
-        node.equivocation(d.producer, d.epoch);
-    }
-    if outcome.diverged {
-        node.metrics.divergences.fetch_add(1, Relaxed);
-    }
-    if let Some(why) = outcome.adopt {
-        let body = postcard::to_allocvec(&Request::Snapshot).map_err(|e| e.to_string())?;
-        let raw = request(conn, &body, MAX_MESSAGE).await?;
-        let snap: Snapshot = Snapshot::decode(&raw).map_err(|_| "bad snapshot".to_string())?;
-        let n = node.clone();
-        let adopted = match tokio::task::spawn_blocking(move || n.adopt(snap)).await {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => {
-                warn!(%addr, "adopting the peer's snapshot failed: {e}");
-                false
-            }
-            Err(e) => {
-                warn!(%addr, "adopting the peer's snapshot failed: {e}");
-                false
-            }
-        };
-        repl.sync().handle_adopted(&addr, adopted);
-        match (adopted, why) {
-            (true, Adopt::Repair) => {
-                node.metrics.divergence_repairs.fetch_add(1, Relaxed);
-                info!(%addr, "divergence repaired from the peer's snapshot");
-            }
-            (true, _) => info!(%addr, reason = ?why, "caught up from the peer's snapshot"),
-            (false, _) => debug!(%addr, "snapshot no longer covers this node; next round"),
+        Err(e) => {
+            warn!(%addr, "adopting the peer's snapshot failed: {e}");
+            Ok(false)
         }
     }
-    Ok(outcome.again)
 }

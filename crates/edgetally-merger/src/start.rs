@@ -85,6 +85,7 @@ impl Node {
                         horizon_ms: (config.peer_horizon_secs as i64).saturating_mul(1000),
                         catch_up_batches: config.snapshot_catch_up_batches,
                         round_max: crate::peer::SYNC_BATCH,
+                        ..edgetally_core::SyncConfig::default()
                     },
                     config.peers.iter().copied(),
                     now_ms(),
