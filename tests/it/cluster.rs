@@ -51,9 +51,9 @@ impl Node {
 }
 
 /// (category, entity) → (count, exact sum in nano-units).
-type Truth = BTreeMap<(String, String), (u64, i128)>;
+pub(crate) type Truth = BTreeMap<(String, String), (u64, i128)>;
 
-fn record_phase(
+pub(crate) fn record_phase(
     rt: &tokio::runtime::Runtime,
     producers: &[NativeProducer],
     rng: &mut Rng,
@@ -79,13 +79,13 @@ fn record_phase(
     }
 }
 
-fn status_hash(m: &Merger) -> Option<String> {
+pub(crate) fn status_hash(m: &Merger) -> Option<String> {
     let (code, v) = m.get("/v1/status");
     (code == 200).then(|| v["state_sha256"].as_str().unwrap_or("").to_string())
 }
 
 /// Every key's count and exact sum on `m`, against the truth; returns the mismatches.
-fn mismatches(m: &Merger, truth: &Truth, start: i64, end: i64) -> Vec<String> {
+pub(crate) fn mismatches(m: &Merger, truth: &Truth, start: i64, end: i64) -> Vec<String> {
     let mut bad = Vec::new();
     for ((cat, ent), (count, sum)) in truth {
         let (_, v) = m.get(&format!(

@@ -127,6 +127,17 @@ impl Merger {
     /// Starts `edgetally serve` with its QUIC address fixed (peers must know it in advance).
     /// EDGETALLY_TEST_LOG (say `edgetally_merger=debug`) shows the nodes' logs when debugging.
     pub fn start_at(dir: &Path, quic: &str, extra: &[&str], env: &[(&str, &str)]) -> Merger {
+        Self::start_bin(&binary(), dir, quic, extra, env)
+    }
+
+    /// [`Merger::start_at`] with another `edgetally` binary (an earlier release, say).
+    pub fn start_bin(
+        bin: &Path,
+        dir: &Path,
+        quic: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Merger {
         let mut args: Vec<std::ffi::OsString> = vec![
             "--data-dir".into(),
             dir.into(),
@@ -139,7 +150,7 @@ impl Merger {
         let log = std::env::var("EDGETALLY_TEST_LOG").unwrap_or_else(|_| "warn".into());
         let mut env = env.to_vec();
         env.insert(0, ("EDGETALLY_LOG", &log));
-        Merger(Launched::spawn(&binary(), &args, None, &env).expect("start edgetally serve"))
+        Merger(Launched::spawn(bin, &args, None, &env).expect("start edgetally serve"))
     }
 
     /// `kill -9`.

@@ -26,4 +26,5 @@ mod seams;
 mod send;
 mod signatures;
 mod transport_doc;
+mod upgrade;
 mod webtransport;

@@ -11,6 +11,10 @@
 //!   against a release merger; `test` runs 60 s of it on the debug build.
 //! - `cargo xtask fuzz [SECONDS]` — every fuzz target for SECONDS each (default 600); `test`
 //!   runs them for 30 s each. A crash is copied into `tests/crashers/` and fails the run.
+//! - `cargo xtask upgrade [COMMIT]` — builds the previous release (default
+//!   [`PREVIOUS_RELEASE`]) from its commit and runs a three-node cluster through a rolling
+//!   upgrade to this one, writes throughout, checked against a ground truth
+//!   (tests/it/upgrade.rs); `test` runs it too.
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -50,6 +54,10 @@ fn main() -> Result<()> {
             };
             sim(scale)
         }
+        Some("upgrade") => {
+            let commit = args.get(1).map_or(PREVIOUS_RELEASE, String::as_str);
+            upgrade(&root, commit)
+        }
         Some("openapi") => {
             let secs = match args.get(1) {
                 Some(s) => s.parse().context("usage: cargo xtask openapi [SECONDS]")?,
@@ -60,7 +68,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|wasm-check|web|openapi [SECONDS]|soak [SECONDS]|churn [SECONDS]|fuzz [SECONDS]|sim [SCALE]|bench [core|wire|sdk|figures|merger|cluster|status|export|web]>"
+                "usage: cargo xtask <test|wasm-check|web|openapi [SECONDS]|upgrade [COMMIT]|soak [SECONDS]|churn [SECONDS]|fuzz [SECONDS]|sim [SCALE]|bench [core|wire|sdk|figures|merger|cluster|status|export|web]>"
             );
             std::process::exit(2)
         }
@@ -89,6 +97,78 @@ fn sim(scale: u64) -> Result<()> {
         ])
         .env("EDGETALLY_SIM_SCALE", scale.to_string())
         .env("EDGETALLY_GROUPS_SIM_SCALE", scale.to_string()))
+}
+
+/// The previous release: the commit the last landed change ended on. Nodes of this release
+/// must replicate with it (`cargo xtask upgrade`); move it forward when a release lands.
+const PREVIOUS_RELEASE: &str = "c747823e534ba3e280455d2da06c91340311bbfc";
+
+/// Builds `edgetally` at `commit` (its sources from `git archive`, into the same target
+/// directory so that unchanged dependencies are reused; the binary is copied aside) and runs
+/// the rolling-upgrade test from it to this tree's binary.
+fn upgrade(root: &Path, commit: &str) -> Result<()> {
+    let short = &commit[..commit.len().min(12)];
+    let aside = target_dir(root).join("previous-release");
+    let src = aside.join(format!("src-{short}"));
+    let bin = aside.join(format!("edgetally-{short}"));
+    if !bin.exists() {
+        let known = Command::new("git")
+            .args(["cat-file", "-e", &format!("{commit}^{{commit}}")])
+            .status()
+            .context("running git")?
+            .success();
+        if !known {
+            bail!(
+                "commit {commit} (the previous release) is not in this clone: fetch the full                  history (git fetch --unshallow) and run again"
+            );
+        }
+        if src.exists() {
+            std::fs::remove_dir_all(&src)?;
+        }
+        std::fs::create_dir_all(&src)?;
+        let mut archive = Command::new("git")
+            .args(["archive", "--format=tar", commit])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("git archive")?;
+        let tar = Command::new("tar")
+            .arg("-x")
+            .arg("-C")
+            .arg(&src)
+            .stdin(archive.stdout.take().context("git archive's output")?)
+            .status()
+            .context("tar")?;
+        if !archive.wait()?.success() || !tar.success() {
+            bail!("extracting {commit} failed");
+        }
+        run(cargo()
+            .args(["build", "--locked", "-p", "edgetally", "--bin", "edgetally"])
+            .current_dir(&src)
+            .env("CARGO_TARGET_DIR", target_dir(root)))?;
+        std::fs::copy(target_dir(root).join("debug").join("edgetally"), &bin)
+            .context("copying the previous release's binary aside")?;
+        std::fs::remove_dir_all(&src)?;
+    }
+    // This tree's binaries again (the build above wrote its own over them).
+    build_test_binaries()?;
+    run(cargo()
+        .args([
+            "test",
+            "--locked",
+            "-p",
+            "edgetally-tests",
+            "--test",
+            "it",
+            "--",
+            "--ignored",
+            "--nocapture",
+            "upgrade::",
+        ])
+        .env(
+            "EDGETALLY_BIN",
+            target_dir(root).join("debug").join("edgetally"),
+        )
+        .env("EDGETALLY_PREVIOUS_BIN", &bin))
 }
 
 fn root() -> Result<PathBuf> {
@@ -178,6 +258,7 @@ fn test() -> Result<()> {
     run(Command::new(&bench).args(["churn", "--secs", "45", "--keys-per-sec", "500"]))?;
     fuzz(&root, 30)?;
     openapi(&root, 45)?;
+    upgrade(&root, PREVIOUS_RELEASE)?;
     eprintln!("xtask: all checks passed");
     // One closing line for the whole run (cargo prints one per test binary, the last of which
     // is often a doc-test binary with nothing in it).

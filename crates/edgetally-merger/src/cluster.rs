@@ -97,7 +97,8 @@ pub struct Cluster {
     modified: Mutex<Option<SystemTime>>,
     endpoint: quinn::Endpoint,
     auth: Auth,
-    conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// Open connections to other nodes, with each one's node key.
+    conns: Mutex<HashMap<SocketAddr, (quinn::Connection, [u8; 32])>>,
     /// Replicas of other groups that failed a forward and have not answered since.
     down: Mutex<std::collections::HashSet<String>>,
     deadline: Duration,
@@ -483,7 +484,7 @@ impl Cluster {
     /// Asks `addr` for its topology; adopts it if newer, hands it this one if older. The
     /// version `addr` routes by afterwards.
     async fn version_of(&self, addr: &str) -> Result<u64, String> {
-        let conn = self.connection(addr).await?;
+        let conn = self.connection_speaking(addr, "topology-agreement").await?;
         let raw = crate::peer::topology(&conn)
             .await
             .inspect_err(|_| self.drop_connection(addr))?;
@@ -532,7 +533,7 @@ impl Cluster {
             let mut all = true;
             for addr in &g.quic {
                 let r = async {
-                    let conn = self.connection(addr).await?;
+                    let conn = self.connection_speaking(addr, "handoffs").await?;
                     tokio::time::timeout(
                         FORWARD_TIMEOUT,
                         crate::peer::handoff(&conn, json.clone(), &self.group),
@@ -603,6 +604,26 @@ impl Cluster {
     }
 
     async fn connection(&self, addr: &str) -> Result<quinn::Connection, String> {
+        Ok(self.connection_keyed(addr).await?.0)
+    }
+
+    /// A connection to `addr` if the node there speaks `feature` of the peer protocol
+    /// ([`crate::handshake::FEATURES`]); an error naming what it lacks otherwise.
+    async fn connection_speaking(
+        &self,
+        addr: &str,
+        feature: &str,
+    ) -> Result<quinn::Connection, String> {
+        let (conn, key) = self.connection_keyed(addr).await?;
+        if !self.auth.facts.speaks(&key, feature) {
+            return Err(format!(
+                "{addr} runs an earlier release without {feature}: upgrade it"
+            ));
+        }
+        Ok(conn)
+    }
+
+    async fn connection_keyed(&self, addr: &str) -> Result<(quinn::Connection, [u8; 32]), String> {
         let sa = resolve(addr).await?;
         let cached = self
             .conns
@@ -610,12 +631,12 @@ impl Cluster {
             .unwrap_or_else(|e| e.into_inner())
             .get(&sa)
             .cloned();
-        if let Some(c) = cached {
+        if let Some((c, key)) = cached {
             if c.close_reason().is_none() {
-                return Ok(c);
+                return Ok((c, key));
             }
         }
-        let (conn, _) = tokio::time::timeout(
+        let (conn, key) = tokio::time::timeout(
             CONNECT_TIMEOUT,
             crate::peer::connect(&self.endpoint, sa, &self.auth),
         )
@@ -624,8 +645,8 @@ impl Cluster {
         self.conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(sa, conn.clone());
-        Ok(conn)
+            .insert(sa, (conn.clone(), key));
+        Ok((conn, key))
     }
 
     fn drop_connection(&self, addr: &str) {

@@ -612,6 +612,8 @@ fn peers_json(node: &Node) -> Value {
                         "clock_skew_ms": f.clock_skew_ms,
                         "topology_version": f.topology_version,
                         "settings_match": f.settings_match,
+                        "features": f.features,
+                        "lacks": f.lacks,
                     })),
                 })
             })

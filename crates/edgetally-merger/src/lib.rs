@@ -9,6 +9,7 @@ pub use edgetally_store::check;
 pub mod cluster;
 pub mod config;
 pub use edgetally_export as export;
+pub mod handshake;
 pub mod http;
 pub mod ingest;
 pub mod metrics;

@@ -53,7 +53,7 @@ pub async fn serve_peer(node: Arc<Node>, conn: quinn::Connection) {
     // says Hello is not held.
     let authed = tokio::time::timeout(
         HELLO_DEADLINE,
-        crate::peer::accept_hello(&repl.auth, &conn, remote),
+        crate::handshake::accept_hello(&repl.auth, &conn, remote),
     )
     .await
     .unwrap_or_else(|_| Err("no Hello within the deadline".to_string()));
@@ -546,7 +546,9 @@ async fn pull(
                     state_hash,
                 } => {
                     if let Some(key) = repl.status().get(&addr).and_then(|p| p.node) {
-                        repl.auth.facts.refresh(key, crate::peer::read_ext(rest));
+                        repl.auth
+                            .facts
+                            .refresh(key, crate::handshake::read_ext(rest));
                     }
                     break 'read (digest, more, state_hash);
                 }

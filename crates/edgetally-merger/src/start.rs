@@ -63,7 +63,7 @@ impl Node {
             let mut auth =
                 crate::peer::Auth::new(config.cluster_secret.as_deref(), &config.peer_keys, seed)
                     .map_err(StartError::Restore)?;
-            auth.facts = Arc::new(crate::peer::Facts::new(crate::peer::settings_digest(
+            auth.facts = Arc::new(crate::peer::Facts::new(crate::handshake::settings_digest(
                 &config,
             )));
             if auth.open_to_loopback_only() {

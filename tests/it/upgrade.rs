@@ -1,0 +1,233 @@
+//! A rolling upgrade from the previous release. Three replicas of the previous release
+//! (`EDGETALLY_PREVIOUS_BIN`, built from its commit by `cargo xtask upgrade`), peered under one
+//! secret, take writes from native producers spread over all three. One node at a time is
+//! stopped (SIGTERM) and started again on its data directory with this release's binary, the
+//! producers writing throughout (failing over while it is down). After each step — two
+//! releases side by side — and at the end, every node must hold the same state, equal to the
+//! ground truth, and answer complete; a node of this release must list each peer of the
+//! previous release with that release's protocol features, lacking none of this one's.
+
+use crate::cluster::{mismatches, record_phase, status_hash, Truth};
+use crate::harness::{free_udp, now_ms, Merger, TempDir};
+use edgetally_net::{Endpoint, NativeProducer};
+use edgetally_proto::ProducerConfig;
+use edgetally_tests::Rng;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const ENV: &[(&str, &str)] = &[
+    ("EDGETALLY_SYNC_INTERVAL_MS", "200"),
+    ("EDGETALLY_SNAPSHOT_INTERVAL_SECS", "2"),
+    ("EDGETALLY_CLUSTER_SECRET", "upgrade-test-secret"),
+];
+
+/// The features this release's handshake reports for a node of the previous release, and
+/// for one of this release (merger::handshake::{PREVIOUS_RELEASE, FEATURES}), restated.
+const PREVIOUS_FEATURES: &[&str] = &["facts", "forward-source", "topology-agreement", "handoffs"];
+const FEATURES: &[&str] = &[
+    "facts",
+    "forward-source",
+    "topology-agreement",
+    "handoffs",
+    "features",
+];
+
+struct Node {
+    dir: TempDir,
+    quic: SocketAddr,
+    peers: Vec<SocketAddr>,
+    upgraded: bool,
+    proc: Option<Merger>,
+}
+
+impl Node {
+    fn start(&mut self, bin: &Path) {
+        let mut extra: Vec<String> = Vec::new();
+        for p in &self.peers {
+            extra.push("--peer".into());
+            extra.push(p.to_string());
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        self.proc = Some(Merger::start_bin(
+            bin,
+            &self.dir.0,
+            &self.quic.to_string(),
+            &extra,
+            ENV,
+        ));
+    }
+    fn m(&self) -> &Merger {
+        self.proc.as_ref().expect("running")
+    }
+}
+
+/// Waits (bounded) until every node holds the same state, equal to the truth, and says it
+/// sees all its peers.
+fn converged(nodes: &[Node], truth: &Truth, start: i64, end: i64) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    let within = Duration::from_secs(90);
+    loop {
+        let hashes: Vec<Option<String>> = nodes.iter().map(|n| status_hash(n.m())).collect();
+        let same = hashes.iter().all(|h| h.is_some() && *h == hashes[0]);
+        let complete = nodes
+            .iter()
+            .all(|n| n.m().get("/v1/status").1["complete"] == true);
+        if same
+            && complete
+            && nodes
+                .iter()
+                .all(|n| mismatches(n.m(), truth, start, end).is_empty())
+        {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > within {
+            let detail: Vec<String> = nodes
+                .iter()
+                .map(|n| {
+                    let bad = mismatches(n.m(), truth, start, end);
+                    let (_, st) = n.m().get("/v1/status");
+                    format!(
+                        "upgraded {}: {} mismatches (first {:?}), complete {}, peers {}",
+                        n.upgraded,
+                        bad.len(),
+                        bad.first(),
+                        st["complete"],
+                        st["peers"]
+                    )
+                })
+                .collect();
+            return Err(format!(
+                "not converged within {within:?}: hashes {hashes:?}; {detail:#?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Every node of this release lists each peer with its release's features, lacking none.
+fn features_seen(nodes: &[Node]) -> Result<(), String> {
+    for n in nodes.iter().filter(|n| n.upgraded) {
+        let (_, st) = n.m().get("/v1/status");
+        for p in st["peers"].as_array().ok_or("no peers")? {
+            let addr = p["addr"].as_str().unwrap_or_default();
+            let peer = nodes
+                .iter()
+                .find(|o| o.quic.to_string() == addr)
+                .ok_or_else(|| format!("unknown peer {addr}"))?;
+            let want = if peer.upgraded {
+                FEATURES
+            } else {
+                PREVIOUS_FEATURES
+            };
+            let hs = &p["handshake"];
+            if hs["features"] != serde_json::json!(want) || hs["lacks"] != serde_json::json!([]) {
+                return Err(format!(
+                    "{} sees {addr} (upgraded: {}) with {hs}",
+                    n.quic, peer.upgraded
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs the previous release's binary: cargo xtask upgrade builds it and runs this"]
+fn a_rolling_upgrade_from_the_previous_release_loses_nothing() {
+    let previous =
+        PathBuf::from(std::env::var_os("EDGETALLY_PREVIOUS_BIN").expect(
+            "EDGETALLY_PREVIOUS_BIN: the previous release's edgetally (cargo xtask upgrade)",
+        ));
+    let current = crate::harness::binary();
+    let mut rng = Rng::new(29);
+    let quics: Vec<SocketAddr> = (0..3).map(|_| free_udp()).collect();
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| Node {
+            dir: TempDir::new(&format!("upgrade-{i}")),
+            quic: quics[i],
+            peers: quics
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, q)| *q)
+                .collect(),
+            upgraded: false,
+            proc: None,
+        })
+        .collect();
+    for n in &mut nodes {
+        n.start(&previous);
+    }
+    let endpoints: Vec<Endpoint> = nodes
+        .iter()
+        .map(|n| Endpoint {
+            addr: n.quic,
+            cert: n.m().cert,
+        })
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _guard = rt.enter();
+    let config = ProducerConfig {
+        flush_interval_ms: 50,
+        max_batch_summaries: 40,
+        backoff_base_ms: 50,
+        backoff_max_ms: 1000,
+        ..ProducerConfig::default()
+    };
+    let producers: Vec<NativeProducer> = rt
+        .block_on(async {
+            (0..4)
+                .map(|_| NativeProducer::start(config.clone(), endpoints.clone(), None))
+                .collect::<Result<_, _>>()
+        })
+        .expect("producers");
+    let flush = |producers: &[NativeProducer]| {
+        for (i, p) in producers.iter().enumerate() {
+            assert!(
+                rt.block_on(p.flush(Duration::from_secs(60))),
+                "producer {i} not flushed: {:?}",
+                p.stats()
+            );
+            let s = p.stats();
+            assert!(
+                s.rejected.is_empty() && s.dropped == 0,
+                "producer {i}: {s:?}"
+            );
+        }
+    };
+    let start = now_ms() - 60_000;
+    let end = now_ms() + 3_600_000;
+    let mut truth = Truth::new();
+    record_phase(&rt, &producers, &mut rng, &mut truth, 1000);
+    flush(&producers);
+    let took =
+        converged(&nodes, &truth, start, end).unwrap_or_else(|e| panic!("all previous: {e}"));
+    eprintln!("upgrade: three nodes of the previous release converged in {took:?}");
+    for i in 0..3 {
+        // Stop one node cleanly; the producers write on, failing over to the others.
+        let m = nodes[i].proc.take().expect("running");
+        assert!(m.terminate(), "node {i} did not stop cleanly");
+        record_phase(&rt, &producers, &mut rng, &mut truth, 800);
+        // Start it again on its data with this release.
+        nodes[i].upgraded = true;
+        nodes[i].start(&current);
+        record_phase(&rt, &producers, &mut rng, &mut truth, 800);
+        flush(&producers);
+        let took = converged(&nodes, &truth, start, end)
+            .unwrap_or_else(|e| panic!("after upgrading node {i}: {e}"));
+        features_seen(&nodes).unwrap_or_else(|e| panic!("after upgrading node {i}: {e}"));
+        eprintln!(
+            "upgrade: node {i} runs this release ({} of 3); {} events so far; converged {took:?} after the writes",
+            i + 1,
+            truth.values().map(|t| t.0).sum::<u64>()
+        );
+    }
+    for p in &producers {
+        p.close();
+    }
+}
