@@ -255,7 +255,7 @@ fn endpoints_of(nodes: &[Node]) -> Vec<Endpoint> {
 }
 
 /// `n` native producers with fresh keys, each knowing `endpoints`.
-fn start_producers(
+pub(crate) fn start_producers(
     rt: &tokio::runtime::Runtime,
     config: &ProducerConfig,
     endpoints: &[Endpoint],
@@ -269,7 +269,8 @@ fn start_producers(
     .expect("producers")
 }
 
-fn flush(rt: &tokio::runtime::Runtime, producers: &[NativeProducer]) {
+/// Waits until every producer's batches are acknowledged; none refused or dropped.
+pub(crate) fn flush(rt: &tokio::runtime::Runtime, producers: &[NativeProducer]) {
     for (i, p) in producers.iter().enumerate() {
         assert!(
             rt.block_on(p.flush(Duration::from_secs(60))),

@@ -236,7 +236,47 @@ impl Merger {
             .body_mut()
             .read_to_string()
             .expect("body");
+        check_exposition(&text);
         edgetally_bench::launcher::metric_value(&text, name).unwrap_or(0.0)
+    }
+}
+
+/// Every scrape a test makes is checked against the registry: each family declared in
+/// `edgetally_merger::metrics::FAMILIES`, once, with its help and kind, and every sample under
+/// the family declared last (a histogram's `_bucket`, `_sum` and `_count` included).
+pub fn check_exposition(text: &str) {
+    use edgetally_merger::metrics::{Kind, FAMILIES};
+    let mut seen: Vec<&str> = Vec::new();
+    let mut current: Option<&edgetally_merger::metrics::Family> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').expect("help text");
+            let f = FAMILIES
+                .iter()
+                .find(|f| f.name == name)
+                .unwrap_or_else(|| panic!("{name} is not in the registry"));
+            assert_eq!(help, f.help, "{name}'s help");
+            assert!(!seen.contains(&name), "{name} written twice");
+            seen.push(name);
+            current = Some(f);
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let f = current.expect("TYPE after HELP");
+            let kind = match f.kind {
+                Kind::Counter => "counter",
+                Kind::Gauge => "gauge",
+                Kind::Histogram => "histogram",
+            };
+            assert_eq!(rest, format!("{} {kind}", f.name));
+        } else if !line.is_empty() {
+            let f = current.expect("a sample after its family");
+            let series = line.split(['{', ' ']).next().unwrap_or_default();
+            let ok = series == f.name
+                || (f.kind == Kind::Histogram
+                    && ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .any(|s| series == format!("{}{s}", f.name)));
+            assert!(ok, "sample {line:?} under family {}", f.name);
+        }
     }
 }
 

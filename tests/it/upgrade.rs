@@ -8,6 +8,7 @@
 //! previous release with that release's protocol features, lacking none of this one's.
 
 use crate::cluster::{mismatches, record_phase, status_hash, Truth};
+use crate::groups::{flush, start_producers};
 use crate::harness::{free_udp, now_ms, Merger, TempDir};
 use edgetally_net::{Endpoint, NativeProducer};
 use edgetally_proto::ProducerConfig;
@@ -179,27 +180,8 @@ fn a_rolling_upgrade_from_the_previous_release_loses_nothing() {
         backoff_max_ms: 1000,
         ..ProducerConfig::default()
     };
-    let producers: Vec<NativeProducer> = rt
-        .block_on(async {
-            (0..4)
-                .map(|_| NativeProducer::start(config.clone(), endpoints.clone(), None))
-                .collect::<Result<_, _>>()
-        })
-        .expect("producers");
-    let flush = |producers: &[NativeProducer]| {
-        for (i, p) in producers.iter().enumerate() {
-            assert!(
-                rt.block_on(p.flush(Duration::from_secs(60))),
-                "producer {i} not flushed: {:?}",
-                p.stats()
-            );
-            let s = p.stats();
-            assert!(
-                s.rejected.is_empty() && s.dropped == 0,
-                "producer {i}: {s:?}"
-            );
-        }
-    };
+    let producers = start_producers(&rt, &config, &endpoints, 4);
+    let flush = |producers: &[NativeProducer]| flush(&rt, producers);
     let start = now_ms() - 60_000;
     let end = now_ms() + 3_600_000;
     let mut truth = Truth::new();

@@ -503,7 +503,7 @@ impl Cluster {
             Ok(v)
         } else if theirs.version < mine.version {
             let json = serde_json::to_vec(&*mine).map_err(|e| e.to_string())?;
-            crate::peer::adopt(&conn, json).await
+            crate::peer::adopt(&conn, json).await.map_err(String::from)
         } else {
             if theirs != *mine {
                 let why = format!(
@@ -534,10 +534,11 @@ impl Cluster {
             for addr in &g.quic {
                 let r = async {
                     let conn = self.connection_speaking(addr, "handoffs").await?;
-                    tokio::time::timeout(
-                        FORWARD_TIMEOUT,
-                        crate::peer::handoff(&conn, json.clone(), &self.group),
-                    )
+                    tokio::time::timeout(FORWARD_TIMEOUT, async {
+                        Ok::<_, String>(
+                            crate::peer::handoff(&conn, json.clone(), &self.group).await?,
+                        )
+                    })
                     .await
                     .map_err(|_| "no hand-off in time".to_string())?
                 }
@@ -584,9 +585,11 @@ impl Cluster {
     /// Asks the node at `addr` where it stands in a drain.
     pub async fn drain_state_of(&self, addr: &str) -> Result<DrainState, String> {
         let conn = self.connection(addr).await?;
-        let r = tokio::time::timeout(FORWARD_TIMEOUT, crate::peer::drain_state(&conn))
-            .await
-            .map_err(|_| format!("{addr}: no drain state in time"))?;
+        let r = tokio::time::timeout(FORWARD_TIMEOUT, async {
+            Ok::<_, String>(crate::peer::drain_state(&conn).await?)
+        })
+        .await
+        .map_err(|_| format!("{addr}: no drain state in time"))?;
         if r.is_err() {
             self.drop_connection(addr);
         }
@@ -596,7 +599,7 @@ impl Cluster {
     /// Fetches the whole state of the node at `addr`.
     pub async fn snapshot_of(&self, addr: &str) -> Result<edgetally_core::Snapshot, String> {
         let conn = self.connection(addr).await?;
-        let r = crate::peer::snapshot(&conn).await;
+        let r = crate::peer::snapshot(&conn).await.map_err(String::from);
         if r.is_err() {
             self.drop_connection(addr);
         }
@@ -688,10 +691,11 @@ impl Cluster {
                 attempts.spawn(async move {
                     let sent = async {
                         let conn = me.connection(&addr).await?;
-                        tokio::time::timeout(
-                            FORWARD_TIMEOUT,
-                            crate::peer::forward(&conn, raw.to_vec(), version, source),
-                        )
+                        tokio::time::timeout(FORWARD_TIMEOUT, async {
+                            Ok::<_, String>(
+                                crate::peer::forward(&conn, raw.to_vec(), version, source).await?,
+                            )
+                        })
                         .await
                         .map_err(|_| "no reply in time".to_string())?
                     }
@@ -833,7 +837,7 @@ impl Cluster {
                 for addr in &g.quic {
                     let got = async {
                         let conn = me.connection(addr).await?;
-                        crate::peer::query(&conn, &q).await
+                        Ok::<_, String>(crate::peer::query(&conn, &q).await?)
                     }
                     .await;
                     match got {

@@ -7,7 +7,7 @@
 //! [`FeaturesExt`]: the features of the peer protocol it speaks), in bytes nodes of earlier
 //! releases skip. [`connect`] is the client side, [`accept_hello`] the server's.
 
-use crate::peer::request;
+use crate::peer::{request, PeerError};
 use edgetally_net::now_ms;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -266,14 +266,14 @@ pub fn settings_digest(config: &crate::config::Config) -> [u8; 32] {
 }
 
 /// A `Hello` with this node's facts and features after it.
-fn hello_bytes(auth: &Auth, role: u8, ekm: &[u8; 32]) -> Result<Vec<u8>, String> {
-    let mut out = postcard::to_allocvec(&auth.hello(role, ekm)).map_err(|e| e.to_string())?;
+fn hello_bytes(auth: &Auth, role: u8, ekm: &[u8; 32]) -> Result<Vec<u8>, PeerError> {
+    let mut out = postcard::to_allocvec(&auth.hello(role, ekm)).map_err(PeerError::from)?;
     out.extend(auth.facts.ext_bytes());
     out.extend(
         postcard::to_allocvec(&FeaturesExt {
             features: FEATURES.iter().map(|f| f.to_string()).collect(),
         })
-        .map_err(|e| e.to_string())?,
+        .map_err(PeerError::from)?,
     );
     Ok(out)
 }
@@ -284,9 +284,9 @@ pub(crate) fn read_ext(rest: &[u8]) -> Option<HelloExt> {
 }
 
 /// A `Hello` and the facts after it, if any (a node of an earlier release sends none).
-pub(crate) fn read_hello(raw: &[u8]) -> Result<(Hello, Said), String> {
+pub(crate) fn read_hello(raw: &[u8]) -> Result<(Hello, Said), PeerError> {
     let (hello, rest) =
-        postcard::take_from_bytes::<Hello>(raw).map_err(|_| "bad hello".to_string())?;
+        postcard::take_from_bytes::<Hello>(raw).map_err(|_| PeerError::Malformed("hello"))?;
     let (ext, features) = match postcard::take_from_bytes::<HelloExt>(rest) {
         Ok((ext, rest)) => (Some(ext), postcard::from_bytes::<FeaturesExt>(rest).ok()),
         Err(_) => (None, None),
@@ -307,16 +307,16 @@ pub(crate) async fn accept_hello(
     auth: &Auth,
     conn: &quinn::Connection,
     remote: SocketAddr,
-) -> Result<[u8; 32], String> {
+) -> Result<[u8; 32], PeerError> {
     let k = ekm(conn)?;
-    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-    let raw = recv.read_to_end(4096).await.map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(PeerError::from)?;
+    let raw = recv.read_to_end(4096).await.map_err(PeerError::from)?;
     let (theirs, ext) = read_hello(&raw)?;
     auth.check(&theirs, CLIENT, &k, remote)
-        .map_err(str::to_string)?;
+        .map_err(PeerError::Unauthenticated)?;
     auth.facts.record(theirs.node, ext.ext, ext.features, None);
     let mine = hello_bytes(auth, SERVER, &k)?;
-    send.write_all(&mine).await.map_err(|e| e.to_string())?;
+    send.write_all(&mine).await.map_err(PeerError::from)?;
     let _ = send.finish();
     Ok(theirs.node)
 }
@@ -421,10 +421,10 @@ impl Auth {
     }
 }
 
-pub(crate) fn ekm(conn: &quinn::Connection) -> Result<[u8; 32], String> {
+pub(crate) fn ekm(conn: &quinn::Connection) -> Result<[u8; 32], PeerError> {
     let mut out = [0u8; 32];
     conn.export_keying_material(&mut out, EKM_LABEL, b"")
-        .map_err(|_| "keying material unavailable".to_string())?;
+        .map_err(|_| PeerError::Keying)?;
     Ok(out)
 }
 
@@ -436,15 +436,19 @@ pub async fn connect(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     auth: &Auth,
-) -> Result<(quinn::Connection, [u8; 32]), String> {
+) -> Result<(quinn::Connection, [u8; 32]), PeerError> {
     let conn = match endpoint
         .connect(addr, "localhost")
-        .map_err(|e| e.to_string())?
+        .map_err(PeerError::from)?
         .await
     {
         Ok(c) => c,
-        Err(e) if refused_alpn(&e) => return Err(protocol_mismatch(endpoint, addr).await),
-        Err(e) => return Err(e.to_string()),
+        Err(e) if refused_alpn(&e) => {
+            return Err(PeerError::ProtocolMismatch(
+                protocol_mismatch(endpoint, addr).await,
+            ))
+        }
+        Err(e) => return Err(e.into()),
     };
     let k = ekm(&conn)?;
     let hello = hello_bytes(auth, CLIENT, &k)?;
@@ -453,7 +457,7 @@ pub async fn connect(
     let (theirs, ext) = read_hello(&reply)?;
     if let Err(why) = auth.check(&theirs, SERVER, &k, addr) {
         conn.close(2u32.into(), why.as_bytes());
-        return Err(format!("peer refused: {why}"));
+        return Err(PeerError::Refused(why));
     }
     auth.facts
         .record(theirs.node, ext.ext, ext.features, Some(sent));

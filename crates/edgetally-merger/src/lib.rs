@@ -14,6 +14,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod node;
+mod node_metrics;
 pub mod peer;
 pub mod promread;
 pub mod replication;

@@ -62,16 +62,16 @@ pub(crate) struct HandoffReply {
 }
 
 /// Asks a node for the topology it routes by (its JSON).
-pub(crate) async fn topology(conn: &quinn::Connection) -> Result<Vec<u8>, String> {
-    let body = postcard::to_allocvec(&Request::Topology).map_err(|e| e.to_string())?;
+pub(crate) async fn topology(conn: &quinn::Connection) -> Result<Vec<u8>, PeerError> {
+    let body = postcard::to_allocvec(&Request::Topology).map_err(PeerError::from)?;
     request(conn, &body, 1 << 20).await
 }
 
 /// Hands a node a topology (JSON) to adopt if newer; the version it routes by afterwards.
-pub(crate) async fn adopt(conn: &quinn::Connection, topology: Vec<u8>) -> Result<u64, String> {
-    let body = postcard::to_allocvec(&Request::Adopt(topology)).map_err(|e| e.to_string())?;
+pub(crate) async fn adopt(conn: &quinn::Connection, topology: Vec<u8>) -> Result<u64, PeerError> {
+    let body = postcard::to_allocvec(&Request::Adopt(topology)).map_err(PeerError::from)?;
     let raw = request(conn, &body, 64).await?;
-    postcard::from_bytes(&raw).map_err(|_| "bad adopt reply".to_string())
+    postcard::from_bytes(&raw).map_err(|_| PeerError::Malformed("adopt reply"))
 }
 
 /// Asks a node of another group to hand over to the group `to` at the topology (JSON).
@@ -79,30 +79,30 @@ pub(crate) async fn handoff(
     conn: &quinn::Connection,
     topology: Vec<u8>,
     to: &str,
-) -> Result<HandoffReply, String> {
+) -> Result<HandoffReply, PeerError> {
     let body = postcard::to_allocvec(&Request::Handoff {
         topology,
         to: to.to_string(),
     })
-    .map_err(|e| e.to_string())?;
+    .map_err(PeerError::from)?;
     let raw = request(conn, &body, MAX_MESSAGE).await?;
-    postcard::from_bytes(&raw).map_err(|_| "bad hand-off reply".to_string())
+    postcard::from_bytes(&raw).map_err(|_| PeerError::Malformed("hand-off reply"))
 }
 
 /// Asks a node where it stands in a drain.
 pub(crate) async fn drain_state(
     conn: &quinn::Connection,
-) -> Result<crate::scatter::DrainState, String> {
-    let body = postcard::to_allocvec(&Request::DrainState).map_err(|e| e.to_string())?;
+) -> Result<crate::scatter::DrainState, PeerError> {
+    let body = postcard::to_allocvec(&Request::DrainState).map_err(PeerError::from)?;
     let raw = request(conn, &body, 1 << 16).await?;
-    postcard::from_bytes(&raw).map_err(|_| "bad drain state".to_string())
+    postcard::from_bytes(&raw).map_err(|_| PeerError::Malformed("drain state"))
 }
 
 /// Asks a node for its whole state.
-pub(crate) async fn snapshot(conn: &quinn::Connection) -> Result<Snapshot, String> {
-    let body = postcard::to_allocvec(&Request::Snapshot).map_err(|e| e.to_string())?;
+pub(crate) async fn snapshot(conn: &quinn::Connection) -> Result<Snapshot, PeerError> {
+    let body = postcard::to_allocvec(&Request::Snapshot).map_err(PeerError::from)?;
     let raw = request(conn, &body, MAX_MESSAGE).await?;
-    Snapshot::decode(&raw).map_err(|_| "bad snapshot".to_string())
+    Snapshot::decode(&raw).map_err(|_| PeerError::Malformed("snapshot"))
 }
 
 /// What follows a `Forward` request's bytes: the address the batch came from (for the
@@ -118,22 +118,22 @@ pub(crate) async fn forward(
     batch: Vec<u8>,
     version: u64,
     source: Option<std::net::IpAddr>,
-) -> Result<Reply, String> {
+) -> Result<Reply, PeerError> {
     let mut body =
-        postcard::to_allocvec(&Request::Forward { batch, version }).map_err(|e| e.to_string())?;
-    body.extend(postcard::to_allocvec(&ForwardExt { source }).map_err(|e| e.to_string())?);
+        postcard::to_allocvec(&Request::Forward { batch, version }).map_err(PeerError::from)?;
+    body.extend(postcard::to_allocvec(&ForwardExt { source }).map_err(PeerError::from)?);
     let raw = request(conn, &body, 64).await?;
-    Reply::decode(&raw).map_err(|c| format!("bad reply: {c}"))
+    Reply::decode(&raw).map_err(PeerError::BadReply)
 }
 
 /// Asks a node of another group for its part of a query.
 pub(crate) async fn query(
     conn: &quinn::Connection,
     q: &crate::scatter::Query,
-) -> Result<crate::scatter::Part, String> {
-    let body = postcard::to_allocvec(&Request::Query(q.clone())).map_err(|e| e.to_string())?;
+) -> Result<crate::scatter::Part, PeerError> {
+    let body = postcard::to_allocvec(&Request::Query(q.clone())).map_err(PeerError::from)?;
     let raw = request(conn, &body, MAX_MESSAGE).await?;
-    postcard::from_bytes(&raw).map_err(|_| "bad query reply".to_string())
+    postcard::from_bytes(&raw).map_err(|_| PeerError::Malformed("query reply"))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -151,14 +151,85 @@ pub(crate) async fn request(
     conn: &quinn::Connection,
     body: &[u8],
     max_reply: usize,
-) -> Result<Vec<u8>, String> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    send.write_all(body).await.map_err(|e| e.to_string())?;
+) -> Result<Vec<u8>, PeerError> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(PeerError::from)?;
+    send.write_all(body).await.map_err(PeerError::from)?;
     let _ = send.finish();
-    recv.read_to_end(max_reply).await.map_err(|e| e.to_string())
+    recv.read_to_end(max_reply).await.map_err(PeerError::from)
 }
 
 pub use edgetally_core::PeerStatus;
+
+/// Why a call on a peer connection failed. The messages are what `/v1/status` shows in
+/// `peers[].last_error` and the log says.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// Starting a connection failed (no route, a bad address).
+    #[error("{0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The connection failed or was closed.
+    #[error("{0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Writing a stream failed.
+    #[error("{0}")]
+    Write(#[from] quinn::WriteError),
+    /// Reading a whole stream failed (or it was longer than allowed).
+    #[error("{0}")]
+    ReadToEnd(#[from] quinn::ReadToEndError),
+    /// Reading a stream failed.
+    #[error("{0}")]
+    Read(#[from] quinn::ReadError),
+    /// A message could not be encoded.
+    #[error("encode: {0}")]
+    Encode(#[from] postcard::Error),
+    /// What the peer sent does not decode (which message).
+    #[error("bad {0}")]
+    Malformed(&'static str),
+    /// A frame of a sync reply broke a rule of the frame format.
+    #[error("bad frame: {0}")]
+    Frame(edgetally_core::RejectCode),
+    /// A forwarded batch's reply does not decode.
+    #[error("bad reply: {0}")]
+    BadReply(edgetally_core::RejectCode),
+    /// The peer's stream ended before its answer did.
+    #[error("{0} ended early")]
+    Truncated(&'static str),
+    /// The peer failed authentication on this connection (client side: its `Hello`).
+    #[error("peer refused: {0}")]
+    Refused(&'static str),
+    /// A connecting node failed authentication (server side).
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    /// The peer speaks another peer protocol: the full reason (starts with
+    /// [`PROTOCOL_MISMATCH`]).
+    #[error("{0}")]
+    ProtocolMismatch(String),
+    /// No answer in time (what was waited for).
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+    /// The TLS session exports no keying material.
+    #[error("keying material unavailable")]
+    Keying,
+    /// This node does not serve the request (no topology here, say).
+    #[error("{0}")]
+    NotServed(&'static str),
+    /// A JSON message (a topology) could not be encoded.
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+    /// This node could not produce its answer (encoding its snapshot, say).
+    #[error("{0}")]
+    Local(String),
+    /// A task of the exchange failed.
+    #[error("{0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// The cluster layer still speaks in messages: a peer error becomes its message.
+impl From<PeerError> for String {
+    fn from(e: PeerError) -> String {
+        e.to_string()
+    }
+}
 
 /// The replication half of a node: peer authentication, the peer-sync state machine
 /// ([`PeerSync`], which makes every decision; this module does the I/O), and the feed of
@@ -219,10 +290,10 @@ pub async fn fetch_snapshot(
         asks.spawn(async move {
             let got = async {
                 let (conn, _) = connect(&endpoint, addr, &auth).await?;
-                let body = postcard::to_allocvec(&Request::Snapshot).map_err(|e| e.to_string())?;
+                let body = postcard::to_allocvec(&Request::Snapshot).map_err(PeerError::from)?;
                 let raw = request(&conn, &body, MAX_MESSAGE).await?;
                 conn.close(0u32.into(), b"done");
-                Snapshot::decode(&raw).map_err(|_| "bad snapshot".to_string())
+                Snapshot::decode(&raw).map_err(|_| PeerError::Malformed("snapshot"))
             }
             .await;
             (addr, got)

@@ -31,7 +31,7 @@
 //! of pushes, pulls and producer retries changes nothing (docs/design/replication.md).
 
 use crate::node::Node;
-use crate::peer::{request, Request, SyncItem, HELLO_DEADLINE, MAX_MESSAGE};
+use crate::peer::{request, PeerError, Request, SyncItem, HELLO_DEADLINE, MAX_MESSAGE};
 pub use crate::peer::{PeerStatus, Replication, SYNC_BATCH};
 use edgetally_core::{answer_round, Adopt, RoundResult, Snapshot, Transmit};
 use edgetally_net::now_ms;
@@ -56,7 +56,7 @@ pub async fn serve_peer(node: Arc<Node>, conn: quinn::Connection) {
         crate::handshake::accept_hello(&repl.auth, &conn, remote),
     )
     .await
-    .unwrap_or_else(|_| Err("no Hello within the deadline".to_string()));
+    .unwrap_or_else(|_| Err(crate::peer::PeerError::Timeout("Hello")));
     let peer_node = match authed {
         Ok(n) => n,
         Err(why) => {
@@ -85,35 +85,35 @@ async fn answer(
     node: Arc<Node>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-) -> Result<(), String> {
+) -> Result<(), PeerError> {
     let raw = recv
         .read_to_end(MAX_MESSAGE)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(PeerError::from)?;
     let (req, rest): (Request, &[u8]) =
-        postcard::take_from_bytes(&raw).map_err(|_| "bad request".to_string())?;
+        postcard::take_from_bytes(&raw).map_err(|_| PeerError::Malformed("request"))?;
     match req {
         Request::Push { batch } => {
             let reply = node.ingest.submit_from_peer(batch).await;
             send.write_all(&reply.encode())
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(PeerError::from)?;
         }
         Request::Sync { digest, max } => {
             let answer = answer_round(&node.state(), &digest, max, SYNC_BATCH);
             for e in answer.batches {
                 let item = postcard::to_allocvec(&SyncItem::Batch(e.raw.to_vec()))
-                    .map_err(|e| e.to_string())?;
+                    .map_err(PeerError::from)?;
                 send.write_all(&edgetally_proto::encode_frame(&item))
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(PeerError::from)?;
             }
             let mut done = postcard::to_allocvec(&SyncItem::Done {
                 digest: answer.digest,
                 more: answer.more,
                 state_hash: answer.state_hash,
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(PeerError::from)?;
             // This node's facts after the `Done` (nodes of an earlier release stop reading at
             // its end): its topology version and settings, current at every round.
             done.extend(
@@ -123,12 +123,12 @@ async fn answer(
             );
             send.write_all(&edgetally_proto::encode_frame(&done))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(PeerError::from)?;
         }
         Request::Snapshot => {
             // Encoded straight from the state: no snapshot value beside it.
-            let bytes = node.state().encode_snapshot()?;
-            send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            let bytes = node.state().encode_snapshot().map_err(PeerError::Local)?;
+            send.write_all(&bytes).await.map_err(PeerError::from)?;
         }
         Request::Forward { batch, version } => {
             // From a node of an earlier release: nothing follows.
@@ -136,31 +136,31 @@ async fn answer(
             let reply = node.forwarded(batch, version, ext.source).await;
             send.write_all(&reply.encode())
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(PeerError::from)?;
         }
         Request::Query(q) => {
             let part = node.part(&q);
-            let bytes = postcard::to_allocvec(&part).map_err(|e| e.to_string())?;
-            send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            let bytes = postcard::to_allocvec(&part).map_err(PeerError::from)?;
+            send.write_all(&bytes).await.map_err(PeerError::from)?;
         }
         Request::Topology => {
             let json = match &node.cluster {
-                Some(c) => serde_json::to_vec(&*c.topology()).map_err(|e| e.to_string())?,
-                None => return Err("no topology here".into()),
+                Some(c) => serde_json::to_vec(&*c.topology()).map_err(PeerError::from)?,
+                None => return Err(PeerError::NotServed("no topology here")),
             };
-            send.write_all(&json).await.map_err(|e| e.to_string())?;
+            send.write_all(&json).await.map_err(PeerError::from)?;
         }
         Request::Adopt(json) => {
             let Some(c) = &node.cluster else {
-                return Err("no topology here".into());
+                return Err(PeerError::NotServed("no topology here"));
             };
             adopt_from_peer(c, &json).await;
-            let v = postcard::to_allocvec(&c.topology().version).map_err(|e| e.to_string())?;
-            send.write_all(&v).await.map_err(|e| e.to_string())?;
+            let v = postcard::to_allocvec(&c.topology().version).map_err(PeerError::from)?;
+            send.write_all(&v).await.map_err(PeerError::from)?;
         }
         Request::Handoff { topology, to } => {
             let Some(c) = &node.cluster else {
-                return Err("no topology here".into());
+                return Err(PeerError::NotServed("no topology here"));
             };
             // Adopting waits until every batch routed by the older topology is applied: the
             // seen-sets below then hold all this node will ever take of `to`'s producers.
@@ -169,13 +169,13 @@ async fn answer(
                 let r = node.state();
                 c.seen_for(&r, &to)
             };
-            let bytes = postcard::to_allocvec(&reply).map_err(|e| e.to_string())?;
-            send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            let bytes = postcard::to_allocvec(&reply).map_err(PeerError::from)?;
+            send.write_all(&bytes).await.map_err(PeerError::from)?;
         }
         Request::DrainState => {
             let st = node.drain_state();
-            let bytes = postcard::to_allocvec(&st).map_err(|e| e.to_string())?;
-            send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            let bytes = postcard::to_allocvec(&st).map_err(PeerError::from)?;
+            send.write_all(&bytes).await.map_err(PeerError::from)?;
         }
     }
     let _ = send.finish();
@@ -228,19 +228,19 @@ enum Event {
     Connected {
         peer: SocketAddr,
         token: u64,
-        got: Result<(quinn::Connection, [u8; 32]), String>,
+        got: Result<(quinn::Connection, [u8; 32]), PeerError>,
     },
     Round {
         peer: SocketAddr,
         token: u64,
         cutoff: i64,
-        got: Result<RoundResult, String>,
+        got: Result<RoundResult, PeerError>,
     },
     Adopted {
         peer: SocketAddr,
         token: u64,
         why: Adopt,
-        got: Result<bool, String>,
+        got: Result<bool, PeerError>,
     },
     Pushed {
         peer: SocketAddr,
@@ -318,14 +318,12 @@ fn transmit(
                     crate::peer::connect(&endpoint, peer, &auth),
                 )
                 .await
-                .unwrap_or_else(|_| Err("connect timed out".into()));
+                .unwrap_or_else(|_| Err(PeerError::Timeout("connect")));
                 let _ = tx.send(Event::Connected { peer, token, got });
             });
         }
         Transmit::Round { peer, token } => {
-            let Some(conn) = conns.get(&peer).cloned() else {
-                repl.sync()
-                    .handle_failed(&peer, token, "no connection".into(), now_ms());
+            let Some(conn) = link_conn(repl, conns, peer, token) else {
                 return;
             };
             // Epochs past the lateness horizon are left out on both sides, by this node's
@@ -344,9 +342,7 @@ fn transmit(
             });
         }
         Transmit::Snapshot { peer, token, why } => {
-            let Some(conn) = conns.get(&peer).cloned() else {
-                repl.sync()
-                    .handle_failed(&peer, token, "no connection".into(), now_ms());
+            let Some(conn) = link_conn(repl, conns, peer, token) else {
                 return;
             };
             let node = node.clone();
@@ -379,6 +375,22 @@ fn transmit(
     }
 }
 
+/// The connection of `peer`'s link for the transmit `token`; if there is none (closed
+/// meanwhile), the transmit fails at once.
+fn link_conn(
+    repl: &Replication,
+    conns: &std::collections::HashMap<SocketAddr, quinn::Connection>,
+    peer: SocketAddr,
+    token: u64,
+) -> Option<quinn::Connection> {
+    let conn = conns.get(&peer).cloned();
+    if conn.is_none() {
+        repl.sync()
+            .handle_failed(&peer, token, "no connection".into(), now_ms());
+    }
+    conn
+}
+
 /// Feeds one I/O outcome to the machine (and logs and counts what it decided).
 fn handle(
     node: &Arc<Node>,
@@ -400,12 +412,13 @@ fn handle(
                 }
             }
             Err(why) => {
-                if why.starts_with(crate::peer::PROTOCOL_MISMATCH) {
+                if matches!(why, PeerError::ProtocolMismatch(_)) {
                     warn!(addr = %peer, "peer link down: {why}");
                 } else {
                     debug!(addr = %peer, "peer link down: {why}");
                 }
-                repl.sync().handle_failed(&peer, token, why, now);
+                repl.sync()
+                    .handle_failed(&peer, token, why.to_string(), now);
             }
         },
         Event::Round {
@@ -415,7 +428,9 @@ fn handle(
             got,
         } => match got {
             Ok(result) => round_done(node, repl, peer, token, cutoff, result),
-            Err(why) => repl.sync().handle_failed(&peer, token, why, now),
+            Err(why) => repl
+                .sync()
+                .handle_failed(&peer, token, why.to_string(), now),
         },
         Event::Adopted {
             peer,
@@ -440,7 +455,7 @@ fn handle(
                     }
                 }
             }
-            Err(e) => repl.sync().handle_failed(&peer, token, e, now),
+            Err(e) => repl.sync().handle_failed(&peer, token, e.to_string(), now),
         },
         Event::Pushed { peer, token, acked } => {
             repl.sync().handle_push_reply(&peer, token, acked, now)
@@ -508,23 +523,23 @@ async fn pull(
     conn: &quinn::Connection,
     addr: SocketAddr,
     req: edgetally_core::RoundRequest,
-) -> Result<RoundResult, String> {
+) -> Result<RoundResult, PeerError> {
     let body = postcard::to_allocvec(&Request::Sync {
         digest: req.digest,
         max: req.max,
     })
-    .map_err(|e| e.to_string())?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    send.write_all(&body).await.map_err(|e| e.to_string())?;
+    .map_err(PeerError::from)?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(PeerError::from)?;
+    send.write_all(&body).await.map_err(PeerError::from)?;
     let _ = send.finish();
     let mut frames = edgetally_proto::FrameDecoder::new(MAX_MESSAGE);
     let mut submitted = tokio::task::JoinSet::new();
     let room = Arc::new(tokio::sync::Semaphore::new(256));
     let mut buf = vec![0u8; 64 << 10];
     let done = 'read: loop {
-        while let Some(frame) = frames.next_frame().map_err(|e| e.to_string())? {
-            let (item, rest) =
-                postcard::take_from_bytes::<SyncItem>(&frame).map_err(|_| "bad sync item")?;
+        while let Some(frame) = frames.next_frame().map_err(PeerError::Frame)? {
+            let (item, rest) = postcard::take_from_bytes::<SyncItem>(&frame)
+                .map_err(|_| PeerError::Malformed("sync item"))?;
             match item {
                 SyncItem::Batch(raw) => {
                     // Bounded: at most 256 pulled batches wait for the pipeline at once; the
@@ -533,7 +548,7 @@ async fn pull(
                         .clone()
                         .acquire_owned()
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|_| PeerError::NotServed("the pipeline is closed"))?;
                     let ingest = node.ingest.clone();
                     submitted.spawn(async move {
                         let _permit = permit;
@@ -554,9 +569,9 @@ async fn pull(
                 }
             }
         }
-        match recv.read(&mut buf).await.map_err(|e| e.to_string())? {
+        match recv.read(&mut buf).await.map_err(PeerError::from)? {
             Some(n) => frames.push(&buf[..n]),
-            None => return Err("sync reply ended early".into()),
+            None => return Err(PeerError::Truncated("sync reply")),
         }
     };
     let mut result = RoundResult {
@@ -574,7 +589,7 @@ async fn pull(
             // A batch our limits refuse (a lower max_lateness here, say) is left out, counted
             // in the rejection metrics; it would be refused from a producer too.
             Ok(Reply::Nack(_)) => result.refused = true,
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(result)
@@ -586,10 +601,10 @@ async fn adopt_snapshot(
     node: &Arc<Node>,
     conn: &quinn::Connection,
     addr: SocketAddr,
-) -> Result<bool, String> {
-    let body = postcard::to_allocvec(&Request::Snapshot).map_err(|e| e.to_string())?;
+) -> Result<bool, PeerError> {
+    let body = postcard::to_allocvec(&Request::Snapshot).map_err(PeerError::from)?;
     let raw = request(conn, &body, MAX_MESSAGE).await?;
-    let snap: Snapshot = Snapshot::decode(&raw).map_err(|_| "bad snapshot".to_string())?;
+    let snap: Snapshot = Snapshot::decode(&raw).map_err(|_| PeerError::Malformed("snapshot"))?;
     let n = node.clone();
     match tokio::task::spawn_blocking(move || n.adopt(snap)).await {
         Ok(Ok(a)) => Ok(a),

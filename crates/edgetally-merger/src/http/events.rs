@@ -1,0 +1,482 @@
+//! Reading `POST /v1/events` bodies (a JSON array or NDJSON, field by field, bounded) and
+//! folding one request's events into one batch's summaries (`EventsFold`, pure).
+
+use super::*;
+
+/// An event's fields: ts_ms, category, entity, value.
+pub(super) type EventFields = (i64, String, Option<String>, f64);
+/// One event of `POST /v1/events`: its fields, or why it was refused.
+pub(super) type EventResult = Result<EventFields, (RejectCode, String)>;
+
+/// The bucket width of the batches `POST /v1/events` makes.
+pub(super) const EVENTS_BUCKET_MS: i64 = 1000;
+
+/// Most events one `POST /v1/events` request may hold (more: 413 `too_many_events`).
+pub const MAX_EVENTS_PER_REQUEST: usize = 100_000;
+/// Most rejections listed one by one in a reply; the rest are counted by reason.
+pub const MAX_LISTED_REJECTIONS: usize = 100;
+
+/// A JSON scalar as an event field sees it; arrays and objects are skipped unread
+/// (`IgnoredAny`), so a hostile field costs no memory.
+pub(super) enum Scalar {
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Null,
+    Other(&'static str),
+}
+
+impl<'de> serde::Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Scalar, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar::Int(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Scalar, E> {
+                Ok(i64::try_from(v).map_or(Scalar::Float(v as f64), Scalar::Int))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar::Float(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar::Str(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Scalar, E> {
+                Ok(Scalar::Str(v))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Scalar, E> {
+                Ok(Scalar::Other("a boolean"))
+            }
+            fn visit_unit<E>(self) -> Result<Scalar, E> {
+                Ok(Scalar::Null)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Scalar, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Other("an array"))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Scalar, A::Error> {
+                while a
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Scalar::Other("an object"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Scalar {
+    /// What it is, for messages.
+    pub(super) fn kind(&self) -> &'static str {
+        match self {
+            Scalar::Int(_) | Scalar::Float(_) => "a number",
+            Scalar::Str(_) => "a string",
+            Scalar::Null => "null",
+            Scalar::Other(k) => k,
+        }
+    }
+}
+
+/// At most `n` characters of attacker-chosen text for a message.
+pub(super) fn clip(s: &str, n: usize) -> String {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// One element of the events array (or one NDJSON line), read field by field straight from
+/// the JSON text: memory per event is its own strings, whatever the element holds.
+pub(super) struct EventItem(EventResult);
+
+impl<'de> serde::Deserialize<'de> for EventItem {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<EventItem, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = EventItem;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an event object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<EventItem, A::Error> {
+                let (mut ts, mut cat, mut ent, mut val) = (None, None, None, None);
+                let mut problem: Option<(RejectCode, String)> = None;
+                while let Some(k) = a.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let slot = match &*k {
+                        "ts_ms" => &mut ts,
+                        "category" => &mut cat,
+                        "entity" => &mut ent,
+                        "value" => &mut val,
+                        other => {
+                            problem.get_or_insert((
+                                RejectCode::InvalidEvent,
+                                format!("unknown field {:?}", clip(other, 40)),
+                            ));
+                            a.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    let v = a.next_value::<Scalar>()?;
+                    if slot.replace(v).is_some() {
+                        problem.get_or_insert((
+                            RejectCode::InvalidEvent,
+                            format!("field {:?} given twice", &*k),
+                        ));
+                    }
+                }
+                if let Some(p) = problem {
+                    return Ok(EventItem(Err(p)));
+                }
+                Ok(EventItem(event_fields(ts, cat, ent, val)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<EventItem, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(not_an_object())
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<EventItem, E> {
+                Ok(not_an_object())
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<EventItem, E> {
+                Ok(not_an_object())
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<EventItem, E> {
+                Ok(not_an_object())
+            }
+            fn visit_str<E>(self, _: &str) -> Result<EventItem, E> {
+                Ok(not_an_object())
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<EventItem, E> {
+                Ok(not_an_object())
+            }
+            fn visit_unit<E>(self) -> Result<EventItem, E> {
+                Ok(not_an_object())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+pub(super) fn not_an_object() -> EventItem {
+    EventItem(Err((
+        RejectCode::InvalidEvent,
+        "an event must be a JSON object".to_string(),
+    )))
+}
+
+/// Checks an event's fields by type (values and ranges are the builder's to check).
+pub(super) fn event_fields(
+    ts: Option<Scalar>,
+    cat: Option<Scalar>,
+    ent: Option<Scalar>,
+    val: Option<Scalar>,
+) -> EventResult {
+    let ts = match ts {
+        Some(Scalar::Int(n)) => n,
+        Some(Scalar::Float(_)) => {
+            return Err((
+                RejectCode::InvalidTimestamp,
+                "ts_ms must be an integer number of milliseconds".into(),
+            ))
+        }
+        Some(_) => {
+            return Err((
+                RejectCode::InvalidTimestamp,
+                "ts_ms must be a number".into(),
+            ))
+        }
+        None => return Err((RejectCode::InvalidEvent, "ts_ms is required".into())),
+    };
+    let category = match cat {
+        Some(Scalar::Str(s)) => s,
+        Some(other) => {
+            return Err((
+                RejectCode::InvalidCategory,
+                format!("category must be a string, not {}", other.kind()),
+            ))
+        }
+        None => return Err((RejectCode::InvalidEvent, "category is required".into())),
+    };
+    let entity = match ent {
+        None | Some(Scalar::Null) => None,
+        Some(Scalar::Str(s)) => Some(s),
+        Some(other) => {
+            return Err((
+                RejectCode::InvalidEntity,
+                format!("entity must be a string, not {}", other.kind()),
+            ))
+        }
+    };
+    let value = match val {
+        None => 1.0,
+        Some(Scalar::Int(n)) => n as f64,
+        Some(Scalar::Float(x)) => x,
+        Some(other) => {
+            return Err((
+                RejectCode::InvalidValue,
+                format!("value must be a number, not {}", other.kind()),
+            ))
+        }
+    };
+    Ok((ts, category, entity, value))
+}
+
+/// Why an event was refused, for a rejection whose code says it (the SDK's `record` checks).
+pub fn event_reason(code: RejectCode) -> &'static str {
+    match code {
+        RejectCode::InvalidCategory => {
+            "category must be 1-200 bytes of UTF-8 without control characters"
+        }
+        RejectCode::InvalidEntity => {
+            "entity must be 1-200 bytes of UTF-8 without control characters"
+        }
+        RejectCode::InvalidValue => "value must be finite with |value| <= 1e15",
+        RejectCode::InvalidTimestamp => "ts_ms is outside the representable range",
+        RejectCode::BucketTooOld => "ts_ms is older than max_lateness",
+        RejectCode::FutureTimestamp => "ts_ms is further ahead than max_future_skew",
+        _ => "rejected",
+    }
+}
+
+pub(super) fn too_large(code: &'static str, message: String) -> ApiError {
+    ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        code,
+        message,
+    }
+}
+
+/// The pure part of `POST /v1/events`: folds the events of one request, in order, into one
+/// batch's worth of summaries and a bounded list of rejections. No I/O, no clock (`now` is
+/// given). A request is applied all or nothing, so it must fit one batch.
+pub(super) struct EventsFold {
+    pub(super) limits: edgetally_core::Limits,
+    pub(super) now: i64,
+    /// Per-category value bounds (admission), checked per event.
+    pub(super) admission: Arc<crate::admission::Admission>,
+    pub(super) builder: BatchBuilder,
+    pub(super) categories: BTreeSet<String>,
+    pub(super) entities: BTreeSet<String>,
+    pub(super) events: usize,
+    pub(super) accepted: u64,
+    pub(super) max_ts: i64,
+    pub(super) listed: Vec<Value>,
+    pub(super) by_reason: BTreeMap<&'static str, u64>,
+    /// Why the whole request is refused, once it is.
+    pub(super) refused: Option<ApiError>,
+    /// An `Idempotency-Key` request: what it applies must be a function of its events alone
+    /// (never of the clock, the node or its settings), so the events are checked on their
+    /// own first and the clock and settings are checked for the request as a whole.
+    pub(super) keyed: bool,
+    /// Keyed: the canonical form of the events read (each event's fields, or its rejection's
+    /// code), so a body reformatted (whitespace, key order, `1` for `1.0`) is the same request.
+    pub(super) canonical: sha2::Sha256,
+    /// Keyed: events valid on their own that the clock or a setting refuses here, now, with
+    /// their index (the first [`MAX_LISTED_REJECTIONS`]) and counted by reason. Kept apart from
+    /// the events' own rejections: a replay answers with those alone, as the first
+    /// application did.
+    pub(super) refused_here: u64,
+    pub(super) here_listed: Vec<Value>,
+    pub(super) here_by_reason: BTreeMap<&'static str, u64>,
+}
+
+impl EventsFold {
+    pub(super) fn new(
+        limits: edgetally_core::Limits,
+        now: i64,
+        admission: Arc<crate::admission::Admission>,
+    ) -> Result<EventsFold, ApiError> {
+        Ok(EventsFold {
+            limits,
+            now,
+            admission,
+            builder: BatchBuilder::new(EVENTS_BUCKET_MS as u32)
+                .map_err(|_| bad("internal", "bucket width"))?,
+            categories: BTreeSet::new(),
+            entities: BTreeSet::new(),
+            events: 0,
+            accepted: 0,
+            max_ts: i64::MIN,
+            listed: Vec::new(),
+            by_reason: BTreeMap::new(),
+            refused: None,
+            keyed: false,
+            canonical: sha2::Digest::new(),
+            refused_here: 0,
+            here_listed: Vec::new(),
+            here_by_reason: BTreeMap::new(),
+        })
+    }
+
+    /// Adds an event's canonical form to the request's (keyed requests only).
+    pub(super) fn canon(&mut self, event: Result<(i64, &str, Option<&str>, f64), RejectCode>) {
+        use sha2::Digest as _;
+        if !self.keyed {
+            return;
+        }
+        let h = &mut self.canonical;
+        match event {
+            Err(code) => {
+                h.update([0]);
+                h.update((code as u16).to_le_bytes());
+            }
+            Ok((ts, cat, ent, value)) => {
+                h.update([1]);
+                h.update(ts.to_le_bytes());
+                h.update((cat.len() as u32).to_le_bytes());
+                h.update(cat.as_bytes());
+                match ent {
+                    None => h.update([0]),
+                    Some(e) => {
+                        h.update([1]);
+                        h.update((e.len() as u32).to_le_bytes());
+                        h.update(e.as_bytes());
+                    }
+                }
+                h.update(value.to_bits().to_le_bytes());
+            }
+        }
+    }
+
+    /// The clock and setting checks of one event valid on its own: its bucket (of the fold's
+    /// 1 s width) within the time window (`Limits::check_bucket_time`, the rule every merger
+    /// applies to a batch), its value within the category's bounds.
+    pub(super) fn check_here(&self, ts: i64, cat: &str, value: f64) -> Result<(), RejectCode> {
+        let start = ts.div_euclid(EVENTS_BUCKET_MS) * EVENTS_BUCKET_MS;
+        self.limits
+            .check_bucket_time(start, EVENTS_BUCKET_MS, self.now)?;
+        if !self.admission.value_in_bounds(cat, value) {
+            return Err(RejectCode::ValueOutOfBounds);
+        }
+        Ok(())
+    }
+
+    pub(super) fn reject(&mut self, index: usize, code: RejectCode, message: String) {
+        *self.by_reason.entry(code.as_str()).or_insert(0) += 1;
+        if self.listed.len() < MAX_LISTED_REJECTIONS {
+            self.listed
+                .push(json!({"index": index, "error": code.as_str(), "message": message}));
+        }
+    }
+
+    /// Takes the next event; `false` once the request is refused whole.
+    pub(super) fn event(&mut self, item: EventResult) -> bool {
+        let index = self.events;
+        self.events += 1;
+        if self.events > MAX_EVENTS_PER_REQUEST {
+            self.refused = Some(too_large(
+                "too_many_events",
+                format!("at most {MAX_EVENTS_PER_REQUEST} events per request; split it"),
+            ));
+            return false;
+        }
+        let (ts, cat, ent, value) = match item {
+            Ok(x) => x,
+            Err((code, msg)) => {
+                self.canon(Err(code));
+                self.reject(index, code, msg);
+                return true;
+            }
+        };
+        let folded = if self.keyed {
+            // The event on its own first: what a keyed request holds depends on its events
+            // alone. The clock and the settings are then checked for the whole request.
+            let r = self.builder.record(&cat, ent.as_deref(), ts, value);
+            self.canon(r.map(|()| (ts, cat.as_str(), ent.as_deref(), value)));
+            if let (Ok(()), Err(code)) = (r, self.check_here(ts, &cat, value)) {
+                self.refused_here += 1;
+                *self.here_by_reason.entry(code.as_str()).or_insert(0) += 1;
+                if self.here_listed.len() < MAX_LISTED_REJECTIONS {
+                    self.here_listed.push(json!({"index": index, "error": code.as_str(), "message": event_reason(code)}));
+                }
+            }
+            r
+        } else {
+            self.check_here(ts, &cat, value)
+                .and_then(|()| self.builder.record(&cat, ent.as_deref(), ts, value))
+        };
+        match folded {
+            Ok(()) => {
+                self.accepted += 1;
+                self.max_ts = self.max_ts.max(ts);
+                if !self.categories.contains(&cat) {
+                    self.categories.insert(cat);
+                }
+                if let Some(e) = ent {
+                    self.entities.insert(e);
+                }
+                let l = &self.limits;
+                if self.builder.len() > l.max_summaries
+                    || self.categories.len() > l.max_categories
+                    || self.entities.len() > l.max_entities
+                {
+                    self.refused = Some(too_large(
+                        "request_too_large",
+                        format!(
+                            "a request is applied as one batch: at most {} distinct (category, entity, second), {} categories and {} entities; split it",
+                            l.max_summaries, l.max_categories, l.max_entities
+                        ),
+                    ));
+                    return false;
+                }
+            }
+            Err(code) => self.reject(index, code, event_reason(code).to_string()),
+        }
+        true
+    }
+
+    /// Reads a JSON array of events element by element.
+    pub(super) fn array(&mut self, text: &str) -> Result<(), ApiError> {
+        struct Each<'a>(&'a mut EventsFold);
+        impl<'de> serde::de::Visitor<'de> for Each<'_> {
+            type Value = ();
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON array of events")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
+                while let Some(EventItem(e)) = a.next_element()? {
+                    if !self.0.event(e) {
+                        return Err(serde::de::Error::custom("refused"));
+                    }
+                }
+                Ok(())
+            }
+        }
+        use serde::Deserializer as _;
+        let mut de = serde_json::Deserializer::from_str(text);
+        let read = de.deserialize_seq(Each(self)).and_then(|()| de.end());
+        if let Some(e) = self.refused.take() {
+            return Err(e);
+        }
+        read.map_err(|e| {
+            bad(
+                "malformed",
+                format!("body is not a JSON array of events: {e}"),
+            )
+        })
+    }
+
+    /// Reads NDJSON: one event per non-empty line; a line that is not JSON is rejected alone.
+    pub(super) fn ndjson(&mut self, text: &str) -> Result<(), ApiError> {
+        // Lines end in LF, CRLF or a lone CR (as some exporters write them).
+        for line in text.split(['\n', '\r']).filter(|l| !l.trim().is_empty()) {
+            let item = serde_json::from_str::<EventItem>(line)
+                .map(|EventItem(e)| e)
+                .unwrap_or_else(|e| Err((RejectCode::Malformed, format!("line is not JSON: {e}"))));
+            if !self.event(item) {
+                break;
+            }
+        }
+        self.refused.take().map_or(Ok(()), Err)
+    }
+}

@@ -1,0 +1,263 @@
+//! The query endpoints: aggregate, window, top-k, totals and series, with how fresh and
+//! complete each answer is.
+
+use super::*;
+
+pub(super) fn num(x: f64) -> Value {
+    serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+}
+
+/// count, sum, sum_exact, avg, min, max of a total (null where count is 0).
+pub(super) fn stats(t: &Total, obj: &mut Map<String, Value>) {
+    let empty = t.count == 0;
+    let sum = t.sum.to_f64();
+    obj.insert("count".into(), json!(t.count));
+    obj.insert("sum".into(), num(sum));
+    obj.insert("sum_exact".into(), json!(t.sum.to_decimal()));
+    obj.insert(
+        "avg".into(),
+        if empty {
+            Value::Null
+        } else {
+            num(sum / t.count as f64)
+        },
+    );
+    obj.insert("min".into(), if empty { Value::Null } else { num(t.min) });
+    obj.insert("max".into(), if empty { Value::Null } else { num(t.max) });
+}
+
+/// `{"key", count, sum, …}` for each (group name, totals) row.
+pub(super) fn rows_json(rows: &Rows) -> Value {
+    Value::Array(
+        rows.rows
+            .iter()
+            .map(|(name, t)| {
+                let mut o = Map::new();
+                o.insert("key".into(), json!(name));
+                stats(t, &mut o);
+                Value::Object(o)
+            })
+            .collect(),
+    )
+}
+
+/// How fresh and complete an answer is: when it was computed, and whether it holds every
+/// batch the cluster has, as far as this node can tell — this node sees all its peers and,
+/// with shard groups, every group answered in time from a node that sees all of its own
+/// (`shard_groups` lists each group's part). An incomplete answer may lack batches held only
+/// elsewhere; it never counts one twice.
+pub(super) fn freshness(
+    node: &Node,
+    complete: bool,
+    groups: &[crate::cluster::GroupAnswer],
+    obj: &mut Map<String, Value>,
+) {
+    obj.insert("as_of_ms".into(), json!(now_ms()));
+    obj.insert("complete".into(), json!(complete));
+    if node.cluster.is_some() {
+        obj.insert(
+            "shard_groups".into(),
+            Value::Array(
+                groups
+                    .iter()
+                    .map(|g| {
+                        json!({
+                            "name": g.name,
+                            "answered": g.answered,
+                            "complete": g.complete,
+                            "as_of_ms": g.as_of_ms,
+                            "absorbed_by": g.absorbed_by,
+                            "error": g.error,
+                        })
+                    })
+                    .collect(),
+            ),
+        );
+    }
+}
+
+pub(super) async fn aggregate_json(
+    node: &Node,
+    category: String,
+    entity: Option<String>,
+    start: i64,
+    end: i64,
+) -> Map<String, Value> {
+    let (answer, complete, groups) = node
+        .query(Query::Aggregate {
+            category: category.clone(),
+            entity: entity.clone(),
+            start,
+            end,
+        })
+        .await;
+    let (start, end, total) =
+        answer
+            .into_points()
+            .into_iter()
+            .next()
+            .unwrap_or((start, end, Total::EMPTY));
+    let mut o = Map::new();
+    o.insert("category".into(), json!(category));
+    o.insert("entity".into(), json!(entity));
+    o.insert("time_window_start".into(), json!(start));
+    o.insert("time_window_end".into(), json!(end));
+    stats(&total, &mut o);
+    freshness(node, complete, &groups, &mut o);
+    o
+}
+
+pub(super) async fn aggregate(
+    State(node): State<Node_>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let p = Params::parse(q, &["category", "start", "end", "entity"])?;
+    let category = p.name("category", true)?.unwrap_or_default();
+    let entity = p.name("entity", false)?;
+    let (start, end) = p.window()?;
+    let o = aggregate_json(&node, category, entity, start, end).await;
+    Ok(Json(Value::Object(o)))
+}
+
+pub(super) async fn window(
+    State(node): State<Node_>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let p = Params::parse(q, &["category", "width_ms", "entity"])?;
+    let category = p.name("category", true)?.unwrap_or_default();
+    let entity = p.name("entity", false)?;
+    let width = p.int("width_ms", 1, 400 * 86_400_000, None)?;
+    let now = now_ms();
+    let mut o = aggregate_json(&node, category, entity, now - width, now).await;
+    o.insert("width_ms".into(), json!(width));
+    Ok(Json(Value::Object(o)))
+}
+
+pub(super) async fn topk(
+    State(node): State<Node_>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let p = Params::parse(q, &["category", "start", "end", "k", "by"])?;
+    let category = p.name("category", true)?.unwrap_or_default();
+    let (start, end) = p.window()?;
+    let k = p.int("k", 1, 1000, Some(10))? as usize;
+    let by = match p.opt_str("by").unwrap_or("entity") {
+        "entity" => TopBy::Entity,
+        "producer" => TopBy::Producer,
+        other => {
+            return Err(bad(
+                "bad_parameter",
+                format!("by must be entity or producer, not {other:?}"),
+            ))
+        }
+    };
+    let (answer, complete, groups) = node
+        .query(Query::TopK {
+            category: category.clone(),
+            start,
+            end,
+            by_producer: by == TopBy::Producer,
+        })
+        .await;
+    // Every group sent every row: rank the merged rows here (ties by name), keep k.
+    let mut rows = answer.into_rows();
+    rows.rank(k);
+    let mut o = Map::new();
+    o.insert("category".into(), json!(category));
+    o.insert(
+        "by".into(),
+        json!(if by == TopBy::Entity {
+            "entity"
+        } else {
+            "producer"
+        }),
+    );
+    o.insert("k".into(), json!(k));
+    o.insert("time_window_start".into(), json!(rows.start));
+    o.insert("time_window_end".into(), json!(rows.end));
+    o.insert("items".into(), rows_json(&rows));
+    freshness(&node, complete, &groups, &mut o);
+    Ok(Json(Value::Object(o)))
+}
+
+pub(super) async fn totals(
+    State(node): State<Node_>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let p = Params::parse(q, &["start", "end", "group_by"])?;
+    let (start, end) = p.window()?;
+    let (g, label) = match p.opt_str("group_by").unwrap_or("none") {
+        "none" => (0, "none"),
+        "category" => (1, "category"),
+        "entity" => (2, "entity"),
+        other => {
+            return Err(bad(
+                "bad_parameter",
+                format!("group_by must be none, category or entity, not {other:?}"),
+            ))
+        }
+    };
+    let (answer, complete, groups) = node
+        .query(Query::Totals {
+            start,
+            end,
+            group_by: g,
+        })
+        .await;
+    let rows = answer.into_rows();
+    let mut o = Map::new();
+    o.insert("group_by".into(), json!(label));
+    o.insert("time_window_start".into(), json!(rows.start));
+    o.insert("time_window_end".into(), json!(rows.end));
+    o.insert("groups".into(), rows_json(&rows));
+    freshness(&node, complete, &groups, &mut o);
+    Ok(Json(Value::Object(o)))
+}
+
+/// Most points one series answer may hold.
+pub const MAX_SERIES_POINTS: usize = 10_000;
+
+pub(super) async fn series(
+    State(node): State<Node_>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let p = Params::parse(q, &["category", "start", "end", "step_ms", "entity"])?;
+    let category = p.name("category", true)?.unwrap_or_default();
+    let entity = p.name("entity", false)?;
+    let (start, end) = p.window()?;
+    let step = p.int("step_ms", 1000, 400 * 86_400_000, None)?;
+    if (end - start) / step >= MAX_SERIES_POINTS as i64 {
+        return Err(bad(
+            "too_many_points",
+            format!("at most {MAX_SERIES_POINTS} steps per request"),
+        ));
+    }
+    let (answer, complete, groups) = node
+        .query(Query::Series {
+            category: category.clone(),
+            entity: entity.clone(),
+            start,
+            end,
+            step_ms: step,
+            max_points: MAX_SERIES_POINTS as u32,
+        })
+        .await;
+    let pts: Vec<Value> = answer
+        .into_points()
+        .iter()
+        .map(|(start, end, total)| {
+            let mut o = Map::new();
+            o.insert("time_window_start".into(), json!(start));
+            o.insert("time_window_end".into(), json!(end));
+            stats(total, &mut o);
+            Value::Object(o)
+        })
+        .collect();
+    let mut o = Map::new();
+    o.insert("category".into(), json!(category));
+    o.insert("entity".into(), json!(entity));
+    o.insert("step_ms".into(), json!(step));
+    o.insert("points".into(), Value::Array(pts));
+    freshness(&node, complete, &groups, &mut o);
+    Ok(Json(Value::Object(o)))
+}
