@@ -16,6 +16,7 @@ mod groups;
 mod groups_sim;
 mod harness;
 mod hostile;
+mod house;
 mod merger;
 mod openapi;
 mod peers;

@@ -181,6 +181,8 @@ impl Batch {
     /// Checks everything that does not depend on the clock: bucket width, string table, every
     /// summary's key and consistency, duplicate keys, and the count limits.
     /// Normalises `-0.0` in min/max.
+    // Long by design: every clock-independent rule of SPEC §3 in order, each with its reason
+    // code.
     pub fn check(&mut self, limits: &Limits) -> Result<(), RejectCode> {
         // Everything that could make `Replica::apply` refuse a batch is checked here, before
         // the merger writes it: a stored batch must apply on every replay.

@@ -407,6 +407,8 @@ impl<S: Sink> Exporter<S> {
     }
 
     /// One round; `last_clean`: the last round of a clean stop (see [`Exporting::finish`]).
+    // Long by design: one export round in order (mark, changed keys, rows, write with
+    // isolation, the new mark); the order is what writes each key exactly once.
     async fn round(&mut self, last_clean: bool) {
         self.drain();
         let now = edgetally_net::now_ms();

@@ -499,6 +499,9 @@ impl Admission {
     /// the producer (asked only past nine tenths of the cap). Returns what was reserved (the
     /// series to add to `series`, and the quota charge to settle once the batch applied), or
     /// `Err(Ok(delay))` for a retry, `Err(Err(code))` for a refusal.
+    // Long by design: the admission checks in their documented order (series cap, rates,
+    // novelty quotas per producer and per source), each refusing with its code
+    // (docs/design/ingest.md).
     pub fn charge(
         &self,
         batch: &Batch,

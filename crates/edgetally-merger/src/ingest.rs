@@ -312,6 +312,8 @@ async fn verify_stage(mut rx: mpsc::Receiver<Job>, tx: mpsc::Sender<Checked>, p:
 /// Decodes, time-checks and (for producers' batches) admits every job, then verifies the
 /// signatures of those that passed together — but for peers' batches already applied here,
 /// which can only be acknowledged as duplicates (see [`Job::unverified`]).
+// Long by design: the check stage in order (decode, time, admission, then one verification pass
+// over the jobs that passed); the per-job versus batched split is the point.
 fn check_jobs(
     mut jobs: Vec<Job>,
     limits: &Limits,
@@ -395,6 +397,8 @@ fn check_jobs(
         .collect()
 }
 
+// Long by design: the group-commit loop (gather, write and fsync, apply, answer; Retry on
+// failure) in one place, so the durability order is visible at once.
 async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
     // Appends (fsync) of one group overlap the apply of the previous one; `pending` holds the
     // ids written but not yet applied, so a duplicate arriving in between is not written twice
@@ -593,6 +597,8 @@ async fn apply_stage(
 }
 
 /// Applies one written group; returns every reply of the group.
+// Long by design: apply in order with each reply's bookkeeping (novelty, export feed, pushes)
+// beside it.
 fn apply_group(
     p: &Pipeline,
     pending: &std::sync::Mutex<HashSet<BatchId>>,

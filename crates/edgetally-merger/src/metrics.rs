@@ -124,6 +124,7 @@ impl Metrics {
 
     /// Writes this node's own counters and gauges (every family of [`FAMILIES`] that these
     /// counters hold; the node adds the ones read from its state, `node::Node::metrics_text`).
+    // Long by design: one line per family: the list is the content.
     pub fn write(&self, x: &mut Exposition) {
         for (name, v) in [
             ("edgetally_batches_applied_total", &self.applied),

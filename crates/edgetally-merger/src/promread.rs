@@ -344,6 +344,8 @@ fn values(t: &Total) -> [Option<f64>; 4] {
 }
 
 /// Answers one query.
+// Long by design: one remote-read query: its matchers, the plan, then one series per (category,
+// entity, statistic), nested as the prompb types are.
 async fn answer(
     node: &Node,
     q: &PromQuery,

@@ -81,6 +81,7 @@ pub async fn serve_peer(node: Arc<Node>, conn: quinn::Connection) {
     }
 }
 
+// Long by design: one arm per peer request kind (a dispatch); each arm is a few lines of I/O.
 async fn answer(
     node: Arc<Node>,
     mut send: quinn::SendStream,

@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+mod parts;
+use parts::*;
 /// A started node; `shutdown()` stops it.
 #[derive(Debug)]
 pub struct Running {
@@ -40,6 +42,10 @@ pub struct Running {
 impl Node {
     /// Starts a node: recovers state, binds both listeners, spawns upkeep. Prints the
     /// certificate hash and addresses to stdout (one `key: value` per line).
+    // Long by design: start-up in its order (checks, key, identity, store, replication,
+    // cluster, bootstrap, recovery, admission, export, pipeline, listeners, the node, tasks);
+    // each step is a helper call or a field of the node, and split further the order would be
+    // spread out.
     pub async fn start(config: Config) -> Result<Running, StartError> {
         config.retention.check().map_err(StartError::Config)?;
         let dir = config.data_dir.clone();
@@ -57,66 +63,12 @@ impl Node {
                     .into(),
             ));
         }
-        let replication = if config.peers.is_empty() && config.topology_file.is_none() {
-            None
-        } else {
-            let mut auth =
-                crate::peer::Auth::new(config.cluster_secret.as_deref(), &config.peer_keys, seed)
-                    .map_err(StartError::Restore)?;
-            auth.facts = Arc::new(crate::peer::Facts::new(crate::handshake::settings_digest(
-                &config,
-            )));
-            if auth.open_to_loopback_only() {
-                // Peer links carry the state, snapshots included: never to or from a stranger,
-                // loopback or not.
-                return Err(StartError::Config(
-                    "peers or a topology are configured but neither cluster_secret nor \
-                     peer_keys: peers must authenticate (give every node the same \
-                     EDGETALLY_CLUSTER_SECRET, or list their node keys in peer_keys)"
-                        .into(),
-                ));
-            }
-            let (tx, _) = tokio::sync::broadcast::channel(4096);
-            Some(Arc::new(crate::peer::Replication {
-                auth,
-                sync: std::sync::Mutex::new(edgetally_core::PeerSync::new(
-                    edgetally_core::SyncConfig {
-                        interval_ms: config.sync_interval_ms as i64,
-                        horizon_ms: (config.peer_horizon_secs as i64).saturating_mul(1000),
-                        catch_up_batches: config.snapshot_catch_up_batches,
-                        round_max: crate::peer::SYNC_BATCH,
-                        ..edgetally_core::SyncConfig::default()
-                    },
-                    config.peers.iter().copied(),
-                    now_ms(),
-                )),
-                applied: tx,
-            }))
-        };
+        let replication = replication_for(&config, seed)?;
         let peer_endpoint = match &replication {
             Some(_) => Some(crate::peer::client_endpoint().map_err(StartError::Tls)?),
             None => None,
         };
-        let cluster = match (
-            &config.topology_file,
-            &config.group,
-            &replication,
-            &peer_endpoint,
-        ) {
-            (Some(path), Some(group), Some(repl), Some(ep)) => Some(Arc::new(
-                crate::cluster::Cluster::new(
-                    path,
-                    &config.data_dir,
-                    group,
-                    ep.clone(),
-                    repl.auth.clone(),
-                    Duration::from_millis(config.query_deadline_ms),
-                    config.limits,
-                )
-                .map_err(StartError::Config)?,
-            )),
-            _ => None,
-        };
+        let cluster = cluster_for(&config, replication.as_ref(), peer_endpoint.as_ref())?;
         let mut bootstrap = None;
         if let (Some(repl), Some(ep)) = (&replication, &peer_endpoint) {
             if store.is_empty()? && !config.peers.is_empty() {
@@ -150,53 +102,7 @@ impl Node {
         );
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
-        #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
-        let mut exporting = None;
-        let export = match &config.export_postgres_url {
-            None => None,
-            #[cfg(not(feature = "postgres"))]
-            Some(_) => {
-                return Err(StartError::Config(
-                    "export_postgres_url is set, but this build has no PostgreSQL export \
-                     (cargo feature `postgres`)"
-                        .into(),
-                ))
-            }
-            #[cfg(feature = "postgres")]
-            Some(url) => {
-                let tier = match config.export_bucket_ms {
-                    60_000 => 1,
-                    3_600_000 => 2,
-                    other => {
-                        return Err(StartError::Config(format!(
-                            "export_bucket must be 1m or 1h, not {other} ms"
-                        )))
-                    }
-                };
-                let sink = crate::export::Postgres::new(
-                    url,
-                    &config.export_table,
-                    config.export_postgres_ca.as_deref(),
-                )
-                .map_err(StartError::Config)?;
-                let cfg = crate::export::ExportConfig {
-                    tier,
-                    delay_ms: config.export_delay_ms.max(0),
-                    interval_ms: config.export_interval_ms.max(100),
-                    reach_ms: config
-                        .limits
-                        .max_lateness_ms
-                        .saturating_add(config.seen_expiry_margin_ms.max(0)),
-                    mark_file: dir.join(format!("export-{}.mark", config.export_table)),
-                    quarantine_file: dir.join(format!("export-{}.quarantine", config.export_table)),
-                };
-                let (feed, handle) =
-                    crate::export::start(sink, cfg, replica.clone(), metrics.export.clone())
-                        .map_err(StartError::Config)?;
-                exporting = Some(handle);
-                Some(feed)
-            }
-        };
+        let (export, exporting) = export_for(&config, &dir, &replica, &metrics)?;
         let pipeline = Pipeline {
             export: export.clone(),
             admission: admission.clone(),
@@ -272,55 +178,16 @@ impl Node {
             ingest,
         });
         tasks.push(commit_task);
-        tasks.push(tokio::spawn(edgetally_net::serve(
-            endpoint.clone(),
-            node.clone(),
-            rx.clone(),
-        )));
-        let app = crate::http::router(node.clone());
-        tasks.push(tokio::spawn(crate::serve_http::serve(
+        tasks.extend(spawn_tasks(
+            &node,
+            &endpoint,
             listener,
-            app,
-            http_tls,
-            rx.clone(),
-        )));
-        if let Some(ep) = peer_endpoint {
-            tasks.extend(crate::replication::spawn_links(
-                node.clone(),
-                ep,
-                rx.clone(),
-            ));
-        }
-        tasks.push(tokio::spawn(mark_durable(node.store.clone(), rx.clone())));
-        if node.cluster.is_some() {
-            tasks.push(tokio::spawn(topology_upkeep(
-                node.clone(),
-                quic_addr,
-                rx.clone(),
-            )));
-        }
-        tasks.push(tokio::spawn(admission_upkeep(
-            node.admission.clone(),
-            rx.clone(),
-        )));
-        tasks.push(tokio::spawn(upkeep(
-            node.clone(),
-            endpoint.clone(),
+            peer_endpoint,
             id,
             generated,
-            rx,
-        )));
-        println!("node: {}", node.signer.producer().to_hex());
-        println!("quic: {quic_addr}");
-        let scheme = if node.http_tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        println!("http: {scheme}://{http_addr}");
-        println!("cert-sha256: {}", hex(&node.cert_hash()));
-        println!("recovered-batches: {recovered}");
-        info!(%quic_addr, %http_addr, recovered, "merger started");
+            &rx,
+        ));
+        announce(&node, quic_addr, http_addr);
         Ok(Running {
             node,
             http_addr,
@@ -342,6 +209,8 @@ const DRAIN_SETTLE_MS: i64 = 3_000;
 /// (a replica that was away during the drain), else — once every replica of the drained group
 /// has been draining for [`DRAIN_SETTLE_MS`] with an empty pipeline and they all hold one
 /// state — from one of them, checked against that state's hash.
+// Long by design: a drain's steps for each group in order (a source, its snapshot, coverage,
+// merge, persist, record); the order is what makes absorbing exactly-once.
 async fn absorb_round(node: &Arc<Node>) {
     let Some(c) = &node.cluster else { return };
     let t = c.topology();

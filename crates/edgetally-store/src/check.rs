@@ -173,6 +173,8 @@ fn replayable(raw: &[u8], limits: &Limits) -> Result<(), String> {
 /// that replays — below the floor too, where files remain — as (group, raw bytes).
 type Inspected = (Report, Option<Snapshot>, Vec<(u64, Vec<u8>)>);
 
+// Long by design: one pass over a data directory's parts in the order start-up reads them, each
+// reported where it is read.
 fn inspect(dir: &Path) -> Result<Inspected, StoreError> {
     let (snapshot, snap, floor, durable) = read_meta(dir)?;
     let log_dir = dir.join("log");

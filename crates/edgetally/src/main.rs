@@ -173,6 +173,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+// Long by design: the CLI's dispatch, one arm per subcommand.
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Serve(args) => {

@@ -100,6 +100,8 @@ enum Kind {
     },
 }
 
+// Long by design: one arm per query kind of `edgetally query`, each building its request and
+// printing its answer.
 pub fn run(a: QueryArgs) -> Result<()> {
     let s = |x: &str| Some(x.to_string());
     let n = |x: i64| Some(x.to_string());

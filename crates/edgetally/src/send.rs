@@ -367,6 +367,8 @@ fn read_line(
     }
 }
 
+// Long by design: `edgetally send` in order (input, producer, records, flush with its deadline,
+// the report).
 pub fn run(a: SendArgs) -> Result<()> {
     let map = Mapping::parse(&a.map)?;
     let certs: Vec<[u8; 32]> = a

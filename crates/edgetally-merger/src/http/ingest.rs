@@ -55,6 +55,8 @@ pub(super) fn key_state(replica: &edgetally_core::Replica, id: &BatchId) -> KeyS
     }
 }
 
+// Long by design: POST /v1/events in order (key, body, fold, keyed refusal, seal, submit,
+// answer), each step with its HTTP status.
 pub(super) async fn events(
     State(node): State<Node_>,
     conn: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,

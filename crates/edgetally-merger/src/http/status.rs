@@ -41,6 +41,8 @@ pub(super) fn peers_json(node: &Node) -> Value {
             .collect(),
     )
 }
+// Long by design: the /v1/status document, about one field per line (its shape is the OpenAPI
+// document's).
 pub(super) async fn status(State(node): State<Node_>) -> Json<Value> {
     // Every figure is O(1): the replica keeps its counters and set hash current as it
     // applies, so pollers cost ingest nothing but a brief read lock.
