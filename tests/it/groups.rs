@@ -7,7 +7,7 @@
 //! producers, and with a whole group down the answers are marked incomplete and never exceed
 //! the truth.
 
-use crate::harness::{agent, free_udp, now_ms, runtime, Merger, TempDir};
+use crate::harness::{agent, free_udp, keyed_until_applied, now_ms, runtime, Merger, TempDir};
 use edgetally_net::{Endpoint, NativeProducer};
 use edgetally_proto::ProducerConfig;
 use edgetally_tests::{decimal, Rng};
@@ -1105,30 +1105,14 @@ fn shard_groups_stay_exact_through_a_rolling_topology_and_settings_change_and_ki
             for i in 0..120u64 {
                 std::thread::sleep(Duration::from_millis(80));
                 let send = |at: usize| send_keyed(i, at);
-                let deadline = Instant::now() + Duration::from_secs(60);
                 let n = urls.lock().expect("urls").len() as u64;
-                let mut at = rng.below(n) as usize;
-                loop {
-                    assert!(Instant::now() < deadline, "request {i} never answered");
-                    match send(at) {
-                        Some((200, v)) => {
-                            let accepted = v["accepted"].as_u64().expect("accepted");
-                            truth += accepted;
-                            answers.lock().expect("answers").push((i, accepted));
-                            let other = (at + 1 + rng.below(n - 1) as usize) % n as usize;
-                            if let Some((200, w)) = send(other) {
-                                assert_eq!(w["accepted"].as_u64(), Some(accepted), "{w}");
-                            }
-                            break;
-                        }
-                        Some((503, _)) | None => {
-                            retried += 1;
-                            at = (at + 1 + rng.below(n - 1) as usize) % n as usize;
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                        Some((st, v)) => panic!("request {i}: {st} {v}"),
-                    }
-                }
+                let first = rng.below(n) as usize;
+                let (accepted, retries) = keyed_until_applied(i, first, send, |at| {
+                    (at + 1 + rng.below(n - 1) as usize) % n as usize
+                });
+                truth += accepted;
+                retried += retries;
+                answers.lock().expect("answers").push((i, accepted));
             }
             assert!(retried > 0, "the nemesis never caught a keyed request");
             truth

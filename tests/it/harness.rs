@@ -324,3 +324,39 @@ pub fn tool_present(present: bool, package: &str, what: &str) -> bool {
     }
     present
 }
+
+/// One keyed request through a nemesis: `send(node)` (None: lost, or the node is down) to
+/// `first`, and while the answer is lost or 503 (not applied), the same request to the node
+/// `next(at)` after 50 ms, until a 200 (within 60 s; any other status fails the test). The
+/// applied answer is confirmed at `next(at)` too — a load balancer's retry after a timeout:
+/// the same `accepted`, counted once. Returns (accepted, retries).
+pub fn keyed_until_applied(
+    request: u64,
+    first: usize,
+    send: impl Fn(usize) -> Option<(u16, Value)>,
+    mut next: impl FnMut(usize) -> usize,
+) -> (u64, u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let (mut at, mut retries) = (first, 0);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "request {request} never answered"
+        );
+        match send(at) {
+            Some((200, v)) => {
+                let accepted = v["accepted"].as_u64().expect("accepted");
+                if let Some((200, w)) = send(next(at)) {
+                    assert_eq!(w["accepted"].as_u64(), Some(accepted), "{w}");
+                }
+                return (accepted, retries);
+            }
+            Some((503, _)) | None => {
+                retries += 1;
+                at = next(at);
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Some((st, v)) => panic!("request {request}: {st} {v}"),
+        }
+    }
+}

@@ -4,7 +4,7 @@
 //! every ingest path; and the small protocol courtesies (bearer scheme case, NDJSON line ends,
 //! what `/readyz` tells a stranger).
 
-use crate::harness::{free_udp, now_ms, Merger, TempDir};
+use crate::harness::{free_udp, keyed_until_applied, now_ms, Merger, TempDir};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -621,30 +621,11 @@ fn keyed_retries_and_failing_over_producers_are_exact_through_kill_9() {
                         Some((st, v))
                     })
                 };
-                let deadline = Instant::now() + Duration::from_secs(60);
-                let mut at = (i % 2) as usize;
-                loop {
-                    assert!(Instant::now() < deadline, "request {i} never answered");
-                    match send(at) {
-                        Some((200, v)) => {
-                            let accepted = v["accepted"].as_u64().expect("accepted");
-                            truth += accepted;
-                            // The same request through the other node too (a load balancer's
-                            // retry after a timeout): the same answer, counted once.
-                            if let Some((200, w)) = send(1 - at) {
-                                assert_eq!(w["accepted"].as_u64(), Some(accepted), "{w}");
-                            }
-                            break;
-                        }
-                        Some((503, _)) | None => {
-                            // Lost or not applied: the same key at the other node.
-                            retried += 1;
-                            at = 1 - at;
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                        Some((st, v)) => panic!("request {i}: {st} {v}"),
-                    }
-                }
+                // Lost or not applied: the same key at the other node.
+                let (accepted, retries) =
+                    keyed_until_applied(i, (i % 2) as usize, send, |at| 1 - at);
+                truth += accepted;
+                retried += retries;
             }
             assert!(retried > 0, "the nemesis never caught a keyed request");
             truth
