@@ -23,6 +23,15 @@ fn every_crasher_is_an_error() {
                 let _ = (r.state_hash(), r.snapshot());
             }
         }
+        // Sketch bytes (issue 30): an error or a canonical sketch, never a panic.
+        if let Ok(h) = edgetally_core::sketch::Hll::decode(&bytes) {
+            assert_eq!(h.encode(), bytes, "{path:?}");
+            let _ = h.estimate();
+        }
+        if let Ok(q) = edgetally_core::sketch::Quantiles::decode(&bytes) {
+            assert_eq!(q.encode(), bytes, "{path:?}");
+            let _ = (q.count(), q.quantile(0.99));
+        }
         let mut d = FrameDecoder::new(1 << 20);
         d.push(&bytes);
         while let Ok(Some(_)) = d.next_frame() {}

@@ -320,4 +320,55 @@ fn write_vectors_for_the_wasm_check() {
         let bytes = [&key[..], &sig[..], &msg].concat();
         std::fs::write(format!("{dir}/{name}.{}", u8::from(want)), bytes).expect("write");
     }
+    // The sketches (issue 30): a corpus of values at the edges of the quantile sketch's
+    // buckets and range (subnormals, ±0, 1e15 and just past it, bucket boundaries γ^i and
+    // their neighbours, random magnitudes) and 20,000 subjects (a dense distinct-count
+    // sketch), with the native build's bytes for them; the wasm build must give the same.
+    use edgetally_core::sketch::{subject_hash, Hll, Quantiles};
+    let mut corpus = Vec::new();
+    let mut q = Quantiles::new(100).expect("accuracy");
+    let mut hll = Hll::new(14).expect("precision");
+    let gamma: f64 = 1.01 / 0.99;
+    let mut values = vec![
+        0.0,
+        -0.0,
+        f64::MIN_POSITIVE / 8.0,
+        1e-9,
+        1e15,
+        1.000_000_1e15,
+        -1e15,
+    ];
+    for i in -1000..=1000 {
+        let edge = gamma.powi(i);
+        values.extend([
+            edge,
+            f64::from_bits(edge.to_bits() + 1),
+            f64::from_bits(edge.to_bits() - 1),
+            -edge,
+        ]);
+    }
+    let mut rng = Rng::new(30);
+    for _ in 0..5000 {
+        let e = rng.below(48) as i32 - 24;
+        values.push(10f64.powi(e) * (rng.below(1_000_000) as f64 + 0.5) / 1e6);
+    }
+    for v in values {
+        corpus.push(0);
+        corpus.extend_from_slice(&v.to_le_bytes());
+        q.insert(v, 1);
+    }
+    for i in 0..20_000 {
+        let s = format!("subject-{i}-{}", rng.below(1 << 30));
+        corpus.push(1);
+        corpus.extend_from_slice(&(s.len() as u16).to_le_bytes());
+        corpus.extend_from_slice(s.as_bytes());
+        hll.insert_hash(subject_hash(&s, None));
+    }
+    let mut expected = Vec::new();
+    for part in [hll.encode(), q.encode()] {
+        expected.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        expected.extend_from_slice(&part);
+    }
+    std::fs::write(format!("{dir}/sketch-corpus"), corpus).expect("write");
+    std::fs::write(format!("{dir}/sketch-expected"), expected).expect("write");
 }

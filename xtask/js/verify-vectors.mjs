@@ -6,9 +6,9 @@ import { join } from "node:path";
 
 const [module, dir] = process.argv.slice(2);
 const { instance } = await WebAssembly.instantiate(readFileSync(module), {});
-const { memory, et_alloc, et_verify } = instance.exports;
+const { memory, et_alloc, et_verify, et_sketch } = instance.exports;
 let checked = 0;
-for (const f of readdirSync(dir).sort()) {
+for (const f of readdirSync(dir).sort().filter((f) => !f.startsWith("sketch-"))) {
   const want = Number(f.split(".").pop());
   const bytes = readFileSync(join(dir, f));
   const ptr = et_alloc(bytes.length);
@@ -25,3 +25,21 @@ if (checked < 8) {
   process.exit(1);
 }
 console.log(`wasm32 verdicts equal the native ones on ${checked} signature vectors`);
+
+// The sketches of one corpus: the wasm build's canonical bytes equal the native build's.
+const corpus = readFileSync(join(dir, "sketch-corpus"));
+const expected = readFileSync(join(dir, "sketch-expected"));
+const at = et_alloc(corpus.length);
+new Uint8Array(memory.buffer, at, corpus.length).set(corpus);
+const out = et_sketch(at, corpus.length);
+if (out === 0) {
+  console.error("et_sketch refused the corpus");
+  process.exit(1);
+}
+const len = new DataView(memory.buffer).getUint32(out, true);
+const got = new Uint8Array(memory.buffer, out + 4, len);
+if (len !== expected.length || !got.every((b, i) => b === expected[i])) {
+  console.error(`wasm sketch bytes differ from the native ones (${len} against ${expected.length} bytes)`);
+  process.exit(1);
+}
+console.log(`wasm32 sketches equal the native ones, byte for byte (${len} bytes)`);

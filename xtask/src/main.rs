@@ -11,6 +11,8 @@
 //!   against a release merger; `test` runs 60 s of it on the debug build.
 //! - `cargo xtask fuzz [SECONDS]` — every fuzz target for SECONDS each (default 600); `test`
 //!   runs them for 30 s each. A crash is copied into `tests/crashers/` and fails the run.
+//! - `cargo xtask sketches` — the sketches' accuracy tables (distinct counts to ten million
+//!   subjects), release build.
 //! - `cargo xtask upgrade [COMMIT]` — builds the previous release (default
 //!   [`PREVIOUS_RELEASE`]) from its commit and runs a three-node cluster through a rolling
 //!   upgrade to this one, writes throughout, checked against a ground truth
@@ -54,6 +56,18 @@ fn main() -> Result<()> {
             };
             sim(scale)
         }
+        Some("sketches") => run(cargo().args([
+            "test",
+            "--release",
+            "--locked",
+            "-p",
+            "edgetally-core",
+            "--lib",
+            "sketch",
+            "--",
+            "--ignored",
+            "--nocapture",
+        ])),
         Some("upgrade") => {
             let commit = args.get(1).map_or(PREVIOUS_RELEASE, String::as_str);
             upgrade(&root, commit)
@@ -68,7 +82,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|wasm-check|web|openapi [SECONDS]|upgrade [COMMIT]|soak [SECONDS]|churn [SECONDS]|fuzz [SECONDS]|sim [SCALE]|bench [core|wire|sdk|figures|merger|cluster|status|export|web]>"
+                "usage: cargo xtask <test|wasm-check|web|openapi [SECONDS]|upgrade [COMMIT]|sketches|soak [SECONDS]|churn [SECONDS]|fuzz [SECONDS]|sim [SCALE]|bench [core|wire|sdk|figures|merger|cluster|status|export|web]>"
             );
             std::process::exit(2)
         }
@@ -975,7 +989,14 @@ fn limits(b: &[u8], p: &mut usize) -> Result<()> {
 }
 
 /// The fuzz targets (`fuzz/fuzz_targets/`), each given every file of `tests/crashers/` as seeds.
-const FUZZ_TARGETS: [&str; 5] = ["decode_batch", "frames", "apply", "snapshot", "credential"];
+const FUZZ_TARGETS: [&str; 6] = [
+    "decode_batch",
+    "frames",
+    "apply",
+    "snapshot",
+    "credential",
+    "sketch",
+];
 
 /// Runs every fuzz target for `secs` seconds (libFuzzer with AddressSanitizer, through
 /// cargo-fuzz; `RUSTC_BOOTSTRAP=1` lets the stable toolchain take the sanitizer flags). The

@@ -81,3 +81,56 @@ pub extern "C" fn et_producer(now_ms: i64, value: f64) -> u32 {
         None => 0,
     }
 }
+
+/// Builds the sketches of a corpus and returns their canonical bytes, so that the host can
+/// compare them with the native build's: a pointer to `len: u32 LE | bytes`, where the bytes
+/// are the distinct-count sketch (precision 14) of every subject, then the quantile sketch
+/// (1 %) of every value, each preceded by its length (u32 LE). Corpus records: `0 | f64 LE`
+/// (a value) or `1 | len: u16 LE | UTF-8` (a subject). Null on a malformed corpus.
+///
+/// # Safety
+/// `ptr..ptr+len` must be memory returned by [`et_alloc`] and initialised by the host.
+#[no_mangle]
+pub unsafe extern "C" fn et_sketch(ptr: *const u8, len: usize) -> *const u8 {
+    use edgetally_core::sketch::{subject_hash, Hll, Quantiles};
+    let mut rest = unsafe { core::slice::from_raw_parts(ptr, len) };
+    let (Ok(mut hll), Ok(mut q)) = (Hll::new(14), Quantiles::new(100)) else {
+        return core::ptr::null();
+    };
+    while let Some((&tag, r)) = rest.split_first() {
+        match tag {
+            0 => {
+                let Some((v, r)) = r.split_first_chunk::<8>() else {
+                    return core::ptr::null();
+                };
+                q.insert(f64::from_le_bytes(*v), 1);
+                rest = r;
+            }
+            1 => {
+                let Some((n, r)) = r.split_first_chunk::<2>() else {
+                    return core::ptr::null();
+                };
+                let n = usize::from(u16::from_le_bytes(*n));
+                let Some((s, r)) = r.split_at_checked(n) else {
+                    return core::ptr::null();
+                };
+                let Ok(s) = core::str::from_utf8(s) else {
+                    return core::ptr::null();
+                };
+                hll.insert_hash(subject_hash(s, None));
+                rest = r;
+            }
+            _ => return core::ptr::null(),
+        }
+    }
+    let mut body = Vec::new();
+    for part in [hll.encode(), q.encode()] {
+        body.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        body.extend_from_slice(&part);
+    }
+    let mut out = (body.len() as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(&body);
+    let p = out.as_ptr();
+    core::mem::forget(out);
+    p
+}
