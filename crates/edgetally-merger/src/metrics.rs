@@ -351,8 +351,9 @@ pub struct Exposition {
 }
 
 impl Exposition {
-    /// Starts the family `name` (declared in [`FAMILIES`]).
-    pub fn family(&mut self, name: &str) -> &mut Self {
+    /// Starts the family `name` (declared in [`FAMILIES`]; one that is not gets its samples
+    /// without help or type, never under another family's name).
+    pub fn family(&mut self, name: &'static str) -> &mut Self {
         let found = FAMILIES.iter().find(|f| f.name == name);
         debug_assert!(found.is_some(), "metric family {name} is not in FAMILIES");
         if let Some(f) = found {
@@ -364,8 +365,8 @@ impl Exposition {
                 f.name,
                 f.kind.as_str()
             );
-            self.current = f.name;
         }
+        self.current = name;
         self
     }
 
