@@ -557,10 +557,32 @@ impl Show for BTreeMap<String, [f64; 2]> {
     }
 }
 
-/// A configuration error, naming the source and key.
+/// A configuration error, naming the source (the file, a variable, a flag) and the key;
+/// the parser's error is kept as the source.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+pub enum ConfigError {
+    /// The config file does not parse, names no setting, or gives one a value of the wrong
+    /// type or range (the message says which line and key).
+    #[error("config file: {0}")]
+    File(#[source] toml::de::Error),
+    /// A variable or flag (`label`, as given) names no setting.
+    #[error("{label}: {key} is not a setting")]
+    UnknownKey {
+        /// The variable or flag as given.
+        label: String,
+        /// The key it names.
+        key: String,
+    },
+    /// A variable's or flag's value (`label`, as given) is not of its setting's type or range.
+    #[error("{label}: {source}")]
+    Value {
+        /// The variable or flag as given.
+        label: String,
+        /// Why the value was refused.
+        #[source]
+        source: toml::de::Error,
+    },
+}
 
 impl Config {
     /// `EDGETALLY_*` variables that are not settings: the config file's path, the log
@@ -573,8 +595,7 @@ impl Config {
 impl Config {
     /// Applies a TOML document.
     pub fn apply_toml(&mut self, text: &str) -> Result<(), ConfigError> {
-        let f: FileConfig =
-            toml::from_str(text).map_err(|e| ConfigError(format!("config file: {e}")))?;
+        let f: FileConfig = toml::from_str(text).map_err(ConfigError::File)?;
         self.apply(f);
         Ok(())
     }
@@ -632,7 +653,12 @@ impl Config {
     fn apply_text(&mut self, key: &str, v: &str, label: &str) -> Result<(), ConfigError> {
         use toml::Value;
         let value = match FileConfig::env_form(key) {
-            None => return Err(ConfigError(format!("{label}: {key} is not a setting"))),
+            None => {
+                return Err(ConfigError::UnknownKey {
+                    label: label.to_string(),
+                    key: key.to_string(),
+                })
+            }
             Some(EnvForm::Text) => Value::String(v.to_string()),
             Some(EnvForm::List) => Value::Array(
                 v.split(',')
@@ -651,7 +677,10 @@ impl Config {
         let f = FileConfig::deserialize(Value::Table(
             [(key.to_string(), value)].into_iter().collect(),
         ))
-        .map_err(|e| ConfigError(format!("{label}: {e}")))?;
+        .map_err(|source| ConfigError::Value {
+            label: label.to_string(),
+            source,
+        })?;
         self.apply(f);
         Ok(())
     }
@@ -786,14 +815,28 @@ mod tests {
         assert_eq!(c.limits.max_summaries, 5);
         assert_eq!(c.retention.tiers[2], Some(1000));
         assert_eq!(c.peers.len(), 2);
-        assert!(c.apply_toml("nonsense = 1").is_err());
+        assert!(matches!(
+            c.apply_toml("nonsense = 1"),
+            Err(ConfigError::File(_))
+        ));
         let err = c
             .apply_env([("EDGETALLY_QUEUE_DEPTH".to_string(), "many".to_string())].into_iter())
             .expect_err("not a number");
         assert!(
-            err.0
+            matches!(&err, ConfigError::Value { label, .. } if label == "EDGETALLY_QUEUE_DEPTH=\"many\""),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
                 .starts_with("EDGETALLY_QUEUE_DEPTH=\"many\": invalid type"),
             "{err}"
+        );
+        let unknown = c
+            .apply_flags([("no_such_setting", "1".to_string())])
+            .expect_err("unknown");
+        assert!(
+            matches!(&unknown, ConfigError::UnknownKey { key, .. } if key == "no_such_setting"),
+            "{unknown:?}"
         );
     }
 
