@@ -3,7 +3,7 @@
 //! distinct-count sketch is unchanged, a quantile sketch's counts double), and answers.
 #![no_main]
 
-use edgetally_core::sketch::{Hll, Quantiles};
+use edgetally_sketch::{Hll, Quantiles};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -24,11 +24,11 @@ fn every_crasher_is_an_error() {
             }
         }
         // Sketch bytes (issue 30): an error or a canonical sketch, never a panic.
-        if let Ok(h) = edgetally_core::sketch::Hll::decode(&bytes) {
+        if let Ok(h) = edgetally_sketch::Hll::decode(&bytes) {
             assert_eq!(h.encode(), bytes, "{path:?}");
             let _ = h.estimate();
         }
-        if let Ok(q) = edgetally_core::sketch::Quantiles::decode(&bytes) {
+        if let Ok(q) = edgetally_sketch::Quantiles::decode(&bytes) {
             assert_eq!(q.encode(), bytes, "{path:?}");
             let _ = (q.count(), q.quantile(0.99));
         }

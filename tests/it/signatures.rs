@@ -324,7 +324,7 @@ fn write_vectors_for_the_wasm_check() {
     // buckets and range (subnormals, ±0, 1e15 and just past it, bucket boundaries γ^i and
     // their neighbours, random magnitudes) and 20,000 subjects (a dense distinct-count
     // sketch), with the native build's bytes for them; the wasm build must give the same.
-    use edgetally_core::sketch::{subject_hash, Hll, Quantiles};
+    use edgetally_sketch::{subject_hash, Hll, Quantiles};
     let mut corpus = Vec::new();
     let mut q = Quantiles::new(100).expect("accuracy");
     let mut hll = Hll::new(14).expect("precision");

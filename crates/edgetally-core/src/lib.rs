@@ -13,7 +13,6 @@ pub mod query;
 pub mod record;
 pub mod replica;
 pub mod seen;
-pub mod sketch;
 pub mod strings;
 pub mod summary;
 pub mod sync;

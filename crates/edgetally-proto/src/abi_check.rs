@@ -92,7 +92,7 @@ pub extern "C" fn et_producer(now_ms: i64, value: f64) -> u32 {
 /// `ptr..ptr+len` must be memory returned by [`et_alloc`] and initialised by the host.
 #[no_mangle]
 pub unsafe extern "C" fn et_sketch(ptr: *const u8, len: usize) -> *const u8 {
-    use edgetally_core::sketch::{subject_hash, Hll, Quantiles};
+    use edgetally_sketch::{subject_hash, Hll, Quantiles};
     let mut rest = unsafe { core::slice::from_raw_parts(ptr, len) };
     let (Ok(mut hll), Ok(mut q)) = (Hll::new(14), Quantiles::new(100)) else {
         return core::ptr::null();

@@ -335,7 +335,7 @@ fn tau(mut x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sketch::subject_hash;
+    use crate::subject_hash;
     use proptest::prelude::*;
 
     fn of(p: u8, hashes: &[u64]) -> Hll {

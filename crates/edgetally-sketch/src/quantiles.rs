@@ -337,7 +337,7 @@ mod tests {
     /// and outliers.
     #[test]
     fn quantiles_are_within_the_relative_accuracy() {
-        let mut rng = crate::sketch::quantiles::tests::Lcg(7);
+        let mut rng = Lcg(7);
         let pareto: Vec<f64> = (0..50_000)
             .map(|_| 1.0 / rng.unit().powf(1.0 / 1.2))
             .collect();

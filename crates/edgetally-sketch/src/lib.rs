@@ -1,3 +1,5 @@
+//! # edgetally-sketch
+//!
 //! Sketches that merge as CRDTs, for the two questions exact summaries cannot answer within
 //! bounded memory: how many distinct subjects ([`Hll`], HyperLogLog: registers merge by
 //! maximum — commutative, associative, idempotent) and what the p-th percentile is
@@ -9,6 +11,11 @@
 //! holding the same batches hold identical bytes. Decoders accept only that form (they are
 //! fed by the network) and never panic. Everything is integer arithmetic, SipHash and
 //! `libm` — the same on every target, wasm32 included.
+//!
+//! A crate of its own, not a module of `edgetally-core`, until batches carry sketches (batch
+//! format v2): the producer and the browser bundle do not link it before then.
+
+#![forbid(unsafe_code)]
 
 mod hll;
 mod quantiles;
