@@ -1127,6 +1127,18 @@ fn regression_seeds_converge() {
     }
 }
 
+/// A settled round whose peer holds `r` and sent nothing.
+fn settled_round(r: &Replica) -> RoundResult {
+    RoundResult {
+        theirs: r.digest(),
+        more: false,
+        their_hash: r.state_hash(),
+        pulled: 0,
+        retried: false,
+        refused: false,
+    }
+}
+
 /// The gap rule of `PeerSync` (what seed 11363 needed): a peer whose last settled round showed
 /// it holding batches this node lacks and cannot pull does not count towards the majority
 /// that lets this node stop retaining for an away peer — until this node adopts its snapshot.
@@ -1176,14 +1188,7 @@ fn a_peer_holding_what_this_node_lacks_for_good_makes_no_majority() {
             _ => None,
         })
         .expect("a round with 0");
-    let result = RoundResult {
-        theirs: theirs.digest(),
-        more: false,
-        their_hash: theirs.state_hash(),
-        pulled: 0,
-        retried: false,
-        refused: false,
-    };
+    let result = settled_round(&theirs);
     let out = s
         .handle_round_reply(&0, round, 6_000, i64::MIN, result, &mut mine)
         .expect("the current round");
@@ -1214,14 +1219,7 @@ fn a_peer_holding_what_this_node_lacks_for_good_makes_no_majority() {
         // Answer 0's rounds so that it stays reachable.
         for tr in drain(&mut s) {
             if let Transmit::Round { peer: 0, token } = tr {
-                let r = RoundResult {
-                    theirs: mine.digest(),
-                    more: false,
-                    their_hash: mine.state_hash(),
-                    pulled: 0,
-                    retried: false,
-                    refused: false,
-                };
+                let r = settled_round(&mine);
                 s.handle_round_reply(&0, token, t, i64::MIN, r, &mut mine);
             }
         }
