@@ -28,6 +28,7 @@ pub(crate) fn fixtures() -> Vec<(&'static str, Signer, Batch)> {
                 max: 1.5,
             },
         }],
+        sketches: Vec::new(),
     };
     let entities = Batch {
         id: BatchId {
@@ -73,6 +74,7 @@ pub(crate) fn fixtures() -> Vec<(&'static str, Signer, Batch)> {
                 },
             },
         ],
+        sketches: Vec::new(),
     };
     let wide = Batch {
         id: BatchId {
@@ -94,6 +96,7 @@ pub(crate) fn fixtures() -> Vec<(&'static str, Signer, Batch)> {
                 max: 1e6,
             },
         }],
+        sketches: Vec::new(),
     };
     vec![
         ("minimal", s1.clone(), minimal),

@@ -73,6 +73,7 @@ pub fn make_batch(signer: &Signer, p: usize, seq: u64, n: u32, now: i64) -> Batc
         bucket_ms: 1000,
         strings,
         summaries,
+        sketches: Vec::new(),
     }
 }
 

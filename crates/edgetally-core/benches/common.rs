@@ -74,6 +74,7 @@ fn entry(
         bucket_ms: 1000,
         strings,
         summaries,
+        sketches: Vec::new(),
     };
     LogEntry {
         batch: Arc::new(batch),

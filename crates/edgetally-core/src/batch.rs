@@ -2,6 +2,7 @@
 
 use crate::code::RejectCode;
 use crate::record::{bucket_start, has_control, name_len_ok, validate_bucket_ms};
+use crate::sketches::Sketches;
 use crate::strings::StringTable;
 use crate::summary::Summary;
 use core::fmt;
@@ -75,6 +76,9 @@ pub struct Batch {
     pub strings: StringTable,
     /// The summaries.
     pub summaries: Vec<BatchSummary>,
+    /// Sketches of some summaries (batch format v2): (index into `summaries`, its sketches),
+    /// strictly ascending by index. Empty in a v1 batch.
+    pub sketches: Vec<(u32, Sketches)>,
 }
 
 /// Limits a batch must respect (SPEC §3). The time-based ones need the receiver's clock.
@@ -146,6 +150,15 @@ impl Batch {
             }
         }
         Ok(())
+    }
+
+    /// The sketches of summary `i`, if it carries any.
+    pub fn sketches_of(&self, i: usize) -> Option<&Sketches> {
+        let i = u32::try_from(i).ok()?;
+        self.sketches
+            .binary_search_by_key(&i, |e| e.0)
+            .ok()
+            .map(|at| &self.sketches[at].1)
     }
 
     /// The start (ms) of a summary's bucket.
@@ -252,6 +265,18 @@ impl Batch {
             if sorted.windows(2).any(|w| w[0] == w[1]) {
                 return Err(RejectCode::InvalidStringTable);
             }
+        }
+        let mut prev_sketch: Option<u32> = None;
+        for (i, k) in &self.sketches {
+            let summary = self
+                .summaries
+                .get(*i as usize)
+                .ok_or(RejectCode::InvalidSketch)?;
+            if prev_sketch.is_some_and(|p| p >= *i) {
+                return Err(RejectCode::InvalidSketch);
+            }
+            prev_sketch = Some(*i);
+            k.validate(&summary.summary)?;
         }
         if !in_order {
             let mut keys: Vec<_> = self

@@ -113,6 +113,13 @@ reject_codes! {
     /// The batch's source address introduced more new series this hour than the merger
     /// allows one source (`source_new_series_per_hour`).
     SourceQuota = 29, "source_quota";
+    /// A summary's sketches (batch format v2) are malformed or inconsistent with it: not
+    /// canonical, empty, at another quantile accuracy than the protocol's, or holding another
+    /// count of values than the summary.
+    InvalidSketch = 30, "invalid_sketch";
+    /// A sketch is finer than this merger admits for its category (`sketch_max_precision`),
+    /// or the merger holds as many sketch bytes as it is configured to (`max_sketch_bytes`).
+    SketchLimit = 31, "sketch_limit";
 }
 
 impl fmt::Display for RejectCode {

@@ -13,6 +13,7 @@ pub mod query;
 pub mod record;
 pub mod replica;
 pub mod seen;
+pub mod sketches;
 pub mod strings;
 pub mod summary;
 pub mod sync;
@@ -27,6 +28,7 @@ pub use replica::{
     Novelty, Replica, Retention, SetHash, Snapshot, HORIZON_UNKNOWN,
 };
 pub use seen::SeenSet;
+pub use sketches::Sketches;
 pub use strings::StringTable;
 pub use summary::{Summary, Total};
 pub use sync::{

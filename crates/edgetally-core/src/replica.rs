@@ -19,10 +19,13 @@ use std::sync::Arc;
 
 mod encode;
 mod log;
+mod sketched;
 mod snapshot;
 mod tables;
 
 use log::{keeps_retained, log_entry_bytes};
+use sketched::SeriesSketches;
+pub use sketched::{SketchAnswer, SketchSnapshot, SKETCH_FIRST_TIER};
 use snapshot::SNAPSHOT_FORMAT;
 pub use snapshot::{RestoreError, SeriesSnapshot, Snapshot};
 use tables::*;
@@ -283,6 +286,26 @@ pub fn content_digest(batch: &Batch) -> [u8; 32] {
         b[48..56].copy_from_slice(&s.summary.max.to_bits().to_le_bytes());
         h.update(&b[..56]);
     }
+    // Batch format v2's sketches, when there are any (a v1 batch's digest is unchanged).
+    if !batch.sketches.is_empty() {
+        h.update((batch.sketches.len() as u64).to_le_bytes());
+        for (i, k) in &batch.sketches {
+            h.update(i.to_le_bytes());
+            for part in [
+                k.distinct.as_ref().map(|x| x.encode()),
+                k.quantiles.as_ref().map(|x| x.encode()),
+            ] {
+                match part {
+                    None => h.update([0u8]),
+                    Some(bytes) => {
+                        h.update([1u8]);
+                        h.update((bytes.len() as u64).to_le_bytes());
+                        h.update(&bytes);
+                    }
+                }
+            }
+        }
+    }
     h.finalize().into()
 }
 
@@ -337,16 +360,24 @@ pub struct Memory {
     pub strings: u64,
     /// Batches retained for peers (decoded and signed bytes).
     pub log: u64,
+    /// Distinct-count and quantile sketches (batch format v2).
+    pub sketches: u64,
 }
 
 impl Memory {
     /// The sum of every kind.
     pub fn total(&self) -> u64 {
-        self.seen + self.producers + self.series + self.entries + self.strings + self.log
+        self.seen
+            + self.producers
+            + self.series
+            + self.entries
+            + self.strings
+            + self.log
+            + self.sketches
     }
 
     /// `(kind, bytes)` for each kind, in a fixed order (the `/metrics` labels).
-    pub fn by_kind(&self) -> [(&'static str, u64); 6] {
+    pub fn by_kind(&self) -> [(&'static str, u64); 7] {
         [
             ("seen", self.seen),
             ("producers", self.producers),
@@ -354,6 +385,7 @@ impl Memory {
             ("entries", self.entries),
             ("strings", self.strings),
             ("log", self.log),
+            ("sketches", self.sketches),
         ]
     }
 }
@@ -395,6 +427,10 @@ pub struct Replica {
     absorbed: Vec<String>,
     /// Rollup buckets ending at or before this were shrunk (`shrink_closed_rollups`).
     rollups_shrunk_before: i64,
+    /// Per series (index), its sketches at minute and hour resolution.
+    sketches: FxHashMap<u32, SeriesSketches>,
+    /// Estimated heap bytes of `sketches`.
+    sketch_bytes: u64,
 }
 
 impl Replica {
@@ -556,6 +592,16 @@ impl Replica {
                 .add_total(start, 0, &total, &mut created);
             self.add_rollup(cat, pid, start, &total, &mut created);
         }
+        for (i, k) in &batch.sketches {
+            let (Some(s), Some(&idx)) = (batch.summaries.get(*i as usize), series.get(*i as usize))
+            else {
+                continue;
+            };
+            let start = s.bucket.saturating_mul(bucket_ms);
+            let all = self.series_index(ids[s.category as usize], Dim::All);
+            self.add_sketches(idx, start, k);
+            self.add_sketches(all, start, k);
+        }
         self.seen
             .entry((id.producer, id.epoch))
             .or_insert_with(|| EpochSeen {
@@ -658,6 +704,8 @@ impl Replica {
             entries: self.entries * (size_of::<(u32, Total)>() as u64 + 1),
             strings: self.strings.heap_bytes(),
             log: self.log_bytes,
+            sketches: self.sketch_bytes
+                + hash(size_of::<(u32, SeriesSketches)>(), self.sketches.len()),
         }
     }
 

@@ -37,6 +37,7 @@ fn batch(signer: &Signer, seq: u64, n: u32) -> Batch {
                 },
             })
             .collect(),
+        sketches: Vec::new(),
     }
 }
 

@@ -4,7 +4,9 @@
 use edgetally_core::record::{
     bucket_index, validate_bucket_ms, validate_category, validate_entity,
 };
-use edgetally_core::{Batch, BatchId, BatchSummary, RejectCode, StringTable, Summary, NO_ENTITY};
+use edgetally_core::{
+    Batch, BatchId, BatchSummary, RejectCode, Sketches, StringTable, Summary, NO_ENTITY,
+};
 use std::collections::BTreeMap;
 
 /// Folds records into summaries and interns their strings.
@@ -13,7 +15,17 @@ pub struct BatchBuilder {
     bucket_ms: u32,
     strings: Vec<String>,
     string_ids: BTreeMap<String, u32>,
-    summaries: BTreeMap<(u32, u32, i64), Summary>,
+    summaries: BTreeMap<(u32, u32, i64), (Summary, Sketches)>,
+}
+
+/// What a record adds to its summary's sketches (batch format v2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SketchOpts {
+    /// The subject's hash ([`edgetally_core::sketches::subject_hash`]) and the precision of
+    /// the HyperLogLog it goes into.
+    pub subject: Option<(u64, u8)>,
+    /// Whether the value goes into the summary's quantile sketch.
+    pub quantiles: bool,
 }
 
 impl BatchBuilder {
@@ -46,6 +58,18 @@ impl BatchBuilder {
         ts_ms: i64,
         value: f64,
     ) -> Result<(), RejectCode> {
+        self.record_with(category, entity, ts_ms, value, SketchOpts::default())
+    }
+
+    /// Adds one record and, as `opts` says, its subject and value to the summary's sketches.
+    pub fn record_with(
+        &mut self,
+        category: &str,
+        entity: Option<&str>,
+        ts_ms: i64,
+        value: f64,
+        opts: SketchOpts,
+    ) -> Result<(), RejectCode> {
         validate_category(category)?;
         if let Some(e) = entity {
             validate_entity(e)?;
@@ -54,13 +78,23 @@ impl BatchBuilder {
         let s = Summary::of(value)?;
         let cat = self.intern(category);
         let ent = entity.map_or(NO_ENTITY, |e| self.intern(e) + 1);
-        match self.summaries.entry((cat, ent, bucket)) {
+        let sketches = match self.summaries.entry((cat, ent, bucket)) {
             std::collections::btree_map::Entry::Vacant(v) => {
-                v.insert(s);
-                Ok(())
+                &mut v.insert((s, Sketches::default())).1
             }
-            std::collections::btree_map::Entry::Occupied(mut o) => o.get_mut().merge(&s),
+            std::collections::btree_map::Entry::Occupied(o) => {
+                let e = o.into_mut();
+                e.0.merge(&s)?;
+                &mut e.1
+            }
+        };
+        if let Some((hash, precision)) = opts.subject {
+            sketches.insert_subject(hash, precision);
         }
+        if opts.quantiles {
+            sketches.insert_value(s.min, 1);
+        }
+        Ok(())
     }
 
     /// Number of distinct keys so far.
@@ -88,27 +122,39 @@ impl BatchBuilder {
         for s in self.string_ids.keys() {
             strings.push(s);
         }
-        let mut summaries: Vec<BatchSummary> = self
+        let mut keyed: Vec<(BatchSummary, Sketches)> = self
             .summaries
             .into_iter()
-            .map(|((category, entity, bucket), summary)| BatchSummary {
-                category: remap[category as usize],
-                entity: if entity == NO_ENTITY {
-                    NO_ENTITY
-                } else {
-                    remap[entity as usize - 1] + 1
-                },
-                bucket,
-                summary,
+            .map(|((category, entity, bucket), (summary, sketches))| {
+                let s = BatchSummary {
+                    category: remap[category as usize],
+                    entity: if entity == NO_ENTITY {
+                        NO_ENTITY
+                    } else {
+                        remap[entity as usize - 1] + 1
+                    },
+                    bucket,
+                    summary,
+                };
+                (s, sketches)
             })
             .collect();
-        summaries.sort_unstable_by_key(|s| (s.category, s.entity, s.bucket));
+        keyed.sort_unstable_by_key(|(s, _)| (s.category, s.entity, s.bucket));
+        let mut sketches = Vec::new();
+        let mut summaries = Vec::with_capacity(keyed.len());
+        for (i, (s, k)) in keyed.into_iter().enumerate() {
+            if !k.is_empty() {
+                sketches.push((i as u32, k));
+            }
+            summaries.push(s);
+        }
         Batch {
             id,
             created_ms,
             bucket_ms: self.bucket_ms,
             strings,
             summaries,
+            sketches,
         }
     }
 }

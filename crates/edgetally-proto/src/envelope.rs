@@ -1,23 +1,44 @@
-//! Batch format v1: the signed envelope and its postcard payload (see `docs/PROTOCOL.md`).
+//! Batch formats v1 and v2: the signed envelope and its postcard payload (see
+//! `docs/PROTOCOL.md`).
 //!
 //! ```text
-//! envelope  = version:u8 (=1) | payload_len:varint | payload | signature:[u8; 64]
-//! signature = ed25519(producer key, "edgetally/batch/v1\0" ‖ payload)
-//! payload   = postcard(PayloadV1)
+//! envelope  = version:u8 (1 or 2) | payload_len:varint | payload | signature:[u8; 64]
+//! signature = ed25519(producer key, "edgetally/batch/v<version>\0" ‖ payload)
+//! payload   = postcard(PayloadV1)                      (v1)
+//!           | postcard(PayloadV1) ‖ sketch section     (v2: some summary carries sketches)
 //! ```
+//!
+//! A batch is sealed as v1 unless it carries sketches, so producers that record no subject
+//! and no quantiles write exactly what earlier releases wrote.
 
 use crate::reader::Reader;
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+use edgetally_core::sketches::{Hll, Quantiles};
 use edgetally_core::{
-    Batch, BatchId, BatchSummary, Limits, ProducerKey, RejectCode, StringTable, Summary,
+    Batch, BatchId, BatchSummary, Limits, ProducerKey, RejectCode, Sketches, StringTable, Summary,
 };
 use serde::Serialize;
 
-/// The only batch format version this build writes and reads.
+/// Batch format v1: summaries only.
 pub const VERSION: u8 = 1;
-/// Prepended to the payload before signing, so a batch signature can never be mistaken for a
-/// signature over anything else.
+/// Batch format v2: summaries, some of them with sketches (distinct counts, quantiles).
+pub const VERSION_V2: u8 = 2;
+/// Prepended to a v1 payload before signing, so a batch signature can never be mistaken for
+/// a signature over anything else.
 pub const DOMAIN: &[u8] = b"edgetally/batch/v1\0";
+/// The same for a v2 payload (a v1 signature never verifies as v2, nor the reverse).
+pub const DOMAIN_V2: &[u8] = b"edgetally/batch/v2\0";
+/// Sketch flags of a v2 summary: which sketches follow.
+const HAS_DISTINCT: u8 = 1;
+const HAS_QUANTILES: u8 = 2;
+
+fn domain(version: u8) -> &'static [u8] {
+    if version == VERSION_V2 {
+        DOMAIN_V2
+    } else {
+        DOMAIN
+    }
+}
 /// Signature length.
 pub const SIGNATURE_LEN: usize = 64;
 
@@ -103,7 +124,7 @@ impl Signer {
 pub fn seal_unsigned(batch: &Batch) -> Result<Vec<u8>, SealError> {
     let payload = encode_payload(batch)?;
     let mut out = Vec::with_capacity(payload.len() + 6 + SIGNATURE_LEN);
-    out.push(VERSION);
+    out.push(version_of(batch));
     push_varint(&mut out, payload.len() as u64);
     out.extend_from_slice(&payload);
     out.resize(out.len() + SIGNATURE_LEN, 0);
@@ -117,8 +138,17 @@ pub fn signing_message(envelope: &[u8]) -> Option<Vec<u8>> {
         max_payload_bytes: usize::MAX,
         ..Limits::default()
     };
-    let (payload, _) = split(envelope, &any).ok()?;
-    Some(signed_message(payload))
+    let (version, payload, _) = split(envelope, &any).ok()?;
+    Some(signed_message(version, payload))
+}
+
+/// The format a batch is sealed in: v2 when it carries sketches, else v1.
+pub fn version_of(batch: &Batch) -> u8 {
+    if batch.sketches.is_empty() {
+        VERSION
+    } else {
+        VERSION_V2
+    }
 }
 
 /// Whether an envelope's signature is the all-zero placeholder of [`seal_unsigned`].
@@ -156,8 +186,35 @@ fn push_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-/// The postcard payload of a batch (what is signed, after [`DOMAIN`]).
+/// The payload of a batch (what is signed, after [`DOMAIN`] or [`DOMAIN_V2`]): postcard of
+/// the v1 fields, then, in v2, the sketch section — the number of summaries with sketches,
+/// then per such summary (ascending) its index, its flags (1: distinct, 2: quantiles) and
+/// each sketch present as a length-prefixed canonical encoding.
 pub fn encode_payload(batch: &Batch) -> Result<Vec<u8>, SealError> {
+    let mut out = encode_v1_fields(batch)?;
+    if !batch.sketches.is_empty() {
+        push_varint(&mut out, batch.sketches.len() as u64);
+        for (i, k) in &batch.sketches {
+            push_varint(&mut out, u64::from(*i));
+            let flags = u8::from(k.distinct.is_some()) * HAS_DISTINCT
+                + u8::from(k.quantiles.is_some()) * HAS_QUANTILES;
+            out.push(flags);
+            for bytes in [
+                k.distinct.as_ref().map(|h| h.encode()),
+                k.quantiles.as_ref().map(|q| q.encode()),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                push_varint(&mut out, bytes.len() as u64);
+                out.extend_from_slice(&bytes);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn encode_v1_fields(batch: &Batch) -> Result<Vec<u8>, SealError> {
     postcard::to_allocvec(&PayloadV1 {
         producer: batch.id.producer.0,
         epoch: batch.id.epoch,
@@ -170,9 +227,10 @@ pub fn encode_payload(batch: &Batch) -> Result<Vec<u8>, SealError> {
     .map_err(|_| SealError::Encode)
 }
 
-fn signed_message(payload: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(DOMAIN.len() + payload.len());
-    m.extend_from_slice(DOMAIN);
+fn signed_message(version: u8, payload: &[u8]) -> Vec<u8> {
+    let domain = domain(version);
+    let mut m = Vec::with_capacity(domain.len() + payload.len());
+    m.extend_from_slice(domain);
     m.extend_from_slice(payload);
     m
 }
@@ -191,11 +249,9 @@ pub struct Unverified {
 /// Decodes an envelope and checks every limit and clock-free rule while decoding; counts are
 /// checked before the items they announce are read, so oversized inputs are refused early.
 pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Unverified, DecodeError> {
-    let (payload, signature) = split(bytes, limits)?;
-    let batch = decode_payload(payload, limits)?;
-    let mut message = Vec::with_capacity(DOMAIN.len() + payload.len());
-    message.extend_from_slice(DOMAIN);
-    message.extend_from_slice(payload);
+    let (version, payload, signature) = split(bytes, limits)?;
+    let batch = decode_payload_version(payload, version, limits)?;
+    let message = signed_message(version, payload);
     Ok(Unverified {
         batch,
         message,
@@ -203,14 +259,14 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Unverified, DecodeError> 
     })
 }
 
-/// An envelope's payload and signature, its framing checked (not the payload).
+/// An envelope's version, payload and signature, its framing checked (not the payload).
 fn split<'a>(
     bytes: &'a [u8],
     limits: &Limits,
-) -> Result<(&'a [u8], [u8; SIGNATURE_LEN]), DecodeError> {
+) -> Result<(u8, &'a [u8], [u8; SIGNATURE_LEN]), DecodeError> {
     let mut r = Reader::new(bytes);
     let version = r.u8().map_err(|c| DecodeError::new(c, "empty input"))?;
-    if version != VERSION {
+    if version != VERSION && version != VERSION_V2 {
         return Err(DecodeError::new(
             RejectCode::UnsupportedVersion,
             "unknown batch version",
@@ -237,15 +293,15 @@ fn split<'a>(
             "bytes after the signature",
         ));
     }
-    Ok((payload, signature))
+    Ok((version, payload, signature))
 }
 
 /// The records (summed counts) a sealed envelope carries, read without the batch's semantic
 /// checks or its signature: for a producer's own stats about batches it stored itself. The
 /// browser SDK restores stored batches this way, so its wasm module carries no validation.
 pub fn records_of(bytes: &[u8], limits: &Limits) -> Option<u64> {
-    let (payload, _) = split(bytes, limits).ok()?;
-    let b = read_payload(payload, limits).ok()?;
+    let (version, payload, _) = split(bytes, limits).ok()?;
+    let b = read_payload(payload, version, limits).ok()?;
     // Stored bytes are not trusted to be ours: a crafted count saturates instead of overflowing.
     Some(
         b.summaries
@@ -258,7 +314,7 @@ pub fn records_of(bytes: &[u8], limits: &Limits) -> Option<u64> {
 /// fields only: enough to route it (the group that owns it runs every check). `None` when
 /// even these do not decode.
 pub fn peek(bytes: &[u8], limits: &Limits) -> Option<(BatchId, i64)> {
-    let (payload, _) = split(bytes, limits).ok()?;
+    let (_, payload, _) = split(bytes, limits).ok()?;
     let mut r = Reader::new(payload);
     let producer = ProducerKey(r.array::<32>().ok()?);
     let epoch = r.u64().ok()?;
@@ -276,15 +332,24 @@ pub fn peek(bytes: &[u8], limits: &Limits) -> Option<(BatchId, i64)> {
 
 /// Decodes a v1 payload (without the envelope).
 pub fn decode_payload(payload: &[u8], limits: &Limits) -> Result<Batch, DecodeError> {
-    let mut batch = read_payload(payload, limits)?;
+    decode_payload_version(payload, VERSION, limits)
+}
+
+/// Decodes a payload of format `version` (without the envelope).
+pub fn decode_payload_version(
+    payload: &[u8],
+    version: u8,
+    limits: &Limits,
+) -> Result<Batch, DecodeError> {
+    let mut batch = read_payload(payload, version, limits)?;
     batch
         .check(limits)
         .map_err(|c| DecodeError::new(c, detail_of(c)))?;
     Ok(batch)
 }
 
-/// A v1 payload's fields, bounded by `limits`, not yet checked ([`Batch::check`]).
-fn read_payload(payload: &[u8], limits: &Limits) -> Result<Batch, DecodeError> {
+/// A payload's fields, bounded by `limits`, not yet checked ([`Batch::check`]).
+fn read_payload(payload: &[u8], version: u8, limits: &Limits) -> Result<Batch, DecodeError> {
     let m = |c| DecodeError::new(c, "malformed payload");
     let mut r = Reader::new(payload);
     let producer = ProducerKey(r.array::<32>().map_err(m)?);
@@ -334,6 +399,11 @@ fn read_payload(payload: &[u8], limits: &Limits) -> Result<Batch, DecodeError> {
             },
         });
     }
+    let sketches = if version == VERSION_V2 {
+        read_sketches(&mut r, summaries.len())?
+    } else {
+        Vec::new()
+    };
     if r.remaining() != 0 {
         return Err(DecodeError::new(
             RejectCode::TrailingBytes,
@@ -350,7 +420,59 @@ fn read_payload(payload: &[u8], limits: &Limits) -> Result<Batch, DecodeError> {
         bucket_ms,
         strings,
         summaries,
+        sketches,
     })
+}
+
+/// A v2 payload's sketch section: at least one summary with sketches, each index below
+/// `summaries` and above the previous one, flags naming at least one sketch, each sketch in
+/// its canonical encoding. Consistency with the summaries is [`Batch::check`]'s.
+fn read_sketches(
+    r: &mut Reader<'_>,
+    summaries: usize,
+) -> Result<Vec<(u32, Sketches)>, DecodeError> {
+    let bad = |detail| DecodeError::new(RejectCode::InvalidSketch, detail);
+    let m = |c| DecodeError::new(c, "malformed sketch section");
+    let n = r.u32().map_err(m)? as usize;
+    if n == 0 || n > summaries {
+        return Err(bad(
+            "a v2 batch carries sketches for 1 to all of its summaries",
+        ));
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut prev: Option<u32> = None;
+    for _ in 0..n {
+        let i = r.u32().map_err(m)?;
+        if i as usize >= summaries || prev.is_some_and(|p| p >= i) {
+            return Err(bad("sketch indices must ascend within the summaries"));
+        }
+        prev = Some(i);
+        let flags = r.u8().map_err(m)?;
+        if flags == 0 || flags & !(HAS_DISTINCT | HAS_QUANTILES) != 0 {
+            return Err(bad("unknown sketch flags"));
+        }
+        let mut k = Sketches::default();
+        if flags & HAS_DISTINCT != 0 {
+            let bytes = take(r)?;
+            k.distinct =
+                Some(Hll::decode(bytes).map_err(|_| bad("distinct sketch is not canonical"))?);
+        }
+        if flags & HAS_QUANTILES != 0 {
+            let bytes = take(r)?;
+            k.quantiles = Some(
+                Quantiles::decode(bytes).map_err(|_| bad("quantile sketch is not canonical"))?,
+            );
+        }
+        out.push((i, k));
+    }
+    Ok(out)
+}
+
+/// A length-prefixed sketch encoding.
+fn take<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], DecodeError> {
+    let m = |c| DecodeError::new(c, "malformed sketch section");
+    let len = r.u32().map_err(m)? as usize;
+    r.bytes(len).map_err(m)
 }
 
 fn detail_of(c: RejectCode) -> &'static str {
@@ -367,6 +489,7 @@ fn detail_of(c: RejectCode) -> &'static str {
         RejectCode::InvalidSummary => "summary count, sum, min and max are inconsistent",
         RejectCode::InvalidTimestamp => "bucket outside the representable time range",
         RejectCode::DuplicateKey => "the same key appears twice",
+        RejectCode::InvalidSketch => "a summary's sketches are inconsistent with it",
         _ => "rejected",
     }
 }

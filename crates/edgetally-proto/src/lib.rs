@@ -20,7 +20,7 @@ pub mod topology;
 #[cfg(all(target_arch = "wasm32", feature = "wasm-abi-check"))]
 mod abi_check;
 
-pub use builder::BatchBuilder;
+pub use builder::{BatchBuilder, SketchOpts};
 pub use envelope::{
     decode, decode_payload, encode_payload, is_unsigned, open, peek, seal_unsigned, set_signature,
     signing_message, verify_many, verify_signature, DecodeError, SealError, Signer, Unverified,

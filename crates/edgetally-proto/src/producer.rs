@@ -10,7 +10,7 @@ use edgetally_core::record::{
     bucket_index, validate_bucket_ms, validate_category, validate_entity,
 };
 use edgetally_core::{
-    Batch, BatchId, BatchSummary, Limits, RejectCode, StringTable, Summary, NO_ENTITY,
+    Batch, BatchId, BatchSummary, Limits, RejectCode, Sketches, StringTable, Summary, NO_ENTITY,
 };
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
@@ -52,6 +52,15 @@ pub struct ProducerConfig {
     /// Queue [`PersistOp`]s for `poll_persist`. Off for callers that keep nothing (they
     /// would otherwise have to drain the queue to keep it from growing).
     pub persist: bool,
+    /// Categories whose values also go into a quantile sketch (1 % relative accuracy), for
+    /// percentiles; `"*"` names every category. Empty: none (quantiles are opt-in).
+    pub quantile_categories: Vec<String>,
+    /// Precision of the HyperLogLogs that subjects go into (4–16; 14: 0.81 % standard
+    /// error). Mergers may cap it per category (`sketch_max_precision`).
+    pub distinct_precision: u8,
+    /// The site secret's first 16 bytes, keying the subject hash (SipHash-2-4): without it
+    /// the key is zero and a subject hashes alike everywhere. See docs/PROTOCOL.md §3.
+    pub subject_key: Option<[u8; 16]>,
 }
 
 impl Default for ProducerConfig {
@@ -68,6 +77,9 @@ impl Default for ProducerConfig {
             failback_ms: 30_000,
             limits: Limits::default(),
             persist: true,
+            quantile_categories: Vec::new(),
+            distinct_precision: edgetally_core::sketches::HLL_DEFAULT_PRECISION,
+            subject_key: None,
         }
     }
 }
@@ -208,6 +220,8 @@ struct HandleState {
     entity: Option<Box<str>>,
     /// The bucket being filled, and its summary.
     current: Option<Current>,
+    /// Whether the category keeps quantiles ([`ProducerConfig::quantile_categories`]).
+    quantiles: bool,
 }
 
 /// A handle's open bucket: `[start, end)` in ms, so the hot path needs no division.
@@ -216,7 +230,12 @@ struct Current {
     start: i64,
     end: i64,
     summary: Summary,
+    /// Its sketches, once a subject or a quantile value was recorded in it.
+    sketches: Option<Box<Sketches>>,
 }
+
+/// A filled bucket not yet sealed: (handle, bucket, summary, sketches).
+pub(super) type Closed = (u32, i64, Summary, Option<Box<Sketches>>);
 
 /// SplitMix64, for backoff jitter; seeded by the caller.
 #[derive(Clone, Debug)]
@@ -268,7 +287,7 @@ pub struct Producer {
     handles: Vec<HandleState>,
     by_name: FxHashMap<Box<str>, CategoryHandles>,
     /// Filled buckets not yet sealed: (handle, bucket, summary); may repeat a key.
-    closed: Vec<(u32, i64, Summary)>,
+    closed: Vec<Closed>,
     /// Handles with a current bucket.
     active: Vec<u32>,
     pending_bytes: usize,
@@ -517,10 +536,16 @@ impl Producer {
             validate_entity(e)?;
         }
         let id = self.handles.len() as u32;
+        let quantiles = self
+            .config
+            .quantile_categories
+            .iter()
+            .any(|c| c == "*" || c == category);
         self.handles.push(HandleState {
             category: category.into(),
             entity: entity.map(Into::into),
             current: None,
+            quantiles,
         });
         let slot = self
             .by_name
@@ -575,10 +600,12 @@ impl Producer {
     ) -> Result<(), RejectCode> {
         let ts = ts_ms.unwrap_or(now_ms);
         if let Some(HandleState {
-            current: Some(cur), ..
+            current: Some(cur),
+            quantiles,
+            ..
         }) = self.handles.get_mut(h.0 as usize)
         {
-            if ts >= cur.start && ts < cur.end {
+            if ts >= cur.start && ts < cur.end && !*quantiles {
                 if let Some(q) = edgetally_core::value::quantize_fast(value) {
                     let s = &mut cur.summary;
                     if let (Some(count), Some(sum)) = (s.count.checked_add(1), s.sum.checked_add(q))
@@ -605,7 +632,37 @@ impl Producer {
         value: f64,
         ts: i64,
     ) -> Result<(), RejectCode> {
-        self.fold(now_ms, h, ts, 1, || Summary::of(value))
+        self.fold(now_ms, h, ts, 1, None, || Summary::of(value))
+    }
+
+    /// Records one event of a subject (a user, device or session id) through a handle: its
+    /// value as [`Producer::record_handle`] does, and the subject's hash into the bucket's
+    /// HyperLogLog, for distinct counts. The subject itself never leaves the producer.
+    pub fn record_subject(
+        &mut self,
+        now_ms: i64,
+        h: Handle,
+        value: f64,
+        ts_ms: Option<i64>,
+        subject: &str,
+    ) -> Result<(), RejectCode> {
+        let hash =
+            edgetally_core::sketches::subject_hash(subject, self.config.subject_key.as_ref());
+        self.record_hash(now_ms, h, value, ts_ms, hash)
+    }
+
+    /// [`Producer::record_subject`] with the subject hashed already (by the caller, with the
+    /// same key).
+    pub fn record_hash(
+        &mut self,
+        now_ms: i64,
+        h: Handle,
+        value: f64,
+        ts_ms: Option<i64>,
+        subject_hash: u64,
+    ) -> Result<(), RejectCode> {
+        let ts = ts_ms.unwrap_or(now_ms);
+        self.fold(now_ms, h, ts, 1, Some(subject_hash), || Summary::of(value))
     }
 
     /// Records a summary of events a caller aggregated itself (the JavaScript SDK's handles
@@ -618,10 +675,24 @@ impl Producer {
         ts_ms: i64,
         summary: Summary,
     ) -> Result<(), RejectCode> {
-        self.fold(now_ms, h, ts_ms, summary.count.max(1), || {
+        // A quantile sketch must hold every value of its summary: a summary of one value,
+        // or of copies of one value, says which; any other does not, and is refused.
+        let quantiles = self
+            .handles
+            .get(h.0 as usize)
+            .is_some_and(|st| st.quantiles);
+        if quantiles && summary.count > 1 && summary.min != summary.max {
+            return self.refuse_n(RejectCode::InvalidEvent, summary.count);
+        }
+        self.fold(now_ms, h, ts_ms, summary.count.max(1), None, || {
             let mut s = summary;
             s.validate().map(|()| s)
         })
+    }
+
+    fn refuse_n(&mut self, code: RejectCode, records: u64) -> Result<(), RejectCode> {
+        self.stats.invalid.add(code, records);
+        Err(code)
     }
 
     /// Checks the time, then folds `make()`'s summary into the handle's bucket. A refusal is
@@ -632,6 +703,7 @@ impl Producer {
         h: Handle,
         ts: i64,
         records: u64,
+        subject: Option<u64>,
         make: impl FnOnce() -> Result<Summary, RejectCode>,
     ) -> Result<(), RejectCode> {
         let refuse = |p: &mut Producer, code: RejectCode| {
@@ -657,9 +729,11 @@ impl Producer {
             Ok(s) => s,
             Err(code) => return refuse(self, code),
         };
+        let precision = self.config.distinct_precision;
         let Some(state) = self.handles.get_mut(h.0 as usize) else {
             return refuse(self, RejectCode::InvalidEvent);
         };
+        let with_quantiles = state.quantiles;
         let folded = match &mut state.current {
             Some(cur) if cur.bucket == bucket => cur.summary.merge(&summary).map(|()| false),
             _ => {
@@ -668,15 +742,30 @@ impl Producer {
                     start,
                     end: start + bucket_ms,
                     summary,
+                    sketches: None,
                 });
                 if let Some(prev) = prev {
-                    self.closed.push((h.0, prev.bucket, prev.summary));
+                    self.closed
+                        .push((h.0, prev.bucket, prev.summary, prev.sketches));
                 } else {
                     self.active.push(h.0);
                 }
                 Ok(true)
             }
         };
+        if folded.is_ok() && (subject.is_some() || with_quantiles) {
+            if let Some(cur) = &mut state.current {
+                let k = cur.sketches.get_or_insert_with(Default::default);
+                if let Some(hash) = subject {
+                    k.insert_subject(hash, precision);
+                    // A sparse register takes about 3 bytes on the wire.
+                    self.pending_bytes += 3;
+                }
+                if with_quantiles {
+                    k.insert_value(summary.min, summary.count);
+                }
+            }
+        }
         match folded {
             Ok(new_key) => {
                 self.stats.recorded += summary.count;
@@ -702,6 +791,11 @@ impl Producer {
         self.handles.get(h as usize).map_or(0, |st| {
             45 + st.category.len() + st.entity.as_ref().map_or(0, |e| e.len())
         })
+    }
+
+    /// [`Producer::key_bytes`] with the key's sketches, if any.
+    fn entry_bytes(&self, e: &Closed) -> usize {
+        self.key_bytes(e.0) + e.3.as_ref().map_or(0, |k| k.encoded_len() + 8)
     }
 
     /// Records many events of one handle at once (typed arrays in JavaScript). Returns how

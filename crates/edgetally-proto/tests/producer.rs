@@ -608,6 +608,7 @@ fn a_crafted_stored_batch_cannot_overflow_the_record_counters() {
         bucket_ms: 1000,
         strings: ["c"].into_iter().collect(),
         summaries: vec![summary(1), summary(2)],
+        sketches: Vec::new(),
     };
     let payload = edgetally_proto::encode_payload(&batch).expect("encodes");
     let mut bytes = vec![edgetally_proto::VERSION];

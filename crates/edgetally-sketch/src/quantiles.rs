@@ -31,6 +31,20 @@ pub struct Quantiles {
     positive: BTreeMap<i32, u64>,
 }
 
+impl Default for Quantiles {
+    /// An empty sketch at the default accuracy ([`QUANTILES_DEFAULT_ACCURACY_BP`]).
+    fn default() -> Quantiles {
+        Quantiles {
+            accuracy_bp: QUANTILES_DEFAULT_ACCURACY_BP,
+            zero: 0,
+            negative_overflow: 0,
+            positive_overflow: 0,
+            negative: BTreeMap::new(),
+            positive: BTreeMap::new(),
+        }
+    }
+}
+
 impl Quantiles {
     /// An empty sketch of relative accuracy `accuracy_bp` basis points (1..=1000: 0.01 % to
     /// 10 %).
@@ -88,12 +102,12 @@ impl Quantiles {
         }
         let m = value.abs();
         if m < QUANTILES_MIN {
-            self.zero += count;
+            self.zero = self.zero.saturating_add(count);
         } else if m > QUANTILES_MAX {
             if value < 0.0 {
-                self.negative_overflow += count;
+                self.negative_overflow = self.negative_overflow.saturating_add(count);
             } else {
-                self.positive_overflow += count;
+                self.positive_overflow = self.positive_overflow.saturating_add(count);
             }
         } else {
             let k = self.key(m);

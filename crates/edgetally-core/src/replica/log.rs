@@ -189,6 +189,7 @@ impl Replica {
             for s in &mut self.series {
                 removed += s.tiers[t].drop_before(cutoff);
             }
+            self.prune_sketches(t, cutoff);
             if t > 0 {
                 let before = removed;
                 for r in self.rollups.values_mut() {

@@ -28,6 +28,22 @@ pub struct Snapshot {
     /// The shard groups whose whole state was merged into this one when they were drained
     /// ([`Snapshot::merge_disjoint`]), sorted (format 5 on).
     pub absorbed: Vec<String>,
+    /// Every sketch bucket, sorted by (category, dimension, tier, start) (format 6 on).
+    pub sketches: Vec<SketchSnapshot>,
+}
+
+/// Format 5 of [`Snapshot`], before it carried sketches.
+#[derive(Serialize, Deserialize)]
+pub(super) struct SnapshotV5 {
+    format: u32,
+    strings: Vec<String>,
+    producers: Vec<ProducerKey>,
+    series: Vec<SeriesSnapshot>,
+    seen: Vec<(ProducerKey, u64, EpochSeen)>,
+    horizons: [i64; 3],
+    batches_hash: SetHash,
+    batches: u64,
+    absorbed: Vec<String>,
 }
 
 /// Format 4 of [`Snapshot`], before it listed the groups it absorbed.
@@ -124,6 +140,22 @@ impl Snapshot {
     // Long by design: one arm per snapshot format still read.
     pub fn decode(bytes: &[u8]) -> Result<Snapshot, String> {
         match bytes.first() {
+            Some(5) => {
+                let v5: SnapshotV5 =
+                    postcard::from_bytes(bytes).map_err(|e| format!("snapshot (format 5): {e}"))?;
+                Ok(Snapshot {
+                    format: SNAPSHOT_FORMAT,
+                    strings: v5.strings,
+                    producers: v5.producers,
+                    series: v5.series,
+                    seen: v5.seen,
+                    horizons: v5.horizons,
+                    batches_hash: v5.batches_hash,
+                    batches: v5.batches,
+                    absorbed: v5.absorbed,
+                    sketches: Vec::new(),
+                })
+            }
             Some(4) => {
                 let v4: SnapshotV4 =
                     postcard::from_bytes(bytes).map_err(|e| format!("snapshot (format 4): {e}"))?;
@@ -137,6 +169,7 @@ impl Snapshot {
                     batches_hash: v4.batches_hash,
                     batches: v4.batches,
                     absorbed: Vec::new(),
+                    sketches: Vec::new(),
                 })
             }
             Some(3) => {
@@ -167,6 +200,7 @@ impl Snapshot {
                     horizons: v3.horizons,
                     batches_hash: v3.batches_hash,
                     absorbed: Vec::new(),
+                    sketches: Vec::new(),
                 })
             }
             Some(2) => {
@@ -183,6 +217,7 @@ impl Snapshot {
                     horizons: v2.horizons,
                     batches_hash: v2.batches_hash,
                     absorbed: Vec::new(),
+                    sketches: Vec::new(),
                 })
             }
             Some(1) => {
@@ -208,6 +243,7 @@ impl Snapshot {
                     horizons,
                     batches_hash: seed,
                     absorbed: Vec::new(),
+                    sketches: Vec::new(),
                 })
             }
             _ => postcard::from_bytes(bytes).map_err(|e| format!("snapshot: {e}")),
@@ -274,6 +310,8 @@ impl Snapshot {
         type Tiers = [BTreeMap<i64, Total>; 3];
         let mut series: BTreeMap<(u32, Dim), Tiers> = BTreeMap::new();
         let mut seen: BTreeMap<(ProducerKey, u64), EpochSeen> = BTreeMap::new();
+        let mut sketches: BTreeMap<(u32, Dim, u8, i64), crate::sketches::Sketches> =
+            BTreeMap::new();
         let mut absorbed = vec![name.to_string()];
         let horizons = [0, 1, 2].map(|t| self.horizons[t].max(other.horizons[t]));
         let mut batches_hash = self.batches_hash;
@@ -324,6 +362,21 @@ impl Snapshot {
                     }
                 }
             }
+            for k in snap.sketches {
+                let str_at = |i: u32| rs.get(i as usize).copied();
+                let cat = str_at(k.category).ok_or("sketch index out of range")?;
+                let dim = match k.dim {
+                    Dim::Entity(e) => Dim::Entity(str_at(e).ok_or("sketch index out of range")?),
+                    Dim::Producer(_) => return Err("sketch of a producer series".into()),
+                    d => d,
+                };
+                let add = k.sketches().ok_or("sketch bytes malformed")?;
+                sketches
+                    .entry((cat, dim, k.tier, k.start))
+                    .or_default()
+                    .merge(&add)
+                    .map_err(|c| format!("sketches do not merge: {c}"))?;
+            }
             absorbed.extend(snap.absorbed);
         }
         absorbed.sort_unstable();
@@ -344,6 +397,17 @@ impl Snapshot {
             batches_hash,
             batches,
             absorbed,
+            sketches: sketches
+                .into_iter()
+                .map(|((category, dim, tier, start), k)| SketchSnapshot {
+                    category,
+                    dim,
+                    tier,
+                    start,
+                    distinct: k.distinct.as_ref().map(|h| h.encode()),
+                    quantiles: k.quantiles.as_ref().map(|q| q.encode()),
+                })
+                .collect(),
         })
     }
 }
@@ -371,7 +435,7 @@ pub enum RestoreError {
     Inconsistent(&'static str),
 }
 
-pub(super) const SNAPSHOT_FORMAT: u32 = 5;
+pub(super) const SNAPSHOT_FORMAT: u32 = 6;
 
 impl Replica {
     /// A canonical snapshot of totals and seen-sets (not the log).
@@ -389,6 +453,7 @@ impl Replica {
                 }
             })
             .collect();
+        let sketches = self.sketch_snapshot(&canon);
         let encode::Canon {
             order,
             remap,
@@ -436,6 +501,7 @@ impl Replica {
             batches_hash: self.batches_hash,
             batches: self.hashed_batches,
             absorbed: self.absorbed.clone(),
+            sketches,
         }
     }
 
@@ -517,6 +583,7 @@ impl Replica {
                     .ok_or(RestoreError::Inconsistent("tier entries not ascending"))?;
             }
         }
+        r.restore_sketches(snap.sketches)?;
         for (p, e, set) in snap.seen {
             if !set.seqs.is_well_formed() {
                 return Err(RestoreError::Inconsistent("seen-set malformed"));

@@ -591,6 +591,7 @@ mod tests {
                 bucket: 5,
                 summary: crate::Summary::of(1.0).expect("summary"),
             }],
+            sketches: Vec::new(),
         };
         theirs
             .apply(crate::LogEntry {

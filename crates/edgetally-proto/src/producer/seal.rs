@@ -15,7 +15,7 @@ impl Producer {
     pub fn seal_within(&mut self, now_ms: i64, max_bytes: usize) {
         for h in std::mem::take(&mut self.active) {
             if let Some(cur) = self.handles[h as usize].current.take() {
-                self.closed.push((h, cur.bucket, cur.summary));
+                self.closed.push((h, cur.bucket, cur.summary, cur.sketches));
             }
         }
         if self.closed.is_empty() {
@@ -24,26 +24,36 @@ impl Producer {
         let mut entries = std::mem::take(&mut self.closed);
         small_sort::sort_by_key(&mut entries, |e| (e.0, e.1));
         // Merge repeats of a key (a handle that went back to an earlier bucket).
-        let mut merged: Vec<(u32, i64, Summary)> = Vec::with_capacity(entries.len());
-        for (h, b, s) in entries {
-            if let Some((h2, b2, s2)) = merged.last_mut() {
+        let mut merged: Vec<Closed> = Vec::with_capacity(entries.len());
+        for (h, b, s, k) in entries {
+            if let Some((h2, b2, s2, k2)) = merged.last_mut() {
                 // A key's summaries cannot overflow in practice (2^64 records); if they did,
                 // the second part would be refused as a duplicate key rather than wrapped.
                 if *h2 == h && *b2 == b && s2.merge(&s).is_ok() {
+                    if let Some(k) = k {
+                        match k2 {
+                            // One producer's sketches share their parameters: merging cannot
+                            // fail.
+                            Some(k2) => {
+                                let _ = k2.merge(&k);
+                            }
+                            None => *k2 = Some(k),
+                        }
+                    }
                     continue;
                 }
             }
-            merged.push((h, b, s));
+            merged.push((h, b, s, k));
         }
         let max = self
             .config
             .max_batch_summaries
             .min(self.config.limits.max_summaries)
             .max(1);
-        let mut chunks: Vec<Vec<(u32, i64, Summary)>> = Vec::new();
+        let mut chunks: Vec<Vec<Closed>> = Vec::new();
         let mut bytes = 0;
         for e in merged {
-            let size = self.key_bytes(e.0);
+            let size = self.entry_bytes(&e);
             match chunks.last_mut() {
                 Some(c) if c.len() < max && bytes + size <= max_bytes => {
                     bytes += size;
@@ -66,10 +76,7 @@ impl Producer {
     }
 
     /// Splits a chunk so no batch exceeds the distinct category or entity limits.
-    pub(super) fn split_by_names(
-        &self,
-        chunk: Vec<(u32, i64, Summary)>,
-    ) -> Vec<Vec<(u32, i64, Summary)>> {
+    pub(super) fn split_by_names(&self, chunk: Vec<Closed>) -> Vec<Vec<Closed>> {
         let (mc, me) = (
             self.config.limits.max_categories.max(1),
             self.config.limits.max_entities.max(1),
@@ -99,12 +106,12 @@ impl Producer {
         parts
     }
 
-    pub(super) fn seal_one(&mut self, now_ms: i64, entries: Vec<(u32, i64, Summary)>) {
+    pub(super) fn seal_one(&mut self, now_ms: i64, entries: Vec<Closed>) {
         // Every record counted in exactly one summary: the batch holds this many.
         let records: u64 = entries.iter().map(|e| e.2.count).sum();
         // Canonical form: strings sorted, summaries in key order.
         let mut names: Vec<&str> = Vec::new();
-        for (h, _, _) in &entries {
+        for (h, _, _, _) in &entries {
             let st = &self.handles[*h as usize];
             names.push(&st.category);
             if let Some(e) = &st.entity {
@@ -114,19 +121,28 @@ impl Producer {
         small_sort::sort_by_key(&mut names, |s| *s);
         names.dedup();
         let index = |s: &str| names.binary_search(&s).map_or(0, |i| i as u32);
-        let mut summaries: Vec<BatchSummary> = entries
-            .iter()
-            .map(|(h, b, s)| {
-                let st = &self.handles[*h as usize];
-                BatchSummary {
+        let mut keyed: Vec<(BatchSummary, Option<Box<Sketches>>)> = entries
+            .into_iter()
+            .map(|(h, b, s, k)| {
+                let st = &self.handles[h as usize];
+                let summary = BatchSummary {
                     category: index(&st.category),
                     entity: st.entity.as_deref().map_or(NO_ENTITY, |e| index(e) + 1),
-                    bucket: *b,
-                    summary: *s,
-                }
+                    bucket: b,
+                    summary: s,
+                };
+                (summary, k)
             })
             .collect();
-        small_sort::sort_by_key(&mut summaries, |s| (s.category, s.entity, s.bucket));
+        small_sort::sort_by_key(&mut keyed, |(s, _)| (s.category, s.entity, s.bucket));
+        let mut sketches = Vec::new();
+        let mut summaries = Vec::with_capacity(keyed.len());
+        for (i, (s, k)) in keyed.into_iter().enumerate() {
+            if let Some(k) = k.filter(|k| !k.is_empty()) {
+                sketches.push((i as u32, *k));
+            }
+            summaries.push(s);
+        }
         let strings: StringTable = names.iter().collect();
         let seq = self.next_seq;
         let batch = Batch {
@@ -139,6 +155,7 @@ impl Producer {
             bucket_ms: self.config.bucket_ms,
             strings,
             summaries,
+            sketches,
         };
         let Ok(mut bytes) = envelope::seal_unsigned(&batch) else {
             return;

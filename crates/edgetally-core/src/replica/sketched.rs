@@ -1,0 +1,199 @@
+//! The sketches a replica keeps (distinct counts and quantiles, batch format v2): per series
+//! of a category (every record, no entity, each entity), at minute and hour resolution.
+//!
+//! Not per second: a dense HyperLogLog is 16 KiB, and a second's worth of one would cost
+//! sixty times the minute's memory for answers a minute already gives to within its widening
+//! (the answer reports the window it covered). Like the totals, every sketch of a bucket is
+//! the merge of the sketches of the batches applied, so two replicas holding the same batches
+//! hold identical sketch bytes.
+
+use super::*;
+use crate::sketches::Sketches;
+
+/// The finest tier that keeps sketches (the minute).
+pub const SKETCH_FIRST_TIER: usize = 1;
+
+/// One series' sketches: per tier from [`SKETCH_FIRST_TIER`], bucket start → sketches.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SeriesSketches {
+    pub(crate) tiers: [BTreeMap<i64, Sketches>; 2],
+}
+
+/// The sketches of a category (or one of its entities) over a window.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SketchAnswer {
+    /// Covered window start (ms): the query's, widened to whole minutes.
+    pub start: i64,
+    /// Covered window end (ms, exclusive).
+    pub end: i64,
+    /// The union of every bucket's sketches in the window.
+    pub sketches: Sketches,
+}
+
+impl Replica {
+    /// Merges a summary's sketches into series `series`'s minute and hour buckets holding
+    /// `start_ms`.
+    pub(super) fn add_sketches(&mut self, series: u32, start_ms: i64, k: &Sketches) {
+        let entry = self.sketches.entry(series).or_default();
+        let mut grown: i64 = 0;
+        for (t, tier) in entry.tiers.iter_mut().enumerate() {
+            let res = TIER_MS[t + SKETCH_FIRST_TIER];
+            let slot = tier.entry(start_ms.div_euclid(res) * res).or_default();
+            let before = slot.heap_bytes() as i64;
+            // Batches are checked before they are applied (one quantile accuracy), so the
+            // merge cannot fail; if it did, the bucket would be left as it was.
+            let _ = slot.merge(k);
+            grown += slot.heap_bytes() as i64 - before;
+        }
+        self.sketch_bytes = self.sketch_bytes.saturating_add_signed(grown);
+    }
+
+    /// Drops the sketch buckets of tier `tier` before `cutoff`.
+    pub(super) fn prune_sketches(&mut self, tier: usize, cutoff: i64) {
+        let Some(t) = tier.checked_sub(SKETCH_FIRST_TIER) else {
+            return;
+        };
+        let mut freed = 0u64;
+        self.sketches.retain(|_, s| {
+            let keep = s.tiers[t].split_off(&cutoff);
+            freed += s.tiers[t]
+                .values()
+                .map(|k| k.heap_bytes() as u64)
+                .sum::<u64>();
+            s.tiers[t] = keep;
+            s.tiers.iter().any(|x| !x.is_empty())
+        });
+        self.sketch_bytes = self.sketch_bytes.saturating_sub(freed);
+    }
+
+    /// Estimated heap bytes of the sketches held.
+    pub fn sketch_bytes(&self) -> u64 {
+        self.sketch_bytes
+    }
+
+    /// The union of the sketches of `category` (and `entity`, if given; else every record of
+    /// the category) over `[start, end)`, widened to whole minutes.
+    pub fn sketches(
+        &self,
+        category: &str,
+        entity: Option<&str>,
+        start: i64,
+        end: i64,
+    ) -> SketchAnswer {
+        let plan = crate::query::plan(start, end, self.horizons, SKETCH_FIRST_TIER);
+        let series = self.string_id(category).and_then(|cat| {
+            let dim = match entity {
+                None => Dim::All,
+                Some(e) => Dim::Entity(self.string_id(e)?),
+            };
+            self.series_ids.get(&(cat, dim)).copied()
+        });
+        let mut out = Sketches::default();
+        if let Some(s) = series.and_then(|i| self.sketches.get(&i)) {
+            for &(tier, from, to) in &plan.pieces {
+                if let Some(t) = tier.checked_sub(SKETCH_FIRST_TIER) {
+                    for (_, k) in s.tiers[t].range(from..to) {
+                        let _ = out.merge(k);
+                    }
+                }
+            }
+        }
+        SketchAnswer {
+            start: plan.start,
+            end: plan.end,
+            sketches: out,
+        }
+    }
+
+    /// Every sketch bucket in canonical form: (category, dimension) in the snapshot's ids,
+    /// tier, bucket start, sketches — sorted.
+    pub(super) fn sketch_snapshot(&self, canon: &encode::Canon) -> Vec<SketchSnapshot> {
+        let mut out = Vec::new();
+        for (&(cat, dim), idx) in &self.series_ids {
+            let Some(s) = self.sketches.get(idx) else {
+                continue;
+            };
+            for (t, tier) in s.tiers.iter().enumerate() {
+                for (&start, k) in tier {
+                    out.push(SketchSnapshot {
+                        category: canon.remap[cat as usize],
+                        dim: canon.dim(dim),
+                        tier: (t + SKETCH_FIRST_TIER) as u8,
+                        start,
+                        distinct: k.distinct.as_ref().map(|h| h.encode()),
+                        quantiles: k.quantiles.as_ref().map(|q| q.encode()),
+                    });
+                }
+            }
+        }
+        out.sort_by_key(|s| (s.category, s.dim, s.tier, s.start));
+        out
+    }
+
+    /// Restores the sketch buckets of a snapshot (whose strings are interned already, in
+    /// snapshot order).
+    pub(super) fn restore_sketches(
+        &mut self,
+        list: Vec<SketchSnapshot>,
+    ) -> Result<(), RestoreError> {
+        let ns = self.strings.len() as u32;
+        for s in list {
+            let ok = s.category < ns
+                && match s.dim {
+                    Dim::Entity(e) => e < ns,
+                    Dim::Producer(_) => false,
+                    _ => true,
+                }
+                && (SKETCH_FIRST_TIER..3).contains(&usize::from(s.tier));
+            if !ok {
+                return Err(RestoreError::Inconsistent("sketch index out of range"));
+            }
+            let k = s
+                .sketches()
+                .ok_or(RestoreError::Inconsistent("sketch bytes malformed"))?;
+            let idx = self.series_index(s.category, s.dim);
+            let tier = &mut self.sketches.entry(idx).or_default().tiers
+                [usize::from(s.tier) - SKETCH_FIRST_TIER];
+            if tier.keys().next_back().is_some_and(|&last| last >= s.start) {
+                return Err(RestoreError::Inconsistent("sketch entries not ascending"));
+            }
+            self.sketch_bytes += k.heap_bytes() as u64;
+            tier.insert(s.start, k);
+        }
+        Ok(())
+    }
+}
+
+/// One bucket's sketches in a [`Snapshot`] (format 6 on).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SketchSnapshot {
+    /// Category string index.
+    pub category: u32,
+    /// Dimension (never a producer), with ids into the snapshot's tables.
+    pub dim: Dim,
+    /// Tier (1 minute, 2 hour).
+    pub tier: u8,
+    /// Bucket start (ms).
+    pub start: i64,
+    /// The HyperLogLog's canonical bytes.
+    pub distinct: Option<Vec<u8>>,
+    /// The quantile sketch's canonical bytes.
+    pub quantiles: Option<Vec<u8>>,
+}
+
+impl SketchSnapshot {
+    /// The decoded sketches; `None` if either is malformed or both are absent.
+    pub fn sketches(&self) -> Option<Sketches> {
+        let k = Sketches {
+            distinct: match &self.distinct {
+                Some(b) => Some(crate::sketches::Hll::decode(b).ok()?),
+                None => None,
+            },
+            quantiles: match &self.quantiles {
+                Some(b) => Some(crate::sketches::Quantiles::decode(b).ok()?),
+                None => None,
+            },
+        };
+        (!k.is_empty()).then_some(k)
+    }
+}
