@@ -22,9 +22,10 @@ mod abi_check;
 
 pub use builder::{BatchBuilder, SketchOpts};
 pub use envelope::{
-    decode, decode_payload, encode_payload, is_unsigned, open, peek, seal_unsigned, set_signature,
-    signing_message, verify_many, verify_signature, DecodeError, SealError, Signer, Unverified,
-    DOMAIN, SIGNATURE_LEN, VERSION,
+    decode, decode_payload, decode_payload_version, encode_payload, is_unsigned, open, peek,
+    seal_unsigned, set_signature, signing_message, verify_many, verify_signature, version_of,
+    DecodeError, SealError, Signer, Unverified, DOMAIN, DOMAIN_V2, SIGNATURE_LEN, VERSION,
+    VERSION_V2,
 };
 pub use frame::{encode_frame, FrameDecoder, Reply};
 pub use producer::{ByReason, Handle, PersistOp, Producer, ProducerConfig, Stats, Transmit};
