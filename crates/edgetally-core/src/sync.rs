@@ -444,6 +444,11 @@ impl<K: Ord + Clone + ToString> PeerSync<K> {
         }
     }
 
+    /// The node key of `peer`, once a link to it authenticated.
+    pub fn node_of(&self, peer: &K) -> Option<[u8; 32]> {
+        self.peers.get(peer).and_then(|s| s.node)
+    }
+
     /// Every peer's status, `reachable` only if its last round is recent.
     pub fn status(&self, now_ms: i64) -> BTreeMap<K, PeerStatus> {
         self.peers

@@ -152,6 +152,8 @@ pub struct Admission {
     /// Where that list is kept (`<data dir>/equivocators`: `<key hex> <epoch>` per line).
     equivocators_file: PathBuf,
     refuse_equivocators: bool,
+    /// The sketch caps and how `POST /v1/events` makes sketches.
+    pub sketches: crate::sketch_policy::SketchPolicy,
     /// Counters.
     pub stats: AdmissionStats,
 }
@@ -269,6 +271,7 @@ impl Admission {
             equivocators: RwLock::new(read_equivocators(&config.data_dir.join(EQUIVOCATORS_FILE))?),
             equivocators_file: config.data_dir.join(EQUIVOCATORS_FILE),
             refuse_equivocators: config.refuse_equivocators,
+            sketches: crate::sketch_policy::SketchPolicy::new(config)?,
             stats: AdmissionStats::default(),
         };
         if a.allowlist_file.is_some() {

@@ -69,6 +69,14 @@ pub struct Config {
     pub max_idempotency_keys: u64,
     /// The `value_bounds` setting (see [`settings`]).
     pub value_bounds: BTreeMap<String, [f64; 2]>,
+    /// The `sketch_max_precision` setting (see [`settings`]).
+    pub sketch_max_precision: BTreeMap<String, u32>,
+    /// The `max_sketch_bytes` setting (see [`settings`]).
+    pub max_sketch_bytes: u64,
+    /// The `quantile_categories` setting (see [`settings`]).
+    pub quantile_categories: Vec<String>,
+    /// The `subject_key` setting (see [`settings`]).
+    pub subject_key: Option<String>,
     /// The `refuse_equivocators` setting (see [`settings`]).
     pub refuse_equivocators: bool,
     /// The `http_tls` setting (see [`settings`]).
@@ -157,6 +165,10 @@ impl Default for Config {
             max_series: 2_000_000,
             max_idempotency_keys: 500_000,
             value_bounds: BTreeMap::new(),
+            sketch_max_precision: BTreeMap::new(),
+            max_sketch_bytes: 1 << 30,
+            quantile_categories: Vec::new(),
+            subject_key: None,
             refuse_equivocators: true,
             http_tls: false,
             read_tokens: Vec::new(),
@@ -334,6 +346,20 @@ settings! {
     max_idempotency_keys: u64 => set(max_idempotency_keys);
     /// Per-category `[min, max]` bounds on values (`"*"`: every category without its own).
     value_bounds: BTreeMap<String, [f64; 2]> => set(value_bounds);
+    /// Per-category cap on the precision (4–16) of the distinct-count sketches producers
+    /// send (`"*"`: every category without its own); a batch with a finer one is refused with
+    /// `sketch_limit`. Unset: 16, the format's largest.
+    sketch_max_precision: BTreeMap<String, u32> => set(sketch_max_precision);
+    /// Most bytes of sketches (distinct counts, quantiles) the node holds; past it, batches
+    /// from producers that carry sketches are refused with `sketch_limit` (others are not).
+    /// 0: unlimited.
+    max_sketch_bytes: u64 => set(max_sketch_bytes);
+    /// Categories whose `POST /v1/events` values also go into quantile sketches (`"*"`:
+    /// every category), for `quantiles=` in queries.
+    quantile_categories: Vec<String> => set(quantile_categories);
+    /// The site secret keying the subject hash of `POST /v1/events` (32 hex digits; the SDKs'
+    /// `subjectKey`); none: unkeyed. Producers and nodes of one site must use the same.
+    subject_key: String => some(subject_key);
     /// Refuse batches from producers found equivocating (two contents under one batch id)
     /// with `Nack equivocated`.
     refuse_equivocators: bool => set(refuse_equivocators);
@@ -463,7 +489,7 @@ macro_rules! plain_setting {
 
 plain_setting! {
     usize => Toml, u32 => Toml, u64 => Toml, f64 => Toml, bool => Toml,
-    ProducerPolicy => Toml, BTreeMap<String, [f64; 2]> => Toml,
+    ProducerPolicy => Toml, BTreeMap<String, [f64; 2]> => Toml, BTreeMap<String, u32> => Toml,
     String => Text, PathBuf => Text, Vec<String> => List,
 }
 
@@ -544,6 +570,13 @@ impl<T: Show> Show for Vec<T> {
     fn show(&self) -> String {
         let items: Vec<String> = self.iter().map(|x| format!("{:?}", x.show())).collect();
         format!("[{}]", items.join(", "))
+    }
+}
+
+impl Show for BTreeMap<String, u32> {
+    fn show(&self) -> String {
+        let items: Vec<String> = self.iter().map(|(k, v)| format!("{k:?} = {v}")).collect();
+        format!("{{{}}}", items.join(", "))
     }
 }
 

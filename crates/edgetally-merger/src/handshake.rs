@@ -70,6 +70,7 @@ pub const FEATURES: &[&str] = &[
     "topology-agreement",
     "handoffs",
     "features",
+    "sketches",
 ];
 
 /// The features of a node that sends facts but no feature list: the previous release
@@ -247,7 +248,8 @@ impl Facts {
 /// The digest of the settings whose difference between replicas changes what they hold or
 /// answer: the batch limits and lateness (a replicated batch one refuses the other applied),
 /// the seen-set expiry margin (how long a resend is known for a duplicate) and the tiers'
-/// retention (what a query over a long range reads).
+/// retention (what a query over a long range reads); and, when set, the quantile categories
+/// and subject key of `POST /v1/events` (what its batches hold).
 pub fn settings_digest(config: &crate::config::Config) -> [u8; 32] {
     use sha2::Digest as _;
     let l = &config.limits;
@@ -262,6 +264,19 @@ pub fn settings_digest(config: &crate::config::Config) -> [u8; 32] {
         config.seen_expiry_margin_ms,
         config.retention.tiers
     );
+    // What `POST /v1/events` puts in its batches (a keyed retry at another node must build
+    // the same batch): named only when set, so nodes without them agree with earlier releases.
+    let mut text = text;
+    if !config.quantile_categories.is_empty() {
+        let mut cats = config.quantile_categories.clone();
+        cats.sort_unstable();
+        cats.dedup();
+        text.push_str(&format!(" quantile_categories={cats:?}"));
+    }
+    if let Some(key) = &config.subject_key {
+        let key = crate::sketch_policy::parse_key(key).unwrap_or_default();
+        text.push_str(&format!(" subject_key={}", edgetally_net::tls::hex(&key)));
+    }
     sha2::Sha256::digest(text.as_bytes()).into()
 }
 
@@ -596,8 +611,9 @@ mod tests {
         me.record([1; 32], Some(ext), None, None);
         let prev = me.of(&[1; 32]).expect("recorded");
         assert_eq!(prev.features, PREVIOUS_RELEASE);
-        assert!(prev.lacks.is_empty(), "the previous release lacks nothing");
+        assert_eq!(prev.lacks, ["sketches"], "the previous release lacks the sketches");
         assert!(me.speaks(&[1; 32], "topology-agreement"));
+        assert!(!me.speaks(&[1; 32], "sketches"));
         let older = FeaturesExt {
             features: vec!["facts".into(), "bloom-digests".into()],
         };
@@ -605,7 +621,7 @@ mod tests {
         let f = me.of(&[2; 32]).expect("recorded");
         assert_eq!(
             f.lacks,
-            ["forward-source", "topology-agreement", "handoffs"]
+            ["forward-source", "topology-agreement", "handoffs", "sketches"]
         );
         assert!(!me.speaks(&[2; 32], "topology-agreement"));
         assert!(

@@ -456,6 +456,10 @@ async fn commit_stage(mut rx: mpsc::Receiver<Checked>, p: Pipeline) {
                         in_group.insert(b.id);
                         fresh.push((job, b));
                     }
+                    Ok(b) if adm.sketches.check(&b, r.sketch_bytes()).is_err() => {
+                        p.metrics.reject(RejectCode::SketchLimit);
+                        done.push((job, Reply::nack(RejectCode::SketchLimit)));
+                    }
                     Ok(b) => {
                         let mut job = job;
                         let known = || r.epochs_of(&b.id.producer) > 0;

@@ -20,6 +20,7 @@ pub mod promread;
 pub mod replication;
 pub mod scatter;
 pub mod serve_http;
+pub mod sketch_policy;
 pub mod start;
 pub use edgetally_store as store;
 

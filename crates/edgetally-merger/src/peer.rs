@@ -265,6 +265,12 @@ impl Replication {
     }
 }
 
+/// Whether signed batch bytes are batch format v2 (which peers without the `sketches`
+/// feature cannot read).
+pub fn is_v2(raw: &[u8]) -> bool {
+    raw.first() == Some(&edgetally_proto::VERSION_V2)
+}
+
 /// One client endpoint for all outgoing peer links.
 pub fn client_endpoint() -> Result<quinn::Endpoint, String> {
     let bind: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 0));

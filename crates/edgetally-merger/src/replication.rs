@@ -73,8 +73,11 @@ pub async fn serve_peer(node: Arc<Node>, conn: quinn::Connection) {
             Err(_) => break,
         };
         let node = node.clone();
+        // A peer of an earlier release cannot read batch format v2 nor snapshot format 6:
+        // it is not sent them (PROTOCOL.md §9, "Features").
+        let sketches = repl.auth.facts.speaks(&peer_node, "sketches");
         tokio::spawn(async move {
-            if let Err(e) = answer(node, send, recv).await {
+            if let Err(e) = answer(node, send, recv, sketches).await {
                 debug!("peer request failed: {e}");
             }
         });
@@ -86,6 +89,7 @@ async fn answer(
     node: Arc<Node>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    sketches: bool,
 ) -> Result<(), PeerError> {
     let raw = recv
         .read_to_end(MAX_MESSAGE)
@@ -103,6 +107,9 @@ async fn answer(
         Request::Sync { digest, max } => {
             let answer = answer_round(&node.state(), &digest, max, SYNC_BATCH);
             for e in answer.batches {
+                if !sketches && crate::peer::is_v2(&e.raw) {
+                    continue;
+                }
                 let item = postcard::to_allocvec(&SyncItem::Batch(e.raw.to_vec()))
                     .map_err(PeerError::from)?;
                 send.write_all(&edgetally_proto::encode_frame(&item))
@@ -125,6 +132,11 @@ async fn answer(
             send.write_all(&edgetally_proto::encode_frame(&done))
                 .await
                 .map_err(PeerError::from)?;
+        }
+        Request::Snapshot if !sketches => {
+            return Err(PeerError::NotServed(
+                "snapshot format 6 to a node without the sketches feature",
+            ));
         }
         Request::Snapshot => {
             // Encoded straight from the state: no snapshot value beside it.
@@ -362,6 +374,15 @@ fn transmit(
                 repl.sync().handle_push_reply(&peer, token, false, now_ms());
                 return;
             };
+            if crate::peer::is_v2(&batch) {
+                let node_key = repl.sync().node_of(&peer);
+                if node_key.is_some_and(|k| !repl.auth.facts.speaks(&k, "sketches")) {
+                    // Not for this peer (an earlier release): settled, as its rounds will not
+                    // ask for it either.
+                    repl.sync().handle_push_reply(&peer, token, true, now_ms());
+                    return;
+                }
+            }
             tokio::spawn(async move {
                 let acked = push(&conn, &batch).await;
                 let _ = tx.send(Event::Pushed { peer, token, acked });

@@ -5,7 +5,7 @@
 //! ranks and cuts). No I/O: [`crate::cluster`] gathers the parts, the simulation merges
 //! them with the same function.
 
-use edgetally_core::{GroupBy, Replica, TopBy, Total};
+use edgetally_core::{GroupBy, Replica, Sketches, TopBy, Total};
 use serde::{Deserialize, Serialize};
 
 /// A cluster-wide query: what one group is asked for.
@@ -57,6 +57,79 @@ pub enum Query {
         /// 0: none, 1: category, 2: entity.
         group_by: u8,
     },
+    /// The sketches (distinct counts, quantiles) of a category or one of its entities, over
+    /// one window (`step_ms` 0) or per step: the distinct and quantile halves of
+    /// `/v1/aggregate`, `/v1/window` and `/v1/series` (peer feature `sketches`).
+    Sketches {
+        /// Category.
+        category: String,
+        /// Entity, if any.
+        entity: Option<String>,
+        /// Window start, ms.
+        start: i64,
+        /// Window end, ms (exclusive).
+        end: i64,
+        /// Step, ms; 0 for one window.
+        step_ms: i64,
+        /// Most points.
+        max_points: u32,
+    },
+    /// The sketches grouped as `/v1/totals` groups (of one category, for top-k by distinct).
+    SketchRows {
+        /// Only this category's series, if given.
+        category: Option<String>,
+        /// Window start, ms.
+        start: i64,
+        /// Window end, ms (exclusive).
+        end: i64,
+        /// 0: none, 1: category, 2: entity.
+        group_by: u8,
+    },
+}
+
+/// Sketches as they cross between groups: their canonical bytes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireSketches {
+    /// The HyperLogLog's bytes.
+    pub distinct: Option<Vec<u8>>,
+    /// The quantile sketch's bytes.
+    pub quantiles: Option<Vec<u8>>,
+}
+
+impl WireSketches {
+    /// The bytes of `k`.
+    pub fn of(k: &Sketches) -> WireSketches {
+        WireSketches {
+            distinct: k.distinct.as_ref().map(|h| h.encode()),
+            quantiles: k.quantiles.as_ref().map(|q| q.encode()),
+        }
+    }
+
+    /// The sketches (a part that does not decode — from a faulty peer — is left out).
+    pub fn decode(&self) -> Sketches {
+        use edgetally_core::sketches::{Hll, Quantiles};
+        Sketches {
+            distinct: self.distinct.as_deref().and_then(|b| Hll::decode(b).ok()),
+            quantiles: self
+                .quantiles
+                .as_deref()
+                .and_then(|b| Quantiles::decode(b).ok()),
+        }
+    }
+
+    fn merge(&mut self, other: &WireSketches) {
+        let mut k = self.decode();
+        let _ = k.merge(&other.decode());
+        *self = WireSketches::of(&k);
+    }
+}
+
+fn group_of(g: u8) -> GroupBy {
+    match g {
+        1 => GroupBy::Category,
+        2 => GroupBy::Entity,
+        _ => GroupBy::None,
+    }
 }
 
 /// One group's (or the merged) answer.
@@ -72,6 +145,17 @@ pub enum Answer {
         end: i64,
         /// (name, totals).
         rows: Vec<(Option<String>, Total)>,
+    },
+    /// Sketches over windows (one, or one per step).
+    Sketches(Vec<(i64, i64, WireSketches)>),
+    /// Named sketches over a window, sorted by name.
+    SketchRows {
+        /// Covered start.
+        start: i64,
+        /// Covered end.
+        end: i64,
+        /// (name, sketches).
+        rows: Vec<(Option<String>, WireSketches)>,
     },
 }
 
@@ -161,16 +245,55 @@ impl Query {
                 end,
                 group_by,
             } => {
-                let g = match group_by {
-                    1 => GroupBy::Category,
-                    2 => GroupBy::Entity,
-                    _ => GroupBy::None,
-                };
-                let rows = r.totals(*start, *end, g);
+                let rows = r.totals(*start, *end, group_of(*group_by));
                 Answer::Rows {
                     start: rows.start,
                     end: rows.end,
                     rows: rows.rows,
+                }
+            }
+            Query::Sketches {
+                category,
+                entity,
+                start,
+                end,
+                step_ms,
+                max_points,
+            } => {
+                let answers = if *step_ms == 0 {
+                    vec![r.sketches(category, entity.as_deref(), *start, *end)]
+                } else {
+                    r.sketch_series(
+                        category,
+                        entity.as_deref(),
+                        *start,
+                        *end,
+                        *step_ms,
+                        *max_points as usize,
+                    )
+                };
+                Answer::Sketches(
+                    answers
+                        .iter()
+                        .map(|a| (a.start, a.end, WireSketches::of(&a.sketches)))
+                        .collect(),
+                )
+            }
+            Query::SketchRows {
+                category,
+                start,
+                end,
+                group_by,
+            } => {
+                let (start, end, rows) =
+                    r.sketch_rows(category.as_deref(), *start, *end, group_of(*group_by));
+                Answer::SketchRows {
+                    start,
+                    end,
+                    rows: rows
+                        .iter()
+                        .map(|(n, k)| (n.clone(), WireSketches::of(k)))
+                        .collect(),
                 }
             }
         }
@@ -178,11 +301,31 @@ impl Query {
 }
 
 impl Answer {
-    /// The points of an aggregate or series answer (none for a rows answer).
+    /// The points of an aggregate or series answer (none for another answer).
     pub fn into_points(self) -> Vec<(i64, i64, Total)> {
         match self {
             Answer::Points(p) => p,
-            Answer::Rows { .. } => Vec::new(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The points of a sketches answer, decoded (none for another answer).
+    pub fn into_sketches(self) -> Vec<(i64, i64, Sketches)> {
+        match self {
+            Answer::Sketches(p) => p.into_iter().map(|(s, e, k)| (s, e, k.decode())).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The window and rows of a sketch-rows answer, decoded (empty for another answer).
+    pub fn into_sketch_rows(self) -> (i64, i64, Vec<(Option<String>, Sketches)>) {
+        match self {
+            Answer::SketchRows { start, end, rows } => (
+                start,
+                end,
+                rows.into_iter().map(|(n, k)| (n, k.decode())).collect(),
+            ),
+            _ => (0, 0, Vec::new()),
         }
     }
 
@@ -190,7 +333,7 @@ impl Answer {
     pub fn into_rows(self) -> edgetally_core::Rows {
         match self {
             Answer::Rows { start, end, rows } => edgetally_core::Rows { start, end, rows },
-            Answer::Points(_) => edgetally_core::Rows {
+            _ => edgetally_core::Rows {
                 start: 0,
                 end: 0,
                 rows: Vec::new(),
@@ -209,39 +352,57 @@ impl Answer {
                 }
             }
             (Answer::Rows { rows: a, .. }, Answer::Rows { rows: b, .. }) => {
-                // Both sorted by name: one merge pass.
-                let mut out = Vec::with_capacity(a.len().max(b.len()));
-                let mut x = std::mem::take(a).into_iter().peekable();
-                let mut y = b.into_iter().peekable();
-                loop {
-                    let next = match (x.peek(), y.peek()) {
-                        (Some(p), Some(q)) => match p.0.cmp(&q.0) {
-                            std::cmp::Ordering::Less => x.next(),
-                            std::cmp::Ordering::Greater => y.next(),
-                            std::cmp::Ordering::Equal => {
-                                let (name, mut t) = x.next().unwrap_or((None, Total::EMPTY));
-                                if let Some((_, u)) = y.next() {
-                                    t.merge(&u);
-                                }
-                                Some((name, t))
-                            }
-                        },
-                        (Some(_), None) => x.next(),
-                        (None, Some(_)) => y.next(),
-                        (None, None) => None,
-                    };
-                    match next {
-                        Some(row) => out.push(row),
-                        None => break,
-                    }
+                *a = merge_rows(std::mem::take(a), b, |t, u| t.merge(&u));
+            }
+            (Answer::Sketches(a), Answer::Sketches(b)) => {
+                for (p, q) in a.iter_mut().zip(b) {
+                    p.2.merge(&q.2);
                 }
-                *a = out;
+            }
+            (Answer::SketchRows { rows: a, .. }, Answer::SketchRows { rows: b, .. }) => {
+                *a = merge_rows(std::mem::take(a), b, |t, u| t.merge(&u));
             }
             // Two kinds of answer to one query cannot happen between nodes of one version;
             // keep ours rather than guess.
             _ => {}
         }
     }
+}
+
+/// Two lists of rows sorted by name, merged into one (rows of one name combined by `add`).
+fn merge_rows<T>(
+    a: Vec<(Option<String>, T)>,
+    b: Vec<(Option<String>, T)>,
+    add: impl Fn(&mut T, T),
+) -> Vec<(Option<String>, T)> {
+    let mut out = Vec::with_capacity(a.len().max(b.len()));
+    let mut x = a.into_iter().peekable();
+    let mut y = b.into_iter().peekable();
+    loop {
+        let take_x = match (x.peek(), y.peek()) {
+            (Some(p), Some(q)) => match p.0.cmp(&q.0) {
+                std::cmp::Ordering::Less => Some(true),
+                std::cmp::Ordering::Greater => Some(false),
+                std::cmp::Ordering::Equal => {
+                    if let (Some((name, mut t)), Some((_, u))) = (x.next(), y.next()) {
+                        add(&mut t, u);
+                        out.push((name, t));
+                    }
+                    continue;
+                }
+            },
+            (Some(_), None) => Some(true),
+            (None, Some(_)) => Some(false),
+            (None, None) => None,
+        };
+        let next = match take_x {
+            Some(true) => x.next(),
+            Some(false) => y.next(),
+            None => break,
+        };
+        out.extend(next);
+    }
+    out
 }
 
 /// One group's place in a cluster-wide answer.

@@ -193,7 +193,9 @@ fn inconsistent_sketches_are_refused() {
     let limits = Limits::default();
     let code = |batch: &edgetally_core::Batch| {
         let raw = s.seal(batch).expect("seal");
-        envelope::open(&raw, &limits, NOW).map(|_| ()).map_err(|e| e.code)
+        envelope::open(&raw, &limits, NOW)
+            .map(|_| ())
+            .map_err(|e| e.code)
     };
     assert_eq!(code(&good), Ok(()));
     let mut wrong_count = good.clone();

@@ -105,6 +105,79 @@ impl Replica {
         }
     }
 
+    /// One [`Replica::sketches`] per step of `step_ms` from `start` (aligned down to the
+    /// step) to `end`; empty if the step is not positive or there would be over `max_points`.
+    pub fn sketch_series(
+        &self,
+        category: &str,
+        entity: Option<&str>,
+        start: i64,
+        end: i64,
+        step_ms: i64,
+        max_points: usize,
+    ) -> Vec<SketchAnswer> {
+        if step_ms <= 0 || end <= start {
+            return Vec::new();
+        }
+        let first = start.div_euclid(step_ms) * step_ms;
+        let n = ((end - first) as i128 + step_ms as i128 - 1) / step_ms as i128;
+        if n as u128 > max_points as u128 {
+            return Vec::new();
+        }
+        (0..n as i64)
+            .map(|i| {
+                let s = first + i * step_ms;
+                self.sketches(category, entity, s, s.saturating_add(step_ms))
+            })
+            .collect()
+    }
+
+    /// The union of sketches over `[start, end)` (widened to whole minutes), grouped as
+    /// [`Replica::totals`] groups (of `category` only, if given): one row for everything, one
+    /// per category, or one per entity (`None`: records without an entity). Rows without
+    /// sketches are left out; sorted by name. Returns the covered window and the rows.
+    pub fn sketch_rows(
+        &self,
+        category: Option<&str>,
+        start: i64,
+        end: i64,
+        group_by: crate::query::GroupBy,
+    ) -> (i64, i64, Vec<(Option<String>, Sketches)>) {
+        use crate::query::GroupBy;
+        let plan = crate::query::plan(start, end, self.horizons, SKETCH_FIRST_TIER);
+        let only = match category {
+            Some(c) => match self.string_id(c) {
+                Some(id) => Some(id),
+                None => return (plan.start, plan.end, Vec::new()),
+            },
+            None => None,
+        };
+        let mut groups: BTreeMap<Option<String>, Sketches> = BTreeMap::new();
+        for (&(cat, dim), idx) in &self.series_ids {
+            if only.is_some_and(|c| c != cat) {
+                continue;
+            }
+            let key = match (group_by, dim) {
+                (GroupBy::None, Dim::All) => None,
+                (GroupBy::Category, Dim::All) => Some(self.strings.get(cat).to_string()),
+                (GroupBy::Entity, Dim::Entity(e)) => Some(self.strings.get(e).to_string()),
+                (GroupBy::Entity, Dim::NoEntity) => None,
+                _ => continue,
+            };
+            let Some(s) = self.sketches.get(idx) else {
+                continue;
+            };
+            for &(tier, from, to) in &plan.pieces {
+                if let Some(t) = tier.checked_sub(SKETCH_FIRST_TIER) {
+                    for (_, k) in s.tiers[t].range(from..to) {
+                        let _ = groups.entry(key.clone()).or_default().merge(k);
+                    }
+                }
+            }
+        }
+        (plan.start, plan.end, groups.into_iter().collect())
+    }
+
     /// Every sketch bucket in canonical form: (category, dimension) in the snapshot's ids,
     /// tier, bucket start, sketches — sorted.
     pub(super) fn sketch_snapshot(&self, canon: &encode::Canon) -> Vec<SketchSnapshot> {

@@ -3,8 +3,8 @@
 
 use super::*;
 
-/// An event's fields: ts_ms, category, entity, value.
-pub(super) type EventFields = (i64, String, Option<String>, f64);
+/// An event's fields: ts_ms, category, entity, value, subject.
+pub(super) type EventFields = (i64, String, Option<String>, f64, Option<String>);
 /// One event of `POST /v1/events`: its fields, or why it was refused.
 pub(super) type EventResult = Result<EventFields, (RejectCode, String)>;
 
@@ -107,7 +107,7 @@ impl<'de> serde::Deserialize<'de> for EventItem {
                 self,
                 mut a: A,
             ) -> Result<EventItem, A::Error> {
-                let (mut ts, mut cat, mut ent, mut val) = (None, None, None, None);
+                let (mut ts, mut cat, mut ent, mut val, mut subj) = (None, None, None, None, None);
                 let mut problem: Option<(RejectCode, String)> = None;
                 while let Some(k) = a.next_key::<std::borrow::Cow<'de, str>>()? {
                     let slot = match &*k {
@@ -115,6 +115,7 @@ impl<'de> serde::Deserialize<'de> for EventItem {
                         "category" => &mut cat,
                         "entity" => &mut ent,
                         "value" => &mut val,
+                        "subject" => &mut subj,
                         other => {
                             problem.get_or_insert((
                                 RejectCode::InvalidEvent,
@@ -135,7 +136,7 @@ impl<'de> serde::Deserialize<'de> for EventItem {
                 if let Some(p) = problem {
                     return Ok(EventItem(Err(p)));
                 }
-                Ok(EventItem(event_fields(ts, cat, ent, val)))
+                Ok(EventItem(event_fields(ts, cat, ent, val, subj)))
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
@@ -180,6 +181,7 @@ pub(super) fn event_fields(
     cat: Option<Scalar>,
     ent: Option<Scalar>,
     val: Option<Scalar>,
+    subj: Option<Scalar>,
 ) -> EventResult {
     let ts = match ts {
         Some(Scalar::Int(n)) => n,
@@ -228,7 +230,23 @@ pub(super) fn event_fields(
             ))
         }
     };
-    Ok((ts, category, entity, value))
+    let subject = match subj {
+        None | Some(Scalar::Null) => None,
+        Some(Scalar::Str(s)) if !s.is_empty() && s.len() <= 200 => Some(s),
+        Some(Scalar::Str(_)) => {
+            return Err((
+                RejectCode::InvalidEvent,
+                "subject must be 1-200 bytes".into(),
+            ))
+        }
+        Some(other) => {
+            return Err((
+                RejectCode::InvalidEvent,
+                format!("subject must be a string, not {}", other.kind()),
+            ))
+        }
+    };
+    Ok((ts, category, entity, value, subject))
 }
 
 /// Why an event was refused, for a rejection whose code says it (the SDK's `record` checks).
@@ -319,7 +337,10 @@ impl EventsFold {
     }
 
     /// Adds an event's canonical form to the request's (keyed requests only).
-    pub(super) fn canon(&mut self, event: Result<(i64, &str, Option<&str>, f64), RejectCode>) {
+    pub(super) fn canon(
+        &mut self,
+        event: Result<(i64, &str, Option<&str>, f64, Option<&str>), RejectCode>,
+    ) {
         use sha2::Digest as _;
         if !self.keyed {
             return;
@@ -330,7 +351,7 @@ impl EventsFold {
                 h.update([0]);
                 h.update((code as u16).to_le_bytes());
             }
-            Ok((ts, cat, ent, value)) => {
+            Ok((ts, cat, ent, value, subject)) => {
                 h.update([1]);
                 h.update(ts.to_le_bytes());
                 h.update((cat.len() as u32).to_le_bytes());
@@ -344,6 +365,12 @@ impl EventsFold {
                     }
                 }
                 h.update(value.to_bits().to_le_bytes());
+                // Only when present: a request without subjects has the digest it had before.
+                if let Some(s) = subject {
+                    h.update([2]);
+                    h.update((s.len() as u32).to_le_bytes());
+                    h.update(s.as_bytes());
+                }
             }
         }
     }
@@ -359,6 +386,23 @@ impl EventsFold {
             return Err(RejectCode::ValueOutOfBounds);
         }
         Ok(())
+    }
+
+    /// What an event adds to its summary's sketches: its subject's hash (into a HyperLogLog
+    /// of the default precision, or the category's cap if lower) and, for a quantile
+    /// category, its value.
+    fn sketch_opts(&self, category: &str, subject: Option<&str>) -> edgetally_proto::SketchOpts {
+        let p = &self.admission.sketches;
+        edgetally_proto::SketchOpts {
+            subject: subject.map(|s| {
+                (
+                    p.subject_hash(s),
+                    p.cap(category)
+                        .min(edgetally_core::sketches::HLL_DEFAULT_PRECISION),
+                )
+            }),
+            quantiles: p.quantiles(category),
+        }
     }
 
     pub(super) fn reject(&mut self, index: usize, code: RejectCode, message: String) {
@@ -380,7 +424,7 @@ impl EventsFold {
             ));
             return false;
         }
-        let (ts, cat, ent, value) = match item {
+        let (ts, cat, ent, value, subject) = match item {
             Ok(x) => x,
             Err((code, msg)) => {
                 self.canon(Err(code));
@@ -391,8 +435,11 @@ impl EventsFold {
         let folded = if self.keyed {
             // The event on its own first: what a keyed request holds depends on its events
             // alone. The clock and the settings are then checked for the whole request.
-            let r = self.builder.record(&cat, ent.as_deref(), ts, value);
-            self.canon(r.map(|()| (ts, cat.as_str(), ent.as_deref(), value)));
+            let opts = self.sketch_opts(&cat, subject.as_deref());
+            let r = self
+                .builder
+                .record_with(&cat, ent.as_deref(), ts, value, opts);
+            self.canon(r.map(|()| (ts, cat.as_str(), ent.as_deref(), value, subject.as_deref())));
             if let (Ok(()), Err(code)) = (r, self.check_here(ts, &cat, value)) {
                 self.refused_here += 1;
                 *self.here_by_reason.entry(code.as_str()).or_insert(0) += 1;
@@ -402,8 +449,11 @@ impl EventsFold {
             }
             r
         } else {
-            self.check_here(ts, &cat, value)
-                .and_then(|()| self.builder.record(&cat, ent.as_deref(), ts, value))
+            let opts = self.sketch_opts(&cat, subject.as_deref());
+            self.check_here(ts, &cat, value).and_then(|()| {
+                self.builder
+                    .record_with(&cat, ent.as_deref(), ts, value, opts)
+            })
         };
         match folded {
             Ok(()) => {

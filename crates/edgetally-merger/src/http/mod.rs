@@ -22,11 +22,13 @@ use std::sync::Arc;
 mod events;
 mod ingest;
 mod query;
+mod sketch;
 mod status;
 
 use events::*;
 use ingest::*;
 use query::*;
+use sketch::*;
 use status::*;
 
 pub use events::event_reason;

@@ -80,17 +80,18 @@ pub(super) async fn aggregate_json(
     node: &Node,
     category: String,
     entity: Option<String>,
-    start: i64,
-    end: i64,
+    (start, end): (i64, i64),
+    qs: &[f64],
 ) -> Map<String, Value> {
-    let (answer, complete, groups) = node
-        .query(Query::Aggregate {
+    let ((answer, complete, groups), (sketches, sketches_complete)) = tokio::join!(
+        node.query(Query::Aggregate {
             category: category.clone(),
             entity: entity.clone(),
             start,
             end,
-        })
-        .await;
+        }),
+        sketch_points(node, &category, &entity, (start, end), 0)
+    );
     let (start, end, total) =
         answer
             .into_points()
@@ -103,7 +104,8 @@ pub(super) async fn aggregate_json(
     o.insert("time_window_start".into(), json!(start));
     o.insert("time_window_end".into(), json!(end));
     stats(&total, &mut o);
-    freshness(node, complete, &groups, &mut o);
+    add_sketch(&mut o, sketches.first(), qs);
+    freshness(node, complete && sketches_complete, &groups, &mut o);
     o
 }
 
@@ -111,11 +113,12 @@ pub(super) async fn aggregate(
     State(node): State<Node_>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let p = Params::parse(q, &["category", "start", "end", "entity"])?;
+    let p = Params::parse(q, &["category", "start", "end", "entity", "quantiles"])?;
     let category = p.name("category", true)?.unwrap_or_default();
     let entity = p.name("entity", false)?;
-    let (start, end) = p.window()?;
-    let o = aggregate_json(&node, category, entity, start, end).await;
+    let window = p.window()?;
+    let qs = p.quantiles()?;
+    let o = aggregate_json(&node, category, entity, window, &qs).await;
     Ok(Json(Value::Object(o)))
 }
 
@@ -123,12 +126,13 @@ pub(super) async fn window(
     State(node): State<Node_>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let p = Params::parse(q, &["category", "width_ms", "entity"])?;
+    let p = Params::parse(q, &["category", "width_ms", "entity", "quantiles"])?;
     let category = p.name("category", true)?.unwrap_or_default();
     let entity = p.name("entity", false)?;
     let width = p.int("width_ms", 1, 400 * 86_400_000, None)?;
+    let qs = p.quantiles()?;
     let now = now_ms();
-    let mut o = aggregate_json(&node, category, entity, now - width, now).await;
+    let mut o = aggregate_json(&node, category, entity, (now - width, now), &qs).await;
     o.insert("width_ms".into(), json!(width));
     Ok(Json(Value::Object(o)))
 }
@@ -137,10 +141,23 @@ pub(super) async fn topk(
     State(node): State<Node_>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let p = Params::parse(q, &["category", "start", "end", "k", "by"])?;
+    let p = Params::parse(q, &["category", "start", "end", "k", "by", "rank"])?;
     let category = p.name("category", true)?.unwrap_or_default();
     let (start, end) = p.window()?;
     let k = p.int("k", 1, 1000, Some(10))? as usize;
+    match (p.opt_str("rank").unwrap_or("count"), p.opt_str("by")) {
+        ("count", _) => {}
+        ("distinct", None | Some("entity")) => {
+            let o = topk_distinct(&node, category, (start, end), k).await;
+            return Ok(Json(Value::Object(o)));
+        }
+        (other, _) => {
+            return Err(bad(
+                "bad_parameter",
+                format!("rank must be count, or distinct with by=entity, not {other:?}"),
+            ))
+        }
+    }
     let by = match p.opt_str("by").unwrap_or("entity") {
         "entity" => TopBy::Entity,
         "producer" => TopBy::Producer,
@@ -197,20 +214,38 @@ pub(super) async fn totals(
             ))
         }
     };
-    let (answer, complete, groups) = node
-        .query(Query::Totals {
+    let ((answer, complete, groups), (sketches, sketches_complete, _)) = tokio::join!(
+        node.query(Query::Totals {
+            start,
+            end,
+            group_by: g,
+        }),
+        node.query(Query::SketchRows {
+            category: None,
             start,
             end,
             group_by: g,
         })
-        .await;
+    );
     let rows = answer.into_rows();
+    let (s_start, s_end, sketch_rows) = sketches.into_sketch_rows();
+    let sketch_rows: BTreeMap<Option<String>, edgetally_core::Sketches> =
+        sketch_rows.into_iter().collect();
+    let mut groups_json = rows_json(&rows);
+    if let Value::Array(items) = &mut groups_json {
+        for (item, (name, _)) in items.iter_mut().zip(&rows.rows) {
+            if let Value::Object(obj) = item {
+                let k = sketch_rows.get(name).cloned().unwrap_or_default();
+                obj.insert("distinct".into(), distinct_json(&k, s_start, s_end));
+            }
+        }
+    }
     let mut o = Map::new();
     o.insert("group_by".into(), json!(label));
     o.insert("time_window_start".into(), json!(rows.start));
     o.insert("time_window_end".into(), json!(rows.end));
-    o.insert("groups".into(), rows_json(&rows));
-    freshness(&node, complete, &groups, &mut o);
+    o.insert("groups".into(), groups_json);
+    freshness(&node, complete && sketches_complete, &groups, &mut o);
     Ok(Json(Value::Object(o)))
 }
 
@@ -221,35 +256,42 @@ pub(super) async fn series(
     State(node): State<Node_>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let p = Params::parse(q, &["category", "start", "end", "step_ms", "entity"])?;
+    let p = Params::parse(
+        q,
+        &["category", "start", "end", "step_ms", "entity", "quantiles"],
+    )?;
     let category = p.name("category", true)?.unwrap_or_default();
     let entity = p.name("entity", false)?;
     let (start, end) = p.window()?;
     let step = p.int("step_ms", 1000, 400 * 86_400_000, None)?;
+    let qs = p.quantiles()?;
     if (end - start) / step >= MAX_SERIES_POINTS as i64 {
         return Err(bad(
             "too_many_points",
             format!("at most {MAX_SERIES_POINTS} steps per request"),
         ));
     }
-    let (answer, complete, groups) = node
-        .query(Query::Series {
+    let ((answer, complete, groups), (sketches, sketches_complete)) = tokio::join!(
+        node.query(Query::Series {
             category: category.clone(),
             entity: entity.clone(),
             start,
             end,
             step_ms: step,
             max_points: MAX_SERIES_POINTS as u32,
-        })
-        .await;
+        }),
+        sketch_points(&node, &category, &entity, (start, end), step)
+    );
     let pts: Vec<Value> = answer
         .into_points()
         .iter()
-        .map(|(start, end, total)| {
+        .enumerate()
+        .map(|(i, (start, end, total))| {
             let mut o = Map::new();
             o.insert("time_window_start".into(), json!(start));
             o.insert("time_window_end".into(), json!(end));
             stats(total, &mut o);
+            add_sketch(&mut o, sketches.get(i), &qs);
             Value::Object(o)
         })
         .collect();
@@ -258,6 +300,6 @@ pub(super) async fn series(
     o.insert("entity".into(), json!(entity));
     o.insert("step_ms".into(), json!(step));
     o.insert("points".into(), Value::Array(pts));
-    freshness(&node, complete, &groups, &mut o);
+    freshness(&node, complete && sketches_complete, &groups, &mut o);
     Ok(Json(Value::Object(o)))
 }
