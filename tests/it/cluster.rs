@@ -6,6 +6,7 @@
 //! healing. Seeds: `EDGETALLY_CLUSTER_SEEDS=1,2,3` (default two); a failure names its seed.
 
 use crate::harness::{free_udp, now_ms, runtime, Merger, TempDir};
+use edgetally_core::sketches::{subject_hash, Hll, Quantiles};
 use edgetally_net::{Endpoint, NativeProducer};
 use edgetally_proto::ProducerConfig;
 use edgetally_tests::{decimal, Rng};
@@ -53,11 +54,35 @@ impl Node {
 /// (category, entity) → (count, exact sum in nano-units).
 pub(crate) type Truth = BTreeMap<(String, String), (u64, i128)>;
 
+/// The sketches a single node holding every record would answer with, per category: the
+/// subjects' HyperLogLog (precision 14, the producers' default) and, for `latency` (the one
+/// quantile category), the values' quantile sketch.
+#[derive(Default)]
+pub(crate) struct SketchTruth {
+    pub(crate) distinct: BTreeMap<String, Hll>,
+    pub(crate) quantiles: BTreeMap<String, Quantiles>,
+}
+
+/// The producers' settings of the chaos run: quantiles for `latency`.
+pub(crate) const QUANTILE_CATEGORY: &str = "latency";
+
 pub(crate) fn record_phase(
     rt: &tokio::runtime::Runtime,
     producers: &[NativeProducer],
     rng: &mut Rng,
     truth: &mut Truth,
+    n: usize,
+) {
+    record_phase_with(rt, producers, rng, truth, None, n)
+}
+
+/// [`record_phase`], each event with a subject (one of 5,000 users) when `sketches` is given.
+pub(crate) fn record_phase_with(
+    rt: &tokio::runtime::Runtime,
+    producers: &[NativeProducer],
+    rng: &mut Rng,
+    truth: &mut Truth,
+    mut sketches: Option<&mut SketchTruth>,
     n: usize,
 ) {
     let now = now_ms();
@@ -68,7 +93,24 @@ pub(crate) fn record_phase(
         let v = eighths as f64 / 8.0;
         let ts = now - rng.below(20_000) as i64;
         let p = &producers[i % producers.len()];
-        p.record(cat, Some(&ent), v, Some(ts)).expect("valid event");
+        match sketches.as_deref_mut() {
+            None => p.record(cat, Some(&ent), v, Some(ts)).expect("valid event"),
+            Some(k) => {
+                let subject = format!("user-{}", rng.below(5000));
+                p.record_subject(cat, Some(&ent), v, Some(ts), &subject)
+                    .expect("valid event");
+                k.distinct
+                    .entry(cat.to_string())
+                    .or_insert_with(|| Hll::new(14).expect("precision"))
+                    .insert_hash(subject_hash(&subject, None));
+                if cat == QUANTILE_CATEGORY {
+                    k.quantiles
+                        .entry(cat.to_string())
+                        .or_default()
+                        .insert(v + 0.0, 1);
+                }
+            }
+        }
         let t = truth.entry((cat.to_string(), ent)).or_default();
         t.0 += 1;
         t.1 += eighths as i128 * 125_000_000;
@@ -98,6 +140,42 @@ pub(crate) fn mismatches(m: &Merger, truth: &Truth, start: i64, end: i64) -> Vec
                 v["sum_exact"],
                 decimal(*sum)
             ));
+        }
+    }
+    bad
+}
+
+/// Each category's distinct estimate and quantiles on `m`, against a single node's (the
+/// sketches built from every record): equal to the last bit, since the sketches are.
+pub(crate) fn sketch_mismatches(
+    m: &Merger,
+    truth: &SketchTruth,
+    start: i64,
+    end: i64,
+) -> Vec<String> {
+    let mut bad = Vec::new();
+    for (cat, h) in &truth.distinct {
+        let (_, v) = m.get(&format!(
+            "/v1/aggregate?category={cat}&start={start}&end={end}&quantiles=0.5,0.99"
+        ));
+        let want = h.estimate().round();
+        if v["distinct"]["estimate"].as_f64() != Some(want) {
+            bad.push(format!("{cat}: distinct {} want {want}", v["distinct"]));
+        }
+        if let Some(q) = truth.quantiles.get(cat) {
+            for (i, p) in [0.5, 0.99].into_iter().enumerate() {
+                let got = v["quantiles"]["values"][i]["value"].as_f64();
+                // serde_json's default float parsing may land one ulp off the shortest
+                // representation the node wrote; the sketches themselves are equal (the
+                // state hashes are, and the estimate above is exact).
+                let ulp_off = |a: f64, b: f64| a.to_bits().abs_diff(b.to_bits()) <= 1;
+                let close = matches!((got, q.quantile(p)), (Some(a), Some(b)) if ulp_off(a, b));
+                if !close {
+                    bad.push(format!("{cat}: p{p} {got:?} want {:?}", q.quantile(p)));
+                }
+            }
+        } else if !v["quantiles"].is_null() {
+            bad.push(format!("{cat}: quantiles {} for a category without", v["quantiles"]));
         }
     }
     bad
@@ -141,6 +219,7 @@ fn run(seed: u64) -> Result<Duration, String> {
         max_batch_summaries: 40,
         backoff_base_ms: 50,
         backoff_max_ms: 1000,
+        quantile_categories: vec![QUANTILE_CATEGORY.to_string()],
         ..ProducerConfig::default()
     };
     let producers: Vec<NativeProducer> = rt
@@ -152,20 +231,21 @@ fn run(seed: u64) -> Result<Duration, String> {
         .map_err(|e| e.to_string())?;
     let start = now_ms() - 60_000;
     let mut truth = Truth::new();
+    let mut sketched = SketchTruth::default();
     let killed = rng.below(3) as usize;
     let frozen = (killed + 1 + rng.below(2) as usize) % 3;
 
     // 1. All up.
-    record_phase(&rt, &producers, &mut rng, &mut truth, 1500);
+    record_phase_with(&rt, &producers, &mut rng, &mut truth, Some(&mut sketched), 1500);
     // 2. kill -9 one merger mid-stream, keep recording, restart it on its data.
     if let Some(m) = nodes[killed].proc.take() {
         m.kill9();
     }
-    record_phase(&rt, &producers, &mut rng, &mut truth, 1500);
+    record_phase_with(&rt, &producers, &mut rng, &mut truth, Some(&mut sketched), 1500);
     nodes[killed].start();
     // 3. Freeze another (cut off from peers and producers), keep recording, thaw it.
     nodes[frozen].m().pause(true);
-    record_phase(&rt, &producers, &mut rng, &mut truth, 1500);
+    record_phase_with(&rt, &producers, &mut rng, &mut truth, Some(&mut sketched), 1500);
     std::thread::sleep(Duration::from_millis(1500));
     nodes[frozen].m().pause(false);
     let healed = Instant::now();
@@ -210,7 +290,8 @@ fn run(seed: u64) -> Result<Duration, String> {
     let since_ack = flushed.elapsed();
     // Identical states answer identically; check every node anyway (a cheap belt and braces).
     for (i, n) in nodes.iter().enumerate() {
-        let bad = mismatches(n.m(), &truth, start, end);
+        let mut bad = mismatches(n.m(), &truth, start, end);
+        bad.extend(sketch_mismatches(n.m(), &sketched, start, end));
         if !bad.is_empty() {
             return Err(format!("node {i}: {bad:?}"));
         }

@@ -303,6 +303,27 @@ impl NativeProducer {
         r
     }
 
+    /// Records one event of a subject (a user, device or session id): its value, and the
+    /// subject's hash into its bucket's distinct-count sketch (`ts_ms` defaults to now).
+    pub fn record_subject(
+        &self,
+        category: &str,
+        entity: Option<&str>,
+        value: f64,
+        ts_ms: Option<i64>,
+        subject: &str,
+    ) -> Result<(), RejectCode> {
+        let r = {
+            let mut p = self.shared.lock();
+            match p.handle(category, entity) {
+                Ok(h) => p.record_subject(now_ms(), h, value, ts_ms, subject),
+                Err(code) => p.refuse(code),
+            }
+        };
+        self.shared.wake.notify_one();
+        r
+    }
+
     /// The handle of (category, entity) for hot loops.
     pub fn handle(
         &self,
