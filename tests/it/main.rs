@@ -26,6 +26,7 @@ mod queries;
 mod seams;
 mod send;
 mod signatures;
+mod sketches;
 mod transport_doc;
 mod upgrade;
 mod webtransport;
