@@ -175,7 +175,10 @@ pub(crate) fn sketch_mismatches(
                 }
             }
         } else if !v["quantiles"].is_null() {
-            bad.push(format!("{cat}: quantiles {} for a category without", v["quantiles"]));
+            bad.push(format!(
+                "{cat}: quantiles {} for a category without",
+                v["quantiles"]
+            ));
         }
     }
     bad
@@ -236,16 +239,37 @@ fn run(seed: u64) -> Result<Duration, String> {
     let frozen = (killed + 1 + rng.below(2) as usize) % 3;
 
     // 1. All up.
-    record_phase_with(&rt, &producers, &mut rng, &mut truth, Some(&mut sketched), 1500);
+    record_phase_with(
+        &rt,
+        &producers,
+        &mut rng,
+        &mut truth,
+        Some(&mut sketched),
+        1500,
+    );
     // 2. kill -9 one merger mid-stream, keep recording, restart it on its data.
     if let Some(m) = nodes[killed].proc.take() {
         m.kill9();
     }
-    record_phase_with(&rt, &producers, &mut rng, &mut truth, Some(&mut sketched), 1500);
+    record_phase_with(
+        &rt,
+        &producers,
+        &mut rng,
+        &mut truth,
+        Some(&mut sketched),
+        1500,
+    );
     nodes[killed].start();
     // 3. Freeze another (cut off from peers and producers), keep recording, thaw it.
     nodes[frozen].m().pause(true);
-    record_phase_with(&rt, &producers, &mut rng, &mut truth, Some(&mut sketched), 1500);
+    record_phase_with(
+        &rt,
+        &producers,
+        &mut rng,
+        &mut truth,
+        Some(&mut sketched),
+        1500,
+    );
     std::thread::sleep(Duration::from_millis(1500));
     nodes[frozen].m().pause(false);
     let healed = Instant::now();

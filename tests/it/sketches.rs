@@ -32,11 +32,7 @@ fn ulp_close(a: Option<f64>, b: Option<f64>) -> bool {
 // reference built once.
 fn events_with_subjects_answer_distinct_and_quantiles_everywhere() {
     let dir = TempDir::new("sketches-http");
-    let m = Merger::start_with_env(
-        &dir.0,
-        &[],
-        &[("EDGETALLY_QUANTILE_CATEGORIES", "latency")],
-    );
+    let m = Merger::start_with_env(&dir.0, &[], &[("EDGETALLY_QUANTILE_CATEGORIES", "latency")]);
     let mut rng = Rng::new(30);
     // One minute, well in the past of the node's clock and inside the lateness window.
     let minute = (now_ms() - 180_000).div_euclid(60_000) * 60_000;
@@ -92,7 +88,10 @@ fn events_with_subjects_answer_distinct_and_quantiles_everywhere() {
     ));
     assert_eq!(code, 200, "{v}");
     let h = all("latency");
-    assert_eq!(v["distinct"]["estimate"].as_f64(), Some(h.estimate().round()));
+    assert_eq!(
+        v["distinct"]["estimate"].as_f64(),
+        Some(h.estimate().round())
+    );
     assert_eq!(v["distinct"]["precision"], 14);
     assert_eq!(
         v["distinct"]["relative_standard_error"].as_f64(),
@@ -115,7 +114,10 @@ fn events_with_subjects_answer_distinct_and_quantiles_everywhere() {
         // Within 1 % of the exact quantile (rank ⌊p·(n−1)⌋).
         let exact = sorted[(p * (sorted.len() - 1) as f64).floor() as usize];
         let got = got.expect("value");
-        assert!((got - exact).abs() <= 0.01 * exact.abs() + 1e-12, "p{p}: {got} vs {exact}");
+        assert!(
+            (got - exact).abs() <= 0.01 * exact.abs() + 1e-12,
+            "p{p}: {got} vs {exact}"
+        );
     }
     // `page` keeps no quantiles here; asked anyway, the answer says so.
     let (_, v) = m.get(&format!(
@@ -123,7 +125,10 @@ fn events_with_subjects_answer_distinct_and_quantiles_everywhere() {
     ));
     assert!(v["quantiles"].is_null(), "{v}");
     let cart = reference_hll(&subjects[&("page".to_string(), "cart".to_string())]);
-    assert_eq!(v["distinct"]["estimate"].as_f64(), Some(cart.estimate().round()));
+    assert_eq!(
+        v["distinct"]["estimate"].as_f64(),
+        Some(cart.estimate().round())
+    );
 
     // Series: one distinct per step; the minute step holds everything.
     let (_, v) = m.get(&format!(
@@ -151,7 +156,11 @@ fn events_with_subjects_answer_distinct_and_quantiles_everywhere() {
                 .filter(|((_, e), _)| e == ent)
                 .flat_map(|(_, v)| v),
         );
-        assert_eq!(g["distinct"]["estimate"].as_f64(), Some(h.estimate().round()), "{ent}");
+        assert_eq!(
+            g["distinct"]["estimate"].as_f64(),
+            Some(h.estimate().round()),
+            "{ent}"
+        );
     }
 
     // Top-k by distinct: home (900 possible users) first.

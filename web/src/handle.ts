@@ -15,7 +15,7 @@ export const LIM = 2 ** 51;
 
 /** @internal What a handle needs from its producer. */
 export interface HandleOwner {
-  recordSlow(h: Handle, value: number, ts_ms: number | undefined): void;
+  recordSlow(h: Handle, value: number, ts_ms: number | undefined, subject?: string): void;
 }
 
 /**
@@ -45,8 +45,18 @@ export class Handle {
     this.id = id;
     this.ids = Uint32Array.of(id);
   }
-  /** Records one value (now, or at `ts_ms`). Throws `EdgetallyError` for an invalid value or time (also counted in `stats().invalid`). */
-  record(value: number, ts_ms?: number): void {
+  /** @internal Its category keeps quantiles: every value goes through wasm. */
+  quantiles = false;
+  /**
+   * Records one value (now, or at `ts_ms`), of `subject` if given (a user, device or session
+   * id, for distinct counts). Throws `EdgetallyError` for an invalid value, time or subject
+   * (also counted in `stats().invalid`).
+   */
+  record(value: number, ts_ms?: number, subject?: string): void {
+    if (subject !== undefined) {
+      this.p.recordSlow(this, value, ts_ms, subject);
+      return;
+    }
     const ts = ts_ms === undefined ? clock() : ts_ms;
     const q = value * 1e9;
     const s = this.sum + q;

@@ -73,6 +73,20 @@ export interface ProducerOptions {
   persist?: boolean | string;
   /** @internal How often a persisting page looks for closed pages' batches to adopt. Default 30000. */
   adoptIntervalMs?: number;
+  /**
+   * Categories whose values also go into a quantile sketch (1 % relative accuracy), for
+   * `quantiles=` in queries; `"*"` names every category. Default none. Values of these
+   * categories each go through wasm (no JavaScript summing).
+   */
+  quantileCategories?: string[];
+  /** Precision (4–16) of the distinct-count sketches subjects go into. Default 14 (0.81 % standard error). */
+  distinctPrecision?: number;
+  /**
+   * The site secret keying the subject hash (SipHash-2-4), 32 hex digits: without it a
+   * subject hashes alike everywhere. Every producer and merger (`subject_key`) of a site must
+   * use the same; changing it starts a new space (a union across the change counts a subject twice).
+   */
+  subjectKey?: string;
 }
 
 export interface RecordOptions {
@@ -80,6 +94,11 @@ export interface RecordOptions {
   entity?: string;
   /** Event time in ms since the Unix epoch; now by default. */
   ts_ms?: number;
+  /**
+   * Who did it (a user, device or session id, 1–200 bytes), for distinct counts: only its
+   * 64-bit hash leaves the producer, into the bucket's HyperLogLog.
+   */
+  subject?: string;
 }
 
 /** Counters since `create`. Batches unless the name says records or bytes. */
@@ -128,6 +147,8 @@ export interface Defaults {
   maxSummariesLimit: number;
   /** The merger's default limit of bytes per batch. */
   maxPayloadBytes: number;
+  /** The default precision of distinct-count sketches. */
+  distinctPrecision: number;
 }
 
 /** The defaults (from the wasm core; the same as the Rust SDK's). Resolves once the module is loaded. */
@@ -186,7 +207,21 @@ function epochBytes(epoch: string): Uint8Array {
 }
 
 /** Everything `Core`'s constructor takes but the seed and next seq. */
-type CoreConfig = { endpoints: string[] } & Omit<Defaults, "maxSummariesLimit" | "maxPayloadBytes">;
+type CoreConfig = { endpoints: string[] } & Omit<Defaults, "maxSummariesLimit" | "maxPayloadBytes" | "distinctPrecision">;
+
+/** The sketch settings, checked: the quantile categories, and what `Core.setDistinct` takes. */
+function sketchSettings(o: ProducerOptions, d: Defaults): [string[], number, Uint8Array] {
+  const cats = o.quantileCategories ?? [];
+  const p = o.distinctPrecision ?? d.distinctPrecision;
+  const k = o.subjectKey;
+  const bad = !Array.isArray(cats) || cats.some((c) => typeof c !== "string" || !c) ? "quantileCategories must be category names"
+    : !Number.isInteger(p) || p < 4 || p > 16 ? "distinctPrecision must be in 4..16"
+    : k !== undefined && !/^[0-9a-f]{32}$/i.test(String(k)) ? "subjectKey must be 32 hex digits" : "";
+  if (bad) throw new EdgetallyError("invalid_config", `edgetally: ${bad}`);
+  const key = new Uint8Array(k === undefined ? 0 : 16);
+  for (let i = 0; i < key.length; i++) key[i] = parseInt(k!.slice(2 * i, 2 * i + 2), 16);
+  return [cats.slice(), p, key];
+}
 
 /** A core for public key `key` (WebCrypto signs what it seals) and `epoch`. */
 function makeCore(key: Uint8Array, epoch: Uint8Array, c: CoreConfig, nextSeq: number, persist: boolean): Core {
@@ -215,6 +250,8 @@ export class Producer implements HandleOwner {
   readonly #config: CoreConfig;
   readonly #signer: Signer;
   readonly #names = new Map<string, Entity>();
+  /** The categories that keep quantiles (`ProducerOptions.quantileCategories`). */
+  #quantiles: string[] = [];
   /** Handles with an open bucket in JavaScript. */
   #open: Handle[] = [];
   #timer: ReturnType<typeof setTimeout> | undefined;
@@ -302,6 +339,7 @@ export class Producer implements HandleOwner {
       maxOutboxBytes: positive("maxOutboxBytes", o.maxOutboxBytes, d.maxOutboxBytes),
       maxInFlight: positive("maxInFlight", o.maxInFlight, d.maxInFlight, 1024),
     };
+    const sketches = sketchSettings(o, d);
     const timeoutMs = positive("requestTimeoutMs", o.requestTimeoutMs, 10_000);
     const adoptMs = positive("adoptIntervalMs", o.adoptIntervalMs, 30_000);
     if (o.persist !== undefined && typeof o.persist !== "boolean" && (typeof o.persist !== "string" || o.persist === "")) {
@@ -335,6 +373,7 @@ export class Producer implements HandleOwner {
     });
     key.fill(0);
     const core = makeCore(signer.publicKey, epoch, config, 0, store !== undefined);
+    core.setDistinct(sketches[1], sketches[2]);
     const epochStr = core.epoch;
     let release: (() => void) | undefined;
     if (store) {
@@ -348,6 +387,7 @@ export class Producer implements HandleOwner {
     );
     const p = new Producer(core, epochStr, signer, config, http, wt, transport, store, timeoutMs);
     p.#custom = o.transports && config.endpoints.map(o.transports);
+    p.#quantiles = sketches[0];
     p.#release = release;
     p.#storeErrors = storeErrors;
     p.#listen();
@@ -394,12 +434,24 @@ export class Producer implements HandleOwner {
   record(category: string, value: number, options?: RecordOptions): void {
     const entity = options?.entity;
     const h = this.#known(category, entity);
+    if (options?.subject !== undefined) {
+      this.recordSlow(h ?? this.handle(category, entity), value, options.ts_ms, options.subject);
+      return;
+    }
     if (h !== undefined) {
       h.record(value, options?.ts_ms);
       return;
     }
-    // First use of this name: wasm validates and interns it (and counts a refusal).
+    // First use of this name: wasm validates and interns it (and counts a refusal). A
+    // quantile category's handle is marked before its first value.
     const core = this.core();
+    if (this.#quantiles.length > 0 && this.#quantiles.some((c) => c === "*" || c === category)) {
+      const id = core.handle(category, entity);
+      if (id >= 0) {
+        this.#remember(category, entity, id).record(value, options?.ts_ms);
+        return;
+      }
+    }
     const now = clock();
     const got = core.recordNamed(now, category, entity, value, wasmTs(options?.ts_ms, now));
     if (!this.armed) this.arm();
@@ -422,15 +474,19 @@ export class Producer implements HandleOwner {
       this.#names.set(category, slot);
     }
     const h = new Handle(this, id);
+    if (this.#quantiles.some((c) => c === "*" || c === category)) {
+      h.quantiles = true;
+      this.core().keepQuantiles(id);
+    }
     if (entity === undefined) slot.none = h;
     else slot.byEntity.set(entity, h);
     return h;
   }
 
-  /** A value went into a wasm bucket of `h`: later ones in the bucket wasm has open (it says which) can stay in JavaScript. */
+  /** A value went into a wasm bucket of `h`: later ones in the bucket wasm has open (it says which) can stay in JavaScript — unless its category keeps quantiles (each value must reach the sketch). */
   #opened(h: Handle): void {
     this.#drain(h, Date.now());
-    const b = this.core().openBucket(h.id);
+    const b = h.quantiles ? [] : this.core().openBucket(h.id);
     h.start = b.length === 2 ? b[0] : Infinity;
     h.end = b.length === 2 ? b[1] : -Infinity;
     if (!h.listed) {
@@ -461,12 +517,13 @@ export class Producer implements HandleOwner {
     this.#open = [];
   }
 
-  /** @internal A record the handle's JavaScript fast path could not take. */
-  recordSlow(h: Handle, value: number, ts_ms: number | undefined): void {
+  /** @internal A record the handle's JavaScript fast path could not take, or one with a subject (`Handle.record`'s third argument). */
+  recordSlow(h: Handle, value: number, ts_ms: number | undefined, subject?: string): void {
     const core = this.core();
     const now = clock();
     this.#drain(h, now);
-    const r = core.record(now, h.id, value, wasmTs(ts_ms, now));
+    const ts = wasmTs(ts_ms, now);
+    const r = subject === undefined ? core.record(now, h.id, value, ts) : core.recordSubject(now, h.id, value, ts, String(subject));
     if (!this.armed) this.arm();
     if (r !== 0) throw new EdgetallyError(r);
     this.#opened(h);

@@ -31,12 +31,11 @@ impl Sketches {
         self.distinct.is_none() && self.quantiles.is_none()
     }
 
-    /// Adds a subject's hash ([`subject_hash`]) at `precision` (used when the sketch is new).
+    /// Adds a subject's hash ([`subject_hash`]) at `precision` (used when the sketch is new;
+    /// clamped to the format's range).
     pub fn insert_subject(&mut self, hash: u64, precision: u8) {
         if self.distinct.is_none() {
-            self.distinct = Hll::new(precision)
-                .or_else(|_| Hll::new(HLL_DEFAULT_PRECISION))
-                .ok();
+            self.distinct = Hll::new(precision.clamp(HLL_MIN_PRECISION, HLL_MAX_PRECISION)).ok();
         }
         if let Some(h) = &mut self.distinct {
             h.insert_hash(hash);

@@ -611,7 +611,11 @@ mod tests {
         me.record([1; 32], Some(ext), None, None);
         let prev = me.of(&[1; 32]).expect("recorded");
         assert_eq!(prev.features, PREVIOUS_RELEASE);
-        assert_eq!(prev.lacks, ["sketches"], "the previous release lacks the sketches");
+        assert_eq!(
+            prev.lacks,
+            ["sketches"],
+            "the previous release lacks the sketches"
+        );
         assert!(me.speaks(&[1; 32], "topology-agreement"));
         assert!(!me.speaks(&[1; 32], "sketches"));
         let older = FeaturesExt {
@@ -621,7 +625,12 @@ mod tests {
         let f = me.of(&[2; 32]).expect("recorded");
         assert_eq!(
             f.lacks,
-            ["forward-source", "topology-agreement", "handoffs", "sketches"]
+            [
+                "forward-source",
+                "topology-agreement",
+                "handoffs",
+                "sketches"
+            ]
         );
         assert!(!me.speaks(&[2; 32], "topology-agreement"));
         assert!(

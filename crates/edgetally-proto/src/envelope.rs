@@ -300,8 +300,10 @@ fn split<'a>(
 /// checks or its signature: for a producer's own stats about batches it stored itself. The
 /// browser SDK restores stored batches this way, so its wasm module carries no validation.
 pub fn records_of(bytes: &[u8], limits: &Limits) -> Option<u64> {
-    let (version, payload, _) = split(bytes, limits).ok()?;
-    let b = read_payload(payload, version, limits).ok()?;
+    let (_, payload, _) = split(bytes, limits).ok()?;
+    // The summaries only (a v2 batch's sketch section is not read: the browser's module then
+    // carries no sketch decoder).
+    let b = read_summaries(&mut Reader::new(payload), limits).ok()?;
     // Stored bytes are not trusted to be ours: a crafted count saturates instead of overflowing.
     Some(
         b.summaries
@@ -350,8 +352,23 @@ pub fn decode_payload_version(
 
 /// A payload's fields, bounded by `limits`, not yet checked ([`Batch::check`]).
 fn read_payload(payload: &[u8], version: u8, limits: &Limits) -> Result<Batch, DecodeError> {
-    let m = |c| DecodeError::new(c, "malformed payload");
     let mut r = Reader::new(payload);
+    let mut batch = read_summaries(&mut r, limits)?;
+    if version == VERSION_V2 {
+        batch.sketches = read_sketches(&mut r, batch.summaries.len())?;
+    }
+    if r.remaining() != 0 {
+        return Err(DecodeError::new(
+            RejectCode::TrailingBytes,
+            "bytes after the last summary",
+        ));
+    }
+    Ok(batch)
+}
+
+/// The fields every version's payload starts with (all of v1's), up to the last summary.
+fn read_summaries(r: &mut Reader<'_>, limits: &Limits) -> Result<Batch, DecodeError> {
+    let m = |c| DecodeError::new(c, "malformed payload");
     let producer = ProducerKey(r.array::<32>().map_err(m)?);
     let epoch = r.u64().map_err(m)?;
     let seq = r.u64().map_err(m)?;
@@ -399,17 +416,6 @@ fn read_payload(payload: &[u8], version: u8, limits: &Limits) -> Result<Batch, D
             },
         });
     }
-    let sketches = if version == VERSION_V2 {
-        read_sketches(&mut r, summaries.len())?
-    } else {
-        Vec::new()
-    };
-    if r.remaining() != 0 {
-        return Err(DecodeError::new(
-            RejectCode::TrailingBytes,
-            "bytes after the last summary",
-        ));
-    }
     Ok(Batch {
         id: BatchId {
             producer,
@@ -420,7 +426,7 @@ fn read_payload(payload: &[u8], version: u8, limits: &Limits) -> Result<Batch, D
         bucket_ms,
         strings,
         summaries,
-        sketches,
+        sketches: Vec::new(),
     })
 }
 

@@ -97,6 +97,7 @@ pub fn defaults() -> Object {
     set(&o, "maxInFlight", c.max_in_flight as f64);
     set(&o, "maxSummariesLimit", c.limits.max_summaries as f64);
     set(&o, "maxPayloadBytes", c.limits.max_payload_bytes as f64);
+    set(&o, "distinctPrecision", f64::from(c.distinct_precision));
     o
 }
 
@@ -216,7 +217,46 @@ impl Core {
 
     /// Records one event through a handle: 0, or the reason code.
     pub fn record(&mut self, now_ms: f64, handle: u32, value: f64, ts_ms: f64) -> u32 {
-        self.record_at(now_ms as i64, Handle(handle), value, ts_ms)
+        self.record_at(now_ms as i64, Handle(handle), value, ts_ms, None)
+            .map_or_else(code, |()| 0)
+    }
+
+    /// Records one event of a subject through a handle: its value, and the subject's hash
+    /// (SipHash-2-4, keyed by `setSketches`' key) into the bucket's distinct-count sketch.
+    /// 0, or the reason code.
+    #[wasm_bindgen(js_name = recordSubject)]
+    pub fn record_subject(
+        &mut self,
+        now_ms: f64,
+        handle: u32,
+        value: f64,
+        ts_ms: f64,
+        subject: &str,
+    ) -> u32 {
+        self.record_at(now_ms as i64, Handle(handle), value, ts_ms, Some(subject))
+            .map_or_else(code, |()| 0)
+    }
+
+    /// The distinct-count settings: the precision (4–16) and the subject key (16 bytes, or
+    /// none). 0, or the reason code.
+    #[wasm_bindgen(js_name = setDistinct)]
+    pub fn set_distinct(&mut self, distinct_precision: u32, subject_key: &[u8]) -> u32 {
+        let key = match subject_key.len() {
+            0 => None,
+            _ => match <[u8; 16]>::try_from(subject_key) {
+                Ok(k) => Some(k),
+                Err(_) => return code(RejectCode::InvalidSketch),
+            },
+        };
+        let p = u8::try_from(distinct_precision).unwrap_or(0);
+        self.p.set_distinct(p, key).map_or_else(code, |()| 0)
+    }
+
+    /// Makes a handle keep quantiles (before its first record). 0, or the reason code.
+    #[wasm_bindgen(js_name = keepQuantiles)]
+    pub fn keep_quantiles(&mut self, handle: u32) -> u32 {
+        self.p
+            .keep_quantiles(Handle(handle))
             .map_or_else(code, |()| 0)
     }
 
@@ -287,7 +327,7 @@ impl Core {
                 handles[i]
             });
             let t = if times { ts_ms[i] } else { f64::NAN };
-            ok += u32::from(self.record_at(now, h, *v, t).is_ok());
+            ok += u32::from(self.record_at(now, h, *v, t, None).is_ok());
         }
         ok
     }
@@ -428,11 +468,22 @@ impl Core {
 impl Core {
     /// Records at `ts_ms` (NaN: now); a timestamp that is no usable number is counted as
     /// invalid like any other refusal.
-    fn record_at(&mut self, now: i64, h: Handle, value: f64, ts_ms: f64) -> Result<(), RejectCode> {
-        match ts(ts_ms) {
-            None => self.p.record_handle(now, h, value, None),
-            Some(Ok(t)) => self.p.record_handle(now, h, value, Some(t)),
-            Some(Err(c)) => self.p.refuse(c),
+    fn record_at(
+        &mut self,
+        now: i64,
+        h: Handle,
+        value: f64,
+        ts_ms: f64,
+        subject: Option<&str>,
+    ) -> Result<(), RejectCode> {
+        let t = match ts(ts_ms) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(c)) => return self.p.refuse(c),
+        };
+        match subject {
+            None => self.p.record_handle(now, h, value, t),
+            Some(s) => self.p.record_subject(now, h, value, t, s),
         }
     }
 

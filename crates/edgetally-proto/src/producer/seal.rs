@@ -23,28 +23,39 @@ impl Producer {
         }
         let mut entries = std::mem::take(&mut self.closed);
         small_sort::sort_by_key(&mut entries, |e| (e.0, e.1));
-        // Merge repeats of a key (a handle that went back to an earlier bucket).
-        let mut merged: Vec<Closed> = Vec::with_capacity(entries.len());
-        for (h, b, s, k) in entries {
-            if let Some((h2, b2, s2, k2)) = merged.last_mut() {
-                // A key's summaries cannot overflow in practice (2^64 records); if they did,
-                // the second part would be refused as a duplicate key rather than wrapped.
-                if *h2 == h && *b2 == b && s2.merge(&s).is_ok() {
-                    if let Some(k) = k {
-                        match k2 {
-                            // One producer's sketches share their parameters: merging cannot
-                            // fail.
-                            Some(k2) => {
-                                let _ = k2.merge(&k);
-                            }
-                            None => *k2 = Some(k),
+        while !entries.is_empty() {
+            // Merge repeats of a key (a handle that went back to an earlier bucket). A repeat
+            // with sketches is sealed in a batch of its own instead (the merger merges them):
+            // the producer then carries no sketch merge — the browser's module is sized.
+            let mut merged: Vec<Closed> = Vec::with_capacity(entries.len());
+            let mut later: Vec<Closed> = Vec::new();
+            for (h, b, s, k) in entries {
+                if let Some((h2, b2, s2, k2)) = merged.last_mut() {
+                    if *h2 == h && *b2 == b {
+                        // A key's summaries cannot overflow in practice (2^64 records); if
+                        // they did, the second part would be refused as a duplicate key
+                        // rather than wrapped.
+                        if k.is_none() && k2.is_none() && s2.merge(&s).is_ok() {
+                            continue;
+                        }
+                        if k.is_some() || k2.is_some() {
+                            later.push((h, b, s, k));
+                            continue;
                         }
                     }
-                    continue;
                 }
+                merged.push((h, b, s, k));
             }
-            merged.push((h, b, s, k));
+            self.seal_chunks(now_ms, max_bytes, merged);
+            entries = later;
         }
+        self.stats.pending = 0;
+        self.pending_bytes = 0;
+        self.first_pending_ms = None;
+    }
+
+    /// Seals entries with distinct keys, sorted, into batches within the limits.
+    fn seal_chunks(&mut self, now_ms: i64, max_bytes: usize, merged: Vec<Closed>) {
         let max = self
             .config
             .max_batch_summaries
@@ -70,9 +81,6 @@ impl Producer {
                 self.seal_one(now_ms, part);
             }
         }
-        self.stats.pending = 0;
-        self.pending_bytes = 0;
-        self.first_pending_ms = None;
     }
 
     /// Splits a chunk so no batch exceeds the distinct category or entity limits.
