@@ -1,6 +1,7 @@
-//! Frozen v1 wire fixtures: files written once by this build's encoder and committed. They must
-//! keep decoding to the batches spelled out here, and re-encoding must reproduce them byte for
-//! byte. To write them anew (only when adding a fixture): `EDGETALLY_BLESS=1 cargo test fixtures`.
+//! Frozen v1 and v2 wire fixtures: files written once by this build's encoder and committed.
+//! They must keep decoding to the batches spelled out here, and re-encoding must reproduce them
+//! byte for byte. To write them anew (only when adding a fixture):
+//! `EDGETALLY_BLESS=1 cargo test fixtures`.
 
 use edgetally_core::{Batch, BatchId, BatchSummary, Limits, Summary, NO_ENTITY};
 use edgetally_proto::{decode, Signer};
@@ -105,14 +106,50 @@ pub(crate) fn fixtures() -> Vec<(&'static str, Signer, Batch)> {
     ]
 }
 
+/// Batch format v2 (docs/PROTOCOL.md §10): seed 32 × 01, epoch 1, seq 1, created at
+/// 1,700,000,000,000 ms; `latency` (entity `home`) keeps quantiles and gets subjects —
+/// `user-1` with 1.5 twice, `user-2` with 12 — and `cpu` = 1 has no sketch. Built from the
+/// records by the builder, so the sketches are the SDK's.
+pub(crate) fn fixtures_v2() -> Vec<(&'static str, Signer, Batch)> {
+    use edgetally_core::sketches::subject_hash;
+    use edgetally_proto::{BatchBuilder, SketchOpts};
+    let s1 = Signer::from_seed([1; 32]);
+    let at = 1_700_000_000_000;
+    let mut b = BatchBuilder::new(1000).expect("width");
+    for (v, who) in [(1.5, "user-1"), (12.0, "user-2"), (1.5, "user-1")] {
+        let opts = SketchOpts {
+            subject: Some((subject_hash(who, None), 14)),
+            quantiles: true,
+        };
+        b.record_with("latency", Some("home"), at, v, opts)
+            .expect("record");
+    }
+    b.record("cpu", None, at, 1.0).expect("record");
+    let id = BatchId {
+        producer: s1.producer(),
+        epoch: 1,
+        seq: 1,
+    };
+    vec![("sketch", s1, b.finish(id, at))]
+}
+
 #[test]
-fn v1_fixtures_still_decode_and_reencode() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/v1");
+fn v1_and_v2_fixtures_still_decode_and_reencode() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
     let bless = std::env::var("EDGETALLY_BLESS").is_ok();
-    for (name, signer, batch) in fixtures() {
+    let v1 = fixtures().into_iter().map(|f| ("v1", f));
+    let v2 = fixtures_v2().into_iter().map(|f| ("v2", f));
+    for (version, (name, signer, batch)) in v1.chain(v2) {
+        let dir = root.join(version);
         let path = dir.join(format!("{name}.bin"));
         let sealed = signer.seal(&batch).expect("seal");
+        assert_eq!(
+            sealed[0].to_string(),
+            version[1..],
+            "{name}: sealed as {version}"
+        );
         if bless {
+            std::fs::create_dir_all(&dir).expect("fixture dir");
             std::fs::write(&path, &sealed).expect("write fixture");
         }
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));

@@ -44,7 +44,10 @@ fn vectors() -> BTreeMap<String, Vec<u8>> {
 fn protocol_vectors_match_the_code() {
     let v = vectors();
     let mut checked = 0;
-    for (name, signer, batch) in super::fixtures::fixtures() {
+    let all = super::fixtures::fixtures()
+        .into_iter()
+        .chain(super::fixtures::fixtures_v2());
+    for (name, signer, batch) in all {
         if let Some(bytes) = v.get(&format!("batch-{name}")) {
             assert_eq!(*bytes, signer.seal(&batch).expect("seal"), "batch-{name}");
             checked += 1;
@@ -192,7 +195,10 @@ fn print_vectors() {
     if std::env::var("EDGETALLY_PRINT_VECTORS").is_err() {
         return;
     }
-    for (name, signer, batch) in super::fixtures::fixtures() {
+    let all = super::fixtures::fixtures()
+        .into_iter()
+        .chain(super::fixtures::fixtures_v2());
+    for (name, signer, batch) in all {
         let hex = |b: &[u8]| {
             b.iter()
                 .map(|x| format!("{x:02x}"))

@@ -371,4 +371,9 @@ fn write_vectors_for_the_wasm_check() {
     }
     std::fs::write(format!("{dir}/sketch-corpus"), corpus).expect("write");
     std::fs::write(format!("{dir}/sketch-expected"), expected).expect("write");
+    // The v2 vector of docs/PROTOCOL.md §10.1: the wasm build decodes, verifies and applies it.
+    for (name, signer, batch) in super::fixtures::fixtures_v2() {
+        let bytes = signer.seal(&batch).expect("seal");
+        std::fs::write(format!("{dir}/batch-{name}"), bytes).expect("write");
+    }
 }

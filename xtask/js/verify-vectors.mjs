@@ -6,9 +6,9 @@ import { join } from "node:path";
 
 const [module, dir] = process.argv.slice(2);
 const { instance } = await WebAssembly.instantiate(readFileSync(module), {});
-const { memory, et_alloc, et_verify, et_sketch } = instance.exports;
+const { memory, et_alloc, et_verify, et_sketch, et_apply } = instance.exports;
 let checked = 0;
-for (const f of readdirSync(dir).sort().filter((f) => !f.startsWith("sketch-"))) {
+for (const f of readdirSync(dir).sort().filter((f) => !f.startsWith("sketch-") && !f.startsWith("batch-"))) {
   const want = Number(f.split(".").pop());
   const bytes = readFileSync(join(dir, f));
   const ptr = et_alloc(bytes.length);
@@ -43,3 +43,15 @@ if (len !== expected.length || !got.every((b, i) => b === expected[i])) {
   process.exit(1);
 }
 console.log(`wasm32 sketches equal the native ones, byte for byte (${len} bytes)`);
+
+// Batch format v2 (docs/PROTOCOL.md §10.1): decoded, verified (its sketches checked against
+// their summaries) and applied by the wasm build; its one `cpu` record counts.
+const v2 = readFileSync(join(dir, "batch-sketch"));
+const vp = et_alloc(v2.length);
+new Uint8Array(memory.buffer, vp, v2.length).set(v2);
+const applied = et_apply(vp, v2.length, 1_700_000_001_000n);
+if (applied !== 1001) {
+  console.error(`the wasm build answered ${applied} for the v2 vector, not 1001 (applied, one cpu record)`);
+  process.exit(1);
+}
+console.log("wasm32 decodes, verifies and applies the v2 vector");
