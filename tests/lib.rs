@@ -1,8 +1,9 @@
 //! Shared helpers for the integration tests: a seeded RNG, an independent ground-truth model,
 //! and workload generators.
 
+use edgetally_core::sketches::{subject_hash, Hll, Quantiles};
 use edgetally_core::{Batch, BatchId, LogEntry, ProducerKey};
-use edgetally_proto::{BatchBuilder, Signer};
+use edgetally_proto::{BatchBuilder, Signer, SketchOpts};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -56,7 +57,34 @@ impl Event {
     pub fn value(&self) -> f64 {
         self.eighths as f64 / 8.0
     }
+
+    /// The subject of the event, a function of its fields (so every generated workload
+    /// exercises distinct counts): one of 40 visitors for `page_view` and `purchase`, none
+    /// for the other categories.
+    pub fn subject(&self) -> Option<String> {
+        matches!(self.category.as_str(), "page_view" | "purchase")
+            .then(|| format!("visitor-{}", self.eighths.rem_euclid(40)))
+    }
+
+    /// Whether its category keeps quantiles (`temp`).
+    pub fn quantiles(&self) -> bool {
+        self.category == "temp"
+    }
+
+    /// What the event adds to its summary's sketches.
+    pub fn sketch_opts(&self) -> SketchOpts {
+        SketchOpts {
+            subject: self
+                .subject()
+                .map(|s| (subject_hash(&s, None), SKETCH_PRECISION)),
+            quantiles: self.quantiles(),
+        }
+    }
 }
+
+/// The precision of the generated workloads' distinct-count sketches (small: the
+/// simulations hold many).
+pub const SKETCH_PRECISION: u8 = 10;
 
 /// The naive model's totals for one key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +104,10 @@ pub struct Truth {
 pub struct Model {
     /// (category, entity, bucket start ms) → totals.
     pub keys: BTreeMap<(String, Option<String>, i64), Truth>,
+    /// Per category, the distinct-count sketch of every subject, built here event by event.
+    pub distinct: BTreeMap<String, Hll>,
+    /// Per category, the quantile sketch of every value.
+    pub quantiles: BTreeMap<String, Quantiles>,
 }
 
 impl Model {
@@ -95,6 +127,20 @@ impl Model {
         t.sum_nanos += e.eighths as i128 * 125_000_000;
         t.min8 = t.min8.min(e.eighths);
         t.max8 = t.max8.max(e.eighths);
+        if let Some(s) = e.subject() {
+            if let Ok(empty) = Hll::new(SKETCH_PRECISION) {
+                self.distinct
+                    .entry(e.category.clone())
+                    .or_insert(empty)
+                    .insert_hash(subject_hash(&s, None));
+            }
+        }
+        if e.quantiles() {
+            self.quantiles
+                .entry(e.category.clone())
+                .or_default()
+                .insert(e.value() + 0.0, 1);
+        }
     }
 
     /// Totals of the events matching `f`.
@@ -189,8 +235,14 @@ pub fn build(id: BatchId, events: &[Event]) -> Batch {
 pub fn build_at(id: BatchId, events: &[Event], created_ms: i64) -> Batch {
     let mut b = BatchBuilder::new(1000).expect("valid width");
     for e in events {
-        b.record(&e.category, e.entity.as_deref(), e.ts_ms, e.value())
-            .expect("valid event");
+        b.record_with(
+            &e.category,
+            e.entity.as_deref(),
+            e.ts_ms,
+            e.value(),
+            e.sketch_opts(),
+        )
+        .expect("valid event");
     }
     b.finish(id, created_ms)
 }

@@ -1041,6 +1041,24 @@ pub(crate) fn check_against_model(r: &Replica, m: &Model) -> Result<(), String> 
             return Err(format!("totals entity {name:?}"));
         }
     }
+    check_sketches(r, m, start, end)
+}
+
+/// Each category's sketches over the whole range, byte for byte the model's (built from
+/// every event it counted): the union of whatever batches, in whatever order, reached it.
+pub(crate) fn check_sketches(r: &Replica, m: &Model, start: i64, end: i64) -> Result<(), String> {
+    let cats: BTreeSet<&String> = m.keys.keys().map(|k| &k.0).collect();
+    for c in cats {
+        let got = r.sketches(c, None, start, end).sketches;
+        let want_d = m.distinct.get(c).map(|h| h.encode());
+        let want_q = m.quantiles.get(c).map(|q| q.encode());
+        if got.distinct.as_ref().map(|h| h.encode()) != want_d {
+            return Err(format!("{c}: distinct sketch differs from the model's"));
+        }
+        if got.quantiles.as_ref().map(|q| q.encode()) != want_q {
+            return Err(format!("{c}: quantile sketch differs from the model's"));
+        }
+    }
     Ok(())
 }
 

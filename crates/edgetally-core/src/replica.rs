@@ -287,25 +287,7 @@ pub fn content_digest(batch: &Batch) -> [u8; 32] {
         h.update(&b[..56]);
     }
     // Batch format v2's sketches, when there are any (a v1 batch's digest is unchanged).
-    if !batch.sketches.is_empty() {
-        h.update((batch.sketches.len() as u64).to_le_bytes());
-        for (i, k) in &batch.sketches {
-            h.update(i.to_le_bytes());
-            for part in [
-                k.distinct.as_ref().map(|x| x.encode()),
-                k.quantiles.as_ref().map(|x| x.encode()),
-            ] {
-                match part {
-                    None => h.update([0u8]),
-                    Some(bytes) => {
-                        h.update([1u8]);
-                        h.update((bytes.len() as u64).to_le_bytes());
-                        h.update(&bytes);
-                    }
-                }
-            }
-        }
-    }
+    sketched::digest_sketches(&mut h, batch);
     h.finalize().into()
 }
 

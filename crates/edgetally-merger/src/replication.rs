@@ -311,6 +311,16 @@ async fn drive(node: Arc<Node>, endpoint: quinn::Endpoint, mut stop: watch::Rece
     }
 }
 
+/// Whether `peer` can read these batch bytes: a v2 batch only goes to a node whose handshake
+/// lists `sketches` (one not yet authenticated is assumed to, as `Facts::speaks` does).
+fn readable_by(repl: &Replication, peer: &SocketAddr, raw: &[u8]) -> bool {
+    if !crate::peer::is_v2(raw) {
+        return true;
+    }
+    let node = repl.sync().node_of(peer);
+    node.is_none_or(|k| repl.auth.facts.speaks(&k, "sketches"))
+}
+
 /// Carries out one transmit of the machine, in a task that reports back on `tx`.
 fn transmit(
     node: &Arc<Node>,
@@ -370,19 +380,14 @@ fn transmit(
             });
         }
         Transmit::Push { peer, token, batch } => {
-            let Some(conn) = conns.get(&peer).cloned() else {
-                repl.sync().handle_push_reply(&peer, token, false, now_ms());
+            // No link: failed. A batch the peer cannot read (an earlier release): settled, as
+            // its rounds will not ask for it either.
+            let (conn, readable) = (conns.get(&peer).cloned(), readable_by(repl, &peer, &batch));
+            let Some(conn) = conn.filter(|_| readable) else {
+                repl.sync()
+                    .handle_push_reply(&peer, token, !readable, now_ms());
                 return;
             };
-            if crate::peer::is_v2(&batch) {
-                let node_key = repl.sync().node_of(&peer);
-                if node_key.is_some_and(|k| !repl.auth.facts.speaks(&k, "sketches")) {
-                    // Not for this peer (an earlier release): settled, as its rounds will not
-                    // ask for it either.
-                    repl.sync().handle_push_reply(&peer, token, true, now_ms());
-                    return;
-                }
-            }
             tokio::spawn(async move {
                 let acked = push(&conn, &batch).await;
                 let _ = tx.send(Event::Pushed { peer, token, acked });

@@ -252,6 +252,13 @@ impl Query {
                     rows: rows.rows,
                 }
             }
+            Query::Sketches { .. } | Query::SketchRows { .. } => self.run_sketches(r),
+        }
+    }
+
+    /// The answer of one replica to a sketch query (none for another query).
+    fn run_sketches(&self, r: &Replica) -> Answer {
+        match self {
             Query::Sketches {
                 category,
                 entity,
@@ -296,6 +303,7 @@ impl Query {
                         .collect(),
                 }
             }
+            _ => Answer::Sketches(Vec::new()),
         }
     }
 }

@@ -10,79 +10,23 @@ use edgetally_core::record::{
     bucket_index, validate_bucket_ms, validate_category, validate_entity,
 };
 use edgetally_core::{
-    Batch, BatchId, BatchSummary, Limits, RejectCode, Sketches, StringTable, Summary, NO_ENTITY,
+    Batch, BatchId, BatchSummary, RejectCode, Sketches, StringTable, Summary, NO_ENTITY,
 };
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+mod config;
 mod outbox;
 mod schedule;
 mod seal;
+mod sketch;
 
+pub use config::ProducerConfig;
 use outbox::*;
 
 /// Signs a batch's signing message (a local key's signer).
 type SignFn = Box<dyn Fn(&[u8]) -> [u8; SIGNATURE_LEN] + Send + Sync>;
-
-/// How a producer batches and retries. Defaults suit a browser or an edge worker.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ProducerConfig {
-    /// Bucket width (whole seconds dividing a day).
-    pub bucket_ms: u32,
-    /// Seal what is pending this long after its first record.
-    pub flush_interval_ms: i64,
-    /// Seal when this many keys are pending (≤ the merger's summary limit).
-    pub max_batch_summaries: usize,
-    /// Seal when the pending batch would encode to about this many bytes.
-    pub max_batch_bytes: usize,
-    /// Sealed, unacknowledged batches may hold at most this many bytes; the oldest waiting
-    /// ones are dropped (and counted) to make room.
-    pub max_outbox_bytes: usize,
-    /// Batches sent and not yet answered, at most.
-    pub max_in_flight: usize,
-    /// First retry delay bound; doubles per attempt (full jitter).
-    pub backoff_base_ms: i64,
-    /// Largest retry delay bound.
-    pub backoff_max_ms: i64,
-    /// After failing over, try the preferred endpoint again after this long.
-    pub failback_ms: i64,
-    /// Limits the merger enforces, so batches are sealed within them.
-    pub limits: Limits,
-    /// Queue [`PersistOp`]s for `poll_persist`. Off for callers that keep nothing (they
-    /// would otherwise have to drain the queue to keep it from growing).
-    pub persist: bool,
-    /// Categories whose values also go into a quantile sketch (1 % relative accuracy), for
-    /// percentiles; `"*"` names every category. Empty: none (quantiles are opt-in).
-    pub quantile_categories: Vec<String>,
-    /// Precision of the HyperLogLogs that subjects go into (4–16; 14: 0.81 % standard
-    /// error). Mergers may cap it per category (`sketch_max_precision`).
-    pub distinct_precision: u8,
-    /// The site secret's first 16 bytes, keying the subject hash (SipHash-2-4): without it
-    /// the key is zero and a subject hashes alike everywhere. See docs/PROTOCOL.md §3.
-    pub subject_key: Option<[u8; 16]>,
-}
-
-impl Default for ProducerConfig {
-    fn default() -> Self {
-        ProducerConfig {
-            bucket_ms: 1000,
-            flush_interval_ms: 1000,
-            max_batch_summaries: 2000,
-            max_batch_bytes: 256 << 10,
-            max_outbox_bytes: 8 << 20,
-            max_in_flight: 64,
-            backoff_base_ms: 100,
-            backoff_max_ms: 30_000,
-            failback_ms: 30_000,
-            limits: Limits::default(),
-            persist: true,
-            quantile_categories: Vec::new(),
-            distinct_precision: edgetally_core::sketches::HLL_DEFAULT_PRECISION,
-            subject_key: None,
-        }
-    }
-}
 
 /// An interned (category, entity) for hot loops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -649,78 +593,6 @@ impl Producer {
         self.fold(now_ms, h, ts, 1, subject, || Summary::of(value))
     }
 
-    /// Records one event of a subject (a user, device or session id) through a handle: its
-    /// value as [`Producer::record_handle`] does, and the subject's hash into the bucket's
-    /// HyperLogLog, for distinct counts. The subject itself never leaves the producer.
-    pub fn record_subject(
-        &mut self,
-        now_ms: i64,
-        h: Handle,
-        value: f64,
-        ts_ms: Option<i64>,
-        subject: &str,
-    ) -> Result<(), RejectCode> {
-        if !edgetally_core::record::name_len_ok(subject) {
-            return self.refuse(RejectCode::InvalidEvent);
-        }
-        let hash =
-            edgetally_core::sketches::subject_hash(subject, self.config.subject_key.as_ref());
-        self.record_hash(now_ms, h, value, ts_ms, hash)
-    }
-
-    /// Sets the distinct-count settings ([`ProducerConfig::distinct_precision`],
-    /// [`ProducerConfig::subject_key`]) of a producer made without them (the JavaScript
-    /// SDK's). A precision outside 4–16 is refused (`invalid_sketch`) and changes nothing.
-    pub fn set_distinct(
-        &mut self,
-        distinct_precision: u8,
-        subject_key: Option<[u8; 16]>,
-    ) -> Result<(), RejectCode> {
-        use edgetally_core::sketches::{HLL_MAX_PRECISION, HLL_MIN_PRECISION};
-        if !(HLL_MIN_PRECISION..=HLL_MAX_PRECISION).contains(&distinct_precision) {
-            return Err(RejectCode::InvalidSketch);
-        }
-        self.config.distinct_precision = distinct_precision;
-        self.config.subject_key = subject_key;
-        Ok(())
-    }
-
-    /// Makes handle `h` keep quantiles, as if its category were one of
-    /// [`ProducerConfig::quantile_categories`] (the JavaScript SDK matches its own list, and
-    /// marks each handle before its first record). A handle that recorded already is refused
-    /// (`invalid_event`): its open bucket's values are not in a sketch.
-    pub fn keep_quantiles(&mut self, h: Handle) -> Result<(), RejectCode> {
-        match self.handles.get_mut(h.0 as usize) {
-            Some(st) if st.current.is_none() => {
-                st.quantiles = true;
-                Ok(())
-            }
-            _ => Err(RejectCode::InvalidEvent),
-        }
-    }
-
-    /// Whether handle `h`'s category keeps quantiles (its values then cannot be summed by a
-    /// caller: each goes into the sketch).
-    pub fn keeps_quantiles(&self, h: Handle) -> bool {
-        self.handles
-            .get(h.0 as usize)
-            .is_some_and(|st| st.quantiles)
-    }
-
-    /// [`Producer::record_subject`] with the subject hashed already (by the caller, with the
-    /// same key).
-    pub fn record_hash(
-        &mut self,
-        now_ms: i64,
-        h: Handle,
-        value: f64,
-        ts_ms: Option<i64>,
-        subject_hash: u64,
-    ) -> Result<(), RejectCode> {
-        let ts = ts_ms.unwrap_or(now_ms);
-        self.fold_value(now_ms, h, ts, value, Some(subject_hash))
-    }
-
     /// Records a summary of events a caller aggregated itself (the JavaScript SDK's handles
     /// do, to avoid a call per event) as `summary.count` records in the bucket of `ts_ms`.
     /// The same as recording the values one by one: summaries merge exactly.
@@ -811,15 +683,8 @@ impl Producer {
         };
         if folded.is_ok() && (subject.is_some() || with_quantiles) {
             if let Some(cur) = &mut state.current {
-                let k = cur.sketches.get_or_insert_with(Default::default);
-                if let Some(hash) = subject {
-                    k.insert_subject(hash, precision);
-                    // A sparse register takes about 3 bytes on the wire.
-                    self.pending_bytes += 3;
-                }
-                if with_quantiles {
-                    k.insert_value(summary.min, summary.count);
-                }
+                self.pending_bytes +=
+                    cur.add_sketches(subject, with_quantiles, precision, &summary);
             }
         }
         match folded {

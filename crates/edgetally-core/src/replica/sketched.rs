@@ -237,6 +237,32 @@ impl Replica {
     }
 }
 
+/// Adds a batch's sketches (their canonical bytes, by summary index) to its
+/// [`content_digest`].
+pub(super) fn digest_sketches(h: &mut sha2::Sha256, batch: &Batch) {
+    use sha2::Digest as _;
+    if batch.sketches.is_empty() {
+        return;
+    }
+    h.update((batch.sketches.len() as u64).to_le_bytes());
+    for (i, k) in &batch.sketches {
+        h.update(i.to_le_bytes());
+        for part in [
+            k.distinct.as_ref().map(|x| x.encode()),
+            k.quantiles.as_ref().map(|x| x.encode()),
+        ] {
+            match part {
+                None => h.update([0u8]),
+                Some(bytes) => {
+                    h.update([1u8]);
+                    h.update((bytes.len() as u64).to_le_bytes());
+                    h.update(&bytes);
+                }
+            }
+        }
+    }
+}
+
 /// One bucket's sketches in a [`Snapshot`] (format 6 on).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SketchSnapshot {

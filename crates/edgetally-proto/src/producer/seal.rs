@@ -143,14 +143,7 @@ impl Producer {
             })
             .collect();
         small_sort::sort_by_key(&mut keyed, |(s, _)| (s.category, s.entity, s.bucket));
-        let mut sketches = Vec::new();
-        let mut summaries = Vec::with_capacity(keyed.len());
-        for (i, (s, k)) in keyed.into_iter().enumerate() {
-            if let Some(k) = k.filter(|k| !k.is_empty()) {
-                sketches.push((i as u32, *k));
-            }
-            summaries.push(s);
-        }
+        let (summaries, sketches) = unzip_sketches(keyed);
         let strings: StringTable = names.iter().collect();
         let seq = self.next_seq;
         let batch = Batch {
@@ -204,4 +197,19 @@ impl Producer {
             }
         }
     }
+}
+
+/// Summaries in key order and, apart, the sketches of those that have any (by index).
+fn unzip_sketches(
+    keyed: Vec<(BatchSummary, Option<Box<Sketches>>)>,
+) -> (Vec<BatchSummary>, Vec<(u32, Sketches)>) {
+    let mut sketches = Vec::new();
+    let mut summaries = Vec::with_capacity(keyed.len());
+    for (i, (s, k)) in keyed.into_iter().enumerate() {
+        if let Some(k) = k.filter(|k| !k.is_empty()) {
+            sketches.push((i as u32, *k));
+        }
+        summaries.push(s);
+    }
+    (summaries, sketches)
 }
