@@ -7,6 +7,9 @@ use super::*;
 pub(super) type EventFields = (i64, String, Option<String>, f64, Option<String>);
 /// One event of `POST /v1/events`: its fields, or why it was refused.
 pub(super) type EventResult = Result<EventFields, (RejectCode, String)>;
+/// An event's fields as borrowed for its canonical form: ts_ms, category, entity, value,
+/// subject.
+pub(super) type EventRef<'a> = (i64, &'a str, Option<&'a str>, f64, Option<&'a str>);
 
 /// The bucket width of the batches `POST /v1/events` makes.
 pub(super) const EVENTS_BUCKET_MS: i64 = 1000;
@@ -339,7 +342,7 @@ impl EventsFold {
     /// Adds an event's canonical form to the request's (keyed requests only).
     pub(super) fn canon(
         &mut self,
-        event: Result<(i64, &str, Option<&str>, f64, Option<&str>), RejectCode>,
+        event: Result<EventRef<'_>, RejectCode>,
     ) {
         use sha2::Digest as _;
         if !self.keyed {
