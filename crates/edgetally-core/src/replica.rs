@@ -413,6 +413,8 @@ pub struct Replica {
     sketches: FxHashMap<u32, SeriesSketches>,
     /// Estimated heap bytes of `sketches`.
     sketch_bytes: u64,
+    /// Per sketch tier (minute, hour), the time before which its buckets were pruned.
+    pub(crate) sketch_horizons: [i64; 2],
 }
 
 impl Replica {
@@ -420,6 +422,7 @@ impl Replica {
     pub fn new() -> Replica {
         Replica {
             horizons: [i64::MIN; 3],
+            sketch_horizons: [i64::MIN; 2],
             rollups_shrunk_before: i64::MIN,
             ..Default::default()
         }

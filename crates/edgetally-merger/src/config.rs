@@ -73,6 +73,10 @@ pub struct Config {
     pub sketch_max_precision: BTreeMap<String, u32>,
     /// The `max_sketch_bytes` setting (see [`settings`]).
     pub max_sketch_bytes: u64,
+    /// The `retention_sketch_minutes_ms` and `retention_sketch_hours_ms` settings (see
+    /// [`settings`]): per sketch tier, how long its buckets are kept (`None`: as long as the
+    /// totals').
+    pub sketch_retention: [Option<i64>; 2],
     /// The `quantile_categories` setting (see [`settings`]).
     pub quantile_categories: Vec<String>,
     /// The `subject_key` setting (see [`settings`]).
@@ -167,6 +171,7 @@ impl Default for Config {
             value_bounds: BTreeMap::new(),
             sketch_max_precision: BTreeMap::new(),
             max_sketch_bytes: 1 << 30,
+            sketch_retention: [Some(2 * 86_400_000), Some(400 * 86_400_000)],
             quantile_categories: Vec::new(),
             subject_key: None,
             refuse_equivocators: true,
@@ -258,6 +263,12 @@ macro_rules! settings {
     (@get $c:ident, set($($f:ident).+)) => { Show::show(&$c.$($f).+) };
     (@get $c:ident, some($($f:ident).+)) => { Show::show(&$c.$($f).+) };
     (@get $c:ident, tier($i:literal)) => { Show::show(&$c.retention.tiers[$i].unwrap_or(0)) };
+    // A sketch retention tier: 0 keeps as long as the totals.
+    (@set $c:ident, $v:expr, sketch_tier($i:literal)) => {{
+        let v: i64 = $v;
+        $c.sketch_retention[$i] = if v == 0 { None } else { Some(v) };
+    }};
+    (@get $c:ident, sketch_tier($i:literal)) => { Show::show(&$c.sketch_retention[$i].unwrap_or(0)) };
     (@alias) => { None };
     (@alias $a:literal) => { Some($a) };
 }
@@ -354,6 +365,12 @@ settings! {
     /// from producers that carry sketches are refused with `sketch_limit` (others are not).
     /// 0: unlimited.
     max_sketch_bytes: u64 => set(max_sketch_bytes);
+    /// How long the minute buckets of sketches (distinct counts, quantiles) are kept, at most
+    /// as long as the minute totals; longer ranges read the hour buckets. 0: as the totals.
+    retention_sketch_minutes_ms: Ms, alias "retention_sketch_minutes" => sketch_tier(0);
+    /// How long the hour buckets of sketches are kept (at least as long as their minute
+    /// buckets); 0: as the totals.
+    retention_sketch_hours_ms: Ms, alias "retention_sketch_hours" => sketch_tier(1);
     /// Categories whose `POST /v1/events` values also go into quantile sketches (`"*"`:
     /// every category), for `quantiles=` in queries.
     quantile_categories: Vec<String> => set(quantile_categories);

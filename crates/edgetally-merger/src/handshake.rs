@@ -273,6 +273,9 @@ pub fn settings_digest(config: &crate::config::Config) -> [u8; 32] {
         cats.dedup();
         text.push_str(&format!(" quantile_categories={cats:?}"));
     }
+    if config.sketch_retention != crate::config::Config::default().sketch_retention {
+        text.push_str(&format!(" sketch_retention={:?}", config.sketch_retention));
+    }
     if let Some(key) = &config.subject_key {
         let key = crate::sketch_policy::parse_key(key).unwrap_or_default();
         text.push_str(&format!(" subject_key={}", edgetally_net::tls::hex(&key)));

@@ -99,6 +99,21 @@ impl SketchPolicy {
     }
 }
 
+/// Whether the sketch tiers' retention is consistent: the hour buckets kept at least as long
+/// as the minute buckets (queries read long ranges from the hour buckets).
+pub fn check_retention(config: &Config) -> Result<(), String> {
+    let len = |t: usize| config.sketch_retention[t].unwrap_or(i64::MAX);
+    if len(1) < len(0) {
+        return Err(format!(
+            "retention_sketch_hours_ms ({} ms) is shorter than retention_sketch_minutes_ms ({} \
+             ms): the hour buckets must be kept at least as long as the minute buckets",
+            len(1),
+            len(0)
+        ));
+    }
+    Ok(())
+}
+
 /// 32 hex digits as 16 bytes.
 pub fn parse_key(hex: &str) -> Option<[u8; 16]> {
     let hex = hex.trim().as_bytes();

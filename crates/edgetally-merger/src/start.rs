@@ -48,6 +48,7 @@ impl Node {
     // spread out.
     pub async fn start(config: Config) -> Result<Running, StartError> {
         config.retention.check().map_err(StartError::Config)?;
+        crate::sketch_policy::check_retention(&config).map_err(StartError::Config)?;
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let seed = load_or_create_key(&dir.join("node.key"))?;
@@ -457,6 +458,7 @@ async fn upkeep(
                 let now = now_ms();
                 let mut r = n.replica.write().unwrap_or_else(|e| e.into_inner());
                 r.prune_tiers(now, &n.config.retention);
+                r.prune_sketch_tiers(now, n.config.sketch_retention);
                 let gone = r.expire(n.expiry_cutoff(now));
                 if !gone.is_empty() {
                     n.metrics

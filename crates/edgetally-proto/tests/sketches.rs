@@ -223,3 +223,66 @@ fn inconsistent_sketches_are_refused() {
         assert!(envelope::open(&m, &limits, NOW).is_err(), "byte {i}");
     }
 }
+
+/// Sketch retention: minute buckets pruned before the totals' are answered from the hour
+/// buckets, the covered window widened to whole hours and the sketch the union of exactly the
+/// records in it; snapshots carry the sketch horizons.
+#[test]
+fn pruned_minute_sketches_are_answered_from_the_hour_buckets() {
+    let hour = 3_600_000;
+    let base = (NOW / hour) * hour - 3 * hour;
+    let s = Signer::from_seed([5; 32]);
+    let mut r = Replica::new();
+    // One subject per 10 minutes over three hours, one batch each.
+    let mut at = Vec::new();
+    for i in 0..18u64 {
+        let t = base + i as i64 * 600_000 + 1_000;
+        at.push((t, format!("user-{i}")));
+        let mut b = BatchBuilder::new(1000).expect("width");
+        b.record_with(
+            "visits",
+            None,
+            t,
+            1.0,
+            SketchOpts {
+                subject: Some((subject_hash(&format!("user-{i}"), None), 12)),
+                quantiles: false,
+            },
+        )
+        .expect("record");
+        let id = BatchId {
+            producer: s.producer(),
+            epoch: 1,
+            seq: i,
+        };
+        let raw = s.seal(&b.finish(id, t)).expect("seal");
+        let batch = envelope::open(&raw, &Limits::default(), NOW).expect("open");
+        r.apply(LogEntry {
+            batch: Arc::new(batch),
+            raw: Arc::from(&raw[..]),
+        })
+        .expect("apply");
+    }
+    let (from, to) = (base + 30 * 60_000, base + 3 * hour);
+    let before = r.sketches("visits", None, from, to);
+    assert_eq!((before.start, before.end), (from, to), "minute-aligned");
+    // Keep minute sketches for one hour from the end: the first two hours go.
+    r.prune_sketch_tiers(base + 3 * hour, [Some(hour), None]);
+    let after = r.sketches("visits", None, from, to);
+    assert_eq!((after.start, after.end), (base, to), "widened to the hour");
+    let mut want = Hll::new(12).expect("p");
+    for (t, who) in &at {
+        if (after.start..after.end).contains(t) {
+            want.insert_hash(subject_hash(who, None));
+        }
+    }
+    assert_eq!(
+        after.sketches.distinct.as_ref().map(Hll::encode),
+        Some(want.encode())
+    );
+    // Totals are untouched by the sketches' retention.
+    assert_eq!(r.aggregate("visits", None, from, to).start, from);
+    let back = Replica::restore(Snapshot::decode(&r.snapshot().encode()).expect("decode"))
+        .expect("restore");
+    assert_eq!(back.sketches("visits", None, from, to), after);
+}

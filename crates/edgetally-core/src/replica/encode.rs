@@ -235,7 +235,7 @@ impl Serialize for TiersView<'_, '_> {
 impl Serialize for Encoder<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let (r, c) = (self.r, &self.canon);
-        let mut st = s.serialize_struct("Snapshot", 11)?;
+        let mut st = s.serialize_struct("Snapshot", 12)?;
         st.serialize_field("format", &SNAPSHOT_FORMAT)?;
         st.serialize_field(
             "strings",
@@ -268,6 +268,7 @@ impl Serialize for Encoder<'_> {
         st.serialize_field("batches", &r.hashed_batches)?;
         st.serialize_field("absorbed", &r.absorbed)?;
         st.serialize_field("sketches", &r.sketch_snapshot(c))?;
+        st.serialize_field("sketch_horizons", &r.sketch_horizons)?;
         st.end()
     }
 }

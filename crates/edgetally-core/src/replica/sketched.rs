@@ -48,11 +48,15 @@ impl Replica {
         self.sketch_bytes = self.sketch_bytes.saturating_add_signed(grown);
     }
 
-    /// Drops the sketch buckets of tier `tier` before `cutoff`.
+    /// Drops the sketch buckets of tier `tier` before `cutoff` (and raises its horizon).
     pub(super) fn prune_sketches(&mut self, tier: usize, cutoff: i64) {
         let Some(t) = tier.checked_sub(SKETCH_FIRST_TIER) else {
             return;
         };
+        if cutoff <= self.sketch_horizons[t] {
+            return;
+        }
+        self.sketch_horizons[t] = cutoff;
         let mut freed = 0u64;
         self.sketches.retain(|_, s| {
             let keep = s.tiers[t].split_off(&cutoff);
@@ -64,6 +68,30 @@ impl Replica {
             s.tiers.iter().any(|x| !x.is_empty())
         });
         self.sketch_bytes = self.sketch_bytes.saturating_sub(freed);
+    }
+
+    /// Removes sketch buckets older than `retention` allows at `now_ms` (per sketch tier,
+    /// minute then hour, in ms; `None` keeps them as long as the totals' tier): sketches
+    /// can be kept shorter than totals (a dense HyperLogLog is 16 KiB a bucket). Cutoffs are
+    /// aligned to the hour, as the totals' are, so a query can switch tiers at a horizon.
+    pub fn prune_sketch_tiers(&mut self, now_ms: i64, retention: [Option<i64>; 2]) {
+        let hour = TIER_MS[2];
+        for (t, keep) in retention.into_iter().enumerate() {
+            if let Some(keep) = keep {
+                let cutoff = now_ms.saturating_sub(keep).div_euclid(hour) * hour;
+                self.prune_sketches(t + SKETCH_FIRST_TIER, cutoff);
+            }
+        }
+    }
+
+    /// The horizons a sketch query plans with: the totals' second tier's (unused: sketches
+    /// start at the minute), then the sketch tiers'.
+    fn sketch_plan_horizons(&self) -> [i64; 3] {
+        [
+            self.horizons[0],
+            self.sketch_horizons[0],
+            self.sketch_horizons[1],
+        ]
     }
 
     /// Estimated heap bytes of the sketches held.
@@ -80,7 +108,7 @@ impl Replica {
         start: i64,
         end: i64,
     ) -> SketchAnswer {
-        let plan = crate::query::plan(start, end, self.horizons, SKETCH_FIRST_TIER);
+        let plan = crate::query::plan(start, end, self.sketch_plan_horizons(), SKETCH_FIRST_TIER);
         let series = self.string_id(category).and_then(|cat| {
             let dim = match entity {
                 None => Dim::All,
@@ -144,7 +172,7 @@ impl Replica {
         group_by: crate::query::GroupBy,
     ) -> (i64, i64, Vec<(Option<String>, Sketches)>) {
         use crate::query::GroupBy;
-        let plan = crate::query::plan(start, end, self.horizons, SKETCH_FIRST_TIER);
+        let plan = crate::query::plan(start, end, self.sketch_plan_horizons(), SKETCH_FIRST_TIER);
         let only = match category {
             Some(c) => match self.string_id(c) {
                 Some(id) => Some(id),

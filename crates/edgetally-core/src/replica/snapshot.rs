@@ -30,6 +30,9 @@ pub struct Snapshot {
     pub absorbed: Vec<String>,
     /// Every sketch bucket, sorted by (category, dimension, tier, start) (format 6 on).
     pub sketches: Vec<SketchSnapshot>,
+    /// Per sketch tier (minute, hour), the time before which its buckets were pruned (format
+    /// 6 on).
+    pub sketch_horizons: [i64; 2],
 }
 
 /// Format 5 of [`Snapshot`], before it carried sketches.
@@ -154,6 +157,7 @@ impl Snapshot {
                     batches: v5.batches,
                     absorbed: v5.absorbed,
                     sketches: Vec::new(),
+                    sketch_horizons: [v5.horizons[1], v5.horizons[2]],
                 })
             }
             Some(4) => {
@@ -170,6 +174,7 @@ impl Snapshot {
                     batches: v4.batches,
                     absorbed: Vec::new(),
                     sketches: Vec::new(),
+                    sketch_horizons: [i64::MIN; 2],
                 })
             }
             Some(3) => {
@@ -201,6 +206,7 @@ impl Snapshot {
                     batches_hash: v3.batches_hash,
                     absorbed: Vec::new(),
                     sketches: Vec::new(),
+                    sketch_horizons: [i64::MIN; 2],
                 })
             }
             Some(2) => {
@@ -218,6 +224,7 @@ impl Snapshot {
                     batches_hash: v2.batches_hash,
                     absorbed: Vec::new(),
                     sketches: Vec::new(),
+                    sketch_horizons: [i64::MIN; 2],
                 })
             }
             Some(1) => {
@@ -244,6 +251,7 @@ impl Snapshot {
                     batches_hash: seed,
                     absorbed: Vec::new(),
                     sketches: Vec::new(),
+                    sketch_horizons: [i64::MIN; 2],
                 })
             }
             _ => postcard::from_bytes(bytes).map_err(|e| format!("snapshot: {e}")),
@@ -314,6 +322,7 @@ impl Snapshot {
             BTreeMap::new();
         let mut absorbed = vec![name.to_string()];
         let horizons = [0, 1, 2].map(|t| self.horizons[t].max(other.horizons[t]));
+        let sketch_horizons = [0, 1].map(|t| self.sketch_horizons[t].max(other.sketch_horizons[t]));
         let mut batches_hash = self.batches_hash;
         batches_hash.add(&other.batches_hash.0);
         let batches = self.batches.saturating_add(other.batches);
@@ -408,6 +417,7 @@ impl Snapshot {
                     quantiles: k.quantiles.as_ref().map(|q| q.encode()),
                 })
                 .collect(),
+            sketch_horizons,
         })
     }
 }
@@ -502,6 +512,7 @@ impl Replica {
             batches: self.hashed_batches,
             absorbed: self.absorbed.clone(),
             sketches,
+            sketch_horizons: self.sketch_horizons,
         }
     }
 
@@ -584,6 +595,7 @@ impl Replica {
             }
         }
         r.restore_sketches(snap.sketches)?;
+        r.sketch_horizons = snap.sketch_horizons;
         for (p, e, set) in snap.seen {
             if !set.seqs.is_well_formed() {
                 return Err(RestoreError::Inconsistent("seen-set malformed"));

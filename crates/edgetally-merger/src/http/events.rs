@@ -340,10 +340,7 @@ impl EventsFold {
     }
 
     /// Adds an event's canonical form to the request's (keyed requests only).
-    pub(super) fn canon(
-        &mut self,
-        event: Result<EventRef<'_>, RejectCode>,
-    ) {
+    pub(super) fn canon(&mut self, event: Result<EventRef<'_>, RejectCode>) {
         use sha2::Digest as _;
         if !self.keyed {
             return;
