@@ -459,6 +459,66 @@ fn a_restart_exports_what_a_kill_9_left_unexported() {
     assert_eq!(v["count"].as_u64(), Some(60));
 }
 
+/// Distinct counts and quantiles are exported beside the totals: each row's estimate, p50,
+/// p90 and p99 equal the node's answer for that (category, entity, minute), and its sketch
+/// bytes are the canonical ones the answer was computed from.
+#[test]
+fn sketches_are_exported_with_their_estimates() {
+    let Some(bin) = postgres_bin() else {
+        return;
+    };
+    let pg = start_postgres(&bin);
+    let dir = TempDir::new("export-sketches");
+    let url = pg.url();
+    let env: Vec<(&str, &str)> = vec![
+        ("EDGETALLY_EXPORT_POSTGRES_URL", &url),
+        ("EDGETALLY_EXPORT_DELAY", "1s"),
+        ("EDGETALLY_EXPORT_INTERVAL", "300ms"),
+        ("EDGETALLY_QUANTILE_CATEGORIES", "latency"),
+    ];
+    let m = Merger::start_with_env(&dir.0, &[], &env);
+    let now = now_ms();
+    let minutes: Vec<i64> = (2..=4).rev().map(|k| (now / 60_000 - k) * 60_000).collect();
+    let events: Vec<String> = (0..600i64)
+        .map(|i| {
+            let ts = minutes[(i % 3) as usize] + (i * 977) % 60_000;
+            format!(
+                r#"{{"ts_ms":{ts},"category":"latency","entity":"d{}","value":{},"subject":"u{}"}}"#,
+                i % 2,
+                1 + (i * 37) % 500,
+                (i * 13) % 170
+            )
+        })
+        .collect();
+    post(&m, &events);
+    let rows = || {
+        pg.query(
+            "SELECT entity, (extract(epoch from bucket_start) * 1000)::bigint, count,              distinct_estimate, p50, p90, p99, length(distinct_sketch), length(quantile_sketch)              FROM edgetally_buckets ORDER BY 1, 2",
+        )
+    };
+    wait_until("the sketches exported", 60, || rows().len() == 6);
+    for r in rows() {
+        let (ent, start) = (&r[0], r[1].parse::<i64>().expect("start"));
+        let (_, v) = m.get(&format!(
+            "/v1/aggregate?category=latency&entity={ent}&start={start}&end={}&quantiles=0.5,0.9,0.99",
+            start + 60_000
+        ));
+        assert_eq!(r[2], v["count"].to_string(), "{r:?}");
+        let num = |s: &str| s.parse::<f64>().expect("number");
+        assert_eq!(
+            num(&r[3]),
+            v["distinct"]["estimate"].as_f64().expect("estimate")
+        );
+        for (i, col) in [4, 5, 6].into_iter().enumerate() {
+            let want = v["quantiles"]["values"][i]["value"]
+                .as_f64()
+                .expect("value");
+            assert!((num(&r[col]) - want).abs() <= want * 1e-12, "{r:?} vs {v}");
+        }
+        assert!(num(&r[7]) > 2.0 && num(&r[8]) > 2.0, "{r:?}");
+    }
+}
+
 /// The database goes down while the node keeps acknowledging late updates: each failed write
 /// is counted and kept, and once the database is back the table catches up exactly.
 #[test]

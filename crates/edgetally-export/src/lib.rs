@@ -32,7 +32,7 @@ mod postgres;
 #[cfg(feature = "postgres")]
 pub use postgres::Postgres;
 
-use edgetally_core::{Batch, Replica, Total};
+use edgetally_core::{Batch, Replica, Sketches, Total};
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -72,6 +72,8 @@ pub struct ExportRow {
     pub bucket_ms: i64,
     /// Its totals (count ≥ 1).
     pub total: Total,
+    /// Its sketches (distinct counts, quantiles), if its records carried any.
+    pub sketches: Option<Sketches>,
 }
 
 /// Why a [`Sink::write`] failed.
@@ -455,6 +457,7 @@ impl<S: Sink> Exporter<S> {
                             bucket_start_ms: start,
                             bucket_ms: w,
                             total: *t,
+                            sketches: r.bucket_sketches(c, e, tier, start).cloned(),
                         })
                     });
                     rows
@@ -489,6 +492,7 @@ impl<S: Sink> Exporter<S> {
                             bucket_start_ms: k.2,
                             bucket_ms: w,
                             total: t,
+                            sketches: r.bucket_sketches(&k.0, k.1.as_deref(), tier, k.2).cloned(),
                         })
                     })
                     .collect();
@@ -614,6 +618,7 @@ mod tests {
             bucket_start_ms: 0,
             bucket_ms: 60_000,
             total: Total::default(),
+            sketches: None,
         }
     }
 

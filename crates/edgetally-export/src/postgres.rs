@@ -132,7 +132,13 @@ impl Postgres {
                     max double precision NOT NULL,
                     exported_at timestamptz NOT NULL DEFAULT now(),
                     PRIMARY KEY (category, entity, bucket_ms, bucket_start)
-                )"
+                );
+                ALTER TABLE {t} ADD COLUMN IF NOT EXISTS distinct_estimate double precision,
+                    ADD COLUMN IF NOT EXISTS p50 double precision,
+                    ADD COLUMN IF NOT EXISTS p90 double precision,
+                    ADD COLUMN IF NOT EXISTS p99 double precision,
+                    ADD COLUMN IF NOT EXISTS distinct_sketch bytea,
+                    ADD COLUMN IF NOT EXISTS quantile_sketch bytea"
             ))
             .await
             .map_err(|e| format!("creating {t}: {e}"))?;
@@ -174,19 +180,34 @@ impl Sink for Postgres {
         let sums: Vec<String> = rows.iter().map(|r| r.total.sum.to_decimal()).collect();
         let mins: Vec<f64> = rows.iter().map(|r| r.total.min).collect();
         let maxs: Vec<f64> = rows.iter().map(|r| r.total.max).collect();
+        let sk = SketchColumns::of(rows);
         let t = &self.table;
+        // A row's sketch columns are never set back to NULL: sketches are kept shorter than
+        // totals (`retention_sketch_minutes_ms`), and a rescan re-exporting an older bucket
+        // must not erase what was exported while they were there.
         let sql = format!(
-            "INSERT INTO {t} (category, entity, bucket_start, bucket_ms, count, sum, min, max)
+            "INSERT INTO {t} (category, entity, bucket_start, bucket_ms, count, sum, min, max,
+                              distinct_estimate, p50, p90, p99, distinct_sketch, quantile_sketch)
              SELECT c, e, 'epoch'::timestamptz + b * interval '1 millisecond', w, n::numeric,
-                    s::numeric, lo, hi
+                    s::numeric, lo, hi, d, q50, q90, q99, ds, qs
              FROM unnest($1::text[], $2::text[], $3::int8[], $4::int4[], $5::text[], $6::text[],
-                         $7::float8[], $8::float8[]) AS r(c, e, b, w, n, s, lo, hi)
+                         $7::float8[], $8::float8[], $9::float8[], $10::float8[], $11::float8[],
+                         $12::float8[], $13::bytea[], $14::bytea[])
+                  AS r(c, e, b, w, n, s, lo, hi, d, q50, q90, q99, ds, qs)
              ON CONFLICT (category, entity, bucket_ms, bucket_start) DO UPDATE
              SET count = EXCLUDED.count, sum = EXCLUDED.sum, min = EXCLUDED.min,
-                 max = EXCLUDED.max, exported_at = now()
+                 max = EXCLUDED.max, exported_at = now(),
+                 distinct_estimate = COALESCE(EXCLUDED.distinct_estimate, {t}.distinct_estimate),
+                 p50 = COALESCE(EXCLUDED.p50, {t}.p50), p90 = COALESCE(EXCLUDED.p90, {t}.p90),
+                 p99 = COALESCE(EXCLUDED.p99, {t}.p99),
+                 distinct_sketch = COALESCE(EXCLUDED.distinct_sketch, {t}.distinct_sketch),
+                 quantile_sketch = COALESCE(EXCLUDED.quantile_sketch, {t}.quantile_sketch)
              WHERE EXCLUDED.count >= {t}.count
-               AND (EXCLUDED.count, EXCLUDED.sum, EXCLUDED.min, EXCLUDED.max)
-                   IS DISTINCT FROM ({t}.count, {t}.sum, {t}.min, {t}.max)"
+               AND (EXCLUDED.count, EXCLUDED.sum, EXCLUDED.min, EXCLUDED.max,
+                    EXCLUDED.distinct_sketch, EXCLUDED.quantile_sketch)
+                   IS DISTINCT FROM ({t}.count, {t}.sum, {t}.min, {t}.max,
+                    COALESCE(EXCLUDED.distinct_sketch, {t}.distinct_sketch),
+                    COALESCE(EXCLUDED.quantile_sketch, {t}.quantile_sketch))"
         );
         let result = client
             .execute(
@@ -200,6 +221,12 @@ impl Sink for Postgres {
                     &sums,
                     &mins,
                     &maxs,
+                    &sk.distinct,
+                    &sk.p50,
+                    &sk.p90,
+                    &sk.p99,
+                    &sk.distinct_bytes,
+                    &sk.quantile_bytes,
                 ],
             )
             .await;
@@ -220,6 +247,44 @@ impl Sink for Postgres {
             return Err(WriteError::Unavailable(format!("upsert: {}", causes(&e))));
         }
         Ok(())
+    }
+}
+
+/// The sketch columns of a chunk of rows, one array each: the distinct estimate, p50, p90 and
+/// p99 (NULL without the sketch), and the sketches' canonical bytes (docs/PROTOCOL.md §10).
+struct SketchColumns {
+    distinct: Vec<Option<f64>>,
+    p50: Vec<Option<f64>>,
+    p90: Vec<Option<f64>>,
+    p99: Vec<Option<f64>>,
+    distinct_bytes: Vec<Option<Vec<u8>>>,
+    quantile_bytes: Vec<Option<Vec<u8>>>,
+}
+
+impl SketchColumns {
+    fn of(rows: &[ExportRow]) -> SketchColumns {
+        fn hll(r: &ExportRow) -> Option<&edgetally_core::sketches::Hll> {
+            r.sketches.as_ref().and_then(|k| k.distinct.as_ref())
+        }
+        fn q(r: &ExportRow) -> Option<&edgetally_core::sketches::Quantiles> {
+            r.sketches.as_ref().and_then(|k| k.quantiles.as_ref())
+        }
+        let at = |p: f64| -> Vec<Option<f64>> {
+            rows.iter()
+                .map(|r| q(r).and_then(|q| q.quantile(p)))
+                .collect()
+        };
+        SketchColumns {
+            distinct: rows
+                .iter()
+                .map(|r| hll(r).map(|h| h.estimate().round()))
+                .collect(),
+            p50: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+            distinct_bytes: rows.iter().map(|r| hll(r).map(|h| h.encode())).collect(),
+            quantile_bytes: rows.iter().map(|r| q(r).map(|q| q.encode())).collect(),
+        }
     }
 }
 

@@ -99,6 +99,29 @@ impl Replica {
         self.sketch_bytes
     }
 
+    /// One export key's sketches: those of the records of `category` with `entity` (`None`:
+    /// the records without an entity) in the bucket of tier `tier` (1 minute, 2 hour) starting
+    /// at `start`; `None` when it holds none (or they were pruned).
+    pub fn bucket_sketches(
+        &self,
+        category: &str,
+        entity: Option<&str>,
+        tier: usize,
+        start: i64,
+    ) -> Option<&Sketches> {
+        let cat = self.string_id(category)?;
+        let dim = match entity {
+            None => Dim::NoEntity,
+            Some(e) => Dim::Entity(self.string_id(e)?),
+        };
+        let idx = self.series_ids.get(&(cat, dim))?;
+        self.sketches
+            .get(idx)?
+            .tiers
+            .get(tier.checked_sub(SKETCH_FIRST_TIER)?)?
+            .get(&start)
+    }
+
     /// The union of the sketches of `category` (and `entity`, if given; else every record of
     /// the category) over `[start, end)`, widened to whole minutes.
     pub fn sketches(
