@@ -237,3 +237,108 @@ fn promql_over_remote_read_equals_the_series_api() {
     assert_eq!(total[0].1, [(end_s, sum)]);
     assert!(m.metric("edgetally_http_requests_total") > 0.0);
 }
+
+/// `edgetally_distinct` and `edgetally_quantile{quantile=…}` over remote read equal the
+/// distinct and quantile parts of the node's own `/v1/series` (per minute: sketches are
+/// kept per minute).
+#[test]
+fn distinct_and_quantiles_over_remote_read_equal_the_series_api() {
+    let Some(bin) = prometheus_binary() else {
+        return;
+    };
+    let dir = TempDir::new("prometheus-sketches");
+    let m = Merger::start_with_env(
+        &dir.0.join("node"),
+        &[],
+        &[("EDGETALLY_QUANTILE_CATEGORIES", "latency")],
+    );
+    let now = now_ms();
+    let start_s = (now / 1000 - 300) / 60 * 60;
+    let end_s = start_s + 240;
+    let mut events = Vec::new();
+    for i in 0..800i64 {
+        let ts = start_s * 1000 + (i * 613) % 240_000;
+        events.push(format!(
+            r#"{{"ts_ms":{ts},"category":"latency","value":{},"subject":"u{}"}}"#,
+            1 + (i * 37) % 400,
+            (i * 7) % (50 + 40 * (ts / 60_000 % 4))
+        ));
+    }
+    let (st, v, _) = m.post(
+        "/v1/events",
+        "application/json",
+        format!("[{}]", events.join(",")).as_bytes(),
+    );
+    assert_eq!(st, 200, "{v}");
+    let p = start_prometheus(bin, &dir.0, &format!("{}/api/v1/read", m.http));
+    let (_, series) = m.get(&format!(
+        "/v1/series?category=latency&start={}&end={}&step_ms=60000&quantiles=0.5,0.99",
+        start_s * 1000,
+        end_s * 1000 + 1
+    ));
+    let points = series["points"].as_array().expect("points");
+    let want = |f: &dyn Fn(&Value) -> Option<f64>| -> Vec<(i64, f64)> {
+        points
+            .iter()
+            .filter_map(|pt| Some((pt["time_window_start"].as_i64()? / 1000, f(pt)?)))
+            .collect()
+    };
+    let close = |a: &[(i64, f64)], b: &[(i64, f64)]| {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x.0 == y.0 && x.1.to_bits().abs_diff(y.1.to_bits()) <= 1)
+    };
+    let distinct = query_range(
+        &p,
+        r#"edgetally_distinct{category="latency"}"#,
+        start_s,
+        end_s,
+        60,
+    );
+    assert_eq!(distinct.len(), 1, "{distinct:?}");
+    let want_d = want(&|pt| pt["distinct"]["estimate"].as_f64());
+    assert_eq!(want_d.len(), 4, "four minutes with subjects");
+    assert!(
+        close(&distinct[0].1, &want_d),
+        "{:?} vs {want_d:?}",
+        distinct[0].1
+    );
+    for (i, q) in ["0.5", "0.99"].into_iter().enumerate() {
+        let got = query_range(
+            &p,
+            &format!(r#"edgetally_quantile{{category="latency",quantile="{q}"}}"#),
+            start_s,
+            end_s,
+            60,
+        );
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].0["quantile"], q);
+        let want_q = want(&|pt| pt["quantiles"]["values"][i]["value"].as_f64());
+        assert!(
+            close(&got[0].1, &want_q),
+            "p{q}: {:?} vs {want_q:?}",
+            got[0].1
+        );
+    }
+    // All three quantile series, and none for a quantile not kept.
+    let all = query_range(
+        &p,
+        r#"edgetally_quantile{category="latency"}"#,
+        start_s,
+        end_s,
+        60,
+    );
+    assert_eq!(all.len(), 3);
+    let none = query_range(
+        &p,
+        r#"edgetally_quantile{quantile="0.75"}"#,
+        start_s,
+        end_s,
+        60,
+    );
+    assert!(none.is_empty(), "{none:?}");
+    // The totals' series do not carry a quantile label.
+    let counts = query_range(&p, r#"edgetally_count{quantile="0.5"}"#, start_s, end_s, 60);
+    assert!(counts.is_empty(), "{counts:?}");
+}

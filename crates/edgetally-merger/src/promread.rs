@@ -16,6 +16,12 @@
 //!   counted first) — so `sum(edgetally_count{category="x"})` never adds a category's total
 //!   to its entities.
 //!
+//! - `edgetally_distinct` (the estimated distinct subjects of the step) and
+//!   `edgetally_quantile` with a `quantile` label of `0.5`, `0.9` or `0.99`, from the
+//!   sketches (docs/PROTOCOL.md §10), with the same `category`/`entity` labels; sketches are
+//!   kept per minute, so their step is the query's rounded up to whole minutes. A step
+//!   without a sketch holds a staleness marker.
+//!
 //! Only series with records in the queried range are returned. The wire format is
 //! Prometheus' `prompb` (snappy-compressed protobuf, the `SAMPLES` response type), written
 //! with prost and snap.
@@ -52,6 +58,52 @@ pub const METRICS: [&str; 4] = [
     "edgetally_min",
     "edgetally_max",
 ];
+
+/// The quantile series of `edgetally_quantile`: (the `quantile` label, q).
+pub const QUANTILES: [(&str, f64); 3] = [("0.5", 0.5), ("0.9", 0.9), ("0.99", 0.99)];
+
+/// A series read from the sketches.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum SketchSeries {
+    /// `edgetally_distinct`.
+    Distinct,
+    /// `edgetally_quantile{quantile=…}`: index into [`QUANTILES`].
+    Quantile(usize),
+}
+
+impl SketchSeries {
+    fn all() -> impl Iterator<Item = SketchSeries> {
+        std::iter::once(SketchSeries::Distinct)
+            .chain((0..QUANTILES.len()).map(SketchSeries::Quantile))
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            SketchSeries::Distinct => "edgetally_distinct",
+            SketchSeries::Quantile(_) => "edgetally_quantile",
+        }
+    }
+
+    /// The `quantile` label's value ("" when the series has none).
+    fn quantile_label(self) -> &'static str {
+        match self {
+            SketchSeries::Distinct => "",
+            SketchSeries::Quantile(i) => QUANTILES[i].0,
+        }
+    }
+
+    fn value(self, k: &edgetally_core::Sketches) -> Option<f64> {
+        match self {
+            SketchSeries::Distinct => k.distinct.as_ref().map(|h| h.estimate().round()),
+            SketchSeries::Quantile(i) => k.quantiles.as_ref()?.quantile(QUANTILES[i].1),
+        }
+    }
+}
+
+/// The step of a sketch series: the query's, rounded up to whole minutes.
+fn sketch_step(step: i64) -> i64 {
+    (step.max(1).saturating_add(59_999) / 60_000).saturating_mul(60_000)
+}
 
 /// `prompb.ReadRequest`.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -357,16 +409,24 @@ async fn answer(
     }
     let on = |label: &'static str| on(&matchers, label);
     // Any other label is absent from every series: its matchers must accept "".
+    let labels = ["__name__", "category", "entity", "quantile"];
     if matchers
         .iter()
-        .any(|m| !["__name__", "category", "entity"].contains(&m.name.as_str()) && !m.matches(""))
+        .any(|m| !labels.contains(&m.name.as_str()) && !m.matches(""))
     {
         return Ok(QueryResult::default());
     }
+    let no_quantile = on("quantile").all(|m| m.matches(""));
     let names: Vec<usize> = (0..METRICS.len())
-        .filter(|&i| on("__name__").all(|m| m.matches(METRICS[i])))
+        .filter(|&i| no_quantile && on("__name__").all(|m| m.matches(METRICS[i])))
         .collect();
-    if names.is_empty() {
+    let sketched: Vec<SketchSeries> = SketchSeries::all()
+        .filter(|s| {
+            on("__name__").all(|m| m.matches(s.name()))
+                && on("quantile").all(|m| m.matches(s.quantile_label()))
+        })
+        .collect();
+    if names.is_empty() && sketched.is_empty() {
         return Ok(QueryResult::default());
     }
     // Prometheus' range is inclusive at both ends; ours is [start, end).
@@ -430,7 +490,17 @@ async fn answer(
             .await?
         };
         budget = within_budget(budget, entities.len(), names.len(), start, end, step)?;
+        let s_step = sketch_step(step);
+        budget = within_budget(budget, entities.len(), sketched.len(), start, end, s_step)?;
         for entity in entities {
+            if !sketched.is_empty() {
+                out.extend(
+                    sketch_series(node, &category, &entity, (start, end), s_step, &sketched).await,
+                );
+            }
+            if names.is_empty() {
+                continue;
+            }
             let (answer, _, _) = node
                 .query(Query::Series {
                     category: category.clone(),
@@ -481,6 +551,66 @@ async fn answer(
     });
     *used = budget;
     Ok(QueryResult { timeseries: out })
+}
+
+/// The sketch series of one category (or entity): one sample per step of `step` (whole
+/// minutes) from the sketches of `[start, end)`.
+async fn sketch_series(
+    node: &Node,
+    category: &str,
+    entity: &Option<String>,
+    (start, end): (i64, i64),
+    step: i64,
+    sketched: &[SketchSeries],
+) -> Vec<TimeSeries> {
+    let (answer, _, _) = node
+        .query(Query::Sketches {
+            category: category.to_string(),
+            entity: entity.clone(),
+            start,
+            end,
+            step_ms: step,
+            max_points: MAX_SAMPLES as u32,
+        })
+        .await;
+    let points = answer.into_sketches();
+    sketched
+        .iter()
+        .map(|&s| {
+            let mut labels = vec![
+                Label {
+                    name: "__name__".into(),
+                    value: s.name().into(),
+                },
+                Label {
+                    name: "category".into(),
+                    value: category.to_string(),
+                },
+            ];
+            if let Some(e) = entity {
+                labels.push(Label {
+                    name: "entity".into(),
+                    value: e.clone(),
+                });
+            }
+            if let SketchSeries::Quantile(_) = s {
+                labels.push(Label {
+                    name: "quantile".into(),
+                    value: s.quantile_label().into(),
+                });
+            }
+            let samples = points
+                .iter()
+                .map(|(t, _, k)| Sample {
+                    value: s.value(k).unwrap_or(f64::from_bits(STALE_NAN)),
+                    timestamp: *t,
+                })
+                .collect();
+            TimeSeries { labels, samples }
+        })
+        // Only series with data in the range (a category without sketches has none).
+        .filter(|ts| ts.samples.iter().any(|x| x.value.to_bits() != STALE_NAN))
+        .collect()
 }
 
 /// Runs CPU work of a read (regex compiling and matching) on the blocking pool.
