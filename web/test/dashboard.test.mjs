@@ -18,7 +18,7 @@ test("the vendored uPlot is the npm package's, byte for byte", () => {
 });
 
 test("the dashboard charts and tabulates the API's numbers", { timeout: 120_000 }, async () => {
-  const m = await startMerger();
+  const m = await startMerger({ env: { EDGETALLY_QUANTILE_CATEGORIES: "temperature" } });
   const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", args: CHROMIUM_ARGS });
   try {
     const now = Date.now();
@@ -27,7 +27,7 @@ test("the dashboard charts and tabulates the API's numbers", { timeout: 120_000 
     for (let i = 0; i < 300; i++) {
       const ts = now - 5_000 - ((i * 7919) % 600_000);
       events.push({ ts_ms: ts, category: "temperature", entity: `dev-${i % 5}`, value: (i % 23) * 0.5 - 3 });
-      if (i % 3 === 0) events.push({ ts_ms: ts, category: "page_view", entity: `user-${i % 7}` });
+      if (i % 3 === 0) events.push({ ts_ms: ts, category: "page_view", entity: `user-${i % 7}`, subject: `visitor-${i % 41}` });
     }
     events.push({ ts_ms: now - 2_000, category: hostile, value: 1 });
     events.push({ ts_ms: now - 3_000, category: "__proto__", value: 2 });
@@ -67,7 +67,14 @@ test("the dashboard charts and tabulates the API's numbers", { timeout: 120_000 
       assert.deepEqual(chart.t, api.points.map((p) => p.time_window_start / 1000), category);
       assert.deepEqual(chart.count, api.points.map((p) => p.count), category);
       assert.deepEqual(chart.avg, api.points.map((p) => p.avg), category);
+      const qs = new URLSearchParams({ category, start: chart.start, end: chart.end, step_ms: chart.step_ms, quantiles: "0.5,0.99" });
+      const sk = await getJson(`${m.http}/v1/series?${qs}`);
+      assert.deepEqual(chart.distinct, sk.points.map((p) => p.distinct?.estimate ?? null), category);
+      assert.deepEqual(chart.p50, sk.points.map((p) => p.quantiles?.values[0].value ?? null), category);
+      assert.deepEqual(chart.p99, sk.points.map((p) => p.quantiles?.values[1].value ?? null), category);
       assert.ok(chart.count.some((c) => c > 0), `${category}: a non-empty chart`);
+      if (category === "page_view") assert.ok(chart.distinct.some((x) => x > 0), "a distinct line");
+      if (category === "temperature") assert.ok(chart.p99.some((x) => x !== null), "a p50–p99 band");
     }
     // The charts are drawn: each canvas has painted pixels.
     const painted = await page.$$eval(".chart canvas", (canvases) =>

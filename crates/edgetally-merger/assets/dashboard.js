@@ -12,8 +12,9 @@ const MAX_CHARTS = 12;
 /** What the page shows, for people and for tests (`window.edgetallyDashboard`). */
 const state = {
   refreshes: 0,
-  /** category → {start, end, step_ms, t: seconds[], count: number[], avg: (number|null)[]}
-   * (no prototype: a category may be named "__proto__") */
+  /** category → {start, end, step_ms, t: seconds[], count: number[], avg: (number|null)[],
+   * distinct, p50, p99: (number|null)[]} — the last three from the sketches, each point
+   * its minute's (no prototype: a category may be named "__proto__") */
   charts: Object.create(null),
   /** {category, items: [{key, count}]} */
   topk: null,
@@ -66,7 +67,7 @@ function statRow(key, r) {
 
 function chart(category, data) {
   let box = plots.get(category);
-  const series = [data.t, data.count, data.avg];
+  const series = [data.t, data.count, data.avg, data.p50, data.p99, data.distinct];
   if (box) {
     box.plot.setData(series);
     return;
@@ -81,13 +82,23 @@ function chart(category, data) {
     {
       width: 460,
       height: 200,
-      scales: { x: { time: true }, avg: {} },
-      axes: [{}, { label: "count" }, { side: 1, scale: "avg", label: "avg", grid: { show: false } }],
+      scales: { x: { time: true }, avg: {}, distinct: {} },
+      axes: [
+        {},
+        { label: "count" },
+        { side: 1, scale: "avg", label: "value", grid: { show: false } },
+        { side: 1, scale: "distinct", label: "distinct", grid: { show: false } },
+      ],
       series: [
         {},
         { label: "count", stroke: "#1f77b4", fill: "rgba(31,119,180,0.12)", width: 1.5 },
         { label: "avg", stroke: "#ff7f0e", scale: "avg", width: 1.5, spanGaps: false },
+        { label: "p50", stroke: "#9467bd", scale: "avg", width: 1, dash: [4, 3], spanGaps: false },
+        { label: "p99", stroke: "#9467bd", scale: "avg", width: 1, spanGaps: false },
+        { label: "distinct", stroke: "#2ca02c", scale: "distinct", width: 1.5, spanGaps: false },
       ],
+      // The p50–p99 band.
+      bands: [{ series: [4, 3], fill: "rgba(148,103,189,0.15)" }],
     },
     series,
     div,
@@ -131,8 +142,9 @@ async function refresh() {
   const end = Math.floor(now / STEP_MS) * STEP_MS + STEP_MS;
   const charted = [...groups].sort((a, b) => b.count - a.count).slice(0, MAX_CHARTS);
   for (const g of charted) {
-    const q = new URLSearchParams({ category: g.key, start, end, step_ms: STEP_MS });
+    const q = new URLSearchParams({ category: g.key, start, end, step_ms: STEP_MS, quantiles: "0.5,0.99" });
     const s = await api(`/v1/series?${q}`);
+    const quantile = (p, i) => p.quantiles?.values[i].value ?? null;
     const data = {
       start,
       end,
@@ -140,6 +152,9 @@ async function refresh() {
       t: s.points.map((p) => p.time_window_start / 1000),
       count: s.points.map((p) => p.count),
       avg: s.points.map((p) => p.avg),
+      distinct: s.points.map((p) => p.distinct?.estimate ?? null),
+      p50: s.points.map((p) => quantile(p, 0)),
+      p99: s.points.map((p) => quantile(p, 1)),
     };
     state.charts[g.key] = data;
     chart(g.key, data);
