@@ -20,6 +20,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // No state directory: a fresh key and epoch, the outbox in memory.
     let config = ProducerConfig {
         flush_interval_ms: 100,
+        quantile_categories: vec!["latency_ms".into()],
         ..ProducerConfig::default()
     };
     let producer = NativeProducer::start(config, vec![Endpoint { addr, cert }], None)?;
@@ -41,6 +42,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let values: Vec<f64> = (0..10_000).map(|i| f64::from(i % 200) / 4.0).collect();
     let times = vec![base; values.len()];
     producer.record_many(latency, &values, Some(&times));
+    // Who did it: a subject per event, for distinct counts (only its hash leaves).
+    for i in 0..2000 {
+        let visitor = format!("visitor-{}", (i * 7) % 300);
+        producer.record_subject("page_view", None, 1.0, Some(base), &visitor)?;
+    }
 
     // Resolves once the merger has acknowledged everything recorded above.
     if !producer.flush(Duration::from_secs(30)).await {

@@ -9,7 +9,8 @@ import { rmSync } from "node:fs";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
 import { dirname } from "node:path";
-import { BIN as MERGER_BIN, CHROMIUM_ARGS, compare, freePort, metric, Model, ROOT, startMerger, staticServer, tempDir } from "./helpers.mjs";
+import { BIN as MERGER_BIN, CHROMIUM_ARGS, compare, freePort, getJson, metric, Model, ROOT, startMerger, staticServer, tempDir } from "./helpers.mjs";
+import { distinctEstimate, sketchQuantile } from "./sketch-reference.mjs";
 
 const WEB = join(ROOT, "web");
 const BIN = join(WEB, "node_modules", ".bin");
@@ -20,9 +21,10 @@ function workloadModel() {
   for (let i = 0; i < 1000; i++) m.add("temperature", `sensor-${i % 4}`, 20 + (i % 50) / 10);
   for (let i = 0; i < 5000; i++) m.add("requests", "edge-1", 1 + (i % 3));
   for (let i = 0; i < 10_000; i++) m.add("latency_ms", undefined, (i % 200) / 4);
+  for (let i = 0; i < 2000; i++) m.add("page_view", undefined, 1);
   return m;
 }
-const TOTAL = 16_000;
+const TOTAL = 18_000;
 
 /** Runs a command to completion (bounded), returning stdout. */
 function run(cmd, args, { timeoutMs = 60_000, cwd = ROOT } = {}) {
@@ -52,6 +54,19 @@ async function check(m, result) {
   assert.equal(result.stats.invalid + result.stats.rejected + result.stats.dropped, 0);
   const mismatches = await compare(m.http, workloadModel(), result.base - 60_000, result.base + 1000);
   assert.deepEqual(mismatches, []);
+  // The sketches, against an independent computation (SipHash, the registers, Ertl's
+  // estimate; the bucket keys): 300 visitors, and the latencies' p50 and p99.
+  const visitors = Array.from({ length: 300 }, (_, i) => `visitor-${i}`);
+  const start = Math.floor((result.base - 60_000) / 60_000) * 60_000;
+  const end = result.base + 60_000;
+  const pv = await getJson(`${m.http}/v1/aggregate?category=page_view&start=${start}&end=${end}`);
+  assert.equal(pv.distinct.estimate, distinctEstimate(visitors, 14));
+  const latencies = Array.from({ length: 10_000 }, (_, i) => (i % 200) / 4);
+  const l = await getJson(`${m.http}/v1/aggregate?category=latency_ms&start=${start}&end=${end}&quantiles=0.5,0.99`);
+  for (const [i, q] of [0.5, 0.99].entries()) {
+    const want = sketchQuantile(latencies, q);
+    assert.ok(Math.abs(l.quantiles.values[i].value - want) <= 1e-12 * want, `p${q}: ${l.quantiles.values[i].value} vs ${want}`);
+  }
 }
 
 async function withMerger(f) {

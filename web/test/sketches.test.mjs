@@ -7,80 +7,7 @@ import assert from "node:assert/strict";
 import { EdgetallyError, Producer } from "edgetally";
 import { getJson, startMerger } from "./helpers.mjs";
 
-const M = (1n << 64n) - 1n;
-const rotl = (x, b) => ((x << BigInt(b)) | (x >> BigInt(64 - b))) & M;
-
-/** SipHash-2-4 of `bytes` under the 16-byte `key`, as a BigInt. */
-export function siphash24(key, bytes) {
-  const k0 = new DataView(key.buffer, key.byteOffset).getBigUint64(0, true);
-  const k1 = new DataView(key.buffer, key.byteOffset).getBigUint64(8, true);
-  let v0 = k0 ^ 0x736f6d6570736575n;
-  let v1 = k1 ^ 0x646f72616e646f6dn;
-  let v2 = k0 ^ 0x6c7967656e657261n;
-  let v3 = k1 ^ 0x7465646279746573n;
-  const round = () => {
-    v0 = (v0 + v1) & M; v1 = rotl(v1, 13); v1 ^= v0; v0 = rotl(v0, 32);
-    v2 = (v2 + v3) & M; v3 = rotl(v3, 16); v3 ^= v2;
-    v0 = (v0 + v3) & M; v3 = rotl(v3, 21); v3 ^= v0;
-    v2 = (v2 + v1) & M; v1 = rotl(v1, 17); v1 ^= v2; v2 = rotl(v2, 32);
-  };
-  const n = bytes.length;
-  const padded = new Uint8Array((Math.floor(n / 8) + 1) * 8);
-  padded.set(bytes);
-  padded[padded.length - 1] = n & 0xff;
-  const dv = new DataView(padded.buffer);
-  for (let i = 0; i < padded.length; i += 8) {
-    const m = dv.getBigUint64(i, true);
-    v3 ^= m; round(); round(); v0 ^= m;
-  }
-  v2 ^= 0xffn;
-  round(); round(); round(); round();
-  return (v0 ^ v1 ^ v2 ^ v3) & M;
-}
-
-/** The registers of a precision-`p` HyperLogLog of these hashes. */
-function registers(hashes, p) {
-  const regs = new Uint8Array(1 << p);
-  for (const h of hashes) {
-    const index = Number(h >> BigInt(64 - p));
-    const rest = (h << BigInt(p)) & M;
-    let lz = 0;
-    while (lz < 64 - p && ((rest >> BigInt(63 - lz)) & 1n) === 0n) lz++;
-    regs[index] = Math.max(regs[index], lz + 1);
-  }
-  return regs;
-}
-
-/** Ertl's improved raw estimator ("New cardinality estimation algorithms for HyperLogLog sketches", 2017). */
-function ertl(regs, p) {
-  const q = 64 - p;
-  const m = regs.length;
-  const c = new Array(q + 2).fill(0);
-  for (const r of regs) c[Math.min(r, q + 1)]++;
-  const sigma = (x) => {
-    if (x === 1) return Infinity;
-    let y = 1, z = x;
-    for (;;) { x *= x; const before = z; z += x * y; y += y; if (z === before) return z; }
-  };
-  const tau = (x) => {
-    if (x === 0 || x === 1) return 0;
-    let y = 1, z = 1 - x;
-    for (;;) { x = Math.sqrt(x); const before = z; y *= 0.5; z -= (1 - x) * (1 - x) * y; if (z === before) return z / 3; }
-  };
-  let z = m * tau(1 - c[q + 1] / m);
-  for (let k = q; k >= 1; k--) z = 0.5 * (z + c[k]);
-  z += m * sigma(c[0] / m);
-  return (0.5 / Math.LN2) * m * m / z;
-}
-
-/** The value the quantile sketch answers for the q-quantile (1 % accuracy, positive values only here). */
-function quantile(values, q) {
-  const gamma = 1.01 / 0.99;
-  const lg = Math.log(gamma);
-  const keys = values.map((v) => Math.ceil(Math.log(v) / lg)).sort((a, b) => a - b);
-  const k = keys[Math.floor(q * (keys.length - 1))];
-  return (2 * Math.exp(k * lg)) / (gamma + 1);
-}
+import { quantile, ertl, registers, siphash24 } from "./sketch-reference.mjs";
 
 test("SipHash-2-4 here is the reference function", () => {
   // The reference vector of SipHash-2-4: key 00..0f, message 00..0e → a129ca6149be45e5.
@@ -148,4 +75,48 @@ test("sketch settings are checked", async () => {
   for (const bad of [{ distinctPrecision: 17 }, { subjectKey: "00" }, { quantileCategories: [""] }]) {
     await assert.rejects(Producer.create({ endpoints: ["http://127.0.0.1:9"], persist: false, ...bad }), EdgetallyError);
   }
+});
+
+test("the v2 vector of docs/PROTOCOL.md §10.1, recomputed here", async () => {
+  const { readFileSync } = await import("node:fs");
+  const doc = readFileSync(new URL("../../docs/PROTOCOL.md", import.meta.url), "utf8");
+  const block = /<!-- vector: payload-sketch -->\n```hex\n([\s\S]*?)```/.exec(doc)[1];
+  const hex = block.split("\n").map((l) => l.split("#")[0]).join("").replace(/\s+/g, "");
+  const payload = Uint8Array.from(hex.match(/../g), (b) => parseInt(b, 16));
+  // The subjects' hashes (zero key) and their registers, as §10 states them.
+  const enc = new TextEncoder();
+  const zero = new Uint8Array(16);
+  const h1 = siphash24(zero, enc.encode("user-1"));
+  const h2 = siphash24(zero, enc.encode("user-2"));
+  assert.equal(h1, 0x4f857e2940a2af46n);
+  assert.equal(h2, 0xd35036945d54408bn);
+  const regs = registers([h1, h2], 14);
+  assert.equal(regs[5089], 2);
+  assert.equal(regs[13524], 5);
+  // The sparse HyperLogLog's canonical bytes: p, form 0, count, then (gap, rank) per register.
+  const varint = (n) => {
+    const out = [];
+    while (n >= 0x80) {
+      out.push((n & 0x7f) | 0x80);
+      n >>>= 7;
+    }
+    out.push(n);
+    return out;
+  };
+  const nonzero = [...regs.entries()].filter(([, r]) => r > 0);
+  const hll = [14, 0, ...varint(nonzero.length)];
+  let prev = -1;
+  for (const [i, r] of nonzero) {
+    hll.push(...varint(i - prev - 1), r);
+    prev = i;
+  }
+  // The quantile sketch: 1 %, no zero or overflow, no negative bucket, keys ⌈ln v / ln γ⌉.
+  const lg = Math.log(1.01 / 0.99);
+  const [k1, k2] = [1.5, 12].map((v) => Math.ceil(Math.log(v) / lg));
+  assert.deepEqual([k1, k2], [21, 125]);
+  const zigzag = (k) => (k << 1) ^ (k >> 31);
+  const q = [100, 0, 0, 0, 0, 0, 2, ...varint(zigzag(k1)), 2, ...varint(k2 - k1 - 1), 1];
+  // The sketch section: one summary (index 1), both sketches, each length-prefixed.
+  const section = [1, 1, 3, hll.length, ...hll, q.length, ...q];
+  assert.deepEqual([...payload.slice(payload.length - section.length)], section);
 });
