@@ -136,7 +136,8 @@ impl Snapshot {
         postcard::to_allocvec(self).unwrap_or_default()
     }
 
-    /// Decodes a snapshot of format 3, 2 (without per-epoch content hashes: they are not
+    /// Decodes a snapshot of format 6, 5, 4 (an earlier format has no sketches: their
+    /// horizons are the counters' minute and hour horizons), 3, 2 (without per-epoch content hashes: they are not
     /// known, and never compared) or 1 (whose batches' content is not known any more: its set
     /// hash is seeded with the digest of its own canonical bytes, so equal format-1 snapshots
     /// still give equal hashes).
@@ -174,7 +175,7 @@ impl Snapshot {
                     batches: v4.batches,
                     absorbed: Vec::new(),
                     sketches: Vec::new(),
-                    sketch_horizons: [i64::MIN; 2],
+                    sketch_horizons: [v4.horizons[1], v4.horizons[2]],
                 })
             }
             Some(3) => {
@@ -206,7 +207,7 @@ impl Snapshot {
                     batches_hash: v3.batches_hash,
                     absorbed: Vec::new(),
                     sketches: Vec::new(),
-                    sketch_horizons: [i64::MIN; 2],
+                    sketch_horizons: [v3.horizons[1], v3.horizons[2]],
                 })
             }
             Some(2) => {
@@ -224,7 +225,7 @@ impl Snapshot {
                     batches_hash: v2.batches_hash,
                     absorbed: Vec::new(),
                     sketches: Vec::new(),
-                    sketch_horizons: [i64::MIN; 2],
+                    sketch_horizons: [v2.horizons[1], v2.horizons[2]],
                 })
             }
             Some(1) => {
@@ -251,7 +252,7 @@ impl Snapshot {
                     batches_hash: seed,
                     absorbed: Vec::new(),
                     sketches: Vec::new(),
-                    sketch_horizons: [i64::MIN; 2],
+                    sketch_horizons: [horizons[1], horizons[2]],
                 })
             }
             _ => postcard::from_bytes(bytes).map_err(|e| format!("snapshot: {e}")),
