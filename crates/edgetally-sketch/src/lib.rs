@@ -12,8 +12,8 @@
 //! fed by the network) and never panic. Everything is integer arithmetic, SipHash and
 //! `libm` — the same on every target, wasm32 included.
 //!
-//! A crate of its own, not a module of `edgetally-core`, until batches carry sketches (batch
-//! format v2): the producer and the browser bundle do not link it before then.
+//! A crate of its own beneath `edgetally-core`: batch format v2 carries these bytes
+//! (docs/PROTOCOL.md §10), and the producer, the browser bundle and the merger all link it.
 
 #![forbid(unsafe_code)]
 
