@@ -32,7 +32,10 @@ fn main() -> Result<()> {
             ensure_prerequisites()?;
             wasm_check(&root)
         }
-        Some("bench") => bench(args.get(1).map(String::as_str).unwrap_or("all")),
+        Some("bench") => bench(
+            args.get(1).map(String::as_str).unwrap_or("all"),
+            args.get(2..).unwrap_or_default(),
+        ),
         Some("demo") => demo(&root, &args[1..]),
         Some(soak @ ("soak" | "churn")) => {
             let secs = args.get(1).map_or("1800", String::as_str);
@@ -713,7 +716,7 @@ fn build_binaries(release: bool, extra: &[&str]) -> Result<()> {
 }
 
 /// The merger benchmark needs redis-server (Debian's package) and a release build.
-fn bench_merger(root: &Path) -> Result<()> {
+fn bench_merger(root: &Path, extra: &[String]) -> Result<()> {
     if Command::new("redis-server")
         .arg("--version")
         .output()
@@ -721,7 +724,9 @@ fn bench_merger(root: &Path) -> Result<()> {
     {
         apt_install(&["redis-server"])?;
     }
-    bench_binary_with(root, &["loadgen"])
+    let mut args = vec!["loadgen"];
+    args.extend(extra.iter().map(String::as_str));
+    bench_binary_with(root, &args)
 }
 
 /// Builds the release `edgetally` binary; returns its path.
@@ -745,10 +750,12 @@ fn bench_binary_with(root: &Path, args: &[&str]) -> Result<()> {
     run(Command::new(target_dir(root).join("release").join("edgetally-bench")).args(args))
 }
 
-fn bench(which: &str) -> Result<()> {
+/// `cargo xtask bench WHICH [ARGS…]`: ARGS go to `edgetally-bench loadgen` for `merger`
+/// (e.g. `--sketches`).
+fn bench(which: &str, extra: &[String]) -> Result<()> {
     let root = root()?;
     if which == "merger" {
-        return bench_merger(&root);
+        return bench_merger(&root, extra);
     }
     if which == "cluster" {
         return bench_binary_with(&root, &["clusterbench"]);

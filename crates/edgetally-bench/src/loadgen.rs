@@ -35,6 +35,10 @@ pub struct LoadgenArgs {
     /// Rounds (merger run, verify bound, Redis run each); medians are reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Give every summary sketches (batch format v2): a HyperLogLog of its 5 subjects
+    /// (precision 14, sparse) and a quantile sketch of its 5 values.
+    #[arg(long)]
+    sketches: bool,
 }
 
 use edgetally_net::now_ms;
@@ -75,6 +79,32 @@ pub fn make_batch(signer: &Signer, p: usize, seq: u64, n: u32, now: i64) -> Batc
         summaries,
         sketches: Vec::new(),
     }
+}
+
+/// `batch` with sketches on every summary: 5 subjects (distinct per summary and batch, as
+/// many visitors are) in a HyperLogLog of precision 14, and the 5 values (its min to its max)
+/// in a quantile sketch.
+pub fn with_sketches(mut batch: Batch) -> Batch {
+    use edgetally_core::sketches::Sketches;
+    let mix = |mut z: u64| {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let base = batch.id.seq.wrapping_mul(1 << 20) ^ u64::from(batch.id.producer.0[0]) << 56;
+    batch.sketches = (0..batch.summaries.len() as u32)
+        .map(|i| {
+            let mut k = Sketches::default();
+            for j in 0..5u64 {
+                k.insert_subject(mix(base.wrapping_add(u64::from(i) * 5 + j)), 14);
+            }
+            for v in [20.0, 20.5, 21.0, 21.5, 22.5] {
+                k.insert_value(v, 1);
+            }
+            (i, k)
+        })
+        .collect();
+    batch
 }
 
 pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -119,14 +149,15 @@ pub fn run(a: LoadgenArgs) -> Result<()> {
     let sealed: Vec<Vec<u8>> = (0..a.batches)
         .map(|i| {
             let s = &signers[i % signers.len()];
-            s.seal(&make_batch(
+            let b = make_batch(
                 s,
                 i % signers.len(),
                 (i / signers.len()) as u64,
                 a.summaries,
                 now,
-            ))
-            .map_err(|e| anyhow::anyhow!("{e}"))
+            );
+            s.seal(&if a.sketches { with_sketches(b) } else { b })
+                .map_err(|e| anyhow::anyhow!("{e}"))
         })
         .collect::<Result<_>>()?;
     println!(
@@ -144,9 +175,9 @@ pub fn run(a: LoadgenArgs) -> Result<()> {
         println!("\n--- round {round} of {}", a.rounds.max(1));
         // The bound is measured just before and just after the merger run (a VM's speed
         // drifts by tens of percent within minutes), and their mean is used.
-        let before = single_core_verify_bound()?;
+        let before = single_core_verify_bound(a.sketches)?;
         let (batches_per_s, ours) = merger_round(&a, &sealed)?;
-        let after = single_core_verify_bound()?;
+        let after = single_core_verify_bound(a.sketches)?;
         let verify_bound = (before + after) / 2.0;
         println!(
             "  single-core verify bound here: {verify_bound:.0} batches/s (before {before:.0}, after {after:.0}) -> merger reaches {:.0} % of it",
@@ -321,10 +352,11 @@ pub async fn push_all(
 
 /// Batches one core decodes and verifies per second here (single verification of a
 /// 200-summary batch): the median of five 0.4 s rounds, since a VM's speed drifts.
-fn single_core_verify_bound() -> Result<f64> {
+fn single_core_verify_bound(sketches: bool) -> Result<f64> {
     let s = Signer::from_seed([99; 32]);
+    let b = make_batch(&s, 0, 0, 200, now_ms());
     let b = s
-        .seal(&make_batch(&s, 0, 0, 200, now_ms()))
+        .seal(&if sketches { with_sketches(b) } else { b })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let limits = edgetally_core::Limits::default();
     let mut rounds = Vec::new();

@@ -1,5 +1,6 @@
 //! Figures criterion does not give: memory per live key and per producer seen-set (counted by a
-//! global allocator), and the latency distribution (p50/p99) of a 30-day range query.
+//! global allocator), and the latency distribution (p50/p99) of a 30-day range query, and of
+//! distinct counts and percentiles over 1 hour and 30 days.
 //! Run: `cargo xtask bench figures`.
 
 mod common;
@@ -233,4 +234,76 @@ fn main() {
     lat.sort_unstable();
     let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1000.0;
     println!("query: 30-day aggregate over 864,000 summaries (20 entities, 1-min data): p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs (checksum {x})", pct(0.5), pct(0.99), pct(1.0));
+    drop(r);
+    sketch_queries();
+}
+
+/// p50/p99 of a distinct count and of three quantiles over 1 hour and over 30 days: 30 days
+/// of minute batches, 20 devices each with 4 of 20,000 subjects and 4 latency values per
+/// summary, pruned to the default sketch retention (minutes 2 days, hours 400 days), as a
+/// node holds them.
+fn sketch_queries() {
+    use edgetally_core::sketches::Sketches;
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut r = Replica::new();
+    let mut subject = 0u64;
+    for (seq, minute) in (0..30 * 24 * 60i64).enumerate() {
+        let mut e = iot_batch(9, seq as u64, 20, -minute * 60);
+        let b = std::sync::Arc::make_mut(&mut e.batch);
+        b.sketches = (0..b.summaries.len() as u32)
+            .map(|i| {
+                let mut k = Sketches::default();
+                for j in 0..4 {
+                    subject += 1;
+                    k.insert_subject(
+                        edgetally_core::sketches::subject_hash(
+                            &format!("user-{}", subject % 20_000),
+                            None,
+                        ),
+                        14,
+                    );
+                    k.insert_value(20.0 + ((seq as u64 + u64::from(i) * 7 + j) % 400) as f64, 1);
+                }
+                (i, k)
+            })
+            .collect();
+        r.apply(e).expect("apply");
+    }
+    r.prune_tiers(T0, &Retention::default());
+    r.prune_sketch_tiers(T0, [Some(2 * 86_400_000), Some(400 * 86_400_000)]);
+    r.prune_log();
+    println!(
+        "memory: sketches of 30 days (21 series, 2 days of minutes, 720 hours): {:.1} MB by the replica's estimate, heap {:.1} MB",
+        r.memory().sketches as f64 / 1e6,
+        (LIVE.load(Ordering::Relaxed) - before) as f64 / 1e6
+    );
+    for (label, span) in [("1 hour", 3_600_000i64), ("30 days", 30 * 86_400_000)] {
+        for entity in [None, Some("device-00003")] {
+            let mut lat = Vec::with_capacity(2_000);
+            let mut x = 0f64;
+            for i in 0..2_000i64 {
+                let start = T0 - span + (i * 7919) % 3_600_000;
+                let t = Instant::now();
+                let a = r.sketches("temperature", entity, start, T0 + 1000);
+                let d = a.sketches.distinct.as_ref().map_or(0.0, |h| h.estimate());
+                let q = a.sketches.quantiles.as_ref().map_or(0.0, |q| {
+                    [0.5, 0.9, 0.99]
+                        .iter()
+                        .map(|&p| q.quantile(p).unwrap_or(0.0))
+                        .sum()
+                });
+                lat.push(t.elapsed().as_nanos() as u64);
+                x += d + q;
+            }
+            lat.sort_unstable();
+            let pct =
+                |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1000.0;
+            println!(
+                "query: distinct + p50/p90/p99 over {label}, {}: p50 {:.1} µs, p99 {:.1} µs (checksum {x:.0})",
+                if entity.is_some() { "one entity" } else { "all 20 entities" },
+                pct(0.5),
+                pct(0.99)
+            );
+        }
+    }
 }

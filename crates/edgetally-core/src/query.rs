@@ -24,6 +24,35 @@ fn floor_to(x: i64, r: i64) -> i64 {
     x.div_euclid(r) * r
 }
 
+/// The windows `[s, s + step_ms)` of a series from `start` (aligned down to the step) to
+/// `end`; none if the step is not positive, the range empty or there would be over
+/// `max_points`.
+pub(crate) fn steps(
+    start: i64,
+    end: i64,
+    step_ms: i64,
+    max_points: usize,
+) -> impl Iterator<Item = (i64, i64)> {
+    let (first, n) = if step_ms <= 0 || end <= start {
+        (0, 0)
+    } else {
+        let first = floor_to(start, step_ms);
+        let n = ((end - first) as i128 + step_ms as i128 - 1) / step_ms as i128;
+        (
+            first,
+            if n as u128 > max_points as u128 {
+                0
+            } else {
+                n as i64
+            },
+        )
+    };
+    (0..n).map(move |i| {
+        let s = first + i * step_ms;
+        (s, s.saturating_add(step_ms))
+    })
+}
+
 fn ceil_to(x: i64, r: i64) -> i64 {
     floor_to(x.saturating_add(r - 1), r)
 }
@@ -184,19 +213,8 @@ impl Replica {
         step_ms: i64,
         max_points: usize,
     ) -> Vec<Aggregate> {
-        if step_ms <= 0 || end <= start {
-            return Vec::new();
-        }
-        let first = floor_to(start, step_ms);
-        let n = ((end - first) as i128 + step_ms as i128 - 1) / step_ms as i128;
-        if n as u128 > max_points as u128 {
-            return Vec::new();
-        }
-        (0..n as i64)
-            .map(|i| {
-                let s = first + i * step_ms;
-                self.aggregate(category, entity, s, s.saturating_add(step_ms))
-            })
+        steps(start, end, step_ms, max_points)
+            .map(|(s, e)| self.aggregate(category, entity, s, e))
             .collect()
     }
 

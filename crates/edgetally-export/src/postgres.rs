@@ -181,34 +181,7 @@ impl Sink for Postgres {
         let mins: Vec<f64> = rows.iter().map(|r| r.total.min).collect();
         let maxs: Vec<f64> = rows.iter().map(|r| r.total.max).collect();
         let sk = SketchColumns::of(rows);
-        let t = &self.table;
-        // A row's sketch columns are never set back to NULL: sketches are kept shorter than
-        // totals (`retention_sketch_minutes_ms`), and a rescan re-exporting an older bucket
-        // must not erase what was exported while they were there.
-        let sql = format!(
-            "INSERT INTO {t} (category, entity, bucket_start, bucket_ms, count, sum, min, max,
-                              distinct_estimate, p50, p90, p99, distinct_sketch, quantile_sketch)
-             SELECT c, e, 'epoch'::timestamptz + b * interval '1 millisecond', w, n::numeric,
-                    s::numeric, lo, hi, d, q50, q90, q99, ds, qs
-             FROM unnest($1::text[], $2::text[], $3::int8[], $4::int4[], $5::text[], $6::text[],
-                         $7::float8[], $8::float8[], $9::float8[], $10::float8[], $11::float8[],
-                         $12::float8[], $13::bytea[], $14::bytea[])
-                  AS r(c, e, b, w, n, s, lo, hi, d, q50, q90, q99, ds, qs)
-             ON CONFLICT (category, entity, bucket_ms, bucket_start) DO UPDATE
-             SET count = EXCLUDED.count, sum = EXCLUDED.sum, min = EXCLUDED.min,
-                 max = EXCLUDED.max, exported_at = now(),
-                 distinct_estimate = COALESCE(EXCLUDED.distinct_estimate, {t}.distinct_estimate),
-                 p50 = COALESCE(EXCLUDED.p50, {t}.p50), p90 = COALESCE(EXCLUDED.p90, {t}.p90),
-                 p99 = COALESCE(EXCLUDED.p99, {t}.p99),
-                 distinct_sketch = COALESCE(EXCLUDED.distinct_sketch, {t}.distinct_sketch),
-                 quantile_sketch = COALESCE(EXCLUDED.quantile_sketch, {t}.quantile_sketch)
-             WHERE EXCLUDED.count >= {t}.count
-               AND (EXCLUDED.count, EXCLUDED.sum, EXCLUDED.min, EXCLUDED.max,
-                    EXCLUDED.distinct_sketch, EXCLUDED.quantile_sketch)
-                   IS DISTINCT FROM ({t}.count, {t}.sum, {t}.min, {t}.max,
-                    COALESCE(EXCLUDED.distinct_sketch, {t}.distinct_sketch),
-                    COALESCE(EXCLUDED.quantile_sketch, {t}.quantile_sketch))"
-        );
+        let sql = upsert_sql(&self.table);
         let result = client
             .execute(
                 &sql,
@@ -230,24 +203,61 @@ impl Sink for Postgres {
                 ],
             )
             .await;
-        if let Err(e) = result {
-            // What the rows hold (a data exception, class 22, such as U+0000 in text; an
-            // integrity constraint, class 23, such as a CHECK the table's owner added) is
-            // refused again on every try; anything else may pass later.
-            if let Some(db) = e.as_db_error() {
-                let code = db.code().code();
-                let why = format!("upsert: {} (SQLSTATE {code})", db.message());
-                if code.starts_with("22") || code.starts_with("23") {
-                    return Err(WriteError::Refused(why));
-                }
-                return Err(WriteError::Unavailable(why));
+        result.map(drop).map_err(|e| {
+            if e.as_db_error().is_none() {
+                // Reconnect next time (the server may have restarted).
+                *guard = None;
             }
-            // Reconnect next time (the server may have restarted).
-            *guard = None;
-            return Err(WriteError::Unavailable(format!("upsert: {}", causes(&e))));
-        }
-        Ok(())
+            upsert_error(&e)
+        })
     }
+}
+
+/// What a failed upsert means: what the rows hold (a data exception, class 22, such as
+/// U+0000 in text; an integrity constraint, class 23, such as a CHECK the table's owner
+/// added) is refused again on every try; anything else may pass later.
+fn upsert_error(e: &tokio_postgres::Error) -> WriteError {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        let why = format!("upsert: {} (SQLSTATE {code})", db.message());
+        if code.starts_with("22") || code.starts_with("23") {
+            return WriteError::Refused(why);
+        }
+        return WriteError::Unavailable(why);
+    }
+    WriteError::Unavailable(format!("upsert: {}", causes(e)))
+}
+
+/// The upsert of one chunk of rows into table `t`: unnest's arrays in `write`'s order; a row
+/// replaced only by one counting at least as many records, and only if something changed.
+fn upsert_sql(t: &str) -> String {
+    // A row's sketch columns are never set back to NULL: sketches are kept shorter than
+    // totals (`retention_sketch_minutes_ms`), and a rescan re-exporting an older bucket
+    // must not erase what was exported while they were there.
+    format!(
+        "INSERT INTO {t} (category, entity, bucket_start, bucket_ms, count, sum, min, max,
+                          distinct_estimate, p50, p90, p99, distinct_sketch, quantile_sketch)
+         SELECT c, e, 'epoch'::timestamptz + b * interval '1 millisecond', w, n::numeric,
+                s::numeric, lo, hi, d, q50, q90, q99, ds, qs
+         FROM unnest($1::text[], $2::text[], $3::int8[], $4::int4[], $5::text[], $6::text[],
+                     $7::float8[], $8::float8[], $9::float8[], $10::float8[], $11::float8[],
+                     $12::float8[], $13::bytea[], $14::bytea[])
+              AS r(c, e, b, w, n, s, lo, hi, d, q50, q90, q99, ds, qs)
+         ON CONFLICT (category, entity, bucket_ms, bucket_start) DO UPDATE
+         SET count = EXCLUDED.count, sum = EXCLUDED.sum, min = EXCLUDED.min,
+             max = EXCLUDED.max, exported_at = now(),
+             distinct_estimate = COALESCE(EXCLUDED.distinct_estimate, {t}.distinct_estimate),
+             p50 = COALESCE(EXCLUDED.p50, {t}.p50), p90 = COALESCE(EXCLUDED.p90, {t}.p90),
+             p99 = COALESCE(EXCLUDED.p99, {t}.p99),
+             distinct_sketch = COALESCE(EXCLUDED.distinct_sketch, {t}.distinct_sketch),
+             quantile_sketch = COALESCE(EXCLUDED.quantile_sketch, {t}.quantile_sketch)
+         WHERE EXCLUDED.count >= {t}.count
+           AND (EXCLUDED.count, EXCLUDED.sum, EXCLUDED.min, EXCLUDED.max,
+                EXCLUDED.distinct_sketch, EXCLUDED.quantile_sketch)
+               IS DISTINCT FROM ({t}.count, {t}.sum, {t}.min, {t}.max,
+                COALESCE(EXCLUDED.distinct_sketch, {t}.distinct_sketch),
+                COALESCE(EXCLUDED.quantile_sketch, {t}.quantile_sketch))"
+    )
 }
 
 /// The sketch columns of a chunk of rows, one array each: the distinct estimate, p50, p90 and

@@ -513,22 +513,7 @@ async fn answer(
                 .await;
             let points = answer.into_points();
             for &i in &names {
-                let mut labels = vec![
-                    Label {
-                        name: "__name__".into(),
-                        value: METRICS[i].into(),
-                    },
-                    Label {
-                        name: "category".into(),
-                        value: category.clone(),
-                    },
-                ];
-                if let Some(e) = &entity {
-                    labels.push(Label {
-                        name: "entity".into(),
-                        value: e.clone(),
-                    });
-                }
+                let labels = series_labels(METRICS[i], &category, &entity);
                 let samples = points
                     .iter()
                     .map(|(t, _, total)| Sample {
@@ -551,6 +536,27 @@ async fn answer(
     });
     *used = budget;
     Ok(QueryResult { timeseries: out })
+}
+
+/// A series' labels: its metric name, category and entity (if any).
+fn series_labels(name: &str, category: &str, entity: &Option<String>) -> Vec<Label> {
+    let mut labels = vec![
+        Label {
+            name: "__name__".into(),
+            value: name.into(),
+        },
+        Label {
+            name: "category".into(),
+            value: category.into(),
+        },
+    ];
+    if let Some(e) = entity {
+        labels.push(Label {
+            name: "entity".into(),
+            value: e.clone(),
+        });
+    }
+    labels
 }
 
 /// The sketch series of one category (or entity): one sample per step of `step` (whole
@@ -577,22 +583,7 @@ async fn sketch_series(
     sketched
         .iter()
         .map(|&s| {
-            let mut labels = vec![
-                Label {
-                    name: "__name__".into(),
-                    value: s.name().into(),
-                },
-                Label {
-                    name: "category".into(),
-                    value: category.to_string(),
-                },
-            ];
-            if let Some(e) = entity {
-                labels.push(Label {
-                    name: "entity".into(),
-                    value: e.clone(),
-                });
-            }
+            let mut labels = series_labels(s.name(), category, entity);
             if let SketchSeries::Quantile(_) = s {
                 labels.push(Label {
                     name: "quantile".into(),

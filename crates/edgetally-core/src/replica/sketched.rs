@@ -167,19 +167,8 @@ impl Replica {
         step_ms: i64,
         max_points: usize,
     ) -> Vec<SketchAnswer> {
-        if step_ms <= 0 || end <= start {
-            return Vec::new();
-        }
-        let first = start.div_euclid(step_ms) * step_ms;
-        let n = ((end - first) as i128 + step_ms as i128 - 1) / step_ms as i128;
-        if n as u128 > max_points as u128 {
-            return Vec::new();
-        }
-        (0..n as i64)
-            .map(|i| {
-                let s = first + i * step_ms;
-                self.sketches(category, entity, s, s.saturating_add(step_ms))
-            })
+        crate::query::steps(start, end, step_ms, max_points)
+            .map(|(s, e)| self.sketches(category, entity, s, e))
             .collect()
     }
 
