@@ -5,7 +5,7 @@
 //! producers writing throughout (failing over while it is down). After each step — two
 //! releases side by side — and at the end, every node must hold the same state, equal to the
 //! ground truth, and answer complete; a node of this release must list each peer of the
-//! previous release with that release's protocol features, lacking none of this one's.
+//! previous release with that release's protocol features, lacking only `sketches`.
 
 use crate::cluster::{mismatches, record_phase, status_hash, Truth};
 use crate::groups::{flush, start_producers};
@@ -23,15 +23,25 @@ const ENV: &[(&str, &str)] = &[
     ("EDGETALLY_CLUSTER_SECRET", "upgrade-test-secret"),
 ];
 
-/// The features this release's handshake reports for a node of the previous release, and
-/// for one of this release (merger::handshake::{PREVIOUS_RELEASE, FEATURES}), restated.
-const PREVIOUS_FEATURES: &[&str] = &["facts", "forward-source", "topology-agreement", "handoffs"];
+/// The features this release's handshake reports for a node of the previous release (commit
+/// 53efa37, which sends its list), and for one of this release (merger::handshake::FEATURES),
+/// restated; and what a node of the previous release lacks (batch format v2 and format-6
+/// snapshots are not sent to it).
+const PREVIOUS_FEATURES: &[&str] = &[
+    "facts",
+    "forward-source",
+    "topology-agreement",
+    "handoffs",
+    "features",
+];
+const PREVIOUS_LACKS: &[&str] = &["sketches"];
 const FEATURES: &[&str] = &[
     "facts",
     "forward-source",
     "topology-agreement",
     "handoffs",
     "features",
+    "sketches",
 ];
 
 struct Node {
@@ -106,7 +116,7 @@ fn converged(nodes: &[Node], truth: &Truth, start: i64, end: i64) -> Result<Dura
     }
 }
 
-/// Every node of this release lists each peer with its release's features, lacking none.
+/// Every node of this release lists each peer with its release's features, lacking only what the previous release lacks.
 fn features_seen(nodes: &[Node]) -> Result<(), String> {
     for n in nodes.iter().filter(|n| n.upgraded) {
         let (_, st) = n.m().get("/v1/status");
@@ -116,13 +126,13 @@ fn features_seen(nodes: &[Node]) -> Result<(), String> {
                 .iter()
                 .find(|o| o.quic.to_string() == addr)
                 .ok_or_else(|| format!("unknown peer {addr}"))?;
-            let want = if peer.upgraded {
-                FEATURES
+            let (want, lacks) = if peer.upgraded {
+                (FEATURES, &[][..])
             } else {
-                PREVIOUS_FEATURES
+                (PREVIOUS_FEATURES, PREVIOUS_LACKS)
             };
             let hs = &p["handshake"];
-            if hs["features"] != serde_json::json!(want) || hs["lacks"] != serde_json::json!([]) {
+            if hs["features"] != serde_json::json!(want) || hs["lacks"] != serde_json::json!(lacks) {
                 return Err(format!(
                     "{} sees {addr} (upgraded: {}) with {hs}",
                     n.quic, peer.upgraded

@@ -117,7 +117,7 @@ fn sim(scale: u64) -> Result<()> {
 
 /// The previous release: the commit the last landed change ended on. Nodes of this release
 /// must replicate with it (`cargo xtask upgrade`); move it forward when a release lands.
-const PREVIOUS_RELEASE: &str = "c747823e534ba3e280455d2da06c91340311bbfc";
+const PREVIOUS_RELEASE: &str = "53efa374ab174baa11d0b53bdd7f09d7d21d67fe";
 
 /// Builds `edgetally` at `commit` (its sources from `git archive`, into the same target
 /// directory so that unchanged dependencies are reused; the binary is copied aside) and runs
