@@ -5,9 +5,14 @@
 //! producers writing throughout (failing over while it is down). After each step — two
 //! releases side by side — and at the end, every node must hold the same state, equal to the
 //! ground truth, and answer complete; a node of this release must list each peer of the
-//! previous release with that release's protocol features, lacking only `sketches`.
+//! previous release with that release's protocol features, lacking only `sketches`. Once
+//! every node runs this release, producers record subjects and quantiles (batch format v2):
+//! every node must answer a single node's distinct counts and quantiles.
 
-use crate::cluster::{mismatches, record_phase, status_hash, Truth};
+use crate::cluster::{
+    mismatches, record_phase, record_phase_with, sketch_mismatches, status_hash, SketchTruth,
+    Truth, QUANTILE_CATEGORY,
+};
 use crate::groups::{flush, start_producers};
 use crate::harness::{free_udp, now_ms, Merger, TempDir};
 use edgetally_net::{Endpoint, NativeProducer};
@@ -132,7 +137,8 @@ fn features_seen(nodes: &[Node]) -> Result<(), String> {
                 (PREVIOUS_FEATURES, PREVIOUS_LACKS)
             };
             let hs = &p["handshake"];
-            if hs["features"] != serde_json::json!(want) || hs["lacks"] != serde_json::json!(lacks) {
+            if hs["features"] != serde_json::json!(want) || hs["lacks"] != serde_json::json!(lacks)
+            {
                 return Err(format!(
                     "{} sees {addr} (upgraded: {}) with {hs}",
                     n.quic, peer.upgraded
@@ -219,7 +225,31 @@ fn a_rolling_upgrade_from_the_previous_release_loses_nothing() {
             truth.values().map(|t| t.0).sum::<u64>()
         );
     }
-    for p in &producers {
+    // Every node runs this release: producers may now record subjects and quantiles (batch
+    // format v2). Every node must answer a single node's distinct counts and quantiles.
+    let sketch_config = ProducerConfig {
+        quantile_categories: vec![QUANTILE_CATEGORY.to_string()],
+        ..config
+    };
+    let sketching = start_producers(&rt, &sketch_config, &endpoints, 4);
+    let mut sketched = SketchTruth::default();
+    record_phase_with(
+        &rt,
+        &sketching,
+        &mut rng,
+        &mut truth,
+        Some(&mut sketched),
+        1500,
+    );
+    flush(&sketching);
+    let took =
+        converged(&nodes, &truth, start, end).unwrap_or_else(|e| panic!("with sketches: {e}"));
+    for n in &nodes {
+        let bad = sketch_mismatches(n.m(), &sketched, start, end);
+        assert!(bad.is_empty(), "{}: {bad:?}", n.quic);
+    }
+    eprintln!("upgrade: with subjects and quantiles, converged {took:?} after the writes");
+    for p in producers.iter().chain(&sketching) {
         p.close();
     }
 }
