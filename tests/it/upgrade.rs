@@ -5,9 +5,10 @@
 //! producers writing throughout (failing over while it is down). After each step — two
 //! releases side by side — and at the end, every node must hold the same state, equal to the
 //! ground truth, and answer complete; a node of this release must list each peer of the
-//! previous release with that release's protocol features, lacking only `sketches`. Once
-//! every node runs this release, producers record subjects and quantiles (batch format v2):
-//! every node must answer a single node's distinct counts and quantiles.
+//! previous release with that release's protocol features, lacking only `sketches`. Producers
+//! that record subjects and quantiles (batch format v2) start while one node still runs the
+//! previous release: the batches it refuses for their version must fail over, none lost, and
+//! at the end every node must answer a single node's distinct counts and quantiles.
 
 use crate::cluster::{
     mismatches, record_phase, record_phase_with, sketch_mismatches, status_hash, SketchTruth,
@@ -121,6 +122,17 @@ fn converged(nodes: &[Node], truth: &Truth, start: i64, end: i64) -> Result<Dura
     }
 }
 
+/// Batches node `n` refused as `unsupported_version` (read from its raw exposition: a node of
+/// the previous release has its own metric families).
+fn version_refusals(n: &Node) -> f64 {
+    let (_, text) = n.m().get("/metrics");
+    edgetally_bench::launcher::metric_value(
+        text.as_str().unwrap_or_default(),
+        "edgetally_batches_rejected_total{reason=\"unsupported_version\"}",
+    )
+    .unwrap_or(0.0)
+}
+
 /// Every node of this release lists each peer with its release's features, lacking only what the previous release lacks.
 fn features_seen(nodes: &[Node]) -> Result<(), String> {
     for n in nodes.iter().filter(|n| n.upgraded) {
@@ -206,6 +218,12 @@ fn a_rolling_upgrade_from_the_previous_release_loses_nothing() {
     let took =
         converged(&nodes, &truth, start, end).unwrap_or_else(|e| panic!("all previous: {e}"));
     eprintln!("upgrade: three nodes of the previous release converged in {took:?}");
+    let sketch_config = ProducerConfig {
+        quantile_categories: vec![QUANTILE_CATEGORY.to_string()],
+        ..config
+    };
+    let mut sketching = Vec::new();
+    let mut sketched = SketchTruth::default();
     for i in 0..3 {
         // Stop one node cleanly; the producers write on, failing over to the others.
         let m = nodes[i].proc.take().expect("running");
@@ -224,31 +242,38 @@ fn a_rolling_upgrade_from_the_previous_release_loses_nothing() {
             i + 1,
             truth.values().map(|t| t.0).sum::<u64>()
         );
+        if i == 1 {
+            // Producers start recording subjects and quantiles (batch format v2) while node
+            // 2 still runs the previous release. It refuses their batches for their version
+            // (`unsupported_version`); they must keep them and fail over to an upgraded
+            // node — `flush` asserts none was refused or dropped. Producers between node 2
+            // and node 0 are added until node 2 has refused at least one batch.
+            for _ in 0..16 {
+                let pair = [endpoints[2].clone(), endpoints[0].clone()];
+                let added = start_producers(&rt, &sketch_config, &pair, 1);
+                record_phase_with(&rt, &added, &mut rng, &mut truth, Some(&mut sketched), 300);
+                flush(&added);
+                sketching.extend(added);
+                if version_refusals(&nodes[2]) > 0.0 {
+                    break;
+                }
+            }
+            let refused = version_refusals(&nodes[2]);
+            assert!(
+                refused > 0.0,
+                "node 2 (previous release) was never sent a v2 batch"
+            );
+            eprintln!(
+                "upgrade: node 2, of the previous release, refused {refused} v2 batches; every one was acked by an upgraded node"
+            );
+        }
     }
-    // Every node runs this release: producers may now record subjects and quantiles (batch
-    // format v2). Every node must answer a single node's distinct counts and quantiles.
-    let sketch_config = ProducerConfig {
-        quantile_categories: vec![QUANTILE_CATEGORY.to_string()],
-        ..config
-    };
-    let sketching = start_producers(&rt, &sketch_config, &endpoints, 4);
-    let mut sketched = SketchTruth::default();
-    record_phase_with(
-        &rt,
-        &sketching,
-        &mut rng,
-        &mut truth,
-        Some(&mut sketched),
-        1500,
-    );
-    flush(&sketching);
-    let took =
-        converged(&nodes, &truth, start, end).unwrap_or_else(|e| panic!("with sketches: {e}"));
+    // Every node runs this release and holds every batch: each must answer a single node's
+    // distinct counts and quantiles.
     for n in &nodes {
         let bad = sketch_mismatches(n.m(), &sketched, start, end);
         assert!(bad.is_empty(), "{}: {bad:?}", n.quic);
     }
-    eprintln!("upgrade: with subjects and quantiles, converged {took:?} after the writes");
     for p in producers.iter().chain(&sketching) {
         p.close();
     }

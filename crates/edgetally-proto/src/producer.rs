@@ -99,7 +99,8 @@ pub struct Stats {
     pub acked: u64,
     /// Records in acknowledged batches.
     pub acked_records: u64,
-    /// Retries scheduled (Retry replies and transport errors).
+    /// Retries scheduled (Retry replies, transport errors, and batches of format v2 a node of
+    /// an earlier release refused as `unsupported_version`).
     pub retried: u64,
     /// Batches permanently rejected (Nack), by reason.
     pub rejected: ByReason,

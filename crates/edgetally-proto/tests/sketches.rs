@@ -286,3 +286,53 @@ fn pruned_minute_sketches_are_answered_from_the_hour_buckets() {
         .expect("restore");
     assert_eq!(back.sketches("visits", None, from, to), after);
 }
+
+/// A v2 batch refused for its version alone (`unsupported_version`: a node of an earlier
+/// release, mid rolling upgrade) is kept and tried at the next endpoint, never dropped; a v1
+/// batch so refused is at fault itself and is dropped, counted by reason.
+#[test]
+fn a_v2_batch_an_earlier_release_refuses_fails_over() {
+    use edgetally_proto::{Producer, ProducerConfig, Reply};
+    let endpoints = ["old".to_string(), "new".to_string()];
+    let config = ProducerConfig {
+        flush_interval_ms: 0,
+        ..ProducerConfig::default()
+    };
+    let mut p = Producer::new(config, [5; 32], 1, &endpoints, 7).expect("config");
+    let h = p.handle("page", Some("home")).expect("handle");
+    p.record_subject(NOW, h, 1.0, Some(NOW), "user-1")
+        .expect("record");
+    let mut now = NOW;
+    let first = p.poll_transmit(now).expect("a batch");
+    assert_eq!(first.bytes[0], envelope::VERSION_V2);
+    let code = RejectCode::UnsupportedVersion as u16;
+    p.handle_reply(now, first.seq, Reply::Nack(code));
+    let s = p.stats();
+    assert!(s.rejected.is_empty(), "not dropped: {s:?}");
+    assert_eq!((s.queued, s.retried), (1, 1), "{s:?}");
+    // Tried again, at the other endpoint, once its backoff has passed.
+    let again = loop {
+        now += 50;
+        if let Some(t) = p.poll_transmit(now) {
+            break t;
+        }
+        assert!(now < NOW + 120_000, "never retried");
+    };
+    assert_eq!(again.seq, first.seq);
+    assert_ne!(again.endpoint, first.endpoint, "failed over");
+    p.handle_reply(now, again.seq, Reply::Ack);
+    assert_eq!((p.stats().acked, p.stats().queued), (1, 0));
+
+    // A v1 batch refused as unsupported_version is dropped (no honest node refuses v1).
+    p.record(now, "page", Some("home"), 2.0, Some(now))
+        .expect("record");
+    let v1 = p.poll_transmit(now).expect("a batch");
+    assert_eq!(v1.bytes[0], envelope::VERSION);
+    p.handle_reply(now, v1.seq, Reply::Nack(code));
+    let s = p.stats();
+    assert_eq!(
+        (s.queued, s.rejected.get(RejectCode::UnsupportedVersion)),
+        (0, 1),
+        "{s:?}"
+    );
+}

@@ -15,6 +15,8 @@ pub(super) struct Outgoing {
     pub(super) signing: bool,
     /// Its signed creation time (what the topology routes it by; `i64::MIN` if unreadable).
     pub(super) created_ms: i64,
+    /// The endpoint it was last handed out for.
+    pub(super) endpoint: usize,
 }
 
 impl Outgoing {
@@ -33,6 +35,7 @@ impl Outgoing {
             next_try_ms: i64::MIN,
             in_flight: false,
             signing: false,
+            endpoint: 0,
         }
     }
 }

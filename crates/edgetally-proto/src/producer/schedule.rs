@@ -114,6 +114,7 @@ impl Producer {
         let endpoint = self.endpoint(now_ms, created_ms);
         let o = self.outbox.get_mut(&seq)?;
         o.in_flight = true;
+        o.endpoint = endpoint;
         self.stats.bytes_sent += o.bytes.len() as u64;
         Some(Transmit {
             seq,
@@ -167,6 +168,18 @@ impl Producer {
                     self.stats.acked += 1;
                     self.stats.acked_records = self.stats.acked_records.saturating_add(o.records);
                 }
+            }
+            // A batch of a newer format than v1 refused for its version alone: the node is
+            // of an earlier release (a rolling upgrade), not the batch at fault. Kept, and
+            // tried at the next endpoint, as after a transport failure.
+            Reply::Nack(code)
+                if code == RejectCode::UnsupportedVersion as u16
+                    && self.outbox.get(&seq).is_some_and(|o| {
+                        o.in_flight && o.bytes.first().is_some_and(|&v| v > envelope::VERSION)
+                    }) =>
+            {
+                let endpoint = self.outbox.get(&seq).map_or(0, |o| o.endpoint);
+                self.handle_transport_error(now_ms, seq, endpoint);
             }
             Reply::Nack(code) => {
                 if let Some(o) = self.remove(seq) {
