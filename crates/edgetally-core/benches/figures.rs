@@ -242,40 +242,59 @@ fn main() {
 /// of minute batches, 20 devices each with 4 of 20,000 subjects and 4 latency values per
 /// summary, pruned to the default sketch retention (minutes 2 days, hours 400 days), as a
 /// node holds them.
-fn sketch_queries() {
+/// 30 days of minute batches (20 devices, 4 records each a minute), with sketches on every
+/// summary if `sketched`: 4 of 20,000 subjects and the 4 values; pruned to the default
+/// retention of totals and sketches, as a node holds them.
+fn thirty_days(sketched: bool) -> Replica {
     use edgetally_core::sketches::Sketches;
-    let before = LIVE.load(Ordering::Relaxed);
     let mut r = Replica::new();
     let mut subject = 0u64;
     for (seq, minute) in (0..30 * 24 * 60i64).enumerate() {
         let mut e = iot_batch(9, seq as u64, 20, -minute * 60);
         let b = std::sync::Arc::make_mut(&mut e.batch);
-        b.sketches = (0..b.summaries.len() as u32)
-            .map(|i| {
-                let mut k = Sketches::default();
-                for j in 0..4 {
-                    subject += 1;
-                    k.insert_subject(
-                        edgetally_core::sketches::subject_hash(
-                            &format!("user-{}", subject % 20_000),
-                            None,
-                        ),
-                        14,
-                    );
-                    k.insert_value(20.0 + ((seq as u64 + u64::from(i) * 7 + j) % 400) as f64, 1);
-                }
-                (i, k)
-            })
-            .collect();
+        if sketched {
+            b.sketches = (0..b.summaries.len() as u32)
+                .map(|i| {
+                    let mut k = Sketches::default();
+                    for j in 0..4 {
+                        subject += 1;
+                        let name = format!("user-{}", subject % 20_000);
+                        k.insert_subject(edgetally_core::sketches::subject_hash(&name, None), 14);
+                        let v = (seq as u64 + u64::from(i) * 7 + j) % 400;
+                        k.insert_value(20.0 + v as f64, 1);
+                    }
+                    (i, k)
+                })
+                .collect();
+        }
         r.apply(e).expect("apply");
     }
     r.prune_tiers(T0, &Retention::default());
     r.prune_sketch_tiers(T0, [Some(2 * 86_400_000), Some(400 * 86_400_000)]);
     r.prune_log();
+    r
+}
+
+/// p50/p99 of a distinct count and of three quantiles over 1 hour and over 30 days
+/// ([`thirty_days`]), and what the sketches cost in heap against the replica's estimate.
+fn sketch_queries() {
+    let before = LIVE.load(Ordering::Relaxed);
+    let plain = thirty_days(false);
+    let plain_heap = LIVE.load(Ordering::Relaxed) - before;
+    let plain_est = plain.memory().total();
+    drop(plain);
+    let before = LIVE.load(Ordering::Relaxed);
+    let r = thirty_days(true);
+    let heap = LIVE.load(Ordering::Relaxed) - before;
+    let m = r.memory();
     println!(
-        "memory: sketches of 30 days (21 series, 2 days of minutes, 720 hours): {:.1} MB by the replica's estimate, heap {:.1} MB",
-        r.memory().sketches as f64 / 1e6,
-        (LIVE.load(Ordering::Relaxed) - before) as f64 / 1e6
+        "memory: 30 days, 21 series (sketches: 2 days of minutes, 720 hours): heap {:.1} MB without sketches, {:.1} MB with; the sketches' heap {:.1} MB against their estimate {:.1} MB (the whole estimate {:.1} MB without, {:.1} MB with)",
+        plain_heap as f64 / 1e6,
+        heap as f64 / 1e6,
+        (heap - plain_heap) as f64 / 1e6,
+        m.sketches as f64 / 1e6,
+        plain_est as f64 / 1e6,
+        m.total() as f64 / 1e6,
     );
     for (label, span) in [("1 hour", 3_600_000i64), ("30 days", 30 * 86_400_000)] {
         for entity in [None, Some("device-00003")] {

@@ -72,7 +72,7 @@ fn plain() {
 /// quantile sketch, and with both.
 fn with_sketches() {
     println!(
-        "events per key per 1 s bucket | sketches          | batches | bytes/batch | bytes/event"
+        "events per key per 1 s bucket | sketches           | batches | bytes/batch | bytes/event"
     );
     for per_key in [1usize, 10, 100, 1000] {
         for (label, subjects, quantiles) in [
@@ -83,7 +83,7 @@ fn with_sketches() {
         ] {
             let (batches, wire, events) = sketched_stream(per_key, subjects, quantiles);
             println!(
-                "{per_key:>29} | {label:<17} | {batches:>7} | {:>11.0} | {:>11.2}",
+                "{per_key:>29} | {label:<18} | {batches:>7} | {:>11.0} | {:>11.2}",
                 wire as f64 / batches as f64,
                 wire as f64 / events as f64
             );
