@@ -50,6 +50,42 @@ pub fn subject_hash(subject: &str, key: Option<&[u8; 16]>) -> u64 {
     h.finish()
 }
 
+/// Merges `src` into `dst`, both sorted by key with unique keys, combining the values of
+/// equal keys with `combine`. Binary searches, then one backward pass that moves each run of
+/// `dst` once: merging a few entries into a large sketch moves its tail once, not once per
+/// entry as an insert each would, and allocates nothing but the growth of `dst`.
+fn merge_sorted<K: Ord + Copy, V: Copy>(
+    dst: &mut Vec<(K, V)>,
+    src: &[(K, V)],
+    combine: impl Fn(V, V) -> V,
+) {
+    let mut fresh = 0;
+    for &(k, v) in src {
+        match dst.binary_search_by(|e| e.0.cmp(&k)) {
+            Ok(i) => dst[i].1 = combine(dst[i].1, v),
+            Err(_) => fresh += 1,
+        }
+    }
+    let (Some(&filler), true) = (src.first(), fresh > 0) else {
+        return;
+    };
+    let old = dst.len();
+    dst.resize(old + fresh, filler);
+    // Unmoved entries are `dst[..end]`; `dst[w..]` is final. Keys present before were
+    // combined above and are found again (and skipped) among the unmoved ones: every key
+    // after them has been placed already.
+    let (mut end, mut w) = (old, old + fresh);
+    for &(k, v) in src.iter().rev() {
+        let Err(p) = dst[..end].binary_search_by(|e| e.0.cmp(&k)) else {
+            continue;
+        };
+        dst.copy_within(p..end, w - (end - p));
+        w -= end - p + 1;
+        dst[w] = (k, v);
+        end = p;
+    }
+}
+
 /// Appends `v` as a LEB128 varint.
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
@@ -101,6 +137,24 @@ mod tests {
             subject_hash("user-1", None),
             subject_hash("user-1", Some(&key))
         );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn merge_sorted_equals_a_map_union(
+            a in proptest::collection::btree_map(0u16..200, 1u8..50, 0..80),
+            b in proptest::collection::btree_map(0u16..200, 1u8..50, 0..80),
+        ) {
+            let mut want = a.clone();
+            for (k, v) in &b {
+                let e = want.entry(*k).or_insert(0);
+                *e = (*e).max(*v);
+            }
+            let mut dst: Vec<(u16, u8)> = a.into_iter().collect();
+            let src: Vec<(u16, u8)> = b.into_iter().collect();
+            merge_sorted(&mut dst, &src, u8::max);
+            proptest::prop_assert_eq!(dst, want.into_iter().collect::<Vec<_>>());
+        }
     }
 
     #[test]

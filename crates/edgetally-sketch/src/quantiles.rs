@@ -19,29 +19,7 @@ impl Buckets {
     }
 
     fn merge(&mut self, other: &Buckets) {
-        if other.0.is_empty() {
-            return;
-        }
-        let (a, b) = (&self.0, &other.0);
-        let mut out = Vec::with_capacity(a.len() + b.len());
-        let (mut i, mut j) = (0, 0);
-        while i < a.len() && j < b.len() {
-            let (x, y) = (a[i], b[j]);
-            if x.0 == y.0 {
-                out.push((x.0, x.1.saturating_add(y.1)));
-                i += 1;
-                j += 1;
-            } else if x.0 < y.0 {
-                out.push(x);
-                i += 1;
-            } else {
-                out.push(y);
-                j += 1;
-            }
-        }
-        out.extend_from_slice(&a[i..]);
-        out.extend_from_slice(&b[j..]);
-        self.0 = out;
+        super::merge_sorted(&mut self.0, &other.0, u64::saturating_add);
     }
 
     fn len(&self) -> usize {

@@ -39,6 +39,8 @@ fn held(k: &Sketches) -> usize {
     k.heap_bytes() + BUCKET
 }
 
+use std::collections::btree_map::Entry;
+
 impl Replica {
     /// Merges a summary's sketches into series `series`'s minute and hour buckets holding
     /// `start_ms`.
@@ -47,10 +49,14 @@ impl Replica {
         let mut grown: i64 = 0;
         for (t, tier) in entry.tiers.iter_mut().enumerate() {
             let res = TIER_MS[t + SKETCH_FIRST_TIER];
-            let key = start_ms.div_euclid(res) * res;
-            let fresh = !tier.contains_key(&key);
-            let slot = tier.entry(key).or_default();
-            let before = if fresh { 0 } else { held(slot) as i64 };
+            let (slot, before) = match tier.entry(start_ms.div_euclid(res) * res) {
+                Entry::Occupied(o) => {
+                    let slot = o.into_mut();
+                    let before = held(slot) as i64;
+                    (slot, before)
+                }
+                Entry::Vacant(v) => (v.insert(Sketches::default()), 0),
+            };
             // Batches are checked before they are applied (one quantile accuracy), so the
             // merge cannot fail; if it did, the bucket would be left as it was.
             let _ = slot.merge(k);
@@ -71,10 +77,7 @@ impl Replica {
         let mut freed = 0u64;
         self.sketches.retain(|_, s| {
             let keep = s.tiers[t].split_off(&cutoff);
-            freed += s.tiers[t]
-                .values()
-                .map(|k| held(k) as u64)
-                .sum::<u64>();
+            freed += s.tiers[t].values().map(|k| held(k) as u64).sum::<u64>();
             s.tiers[t] = keep;
             s.tiers.iter().any(|x| !x.is_empty())
         });
