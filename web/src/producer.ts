@@ -434,23 +434,19 @@ export class Producer implements HandleOwner {
   record(category: string, value: number, options?: RecordOptions): void {
     const entity = options?.entity;
     const h = this.#known(category, entity);
-    if (options?.subject !== undefined) {
-      this.recordSlow(h ?? this.handle(category, entity), value, options.ts_ms, options.subject);
-      return;
-    }
-    if (h !== undefined) {
-      h.record(value, options?.ts_ms);
-      return;
-    }
+    if (h !== undefined && options?.subject === undefined) h.record(value, options?.ts_ms);
+    else this.#recordNew(category, entity, value, options, h);
+  }
+
+  /** `record` of a subject, or of a name not seen yet (kept out of `record`, which stays small enough to inline). */
+  #recordNew(category: string, entity: string | undefined, value: number, options: RecordOptions | undefined, h: Handle | undefined): void {
+    if (options?.subject !== undefined) return this.recordSlow(h ?? this.handle(category, entity), value, options.ts_ms, options.subject);
     // First use of this name: wasm validates and interns it (and counts a refusal). A
     // quantile category's handle is marked before its first value.
     const core = this.core();
-    if (this.#quantiles.length > 0 && this.#quantiles.some((c) => c === "*" || c === category)) {
+    if (this.#quantiles.some((c) => c === "*" || c === category)) {
       const id = core.handle(category, entity);
-      if (id >= 0) {
-        this.#remember(category, entity, id).record(value, options?.ts_ms);
-        return;
-      }
+      if (id >= 0) return this.#remember(category, entity, id).record(value, options?.ts_ms);
     }
     const now = clock();
     const got = core.recordNamed(now, category, entity, value, wasmTs(options?.ts_ms, now));
