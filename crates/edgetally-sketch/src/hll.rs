@@ -124,13 +124,13 @@ impl Hll {
         if other.precision != self.precision {
             return Err(SketchError::Mismatch);
         }
-        match (&mut self.repr, &other.repr) {
-            (_, Repr::Sparse(entries)) => {
+        match &other.repr {
+            Repr::Sparse(entries) => {
                 for &(i, r) in entries {
                     self.raise(i, r);
                 }
             }
-            (_, Repr::Dense(theirs)) => {
+            Repr::Dense(theirs) => {
                 self.densify();
                 if let Repr::Dense(mine) = &mut self.repr {
                     for (m, t) in mine.iter_mut().zip(theirs.iter()) {

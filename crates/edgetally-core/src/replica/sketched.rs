@@ -9,6 +9,7 @@
 
 use super::*;
 use crate::sketches::Sketches;
+use std::collections::btree_map::Entry;
 
 /// The finest tier that keeps sketches (the minute).
 pub const SKETCH_FIRST_TIER: usize = 1;
@@ -38,8 +39,6 @@ fn held(k: &Sketches) -> usize {
     const BUCKET: usize = (core::mem::size_of::<(i64, Sketches)>() * 3).div_ceil(2) + 3 * 16;
     k.heap_bytes() + BUCKET
 }
-
-use std::collections::btree_map::Entry;
 
 impl Replica {
     /// Merges a summary's sketches into series `series`'s minute and hour buckets holding
