@@ -29,6 +29,8 @@ pub struct Config {
     pub queue_depth: usize,
     /// The `max_group` setting (see [`settings`]).
     pub max_group: usize,
+    /// The `verify_threads` setting (see [`settings`]).
+    pub verify_threads: usize,
     /// The `snapshot_interval_secs` setting (see [`settings`]).
     pub snapshot_interval_secs: u64,
     /// The `peers` setting (see [`settings`]).
@@ -149,6 +151,7 @@ impl Default for Config {
             retention: Retention::default(),
             queue_depth: 8192,
             max_group: 1024,
+            verify_threads: 0,
             snapshot_interval_secs: 30,
             peers: Vec::new(),
             cluster_secret: None,
@@ -309,6 +312,9 @@ settings! {
     queue_depth: usize => set(queue_depth);
     /// Most batches per group commit (one fsync).
     max_group: usize => set(max_group);
+    /// Threads that decode and verify batches at once; 0: one per core the node may run on
+    /// (`available_parallelism`, which honours CPU affinity and cgroup quotas).
+    verify_threads: usize => set(verify_threads);
     /// How often the state is snapshotted and the batch log compacted.
     snapshot_interval_secs: Secs, alias "snapshot_interval" => set(snapshot_interval_secs);
     /// Peers' QUIC addresses: this node pulls from and pushes to each of them.

@@ -92,6 +92,8 @@ pub struct Pipeline {
     pub peer_grace_ms: i64,
     /// Most batches per group.
     pub max_group: usize,
+    /// Checks (decode and verify) running at once, each on a blocking-pool thread.
+    pub verify_threads: usize,
     /// One past the last group commit whose batches are all applied (0: none yet).
     pub applied_group: Arc<std::sync::atomic::AtomicU64>,
     /// Where newly applied batches from producers are announced (for pushing to peers).
@@ -264,47 +266,56 @@ struct Written {
     done: Vec<(Job, Reply)>,
 }
 
+/// The number of verify threads for the `verify_threads` setting: itself, or (0) one per
+/// core this process may run on.
+pub fn verify_threads(setting: usize) -> usize {
+    match setting {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+/// Decodes and verifies on `verify_threads` blocking threads at once. Each takes the next
+/// chunk of the queue as soon as it is free (no barrier between chunks), and each checked
+/// chunk goes on to the commit stage when it is done, so verifying the next chunks overlaps
+/// the commit and apply of the last. Chunks are small enough that every thread has one while
+/// a group's worth waits, and as large as the queue while it is short.
 async fn verify_stage(mut rx: mpsc::Receiver<Job>, tx: mpsc::Sender<Checked>, p: Pipeline) {
-    while let Some(first) = rx.recv().await {
-        let mut jobs = vec![first];
-        while jobs.len() < p.max_group {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
-        }
-        p.metrics.queue_depth.fetch_sub(jobs.len() as u64, Relaxed);
-        let (limits, now) = (p.limits, now_ms());
-        let grace = p.peer_grace_ms;
-        // Two halves on two blocking-pool threads (both cores): decoding and verifying.
-        let second = if jobs.len() >= 16 {
-            let rest = jobs.split_off(jobs.len() / 2);
-            let (adm, replica) = (p.admission.clone(), p.replica.clone());
-            Some(tokio::task::spawn_blocking(move || {
-                check_jobs(rest, &limits, grace, now, &adm, &replica)
-            }))
-        } else {
-            None
-        };
-        let (adm, replica) = (p.admission.clone(), p.replica.clone());
-        let first = tokio::task::spawn_blocking(move || {
-            check_jobs(jobs, &limits, grace, now, &adm, &replica)
-        });
-        let mut checked = match first.await {
-            Ok(c) => c,
-            Err(e) => {
-                error!("verification task failed: {e}");
-                continue;
-            }
-        };
-        if let Some(second) = second {
-            match second.await {
-                Ok(c) => checked.extend(c),
+    let threads = p.verify_threads.max(1);
+    let chunk_max = (p.max_group / (2 * threads)).clamp(8, 256);
+    let mut running = tokio::task::JoinSet::new();
+    let mut open = true;
+    while open || !running.is_empty() {
+        tokio::select! {
+            biased;
+            Some(done) = running.join_next(), if !running.is_empty() => match done {
+                Ok(checked) => {
+                    if tx.send(checked).await.is_err() {
+                        break;
+                    }
+                }
+                // Its jobs went down with it: their senders drop and submitters get Retry.
                 Err(e) => error!("verification task failed: {e}"),
+            },
+            job = rx.recv(), if open && running.len() < threads => {
+                let Some(first) = job else {
+                    open = false;
+                    continue;
+                };
+                let mut jobs = vec![first];
+                while jobs.len() < chunk_max {
+                    match rx.try_recv() {
+                        Ok(j) => jobs.push(j),
+                        Err(_) => break,
+                    }
+                }
+                p.metrics.queue_depth.fetch_sub(jobs.len() as u64, Relaxed);
+                let (limits, grace) = (p.limits, p.peer_grace_ms);
+                let (adm, replica) = (p.admission.clone(), p.replica.clone());
+                running.spawn_blocking(move || {
+                    check_jobs(jobs, &limits, grace, now_ms(), &adm, &replica)
+                });
             }
-        }
-        if tx.send(checked).await.is_err() {
-            break;
         }
     }
 }

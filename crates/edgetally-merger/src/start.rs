@@ -113,6 +113,7 @@ impl Node {
             limits: config.limits,
             peer_grace_ms: config.seen_expiry_margin_ms.max(0) / 2,
             max_group: config.max_group,
+            verify_threads: crate::ingest::verify_threads(config.verify_threads),
             applied_group: applied_group.clone(),
             applied: replication.as_ref().map(|r| r.applied.clone()),
         };
