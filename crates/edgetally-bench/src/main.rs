@@ -8,6 +8,7 @@ mod demo;
 mod exportbench;
 mod groupbench;
 mod loadgen;
+mod producers;
 mod soak;
 mod statusbench;
 
@@ -41,6 +42,9 @@ enum Cmd {
     /// Ephemeral producers (a fresh key every couple of batches) against a merger with a short
     /// lateness horizon: seen-sets level off as epochs expire; nothing acknowledged lost.
     Churn(churn::ChurnArgs),
+    /// Memory per fresh producer as RSS counts it: one batch from each of N new keys, RSS
+    /// and the node's own estimate read after it settles, for two or more N; the slope.
+    Producers(producers::ProducersArgs),
     /// Start a merger, feed it IoT and user-activity events (late, out of order and a few
     /// invalid ones), and print every query kind's answer beside an independent expectation
     /// (`cargo xtask demo`).
@@ -71,6 +75,7 @@ fn main() -> Result<()> {
         Cmd::Statusbench(a) => statusbench::run(a),
         Cmd::Soak(a) => soak::run(a),
         Cmd::Churn(a) => churn::run(a),
+        Cmd::Producers(a) => producers::run(a),
         Cmd::Exportbench(a) => exportbench::run(a),
         Cmd::Demo {
             cluster,

@@ -9,7 +9,65 @@ use serde::{Deserialize, Serialize};
 pub struct SeenSet {
     next: u64,
     /// `(start, end)` half-open, `next < start`, sorted, with gaps between them.
-    ranges: Vec<(u64, u64)>,
+    ranges: Ranges,
+}
+
+/// The ranges above a watermark: one pointer, null while there are none (most sets). A set
+/// lives in every (producer, epoch) entry of a replica's seen-sets, so its size is paid once
+/// per producer: 16 bytes here against 32 with an inline `Vec`. Serialized as a sequence,
+/// byte for byte as the `Vec` it replaced.
+// The box is the point: a `Vec` inline is three words in every entry, most of them empty.
+#[allow(clippy::box_collection)]
+#[derive(Clone, Debug, Default)]
+struct Ranges(Option<Box<Vec<(u64, u64)>>>);
+
+impl std::ops::Deref for Ranges {
+    type Target = [(u64, u64)];
+    fn deref(&self) -> &[(u64, u64)] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+}
+
+impl Ranges {
+    /// The ranges to change (allocated with room for one range when there are none).
+    fn vec(&mut self) -> &mut Vec<(u64, u64)> {
+        self.0
+            .get_or_insert_with(|| Box::new(Vec::with_capacity(1)))
+    }
+
+    /// Frees the ranges once there are none left.
+    fn tidy(&mut self) {
+        if self.0.as_ref().is_some_and(|v| v.is_empty()) {
+            self.0 = None;
+        }
+    }
+}
+
+impl PartialEq for Ranges {
+    fn eq(&self, other: &Ranges) -> bool {
+        self[..] == other[..]
+    }
+}
+
+impl Eq for Ranges {}
+
+impl std::hash::Hash for Ranges {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self[..].hash(state)
+    }
+}
+
+impl Serialize for Ranges {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Ranges {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Ranges, D::Error> {
+        let v = Vec::<(u64, u64)>::deserialize(d)?;
+        Ok(Ranges((!v.is_empty()).then(|| Box::new(v))))
+    }
 }
 
 impl SeenSet {
@@ -17,7 +75,7 @@ impl SeenSet {
     pub const fn new() -> SeenSet {
         SeenSet {
             next: 0,
-            ranges: Vec::new(),
+            ranges: Ranges(None),
         }
     }
 
@@ -66,23 +124,22 @@ impl SeenSet {
             s = s.min(self.ranges[lo].0);
             e = e.max(self.ranges[hi - 1].1);
         }
-        if self.ranges.capacity() == 0 {
-            // A set with one range above its watermark is common (a keyed `/v1/events`
-            // request's epoch holds one seq, far from 0): 16 bytes, not the 64 a first push
-            // reserves.
-            self.ranges.reserve_exact(1);
-        }
-        self.ranges.splice(lo..hi, [(s, e)]);
-        if self.ranges.first().is_some_and(|&(s, _)| s <= self.next) {
-            let (_, e) = self.ranges.remove(0);
+        // A set with one range above its watermark is common (a keyed `/v1/events` request's
+        // epoch holds one seq, far from 0): room for one range, not the four a first push
+        // reserves.
+        let ranges = self.ranges.vec();
+        ranges.splice(lo..hi, [(s, e)]);
+        if ranges.first().is_some_and(|&(s, _)| s <= self.next) {
+            let (_, e) = ranges.remove(0);
             self.next = self.next.max(e);
         }
+        self.ranges.tidy();
     }
 
     /// Adds every element of `other`.
     pub fn union(&mut self, other: &SeenSet) {
         self.insert_range(0, other.next);
-        for &(s, e) in &other.ranges {
+        for &(s, e) in other.ranges.iter() {
             self.insert_range(s, e);
         }
     }
@@ -122,7 +179,7 @@ impl SeenSet {
     /// Checks the representation invariants (for data read from peers or disk).
     pub fn is_well_formed(&self) -> bool {
         let mut prev_end = self.next;
-        for &(s, e) in &self.ranges {
+        for &(s, e) in self.ranges.iter() {
             if s <= prev_end || e <= s {
                 return false;
             }
@@ -137,6 +194,21 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
+
+    /// A seen-set is in every (producer, epoch) entry: its size is paid per producer.
+    #[test]
+    fn a_seen_set_is_two_words() {
+        assert_eq!(std::mem::size_of::<SeenSet>(), 16);
+        let mut s = SeenSet::new();
+        s.insert(5);
+        assert_eq!(s.sparse_ranges(), 1);
+        (0..5).for_each(|x| {
+            s.insert(x);
+        });
+        // The ranges are freed once the watermark has caught up with them.
+        assert!(s.ranges.0.is_none());
+        assert_eq!((s.watermark(), s.sparse_ranges()), (6, 0));
+    }
 
     proptest! {
         #[test]
@@ -153,6 +225,20 @@ mod tests {
             prop_assert_eq!(s.len(), model.len() as u64);
             let w = (0..).take_while(|x| model.contains(x)).count() as u64;
             prop_assert_eq!(s.watermark(), w);
+            // The wire and snapshot form is still the watermark and a `Vec` of the ranges,
+            // built here from the model, and it reads back as an equal set.
+            let mut ranges: Vec<(u64, u64)> = Vec::new();
+            for &x in model.iter().filter(|&&x| x > w) {
+                match ranges.last_mut() {
+                    Some((_, e)) if *e == x => *e += 1,
+                    _ => ranges.push((x, x + 1)),
+                }
+            }
+            let bytes = postcard::to_allocvec(&s).expect("encode");
+            prop_assert_eq!(&bytes, &postcard::to_allocvec(&(w, &ranges)).expect("encode"));
+            let back: SeenSet = postcard::from_bytes(&bytes).expect("decode");
+            prop_assert_eq!(&back, &s);
+            prop_assert_eq!(back.sparse_ranges(), ranges.len());
         }
 
         #[test]

@@ -151,6 +151,8 @@ impl LargeTable {
             return false;
         }
         index.insert_unique(h, pids.len() as u32, |&i| pid_hash(pids[i as usize]));
+        crate::intern::grow_gently(pids);
+        crate::intern::grow_gently(totals);
         pids.push(pid);
         totals.push(*t);
         true
