@@ -709,3 +709,85 @@ fn keyed_retries_and_failing_over_producers_are_exact_through_kill_9() {
         p.close();
     }
 }
+
+/// The seam issue 30 left untested: a keyed `POST /v1/events` whose events carry subjects and
+/// quantile values, retried at the other replica. Both share `subject_key` and
+/// `quantile_categories` (in the settings digest), so the retry rebuilds the same batch: it is
+/// answered as a replay of what was applied, counts nothing twice, and leaves both replicas
+/// with the same distinct count and quantiles — those of the three events, computed here. The
+/// same key with another subject is refused there (`idempotency_key_reused`), applying
+/// nothing.
+#[test]
+fn a_keyed_retry_with_subjects_at_the_other_replica_is_a_replay() {
+    let pair = Pair::new("subject-retry");
+    let env = [
+        ("EDGETALLY_SUBJECT_KEY", "000102030405060708090a0b0c0d0e0f"),
+        ("EDGETALLY_QUANTILE_CATEGORIES", "lat"),
+    ];
+    let a = pair.start(0, &[], &env);
+    let b = pair.start(1, &[], &env);
+    let now = now_ms();
+    let line = |v: u32, subject: &str| {
+        format!(
+            "{{\"ts_ms\":{now},\"category\":\"lat\",\"value\":{v},\"subject\":\"{subject}\"}}\n"
+        )
+    };
+    let body = [line(10, "ann"), line(20, "bob"), line(30, "ann")].concat();
+    let (st, v, replayed) = a.post_events(Some("subj-1"), &body);
+    assert_eq!((st, accepted(&v), replayed), (200, Some(3), false), "{v}");
+    let query = format!(
+        "/v1/aggregate?category=lat&start={}&end={}&quantiles=0.5",
+        now - 60_000,
+        now + 60_000
+    );
+    let settled = |m: &Merger| {
+        let v = m.get(&query).1;
+        (
+            v["count"].as_u64(),
+            v["distinct"]["estimate"].as_f64(),
+            v["quantiles"]["count"].as_u64(),
+        )
+    };
+    // Two subjects, three values: what both replicas must hold, from the events above.
+    let want = (Some(3), Some(2.0), Some(3));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while settled(&b) != want {
+        assert!(Instant::now() < deadline, "b holds {:?}", settled(&b));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The retry at B, as sent and reformatted (a JSON array, fields in another order): a
+    // replay of what A applied.
+    let array = format!(
+        "[{}]",
+        [(10, "ann"), (20, "bob"), (30, "ann")]
+            .map(|(v, s)| format!(
+                "{{\"subject\": \"{s}\", \"value\": {v}.0, \"category\": \"lat\", \"ts_ms\": {now}}}"
+            ))
+            .join(",\n ")
+    );
+    for body in [&body, &array] {
+        let (st, v, replayed) = b.post_events(Some("subj-1"), body);
+        assert_eq!((st, accepted(&v), replayed), (200, Some(3), true), "{v}");
+    }
+    // Another subject under the same key is another request.
+    let changed = [line(10, "ann"), line(20, "cy"), line(30, "ann")].concat();
+    for m in [&a, &b] {
+        let (st, v, _) = m.post_events(Some("subj-1"), &changed);
+        assert_eq!(
+            (st, v["error"].as_str()),
+            (422, Some("idempotency_key_reused")),
+            "{v}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    for m in [&a, &b] {
+        assert_eq!(settled(m), want, "a retry or a refused request counted");
+        let v = m.get(&query).1;
+        let p50 = v["quantiles"]["values"][0]["value"].as_f64().expect("p50");
+        assert!(
+            (p50 - 20.0).abs() <= 0.2,
+            "p50 {p50}, the median of 10, 20, 30 is 20"
+        );
+    }
+    assert_eq!(a.get(&query).1["distinct"], b.get(&query).1["distinct"]);
+}

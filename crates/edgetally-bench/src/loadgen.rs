@@ -39,6 +39,28 @@ pub struct LoadgenArgs {
     /// (precision 14, sparse) and a quantile sketch of its 5 values.
     #[arg(long)]
     sketches: bool,
+    /// Pin the merger to these CPUs (a `taskset` list such as `1` or `0-3`) for the scaling
+    /// table; unset: it may run on every core.
+    #[arg(long)]
+    merger_cpus: Option<String>,
+    /// Pin the load generator (this process) to these CPUs; unset: every core.
+    #[arg(long)]
+    loadgen_cpus: Option<String>,
+}
+
+/// Pins every thread of process `pid` to the CPUs in `list` (threads it starts later inherit
+/// it from the thread that starts them).
+fn pin(pid: u32, list: &str) -> Result<()> {
+    let ok = Command::new("taskset")
+        .args(["-a", "-p", "-c", list, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .context("taskset (util-linux)")?
+        .success();
+    if !ok {
+        bail!("taskset -c {list} failed for process {pid}");
+    }
+    Ok(())
 }
 
 use edgetally_net::now_ms;
@@ -143,6 +165,9 @@ pub fn run(a: LoadgenArgs) -> Result<()> {
         "machine: {} cores, {cpu}",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    if let Some(list) = &a.loadgen_cpus {
+        pin(std::process::id(), list)?;
+    }
     let now = now_ms();
     let t = Instant::now();
     let signers: Vec<Signer> = (0..8u8).map(|i| Signer::from_seed([i + 40; 32])).collect();
@@ -225,6 +250,9 @@ fn merger_round(a: &LoadgenArgs, sealed: &Arc<Vec<Vec<u8>>>) -> Result<(f64, u64
         &edgetally_bench::launcher::BENCH_ENV,
     )?;
     let pid = merger.pid();
+    if let Some(list) = &a.merger_cpus {
+        pin(pid, list)?;
+    }
     let result = (|| -> Result<(f64, u64)> {
         let (quic, cert, http) = (merger.quic, merger.cert, Some(merger.http.clone()));
         let rt = tokio::runtime::Builder::new_multi_thread()

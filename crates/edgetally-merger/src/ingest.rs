@@ -1,6 +1,6 @@
-//! The ingest pipeline: decode → verify (many at once, on both cores) → dedupe by BatchId →
-//! durable group commit → apply → reply. Bounded queues: when full, new batches get `Retry`
-//! instead of growing memory.
+//! The ingest pipeline: decode → verify (a pool of `verify_threads`, one per core by
+//! default) → dedupe by BatchId → durable group commit → apply → reply. Bounded queues: when
+//! full, new batches get `Retry` instead of growing memory.
 
 use crate::admission::Admission;
 use crate::metrics::Metrics;
@@ -266,6 +266,9 @@ struct Written {
     done: Vec<(Job, Reply)>,
 }
 
+/// Batches that must wait in the queue before a chunk starts beside one already running.
+const SHARE_FROM: usize = 16;
+
 /// The number of verify threads for the `verify_threads` setting: itself, or (0) one per
 /// core this process may run on.
 pub fn verify_threads(setting: usize) -> usize {
@@ -297,7 +300,11 @@ async fn verify_stage(mut rx: mpsc::Receiver<Job>, tx: mpsc::Sender<Checked>, p:
                 // Its jobs went down with it: their senders drop and submitters get Retry.
                 Err(e) => error!("verification task failed: {e}"),
             },
-            job = rx.recv(), if open && running.len() < threads => {
+            // A further thread starts only on a queue worth sharing: on a busy small machine,
+            // a chunk per arriving batch costs more in hand-offs than a second core gains.
+            job = rx.recv(), if open
+                && running.len() < threads
+                && (running.is_empty() || rx.len() >= SHARE_FROM) => {
                 let Some(first) = job else {
                     open = false;
                     continue;

@@ -67,7 +67,9 @@ fn main() {
     let hash = {
         use sha2::Digest as _;
         let m = vec![0u8; MESSAGE_BYTES];
-        per_signature(1, || black_box(sha2::Sha512::digest(black_box(&m))).len() == 64)
+        per_signature(1, || {
+            black_box(sha2::Sha512::digest(black_box(&m))).len() == 64
+        })
     };
     println!(
         "{MESSAGE_BYTES}-byte messages; SHA-512 of one (a cost every rule pays): {hash:.1} µs"
