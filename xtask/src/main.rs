@@ -6,7 +6,7 @@
 //! - `cargo xtask web` — builds the npm package in `web/` (wasm-pack, wasm-opt, tsc), after
 //!   installing what it needs (wasm-bindgen-cli at the Cargo.lock version, wasm-pack, the npm
 //!   dev dependencies).
-//! - `cargo xtask bench [core|wire|sdk|figures|merger|producers|cluster|status|export|web]` — the benchmarks (not run by `test`).
+//! - `cargo xtask bench [core|wire|sdk|figures|merger|producers|json|cluster|status|export|web]` — the benchmarks (not run by `test`).
 //! - `cargo xtask soak [SECONDS]` — the soak (default 1800 s): valid load plus abusive clients
 //!   against a release merger; `test` runs 60 s of it on the debug build.
 //! - `cargo xtask fuzz [SECONDS]` — every fuzz target for SECONDS each (default 600); `test`
@@ -759,6 +759,19 @@ fn bench(which: &str, extra: &[String]) -> Result<()> {
     }
     if which == "cluster" {
         return bench_binary_with(&root, &["clusterbench"]);
+    }
+    if which == "json" {
+        // Debian's clickhouse-server is the comparison.
+        if Command::new("clickhouse-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            apt_install(&["clickhouse-server"])?;
+        }
+        let mut args = vec!["jsonbench"];
+        args.extend(extra.iter().map(String::as_str));
+        return bench_binary_with(&root, &args);
     }
     if which == "producers" {
         let mut args = vec!["producers"];

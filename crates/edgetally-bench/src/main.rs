@@ -7,6 +7,7 @@ mod clusterbench;
 mod demo;
 mod exportbench;
 mod groupbench;
+mod jsonbench;
 mod loadgen;
 mod producers;
 mod soak;
@@ -45,6 +46,10 @@ enum Cmd {
     /// Memory per fresh producer as RSS counts it: one batch from each of N new keys, RSS
     /// and the node's own estimate read after it settles, for two or more N; the slope.
     Producers(producers::ProducersArgs),
+    /// `POST /v1/events` against clickhouse-server's pre-aggregating twin (a Null table into
+    /// a SummingMergeTree), the same NDJSON bodies from the same clients: events per server
+    /// CPU-second.
+    Jsonbench(jsonbench::JsonBenchArgs),
     /// Start a merger, feed it IoT and user-activity events (late, out of order and a few
     /// invalid ones), and print every query kind's answer beside an independent expectation
     /// (`cargo xtask demo`).
@@ -76,6 +81,7 @@ fn main() -> Result<()> {
         Cmd::Soak(a) => soak::run(a),
         Cmd::Churn(a) => churn::run(a),
         Cmd::Producers(a) => producers::run(a),
+        Cmd::Jsonbench(a) => jsonbench::run(a),
         Cmd::Exportbench(a) => exportbench::run(a),
         Cmd::Demo {
             cluster,
