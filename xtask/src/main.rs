@@ -715,16 +715,19 @@ fn build_binaries(release: bool, extra: &[&str]) -> Result<()> {
         .args(extra))
 }
 
-/// The merger benchmark needs redis-server (Debian's package) and a release build.
-fn bench_merger(root: &Path, extra: &[String]) -> Result<()> {
-    if Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        apt_install(&["redis-server"])?;
+/// Runs `edgetally-bench SUBCOMMAND EXTRA…` after installing Debian's `package` if its
+/// `program` is missing (the comparison a benchmark starts beside the merger).
+fn bench_against(
+    root: &Path,
+    program: &str,
+    package: &str,
+    sub: &str,
+    extra: &[String],
+) -> Result<()> {
+    if Command::new(program).arg("--version").output().is_err() {
+        apt_install(&[package])?;
     }
-    let mut args = vec!["loadgen"];
+    let mut args = vec![sub];
     args.extend(extra.iter().map(String::as_str));
     bench_binary_with(root, &args)
 }
@@ -755,23 +758,19 @@ fn bench_binary_with(root: &Path, args: &[&str]) -> Result<()> {
 fn bench(which: &str, extra: &[String]) -> Result<()> {
     let root = root()?;
     if which == "merger" {
-        return bench_merger(&root, extra);
+        return bench_against(&root, "redis-server", "redis-server", "loadgen", extra);
     }
     if which == "cluster" {
         return bench_binary_with(&root, &["clusterbench"]);
     }
     if which == "json" {
-        // Debian's clickhouse-server is the comparison.
-        if Command::new("clickhouse-server")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            apt_install(&["clickhouse-server"])?;
-        }
-        let mut args = vec!["jsonbench"];
-        args.extend(extra.iter().map(String::as_str));
-        return bench_binary_with(&root, &args);
+        return bench_against(
+            &root,
+            "clickhouse-server",
+            "clickhouse-server",
+            "jsonbench",
+            extra,
+        );
     }
     if which == "producers" {
         let mut args = vec!["producers"];
