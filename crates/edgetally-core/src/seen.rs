@@ -124,16 +124,20 @@ impl SeenSet {
             s = s.min(self.ranges[lo].0);
             e = e.max(self.ranges[hi - 1].1);
         }
+        if s <= self.next {
+            // It joins the watermark (the common case: seqs in order), with the ranges it
+            // covers (then the first ones); nothing is allocated for it.
+            if lo < hi {
+                self.ranges.vec().drain(lo..hi);
+                self.ranges.tidy();
+            }
+            self.next = e;
+            return;
+        }
         // A set with one range above its watermark is common (a keyed `/v1/events` request's
         // epoch holds one seq, far from 0): room for one range, not the four a first push
         // reserves.
-        let ranges = self.ranges.vec();
-        ranges.splice(lo..hi, [(s, e)]);
-        if ranges.first().is_some_and(|&(s, _)| s <= self.next) {
-            let (_, e) = ranges.remove(0);
-            self.next = self.next.max(e);
-        }
-        self.ranges.tidy();
+        self.ranges.vec().splice(lo..hi, [(s, e)]);
     }
 
     /// Adds every element of `other`.
