@@ -1,6 +1,6 @@
-//! The ingest pipeline: decode → verify (a pool of `verify_threads`, one per core by
-//! default) → dedupe by BatchId → durable group commit → apply → reply. Bounded queues: when
-//! full, new batches get `Retry` instead of growing memory.
+//! The ingest pipeline: decode → verify (each group split over `verify_threads` threads, one
+//! per core by default) → dedupe by BatchId → durable group commit → apply → reply. Bounded
+//! queues: when full, new batches get `Retry` instead of growing memory.
 
 use crate::admission::Admission;
 use crate::metrics::Metrics;
