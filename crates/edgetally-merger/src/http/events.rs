@@ -2,11 +2,19 @@
 //! folding one request's events into one batch's summaries (`EventsFold`, pure).
 
 use super::*;
+use std::borrow::Cow;
 
-/// An event's fields: ts_ms, category, entity, value, subject.
-pub(super) type EventFields = (i64, String, Option<String>, f64, Option<String>);
+/// An event's fields: ts_ms, category, entity, value, subject; borrowed from the body
+/// unless the JSON string had escapes.
+pub(super) type EventFields<'a> = (
+    i64,
+    Cow<'a, str>,
+    Option<Cow<'a, str>>,
+    f64,
+    Option<Cow<'a, str>>,
+);
 /// One event of `POST /v1/events`: its fields, or why it was refused.
-pub(super) type EventResult = Result<EventFields, (RejectCode, String)>;
+pub(super) type EventResult<'a> = Result<EventFields<'a>, (RejectCode, String)>;
 /// An event's fields as borrowed for its canonical form: ts_ms, category, entity, value,
 /// subject.
 pub(super) type EventRef<'a> = (i64, &'a str, Option<&'a str>, f64, Option<&'a str>);
@@ -20,49 +28,59 @@ pub const MAX_EVENTS_PER_REQUEST: usize = 100_000;
 pub const MAX_LISTED_REJECTIONS: usize = 100;
 
 /// A JSON scalar as an event field sees it; arrays and objects are skipped unread
-/// (`IgnoredAny`), so a hostile field costs no memory.
-pub(super) enum Scalar {
+/// (`IgnoredAny`), so a hostile field costs no memory. Strings are borrowed from the body
+/// when they can be (no escapes): an event's fields cost no allocation.
+pub(super) enum Scalar<'de> {
     Int(i64),
     Float(f64),
-    Str(String),
+    Str(Cow<'de, str>),
     Null,
     Other(&'static str),
 }
 
-impl<'de> serde::Deserialize<'de> for Scalar {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Scalar, D::Error> {
+impl<'de> serde::Deserialize<'de> for Scalar<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Scalar<'de>, D::Error> {
         struct V;
         impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Scalar;
+            type Value = Scalar<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a JSON value")
             }
-            fn visit_i64<E>(self, v: i64) -> Result<Scalar, E> {
+            fn visit_i64<E>(self, v: i64) -> Result<Scalar<'de>, E> {
                 Ok(Scalar::Int(v))
             }
-            fn visit_u64<E>(self, v: u64) -> Result<Scalar, E> {
+            fn visit_u64<E>(self, v: u64) -> Result<Scalar<'de>, E> {
                 Ok(i64::try_from(v).map_or(Scalar::Float(v as f64), Scalar::Int))
             }
-            fn visit_f64<E>(self, v: f64) -> Result<Scalar, E> {
+            fn visit_f64<E>(self, v: f64) -> Result<Scalar<'de>, E> {
                 Ok(Scalar::Float(v))
             }
-            fn visit_str<E>(self, v: &str) -> Result<Scalar, E> {
-                Ok(Scalar::Str(v.to_owned()))
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Str(Cow::Borrowed(v)))
             }
-            fn visit_string<E>(self, v: String) -> Result<Scalar, E> {
-                Ok(Scalar::Str(v))
+            fn visit_str<E>(self, v: &str) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Str(Cow::Owned(v.to_owned())))
             }
-            fn visit_bool<E>(self, _: bool) -> Result<Scalar, E> {
+            fn visit_string<E>(self, v: String) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Str(Cow::Owned(v)))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Scalar<'de>, E> {
                 Ok(Scalar::Other("a boolean"))
             }
-            fn visit_unit<E>(self) -> Result<Scalar, E> {
+            fn visit_unit<E>(self) -> Result<Scalar<'de>, E> {
                 Ok(Scalar::Null)
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Scalar, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Scalar<'de>, A::Error> {
                 while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
                 Ok(Scalar::Other("an array"))
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Scalar, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Scalar<'de>, A::Error> {
                 while a
                     .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
                     .is_some()
@@ -74,7 +92,7 @@ impl<'de> serde::Deserialize<'de> for Scalar {
     }
 }
 
-impl Scalar {
+impl Scalar<'_> {
     /// What it is, for messages.
     pub(super) fn kind(&self) -> &'static str {
         match self {
@@ -94,46 +112,79 @@ pub(super) fn clip(s: &str, n: usize) -> String {
     }
 }
 
+/// An event object's key, read without allocating: one of the five fields, or (for the
+/// message) the first 40 characters of another.
+enum Field {
+    Known(&'static str),
+    Unknown(String),
+}
+
+impl<'de> serde::Deserialize<'de> for Field {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Field, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Field;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Field, E> {
+                Ok(
+                    match ["ts_ms", "category", "entity", "value", "subject"]
+                        .into_iter()
+                        .find(|&f| f == v)
+                    {
+                        Some(f) => Field::Known(f),
+                        None => Field::Unknown(clip(v, 40)),
+                    },
+                )
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
 /// One element of the events array (or one NDJSON line), read field by field straight from
 /// the JSON text: memory per event is its own strings, whatever the element holds.
-pub(super) struct EventItem(EventResult);
+pub(super) struct EventItem<'de>(EventResult<'de>);
 
-impl<'de> serde::Deserialize<'de> for EventItem {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<EventItem, D::Error> {
+impl<'de> serde::Deserialize<'de> for EventItem<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<EventItem<'de>, D::Error> {
         struct V;
         impl<'de> serde::de::Visitor<'de> for V {
-            type Value = EventItem;
+            type Value = EventItem<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("an event object")
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 mut a: A,
-            ) -> Result<EventItem, A::Error> {
+            ) -> Result<EventItem<'de>, A::Error> {
                 let (mut ts, mut cat, mut ent, mut val, mut subj) = (None, None, None, None, None);
                 let mut problem: Option<(RejectCode, String)> = None;
-                while let Some(k) = a.next_key::<std::borrow::Cow<'de, str>>()? {
-                    let slot = match &*k {
-                        "ts_ms" => &mut ts,
-                        "category" => &mut cat,
-                        "entity" => &mut ent,
-                        "value" => &mut val,
-                        "subject" => &mut subj,
-                        other => {
+                while let Some(k) = a.next_key::<Field>()? {
+                    let slot = match k {
+                        Field::Known("ts_ms") => &mut ts,
+                        Field::Known("category") => &mut cat,
+                        Field::Known("entity") => &mut ent,
+                        Field::Known("value") => &mut val,
+                        Field::Known(_) => &mut subj,
+                        Field::Unknown(other) => {
                             problem.get_or_insert((
                                 RejectCode::InvalidEvent,
-                                format!("unknown field {:?}", clip(other, 40)),
+                                format!("unknown field {other:?}"),
                             ));
                             a.next_value::<serde::de::IgnoredAny>()?;
                             continue;
                         }
                     };
-                    let v = a.next_value::<Scalar>()?;
+                    let v = a.next_value::<Scalar<'de>>()?;
                     if slot.replace(v).is_some() {
-                        problem.get_or_insert((
-                            RejectCode::InvalidEvent,
-                            format!("field {:?} given twice", &*k),
-                        ));
+                        if let Field::Known(name) = k {
+                            problem.get_or_insert((
+                                RejectCode::InvalidEvent,
+                                format!("field {name:?} given twice"),
+                            ));
+                        }
                     }
                 }
                 if let Some(p) = problem {
@@ -144,26 +195,26 @@ impl<'de> serde::Deserialize<'de> for EventItem {
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
                 mut a: A,
-            ) -> Result<EventItem, A::Error> {
+            ) -> Result<EventItem<'de>, A::Error> {
                 while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
                 Ok(not_an_object())
             }
-            fn visit_i64<E>(self, _: i64) -> Result<EventItem, E> {
+            fn visit_i64<E>(self, _: i64) -> Result<EventItem<'de>, E> {
                 Ok(not_an_object())
             }
-            fn visit_u64<E>(self, _: u64) -> Result<EventItem, E> {
+            fn visit_u64<E>(self, _: u64) -> Result<EventItem<'de>, E> {
                 Ok(not_an_object())
             }
-            fn visit_f64<E>(self, _: f64) -> Result<EventItem, E> {
+            fn visit_f64<E>(self, _: f64) -> Result<EventItem<'de>, E> {
                 Ok(not_an_object())
             }
-            fn visit_str<E>(self, _: &str) -> Result<EventItem, E> {
+            fn visit_str<E>(self, _: &str) -> Result<EventItem<'de>, E> {
                 Ok(not_an_object())
             }
-            fn visit_bool<E>(self, _: bool) -> Result<EventItem, E> {
+            fn visit_bool<E>(self, _: bool) -> Result<EventItem<'de>, E> {
                 Ok(not_an_object())
             }
-            fn visit_unit<E>(self) -> Result<EventItem, E> {
+            fn visit_unit<E>(self) -> Result<EventItem<'de>, E> {
                 Ok(not_an_object())
             }
         }
@@ -171,7 +222,7 @@ impl<'de> serde::Deserialize<'de> for EventItem {
     }
 }
 
-pub(super) fn not_an_object() -> EventItem {
+pub(super) fn not_an_object() -> EventItem<'static> {
     EventItem(Err((
         RejectCode::InvalidEvent,
         "an event must be a JSON object".to_string(),
@@ -179,13 +230,13 @@ pub(super) fn not_an_object() -> EventItem {
 }
 
 /// Checks an event's fields by type (values and ranges are the builder's to check).
-pub(super) fn event_fields(
-    ts: Option<Scalar>,
-    cat: Option<Scalar>,
-    ent: Option<Scalar>,
-    val: Option<Scalar>,
-    subj: Option<Scalar>,
-) -> EventResult {
+pub(super) fn event_fields<'a>(
+    ts: Option<Scalar<'a>>,
+    cat: Option<Scalar<'a>>,
+    ent: Option<Scalar<'a>>,
+    val: Option<Scalar<'a>>,
+    subj: Option<Scalar<'a>>,
+) -> EventResult<'a> {
     let ts = match ts {
         Some(Scalar::Int(n)) => n,
         Some(Scalar::Float(_)) => {
@@ -286,8 +337,6 @@ pub(super) struct EventsFold {
     /// Per-category value bounds (admission), checked per event.
     pub(super) admission: Arc<crate::admission::Admission>,
     pub(super) builder: BatchBuilder,
-    pub(super) categories: BTreeSet<String>,
-    pub(super) entities: BTreeSet<String>,
     pub(super) events: usize,
     pub(super) accepted: u64,
     pub(super) max_ts: i64,
@@ -323,8 +372,6 @@ impl EventsFold {
             admission,
             builder: BatchBuilder::new(EVENTS_BUCKET_MS as u32)
                 .map_err(|_| bad("internal", "bucket width"))?,
-            categories: BTreeSet::new(),
-            entities: BTreeSet::new(),
             events: 0,
             accepted: 0,
             max_ts: i64::MIN,
@@ -414,7 +461,7 @@ impl EventsFold {
     }
 
     /// Takes the next event; `false` once the request is refused whole.
-    pub(super) fn event(&mut self, item: EventResult) -> bool {
+    pub(super) fn event(&mut self, item: EventResult<'_>) -> bool {
         let index = self.events;
         self.events += 1;
         if self.events > MAX_EVENTS_PER_REQUEST {
@@ -439,7 +486,7 @@ impl EventsFold {
             let r = self
                 .builder
                 .record_with(&cat, ent.as_deref(), ts, value, opts);
-            self.canon(r.map(|()| (ts, cat.as_str(), ent.as_deref(), value, subject.as_deref())));
+            self.canon(r.map(|()| (ts, &*cat, ent.as_deref(), value, subject.as_deref())));
             if let (Ok(()), Err(code)) = (r, self.check_here(ts, &cat, value)) {
                 self.refused_here += 1;
                 *self.here_by_reason.entry(code.as_str()).or_insert(0) += 1;
@@ -459,16 +506,10 @@ impl EventsFold {
             Ok(()) => {
                 self.accepted += 1;
                 self.max_ts = self.max_ts.max(ts);
-                if !self.categories.contains(&cat) {
-                    self.categories.insert(cat);
-                }
-                if let Some(e) = ent {
-                    self.entities.insert(e);
-                }
                 let l = &self.limits;
                 if self.builder.len() > l.max_summaries
-                    || self.categories.len() > l.max_categories
-                    || self.entities.len() > l.max_entities
+                    || self.builder.categories() > l.max_categories
+                    || self.builder.entities() > l.max_entities
                 {
                     self.refused = Some(too_large(
                         "request_too_large",
@@ -518,8 +559,16 @@ impl EventsFold {
 
     /// Reads NDJSON: one event per non-empty line; a line that is not JSON is rejected alone.
     pub(super) fn ndjson(&mut self, text: &str) -> Result<(), ApiError> {
-        // Lines end in LF, CRLF or a lone CR (as some exporters write them).
-        for line in text.split(['\n', '\r']).filter(|l| !l.trim().is_empty()) {
+        // Lines end in LF, CRLF or a lone CR (as some exporters write them). Both are ASCII,
+        // so every piece between them is whole UTF-8.
+        let ends = memchr::memchr2_iter(b'\n', b'\r', text.as_bytes()).chain([text.len()]);
+        let mut start = 0;
+        for end in ends {
+            let line = text.get(start..end).unwrap_or_default();
+            start = end + 1;
+            if line.trim().is_empty() {
+                continue;
+            }
             let item = serde_json::from_str::<EventItem>(line)
                 .map(|EventItem(e)| e)
                 .unwrap_or_else(|e| Err((RejectCode::Malformed, format!("line is not JSON: {e}"))));

@@ -15,7 +15,7 @@ use edgetally_core::{BatchId, RejectCode, Rows, TopBy, Total};
 use edgetally_net::tls::hex;
 use edgetally_proto::{BatchBuilder, Reply};
 use serde_json::{json, Map, Value};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
