@@ -17,6 +17,7 @@
 
 use edgetally_core::{BatchId, Limits, LogEntry, Replica, SeenSet};
 use edgetally_merger::cluster::{combine, Answer, GroupAnswer, Part, Query};
+use edgetally_merger::scatter::topk::{TopKAsk, TopKRounds};
 use edgetally_proto::topology::{Decision, Group, Handoffs, Map, Topology};
 use edgetally_proto::{open, Signer};
 use edgetally_tests::{build_at, events, same, signer, Event, Model, Rng, NOW};
@@ -304,6 +305,53 @@ impl Sim {
     }
 }
 
+/// The top `k` by count of `c` as the cluster's rounds give it, every group asked each round
+/// its query ([`TopKRounds`]).
+fn topk_rounds(
+    sim: &Sim,
+    c: &str,
+    (start, end): (i64, i64),
+    by_producer: bool,
+    k: usize,
+) -> Vec<(String, u64)> {
+    let a = TopKAsk {
+        category: c.to_string(),
+        start,
+        end,
+        by_producer,
+    };
+    let none = BTreeSet::new();
+    // Each group asked answers from its replica (a group's place is its index).
+    let each = |ask: &dyn Fn(&str) -> Option<Query>| -> Vec<(GroupAnswer, Option<Part>)> {
+        (0..sim.groups.len())
+            .filter_map(|i| Some(sim.parts(&ask(&format!("g{i}"))?, &none).swap_remove(i)))
+            .collect()
+    };
+    let mut r = TopKRounds::first(k, each(&|_| Some(a.round(k, None, Vec::new()))));
+    if let Some((t, open)) = r.second() {
+        r.take_second(
+            t,
+            each(&|g| {
+                open.iter()
+                    .any(|o| o == g)
+                    .then(|| a.round(0, Some(t), Vec::new()))
+            }),
+        );
+        let asks = r.third();
+        r.take_third(each(&|g| {
+            asks.iter()
+                .find(|(o, _)| o == g)
+                .map(|(_, n)| a.round(0, None, n.clone()))
+        }));
+    }
+    r.finish()
+        .0
+        .rows
+        .into_iter()
+        .map(|(n, t)| (n.unwrap_or_default(), t.count))
+        .collect()
+}
+
 fn count_of(a: &Answer) -> u64 {
     match a {
         Answer::Points(p) => p.iter().map(|x| x.2.count).sum(),
@@ -550,6 +598,19 @@ fn scenario(seed: u64) -> Result<String, String> {
                     return Err(format!(
                         "top-k {c} by producer {by_producer}: {got:?} != {want:?}"
                     ));
+                }
+                if down.is_empty() {
+                    // The rounds (the top k without every row) against the model's ranking.
+                    let mut ranked: Vec<(String, u64)> = want.into_iter().collect();
+                    ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                    for k in [1, 2, 5] {
+                        let got = topk_rounds(&sim, c, (from, until), by_producer, k);
+                        if got[..] != ranked[..k.min(ranked.len())] {
+                            return Err(format!(
+                                "top-{k} {c} by producer {by_producer} in rounds: {got:?} != {ranked:?}"
+                            ));
+                        }
+                    }
                 }
             }
         }

@@ -40,7 +40,7 @@ const PREVIOUS_FEATURES: &[&str] = &[
     "handoffs",
     "features",
 ];
-const PREVIOUS_LACKS: &[&str] = &["sketches"];
+const PREVIOUS_LACKS: &[&str] = &["sketches", "topk-rounds"];
 const FEATURES: &[&str] = &[
     "facts",
     "forward-source",
@@ -48,6 +48,7 @@ const FEATURES: &[&str] = &[
     "handoffs",
     "features",
     "sketches",
+    "topk-rounds",
 ];
 
 struct Node {

@@ -73,6 +73,54 @@ fn sealed(n: usize, summaries: u32, producers: usize, salt: u32) -> Result<Arc<V
     Ok(Arc::new(v))
 }
 
+/// Page views for the skewed top-k: `n` batches from 512 producers of their own (so they
+/// spread over every group), each of 50 views of pages drawn from a Zipf law (s = 1) over
+/// 20,000 pages every producer shares — the top-k users ask for, where a page's count is
+/// the sum of every group's.
+fn page_views(n: usize) -> Result<Arc<Vec<Vec<u8>>>> {
+    let now = now_ms();
+    let e = |c: edgetally_core::RejectCode| anyhow::anyhow!("{c}");
+    let mut cdf = Vec::with_capacity(20_000);
+    let mut acc = 0.0;
+    for rank in 1..=20_000u32 {
+        acc += 1.0 / f64::from(rank);
+        cdf.push(acc);
+    }
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut draw = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let u = (x >> 11) as f64 / (1u64 << 53) as f64 * acc;
+        cdf.partition_point(|&c| c < u)
+    };
+    let signers: Vec<Signer> = (0..512u32)
+        .map(|i| {
+            let mut seed = [0x5a; 32];
+            seed[..4].copy_from_slice(&i.to_le_bytes());
+            Signer::from_seed(seed)
+        })
+        .collect();
+    (0..n)
+        .map(|i| {
+            let s = &signers[i % 512];
+            let mut b = edgetally_proto::BatchBuilder::new(1000).map_err(e)?;
+            for _ in 0..50 {
+                b.record("page-views", Some(&format!("page-{:05}", draw())), now, 1.0)
+                    .map_err(e)?;
+            }
+            let id = edgetally_core::BatchId {
+                producer: s.producer(),
+                epoch: now as u64,
+                seq: (i / 512) as u64,
+            };
+            s.seal(&b.finish(id, now))
+                .map_err(|e| anyhow::anyhow!("{e}"))
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Arc::new)
+}
+
 /// A topology file's text: one map from 0, optionally a second from `later`.
 fn topology(
     version: u64,
@@ -334,6 +382,14 @@ fn one(
         mean(|p| p.2) / 1048576.0,
         mean(|p| p.1 as f64) / 1024.0
     );
+    // Page views (not in the figures above) for the skewed top-k.
+    let pages = page_views(4_096)?;
+    push_round_robin(rt, &refs, &pages)?;
+    wait_applied(
+        &refs,
+        ((batches.len() + pages.len()) * replicas) as u64,
+        Duration::from_secs(600),
+    )?;
     // Query latency at the first node, each kind gathered across the groups.
     let (from, until) = (now_ms() - 600_000, now_ms() + 60_000);
     let w = format!("start={from}&end={until}");
@@ -354,6 +410,10 @@ fn one(
         (
             "topk entity",
             format!("/v1/topk?category=metric-0&k=10&{w}"),
+        ),
+        (
+            "topk entity skewed",
+            format!("/v1/topk?category=page-views&k=10&{w}"),
         ),
         (
             "topk producer",

@@ -21,7 +21,7 @@ pub mod value;
 
 pub use batch::{Batch, BatchId, BatchSummary, Limits, ProducerKey, NO_ENTITY};
 pub use code::RejectCode;
-pub use query::{Aggregate, GroupBy, Plan, Rows, TopBy};
+pub use query::{Aggregate, GroupBy, Plan, Rows, TopBy, TopSelect};
 pub use record::Record;
 pub use replica::{
     batch_digest, content_digest, Applied, Digest, Divergence, EpochSeen, LogEntry, Memory,

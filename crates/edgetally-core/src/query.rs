@@ -142,6 +142,29 @@ pub struct Aggregate {
     pub total: Total,
 }
 
+/// Which rows of a top-k a replica selects ([`Replica::top_select`]): the union of three
+/// rules, one per round of the cluster's exact top-k.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TopSelect<'a> {
+    /// The rows among the `k` highest counts (ties broken by name ascending).
+    pub k: usize,
+    /// Every row whose count is at least this.
+    pub min_count: Option<u64>,
+    /// The rows of these names (sorted ascending).
+    pub names: &'a [String],
+}
+
+impl TopSelect<'_> {
+    /// The `k` highest counts only.
+    pub fn top(k: usize) -> TopSelect<'static> {
+        TopSelect {
+            k,
+            min_count: None,
+            names: &[],
+        }
+    }
+}
+
 /// A ranked or grouped answer: the covered window and (name, totals) rows.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rows {
@@ -221,12 +244,31 @@ impl Replica {
     /// The `k` entities or producers of `category` with the highest counts over
     /// `[start, end)`, descending; ties broken by name ascending.
     pub fn topk(&self, category: &str, start: i64, end: i64, k: usize, by: TopBy) -> Rows {
+        let mut rows = self
+            .top_select(category, start, end, by, TopSelect::top(k))
+            .0;
+        rows.rank(k);
+        rows
+    }
+
+    /// The rows of `category`'s entities (or producers) over `[start, end)` that `sel`
+    /// selects, sorted by name, and the highest count of a row left out (0 if none): a
+    /// replica's part in one round of the cluster's exact top-k. Only the selected rows'
+    /// names are copied out.
+    pub fn top_select(
+        &self,
+        category: &str,
+        start: i64,
+        end: i64,
+        by: TopBy,
+        sel: TopSelect<'_>,
+    ) -> (Rows, u64) {
         let probe = match by {
             TopBy::Entity => Dim::All,
             TopBy::Producer => Dim::Producer(0),
         };
         let plan = self.plan_for(start, end, probe);
-        let mut rows = Vec::new();
+        let mut all: Vec<(std::borrow::Cow<'_, str>, Total)> = Vec::new();
         let cat = self.string_id(category);
         match by {
             TopBy::Entity => {
@@ -238,7 +280,7 @@ impl Replica {
                     let Dim::Entity(e) = dim else { continue };
                     let t = self.read(idx, &plan);
                     if !t.is_empty() {
-                        rows.push((Some(self.strings.get(e).to_string()), t));
+                        all.push((self.strings.get(e).into(), t));
                     }
                 }
             }
@@ -254,20 +296,45 @@ impl Replica {
                         }
                     }
                 }
-                rows.extend(
+                all.extend(
                     sums.into_iter()
                         .filter(|(_, t)| !t.is_empty())
-                        .map(|(pid, t)| (Some(self.producers.get(pid).to_hex()), t)),
+                        .map(|(pid, t)| (self.producers.get(pid).to_hex().into(), t)),
                 );
             }
         }
-        let mut rows = Rows {
+        let mut picked = Vec::new();
+        let k = sel.k.min(all.len());
+        if k > 0 {
+            // The k first by rank (count descending, name ascending), in no order.
+            all.select_nth_unstable_by(k - 1, |a, b| {
+                b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(&b.0))
+            });
+            picked.extend(all.drain(..k));
+        }
+        let mut left_out = 0;
+        for (name, t) in all {
+            let wanted = sel.min_count.is_some_and(|m| t.count >= m)
+                || sel
+                    .names
+                    .binary_search_by(|n| n.as_str().cmp(&name))
+                    .is_ok();
+            if wanted {
+                picked.push((name, t));
+            } else {
+                left_out = left_out.max(t.count);
+            }
+        }
+        picked.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let rows = Rows {
             start: plan.start,
             end: plan.end,
-            rows,
+            rows: picked
+                .into_iter()
+                .map(|(name, t)| (Some(name.into_owned()), t))
+                .collect(),
         };
-        rows.rank(k);
-        rows
+        (rows, left_out)
     }
 
     /// Counts and sums over `[start, end)`, grouped. Groups are sorted by name (`None` first).

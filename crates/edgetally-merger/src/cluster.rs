@@ -43,6 +43,7 @@ use tracing::{debug, info, warn};
 
 mod agreement;
 mod forward;
+pub(crate) mod topk;
 
 /// Counters of the cluster layer (exported in `/metrics`).
 #[derive(Debug, Default)]

@@ -63,7 +63,9 @@ pub(crate) struct HelloExt {
 /// - `forward-source`: a forwarded batch carries the address it came from;
 /// - `topology-agreement`: the `Topology` and `Adopt` requests (versions agree in-band);
 /// - `handoffs`: the `Handoff` request;
-/// - `features`: this list.
+/// - `features`: this list;
+/// - `sketches`: batch format v2 and the sketch queries;
+/// - `topk-rounds`: the `TopKRound` query (the cluster's top-k by count in rounds).
 pub const FEATURES: &[&str] = &[
     "facts",
     "forward-source",
@@ -71,6 +73,7 @@ pub const FEATURES: &[&str] = &[
     "handoffs",
     "features",
     "sketches",
+    "topk-rounds",
 ];
 
 /// The features of a node that sends facts but no feature list: the previous release
@@ -616,8 +619,8 @@ mod tests {
         assert_eq!(prev.features, PREVIOUS_RELEASE);
         assert_eq!(
             prev.lacks,
-            ["sketches"],
-            "the previous release lacks the sketches"
+            ["sketches", "topk-rounds"],
+            "the previous release lacks the sketches and the top-k rounds"
         );
         assert!(me.speaks(&[1; 32], "topology-agreement"));
         assert!(!me.speaks(&[1; 32], "sketches"));
@@ -632,7 +635,8 @@ mod tests {
                 "forward-source",
                 "topology-agreement",
                 "handoffs",
-                "sketches"
+                "sketches",
+                "topk-rounds"
             ]
         );
         assert!(!me.speaks(&[2; 32], "topology-agreement"));

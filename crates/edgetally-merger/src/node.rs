@@ -708,28 +708,11 @@ impl Node {
         bool,
         Vec<crate::cluster::GroupAnswer>,
     ) {
-        let mine = self.part(&q);
         let Some(c) = &self.cluster else {
+            let mine = self.part(&q);
             return (mine.answer, mine.complete, Vec::new());
         };
-        let mut parts = vec![(
-            crate::cluster::GroupAnswer {
-                name: c.group.clone(),
-                answered: true,
-                complete: mine.complete,
-                as_of_ms: Some(mine.as_of_ms),
-                absorbed_by: None,
-                error: None,
-            },
-            Some(mine),
-        )];
-        c.note_absorbed(
-            &parts[0]
-                .1
-                .as_ref()
-                .map(|p| p.absorbed.clone())
-                .unwrap_or_default(),
-        );
+        let mut parts = vec![crate::cluster::topk::own_part(self, c, &q)];
         parts.extend(c.gather(&q).await);
         crate::cluster::combine(&q, parts)
     }

@@ -8,6 +8,8 @@
 use edgetally_core::{GroupBy, Replica, Sketches, TopBy, Total};
 use serde::{Deserialize, Serialize};
 
+pub mod topk;
+
 /// A cluster-wide query: what one group is asked for.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Query {
@@ -85,6 +87,26 @@ pub enum Query {
         /// 0: none, 1: category, 2: entity.
         group_by: u8,
     },
+    /// `/v1/topk` by count, one round of the cluster's exact top-k ([`topk::TopKRounds`];
+    /// peer feature `topk-rounds`): the rows of `category`'s entities (or producers) over the
+    /// window that are among this group's `k` highest counts, or count at least `min_count`,
+    /// or are named in `names` (sorted); sorted by name.
+    TopKRound {
+        /// Category.
+        category: String,
+        /// Window start, ms.
+        start: i64,
+        /// Window end, ms (exclusive).
+        end: i64,
+        /// By producer (else by entity).
+        by_producer: bool,
+        /// The group's own top `k`.
+        k: u32,
+        /// Every row with at least this count.
+        min_count: Option<u64>,
+        /// These rows (sorted by name).
+        names: Vec<String>,
+    },
 }
 
 /// Sketches as they cross between groups: their canonical bytes.
@@ -156,6 +178,18 @@ pub enum Answer {
         end: i64,
         /// (name, sketches).
         rows: Vec<(Option<String>, WireSketches)>,
+    },
+    /// A group's rows in a round of the top-k ([`Query::TopKRound`]), sorted by name, and
+    /// the highest count of a row it left out (0 if none).
+    TopRows {
+        /// Covered start.
+        start: i64,
+        /// Covered end.
+        end: i64,
+        /// (name, totals).
+        rows: Vec<(Option<String>, Total)>,
+        /// The highest count of a row left out.
+        left_out: u64,
     },
 }
 
@@ -232,12 +266,44 @@ impl Query {
                 } else {
                     TopBy::Entity
                 };
-                let mut rows = r.topk(category, *start, *end, usize::MAX, by);
-                rows.rows.sort_by(|a, b| a.0.cmp(&b.0));
+                let (rows, _) = r.top_select(
+                    category,
+                    *start,
+                    *end,
+                    by,
+                    edgetally_core::TopSelect::top(usize::MAX),
+                );
                 Answer::Rows {
                     start: rows.start,
                     end: rows.end,
                     rows: rows.rows,
+                }
+            }
+            Query::TopKRound {
+                category,
+                start,
+                end,
+                by_producer,
+                k,
+                min_count,
+                names,
+            } => {
+                let by = if *by_producer {
+                    TopBy::Producer
+                } else {
+                    TopBy::Entity
+                };
+                let sel = edgetally_core::TopSelect {
+                    k: *k as usize,
+                    min_count: *min_count,
+                    names,
+                };
+                let (rows, left_out) = r.top_select(category, *start, *end, by, sel);
+                Answer::TopRows {
+                    start: rows.start,
+                    end: rows.end,
+                    rows: rows.rows,
+                    left_out,
                 }
             }
             Query::Totals {
@@ -340,7 +406,10 @@ impl Answer {
     /// The window and rows of a top-k or totals answer (empty for a points answer).
     pub fn into_rows(self) -> edgetally_core::Rows {
         match self {
-            Answer::Rows { start, end, rows } => edgetally_core::Rows { start, end, rows },
+            Answer::Rows { start, end, rows }
+            | Answer::TopRows {
+                start, end, rows, ..
+            } => edgetally_core::Rows { start, end, rows },
             _ => edgetally_core::Rows {
                 start: 0,
                 end: 0,
@@ -378,7 +447,7 @@ impl Answer {
 }
 
 /// Two lists of rows sorted by name, merged into one (rows of one name combined by `add`).
-fn merge_rows<T>(
+pub(crate) fn merge_rows<T>(
     a: Vec<(Option<String>, T)>,
     b: Vec<(Option<String>, T)>,
     add: impl Fn(&mut T, T),
@@ -431,15 +500,9 @@ pub struct GroupAnswer {
     pub error: Option<String>,
 }
 
-/// Merges every group's part of a query into the cluster's answer: the answer, whether it is
-/// complete, and each group's place in it. A drained group's state is in its heir's part once
-/// the heir absorbed it: the group's own part is then left out (answered or not) — else it
-/// would count twice — and its absence does not make the answer incomplete. Every other group
-/// must have answered from a node that saw all its peers for the answer to be complete.
-pub fn combine(
-    q: &Query,
-    mut parts: Vec<(GroupAnswer, Option<Part>)>,
-) -> (Answer, bool, Vec<GroupAnswer>) {
+/// Names in each group's place the group whose part holds its state (a drained group an
+/// answering heir absorbed).
+pub(crate) fn mark_absorbed(parts: &mut [(GroupAnswer, Option<Part>)]) {
     for i in 0..parts.len() {
         let name = parts[i].0.name.clone();
         let by = parts.iter().find_map(|(g, p)| {
@@ -449,6 +512,18 @@ pub fn combine(
         });
         parts[i].0.absorbed_by = by;
     }
+}
+
+/// Merges every group's part of a query into the cluster's answer: the answer, whether it is
+/// complete, and each group's place in it. A drained group's state is in its heir's part once
+/// the heir absorbed it: the group's own part is then left out (answered or not) — else it
+/// would count twice — and its absence does not make the answer incomplete. Every other group
+/// must have answered from a node that saw all its peers for the answer to be complete.
+pub fn combine(
+    q: &Query,
+    mut parts: Vec<(GroupAnswer, Option<Part>)>,
+) -> (Answer, bool, Vec<GroupAnswer>) {
+    mark_absorbed(&mut parts);
     let mut answer: Option<Answer> = None;
     let mut complete = true;
     let mut groups = Vec::with_capacity(parts.len());

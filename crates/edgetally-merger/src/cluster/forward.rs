@@ -238,9 +238,21 @@ impl Cluster {
 
     /// Asks every other group for its part of `q`, all at once, each trying its replicas in
     /// turn until the deadline. One entry per group of the topology other than this node's.
+    pub async fn gather(self: &Arc<Self>, q: &Query) -> Vec<(GroupAnswer, Option<Part>)> {
+        self.gather_each(&|_| Some(q.clone()), None).await
+    }
+
+    /// Asks every other group `ask` gives a query for its part of it, all at once, each trying
+    /// its replicas in turn until the deadline; only replicas that speak `feature`, if given
+    /// (one that does not fails that group, with an error saying so). One entry per group
+    /// asked, and one per drained group not asked because an heir absorbed it.
     // Long by design: the scatter, its deadline and each group's replica fail-over in one
     // place.
-    pub async fn gather(self: &Arc<Self>, q: &Query) -> Vec<(GroupAnswer, Option<Part>)> {
+    pub async fn gather_each(
+        self: &Arc<Self>,
+        ask: &(dyn Fn(&str) -> Option<Query> + Sync),
+        feature: Option<&'static str>,
+    ) -> Vec<(GroupAnswer, Option<Part>)> {
         let t = self.topology();
         let mut asks = tokio::task::JoinSet::new();
         let mut skip = self
@@ -255,13 +267,22 @@ impl Cluster {
             .filter(|g| g.name != self.group && !skip.contains(&g.name))
             .cloned()
             .collect();
-        for (i, g) in others.iter().enumerate() {
+        let queries: Vec<Option<Query>> = others.iter().map(|g| ask(&g.name)).collect();
+        let others: Vec<(Group, Query)> = others
+            .into_iter()
+            .zip(queries)
+            .filter_map(|(g, q)| Some((g, q?)))
+            .collect();
+        for (i, (g, q)) in others.iter().enumerate() {
             let (me, g, q) = (self.clone(), g.clone(), q.clone());
             asks.spawn(async move {
                 let mut last = String::from("no replica");
                 for addr in &g.quic {
                     let got = async {
-                        let conn = me.connection(addr).await?;
+                        let conn = match feature {
+                            Some(f) => me.connection_speaking(addr, f).await?,
+                            None => me.connection(addr).await?,
+                        };
                         Ok::<_, String>(crate::peer::query(&conn, &q).await?)
                     }
                     .await;
@@ -312,7 +333,7 @@ impl Cluster {
         let mut out: Vec<(GroupAnswer, Option<Part>)> = others
             .into_iter()
             .zip(got)
-            .map(|(g, r)| match r {
+            .map(|((g, _), r)| match r {
                 Some(Ok(p)) => (
                     GroupAnswer {
                         name: g.name,

@@ -168,17 +168,13 @@ pub(super) async fn topk(
             ))
         }
     };
-    let (answer, complete, groups) = node
-        .query(Query::TopK {
-            category: category.clone(),
-            start,
-            end,
-            by_producer: by == TopBy::Producer,
-        })
-        .await;
-    // Every group sent every row: rank the merged rows here (ties by name), keep k.
-    let mut rows = answer.into_rows();
-    rows.rank(k);
+    let ask = crate::scatter::topk::TopKAsk {
+        category: category.clone(),
+        start,
+        end,
+        by_producer: by == TopBy::Producer,
+    };
+    let (rows, complete, groups) = node.topk_by_count(&ask, k).await;
     let mut o = Map::new();
     o.insert("category".into(), json!(category));
     o.insert(
