@@ -355,7 +355,9 @@ fn topk_rounds(
 fn count_of(a: &Answer) -> u64 {
     match a {
         Answer::Points(p) => p.iter().map(|x| x.2.count).sum(),
-        Answer::Rows { rows, .. } => rows.iter().map(|r| r.1.count).sum(),
+        Answer::Rows { rows, .. } | Answer::TopRows { rows, .. } => {
+            rows.iter().map(|r| r.1.count).sum()
+        }
         // Sketch answers hold no counts (this simulation asks for totals).
         Answer::Sketches(_) | Answer::SketchRows { .. } => 0,
     }
