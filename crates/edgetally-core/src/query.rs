@@ -251,23 +251,14 @@ impl Replica {
         rows
     }
 
-    /// The rows of `category`'s entities (or producers) over `[start, end)` that `sel`
-    /// selects, sorted by name, and the highest count of a row left out (0 if none): a
-    /// replica's part in one round of the cluster's exact top-k. Only the selected rows'
-    /// names are copied out.
-    pub fn top_select(
+    /// Every non-empty row of `category`'s entities (or producers) over `plan`, names
+    /// borrowed where they can be.
+    fn top_rows(
         &self,
         category: &str,
-        start: i64,
-        end: i64,
+        plan: &Plan,
         by: TopBy,
-        sel: TopSelect<'_>,
-    ) -> (Rows, u64) {
-        let probe = match by {
-            TopBy::Entity => Dim::All,
-            TopBy::Producer => Dim::Producer(0),
-        };
-        let plan = self.plan_for(start, end, probe);
+    ) -> Vec<(std::borrow::Cow<'_, str>, Total)> {
         let mut all: Vec<(std::borrow::Cow<'_, str>, Total)> = Vec::new();
         let cat = self.string_id(category);
         match by {
@@ -278,7 +269,7 @@ impl Replica {
                     .flatten()
                 {
                     let Dim::Entity(e) = dim else { continue };
-                    let t = self.read(idx, &plan);
+                    let t = self.read(idx, plan);
                     if !t.is_empty() {
                         all.push((self.strings.get(e).into(), t));
                     }
@@ -303,6 +294,27 @@ impl Replica {
                 );
             }
         }
+        all
+    }
+
+    /// The rows of `category`'s entities (or producers) over `[start, end)` that `sel`
+    /// selects, sorted by name, and the highest count of a row left out (0 if none): a
+    /// replica's part in one round of the cluster's exact top-k. Only the selected rows'
+    /// names are copied out.
+    pub fn top_select(
+        &self,
+        category: &str,
+        start: i64,
+        end: i64,
+        by: TopBy,
+        sel: TopSelect<'_>,
+    ) -> (Rows, u64) {
+        let probe = match by {
+            TopBy::Entity => Dim::All,
+            TopBy::Producer => Dim::Producer(0),
+        };
+        let plan = self.plan_for(start, end, probe);
+        let mut all = self.top_rows(category, &plan, by);
         let mut picked = Vec::new();
         let k = sel.k.min(all.len());
         if k > 0 {
