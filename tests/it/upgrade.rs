@@ -166,13 +166,19 @@ fn features_seen(nodes: &[Node]) -> Result<(), String> {
     Ok(())
 }
 
+/// The previous release's `edgetally` (`EDGETALLY_PREVIOUS_BIN`, set by `cargo xtask upgrade`).
+fn previous_release() -> PathBuf {
+    PathBuf::from(
+        std::env::var_os("EDGETALLY_PREVIOUS_BIN").expect(
+            "EDGETALLY_PREVIOUS_BIN: the previous release's edgetally (cargo xtask upgrade)",
+        ),
+    )
+}
+
 #[test]
 #[ignore = "needs the previous release's binary: cargo xtask upgrade builds it and runs this"]
 fn a_rolling_upgrade_from_the_previous_release_loses_nothing() {
-    let previous =
-        PathBuf::from(std::env::var_os("EDGETALLY_PREVIOUS_BIN").expect(
-            "EDGETALLY_PREVIOUS_BIN: the previous release's edgetally (cargo xtask upgrade)",
-        ));
+    let previous = previous_release();
     let current = crate::harness::binary();
     let mut rng = Rng::new(29);
     let quics: Vec<SocketAddr> = (0..3).map(|_| free_udp()).collect();
@@ -292,10 +298,7 @@ fn a_rolling_upgrade_from_the_previous_release_loses_nothing() {
 #[test]
 #[ignore = "needs the previous release's binary: cargo xtask upgrade builds it and runs this"]
 fn a_top_k_across_groups_of_two_releases_is_exact() {
-    let previous =
-        PathBuf::from(std::env::var_os("EDGETALLY_PREVIOUS_BIN").expect(
-            "EDGETALLY_PREVIOUS_BIN: the previous release's edgetally (cargo xtask upgrade)",
-        ));
+    let previous = previous_release();
     let (q0, q1) = (free_udp(), free_udp());
     let dirs = (
         TempDir::new("upgrade-topk-0"),
