@@ -206,11 +206,7 @@ fn a_rolling_upgrade_from_the_previous_release_loses_nothing() {
             cert: n.m().cert,
         })
         .collect();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = crate::harness::runtime();
     let _guard = rt.enter();
     let config = ProducerConfig {
         flush_interval_ms: 50,
@@ -326,11 +322,7 @@ fn a_top_k_across_groups_of_two_releases_is_exact() {
         &["--topology", &t, "--group", "g1"],
         ENV,
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = crate::harness::runtime();
     let _guard = rt.enter();
     let endpoints: Vec<Endpoint> = [(&new, q0), (&old, q1)]
         .iter()
