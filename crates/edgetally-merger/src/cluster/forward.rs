@@ -239,19 +239,22 @@ impl Cluster {
     /// Asks every other group for its part of `q`, all at once, each trying its replicas in
     /// turn until the deadline. One entry per group of the topology other than this node's.
     pub async fn gather(self: &Arc<Self>, q: &Query) -> Vec<(GroupAnswer, Option<Part>)> {
-        self.gather_each(&|_| Some(q.clone()), None).await
+        let until = tokio::time::Instant::now() + self.deadline;
+        self.gather_each(&|_| Some(q.clone()), None, until).await
     }
 
     /// Asks every other group `ask` gives a query for its part of it, all at once, each trying
     /// its replicas in turn until the deadline; only replicas that speak `feature`, if given
-    /// (one that does not fails that group, with an error saying so). One entry per group
-    /// asked, and one per drained group not asked because an heir absorbed it.
+    /// (one that does not fails that group, with an error saying so); a group that has not
+    /// answered by `until` has not answered. One entry per group asked, and one per drained
+    /// group not asked because an heir absorbed it.
     // Long by design: the scatter, its deadline and each group's replica fail-over in one
     // place.
     pub async fn gather_each(
         self: &Arc<Self>,
         ask: &(dyn Fn(&str) -> Option<Query> + Sync),
         feature: Option<&'static str>,
+        until: tokio::time::Instant,
     ) -> Vec<(GroupAnswer, Option<Part>)> {
         let t = self.topology();
         let mut asks = tokio::task::JoinSet::new();
@@ -298,7 +301,7 @@ impl Cluster {
             });
         }
         let mut got: Vec<Option<Result<Part, String>>> = vec![None; others.len()];
-        let _ = tokio::time::timeout(self.deadline, async {
+        let _ = tokio::time::timeout_at(until, async {
             while let Some(done) = asks.join_next().await {
                 if let Ok((i, r)) = done {
                     got[i] = Some(r);

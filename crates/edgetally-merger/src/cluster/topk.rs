@@ -32,12 +32,13 @@ impl Node {
         &self,
         c: &std::sync::Arc<Cluster>,
         ask: &(dyn Fn(&str) -> Option<Query> + Sync),
+        until: tokio::time::Instant,
     ) -> Vec<(GroupAnswer, Option<Part>)> {
         let mut parts: Vec<_> = ask(&c.group)
             .map(|q| own_part(self, c, &q))
             .into_iter()
             .collect();
-        parts.extend(c.gather_each(ask, Some(TOPK_ROUNDS)).await);
+        parts.extend(c.gather_each(ask, Some(TOPK_ROUNDS), until).await);
         parts
     }
 
@@ -56,7 +57,11 @@ impl Node {
             rows.rank(k);
             return (rows, mine.complete, Vec::new());
         };
-        let first = self.round(c, &|_| Some(a.round(k, None, Vec::new()))).await;
+        // Every round within the one deadline a gathered query has (`query_deadline_ms`).
+        let until = tokio::time::Instant::now() + c.deadline;
+        let first = self
+            .round(c, &|_| Some(a.round(k, None, Vec::new())), until)
+            .await;
         let earlier = first.iter().any(|(g, _)| {
             g.error
                 .as_deref()
@@ -78,21 +83,29 @@ impl Node {
         let mut rounds = TopKRounds::first(k, first);
         if let Some((t, open)) = rounds.second() {
             let second = self
-                .round(c, &|g| {
-                    open.iter()
-                        .any(|o| o == g)
-                        .then(|| a.round(0, Some(t), Vec::new()))
-                })
+                .round(
+                    c,
+                    &|g| {
+                        open.iter()
+                            .any(|o| o == g)
+                            .then(|| a.round(0, Some(t), Vec::new()))
+                    },
+                    until,
+                )
                 .await;
             rounds.take_second(t, second);
             let asks = rounds.third();
             if !asks.is_empty() {
                 let third = self
-                    .round(c, &|g| {
-                        asks.iter()
-                            .find(|(o, _)| o == g)
-                            .map(|(_, names)| a.round(0, None, names.clone()))
-                    })
+                    .round(
+                        c,
+                        &|g| {
+                            asks.iter()
+                                .find(|(o, _)| o == g)
+                                .map(|(_, names)| a.round(0, None, names.clone()))
+                        },
+                        until,
+                    )
                     .await;
                 rounds.take_third(third);
             }
