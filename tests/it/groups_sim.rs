@@ -279,29 +279,30 @@ impl Sim {
 
     /// Each group's part of `q`, as `Node::part` gives it; `down` groups do not answer.
     fn parts(&self, q: &Query, down: &BTreeSet<usize>) -> Vec<(GroupAnswer, Option<Part>)> {
-        self.groups
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let up = !down.contains(&i);
-                (
-                    GroupAnswer {
-                        name: format!("g{i}"),
-                        answered: up,
-                        complete: up,
-                        as_of_ms: up.then_some(0),
-                        absorbed_by: None,
-                        error: None,
-                    },
-                    up.then(|| Part {
-                        answer: q.run(r),
-                        complete: true,
-                        as_of_ms: 0,
-                        absorbed: r.absorbed().to_vec(),
-                    }),
-                )
-            })
+        (0..self.groups.len())
+            .map(|i| self.part(i, q, !down.contains(&i)))
             .collect()
+    }
+
+    /// Group `i`'s place and part (none if it is down).
+    fn part(&self, i: usize, q: &Query, up: bool) -> (GroupAnswer, Option<Part>) {
+        let r = &self.groups[i];
+        (
+            GroupAnswer {
+                name: format!("g{i}"),
+                answered: up,
+                complete: up,
+                as_of_ms: up.then_some(0),
+                absorbed_by: None,
+                error: None,
+            },
+            up.then(|| Part {
+                answer: q.run(r),
+                complete: true,
+                as_of_ms: 0,
+                absorbed: r.absorbed().to_vec(),
+            }),
+        )
     }
 }
 
@@ -320,11 +321,10 @@ fn topk_rounds(
         end,
         by_producer,
     };
-    let none = BTreeSet::new();
     // Each group asked answers from its replica (a group's place is its index).
     let each = |ask: &dyn Fn(&str) -> Option<Query>| -> Vec<(GroupAnswer, Option<Part>)> {
         (0..sim.groups.len())
-            .filter_map(|i| Some(sim.parts(&ask(&format!("g{i}"))?, &none).swap_remove(i)))
+            .filter_map(|i| Some(sim.part(i, &ask(&format!("g{i}"))?, true)))
             .collect()
     };
     let mut r = TopKRounds::first(k, each(&|_| Some(a.round(k, None, Vec::new()))));
