@@ -712,7 +712,7 @@ impl Node {
             let mine = self.part(&q);
             return (mine.answer, mine.complete, Vec::new());
         };
-        let mut parts = vec![crate::cluster::topk::own_part(self, c, &q)];
+        let mut parts = vec![c.own_part(self, &q)];
         parts.extend(c.gather(&q).await);
         crate::cluster::combine(&q, parts)
     }

@@ -49,6 +49,11 @@ impl Cluster {
         Ok(conn)
     }
 
+    /// Whether a group's error (from [`Self::gather_each`]) says its node lacked `feature`.
+    pub(crate) fn lacked(error: &str, feature: &str) -> bool {
+        error.contains(&format!("an earlier release without {feature}:"))
+    }
+
     async fn connection_keyed(&self, addr: &str) -> Result<(quinn::Connection, [u8; 32]), String> {
         let sa = resolve(addr).await?;
         let cached = self
@@ -234,6 +239,26 @@ impl Cluster {
             .iter()
             .cloned()
             .collect()
+    }
+
+    /// This node's part of `q`, as its group's place in a gathered answer (the groups it
+    /// names as absorbed are noted, so they are not asked).
+    pub(crate) fn own_part(
+        &self,
+        node: &crate::node::Node,
+        q: &Query,
+    ) -> (GroupAnswer, Option<Part>) {
+        let mine = node.part(q);
+        self.note_absorbed(&mine.absorbed);
+        let place = GroupAnswer {
+            name: self.group.clone(),
+            answered: true,
+            complete: mine.complete,
+            as_of_ms: Some(mine.as_of_ms),
+            absorbed_by: None,
+            error: None,
+        };
+        (place, Some(mine))
     }
 
     /// Asks every other group for its part of `q`, all at once, each trying its replicas in

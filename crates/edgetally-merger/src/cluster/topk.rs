@@ -10,22 +10,6 @@ use crate::scatter::{GroupAnswer, Part, Query};
 /// The feature of the peer protocol the rounds need (`handshake::FEATURES`).
 pub const TOPK_ROUNDS: &str = "topk-rounds";
 
-/// This node's part of `q`, as its group's place in a gathered answer (the groups it names
-/// as absorbed are noted, so they are not asked).
-pub(crate) fn own_part(node: &Node, c: &Cluster, q: &Query) -> (GroupAnswer, Option<Part>) {
-    let mine = node.part(q);
-    c.note_absorbed(&mine.absorbed);
-    let place = GroupAnswer {
-        name: c.group.clone(),
-        answered: true,
-        complete: mine.complete,
-        as_of_ms: Some(mine.as_of_ms),
-        absorbed_by: None,
-        error: None,
-    };
-    (place, Some(mine))
-}
-
 impl Node {
     /// One round: the part of every group `ask` has a query for, this node's first.
     async fn round(
@@ -35,7 +19,7 @@ impl Node {
         until: tokio::time::Instant,
     ) -> Vec<(GroupAnswer, Option<Part>)> {
         let mut parts: Vec<_> = ask(&c.group)
-            .map(|q| own_part(self, c, &q))
+            .map(|q| c.own_part(self, &q))
             .into_iter()
             .collect();
         parts.extend(c.gather_each(ask, Some(TOPK_ROUNDS), until).await);
@@ -65,7 +49,7 @@ impl Node {
         let earlier = first.iter().any(|(g, _)| {
             g.error
                 .as_deref()
-                .is_some_and(|e| e.contains(&format!("without {TOPK_ROUNDS}")))
+                .is_some_and(|e| Cluster::lacked(e, TOPK_ROUNDS))
         });
         if earlier {
             let (answer, complete, groups) = self
