@@ -112,12 +112,15 @@ pub(super) fn clip(s: &str, n: usize) -> String {
     }
 }
 
-/// An event object's key, read without allocating: one of the five fields, or (for the
-/// message) the first 40 characters of another.
+/// An event object's key, read without allocating: one of the five fields (its index in
+/// [`FIELDS`]), or (for the message) the first 40 characters of another.
 enum Field {
-    Known(&'static str),
+    Known(usize),
     Unknown(String),
 }
+
+/// The fields of an event object.
+const FIELDS: [&str; 5] = ["ts_ms", "category", "entity", "value", "subject"];
 
 impl<'de> serde::Deserialize<'de> for Field {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Field, D::Error> {
@@ -128,15 +131,10 @@ impl<'de> serde::Deserialize<'de> for Field {
                 f.write_str("a field name")
             }
             fn visit_str<E>(self, v: &str) -> Result<Field, E> {
-                Ok(
-                    match ["ts_ms", "category", "entity", "value", "subject"]
-                        .into_iter()
-                        .find(|&f| f == v)
-                    {
-                        Some(f) => Field::Known(f),
-                        None => Field::Unknown(clip(v, 40)),
-                    },
-                )
+                Ok(FIELDS
+                    .iter()
+                    .position(|&f| f == v)
+                    .map_or_else(|| Field::Unknown(clip(v, 40)), Field::Known))
             }
         }
         d.deserialize_identifier(V)
@@ -159,15 +157,12 @@ impl<'de> serde::Deserialize<'de> for EventItem<'de> {
                 self,
                 mut a: A,
             ) -> Result<EventItem<'de>, A::Error> {
-                let (mut ts, mut cat, mut ent, mut val, mut subj) = (None, None, None, None, None);
+                // In the order of FIELDS.
+                let mut fields: [Option<Scalar<'de>>; 5] = [None, None, None, None, None];
                 let mut problem: Option<(RejectCode, String)> = None;
                 while let Some(k) = a.next_key::<Field>()? {
                     let slot = match k {
-                        Field::Known("ts_ms") => &mut ts,
-                        Field::Known("category") => &mut cat,
-                        Field::Known("entity") => &mut ent,
-                        Field::Known("value") => &mut val,
-                        Field::Known(_) => &mut subj,
+                        Field::Known(i) => &mut fields[i],
                         Field::Unknown(other) => {
                             problem.get_or_insert((
                                 RejectCode::InvalidEvent,
@@ -179,10 +174,10 @@ impl<'de> serde::Deserialize<'de> for EventItem<'de> {
                     };
                     let v = a.next_value::<Scalar<'de>>()?;
                     if slot.replace(v).is_some() {
-                        if let Field::Known(name) = k {
+                        if let Field::Known(i) = k {
                             problem.get_or_insert((
                                 RejectCode::InvalidEvent,
-                                format!("field {name:?} given twice"),
+                                format!("field {:?} given twice", FIELDS[i]),
                             ));
                         }
                     }
@@ -190,6 +185,7 @@ impl<'de> serde::Deserialize<'de> for EventItem<'de> {
                 if let Some(p) = problem {
                     return Ok(EventItem(Err(p)));
                 }
+                let [ts, cat, ent, val, subj] = fields;
                 Ok(EventItem(event_fields(ts, cat, ent, val, subj)))
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
