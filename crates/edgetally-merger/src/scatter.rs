@@ -272,33 +272,22 @@ impl Query {
         }
     }
 
-    /// The answer of one replica to a top-k query (none for another query).
+    /// The answer of one replica to a top-k query (none for another query): every row, or
+    /// a round's rows and the highest count it left out.
     fn run_top(&self, r: &Replica) -> Answer {
-        match self {
+        let (category, start, end, by_producer, sel) = match self {
             Query::TopK {
                 category,
                 start,
                 end,
                 by_producer,
-            } => {
-                let by = if *by_producer {
-                    TopBy::Producer
-                } else {
-                    TopBy::Entity
-                };
-                let (rows, _) = r.top_select(
-                    category,
-                    *start,
-                    *end,
-                    by,
-                    edgetally_core::TopSelect::top(usize::MAX),
-                );
-                Answer::Rows {
-                    start: rows.start,
-                    end: rows.end,
-                    rows: rows.rows,
-                }
-            }
+            } => (
+                category,
+                *start,
+                *end,
+                *by_producer,
+                edgetally_core::TopSelect::top(usize::MAX),
+            ),
             Query::TopKRound {
                 category,
                 start,
@@ -308,25 +297,30 @@ impl Query {
                 min_count,
                 names,
             } => {
-                let by = if *by_producer {
-                    TopBy::Producer
-                } else {
-                    TopBy::Entity
-                };
                 let sel = edgetally_core::TopSelect {
                     k: *k as usize,
                     min_count: *min_count,
                     names,
                 };
-                let (rows, left_out) = r.top_select(category, *start, *end, by, sel);
-                Answer::TopRows {
-                    start: rows.start,
-                    end: rows.end,
-                    rows: rows.rows,
-                    left_out,
-                }
+                (category, *start, *end, *by_producer, sel)
             }
-            _ => Answer::Sketches(Vec::new()),
+            _ => return Answer::Sketches(Vec::new()),
+        };
+        let by = if by_producer {
+            TopBy::Producer
+        } else {
+            TopBy::Entity
+        };
+        let (rows, left_out) = r.top_select(category, start, end, by, sel);
+        let (start, end, rows) = (rows.start, rows.end, rows.rows);
+        match self {
+            Query::TopKRound { .. } => Answer::TopRows {
+                start,
+                end,
+                rows,
+                left_out,
+            },
+            _ => Answer::Rows { start, end, rows },
         }
     }
 
