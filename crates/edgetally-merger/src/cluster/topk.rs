@@ -52,17 +52,7 @@ impl Node {
                 .is_some_and(|e| Cluster::lacked(e, TOPK_ROUNDS))
         });
         if earlier {
-            let (answer, complete, groups) = self
-                .query(Query::TopK {
-                    category: a.category.clone(),
-                    start: a.start,
-                    end: a.end,
-                    by_producer: a.by_producer,
-                })
-                .await;
-            let mut rows = answer.into_rows();
-            rows.rank(k);
-            return (rows, complete, groups);
+            return self.topk_gathered(a, k).await;
         }
         let mut rounds = TopKRounds::first(k, first);
         if let Some((t, open)) = rounds.second() {
@@ -94,6 +84,30 @@ impl Node {
                 rounds.take_third(third);
             }
         }
+        if rounds.absorbed_since() {
+            // A drain completed between rounds: one gather, which leaves the absorbed group
+            // out exactly.
+            return self.topk_gathered(a, k).await;
+        }
         rounds.finish()
+    }
+
+    /// The top `k` from every row of every group, in one gather (as before the rounds).
+    async fn topk_gathered(
+        &self,
+        a: &TopKAsk,
+        k: usize,
+    ) -> (edgetally_core::Rows, bool, Vec<GroupAnswer>) {
+        let (answer, complete, groups) = self
+            .query(Query::TopK {
+                category: a.category.clone(),
+                start: a.start,
+                end: a.end,
+                by_producer: a.by_producer,
+            })
+            .await;
+        let mut rows = answer.into_rows();
+        rows.rank(k);
+        (rows, complete, groups)
     }
 }

@@ -75,6 +75,9 @@ pub struct TopKRounds {
     window: (i64, i64),
     complete: bool,
     candidates: Vec<String>,
+    /// A later round's part named as absorbed a group whose own rows the first round took:
+    /// its batches would count twice, so the rounds' answer must not be used.
+    absorbed_since: bool,
 }
 
 /// A round's part: its window, its rows (named rows only: top-k rows always have a name),
@@ -118,6 +121,7 @@ impl TopKRounds {
             window: (0, 0),
             complete: true,
             candidates: Vec::new(),
+            absorbed_since: false,
         };
         let mut first_window = None;
         for (g, p) in parts {
@@ -194,8 +198,23 @@ impl TopKRounds {
         Some((t, open))
     }
 
+    /// Notes a later round's parts that name as absorbed a group the first round counted.
+    fn check_absorbed(&mut self, parts: &[(GroupAnswer, Option<Part>)]) {
+        let absorbed = parts.iter().filter_map(|(_, p)| p.as_ref());
+        let absorbed = absorbed.flat_map(|p| &p.absorbed);
+        self.absorbed_since |= absorbed.into_iter().any(|g| self.groups.contains_key(g));
+    }
+
+    /// Whether a group the first round counted was absorbed by its heir since (a drain
+    /// completing between rounds): the rounds' rows would count its batches twice, and the
+    /// top-k must be asked again in one gather instead.
+    pub fn absorbed_since(&self) -> bool {
+        self.absorbed_since
+    }
+
     /// Takes the second round's parts (rows counting at least `t`).
     pub fn take_second(&mut self, t: u64, parts: Vec<(GroupAnswer, Option<Part>)>) {
+        self.check_absorbed(&parts);
         for (g, p) in parts {
             let Some(s) = self.groups.get_mut(&g.name) else {
                 continue;
@@ -241,6 +260,7 @@ impl TopKRounds {
     /// Takes the third round's parts (the candidates each group had not sent; one it does
     /// not send counts nothing there).
     pub fn take_third(&mut self, parts: Vec<(GroupAnswer, Option<Part>)>) {
+        self.check_absorbed(&parts);
         for (g, p) in parts {
             let Some(s) = self.groups.get_mut(&g.name) else {
                 continue;
@@ -501,6 +521,76 @@ mod tests {
         let (got, moved, _) = run(&groups, 10);
         assert_eq!(got, model(&groups, 10));
         assert!(moved < 2_000, "{moved} of 20,000 rows moved");
+    }
+
+    /// A drain completing between rounds (a later part names as absorbed a group the first
+    /// round counted) is reported, so the rounds' sums are not used; one named absorbed from
+    /// the first round on is simply left out.
+    #[test]
+    fn a_group_absorbed_between_rounds_is_reported() {
+        let groups: Vec<BTreeMap<String, u64>> = (0..3u64)
+            .map(|g| {
+                (0..50u64)
+                    .map(|i| (format!("e{i}"), (i * 31 + g) % 17))
+                    .collect()
+            })
+            .collect();
+        let a = TopKAsk {
+            category: "c".into(),
+            start: 0,
+            end: 10,
+            by_producer: false,
+        };
+        let first = parts(&groups, |_| Some(a.round(3, None, Vec::new())), None);
+        let mut r = TopKRounds::first(3, first);
+        assert!(!r.absorbed_since());
+        let (t, open) = r.second().expect("a second round");
+        let mut second = parts(
+            &groups,
+            |g| {
+                open.iter()
+                    .any(|o| o == g)
+                    .then(|| a.round(0, Some(t), Vec::new()))
+            },
+            None,
+        );
+        // g0 has absorbed g1 by the time it answers the second round.
+        if let Some(p) = second[0].1.as_mut() {
+            p.absorbed = vec!["g1".into()];
+        }
+        r.take_second(t, second);
+        assert!(r.absorbed_since());
+
+        // Absorbed already in the first round: left out, nothing to report.
+        let mut first = parts(&groups, |_| Some(a.round(3, None, Vec::new())), None);
+        if let Some(p) = first[0].1.as_mut() {
+            p.absorbed = vec!["g1".into()];
+        }
+        let mut r = TopKRounds::first(3, first);
+        if let Some((t, open)) = r.second() {
+            let mut second = parts(
+                &groups,
+                |g| {
+                    open.iter()
+                        .any(|o| o == g)
+                        .then(|| a.round(0, Some(t), Vec::new()))
+                },
+                None,
+            );
+            if let Some(p) = second[0].1.as_mut() {
+                p.absorbed = vec!["g1".into()];
+            }
+            r.take_second(t, second);
+        }
+        assert!(!r.absorbed_since());
+        let (_, _, places) = r.finish();
+        assert_eq!(
+            places
+                .iter()
+                .find(|p| p.name == "g1")
+                .and_then(|p| p.absorbed_by.clone()),
+            Some("g0".into())
+        );
     }
 
     /// A group that fails a later round leaves the answer partial, never counted twice.
