@@ -396,14 +396,48 @@ mod tests {
             .collect()
     }
 
-    /// The rounds' answer, and how many rows crossed between groups.
-    fn run(groups: &[BTreeMap<String, u64>], k: usize) -> (Vec<(String, u64)>, usize, bool) {
-        let a = TopKAsk {
+    /// Three groups of 50 overlapping rows with many ties.
+    fn three_groups() -> Vec<BTreeMap<String, u64>> {
+        (0..3u64)
+            .map(|g| {
+                (0..50u64)
+                    .map(|i| (format!("e{i}"), (i * 31 + g) % 17))
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn ask() -> TopKAsk {
+        TopKAsk {
             category: "c".into(),
             start: 0,
             end: 10,
             by_producer: false,
-        };
+        }
+    }
+
+    /// The second round's parts: the `open` groups asked for rows counting at least `t`.
+    fn second_round(
+        groups: &[BTreeMap<String, u64>],
+        a: &TopKAsk,
+        t: u64,
+        open: &[String],
+        down: Option<usize>,
+    ) -> Vec<(GroupAnswer, Option<Part>)> {
+        parts(
+            groups,
+            |g| {
+                open.iter()
+                    .any(|o| o == g)
+                    .then(|| a.round(0, Some(t), Vec::new()))
+            },
+            down,
+        )
+    }
+
+    /// The rounds' answer, and how many rows crossed between groups.
+    fn run(groups: &[BTreeMap<String, u64>], k: usize) -> (Vec<(String, u64)>, usize, bool) {
+        let a = ask();
         let mut moved = 0;
         let mut count = |p: &Vec<(GroupAnswer, Option<Part>)>| {
             for (_, part) in p.iter() {
@@ -420,15 +454,7 @@ mod tests {
         count(&first);
         let mut r = TopKRounds::first(k, first);
         if let Some((t, open)) = r.second() {
-            let second = parts(
-                groups,
-                |g| {
-                    open.iter()
-                        .any(|o| o == g)
-                        .then(|| a.round(0, Some(t), Vec::new()))
-                },
-                None,
-            );
+            let second = second_round(groups, &a, t, &open, None);
             count(&second);
             r.take_second(t, second);
             let asks = r.third();
@@ -528,32 +554,12 @@ mod tests {
     /// the first round on is simply left out.
     #[test]
     fn a_group_absorbed_between_rounds_is_reported() {
-        let groups: Vec<BTreeMap<String, u64>> = (0..3u64)
-            .map(|g| {
-                (0..50u64)
-                    .map(|i| (format!("e{i}"), (i * 31 + g) % 17))
-                    .collect()
-            })
-            .collect();
-        let a = TopKAsk {
-            category: "c".into(),
-            start: 0,
-            end: 10,
-            by_producer: false,
-        };
+        let (groups, a) = (three_groups(), ask());
         let first = parts(&groups, |_| Some(a.round(3, None, Vec::new())), None);
         let mut r = TopKRounds::first(3, first);
         assert!(!r.absorbed_since());
         let (t, open) = r.second().expect("a second round");
-        let mut second = parts(
-            &groups,
-            |g| {
-                open.iter()
-                    .any(|o| o == g)
-                    .then(|| a.round(0, Some(t), Vec::new()))
-            },
-            None,
-        );
+        let mut second = second_round(&groups, &a, t, &open, None);
         // g0 has absorbed g1 by the time it answers the second round.
         if let Some(p) = second[0].1.as_mut() {
             p.absorbed = vec!["g1".into()];
@@ -568,15 +574,7 @@ mod tests {
         }
         let mut r = TopKRounds::first(3, first);
         if let Some((t, open)) = r.second() {
-            let mut second = parts(
-                &groups,
-                |g| {
-                    open.iter()
-                        .any(|o| o == g)
-                        .then(|| a.round(0, Some(t), Vec::new()))
-                },
-                None,
-            );
+            let mut second = second_round(&groups, &a, t, &open, None);
             if let Some(p) = second[0].1.as_mut() {
                 p.absorbed = vec!["g1".into()];
             }
@@ -596,31 +594,11 @@ mod tests {
     /// A group that fails a later round leaves the answer partial, never counted twice.
     #[test]
     fn a_group_failing_a_round_makes_the_answer_partial() {
-        let groups: Vec<BTreeMap<String, u64>> = (0..3u64)
-            .map(|g| {
-                (0..50u64)
-                    .map(|i| (format!("e{i}"), (i * 31 + g) % 17))
-                    .collect()
-            })
-            .collect();
-        let a = TopKAsk {
-            category: "c".into(),
-            start: 0,
-            end: 10,
-            by_producer: false,
-        };
+        let (groups, a) = (three_groups(), ask());
         let first = parts(&groups, |_| Some(a.round(3, None, Vec::new())), None);
         let mut r = TopKRounds::first(3, first);
         let (t, open) = r.second().expect("a second round");
-        let second = parts(
-            &groups,
-            |g| {
-                open.iter()
-                    .any(|o| o == g)
-                    .then(|| a.round(0, Some(t), Vec::new()))
-            },
-            Some(1),
-        );
+        let second = second_round(&groups, &a, t, &open, Some(1));
         r.take_second(t, second);
         let _ = r.third();
         let (rows, complete, places) = r.finish();
